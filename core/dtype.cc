@@ -1,0 +1,82 @@
+#include "core/dtype.h"
+
+#include <cstring>
+
+namespace dmoe::core {
+
+std::string_view DTypeName(DType t) {
+  switch (t) {
+    case DType::kF32: return "F32";
+    case DType::kF16: return "F16";
+    case DType::kBF16: return "BF16";
+    case DType::kF8E4M3: return "F8_E4M3";
+  }
+  return "?";
+}
+
+std::optional<DType> ParseDType(std::string_view s) {
+  if (s == "F32") return DType::kF32;
+  if (s == "F16") return DType::kF16;
+  if (s == "BF16") return DType::kBF16;
+  if (s == "F8_E4M3") return DType::kF8E4M3;
+  return std::nullopt;
+}
+
+size_t DTypeSize(DType t) {
+  switch (t) {
+    case DType::kF32: return 4;
+    case DType::kF16:
+    case DType::kBF16: return 2;
+    case DType::kF8E4M3: return 1;
+  }
+  return 0;
+}
+
+uint8_t F32ToF8E4M3(float f) {
+  if (std::isnan(f)) return 0x7f;
+  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
+  float a = std::fabs(f);
+  if (a >= 448.0f) return sign | 0x7e;
+  // Search the 127 non-negative finite codes for the nearest (ties to even code).
+  // Table-free and only used by the checkpoint writer, so clarity beats speed.
+  uint8_t best = 0;
+  float best_err = a;
+  for (int code = 1; code <= 0x7e; ++code) {
+    const float v = F8E4M3ToF32(static_cast<uint8_t>(code));
+    const float err = std::fabs(v - a);
+    if (err < best_err || (err == best_err && (code & 1) == 0)) {
+      best = static_cast<uint8_t>(code);
+      best_err = err;
+    }
+  }
+  return sign | best;
+}
+
+void ConvertToF32(DType t, const void* src, size_t n, float* dst) {
+  switch (t) {
+    case DType::kF32:
+      std::memcpy(dst, src, n * 4);
+      return;
+    case DType::kBF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = BF16ToF32(s[i]);
+      return;
+    }
+    case DType::kF16: {
+      const auto* s = static_cast<const uint16_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = F16ToF32(s[i]);
+      return;
+    }
+    case DType::kF8E4M3: {
+      const auto* s = static_cast<const uint8_t*>(src);
+      for (size_t i = 0; i < n; ++i) dst[i] = F8E4M3ToF32(s[i]);
+      return;
+    }
+  }
+}
+
+void ConvertF32ToBF16(const float* src, size_t n, uint16_t* dst) {
+  for (size_t i = 0; i < n; ++i) dst[i] = F32ToBF16(src[i]);
+}
+
+}  // namespace dmoe::core

@@ -1,0 +1,72 @@
+// Element types found in checkpoints and used by kernels, with exact scalar
+// conversions. Conversions to float are exact for every input; F32 -> BF16 rounds
+// to nearest even (NaN stays NaN).
+#ifndef DMOE_CORE_DTYPE_H_
+#define DMOE_CORE_DTYPE_H_
+
+#include <bit>
+#include <cmath>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <string_view>
+
+namespace dmoe::core {
+
+enum class DType { kF32, kF16, kBF16, kF8E4M3 };
+
+// Safetensors spelling: "F32", "F16", "BF16", "F8_E4M3".
+std::string_view DTypeName(DType t);
+// Parses a safetensors dtype string; nullopt for anything else.
+std::optional<DType> ParseDType(std::string_view s);
+size_t DTypeSize(DType t);
+
+inline float BF16ToF32(uint16_t v) {
+  return std::bit_cast<float>(static_cast<uint32_t>(v) << 16);
+}
+
+inline uint16_t F32ToBF16(float f) {
+  uint32_t u = std::bit_cast<uint32_t>(f);
+  if ((u & 0x7fffffffu) > 0x7f800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN
+  u += 0x7fffu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+inline float F16ToF32(uint16_t h) {
+  const uint32_t sign = static_cast<uint32_t>(h & 0x8000u) << 16;
+  const uint32_t exp = (h >> 10) & 0x1fu;
+  const uint32_t man = h & 0x3ffu;
+  if (exp == 0) {
+    // Zero or subnormal: man * 2^-24.
+    float f = std::ldexp(static_cast<float>(man), -24);
+    return sign ? -f : f;
+  }
+  if (exp == 31) return std::bit_cast<float>(sign | 0x7f800000u | (man << 13));
+  return std::bit_cast<float>(sign | ((exp + 112) << 23) | (man << 13));
+}
+
+// OCP FP8 E4M3 ("e4m3fn"): bias 7, no infinities, S.1111.111 is NaN, max 448.
+inline float F8E4M3ToF32(uint8_t v) {
+  const bool neg = v & 0x80;
+  const int exp = (v >> 3) & 0xf;
+  const int man = v & 0x7;
+  float f;
+  if (exp == 0xf && man == 0x7) return std::nanf("");
+  if (exp == 0) {
+    f = std::ldexp(static_cast<float>(man), -9);  // subnormal: man/8 * 2^-6
+  } else {
+    f = std::ldexp(1.0f + man / 8.0f, exp - 7);
+  }
+  return neg ? -f : f;
+}
+
+// Rounds to the nearest E4M3 value (ties to even), saturating at +-448.
+uint8_t F32ToF8E4M3(float f);
+
+// Converts `n` elements of `src` (dtype `t`) to float.
+void ConvertToF32(DType t, const void* src, size_t n, float* dst);
+void ConvertF32ToBF16(const float* src, size_t n, uint16_t* dst);
+
+}  // namespace dmoe::core
+
+#endif  // DMOE_CORE_DTYPE_H_

@@ -1,0 +1,74 @@
+// The expert-compute stage of a MoE layer, behind a small interface so that the
+// same model code can run experts in-process on the CPU, on a GPU, or (router
+// service) on remote expert servers.
+//
+// An FFN is a SwiGLU MLP: down( silu(gate(x)) * up(x) ). Each MoE layer has routed
+// experts with ids 0..n_routed-1 and one fused shared FFN with id kSharedFfn.
+// A backend holds the FFNs it was given (possibly a subset of a layer's experts)
+// and computes, for each token of a batch, the weighted sum over that token's
+// assignments:  out[t] = sum_a weight_a * FFN_{ffn_a}(x[t]).
+//
+// Accumulation is in fp32 and deterministic: the result for a token does not
+// depend on which other tokens share the batch or on the thread count.
+#ifndef DMOE_CORE_EXPERT_BACKEND_H_
+#define DMOE_CORE_EXPERT_BACKEND_H_
+
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "core/kernels/cpu/linear.h"
+
+namespace dmoe::core {
+
+inline constexpr int32_t kSharedFfn = -1;
+
+// Row-major float32 weights of one SwiGLU FFN, as stored in the checkpoint.
+struct FfnWeights {
+  int64_t hidden = 0;        // model hidden size
+  int64_t intermediate = 0;  // FFN width
+  std::span<const float> gate;  // [intermediate, hidden]
+  std::span<const float> up;    // [intermediate, hidden]
+  std::span<const float> down;  // [hidden, intermediate]
+};
+
+// One batch of expert work for one layer; token-major ("CSR") assignments.
+struct ExpertBatch {
+  int32_t layer = 0;
+  int64_t num_tokens = 0;
+  int64_t hidden = 0;
+  const float* x = nullptr;                // [num_tokens, hidden]
+  std::span<const int32_t> token_offsets;  // [num_tokens + 1]; token t owns [off[t], off[t+1])
+  std::span<const int32_t> ffn_ids;        // [num_assignments] expert id or kSharedFfn
+  std::span<const float> weights;          // [num_assignments]
+};
+
+class ExpertBackend {
+ public:
+  virtual ~ExpertBackend() = default;
+  virtual std::string Name() const = 0;
+  // Copies/packs `w` for (layer, ffn_id). Replaces an FFN already loaded there.
+  virtual absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) = 0;
+  virtual absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) = 0;
+  virtual bool HasFfn(int32_t layer, int32_t ffn_id) const = 0;
+  // out: [num_tokens, hidden] float32, overwritten. Errors (InvalidArgument /
+  // FailedPrecondition) name the layer and expert: an assignment to an FFN that is
+  // not loaded, inconsistent offsets or sizes. Nothing is written on error.
+  virtual absl::Status Compute(const ExpertBatch& batch, float* out) = 0;
+  // Bytes of resident weights.
+  virtual size_t WeightBytes() const = 0;
+};
+
+// The CPU backend: groups the batch's assignments per FFN (permute), runs one
+// fused gate|up GEMM and one down GEMM per FFN through PackedLinear, applies
+// SwiGLU, then combines back to token order with the weights (unpermute).
+// Safe to call Compute from one thread at a time per backend; Load/Unload must not
+// race with Compute.
+std::unique_ptr<ExpertBackend> MakeCpuExpertBackend(ComputeType type);
+
+}  // namespace dmoe::core
+
+#endif  // DMOE_CORE_EXPERT_BACKEND_H_

@@ -1,0 +1,61 @@
+// Dense linear layers on the CPU through oneDNN, with weights packed once.
+//
+// PackedLinear computes y[m, n] = x[m, k] · W[n, k]^T (the layout of a Hugging Face
+// `nn.Linear.weight`). At Create the row-major float weights are converted to the
+// compute type and reordered into the blocked layout oneDNN's matmul prefers, so
+// no call ever repacks. Compute types:
+//   kF32  - f32 weights and activations (the exact mode of MODEL_SPEC.md);
+//   kBF16 - bf16 weights, activations rounded to bf16 on the way in, f32
+//           accumulation and f32 output (uses AVX512_BF16 where the CPU has it).
+//
+// Thread safety: Forward is const and safe to call from several threads at once;
+// it parallelises internally over the process's single OpenMP pool (call it from
+// outside a parallel region to use every thread).
+#ifndef DMOE_CORE_KERNELS_CPU_LINEAR_H_
+#define DMOE_CORE_KERNELS_CPU_LINEAR_H_
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+
+#include "absl/status/statusor.h"
+
+namespace dmoe::core {
+
+enum class ComputeType { kF32, kBF16 };
+
+class PackedLinear {
+ public:
+  PackedLinear();
+  ~PackedLinear();
+  PackedLinear(PackedLinear&&) noexcept;
+  PackedLinear& operator=(PackedLinear&&) noexcept;
+
+  // `w` is [n, k] row-major float32; it is copied, the caller keeps ownership.
+  static absl::StatusOr<PackedLinear> Create(const float* w, int64_t n, int64_t k,
+                                             ComputeType type);
+
+  // y[m, n] = x[m, k] · W^T. `x` and `y` are row-major float32 with the given row
+  // strides (in elements; 0 means dense: k and n). m == 0 is a no-op.
+  void Forward(const float* x, int64_t m, float* y, int64_t ldx = 0, int64_t ldy = 0) const;
+
+  int64_t n() const;
+  int64_t k() const;
+  ComputeType type() const;
+  // Bytes of packed weights held.
+  size_t weight_bytes() const;
+  bool empty() const { return impl_ == nullptr; }
+
+ private:
+  struct Impl;
+  std::unique_ptr<Impl> impl_;
+};
+
+// Sets the size of the process's one compute thread pool (OpenMP, shared with
+// oneDNN). n <= 0 leaves the default (all cores).
+void SetComputeThreads(int n);
+int ComputeThreads();
+
+}  // namespace dmoe::core
+
+#endif  // DMOE_CORE_KERNELS_CPU_LINEAR_H_

@@ -1,0 +1,47 @@
+// dmoe: the command-line tool. `dmoe <command> --help` describes each command.
+#include <cstdio>
+#include <cstring>
+#include <string>
+
+#include "tools/commands.h"
+
+namespace {
+
+struct Command {
+  const char* name;
+  int (*run)(int, char**);
+  const char* summary;
+};
+
+constexpr Command kCommands[] = {
+    {"make-model", dmoe::tools::RunMakeModel,
+     "write a random checkpoint in Hugging Face layout (config.json + safetensors)"},
+    {"forward", dmoe::tools::RunForward, "run a prompt through the model, dump logits (.npy)"},
+    {"generate", dmoe::tools::RunGenerate, "generate tokens with the KV cache"},
+};
+
+void PrintUsage(FILE* out) {
+  std::fprintf(out, "usage: dmoe <command> [flags]\n\ncommands:\n");
+  for (const auto& c : kCommands) std::fprintf(out, "  %-12s %s\n", c.name, c.summary);
+  std::fprintf(out, "\n`dmoe <command> --help` lists the flags of a command.\n");
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  if (argc < 2) {
+    PrintUsage(stderr);
+    return 2;
+  }
+  const std::string cmd = argv[1];
+  if (cmd == "--help" || cmd == "-h" || cmd == "help") {
+    PrintUsage(stdout);
+    return 0;
+  }
+  for (const auto& c : kCommands) {
+    if (cmd == c.name) return c.run(argc, argv);
+  }
+  std::fprintf(stderr, "dmoe: unknown command '%s'\n\n", cmd.c_str());
+  PrintUsage(stderr);
+  return 2;
+}
