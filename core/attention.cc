@@ -1,0 +1,236 @@
+#include "core/attention.h"
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+
+#include "absl/strings/str_cat.h"
+#include "core/status.h"
+
+#ifdef _OPENMP
+#include <omp.h>
+#endif
+
+namespace dmoe::core {
+namespace {
+
+float Dot(const float* a, const float* b, int64_t n) {
+  float acc = 0;
+#pragma omp simd reduction(+ : acc)
+  for (int64_t i = 0; i < n; ++i) acc += a[i] * b[i];
+  return acc;
+}
+
+void Axpy(float alpha, const float* x, float* y, int64_t n) {
+#pragma omp simd
+  for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
+}
+
+// Softmax over s[0..n) in place; max-subtracted, sum in double.
+void SoftmaxInPlace(float* s, int64_t n) {
+  float mx = s[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, s[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    sum += s[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
+
+int MaxThreads() {
+#ifdef _OPENMP
+  return omp_get_max_threads();
+#else
+  return 1;
+#endif
+}
+int ThreadId() {
+#ifdef _OPENMP
+  return omp_get_thread_num();
+#else
+  return 0;
+#endif
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<Attention>> Attention::Load(const ModelConfig& cfg,
+                                                           const Checkpoint& ckpt, int64_t layer,
+                                                           ComputeType type,
+                                                           const RopeTable* rope) {
+  std::unique_ptr<Attention> a(new Attention(cfg, layer, rope));
+  const std::string p = absl::StrCat("model.layers.", layer, ".self_attn.");
+  const int64_t H = cfg.num_attention_heads, hidden = cfg.hidden_size;
+  if (cfg.IsMla()) {
+    const int64_t nope = cfg.qk_nope_head_dim, rdim = cfg.qk_rope_head_dim, vdim = cfg.v_head_dim;
+    const int64_t rank = cfg.kv_lora_rank, qdim = H * (nope + rdim);
+    if (cfg.q_lora_rank > 0) {
+      DMOE_ASSIGN_OR_RETURN(a->q_a_proj_,
+                            LoadLinear(ckpt, p + "q_a_proj.weight", cfg.q_lora_rank, hidden, type));
+      DMOE_ASSIGN_OR_RETURN(a->q_a_norm_,
+                            LoadVector(ckpt, p + "q_a_layernorm.weight", cfg.q_lora_rank));
+      DMOE_ASSIGN_OR_RETURN(a->q_b_proj_,
+                            LoadLinear(ckpt, p + "q_b_proj.weight", qdim, cfg.q_lora_rank, type));
+    } else {
+      DMOE_ASSIGN_OR_RETURN(a->q_proj_, LoadLinear(ckpt, p + "q_proj.weight", qdim, hidden, type));
+    }
+    DMOE_ASSIGN_OR_RETURN(a->kv_a_proj_, LoadLinear(ckpt, p + "kv_a_proj_with_mqa.weight",
+                                                    rank + rdim, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->kv_a_norm_, LoadVector(ckpt, p + "kv_a_layernorm.weight", rank));
+    {
+      const int64_t shape[2] = {H * (nope + vdim), rank};
+      DMOE_ASSIGN_OR_RETURN(std::vector<float> kvb, ckpt.ReadF32(p + "kv_b_proj.weight", shape));
+      ckpt.Release(p + "kv_b_proj.weight");
+      std::vector<float> t(rank * std::max(nope, vdim));
+      for (int64_t h = 0; h < H; ++h) {
+        const float* uk = kvb.data() + h * (nope + vdim) * rank;  // [nope, rank]
+        const float* uv = uk + nope * rank;                       // [v, rank]
+        for (int64_t i = 0; i < nope; ++i) {
+          for (int64_t r = 0; r < rank; ++r) t[r * nope + i] = uk[i * rank + r];
+        }
+        DMOE_ASSIGN_OR_RETURN(PackedLinear uk_t, PackedLinear::Create(t.data(), rank, nope, type));
+        DMOE_ASSIGN_OR_RETURN(PackedLinear uv_l, PackedLinear::Create(uv, vdim, rank, type));
+        a->w_uk_t_.push_back(std::move(uk_t));
+        a->w_uv_.push_back(std::move(uv_l));
+      }
+    }
+    DMOE_ASSIGN_OR_RETURN(a->o_proj_, LoadLinear(ckpt, p + "o_proj.weight", hidden, H * vdim, type));
+  } else {
+    const int64_t hd = cfg.head_dim, kvh = cfg.num_key_value_heads;
+    DMOE_ASSIGN_OR_RETURN(a->q_proj_, LoadLinear(ckpt, p + "q_proj.weight", H * hd, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->k_proj_, LoadLinear(ckpt, p + "k_proj.weight", kvh * hd, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->v_proj_, LoadLinear(ckpt, p + "v_proj.weight", kvh * hd, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->o_proj_, LoadLinear(ckpt, p + "o_proj.weight", hidden, H * hd, type));
+  }
+  return a;
+}
+
+size_t Attention::WeightBytes() const {
+  size_t b = q_proj_.weight_bytes() + q_a_proj_.weight_bytes() + q_b_proj_.weight_bytes() +
+             kv_a_proj_.weight_bytes() + k_proj_.weight_bytes() + v_proj_.weight_bytes() +
+             o_proj_.weight_bytes() + (q_a_norm_.size() + kv_a_norm_.size()) * sizeof(float);
+  for (const auto& l : w_uk_t_) b += l.weight_bytes();
+  for (const auto& l : w_uv_) b += l.weight_bytes();
+  return b;
+}
+
+void Attention::Forward(const float* x, const TokenLayout& tokens, KvCache& cache, float* out) {
+  if (tokens.num_tokens == 0) return;
+  if (cfg_.IsMla()) {
+    ForwardMla(x, tokens, cache, out);
+  } else {
+    ForwardMha(x, tokens, cache, out);
+  }
+}
+
+void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& cache, float* out) {
+  const int64_t T = tokens.num_tokens, H = cfg_.num_attention_heads;
+  const int64_t nope = cfg_.qk_nope_head_dim, rdim = cfg_.qk_rope_head_dim;
+  const int64_t vdim = cfg_.v_head_dim, rank = cfg_.kv_lora_rank;
+  const int64_t qhd = nope + rdim, width = rank + rdim;
+  const float scale = static_cast<float>(cfg_.SoftmaxScale());
+
+  // Queries: [T, H*(nope+rope)].
+  float* q = q_.Get(T * H * qhd);
+  if (cfg_.q_lora_rank > 0) {
+    float* qa = qa_.Get(T * cfg_.q_lora_rank);
+    q_a_proj_.Forward(x, T, qa);
+    RmsNormRows(qa, cfg_.q_lora_rank, q_a_norm_.data(), T, cfg_.q_lora_rank, cfg_.rms_norm_eps, qa,
+                cfg_.q_lora_rank);
+    q_b_proj_.Forward(qa, T, q);
+  } else {
+    q_proj_.Forward(x, T, q);
+  }
+  // Compressed KV of the new tokens: [T, rank + rope] -> normalise c_kv, rotate
+  // k_pe, store into each token's cache slot.
+  float* kv = kv_.Get(T * width);
+  kv_a_proj_.Forward(x, T, kv);
+#pragma omp parallel for if (T > 8)
+  for (int64_t t = 0; t < T; ++t) {
+    float* row = kv + t * width;
+    RmsNorm(row, kv_a_norm_.data(), rank, cfg_.rms_norm_eps, row);
+    rope_->Apply(row + rank, tokens.position[t]);
+    for (int64_t h = 0; h < H; ++h) rope_->Apply(q + (t * H + h) * qhd + nope, tokens.position[t]);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    float* dst = cache.LayerData(tokens.seq[t], layer_) + tokens.position[t] * width;
+    std::memcpy(dst, kv + t * width, width * sizeof(float));
+  }
+  // q_c = q_nope · W_uk per head: [T, H, rank].
+  float* qc = qc_.Get(T * H * rank);
+  for (int64_t h = 0; h < H; ++h) {
+    w_uk_t_[h].Forward(q + h * qhd, T, qc + h * rank, H * qhd, H * rank);
+  }
+  // Scores and the attention-weighted c_kv: ctx [T, H, rank].
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < T; ++t) max_len = std::max(max_len, tokens.position[t] + 1);
+  float* ctx = ctx_.Get(T * H * rank);
+  float* probs_all = probs_.Get(static_cast<size_t>(MaxThreads()) * max_len);
+#pragma omp parallel for schedule(dynamic, 1) if (T * H > 1)
+  for (int64_t th = 0; th < T * H; ++th) {
+    const int64_t t = th / H, h = th % H;
+    const int64_t len = tokens.position[t] + 1;
+    const float* c = cache.LayerData(tokens.seq[t], layer_);
+    const float* qct = qc + (t * H + h) * rank;
+    const float* qpe = q + (t * H + h) * qhd + nope;
+    float* s = probs_all + static_cast<int64_t>(ThreadId()) * max_len;
+    for (int64_t j = 0; j < len; ++j) {
+      const float* e = c + j * width;
+      s[j] = (Dot(qct, e, rank) + Dot(qpe, e + rank, rdim)) * scale;
+    }
+    SoftmaxInPlace(s, len);
+    float* o = ctx + (t * H + h) * rank;
+    std::fill(o, o + rank, 0.0f);
+    for (int64_t j = 0; j < len; ++j) Axpy(s[j], c + j * width, o, rank);
+  }
+  // Per-head values: attn [T, H*v] = ctx_h · W_uv_h^T, then o_proj.
+  float* attn = attn_.Get(T * H * vdim);
+  for (int64_t h = 0; h < H; ++h) {
+    w_uv_[h].Forward(ctx + h * rank, T, attn + h * vdim, H * rank, H * vdim);
+  }
+  o_proj_.Forward(attn, T, out);
+}
+
+void Attention::ForwardMha(const float* x, const TokenLayout& tokens, KvCache& cache, float* out) {
+  const int64_t T = tokens.num_tokens, H = cfg_.num_attention_heads;
+  const int64_t hd = cfg_.head_dim, kvh = cfg_.num_key_value_heads;
+  const int64_t group = H / kvh, width = 2 * kvh * hd;
+  const float scale = static_cast<float>(cfg_.SoftmaxScale());
+
+  float* q = q_.Get(T * H * hd);
+  float* kv = kv_.Get(T * width);  // per token [k | v]
+  q_proj_.Forward(x, T, q);
+  k_proj_.Forward(x, T, kv, 0, width);
+  v_proj_.Forward(x, T, kv + kvh * hd, 0, width);
+#pragma omp parallel for if (T > 8)
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t h = 0; h < H; ++h) rope_->Apply(q + (t * H + h) * hd, tokens.position[t]);
+    for (int64_t g = 0; g < kvh; ++g) rope_->Apply(kv + t * width + g * hd, tokens.position[t]);
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    float* dst = cache.LayerData(tokens.seq[t], layer_) + tokens.position[t] * width;
+    std::memcpy(dst, kv + t * width, width * sizeof(float));
+  }
+  int64_t max_len = 0;
+  for (int64_t t = 0; t < T; ++t) max_len = std::max(max_len, tokens.position[t] + 1);
+  float* attn = attn_.Get(T * H * hd);
+  float* probs_all = probs_.Get(static_cast<size_t>(MaxThreads()) * max_len);
+#pragma omp parallel for schedule(dynamic, 1) if (T * H > 1)
+  for (int64_t th = 0; th < T * H; ++th) {
+    const int64_t t = th / H, h = th % H, g = h / group;
+    const int64_t len = tokens.position[t] + 1;
+    const float* c = cache.LayerData(tokens.seq[t], layer_);
+    const float* qh = q + (t * H + h) * hd;
+    float* s = probs_all + static_cast<int64_t>(ThreadId()) * max_len;
+    for (int64_t j = 0; j < len; ++j) s[j] = Dot(qh, c + j * width + g * hd, hd) * scale;
+    SoftmaxInPlace(s, len);
+    float* o = attn + (t * H + h) * hd;
+    std::fill(o, o + hd, 0.0f);
+    for (int64_t j = 0; j < len; ++j) Axpy(s[j], c + j * width + (kvh + g) * hd, o, hd);
+  }
+  o_proj_.Forward(attn, T, out);
+}
+
+}  // namespace dmoe::core

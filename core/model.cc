@@ -1,0 +1,222 @@
+#include "core/model.h"
+
+#include <algorithm>
+#include <cstring>
+#include <set>
+
+#include "absl/strings/str_cat.h"
+#include "core/layers.h"
+#include "core/status.h"
+
+namespace dmoe::core {
+
+absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, ModelOptions opts) {
+  std::unique_ptr<Model> m(new Model());
+  DMOE_ASSIGN_OR_RETURN(m->cfg_, ModelConfig::FromFile(dir + "/config.json"));
+  DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
+  ckpt->set_fp8_block(m->cfg_.fp8_block_rows, m->cfg_.fp8_block_cols);
+  m->compute_ = opts.compute;
+  DMOE_RETURN_IF_ERROR(m->LoadWeights(*ckpt, opts));
+  return m;
+}
+
+absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
+  const ModelConfig& c = cfg_;
+  const int64_t L = c.num_hidden_layers, hidden = c.hidden_size, V = c.vocab_size;
+  int64_t total = 3, done = 0;
+  for (int64_t l = 0; l < L; ++l) total += 1 + (c.IsMoeLayer(l) ? c.n_routed_experts + 2 : 1);
+  auto tick = [&]() {
+    ++done;
+    if (opts.progress) opts.progress(done, total);
+  };
+
+  rope_ = std::make_unique<RopeTable>(c, c.IsMla() ? c.qk_rope_head_dim : c.head_dim,
+                                      c.IsMla() ? RopePairing::kInterleaved : RopePairing::kHalves);
+  experts_ = opts.experts ? std::move(opts.experts) : MakeCpuExpertBackend(compute_);
+  dense_ = MakeCpuExpertBackend(compute_);
+
+  // Embeddings, converted in row chunks so that only the table itself is resident.
+  {
+    const std::string name = "model.embed_tokens.weight";
+    const int64_t shape[2] = {V, hidden};
+    constexpr int64_t kChunk = 1024;
+    std::vector<float> chunk(std::min<int64_t>(kChunk, V) * hidden);
+    if (compute_ == ComputeType::kF32) {
+      embed_f32_.resize(V * hidden);
+    } else {
+      embed_bf16_.resize(V * hidden);
+    }
+    for (int64_t r = 0; r < V; r += kChunk) {
+      const int64_t n = std::min(kChunk, V - r);
+      float* dst = compute_ == ComputeType::kF32 ? embed_f32_.data() + r * hidden : chunk.data();
+      DMOE_RETURN_IF_ERROR(ckpt.ReadRowsF32(name, shape, r, n, dst));
+      if (compute_ != ComputeType::kF32) ConvertF32ToBF16(dst, n * hidden, embed_bf16_.data() + r * hidden);
+    }
+    tick();
+    if (c.tie_word_embeddings) {
+      DMOE_ASSIGN_OR_RETURN(lm_head_, LoadLinear(ckpt, name, V, hidden, compute_));
+    }
+    ckpt.Release(name);
+  }
+
+  expert_load_.assign(L, std::vector<int64_t>(c.n_routed_experts, 0));
+  for (int64_t l = 0; l < L; ++l) {
+    const std::string p = absl::StrCat("model.layers.", l, ".");
+    DMOE_ASSIGN_OR_RETURN(std::vector<float> in_norm,
+                          LoadVector(ckpt, p + "input_layernorm.weight", hidden));
+    DMOE_ASSIGN_OR_RETURN(std::vector<float> post_norm,
+                          LoadVector(ckpt, p + "post_attention_layernorm.weight", hidden));
+    input_norm_.push_back(std::move(in_norm));
+    post_norm_.push_back(std::move(post_norm));
+    DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Attention> a,
+                          Attention::Load(c, ckpt, l, compute_, rope_.get()));
+    attn_.push_back(std::move(a));
+    tick();
+    if (c.IsMoeLayer(l)) {
+      DMOE_ASSIGN_OR_RETURN(std::unique_ptr<MoeGate> g, MoeGate::Load(c, ckpt, l));
+      gates_.push_back(std::move(g));
+      tick();
+      for (int64_t e = 0; e < c.n_routed_experts; ++e) {
+        DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, absl::StrCat(p, "mlp.experts.", e, "."), hidden,
+                                         c.moe_intermediate_size, l, e, *experts_));
+        tick();
+      }
+      if (c.n_shared_experts > 0) {
+        DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, p + "mlp.shared_experts.", hidden,
+                                         c.n_shared_experts * c.moe_intermediate_size, l,
+                                         kSharedFfn, *experts_));
+      }
+      tick();
+    } else {
+      gates_.push_back(nullptr);
+      DMOE_RETURN_IF_ERROR(
+          LoadFfnInto(ckpt, p + "mlp.", hidden, c.intermediate_size, l, kSharedFfn, *dense_));
+      tick();
+    }
+  }
+  DMOE_ASSIGN_OR_RETURN(final_norm_, LoadVector(ckpt, "model.norm.weight", hidden));
+  tick();
+  if (!c.tie_word_embeddings) {
+    DMOE_ASSIGN_OR_RETURN(lm_head_, LoadLinear(ckpt, "lm_head.weight", V, hidden, compute_));
+  }
+  tick();
+  return absl::OkStatus();
+}
+
+size_t Model::WeightBytes() const {
+  size_t b = embed_f32_.size() * 4 + embed_bf16_.size() * 2 + lm_head_.weight_bytes() +
+             experts_->WeightBytes() + dense_->WeightBytes() + final_norm_.size() * 4;
+  for (const auto& a : attn_) b += a->WeightBytes();
+  for (const auto& g : gates_) b += g ? g->WeightBytes() : 0;
+  b += (input_norm_.size() + post_norm_.size()) * cfg_.hidden_size * 4;
+  return b;
+}
+
+absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
+                            std::vector<float>* logits) {
+  const ModelConfig& c = cfg_;
+  const int64_t H = c.hidden_size, V = c.vocab_size;
+  if (batch.empty()) return absl::InvalidArgumentError("forward: empty batch");
+  // Validate everything before touching any state.
+  TokenLayout tokens;
+  std::vector<int64_t> logit_rows;  // token indices whose logits are returned
+  std::set<int32_t> seen;
+  for (size_t b = 0; b < batch.size(); ++b) {
+    const SeqInput& in = batch[b];
+    if (!cache.Contains(in.seq)) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: unknown sequence ", in.seq));
+    }
+    if (!seen.insert(in.seq).second) {
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: sequence ", in.seq, " appears twice in one batch"));
+    }
+    if (in.tokens.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", in.seq, " has no tokens"));
+    }
+    const int64_t start = cache.Length(in.seq);
+    if (start + static_cast<int64_t>(in.tokens.size()) > cache.Capacity(in.seq)) {
+      return absl::ResourceExhaustedError(absl::StrCat(
+          "forward: sequence ", in.seq, " would reach ", start + in.tokens.size(),
+          " tokens, over its KV cache reservation of ", cache.Capacity(in.seq)));
+    }
+    for (size_t i = 0; i < in.tokens.size(); ++i) {
+      if (in.tokens[i] < 0 || in.tokens[i] >= V) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("forward: token id ", in.tokens[i], " at index ", i, " of sequence ",
+                         in.seq, " is outside the vocabulary [0, ", V, ")"));
+      }
+      if (in.all_logits || i + 1 == in.tokens.size()) logit_rows.push_back(tokens.num_tokens);
+      tokens.seq.push_back(in.seq);
+      tokens.position.push_back(start + static_cast<int64_t>(i));
+      ++tokens.num_tokens;
+    }
+  }
+  const int64_t T = tokens.num_tokens;
+  int64_t max_pos = 0;
+  for (int64_t p : tokens.position) max_pos = std::max(max_pos, p);
+  rope_->Reserve(max_pos + 1);
+
+  x_.resize(T * H);
+  xn_.resize(T * H);
+  tmp_.resize(T * H);
+  {
+    int64_t t = 0;
+    for (const SeqInput& in : batch) {
+      for (int32_t id : in.tokens) {
+        float* dst = x_.data() + t * H;
+        if (compute_ == ComputeType::kF32) {
+          std::memcpy(dst, embed_f32_.data() + static_cast<int64_t>(id) * H, H * sizeof(float));
+        } else {
+          const uint16_t* src = embed_bf16_.data() + static_cast<int64_t>(id) * H;
+          for (int64_t i = 0; i < H; ++i) dst[i] = BF16ToF32(src[i]);
+        }
+        ++t;
+      }
+    }
+  }
+
+  std::vector<int32_t> dense_offsets(T + 1), dense_ids(T, kSharedFfn);
+  std::vector<float> dense_weights(T, 1.0f);
+  for (int64_t t = 0; t <= T; ++t) dense_offsets[t] = static_cast<int32_t>(t);
+
+  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
+    RmsNormRows(x_.data(), H, input_norm_[l].data(), T, H, c.rms_norm_eps, xn_.data(), H);
+    attn_[l]->Forward(xn_.data(), tokens, cache, tmp_.data());
+    for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
+    RmsNormRows(x_.data(), H, post_norm_[l].data(), T, H, c.rms_norm_eps, xn_.data(), H);
+    if (gates_[l]) {
+      // gate -> dispatch plan -> expert compute -> combine.
+      GateResult routing = gates_[l]->Route(xn_.data(), T);
+      DispatchPlan plan = MakeDispatchPlan(routing, c.n_shared_experts > 0);
+      DMOE_RETURN_IF_ERROR(
+          experts_->Compute(plan.AsBatch(static_cast<int32_t>(l), xn_.data(), T, H), tmp_.data()));
+      for (int32_t e : routing.experts) ++expert_load_[l][e];
+    } else {
+      ExpertBatch b;
+      b.layer = static_cast<int32_t>(l);
+      b.num_tokens = T;
+      b.hidden = H;
+      b.x = xn_.data();
+      b.token_offsets = dense_offsets;
+      b.ffn_ids = dense_ids;
+      b.weights = dense_weights;
+      DMOE_RETURN_IF_ERROR(dense_->Compute(b, tmp_.data()));
+    }
+    for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
+  }
+  for (const SeqInput& in : batch) {
+    cache.SetLength(in.seq, cache.Length(in.seq) + static_cast<int64_t>(in.tokens.size()));
+  }
+
+  const int64_t R = static_cast<int64_t>(logit_rows.size());
+  last_.resize(R * H);
+  for (int64_t r = 0; r < R; ++r) {
+    RmsNorm(x_.data() + logit_rows[r] * H, final_norm_.data(), H, c.rms_norm_eps,
+            last_.data() + r * H);
+  }
+  logits->resize(R * V);
+  lm_head_.Forward(last_.data(), R, logits->data());
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe::core

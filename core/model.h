@@ -1,0 +1,87 @@
+// A DeepSeek-family causal LM loaded from a Hugging Face checkpoint directory,
+// run on the CPU with the experts behind an ExpertBackend.
+//
+// Load copies and packs every weight into the process's own memory one tensor at
+// a time (the file pages of each tensor are dropped right after), so loading
+// needs little more than the packed weights. Forward runs one step for a batch of
+// sequences: each sequence appends its new tokens (a whole prompt for prefill, or
+// one token for decode; sequences may mix both) to its KV cache entry, and
+// logits come back for the last new token or, on request, for every new token.
+//
+// Thread safety: one Forward at a time per Model (it owns per-step scratch).
+#ifndef DMOE_CORE_MODEL_H_
+#define DMOE_CORE_MODEL_H_
+
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "core/attention.h"
+#include "core/config.h"
+#include "core/expert_backend.h"
+#include "core/kv_cache.h"
+#include "core/moe.h"
+#include "core/rope.h"
+
+namespace dmoe::core {
+
+struct ModelOptions {
+  ComputeType compute = ComputeType::kBF16;
+  // Called after each loaded unit (embedding, attention of a layer, one expert, ...).
+  std::function<void(int64_t done, int64_t total)> progress;
+  // Backend for routed and shared experts; null = the CPU backend.
+  std::unique_ptr<ExpertBackend> experts;
+};
+
+struct SeqInput {
+  int32_t seq = 0;                  // KV cache sequence id
+  std::span<const int32_t> tokens;  // new tokens, at least one
+  bool all_logits = false;          // logits for every new token, else only the last
+};
+
+class Model {
+ public:
+  static absl::StatusOr<std::unique_ptr<Model>> Load(const std::string& dir, ModelOptions opts);
+
+  const ModelConfig& config() const { return cfg_; }
+  ComputeType compute() const { return compute_; }
+
+  // Runs one step. `logits` receives, for each input in order, one row per
+  // requested position: [rows, vocab]. On error nothing is appended to any
+  // sequence. Errors: unknown/duplicate sequence, empty input, token id out of
+  // the vocabulary, sequence over its cache capacity (InvalidArgument /
+  // ResourceExhausted), expert backend failures.
+  absl::Status Forward(std::span<const SeqInput> batch, KvCache& cache, std::vector<float>* logits);
+
+  size_t WeightBytes() const;
+  // Routed assignments counted per (layer, expert) since load: [layers][n_routed].
+  const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
+
+ private:
+  Model() = default;
+  absl::Status LoadWeights(const Checkpoint& ckpt, ModelOptions& opts);
+
+  ModelConfig cfg_;
+  ComputeType compute_ = ComputeType::kBF16;
+  std::unique_ptr<RopeTable> rope_;
+  std::vector<float> embed_f32_;      // [vocab, hidden] (f32 mode)
+  std::vector<uint16_t> embed_bf16_;  // [vocab, hidden] (bf16 mode)
+  std::vector<std::vector<float>> input_norm_, post_norm_;
+  std::vector<std::unique_ptr<Attention>> attn_;
+  std::vector<std::unique_ptr<MoeGate>> gates_;  // null for dense layers
+  std::unique_ptr<ExpertBackend> experts_;       // routed + shared FFNs of MoE layers
+  std::unique_ptr<ExpertBackend> dense_;         // dense MLPs, as kSharedFfn of their layer
+  std::vector<float> final_norm_;
+  PackedLinear lm_head_;
+  std::vector<std::vector<int64_t>> expert_load_;
+
+  std::vector<float> x_, xn_, tmp_, last_;
+};
+
+}  // namespace dmoe::core
+
+#endif  // DMOE_CORE_MODEL_H_
