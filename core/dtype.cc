@@ -53,6 +53,7 @@ uint8_t F32ToF8E4M3(float f) {
 }
 
 void ConvertToF32(DType t, const void* src, size_t n, float* dst) {
+  if (n == 0) return;
   switch (t) {
     case DType::kF32:
       std::memcpy(dst, src, n * 4);

@@ -17,6 +17,7 @@
 #define DMOE_CORE_SAFETENSORS_H_
 
 #include <cstdint>
+#include <cstdio>
 #include <map>
 #include <memory>
 #include <span>

@@ -64,13 +64,17 @@ absl::StatusOr<LoadedModel> LoadModelFromFlags(const Args& args) {
   }
   const bool show = !args.Bool("quiet") && (isatty(STDERR_FILENO) || bytes > (256u << 20));
   if (show) {
-    opts.progress = [](int64_t done, int64_t total) {
+    // Redraw in place on a terminal; elsewhere (logs) one line per 10%.
+    const bool tty = isatty(STDERR_FILENO);
+    opts.progress = [tty, last = -1](int64_t done, int64_t total) mutable {
+      const int pct = static_cast<int>(100 * done / std::max<int64_t>(total, 1));
+      if (pct == last || (!tty && pct / 10 == last / 10 && done != total)) return;
+      last = pct;
       const int width = 40;
-      const int filled = static_cast<int>(width * done / std::max<int64_t>(total, 1));
-      std::fprintf(stderr, "\rloading [%s%s] %3d%%", std::string(filled, '#').c_str(),
-                   std::string(width - filled, ' ').c_str(),
-                   static_cast<int>(100 * done / std::max<int64_t>(total, 1)));
-      if (done == total) std::fprintf(stderr, "\n");
+      const int filled = width * pct / 100;
+      std::fprintf(stderr, "%sloading [%s%s] %3d%%%s", tty ? "\r" : "",
+                   std::string(filled, '#').c_str(), std::string(width - filled, ' ').c_str(), pct,
+                   tty && done != total ? "" : "\n");
       std::fflush(stderr);
     };
   }
