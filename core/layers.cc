@@ -19,12 +19,32 @@ void RmsNormRows(const float* x, int64_t ldx, const float* w, int64_t rows, int6
   for (int64_t r = 0; r < rows; ++r) RmsNorm(x + r * ldx, w, n, eps, out + r * ldo);
 }
 
+namespace {
+thread_local std::vector<float> load_buffers[4];
+// Tensors above this size get a temporary of their own, freed right after
+// packing, so that one huge tensor does not pin a huge buffer for the whole load.
+constexpr size_t kMaxPooledFloats = size_t{64} << 20;
+}  // namespace
+
+float* LoadBuffer(int slot, size_t n) {
+  std::vector<float>& b = load_buffers[slot & 3];
+  if (b.size() < n) b.resize(n);
+  return b.data();
+}
+
+void ReleaseLoadBuffers() {
+  for (auto& b : load_buffers) std::vector<float>().swap(b);
+}
+
 absl::StatusOr<PackedLinear> LoadLinear(const Checkpoint& ckpt, const std::string& name, int64_t n,
                                         int64_t k, ComputeType type) {
   const int64_t shape[2] = {n, k};
-  DMOE_ASSIGN_OR_RETURN(std::vector<float> w, ckpt.ReadF32(name, shape));
+  const size_t count = static_cast<size_t>(n) * k;
+  std::vector<float> own;
+  float* w = count > kMaxPooledFloats ? (own.resize(count), own.data()) : LoadBuffer(0, count);
+  DMOE_RETURN_IF_ERROR(ckpt.ReadF32(name, shape, w));
   ckpt.Release(name);
-  return PackedLinear::Create(w.data(), n, k, type);
+  return PackedLinear::Create(w, n, k, type);
 }
 
 absl::StatusOr<std::vector<float>> LoadVector(const Checkpoint& ckpt, const std::string& name,

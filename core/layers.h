@@ -19,6 +19,13 @@ void RmsNorm(const float* x, const float* w, int64_t n, double eps, float* out);
 void RmsNormRows(const float* x, int64_t ldx, const float* w, int64_t rows, int64_t n, double eps,
                  float* out, int64_t ldo);
 
+// A grow-only float buffer reused by every tensor a thread loads, so that loading
+// does not fault in fresh pages for each temporary copy (costly on VMs).
+// `slot` selects one of a few independent buffers (e.g. gate/up/down of an FFN).
+float* LoadBuffer(int slot, size_t n);
+// Frees this thread's load buffers (call when loading is done).
+void ReleaseLoadBuffers();
+
 // Loads `name` ([n, k]) as a PackedLinear and drops the file pages afterwards.
 absl::StatusOr<PackedLinear> LoadLinear(const Checkpoint& ckpt, const std::string& name, int64_t n,
                                         int64_t k, ComputeType type);

@@ -35,6 +35,12 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
   experts_ = opts.experts ? std::move(opts.experts) : MakeCpuExpertBackend(compute_);
   dense_ = MakeCpuExpertBackend(compute_);
 
+  // The largest tensors first (output head, embeddings), while little else is
+  // resident, so their temporary copies do not add to the peak.
+  if (!c.tie_word_embeddings) {
+    DMOE_ASSIGN_OR_RETURN(lm_head_, LoadLinear(ckpt, "lm_head.weight", V, hidden, compute_));
+  }
+  tick();
   // Embeddings, converted in row chunks so that only the table itself is resident.
   {
     const std::string name = "model.embed_tokens.weight";
@@ -96,10 +102,7 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
   }
   DMOE_ASSIGN_OR_RETURN(final_norm_, LoadVector(ckpt, "model.norm.weight", hidden));
   tick();
-  if (!c.tie_word_embeddings) {
-    DMOE_ASSIGN_OR_RETURN(lm_head_, LoadLinear(ckpt, "lm_head.weight", V, hidden, compute_));
-  }
-  tick();
+  ReleaseLoadBuffers();
   return absl::OkStatus();
 }
 

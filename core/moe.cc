@@ -66,21 +66,23 @@ absl::Status LoadFfnInto(const Checkpoint& ckpt, const std::string& prefix, int6
                          ExpertBackend& backend) {
   const int64_t in_shape[2] = {intermediate, hidden};
   const int64_t out_shape[2] = {hidden, intermediate};
-  DMOE_ASSIGN_OR_RETURN(std::vector<float> gate, ckpt.ReadF32(prefix + "gate_proj.weight", in_shape));
-  DMOE_ASSIGN_OR_RETURN(std::vector<float> up, ckpt.ReadF32(prefix + "up_proj.weight", in_shape));
-  DMOE_ASSIGN_OR_RETURN(std::vector<float> down,
-                        ckpt.ReadF32(prefix + "down_proj.weight", out_shape));
-  FfnWeights w;
-  w.hidden = hidden;
-  w.intermediate = intermediate;
-  w.gate = gate;
-  w.up = up;
-  w.down = down;
-  DMOE_RETURN_IF_ERROR(backend.LoadFfn(layer, ffn_id, w));
+  const size_t n = static_cast<size_t>(intermediate) * hidden;
+  float* gate = LoadBuffer(1, n);
+  float* up = LoadBuffer(2, n);
+  float* down = LoadBuffer(3, n);
+  DMOE_RETURN_IF_ERROR(ckpt.ReadF32(prefix + "gate_proj.weight", in_shape, gate));
+  DMOE_RETURN_IF_ERROR(ckpt.ReadF32(prefix + "up_proj.weight", in_shape, up));
+  DMOE_RETURN_IF_ERROR(ckpt.ReadF32(prefix + "down_proj.weight", out_shape, down));
   ckpt.Release(prefix + "gate_proj.weight");
   ckpt.Release(prefix + "up_proj.weight");
   ckpt.Release(prefix + "down_proj.weight");
-  return absl::OkStatus();
+  FfnWeights w;
+  w.hidden = hidden;
+  w.intermediate = intermediate;
+  w.gate = {gate, n};
+  w.up = {up, n};
+  w.down = {down, n};
+  return backend.LoadFfn(layer, ffn_id, w);
 }
 
 }  // namespace dmoe::core
