@@ -1,0 +1,492 @@
+// MoE layer benchmark at DeepSeek-V2-Lite shapes through the CPU expert backend
+// (the product path), with the machine's ceilings measured in the same run.
+//
+//   moe_layer_bench [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048]
+//                   [--dtype=bf16|f32] [--min_time=1.0]
+//
+// Shapes: hidden 2048, 64 routed experts (moe_intermediate 1408), top-6, 2
+// shared experts fused into one shared FFN (intermediate 2816). Random weights;
+// random routing (6 distinct experts per token, seeded) plus the shared FFN per
+// token.
+//
+// For each (threads, tokens): median time per layer call over calls with
+// different routings, tokens/s, GFLOP/s (2 * 3 * hidden * inter per token-FFN
+// assignment), weight bytes touched per call (distinct FFNs used x their weight
+// bytes) and GB/s, and the ratios to two ceilings measured at that thread count
+// in the same run, right before and after the row's calls: a 2048^3 GEMM
+// through PackedLinear and an AVX-512 read of 1 GiB, each the best of several
+// repetitions (what the machine can do; conservative on this shared host, where
+// a disturbed repetition would lower a ceiling and flatter the ratio). The
+// bound is the roofline's: bandwidth when the call's arithmetic intensity (FLOP
+// per weight byte) is below the ceilings' ratio, else compute; "%roof" is
+// achieved GFLOP/s over min(GEMM ceiling, intensity x bandwidth ceiling).
+// Activations (a few MB) are not counted as bytes.
+
+// GCC 12 flags its own _mm512_undefined_*() temporaries in the intrinsics
+// headers as uninitialized once inlined.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#pragma GCC diagnostic ignored "-Wuninitialized"
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <memory>
+#include <numeric>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include "core/expert_backend.h"
+#include "core/kernels/cpu/linear.h"
+
+namespace {
+
+using dmoe::core::ComputeType;
+using Clock = std::chrono::steady_clock;
+
+constexpr int64_t kHidden = 2048;
+constexpr int64_t kInter = 1408;
+constexpr int64_t kSharedInter = 2 * 1408;
+constexpr int kExperts = 64;
+constexpr int kTopK = 6;
+constexpr int32_t kLayer = 0;
+
+struct Options {
+  bool quick = false;
+  std::vector<int> threads = {1, 2};
+  std::vector<int> tokens = {1, 8, 64, 512, 2048};
+  ComputeType type = ComputeType::kBF16;
+  double min_time = 1.0;  // seconds of timed calls per configuration
+};
+
+std::vector<int> ParseList(std::string_view s) {
+  std::vector<int> v;
+  while (!s.empty()) {
+    const size_t comma = s.find(',');
+    v.push_back(std::atoi(std::string(s.substr(0, comma)).c_str()));
+    if (comma == std::string_view::npos) break;
+    s.remove_prefix(comma + 1);
+  }
+  return v;
+}
+
+bool ParseOptions(int argc, char** argv, Options* o) {
+  for (int i = 1; i < argc; ++i) {
+    const std::string_view a = argv[i];
+    auto value = [&](std::string_view flag) -> const char* {
+      return a.substr(0, flag.size()) == flag ? argv[i] + flag.size() : nullptr;
+    };
+    if (a == "--quick") {
+      o->quick = true;
+    } else if (const char* v = value("--threads=")) {
+      o->threads = ParseList(v);
+    } else if (const char* v = value("--tokens=")) {
+      o->tokens = ParseList(v);
+    } else if (const char* v = value("--dtype=")) {
+      if (std::string_view(v) == "f32") {
+        o->type = ComputeType::kF32;
+      } else if (std::string_view(v) == "bf16") {
+        o->type = ComputeType::kBF16;
+      } else {
+        std::fprintf(stderr, "--dtype must be bf16 or f32\n");
+        return false;
+      }
+    } else if (const char* v = value("--min_time=")) {
+      o->min_time = std::atof(v);
+    } else {
+      std::fprintf(
+          stderr,
+          "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
+          "[--dtype=bf16|f32] [--min_time=SECONDS]\n",
+          argv[0]);
+      return false;
+    }
+  }
+  for (const std::vector<int>* list : {&o->threads, &o->tokens}) {
+    if (list->empty() || *std::min_element(list->begin(), list->end()) <= 0) {
+      std::fprintf(stderr, "--threads and --tokens take positive integers\n");
+      return false;
+    }
+  }
+  if (o->quick) o->min_time = 0;
+  return true;
+}
+
+// xorshift64*: fast enough to fill 1.2 GB of weights in about a second.
+struct Rng {
+  uint64_t s;
+  explicit Rng(uint64_t seed) : s(seed * 0x9E3779B97F4A7C15ull + 1) {}
+  uint64_t Next() {
+    s ^= s >> 12;
+    s ^= s << 25;
+    s ^= s >> 27;
+    return s * 0x2545F4914F6CDD1Dull;
+  }
+  float Uniform(float a) {  // [-a, a)
+    return a * (static_cast<float>(Next() >> 40) * (2.0f / 16777216.0f) - 1.0f);
+  }
+};
+
+void Fill(std::vector<float>* v, float a, Rng* rng) {
+  for (float& f : *v) f = rng->Uniform(a);
+}
+
+double Median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  const size_t n = v.size();
+  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
+}
+
+double Seconds(Clock::time_point a, Clock::time_point b) {
+  return std::chrono::duration<double>(b - a).count();
+}
+
+// One routed batch and what it costs.
+struct Batch {
+  int64_t tokens = 0;
+  std::vector<float> x;  // [tokens, hidden]
+  std::vector<int32_t> offsets, ids;
+  std::vector<float> weights;
+  double flops = 0;         // 2 * 3 * hidden * inter per assignment
+  double weight_bytes = 0;  // distinct FFNs used x their weight bytes
+
+  dmoe::core::ExpertBatch View() const {
+    return {kLayer, tokens, kHidden, x.data(), offsets, ids, weights};
+  }
+};
+
+Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
+  Rng rng(seed);
+  Batch b;
+  b.tokens = tokens;
+  b.x.resize(tokens * kHidden);
+  Fill(&b.x, 1.0f, &rng);
+  b.offsets.push_back(0);
+  std::vector<bool> used(kExperts, false);
+  std::vector<int32_t> perm(kExperts);
+  for (int64_t t = 0; t < tokens; ++t) {
+    std::iota(perm.begin(), perm.end(), 0);
+    float sum = 0;
+    std::vector<float> w(kTopK);
+    // Partial Fisher-Yates: kTopK distinct experts.
+    for (int k = 0; k < kTopK; ++k) {
+      const int j = k + static_cast<int>(rng.Next() % (kExperts - k));
+      std::swap(perm[k], perm[j]);
+      b.ids.push_back(perm[k]);
+      used[perm[k]] = true;
+      w[k] = 0.05f + 0.5f * (rng.Uniform(1.0f) + 1.0f);
+      sum += w[k];
+    }
+    for (float f : w) b.weights.push_back(f / sum);
+    b.ids.push_back(dmoe::core::kSharedFfn);
+    b.weights.push_back(1.0f);
+    b.offsets.push_back(static_cast<int32_t>(b.ids.size()));
+  }
+  const double per_inter = 2.0 * 3 * kHidden;
+  b.flops =
+      per_inter * (kTopK * kInter + kSharedInter) * static_cast<double>(tokens);
+  const int distinct =
+      static_cast<int>(std::count(used.begin(), used.end(), true));
+  b.weight_bytes =
+      3.0 * kHidden * (distinct * kInter + kSharedInter) * elem_bytes;
+  return b;
+}
+
+// ---- Ceilings ---------------------------------------------------------------
+
+__attribute__((target("avx512f"))) float SumAvx512(const float* p, size_t n) {
+  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 64 <= n; i += 64) {
+    a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
+    a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
+    a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
+    a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
+  }
+  float s = _mm512_reduce_add_ps(
+      _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+float SumPortable(const float* p, size_t n) {
+  float acc[16] = {};
+  size_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    for (int j = 0; j < 16; ++j) acc[j] += p[i + j];
+  }
+  float s = 0;
+  for (float a : acc) s += a;
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
+// The two ceilings at a thread count: a 2048^3 GEMM through PackedLinear and a
+// read of a 1 GiB buffer (2 MiB-aligned, advised for huge pages as the packed
+// weights are) by `threads` readers. Each is the best of `reps`.
+class Ceilings {
+ public:
+  explicit Ceilings(ComputeType type) {
+    const size_t n = kProbeBytes / sizeof(float);
+    probe_ =
+        static_cast<float*>(std::aligned_alloc(size_t{2} << 20, kProbeBytes));
+    madvise(probe_, kProbeBytes, MADV_HUGEPAGE);
+    for (size_t i = 0; i < n; ++i) probe_[i] = static_cast<float>(i & 1023);
+    std::vector<float> w(kGemmN * kGemmN);
+    Rng rng(7);
+    Fill(&w, 0.05f, &rng);
+    x_.resize(kGemmN * kGemmN);
+    y_.resize(kGemmN * kGemmN);
+    Fill(&x_, 1.0f, &rng);
+    auto lin = dmoe::core::PackedLinear::Create(w.data(), kGemmN, kGemmN, type);
+    if (!lin.ok()) {
+      std::fprintf(stderr, "GEMM ceiling: %s\n",
+                   std::string(lin.status().message()).c_str());
+      std::exit(1);
+    }
+    gemm_ = *std::move(lin);
+  }
+  ~Ceilings() { FreeProbe(); }
+
+  void FreeProbe() {
+    std::free(probe_);
+    probe_ = nullptr;
+  }
+
+  double ReadGBs(int threads, int reps) {
+    static const bool kAvx512 = __builtin_cpu_supports("avx512f");
+    const size_t n = kProbeBytes / sizeof(float);
+    double best = 0;
+    volatile float sink = 0;
+    for (int r = 0; r < reps; ++r) {
+      const auto t0 = Clock::now();
+      float total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+      {
+        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+        const size_t chunk = (n / nt) & ~size_t{63};
+        const size_t begin = id * chunk, len = id == nt - 1 ? n - begin : chunk;
+        total += kAvx512 ? SumAvx512(probe_ + begin, len)
+                         : SumPortable(probe_ + begin, len);
+      }
+      best = std::max(best, kProbeBytes / Seconds(t0, Clock::now()) / 1e9);
+      sink = sink + total;
+    }
+    return best;
+  }
+
+  double GemmGflops(int reps) {
+    double best = 0;
+    for (int r = 0; r < reps; ++r) {
+      const auto t0 = Clock::now();
+      gemm_.Forward(x_.data(), kGemmN, y_.data());
+      best = std::max(best, 2.0 * kGemmN * kGemmN * kGemmN /
+                                Seconds(t0, Clock::now()) / 1e9);
+    }
+    return best;
+  }
+
+ private:
+  static constexpr size_t kProbeBytes = size_t{1} << 30;
+  static constexpr int64_t kGemmN = 2048;
+  float* probe_ = nullptr;
+  dmoe::core::PackedLinear gemm_;
+  std::vector<float> x_, y_;
+};
+
+// ---- MoE layer --------------------------------------------------------------
+
+struct Result {
+  int threads = 0, tokens = 0, calls = 0;
+  double ms = 0, tok_s = 0, gflops = 0, weight_mb = 0, gbs = 0, intensity = 0;
+  double gemm_ceiling = 0, read_ceiling = 0;  // measured around this run
+};
+
+Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings,
+              int tokens, int threads, const Options& o, size_t elem_bytes) {
+  dmoe::core::SetComputeThreads(threads);
+  // Ceilings right before and right after the timed calls (best of both): the
+  // host is shared, and a ratio is only meaningful against what the machine
+  // gave at about the same time.
+  const int ceiling_reps = o.quick ? 1 : 3;
+  double gemm_ceiling = ceilings.GemmGflops(ceiling_reps + 1);  // +1: warm-up
+  double read_ceiling = ceilings.ReadGBs(threads, ceiling_reps + 1);
+  const int num_batches = o.quick ? 2 : (tokens >= 512 ? 5 : 16);
+  std::vector<Batch> batches;
+  for (int i = 0; i < num_batches; ++i)
+    batches.push_back(MakeBatch(tokens, 1000 * tokens + i, elem_bytes));
+  std::vector<float> out(static_cast<size_t>(tokens) * kHidden);
+  auto call = [&](const Batch& b) {
+    const absl::Status s = backend.Compute(b.View(), out.data());
+    if (!s.ok()) {
+      std::fprintf(stderr, "Compute: %s\n", std::string(s.message()).c_str());
+      std::exit(1);
+    }
+  };
+  for (const Batch& b : batches)
+    call(b);  // warm-up: primitives for every M, workspaces
+
+  std::vector<double> secs, gflops, gbs;
+  const auto start = Clock::now();
+  // Whole passes over the routings until min_time has passed (one in --quick).
+  for (int pass = 0; pass == 0 || (!o.quick && pass < 1000); ++pass) {
+    for (const Batch& b : batches) {
+      const auto t0 = Clock::now();
+      call(b);
+      const double s = Seconds(t0, Clock::now());
+      secs.push_back(s);
+      gflops.push_back(b.flops / s / 1e9);
+      gbs.push_back(b.weight_bytes / s / 1e9);
+    }
+    if (Seconds(start, Clock::now()) >= o.min_time) break;
+  }
+  gemm_ceiling = std::max(gemm_ceiling, ceilings.GemmGflops(ceiling_reps));
+  read_ceiling =
+      std::max(read_ceiling, ceilings.ReadGBs(threads, ceiling_reps));
+  Result r;
+  r.gemm_ceiling = gemm_ceiling;
+  r.read_ceiling = read_ceiling;
+  r.threads = threads;
+  r.tokens = tokens;
+  r.calls = static_cast<int>(secs.size());
+  r.ms = Median(secs) * 1e3;
+  r.tok_s = tokens / Median(secs);
+  r.gflops = Median(gflops);
+  r.gbs = Median(gbs);
+  double bytes = 0, flops = 0;
+  for (const Batch& b : batches) {
+    bytes += b.weight_bytes;
+    flops += b.flops;
+  }
+  r.weight_mb = bytes / batches.size() / 1e6;
+  r.intensity = flops / bytes;
+  return r;
+}
+
+long PeakRssMiB() {
+  rusage u{};
+  getrusage(RUSAGE_SELF, &u);
+  return u.ru_maxrss / 1024;  // KiB on Linux
+}
+
+long CurrentRssMiB() {
+  long pages = 0, resident = 0;
+  if (FILE* f = std::fopen("/proc/self/statm", "r")) {
+    if (std::fscanf(f, "%ld %ld", &pages, &resident) != 2) resident = 0;
+    std::fclose(f);
+  }
+  return resident * (sysconf(_SC_PAGESIZE) / 1024) / 1024;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  Options o;
+  if (!ParseOptions(argc, argv, &o)) return 2;
+  const bool bf16 = o.type == ComputeType::kBF16;
+  const size_t elem_bytes = bf16 ? 2 : 4;
+
+  std::printf(
+      "MoE layer bench: DeepSeek-V2-Lite shapes (hidden %lld, %d experts x "
+      "inter %lld, "
+      "top-%d, shared inter %lld), %s weights, backend cpu-%s%s\n",
+      static_cast<long long>(kHidden), kExperts, static_cast<long long>(kInter),
+      kTopK, static_cast<long long>(kSharedInter), bf16 ? "bf16" : "f32",
+      bf16 ? "bf16" : "f32",
+      o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
+
+  const auto load_start = Clock::now();
+  auto backend = dmoe::core::MakeCpuExpertBackend(o.type);
+  {
+    Rng rng(42);
+    std::vector<float> gate, up, down;
+    auto load = [&](int32_t id, int64_t inter) {
+      gate.resize(inter * kHidden);
+      up.resize(inter * kHidden);
+      down.resize(kHidden * inter);
+      Fill(&gate, 1.0f / std::sqrt(float(kHidden)), &rng);
+      Fill(&up, 1.0f / std::sqrt(float(kHidden)), &rng);
+      Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
+      const absl::Status s =
+          backend->LoadFfn(kLayer, id, {kHidden, inter, gate, up, down});
+      if (!s.ok()) {
+        std::fprintf(stderr, "LoadFfn: %s\n", std::string(s.message()).c_str());
+        std::exit(1);
+      }
+    };
+    for (int e = 0; e < kExperts; ++e) load(e, kInter);
+    load(dmoe::core::kSharedFfn, kSharedInter);
+  }
+  std::printf("loaded %.2f GB of packed weights in %.1f s\n",
+              backend->WeightBytes() / 1e9, Seconds(load_start, Clock::now()));
+
+  Ceilings ceilings(o.type);
+  std::vector<Result> results;
+  for (int threads : o.threads) {
+    for (int tokens : o.tokens) {
+      results.push_back(
+          RunMoe(*backend, ceilings, tokens, threads, o, elem_bytes));
+    }
+  }
+  ceilings.FreeProbe();
+
+  std::printf(
+      "\nCeilings, measured around each row (best of %d before + %d after): "
+      "%s GEMM 2048^3 through PackedLinear; read of 1 GiB (AVX-512 sum, huge "
+      "pages). Best per thread count:\n",
+      o.quick ? 2 : 4, o.quick ? 1 : 3, bf16 ? "bf16" : "f32");
+  std::printf("%7s %14s %10s %18s\n", "threads", "GEMM GFLOP/s", "read GB/s",
+              "balance FLOP/B");
+  for (int threads : o.threads) {
+    double gemm = 0, read = 0;
+    for (const Result& r : results) {
+      if (r.threads != threads) continue;
+      gemm = std::max(gemm, r.gemm_ceiling);
+      read = std::max(read, r.read_ceiling);
+    }
+    std::printf("%7d %14.1f %10.1f %18.1f\n", threads, gemm, read, gemm / read);
+  }
+
+  std::printf(
+      "\nMoE layer through CpuExpertBackend (median over `calls`; the routing "
+      "changes from call to call)\n");
+  std::printf(
+      "%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr",
+      "tokens", "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%GEMM",
+      "weight MB", "GB/s", "ceil", "%BW", "FLOP/B", "bnd", "%roof",
+      "goal (PERFORMANCE.md)");
+  for (const Result& r : results) {
+    const double pct_gemm = 100 * r.gflops / r.gemm_ceiling;
+    const double pct_bw = 100 * r.gbs / r.read_ceiling;
+    const bool bw_bound = r.intensity < r.gemm_ceiling / r.read_ceiling;
+    const double roof = std::min(r.gemm_ceiling, r.intensity * r.read_ceiling);
+    std::string goal = "-";
+    if (r.tokens <= 8) {
+      const double target = r.threads == 1 ? 90 : 85;
+      goal = (pct_bw >= target ? "met: " : "MISSED: ") + std::string(">=") +
+             std::to_string(static_cast<int>(target)) + "% BW";
+    } else if (r.tokens >= 512) {
+      goal =
+          (pct_gemm >= 85 ? "met: " : "MISSED: ") + std::string(">=85% GEMM");
+    }
+    std::printf(
+        "%3d %6d %5d %9.2f %9.1f %8.1f %6.0f %5.0f%% %9.0f %7.1f %5.1f %4.0f%% "
+        "%7.1f %4s %5.0f%% %s\n",
+        r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.gemm_ceiling,
+        pct_gemm, r.weight_mb, r.gbs, r.read_ceiling, pct_bw, r.intensity,
+        bw_bound ? "BW" : "FLOP", 100 * r.gflops / roof, goal.c_str());
+  }
+  std::printf(
+      "\nRSS: %ld MiB at the end (packed weights %.0f MiB + workspaces + GEMM "
+      "ceiling buffers); peak %ld MiB (includes the 1 GiB bandwidth probe)\n",
+      CurrentRssMiB(), backend->WeightBytes() / 1048576.0, PeakRssMiB());
+  return 0;
+}

@@ -1,0 +1,450 @@
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <functional>
+#include <limits>
+#include <map>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "core/dtype.h"
+#include "core/expert_backend.h"
+#include "core/kernels/cpu/linear.h"
+#include "dnnl.hpp"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+
+namespace dmoe::core {
+namespace {
+
+using ::testing::HasSubstr;
+
+constexpr int32_t kLayer = 3;
+
+struct HostFfn {
+  int64_t hidden = 0, inter = 0;
+  std::vector<float> gate, up,
+      down;  // [inter, hidden], [inter, hidden], [hidden, inter]
+  FfnWeights View() const { return FfnWeights{hidden, inter, gate, up, down}; }
+};
+
+std::vector<float> Uniform(size_t n, float scale, std::mt19937* rng) {
+  std::uniform_real_distribution<float> dist(-scale, scale);
+  std::vector<float> v(n);
+  for (float& f : v) f = dist(*rng);
+  return v;
+}
+
+// Scaled so that gate/up outputs and FFN outputs are O(1).
+HostFfn MakeFfn(int64_t hidden, int64_t inter, uint32_t seed) {
+  std::mt19937 rng(seed);
+  HostFfn f;
+  f.hidden = hidden;
+  f.inter = inter;
+  f.gate = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
+  f.up = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
+  f.down = Uniform(hidden * inter, 2.0f / std::sqrt(float(inter)), &rng);
+  return f;
+}
+
+// A batch in the backend's CSR form, owning its arrays.
+struct HostBatch {
+  int64_t hidden = 0;
+  std::vector<float> x;  // [tokens, hidden]
+  std::vector<int32_t> offsets{0};
+  std::vector<int32_t> ids;
+  std::vector<float> weights;
+
+  int64_t tokens() const { return static_cast<int64_t>(offsets.size()) - 1; }
+  void AddToken(const std::vector<float>& xt, const std::vector<int32_t>& ffns,
+                const std::vector<float>& ws) {
+    x.insert(x.end(), xt.begin(), xt.end());
+    ids.insert(ids.end(), ffns.begin(), ffns.end());
+    weights.insert(weights.end(), ws.begin(), ws.end());
+    offsets.push_back(static_cast<int32_t>(ids.size()));
+  }
+  ExpertBatch View(int32_t layer = kLayer) const {
+    return ExpertBatch{layer,   tokens(), hidden, x.data(),
+                       offsets, ids,      weights};
+  }
+};
+
+float RoundBF16(float f) { return BF16ToF32(F32ToBF16(f)); }
+
+// Float64 reference for one token: y = sum_a w_a * down(silu(gate x) * up x),
+// on the values the backend sees (bf16-rounded inputs, weights and h for
+// kBF16), with the error bound of each output:
+// - `scale`: sum_a |w_a| sum_i |down_ji| (|h_i| + 1.1 |u_i| sum_k |x_k g_ik|
+//   + |silu(g_i)| sum_k |x_k up_ik|): the sums that fp32 accumulation errors
+//   (~sqrt(n) 2^-24 of them, < 1e-6 here) and the ~1 ulp exp scale with,
+//   propagated to the output. 1e-5 of it leaves a 10x margin yet fails on any
+//   bf16-sized (2^-9) error;
+// - `flip`: kBF16 rounds h to bf16 from fp32, the reference from float64;
+//   where the two straddle a rounding boundary h_i moves by one bf16 ulp
+//   (2^-8 relative).
+//   This allows two such flips per assignment: sum_a |w_a| * 2 * 2^-8 * max_i
+//   |down_ji h_i|.
+struct RefOut {
+  std::vector<double> y, scale, flip;
+};
+
+RefOut Reference(const float* x, int64_t hidden,
+                 const std::vector<int32_t>& ids, const std::vector<float>& ws,
+                 const std::map<int32_t, HostFfn>& ffns, ComputeType type) {
+  const bool bf16 = type == ComputeType::kBF16;
+  auto v = [&](float f) { return double{bf16 ? RoundBF16(f) : f}; };
+  RefOut r;
+  r.y.assign(hidden, 0.0);
+  r.scale.assign(hidden, 0.0);
+  r.flip.assign(hidden, 0.0);
+  for (size_t a = 0; a < ids.size(); ++a) {
+    const HostFfn& f = ffns.at(ids[a]);
+    const double w = ws[a];
+    std::vector<double> h(f.inter), hs(f.inter);
+    for (int64_t i = 0; i < f.inter; ++i) {
+      double g = 0, u = 0, sg = 0, su = 0;
+      for (int64_t k = 0; k < hidden; ++k) {
+        const double xk = v(x[k]);
+        g += xk * v(f.gate[i * hidden + k]);
+        u += xk * v(f.up[i * hidden + k]);
+        sg += std::fabs(xk * v(f.gate[i * hidden + k]));
+        su += std::fabs(xk * v(f.up[i * hidden + k]));
+      }
+      const double silu = g / (1.0 + std::exp(-g));
+      h[i] = silu * u;
+      if (bf16) h[i] = RoundBF16(static_cast<float>(h[i]));
+      // |d silu / dg| <= 1.1: errors in g and u reach h scaled like this.
+      hs[i] = std::fabs(h[i]) + 1.1 * std::fabs(u) * sg + std::fabs(silu) * su;
+    }
+    for (int64_t j = 0; j < hidden; ++j) {
+      double acc = 0, sc = 0, mx = 0;
+      for (int64_t i = 0; i < f.inter; ++i) {
+        const double d = v(f.down[j * f.inter + i]);
+        acc += d * h[i];
+        sc += std::fabs(d) * hs[i];
+        mx = std::max(mx, std::fabs(d * h[i]));
+      }
+      r.y[j] += w * acc;
+      r.scale[j] += std::fabs(w) * sc;
+      r.flip[j] += bf16 ? std::fabs(w) * 2.0 * std::ldexp(mx, -8) : 0.0;
+    }
+  }
+  return r;
+}
+
+void ExpectMatchesReference(const HostBatch& b, const std::vector<float>& out,
+                            const std::map<int32_t, HostFfn>& ffns,
+                            ComputeType type) {
+  int bad = 0;
+  for (int64_t t = 0; t < b.tokens() && bad < 5; ++t) {
+    const std::vector<int32_t> ids(b.ids.begin() + b.offsets[t],
+                                   b.ids.begin() + b.offsets[t + 1]);
+    const std::vector<float> ws(b.weights.begin() + b.offsets[t],
+                                b.weights.begin() + b.offsets[t + 1]);
+    const RefOut ref =
+        Reference(b.x.data() + t * b.hidden, b.hidden, ids, ws, ffns, type);
+    for (int64_t j = 0; j < b.hidden && bad < 5; ++j) {
+      const double got = out[t * b.hidden + j];
+      const double tol = 1e-5 * ref.scale[j] + ref.flip[j];
+      if (!(std::fabs(got - ref.y[j]) <= tol)) {
+        ADD_FAILURE() << "token " << t << " out[" << j << "] = " << got
+                      << ", expected " << ref.y[j] << " +- " << tol;
+        ++bad;
+      }
+    }
+  }
+}
+
+// As in linear_test.cc: bitwise batch independence comes from oneDNN brgemm.
+bool UsesBrgemm(ComputeType t, int64_t n, int64_t k) {
+  using dnnl::memory;
+  const auto dt = t == ComputeType::kBF16 ? memory::data_type::bf16
+                                          : memory::data_type::f32;
+  try {
+    dnnl::engine engine(dnnl::engine::kind::cpu, 0);
+    dnnl::matmul::primitive_desc pd(
+        dnnl::matmul::desc(memory::desc({16, k}, dt, memory::format_tag::ab),
+                           memory::desc({k, n}, dt, memory::format_tag::any),
+                           memory::desc({16, n}, memory::data_type::f32,
+                                        memory::format_tag::ab)),
+        engine);
+    return std::string(pd.impl_info_str()).rfind("brg", 0) == 0;
+  } catch (const dnnl::error&) {
+    return false;
+  }
+}
+
+class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
+ protected:
+  // Loads `num_experts` routed experts (inter) and a shared FFN (shared_inter).
+  void LoadLayer(int64_t hidden, int64_t inter, int64_t shared_inter,
+                 int num_experts) {
+    hidden_ = hidden;
+    backend_ = MakeCpuExpertBackend(GetParam());
+    for (int e = 0; e < num_experts; ++e) {
+      ffns_[e] = MakeFfn(hidden, inter, 100 + e);
+      ASSERT_TRUE(backend_->LoadFfn(kLayer, e, ffns_[e].View()).ok());
+    }
+    ffns_[kSharedFfn] = MakeFfn(hidden, shared_inter, 99);
+    ASSERT_TRUE(
+        backend_->LoadFfn(kLayer, kSharedFfn, ffns_[kSharedFfn].View()).ok());
+  }
+
+  // Random top-k distinct experts plus the shared FFN for every token.
+  HostBatch RandomBatch(int64_t tokens, int top_k, int num_experts,
+                        uint32_t seed) {
+    std::mt19937 rng(seed);
+    HostBatch b;
+    b.hidden = hidden_;
+    for (int64_t t = 0; t < tokens; ++t) {
+      std::vector<int32_t> ids;
+      while (static_cast<int>(ids.size()) < top_k) {
+        const int32_t e = static_cast<int32_t>(rng() % num_experts);
+        if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
+      }
+      ids.push_back(kSharedFfn);
+      std::vector<float> ws = Uniform(ids.size(), 1.0f, &rng);
+      ws.back() = 1.0f;
+      b.AddToken(Uniform(hidden_, 1.0f, &rng), ids, ws);
+    }
+    return b;
+  }
+
+  void TearDown() override { SetComputeThreads(0); }
+
+  int64_t hidden_ = 0;
+  std::unique_ptr<ExpertBackend> backend_;
+  std::map<int32_t, HostFfn> ffns_;
+};
+
+TEST_P(CpuExpertBackendTest,
+       MatchesFloat64ReferenceWithSharedFfnAndEmptyTokens) {
+  LoadLayer(/*hidden=*/64, /*inter=*/48, /*shared_inter=*/96,
+            /*num_experts=*/8);
+  std::mt19937 rng(7);
+  HostBatch b;
+  b.hidden = 64;
+  b.AddToken(Uniform(64, 1, &rng), {kSharedFfn, 2, 5}, {1.0f, 0.7f, -0.3f});
+  b.AddToken(Uniform(64, 1, &rng), {}, {});  // no work: zeros
+  b.AddToken(Uniform(64, 1, &rng), {5, 2, kSharedFfn},
+             {0.25f, 0.5f, 1.0f});                         // same experts
+  b.AddToken(Uniform(64, 1, &rng), {kSharedFfn}, {1.0f});  // shared only
+  b.AddToken(Uniform(64, 1, &rng), {7}, {2.0f});  // one routed, no shared
+  // More assignments than the combine takes per sweep (8), one expert twice.
+  b.AddToken(Uniform(64, 1, &rng), {0, 1, 2, 3, 4, 5, 6, 7, kSharedFfn, 3},
+             {0.1f, -0.2f, 0.3f, 0.4f, 0.5f, 0.6f, 0.7f, 0.8f, 1.0f, -0.9f});
+  HostBatch more = RandomBatch(9, 3, 8, 11);
+  for (int64_t t = 0; t < more.tokens(); ++t) {
+    b.AddToken(std::vector<float>(more.x.begin() + t * 64,
+                                  more.x.begin() + (t + 1) * 64),
+               std::vector<int32_t>(more.ids.begin() + more.offsets[t],
+                                    more.ids.begin() + more.offsets[t + 1]),
+               std::vector<float>(more.weights.begin() + more.offsets[t],
+                                  more.weights.begin() + more.offsets[t + 1]));
+  }
+  std::vector<float> out(b.tokens() * 64, std::nanf(""));
+  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ExpectMatchesReference(b, out, ffns_, GetParam());
+  for (int j = 0; j < 64; ++j) EXPECT_EQ(out[1 * 64 + j], 0.0f) << j;
+}
+
+TEST_P(CpuExpertBackendTest, OddShapes) {
+  LoadLayer(/*hidden=*/37, /*inter=*/19, /*shared_inter=*/23,
+            /*num_experts=*/3);
+  HostBatch b = RandomBatch(5, 2, 3, 5);
+  std::vector<float> out(b.tokens() * 37);
+  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ExpectMatchesReference(b, out, ffns_, GetParam());
+}
+
+// 600 tokens: the shared FFN's 600 rows are split into row chunks, and with two
+// threads whole chunks/experts run concurrently; with one they run in sequence.
+TEST_P(CpuExpertBackendTest,
+       TokenResultIsBitwiseTheSameAloneOrBatchedAndAcrossThreads) {
+  const int64_t hidden = 128, inter = 96;
+  if (!UsesBrgemm(GetParam(), 2 * inter, hidden)) {
+    GTEST_SKIP()
+        << "bitwise batch independence rests on oneDNN's brgemm kernels, "
+           "not used on this CPU";
+  }
+  LoadLayer(hidden, inter, 2 * inter, /*num_experts=*/16);
+  const HostBatch b = RandomBatch(600, 4, 16, 21);
+  SetComputeThreads(2);
+  std::vector<float> batched(b.tokens() * hidden);
+  ASSERT_TRUE(backend_->Compute(b.View(), batched.data()).ok());
+  ExpectMatchesReference(b, batched, ffns_, GetParam());
+
+  for (int threads : {1, 2}) {
+    SetComputeThreads(threads);
+    std::vector<float> again(batched.size());
+    ASSERT_TRUE(backend_->Compute(b.View(), again.data()).ok());
+    EXPECT_EQ(0, std::memcmp(again.data(), batched.data(),
+                             again.size() * sizeof(float)))
+        << "threads " << threads;
+    for (int64_t t : {0, 1, 77, 599}) {
+      HostBatch alone;
+      alone.hidden = hidden;
+      alone.AddToken(std::vector<float>(b.x.begin() + t * hidden,
+                                        b.x.begin() + (t + 1) * hidden),
+                     std::vector<int32_t>(b.ids.begin() + b.offsets[t],
+                                          b.ids.begin() + b.offsets[t + 1]),
+                     std::vector<float>(b.weights.begin() + b.offsets[t],
+                                        b.weights.begin() + b.offsets[t + 1]));
+      std::vector<float> one(hidden);
+      ASSERT_TRUE(backend_->Compute(alone.View(), one.data()).ok());
+      EXPECT_EQ(0, std::memcmp(one.data(), batched.data() + t * hidden,
+                               hidden * sizeof(float)))
+          << "token " << t << " threads " << threads;
+    }
+  }
+}
+
+TEST_P(CpuExpertBackendTest, UnloadedExpertIsAnErrorAndOutIsUntouched) {
+  LoadLayer(64, 48, 96, 4);
+  HostBatch b = RandomBatch(3, 2, 4, 3);
+  b.ids[4] = 7;  // token 1's second routed expert: never loaded
+  std::vector<float> out(b.tokens() * 64, 42.0f);
+  absl::Status s = backend_->Compute(b.View(), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(),
+              HasSubstr("layer 3: expert 7 is not loaded on this backend"));
+  for (float f : out) ASSERT_EQ(f, 42.0f);
+
+  s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(/*layer=*/4), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(), HasSubstr("layer 4: expert"));
+  EXPECT_THAT(s.message(), HasSubstr("is not loaded on this backend"));
+
+  ASSERT_TRUE(backend_->UnloadFfn(kLayer, kSharedFfn).ok());
+  s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(),
+              HasSubstr("layer 3: shared FFN is not loaded on this backend"));
+
+  HostBatch bad_id = RandomBatch(1, 1, 4, 5);
+  bad_id.ids[0] = -5;
+  s = backend_->Compute(bad_id.View(), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(), HasSubstr("layer 3: invalid FFN id -5"));
+}
+
+TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
+  LoadLayer(64, 48, 96, 4);
+  const HostBatch good = RandomBatch(3, 2, 4, 3);  // offsets {0, 3, 6, 9}
+  std::vector<float> out(3 * 64, 42.0f);
+  struct Case {
+    const char* name;
+    std::function<void(HostBatch&, ExpertBatch&)> mutate;
+    const char* message;
+  };
+  const std::vector<Case> cases = {
+      {"offsets too short",
+       [](HostBatch&, ExpertBatch& e) { e.num_tokens = 4; },
+       "layer 3: token_offsets has 4 entries, expected num_tokens + 1 = 5"},
+      {"first offset", [](HostBatch& h, ExpertBatch&) { h.offsets[0] = 1; },
+       "layer 3: token_offsets[0] is 1, expected 0"},
+      {"decreasing", [](HostBatch& h, ExpertBatch&) { h.offsets[2] = 2; },
+       "layer 3: token_offsets decrease at token 1 (3 -> 2)"},
+      {"end", [](HostBatch& h, ExpertBatch&) { h.offsets[3] = 8; },
+       "layer 3: token_offsets end at 8 but there are 9 assignments"},
+      {"weights", [](HostBatch& h, ExpertBatch&) { h.weights.pop_back(); },
+       "layer 3: 8 weights for 9 assignments"},
+      {"hidden", [](HostBatch&, ExpertBatch& e) { e.hidden = 32; },
+       "hidden 64 != batch hidden 32"},
+      {"negative tokens", [](HostBatch&, ExpertBatch& e) { e.num_tokens = -1; },
+       "num_tokens -1 is negative"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.name);
+    HostBatch h = good;
+    ExpertBatch e = h.View();
+    c.mutate(h, e);
+    e.token_offsets = h.offsets;
+    e.weights = h.weights;
+    const absl::Status s = backend_->Compute(e, out.data());
+    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_THAT(s.message(), HasSubstr(c.message));
+    for (float f : out) ASSERT_EQ(f, 42.0f);
+  }
+  // The hidden mismatch names the expert.
+  ExpertBatch e = good.View();
+  e.hidden = 32;
+  EXPECT_THAT(std::string(backend_->Compute(e, out.data()).message()),
+              testing::MatchesRegex(
+                  "layer 3 (expert [0-9]+|shared FFN): hidden 64 != batch "
+                  "hidden 32"));
+}
+
+TEST_P(CpuExpertBackendTest, UnloadThenComputeIsAnError) {
+  LoadLayer(64, 48, 96, 4);
+  const size_t before = backend_->WeightBytes();
+  ASSERT_TRUE(backend_->HasFfn(kLayer, 2));
+  ASSERT_TRUE(backend_->UnloadFfn(kLayer, 2).ok());
+  EXPECT_FALSE(backend_->HasFfn(kLayer, 2));
+  EXPECT_TRUE(backend_->HasFfn(kLayer, 1));
+  EXPECT_LT(backend_->WeightBytes(), before);
+  HostBatch b;
+  b.hidden = 64;
+  b.AddToken(std::vector<float>(64, 0.5f), {1, 2}, {0.5f, 0.5f});
+  std::vector<float> out(64);
+  const absl::Status s = backend_->Compute(b.View(), out.data());
+  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_THAT(s.message(),
+              HasSubstr("layer 3: expert 2 is not loaded on this backend"));
+
+  const absl::Status again = backend_->UnloadFfn(kLayer, 2);
+  EXPECT_EQ(again.code(), absl::StatusCode::kNotFound);
+  EXPECT_THAT(again.message(), HasSubstr("layer 3 expert 2 is not loaded"));
+  for (int e : {0, 1, 3}) ASSERT_TRUE(backend_->UnloadFfn(kLayer, e).ok());
+  ASSERT_TRUE(backend_->UnloadFfn(kLayer, kSharedFfn).ok());
+  EXPECT_EQ(backend_->WeightBytes(), 0u);
+}
+
+TEST_P(CpuExpertBackendTest, LoadRejectsBadShapesAndReloadReplaces) {
+  LoadLayer(64, 48, 96, 2);
+  HostFfn bad = MakeFfn(64, 48, 1);
+  bad.gate.pop_back();
+  absl::Status s = backend_->LoadFfn(kLayer, 5, bad.View());
+  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(s.message(),
+              HasSubstr("layer 3 expert 5: gate_proj has 3071 elements, "
+                        "expected [48,64]"));
+  EXPECT_FALSE(backend_->HasFfn(kLayer, 5));
+  FfnWeights zero = MakeFfn(64, 48, 1).View();
+  zero.intermediate = 0;
+  EXPECT_EQ(backend_->LoadFfn(kLayer, 5, zero).code(),
+            absl::StatusCode::kInvalidArgument);
+
+  const size_t bytes = backend_->WeightBytes();
+  ffns_[1] = MakeFfn(64, 48, 555);
+  ASSERT_TRUE(backend_->LoadFfn(kLayer, 1, ffns_[1].View()).ok());
+  EXPECT_EQ(backend_->WeightBytes(), bytes);
+  HostBatch b = RandomBatch(4, 2, 2, 8);
+  std::vector<float> out(4 * 64);
+  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ExpectMatchesReference(b, out, ffns_, GetParam());
+}
+
+TEST_P(CpuExpertBackendTest, EmptyBatchAndWeightBytesAndName) {
+  LoadLayer(64, 48, 96, 2);
+  HostBatch empty;
+  empty.hidden = 64;
+  EXPECT_TRUE(backend_->Compute(empty.View(), nullptr).ok());
+  const size_t elem = GetParam() == ComputeType::kBF16 ? 2 : 4;
+  EXPECT_GE(backend_->WeightBytes(), (2 * 3 * 64 * 48 + 3 * 64 * 96) * elem);
+  EXPECT_EQ(backend_->Name(),
+            GetParam() == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32");
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, CpuExpertBackendTest,
+                         ::testing::Values(ComputeType::kF32,
+                                           ComputeType::kBF16),
+                         [](const auto& info) {
+                           return info.param == ComputeType::kBF16 ? "BF16"
+                                                                   : "F32";
+                         });
+
+}  // namespace
+}  // namespace dmoe::core

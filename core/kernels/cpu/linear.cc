@@ -1,0 +1,689 @@
+// PackedLinear on oneDNN 2.6 matmul.
+//
+// Layout and M handling (measured on the 2-core Zen 5 host, oneDNN 2.6.3):
+// - With `format_tag::any` weights, brgemm matmul (`brg:avx512_core_bf16`
+//   for bf16, `brg:avx512_core` for f32) picks the same packed weight layout
+//   for every M from 1 to 2048 (bf16: BA16a64b2a, f32: BA16a64b). So the
+//   weights are packed once at Create and every M gets its own primitive
+//   built against that explicit layout.
+// - A runtime M (DNNL_RUNTIME_DIM_VAL) is not an option: it falls back to
+//   `gemm:jit` with plain weights, which repacks per call.
+// - Creating a primitive for a new M costs ~40-80 us (descriptor) plus
+//   0.2-1 ms (JIT); a hit in oneDNN's own cache still costs ~5 us per call.
+//   Primitives therefore sit in a process-wide, bounded cache keyed by shape
+//   (M, N, K, thread count, weight layout): every expert of one shape shares
+//   them; each thread also keeps its own small map of them with ready memory
+//   objects (no lock, no object creation per call).
+// - brgemm takes neither a strided source nor a strided destination (it
+//   silently falls back to `ref:any`, ~100x slower): strided x (f32) and y go
+//   through dense per-thread buffers. bf16 x is converted into one anyway.
+// - Row results of the brgemm kernels are bitwise independent of M and of the
+//   thread count (no split-K reduction); the expert backend's determinism
+//   relies on it and linear_test.cc checks it. The fallbacks on CPUs without
+//   AVX-512 (f32: `gemm:jit`) or without AVX512_BF16 (bf16: `gemm:jit`, or f32
+//   math on bf16-rounded values where oneDNN has no bf16 matmul at all) give
+//   the same numbers within rounding, but not bitwise across batch sizes.
+// - Packed weights live in 2 MiB-aligned memory advised for transparent huge
+//   pages: 512x fewer first-touch faults (~11 us each here), so loading the
+//   bench's 1.14 GB takes 2.8-3.9 s instead of 4.0-4.4 s. No measurable effect
+//   on the streaming rate with random weights (host noise is +-20%).
+// - M <= 8 in bf16 runs a small kernel of ours on the same packed weights,
+//   bitwise equal to brgemm and 10-20% faster there (see SmallMBf16 below).
+#include "core/kernels/cpu/linear.h"
+
+// GCC 12 reports its own _mm512_undefined_*() temporaries inside the intrinsics
+// headers as maybe-uninitialized once inlined; the diagnostic is located in the
+// header, so it is silenced before the include.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#include <immintrin.h>
+#include <omp.h>
+#include <sys/mman.h>
+
+#include <atomic>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <functional>
+#include <map>
+#include <memory>
+#include <unordered_map>
+#include <utility>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/status/status.h"
+#include "absl/strings/str_format.h"
+#include "absl/synchronization/mutex.h"
+#include "core/dtype.h"
+#include "dnnl.hpp"
+
+namespace dmoe::core {
+namespace {
+
+using dnnl::memory;
+
+dnnl::engine& Engine() {
+  static dnnl::engine* engine = new dnnl::engine(dnnl::engine::kind::cpu, 0);
+  return *engine;
+}
+
+// CPU streams execute synchronously on the calling thread (plus its OpenMP
+// team); the object carries no per-call state, so one is shared.
+dnnl::stream& Stream() {
+  static dnnl::stream* stream = new dnnl::stream(Engine());
+  return *stream;
+}
+
+// The pool size before any SetComputeThreads (OMP_NUM_THREADS or all cores).
+const int g_default_threads = omp_get_max_threads();
+// 0: never set. OpenMP's nthreads-var is per thread, so Forward applies the
+// setting on whichever thread calls it.
+std::atomic<int> g_compute_threads{0};
+
+void ApplyComputeThreads() {
+  const int n = g_compute_threads.load(std::memory_order_relaxed);
+  if (n > 0 && !omp_in_parallel() && omp_get_max_threads() != n)
+    omp_set_num_threads(n);
+}
+
+// ---- Aligned buffers -------------------------------------------------------
+
+struct FreeDeleter {
+  void operator()(void* p) const { std::free(p); }
+};
+using AlignedPtr = std::unique_ptr<char, FreeDeleter>;
+
+AlignedPtr AllocWeights(size_t bytes) {
+  constexpr size_t kHuge = size_t{2} << 20;
+  const size_t align = bytes >= kHuge ? kHuge : 64;
+  const size_t size = (bytes + align - 1) / align * align;
+  void* p = std::aligned_alloc(align, size);
+  if (p != nullptr && align == kHuge) madvise(p, size, MADV_HUGEPAGE);
+  return AlignedPtr(static_cast<char*>(p));
+}
+
+// A per-thread grow-only buffer (activation copies, oneDNN scratchpads).
+class ThreadBuffer {
+ public:
+  void* Get(size_t bytes) {
+    if (bytes > capacity_) {
+      capacity_ = (bytes + 4095) / 4096 * 4096;
+      ptr_.reset(static_cast<char*>(std::aligned_alloc(64, capacity_)));
+      if (ptr_ == nullptr) {
+        std::fprintf(stderr, "dmoe PackedLinear: out of memory (%zu bytes)\n",
+                     bytes);
+        std::abort();
+      }
+    }
+    return ptr_.get();
+  }
+
+ private:
+  AlignedPtr ptr_;
+  size_t capacity_ = 0;
+};
+
+// ---- f32 -> bf16: round to nearest even, NaN stays NaN (as F32ToBF16) ----
+
+__attribute__((target("avx512f,avx512bw"))) inline __m512i ToBF16Bits(
+    __m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
+      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+      _mm512_set1_epi32(0x7f800000));
+  const __m512i lsb =
+      _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r =
+      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, nan,
+                            _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+  return _mm512_srli_epi32(r, 16);
+}
+
+__attribute__((target("avx512f,avx512bw"))) void ToBF16Avx512(const float* src,
+                                                              int64_t n,
+                                                              uint16_t* dst) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const __m512i u = _mm512_loadu_si512(src + i);
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtepi32_epi16(ToBF16Bits(u)));
+  }
+  if (i < n) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512i u = _mm512_maskz_loadu_epi32(m, src + i);
+    _mm512_mask_cvtepi32_storeu_epi16(dst + i, m, ToBF16Bits(u));
+  }
+}
+
+void ToBF16(const float* src, int64_t n, uint16_t* dst) {
+  static const bool kAvx512 =
+      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  if (kAvx512) {
+    ToBF16Avx512(src, n, dst);
+  } else {
+    for (int64_t i = 0; i < n; ++i) dst[i] = F32ToBF16(src[i]);
+  }
+}
+
+void RoundToBF16(const float* src, int64_t n, float* dst) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = BF16ToF32(F32ToBF16(src[i]));
+}
+
+// Runs body(row) for rows [0, m), over the OpenMP pool when the work is large
+// enough to pay for a parallel region and we are not already inside one.
+template <typename F>
+void ForRows(int64_t m, int64_t row_elems, const F& body) {
+  const bool par =
+      m > 1 && m * row_elems >= (int64_t{1} << 16) && !omp_in_parallel();
+#pragma omp parallel for schedule(static) if (par)
+  for (int64_t r = 0; r < m; ++r) body(r);
+}
+
+// ---- Process-wide primitive cache ------------------------------------------
+
+// Source and destination are always dense row-major (see Forward). `nthr` is
+// part of the key because oneDNN plans a primitive's work split for the thread
+// count it sees at creation.
+struct PrimKey {
+  memory::data_type dt;
+  int64_t m, n, k;
+  int nthr;
+  memory::desc weights;
+  bool operator==(const PrimKey& o) const {
+    return dt == o.dt && m == o.m && n == o.n && k == o.k && nthr == o.nthr &&
+           weights == o.weights;
+  }
+};
+
+struct PrimKeyHash {
+  size_t operator()(const PrimKey& key) const {
+    size_t h = std::hash<int>()(static_cast<int>(key.dt));
+    for (int64_t v : {key.m, key.n, key.k, static_cast<int64_t>(key.nthr)}) {
+      h ^=
+          std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+    }
+    // The weight layout only disambiguates: it is a function of (dt, n, k).
+    return h;
+  }
+};
+
+struct PrimEntry {
+  dnnl::matmul prim;
+  memory::desc src_md, dst_md, scratch_md;
+};
+
+class PrimCache {
+ public:
+  // A primitive is a few KiB of JIT code. The expert backend's M is at most 256
+  // per call, so this holds every M for a handful of shapes at two thread
+  // counts; beyond it an arbitrary entry goes (oneDNN's own cache may still
+  // hold it).
+  static constexpr size_t kCapacity = 2048;
+
+  std::shared_ptr<const PrimEntry> Get(const PrimKey& key) {
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = map_.find(key);
+      if (it != map_.end()) return it->second;
+    }
+    auto entry = Create(key);  // outside the lock: JIT can take a millisecond
+    absl::MutexLock lock(&mu_);
+    if (map_.size() >= kCapacity) map_.erase(map_.begin());
+    return map_.emplace(key, std::move(entry)).first->second;
+  }
+
+ private:
+  static std::shared_ptr<const PrimEntry> Create(const PrimKey& key) {
+    const memory::desc src({key.m, key.k}, key.dt, memory::format_tag::ab);
+    const memory::desc dst({key.m, key.n}, memory::data_type::f32,
+                           memory::format_tag::ab);
+    dnnl::primitive_attr attr;
+    attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
+    try {
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, key.weights, dst),
+                                      attr, Engine());
+      return std::make_shared<const PrimEntry>(
+          PrimEntry{dnnl::matmul(pd), src, dst, pd.scratchpad_desc()});
+    } catch (const dnnl::error& e) {
+      // The layout came from a matmul of the same problem, and oneDNN's
+      // reference matmul takes any layout, so only a broken build or OOM gets
+      // here. Forward has no error channel: die loudly.
+      std::fprintf(
+          stderr,
+          "dmoe PackedLinear: cannot create matmul m=%lld n=%lld k=%lld: %s\n",
+          static_cast<long long>(key.m), static_cast<long long>(key.n),
+          static_cast<long long>(key.k), e.what());
+      std::abort();
+    }
+  }
+
+  absl::Mutex mu_;
+  std::unordered_map<PrimKey, std::shared_ptr<const PrimEntry>, PrimKeyHash>
+      map_ ABSL_GUARDED_BY(mu_);
+};
+
+PrimCache& Cache() {
+  static PrimCache* cache = new PrimCache();
+  return *cache;
+}
+
+// Per thread: the primitive and memory objects of each shape this thread ran,
+// so a call after warm-up takes no lock and creates no oneDNN objects (it
+// re-points the memories at this call's buffers). oneDNN's execute still makes
+// ~6 small internal allocations per call (its argument map); there is no API
+// around that.
+struct ThreadPrim {
+  std::shared_ptr<const PrimEntry> entry;
+  dnnl::memory src, dst, scratch;
+};
+
+ThreadPrim& GetThreadPrim(const PrimKey& key) {
+  constexpr size_t kCapacity = 512;
+  thread_local std::unordered_map<PrimKey, ThreadPrim, PrimKeyHash> prims;
+  auto it = prims.find(key);
+  if (it != prims.end()) return it->second;
+  if (prims.size() >= kCapacity) prims.clear();
+  ThreadPrim tp;
+  tp.entry = Cache().Get(key);
+  tp.src = dnnl::memory(tp.entry->src_md, Engine(), nullptr);
+  tp.dst = dnnl::memory(tp.entry->dst_md, Engine(), nullptr);
+  if (tp.entry->scratch_md.get_size() > 0) {
+    tp.scratch = dnnl::memory(tp.entry->scratch_md, Engine(), nullptr);
+  }
+  return prims.emplace(key, std::move(tp)).first->second;
+}
+
+// The packed weight layout the matmul picks for `any` weights at a mid-sized M.
+memory::desc ChooseWeightsLayout(memory::data_type dt, int64_t n, int64_t k) {
+  constexpr int64_t kProbeM = 256;
+  const memory::desc src({kProbeM, k}, dt, memory::format_tag::ab);
+  const memory::desc wei({k, n}, dt, memory::format_tag::any);
+  const memory::desc dst({kProbeM, n}, memory::data_type::f32,
+                         memory::format_tag::ab);
+  dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), Engine());
+  return pd.weights_desc();
+}
+
+// ---- Small-M bf16 kernel on oneDNN's packed layout -------------------------
+//
+// At M <= kSmallM a call streams the weights once and does ~M FLOP per byte,
+// so the read rate is all that matters. Over the same packed weights this loop
+// (with software prefetch) reads 10-20% faster than oneDNN 2.6's brgemm on
+// this host: one thread, M = 1, random weights, same process, interleaved:
+// 29-35 GB/s vs 24-30 GB/s; at M = 6-8 +0-22%; at M = 16 no better, hence
+// kSmallM = 8. (Constant-valued weights make brgemm look faster: the host
+// seems to merge identical pages, so never benchmark with them.)
+//
+// It reproduces brgemm's arithmetic exactly, so results do not depend on which
+// of the two ran (the expert backend's determinism needs that): per output, one
+// vdpbf16ps per K pair in order into a zero accumulator, restarted every
+// kChunkPairs pairs (1024 K elements, brgemm's K block x batch for bf16 here)
+// and added to the running sum (sum = sum + chunk). Create verifies the match
+// bitwise against brgemm on the actual weights and keeps oneDNN otherwise.
+//
+// Layout (oneDNN tag BA16a64b2a for the logical [K, N] weights, a = K, b = N):
+// N blocks of 64 columns, each holding KB = ceil(K / 32) tiles of 32 x 64; in a
+// tile the element (k, n) sits at ((k / 2) * 64 + n) * 2 + k % 2. Both K and N
+// are zero-padded to whole blocks.
+constexpr int64_t kSmallM = 8;
+constexpr int64_t kTileElems = 32 * 64;
+constexpr int64_t kChunkPairs = 512;
+
+bool CpuHasAvx512Bf16() {
+  static const bool has = __builtin_cpu_supports("avx512f") &&
+                          __builtin_cpu_supports("avx512bw") &&
+                          __builtin_cpu_supports("avx512bf16");
+  return has;
+}
+
+// Whether `md` is exactly the layout the kernel reads.
+bool IsBA16a64b2a(const memory::desc& md, int64_t n, int64_t k) {
+  const dnnl_memory_desc_t& d = md.data;
+  const int64_t kb = (k + 31) / 32;
+  if (d.ndims != 2 || d.data_type != dnnl_bf16 ||
+      d.format_kind != dnnl_blocked || d.offset0 != 0 ||
+      d.padded_dims[0] != kb * 32 || d.padded_dims[1] != (n + 63) / 64 * 64) {
+    return false;
+  }
+  const dnnl_blocking_desc_t& b = d.format_desc.blocking;
+  return b.inner_nblks == 3 && b.inner_blks[0] == 16 && b.inner_idxs[0] == 0 &&
+         b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 &&
+         b.inner_blks[2] == 2 && b.inner_idxs[2] == 0 &&
+         b.strides[0] == kTileElems && b.strides[1] == kb * kTileElems;
+}
+
+// y[r, nb*64 ...] for rows r < M and N blocks [nb_begin, nb_end). x: M rows of
+// kb * 32 bf16 (zero-padded), row stride ldx; y row stride ldy.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512bf16"))) void SmallMBf16(
+    const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx, float* y,
+    int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
+  constexpr int64_t kPrefetch = 1024;  // elements (2 KiB) ahead of the loads
+  const int64_t pairs = kb * 16;
+  alignas(64) float sum[M][64];  // running sum over chunks (rarely touched)
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    const uint16_t* t = w + nb * kb * kTileElems;
+    for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
+      __m512 acc[M][4];
+#pragma GCC unroll 16
+      for (int i = 0; i < M * 4; ++i) acc[i / 4][i % 4] = _mm512_setzero_ps();
+      const int64_t p1 = std::min(pairs, p0 + kChunkPairs);
+      for (int64_t p = p0; p < p1; ++p) {
+        const uint16_t* wp = t + p * 128;
+        const char* pf = reinterpret_cast<const char*>(wp + kPrefetch);
+        _mm_prefetch(pf, _MM_HINT_T0);
+        _mm_prefetch(pf + 64, _MM_HINT_T0);
+        _mm_prefetch(pf + 128, _MM_HINT_T0);
+        _mm_prefetch(pf + 192, _MM_HINT_T0);
+        const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp));
+        const __m512bh w1 =
+            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 32));
+        const __m512bh w2 =
+            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 64));
+        const __m512bh w3 =
+            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 96));
+#pragma GCC unroll 4
+        for (int r = 0; r < M; ++r) {
+          int32_t xp;
+          std::memcpy(&xp, x + r * ldx + 2 * p, sizeof(xp));
+          const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp));
+          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
+          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
+          acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
+          acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
+        }
+      }
+#pragma GCC unroll 16
+      for (int i = 0; i < M * 4; ++i) {
+        float* s = &sum[i / 4][16 * (i % 4)];
+        _mm512_store_ps(
+            s, p0 == 0 ? acc[i / 4][i % 4]
+                       : _mm512_add_ps(_mm512_load_ps(s), acc[i / 4][i % 4]));
+      }
+    }
+    const int64_t n0 = nb * 64;
+    for (int c = 0; c < 4; ++c) {
+      const int64_t left = n - (n0 + 16 * c);
+      if (left <= 0) break;
+      const __mmask16 mask = left >= 16
+                                 ? __mmask16(0xffff)
+                                 : static_cast<__mmask16>((1u << left) - 1);
+      for (int r = 0; r < M; ++r) {
+        _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * c, mask,
+                              _mm512_load_ps(&sum[r][16 * c]));
+      }
+    }
+  }
+}
+
+void SmallMBf16Group(int64_t m, const uint16_t* w, int64_t kb,
+                     const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
+                     int64_t n, int64_t nb_begin, int64_t nb_end) {
+  switch (m) {
+    case 1:
+      return SmallMBf16<1>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+    case 2:
+      return SmallMBf16<2>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+    case 3:
+      return SmallMBf16<3>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+    default:
+      return SmallMBf16<4>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+  }
+}
+
+// Up to 4 rows share one pass over the weights (registers); more rows go 4 at
+// a time over one N block, whose weights (K * 64 bf16, 256 KiB at K = 2048)
+// are then still in L2 for the next group.
+void SmallMBf16Rows(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x,
+                    int64_t ldx, float* y, int64_t ldy, int64_t n,
+                    int64_t nb_begin, int64_t nb_end) {
+  if (m <= 4)
+    return SmallMBf16Group(m, w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
+    for (int64_t r = 0; r < m; r += 4) {
+      SmallMBf16Group(std::min<int64_t>(4, m - r), w, kb, x + r * ldx, ldx,
+                      y + r * ldy, ldy, n, nb, nb + 1);
+    }
+  }
+}
+
+// Everything a PackedLinear holds (PackedLinear::Impl is this; the helpers
+// below take it by its public name).
+struct PackedWeights {
+  int64_t n = 0;
+  int64_t k = 0;
+  ComputeType type = ComputeType::kF32;
+  // kBF16 on a CPU where oneDNN has no bf16 matmul (no AVX-512): f32 math on
+  // bf16-rounded weights and activations - the same numbers, twice the bytes.
+  bool emulate_bf16 = false;
+  memory::data_type dt = memory::data_type::f32;
+  memory::desc weights_md;
+  AlignedPtr weights_buf;  // [packed layout of weights_md]
+  dnnl::memory weights;    // view of weights_buf
+  // bf16 weights in BA16a64b2a on a CPU with AVX512_BF16: m <= kSmallM runs
+  // SmallMBf16 instead of oneDNN (same results, faster streaming).
+  bool small_m = false;
+};
+
+thread_local ThreadBuffer t_src_buf;      // converted / dense copy of x
+thread_local ThreadBuffer t_dst_buf;      // dense staging of a strided y
+thread_local ThreadBuffer t_scratch_buf;  // oneDNN scratchpad
+
+void ForwardSmallM(const PackedWeights& im, const float* x, int64_t m, float* y,
+                   int64_t ldx, int64_t ldy) {
+  const int64_t k = im.k, n = im.n;
+  const int64_t kb = (k + 31) / 32;
+  const int64_t kp = kb * 32;  // padded row: the kernel reads whole K blocks
+  auto* xb = static_cast<uint16_t*>(t_src_buf.Get(m * kp * sizeof(uint16_t)));
+  for (int64_t r = 0; r < m; ++r) {
+    ToBF16(x + r * ldx, k, xb + r * kp);
+    std::memset(xb + r * kp + k, 0, (kp - k) * sizeof(uint16_t));
+  }
+  const auto* w = reinterpret_cast<const uint16_t*>(im.weights_buf.get());
+  const int64_t nbs = (n + 63) / 64;
+  // Each output is computed whole by one thread: the split does not change it.
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (threads > 1 && nbs > 1) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, nbs * id / nt,
+                     nbs * (id + 1) / nt);
+    }
+  } else {
+    SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, 0, nbs);
+  }
+}
+
+void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y,
+                   int64_t ldx, int64_t ldy) {
+  const int64_t k = im.k, n = im.n;
+  // oneDNN 2.6 brgemm takes neither a strided source nor a strided destination
+  // (it falls back to ref:any, ~100x slower): both are dense here, staged
+  // through per-thread buffers when the caller's are not (a copy costs m*k or
+  // m*n of the GEMM's 2*m*n*k). bf16 needs a converted copy of x anyway.
+  const void* src = x;
+  if (im.dt == memory::data_type::bf16) {
+    auto* xb = static_cast<uint16_t*>(t_src_buf.Get(m * k * sizeof(uint16_t)));
+    ForRows(m, k, [&](int64_t r) { ToBF16(x + r * ldx, k, xb + r * k); });
+    src = xb;
+  } else if (im.emulate_bf16) {
+    auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
+    ForRows(m, k, [&](int64_t r) { RoundToBF16(x + r * ldx, k, xr + r * k); });
+    src = xr;
+  } else if (m > 1 && ldx != k) {
+    auto* xd = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
+    ForRows(m, k, [&](int64_t r) {
+      std::memcpy(xd + r * k, x + r * ldx, k * sizeof(float));
+    });
+    src = xd;
+  }
+  const bool stage_dst = m > 1 && ldy != n;
+  float* dst =
+      stage_dst ? static_cast<float*>(t_dst_buf.Get(m * n * sizeof(float))) : y;
+
+  const int nthr = omp_in_parallel() ? 1 : omp_get_max_threads();
+  ThreadPrim& tp = GetThreadPrim(PrimKey{im.dt, m, n, k, nthr, im.weights_md});
+  const size_t scratch_bytes = tp.entry->scratch_md.get_size();
+  dnnl_exec_arg_t args[4] = {
+      {DNNL_ARG_SRC, tp.src.get()},
+      {DNNL_ARG_WEIGHTS, im.weights.get()},
+      {DNNL_ARG_DST, tp.dst.get()},
+      {DNNL_ARG_SCRATCHPAD, tp.scratch ? tp.scratch.get() : nullptr}};
+  dnnl_status_t st =
+      dnnl_memory_set_data_handle(tp.src.get(), const_cast<void*>(src));
+  if (st == dnnl_success) st = dnnl_memory_set_data_handle(tp.dst.get(), dst);
+  if (st == dnnl_success && scratch_bytes > 0) {
+    st = dnnl_memory_set_data_handle(tp.scratch.get(),
+                                     t_scratch_buf.Get(scratch_bytes));
+  }
+  if (st == dnnl_success) {
+    st = dnnl_primitive_execute(tp.entry->prim.get(), Stream().get(),
+                                scratch_bytes > 0 ? 4 : 3, args);
+  }
+  if (st != dnnl_success) {
+    std::fprintf(
+        stderr,
+        "dmoe PackedLinear: matmul m=%lld n=%lld k=%lld failed: status %d\n",
+        static_cast<long long>(m), static_cast<long long>(n),
+        static_cast<long long>(k), static_cast<int>(st));
+    std::abort();
+  }
+  if (stage_dst) {
+    ForRows(m, n, [&](int64_t r) {
+      std::memcpy(y + r * ldy, dst + r * n, n * sizeof(float));
+    });
+  }
+}
+
+// Whether the small-M kernel gives bitwise oneDNN's results for this shape:
+// rows of a seeded probe through oneDNN at M = kSmallM + 1 and through the
+// kernel at M = kSmallM and M = 1. Checked once per (n, k) per process (the
+// arithmetic depends on the shape, not on the weight values).
+bool SmallMMatchesOneDnn(const PackedWeights& im) {
+  static absl::Mutex mu;
+  static auto* verdicts = new std::map<std::pair<int64_t, int64_t>, bool>();
+  const auto key = std::make_pair(im.n, im.k);
+  {
+    absl::MutexLock lock(&mu);
+    auto it = verdicts->find(key);
+    if (it != verdicts->end()) return it->second;
+  }
+  const int64_t m = kSmallM + 1, n = im.n, k = im.k;
+  std::vector<float> x(m * k), ref(m * n), got(m * n);
+  uint32_t state = 12345;
+  for (float& v : x) {
+    state = state * 1664525u + 1013904223u;
+    v = static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f;
+  }
+  ForwardOneDnn(im, x.data(), m, ref.data(), k, n);
+  ForwardSmallM(im, x.data(), kSmallM, got.data(), k, n);
+  ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k, n);
+  const bool match = std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0;
+  absl::MutexLock lock(&mu);
+  verdicts->emplace(key, match);
+  return match;
+}
+
+}  // namespace
+
+struct PackedLinear::Impl : PackedWeights {};
+
+PackedLinear::PackedLinear() = default;
+PackedLinear::~PackedLinear() = default;
+PackedLinear::PackedLinear(PackedLinear&&) noexcept = default;
+PackedLinear& PackedLinear::operator=(PackedLinear&&) noexcept = default;
+
+absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
+                                                  int64_t k, ComputeType type) {
+  if (n <= 0 || k <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("PackedLinear: shape [%d,%d] must be positive", n, k));
+  }
+  if (w == nullptr)
+    return absl::InvalidArgumentError("PackedLinear: null weights");
+  auto impl = std::make_unique<Impl>();
+  impl->n = n;
+  impl->k = k;
+  impl->type = type;
+  try {
+    // The converted [n, k] copy lives in a reused per-thread buffer: loading a
+    // model packs thousands of matrices, and fresh pages cost ~11 us each here.
+    thread_local ThreadBuffer convert_buf;
+    const void* plain = w;
+    if (type == ComputeType::kBF16) {
+      try {
+        impl->weights_md = ChooseWeightsLayout(memory::data_type::bf16, n, k);
+        impl->dt = memory::data_type::bf16;
+        auto* wb =
+            static_cast<uint16_t*>(convert_buf.Get(n * k * sizeof(uint16_t)));
+        ForRows(n, k, [&](int64_t r) { ToBF16(w + r * k, k, wb + r * k); });
+        plain = wb;
+      } catch (const dnnl::error&) {
+        impl->emulate_bf16 = true;
+        auto* wr = static_cast<float*>(convert_buf.Get(n * k * sizeof(float)));
+        ForRows(n, k,
+                [&](int64_t r) { RoundToBF16(w + r * k, k, wr + r * k); });
+        plain = wr;
+      }
+    }
+    if (impl->dt == memory::data_type::f32) {
+      impl->weights_md = ChooseWeightsLayout(memory::data_type::f32, n, k);
+    }
+    // The HF weight W[n, k] row-major is the logical [k, n] matrix in tag `ba`.
+    const memory::desc plain_md({k, n}, impl->dt, memory::format_tag::ba);
+    dnnl::memory src(plain_md, Engine(), const_cast<void*>(plain));
+    impl->weights_buf = AllocWeights(impl->weights_md.get_size());
+    if (impl->weights_buf == nullptr) {
+      return absl::ResourceExhaustedError(
+          absl::StrFormat("PackedLinear: cannot allocate %d bytes of weights",
+                          impl->weights_md.get_size()));
+    }
+    impl->weights =
+        dnnl::memory(impl->weights_md, Engine(), impl->weights_buf.get());
+    dnnl::reorder(src, impl->weights).execute(Stream(), src, impl->weights);
+    Stream().wait();
+    impl->small_m = impl->dt == memory::data_type::bf16 && CpuHasAvx512Bf16() &&
+                    IsBA16a64b2a(impl->weights_md, n, k) &&
+                    SmallMMatchesOneDnn(*impl);
+  } catch (const dnnl::error& e) {
+    return absl::InternalError(absl::StrFormat(
+        "PackedLinear: oneDNN failed packing [%d,%d]: %s", n, k, e.what()));
+  }
+  PackedLinear out;
+  out.impl_ = std::move(impl);
+  return out;
+}
+
+void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx,
+                           int64_t ldy) const {
+  if (m <= 0) return;
+  if (ldx == 0) ldx = impl_->k;
+  if (ldy == 0) ldy = impl_->n;
+  ApplyComputeThreads();
+  if (impl_->small_m && m <= kSmallM) {
+    ForwardSmallM(*impl_, x, m, y, ldx, ldy);
+  } else {
+    ForwardOneDnn(*impl_, x, m, y, ldx, ldy);
+  }
+}
+
+int64_t PackedLinear::n() const { return impl_->n; }
+int64_t PackedLinear::k() const { return impl_->k; }
+ComputeType PackedLinear::type() const { return impl_->type; }
+size_t PackedLinear::weight_bytes() const {
+  return impl_ ? impl_->weights_md.get_size() : 0;
+}
+
+void SetComputeThreads(int n) {
+  const int threads = n > 0 ? n : g_default_threads;
+  g_compute_threads.store(threads, std::memory_order_relaxed);
+  omp_set_num_threads(threads);
+}
+
+int ComputeThreads() {
+  ApplyComputeThreads();
+  return omp_get_max_threads();
+}
+
+}  // namespace dmoe::core
