@@ -1,5 +1,7 @@
 #include "core/model.h"
 
+#include <malloc.h>
+
 #include <algorithm>
 #include <cstring>
 #include <set>
@@ -103,6 +105,8 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
   DMOE_ASSIGN_OR_RETURN(final_norm_, LoadVector(ckpt, "model.norm.weight", hidden));
   tick();
   ReleaseLoadBuffers();
+  // Hand the temporaries' freed heap pages back to the OS (glibc keeps them).
+  malloc_trim(0);
   return absl::OkStatus();
 }
 

@@ -329,8 +329,12 @@ absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
   ffn->inter = w.intermediate;
   {
     absl::MutexLock load_lock(&load_mu_);
+    // Large FFNs (dense layers) stage in a temporary so that the staging buffer
+    // does not keep their size resident after loading.
+    FloatBuffer own;
+    FloatBuffer& staging = 2 * expect * sizeof(float) > (size_t{64} << 20) ? own : fused_;
     float* fused =
-        fused_.Get(2 * expect);  // [2 * inter, hidden]: gate rows, up rows
+        staging.Get(2 * expect);  // [2 * inter, hidden]: gate rows, up rows
     std::memcpy(fused, w.gate.data(), expect * sizeof(float));
     std::memcpy(fused + expect, w.up.data(), expect * sizeof(float));
     auto gate_up =

@@ -609,7 +609,11 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
   try {
     // The converted [n, k] copy lives in a reused per-thread buffer: loading a
     // model packs thousands of matrices, and fresh pages cost ~11 us each here.
-    thread_local ThreadBuffer convert_buf;
+    // Matrices over 64 MiB (embeddings, output heads) get a temporary of their
+    // own instead, so one of them does not pin its size for the process's life.
+    thread_local ThreadBuffer pooled_buf;
+    ThreadBuffer own_buf;
+    ThreadBuffer& convert_buf = n * k * sizeof(float) > (size_t{64} << 20) ? own_buf : pooled_buf;
     const void* plain = w;
     if (type == ComputeType::kBF16) {
       try {
