@@ -35,6 +35,11 @@ struct ModelOptions {
   std::function<void(int64_t done, int64_t total)> progress;
   // Backend for routed and shared experts; null = the CPU backend.
   std::unique_ptr<ExpertBackend> experts;
+  // Whether Load hands the checkpoint's routed / shared experts to `experts`. A
+  // router whose experts live on expert servers loads neither (or only the shared
+  // ones, when it computes the shared expert itself).
+  bool load_routed_experts = true;
+  bool load_shared_experts = true;
 };
 
 struct SeqInput {
@@ -58,6 +63,8 @@ class Model {
   absl::Status Forward(std::span<const SeqInput> batch, KvCache& cache, std::vector<float>* logits);
 
   size_t WeightBytes() const;
+  // The backend computing this model's MoE experts.
+  ExpertBackend& experts() { return *experts_; }
   // Routed assignments counted per (layer, expert) since load: [layers][n_routed].
   const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
 
