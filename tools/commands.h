@@ -9,6 +9,7 @@ namespace dmoe::tools {
 int RunMakeModel(int argc, char** argv);
 int RunForward(int argc, char** argv);
 int RunGenerate(int argc, char** argv);
+int RunUp(int argc, char** argv);
 
 }  // namespace dmoe::tools
 

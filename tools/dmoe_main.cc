@@ -18,6 +18,7 @@ constexpr Command kCommands[] = {
      "write a random checkpoint in Hugging Face layout (config.json + safetensors)"},
     {"forward", dmoe::tools::RunForward, "run a prompt through the model, dump logits (.npy)"},
     {"generate", dmoe::tools::RunGenerate, "generate tokens with the KV cache"},
+    {"up", dmoe::tools::RunUp, "run gateway + router + expert servers locally (Ctrl-C stops)"},
 };
 
 void PrintUsage(FILE* out) {
