@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
-# Sets up, builds, writes a tiny DeepSeek-V2-Lite-shaped checkpoint and generates
-# from it with the KV cache, printing the tokens and the per-expert load.
+# Sets up and builds dmoe, then runs the whole system locally on a generated tiny
+# DeepSeek-V2-Lite-shaped model: 3 expert servers, a router and the gateway on
+# loopback. Sends one completion through the gateway's OpenAI-style HTTP API and
+# prints the answer and the tokens each expert server computed, then stops.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
 bash tools/build.sh
-MODEL=${MODEL:-/tmp/dmoe-demo/tiny-v2lite}
-build/bin/dmoe make-model --preset tiny-v2lite --out "$MODEL" --seed 1
-build/bin/dmoe generate --model "$MODEL" --tokens 1,2,3,4,5 --max-tokens 16 --ignore-eos --stats
+build/bin/dmoe up --demo --servers 3 --work-dir "${DMOE_DEMO_DIR:-/tmp/dmoe-demo}"
