@@ -1,6 +1,286 @@
-// Placeholder until the service lands (disaggregated-serving issue).
+// dmoe-router: attention, KV cache, gates and continuous batching, with the
+// routed experts on dmoe-expert servers (--experts) or in-process.
+//
+// Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT) or --help, 1 when
+// the model or the placement cannot be loaded or the port cannot be bound,
+// 2 for bad flags.
+#include <signal.h>
+
+#include <chrono>
 #include <cstdio>
-int main() {
-  std::fprintf(stderr, "not built yet\n");
-  return 1;
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_replace.h"
+#include "absl/strings/str_split.h"
+#include "absl/time/time.h"
+#include "core/config.h"
+#include "core/kernels/cpu/linear.h"
+#include "core/model.h"
+#include "core/placement.h"
+#include "core/status.h"
+#include "core/wire.h"
+#include "router_service/remote_expert_backend.h"
+#include "router_service/router_server.h"
+#include "router_service/scheduler.h"
+#include "tools/args.h"
+
+namespace dmoe::router {
+namespace {
+
+constexpr char kName[] = "dmoe-router";
+
+void DeclareFlags(tools::Args& args) {
+  args.Flag("model", "DIR",
+            "checkpoint directory (config.json + *.safetensors)", std::nullopt,
+            true)
+      .Flag("experts", "HOST:PORT,...",
+            "expert servers, comma-separated (index = placement server index); "
+            "none = compute the experts in-process")
+      .Flag("placement", "FILE",
+            "placement JSON (core::Placement); default: experts spread "
+            "contiguously over the servers")
+      .Flag("shared-expert", "expert|router",
+            "where the shared expert runs: on the expert servers or in this "
+            "process",
+            "expert")
+      .Flag("host", "HOST", "address to listen on", "127.0.0.1")
+      .Flag("port", "P", "port to listen on (0 = any free port)", "50051")
+      .Flag("port-file", "PATH", "write the bound port to PATH once serving")
+      .Flag("dtype", "f32|bf16",
+            "compute type (f32 = exact mode, also f32 activations on the wire; "
+            "bf16 = serving)",
+            "bf16")
+      .Flag("threads", "N", "compute threads (0 = all cores)", "0")
+      .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
+      .Flag("max-batch-tokens", "N",
+            "tokens per scheduler step (decodes + prefill chunks)", "2048")
+      .Flag("max-queue", "N",
+            "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
+      .Flag("expert-deadline-ms", "MS",
+            "deadline of one layer's round trip to the expert servers", "10000")
+      .Flag("shutdown-grace-ms", "MS",
+            "on SIGTERM/SIGINT, time given to in-flight requests before they "
+            "are cancelled",
+            "5000");
 }
+
+struct Config {
+  std::string model;
+  std::vector<std::string> experts;
+  std::string placement;
+  core::SharedDuty shared = core::SharedDuty::kExpertServers;
+  std::string host;
+  int port = 0;
+  std::string port_file;
+  core::ComputeType compute = core::ComputeType::kBF16;
+  int threads = 0;
+  SchedulerOptions sched;
+  int64_t expert_deadline_ms = 0;
+  int64_t grace_ms = 0;
+};
+
+absl::StatusOr<int64_t> IntIn(const tools::Args& args, const char* name,
+                              int64_t lo, int64_t hi) {
+  DMOE_ASSIGN_OR_RETURN(int64_t v, args.Int(name));
+  if (v < lo || v > hi) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --", name, " must be in [", lo, ", ", hi, "], got ", v));
+  }
+  return v;
+}
+
+// Flag values to a Config; every error here is a usage error (exit 2).
+absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
+  Config c;
+  c.model = args.Str("model");
+  for (absl::string_view s :
+       absl::StrSplit(args.Str("experts"), ',', absl::SkipWhitespace())) {
+    const std::string addr(s);
+    const size_t colon = addr.rfind(':');
+    if (colon == std::string::npos || colon == 0 || colon + 1 == addr.size()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName, ": --experts: '", addr, "' is not HOST:PORT"));
+    }
+    c.experts.push_back(addr);
+  }
+  c.placement = args.Str("placement");
+  if (!c.placement.empty() && c.experts.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --placement needs --experts"));
+  }
+  const std::string shared = args.Str("shared-expert");
+  if (shared == "router") {
+    c.shared = core::SharedDuty::kRouter;
+  } else if (shared != "expert") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --shared-expert must be expert or router, got '",
+                     shared, "'"));
+  }
+  c.host = args.Str("host");
+  if (c.host.empty())
+    return absl::InvalidArgumentError(absl::StrCat(kName, ": --host is empty"));
+  DMOE_ASSIGN_OR_RETURN(int64_t port, IntIn(args, "port", 0, 65535));
+  c.port = static_cast<int>(port);
+  c.port_file = args.Str("port-file");
+  const std::string dtype = args.Str("dtype");
+  if (dtype == "f32") {
+    c.compute = core::ComputeType::kF32;
+  } else if (dtype != "bf16") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
+  }
+  DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
+  c.threads = static_cast<int>(threads);
+  DMOE_ASSIGN_OR_RETURN(int64_t kv,
+                        IntIn(args, "kv-cache-bytes", 1, INT64_MAX));
+  c.sched.kv_cache_bytes = static_cast<size_t>(kv);
+  DMOE_ASSIGN_OR_RETURN(c.sched.max_batch_tokens,
+                        IntIn(args, "max-batch-tokens", 1, 1 << 24));
+  DMOE_ASSIGN_OR_RETURN(c.sched.max_queue,
+                        IntIn(args, "max-queue", 1, 1 << 24));
+  DMOE_ASSIGN_OR_RETURN(c.expert_deadline_ms,
+                        IntIn(args, "expert-deadline-ms", 1, 3600000));
+  DMOE_ASSIGN_OR_RETURN(c.grace_ms,
+                        IntIn(args, "shutdown-grace-ms", 0, 3600000));
+  return c;
+}
+
+absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const Config& c) {
+  std::error_code ec;
+  if (!std::filesystem::is_directory(c.model, ec)) {
+    return absl::NotFoundError(
+        absl::StrCat("--model: '", c.model, "' is not a directory"));
+  }
+  core::ModelOptions opts;
+  opts.compute = c.compute;
+  if (!c.experts.empty()) {
+    // The placement is needed before Load, which reads config.json itself.
+    DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg, core::ModelConfig::FromFile(
+                                                     c.model + "/config.json"));
+    RemoteExpertOptions ro;
+    ro.servers = c.experts;
+    if (!c.placement.empty()) {
+      DMOE_ASSIGN_OR_RETURN(ro.placement,
+                            core::Placement::FromFile(c.placement, cfg));
+    } else {
+      DMOE_ASSIGN_OR_RETURN(
+          ro.placement,
+          core::Placement::Contiguous(cfg, static_cast<int>(c.experts.size())));
+    }
+    ro.wire_dtype = c.compute == core::ComputeType::kF32
+                        ? core::WireDType::kF32
+                        : core::WireDType::kBF16;
+    ro.shared_duty = c.shared;
+    ro.local_compute = c.compute;
+    ro.deadline = std::chrono::milliseconds(c.expert_deadline_ms);
+    DMOE_ASSIGN_OR_RETURN(opts.experts, MakeRemoteExpertBackend(std::move(ro)));
+    opts.load_routed_experts = false;
+    opts.load_shared_experts = c.shared == core::SharedDuty::kRouter;
+  }
+  return core::Model::Load(c.model, std::move(opts));
+}
+
+absl::Status WritePortFile(const std::string& path, int port) {
+  // Write then rename, so that a watcher never reads a half-written file.
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    out << port << "\n";
+    if (!out)
+      return absl::InternalError(
+          absl::StrCat("--port-file: cannot write '", tmp, "'"));
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("--port-file: cannot rename '", tmp,
+                                            "' to '", path,
+                                            "': ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
+int Fail(const absl::Status& st, int code) {
+  std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
+  return code;
+}
+
+int Main(int argc, char** argv) {
+  // Block the shutdown signals in every thread (threads inherit the mask) and
+  // take them with sigwait on the main thread.
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+
+  tools::Args args(
+      kName,
+      "router of disaggregated MoE inference: attention, KV cache, "
+      "continuous batching; experts on dmoe-expert servers or in-process");
+  DeclareFlags(args);
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    if (a == "--help" || a == "-h") {
+      // Args::Usage names the `dmoe` CLI; this is a binary of its own.
+      std::fputs(absl::StrReplaceAll(args.Usage(), {{"usage: dmoe dmoe-router",
+                                                     "usage: dmoe-router"}})
+                     .c_str(),
+                 stdout);
+      return 0;
+    }
+  }
+  if (auto st = args.Parse(argc, argv, 1); !st.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  absl::StatusOr<Config> cfg = ReadFlags(args);
+  if (!cfg.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(cfg.status().message()).c_str());
+    return 2;
+  }
+  core::SetComputeThreads(cfg->threads);
+
+  absl::StatusOr<std::unique_ptr<core::Model>> model = LoadModel(*cfg);
+  if (!model.ok()) return Fail(model.status(), 1);
+  absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
+      Scheduler::Create(*std::move(model), cfg->sched);
+  if (!scheduler.ok()) return Fail(scheduler.status(), 1);
+  RouterServer service(**scheduler);
+  absl::StatusOr<StartedServer> server =
+      StartRouterGrpcServer(&service, cfg->host, cfg->port);
+  if (!server.ok()) return Fail(server.status(), 1);
+  if (!cfg->port_file.empty()) {
+    if (auto st = WritePortFile(cfg->port_file, server->port); !st.ok()) {
+      server->server->Shutdown();
+      return Fail(st, 1);
+    }
+  }
+  std::fprintf(stderr, "%s: serving on %s:%d (%zu expert servers)\n", kName,
+               cfg->host.c_str(), server->port, cfg->experts.size());
+
+  int sig = 0;
+  sigwait(&signals, &sig);
+  std::fprintf(stderr, "%s: %s, shutting down (grace %lld ms)\n", kName,
+               sig == SIGTERM ? "SIGTERM" : "SIGINT",
+               static_cast<long long>(cfg->grace_ms));
+  if (auto* health = server->server->GetHealthCheckService())
+    health->Shutdown();
+  // New requests are refused from here on; in-flight ones get the grace period,
+  // then end with UNAVAILABLE, which finishes their RPCs.
+  (*scheduler)->Shutdown(absl::Milliseconds(cfg->grace_ms));
+  server->server->Shutdown(std::chrono::system_clock::now() +
+                           std::chrono::seconds(2));
+  std::fprintf(stderr, "%s: stopped\n", kName);
+  return 0;
+}
+
+}  // namespace
+}  // namespace dmoe::router
+
+int main(int argc, char** argv) { return dmoe::router::Main(argc, argv); }

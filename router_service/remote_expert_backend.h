@@ -6,20 +6,38 @@
 // local with SharedDuty::kRouter), packs activations (bf16 by default, f32 in
 // exact mode), sends every server its share concurrently, waits for all replies
 // under a deadline, and sums the partial vectors per token in ascending server
-// order (deterministic). With SharedDuty::kRouter the shared FFN is computed
+// order. Replicas are chosen by live load (tokens in flight per server, from
+// requests still unanswered), so the result is deterministic for a given batch
+// and placement whenever no abandoned request is still being worked on (the
+// steady state); otherwise a replica choice, and with it the order of the fp32
+// additions or (bf16) which partials are rounded together, may differ. With SharedDuty::kRouter the shared FFN is computed
 // locally (overlapped with the round trips) by a CPU backend that LoadFfn(layer,
 // kSharedFfn, ...) fills; LoadFfn of routed experts is refused.
 //
-// Errors name the server: UNAVAILABLE / DEADLINE_EXCEEDED when a server is down
-// or slow, and the server's own status (e.g. FAILED_PRECONDITION for a stale
-// placement version). On error `out` is not written. Streams reconnect on the
-// next Compute after a failure.
+// Errors name the server ("expert server 2 (10.0.0.7:5555): ..."): UNAVAILABLE
+// when its stream broke or it cannot be reached, DEADLINE_EXCEEDED when it did
+// not answer within `deadline`, the server's own in-band status (e.g.
+// FAILED_PRECONDITION for a stale placement version), INTERNAL for a reply that
+// breaks the protocol (wrong request id, rows, dtype, chunk order). Batch shape
+// errors are INVALID_ARGUMENT; an expert with no replica in the placement or a
+// shared FFN the router should compute but has not loaded, FAILED_PRECONDITION.
+// On error `out` is not written. A stream that broke, timed out or broke the
+// protocol is closed and reopened (on a fresh channel) by the next Compute;
+// replies that still arrive for an abandoned request are dropped by request id.
 //
-// Thread safety: Compute may be called from one thread at a time.
+// Wire details: one request id per (Compute, server), increasing; the shared
+// FFN is never sent as an expert id but as the token's shared_duty flag (its
+// gate weight must be 1); a request whose packed x exceeds max_chunk_bytes is
+// split by rows; the server may chunk its reply independently, as long as the
+// chunks arrive in order and add up to the request's rows.
+//
+// Thread safety: Compute may be called from one thread at a time; LoadFfn /
+// UnloadFfn must not race with Compute (as for the CPU backend).
 #ifndef DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 #define DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 
 #include <chrono>
+#include <cstddef>
 #include <memory>
 #include <string>
 #include <vector>
@@ -38,6 +56,16 @@ struct RemoteExpertOptions {
   core::SharedDuty shared_duty = core::SharedDuty::kExpertServers;
   core::ComputeType local_compute = core::ComputeType::kBF16;  // local shared FFN
   std::chrono::milliseconds deadline{10000};  // per layer round trip
+  // Requests whose packed activations exceed this are split by rows (at least
+  // one row per chunk). One chunk must fit in max_message_bytes.
+  size_t max_chunk_bytes = size_t{3} << 20;
+  int max_message_bytes = 64 << 20;  // gRPC max send/receive message size
+  // HTTP/2 keepalive pings on an idle connection. A server only accepts pings
+  // this frequent if its GRPC_ARG_HTTP2_MIN_RECV_PING_INTERVAL_WITHOUT_DATA_MS
+  // is at most this (gRPC's default is 5 min; the client sends at most 2 pings
+  // without data in between, which stays under the default strike limit).
+  std::chrono::milliseconds keepalive_time{60000};
+  std::chrono::milliseconds keepalive_timeout{20000};
 };
 
 // Connects lazily (first Compute). InvalidArgument when the server count does

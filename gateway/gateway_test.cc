@@ -1,0 +1,582 @@
+// The gateway in-process, in front of fake routers (gateway/testing/fake_router.h),
+// driven over real HTTP (httplib::Client, raw sockets) and gRPC on loopback.
+#include "gateway/gateway.h"
+
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
+#include <memory>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include "absl/strings/match.h"
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
+#include "gateway/testing/fake_router.h"
+#include "gmock/gmock.h"
+#include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "httplib.h"
+#include "nlohmann/json.hpp"
+
+namespace dmoe::gateway {
+namespace {
+
+using json = nlohmann::json;
+using testing::FakeRouter;
+using testing::FakeRouterServer;
+using ::testing::HasSubstr;
+
+// The token ids the fake answers for `prompt` and `n` tokens.
+std::vector<int32_t> Expected(const std::vector<int32_t>& prompt, int n) {
+  v1::GenerateRequest r;
+  for (int32_t t : prompt) r.add_prompt_tokens(t);
+  std::vector<int32_t> out;
+  for (int i = 0; i < n; ++i) out.push_back(FakeRouter::Token(r, i));
+  return out;
+}
+
+// The `data:` payloads of an SSE body, in order.
+std::vector<std::string> SseData(const std::string& body) {
+  std::vector<std::string> out;
+  for (absl::string_view event : absl::StrSplit(body, "\n\n", absl::SkipEmpty())) {
+    EXPECT_TRUE(absl::StartsWith(event, "data: ")) << event;
+    out.emplace_back(event.substr(6));
+  }
+  return out;
+}
+
+// Waits until `pred` holds, up to `timeout`.
+template <typename Pred>
+bool WaitFor(Pred pred, absl::Duration timeout) {
+  const absl::Time until = absl::Now() + timeout;
+  while (!pred()) {
+    if (absl::Now() > until) return false;
+    absl::SleepFor(absl::Milliseconds(5));
+  }
+  return true;
+}
+
+class GatewayTest : public ::testing::Test {
+ protected:
+  void SetUp() override { routers_.push_back(std::make_unique<FakeRouterServer>()); }
+
+  FakeRouter& fake(int i = 0) { return routers_[i]->service; }
+
+  // Starts the gateway in front of every fake in routers_ (plus `extra` addresses).
+  void StartGateway(int max_inflight = 16, std::vector<std::string> extra = {}) {
+    GatewayOptions o;
+    for (const auto& r : routers_) o.routers.push_back(r->address());
+    for (auto& e : extra) o.routers.push_back(e);
+    o.grpc_port = 0;
+    o.max_inflight = max_inflight;
+    o.poll_interval = absl::Milliseconds(50);
+    o.poll_timeout = absl::Milliseconds(500);
+    o.http.model_name = "test-model";
+    o.http.max_body_bytes = 64 << 10;
+    o.http.request_timeout = absl::Seconds(30);
+    absl::StatusOr<std::unique_ptr<Gateway>> gw = Gateway::Start(std::move(o));
+    ASSERT_TRUE(gw.ok()) << gw.status();
+    gw_ = *std::move(gw);
+  }
+
+  httplib::Result Post(const std::string& path, const std::string& body) {
+    httplib::Client c("127.0.0.1", gw_->http_port());
+    c.set_read_timeout(30, 0);
+    return c.Post(path.c_str(), body, "application/json");
+  }
+  httplib::Result Get(const std::string& path) {
+    httplib::Client c("127.0.0.1", gw_->http_port());
+    c.set_read_timeout(30, 0);
+    return c.Get(path.c_str());
+  }
+
+  // Expects a JSON error with `status` whose param is `param` ("" = null).
+  json ExpectError(const httplib::Result& r, int status, const std::string& param) {
+    EXPECT_TRUE(r) << "no response";
+    if (!r) return json();
+    EXPECT_EQ(r->status, status) << r->body;
+    EXPECT_EQ(r->get_header_value("Content-Type"), "application/json");
+    json j = json::parse(r->body, nullptr, false);
+    EXPECT_TRUE(j.contains("error")) << r->body;
+    if (!j.contains("error")) return j;
+    EXPECT_TRUE(j["error"]["message"].is_string());
+    EXPECT_FALSE(j["error"]["message"].get<std::string>().empty());
+    EXPECT_TRUE(j["error"]["type"].is_string());
+    if (param.empty()) {
+      EXPECT_TRUE(j["error"]["param"].is_null()) << r->body;
+    } else {
+      EXPECT_EQ(j["error"]["param"], param) << r->body;
+    }
+    return j;
+  }
+
+  std::vector<std::unique_ptr<FakeRouterServer>> routers_;
+  std::unique_ptr<Gateway> gw_;
+};
+
+TEST_F(GatewayTest, Completion_ReturnsTokensFinishReasonAndUsage) {
+  StartGateway();
+  auto r = Post("/v1/completions",
+                R"({"model":"test-model","prompt":[3,4,5],"max_tokens":5,"temperature":0})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  EXPECT_THAT(j["id"].get<std::string>(), ::testing::StartsWith("cmpl-"));
+  EXPECT_EQ(j["object"], "text_completion");
+  EXPECT_EQ(j["model"], "test-model");
+  EXPECT_GT(j["created"].get<int64_t>(), 1600000000);
+  ASSERT_EQ(j["choices"].size(), 1u);
+  EXPECT_EQ(j["choices"][0]["index"], 0);
+  EXPECT_EQ(j["choices"][0]["text"], "");
+  EXPECT_EQ(j["choices"][0]["token_ids"].get<std::vector<int32_t>>(), Expected({3, 4, 5}, 5));
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 3);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 5);
+  EXPECT_EQ(j["usage"]["total_tokens"], 8);
+}
+
+TEST_F(GatewayTest, Completion_ForwardsSamplingOptionsAndStopIds) {
+  StartGateway();
+  // The fake's 3rd token for prompt [10] is 12: a stop id ends the stream there.
+  auto r = Post("/v1/completions", R"({"prompt":[[10]],"max_tokens":9,"temperature":0.5,
+                "top_p":0.9,"top_k":40,"seed":-1,"stop":[12, 999]})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  EXPECT_EQ(j["choices"][0]["token_ids"].get<std::vector<int32_t>>(),
+            (std::vector<int32_t>{10, 11, 12}));
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+  const v1::GenerateRequest seen = fake().last_request();
+  EXPECT_EQ(seen.max_tokens(), 9u);
+  EXPECT_FLOAT_EQ(seen.sampling().temperature(), 0.5f);
+  EXPECT_FLOAT_EQ(seen.sampling().top_p(), 0.9f);
+  EXPECT_EQ(seen.sampling().top_k(), 40u);
+  EXPECT_EQ(seen.sampling().seed(), ~uint64_t{0});
+  EXPECT_THAT(seen.stop_token_ids(), ::testing::ElementsAre(12, 999));
+  EXPECT_EQ(seen.request_id(), j["id"]);
+}
+
+TEST_F(GatewayTest, Completion_DefaultsMaxTokens16AndDrawsASeed) {
+  StartGateway();
+  auto r1 = Post("/v1/completions", R"({"prompt":[1]})");
+  ASSERT_TRUE(r1);
+  ASSERT_EQ(r1->status, 200) << r1->body;
+  const v1::GenerateRequest a = fake().last_request();
+  EXPECT_EQ(a.max_tokens(), 16u);
+  EXPECT_FLOAT_EQ(a.sampling().temperature(), 1.0f);
+  auto r2 = Post("/v1/completions", R"({"prompt":[1]})");
+  ASSERT_TRUE(r2);
+  // Unseeded requests must not all sample alike.
+  EXPECT_NE(fake().last_request().sampling().seed(), a.sampling().seed());
+}
+
+TEST_F(GatewayTest, Completion_StreamsOneChunkPerTokenThenFinalChunkAndDone) {
+  StartGateway();
+  auto r = Post("/v1/completions", R"({"prompt":[7,8],"max_tokens":4,"stream":true})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_THAT(r->get_header_value("Content-Type"), HasSubstr("text/event-stream"));
+  const std::vector<std::string> data = SseData(r->body);
+  ASSERT_EQ(data.size(), 4u + 2u) << r->body;
+  const std::vector<int32_t> want = Expected({7, 8}, 4);
+  std::string id;
+  for (int i = 0; i < 4; ++i) {
+    const json c = json::parse(data[i]);
+    EXPECT_EQ(c["object"], "text_completion");
+    if (i == 0) id = c["id"];
+    EXPECT_EQ(c["id"], id);
+    EXPECT_EQ(c["choices"][0]["token_ids"], json::array({want[i]}));
+    EXPECT_TRUE(c["choices"][0]["finish_reason"].is_null());
+  }
+  const json last = json::parse(data[4]);
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(last["choices"][0]["token_ids"], json::array());
+  EXPECT_EQ(last["usage"]["prompt_tokens"], 2);
+  EXPECT_EQ(last["usage"]["completion_tokens"], 4);
+  EXPECT_EQ(last["usage"]["total_tokens"], 6);
+  EXPECT_EQ(data[5], "[DONE]");
+}
+
+TEST_F(GatewayTest, Chat_ConcatenatesMessageTokensAndAnswersAnAssistantMessage) {
+  StartGateway();
+  auto r = Post("/v1/chat/completions", R"({"model":"test-model","messages":[
+      {"role":"system","content":[1,2]},{"role":"user","content":[3]},
+      {"role":"assistant","content":[]},{"role":"user","content":[4,5]}],
+      "max_completion_tokens":3})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_THAT(fake().last_request().prompt_tokens(), ::testing::ElementsAre(1, 2, 3, 4, 5));
+  const json j = json::parse(r->body);
+  EXPECT_THAT(j["id"].get<std::string>(), ::testing::StartsWith("chatcmpl-"));
+  EXPECT_EQ(j["object"], "chat.completion");
+  const json& msg = j["choices"][0]["message"];
+  EXPECT_EQ(msg["role"], "assistant");
+  EXPECT_EQ(msg["content"], "");
+  EXPECT_EQ(msg["token_ids"].get<std::vector<int32_t>>(), Expected({1, 2, 3, 4, 5}, 3));
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 5);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 3);
+}
+
+TEST_F(GatewayTest, Chat_StreamsChunkObjectsWithDeltas) {
+  StartGateway();
+  auto r = Post("/v1/chat/completions",
+                R"({"messages":[{"role":"user","content":[9]}],"max_tokens":2,"stream":true})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const std::vector<std::string> data = SseData(r->body);
+  ASSERT_EQ(data.size(), 4u) << r->body;
+  const json c0 = json::parse(data[0]), c1 = json::parse(data[1]), last = json::parse(data[2]);
+  EXPECT_EQ(c0["object"], "chat.completion.chunk");
+  EXPECT_EQ(c0["choices"][0]["delta"]["role"], "assistant");
+  EXPECT_EQ(c0["choices"][0]["delta"]["token_ids"], json::array({9}));
+  EXPECT_FALSE(c1["choices"][0]["delta"].contains("role"));
+  EXPECT_EQ(c1["choices"][0]["delta"]["token_ids"], json::array({10}));
+  EXPECT_EQ(last["choices"][0]["delta"], json::object());
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(last["usage"]["completion_tokens"], 2);
+  EXPECT_EQ(data[3], "[DONE]");
+}
+
+TEST_F(GatewayTest, Models_ListsTheServedNameAndUnknownModelsAre404) {
+  StartGateway();
+  auto r = Get("/v1/models");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200);
+  const json j = json::parse(r->body);
+  EXPECT_EQ(j["object"], "list");
+  ASSERT_EQ(j["data"].size(), 1u);
+  EXPECT_EQ(j["data"][0]["id"], "test-model");
+  EXPECT_EQ(j["data"][0]["object"], "model");
+  EXPECT_EQ(j["data"][0]["owned_by"], "dmoe");
+  auto one = Get("/v1/models/test-model");
+  ASSERT_TRUE(one);
+  EXPECT_EQ(one->status, 200);
+  ExpectError(Get("/v1/models/gpt-4"), 404, "model");
+  const json e =
+      ExpectError(Post("/v1/completions", R"({"model":"gpt-4","prompt":[1]})"), 404, "model");
+  EXPECT_EQ(e["error"]["code"], "model_not_found");
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
+TEST_F(GatewayTest, Health_OkWhileARouterAnswersElse503) {
+  StartGateway();
+  auto ok = Get("/health");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  EXPECT_EQ(json::parse(ok->body)["status"], "ok");
+  EXPECT_EQ(json::parse(ok->body)["routers"], 1);
+  EXPECT_EQ(json::parse(ok->body)["routers_total"], 1);
+
+  fake().set_load_fails(true);
+  ASSERT_TRUE(WaitFor([&] { return gw_->routers().HealthyCount() == 0; }, absl::Seconds(5)));
+  auto down = Get("/health");
+  ASSERT_TRUE(down);
+  EXPECT_EQ(down->status, 503) << down->body;
+  EXPECT_EQ(json::parse(down->body)["routers"], 0);
+  // With no healthy router a generation is 503, not a hang.
+  ExpectError(Post("/v1/completions", R"({"prompt":[1]})"), 503, "");
+}
+
+TEST_F(GatewayTest, Metrics_CountRequestsByEndpointAndCodeAndTokens) {
+  StartGateway();
+  ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":3})")->status, 200);
+  ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":2,"stream":true})")->status, 200);
+  ASSERT_EQ(Post("/v1/completions", "{")->status, 400);
+  auto r = Get("/metrics");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200);
+  EXPECT_THAT(r->get_header_value("Content-Type"), HasSubstr("text/plain"));
+  const std::string& m = r->body;
+  EXPECT_THAT(
+      m, HasSubstr(R"(moe_gateway_http_requests_total{code="200",endpoint="/v1/completions"} 2)"));
+  EXPECT_THAT(
+      m, HasSubstr(R"(moe_gateway_http_requests_total{code="400",endpoint="/v1/completions"} 1)"));
+  EXPECT_THAT(m, HasSubstr("moe_gateway_generated_tokens_total 5"));
+  EXPECT_THAT(m, HasSubstr("moe_gateway_prompt_tokens_total 2"));
+  EXPECT_THAT(
+      m, HasSubstr("moe_gateway_request_duration_seconds_bucket{endpoint=\"/v1/completions\""));
+  EXPECT_THAT(m, HasSubstr("moe_gateway_inflight_requests 0"));
+  EXPECT_THAT(m,
+              HasSubstr("moe_gateway_router_healthy{router=\"" + routers_[0]->address() + "\"} 1"));
+}
+
+TEST_F(GatewayTest, BadJson_Is400WithAMessage) {
+  StartGateway();
+  for (const char* body : {"{", "", "[1,2]", "null", "{\"prompt\":[1],}"}) {
+    const json e = ExpectError(Post("/v1/completions", body), 400, "");
+    EXPECT_EQ(e["error"]["type"], "invalid_request_error") << body;
+  }
+  const json deep = ExpectError(Post("/v1/completions", std::string(5000, '[')), 400, "");
+  EXPECT_THAT(deep["error"]["message"].get<std::string>(), HasSubstr("nests deeper"));
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
+TEST_F(GatewayTest, BadParameters_Are400NamingTheParameter) {
+  StartGateway();
+  struct Case {
+    const char* path;
+    const char* body;
+    const char* param;
+    const char* message;
+  };
+  const Case cases[] = {
+      {"/v1/completions", R"({"prompt":[1],"temperature":-1})", "temperature", "[0, 2]"},
+      {"/v1/completions", R"({"prompt":[1],"temperature":"hot"})", "temperature", "a number"},
+      {"/v1/completions", R"({"prompt":[1],"top_p":0})", "top_p", "(0, 1]"},
+      {"/v1/completions", R"({"prompt":[1],"max_tokens":0})", "max_tokens", "[1, "},
+      {"/v1/completions", R"({"prompt":[1],"max_tokens":2.5})", "max_tokens", "an integer"},
+      {"/v1/completions", R"({"prompt":"Hello"})", "prompt", "tokenizer"},
+      {"/v1/completions", R"({"prompt":["Hello"]})", "prompt", "tokenizer"},
+      {"/v1/completions", R"({"prompt":[]})", "prompt", "empty"},
+      {"/v1/completions", R"({"prompt":[1,-2]})", "prompt", "prompt[1]"},
+      {"/v1/completions", R"({"prompt":[[1],[2]]})", "prompt", "one prompt"},
+      {"/v1/completions", R"({"max_tokens":3})", "prompt", "required"},
+      {"/v1/completions", R"({"prompt":[1],"stop":"\n"})", "stop", "stop token ids"},
+      {"/v1/completions", R"({"prompt":[1],"stream":"yes"})", "stream", "a boolean"},
+      {"/v1/completions", R"({"prompt":[1],"seed":1.5})", "seed", "an integer"},
+      {"/v1/completions", R"({"prompt":[1],"n":2})", "n", "n=1"},
+      {"/v1/completions", R"({"prompt":[1],"model":7})", "model", "a string"},
+      {"/v1/chat/completions", R"({"messages":[{"role":"user","content":"hi"}]})",
+       "messages[0].content", "tokenizer"},
+      {"/v1/chat/completions", R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})",
+       "messages[0].content", "tokenizer"},
+      {"/v1/chat/completions", R"({"messages":[{"role":"wizard","content":[1]}]})",
+       "messages[0].role", "one of"},
+      {"/v1/chat/completions", R"({"messages":[]})", "messages", "empty"},
+      {"/v1/chat/completions", R"({"messages":[{"role":"user","content":[1]}],"top_p":1.5})",
+       "top_p", "(0, 1]"},
+  };
+  for (const Case& c : cases) {
+    SCOPED_TRACE(c.body);
+    const json e = ExpectError(Post(c.path, c.body), 400, c.param);
+    if (e.contains("error")) {
+      EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr(c.message));
+    }
+  }
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
+TEST_F(GatewayTest, WrongMethodUnknownRouteAndOversizedBody) {
+  StartGateway();
+  auto m = Get("/v1/completions");
+  ASSERT_TRUE(m);
+  EXPECT_EQ(m->status, 405);
+  ExpectError(Get("/v2/whatever"), 404, "");
+  const std::string big =
+      absl::StrCat(R"({"prompt":[1],"user":")", std::string(70 << 10, 'x'), R"("})");
+  ExpectError(Post("/v1/completions", big), 413, "");
+}
+
+TEST_F(GatewayTest, RouterOverloaded_Is429ForPlainAndStreamingRequests) {
+  StartGateway();
+  fake().set_fail_code(grpc::StatusCode::RESOURCE_EXHAUSTED);
+  const json e = ExpectError(Post("/v1/completions", R"({"prompt":[1]})"), 429, "");
+  EXPECT_EQ(e["error"]["type"], "rate_limit_error");
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("fake router failure"));
+  ExpectError(Post("/v1/completions", R"({"prompt":[1],"stream":true})"), 429, "");
+}
+
+TEST_F(GatewayTest, RouterErrors_Are502Or503WithTheRoutersMessage) {
+  StartGateway();
+  fake().set_fail_code(grpc::StatusCode::INTERNAL);
+  const json e = ExpectError(Post("/v1/completions", R"({"prompt":[1]})"), 502, "");
+  EXPECT_THAT(e["error"]["message"].get<std::string>(),
+              HasSubstr(routers_[0]->address() + ": fake router failure"));
+  fake().set_fail_code(grpc::StatusCode::INVALID_ARGUMENT);
+  ExpectError(Post("/v1/chat/completions", R"({"messages":[{"role":"user","content":[1]}]})"), 400,
+              "");
+  fake().set_fail_code(grpc::StatusCode::UNAVAILABLE);
+  ExpectError(Post("/v1/completions", R"({"prompt":[1]})"), 503, "");
+}
+
+TEST_F(GatewayTest, GatewayAtCapacity_Is429) {
+  StartGateway(/*max_inflight=*/1);
+  fake().set_token_delay(absl::Milliseconds(20));
+  std::thread slow([&] { Post("/v1/completions", R"({"prompt":[1],"max_tokens":50})"); });
+  ASSERT_TRUE(WaitFor([&] { return fake().active() == 1; }, absl::Seconds(5)));
+  const json e = ExpectError(Post("/v1/completions", R"({"prompt":[1]})"), 429, "");
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("--max-inflight"));
+  slow.join();
+  EXPECT_EQ(fake().generate_calls(), 1);
+}
+
+// Sends a streaming request on a raw socket, reads until the first token's
+// event, then closes the connection mid-stream.
+void OpenStreamAndHangUp(int port, const std::string& body) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(fd, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  const std::string req = absl::StrCat(
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Content-Length: ",
+      body.size(), "\r\n\r\n", body);
+  ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
+  std::string got;
+  char buf[4096];
+  while (got.find("data: ") == std::string::npos) {
+    const ssize_t n = read(fd, buf, sizeof(buf));
+    ASSERT_GT(n, 0) << got;
+    got.append(buf, n);
+  }
+  EXPECT_THAT(got, HasSubstr("200 OK"));
+  close(fd);
+}
+
+TEST_F(GatewayTest, ClientDisconnectMidStream_CancelsTheRouterCallWithinASecond) {
+  StartGateway();
+  fake().set_token_delay(absl::Milliseconds(100));
+  OpenStreamAndHangUp(gw_->http_port(), R"({"prompt":[1],"max_tokens":1000,"stream":true})");
+  const absl::Time closed = absl::Now();
+  ASSERT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(5)));
+  EXPECT_LT(fake().last_cancel_time() - closed, absl::Seconds(1));
+  EXPECT_TRUE(WaitFor(
+      [&] {
+        return absl::StrContains(Get("/metrics")->body, "moe_gateway_client_disconnects_total 1");
+      },
+      absl::Seconds(5)));
+}
+
+TEST_F(GatewayTest, ClientDisconnectBetweenTokens_IsSeenWithoutWaitingForTheNextToken) {
+  StartGateway();
+  // Tokens every 600 ms: after the hang-up the next write is 600 ms away, so a
+  // faster cancellation comes from the gateway's check of the idle socket.
+  fake().set_token_delay(absl::Milliseconds(600));
+  OpenStreamAndHangUp(gw_->http_port(), R"({"prompt":[1],"max_tokens":5,"stream":true})");
+  const absl::Time closed = absl::Now();
+  ASSERT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(5)));
+  EXPECT_LT(fake().last_cancel_time() - closed, absl::Milliseconds(450));
+}
+
+TEST_F(GatewayTest, TwoRouters_RequestsGoToTheLessLoadedOne) {
+  routers_.push_back(std::make_unique<FakeRouterServer>());
+  fake(0).set_reported_load(10);
+  fake(1).set_reported_load(0);
+  StartGateway();
+  for (int i = 0; i < 4; ++i) {
+    ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})")->status, 200);
+  }
+  EXPECT_EQ(fake(0).generate_calls(), 0);
+  EXPECT_EQ(fake(1).generate_calls(), 4);
+
+  fake(0).set_reported_load(0);
+  fake(1).set_reported_load(7);
+  gw_->routers().PollNow();
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})")->status, 200);
+  }
+  EXPECT_EQ(fake(0).generate_calls(), 3);
+  EXPECT_EQ(fake(1).generate_calls(), 4);
+}
+
+TEST_F(GatewayTest, TwoRouters_EqualLoadGoesToTheOneWithFewerOfOurRequests) {
+  routers_.push_back(std::make_unique<FakeRouterServer>());
+  StartGateway();
+  fake(0).set_token_delay(absl::Milliseconds(20));
+  fake(1).set_token_delay(absl::Milliseconds(20));
+  std::thread held([&] { Post("/v1/completions", R"({"prompt":[1],"max_tokens":40})"); });
+  ASSERT_TRUE(WaitFor([&] { return fake(0).active() + fake(1).active() == 1; }, absl::Seconds(5)));
+  const int busy = fake(0).active() == 1 ? 0 : 1;
+  ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})")->status, 200);
+  EXPECT_EQ(fake(1 - busy).generate_calls(), 1);
+  EXPECT_EQ(fake(busy).generate_calls(), 1);
+  held.join();
+}
+
+TEST_F(GatewayTest, UnavailableRouter_FailsOverBeforeTheFirstToken) {
+  routers_.push_back(std::make_unique<FakeRouterServer>());
+  fake(0).set_reported_load(0);
+  fake(1).set_reported_load(5);
+  fake(0).set_fail_code(grpc::StatusCode::UNAVAILABLE);
+  StartGateway();
+  auto r = Post("/v1/completions", R"({"prompt":[2],"max_tokens":2})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(fake(0).generate_calls(), 1);
+  EXPECT_EQ(fake(1).generate_calls(), 1);
+}
+
+TEST_F(GatewayTest, DeadRouterAddress_IsSkipped) {
+  StartGateway(16, {"127.0.0.1:1"});
+  EXPECT_EQ(gw_->routers().HealthyCount(), 1);
+  for (int i = 0; i < 3; ++i) {
+    ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})")->status, 200);
+  }
+  EXPECT_EQ(fake().generate_calls(), 3);
+}
+
+TEST_F(GatewayTest, Grpc_GenerateIsPassedThrough) {
+  StartGateway();
+  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", gw_->grpc_port()),
+                                     grpc::InsecureChannelCredentials());
+  auto stub = v1::RouterService::NewStub(channel);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
+  v1::GenerateRequest req;
+  req.add_prompt_tokens(4);
+  req.add_prompt_tokens(6);
+  req.set_max_tokens(3);
+  auto reader = stub->Generate(&ctx, req);
+  std::vector<int32_t> tokens;
+  v1::GenerateResponse m;
+  std::string finish;
+  while (reader->Read(&m)) {
+    tokens.push_back(m.token());
+    finish = m.finish_reason();
+  }
+  ASSERT_TRUE(reader->Finish().ok());
+  EXPECT_EQ(tokens, Expected({4, 6}, 3));
+  EXPECT_EQ(finish, "length");
+
+  grpc::ClientContext load_ctx;
+  v1::RouterLoadResponse load;
+  EXPECT_TRUE(stub->GetLoad(&load_ctx, v1::RouterLoadRequest(), &load).ok());
+}
+
+TEST_F(GatewayTest, Grpc_ClientCancelCancelsTheRouterCall) {
+  StartGateway();
+  fake().set_token_delay(absl::Milliseconds(50));
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", gw_->grpc_port()), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  v1::GenerateRequest req;
+  req.add_prompt_tokens(1);
+  req.set_max_tokens(1000);
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse m;
+  ASSERT_TRUE(reader->Read(&m));
+  ctx.TryCancel();
+  const absl::Time cancelled = absl::Now();
+  ASSERT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(5)));
+  EXPECT_LT(fake().last_cancel_time() - cancelled, absl::Seconds(1));
+  reader->Finish();
+}
+
+TEST_F(GatewayTest, Shutdown_CancelsStreamsInFlightAfterTheGrace) {
+  StartGateway();
+  fake().set_token_delay(absl::Milliseconds(50));
+  std::thread client([&] {
+    auto r = Post("/v1/completions", R"({"prompt":[1],"max_tokens":1000,"stream":true})");
+    ASSERT_TRUE(r);
+    EXPECT_THAT(r->body, HasSubstr("\"error\""));
+    EXPECT_THAT(r->body, HasSubstr("[DONE]"));
+  });
+  ASSERT_TRUE(WaitFor([&] { return fake().active() == 1; }, absl::Seconds(5)));
+  absl::SleepFor(absl::Milliseconds(100));
+  const absl::Time start = absl::Now();
+  gw_->Shutdown(absl::Milliseconds(100));
+  EXPECT_LT(absl::Now() - start, absl::Seconds(3));
+  client.join();
+  EXPECT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(2)));
+}
+
+}  // namespace
+}  // namespace dmoe::gateway

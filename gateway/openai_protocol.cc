@@ -1,0 +1,480 @@
+#include "gateway/openai_protocol.h"
+
+#include <cmath>
+#include <limits>
+#include <utility>
+
+#include "absl/strings/cord.h"
+#include "absl/strings/str_cat.h"
+
+namespace dmoe::gateway {
+namespace {
+
+using json = nlohmann::json;
+using ojson = nlohmann::ordered_json;
+
+constexpr char kParamPayload[] = "type.googleapis.com/dmoe.gateway.Param";
+constexpr char kTextPrompt[] =
+    "text prompts need the tokenizer (not available yet); send token ids";
+constexpr char kTextStop[] =
+    "stop strings need the tokenizer (not available yet); send stop token ids (an integer or a "
+    "list of integers)";
+constexpr int kMaxStopIds = 1024;
+
+// Deepest nesting of arrays/objects, counted without parsing (nlohmann's
+// parser is iterative, but a body of a million '[' is no request).
+int NestingDepth(absl::string_view s) {
+  int depth = 0, max_depth = 0;
+  bool in_string = false, escaped = false;
+  for (char c : s) {
+    if (in_string) {
+      if (escaped) {
+        escaped = false;
+      } else if (c == '\\') {
+        escaped = true;
+      } else if (c == '"') {
+        in_string = false;
+      }
+      continue;
+    }
+    if (c == '"') {
+      in_string = true;
+    } else if (c == '[' || c == '{') {
+      max_depth = std::max(max_depth, ++depth);
+    } else if (c == ']' || c == '}') {
+      --depth;
+    }
+  }
+  return max_depth;
+}
+
+std::string TypeName(const json& v) {
+  if (v.is_number_integer()) return "integer";
+  if (v.is_number_float()) return "number";
+  return v.type_name();  // "null", "boolean", "string", "array", "object"
+}
+
+absl::Status WrongType(absl::string_view param, absl::string_view want, const json& got) {
+  return InvalidParam(param, absl::StrCat(param, " must be ", want, ", got ", TypeName(got)));
+}
+
+// The field, or nullptr when it is absent or null (null = default, as in OpenAI).
+const json* Field(const json& obj, const char* name) {
+  auto it = obj.find(name);
+  if (it == obj.end() || it->is_null()) return nullptr;
+  return &*it;
+}
+
+absl::StatusOr<int64_t> IntIn(const json& v, absl::string_view param, int64_t lo, int64_t hi) {
+  if (!v.is_number_integer()) return WrongType(param, "an integer", v);
+  if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
+    return InvalidParam(
+        param, absl::StrCat(param, " must be in [", lo, ", ", hi, "], got ", v.get<uint64_t>()));
+  }
+  const int64_t x = v.get<int64_t>();
+  if (x < lo || x > hi) {
+    return InvalidParam(param, absl::StrCat(param, " must be in [", lo, ", ", hi, "], got ", x));
+  }
+  return x;
+}
+
+absl::StatusOr<double> Number(const json& v, absl::string_view param) {
+  if (!v.is_number()) return WrongType(param, "a number", v);
+  const double x = v.get<double>();
+  if (!std::isfinite(x)) return InvalidParam(param, absl::StrCat(param, " must be finite"));
+  return x;
+}
+
+absl::Status AppendTokenIds(const json& arr, absl::string_view param, absl::string_view text_error,
+                            google::protobuf::RepeatedField<int32_t>* out) {
+  for (size_t i = 0; i < arr.size(); ++i) {
+    const json& v = arr[i];
+    const std::string at = absl::StrCat(param, "[", i, "]");
+    if (v.is_string()) return InvalidParam(param, absl::StrCat(param, ": ", text_error));
+    // The message names the element; the param stays the field (as OpenAI's).
+    if (!v.is_number_integer()) {
+      return InvalidParam(param, WrongType(at, "a token id (integer)", v).message());
+    }
+    absl::StatusOr<int64_t> id = IntIn(v, at, 0, std::numeric_limits<int32_t>::max());
+    if (!id.ok()) return InvalidParam(param, id.status().message());
+    out->Add(static_cast<int32_t>(*id));
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParsePrompt(const json& body, v1::GenerateRequest* up) {
+  const json* p = Field(body, "prompt");
+  if (p == nullptr) return InvalidParam("prompt", "prompt is required (a list of token ids)");
+  if (p->is_string()) return InvalidParam("prompt", absl::StrCat("prompt: ", kTextPrompt));
+  if (!p->is_array()) return WrongType("prompt", "a list of token ids", *p);
+  const json* ids = p;
+  if (!p->empty() && (*p)[0].is_array()) {
+    if (p->size() != 1) {
+      return InvalidParam("prompt", absl::StrCat("prompt: one prompt per request for now, got ",
+                                                 p->size(), "; send them as separate requests"));
+    }
+    ids = &(*p)[0];
+  }
+  if (absl::Status st = AppendTokenIds(*ids, "prompt", kTextPrompt, up->mutable_prompt_tokens());
+      !st.ok()) {
+    return st;
+  }
+  if (up->prompt_tokens_size() == 0) {
+    return InvalidParam("prompt", "prompt is empty: give at least one token id");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseMessages(const json& body, v1::GenerateRequest* up) {
+  const json* m = Field(body, "messages");
+  if (m == nullptr) return InvalidParam("messages", "messages is required (a list of messages)");
+  if (!m->is_array()) return WrongType("messages", "a list of messages", *m);
+  if (m->empty()) return InvalidParam("messages", "messages is empty: give at least one message");
+  for (size_t i = 0; i < m->size(); ++i) {
+    const json& msg = (*m)[i];
+    const std::string at = absl::StrCat("messages[", i, "]");
+    if (!msg.is_object()) return WrongType(at, "an object", msg);
+    const json* role = Field(msg, "role");
+    const std::string role_param = at + ".role";
+    if (role == nullptr) return InvalidParam(role_param, role_param + " is required");
+    if (!role->is_string()) return WrongType(role_param, "a string", *role);
+    const std::string r = role->get<std::string>();
+    if (r != "system" && r != "user" && r != "assistant" && r != "developer" && r != "tool") {
+      return InvalidParam(role_param, absl::StrCat(role_param,
+                                                   " must be one of system, developer, user, "
+                                                   "assistant, tool; got '",
+                                                   r, "'"));
+    }
+    const std::string content_param = at + ".content";
+    const json* content = Field(msg, "content");
+    if (content == nullptr) {
+      return InvalidParam(content_param, content_param + " is required (a list of token ids)");
+    }
+    if (content->is_string() || (content->is_array() && !content->empty() &&
+                                 ((*content)[0].is_object() || (*content)[0].is_string()))) {
+      return InvalidParam(
+          content_param,
+          absl::StrCat(content_param,
+                       ": text content needs the tokenizer and the chat template (not available "
+                       "yet); send token ids with the chat template already applied"));
+    }
+    if (!content->is_array()) return WrongType(content_param, "a list of token ids", *content);
+    if (absl::Status st =
+            AppendTokenIds(*content, content_param, kTextPrompt, up->mutable_prompt_tokens());
+        !st.ok()) {
+      return st;
+    }
+  }
+  if (up->prompt_tokens_size() == 0) {
+    return InvalidParam("messages", "messages hold no token ids: give at least one");
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseStop(const json& body, v1::GenerateRequest* up) {
+  const json* s = Field(body, "stop");
+  if (s == nullptr) return absl::OkStatus();
+  if (s->is_string()) return InvalidParam("stop", absl::StrCat("stop: ", kTextStop));
+  if (s->is_number_integer()) {
+    absl::StatusOr<int64_t> id = IntIn(*s, "stop", 0, std::numeric_limits<int32_t>::max());
+    if (!id.ok()) return id.status();
+    up->add_stop_token_ids(static_cast<int32_t>(*id));
+    return absl::OkStatus();
+  }
+  if (!s->is_array()) return WrongType("stop", "a token id or a list of token ids", *s);
+  if (s->size() > kMaxStopIds) {
+    return InvalidParam("stop",
+                        absl::StrCat("stop: at most ", kMaxStopIds, " token ids, got ", s->size()));
+  }
+  return AppendTokenIds(*s, "stop", kTextStop, up->mutable_stop_token_ids());
+}
+
+// Fields of OpenAI's API this gateway does not implement: accepted only with
+// their neutral value, refused otherwise (never silently ignored).
+absl::Status CheckUnsupported(const json& body, ApiKind kind) {
+  if (const json* n = Field(body, "n")) {
+    absl::StatusOr<int64_t> v = IntIn(*n, "n", 1, 128);
+    if (!v.ok()) return v.status();
+    if (*v != 1) return InvalidParam("n", "n: only n=1 is supported for now");
+  }
+  if (const json* b = Field(body, "best_of")) {
+    absl::StatusOr<int64_t> v = IntIn(*b, "best_of", 1, 128);
+    if (!v.ok()) return v.status();
+    if (*v != 1) return InvalidParam("best_of", "best_of: only best_of=1 is supported for now");
+  }
+  if (const json* e = Field(body, "echo")) {
+    if (!e->is_boolean()) return WrongType("echo", "a boolean", *e);
+    if (e->get<bool>()) return InvalidParam("echo", "echo: not supported for now");
+  }
+  if (const json* l = Field(body, "logprobs")) {
+    const bool off = (l->is_boolean() && !l->get<bool>());
+    if (!l->is_boolean() && !l->is_number_integer()) {
+      return WrongType("logprobs", kind == ApiKind::kChatCompletion ? "a boolean" : "an integer",
+                       *l);
+    }
+    if (!off) return InvalidParam("logprobs", "logprobs: not supported for now");
+  }
+  if (const json* t = Field(body, "top_logprobs")) {
+    if (!t->is_number_integer()) return WrongType("top_logprobs", "an integer", *t);
+    return InvalidParam("top_logprobs", "top_logprobs: not supported for now");
+  }
+  for (const char* name : {"presence_penalty", "frequency_penalty"}) {
+    if (const json* p = Field(body, name)) {
+      absl::StatusOr<double> v = Number(*p, name);
+      if (!v.ok()) return v.status();
+      if (*v != 0.0)
+        return InvalidParam(name, absl::StrCat(name, ": not supported for now (use 0)"));
+    }
+  }
+  if (const json* b = Field(body, "logit_bias")) {
+    if (!b->is_object()) return WrongType("logit_bias", "an object", *b);
+    if (!b->empty()) return InvalidParam("logit_bias", "logit_bias: not supported for now");
+  }
+  if (const json* s = Field(body, "suffix")) {
+    if (!s->is_string()) return WrongType("suffix", "a string", *s);
+    if (!s->get<std::string>().empty()) return InvalidParam("suffix", "suffix: not supported");
+  }
+  if (const json* t = Field(body, "tools")) {
+    if (!t->is_array()) return WrongType("tools", "a list", *t);
+    if (!t->empty()) return InvalidParam("tools", "tools: tool calling is not supported for now");
+  }
+  if (const json* r = Field(body, "response_format")) {
+    if (!r->is_object()) return WrongType("response_format", "an object", *r);
+    const json* type = Field(*r, "type");
+    if (type != nullptr && !(type->is_string() && type->get<std::string>() == "text")) {
+      return InvalidParam("response_format",
+                          "response_format: only {\"type\": \"text\"} is supported for now");
+    }
+  }
+  if (const json* u = Field(body, "user")) {
+    if (!u->is_string()) return WrongType("user", "a string", *u);
+  }
+  if (const json* o = Field(body, "stream_options")) {
+    if (!o->is_object()) return WrongType("stream_options", "an object", *o);
+    if (const json* iu = Field(*o, "include_usage"); iu != nullptr && !iu->is_boolean()) {
+      return WrongType("stream_options.include_usage", "a boolean", *iu);
+    }
+  }
+  return absl::OkStatus();
+}
+
+absl::Status ParseSampling(const json& body, ApiKind kind, const ParseOptions& options,
+                           ParsedRequest* out) {
+  v1::GenerateRequest& up = out->upstream;
+  // max_tokens (default 16, as OpenAI's completions); chat's newer
+  // max_completion_tokens wins when both are given.
+  const char* max_name = "max_tokens";
+  const json* max = Field(body, "max_tokens");
+  if (kind == ApiKind::kChatCompletion) {
+    if (const json* mct = Field(body, "max_completion_tokens")) {
+      max = mct;
+      max_name = "max_completion_tokens";
+    }
+  }
+  up.set_max_tokens(16);
+  if (max != nullptr) {
+    absl::StatusOr<int64_t> v = IntIn(*max, max_name, 1, options.max_tokens_limit);
+    if (!v.ok()) return v.status();
+    up.set_max_tokens(static_cast<uint32_t>(*v));
+  }
+  v1::SamplingOptions& s = *up.mutable_sampling();
+  s.set_temperature(1.0f);
+  if (const json* t = Field(body, "temperature")) {
+    absl::StatusOr<double> v = Number(*t, "temperature");
+    if (!v.ok()) return v.status();
+    if (*v < 0.0 || *v > 2.0) {
+      return InvalidParam("temperature", absl::StrCat("temperature must be in [0, 2], got ", *v));
+    }
+    s.set_temperature(static_cast<float>(*v));
+  }
+  s.set_top_p(1.0f);
+  if (const json* p = Field(body, "top_p")) {
+    absl::StatusOr<double> v = Number(*p, "top_p");
+    if (!v.ok()) return v.status();
+    if (!(*v > 0.0 && *v <= 1.0)) {
+      return InvalidParam("top_p", absl::StrCat("top_p must be in (0, 1], got ", *v));
+    }
+    s.set_top_p(static_cast<float>(*v));
+  }
+  if (const json* k = Field(body, "top_k")) {  // extension (vLLM): -1 or 0 = off
+    absl::StatusOr<int64_t> v = IntIn(*k, "top_k", -1, std::numeric_limits<int32_t>::max());
+    if (!v.ok()) return v.status();
+    s.set_top_k(*v < 0 ? 0 : static_cast<uint32_t>(*v));
+  }
+  if (const json* seed = Field(body, "seed")) {
+    if (!seed->is_number_integer()) return WrongType("seed", "an integer", *seed);
+    // Any 64-bit integer; negative seeds wrap (the router takes a uint64).
+    s.set_seed(seed->is_number_unsigned() ? seed->get<uint64_t>()
+                                          : static_cast<uint64_t>(seed->get<int64_t>()));
+    out->has_seed = true;
+  }
+  if (const json* ie = Field(body, "ignore_eos")) {  // extension (vLLM)
+    if (!ie->is_boolean()) return WrongType("ignore_eos", "a boolean", *ie);
+    up.set_ignore_eos(ie->get<bool>());
+  }
+  if (const json* st = Field(body, "stream")) {
+    if (!st->is_boolean()) return WrongType("stream", "a boolean", *st);
+    out->stream = st->get<bool>();
+  }
+  return ParseStop(body, &up);
+}
+
+absl::StatusOr<ParsedRequest> ParseImpl(absl::string_view text, ApiKind kind,
+                                        const ParseOptions& options) {
+  if (NestingDepth(text) > options.max_json_depth) {
+    return InvalidParam(
+        "", absl::StrCat("request body nests deeper than ", options.max_json_depth, " levels"));
+  }
+  json body;
+  try {
+    body = json::parse(text.begin(), text.end());
+  } catch (const json::exception& e) {  // parse_error; out_of_range for 1e400
+    return InvalidParam("", absl::StrCat("request body is not valid JSON: ", e.what()));
+  }
+  if (!body.is_object()) {
+    return InvalidParam("",
+                        absl::StrCat("request body must be a JSON object, got ", TypeName(body)));
+  }
+  if (const json* m = Field(body, "model")) {
+    if (!m->is_string()) return WrongType("model", "a string", *m);
+    if (m->get<std::string>() != options.model_name) {
+      absl::Status st = absl::NotFoundError(
+          absl::StrCat("model '", m->get<std::string>(), "' does not exist; this gateway serves '",
+                       options.model_name, "' (see GET /v1/models)"));
+      st.SetPayload(kParamPayload, absl::Cord("model"));
+      return st;
+    }
+  }
+  ParsedRequest out;
+  out.kind = kind;
+  if (absl::Status st = kind == ApiKind::kCompletion ? ParsePrompt(body, &out.upstream)
+                                                     : ParseMessages(body, &out.upstream);
+      !st.ok()) {
+    return st;
+  }
+  if (absl::Status st = ParseSampling(body, kind, options, &out); !st.ok()) return st;
+  if (absl::Status st = CheckUnsupported(body, kind); !st.ok()) return st;
+  return out;
+}
+
+ojson ChoiceBase() {
+  ojson c;
+  c["index"] = 0;
+  return c;
+}
+
+ojson Envelope(const CompletionMeta& meta, bool chunk) {
+  ojson j;
+  j["id"] = meta.id;
+  j["object"] = meta.kind == ApiKind::kCompletion ? "text_completion"
+                : chunk                           ? "chat.completion.chunk"
+                                                  : "chat.completion";
+  j["created"] = meta.created;
+  j["model"] = meta.model;
+  return j;
+}
+
+}  // namespace
+
+absl::Status InvalidParam(absl::string_view param, absl::string_view message) {
+  absl::Status st = absl::InvalidArgumentError(message);
+  if (!param.empty()) st.SetPayload(kParamPayload, absl::Cord(param));
+  return st;
+}
+
+std::string ParamOf(const absl::Status& status) {
+  absl::optional<absl::Cord> p = status.GetPayload(kParamPayload);
+  return p.has_value() ? std::string(*p) : std::string();
+}
+
+absl::StatusOr<ParsedRequest> ParseGenerateRequest(absl::string_view body, ApiKind kind,
+                                                   const ParseOptions& options) {
+  // Every access above is type-checked first; this is the net for whatever a
+  // future edit forgets (a request must never take the process down).
+  try {
+    return ParseImpl(body, kind, options);
+  } catch (const std::exception& e) {
+    return InvalidParam("", absl::StrCat("invalid request: ", e.what()));
+  }
+}
+
+ojson UsageJson(int64_t prompt_tokens, int64_t completion_tokens) {
+  ojson u;
+  u["prompt_tokens"] = prompt_tokens;
+  u["completion_tokens"] = completion_tokens;
+  u["total_tokens"] = prompt_tokens + completion_tokens;
+  return u;
+}
+
+ojson ResponseJson(const CompletionMeta& meta, const std::vector<int32_t>& tokens,
+                   absl::string_view finish_reason, int64_t prompt_tokens) {
+  ojson j = Envelope(meta, /*chunk=*/false);
+  ojson c = ChoiceBase();
+  if (meta.kind == ApiKind::kCompletion) {
+    c["text"] = "";
+    c["token_ids"] = tokens;
+  } else {
+    ojson m;
+    m["role"] = "assistant";
+    m["content"] = "";
+    m["token_ids"] = tokens;
+    c["message"] = std::move(m);
+  }
+  c["logprobs"] = nullptr;
+  c["finish_reason"] = std::string(finish_reason);
+  j["choices"] = ojson::array({std::move(c)});
+  j["usage"] = UsageJson(prompt_tokens, static_cast<int64_t>(tokens.size()));
+  return j;
+}
+
+ojson TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first) {
+  ojson j = Envelope(meta, /*chunk=*/true);
+  ojson c = ChoiceBase();
+  if (meta.kind == ApiKind::kCompletion) {
+    c["text"] = "";
+    c["token_ids"] = ojson::array({token});
+  } else {
+    ojson d;
+    if (first) d["role"] = "assistant";
+    d["content"] = "";
+    d["token_ids"] = ojson::array({token});
+    c["delta"] = std::move(d);
+  }
+  c["logprobs"] = nullptr;
+  c["finish_reason"] = nullptr;
+  j["choices"] = ojson::array({std::move(c)});
+  return j;
+}
+
+ojson FinalChunkJson(const CompletionMeta& meta, absl::string_view finish_reason,
+                     int64_t prompt_tokens, int64_t completion_tokens) {
+  ojson j = Envelope(meta, /*chunk=*/true);
+  ojson c = ChoiceBase();
+  if (meta.kind == ApiKind::kCompletion) {
+    c["text"] = "";
+    c["token_ids"] = ojson::array();
+  } else {
+    c["delta"] = ojson::object();
+  }
+  c["logprobs"] = nullptr;
+  c["finish_reason"] = std::string(finish_reason);
+  j["choices"] = ojson::array({std::move(c)});
+  j["usage"] = UsageJson(prompt_tokens, completion_tokens);
+  return j;
+}
+
+ojson ErrorJson(absl::string_view message, absl::string_view type, absl::string_view param,
+                absl::string_view code) {
+  ojson e;
+  e["message"] = std::string(message);
+  e["type"] = std::string(type);
+  e["param"] = param.empty() ? ojson(nullptr) : ojson(std::string(param));
+  e["code"] = code.empty() ? ojson(nullptr) : ojson(std::string(code));
+  ojson j;
+  j["error"] = std::move(e);
+  return j;
+}
+
+std::string Dump(const ojson& j) { return j.dump(-1, ' ', false, ojson::error_handler_t::replace); }
+
+}  // namespace dmoe::gateway

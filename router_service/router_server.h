@@ -1,0 +1,70 @@
+// dmoe.v1.RouterService over gRPC's callback API, in front of a Scheduler.
+//
+// Generate streams one GenerateResponse per token as the scheduler produces
+// them (a ServerWriteReactor with one write in flight; tokens queue in the
+// reactor meanwhile). A client that goes away (cancel, deadline, broken stream)
+// cancels the sequence in the scheduler, which frees its KV cache at the next
+// step. Forward answers when the scheduler has run the prompt; GetLoad answers
+// at once. Requests are validated before they are queued: INVALID_ARGUMENT with
+// the field named (empty prompt, token id outside the vocabulary, max_tokens
+// out of bounds, bad sampling options); RESOURCE_EXHAUSTED when the router is
+// overloaded or the request can never fit the KV cache; UNAVAILABLE while
+// shutting down; a failed model step (e.g. an expert server down) ends the
+// affected streams with the step's status.
+//
+// Thread safety: the service is thread-safe; the Scheduler must outlive it and
+// every call it serves (shut the grpc::Server down before the Scheduler's
+// thread stops, or Scheduler::Shutdown first: it ends every request).
+#ifndef DMOE_ROUTER_SERVICE_ROUTER_SERVER_H_
+#define DMOE_ROUTER_SERVICE_ROUTER_SERVER_H_
+
+#include <memory>
+#include <string>
+
+#include "absl/status/status.h"
+#include "absl/status/statusor.h"
+#include "dmoe/v1/router.grpc.pb.h"
+#include "grpcpp/grpcpp.h"
+#include "router_service/scheduler.h"
+
+namespace dmoe::router {
+
+// Same code and message.
+grpc::Status ToGrpcStatus(const absl::Status& status);
+
+class RouterServer final : public dmoe::v1::RouterService::CallbackService {
+ public:
+  explicit RouterServer(Scheduler& scheduler) : scheduler_(scheduler) {}
+
+  grpc::ServerWriteReactor<dmoe::v1::GenerateResponse>* Generate(
+      grpc::CallbackServerContext* context,
+      const dmoe::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Forward(
+      grpc::CallbackServerContext* context,
+      const dmoe::v1::ForwardRequest* request,
+      dmoe::v1::ForwardResponse* response) override;
+  grpc::ServerUnaryReactor* GetLoad(
+      grpc::CallbackServerContext* context,
+      const dmoe::v1::RouterLoadRequest* request,
+      dmoe::v1::RouterLoadResponse* response) override;
+
+ private:
+  Scheduler& scheduler_;
+};
+
+// A started gRPC server serving `service`, the standard health service
+// (grpc.health.v1, "" and "dmoe.v1.RouterService" SERVING) and server
+// reflection, listening on host:port (port 0 = any free port; the bound port
+// is returned). `service` must outlive the server. UNAVAILABLE when the address
+// cannot be bound.
+struct StartedServer {
+  std::unique_ptr<grpc::Server> server;
+  int port = 0;
+};
+absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service,
+                                                    const std::string& host,
+                                                    int port);
+
+}  // namespace dmoe::router
+
+#endif  // DMOE_ROUTER_SERVICE_ROUTER_SERVER_H_

@@ -1,0 +1,188 @@
+// Continuous batching for the router: one thread that owns a core::Model and
+// its core::KvCache and turns a stream of requests into Model::Forward steps.
+//
+// Requests enter a bounded FIFO admission queue. Admission reserves KV cache
+// for prompt + max_tokens tokens (core::KvCache::Allocate); a request that does
+// not fit now waits at the head of the queue (later requests wait behind it:
+// admission is strictly FIFO) until running sequences free their cache. Each
+// step builds one batch: every decoding sequence contributes its last token,
+// then prefills are added in admission order, whole prompts or chunks of them,
+// while the step's token budget (max_batch_tokens) allows. After the step every
+// sequence that produced its last-position logit samples one token (a seeded
+// core::Sampler per sequence), which is handed to the request's callback; a
+// sequence ends at an eos id (unless ignore_eos), a stop id or max_tokens, and
+// its cache is freed at once.
+//
+// When Model::Forward fails (e.g. an expert server is down) only the requests
+// of that batch end, with the step's status; the scheduler keeps serving.
+// Forward requests (logits of a prompt) are one-off sequences through the same
+// queue and steps; their cache is freed when their logits are delivered.
+//
+// Callbacks run on the scheduler thread, never inside Submit*/Cancel: they must
+// be quick and must not block or call back into the Scheduler's blocking
+// methods (Shutdown). After a successful Submit exactly one terminal callback
+// (GenerateCallbacks::on_done or the ForwardCallback) is made, also on
+// cancellation (CANCELLED) and at shutdown (UNAVAILABLE); nothing after it.
+//
+// Thread safety: every public method may be called from any thread.
+#ifndef DMOE_ROUTER_SERVICE_SCHEDULER_H_
+#define DMOE_ROUTER_SERVICE_SCHEDULER_H_
+
+#include <cstdint>
+#include <deque>
+#include <functional>
+#include <memory>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include "absl/base/thread_annotations.h"
+#include "absl/container/flat_hash_map.h"
+#include "absl/status/statusor.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
+#include "core/kv_cache.h"
+#include "core/model.h"
+#include "core/sampler.h"
+
+namespace dmoe::router {
+
+struct SchedulerOptions {
+  size_t kv_cache_bytes = size_t{1} << 30;  // KV cache budget
+  int64_t max_batch_tokens =
+      2048;                 // tokens per step (decodes + prefill chunks)
+  int64_t max_queue = 256;  // requests waiting for admission, at most
+};
+
+struct GenerateParams {
+  std::vector<int32_t> prompt;  // at least one token, ids in [0, vocab)
+  int64_t max_tokens =
+      16;  // >= 1; prompt + max_tokens <= max_position_embeddings
+  core::SamplingParams sampling;
+  std::vector<int32_t>
+      stop_token_ids;       // end generation (the stop token is emitted)
+  bool ignore_eos = false;  // else the config's eos_token_ids also stop
+  std::string request_id;   // for logs
+};
+
+struct TokenEvent {
+  int32_t token = 0;
+  int64_t index = 0;  // 0-based among the generated tokens
+  std::string_view
+      finish_reason;  // "" or, on the last token, "stop" / "length"
+};
+
+struct GenerateCallbacks {
+  std::function<void(const TokenEvent&)> on_token;
+  // Last call: OK after the token carrying a finish reason, or the error.
+  std::function<void(const absl::Status&)> on_done;
+};
+
+struct ForwardResult {
+  int64_t rows = 0;  // prompt length, or 1 for the last position only
+  int64_t vocab = 0;
+  std::vector<float> logits;  // [rows, vocab]
+};
+using ForwardCallback = std::function<void(absl::StatusOr<ForwardResult>)>;
+
+struct SchedulerLoad {
+  int64_t active_sequences = 0;  // admitted, not finished
+  int64_t queued_requests = 0;   // waiting for admission
+  size_t kv_cache_free_bytes = 0;
+  size_t kv_cache_budget_bytes = 0;
+  // Since start: model steps run, tokens they carried, steps that failed.
+  uint64_t steps = 0;
+  uint64_t step_tokens = 0;
+  uint64_t failed_steps = 0;
+};
+
+using RequestId = uint64_t;
+
+class Scheduler {
+ public:
+  // Takes ownership of `model` and starts the scheduler thread. InvalidArgument
+  // for a zero KV budget, max_batch_tokens < 1 or max_queue < 1.
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(
+      std::unique_ptr<core::Model> model, SchedulerOptions options);
+  // Shutdown(absl::ZeroDuration()) when not yet shut down.
+  ~Scheduler();
+  Scheduler(const Scheduler&) = delete;
+  Scheduler& operator=(const Scheduler&) = delete;
+
+  const core::ModelConfig& config() const { return model_->config(); }
+  const SchedulerOptions& options() const { return options_; }
+
+  // Queues a generation. Errors (no callback is made then): INVALID_ARGUMENT
+  // for a bad request (message names the field); RESOURCE_EXHAUSTED when the
+  // request needs more KV cache than the whole budget (names the bytes) or the
+  // admission queue is full ("router overloaded: N requests queued");
+  // UNAVAILABLE after Shutdown began.
+  absl::StatusOr<RequestId> SubmitGenerate(GenerateParams params,
+                                           GenerateCallbacks callbacks);
+
+  // Queues a forward pass over `tokens`: logits of every position when
+  // `all_positions`, else of the last one. Errors as SubmitGenerate.
+  absl::StatusOr<RequestId> SubmitForward(std::vector<int32_t> tokens,
+                                          bool all_positions,
+                                          ForwardCallback done);
+
+  // Ends the request at the next step (queued: at once) with CANCELLED and
+  // frees its cache. No-op for an unknown or finished id.
+  void Cancel(RequestId id);
+
+  SchedulerLoad GetLoad() const;
+
+  // Refuses new requests (UNAVAILABLE), lets admitted and queued ones run for
+  // up to `grace`, then ends the rest with UNAVAILABLE and stops the thread.
+  // Blocks until the thread has exited. Idempotent.
+  void Shutdown(absl::Duration grace);
+
+ private:
+  struct Request;
+  Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions options);
+
+  absl::Status ValidateTokens(std::span<const int32_t> tokens,
+                              const char* field) const;
+  absl::Status CheckFitsBudget(int64_t tokens, const std::string& what) const;
+  absl::StatusOr<RequestId> Enqueue(std::unique_ptr<Request> r);
+  void Loop();
+  // Moves admissible queued requests into running_; ends cancelled queued ones.
+  // Returns false when the thread must exit.
+  bool Admit();
+  void Step();
+  // Frees `r`'s cache, unregisters it and makes its terminal callback.
+  void Finish(std::unique_ptr<Request> r, const absl::Status& status);
+  void PublishLoad();
+
+  // Const after construction.
+  const SchedulerOptions options_;
+  const std::unique_ptr<core::Model> model_;
+  const size_t bytes_per_token_;
+
+  // Scheduler thread only.
+  core::KvCache cache_;
+  std::vector<std::unique_ptr<Request>> running_;  // admission order
+  std::vector<core::SeqInput> batch_;              // per-step scratch
+  std::vector<Request*> members_;                  // [batch_.size()]
+  std::vector<float> logits_;                      // [rows, vocab]
+
+  mutable absl::Mutex mu_;
+  std::deque<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);
+  absl::flat_hash_map<RequestId, Request*> live_
+      ABSL_GUARDED_BY(mu_);  // queued + running
+  RequestId next_id_ ABSL_GUARDED_BY(mu_) = 1;
+  bool draining_ ABSL_GUARDED_BY(mu_) = false;
+  bool stop_ ABSL_GUARDED_BY(mu_) = false;
+  int64_t active_ ABSL_GUARDED_BY(mu_) = 0;
+  size_t kv_free_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t step_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t failed_steps_ ABSL_GUARDED_BY(mu_) = 0;
+  std::thread thread_;  // started in Create, joined by Shutdown
+  absl::Mutex shutdown_mu_;
+};
+
+}  // namespace dmoe::router
+
+#endif  // DMOE_ROUTER_SERVICE_SCHEDULER_H_
