@@ -1,6 +1,212 @@
-// Placeholder until the service lands (disaggregated-serving issue).
+// dmoe-expert: one expert server process (see expert_server.h).
+//
+//   dmoe-expert --model DIR --server-index I (--num-servers N | --placement
+//   FILE)
+//               [--host 127.0.0.1] [--port P] [--dtype f32|bf16] [--threads N]
+//               [--max-queue 256] [--max-batch-tokens 8192] [--port-file PATH]
+//               [--drain-timeout-s 30]
+//
+// Exit status: 0 after SIGTERM/SIGINT and a clean drain, 1 when the model or
+// placement cannot be loaded or the address cannot be bound, 2 for bad flags.
+#include <signal.h>
+
 #include <cstdio>
-int main() {
-  std::fprintf(stderr, "not built yet\n");
-  return 1;
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <memory>
+#include <string>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_format.h"
+#include "core/config.h"
+#include "core/placement.h"
+#include "expert_service/expert_server.h"
+#include "tools/args.h"
+
+namespace {
+
+constexpr char kName[] = "dmoe-expert";
+
+int Fail(int code, const std::string& message) {
+  std::fprintf(stderr, "%s: %s\n", kName, message.c_str());
+  return code;
+}
+
+// Writes `port` to `path` atomically (tests poll for the file).
+bool WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!(out << port << "\n")) return false;
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  return !ec;
+}
+
+dmoe::tools::Args MakeArgs() {
+  dmoe::tools::Args a(
+      kName,
+      "serves the routed experts its placement gives it, plus the shared "
+      "experts,\n"
+      "  as dmoe.v1.ExpertService (with gRPC health and reflection). SIGTERM "
+      "or\n"
+      "  SIGINT: stop taking streams, answer what was received, exit 0.");
+  a.Flag("model", "DIR", "model directory (config.json + *.safetensors)",
+         std::nullopt, true)
+      .Flag("server-index", "I", "this server's index in the placement",
+            std::nullopt, true)
+      .Flag("num-servers", "N",
+            "contiguous placement over N servers (version 1)")
+      .Flag("placement", "FILE", "placement JSON (instead of --num-servers)")
+      .Flag("host", "HOST", "address to listen on", "127.0.0.1")
+      .Flag("port", "P", "port to listen on; 0 = any free port", "50061")
+      .Flag("dtype", "f32|bf16", "expert compute type", "bf16")
+      .Flag("threads", "N", "compute threads; 0 = all cores", "0")
+      .Flag("max-queue", "N",
+            "requests waiting for compute before RESOURCE_EXHAUSTED", "256")
+      .Flag("max-batch-tokens", "N", "tokens per batched expert computation",
+            "8192")
+      .Flag("port-file", "PATH", "write the bound port here once listening")
+      .Flag("drain-timeout-s", "S",
+            "on SIGTERM, cancel streams still busy after S seconds", "30");
+  return a;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  // SIGTERM/SIGINT are blocked in every thread (threads inherit the mask, so
+  // this comes before any is started) and taken by sigwait below.
+  sigset_t stop_signals;
+  sigemptyset(&stop_signals);
+  sigaddset(&stop_signals, SIGTERM);
+  sigaddset(&stop_signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+
+  dmoe::tools::Args args = MakeArgs();
+  for (int i = 1; i < argc; ++i) {
+    if (std::strcmp(argv[i], "--help") == 0 ||
+        std::strcmp(argv[i], "-h") == 0) {
+      // Args::Usage says "usage: dmoe <command>"; this binary is not a
+      // subcommand.
+      std::string usage = args.Usage();
+      const std::string wrong = absl::StrCat("usage: dmoe ", kName);
+      if (usage.rfind(wrong, 0) == 0)
+        usage = absl::StrCat("usage: ", kName, usage.substr(wrong.size()));
+      std::fputs(usage.c_str(), stdout);
+      return 0;
+    }
+  }
+  if (absl::Status st = args.Parse(argc, argv, 1); !st.ok()) {
+    std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
+    return 2;
+  }
+  if (args.Has("num-servers") == args.Has("placement")) {
+    return Fail(
+        2, "give exactly one of --num-servers and --placement (see --help)");
+  }
+  int64_t server_index = 0, num_servers = 0, port = 0, threads = 0,
+          max_queue = 0, max_batch_tokens = 0, drain_s = 0;
+  for (auto [name, out] : {std::pair{"server-index", &server_index},
+                           {"port", &port},
+                           {"threads", &threads},
+                           {"max-queue", &max_queue},
+                           {"max-batch-tokens", &max_batch_tokens},
+                           {"drain-timeout-s", &drain_s}}) {
+    auto v = args.Int(name);
+    if (!v.ok()) return Fail(2, std::string(v.status().message()));
+    *out = *v;
+  }
+  if (args.Has("num-servers")) {
+    auto v = args.Int("num-servers");
+    if (!v.ok()) return Fail(2, std::string(v.status().message()));
+    num_servers = *v;
+    if (num_servers < 1)
+      return Fail(
+          2, absl::StrCat("--num-servers must be >= 1, got ", num_servers));
+  }
+  if (server_index < 0)
+    return Fail(
+        2, absl::StrCat("--server-index must be >= 0, got ", server_index));
+  if (port < 0 || port > 65535)
+    return Fail(2, absl::StrCat("--port must be in [0, 65535], got ", port));
+  if (threads < 0)
+    return Fail(2, absl::StrCat("--threads must be >= 0, got ", threads));
+  if (max_queue < 1)
+    return Fail(2, absl::StrCat("--max-queue must be >= 1, got ", max_queue));
+  if (max_batch_tokens < 1) {
+    return Fail(2, absl::StrCat("--max-batch-tokens must be >= 1, got ",
+                                max_batch_tokens));
+  }
+  if (drain_s < 0)
+    return Fail(2,
+                absl::StrCat("--drain-timeout-s must be >= 0, got ", drain_s));
+  dmoe::core::ComputeType compute;
+  const std::string dtype = args.Str("dtype");
+  if (dtype == "f32") {
+    compute = dmoe::core::ComputeType::kF32;
+  } else if (dtype == "bf16") {
+    compute = dmoe::core::ComputeType::kBF16;
+  } else {
+    return Fail(2,
+                absl::StrCat("--dtype must be f32 or bf16, got '", dtype, "'"));
+  }
+
+  const std::string model = args.Str("model");
+  auto cfg = dmoe::core::ModelConfig::FromFile(model + "/config.json");
+  if (!cfg.ok())
+    return Fail(1, absl::StrCat("model ", model, ": ", cfg.status().message()));
+  dmoe::expert::ExpertServerOptions options;
+  if (args.Has("placement")) {
+    auto p = dmoe::core::Placement::FromFile(args.Str("placement"), *cfg);
+    if (!p.ok()) return Fail(1, std::string(p.status().message()));
+    options.placement = *std::move(p);
+  } else {
+    auto p =
+        dmoe::core::Placement::Contiguous(*cfg, static_cast<int>(num_servers));
+    if (!p.ok()) return Fail(2, std::string(p.status().message()));
+    options.placement = *std::move(p);
+  }
+  if (server_index >= options.placement.num_servers()) {
+    return Fail(2, absl::StrCat("--server-index ", server_index,
+                                " is outside the placement's ",
+                                options.placement.num_servers(), " servers"));
+  }
+  options.model_dir = model;
+  options.server_index = static_cast<int>(server_index);
+  options.compute = compute;
+  options.threads = static_cast<int>(threads);
+  options.max_queue = static_cast<size_t>(max_queue);
+  options.max_batch_tokens = max_batch_tokens;
+
+  auto server = dmoe::expert::ExpertServer::Create(std::move(options));
+  if (!server.ok()) return Fail(1, std::string(server.status().message()));
+  const std::string host = args.Str("host");
+  if (absl::Status st = (*server)->Start(host, static_cast<int>(port));
+      !st.ok()) {
+    return Fail(1, std::string(st.message()));
+  }
+  const int bound = (*server)->port();
+  if (args.Has("port-file") && !WritePortFile(args.Str("port-file"), bound)) {
+    (*server)->Shutdown(absl::ZeroDuration());
+    return Fail(
+        1, absl::StrCat("cannot write --port-file ", args.Str("port-file")));
+  }
+  std::fprintf(
+      stderr, "%s: serving %lld slots (%s MiB) for server %d/%d on %s:%d\n",
+      kName, static_cast<long long>((*server)->num_slots()),
+      absl::StrFormat("%.1f", (*server)->resident_weight_bytes() / 1048576.0)
+          .c_str(),
+      (*server)->server_index(), (*server)->num_servers(), host.c_str(), bound);
+  std::fflush(stderr);
+
+  int sig = 0;
+  while (sigwait(&stop_signals, &sig) != 0) {
+  }
+  std::fprintf(stderr, "%s: %s, draining\n", kName, strsignal(sig));
+  (*server)->Shutdown(absl::Seconds(drain_s));
+  std::fprintf(stderr, "%s: stopped\n", kName);
+  return 0;
 }

@@ -1,0 +1,357 @@
+#include "expert_service/internal/compute_worker.h"
+
+#include <cmath>
+#include <span>
+
+#include "absl/strings/str_cat.h"
+#include "core/status.h"
+#include "core/wire.h"
+
+namespace dmoe::expert::internal {
+namespace {
+
+absl::StatusOr<core::WireDType> WireType(int dtype, const char* what) {
+  switch (dtype) {
+    case v1::ACTIVATION_DTYPE_BF16:
+      return core::WireDType::kBF16;
+    case v1::ACTIVATION_DTYPE_F32:
+      return core::WireDType::kF32;
+    case v1::ACTIVATION_DTYPE_F8_E4M3:
+      return core::WireDType::kF8E4M3;
+    default:
+      return absl::InvalidArgumentError(absl::StrCat(
+          what, " dtype ", dtype, " is not one of BF16, F32, F8_E4M3"));
+  }
+}
+
+uint64_t ItemRows(const WorkItem& item) {
+  uint64_t rows = 0;
+  for (const auto& c : item.chunks) rows += c->x().rows();
+  return rows;
+}
+
+// The prefix of a chunk's error messages: "" for unchunked requests.
+std::string ChunkPrefix(const WorkItem& item, size_t i) {
+  return item.chunks.size() > 1 ? absl::StrCat("chunk ", i, ": ")
+                                : std::string();
+}
+
+}  // namespace
+
+void FillError(uint64_t request_id, const absl::Status& status,
+               v1::ExpertResponse* response) {
+  response->set_request_id(request_id);
+  response->clear_y();
+  response->set_error_code(static_cast<int32_t>(status.code()));
+  response->set_error_message(std::string(status.message()));
+}
+
+ComputeWorker::ComputeWorker(const core::ModelConfig& cfg,
+                             core::ExpertBackend& backend,
+                             absl::Mutex& backend_mu, SlotTable& slots,
+                             ComputeWorkerOptions options)
+    : cfg_(cfg),
+      backend_(backend),
+      backend_mu_(backend_mu),
+      slots_(slots),
+      options_(options),
+      hidden_(cfg.hidden_size) {
+  thread_ = std::thread([this] { Loop(); });
+}
+
+ComputeWorker::~ComputeWorker() { Stop(); }
+
+bool ComputeWorker::TryEnqueue(WorkItem& item) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stop_ || queued_requests_ >= options_.max_queue) return false;
+    queue_.push_back(Entry{std::move(item), nullptr});
+    ++queued_requests_;
+  }
+  cv_.Signal();
+  return true;
+}
+
+void ComputeWorker::RunAfterQueued(std::function<void()> fn) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (!stop_) {
+      queue_.push_back(Entry{WorkItem{}, std::move(fn)});
+      cv_.Signal();
+      return;
+    }
+  }
+  fn();
+}
+
+void ComputeWorker::Stop() {
+  {
+    absl::MutexLock lock(&mu_);
+    if (stop_) return;
+    stop_ = true;
+  }
+  cv_.SignalAll();
+  if (thread_.joinable()) thread_.join();
+}
+
+size_t ComputeWorker::queued() const {
+  absl::MutexLock lock(&mu_);
+  return queued_requests_;
+}
+
+void ComputeWorker::Loop() {
+  std::vector<WorkItem> batch;
+  for (;;) {
+    std::function<void()> barrier;
+    batch.clear();
+    {
+      absl::MutexLock lock(&mu_);
+      while (queue_.empty() && !stop_) cv_.Wait(&mu_);
+      if (queue_.empty()) return;  // stopped and drained
+      if (queue_.front().barrier) {
+        barrier = std::move(queue_.front().barrier);
+        queue_.pop_front();
+      } else {
+        // The oldest request's layer, and every later request of that layer
+        // queued before the next barrier, as long as the tokens fit.
+        const uint32_t layer = queue_.front().item.chunks[0]->layer();
+        uint64_t tokens = 0;
+        for (auto it = queue_.begin(); it != queue_.end() && !it->barrier;) {
+          const uint64_t rows = ItemRows(it->item);
+          if (it->item.chunks[0]->layer() == layer &&
+              (batch.empty() ||
+               tokens + rows <=
+                   static_cast<uint64_t>(options_.max_batch_tokens))) {
+            tokens += rows;
+            batch.push_back(std::move(it->item));
+            it = queue_.erase(it);
+            --queued_requests_;
+          } else {
+            ++it;
+          }
+        }
+      }
+    }
+    if (barrier) {
+      barrier();
+    } else {
+      ProcessBatch(batch);
+    }
+  }
+}
+
+absl::Status ComputeWorker::Append(const WorkItem& item) {
+  const v1::ExpertRequest& c0 = *item.chunks[0];
+  const int64_t layer = c0.layer();
+  if (layer >= cfg_.num_hidden_layers || !cfg_.IsMoeLayer(layer)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("layer ", layer, " is not a MoE layer"));
+  }
+  DMOE_ASSIGN_OR_RETURN(const core::WireDType in_type,
+                        WireType(c0.x().dtype(), "x"));
+  if (c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED) {
+    DMOE_RETURN_IF_ERROR(WireType(c0.reply_dtype(), "reply").status());
+  }
+
+  // Roll the batch back to where it was when this request fails.
+  const int64_t tokens0 = tokens_;
+  const size_t assignments0 = ffn_ids_.size();
+  auto fail = [&](absl::Status st) {
+    tokens_ = tokens0;
+    token_offsets_.resize(tokens0 + 1);
+    ffn_ids_.resize(assignments0);
+    weights_.resize(assignments0);
+    return st;
+  };
+
+  for (size_t i = 0; i < item.chunks.size(); ++i) {
+    const v1::ExpertRequest& c = *item.chunks[i];
+    const std::string where = ChunkPrefix(item, i);
+    if (c.layer() != c0.layer() ||
+        c.placement_version() != c0.placement_version() ||
+        c.x().dtype() != c0.x().dtype() ||
+        c.reply_dtype() != c0.reply_dtype()) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where,
+                       "layer, placement_version, x dtype and reply_dtype must "
+                       "equal chunk 0's")));
+    }
+    const int64_t rows = c.x().rows();
+    if (c.x().cols() != hidden_) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where, "x has ", c.x().cols(),
+                       " columns, expected hidden size ", hidden_)));
+    }
+    const auto& off = c.token_offsets();
+    if (off.size() != rows + 1) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where, "token_offsets has ", off.size(),
+                       " entries, expected x rows + 1 = ", rows + 1)));
+    }
+    if (off[0] != 0) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where, "token_offsets[0] is ", off[0], ", expected 0")));
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      if (off[t + 1] < off[t]) {
+        return fail(absl::InvalidArgumentError(
+            absl::StrCat(where, "token_offsets decrease at token ", t, " (",
+                         off[t], " -> ", off[t + 1], ")")));
+      }
+    }
+    const int64_t num_assignments = c.expert_ids_size();
+    if (off[rows] != num_assignments || c.weights_size() != num_assignments) {
+      return fail(absl::InvalidArgumentError(absl::StrCat(
+          where, "token_offsets end at ", off[rows], " but there are ",
+          num_assignments, " expert_ids and ", c.weights_size(), " weights")));
+    }
+    if (c.shared_duty_size() != 0 && c.shared_duty_size() != rows) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where, "shared_duty has ", c.shared_duty_size(),
+                       " entries, expected 0 or ", rows)));
+    }
+    if (cfg_.n_shared_experts == 0) {
+      for (bool d : c.shared_duty()) {
+        if (d) {
+          return fail(absl::InvalidArgumentError(absl::StrCat(
+              where,
+              "shared duty requested but the model has no shared experts")));
+        }
+      }
+    }
+    for (int64_t a = 0; a < num_assignments; ++a) {
+      if (!std::isfinite(c.weights(a))) {
+        return fail(absl::InvalidArgumentError(absl::StrCat(
+            where, "weight ", a, " is not finite (", c.weights(a), ")")));
+      }
+    }
+    {
+      const std::span<const int32_t> ids(c.expert_ids().data(),
+                                         c.expert_ids_size());
+      absl::Status held = slots_.CheckHeld(c.placement_version(),
+                                           static_cast<int32_t>(layer), ids);
+      if (!held.ok())
+        return fail(
+            absl::Status(held.code(), where + std::string(held.message())));
+    }
+    const uint64_t want =
+        static_cast<uint64_t>(rows) * hidden_ * core::WireElementSize(in_type);
+    if (c.x().data().size() != want) {
+      return fail(absl::InvalidArgumentError(
+          absl::StrCat(where, "x payload [", rows, ", ", hidden_, "] needs ",
+                       want, " bytes, got ", c.x().data().size())));
+    }
+    const size_t need = static_cast<size_t>(tokens_ + rows) * hidden_;
+    if (x_.size() < need) x_.resize(need);
+    {
+      absl::Status st =
+          core::UnpackActivations(in_type, c.x().data(), c.x().row_scales(),
+                                  rows, hidden_, x_.data() + tokens_ * hidden_);
+      if (!st.ok())
+        return fail(absl::Status(st.code(), where + std::string(st.message())));
+    }
+    for (int64_t t = 0; t < rows; ++t) {
+      for (int32_t a = off[t]; a < off[t + 1]; ++a) {
+        ffn_ids_.push_back(c.expert_ids(a));
+        weights_.push_back(c.weights(a));
+      }
+      if (c.shared_duty_size() != 0 && c.shared_duty(t)) {
+        ffn_ids_.push_back(core::kSharedFfn);
+        weights_.push_back(1.0f);
+      }
+      token_offsets_.push_back(static_cast<int32_t>(ffn_ids_.size()));
+    }
+    tokens_ += rows;
+  }
+  return absl::OkStatus();
+}
+
+void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
+  tokens_ = 0;
+  token_offsets_.assign(1, 0);
+  ffn_ids_.clear();
+  weights_.clear();
+  first_row_.assign(batch.size(), -1);
+  int32_t layer = -1;
+  for (size_t i = 0; i < batch.size(); ++i) {
+    const int64_t first = tokens_;
+    absl::Status st = Append(batch[i]);
+    if (st.ok()) {
+      first_row_[i] = first;
+      layer = static_cast<int32_t>(batch[i].chunks[0]->layer());
+    } else {
+      v1::ExpertResponse* r = batch[i].sink->NewResponse();
+      FillError(batch[i].chunks[0]->request_id(), st, r);
+      batch[i].sink->Send(r);
+    }
+  }
+  if (layer >= 0) {
+    absl::Status st;
+    if (tokens_ > 0) {
+      const size_t need = static_cast<size_t>(tokens_) * hidden_;
+      if (out_.size() < need) out_.resize(need);
+      core::ExpertBatch b;
+      b.layer = layer;
+      b.num_tokens = tokens_;
+      b.hidden = hidden_;
+      b.x = x_.data();
+      b.token_offsets = token_offsets_;
+      b.ffn_ids = ffn_ids_;
+      b.weights = weights_;
+      absl::MutexLock lock(&backend_mu_);
+      st = backend_.Compute(b, out_.data());
+    }
+    if (st.ok()) {
+      // Tokens computed per routed expert of this layer.
+      expert_tokens_.assign(cfg_.n_routed_experts, 0);
+      for (int32_t id : ffn_ids_) {
+        if (id != core::kSharedFfn)
+          ++expert_tokens_[id];  // ids were range-checked
+      }
+      counts_.clear();
+      for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
+        if (expert_tokens_[e] != 0)
+          counts_.push_back({LayerExpert{layer, e}, expert_tokens_[e]});
+      }
+      slots_.CountTokens(counts_);
+    }
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (first_row_[i] < 0) continue;
+      if (st.ok()) {
+        Reply(batch[i], first_row_[i]);
+      } else {
+        v1::ExpertResponse* r = batch[i].sink->NewResponse();
+        FillError(batch[i].chunks[0]->request_id(), st, r);
+        batch[i].sink->Send(r);
+      }
+    }
+  }
+  for (WorkItem& item : batch) item.sink->Done(std::move(item.chunks));
+}
+
+void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
+  const v1::ExpertRequest& c0 = *item.chunks[0];
+  const int reply_dtype = c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED
+                              ? c0.reply_dtype()
+                              : c0.x().dtype();
+  const core::WireDType type =
+      *WireType(reply_dtype, "reply");  // validated in Append
+  int64_t row = first_row;
+  for (const auto& chunk : item.chunks) {
+    const int64_t rows = chunk->x().rows();
+    v1::ExpertResponse* r = item.sink->NewResponse();
+    r->set_request_id(chunk->request_id());
+    r->set_chunk_index(chunk->chunk_index());
+    r->set_chunk_count(chunk->chunk_count());
+    v1::Activations* y = r->mutable_y();
+    y->set_dtype(static_cast<v1::ActivationDType>(reply_dtype));
+    y->set_rows(static_cast<uint32_t>(rows));
+    y->set_cols(static_cast<uint32_t>(hidden_));
+    core::PackActivations(out_.data() + row * hidden_, rows, hidden_, 0, type,
+                          y->mutable_data(), y->mutable_row_scales());
+    item.sink->Send(r);
+    row += rows;
+  }
+}
+
+}  // namespace dmoe::expert::internal
