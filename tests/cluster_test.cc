@@ -4,6 +4,7 @@
 
 #include <cmath>
 #include <fstream>
+#include <thread>
 
 #include "core/model.h"
 #include "core/sampler.h"
@@ -201,6 +202,45 @@ TEST(Cluster, ExactModeEqualsOneProcess_WithReplicas) {
   ExpectExactEquivalence("tiny-v3", {},
                          std::string(R"({"version": 1, "num_servers": 3, "layers": [{"layer": 1, "servers": )") +
                              layer + R"(}, {"layer": 2, "servers": )" + layer + "}]}");
+}
+
+TEST(Cluster, SixtyFourConcurrentStreamsGetTheirOwnTokens) {
+  const std::string model = testing::MakeModel("tiny-v3", 33);
+  const std::string dir = testing::FreshDir("cluster");
+  Cluster c;
+  ASSERT_TRUE(c.Start(model, 3, dir, {"--max-batch-tokens", "64"}));
+  constexpr int kStreams = 64;
+  std::vector<std::vector<int32_t>> prompts(kStreams);
+  std::vector<int> lengths(kStreams);
+  for (int i = 0; i < kStreams; ++i) {
+    for (int j = 0; j < 1 + i % 7; ++j) prompts[i].push_back((i * 37 + j * 11) % 512);
+    lengths[i] = 1 + (i * 5) % 9;
+  }
+  std::vector<absl::StatusOr<std::vector<int32_t>>> got(kStreams, absl::UnknownError("not run"));
+  std::vector<std::thread> threads;
+  for (int i = 0; i < kStreams; ++i) {
+    threads.emplace_back([&, i] { got[i] = c.Generate(prompts[i], lengths[i]); });
+  }
+  for (auto& t : threads) t.join();
+  // Each stream's tokens equal the one-process greedy continuation of its prompt.
+  core::ModelOptions o;
+  o.compute = core::ComputeType::kF32;
+  auto m = core::Model::Load(model, std::move(o));
+  ASSERT_TRUE(m.ok());
+  for (int i = 0; i < kStreams; ++i) {
+    ASSERT_TRUE(got[i].ok()) << i << ": " << got[i].status();
+    core::KvCache cache((*m)->config(), 1 << 22);
+    const int32_t s = *cache.Allocate(static_cast<int64_t>(prompts[i].size()) + lengths[i]);
+    std::vector<int32_t> step = prompts[i], want;
+    std::vector<float> logits;
+    for (int k = 0; k < lengths[i]; ++k) {
+      core::SeqInput in{s, step, false};
+      ASSERT_TRUE((*m)->Forward({&in, 1}, cache, &logits).ok());
+      want.push_back(core::ArgMax(logits));
+      step = {want.back()};
+    }
+    EXPECT_EQ(*got[i], want) << "stream " << i;
+  }
 }
 
 TEST(Cluster, LostServerFailsOnlyAffectedRequestsAndRecovers) {
