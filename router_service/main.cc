@@ -55,6 +55,10 @@ void DeclareFlags(tools::Args& args) {
             "compute type (f32 = exact mode, also f32 activations on the wire; "
             "bf16 = serving)",
             "bf16")
+      .Flag("wire-dtype", "auto|f32|bf16|fp8",
+            "activations sent to expert servers (auto = f32 with --dtype f32, "
+            "else bf16; fp8 = e4m3 with one scale per token)",
+            "auto")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
       .Flag("max-batch-tokens", "N",
@@ -78,6 +82,7 @@ struct Config {
   int port = 0;
   std::string port_file;
   core::ComputeType compute = core::ComputeType::kBF16;
+  std::string wire = "auto";  // activations to expert servers
   int threads = 0;
   SchedulerOptions sched;
   int64_t expert_deadline_ms = 0;
@@ -134,6 +139,11 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
     return absl::InvalidArgumentError(absl::StrCat(
         kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
   }
+  c.wire = args.Str("wire-dtype");
+  if (c.wire != "auto" && c.wire != "f32" && c.wire != "bf16" && c.wire != "fp8") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --wire-dtype must be auto, f32, bf16 or fp8, got '", c.wire, "'"));
+  }
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
   c.threads = static_cast<int>(threads);
   DMOE_ASSIGN_OR_RETURN(int64_t kv,
@@ -172,9 +182,16 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const Config& c) {
           ro.placement,
           core::Placement::Contiguous(cfg, static_cast<int>(c.experts.size())));
     }
-    ro.wire_dtype = c.compute == core::ComputeType::kF32
-                        ? core::WireDType::kF32
-                        : core::WireDType::kBF16;
+    if (c.wire == "f32") {
+      ro.wire_dtype = core::WireDType::kF32;
+    } else if (c.wire == "bf16") {
+      ro.wire_dtype = core::WireDType::kBF16;
+    } else if (c.wire == "fp8") {
+      ro.wire_dtype = core::WireDType::kF8E4M3;
+    } else {
+      ro.wire_dtype = c.compute == core::ComputeType::kF32 ? core::WireDType::kF32
+                                                           : core::WireDType::kBF16;
+    }
     ro.shared_duty = c.shared;
     ro.local_compute = c.compute;
     ro.deadline = std::chrono::milliseconds(c.expert_deadline_ms);

@@ -204,6 +204,25 @@ TEST(Cluster, ExactModeEqualsOneProcess_WithReplicas) {
                              layer + R"(}, {"layer": 2, "servers": )" + layer + "}]}");
 }
 
+// Narrower wire types trade accuracy for bytes: bf16 rounds each activation to
+// 8 mantissa bits, fp8 e4m3 (per-token scale) to 3; the logits stay close to
+// the exact ones and, being rounded, are not identical to them.
+TEST(Cluster, NarrowWireDtypesStayCloseToExact) {
+  const std::string model = testing::MakeModel("tiny-v3", 34);
+  const auto local = LocalLogits(model, kPrompt);
+  for (const auto& [wire, tol] : {std::pair<std::string, double>{"bf16", 2e-2}, {"fp8", 1.5e-1}}) {
+    const std::string dir = testing::FreshDir("cluster_" + wire);
+    Cluster c;
+    ASSERT_TRUE(c.Start(model, 2, dir, {"--wire-dtype", wire}));
+    auto remote = c.Forward(kPrompt);
+    ASSERT_TRUE(remote.ok()) << wire << ": " << remote.status();
+    const double err = RelL2(*remote, local);
+    std::fprintf(stderr, "wire %s: logits rel L2 error %.3g (tolerance %.2g)\n", wire.c_str(), err, tol);
+    EXPECT_LT(err, tol) << wire;
+    EXPECT_GT(err, 0.0) << wire;
+  }
+}
+
 TEST(Cluster, SixtyFourConcurrentStreamsGetTheirOwnTokens) {
   const std::string model = testing::MakeModel("tiny-v3", 33);
   const std::string dir = testing::FreshDir("cluster");
