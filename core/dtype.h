@@ -60,8 +60,11 @@ inline float F8E4M3ToF32(uint8_t v) {
   return neg ? -f : f;
 }
 
-// Rounds to the nearest E4M3 value (ties to even), saturating at +-448.
+// Rounds to the nearest E4M3 value (ties to even), saturating at +-448. A plain
+// scan over all codes: the reference the fast version is tested against.
 uint8_t F32ToF8E4M3(float f);
+// Same results as F32ToF8E4M3, with bit arithmetic (for bulk conversion).
+uint8_t F32ToF8E4M3Fast(float f);
 
 // Converts `n` elements of `src` (dtype `t`) to float.
 void ConvertToF32(DType t, const void* src, size_t n, float* dst);

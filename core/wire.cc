@@ -8,32 +8,6 @@
 #include "core/dtype.h"
 
 namespace dmoe::core {
-namespace {
-
-// Nearest e4m3 code (ties to even) for |v| <= 448, by bit manipulation.
-uint8_t ToE4M3(float v) {
-  if (std::isnan(v)) return 0x7f;
-  const uint8_t sign = std::signbit(v) ? 0x80 : 0;
-  float a = std::fabs(v);
-  if (a >= 448.0f) return sign | 0x7e;
-  if (a < std::ldexp(1.0f, -6)) {  // subnormal: multiples of 2^-9
-    const float q = std::nearbyint(a * 512.0f);  // round half to even
-    return sign | static_cast<uint8_t>(q);
-  }
-  int e;
-  const float m = std::frexp(a, &e);  // a = m * 2^e, m in [0.5, 1)
-  // a = (1 + f) * 2^(e-1); 3 mantissa bits.
-  float f = std::nearbyint((m * 2.0f - 1.0f) * 8.0f);
-  int exp = e - 1 + 7;
-  if (f >= 8.0f) {
-    f = 0;
-    ++exp;
-  }
-  if (exp > 15 || (exp == 15 && f > 6)) return sign | 0x7e;
-  return sign | static_cast<uint8_t>((exp << 3) | static_cast<int>(f));
-}
-
-}  // namespace
 
 size_t WireElementSize(WireDType t) {
   switch (t) {
@@ -70,7 +44,7 @@ void PackActivations(const float* x, int64_t rows, int64_t cols, int64_t ld, Wir
         const float scale = mx > 0 ? mx / 448.0f : 1.0f;
         std::memcpy(scales->data() + r * 4, &scale, 4);
         const float inv = 1.0f / scale;
-        for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = ToE4M3(x[r * ld + c] * inv);
+        for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = F32ToF8E4M3Fast(x[r * ld + c] * inv);
       }
       return;
     }

@@ -23,6 +23,7 @@
 #include "core/placement.h"
 #include "expert_service/expert_server.h"
 #include "tools/args.h"
+#include "tools/service_main.h"
 
 namespace {
 
@@ -31,18 +32,6 @@ constexpr char kName[] = "dmoe-expert";
 int Fail(int code, const std::string& message) {
   std::fprintf(stderr, "%s: %s\n", kName, message.c_str());
   return code;
-}
-
-// Writes `port` to `path` atomically (tests poll for the file).
-bool WritePortFile(const std::string& path, int port) {
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    if (!(out << port << "\n")) return false;
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  return !ec;
 }
 
 dmoe::tools::Args MakeArgs() {
@@ -79,11 +68,7 @@ dmoe::tools::Args MakeArgs() {
 int main(int argc, char** argv) {
   // SIGTERM/SIGINT are blocked in every thread (threads inherit the mask, so
   // this comes before any is started) and taken by sigwait below.
-  sigset_t stop_signals;
-  sigemptyset(&stop_signals);
-  sigaddset(&stop_signals, SIGTERM);
-  sigaddset(&stop_signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &stop_signals, nullptr);
+  sigset_t stop_signals = dmoe::tools::BlockStopSignals();
 
   dmoe::tools::Args args = MakeArgs();
   for (int i = 1; i < argc; ++i) {
@@ -189,10 +174,11 @@ int main(int argc, char** argv) {
     return Fail(1, std::string(st.message()));
   }
   const int bound = (*server)->port();
-  if (args.Has("port-file") && !WritePortFile(args.Str("port-file"), bound)) {
-    (*server)->Shutdown(absl::ZeroDuration());
-    return Fail(
-        1, absl::StrCat("cannot write --port-file ", args.Str("port-file")));
+  if (args.Has("port-file")) {
+    if (absl::Status st = dmoe::tools::WritePortFile(args.Str("port-file"), bound); !st.ok()) {
+      (*server)->Shutdown(absl::ZeroDuration());
+      return Fail(1, std::string(st.message()));
+    }
   }
   std::fprintf(
       stderr, "%s: serving %lld slots (%s MiB) for server %d/%d on %s:%d\n",

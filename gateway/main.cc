@@ -18,6 +18,7 @@
 #include "core/status.h"
 #include "gateway/gateway.h"
 #include "tools/args.h"
+#include "tools/service_main.h"
 
 namespace dmoe::gateway {
 namespace {
@@ -106,31 +107,10 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
   return c;
 }
 
-absl::Status WritePortFile(const std::string& path, int port) {
-  // Write then rename, so that a watcher never reads a half-written file.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << port << "\n";
-    if (!out) return absl::InternalError(absl::StrCat("cannot write port file '", tmp, "'"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    return absl::InternalError(
-        absl::StrCat("cannot rename '", tmp, "' to '", path, "': ", ec.message()));
-  }
-  return absl::OkStatus();
-}
-
 int Main(int argc, char** argv) {
   // Shutdown signals are taken with sigwait on this thread; every other thread
   // inherits the mask. A client that goes away must not kill the process.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigset_t signals = tools::BlockStopSignals();
   signal(SIGPIPE, SIG_IGN);
 
   tools::Args args(kName,
@@ -165,7 +145,7 @@ int Main(int argc, char** argv) {
   for (const auto& [path, port] : {std::pair{cfg->port_file, (*gw)->http_port()},
                                    std::pair{cfg->grpc_port_file, (*gw)->grpc_port()}}) {
     if (path.empty()) continue;
-    if (absl::Status st = WritePortFile(path, port); !st.ok()) {
+    if (absl::Status st = tools::WritePortFile(path, port); !st.ok()) {
       std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
       return 1;
     }

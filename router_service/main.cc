@@ -28,6 +28,7 @@
 #include "router_service/router_server.h"
 #include "router_service/scheduler.h"
 #include "tools/args.h"
+#include "tools/service_main.h"
 
 namespace dmoe::router {
 namespace {
@@ -202,26 +203,6 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const Config& c) {
   return core::Model::Load(c.model, std::move(opts));
 }
 
-absl::Status WritePortFile(const std::string& path, int port) {
-  // Write then rename, so that a watcher never reads a half-written file.
-  const std::string tmp = path + ".tmp";
-  {
-    std::ofstream out(tmp, std::ios::trunc);
-    out << port << "\n";
-    if (!out)
-      return absl::InternalError(
-          absl::StrCat("--port-file: cannot write '", tmp, "'"));
-  }
-  std::error_code ec;
-  std::filesystem::rename(tmp, path, ec);
-  if (ec) {
-    return absl::InternalError(absl::StrCat("--port-file: cannot rename '", tmp,
-                                            "' to '", path,
-                                            "': ", ec.message()));
-  }
-  return absl::OkStatus();
-}
-
 int Fail(const absl::Status& st, int code) {
   std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
   return code;
@@ -230,11 +211,7 @@ int Fail(const absl::Status& st, int code) {
 int Main(int argc, char** argv) {
   // Block the shutdown signals in every thread (threads inherit the mask) and
   // take them with sigwait on the main thread.
-  sigset_t signals;
-  sigemptyset(&signals);
-  sigaddset(&signals, SIGTERM);
-  sigaddset(&signals, SIGINT);
-  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  sigset_t signals = tools::BlockStopSignals();
 
   tools::Args args(
       kName,
@@ -273,7 +250,7 @@ int Main(int argc, char** argv) {
       StartRouterGrpcServer(&service, cfg->host, cfg->port);
   if (!server.ok()) return Fail(server.status(), 1);
   if (!cfg->port_file.empty()) {
-    if (auto st = WritePortFile(cfg->port_file, server->port); !st.ok()) {
+    if (auto st = tools::WritePortFile(cfg->port_file, server->port); !st.ok()) {
       server->server->Shutdown();
       return Fail(st, 1);
     }

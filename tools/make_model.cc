@@ -477,24 +477,7 @@ class Progress {
 
 namespace internal {
 
-uint8_t FastF32ToF8E4M3(float f) {
-  if (std::isnan(f)) return 0x7f;
-  const uint8_t sign = std::signbit(f) ? 0x80 : 0;
-  const float a = std::fabs(f);
-  if (a >= kE4M3Max) return sign | 0x7e;
-  if (a < 0x1p-6f) {
-    // Subnormal range: multiples of 2^-9. Scaling by 2^9 is exact and nearbyint
-    // rounds half to even in the default rounding mode; 8 lands on the smallest
-    // normal code (0x08), so the ranges join up.
-    return sign | static_cast<uint8_t>(std::nearbyint(a * 512.0f));
-  }
-  // Normal: round the 23-bit mantissa to 3 bits (nearest even; a carry moves
-  // into the exponent) and rebias the exponent from 127 to 7. a < 448 keeps the
-  // result at or below 0x7e (448).
-  const uint32_t x = std::bit_cast<uint32_t>(a);
-  const uint32_t r = x + 0x7ffffu + ((x >> 20) & 1u) - (120u << 23);
-  return sign | static_cast<uint8_t>(r >> 20);
-}
+uint8_t FastF32ToF8E4M3(float f) { return core::F32ToF8E4M3Fast(f); }
 
 uint16_t F32ToF16(float f) {
   const uint32_t x = std::bit_cast<uint32_t>(f);

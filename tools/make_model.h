@@ -89,9 +89,8 @@ absl::Status WriteRandomModel(const MakeModelOptions& options,
                               MakeModelSummary* summary = nullptr);
 
 namespace internal {
-// Same results as core::F32ToF8E4M3 (nearest, ties to even, saturating at 448),
-// computed with bit arithmetic instead of a scan over all codes, so large FP8
-// presets are written at disk speed. Exposed for tests.
+// core::F32ToF8E4M3Fast (bit arithmetic, so large FP8 presets are written at
+// disk speed). Exposed for tests.
 uint8_t FastF32ToF8E4M3(float f);
 // IEEE binary16, round to nearest even, overflow to infinity. (core/dtype.h has
 // no F32 -> F16 conversion yet.)

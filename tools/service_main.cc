@@ -1,0 +1,38 @@
+#include "tools/service_main.h"
+
+#include <pthread.h>
+
+#include <filesystem>
+#include <fstream>
+
+#include "absl/strings/str_cat.h"
+
+namespace dmoe::tools {
+
+sigset_t BlockStopSignals() {
+  sigset_t signals;
+  sigemptyset(&signals);
+  sigaddset(&signals, SIGTERM);
+  sigaddset(&signals, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &signals, nullptr);
+  return signals;
+}
+
+absl::Status WritePortFile(const std::string& path, int port) {
+  const std::string tmp = path + ".tmp";
+  {
+    std::ofstream out(tmp, std::ios::trunc);
+    if (!(out << port << "\n")) {
+      return absl::InternalError(absl::StrCat("--port-file: cannot write '", tmp, "'"));
+    }
+  }
+  std::error_code ec;
+  std::filesystem::rename(tmp, path, ec);
+  if (ec) {
+    return absl::InternalError(absl::StrCat("--port-file: cannot rename '", tmp, "' to '", path,
+                                            "': ", ec.message()));
+  }
+  return absl::OkStatus();
+}
+
+}  // namespace dmoe::tools
