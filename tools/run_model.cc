@@ -133,7 +133,6 @@ absl::Status Generate(const Args& args) {
     nlohmann::json j;
     j["prompt_tokens"] = prompt;
     j["tokens"] = generated;
-    j["finish_reason"] = finish;
     std::printf("%s\n", j.dump().c_str());
   } else {
     std::printf("prompt:    %s\ngenerated: %s\nfinish:    %s\n", absl::StrJoin(prompt, " ").c_str(),
