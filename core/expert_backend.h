@@ -17,6 +17,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -58,9 +59,28 @@ class ExpertBackend {
   // FailedPrecondition) name the layer and expert: an assignment to an FFN that is
   // not loaded, inconsistent offsets or sizes. Nothing is written on error.
   virtual absl::Status Compute(const ExpertBatch& batch, float* out) = 0;
+
+  // The same work, split in two so that the caller can overlap it with its own
+  // (micro-batching: attention of one micro-batch while another one's experts
+  // run elsewhere). Submit starts `batch` and returns a ticket; Await(ticket)
+  // finishes it and writes `out`, under the same contract as Compute. The
+  // batch's arrays and `out` must stay valid until Await or Cancel returns.
+  // Several tickets may be outstanding; each is awaited or cancelled exactly
+  // once, from the thread that submitted it. The default computes in Submit.
+  virtual absl::StatusOr<uint64_t> Submit(const ExpertBatch& batch, float* out);
+  virtual absl::Status Await(uint64_t ticket);
+  // Gives up on a submitted ticket (its `out` may be partly written).
+  virtual void Cancel(uint64_t ticket);
   // Bytes of resident weights.
   virtual size_t WeightBytes() const = 0;
 };
+
+// A Compute / Await error that concerns only some tokens of the batch (e.g.
+// their experts' only server is down): the status carries those token indices.
+// Without the payload an error concerns the whole batch.
+absl::Status WithFailedTokens(absl::Status status, std::span<const int32_t> tokens);
+// The token indices of WithFailedTokens, or empty.
+std::vector<int32_t> FailedTokens(const absl::Status& status);
 
 // The CPU backend: groups the batch's assignments per FFN (permute), runs one
 // fused gate|up GEMM and one down GEMM per FFN through PackedLinear, applies

@@ -18,6 +18,11 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, Model
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<Checkpoint> ckpt, Checkpoint::Open(dir));
   ckpt->set_fp8_block(m->cfg_.fp8_block_rows, m->cfg_.fp8_block_cols);
   m->compute_ = opts.compute;
+  if (opts.micro_batches < 1) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("micro_batches must be at least 1, got ", opts.micro_batches));
+  }
+  m->micro_batches_ = opts.micro_batches;
   DMOE_RETURN_IF_ERROR(m->LoadWeights(*ckpt, opts));
   return m;
 }
@@ -184,35 +189,49 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
     }
   }
 
-  std::vector<int32_t> dense_offsets(T + 1), dense_ids(T, kSharedFfn);
-  std::vector<float> dense_weights(T, 1.0f);
-  for (int64_t t = 0; t <= T; ++t) dense_offsets[t] = static_cast<int32_t>(t);
-
-  for (int64_t l = 0; l < c.num_hidden_layers; ++l) {
-    RmsNormRows(x_.data(), H, input_norm_[l].data(), T, H, c.rms_norm_eps, xn_.data(), H);
-    attn_[l]->Forward(xn_.data(), tokens, cache, tmp_.data());
-    for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
-    RmsNormRows(x_.data(), H, post_norm_[l].data(), T, H, c.rms_norm_eps, xn_.data(), H);
-    if (gates_[l]) {
-      // gate -> dispatch plan -> expert compute -> combine.
-      GateResult routing = gates_[l]->Route(xn_.data(), T);
-      DispatchPlan plan = MakeDispatchPlan(routing, c.n_shared_experts > 0);
-      DMOE_RETURN_IF_ERROR(
-          experts_->Compute(plan.AsBatch(static_cast<int32_t>(l), xn_.data(), T, H), tmp_.data()));
-      for (int32_t e : routing.experts) ++expert_load_[l][e];
-    } else {
-      ExpertBatch b;
-      b.layer = static_cast<int32_t>(l);
-      b.num_tokens = T;
-      b.hidden = H;
-      b.x = xn_.data();
-      b.token_offsets = dense_offsets;
-      b.ffn_ids = dense_ids;
-      b.weights = dense_weights;
-      DMOE_RETURN_IF_ERROR(dense_->Compute(b, tmp_.data()));
-    }
-    for (int64_t i = 0; i < T * H; ++i) x_[i] += tmp_[i];
+  if (static_cast<int64_t>(dense_offsets_.size()) < T + 1) {
+    dense_offsets_.resize(T + 1);
+    for (int64_t t = 0; t <= T; ++t) dense_offsets_[t] = static_cast<int32_t>(t);
+    dense_ids_.assign(T, kSharedFfn);
+    dense_weights_.assign(T, 1.0f);
   }
+
+  // Micro-batches: equal runs of tokens (a prompt may straddle two; its
+  // second part attends to the first part's cache entries, which the first
+  // micro-batch writes earlier in the same layer).
+  const int64_t M = std::min<int64_t>(micro_batches_, T);
+  mbs_.resize(M);
+  for (int64_t k = 0; k < M; ++k) {
+    MicroBatch& mb = mbs_[k];
+    mb.t0 = k * T / M;
+    mb.n = (k + 1) * T / M - mb.t0;
+    mb.tokens.num_tokens = mb.n;
+    mb.tokens.seq.assign(tokens.seq.begin() + mb.t0, tokens.seq.begin() + mb.t0 + mb.n);
+    mb.tokens.position.assign(tokens.position.begin() + mb.t0,
+                              tokens.position.begin() + mb.t0 + mb.n);
+    mb.backend = nullptr;
+  }
+  // Pipeline: micro-batch k's attention of layer l runs while the others'
+  // FFNs of layer l (or l - 1) are out.
+  absl::Status st;
+  for (int64_t l = 0; l < c.num_hidden_layers && st.ok(); ++l) {
+    for (MicroBatch& mb : mbs_) {
+      st = AwaitLayer(mb);
+      if (!st.ok()) break;
+      st = SubmitLayer(l, mb, cache);
+      if (!st.ok()) break;
+    }
+  }
+  for (MicroBatch& mb : mbs_) {
+    if (st.ok()) {
+      st = AwaitLayer(mb);
+    } else if (mb.backend != nullptr) {
+      mb.backend->Cancel(mb.ticket);
+      mb.backend = nullptr;
+    }
+  }
+  DMOE_RETURN_IF_ERROR(st);
+
   for (const SeqInput& in : batch) {
     cache.SetLength(in.seq, cache.Length(in.seq) + static_cast<int64_t>(in.tokens.size()));
   }
@@ -226,6 +245,82 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
   logits->resize(R * V);
   lm_head_.Forward(last_.data(), R, logits->data());
   return absl::OkStatus();
+}
+
+absl::Status Model::SubmitLayer(int64_t l, MicroBatch& mb, KvCache& cache) {
+  const ModelConfig& c = cfg_;
+  const int64_t H = c.hidden_size, n = mb.n;
+  float* x = x_.data() + mb.t0 * H;
+  float* xn = xn_.data() + mb.t0 * H;
+  float* tmp = tmp_.data() + mb.t0 * H;
+  RmsNormRows(x, H, input_norm_[l].data(), n, H, c.rms_norm_eps, xn, H);
+  attn_[l]->Forward(xn, mb.tokens, cache, tmp);
+  for (int64_t i = 0; i < n * H; ++i) x[i] += tmp[i];
+  RmsNormRows(x, H, post_norm_[l].data(), n, H, c.rms_norm_eps, xn, H);
+  ExpertBatch b;
+  ExpertBackend* backend;
+  if (gates_[l]) {
+    // gate -> dispatch plan -> expert compute (-> combine in AwaitLayer).
+    mb.routing = gates_[l]->Route(xn, n);
+    mb.plan = MakeDispatchPlan(mb.routing, c.n_shared_experts > 0);
+    b = mb.plan.AsBatch(static_cast<int32_t>(l), xn, n, H);
+    backend = experts_.get();
+  } else {
+    b.layer = static_cast<int32_t>(l);
+    b.num_tokens = n;
+    b.hidden = H;
+    b.x = xn;
+    b.token_offsets = std::span<const int32_t>(dense_offsets_).first(n + 1);
+    b.ffn_ids = std::span<const int32_t>(dense_ids_).first(n);
+    b.weights = std::span<const float>(dense_weights_).first(n);
+    backend = dense_.get();
+  }
+  absl::StatusOr<uint64_t> ticket = backend->Submit(b, tmp);
+  if (!ticket.ok()) return Annotate(ticket.status(), mb);
+  mb.backend = backend;
+  mb.ticket = *ticket;
+  mb.layer = l;
+  return absl::OkStatus();
+}
+
+absl::Status Model::AwaitLayer(MicroBatch& mb) {
+  if (mb.backend == nullptr) return absl::OkStatus();
+  ExpertBackend* backend = mb.backend;
+  mb.backend = nullptr;
+  DMOE_RETURN_IF_ERROR(Annotate(backend->Await(mb.ticket), mb));
+  const int64_t H = cfg_.hidden_size;
+  float* x = x_.data() + mb.t0 * H;
+  const float* y = tmp_.data() + mb.t0 * H;
+  for (int64_t i = 0; i < mb.n * H; ++i) x[i] += y[i];
+  if (gates_[mb.layer]) {
+    for (int32_t e : mb.routing.experts) ++expert_load_[mb.layer][e];
+  }
+  return absl::OkStatus();
+}
+
+absl::Status Model::Annotate(absl::Status st, const MicroBatch& mb) const {
+  if (st.ok()) return st;
+  const std::vector<int32_t> failed = FailedTokens(st);
+  if (failed.empty()) return st;
+  std::vector<int32_t> seqs;
+  for (int32_t t : failed) {
+    if (t >= 0 && t < mb.n) seqs.push_back(mb.tokens.seq[t]);
+  }
+  std::sort(seqs.begin(), seqs.end());
+  seqs.erase(std::unique(seqs.begin(), seqs.end()), seqs.end());
+  return WithFailedSequences(std::move(st), seqs);
+}
+
+namespace {
+constexpr char kFailedSequencesUrl[] = "type.dmoe.dev/dmoe.FailedSequences";
+}  // namespace
+
+absl::Status WithFailedSequences(absl::Status status, std::span<const int32_t> seqs) {
+  return WithInt32Payload(std::move(status), kFailedSequencesUrl, seqs);
+}
+
+std::vector<int32_t> FailedSequences(const absl::Status& status) {
+  return Int32Payload(status, kFailedSequencesUrl);
 }
 
 }  // namespace dmoe::core

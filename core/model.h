@@ -40,6 +40,12 @@ struct ModelOptions {
   // ones, when it computes the shared expert itself).
   bool load_routed_experts = true;
   bool load_shared_experts = true;
+  // Forward splits each step's tokens into up to this many micro-batches and
+  // pipelines them through the layers: while one micro-batch's experts are
+  // computed (ExpertBackend::Submit ... Await), the next one's attention runs.
+  // Worth it when the experts are remote; 1 = no split. Results do not depend
+  // on it beyond rounding (each token's arithmetic is the same).
+  int micro_batches = 1;
 };
 
 struct SeqInput {
@@ -59,10 +65,13 @@ class Model {
   // requested position: [rows, vocab]. On error nothing is appended to any
   // sequence. Errors: unknown/duplicate sequence, empty input, token id out of
   // the vocabulary, sequence over its cache capacity (InvalidArgument /
-  // ResourceExhausted), expert backend failures.
+  // ResourceExhausted), expert backend failures. An expert failure that
+  // concerns only some tokens (core::FailedTokens) names their sequences
+  // (FailedSequences); the others can run again in a later step.
   absl::Status Forward(std::span<const SeqInput> batch, KvCache& cache, std::vector<float>* logits);
 
   size_t WeightBytes() const;
+  int micro_batches() const { return micro_batches_; }
   // The backend computing this model's MoE experts.
   ExpertBackend& experts() { return *experts_; }
   // Routed assignments counted per (layer, expert) since load: [layers][n_routed].
@@ -86,8 +95,33 @@ class Model {
   PackedLinear lm_head_;
   std::vector<std::vector<int64_t>> expert_load_;
 
+  // One micro-batch of a step: token rows [t0, t0 + n) of the step's buffers.
+  struct MicroBatch {
+    int64_t t0 = 0, n = 0;
+    TokenLayout tokens;
+    GateResult routing;
+    DispatchPlan plan;
+    ExpertBackend* backend = nullptr;  // with a ticket in flight, else null
+    uint64_t ticket = 0;
+    int64_t layer = -1;  // of the ticket in flight
+  };
+  // Runs layer `l`'s attention and submits its FFN for `mb`.
+  absl::Status SubmitLayer(int64_t l, MicroBatch& mb, KvCache& cache);
+  // Awaits `mb`'s FFN and adds it to the residual stream.
+  absl::Status AwaitLayer(MicroBatch& mb);
+  // For an error of `mb`'s experts: the sequences concerned, as a payload.
+  absl::Status Annotate(absl::Status st, const MicroBatch& mb) const;
+
+  int micro_batches_ = 1;
   std::vector<float> x_, xn_, tmp_, last_;
+  std::vector<MicroBatch> mbs_;
+  std::vector<int32_t> dense_offsets_, dense_ids_;
+  std::vector<float> dense_weights_;
 };
+
+// Attaches / reads the KV cache sequence ids an error concerns (Model::Forward).
+absl::Status WithFailedSequences(absl::Status status, std::span<const int32_t> seqs);
+std::vector<int32_t> FailedSequences(const absl::Status& status);
 
 }  // namespace dmoe::core
 

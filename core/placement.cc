@@ -4,6 +4,7 @@
 #include <fstream>
 #include <limits>
 #include <set>
+#include <tuple>
 
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
@@ -174,23 +175,44 @@ bool Placement::Holds(int64_t layer, int server, int32_t e) const {
 absl::StatusOr<std::vector<ServerShare>> SplitByServer(const ExpertBatch& batch,
                                                        const Placement& placement,
                                                        std::span<const int64_t> queued_tokens,
-                                                       SharedDuty duty) {
+                                                       SharedDuty duty,
+                                                       std::span<const ServerState> states,
+                                                       std::vector<int32_t>* stranded) {
   const int N = placement.num_servers();
   std::vector<int64_t> load(queued_tokens.begin(), queued_tokens.end());
   load.resize(N, 0);
+  auto state = [&](int s) {
+    return static_cast<size_t>(s) < states.size() ? states[s] : ServerState::kUp;
+  };
   std::vector<ServerShare> shares(N);
   for (int s = 0; s < N; ++s) {
     shares[s].server = s;
     shares[s].token_offsets.push_back(0);
   }
-  std::vector<int> chosen;        // server per assignment of the current token
+  std::vector<int> chosen;  // server per assignment of the current token
   std::vector<char> visits(N);
+  // Among `candidates`, the best server for a new assignment: not excluded; up
+  // before avoided; visited before not; then the least loaded. -1 if none.
+  auto pick = [&](std::span<const int32_t> candidates) {
+    int best = -1;
+    auto key = [&](int s) {
+      return std::tuple(state(s) == ServerState::kUp ? 0 : 1, visits[s] ? 0 : 1, load[s]);
+    };
+    for (int s : candidates) {
+      if (state(s) == ServerState::kExcluded) continue;
+      if (best < 0 || key(s) < key(best)) best = s;
+    }
+    return best;
+  };
+  std::vector<int32_t> all_servers(N);
+  for (int s = 0; s < N; ++s) all_servers[s] = s;
+
   for (int64_t t = 0; t < batch.num_tokens; ++t) {
     const int32_t begin = batch.token_offsets[t], end = batch.token_offsets[t + 1];
     chosen.assign(end - begin, -1);
     std::fill(visits.begin(), visits.end(), 0);
-    bool has_shared = false;
-    // Experts with one replica fix the servers this token visits anyway.
+    bool has_shared = false, lost = false;
+    // Experts with one usable replica fix the servers this token visits anyway.
     for (int32_t a = begin; a < end; ++a) {
       const int32_t e = batch.ffn_ids[a];
       if (e == kSharedFfn) {
@@ -203,25 +225,35 @@ absl::StatusOr<std::vector<ServerShare>> SplitByServer(const ExpertBatch& batch,
                                                           " has no replica in placement version ",
                                                           placement.version()));
       }
-      if (r.size() == 1) {
-        chosen[a - begin] = r[0];
-        visits[r[0]] = 1;
+      int usable = -1, count = 0;
+      for (int s : r) {
+        if (state(s) != ServerState::kExcluded) {
+          usable = s;
+          ++count;
+        }
+      }
+      if (count == 0) {
+        if (stranded == nullptr) {
+          return absl::UnavailableError(absl::StrCat("layer ", batch.layer, ": every server holding expert ",
+                                                     e, " has failed"));
+        }
+        lost = true;
+        break;
+      }
+      if (count == 1) {
+        chosen[a - begin] = usable;
+        visits[usable] = 1;
       }
     }
-    // Replicated experts: a server already visited, else the least loaded.
+    if (lost) {
+      stranded->push_back(static_cast<int32_t>(t));
+      continue;
+    }
+    // Replicated experts.
     for (int32_t a = begin; a < end; ++a) {
       const int32_t e = batch.ffn_ids[a];
       if (e == kSharedFfn || chosen[a - begin] >= 0) continue;
-      const auto& r = placement.Replicas(batch.layer, e);
-      int best = -1;
-      for (int s : r) {
-        if (visits[s] && (best < 0 || load[s] < load[best])) best = s;
-      }
-      if (best < 0) {
-        for (int s : r) {
-          if (best < 0 || load[s] < load[best]) best = s;
-        }
-      }
+      const int best = pick(placement.Replicas(batch.layer, e));
       chosen[a - begin] = best;
       visits[best] = 1;
     }
@@ -230,8 +262,16 @@ absl::StatusOr<std::vector<ServerShare>> SplitByServer(const ExpertBatch& batch,
       for (int s = 0; s < N; ++s) {
         if (visits[s] && (shared_server < 0 || load[s] < load[shared_server])) shared_server = s;
       }
-      if (shared_server < 0) {  // a token with only the shared FFN: least loaded server
-        shared_server = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
+      if (shared_server < 0) {  // a token with only the shared FFN: any server
+        shared_server = pick(all_servers);
+        if (shared_server < 0) {
+          if (stranded == nullptr) {
+            return absl::UnavailableError(
+                absl::StrCat("layer ", batch.layer, ": every expert server has failed"));
+          }
+          stranded->push_back(static_cast<int32_t>(t));
+          continue;
+        }
         visits[shared_server] = 1;
       }
     }

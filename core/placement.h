@@ -64,17 +64,28 @@ struct ServerShare {
 
 enum class SharedDuty { kExpertServers, kRouter };
 
+// A server as SplitByServer sees it: up; to be avoided (it failed recently:
+// used only for experts that have no replica on an up server); or excluded
+// (it failed during this very batch: never used).
+enum class ServerState : uint8_t { kUp, kAvoid, kExcluded };
+
 // Splits `batch` (assignments with logical expert ids and kSharedFfn) by server:
 // each token goes once to every server it visits. For an expert with several
-// replicas, a server the token already visits is preferred, else the one with
-// the least queued work (`queued_tokens`, per server, updated as tokens are
-// placed). Shared duty goes to a server the token already visits (the least
-// loaded one) or, with SharedDuty::kRouter, is dropped from the shares (the
-// caller computes it). Error when an expert has no replica.
+// replicas, an up server is preferred to an avoided one, then a server the
+// token already visits, then the one with the least queued work
+// (`queued_tokens`, per server, updated as tokens are placed). Shared duty goes
+// to a server the token already visits (the least loaded one) or, with
+// SharedDuty::kRouter, is dropped from the shares (the caller computes it).
+// `states` (per server; empty = all up) marks servers to avoid or exclude. A
+// token with an expert that has no replica outside the excluded servers is
+// "stranded": with `stranded` given, it is appended there (ascending) and left
+// out of every share; otherwise it is an error, as is an expert with no replica.
 absl::StatusOr<std::vector<ServerShare>> SplitByServer(const ExpertBatch& batch,
                                                        const Placement& placement,
                                                        std::span<const int64_t> queued_tokens,
-                                                       SharedDuty duty);
+                                                       SharedDuty duty,
+                                                       std::span<const ServerState> states = {},
+                                                       std::vector<int32_t>* stranded = nullptr);
 
 }  // namespace dmoe::core
 

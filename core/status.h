@@ -5,7 +5,10 @@
 #ifndef DMOE_CORE_STATUS_H_
 #define DMOE_CORE_STATUS_H_
 
+#include <cstdint>
+#include <span>
 #include <utility>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
@@ -29,5 +32,16 @@
   auto statusor = (rexpr);                                 \
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()
+
+namespace dmoe::core {
+
+// Attaches a list of ids (little-endian int32) to a non-OK status as the
+// payload `type_url`; OK statuses are returned unchanged.
+absl::Status WithInt32Payload(absl::Status status, const char* type_url,
+                              std::span<const int32_t> ids);
+// The ids attached under `type_url`, or empty.
+std::vector<int32_t> Int32Payload(const absl::Status& status, const char* type_url);
+
+}  // namespace dmoe::core
 
 #endif  // DMOE_CORE_STATUS_H_

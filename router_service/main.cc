@@ -66,6 +66,10 @@ void DeclareFlags(tools::Args& args) {
             "tokens per scheduler step (decodes + prefill chunks)", "2048")
       .Flag("max-queue", "N",
             "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
+      .Flag("micro-batches", "N",
+            "with --experts: split each step into up to N micro-batches so that "
+            "attention of one overlaps the expert round trip of another",
+            "2")
       .Flag("expert-deadline-ms", "MS",
             "deadline of one layer's round trip to the expert servers", "10000")
       .Flag("shutdown-grace-ms", "MS",
@@ -85,6 +89,7 @@ struct Config {
   core::ComputeType compute = core::ComputeType::kBF16;
   std::string wire = "auto";  // activations to expert servers
   int threads = 0;
+  int micro_batches = 2;
   SchedulerOptions sched;
   int64_t expert_deadline_ms = 0;
   int64_t grace_ms = 0;
@@ -154,6 +159,8 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
                         IntIn(args, "max-batch-tokens", 1, 1 << 24));
   DMOE_ASSIGN_OR_RETURN(c.sched.max_queue,
                         IntIn(args, "max-queue", 1, 1 << 24));
+  DMOE_ASSIGN_OR_RETURN(int64_t micro, IntIn(args, "micro-batches", 1, 64));
+  c.micro_batches = static_cast<int>(micro);
   DMOE_ASSIGN_OR_RETURN(c.expert_deadline_ms,
                         IntIn(args, "expert-deadline-ms", 1, 3600000));
   DMOE_ASSIGN_OR_RETURN(c.grace_ms,
@@ -199,6 +206,7 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const Config& c) {
     DMOE_ASSIGN_OR_RETURN(opts.experts, MakeRemoteExpertBackend(std::move(ro)));
     opts.load_routed_experts = false;
     opts.load_shared_experts = c.shared == core::SharedDuty::kRouter;
+    opts.micro_batches = c.micro_batches;
   }
   return core::Model::Load(c.model, std::move(opts));
 }

@@ -1,20 +1,24 @@
-// RemoteExpertBackend: SplitByServer -> pack and send each server its share ->
-// (local shared FFN) -> await every reply under one deadline -> sum per token
-// in ascending server order.
+// RemoteExpertBackend: Submit = SplitByServer -> pack and send each server its
+// share -> (local shared FFN); Await = collect every reply (each request under
+// its own deadline), re-send the share of a server that failed to the
+// replicas of its experts, then sum per token in request order.
 //
 // Streams are internal::DispatchStream reactors (callback API; see that header
-// for why). This file owns the per-Compute protocol: request ids, chunking,
-// reply validation and reassembly, error mapping, reconnection.
+// for why). This file owns the per-batch protocol: tickets and request ids,
+// chunking, reply validation and reassembly, failover, error mapping,
+// reconnection.
 #include "router_service/remote_expert_backend.h"
 
 #include <algorithm>
 #include <atomic>
+#include <cstdio>
 #include <cstring>
 #include <memory>
 #include <string>
 #include <utility>
 #include <vector>
 
+#include "absl/container/flat_hash_map.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
@@ -50,6 +54,11 @@ absl::StatusCode CodeFromWire(int32_t code) {
 // the error path; it makes "connection refused" visible in the message).
 constexpr absl::Duration kFinalStatusGrace = absl::Milliseconds(100);
 
+// How long a server that failed is avoided when its experts have replicas
+// elsewhere: doubling from the first to the last value while it keeps failing.
+constexpr absl::Duration kMinAvoid = absl::Milliseconds(250);
+constexpr absl::Duration kMaxAvoid = absl::Seconds(5);
+
 class RemoteExpertBackend final : public core::ExpertBackend {
  public:
   explicit RemoteExpertBackend(RemoteExpertOptions options);
@@ -62,6 +71,9 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) override;
   bool HasFfn(int32_t layer, int32_t ffn_id) const override;
   absl::Status Compute(const core::ExpertBatch& batch, float* out) override;
+  absl::StatusOr<uint64_t> Submit(const core::ExpertBatch& batch, float* out) override;
+  absl::Status Await(uint64_t ticket) override;
+  void Cancel(uint64_t ticket) override;
   size_t WeightBytes() const override { return local_->WeightBytes(); }
 
  private:
@@ -71,38 +83,73 @@ class RemoteExpertBackend final : public core::ExpertBackend {
     std::shared_ptr<grpc::Channel> channel;
     std::unique_ptr<v1::ExpertService::Stub> stub;
     std::shared_ptr<DispatchStream> stream;  // null until needed / after a failure
+    // After a failure: until then, replicas elsewhere are preferred.
+    absl::Time avoid_until = absl::InfinitePast();
+    absl::Duration avoid_for = absl::ZeroDuration();  // the last back-off
   };
-  // One server's part of the Compute in progress.
+  // One request: a share of a ticket's batch sent to one server.
   struct Pending {
+    enum class State { kWaiting, kDone, kFailed };
+    State state = State::kWaiting;
+    uint64_t ticket = 0;
     int server = 0;
     uint64_t id = 0;
+    std::shared_ptr<DispatchStream> stream;  // the stream it went out on
+    core::ServerShare share;                 // tokens: indices into the ticket's batch
+    std::vector<float> partial;              // [rows, hidden] unpacked reply
     int64_t rows = 0;           // tokens sent
     int64_t rows_received = 0;  // rows of reply unpacked so far
     uint32_t next_chunk = 0;
     uint32_t chunk_count = 0;  // of the reply, known from its first chunk
-    bool done = false;
+    absl::Time sent, deadline;
+  };
+  // One submitted batch.
+  struct Ticket {
+    uint64_t id = 0;
+    core::ExpertBatch batch;
+    float* out = nullptr;
+    std::vector<std::unique_ptr<Pending>> pending;  // in sending order
+    std::vector<core::ServerState> states;          // [N] excluded: failed for this batch
+    std::vector<int32_t> stranded;                  // tokens no live server can serve
+    absl::Status failure;  // the first server failure (explains stranded tokens)
+    absl::Status error;    // a failure of the whole batch
+    bool local_shared = false;
+    std::vector<char> has_shared;    // [T] (router duty)
+    std::vector<float> shared_out;   // [T, hidden] (router duty)
   };
 
   absl::Status Validate(const core::ExpertBatch& b, const float* out) const;
   void OpenStream(int s);
-  // Closes server s's stream (reopened by the next Compute, on a new channel);
+  // Closes server s's stream (reopened by the next Send, on a new channel);
   // returns why it ended. The stream and its channel are retired.
   std::string Abandon(int s, absl::Duration grace);
   // Destroys the retired streams and channels that gRPC is done with.
   void ReapRetired();
-  void SendShare(const core::ExpertBatch& b, const core::ServerShare& share, uint64_t id);
-  absl::Status AwaitReplies(absl::Time start, absl::Time deadline, int64_t hidden);
-  // `reconnect` is set for protocol errors (the stream is no longer trusted).
-  absl::Status HandleReply(Pending& p, const v1::ExpertResponse& r, int64_t hidden,
-                           bool* reconnect);
-  absl::Status ComputeLocalShared(const core::ExpertBatch& b);
+  Ticket* FindTicket(uint64_t id);
+  // Sends `share` of ticket `t` to its server as a new request.
+  void Send(Ticket& t, core::ServerShare share);
+  void Pack(const core::ExpertBatch& b, const Pending& p, DispatchStream& stream);
+  // Handles one reply message for `p`: unpacks it, or fails `p` over (a
+  // server that is unavailable or overloaded), or records a batch error.
+  void HandleReply(Pending& p, const v1::ExpertResponse& r);
+  // Server `p.server` failed `p` (`why`): forgets the request, avoids the
+  // server for a while and re-sends p's tokens to replicas of their experts
+  // on other servers; tokens with no such replica become stranded.
+  void FailOver(Pending& p, const absl::Status& why, bool abandon_stream);
+  // Records a protocol error of `p`'s server for its ticket and drops the stream.
+  void ProtocolError(Pending& p, std::string message);
+  void Forget(Pending& p);
+  // Releases the ticket (forgets its waiting requests).
+  void Retire(uint64_t ticket);
+  absl::Status ComputeLocalShared(Ticket& t);
+  void Combine(const Ticket& t);
 
   // Const after construction.
   const RemoteExpertOptions options_;
   const std::shared_ptr<DispatchHub> hub_;
   const std::unique_ptr<core::ExpertBackend> local_;  // shared FFNs (SharedDuty::kRouter)
 
-  // Compute thread only.
+  // Submitting thread only.
   std::vector<Server> servers_;
   // Closed streams that gRPC may still use, with their channels: destroyed
   // here once finished, never in a reaction (see dispatch_stream.h).
@@ -112,19 +159,21 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   };
   std::vector<Retired> retired_;
   uint64_t next_request_id_ = 1;
+  uint64_t next_ticket_ = 1;
+  std::vector<std::unique_ptr<Ticket>> tickets_;    // outstanding
+  std::vector<std::unique_ptr<Ticket>> free_tickets_;
+  std::vector<std::unique_ptr<Pending>> free_pending_;
+  absl::flat_hash_map<uint64_t, Pending*> waiting_;  // request id -> its waiting request
   // Workspaces, grown only.
-  std::vector<int64_t> queued_;              // [N] live load at split time
-  std::vector<core::ServerShare> shares_;    // [N]
-  std::vector<Pending> pending_;             // servers with tokens, ascending
-  std::vector<float> gather_;                // [chunk rows, hidden] x rows of one chunk
-  std::vector<std::vector<float>> partial_;  // [N][share tokens, hidden] unpacked replies
-  std::vector<std::pair<size_t, std::unique_ptr<v1::ExpertResponse>>> replies_;
+  std::vector<int64_t> queued_;  // [N] live load at split time
+  std::vector<float> gather_;    // [chunk rows, hidden] x rows of one chunk
+  std::vector<std::pair<DispatchStream*, std::unique_ptr<v1::ExpertResponse>>> replies_;
   std::vector<std::unique_ptr<v1::ExpertResponse>> taken_;
-  std::vector<char> has_shared_;             // [T]
-  std::vector<int32_t> shared_offsets_;      // [T + 1] local shared batch
-  std::vector<int32_t> shared_ids_;          // [tokens with shared]
-  std::vector<float> shared_weights_;        // [tokens with shared]
-  std::vector<float> shared_out_;            // [T, hidden]
+  std::vector<DispatchStream*> streams_;
+  std::vector<int32_t> stranded_;
+  std::vector<int32_t> shared_offsets_;  // [T + 1] local shared batch
+  std::vector<int32_t> shared_ids_;      // [tokens with shared]
+  std::vector<float> shared_weights_;    // [tokens with shared]
 };
 
 RemoteExpertBackend::RemoteExpertBackend(RemoteExpertOptions options)
@@ -138,10 +187,12 @@ RemoteExpertBackend::RemoteExpertBackend(RemoteExpertOptions options)
     servers_[s].label = absl::StrCat("expert server ", s, " (", options_.servers[s], ")");
   }
   queued_.resize(n);
-  partial_.resize(n);
 }
 
 RemoteExpertBackend::~RemoteExpertBackend() {
+  while (!tickets_.empty()) Retire(tickets_.back()->id);
+  free_tickets_.clear();
+  free_pending_.clear();  // their stream references
   for (int s = 0; s < static_cast<int>(servers_.size()); ++s) {
     if (servers_[s].stream) Abandon(s, absl::ZeroDuration());
   }
@@ -260,17 +311,22 @@ absl::Status RemoteExpertBackend::Validate(const core::ExpertBatch& b, const flo
 }
 
 absl::Status RemoteExpertBackend::Compute(const core::ExpertBatch& b, float* out) {
+  DMOE_ASSIGN_OR_RETURN(const uint64_t ticket, Submit(b, out));
+  return Await(ticket);
+}
+
+absl::StatusOr<uint64_t> RemoteExpertBackend::Submit(const core::ExpertBatch& b, float* out) {
   DMOE_RETURN_IF_ERROR(Validate(b, out));
-  const int64_t T = b.num_tokens, H = b.hidden;
-  if (T == 0) return absl::OkStatus();
+  const int64_t T = b.num_tokens;
   const int N = static_cast<int>(servers_.size());
 
   bool any_local_shared = false;
-  if (options_.shared_duty == core::SharedDuty::kRouter) {
-    has_shared_.assign(T, 0);
+  std::vector<char> has_shared;
+  if (options_.shared_duty == core::SharedDuty::kRouter && T > 0) {
+    has_shared.assign(T, 0);
     for (int64_t t = 0; t < T; ++t) {
       for (int32_t a = b.token_offsets[t]; a < b.token_offsets[t + 1]; ++a) {
-        if (b.ffn_ids[a] == core::kSharedFfn) has_shared_[t] = any_local_shared = true;
+        if (b.ffn_ids[a] == core::kSharedFfn) has_shared[t] = any_local_shared = true;
       }
     }
     if (any_local_shared && !local_->HasFfn(b.layer, core::kSharedFfn)) {
@@ -279,53 +335,303 @@ absl::Status RemoteExpertBackend::Compute(const core::ExpertBatch& b, float* out
     }
   }
 
-  for (int s = 0; s < N; ++s) queued_[s] = hub_->in_flight[s].load(std::memory_order_relaxed);
-  DMOE_ASSIGN_OR_RETURN(shares_, core::SplitByServer(b, options_.placement, queued_,
-                                                     options_.shared_duty));
-
-  const absl::Time start = absl::Now();
-  const absl::Time deadline = start + absl::FromChrono(options_.deadline);
-  pending_.clear();
+  const absl::Time now = absl::Now();
+  std::vector<core::ServerState> states(N, core::ServerState::kUp);
   for (int s = 0; s < N; ++s) {
-    const core::ServerShare& share = shares_[s];
-    if (share.tokens.empty()) continue;
-    // A stream that broke while idle (e.g. the server restarted between
-    // steps) lost nothing: replace it before sending.
-    if (!servers_[s].stream || servers_[s].stream->Broken()) OpenStream(s);
-    Pending p;
-    p.server = s;
-    p.id = next_request_id_++;
-    p.rows = static_cast<int64_t>(share.tokens.size());
-    pending_.push_back(p);
-    partial_[s].resize(static_cast<size_t>(p.rows * H));
-    SendShare(b, share, p.id);
+    if (servers_[s].avoid_until > now) states[s] = core::ServerState::kAvoid;
+    queued_[s] = hub_->in_flight[s].load(std::memory_order_relaxed);
+  }
+  std::vector<core::ServerShare> shares;
+  if (T > 0) {
+    DMOE_ASSIGN_OR_RETURN(shares, core::SplitByServer(b, options_.placement, queued_,
+                                                      options_.shared_duty, states));
   }
 
+  std::unique_ptr<Ticket> t;
+  if (free_tickets_.empty()) {
+    t = std::make_unique<Ticket>();
+  } else {
+    t = std::move(free_tickets_.back());
+    free_tickets_.pop_back();
+  }
+  t->id = next_ticket_++;
+  t->batch = b;
+  t->out = out;
+  t->pending.clear();
+  for (auto& st : states) {
+    if (st == core::ServerState::kAvoid) st = core::ServerState::kUp;  // re-read on failover
+  }
+  t->states = std::move(states);
+  t->stranded.clear();
+  t->failure = absl::OkStatus();
+  t->error = absl::OkStatus();
+  t->local_shared = any_local_shared;
+  t->has_shared = std::move(has_shared);
+  Ticket& ticket = *t;
+  tickets_.push_back(std::move(t));
+  ReapRetired();
+  for (core::ServerShare& share : shares) {
+    if (!share.tokens.empty()) Send(ticket, std::move(share));
+  }
   // Overlapped with the round trips.
-  if (any_local_shared) DMOE_RETURN_IF_ERROR(ComputeLocalShared(b));
+  if (any_local_shared) {
+    absl::Status st = ComputeLocalShared(ticket);
+    if (!st.ok()) {
+      Retire(ticket.id);
+      return st;
+    }
+  }
+  return ticket.id;
+}
 
-  DMOE_RETURN_IF_ERROR(AwaitReplies(start, deadline, H));
+RemoteExpertBackend::Ticket* RemoteExpertBackend::FindTicket(uint64_t id) {
+  for (auto& t : tickets_) {
+    if (t->id == id) return t.get();
+  }
+  return nullptr;
+}
 
-  // Combine: fixed order (servers ascending, then the local shared FFN), fp32.
+void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
+  const int s = share.server;
+  Server& sv = servers_[s];
+  // A stream that broke while idle (e.g. the server restarted between
+  // batches) lost nothing of this ticket: replace it before sending.
+  if (!sv.stream || sv.stream->Broken()) OpenStream(s);
+  std::unique_ptr<Pending> p;
+  if (free_pending_.empty()) {
+    p = std::make_unique<Pending>();
+  } else {
+    p = std::move(free_pending_.back());
+    free_pending_.pop_back();
+  }
+  p->state = Pending::State::kWaiting;
+  p->ticket = t.id;
+  p->server = s;
+  p->id = next_request_id_++;
+  p->stream = sv.stream;
+  p->share = std::move(share);
+  p->rows = static_cast<int64_t>(p->share.tokens.size());
+  p->rows_received = 0;
+  p->next_chunk = 0;
+  p->chunk_count = 0;
+  p->partial.resize(static_cast<size_t>(p->rows * t.batch.hidden));
+  p->sent = absl::Now();
+  p->deadline = p->sent + absl::FromChrono(options_.deadline);
+  waiting_[p->id] = p.get();
+  Pack(t.batch, *p, *p->stream);
+  t.pending.push_back(std::move(p));
+}
+
+absl::Status RemoteExpertBackend::Await(uint64_t ticket_id) {
+  Ticket* t = FindTicket(ticket_id);
+  if (t == nullptr) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("remote experts: ticket ", ticket_id, " is not outstanding"));
+  }
+  while (t->error.ok()) {
+    // This ticket's requests still out (FailOver may add more as we go).
+    streams_.clear();
+    absl::Time deadline = absl::InfiniteFuture();
+    for (const auto& p : t->pending) {
+      if (p->state != Pending::State::kWaiting) continue;
+      if (std::find(streams_.begin(), streams_.end(), p->stream.get()) == streams_.end()) {
+        streams_.push_back(p->stream.get());
+      }
+      deadline = std::min(deadline, p->deadline);
+    }
+    if (streams_.empty()) break;
+    replies_.clear();
+    std::vector<char> broken(streams_.size(), 0);
+    {
+      absl::MutexLock lock(&hub_->mu);
+      auto news = [this]() {
+        for (DispatchStream* st : streams_) {
+          if (st->HasNewsLocked()) return true;
+        }
+        return false;
+      };
+      hub_->mu.AwaitWithDeadline(absl::Condition(&news), deadline);
+      for (size_t i = 0; i < streams_.size(); ++i) {
+        taken_.clear();
+        streams_[i]->TakeRepliesLocked(&taken_);
+        for (auto& r : taken_) replies_.emplace_back(streams_[i], std::move(r));
+        broken[i] = streams_[i]->BrokenLocked();
+      }
+    }
+    // Replies first (in arrival order per stream): an error reply explains a
+    // broken stream better than the break itself.
+    for (auto& [stream, reply] : replies_) {
+      auto it = waiting_.find(reply->request_id());
+      if (it == waiting_.end() || it->second->stream.get() != stream) {
+        // A reply to a request never sent on this stream. Blame the stream's
+        // oldest waiting request of this ticket, if any is still there.
+        for (auto& p : t->pending) {
+          if (p->state == Pending::State::kWaiting && p->stream.get() == stream) {
+            ProtocolError(*p, absl::StrCat("reply to request ", reply->request_id(),
+                                           ", expected request ", p->id));
+            break;
+          }
+        }
+        continue;
+      }
+      HandleReply(*it->second, *reply);
+    }
+    for (size_t i = 0; i < streams_.size() && t->error.ok(); ++i) {
+      if (!broken[i]) continue;
+      // Every request of this ticket still waiting on it is lost.
+      for (size_t k = 0; k < t->pending.size() && t->error.ok(); ++k) {
+        Pending& p = *t->pending[k];
+        if (p.state != Pending::State::kWaiting || p.stream.get() != streams_[i]) continue;
+        std::string why;
+        const int s = p.server;
+        if (servers_[s].stream == p.stream) {
+          const absl::Duration grace =
+              std::clamp(p.deadline - absl::Now(), absl::ZeroDuration(), kFinalStatusGrace);
+          why = Abandon(s, grace);
+        } else {
+          why = p.stream->Close(absl::ZeroDuration());
+        }
+        FailOver(p, absl::UnavailableError(absl::StrCat(servers_[s].label, ": stream failed (",
+                                                        why, "); request ", p.id, " lost")),
+                 /*abandon_stream=*/false);
+      }
+    }
+    const absl::Time now = absl::Now();
+    for (size_t k = 0; k < t->pending.size() && t->error.ok(); ++k) {
+      Pending& p = *t->pending[k];
+      if (p.state != Pending::State::kWaiting || now < p.deadline) continue;
+      FailOver(p, absl::DeadlineExceededError(absl::StrCat(
+                      servers_[p.server].label, ": no reply to request ", p.id, " (", p.rows,
+                      " tokens) within ", absl::FormatDuration(p.deadline - p.sent))),
+               /*abandon_stream=*/true);
+    }
+  }
+  absl::Status result = t->error;
+  if (result.ok() && !t->stranded.empty()) {
+    std::sort(t->stranded.begin(), t->stranded.end());
+    t->stranded.erase(std::unique(t->stranded.begin(), t->stranded.end()), t->stranded.end());
+    result = core::WithFailedTokens(
+        absl::Status(t->failure.code(),
+                     absl::StrCat(t->failure.message(), "; layer ", t->batch.layer, ": ",
+                                  t->stranded.size(), " of ", t->batch.num_tokens,
+                                  " tokens have an expert with no replica on another server")),
+        t->stranded);
+  }
+  if (result.ok()) Combine(*t);
+  Retire(ticket_id);
+  return result;
+}
+
+void RemoteExpertBackend::Cancel(uint64_t ticket) {
+  if (FindTicket(ticket) != nullptr) Retire(ticket);
+}
+
+void RemoteExpertBackend::Forget(Pending& p) {
+  waiting_.erase(p.id);
+  p.stream->Forget(p.id);
+}
+
+void RemoteExpertBackend::Retire(uint64_t ticket) {
+  auto it = std::find_if(tickets_.begin(), tickets_.end(),
+                         [ticket](const auto& t) { return t->id == ticket; });
+  if (it == tickets_.end()) return;
+  std::unique_ptr<Ticket> t = std::move(*it);
+  tickets_.erase(it);
+  for (auto& p : t->pending) {
+    if (p->state == Pending::State::kWaiting) Forget(*p);
+    p->stream.reset();
+    free_pending_.push_back(std::move(p));
+  }
+  t->pending.clear();
+  free_tickets_.push_back(std::move(t));
+  ReapRetired();
+}
+
+void RemoteExpertBackend::ProtocolError(Pending& p, std::string message) {
+  Ticket* t = FindTicket(p.ticket);
+  Forget(p);
+  p.state = Pending::State::kFailed;
+  if (servers_[p.server].stream == p.stream) Abandon(p.server, absl::ZeroDuration());
+  if (t != nullptr && t->error.ok()) {
+    t->error = absl::InternalError(absl::StrCat(servers_[p.server].label, ": ", message));
+  }
+}
+
+void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool abandon_stream) {
+  Ticket* t = FindTicket(p.ticket);
+  const int s = p.server;
+  Forget(p);
+  p.state = Pending::State::kFailed;
+  Server& sv = servers_[s];
+  if (abandon_stream && sv.stream == p.stream) Abandon(s, absl::ZeroDuration());
+  const absl::Time now = absl::Now();
+  sv.avoid_for = std::clamp(sv.avoid_for * 2, kMinAvoid, kMaxAvoid);
+  sv.avoid_until = now + sv.avoid_for;
+  if (t == nullptr) return;
+  if (t->failure.ok()) t->failure = why;
+  t->states[s] = core::ServerState::kExcluded;
+
+  // Re-split p's tokens (with their assignments on s) over the other servers.
+  const int N = static_cast<int>(servers_.size());
+  std::vector<core::ServerState> states = t->states;
+  for (int k = 0; k < N; ++k) {
+    if (states[k] == core::ServerState::kUp && servers_[k].avoid_until > now) {
+      states[k] = core::ServerState::kAvoid;
+    }
+    queued_[k] = hub_->in_flight[k].load(std::memory_order_relaxed);
+  }
+  core::ExpertBatch sub;
+  sub.layer = t->batch.layer;
+  sub.num_tokens = p.rows;
+  sub.hidden = t->batch.hidden;
+  sub.token_offsets = p.share.token_offsets;
+  sub.ffn_ids = p.share.ffn_ids;
+  sub.weights = p.share.weights;
+  stranded_.clear();
+  absl::StatusOr<std::vector<core::ServerShare>> shares =
+      core::SplitByServer(sub, options_.placement, queued_, options_.shared_duty, states,
+                          &stranded_);
+  if (!shares.ok()) {
+    if (t->error.ok()) t->error = shares.status();
+    return;
+  }
+  for (int32_t k : stranded_) t->stranded.push_back(p.share.tokens[k]);
+  int64_t resent = 0;
+  for (core::ServerShare& share : *shares) {
+    if (share.tokens.empty()) continue;
+    for (int32_t& k : share.tokens) k = p.share.tokens[k];  // back to batch indices
+    resent += static_cast<int64_t>(share.tokens.size());
+    Send(*t, std::move(share));
+  }
+  std::fprintf(stderr,
+               "dmoe-router: %s; layer %d: %lld tokens re-sent to replicas, %zu without one\n",
+               std::string(why.message()).c_str(), t->batch.layer,
+               static_cast<long long>(resent), stranded_.size());
+}
+
+void RemoteExpertBackend::Combine(const Ticket& t) {
+  // Fixed order (requests as sent, then the local shared FFN), fp32.
+  const int64_t T = t.batch.num_tokens, H = t.batch.hidden;
+  if (T == 0) return;
+  float* out = t.out;
   std::fill(out, out + T * H, 0.0f);
-  for (const Pending& p : pending_) {
-    const core::ServerShare& share = shares_[p.server];
-    const float* partial = partial_[p.server].data();
-    for (size_t i = 0; i < share.tokens.size(); ++i) {
-      float* o = out + static_cast<int64_t>(share.tokens[i]) * H;
+  for (const auto& p : t.pending) {
+    if (p->state != Pending::State::kDone) continue;
+    const float* partial = p->partial.data();
+    for (size_t i = 0; i < p->share.tokens.size(); ++i) {
+      float* o = out + static_cast<int64_t>(p->share.tokens[i]) * H;
       const float* y = partial + static_cast<int64_t>(i) * H;
       for (int64_t j = 0; j < H; ++j) o[j] += y[j];
     }
   }
-  if (any_local_shared) {
-    for (int64_t t = 0; t < T; ++t) {
-      if (!has_shared_[t]) continue;
-      float* o = out + t * H;
-      const float* y = shared_out_.data() + t * H;
+  if (t.local_shared) {
+    for (int64_t k = 0; k < T; ++k) {
+      if (!t.has_shared[k]) continue;
+      float* o = out + k * H;
+      const float* y = t.shared_out.data() + k * H;
       for (int64_t j = 0; j < H; ++j) o[j] += y[j];
     }
   }
-  return absl::OkStatus();
 }
 
 void RemoteExpertBackend::OpenStream(int s) {
@@ -360,9 +666,10 @@ std::string RemoteExpertBackend::Abandon(int s, absl::Duration grace) {
   return why;
 }
 
-void RemoteExpertBackend::SendShare(const core::ExpertBatch& b, const core::ServerShare& share,
-                                    uint64_t id) {
-  DispatchStream& stream = *servers_[share.server].stream;
+void RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
+                               DispatchStream& stream) {
+  const core::ServerShare& share = p.share;
+  const uint64_t id = p.id;
   const core::WireDType wire = options_.wire_dtype;
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
@@ -421,147 +728,90 @@ void RemoteExpertBackend::SendShare(const core::ExpertBatch& b, const core::Serv
   }
 }
 
-absl::Status RemoteExpertBackend::ComputeLocalShared(const core::ExpertBatch& b) {
+absl::Status RemoteExpertBackend::ComputeLocalShared(Ticket& t) {
+  const core::ExpertBatch& b = t.batch;
   const int64_t T = b.num_tokens;
   shared_offsets_.resize(T + 1);
   shared_ids_.clear();
   shared_weights_.clear();
   shared_offsets_[0] = 0;
-  for (int64_t t = 0; t < T; ++t) {
-    if (has_shared_[t]) {
+  for (int64_t k = 0; k < T; ++k) {
+    if (t.has_shared[k]) {
       shared_ids_.push_back(core::kSharedFfn);
       shared_weights_.push_back(1.0f);
     }
-    shared_offsets_[t + 1] = static_cast<int32_t>(shared_ids_.size());
+    shared_offsets_[k + 1] = static_cast<int32_t>(shared_ids_.size());
   }
-  shared_out_.resize(static_cast<size_t>(T * b.hidden));
+  t.shared_out.resize(static_cast<size_t>(T * b.hidden));
   core::ExpertBatch local = b;
   local.token_offsets = shared_offsets_;
   local.ffn_ids = shared_ids_;
   local.weights = shared_weights_;
-  return local_->Compute(local, shared_out_.data());
+  return local_->Compute(local, t.shared_out.data());
 }
 
-absl::Status RemoteExpertBackend::AwaitReplies(absl::Time start, absl::Time deadline,
-                                               int64_t hidden) {
-  size_t remaining = pending_.size();
-  while (remaining > 0) {
-    replies_.clear();
-    int broken = -1;  // index into pending_ of a server whose stream broke
-    {
-      absl::MutexLock lock(&hub_->mu);
-      auto news = [this]() {
-        for (const Pending& p : pending_) {
-          if (!p.done && servers_[p.server].stream->HasNewsLocked()) return true;
-        }
-        return false;
-      };
-      hub_->mu.AwaitWithDeadline(absl::Condition(&news), deadline);
-      for (size_t i = 0; i < pending_.size(); ++i) {
-        if (pending_[i].done) continue;
-        DispatchStream& stream = *servers_[pending_[i].server].stream;
-        taken_.clear();
-        stream.TakeRepliesLocked(&taken_);
-        for (auto& r : taken_) replies_.emplace_back(i, std::move(r));
-        if (broken < 0 && stream.BrokenLocked()) broken = static_cast<int>(i);
-      }
-    }
-    // Replies first (in server order): an error reply explains a broken
-    // stream better than the break itself.
-    for (auto& [i, reply] : replies_) {
-      Pending& p = pending_[i];
-      if (p.done) {  // more than the reply: the server broke the protocol
-        Abandon(p.server, absl::ZeroDuration());
-        return absl::InternalError(absl::StrCat(servers_[p.server].label, ": reply to request ",
-                                                reply->request_id(), " after its last chunk"));
-      }
-      bool reconnect = false;
-      absl::Status st = HandleReply(p, *reply, hidden, &reconnect);
-      if (!st.ok()) {
-        if (reconnect) Abandon(p.server, absl::ZeroDuration());
-        return st;
-      }
-      if (p.done) --remaining;
-    }
-    if (broken >= 0 && !pending_[broken].done) {
-      const int s = pending_[broken].server;
-      const absl::Duration grace =
-          std::clamp(deadline - absl::Now(), absl::ZeroDuration(), kFinalStatusGrace);
-      const std::string why = Abandon(s, grace);
-      return absl::UnavailableError(absl::StrCat(servers_[s].label, ": stream failed (", why,
-                                                 "); request ", pending_[broken].id,
-                                                 " lost"));
-    }
-    if (remaining > 0 && absl::Now() >= deadline) {
-      std::string msg;
-      int late = 0;
-      for (const Pending& p : pending_) {
-        if (p.done) continue;
-        if (late++ == 0) {
-          msg = absl::StrCat(servers_[p.server].label, ": no reply to request ", p.id, " (", p.rows,
-                             " tokens) within ", absl::FormatDuration(deadline - start));
-        } else {
-          absl::StrAppend(&msg, late == 2 ? "; also late: " : ", ", servers_[p.server].label);
-        }
-        Abandon(p.server, absl::ZeroDuration());
-      }
-      return absl::DeadlineExceededError(msg);
-    }
-  }
-  return absl::OkStatus();
-}
-
-absl::Status RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r,
-                                              int64_t hidden, bool* reconnect) {
+void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   const std::string& label = servers_[p.server].label;
-  *reconnect = true;
-  if (r.request_id() != p.id) {
-    return absl::InternalError(absl::StrCat(label, ": reply to request ", r.request_id(),
-                                            ", expected request ", p.id));
-  }
+  Ticket* t = FindTicket(p.ticket);
   if (r.error_code() != 0) {
-    *reconnect = false;  // an in-band error: the stream is fine
-    return absl::Status(CodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
+    const absl::Status st(CodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
+    if (st.code() == absl::StatusCode::kUnavailable ||
+        st.code() == absl::StatusCode::kResourceExhausted) {
+      // Draining or overloaded: the stream is fine, the work goes elsewhere.
+      FailOver(p, st, /*abandon_stream=*/false);
+      return;
+    }
+    Forget(p);
+    p.state = Pending::State::kFailed;
+    if (t != nullptr && t->error.ok()) t->error = st;
+    return;
   }
   const uint32_t count = std::max(r.chunk_count(), 1u);
   if (r.chunk_index() != p.next_chunk || r.chunk_index() >= count ||
       (p.next_chunk > 0 && count != p.chunk_count)) {
-    return absl::InternalError(absl::StrCat(label, ": request ", p.id, ": reply chunk ",
-                                            r.chunk_index(), " of ", count, ", expected chunk ",
-                                            p.next_chunk, p.next_chunk > 0 ? " of " : "",
-                                            p.next_chunk > 0 ? absl::StrCat(p.chunk_count) : ""));
+    ProtocolError(p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " of ",
+                                  count, ", expected chunk ", p.next_chunk,
+                                  p.next_chunk > 0 ? " of " : "",
+                                  p.next_chunk > 0 ? absl::StrCat(p.chunk_count) : ""));
+    return;
   }
   p.chunk_count = count;
+  const int64_t hidden = t != nullptr ? t->batch.hidden : 0;
   const v1::Activations& y = r.y();
   if (y.dtype() != ToProto(options_.wire_dtype)) {
-    return absl::InternalError(absl::StrCat(label, ": request ", p.id, ": reply dtype ",
-                                            v1::ActivationDType_Name(y.dtype()), ", expected ",
-                                            v1::ActivationDType_Name(ToProto(options_.wire_dtype))));
+    ProtocolError(p, absl::StrCat("request ", p.id, ": reply dtype ",
+                                  v1::ActivationDType_Name(y.dtype()), ", expected ",
+                                  v1::ActivationDType_Name(ToProto(options_.wire_dtype))));
+    return;
   }
   if (y.cols() != hidden || p.rows_received + y.rows() > p.rows) {
-    return absl::InternalError(absl::StrCat(label, ": request ", p.id, ": reply chunk ",
-                                            r.chunk_index(), " is [", y.rows(), ", ", y.cols(),
-                                            "] after ", p.rows_received, " rows; sent ", p.rows,
-                                            " tokens of hidden ", hidden));
+    ProtocolError(p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " is [",
+                                  y.rows(), ", ", y.cols(), "] after ", p.rows_received,
+                                  " rows; sent ", p.rows, " tokens of hidden ", hidden));
+    return;
   }
-  absl::Status st = core::UnpackActivations(
-      options_.wire_dtype, y.data(), y.row_scales(), y.rows(), hidden,
-      partial_[p.server].data() + p.rows_received * hidden);
+  absl::Status st = core::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(),
+                                            y.rows(), hidden,
+                                            p.partial.data() + p.rows_received * hidden);
   if (!st.ok()) {
-    return absl::InternalError(absl::StrCat(label, ": request ", p.id, ": reply ", st.message()));
+    ProtocolError(p, absl::StrCat("request ", p.id, ": reply ", st.message()));
+    return;
   }
   p.rows_received += y.rows();
   ++p.next_chunk;
   if (p.next_chunk == count) {
     if (p.rows_received != p.rows) {
-      return absl::InternalError(absl::StrCat(label, ": request ", p.id, ": reply has ",
-                                              p.rows_received, " rows for ", p.rows,
-                                              " tokens sent"));
+      ProtocolError(p, absl::StrCat("request ", p.id, ": reply has ", p.rows_received,
+                                    " rows for ", p.rows, " tokens sent"));
+      return;
     }
-    p.done = true;
+    Forget(p);
+    p.state = Pending::State::kDone;
+    // A server that answers is not avoided any longer.
+    Server& sv = servers_[p.server];
+    sv.avoid_for = absl::ZeroDuration();
+    sv.avoid_until = absl::InfinitePast();
   }
-  *reconnect = false;
-  return absl::OkStatus();
 }
 
 }  // namespace

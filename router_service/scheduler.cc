@@ -330,16 +330,25 @@ void Scheduler::Step() {
     if (!st.ok()) ++failed_steps_;
   }
   if (!st.ok()) {
-    // Only this batch's requests fail; the scheduler keeps serving the rest.
+    // Only this batch's requests fail, or (when the error names them) only
+    // the sequences it concerns: the others run again next step (nothing was
+    // appended to their caches).
+    const std::vector<int32_t> failed = core::FailedSequences(st);
+    auto concerned = [&](const Request& r) {
+      return failed.empty() || std::find(failed.begin(), failed.end(), r.seq) != failed.end();
+    };
     std::vector<std::string> ids;
-    for (Request* m : members_) ids.push_back(m->request_id);
-    std::fprintf(stderr, "dmoe-router: step of %zu sequences failed (%s): %s\n",
-                 members_.size(), absl::StrJoin(ids, ",").c_str(),
-                 st.ToString().c_str());
+    for (Request* m : members_) {
+      if (concerned(*m)) ids.push_back(m->request_id);
+    }
+    std::fprintf(stderr, "dmoe-router: step of %zu sequences failed for %zu (%s): %s: %s\n",
+                 members_.size(), ids.size(), absl::StrJoin(ids, ",").c_str(),
+                 absl::StatusCodeToString(st.code()).c_str(), std::string(st.message()).c_str());
     for (auto& r : running_) {
-      if (r->in_step) Finish(std::move(r), st);
+      if (r->in_step && concerned(*r)) Finish(std::move(r), st);
     }
     std::erase(running_, nullptr);
+    for (auto& r : running_) r->in_step = false;
     PublishLoad();
     return;
   }

@@ -40,12 +40,17 @@ std::unique_ptr<ExpertRequest> DispatchStream::TakeRequest() {
 
 void DispatchStream::Expect(uint64_t id, int64_t tokens) {
   absl::MutexLock lock(&hub_->mu);
-  min_id_ = id;
-  // Replies queued for an older request are stale now.
-  while (!inbox_.empty() && inbox_.front()->request_id() < id) inbox_.pop_front();
+  expected_.push_back(id);
+  max_expected_ = std::max(max_expected_, id);
   if (done_) return;  // nothing will come back; nothing to count
   outstanding_.push_back({id, tokens});
   hub_->in_flight[server_].fetch_add(tokens, std::memory_order_relaxed);
+}
+
+void DispatchStream::Forget(uint64_t id) {
+  absl::MutexLock lock(&hub_->mu);
+  std::erase(expected_, id);
+  std::erase_if(inbox_, [id](const auto& r) { return r->request_id() == id; });
 }
 
 void DispatchStream::Send(std::unique_ptr<ExpertRequest> req) {
@@ -119,19 +124,17 @@ void DispatchStream::MarkBrokenLocked(const std::string& why) {
 
 void DispatchStream::AccountReplyLocked(uint64_t id, int64_t rows, bool last) {
   auto& counter = hub_->in_flight[server_];
-  while (!outstanding_.empty() && outstanding_.front().id <= id) {
-    Outstanding& o = outstanding_.front();
-    if (o.id == id && !last) {  // a chunk of the reply: part of the request is done
-      const int64_t n = std::min(rows, o.tokens);
-      o.tokens -= n;
-      counter.fetch_sub(n, std::memory_order_relaxed);
-      return;
-    }
-    // Answered in full, or older than an answered request (the server works
-    // in order, so it is done with it).
-    counter.fetch_sub(o.tokens, std::memory_order_relaxed);
-    outstanding_.pop_front();
+  auto it = std::find_if(outstanding_.begin(), outstanding_.end(),
+                         [id](const Outstanding& o) { return o.id == id; });
+  if (it == outstanding_.end()) return;
+  if (!last) {  // a chunk of the reply: part of the request is done
+    const int64_t n = std::min(rows, it->tokens);
+    it->tokens -= n;
+    counter.fetch_sub(n, std::memory_order_relaxed);
+    return;
   }
+  counter.fetch_sub(it->tokens, std::memory_order_relaxed);
+  outstanding_.erase(it);
 }
 
 void DispatchStream::OnReadDone(bool ok) {
@@ -145,7 +148,8 @@ void DispatchStream::OnReadDone(bool ok) {
     const ExpertResponse& r = *read_buf_;
     const bool last = r.error_code() != 0 || r.chunk_index() + 1 >= std::max(r.chunk_count(), 1u);
     AccountReplyLocked(r.request_id(), r.y().rows(), last);
-    if (r.request_id() >= min_id_) {
+    if (r.request_id() > max_expected_ ||
+        std::find(expected_.begin(), expected_.end(), r.request_id()) != expected_.end()) {
       inbox_.push_back(std::move(read_buf_));
       read_buf_ = std::make_unique<ExpertResponse>();
     }

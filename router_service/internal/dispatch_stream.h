@@ -12,10 +12,14 @@
 //   - The owner (the Compute thread of RemoteExpertBackend) calls Expect(id,
 //     tokens) and then Send(chunk) for each chunk of request `id`. Writes are
 //     queued; one is outstanding at a time.
-//   - Every reply whose request_id is >= the last Expect()ed id is queued in the
-//     inbox for the owner; older replies belong to requests the owner has
-//     abandoned (an error elsewhere or a deadline) and are dropped here, so a
-//     late reply can never be taken as the answer to a later request.
+//   - Several requests may be out at once (micro-batches). A reply is queued in
+//     the inbox for the owner while its request_id is expected: from Expect(id)
+//     until Forget(id), which the owner calls when it has the whole reply or
+//     abandons the request (an error elsewhere or a deadline). Replies to
+//     forgotten requests are dropped here, so a late reply can never be taken
+//     as the answer to a later request. A reply to an id never sent (above
+//     every Expect()ed one) is queued too: the owner reports the protocol
+//     error.
 //   - A failed read or write marks the stream broken; the owner then Close()s it
 //     and opens a new one.
 //   - Lifetime: the owner keeps its reference until Finished() (the end of
@@ -74,9 +78,10 @@ class DispatchStream final
   // A request message to fill: a recycled one keeps the capacity of its
   // buffers. Every field must be set by the caller (nothing is cleared).
   std::unique_ptr<dmoe::v1::ExpertRequest> TakeRequest();
-  // Announces request `id` carrying `tokens` rows in total; replies to older
-  // requests are dropped from now on. Ids must increase.
+  // Announces request `id` carrying `tokens` rows in total. Ids must increase.
   void Expect(uint64_t id, int64_t tokens);
+  // Stops expecting request `id`: its queued and future replies are dropped.
+  void Forget(uint64_t id);
   // Queues `req` for writing (dropped if the stream is broken).
   void Send(std::unique_ptr<dmoe::v1::ExpertRequest> req);
 
@@ -115,7 +120,8 @@ class DispatchStream final
   std::unique_ptr<dmoe::v1::ExpertResponse> read_buf_;
 
   // Guarded by hub_->mu.
-  uint64_t min_id_ ABSL_GUARDED_BY(hub_->mu) = 0;  // replies to older ids are stale
+  std::vector<uint64_t> expected_ ABSL_GUARDED_BY(hub_->mu);  // ids whose replies are wanted
+  uint64_t max_expected_ ABSL_GUARDED_BY(hub_->mu) = 0;        // the highest id Expect()ed
   std::deque<std::unique_ptr<dmoe::v1::ExpertResponse>> inbox_ ABSL_GUARDED_BY(hub_->mu);
   std::unique_ptr<dmoe::v1::ExpertRequest> writing_ ABSL_GUARDED_BY(hub_->mu);  // outstanding
   std::deque<std::unique_ptr<dmoe::v1::ExpertRequest>> write_queue_ ABSL_GUARDED_BY(hub_->mu);
