@@ -1,38 +1,51 @@
 // An ExpertBackend whose routed experts live on expert servers (dmoe-expert),
 // reached over one long-lived gRPC bidirectional Dispatch stream per server.
 //
-// Compute(batch) splits the batch with core::SplitByServer (each token goes once
+// Submit(batch) splits the batch with core::SplitByServer (each token goes once
 // to every server it visits; shared duty to a server it already visits, or kept
 // local with SharedDuty::kRouter), packs activations (bf16 by default, f32 in
-// exact mode), sends every server its share concurrently, waits for all replies
-// under a deadline, and sums the partial vectors per token in ascending server
-// order. Replicas are chosen by live load (tokens in flight per server, from
-// requests still unanswered), so the result is deterministic for a given batch
-// and placement whenever no abandoned request is still being worked on (the
-// steady state); otherwise a replica choice, and with it the order of the fp32
-// additions or (bf16) which partials are rounded together, may differ. With SharedDuty::kRouter the shared FFN is computed
-// locally (overlapped with the round trips) by a CPU backend that LoadFfn(layer,
-// kSharedFfn, ...) fills; LoadFfn of routed experts is refused.
+// exact mode) and sends every server its share; Await collects the replies
+// and sums the partial vectors per token in request order (Compute = Submit +
+// Await). Several submitted batches may be out at once (the model's
+// micro-batches); their requests share the streams. Replicas are chosen by
+// live load (tokens in flight per server, from requests still unanswered), so
+// the result is deterministic for a given batch and placement in the steady
+// state; otherwise a replica choice, and with it the order of the fp32
+// additions or (bf16) which partials are rounded together, may differ. With
+// SharedDuty::kRouter the shared FFN is computed locally (in Submit, while the
+// requests are out) by a CPU backend that LoadFfn(layer, kSharedFfn, ...)
+// fills; LoadFfn of routed experts is refused.
 //
-// Errors name the server ("expert server 2 (10.0.0.7:5555): ..."): UNAVAILABLE
-// when its stream broke or it cannot be reached, DEADLINE_EXCEEDED when it did
-// not answer within `deadline`, the server's own in-band status (e.g.
-// FAILED_PRECONDITION for a stale placement version), INTERNAL for a reply that
-// breaks the protocol (wrong request id, rows, dtype, chunk order). Batch shape
-// errors are INVALID_ARGUMENT; an expert with no replica in the placement or a
-// shared FFN the router should compute but has not loaded, FAILED_PRECONDITION.
-// On error `out` is not written. A stream that broke, timed out or broke the
-// protocol is closed and reopened (on a fresh channel) by the next Compute;
-// replies that still arrive for an abandoned request are dropped by request id.
+// Failover. Every request has its own deadline. When a server fails a
+// request (its stream breaks, the deadline passes, or it answers UNAVAILABLE
+// (draining) or RESOURCE_EXHAUSTED (queue full)), the request's tokens are
+// re-sent, with their assignments on that server, to other replicas of those
+// experts (fresh deadline), and the server is avoided by later batches for a
+// back-off (250 ms doubling to 5 s; reset by its next answer) while replicas
+// elsewhere exist. Tokens with an expert that has no replica on a server
+// still standing are "stranded": Await fails with the server's error (code
+// UNAVAILABLE / DEADLINE_EXCEEDED, message starting "expert server 2
+// (10.0.0.7:5555): ...") and core::FailedTokens(status) lists them, so that
+// the caller fails only their sequences.
 //
-// Wire details: one request id per (Compute, server), increasing; the shared
-// FFN is never sent as an expert id but as the token's shared_duty flag (its
-// gate weight must be 1); a request whose packed x exceeds max_chunk_bytes is
-// split by rows; the server may chunk its reply independently, as long as the
-// chunks arrive in order and add up to the request's rows.
+// Other errors fail the whole batch: the server's own in-band status (e.g.
+// FAILED_PRECONDITION for a stale placement version), INTERNAL for a reply
+// that breaks the protocol (unknown request id, rows, dtype, chunk order; the
+// stream is then reopened). Batch shape errors are INVALID_ARGUMENT; an
+// expert with no replica in the placement or a shared FFN the router should
+// compute but has not loaded, FAILED_PRECONDITION. On error `out` is not
+// written. Replies that still arrive for an abandoned request are dropped by
+// request id.
 //
-// Thread safety: Compute may be called from one thread at a time; LoadFfn /
-// UnloadFfn must not race with Compute (as for the CPU backend).
+// Wire details: one request id per (batch, server, attempt), increasing; the
+// shared FFN is never sent as an expert id but as the token's shared_duty flag
+// (its gate weight must be 1); a request whose packed x exceeds
+// max_chunk_bytes is split by rows; the server may chunk its reply
+// independently, as long as the chunks arrive in order and add up to the
+// request's rows.
+//
+// Thread safety: Submit / Await / Cancel / Compute from one thread at a time;
+// LoadFfn / UnloadFfn must not race with them (as for the CPU backend).
 #ifndef DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 #define DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 
@@ -55,7 +68,7 @@ struct RemoteExpertOptions {
   core::WireDType wire_dtype = core::WireDType::kBF16;
   core::SharedDuty shared_duty = core::SharedDuty::kExpertServers;
   core::ComputeType local_compute = core::ComputeType::kBF16;  // local shared FFN
-  std::chrono::milliseconds deadline{10000};  // per layer round trip
+  std::chrono::milliseconds deadline{10000};  // per request round trip
   // Requests whose packed activations exceed this are split by rows (at least
   // one row per chunk). One chunk must fit in max_message_bytes.
   size_t max_chunk_bytes = size_t{3} << 20;

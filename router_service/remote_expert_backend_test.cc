@@ -490,6 +490,19 @@ core::Placement WithReplicas() {
   return *p;
 }
 
+// Three servers, every expert of both layers on at least two of them.
+core::Placement FullyReplicated() {
+  const std::vector<std::vector<int32_t>> servers = {{0, 1, 2, 3, 4, 5}, {3, 4, 5, 6, 7, 0},
+                                                     {6, 7, 0, 1, 2, 3}};
+  nlohmann::json j = {{"version", 11},
+                      {"num_servers", 3},
+                      {"layers",
+                       {{{"layer", 1}, {"servers", servers}}, {{"layer", 2}, {"servers", servers}}}}};
+  auto p = core::Placement::FromJson(j, Cfg());
+  EXPECT_TRUE(p.ok()) << p.status();
+  return *p;
+}
+
 // ---- results -------------------------------------------------------------------
 
 // f32 on the wire and f32 compute on both sides: the only difference is the
@@ -1010,6 +1023,148 @@ TEST_F(RemoteExpertBackendTest, LocalInterface) {
   auto wrong = MakeRemoteExpertBackend(o);
   EXPECT_EQ(wrong.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(wrong.status().message()), HasSubstr("3 servers given"));
+}
+
+// ---- failover ------------------------------------------------------------------
+
+TEST_F(RemoteExpertBackendTest, ServerGoneWithReplicas_ItsTokensGoToReplicasAndNothingFails) {
+  StartServers(FullyReplicated());
+  auto backend = Make(Options());
+  ASSERT_NE(backend, nullptr);
+  HostBatch b = RandomBatch(1, 24, true, 81);
+  std::vector<float> out(b.tokens() * kHidden);
+  ASSERT_TRUE(backend->Compute(b.View(), out.data()).ok());
+  for (auto& s : servers_) s->TakeReceived();
+
+  servers_[1]->Stop();  // between batches: its stream breaks while idle
+  absl::Status st = backend->Compute(b.View(), out.data());
+  ASSERT_TRUE(st.ok()) << st;
+  ExpectRowsNear(out, Reference(b), kF32Rel);
+  // A server dying with a request out: the same.
+  servers_[1]->Start(servers_[1]->port());
+  for (int i = 0; i < 5 && backend->Compute(b.View(), out.data()).ok(); ++i) {
+    absl::SleepFor(absl::Milliseconds(100));  // until server 1 is used again
+  }
+  servers_[1]->SetBehavior(Behavior::kSilent);
+  HostBatch c = RandomBatch(2, 24, true, 82);
+  std::vector<float> out_c(c.tokens() * kHidden);
+  std::thread killer([&] {
+    for (int i = 0; i < 400 && servers_[1]->TakeReceived().empty(); ++i) {
+      absl::SleepFor(absl::Milliseconds(5));
+    }
+    servers_[1]->Stop();
+  });
+  st = backend->Compute(c.View(), out_c.data());
+  killer.join();
+  ASSERT_TRUE(st.ok()) << st;
+  ExpectRowsNear(out_c, Reference(c), kF32Rel);
+
+  // The failed server is avoided while its experts have replicas elsewhere.
+  servers_[0]->TakeReceived();
+  servers_[2]->TakeReceived();
+  const absl::Time t0 = absl::Now();
+  st = backend->Compute(c.View(), out_c.data());
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_LT(absl::Now() - t0, absl::Milliseconds(200)) << "no connection attempt to wait for";
+  ExpectRowsNear(out_c, Reference(c), kF32Rel);
+}
+
+TEST_F(RemoteExpertBackendTest, SilentServerWithReplicas_TokensAreResentAtTheDeadline) {
+  StartServers(FullyReplicated());
+  servers_[2]->SetBehavior(Behavior::kSilent);
+  RemoteExpertOptions o = Options();
+  o.deadline = std::chrono::milliseconds(200);
+  auto backend = Make(o);
+  ASSERT_NE(backend, nullptr);
+  HostBatch b = RandomBatch(1, 16, true, 83);
+  std::vector<float> out(b.tokens() * kHidden);
+  const absl::Time t0 = absl::Now();
+  absl::Status st = backend->Compute(b.View(), out.data());
+  ASSERT_TRUE(st.ok()) << st;
+  EXPECT_GE(absl::Now() - t0, absl::Milliseconds(195)) << "server 2 had work to miss";
+  ExpectRowsNear(out, Reference(b), kF32Rel);
+}
+
+TEST_F(RemoteExpertBackendTest, DrainingOrOverloadedServerFailsOverInBand) {
+  StartServers(FullyReplicated());
+  auto backend = Make(Options());
+  ASSERT_NE(backend, nullptr);
+  HostBatch b = RandomBatch(2, 16, true, 84);
+  std::vector<float> out(b.tokens() * kHidden);
+  for (grpc::StatusCode code : {grpc::StatusCode::UNAVAILABLE, grpc::StatusCode::RESOURCE_EXHAUSTED}) {
+    servers_[0]->SetBehavior(Behavior::kError, static_cast<int>(code), "not now");
+    absl::Status st = backend->Compute(b.View(), out.data());
+    ASSERT_TRUE(st.ok()) << st;
+    ExpectRowsNear(out, Reference(b), kF32Rel);
+  }
+}
+
+// Layer 1 of WithReplicas: expert 7 lives only on server 2, experts 0 and 1
+// also elsewhere. With server 2 gone, exactly the tokens routed to expert 7
+// fail (and are named); the others are served by replicas.
+TEST_F(RemoteExpertBackendTest, ServerGone_OnlyTokensWithoutAReplicaFailAndAreNamed) {
+  StartServers(WithReplicas());
+  auto backend = Make(Options());
+  ASSERT_NE(backend, nullptr);
+  HostBatch b = RandomBatch(1, 40, true, 85);
+  std::vector<int32_t> want_failed;
+  for (int64_t t = 0; t < b.tokens(); ++t) {
+    for (int32_t a = b.offsets[t]; a < b.offsets[t + 1]; ++a) {
+      if (b.ids[a] == 7) want_failed.push_back(static_cast<int32_t>(t));
+    }
+  }
+  ASSERT_FALSE(want_failed.empty());
+  ASSERT_LT(want_failed.size(), 40u);
+  servers_[2]->Stop();
+  std::vector<float> out(b.tokens() * kHidden, -7.0f);
+  absl::Status st = backend->Compute(b.View(), out.data());
+  EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable) << st;
+  EXPECT_THAT(std::string(st.message()), StartsWith(Label(2) + ": stream failed"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("no replica on another server"));
+  EXPECT_EQ(core::FailedTokens(st), want_failed);
+  EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float v) { return v == -7.0f; }));
+
+  // Without those tokens the batch goes through.
+  HostBatch rest;
+  rest.layer = 1;
+  for (int64_t t = 0; t < b.tokens(); ++t) {
+    if (std::binary_search(want_failed.begin(), want_failed.end(), t)) continue;
+    rest.x.insert(rest.x.end(), b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden);
+    for (int32_t a = b.offsets[t]; a < b.offsets[t + 1]; ++a) {
+      rest.ids.push_back(b.ids[a]);
+      rest.weights.push_back(b.weights[a]);
+    }
+    rest.offsets.push_back(static_cast<int32_t>(rest.ids.size()));
+  }
+  std::vector<float> rest_out(rest.tokens() * kHidden);
+  st = backend->Compute(rest.View(), rest_out.data());
+  ASSERT_TRUE(st.ok()) << st;
+  ExpectRowsNear(rest_out, Reference(rest), kF32Rel);
+}
+
+TEST_F(RemoteExpertBackendTest, SeveralBatchesInFlightAreAwaitedInAnyOrder) {
+  StartServers(WithReplicas());
+  servers_[1]->SetReplyDelay(absl::Milliseconds(50));
+  auto backend = Make(Options(core::WireDType::kF32, core::SharedDuty::kRouter));
+  ASSERT_NE(backend, nullptr);
+  HostBatch b1 = RandomBatch(1, 10, true, 86), b2 = RandomBatch(2, 7, true, 87),
+            b3 = RandomBatch(1, 5, false, 88);
+  std::vector<float> o1(b1.tokens() * kHidden), o2(b2.tokens() * kHidden),
+      o3(b3.tokens() * kHidden);
+  auto t1 = backend->Submit(b1.View(), o1.data());
+  auto t2 = backend->Submit(b2.View(), o2.data());
+  auto t3 = backend->Submit(b3.View(), o3.data());
+  ASSERT_TRUE(t1.ok() && t2.ok() && t3.ok());
+  ASSERT_TRUE(backend->Await(*t2).ok());
+  ASSERT_TRUE(backend->Await(*t1).ok());
+  backend->Cancel(*t3);
+  ExpectRowsNear(o1, Reference(b1), kF32Rel);
+  ExpectRowsNear(o2, Reference(b2), kF32Rel);
+  EXPECT_EQ(backend->Await(*t3).code(), absl::StatusCode::kInvalidArgument) << "cancelled";
+  // The cancelled batch's late replies are not taken for the next one's.
+  std::vector<float> o4(b3.tokens() * kHidden);
+  ASSERT_TRUE(backend->Compute(b3.View(), o4.data()).ok());
+  ExpectRowsNear(o4, Reference(b3), kF32Rel);
 }
 
 }  // namespace

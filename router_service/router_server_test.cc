@@ -34,6 +34,7 @@ struct FaultControl {
   bool paused ABSL_GUARDED_BY(mu) = false;
   int blocked ABSL_GUARDED_BY(mu) = 0;    // Compute calls waiting while paused
   int fail_next ABSL_GUARDED_BY(mu) = 0;  // Compute calls still to fail
+  int fail_first_token_next ABSL_GUARDED_BY(mu) = 0;  // ... for the first token only
   int delay_ms ABSL_GUARDED_BY(mu) = 0;
 
   void Pause() {
@@ -47,6 +48,10 @@ struct FaultControl {
   void FailNext(int n) {
     absl::MutexLock l(&mu);
     fail_next = n;
+  }
+  void FailFirstTokenNext(int n) {
+    absl::MutexLock l(&mu);
+    fail_first_token_next = n;
   }
   void SetDelay(int ms) {
     absl::MutexLock l(&mu);
@@ -94,6 +99,14 @@ class FaultyExpertBackend final : public core::ExpertBackend {
         return absl::UnavailableError(
             absl::StrCat("expert server 1 (127.0.0.1:1): layer ", batch.layer,
                          ": injected failure"));
+      }
+      if (c.fail_first_token_next > 0 && batch.num_tokens > 1) {
+        --c.fail_first_token_next;
+        const int32_t first = 0;
+        return core::WithFailedTokens(
+            absl::UnavailableError(absl::StrCat("expert server 1 (127.0.0.1:1): layer ", batch.layer,
+                                                ": injected failure of token 0")),
+            {&first, 1});
       }
       delay = c.delay_ms;
     }
@@ -589,6 +602,52 @@ TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
   StreamResult got_d = RunStream(*router->stub, MakeRequest(prompt_d, 8));
   ASSERT_TRUE(got_d.status.ok()) << got_d.status.error_message();
   EXPECT_EQ(got_d.tokens, DirectGenerate(*direct, prompt_d, 8).tokens);
+  auto load = GetLoad(*router->stub);
+  EXPECT_EQ(load.active_sequences(), 0u);
+  EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
+}
+
+// An expert failure that names its tokens ends only their sequences; the
+// others in the same step run again and finish with the right tokens.
+TEST(RouterServer, ExpertFailureOfSomeTokensFailsOnlyTheirSequences) {
+  const std::string dir = testing::MakeModel("tiny-v3", 9);
+  auto direct = LoadModel(dir);
+  ASSERT_NE(direct, nullptr);
+  auto control = std::make_shared<FaultControl>();
+  control->SetDelay(1);
+  SchedulerOptions opts;
+  opts.kv_cache_bytes = 4 << 20;
+  auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
+  ASSERT_NE(router, nullptr);
+  const auto prompt_a = Prompt(5, 512, 1), prompt_b = Prompt(7, 512, 2);
+  auto req_a = MakeRequest(prompt_a, 30), req_b = MakeRequest(prompt_b, 30);
+  req_a.set_ignore_eos(true);
+  req_b.set_ignore_eos(true);
+  std::atomic<int> a_tokens{0}, b_tokens{0};
+  StreamResult got_a, got_b;
+  std::thread a([&] {
+    grpc::ClientContext ctx;
+    got_a = RunStream(*router->stub, req_a, &ctx, [&](int n) { a_tokens = n; });
+  });
+  std::thread b([&] {
+    grpc::ClientContext ctx;
+    got_b = RunStream(*router->stub, req_b, &ctx, [&](int n) { b_tokens = n; });
+  });
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((a_tokens < 2 || b_tokens < 2) && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(1));
+  }
+  control->FailFirstTokenNext(1);
+  a.join();
+  b.join();
+  const bool a_failed = !got_a.status.ok();
+  EXPECT_NE(a_failed, !got_b.status.ok()) << "exactly one of the two fails";
+  const StreamResult& failed = a_failed ? got_a : got_b;
+  const StreamResult& ok = a_failed ? got_b : got_a;
+  EXPECT_EQ(failed.status.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_THAT(failed.status.error_message(), HasSubstr("injected failure of token 0"));
+  ASSERT_TRUE(ok.status.ok()) << ok.status.error_message();
+  EXPECT_EQ(ok.tokens, DirectGenerate(*direct, a_failed ? prompt_b : prompt_a, 30).tokens);
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.active_sequences(), 0u);
   EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
