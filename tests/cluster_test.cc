@@ -1,5 +1,6 @@
 // The disaggregated system as real processes on loopback: 3 dmoe-expert servers
 // and a dmoe-router, checked against the one-process model (exact mode).
+#include <atomic>
 #include <cmath>
 #include <fstream>
 #include <thread>
@@ -117,6 +118,72 @@ TEST(Cluster, SixtyFourConcurrentStreamsGetTheirOwnTokens) {
     }
     EXPECT_EQ(*got[i], want) << "stream " << i;
   }
+}
+
+// Every expert on two of the three servers; expert server 1 is killed (-9)
+// while streams keep coming: its tokens go to the replicas and no request
+// fails, each with the one-process greedy tokens.
+TEST(Cluster, KilledServerWithReplicasFailsNoRequest) {
+  const std::string model = testing::MakeModel("tiny-v3", 33);
+  const std::string dir = testing::FreshDir("cluster");
+  std::vector<std::vector<int32_t>> servers(3);
+  for (int e = 0; e < 16; ++e) {
+    servers[e % 3].push_back(e);
+    servers[(e + 1) % 3].push_back(e);
+  }
+  nlohmann::json layer = servers;
+  const std::string placement = dir + "/placement.json";
+  std::ofstream(placement) << nlohmann::json{{"version", 1},
+                                             {"num_servers", 3},
+                                             {"layers",
+                                              {{{"layer", 1}, {"servers", layer}},
+                                               {{"layer", 2}, {"servers", layer}}}}}
+                                  .dump();
+  constexpr int kThreads = 4, kPrompts = 3, kTokens = 12;
+  std::vector<std::vector<int32_t>> prompts;
+  std::vector<std::vector<int32_t>> want;
+  for (int i = 0; i < kThreads * kPrompts; ++i) {
+    std::vector<int32_t> p = kPrompt;
+    p[0] = 1 + i;
+    p.resize(4 + i % 5);
+    prompts.push_back(p);
+    want.push_back(LocalGreedy(model, p, kTokens));
+  }
+  Cluster c;
+  ASSERT_TRUE(c.Start(model, 3, dir, {"--expert-deadline-ms", "3000"}, placement));
+  std::atomic<bool> stop{false};
+  std::atomic<int> done{0}, failed{0};
+  std::vector<std::thread> threads;
+  for (int k = 0; k < kThreads; ++k) {
+    threads.emplace_back([&, k] {
+      for (int i = 0; !stop; i = (i + 1) % kPrompts) {
+        const int p = k * kPrompts + i;
+        auto got = c.Generate(prompts[p], kTokens);
+        if (!got.ok()) {
+          ADD_FAILURE() << "stream " << p << ": " << got.status();
+          ++failed;
+        } else {
+          EXPECT_EQ(*got, want[p]) << "stream " << p;
+        }
+        ++done;
+      }
+    });
+  }
+  auto wait_done = [&](int n) {
+    for (int i = 0; i < 3000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  };
+  wait_done(kThreads * 2);
+  c.expert(1).Kill(SIGKILL);
+  const int at_kill = done;
+  wait_done(at_kill + kThreads * 3);
+  stop = true;
+  for (auto& t : threads) t.join();
+  EXPECT_EQ(failed, 0);
+  EXPECT_GE(done, at_kill + kThreads * 3) << "requests after the kill";
+  EXPECT_NE(c.router().Log().find("re-sent to replicas"), std::string::npos) << c.router().Log();
+  auto logits = c.Forward(kPrompt);
+  ASSERT_TRUE(logits.ok()) << logits.status();
+  EXPECT_LE(RelL2(*logits, LocalLogits(model, kPrompt)), 1e-6);
 }
 
 TEST(Cluster, LostServerFailsOnlyAffectedRequestsAndRecovers) {
