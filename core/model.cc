@@ -23,6 +23,7 @@ absl::StatusOr<std::unique_ptr<Model>> Model::Load(const std::string& dir, Model
         absl::StrCat("micro_batches must be at least 1, got ", opts.micro_batches));
   }
   m->micro_batches_ = opts.micro_batches;
+  m->on_route_ = std::move(opts.on_route);
   DMOE_RETURN_IF_ERROR(m->LoadWeights(*ckpt, opts));
   return m;
 }
@@ -294,6 +295,7 @@ absl::Status Model::AwaitLayer(MicroBatch& mb) {
   for (int64_t i = 0; i < mb.n * H; ++i) x[i] += y[i];
   if (gates_[mb.layer]) {
     for (int32_t e : mb.routing.experts) ++expert_load_[mb.layer][e];
+    if (on_route_) on_route_(mb.layer, mb.routing);
   }
   return absl::OkStatus();
 }

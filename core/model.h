@@ -46,6 +46,10 @@ struct ModelOptions {
   // Worth it when the experts are remote; 1 = no split. Results do not depend
   // on it beyond rounding (each token's arithmetic is the same).
   int micro_batches = 1;
+  // Called on the Forward thread with each MoE layer's routing of a
+  // micro-batch, after its experts answered (load metrics, the placement
+  // controller's load windows). Must be quick.
+  std::function<void(int64_t layer, const GateResult& routing)> on_route;
 };
 
 struct SeqInput {
@@ -113,6 +117,7 @@ class Model {
   absl::Status Annotate(absl::Status st, const MicroBatch& mb) const;
 
   int micro_batches_ = 1;
+  std::function<void(int64_t, const GateResult&)> on_route_;
   std::vector<float> x_, xn_, tmp_, last_;
   std::vector<MicroBatch> mbs_;
   std::vector<int32_t> dense_offsets_, dense_ids_;

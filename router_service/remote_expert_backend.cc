@@ -101,6 +101,7 @@ class RemoteExpertBackend final : public core::ExpertBackend {
     int64_t rows_received = 0;  // rows of reply unpacked so far
     uint32_t next_chunk = 0;
     uint32_t chunk_count = 0;  // of the reply, known from its first chunk
+    size_t reply_bytes = 0;
     absl::Time sent, deadline;
   };
   // One submitted batch.
@@ -128,7 +129,8 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   Ticket* FindTicket(uint64_t id);
   // Sends `share` of ticket `t` to its server as a new request.
   void Send(Ticket& t, core::ServerShare share);
-  void Pack(const core::ExpertBatch& b, const Pending& p, DispatchStream& stream);
+  // Queues p's request on `stream`; returns its size on the wire.
+  size_t Pack(const core::ExpertBatch& b, const Pending& p, DispatchStream& stream);
   // Handles one reply message for `p`: unpacks it, or fails `p` over (a
   // server that is unavailable or overloaded), or records a batch error.
   void HandleReply(Pending& p, const v1::ExpertResponse& r);
@@ -414,11 +416,13 @@ void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
   p->rows_received = 0;
   p->next_chunk = 0;
   p->chunk_count = 0;
+  p->reply_bytes = 0;
   p->partial.resize(static_cast<size_t>(p->rows * t.batch.hidden));
   p->sent = absl::Now();
   p->deadline = p->sent + absl::FromChrono(options_.deadline);
   waiting_[p->id] = p.get();
-  Pack(t.batch, *p, *p->stream);
+  const size_t bytes = Pack(t.batch, *p, *p->stream);
+  if (options_.observer != nullptr) options_.observer->OnSend(t.batch.layer, s, p->share, bytes);
   t.pending.push_back(std::move(p));
 }
 
@@ -603,6 +607,10 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
     resent += static_cast<int64_t>(share.tokens.size());
     Send(*t, std::move(share));
   }
+  if (options_.observer != nullptr) {
+    options_.observer->OnFailover(t->batch.layer, s, why.code(), resent,
+                                  static_cast<int64_t>(stranded_.size()));
+  }
   std::fprintf(stderr,
                "dmoe-router: %s; layer %d: %lld tokens re-sent to replicas, %zu without one\n",
                std::string(why.message()).c_str(), t->batch.layer,
@@ -666,8 +674,9 @@ std::string RemoteExpertBackend::Abandon(int s, absl::Duration grace) {
   return why;
 }
 
-void RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
-                               DispatchStream& stream) {
+size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
+                                 DispatchStream& stream) {
+  size_t bytes = 0;
   const core::ServerShare& share = p.share;
   const uint64_t id = p.id;
   const core::WireDType wire = options_.wire_dtype;
@@ -724,8 +733,10 @@ void RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
     req->set_reply_dtype(ToProto(wire));
     req->set_chunk_index(static_cast<uint32_t>(c));
     req->set_chunk_count(static_cast<uint32_t>(chunks));
+    if (options_.observer != nullptr) bytes += req->ByteSizeLong();
     stream.Send(std::move(req));
   }
+  return bytes;
 }
 
 absl::Status RemoteExpertBackend::ComputeLocalShared(Ticket& t) {
@@ -798,6 +809,7 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
     return;
   }
   p.rows_received += y.rows();
+  if (options_.observer != nullptr) p.reply_bytes += r.ByteSizeLong();
   ++p.next_chunk;
   if (p.next_chunk == count) {
     if (p.rows_received != p.rows) {
@@ -807,6 +819,10 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
     }
     Forget(p);
     p.state = Pending::State::kDone;
+    if (options_.observer != nullptr && t != nullptr) {
+      options_.observer->OnReply(t->batch.layer, p.server, p.rows, p.reply_bytes,
+                                 absl::Now() - p.sent);
+    }
     // A server that answers is not avoided any longer.
     Server& sv = servers_[p.server];
     sv.avoid_for = absl::ZeroDuration();

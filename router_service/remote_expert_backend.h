@@ -56,11 +56,30 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "absl/time/time.h"
 #include "core/expert_backend.h"
 #include "core/placement.h"
 #include "core/wire.h"
 
 namespace dmoe::router {
+
+// Told of the traffic to each server, on the thread that submits and awaits
+// batches (metrics, load windows). Must be quick and must not call back.
+class RemoteExpertObserver {
+ public:
+  virtual ~RemoteExpertObserver() = default;
+  // A request sent: its share of a layer's batch (tokens, per-token expert
+  // assignments and shared duty as kSharedFfn) and its size on the wire.
+  virtual void OnSend(int32_t layer, int server, const core::ServerShare& share,
+                      size_t wire_bytes) = 0;
+  // A request answered in full: its reply size and round trip.
+  virtual void OnReply(int32_t layer, int server, int64_t tokens, size_t wire_bytes,
+                       absl::Duration round_trip) = 0;
+  // Server `server` failed a request (`code`: UNAVAILABLE, DEADLINE_EXCEEDED,
+  // RESOURCE_EXHAUSTED): `resent` tokens went to replicas, `stranded` had none.
+  virtual void OnFailover(int32_t layer, int server, absl::StatusCode code, int64_t resent,
+                          int64_t stranded) = 0;
+};
 
 struct RemoteExpertOptions {
   std::vector<std::string> servers;  // "host:port", index = server index of the placement
@@ -79,6 +98,8 @@ struct RemoteExpertOptions {
   // without data in between, which stays under the default strike limit).
   std::chrono::milliseconds keepalive_time{60000};
   std::chrono::milliseconds keepalive_timeout{20000};
+  // Not owned; must outlive the backend. Null = none.
+  RemoteExpertObserver* observer = nullptr;
 };
 
 // Connects lazily (first Compute). InvalidArgument when the server count does
