@@ -59,7 +59,7 @@ constexpr absl::Duration kFinalStatusGrace = absl::Milliseconds(100);
 constexpr absl::Duration kMinAvoid = absl::Milliseconds(250);
 constexpr absl::Duration kMaxAvoid = absl::Seconds(5);
 
-class RemoteExpertBackend final : public core::ExpertBackend {
+class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExpertControl {
  public:
   explicit RemoteExpertBackend(RemoteExpertOptions options);
   ~RemoteExpertBackend() override;
@@ -75,6 +75,19 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   absl::Status Await(uint64_t ticket) override;
   void Cancel(uint64_t ticket) override;
   size_t WeightBytes() const override { return local_->WeightBytes(); }
+
+  absl::Status SwitchPlacement(core::Placement placement, std::vector<std::string> servers,
+                               absl::Duration timeout) override;
+  core::Placement placement() const override {
+    absl::MutexLock lock(&mu_);
+    return placement_;
+  }
+  std::vector<std::string> servers() const override {
+    absl::MutexLock lock(&mu_);
+    std::vector<std::string> out;
+    for (const Server& s : servers_) out.push_back(s.address);
+    return out;
+  }
 
  private:
   struct Server {
@@ -120,6 +133,11 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   };
 
   absl::Status Validate(const core::ExpertBatch& b, const float* out) const;
+  absl::StatusOr<uint64_t> SubmitLocked(const core::ExpertBatch& b, float* out);
+  absl::Status AwaitLocked(uint64_t ticket);
+  // Installs the pending placement (no batch outstanding).
+  void ApplySwitchLocked();
+  void SetServers(const std::vector<std::string>& addresses);
   void OpenStream(int s);
   // Closes server s's stream (reopened by the next Send, on a new channel);
   // returns why it ended. The stream and its channel are retired.
@@ -151,7 +169,17 @@ class RemoteExpertBackend final : public core::ExpertBackend {
   const std::shared_ptr<DispatchHub> hub_;
   const std::unique_ptr<core::ExpertBackend> local_;  // shared FFNs (SharedDuty::kRouter)
 
-  // Submitting thread only.
+  // Held by Submit / Await / Cancel for their whole run, and by the control
+  // methods: a switch happens only between them. Everything below is
+  // guarded by it (and touched only by the submitting thread otherwise).
+  mutable absl::Mutex mu_;
+  core::Placement placement_;
+  struct PendingSwitch {
+    core::Placement placement;
+    std::vector<std::string> servers;
+    bool applied = false;
+  };
+  PendingSwitch* pending_switch_ = nullptr;  // owned by the waiting SwitchPlacement
   std::vector<Server> servers_;
   // Closed streams that gRPC may still use, with their channels: destroyed
   // here once finished, never in a reaction (see dispatch_stream.h).
@@ -180,18 +208,73 @@ class RemoteExpertBackend final : public core::ExpertBackend {
 
 RemoteExpertBackend::RemoteExpertBackend(RemoteExpertOptions options)
     : options_(std::move(options)),
-      hub_(std::make_shared<DispatchHub>(static_cast<int>(options_.servers.size()))),
-      local_(core::MakeCpuExpertBackend(options_.local_compute)) {
-  const int n = static_cast<int>(options_.servers.size());
+      hub_(std::make_shared<DispatchHub>(kMaxExpertServers)),
+      local_(core::MakeCpuExpertBackend(options_.local_compute)),
+      placement_(options_.placement) {
+  SetServers(options_.servers);
+}
+
+void RemoteExpertBackend::SetServers(const std::vector<std::string>& addresses) {
+  const int n = static_cast<int>(addresses.size());
+  for (int s = n; s < static_cast<int>(servers_.size()); ++s) {
+    if (servers_[s].stream) Abandon(s, absl::ZeroDuration());
+  }
   servers_.resize(n);
   for (int s = 0; s < n; ++s) {
-    servers_[s].address = options_.servers[s];
-    servers_[s].label = absl::StrCat("expert server ", s, " (", options_.servers[s], ")");
+    Server& sv = servers_[s];
+    if (sv.address == addresses[s]) continue;
+    if (sv.stream) Abandon(s, absl::ZeroDuration());
+    sv.address = addresses[s];
+    sv.label = absl::StrCat("expert server ", s, " (", addresses[s], ")");
+    sv.avoid_until = absl::InfinitePast();
+    sv.avoid_for = absl::ZeroDuration();
   }
   queued_.resize(n);
 }
 
+absl::Status RemoteExpertBackend::SwitchPlacement(core::Placement placement,
+                                                  std::vector<std::string> servers,
+                                                  absl::Duration timeout) {
+  if (static_cast<int>(servers.size()) != placement.num_servers()) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "placement version ", placement.version(), " has ", placement.num_servers(),
+        " servers but ", servers.size(), " addresses were given"));
+  }
+  if (servers.size() > static_cast<size_t>(kMaxExpertServers)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(servers.size(), " expert servers, at most ", kMaxExpertServers));
+  }
+  for (size_t s = 0; s < servers.size(); ++s) {
+    if (servers[s].empty()) {
+      return absl::InvalidArgumentError(absl::StrCat("expert server ", s, " has no address"));
+    }
+  }
+  PendingSwitch sw{std::move(placement), std::move(servers), false};
+  absl::MutexLock lock(&mu_);
+  if (pending_switch_ != nullptr) {
+    return absl::FailedPreconditionError("another placement switch is in progress");
+  }
+  pending_switch_ = &sw;
+  if (tickets_.empty()) ApplySwitchLocked();
+  if (!mu_.AwaitWithTimeout(absl::Condition(&sw.applied), timeout)) {
+    pending_switch_ = nullptr;
+    return absl::DeadlineExceededError(absl::StrCat(
+        "placement version ", sw.placement.version(), ": no step boundary within ",
+        absl::FormatDuration(timeout)));
+  }
+  return absl::OkStatus();
+}
+
+void RemoteExpertBackend::ApplySwitchLocked() {
+  PendingSwitch* sw = pending_switch_;
+  pending_switch_ = nullptr;
+  placement_ = sw->placement;
+  SetServers(sw->servers);
+  sw->applied = true;
+}
+
 RemoteExpertBackend::~RemoteExpertBackend() {
+  absl::MutexLock lock(&mu_);
   while (!tickets_.empty()) Retire(tickets_.back()->id);
   free_tickets_.clear();
   free_pending_.clear();  // their stream references
@@ -236,13 +319,14 @@ absl::Status RemoteExpertBackend::UnloadFfn(int32_t layer, int32_t ffn_id) {
 }
 
 bool RemoteExpertBackend::HasFfn(int32_t layer, int32_t ffn_id) const {
+  absl::MutexLock lock(&mu_);
   if (ffn_id == core::kSharedFfn) {
     if (local_->HasFfn(layer, ffn_id)) return true;
     // Every expert server holds the shared FFN of every MoE layer.
     return options_.shared_duty == core::SharedDuty::kExpertServers &&
-           !options_.placement.Replicas(layer, 0).empty();
+           !placement_.Replicas(layer, 0).empty();
   }
-  return ffn_id >= 0 && !options_.placement.Replicas(layer, ffn_id).empty();
+  return ffn_id >= 0 && !placement_.Replicas(layer, ffn_id).empty();
 }
 
 absl::Status RemoteExpertBackend::Validate(const core::ExpertBatch& b, const float* out) const {
@@ -313,11 +397,35 @@ absl::Status RemoteExpertBackend::Validate(const core::ExpertBatch& b, const flo
 }
 
 absl::Status RemoteExpertBackend::Compute(const core::ExpertBatch& b, float* out) {
-  DMOE_ASSIGN_OR_RETURN(const uint64_t ticket, Submit(b, out));
-  return Await(ticket);
+  absl::MutexLock lock(&mu_);
+  if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
+  DMOE_ASSIGN_OR_RETURN(const uint64_t ticket, SubmitLocked(b, out));
+  absl::Status st = AwaitLocked(ticket);
+  if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
+  return st;
 }
 
 absl::StatusOr<uint64_t> RemoteExpertBackend::Submit(const core::ExpertBatch& b, float* out) {
+  absl::MutexLock lock(&mu_);
+  if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
+  return SubmitLocked(b, out);
+}
+
+absl::Status RemoteExpertBackend::Await(uint64_t ticket) {
+  absl::MutexLock lock(&mu_);
+  absl::Status st = AwaitLocked(ticket);
+  if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
+  return st;
+}
+
+void RemoteExpertBackend::Cancel(uint64_t ticket) {
+  absl::MutexLock lock(&mu_);
+  if (FindTicket(ticket) != nullptr) Retire(ticket);
+  if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
+}
+
+absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBatch& b,
+                                                           float* out) {
   DMOE_RETURN_IF_ERROR(Validate(b, out));
   const int64_t T = b.num_tokens;
   const int N = static_cast<int>(servers_.size());
@@ -345,7 +453,7 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::Submit(const core::ExpertBatch& b,
   }
   std::vector<core::ServerShare> shares;
   if (T > 0) {
-    DMOE_ASSIGN_OR_RETURN(shares, core::SplitByServer(b, options_.placement, queued_,
+    DMOE_ASSIGN_OR_RETURN(shares, core::SplitByServer(b, placement_, queued_,
                                                       options_.shared_duty, states));
   }
 
@@ -426,7 +534,7 @@ void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
   t.pending.push_back(std::move(p));
 }
 
-absl::Status RemoteExpertBackend::Await(uint64_t ticket_id) {
+absl::Status RemoteExpertBackend::AwaitLocked(uint64_t ticket_id) {
   Ticket* t = FindTicket(ticket_id);
   if (t == nullptr) {
     return absl::InvalidArgumentError(
@@ -526,10 +634,6 @@ absl::Status RemoteExpertBackend::Await(uint64_t ticket_id) {
   return result;
 }
 
-void RemoteExpertBackend::Cancel(uint64_t ticket) {
-  if (FindTicket(ticket) != nullptr) Retire(ticket);
-}
-
 void RemoteExpertBackend::Forget(Pending& p) {
   waiting_.erase(p.id);
   p.stream->Forget(p.id);
@@ -593,7 +697,7 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   sub.weights = p.share.weights;
   stranded_.clear();
   absl::StatusOr<std::vector<core::ServerShare>> shares =
-      core::SplitByServer(sub, options_.placement, queued_, options_.shared_duty, states,
+      core::SplitByServer(sub, placement_, queued_, options_.shared_duty, states,
                           &stranded_);
   if (!shares.ok()) {
     if (t->error.ok()) t->error = shares.status();
@@ -706,7 +810,7 @@ size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
     std::unique_ptr<v1::ExpertRequest> req = stream.TakeRequest();
     req->set_request_id(id);
     req->set_layer(static_cast<uint32_t>(b.layer));
-    req->set_placement_version(options_.placement.version());
+    req->set_placement_version(placement_.version());
     v1::Activations* x = req->mutable_x();
     x->set_dtype(ToProto(wire));
     x->set_rows(static_cast<uint32_t>(rows));
@@ -834,6 +938,11 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
 
 absl::StatusOr<std::unique_ptr<core::ExpertBackend>> MakeRemoteExpertBackend(
     RemoteExpertOptions options) {
+  DMOE_ASSIGN_OR_RETURN(RemoteExperts r, MakeRemoteExperts(std::move(options)));
+  return std::move(r.backend);
+}
+
+absl::StatusOr<RemoteExperts> MakeRemoteExperts(RemoteExpertOptions options) {
   if (options.servers.empty()) {
     return absl::InvalidArgumentError("remote experts: no expert servers given");
   }
@@ -849,7 +958,15 @@ absl::StatusOr<std::unique_ptr<core::ExpertBackend>> MakeRemoteExpertBackend(
   if (options.max_chunk_bytes == 0 || options.max_message_bytes <= 0) {
     return absl::InvalidArgumentError("remote experts: chunk and message limits must be positive");
   }
-  return std::unique_ptr<core::ExpertBackend>(new RemoteExpertBackend(std::move(options)));
+  if (options.servers.size() > static_cast<size_t>(kMaxExpertServers)) {
+    return absl::InvalidArgumentError(absl::StrCat("remote experts: ", options.servers.size(),
+                                                   " servers, at most ", kMaxExpertServers));
+  }
+  auto* b = new RemoteExpertBackend(std::move(options));
+  RemoteExperts r;
+  r.backend.reset(b);
+  r.control = b;
+  return r;
 }
 
 }  // namespace dmoe::router

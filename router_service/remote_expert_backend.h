@@ -45,7 +45,8 @@
 // request's rows.
 //
 // Thread safety: Submit / Await / Cancel / Compute from one thread at a time;
-// LoadFfn / UnloadFfn must not race with them (as for the CPU backend).
+// LoadFfn / UnloadFfn must not race with them (as for the CPU backend);
+// RemoteExpertControl's methods from any thread.
 #ifndef DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 #define DMOE_ROUTER_SERVICE_REMOTE_EXPERT_BACKEND_H_
 
@@ -102,8 +103,36 @@ struct RemoteExpertOptions {
   RemoteExpertObserver* observer = nullptr;
 };
 
+// Live changes to a remote backend, from any thread (the placement
+// controller) while the backend's own thread keeps submitting batches.
+class RemoteExpertControl {
+ public:
+  virtual ~RemoteExpertControl() = default;
+  // Makes `placement` the one batches are planned with and `servers` the
+  // servers' addresses (index = server index; placement.num_servers() ==
+  // servers.size(); an index whose address changes gets a new stream). It
+  // takes effect between two steps, when no batch is outstanding: at once
+  // when idle, else at the next Submit with nothing outstanding. Blocks until
+  // then; DEADLINE_EXCEEDED (and no switch) when that takes over `timeout`.
+  // InvalidArgument for a size mismatch, an empty address, or more than
+  // kMaxExpertServers servers.
+  virtual absl::Status SwitchPlacement(core::Placement placement,
+                                       std::vector<std::string> servers,
+                                       absl::Duration timeout) = 0;
+  virtual core::Placement placement() const = 0;
+  virtual std::vector<std::string> servers() const = 0;
+};
+
+inline constexpr int kMaxExpertServers = 1024;
+
+struct RemoteExperts {
+  std::unique_ptr<core::ExpertBackend> backend;
+  RemoteExpertControl* control = nullptr;  // the same object; lives as long as `backend`
+};
+
 // Connects lazily (first Compute). InvalidArgument when the server count does
 // not match the placement.
+absl::StatusOr<RemoteExperts> MakeRemoteExperts(RemoteExpertOptions options);
 absl::StatusOr<std::unique_ptr<core::ExpertBackend>> MakeRemoteExpertBackend(
     RemoteExpertOptions options);
 

@@ -11,6 +11,7 @@
 #include "router_service/remote_expert_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <cmath>
 #include <cstring>
@@ -1165,6 +1166,64 @@ TEST_F(RemoteExpertBackendTest, SeveralBatchesInFlightAreAwaitedInAnyOrder) {
   std::vector<float> o4(b3.tokens() * kHidden);
   ASSERT_TRUE(backend->Compute(b3.View(), o4.data()).ok());
   ExpectRowsNear(o4, Reference(b3), kF32Rel);
+}
+
+// ---- live placement switch --------------------------------------------------------
+
+TEST_F(RemoteExpertBackendTest, SwitchPlacementTakesEffectBetweenBatches) {
+  StartServers(FullyReplicated());  // what the servers hold; routing starts narrower
+  RemoteExpertOptions o = Options();
+  o.placement = Contiguous(2);  // version 3 over servers 0 and 1
+  o.servers.pop_back();
+  auto made = MakeRemoteExperts(o);
+  ASSERT_TRUE(made.ok()) << made.status();
+  core::ExpertBackend& backend = *made->backend;
+  RemoteExpertControl& control = *made->control;
+  EXPECT_EQ(control.placement().version(), 3u);
+  EXPECT_EQ(control.servers().size(), 2u);
+  HostBatch b = RandomBatch(1, 12, true, 91);
+  std::vector<float> out(b.tokens() * kHidden);
+  ASSERT_TRUE(backend.Compute(b.View(), out.data()).ok());
+  EXPECT_TRUE(servers_[2]->TakeReceived().empty());
+  for (auto& s : servers_) s->TakeReceived();
+
+  // Outstanding batch: the switch waits for it to be awaited.
+  auto ticket = backend.Submit(b.View(), out.data());
+  ASSERT_TRUE(ticket.ok());
+  std::atomic<bool> switched{false};
+  std::vector<std::string> addresses;
+  for (auto& s : servers_) addresses.push_back(s->address());
+  std::thread controller([&] {
+    absl::Status st = control.SwitchPlacement(FullyReplicated(), addresses, absl::Seconds(10));
+    EXPECT_TRUE(st.ok()) << st;
+    switched = true;
+  });
+  absl::SleepFor(absl::Milliseconds(100));
+  EXPECT_FALSE(switched) << "switched with a batch outstanding";
+  ASSERT_TRUE(backend.Await(*ticket).ok());
+  controller.join();
+  EXPECT_EQ(control.placement().version(), 11u);
+  for (int s = 0; s < 2; ++s) {
+    for (const Received& r : servers_[s]->TakeReceived()) EXPECT_EQ(r.msg.placement_version(), 3u);
+  }
+
+  // From now on: the new version, and server 2 is used.
+  placement_ = FullyReplicated();
+  HostBatch c = RandomBatch(2, 30, true, 92);
+  std::vector<float> out_c(c.tokens() * kHidden);
+  ASSERT_TRUE(backend.Compute(c.View(), out_c.data()).ok());
+  ExpectRowsNear(out_c, Reference(c), kF32Rel);
+  ExpectRequestsFollowPlacement(c, core::SharedDuty::kExpertServers);
+
+  // Errors: sizes, and a switch that finds no step boundary in time.
+  EXPECT_EQ(control.SwitchPlacement(FullyReplicated(), {"a:1"}, absl::Seconds(1)).code(),
+            absl::StatusCode::kInvalidArgument);
+  auto held = backend.Submit(c.View(), out_c.data());
+  ASSERT_TRUE(held.ok());
+  EXPECT_EQ(control.SwitchPlacement(Contiguous(3), addresses, absl::Milliseconds(50)).code(),
+            absl::StatusCode::kDeadlineExceeded);
+  ASSERT_TRUE(backend.Await(*held).ok());
+  EXPECT_EQ(control.placement().version(), 11u) << "a timed-out switch does not happen later";
 }
 
 }  // namespace
