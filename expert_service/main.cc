@@ -5,6 +5,7 @@
 //               [--host 127.0.0.1] [--port P] [--dtype f32|bf16] [--threads N]
 //               [--max-queue 256] [--max-batch-tokens 8192] [--port-file PATH]
 //               [--drain-timeout-s 30]
+//               [--raw-echo-port P] [--raw-echo-port-file PATH]
 //
 // Exit status: 0 after SIGTERM/SIGINT and a clean drain, 1 when the model or
 // placement cannot be loaded or the address cannot be bound, 2 for bad flags.
@@ -22,6 +23,7 @@
 #include "core/config.h"
 #include "core/placement.h"
 #include "expert_service/expert_server.h"
+#include "expert_service/raw_echo.h"
 #include "tools/args.h"
 #include "tools/service_main.h"
 
@@ -59,7 +61,15 @@ dmoe::tools::Args MakeArgs() {
             "8192")
       .Flag("port-file", "PATH", "write the bound port here once listening")
       .Flag("drain-timeout-s", "S",
-            "on SIGTERM, cancel streams still busy after S seconds", "30");
+            "on SIGTERM, cancel streams still busy after S seconds", "30")
+      .Flag("raw-echo-port", "P",
+            "benchmarking aid: raw TCP echo of framed messages on "
+            "127.0.0.1:P, the floor wire_bench compares gRPC with "
+            "(expert_service/raw_echo.h); 0 = off unless --raw-echo-port-file",
+            "0")
+      .Flag("raw-echo-port-file", "PATH",
+            "start the raw TCP echo (any free port when --raw-echo-port is 0) "
+            "and write its port here");
   return a;
 }
 
@@ -93,9 +103,10 @@ int main(int argc, char** argv) {
         2, "give exactly one of --num-servers and --placement (see --help)");
   }
   int64_t server_index = 0, num_servers = 0, port = 0, threads = 0,
-          max_queue = 0, max_batch_tokens = 0, drain_s = 0;
+          max_queue = 0, max_batch_tokens = 0, drain_s = 0, echo_port = 0;
   for (auto [name, out] : {std::pair{"server-index", &server_index},
                            {"port", &port},
+                           {"raw-echo-port", &echo_port},
                            {"threads", &threads},
                            {"max-queue", &max_queue},
                            {"max-batch-tokens", &max_batch_tokens},
@@ -117,6 +128,10 @@ int main(int argc, char** argv) {
         2, absl::StrCat("--server-index must be >= 0, got ", server_index));
   if (port < 0 || port > 65535)
     return Fail(2, absl::StrCat("--port must be in [0, 65535], got ", port));
+  if (echo_port < 0 || echo_port > 65535) {
+    return Fail(2, absl::StrCat("--raw-echo-port must be in [0, 65535], got ",
+                                echo_port));
+  }
   if (threads < 0)
     return Fail(2, absl::StrCat("--threads must be >= 0, got ", threads));
   if (max_queue < 1)
@@ -174,6 +189,29 @@ int main(int argc, char** argv) {
     return Fail(1, std::string(st.message()));
   }
   const int bound = (*server)->port();
+  // Benchmarking aid; up before --port-file is written, so that a watcher of
+  // that file finds both.
+  std::unique_ptr<dmoe::expert::RawEchoServer> echo;
+  if (echo_port > 0 || args.Has("raw-echo-port-file")) {
+    dmoe::expert::RawEchoOptions eo;
+    eo.port = static_cast<int>(echo_port);
+    auto e = dmoe::expert::RawEchoServer::Start(eo);
+    if (!e.ok()) {
+      (*server)->Shutdown(absl::ZeroDuration());
+      return Fail(1, std::string(e.status().message()));
+    }
+    echo = *std::move(e);
+    if (args.Has("raw-echo-port-file")) {
+      if (absl::Status st = dmoe::tools::WritePortFile(
+              args.Str("raw-echo-port-file"), echo->port());
+          !st.ok()) {
+        (*server)->Shutdown(absl::ZeroDuration());
+        return Fail(1, std::string(st.message()));
+      }
+    }
+    std::fprintf(stderr, "%s: raw TCP echo (benchmarking aid) on 127.0.0.1:%d\n",
+                 kName, echo->port());
+  }
   if (args.Has("port-file")) {
     if (absl::Status st = dmoe::tools::WritePortFile(args.Str("port-file"), bound); !st.ok()) {
       (*server)->Shutdown(absl::ZeroDuration());
@@ -192,6 +230,7 @@ int main(int argc, char** argv) {
   while (sigwait(&stop_signals, &sig) != 0) {
   }
   std::fprintf(stderr, "%s: %s, draining\n", kName, strsignal(sig));
+  if (echo) echo->Stop();
   (*server)->Shutdown(absl::Seconds(drain_s));
   std::fprintf(stderr, "%s: stopped\n", kName);
   return 0;
