@@ -2,10 +2,11 @@
 // routed experts on dmoe-expert servers (--experts) or in-process.
 //
 // Exit codes: 0 after a graceful shutdown (SIGTERM/SIGINT) or --help, 1 when
-// the model or the placement cannot be loaded or the port cannot be bound,
-// 2 for bad flags.
+// the model or the placement cannot be loaded or the port (or an explicit
+// --metrics-port) cannot be bound, 2 for bad flags.
 #include <signal.h>
 
+#include <algorithm>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -24,10 +25,14 @@
 #include "core/placement.h"
 #include "core/status.h"
 #include "core/wire.h"
+#include "prometheus/registry.h"
+#include "router_service/load_window.h"
 #include "router_service/remote_expert_backend.h"
+#include "router_service/router_metrics.h"
 #include "router_service/router_server.h"
 #include "router_service/scheduler.h"
 #include "tools/args.h"
+#include "tools/metrics_endpoint.h"
 #include "tools/service_main.h"
 
 namespace dmoe::router {
@@ -75,7 +80,26 @@ void DeclareFlags(tools::Args& args) {
       .Flag("shutdown-grace-ms", "MS",
             "on SIGTERM/SIGINT, time given to in-flight requests before they "
             "are cancelled",
-            "5000");
+            "5000")
+      .Flag("metrics-host", "HOST",
+            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)",
+            "127.0.0.1")
+      .Flag("metrics-port", "P",
+            "port of /metrics (0 = any free port); when the default is taken "
+            "the router serves without /metrics and says so",
+            "9190")
+      .Flag("metrics-port-file", "PATH",
+            "write the bound metrics port to PATH once serving")
+      .Flag("expert-metrics", "per-expert|per-layer",
+            "routed-token series per (layer, expert), or per layer "
+            "(expert=\"all\") to bound cardinality",
+            "per-expert")
+      .Flag("load-window-s", "S",
+            "load window for balance metrics and placement: sliding length "
+            "or EMA half-life, seconds",
+            "60")
+      .Flag("load-window-mode", "sliding|ema", "how the load window forgets",
+            "sliding");
 }
 
 struct Config {
@@ -93,6 +117,12 @@ struct Config {
   SchedulerOptions sched;
   int64_t expert_deadline_ms = 0;
   int64_t grace_ms = 0;
+  std::string metrics_host;
+  int metrics_port = 0;
+  bool metrics_port_explicit = false;
+  std::string metrics_port_file;
+  bool per_expert_metrics = true;
+  LoadWindowOptions window;
 };
 
 absl::StatusOr<int64_t> IntIn(const tools::Args& args, const char* name,
@@ -165,31 +195,73 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
                         IntIn(args, "expert-deadline-ms", 1, 3600000));
   DMOE_ASSIGN_OR_RETURN(c.grace_ms,
                         IntIn(args, "shutdown-grace-ms", 0, 3600000));
+  c.metrics_host = args.Str("metrics-host");
+  if (c.metrics_host.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --metrics-host is empty"));
+  }
+  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port,
+                        IntIn(args, "metrics-port", 0, 65535));
+  c.metrics_port = static_cast<int>(metrics_port);
+  c.metrics_port_explicit = args.Has("metrics-port");
+  c.metrics_port_file = args.Str("metrics-port-file");
+  {
+    auto per_expert = tools::ParseExpertMetricsFlag(args.Str("expert-metrics"));
+    if (!per_expert.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName, ": ", per_expert.status().message()));
+    }
+    c.per_expert_metrics = *per_expert;
+  }
+  DMOE_ASSIGN_OR_RETURN(int64_t window_s,
+                        IntIn(args, "load-window-s", 1, 86400));
+  c.window.window = absl::Seconds(window_s);
+  const std::string mode = args.Str("load-window-mode");
+  if (mode == "ema") {
+    c.window.mode = LoadWindowOptions::Mode::kEma;
+  } else if (mode != "sliding") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --load-window-mode must be sliding or ema, got '", mode,
+        "'"));
+  }
   return c;
 }
 
-absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const Config& c) {
+absl::StatusOr<core::ModelConfig> ReadModelConfig(const Config& c) {
   std::error_code ec;
   if (!std::filesystem::is_directory(c.model, ec)) {
     return absl::NotFoundError(
         absl::StrCat("--model: '", c.model, "' is not a directory"));
   }
+  return core::ModelConfig::FromFile(c.model + "/config.json");
+}
+
+// The starting placement: --placement, else contiguous over the expert
+// servers. In-process (no --experts) the router is the one "server" that
+// holds every expert (for the balance metrics); an empty placement for a
+// model without routed experts.
+absl::StatusOr<core::Placement> StartPlacement(const Config& c,
+                                               const core::ModelConfig& cfg) {
+  if (!c.placement.empty()) return core::Placement::FromFile(c.placement, cfg);
+  if (c.experts.empty() && cfg.n_routed_experts == 0) return core::Placement();
+  return core::Placement::Contiguous(
+      cfg, std::max(1, static_cast<int>(c.experts.size())));
+}
+
+// `metrics` (not owned) is told of every routing and, with expert servers,
+// of the traffic to them.
+absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(
+    const Config& c, const core::Placement& placement, RouterMetrics* metrics) {
   core::ModelOptions opts;
   opts.compute = c.compute;
+  opts.on_route = [metrics](int64_t layer, const core::GateResult& routing) {
+    metrics->OnRoute(layer, routing);
+  };
   if (!c.experts.empty()) {
-    // The placement is needed before Load, which reads config.json itself.
-    DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg, core::ModelConfig::FromFile(
-                                                     c.model + "/config.json"));
     RemoteExpertOptions ro;
     ro.servers = c.experts;
-    if (!c.placement.empty()) {
-      DMOE_ASSIGN_OR_RETURN(ro.placement,
-                            core::Placement::FromFile(c.placement, cfg));
-    } else {
-      DMOE_ASSIGN_OR_RETURN(
-          ro.placement,
-          core::Placement::Contiguous(cfg, static_cast<int>(c.experts.size())));
-    }
+    ro.placement = placement;
+    ro.observer = metrics;
     if (c.wire == "f32") {
       ro.wire_dtype = core::WireDType::kF32;
     } else if (c.wire == "bf16") {
@@ -248,15 +320,45 @@ int Main(int argc, char** argv) {
   }
   core::SetComputeThreads(cfg->threads);
 
-  absl::StatusOr<std::unique_ptr<core::Model>> model = LoadModel(*cfg);
+  absl::StatusOr<core::ModelConfig> model_cfg = ReadModelConfig(*cfg);
+  if (!model_cfg.ok()) return Fail(model_cfg.status(), 1);
+  absl::StatusOr<core::Placement> placement =
+      StartPlacement(*cfg, *model_cfg);
+  if (!placement.ok()) return Fail(placement.status(), 1);
+  // The router's one load window: RouterMetrics writes it (routing and
+  // per-server tokens) and exports its balance; the placement controller
+  // reads the same one.
+  LoadWindow window(model_cfg->num_hidden_layers, model_cfg->n_routed_experts,
+                    std::max(1, placement->num_servers()), cfg->window);
+  auto registry = std::make_shared<prometheus::Registry>();
+  RouterMetrics metrics(*registry, *model_cfg, *placement, &window,
+                        {cfg->per_expert_metrics, cfg->experts});
+
+  absl::StatusOr<std::unique_ptr<core::Model>> model =
+      LoadModel(*cfg, *placement, &metrics);
   if (!model.ok()) return Fail(model.status(), 1);
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
       Scheduler::Create(*std::move(model), cfg->sched);
   if (!scheduler.ok()) return Fail(scheduler.status(), 1);
+  metrics.SetLoadSource(
+      [s = scheduler->get()] { return s->GetLoad(); });
   RouterServer service(**scheduler);
   absl::StatusOr<StartedServer> server =
       StartRouterGrpcServer(&service, cfg->host, cfg->port);
   if (!server.ok()) return Fail(server.status(), 1);
+  // Scrapes refresh the balance and scheduler gauges first. Declared after
+  // everything its refresh reads, so destroyed (stopped) before them; up
+  // before the port file is written, so that the file means "all serving".
+  absl::StatusOr<std::unique_ptr<tools::MetricsEndpoint>> metrics_endpoint =
+      tools::ServeMetrics(
+          kName, cfg->metrics_host, cfg->metrics_port,
+          cfg->metrics_port_explicit, cfg->metrics_port_file,
+          std::make_shared<tools::RefreshingCollectable>(
+              registry, [&metrics] { metrics.Refresh(); }));
+  if (!metrics_endpoint.ok()) {
+    server->server->Shutdown();
+    return Fail(metrics_endpoint.status(), 1);
+  }
   if (!cfg->port_file.empty()) {
     if (auto st = tools::WritePortFile(cfg->port_file, server->port); !st.ok()) {
       server->server->Shutdown();
@@ -265,6 +367,10 @@ int Main(int argc, char** argv) {
   }
   std::fprintf(stderr, "%s: serving on %s:%d (%zu expert servers)\n", kName,
                cfg->host.c_str(), server->port, cfg->experts.size());
+  if (*metrics_endpoint != nullptr) {
+    std::fprintf(stderr, "%s: metrics on http://%s:%d/metrics\n", kName,
+                 cfg->metrics_host.c_str(), (*metrics_endpoint)->port());
+  }
 
   int sig = 0;
   sigwait(&signals, &sig);
