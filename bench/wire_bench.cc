@@ -1,15 +1,15 @@
-// Wire benchmark (issue 4): one MoE layer at DeepSeek-V2-Lite shapes, in-process
-// versus through N = 1, 2, 4 expert servers (real dmoe-expert child processes)
-// on loopback, for T = 1, 64, 256 tokens, with a raw-TCP floor measured in the
-// same run between the same processes.
+// Wire benchmark (issue 4): one MoE layer at DeepSeek-V2-Lite shapes,
+// in-process versus through N = 1, 2, 4 expert servers (real dmoe-expert child
+// processes) on loopback, for T = 1, 64, 256 tokens, with a raw-TCP floor
+// measured in the same run between the same processes.
 //
 //   wire_bench [--quick] [--model DIR] [--wire-dtype bf16|f32|fp8]
 //              [--threads N] [--servers 1,2,4] [--tokens 1,64,256]
 //
-// Model: --model DIR, else /tmp/dmoe-wire-bench-model, written on first use with
-// `dmoe make-model --preset v2lite --layers 2 --weight-dtype bf16 --seed 1`
-// (the dmoe binary next to this one) and reused. Its layer 1 is the MoE layer:
-// hidden 2048, 64 routed experts (inter 1408), top-6, 2 shared experts.
+// Model: --model DIR, else /tmp/dmoe-wire-bench-model, written on first use
+// with `dmoe make-model --preset v2lite --layers 2 --weight-dtype bf16 --seed
+// 1` (the dmoe binary next to this one) and reused. Its layer 1 is the MoE
+// layer: hidden 2048, 64 routed experts (inter 1408), top-6, 2 shared experts.
 //
 // Batches: T rows drawn from N(0,1) and RMS-normalised, routed by the
 // checkpoint's own layer-1 gate (MoeGate) into a dispatch plan with the shared
@@ -35,9 +35,9 @@
 //     spends per FFN used ("srv": each server's share computed in-process
 //     with those tiny FFNs, max over servers; "net" = gRPC - srv, per call,
 //     the round trip with that taken out too; "codec": the part of net spent
-//     packing and unpacking activations, timed in-process). Floor: the same request and reply
-//     byte counts per server (below), sent to all N servers concurrently (one
-//     thread, poll) over raw TCP to the raw echo (dmoe-expert
+//     packing and unpacking activations, timed in-process). Floor: the same
+//     request and reply byte counts per server (below), sent to all N servers
+//     concurrently (one thread, poll) over raw TCP to the raw echo (dmoe-expert
 //     --raw-echo-port-file, expert_service/raw_echo.h) inside those same server
 //     processes. Goal (PERFORMANCE.md): gRPC round trip <= 1.5x the floor.
 //  3. Bytes per token: the ExpertRequest / ExpertResponse messages exactly as
@@ -100,8 +100,8 @@
 #include "core/dtype.h"
 #include "core/expert_backend.h"
 #include "core/kernels/cpu/linear.h"
-#include "core/layers.h"
 #include "core/kv_cache.h"
+#include "core/layers.h"
 #include "core/model.h"
 #include "core/moe.h"
 #include "core/placement.h"
@@ -119,10 +119,12 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 constexpr char kDefaultModel[] = "/tmp/dmoe-wire-bench-model";
-constexpr int64_t kWireOnlyInter = 16;  // moe_intermediate_size of wire-only servers
-constexpr size_t kGrpcPrefix = 5;       // compressed flag + u32 length per message
+constexpr int64_t kWireOnlyInter =
+    16;                            // moe_intermediate_size of wire-only servers
+constexpr size_t kGrpcPrefix = 5;  // compressed flag + u32 length per message
 
-// ---- options -----------------------------------------------------------------
+// ---- options
+// -----------------------------------------------------------------
 
 struct Options {
   bool quick = false;
@@ -211,18 +213,24 @@ bool ParseOptions(int argc, char** argv, Options* o) {
 
 const char* WireName(core::WireDType t) {
   switch (t) {
-    case core::WireDType::kBF16: return "bf16";
-    case core::WireDType::kF32: return "f32";
-    case core::WireDType::kF8E4M3: return "fp8";
+    case core::WireDType::kBF16:
+      return "bf16";
+    case core::WireDType::kF32:
+      return "f32";
+    case core::WireDType::kF8E4M3:
+      return "fp8";
   }
   return "?";
 }
 
 dmoe::v1::ActivationDType ToProto(core::WireDType t) {
   switch (t) {
-    case core::WireDType::kBF16: return dmoe::v1::ACTIVATION_DTYPE_BF16;
-    case core::WireDType::kF32: return dmoe::v1::ACTIVATION_DTYPE_F32;
-    case core::WireDType::kF8E4M3: return dmoe::v1::ACTIVATION_DTYPE_F8_E4M3;
+    case core::WireDType::kBF16:
+      return dmoe::v1::ACTIVATION_DTYPE_BF16;
+    case core::WireDType::kF32:
+      return dmoe::v1::ACTIVATION_DTYPE_F32;
+    case core::WireDType::kF8E4M3:
+      return dmoe::v1::ACTIVATION_DTYPE_F8_E4M3;
   }
   return dmoe::v1::ACTIVATION_DTYPE_UNSPECIFIED;
 }
@@ -266,10 +274,11 @@ std::string BinDir() {
   return ec ? "build/bin" : exe.parent_path().string();
 }
 
-// ---- child processes -----------------------------------------------------------
+// ---- child processes
+// -----------------------------------------------------------
 
-// A child process with stdout and stderr in a log file. It is SIGKILLed when the
-// bench exits by any path (PR_SET_PDEATHSIG) and by the destructor.
+// A child process with stdout and stderr in a log file. It is SIGKILLed when
+// the bench exits by any path (PR_SET_PDEATHSIG) and by the destructor.
 class Child {
  public:
   Child() = default;
@@ -291,7 +300,8 @@ class Child {
         dup2(fd, 2);
       }
       std::vector<char*> args;
-      for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
+      for (const std::string& a : argv)
+        args.push_back(const_cast<char*>(a.c_str()));
       args.push_back(nullptr);
       execv(args[0], args.data());
       _exit(127);
@@ -318,7 +328,9 @@ class Child {
     return WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   }
 
-  bool Running() const { return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0; }
+  bool Running() const {
+    return pid_ > 0 && waitpid(pid_, nullptr, WNOHANG) == 0;
+  }
   pid_t pid() const { return pid_; }
   std::string Log() const {
     std::ifstream in(log_);
@@ -347,7 +359,8 @@ int WaitForPortFile(const std::string& path, const Child& child,
   return 0;
 }
 
-// ---- models ------------------------------------------------------------------
+// ---- models
+// ------------------------------------------------------------------
 
 // The default model, made once with `dmoe make-model` into a temporary
 // directory that is renamed into place (a crash never leaves half a cache).
@@ -355,14 +368,15 @@ absl::Status EnsureModel(const std::string& dir, const std::string& bin_dir,
                          const std::string& work_dir) {
   if (fs::exists(fs::path(dir) / "config.json")) return absl::OkStatus();
   const std::string tmp = absl::StrCat(dir, ".partial-", getpid());
-  std::fprintf(stderr, "wire_bench: writing %s (v2lite --layers 2, bf16; once)\n",
+  std::fprintf(stderr,
+               "wire_bench: writing %s (v2lite --layers 2, bf16; once)\n",
                dir.c_str());
   Child make;
   const std::string log = work_dir + "/make-model.log";
-  if (!make.Start({bin_dir + "/dmoe", "make-model", "--preset", "v2lite",
-                   "--layers", "2", "--seed", "1", "--weight-dtype", "bf16",
-                   "--out", tmp},
-                  log)) {
+  if (!make.Start(
+          {bin_dir + "/dmoe", "make-model", "--preset", "v2lite", "--layers",
+           "2", "--seed", "1", "--weight-dtype", "bf16", "--out", tmp},
+          log)) {
     return absl::InternalError("cannot start dmoe make-model");
   }
   if (const int rc = make.Stop(0, std::chrono::minutes(10)); rc != 0) {
@@ -374,8 +388,8 @@ absl::Status EnsureModel(const std::string& dir, const std::string& bin_dir,
   std::error_code ec;
   fs::rename(tmp, dir, ec);
   if (ec && !fs::exists(fs::path(dir) / "config.json")) {
-    return absl::InternalError(absl::StrCat("rename ", tmp, " -> ", dir, ": ",
-                                            ec.message()));
+    return absl::InternalError(
+        absl::StrCat("rename ", tmp, " -> ", dir, ": ", ec.message()));
   }
   fs::remove_all(tmp, ec);  // lost a race with another writer: theirs is fine
   return absl::OkStatus();
@@ -406,9 +420,12 @@ absl::Status WriteWireOnlyModel(const std::string& full_dir,
   const int64_t H = cfg.hidden_size;
   std::vector<core::SafetensorsWriter::Decl> decls;
   auto add_ffn = [&](const std::string& prefix, int64_t inter) {
-    decls.push_back({prefix + "gate_proj.weight", core::DType::kBF16, {inter, H}});
-    decls.push_back({prefix + "up_proj.weight", core::DType::kBF16, {inter, H}});
-    decls.push_back({prefix + "down_proj.weight", core::DType::kBF16, {H, inter}});
+    decls.push_back(
+        {prefix + "gate_proj.weight", core::DType::kBF16, {inter, H}});
+    decls.push_back(
+        {prefix + "up_proj.weight", core::DType::kBF16, {inter, H}});
+    decls.push_back(
+        {prefix + "down_proj.weight", core::DType::kBF16, {H, inter}});
   };
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.IsMoeLayer(l)) continue;
@@ -419,10 +436,9 @@ absl::Status WriteWireOnlyModel(const std::string& full_dir,
       add_ffn(absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
               cfg.n_shared_experts * kWireOnlyInter);
   }
-  DMOE_ASSIGN_OR_RETURN(auto writer,
-                        core::SafetensorsWriter::Create(
-                            out_dir + "/model.safetensors", decls,
-                            {{"format", "pt"}}));
+  DMOE_ASSIGN_OR_RETURN(auto writer, core::SafetensorsWriter::Create(
+                                         out_dir + "/model.safetensors", decls,
+                                         {{"format", "pt"}}));
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> u(-0.05f, 0.05f);
   std::vector<uint16_t> bits;
@@ -435,7 +451,8 @@ absl::Status WriteWireOnlyModel(const std::string& full_dir,
   return writer->Finish();
 }
 
-// ---- expert server processes ---------------------------------------------------
+// ---- expert server processes
+// ---------------------------------------------------
 
 struct ProcMemory {
   size_t hwm = 0, rss = 0, anon = 0, file = 0;  // bytes
@@ -524,7 +541,8 @@ class ServerSet {
   std::vector<int> echo_ports_;
 };
 
-// ---- raw TCP floor -----------------------------------------------------------
+// ---- raw TCP floor
+// -----------------------------------------------------------
 
 // One connection per server to its raw echo; a round trip sends every server
 // its frame concurrently from this one thread (non-blocking sockets + poll)
@@ -545,8 +563,8 @@ class RawEchoClient {
       addr.sin_port = htons(static_cast<uint16_t>(port));
       addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
       if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-        return absl::UnavailableError(absl::StrCat(
-            "raw echo 127.0.0.1:", port, ": ", std::strerror(errno)));
+        return absl::UnavailableError(absl::StrCat("raw echo 127.0.0.1:", port,
+                                                   ": ", std::strerror(errno)));
       }
       const int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -584,14 +602,16 @@ class RawEchoClient {
         if (st.sent < st.to_send) {
           const ssize_t w = send(fds_[s], out_[s].data() + st.sent,
                                  st.to_send - st.sent, MSG_NOSIGNAL);
-          if (w > 0) st.sent += static_cast<size_t>(w);
+          if (w > 0)
+            st.sent += static_cast<size_t>(w);
           else if (w < 0 && errno != EAGAIN && errno != EINTR)
             return absl::UnavailableError("raw echo: send failed");
         }
         if (st.received < st.to_recv) {
           const ssize_t r = recv(fds_[s], in_[s].data() + st.received,
                                  st.to_recv - st.received, 0);
-          if (r > 0) st.received += static_cast<size_t>(r);
+          if (r > 0)
+            st.received += static_cast<size_t>(r);
           else if (r == 0 || (errno != EAGAIN && errno != EINTR))
             return absl::UnavailableError("raw echo: connection closed");
         }
@@ -621,7 +641,8 @@ class RawEchoClient {
   std::vector<State> state_;
 };
 
-// ---- batches and their bytes -----------------------------------------------------
+// ---- batches and their bytes
+// -----------------------------------------------------
 
 struct Batch {
   int64_t tokens = 0;
@@ -651,8 +672,9 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
                                             size_t max_chunk_bytes) {
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
-  const int64_t row_bytes = H * static_cast<int64_t>(core::WireElementSize(wire)) +
-                            (wire == core::WireDType::kF8E4M3 ? 4 : 0);
+  const int64_t row_bytes =
+      H * static_cast<int64_t>(core::WireElementSize(wire)) +
+      (wire == core::WireDType::kF8E4M3 ? 4 : 0);
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, static_cast<int64_t>(max_chunk_bytes) / row_bytes);
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
@@ -660,7 +682,8 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
   std::vector<float> rows_x;
   size_t req_bytes = 0, rep_bytes = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t r0 = c * rows_per_chunk, r1 = std::min(n, r0 + rows_per_chunk);
+    const int64_t r0 = c * rows_per_chunk,
+                  r1 = std::min(n, r0 + rows_per_chunk);
     const int64_t rows = r1 - r0;
     rows_x.resize(static_cast<size_t>(rows * H));
     for (int64_t r = r0; r < r1; ++r) {
@@ -706,8 +729,8 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     y->set_dtype(ToProto(wire));
     y->set_rows(static_cast<uint32_t>(rows));
     y->set_cols(static_cast<uint32_t>(H));
-    y->mutable_data()->resize(
-        static_cast<size_t>(rows * H) * core::WireElementSize(wire));
+    y->mutable_data()->resize(static_cast<size_t>(rows * H) *
+                              core::WireElementSize(wire));
     if (wire == core::WireDType::kF8E4M3)
       y->mutable_row_scales()->resize(static_cast<size_t>(rows) * 4);
     rep_bytes += rep.ByteSizeLong() + kGrpcPrefix;
@@ -715,7 +738,8 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
   return {req_bytes, rep_bytes};
 }
 
-// ---- the layer, in-process ---------------------------------------------------------
+// ---- the layer, in-process
+// ---------------------------------------------------------
 
 struct Layer {
   core::ModelConfig cfg;
@@ -745,15 +769,17 @@ Layer LoadLayer(const std::string& dir, bool with_gate) {
   const core::ModelConfig& c = layer.cfg;
   for (int32_t e = 0; e < c.n_routed_experts; ++e) {
     const absl::Status s = core::LoadFfnInto(
-        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.experts.", e, "."),
+        **ckpt,
+        absl::StrCat("model.layers.", layer.index, ".mlp.experts.", e, "."),
         c.hidden_size, c.moe_intermediate_size, layer.index, e, *layer.local);
     if (!s.ok()) Die(s, "load expert");
   }
   if (c.n_shared_experts > 0) {
     const absl::Status s = core::LoadFfnInto(
-        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.shared_experts."),
-        c.hidden_size, c.n_shared_experts * c.moe_intermediate_size, layer.index,
-        core::kSharedFfn, *layer.local);
+        **ckpt,
+        absl::StrCat("model.layers.", layer.index, ".mlp.shared_experts."),
+        c.hidden_size, c.n_shared_experts * c.moe_intermediate_size,
+        layer.index, core::kSharedFfn, *layer.local);
     if (!s.ok()) Die(s, "load shared expert");
   }
   core::ReleaseLoadBuffers();
@@ -801,7 +827,9 @@ Batch MakeBatch(Layer& layer, const core::Placement& placement,
     }
     b.shares.push_back(share);
   }
-  const size_t elem = wire == core::WireDType::kF32 ? 4 : wire == core::WireDType::kBF16 ? 2 : 1;
+  const size_t elem = wire == core::WireDType::kF32    ? 4
+                      : wire == core::WireDType::kBF16 ? 2
+                                                       : 1;
   b.min_bytes = static_cast<size_t>(b.visits) * H * elem * 2;
   return b;
 }
@@ -825,7 +853,8 @@ uint64_t LoopbackTxBytes() {
   return v;
 }
 
-// ---- one (N, T) row ------------------------------------------------------------------
+// ---- one (N, T) row
+// ------------------------------------------------------------------
 
 struct Row {
   int servers = 0, tokens = 0, inproc_threads = 0, layer_calls = 0,
@@ -835,7 +864,7 @@ struct Row {
   Stats server_compute;  // wire-only FFNs in-process, per batch (ServerCompute)
   Stats grpc_net;        // gRPC round trip - server_compute, per call
   double codec = 0;      // seconds of activation packing/unpacking (CodecTime)
-  double rel_diff = 0;              // max |remote - in-process| / max |in-process|
+  double rel_diff = 0;   // max |remote - in-process| / max |in-process|
   double req_per_token = 0, rep_per_token = 0, min_per_token = 0,
          lo_per_token = 0;
 };
@@ -874,7 +903,8 @@ double ServerCompute(const Batch& b, const Layer& layer,
     std::vector<double> t;
     for (int r = -1; r < reps; ++r) {  // r < 0: warm-up
       const auto t0 = Clock::now();
-      Check(wire_local.Compute(view, out.data()), "in-process wire-only Compute");
+      Check(wire_local.Compute(view, out.data()),
+            "in-process wire-only Compute");
       if (r >= 0) t.push_back(Seconds(t0, Clock::now()));
     }
     worst = std::max(worst, Summarize(t).median);
@@ -886,7 +916,8 @@ double ServerCompute(const Batch& b, const Layer& layer,
 // router packs every request and unpacks every reply (one after the other),
 // each server unpacks its request and packs its reply (in parallel: max over
 // servers). Median over `reps`.
-double CodecTime(const Batch& b, core::WireDType wire, int64_t hidden, int reps) {
+double CodecTime(const Batch& b, core::WireDType wire, int64_t hidden,
+                 int reps) {
   std::string data, scales;
   std::vector<float> rows;
   std::vector<double> t;
@@ -939,14 +970,16 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
     auto t0 = Clock::now();
     Check(layer.local->Compute(view, out_local.data()), "in-process Compute");
     auto t1 = Clock::now();
-    Check(full.Compute(view, out_remote.data()), "remote Compute (full servers)");
+    Check(full.Compute(view, out_remote.data()),
+          "remote Compute (full servers)");
     auto t2 = Clock::now();
     if (i < 0) continue;
     t_local.push_back(Seconds(t0, t1));
     t_remote.push_back(Seconds(t1, t2));
     for (size_t k = 0; k < out_local.size(); ++k) {
       max_abs = std::max(max_abs, double(std::fabs(out_local[k])));
-      max_diff = std::max(max_diff, double(std::fabs(out_local[k] - out_remote[k])));
+      max_diff =
+          std::max(max_diff, double(std::fabs(out_local[k] - out_remote[k])));
     }
   }
   row.layer_calls = layer_calls;
@@ -976,7 +1009,8 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
     const core::ExpertBatch view = b.View(layer.index, H);
     const uint64_t lo0 = LoopbackTxBytes();
     auto t0 = Clock::now();
-    Check(wire_only.Compute(view, out_remote.data()), "remote Compute (wire-only servers)");
+    Check(wire_only.Compute(view, out_remote.data()),
+          "remote Compute (wire-only servers)");
     auto t1 = Clock::now();
     const uint64_t lo1 = LoopbackTxBytes();
     auto t2 = Clock::now();
@@ -1010,8 +1044,8 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
   return row;
 }
 
-
-// ---- micro-batching ----------------------------------------------------------------
+// ---- micro-batching
+// ----------------------------------------------------------------
 
 // Forwards to a backend that can be switched between steps (the model is
 // loaded once, the servers change with N) and adds up the time the caller
@@ -1079,7 +1113,7 @@ MicroModel LoadMicroModel(const std::string& dir, int micro_batches) {
 struct MicroRow {
   int servers = 0, seqs = 0, tokens = 0;  // tokens per sequence in the step
   int steps = 0;
-  Stats t[2];             // step time with micro_batches 1, 2 (seconds)
+  Stats t[2];              // step time with micro_batches 1, 2 (seconds)
   double await_s[2] = {};  // time in Await per step (median)
 };
 
@@ -1094,7 +1128,8 @@ MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens,
   row.steps = steps;
   const core::ModelConfig& cfg = models[0].model->config();
   std::mt19937 rng(11);
-  std::uniform_int_distribution<int32_t> vocab(0, static_cast<int32_t>(cfg.vocab_size) - 1);
+  std::uniform_int_distribution<int32_t> vocab(
+      0, static_cast<int32_t>(cfg.vocab_size) - 1);
   std::vector<std::vector<int32_t>> prompt(seqs, std::vector<int32_t>(tokens)),
       next(seqs, std::vector<int32_t>(1));
   for (auto& p : prompt)
@@ -1119,7 +1154,8 @@ MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens,
         cache.SetLength(in.seq, decode ? tokens : 0);
       m.experts->ResetTimes();
       const auto t0 = Clock::now();
-      Check(m.model->Forward(decode ? step : prefill, cache, &logits), "Forward");
+      Check(m.model->Forward(decode ? step : prefill, cache, &logits),
+            "Forward");
       const double t = Seconds(t0, Clock::now());
       if (r < 0) continue;
       times.push_back(t);
@@ -1172,7 +1208,8 @@ int main(int argc, char** argv) {
   const core::ModelConfig& cfg = layer.cfg;
   const int cores = std::max(1u, std::thread::hardware_concurrency());
   const size_t elem = 2;  // bf16 weights on the servers
-  const size_t expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem;
+  const size_t expert_bytes =
+      3 * cfg.hidden_size * cfg.moe_intermediate_size * elem;
   const size_t shared_bytes = cfg.n_shared_experts * expert_bytes;
 
   std::printf(
@@ -1196,13 +1233,17 @@ int main(int argc, char** argv) {
 
   // 5. Micro-batching: the model loaded twice (micro_batches 1 and 2), its
   // experts switched to each N's full servers.
-  const int micro_n = std::find(o.servers.begin(), o.servers.end(), 2) != o.servers.end()
-                          ? 2
-                          : o.servers.back();
+  const int micro_n =
+      std::find(o.servers.begin(), o.servers.end(), 2) != o.servers.end()
+          ? 2
+          : o.servers.back();
   const auto micro_start = Clock::now();
-  MicroModel micro_models[2] = {LoadMicroModel(model, 1), LoadMicroModel(model, 2)};
-  std::printf("micro-batching: 2-layer model loaded twice (micro_batches 1, 2) in %.1f s\n",
-              Seconds(micro_start, Clock::now()));
+  MicroModel micro_models[2] = {LoadMicroModel(model, 1),
+                                LoadMicroModel(model, 2)};
+  std::printf(
+      "micro-batching: 2-layer model loaded twice (micro_batches 1, 2) in %.1f "
+      "s\n",
+      Seconds(micro_start, Clock::now()));
   std::fflush(stdout);
 
   std::vector<Row> rows;
@@ -1235,7 +1276,8 @@ int main(int argc, char** argv) {
       const int seqs = o.quick ? 4 : 8, len = o.quick ? 8 : 32;
       const int steps = o.quick ? 1 : 5;
       micro_rows.push_back(RunMicro(micro_models, n, seqs, len, false, steps));
-      micro_rows.push_back(RunMicro(micro_models, n, seqs, len, true, o.quick ? 2 : 20));
+      micro_rows.push_back(
+          RunMicro(micro_models, n, seqs, len, true, o.quick ? 2 : 20));
       for (MicroModel& m : micro_models) m.experts->set_target(nullptr);
       std::fprintf(stderr, "wire_bench: N=%d micro-batching done\n", n);
     }
@@ -1259,8 +1301,8 @@ int main(int argc, char** argv) {
       "RemoteExpertBackend through N full servers\n"
       "   (median / p90 over `calls`; overhead = remote / in-process; rel.diff "
       "= max|remote - in-process| / max|in-process|)\n");
-  std::printf("%2s %5s %6s %5s %3s %10s %10s %10s %10s %8s %10s %9s\n", "N", "T",
-              "visits", "calls", "thr", "in-proc ms", "p90", "remote ms",
+  std::printf("%2s %5s %6s %5s %3s %10s %10s %10s %10s %8s %10s %9s\n", "N",
+              "T", "visits", "calls", "thr", "in-proc ms", "p90", "remote ms",
               "p90", "overhead", "+ms", "rel.diff");
   for (const Row& r : rows) {
     std::printf(
@@ -1283,20 +1325,19 @@ int main(int argc, char** argv) {
       "   spent packing/unpacking activations (router: all shares in turn; "
       "servers: max). Goal: gRPC <= 1.5x raw TCP.\n",
       static_cast<long long>(kWireOnlyInter));
-  std::printf("%2s %5s %5s %9s %9s %8s %9s %8s %9s %9s %9s %8s %s\n", "N",
-              "T", "calls", "gRPC us", "p90", "srv us", "net us", "codec",
-              "raw us", "p90", "gRPC/raw", "net/raw", "goal <= 1.5x");
+  std::printf("%2s %5s %5s %9s %9s %8s %9s %8s %9s %9s %9s %8s %s\n", "N", "T",
+              "calls", "gRPC us", "p90", "srv us", "net us", "codec", "raw us",
+              "p90", "gRPC/raw", "net/raw", "goal <= 1.5x");
   for (const Row& r : rows) {
     const double ratio = r.grpc.median / r.raw.median;
     std::printf(
         "%2d %5d %5d %9.1f %9.1f %8.1f %9.1f %8.1f %9.1f %9.1f %8.2fx %7.2fx "
         "%s\n",
-                r.servers, r.tokens, r.wire_calls, r.grpc.median * 1e6,
-                r.grpc.p90 * 1e6, r.server_compute.median * 1e6,
-                r.grpc_net.median * 1e6, r.codec * 1e6, r.raw.median * 1e6,
-                r.raw.p90 * 1e6,
-                ratio, r.grpc_net.median / r.raw.median,
-                ratio <= 1.5 ? "met" : "MISSED");
+        r.servers, r.tokens, r.wire_calls, r.grpc.median * 1e6,
+        r.grpc.p90 * 1e6, r.server_compute.median * 1e6,
+        r.grpc_net.median * 1e6, r.codec * 1e6, r.raw.median * 1e6,
+        r.raw.p90 * 1e6, ratio, r.grpc_net.median / r.raw.median,
+        ratio <= 1.5 ? "met" : "MISSED");
   }
 
   std::printf(
@@ -1305,16 +1346,19 @@ int main(int argc, char** argv) {
       "   hidden x %zu B x servers visited x 2; lo = loopback interface tx "
       "bytes during the wire loop (all headers; upper bound)\n",
       WireName(o.wire),
-      o.wire == core::WireDType::kF32 ? size_t{4} : o.wire == core::WireDType::kBF16 ? size_t{2} : size_t{1});
+      o.wire == core::WireDType::kF32    ? size_t{4}
+      : o.wire == core::WireDType::kBF16 ? size_t{2}
+                                         : size_t{1});
   std::printf("%2s %5s %6s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T",
               "visits", "request", "reply", "total", "minimum", "ratio",
               "lo B/tok", "lo/min");
   for (const Row& r : rows) {
     const double total = r.req_per_token + r.rep_per_token;
-    std::printf("%2d %5d %6.2f %10.0f %10.0f %10.0f %10.0f %6.3fx %10.0f %6.2fx\n",
-                r.servers, r.tokens, r.visits_per_token, r.req_per_token,
-                r.rep_per_token, total, r.min_per_token, total / r.min_per_token,
-                r.lo_per_token, r.lo_per_token / r.min_per_token);
+    std::printf(
+        "%2d %5d %6.2f %10.0f %10.0f %10.0f %10.0f %6.3fx %10.0f %6.2fx\n",
+        r.servers, r.tokens, r.visits_per_token, r.req_per_token,
+        r.rep_per_token, total, r.min_per_token, total / r.min_per_token,
+        r.lo_per_token, r.lo_per_token / r.min_per_token);
   }
 
   std::printf(
@@ -1349,11 +1393,12 @@ int main(int argc, char** argv) {
               "await", "overlap");
   for (const MicroRow& r : micro_rows) {
     const std::string shape = absl::StrCat(r.seqs, "x", r.tokens);
-    std::printf("%2d %8s %10s %5d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%%\n",
-                r.servers, r.tokens == 1 ? "decode" : "prefill", shape.c_str(),
-                r.steps, r.t[0].median * 1e3, r.t[0].p90 * 1e3,
-                r.await_s[0] * 1e3, r.t[1].median * 1e3, r.t[1].p90 * 1e3,
-                r.await_s[1] * 1e3, 100 * (1 - r.t[1].median / r.t[0].median));
+    std::printf(
+        "%2d %8s %10s %5d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%%\n",
+        r.servers, r.tokens == 1 ? "decode" : "prefill", shape.c_str(), r.steps,
+        r.t[0].median * 1e3, r.t[0].p90 * 1e3, r.await_s[0] * 1e3,
+        r.t[1].median * 1e3, r.t[1].p90 * 1e3, r.await_s[1] * 1e3,
+        100 * (1 - r.t[1].median / r.t[0].median));
   }
 
   std::error_code ec;

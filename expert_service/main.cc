@@ -209,11 +209,14 @@ int main(int argc, char** argv) {
         return Fail(1, std::string(st.message()));
       }
     }
-    std::fprintf(stderr, "%s: raw TCP echo (benchmarking aid) on 127.0.0.1:%d\n",
-                 kName, echo->port());
+    std::fprintf(stderr,
+                 "%s: raw TCP echo (benchmarking aid) on 127.0.0.1:%d\n", kName,
+                 echo->port());
   }
   if (args.Has("port-file")) {
-    if (absl::Status st = dmoe::tools::WritePortFile(args.Str("port-file"), bound); !st.ok()) {
+    if (absl::Status st =
+            dmoe::tools::WritePortFile(args.Str("port-file"), bound);
+        !st.ok()) {
       (*server)->Shutdown(absl::ZeroDuration());
       return Fail(1, std::string(st.message()));
     }

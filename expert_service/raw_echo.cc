@@ -183,8 +183,8 @@ class RawEchoServer::Impl {
 absl::StatusOr<std::unique_ptr<RawEchoServer>> RawEchoServer::Start(
     RawEchoOptions options) {
   if (options.port < 0 || options.port > 65535) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("raw echo: port must be in [0, 65535], got ", options.port));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "raw echo: port must be in [0, 65535], got ", options.port));
   }
   if (options.max_connections < 1 || options.max_frame_bytes == 0) {
     return absl::InvalidArgumentError(
@@ -194,8 +194,8 @@ absl::StatusOr<std::unique_ptr<RawEchoServer>> RawEchoServer::Start(
   addr.sin_family = AF_INET;
   addr.sin_port = htons(static_cast<uint16_t>(options.port));
   if (inet_pton(AF_INET, options.host.c_str(), &addr.sin_addr) != 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "raw echo: '", options.host, "' is not an IPv4 address"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("raw echo: '", options.host, "' is not an IPv4 address"));
   }
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {

@@ -14,8 +14,8 @@
 // round trip touches the same amount of memory on both sides as a gRPC message
 // of that size does, and steady-state frames allocate nothing.
 //
-// Thread safety: Start and Stop may be called from any thread; Stop (also run by
-// the destructor) closes the listener and every connection and joins the
+// Thread safety: Start and Stop may be called from any thread; Stop (also run
+// by the destructor) closes the listener and every connection and joins the
 // threads (one acceptor plus one per connection, at most max_connections).
 #ifndef DMOE_EXPERT_SERVICE_RAW_ECHO_H_
 #define DMOE_EXPERT_SERVICE_RAW_ECHO_H_
@@ -30,7 +30,7 @@ namespace dmoe::expert {
 
 struct RawEchoOptions {
   std::string host = "127.0.0.1";  // IPv4 address to listen on
-  int port = 0;                    // 0 = any free port (see RawEchoServer::port)
+  int port = 0;  // 0 = any free port (see RawEchoServer::port)
   size_t max_frame_bytes = size_t{64} << 20;  // per request and per reply
   int max_connections = 8;  // further connections are accepted and closed
 };
