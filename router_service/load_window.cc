@@ -151,7 +151,12 @@ LayerBalance ComputeBalance(const LoadSnapshot& s, int64_t layer, int64_t top_k,
     }
     return sum > 0 ? mx / (sum / static_cast<double>(v.size())) : 0.0;
   };
-  b.server_max_over_mean = max_over_mean(server_load);
+  // Servers without slots in this layer (e.g. one that left) carry nothing.
+  std::vector<double> serving;
+  for (int d = 0; d < D; ++d) {
+    if (server_slots[d] > 0) serving.push_back(server_load[d]);
+  }
+  b.server_max_over_mean = max_over_mean(serving);
   b.slot_max_over_mean = max_over_mean(slot_loads);
   for (int d = 0; d < D; ++d) {
     if (server_slots[d] > 0) b.server_stat += server_f[d] / server_slots[d] * server_p[d];
