@@ -12,6 +12,7 @@
 #include "core/safetensors.h"
 #include "core/status.h"
 #include "dmoe/v1/expert.grpc.pb.h"
+#include "expert_service/expert_metrics.h"
 #include "expert_service/internal/compute_worker.h"
 #include "expert_service/internal/dispatch_reactor.h"
 #include "expert_service/internal/slot_table.h"
@@ -79,9 +80,16 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
   absl::Status Init();
   // Loads one FFN of `layer` into the backend (under backend_mu).
   absl::Status LoadFfn(int64_t layer, int32_t expert);
+  // Also tells the metrics, with the placement version (both change together).
   void UpdateWeightBytes() {
-    absl::MutexLock lock(&backend_mu);
-    weight_bytes = backend->WeightBytes();
+    {
+      absl::MutexLock lock(&backend_mu);
+      weight_bytes = backend->WeightBytes();
+    }
+    if (options.metrics != nullptr) {
+      options.metrics->SetResidentWeightBytes(weight_bytes);
+      options.metrics->SetPlacementVersion(slots->newest_version());
+    }
   }
   absl::Status DoLoadSlots(const v1::LoadSlotsRequest& req,
                            v1::SlotsResponse* resp);
@@ -184,9 +192,15 @@ absl::Status ExpertServer::Impl::Init() {
   }
   core::ReleaseLoadBuffers();
   UpdateWeightBytes();
+  if (options.metrics != nullptr) {
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+      options.metrics->DeclareSlots(static_cast<int32_t>(l), layer_slots[l]);
+    }
+  }
   internal::ComputeWorkerOptions wo;
   wo.max_queue = options.max_queue;
   wo.max_batch_tokens = options.max_batch_tokens;
+  wo.observer = options.metrics;
   worker = std::make_unique<internal::ComputeWorker>(cfg, *backend, backend_mu,
                                                      *slots, wo);
   return absl::OkStatus();
@@ -214,6 +228,11 @@ absl::Status ExpertServer::Impl::DoLoadSlots(const v1::LoadSlotsRequest& req,
   }
   core::ReleaseLoadBuffers();
   if (st.ok()) st = slots->AddSlots(req.placement_version(), add);
+  if (st.ok() && options.metrics != nullptr) {
+    for (const LayerExpert& le : add) {
+      options.metrics->DeclareSlots(le.layer, {&le.expert, 1});
+    }
+  }
   if (!st.ok()) {
     absl::MutexLock lock(&backend_mu);
     for (const LayerExpert& le : loaded)

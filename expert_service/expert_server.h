@@ -53,6 +53,8 @@ class Channel;
 
 namespace dmoe::expert {
 
+class ExpertMetrics;
+
 struct ExpertServerOptions {
   std::string model_dir;  // Hugging Face layout: config.json + *.safetensors
   int server_index = 0;   // in [0, placement.num_servers())
@@ -63,6 +65,9 @@ struct ExpertServerOptions {
   size_t max_queue = 256;           // requests waiting for compute, all streams
   int64_t max_batch_tokens = 8192;  // tokens per backend Compute call
   int max_message_bytes = 64 << 20;  // gRPC receive/send limit per message
+  // Told of batches, requests, queue depth, slots, weights and placement
+  // version. Not owned; must outlive the server. Null = none.
+  ExpertMetrics* metrics = nullptr;
 };
 
 class ExpertServer {

@@ -6,9 +6,12 @@
 //               [--max-queue 256] [--max-batch-tokens 8192] [--port-file PATH]
 //               [--drain-timeout-s 30]
 //               [--raw-echo-port P] [--raw-echo-port-file PATH]
+//               [--metrics-host 127.0.0.1] [--metrics-port 9191]
+//               [--metrics-port-file PATH] [--expert-metrics per-expert]
 //
 // Exit status: 0 after SIGTERM/SIGINT and a clean drain, 1 when the model or
-// placement cannot be loaded or the address cannot be bound, 2 for bad flags.
+// placement cannot be loaded or the address (or an explicit --metrics-port)
+// cannot be bound, 2 for bad flags.
 #include <signal.h>
 
 #include <cstdio>
@@ -22,9 +25,12 @@
 #include "absl/strings/str_format.h"
 #include "core/config.h"
 #include "core/placement.h"
+#include "expert_service/expert_metrics.h"
 #include "expert_service/expert_server.h"
 #include "expert_service/raw_echo.h"
+#include "prometheus/registry.h"
 #include "tools/args.h"
+#include "tools/metrics_endpoint.h"
 #include "tools/service_main.h"
 
 namespace {
@@ -69,7 +75,21 @@ dmoe::tools::Args MakeArgs() {
             "0")
       .Flag("raw-echo-port-file", "PATH",
             "start the raw TCP echo (any free port when --raw-echo-port is 0) "
-            "and write its port here");
+            "and write its port here")
+      .Flag("metrics-host", "HOST",
+            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)",
+            "127.0.0.1")
+      .Flag("metrics-port", "P",
+            "port of /metrics (0 = any free port); when the default is taken "
+            "(several servers on one host) the server runs without /metrics "
+            "and says so",
+            "9191")
+      .Flag("metrics-port-file", "PATH",
+            "write the bound metrics port here once listening")
+      .Flag("expert-metrics", "per-expert|per-layer",
+            "slot-token series per (layer, expert), or per layer "
+            "(expert=\"all\") to bound cardinality",
+            "per-expert");
   return a;
 }
 
@@ -103,9 +123,11 @@ int main(int argc, char** argv) {
         2, "give exactly one of --num-servers and --placement (see --help)");
   }
   int64_t server_index = 0, num_servers = 0, port = 0, threads = 0,
-          max_queue = 0, max_batch_tokens = 0, drain_s = 0, echo_port = 0;
+          max_queue = 0, max_batch_tokens = 0, drain_s = 0, echo_port = 0,
+          metrics_port = 0;
   for (auto [name, out] : {std::pair{"server-index", &server_index},
                            {"port", &port},
+                           {"metrics-port", &metrics_port},
                            {"raw-echo-port", &echo_port},
                            {"threads", &threads},
                            {"max-queue", &max_queue},
@@ -128,6 +150,17 @@ int main(int argc, char** argv) {
         2, absl::StrCat("--server-index must be >= 0, got ", server_index));
   if (port < 0 || port > 65535)
     return Fail(2, absl::StrCat("--port must be in [0, 65535], got ", port));
+  if (metrics_port < 0 || metrics_port > 65535) {
+    return Fail(2, absl::StrCat("--metrics-port must be in [0, 65535], got ",
+                                metrics_port));
+  }
+  const std::string metrics_host = args.Str("metrics-host");
+  if (metrics_host.empty()) return Fail(2, "--metrics-host is empty");
+  const absl::StatusOr<bool> per_expert_metrics =
+      dmoe::tools::ParseExpertMetricsFlag(args.Str("expert-metrics"));
+  if (!per_expert_metrics.ok()) {
+    return Fail(2, std::string(per_expert_metrics.status().message()));
+  }
   if (echo_port < 0 || echo_port > 65535) {
     return Fail(2, absl::StrCat("--raw-echo-port must be in [0, 65535], got ",
                                 echo_port));
@@ -180,6 +213,11 @@ int main(int argc, char** argv) {
   options.threads = static_cast<int>(threads);
   options.max_queue = static_cast<size_t>(max_queue);
   options.max_batch_tokens = max_batch_tokens;
+  // Outlive the server, which reports to them.
+  auto registry = std::make_shared<prometheus::Registry>();
+  dmoe::expert::ExpertMetrics metrics(*registry, *cfg,
+                                      {.per_expert = *per_expert_metrics});
+  options.metrics = &metrics;
 
   auto server = dmoe::expert::ExpertServer::Create(std::move(options));
   if (!server.ok()) return Fail(1, std::string(server.status().message()));
@@ -212,6 +250,18 @@ int main(int argc, char** argv) {
     std::fprintf(stderr,
                  "%s: raw TCP echo (benchmarking aid) on 127.0.0.1:%d\n", kName,
                  echo->port());
+  }
+  // Also up before --port-file is written.
+  auto metrics_endpoint = dmoe::tools::ServeMetrics(
+      kName, metrics_host, static_cast<int>(metrics_port),
+      args.Has("metrics-port"), args.Str("metrics-port-file"), registry);
+  if (!metrics_endpoint.ok()) {
+    (*server)->Shutdown(absl::ZeroDuration());
+    return Fail(1, std::string(metrics_endpoint.status().message()));
+  }
+  if (*metrics_endpoint != nullptr) {
+    std::fprintf(stderr, "%s: metrics on http://%s:%d/metrics\n", kName,
+                 metrics_host.c_str(), (*metrics_endpoint)->port());
   }
   if (args.Has("port-file")) {
     if (absl::Status st =

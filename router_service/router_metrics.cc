@@ -253,6 +253,7 @@ void RouterMetrics::Refresh(absl::Time now) {
     const LoadSnapshot snap = window_->Get(now);
     const int D = placement_.num_servers();
     std::vector<double> server_load(static_cast<size_t>(std::max(D, 0)), 0.0);
+    std::vector<bool> has_slots(static_cast<size_t>(std::max(D, 0)), false);
     for (int64_t l : moe_layers_) {
       if (l >= snap.layers) continue;
       const LayerBalance b = ComputeBalance(snap, l, top_k_, placement_);
@@ -264,20 +265,26 @@ void RouterMetrics::Refresh(absl::Time now) {
       // A server's load as ComputeBalance defines it (assignments of its
       // slots, an expert's shared equally by its replicas), summed over layers.
       for (int d = 0; d < D; ++d) {
+        if (!placement_.Slots(l, d).empty()) has_slots[static_cast<size_t>(d)] = true;
         for (int32_t e : placement_.Slots(l, d)) {
           const size_t r = placement_.Replicas(l, e).size();
           if (r > 0) server_load[static_cast<size_t>(d)] += snap.Assignments(l, e) / r;
         }
       }
     }
+    // As in ComputeBalance, servers without slots (e.g. one that left) are
+    // not part of the mean.
     double sum = 0, max = 0;
+    int serving = 0;
     for (int d = 0; d < D; ++d) {
       const double x = server_load[static_cast<size_t>(d)];
+      server_load_.Add({{"server", std::to_string(d)}}).Set(x);
+      if (!has_slots[static_cast<size_t>(d)]) continue;
       sum += x;
       max = std::max(max, x);
-      server_load_.Add({{"server", std::to_string(d)}}).Set(x);
+      ++serving;
     }
-    server_mom_.Set(sum > 0 ? max / (sum / D) : 0.0);
+    server_mom_.Set(sum > 0 ? max / (sum / serving) : 0.0);
   }
   if (load_source_) {
     const SchedulerLoad load = load_source_();

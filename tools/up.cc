@@ -45,6 +45,10 @@ struct Child {
   pid_t pid = -1;
   std::string port_file, log;
   int port = 0;
+  // Router and expert servers: their Prometheus /metrics (any free port each,
+  // since several run on this host).
+  std::string metrics_port_file;
+  int metrics_port = 0;
 };
 
 std::string SelfDir() {
@@ -208,13 +212,21 @@ absl::Status Up(const Args& args) {
   auto start = [&](Child c, std::vector<std::string> argv) -> absl::Status {
     children.push_back(std::move(c));
     Child& ref = children.back();
+    if (!ref.metrics_port_file.empty()) {
+      std::remove(ref.metrics_port_file.c_str());
+      argv.insert(argv.end(), {"--metrics-port", "0", "--metrics-port-file", ref.metrics_port_file});
+    }
     DMOE_RETURN_IF_ERROR(Spawn(ref, argv));
-    return WaitForPort(ref, 300);
+    DMOE_RETURN_IF_ERROR(WaitForPort(ref, 300));
+    // Written before the service port file.
+    if (!ref.metrics_port_file.empty()) std::ifstream(ref.metrics_port_file) >> ref.metrics_port;
+    return absl::OkStatus();
   };
   std::vector<std::string> addrs;
   for (int64_t i = 0; i < servers && status.ok(); ++i) {
     Child c{absl::StrCat("expert-", i), -1, absl::StrCat(work, "/expert-", i, ".port"),
             absl::StrCat(work, "/expert-", i, ".log")};
+    c.metrics_port_file = absl::StrCat(work, "/expert-", i, ".metrics.port");
     status = start(c, {bin + "/dmoe-expert", "--model", model, "--server-index", std::to_string(i),
                        "--num-servers", std::to_string(servers), "--port", "0", "--port-file",
                        c.port_file, "--dtype", dtype, "--threads", threads});
@@ -222,6 +234,7 @@ absl::Status Up(const Args& args) {
   }
   if (status.ok()) {
     Child c{"router", -1, work + "/router.port", work + "/router.log"};
+    c.metrics_port_file = work + "/router.metrics.port";
     status = start(c, {bin + "/dmoe-router", "--model", model, "--experts", absl::StrJoin(addrs, ","),
                        "--port", "0", "--port-file", c.port_file, "--dtype", dtype, "--threads",
                        threads, "--shared-expert", args.Str("shared-expert")});
@@ -239,7 +252,11 @@ absl::Status Up(const Args& args) {
   std::vector<Child> experts(children.begin(), children.begin() + servers);
   const int http = children.back().port;
   std::printf("dmoe is up (model %s, logs in %s):\n", model.c_str(), work.c_str());
-  for (const auto& c : children) std::printf("  %-10s 127.0.0.1:%d\n", c.name.c_str(), c.port);
+  for (const auto& c : children) {
+    std::printf("  %-10s 127.0.0.1:%d", c.name.c_str(), c.port);
+    if (c.metrics_port > 0) std::printf("  metrics http://127.0.0.1:%d/metrics", c.metrics_port);
+    std::printf("\n");
+  }
   std::printf("  try: curl -s 127.0.0.1:%d/v1/completions -d '{\"prompt\":[1,2,3],\"max_tokens\":8}'\n",
               http);
   std::fflush(stdout);

@@ -64,9 +64,15 @@ ComputeWorker::~ComputeWorker() { Stop(); }
 bool ComputeWorker::TryEnqueue(WorkItem& item) {
   {
     absl::MutexLock lock(&mu_);
-    if (stop_ || queued_requests_ >= options_.max_queue) return false;
+    if (stop_ || queued_requests_ >= options_.max_queue) {
+      if (options_.observer != nullptr)
+        options_.observer->OnAnswered(absl::StatusCode::kResourceExhausted);
+      return false;
+    }
     queue_.push_back(Entry{std::move(item), nullptr});
     ++queued_requests_;
+    if (options_.observer != nullptr)
+      options_.observer->OnQueueDepth(queued_requests_);
   }
   cv_.Signal();
   return true;
@@ -130,6 +136,8 @@ void ComputeWorker::Loop() {
             ++it;
           }
         }
+        if (options_.observer != nullptr)
+          options_.observer->OnQueueDepth(queued_requests_);
       }
     }
     if (barrier) {
@@ -283,10 +291,12 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       v1::ExpertResponse* r = batch[i].sink->NewResponse();
       FillError(batch[i].chunks[0]->request_id(), st, r);
       batch[i].sink->Send(r);
+      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
     }
   }
   if (layer >= 0) {
     absl::Status st;
+    absl::Duration compute;
     if (tokens_ > 0) {
       const size_t need = static_cast<size_t>(tokens_) * hidden_;
       if (out_.size() < need) out_.resize(need);
@@ -299,8 +309,11 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       b.ffn_ids = ffn_ids_;
       b.weights = weights_;
       absl::MutexLock lock(&backend_mu_);
+      const absl::Time start = absl::Now();
       st = backend_.Compute(b, out_.data());
+      compute = absl::Now() - start;
     }
+    counts_.clear();
     if (st.ok()) {
       // Tokens computed per routed expert of this layer.
       expert_tokens_.assign(cfg_.n_routed_experts, 0);
@@ -308,13 +321,14 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
         if (id != core::kSharedFfn)
           ++expert_tokens_[id];  // ids were range-checked
       }
-      counts_.clear();
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
         if (expert_tokens_[e] != 0)
           counts_.push_back({LayerExpert{layer, e}, expert_tokens_[e]});
       }
       slots_.CountTokens(counts_);
     }
+    if (options_.observer != nullptr && tokens_ > 0)
+      options_.observer->OnBatch(layer, tokens_, compute, counts_);
     for (size_t i = 0; i < batch.size(); ++i) {
       if (first_row_[i] < 0) continue;
       if (st.ok()) {
@@ -324,6 +338,7 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
         FillError(batch[i].chunks[0]->request_id(), st, r);
         batch[i].sink->Send(r);
       }
+      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
     }
   }
   for (WorkItem& item : batch) item.sink->Done(std::move(item.chunks));

@@ -21,6 +21,7 @@
 #include <deque>
 #include <functional>
 #include <memory>
+#include <span>
 #include <string>
 #include <thread>
 #include <utility>
@@ -29,6 +30,7 @@
 #include "absl/base/thread_annotations.h"
 #include "absl/status/status.h"
 #include "absl/synchronization/mutex.h"
+#include "absl/time/time.h"
 #include "core/config.h"
 #include "core/expert_backend.h"
 #include "dmoe/v1/expert.pb.h"
@@ -64,10 +66,31 @@ struct WorkItem {
 void FillError(uint64_t request_id, const absl::Status& status,
                v1::ExpertResponse* response);
 
+// Told what the worker does (the server's metrics). Methods must be quick and
+// must not call back into the worker: OnQueueDepth and the RESOURCE_EXHAUSTED
+// OnAnswered of TryEnqueue run under the worker's lock, on the enqueuing
+// thread; the others on the worker thread.
+class ComputeObserver {
+ public:
+  virtual ~ComputeObserver() = default;
+  // One backend Compute over `tokens` rows of `layer` took `compute`.
+  // `expert_tokens`: tokens computed per (layer, routed expert), non-zero
+  // entries only; empty when the Compute failed.
+  virtual void OnBatch(
+      int32_t layer, int64_t tokens, absl::Duration compute,
+      std::span<const std::pair<LayerExpert, uint64_t>> expert_tokens) = 0;
+  // A request answered: OK, its in-band error, or RESOURCE_EXHAUSTED when
+  // TryEnqueue refused it (the caller answers it so).
+  virtual void OnAnswered(absl::StatusCode code) = 0;
+  // Requests now queued.
+  virtual void OnQueueDepth(size_t queued) = 0;
+};
+
 struct ComputeWorkerOptions {
   size_t max_queue = 256;  // queued requests; beyond: RESOURCE_EXHAUSTED
   int64_t max_batch_tokens =
       8192;  // tokens per Compute call (one request may exceed it)
+  ComputeObserver* observer = nullptr;  // not owned; null = none
 };
 
 class ComputeWorker {
