@@ -155,9 +155,7 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
     for (int s = 0; s < num_servers_; ++s) Server(s);
     route_counts_.assign(static_cast<size_t>(experts_), 0);
   }
-  for (size_t s = 0; s < options.servers.size(); ++s) {
-    server_info_.Add({{"server", std::to_string(s)}, {"address", options.servers[s]}}).Set(1);
-  }
+  SetServers(options.servers);
   for (int s = 0; s < placement.num_servers(); ++s) {
     server_load_.Add({{"server", std::to_string(s)}});
   }
@@ -233,6 +231,18 @@ void RouterMetrics::SetPlacement(const core::Placement& placement) {
   absl::MutexLock lock(&state_mu_);
   placement_ = placement;
   placement_version_.Set(static_cast<double>(placement.version()));
+}
+
+void RouterMetrics::SetServers(const std::vector<std::string>& addresses) {
+  absl::MutexLock lock(&info_mu_);
+  for (prometheus::Gauge* g : info_) server_info_.Remove(g);
+  info_.clear();
+  for (size_t s = 0; s < addresses.size(); ++s) {
+    prometheus::Gauge& g =
+        server_info_.Add({{"server", std::to_string(s)}, {"address", addresses[s]}});
+    g.Set(1);
+    info_.push_back(&g);
+  }
 }
 
 void RouterMetrics::RecordReplacement(const std::string& trigger, uint64_t bytes_moved,

@@ -33,7 +33,7 @@
 // Thread safety: every method may be called from any thread. OnRoute and the
 // observer methods are meant for the scheduler thread (quick, no allocation
 // in the steady state); Refresh, SetPlacement, SetLoadSource and
-// RecordReplacement may run concurrently with them.
+// RecordReplacement, SetServers may run concurrently with them.
 #ifndef DMOE_ROUTER_SERVICE_ROUTER_METRICS_H_
 #define DMOE_ROUTER_SERVICE_ROUTER_METRICS_H_
 
@@ -91,6 +91,10 @@ class RouterMetrics final : public RemoteExpertObserver {
   // The placement the router now plans with: balance is computed against it
   // and moe_router_placement_version is set to its version.
   void SetPlacement(const core::Placement& placement);
+  // The expert servers now are `addresses` (index = server index):
+  // moe_router_server_info is replaced; traffic series of servers beyond the
+  // old list appear with their first request.
+  void SetServers(const std::vector<std::string>& addresses);
   // A re-placement was applied: `trigger` names why (bounded set, e.g.
   // "balance", "operator", "membership"), `bytes_moved` the expert weights
   // loaded onto servers, `switch_time` from the decision to the switch.
@@ -155,6 +159,9 @@ class RouterMetrics final : public RemoteExpertObserver {
   absl::Mutex traffic_mu_;  // OnRoute and the observer methods
   std::vector<ServerSeries> servers_ ABSL_GUARDED_BY(traffic_mu_);
   std::vector<uint64_t> route_counts_ ABSL_GUARDED_BY(traffic_mu_);  // [experts_] scratch
+
+  absl::Mutex info_mu_;
+  std::vector<prometheus::Gauge*> info_ ABSL_GUARDED_BY(info_mu_);  // [server]
 
   absl::Mutex state_mu_;  // Refresh, SetPlacement, SetLoadSource
   core::Placement placement_ ABSL_GUARDED_BY(state_mu_);

@@ -217,6 +217,16 @@ TEST(RouterMetrics, SetPlacementChangesVersionAndTheBalanceItIsMeasuredAgainst) 
   EXPECT_DOUBLE_EQ(Value(fams, "moe_router_layer_server_max_over_mean", {{"layer", "2"}}), 1);
 }
 
+TEST(RouterMetrics, SetServersReplacesTheServerInfo) {
+  Fixture f;
+  f.metrics.SetServers({"10.0.0.1:1", "10.0.0.3:1", "10.0.0.4:1"});
+  const auto fams = f.registry.Collect();
+  EXPECT_EQ(SeriesCount(fams, "moe_router_server_info"), 3u);
+  EXPECT_EQ(Find(fams, "moe_router_server_info", {{"server", "1"}, {"address", "10.0.0.2:1"}}),
+            nullptr);
+  EXPECT_EQ(Value(fams, "moe_router_server_info", {{"server", "2"}, {"address", "10.0.0.4:1"}}), 1);
+}
+
 TEST(RouterMetrics, ReplacementsAreCountedByTrigger) {
   Fixture f;
   f.metrics.RecordReplacement("balance", 1 << 20, absl::Milliseconds(700));

@@ -10,6 +10,7 @@ int RunMakeModel(int argc, char** argv);
 int RunForward(int argc, char** argv);
 int RunGenerate(int argc, char** argv);
 int RunUp(int argc, char** argv);
+int RunPlan(int argc, char** argv);
 
 }  // namespace dmoe::tools
 

@@ -19,6 +19,7 @@ constexpr Command kCommands[] = {
     {"forward", dmoe::tools::RunForward, "run a prompt through the model, dump logits (.npy)"},
     {"generate", dmoe::tools::RunGenerate, "generate tokens with the KV cache"},
     {"up", dmoe::tools::RunUp, "run gateway + router + expert servers locally (Ctrl-C stops)"},
+    {"plan", dmoe::tools::RunPlan, "plan expert placement over servers from expert loads (JSON)"},
 };
 
 void PrintUsage(FILE* out) {
