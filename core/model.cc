@@ -88,6 +88,14 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
     tick();
     if (c.IsMoeLayer(l)) {
       DMOE_ASSIGN_OR_RETURN(std::unique_ptr<MoeGate> g, MoeGate::Load(c, ckpt, l));
+      if (!opts.gate_bias_for_testing.empty()) {
+        if (static_cast<int64_t>(opts.gate_bias_for_testing.size()) != c.n_routed_experts) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("gate bias for testing has ", opts.gate_bias_for_testing.size(),
+                           " entries, the model has ", c.n_routed_experts, " routed experts"));
+        }
+        g->set_logit_bias_for_testing(opts.gate_bias_for_testing);
+      }
       gates_.push_back(std::move(g));
       tick();
       for (int64_t e = 0; e < c.n_routed_experts; ++e) {

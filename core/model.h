@@ -50,6 +50,9 @@ struct ModelOptions {
   // micro-batch, after its experts answered (load metrics, the placement
   // controller's load windows). Must be quick.
   std::function<void(int64_t layer, const GateResult& routing)> on_route;
+  // Testing: added to every MoE layer's router logits ([n_routed] or empty;
+  // see MoeGate::set_logit_bias_for_testing). Changes the model's outputs.
+  std::vector<float> gate_bias_for_testing;
 };
 
 struct SeqInput {

@@ -58,6 +58,12 @@ absl::StatusOr<std::unique_ptr<MoeGate>> MoeGate::Load(const ModelConfig& cfg,
 GateResult MoeGate::Route(const float* x, int64_t num_tokens) {
   logits_.resize(num_tokens * params_.num_experts);
   weight_.Forward(x, num_tokens, logits_.data());
+  if (!test_bias_.empty()) {
+    const int64_t E = params_.num_experts;
+    for (int64_t t = 0; t < num_tokens; ++t) {
+      for (int64_t e = 0; e < E; ++e) logits_[t * E + e] += test_bias_[e];
+    }
+  }
   return SelectExperts(params_, logits_, num_tokens, bias_);
 }
 

@@ -40,6 +40,9 @@ class MoeGate {
   // x: [T, hidden] normalised hidden states.
   GateResult Route(const float* x, int64_t num_tokens);
   const GateParams& params() const { return params_; }
+  // Added to the router logits before scoring ([n_routed] or empty): a
+  // testing knob that skews routing on purpose (balance tests, benchmarks).
+  void set_logit_bias_for_testing(std::vector<float> bias) { test_bias_ = std::move(bias); }
   size_t WeightBytes() const { return weight_.weight_bytes() + bias_.size() * sizeof(float); }
 
  private:
@@ -47,6 +50,7 @@ class MoeGate {
   PackedLinear weight_;      // [n_routed, hidden], fp32
   std::vector<float> bias_;  // [n_routed] (noaux_tc) or empty
   std::vector<float> logits_;
+  std::vector<float> test_bias_;
 };
 
 // Reads the SwiGLU FFN at `prefix` ("model.layers.3.mlp.experts.7.") with width

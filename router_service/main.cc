@@ -7,6 +7,7 @@
 #include <signal.h>
 
 #include <algorithm>
+#include <cmath>
 #include <chrono>
 #include <cstdio>
 #include <filesystem>
@@ -15,6 +16,7 @@
 #include <thread>
 #include <vector>
 
+#include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
@@ -99,7 +101,47 @@ void DeclareFlags(tools::Args& args) {
             "or EMA half-life, seconds",
             "60")
       .Flag("load-window-mode", "sliding|ema", "how the load window forgets",
-            "sliding");
+            "sliding")
+      .Flag("controller", "",
+            "run the placement controller (one router per deployment): "
+            "re-places and replicates experts live from the load window; "
+            "serves dmoe ctl")
+      .Flag("slots-per-server", "N",
+            "routed experts per server and MoE layer the controller plans "
+            "(0 = the most any server holds at start)",
+            "0")
+      .Flag("rebalance", "auto|manual",
+            "auto: re-place on sustained imbalance; manual: only on "
+            "dmoe ctl rebalance, joins and leaves",
+            "auto")
+      .Flag("rebalance-threshold", "X",
+            "re-place when the worst layer's max/mean load over servers "
+            "stays above X",
+            "1.25")
+      .Flag("rebalance-hysteresis", "X",
+            "disarm only below threshold - X", "0.05")
+      .Flag("rebalance-sustain-s", "S", "for this long", "10")
+      .Flag("rebalance-min-interval-s", "S",
+            "at least this long after the last re-placement", "60")
+      .Flag("rebalance-min-gain", "X",
+            "apply a plan only if it lowers the worst max/mean by X", "0.05")
+      .Flag("rebalance-slack", "X",
+            "planner trade-off: accept up to X worse max/mean (relative) to "
+            "move fewer expert weights",
+            "0.02")
+      .Flag("rebalance-min-tokens", "N",
+            "layers with fewer tokens in the window count as uniform", "256")
+      .Flag("expert-groups", "G",
+            "hierarchical placement: experts form G groups kept on one node "
+            "(with --expert-nodes)",
+            "0")
+      .Flag("expert-nodes", "M",
+            "hierarchical placement: servers form M nodes", "0")
+      .Flag("gate-bias-for-testing", "E:B,...",
+            "TESTING ONLY (changes outputs): add B to expert E's router logit "
+            "in every MoE layer, to skew routing on purpose")
+      .Flag("server-lost-after-s", "S",
+            "an expert server unreachable this long has its slots moved", "30");
 }
 
 struct Config {
@@ -114,6 +156,9 @@ struct Config {
   std::string wire = "auto";  // activations to expert servers
   int threads = 0;
   int micro_batches = 2;
+  bool controller = false;
+  ControllerOptions control;
+  std::vector<std::pair<int64_t, float>> gate_bias;
   SchedulerOptions sched;
   int64_t expert_deadline_ms = 0;
   int64_t grace_ms = 0;
@@ -224,6 +269,54 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
         kName, ": --load-window-mode must be sliding or ema, got '", mode,
         "'"));
   }
+  c.controller = args.Bool("controller");
+  if (c.controller && c.experts.empty()) {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --controller needs --experts"));
+  }
+  DMOE_ASSIGN_OR_RETURN(int64_t slots, IntIn(args, "slots-per-server", 0, 1 << 20));
+  c.control.slots_per_server = static_cast<int>(slots);
+  const std::string rebalance = args.Str("rebalance");
+  if (rebalance != "auto" && rebalance != "manual") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --rebalance must be auto or manual, got '", rebalance, "'"));
+  }
+  c.control.auto_rebalance = rebalance == "auto";
+  auto real = [&](const char* name, double lo, double hi) -> absl::StatusOr<double> {
+    DMOE_ASSIGN_OR_RETURN(double v, args.Double(name));
+    if (!(v >= lo && v <= hi)) {
+      return absl::InvalidArgumentError(absl::StrCat(kName, ": --", name, " must be in [", lo,
+                                                     ", ", hi, "], got ", v));
+    }
+    return v;
+  };
+  DMOE_ASSIGN_OR_RETURN(c.control.trigger, real("rebalance-threshold", 1.0001, 1e6));
+  DMOE_ASSIGN_OR_RETURN(c.control.hysteresis, real("rebalance-hysteresis", 0, 1e6));
+  DMOE_ASSIGN_OR_RETURN(c.control.min_gain, real("rebalance-min-gain", 0, 1e6));
+  DMOE_ASSIGN_OR_RETURN(c.control.balance_slack, real("rebalance-slack", 0, 1e6));
+  DMOE_ASSIGN_OR_RETURN(c.control.min_tokens, real("rebalance-min-tokens", 0, 1e15));
+  DMOE_ASSIGN_OR_RETURN(int64_t sustain, IntIn(args, "rebalance-sustain-s", 0, 86400));
+  c.control.sustain = absl::Seconds(sustain);
+  DMOE_ASSIGN_OR_RETURN(int64_t interval, IntIn(args, "rebalance-min-interval-s", 0, 86400 * 30));
+  c.control.min_interval = absl::Seconds(interval);
+  DMOE_ASSIGN_OR_RETURN(int64_t groups, IntIn(args, "expert-groups", 0, 1 << 20));
+  DMOE_ASSIGN_OR_RETURN(int64_t nodes, IntIn(args, "expert-nodes", 0, 1 << 20));
+  c.control.num_groups = static_cast<int>(groups);
+  c.control.num_nodes = static_cast<int>(nodes);
+  DMOE_ASSIGN_OR_RETURN(int64_t lost, IntIn(args, "server-lost-after-s", 1, 86400));
+  c.control.lost_after = absl::Seconds(lost);
+  for (absl::string_view item :
+       absl::StrSplit(args.Str("gate-bias-for-testing"), ',', absl::SkipWhitespace())) {
+    std::pair<std::string, std::string> kv = absl::StrSplit(item, absl::MaxSplits(':', 1));
+    int64_t e = 0;
+    double b = 0;
+    if (!absl::SimpleAtoi(kv.first, &e) || !absl::SimpleAtod(kv.second, &b) || e < 0 ||
+        !std::isfinite(b)) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kName, ": --gate-bias-for-testing: '", item, "' is not EXPERT:BIAS"));
+    }
+    c.gate_bias.emplace_back(e, static_cast<float>(b));
+  }
   return c;
 }
 
@@ -251,9 +344,24 @@ absl::StatusOr<core::Placement> StartPlacement(const Config& c,
 // `metrics` (not owned) is told of every routing and, with expert servers,
 // of the traffic to them.
 absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(
-    const Config& c, const core::Placement& placement, RouterMetrics* metrics) {
+    const Config& c, const core::Placement& placement, RouterMetrics* metrics,
+    RemoteExpertControl** control) {
   core::ModelOptions opts;
   opts.compute = c.compute;
+  if (!c.gate_bias.empty()) {
+    DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg,
+                          core::ModelConfig::FromFile(c.model + "/config.json"));
+    opts.gate_bias_for_testing.assign(cfg.n_routed_experts, 0.0f);
+    for (const auto& [e, b] : c.gate_bias) {
+      if (e >= cfg.n_routed_experts) {
+        return absl::InvalidArgumentError(absl::StrCat(
+            "--gate-bias-for-testing: expert ", e, " is not in [0, ", cfg.n_routed_experts, ")"));
+      }
+      opts.gate_bias_for_testing[e] = b;
+    }
+    std::fprintf(stderr, "%s: TESTING: router logits biased for %zu experts\n", kName,
+                 c.gate_bias.size());
+  }
   opts.on_route = [metrics](int64_t layer, const core::GateResult& routing) {
     metrics->OnRoute(layer, routing);
   };
@@ -275,7 +383,9 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(
     ro.shared_duty = c.shared;
     ro.local_compute = c.compute;
     ro.deadline = std::chrono::milliseconds(c.expert_deadline_ms);
-    DMOE_ASSIGN_OR_RETURN(opts.experts, MakeRemoteExpertBackend(std::move(ro)));
+    DMOE_ASSIGN_OR_RETURN(RemoteExperts remote, MakeRemoteExperts(std::move(ro)));
+    opts.experts = std::move(remote.backend);
+    *control = remote.control;
     opts.load_routed_experts = false;
     opts.load_shared_experts = c.shared == core::SharedDuty::kRouter;
     opts.micro_batches = c.micro_batches;
@@ -334,15 +444,29 @@ int Main(int argc, char** argv) {
   RouterMetrics metrics(*registry, *model_cfg, *placement, &window,
                         {cfg->per_expert_metrics, cfg->experts});
 
+  RemoteExpertControl* control = nullptr;
   absl::StatusOr<std::unique_ptr<core::Model>> model =
-      LoadModel(*cfg, *placement, &metrics);
+      LoadModel(*cfg, *placement, &metrics, &control);
   if (!model.ok()) return Fail(model.status(), 1);
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
       Scheduler::Create(*std::move(model), cfg->sched);
   if (!scheduler.ok()) return Fail(scheduler.status(), 1);
   metrics.SetLoadSource(
       [s = scheduler->get()] { return s->GetLoad(); });
-  RouterServer service(**scheduler);
+  std::unique_ptr<PlacementController> controller;
+  if (cfg->controller) {
+    absl::StatusOr<std::unique_ptr<PlacementController>> made =
+        PlacementController::Create(*model_cfg, &window, control, cfg->control);
+    if (!made.ok()) return Fail(made.status(), 2);
+    controller = *std::move(made);
+    controller->set_on_replacement([&metrics, control](const v1::RebalanceResponse& r) {
+      metrics.SetServers(control->servers());
+      metrics.SetPlacement(control->placement());
+      metrics.RecordReplacement(r.trigger(), r.bytes_moved(),
+                                absl::Seconds(r.switch_seconds()));
+    });
+  }
+  RouterServer service(**scheduler, controller.get());
   absl::StatusOr<StartedServer> server =
       StartRouterGrpcServer(&service, cfg->host, cfg->port);
   if (!server.ok()) return Fail(server.status(), 1);
@@ -367,6 +491,12 @@ int Main(int argc, char** argv) {
   }
   std::fprintf(stderr, "%s: serving on %s:%d (%zu expert servers)\n", kName,
                cfg->host.c_str(), server->port, cfg->experts.size());
+  if (controller != nullptr) {
+    controller->Start();
+    std::fprintf(stderr, "%s: placement controller on (%s, %d slots per server)\n", kName,
+                 cfg->control.auto_rebalance ? "auto" : "manual",
+                 controller->slots_per_server());
+  }
   if (*metrics_endpoint != nullptr) {
     std::fprintf(stderr, "%s: metrics on http://%s:%d/metrics\n", kName,
                  cfg->metrics_host.c_str(), (*metrics_endpoint)->port());
@@ -379,6 +509,7 @@ int Main(int argc, char** argv) {
                static_cast<long long>(cfg->grace_ms));
   if (auto* health = server->server->GetHealthCheckService())
     health->Shutdown();
+  if (controller != nullptr) controller->Stop();
   // New requests are refused from here on; in-flight ones get the grace period,
   // then end with UNAVAILABLE, which finishes their RPCs.
   (*scheduler)->Shutdown(absl::Milliseconds(cfg->grace_ms));

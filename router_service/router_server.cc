@@ -261,6 +261,90 @@ grpc::ServerUnaryReactor* RouterServer::GetLoad(
   return reactor;
 }
 
+namespace {
+
+grpc::Status NoController() {
+  return grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                      "this router runs no placement controller (start it with --controller)");
+}
+
+}  // namespace
+
+RouterServer::~RouterServer() {
+  absl::MutexLock lock(&workers_mu_);
+  for (std::thread& t : workers_) t.join();
+}
+
+grpc::ServerUnaryReactor* RouterServer::GetPlacement(grpc::CallbackServerContext* context,
+                                                     const v1::PlacementRequest* /*request*/,
+                                                     v1::PlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (controller_ == nullptr) {
+    reactor->Finish(NoController());
+    return reactor;
+  }
+  *response = controller_->GetPlacement();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServer::GetExpertLoad(grpc::CallbackServerContext* context,
+                                                      const v1::ExpertLoadRequest* /*request*/,
+                                                      v1::ExpertLoadResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (controller_ == nullptr) {
+    reactor->Finish(NoController());
+    return reactor;
+  }
+  *response = controller_->GetExpertLoad();
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServer::RunControl(
+    grpc::CallbackServerContext* context, v1::RebalanceResponse* response,
+    std::function<absl::StatusOr<v1::RebalanceResponse>()> op) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (controller_ == nullptr) {
+    reactor->Finish(NoController());
+    return reactor;
+  }
+  absl::MutexLock lock(&workers_mu_);
+  workers_.emplace_back([reactor, response, op = std::move(op)] {
+    absl::StatusOr<v1::RebalanceResponse> r = op();
+    if (r.ok()) {
+      *response = *std::move(r);
+      reactor->Finish(grpc::Status::OK);
+    } else {
+      reactor->Finish(ToGrpcStatus(r.status()));
+    }
+  });
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServer::Rebalance(grpc::CallbackServerContext* context,
+                                                  const v1::RebalanceRequest* request,
+                                                  v1::RebalanceResponse* response) {
+  const bool dry_run = request->dry_run();
+  return RunControl(context, response,
+                    [this, dry_run] { return controller_->Rebalance(dry_run, "operator"); });
+}
+
+grpc::ServerUnaryReactor* RouterServer::AddExpertServer(grpc::CallbackServerContext* context,
+                                                        const v1::ExpertServerRequest* request,
+                                                        v1::RebalanceResponse* response) {
+  const std::string address = request->address();
+  return RunControl(context, response, [this, address] { return controller_->AddServer(address); });
+}
+
+grpc::ServerUnaryReactor* RouterServer::RemoveExpertServer(grpc::CallbackServerContext* context,
+                                                           const v1::ExpertServerRequest* request,
+                                                           v1::RebalanceResponse* response) {
+  const std::string address = request->address();
+  return RunControl(context, response,
+                    [this, address] { return controller_->RemoveServer(address, "operator"); });
+}
+
 absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service,
                                                     const std::string& host,
                                                     int port) {

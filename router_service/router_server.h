@@ -20,11 +20,15 @@
 
 #include <memory>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "dmoe/v1/router.grpc.pb.h"
+#include "absl/synchronization/mutex.h"
 #include "grpcpp/grpcpp.h"
+#include "router_service/controller.h"
 #include "router_service/scheduler.h"
 
 namespace dmoe::router {
@@ -34,7 +38,12 @@ grpc::Status ToGrpcStatus(const absl::Status& status);
 
 class RouterServer final : public dmoe::v1::RouterService::CallbackService {
  public:
-  explicit RouterServer(Scheduler& scheduler) : scheduler_(scheduler) {}
+  // `controller` may be null (its RPCs then answer FAILED_PRECONDITION); it
+  // must outlive the service. Re-placements run on their own thread (they
+  // load weights); the destructor waits for them.
+  explicit RouterServer(Scheduler& scheduler, PlacementController* controller = nullptr)
+      : scheduler_(scheduler), controller_(controller) {}
+  ~RouterServer() override;
 
   grpc::ServerWriteReactor<dmoe::v1::GenerateResponse>* Generate(
       grpc::CallbackServerContext* context,
@@ -47,9 +56,32 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
       grpc::CallbackServerContext* context,
       const dmoe::v1::RouterLoadRequest* request,
       dmoe::v1::RouterLoadResponse* response) override;
+  grpc::ServerUnaryReactor* GetPlacement(grpc::CallbackServerContext* context,
+                                         const dmoe::v1::PlacementRequest* request,
+                                         dmoe::v1::PlacementResponse* response) override;
+  grpc::ServerUnaryReactor* GetExpertLoad(grpc::CallbackServerContext* context,
+                                          const dmoe::v1::ExpertLoadRequest* request,
+                                          dmoe::v1::ExpertLoadResponse* response) override;
+  grpc::ServerUnaryReactor* Rebalance(grpc::CallbackServerContext* context,
+                                      const dmoe::v1::RebalanceRequest* request,
+                                      dmoe::v1::RebalanceResponse* response) override;
+  grpc::ServerUnaryReactor* AddExpertServer(grpc::CallbackServerContext* context,
+                                            const dmoe::v1::ExpertServerRequest* request,
+                                            dmoe::v1::RebalanceResponse* response) override;
+  grpc::ServerUnaryReactor* RemoveExpertServer(grpc::CallbackServerContext* context,
+                                               const dmoe::v1::ExpertServerRequest* request,
+                                               dmoe::v1::RebalanceResponse* response) override;
 
  private:
+  // Runs `op` on a worker thread and finishes the call with its result.
+  grpc::ServerUnaryReactor* RunControl(
+      grpc::CallbackServerContext* context, dmoe::v1::RebalanceResponse* response,
+      std::function<absl::StatusOr<dmoe::v1::RebalanceResponse>()> op);
+
   Scheduler& scheduler_;
+  PlacementController* const controller_;
+  absl::Mutex workers_mu_;
+  std::vector<std::thread> workers_ ABSL_GUARDED_BY(workers_mu_);
 };
 
 // A started gRPC server serving `service`, the standard health service

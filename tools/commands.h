@@ -11,6 +11,7 @@ int RunForward(int argc, char** argv);
 int RunGenerate(int argc, char** argv);
 int RunUp(int argc, char** argv);
 int RunPlan(int argc, char** argv);
+int RunCtl(int argc, char** argv);
 
 }  // namespace dmoe::tools
 

@@ -20,6 +20,8 @@ constexpr Command kCommands[] = {
     {"generate", dmoe::tools::RunGenerate, "generate tokens with the KV cache"},
     {"up", dmoe::tools::RunUp, "run gateway + router + expert servers locally (Ctrl-C stops)"},
     {"plan", dmoe::tools::RunPlan, "plan expert placement over servers from expert loads (JSON)"},
+    {"ctl", dmoe::tools::RunCtl,
+     "placement controller of a running router: placement, load, rebalance, add/remove-server"},
 };
 
 void PrintUsage(FILE* out) {

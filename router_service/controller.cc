@@ -1,0 +1,553 @@
+#include "router_service/controller.h"
+
+#include <algorithm>
+#include <cstdio>
+#include <set>
+#include <utility>
+
+#include "absl/strings/str_cat.h"
+#include "absl/strings/str_join.h"
+#include "core/planner.h"
+#include "core/status.h"
+#include "grpcpp/grpcpp.h"
+
+namespace dmoe::router {
+namespace {
+
+absl::Status FromGrpc(const grpc::Status& st, const std::string& what) {
+  if (st.ok()) return absl::OkStatus();
+  return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
+                      absl::StrCat(what, ": ", st.error_message()));
+}
+
+// Runs fn(i) for i in [0, n) on n threads; returns their statuses.
+std::vector<absl::Status> ParallelFor(int n, const std::function<absl::Status(int)>& fn) {
+  std::vector<absl::Status> out(n);
+  std::vector<std::thread> threads;
+  threads.reserve(n);
+  for (int i = 0; i < n; ++i) threads.emplace_back([&, i] { out[i] = fn(i); });
+  for (auto& t : threads) t.join();
+  return out;
+}
+
+void AddSlots(google::protobuf::RepeatedPtrField<v1::LayerSlots>* out, int64_t layer,
+              const std::vector<int32_t>& experts) {
+  if (experts.empty()) return;
+  v1::LayerSlots* ls = out->Add();
+  ls->set_layer(static_cast<uint32_t>(layer));
+  for (int32_t e : experts) ls->add_experts(e);
+}
+
+std::vector<int32_t> Minus(const std::vector<int32_t>& a, const std::vector<int32_t>& b) {
+  std::vector<int32_t> out;
+  for (int32_t e : a) {
+    if (std::find(b.begin(), b.end(), e) == b.end()) out.push_back(e);
+  }
+  return out;
+}
+
+}  // namespace
+
+absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create(
+    const core::ModelConfig& cfg, LoadWindow* window, RemoteExpertControl* experts,
+    ControllerOptions o) {
+  if (window == nullptr || experts == nullptr) {
+    return absl::InvalidArgumentError("controller: needs a load window and remote experts");
+  }
+  if (!(o.trigger > 1.0)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("controller: trigger must be > 1 (a max/mean), got ", o.trigger));
+  }
+  if (o.hysteresis < 0 || o.hysteresis >= o.trigger - 1.0) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "controller: hysteresis must be in [0, trigger - 1), got ", o.hysteresis));
+  }
+  if (o.min_gain < 0 || o.min_tokens < 0 || o.balance_slack < 0) {
+    return absl::InvalidArgumentError(
+        "controller: min_gain, min_tokens and balance_slack must be >= 0");
+  }
+  if (o.sustain < absl::ZeroDuration() || o.min_interval < absl::ZeroDuration() ||
+      o.check_interval <= absl::ZeroDuration() || o.lost_after <= absl::ZeroDuration() ||
+      o.load_deadline <= absl::ZeroDuration() || o.rpc_deadline <= absl::ZeroDuration() ||
+      o.switch_timeout <= absl::ZeroDuration()) {
+    return absl::InvalidArgumentError("controller: durations must be positive");
+  }
+  const core::Placement p = experts->placement();
+  int slots = o.slots_per_server;
+  if (slots == 0) {
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+      for (int s = 0; s < p.num_servers(); ++s) {
+        slots = std::max(slots, static_cast<int>(p.Slots(l, s).size()));
+      }
+    }
+  }
+  if (slots < 1 || slots > cfg.n_routed_experts) {
+    return absl::InvalidArgumentError(absl::StrCat("controller: slots_per_server must be in [1, ",
+                                                   cfg.n_routed_experts, "], got ", slots));
+  }
+  if (static_cast<int64_t>(slots) * p.num_servers() < cfg.n_routed_experts) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        "controller: ", p.num_servers(), " servers x ", slots, " slots cannot hold ",
+        cfg.n_routed_experts, " experts per layer"));
+  }
+  if ((o.num_groups > 0) != (o.num_nodes > 0)) {
+    return absl::InvalidArgumentError("controller: groups and nodes go together");
+  }
+  return std::unique_ptr<PlacementController>(
+      new PlacementController(cfg, window, experts, o, slots));
+}
+
+PlacementController::PlacementController(const core::ModelConfig& cfg, LoadWindow* window,
+                                         RemoteExpertControl* experts, ControllerOptions options,
+                                         int slots)
+    : cfg_(cfg),
+      window_(window),
+      experts_(experts),
+      options_(options),
+      slots_per_server_(slots),
+      expert_bytes_(3 * cfg.hidden_size * cfg.moe_intermediate_size * 2) {
+  const core::Placement p = experts_->placement();
+  next_version_ = p.version() + 1;
+  const std::vector<std::string> addresses = experts_->servers();
+  for (int s = 0; s < static_cast<int>(addresses.size()); ++s) {
+    ServerState st;
+    st.address = addresses[s];
+    st.active = false;
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) st.active |= !p.Slots(l, s).empty();
+    servers_.push_back(st);
+  }
+}
+
+PlacementController::~PlacementController() { Stop(); }
+
+void PlacementController::Start() {
+  if (thread_.joinable()) return;
+  thread_ = std::thread([this] { Loop(); });
+}
+
+void PlacementController::Stop() {
+  if (!stop_.HasBeenNotified()) stop_.Notify();
+  if (thread_.joinable()) thread_.join();
+}
+
+void PlacementController::set_on_replacement(std::function<void(const v1::RebalanceResponse&)> f) {
+  absl::MutexLock lock(&mu_);
+  on_replacement_ = std::move(f);
+}
+
+std::vector<PlacementController::ServerState> PlacementController::Servers() const {
+  absl::MutexLock lock(&mu_);
+  return servers_;
+}
+
+v1::ExpertService::Stub* PlacementController::Stub(const std::string& address) {
+  absl::MutexLock lock(&mu_);
+  auto& stub = stubs_[address];
+  if (!stub) {
+    stub = v1::ExpertService::NewStub(
+        grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+  }
+  return stub.get();
+}
+
+void PlacementController::Loop() {
+  while (!stop_.WaitForNotificationWithTimeout(options_.check_interval)) {
+    PollServers();
+    CheckImbalance(absl::Now());
+  }
+}
+
+void PlacementController::PollServers() {
+  const std::vector<ServerState> servers = Servers();
+  const int n = static_cast<int>(servers.size());
+  std::vector<v1::ServerStatusResponse> status(n);
+  std::vector<absl::Status> st = ParallelFor(n, [&](int i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
+    return FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, v1::ServerStatusRequest(),
+                                                        &status[i]),
+                    servers[i].address);
+  });
+  const absl::Time now = absl::Now();
+  std::vector<std::pair<std::string, std::string>> remove;  // address, trigger
+  {
+    absl::MutexLock lock(&mu_);
+    for (int i = 0; i < n && i < static_cast<int>(servers_.size()); ++i) {
+      ServerState& s = servers_[i];
+      if (st[i].ok()) {
+        s.last_seen = now;
+        s.first_failure = absl::InfiniteFuture();
+        s.leaving = status[i].leaving();
+        if (s.active && s.leaving) remove.emplace_back(s.address, "server-leaving");
+      } else {
+        s.first_failure = std::min(s.first_failure, now);
+        if (s.active && now - s.first_failure >= options_.lost_after) {
+          remove.emplace_back(s.address, "server-lost");
+        }
+      }
+    }
+  }
+  for (const auto& [address, trigger] : remove) {
+    absl::StatusOr<v1::RebalanceResponse> r = RemoveServer(address, trigger);
+    if (!r.ok()) {
+      std::fprintf(stderr, "dmoe-router: controller: could not move the slots of %s (%s): %s\n",
+                   address.c_str(), trigger.c_str(), std::string(r.status().message()).c_str());
+    }
+  }
+}
+
+void PlacementController::CheckImbalance(absl::Time now) {
+  if (!options_.auto_rebalance) return;
+  const core::Placement p = experts_->placement();
+  const LoadSnapshot snap = window_->Get(now);
+  double worst = 0;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    if (!cfg_.IsMoeLayer(l) || snap.tokens[l] < std::max(options_.min_tokens, 1.0)) continue;
+    worst = std::max(worst, ComputeBalance(snap, l, cfg_.num_experts_per_tok, p).server_max_over_mean);
+  }
+  {
+    absl::MutexLock lock(&mu_);
+    if (worst > options_.trigger) {
+      if (armed_since_ == absl::InfiniteFuture()) armed_since_ = now;
+    } else if (worst < options_.trigger - options_.hysteresis) {
+      armed_since_ = absl::InfiniteFuture();
+    }
+    if (armed_since_ == absl::InfiniteFuture() || now - armed_since_ < options_.sustain ||
+        now - last_replacement_ < options_.min_interval) {
+      return;
+    }
+  }
+  absl::MutexLock op(&op_mu_);
+  absl::StatusOr<Plan> plan = MakePlan(Servers(), "imbalance");
+  if (!plan.ok()) {
+    std::fprintf(stderr, "dmoe-router: controller: planning failed: %s\n",
+                 std::string(plan.status().message()).c_str());
+    absl::MutexLock lock(&mu_);
+    last_replacement_ = now;  // retry after min_interval
+    return;
+  }
+  double cur = 0, pred = 0;
+  const v1::RebalanceResponse& r = plan->report;
+  for (int i = 0; i < r.layers_size(); ++i) {
+    if (snap.tokens[r.layers(i)] < std::max(options_.min_tokens, 1.0)) continue;
+    cur = std::max(cur, r.current_max_over_mean(i));
+    pred = std::max(pred, r.predicted_max_over_mean(i));
+  }
+  if (pred > cur - options_.min_gain) {
+    std::fprintf(stderr,
+                 "dmoe-router: controller: imbalance %.3f but the best plan reaches %.3f; "
+                 "not re-placing\n",
+                 cur, pred);
+    absl::MutexLock lock(&mu_);
+    last_replacement_ = now;
+    return;
+  }
+  absl::Status st = Apply(*plan);
+  if (!st.ok()) {
+    std::fprintf(stderr, "dmoe-router: controller: re-placement failed: %s\n",
+                 std::string(st.message()).c_str());
+    absl::MutexLock lock(&mu_);
+    last_replacement_ = now;
+  }
+}
+
+absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
+    const std::vector<ServerState>& servers, const std::string& trigger) {
+  const core::Placement cur = experts_->placement();
+  std::vector<int> active;
+  for (int s = 0; s < static_cast<int>(servers.size()); ++s) {
+    if (servers[s].active) active.push_back(s);
+  }
+  const int64_t E = cfg_.n_routed_experts;
+  if (static_cast<int64_t>(active.size()) * slots_per_server_ < E) {
+    return absl::FailedPreconditionError(absl::StrCat(
+        active.size(), " active expert servers x ", slots_per_server_, " slots cannot hold ", E,
+        " experts per layer"));
+  }
+  const LoadSnapshot snap = window_->Get(absl::Now());
+  core::PlanOptions po;
+  po.num_servers = static_cast<int>(active.size());
+  po.slots_per_server = slots_per_server_;
+  po.expert_bytes = expert_bytes_;
+  po.num_groups = options_.num_groups;
+  po.num_nodes = options_.num_nodes;
+  po.balance_slack = options_.balance_slack;
+
+  Plan plan;
+  plan.report.set_trigger(trigger);
+  uint64_t version = next_version_;
+  plan.report.set_version(version);
+  nlohmann::json layers = nlohmann::json::array();
+  int64_t moved = 0;
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    if (!cfg_.IsMoeLayer(l)) continue;
+    std::vector<double> loads(E, 1.0);  // uniform without enough data
+    if (snap.tokens[l] >= std::max(options_.min_tokens, 1.0)) {
+      for (int64_t e = 0; e < E; ++e) loads[e] = snap.Assignments(l, e);
+    }
+    core::ServerSlots current;
+    for (int s : active) {
+      current.push_back(s < cur.num_servers() ? cur.Slots(l, s) : std::vector<int32_t>{});
+    }
+    DMOE_ASSIGN_OR_RETURN(core::LayerPlan lp, core::PlanLayer(loads, po, &current));
+    core::ServerSlots all(servers.size());
+    for (size_t k = 0; k < active.size(); ++k) all[active[k]] = lp.servers[k];
+    // Moves against what each server holds now (a re-activated server may
+    // still hold nothing).
+    for (size_t s = 0; s < servers.size(); ++s) {
+      const std::vector<int32_t> none;
+      const auto& held = static_cast<int>(s) < cur.num_servers() ? cur.Slots(l, s) : none;
+      moved += static_cast<int64_t>(Minus(all[s], held).size());
+    }
+    core::ServerSlots now_slots;
+    for (int s = 0; s < cur.num_servers(); ++s) {
+      if (!cur.Slots(l, s).empty()) now_slots.push_back(cur.Slots(l, s));
+    }
+    plan.report.add_layers(static_cast<uint32_t>(l));
+    plan.report.add_current_max_over_mean(core::MaxOverMean(core::ServerLoads(loads, now_slots)));
+    plan.report.add_predicted_max_over_mean(lp.max_over_mean);
+    layers.push_back({{"layer", l}, {"servers", all}});
+  }
+  nlohmann::json j = {{"version", version},
+                      {"num_servers", servers.size()},
+                      {"layers", layers}};
+  DMOE_ASSIGN_OR_RETURN(plan.placement, core::Placement::FromJson(j, cfg_));
+  for (const ServerState& s : servers) plan.servers.push_back(s.address);
+  plan.report.set_placement_json(j.dump());
+  plan.report.set_slots_moved(static_cast<uint64_t>(moved));
+  plan.report.set_bytes_moved(static_cast<uint64_t>(moved * expert_bytes_));
+  return plan;
+}
+
+absl::Status PlacementController::Apply(Plan& plan) {
+  const core::Placement cur = experts_->placement();
+  const core::Placement& next = plan.placement;
+  const int n = static_cast<int>(plan.servers.size());
+  const absl::Time start = absl::Now();
+
+  // A server may already be at a newer version (an earlier attempt that did
+  // not switch, or a restarted controller): V' must not be older.
+  std::vector<v1::ServerStatusResponse> status(n);
+  std::vector<absl::Status> st = ParallelFor(n, [&](int s) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
+    return FromGrpc(Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &status[s]),
+                    plan.servers[s]);
+  });
+  uint64_t version = plan.placement.version();
+  for (int s = 0; s < n; ++s) {
+    if (st[s].ok()) version = std::max<uint64_t>(version, status[s].placement_version());
+  }
+  if (version != plan.placement.version()) {
+    nlohmann::json j = nlohmann::json::parse(plan.report.placement_json());
+    j["version"] = version;
+    DMOE_ASSIGN_OR_RETURN(plan.placement, core::Placement::FromJson(j, cfg_));
+    plan.report.set_placement_json(j.dump());
+    plan.report.set_version(version);
+  }
+  auto has_slots = [&](int s) {
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+      if (!next.Slots(l, s).empty()) return true;
+    }
+    return false;
+  };
+
+  // 1. Load: every server starts serving V' (with the slots it gains).
+  st = ParallelFor(n, [&](int s) {
+    v1::LoadSlotsRequest req;
+    req.set_placement_version(version);
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+      if (!cfg_.IsMoeLayer(l)) continue;
+      const std::vector<int32_t> none;
+      AddSlots(req.mutable_slots(), l,
+               Minus(next.Slots(l, s), s < cur.num_servers() ? cur.Slots(l, s) : none));
+    }
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
+    v1::SlotsResponse resp;
+    return FromGrpc(Stub(plan.servers[s])->LoadSlots(&ctx, req, &resp),
+                    absl::StrCat("expert server ", s, " (", plan.servers[s], "): load slots"));
+  });
+  for (int s = 0; s < n; ++s) {
+    if (!st[s].ok() && has_slots(s)) return st[s];
+  }
+
+  // 2. Switch the router between two steps.
+  DMOE_RETURN_IF_ERROR(
+      experts_->SwitchPlacement(plan.placement, plan.servers, options_.switch_timeout));
+  const absl::Duration switch_time = absl::Now() - start;
+  next_version_ = version + 1;
+
+  // 3. Unload what V' does not use (after the requests queued before it).
+  std::vector<absl::Status> unloaded = ParallelFor(n, [&](int s) {
+    v1::ServerStatusResponse now;
+    {
+      grpc::ClientContext ctx;
+      ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
+      DMOE_RETURN_IF_ERROR(FromGrpc(
+          Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &now), plan.servers[s]));
+    }
+    if (now.placement_version() != version) return absl::OkStatus();
+    v1::UnloadSlotsRequest req;
+    req.set_placement_version(version);
+    for (const v1::LayerSlots& ls : now.slots()) {
+      std::vector<int32_t> held(ls.experts().begin(), ls.experts().end());
+      AddSlots(req.mutable_slots(), ls.layer(), Minus(held, next.Slots(ls.layer(), s)));
+    }
+    if (req.slots().empty()) return absl::OkStatus();
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
+    v1::SlotsResponse resp;
+    return FromGrpc(Stub(plan.servers[s])->UnloadSlots(&ctx, req, &resp),
+                    absl::StrCat("expert server ", s, " (", plan.servers[s], "): unload slots"));
+  });
+  for (int s = 0; s < n; ++s) {
+    if (!unloaded[s].ok() && has_slots(s)) {
+      std::fprintf(stderr, "dmoe-router: controller: %s\n",
+                   std::string(unloaded[s].message()).c_str());
+    }
+  }
+  plan.report.set_applied(true);
+  plan.report.set_switch_seconds(absl::ToDoubleSeconds(switch_time));
+  std::string cur_s, pred_s;
+  for (int i = 0; i < plan.report.layers_size(); ++i) {
+    absl::StrAppend(&cur_s, i ? "," : "", absl::SixDigits(plan.report.current_max_over_mean(i)));
+    absl::StrAppend(&pred_s, i ? "," : "",
+                    absl::SixDigits(plan.report.predicted_max_over_mean(i)));
+  }
+  std::fprintf(stderr,
+               "dmoe-router: controller: placement version %llu applied (%s): %llu slots "
+               "(%llu bytes) moved, switch after %.3f s; max/mean per layer %s -> %s\n",
+               static_cast<unsigned long long>(version), plan.report.trigger().c_str(),
+               static_cast<unsigned long long>(plan.report.slots_moved()),
+               static_cast<unsigned long long>(plan.report.bytes_moved()),
+               absl::ToDoubleSeconds(switch_time), cur_s.c_str(), pred_s.c_str());
+  std::function<void(const v1::RebalanceResponse&)> cb;
+  {
+    absl::MutexLock lock(&mu_);
+    last_replacement_ = absl::Now();
+    armed_since_ = absl::InfiniteFuture();
+    cb = on_replacement_;
+  }
+  if (cb) cb(plan.report);
+  return absl::OkStatus();
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::PlanAndApply(
+    std::vector<ServerState> servers, const std::string& trigger, bool dry_run) {
+  DMOE_ASSIGN_OR_RETURN(Plan plan, MakePlan(servers, trigger));
+  if (dry_run) return plan.report;
+  DMOE_RETURN_IF_ERROR(Apply(plan));
+  {
+    absl::MutexLock lock(&mu_);
+    for (size_t s = 0; s < servers.size(); ++s) {
+      if (s < servers_.size()) {
+        servers_[s].active = servers[s].active;
+      } else {
+        servers_.push_back(servers[s]);
+      }
+    }
+  }
+  return plan.report;
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::Rebalance(bool dry_run,
+                                                                     const std::string& trigger) {
+  absl::MutexLock op(&op_mu_);
+  return PlanAndApply(Servers(), trigger, dry_run);
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::AddServer(const std::string& address) {
+  if (address.empty() || address.find(':') == std::string::npos) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("expert server address '", address, "' is not HOST:PORT"));
+  }
+  absl::MutexLock op(&op_mu_);
+  std::vector<ServerState> servers = Servers();
+  auto it = std::find_if(servers.begin(), servers.end(),
+                         [&](const ServerState& s) { return s.address == address; });
+  if (it != servers.end() && it->active) {
+    return absl::AlreadyExistsError(
+        absl::StrCat("expert server ", it - servers.begin(), " (", address, ") already holds slots"));
+  }
+  if (servers.size() >= static_cast<size_t>(kMaxExpertServers) && it == servers.end()) {
+    return absl::ResourceExhaustedError(absl::StrCat("at most ", kMaxExpertServers, " expert servers"));
+  }
+  {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
+    v1::ServerStatusResponse status;
+    DMOE_RETURN_IF_ERROR(FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
+                                  absl::StrCat("expert server ", address)));
+    if (status.model() != "" && status.leaving()) {
+      return absl::FailedPreconditionError(absl::StrCat("expert server ", address, " is leaving"));
+    }
+  }
+  if (it != servers.end()) {
+    it->active = true;
+    it->leaving = false;
+  } else {
+    ServerState s;
+    s.address = address;
+    servers.push_back(s);
+  }
+  return PlanAndApply(std::move(servers), "server-joined", false);
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::RemoveServer(
+    const std::string& address, const std::string& trigger) {
+  absl::MutexLock op(&op_mu_);
+  std::vector<ServerState> servers = Servers();
+  auto it = std::find_if(servers.begin(), servers.end(),
+                         [&](const ServerState& s) { return s.address == address; });
+  if (it == servers.end()) {
+    return absl::NotFoundError(absl::StrCat("no expert server ", address));
+  }
+  if (!it->active) {
+    return absl::FailedPreconditionError(
+        absl::StrCat("expert server ", it - servers.begin(), " (", address, ") holds no slots"));
+  }
+  it->active = false;
+  return PlanAndApply(std::move(servers), trigger, false);
+}
+
+v1::PlacementResponse PlacementController::GetPlacement() const {
+  v1::PlacementResponse r;
+  const core::Placement p = experts_->placement();
+  r.set_version(p.version());
+  r.set_placement_json(p.ToJson().dump());
+  for (const std::string& a : experts_->servers()) r.add_server_addresses(a);
+  r.set_controller_enabled(true);
+  return r;
+}
+
+v1::ExpertLoadResponse PlacementController::GetExpertLoad() const {
+  v1::ExpertLoadResponse r;
+  const core::Placement p = experts_->placement();
+  const LoadSnapshot snap = window_->Get(absl::Now());
+  r.set_placement_version(p.version());
+  r.set_window_seconds(absl::ToDoubleSeconds(window_->options().window));
+  for (const std::string& a : experts_->servers()) r.add_server_addresses(a);
+  for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
+    if (!cfg_.IsMoeLayer(l)) continue;
+    v1::LayerLoad* ll = r.add_layers();
+    ll->set_layer(static_cast<uint32_t>(l));
+    ll->set_tokens(snap.tokens[l]);
+    std::vector<double> loads(cfg_.n_routed_experts);
+    for (int64_t e = 0; e < cfg_.n_routed_experts; ++e) {
+      loads[e] = snap.Assignments(l, e);
+      ll->add_expert_load(loads[e]);
+    }
+    core::ServerSlots slots;
+    for (int s = 0; s < p.num_servers(); ++s) slots.push_back(p.Slots(l, s));
+    for (double x : core::ServerLoads(loads, slots)) ll->add_server_load(x);
+    const LayerBalance b = ComputeBalance(snap, l, cfg_.num_experts_per_tok, p);
+    ll->set_server_max_over_mean(b.server_max_over_mean);
+    ll->set_slot_max_over_mean(b.slot_max_over_mean);
+    ll->set_expert_balance_stat(b.expert_stat);
+    ll->set_server_balance_stat(b.server_stat);
+  }
+  return r;
+}
+
+}  // namespace dmoe::router
