@@ -71,6 +71,7 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
   internal::StreamRegistry registry;
   internal::TaskThread control;
   std::atomic<size_t> weight_bytes{0};
+  std::atomic<bool> leaving{false};
 
   absl::Mutex server_mu;
   std::unique_ptr<grpc::Server> server ABSL_GUARDED_BY(server_mu);
@@ -154,10 +155,10 @@ absl::Status ExpertServer::Impl::Init() {
         absl::FailedPreconditionError("the model has no MoE layers"));
   }
   const int n = options.placement.num_servers();
-  if (n < 1)
+  if (n < 1 && !options.start_empty)
     return absl::InvalidArgumentError(
         "placement: no servers (placement not set?)");
-  if (options.server_index < 0 || options.server_index >= n) {
+  if (!options.start_empty && (options.server_index < 0 || options.server_index >= n)) {
     return absl::InvalidArgumentError(
         absl::StrCat("server index ", options.server_index,
                      " is outside the placement's ", n, " servers"));
@@ -170,12 +171,13 @@ absl::Status ExpertServer::Impl::Init() {
   backend = core::MakeCpuExpertBackend(options.compute);
 
   internal::LayerSlots layer_slots(cfg.num_hidden_layers);
-  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+  for (int64_t l = 0; l < cfg.num_hidden_layers && !options.start_empty; ++l) {
     if (cfg.IsMoeLayer(l))
       layer_slots[l] = options.placement.Slots(l, options.server_index);
   }
   auto table = internal::SlotTable::Create(
-      cfg, options.server_index, options.placement.version(), layer_slots);
+      cfg, options.server_index, options.start_empty ? 0 : options.placement.version(),
+      layer_slots);
   if (!table.ok()) return table.status();
   slots = *std::move(table);
 
@@ -273,6 +275,7 @@ absl::Status ExpertServer::Impl::DoUnloadSlots(
 void ExpertServer::Impl::FillStatus(v1::ServerStatusResponse* resp) const {
   const internal::SlotTable::Snapshot snap = slots->Get();
   resp->set_placement_version(snap.version);
+  resp->set_leaving(leaving.load());
   resp->set_build_version(BuildVersion());
   resp->set_resident_weight_bytes(weight_bytes);
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
@@ -374,6 +377,16 @@ void ExpertServer::Shutdown(absl::Duration grace) {
   // Reactors refer to the worker and the registry; gRPC may run their OnDone
   // after Server::Wait returns.
   impl_->registry.WaitAllDeleted();
+}
+
+bool ExpertServer::Leave(absl::Duration timeout) {
+  impl_->leaving = true;
+  const absl::Time deadline = absl::Now() + timeout;
+  while (impl_->slots->Get().num_slots > 0) {
+    if (absl::Now() >= deadline) return false;
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  return true;
 }
 
 size_t ExpertServer::resident_weight_bytes() const {

@@ -68,6 +68,10 @@ struct ExpertServerOptions {
   // Told of batches, requests, queue depth, slots, weights and placement
   // version. Not owned; must outlive the server. Null = none.
   ExpertMetrics* metrics = nullptr;
+  // Scale-out: start with no routed slots at placement version 0 (only the
+  // shared FFNs), ignoring `placement` and `server_index`; a placement
+  // controller then gives the server slots (LoadSlots).
+  bool start_empty = false;
 };
 
 class ExpertServer {
@@ -98,6 +102,12 @@ class ExpertServer {
   // server is shutting down"; RPCs still running after `grace` are cancelled.
   // Returns when the server, the compute worker and the control thread stopped.
   void Shutdown(absl::Duration grace);
+
+  // Scale-in: from now on GetStatus reports `leaving`, which asks the
+  // placement controller to move this server's slots elsewhere; the server
+  // keeps serving meanwhile. Returns true once it holds no routed slot (the
+  // controller unloaded them), false after `timeout`.
+  bool Leave(absl::Duration timeout);
 
   // Bytes of weights resident in the backend (routed + shared FFNs).
   size_t resident_weight_bytes() const;

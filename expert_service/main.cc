@@ -13,6 +13,7 @@
 // placement cannot be loaded or the address (or an explicit --metrics-port)
 // cannot be bound, 2 for bad flags.
 #include <signal.h>
+#include <unistd.h>
 
 #include <cstdio>
 #include <cstring>
@@ -27,6 +28,7 @@
 #include "core/placement.h"
 #include "expert_service/expert_metrics.h"
 #include "expert_service/expert_server.h"
+#include "expert_service/joiner.h"
 #include "expert_service/raw_echo.h"
 #include "prometheus/registry.h"
 #include "tools/args.h"
@@ -52,8 +54,8 @@ dmoe::tools::Args MakeArgs() {
       "  SIGINT: stop taking streams, answer what was received, exit 0.");
   a.Flag("model", "DIR", "model directory (config.json + *.safetensors)",
          std::nullopt, true)
-      .Flag("server-index", "I", "this server's index in the placement",
-            std::nullopt, true)
+      .Flag("server-index", "I",
+            "this server's index in the placement (required without --join)")
       .Flag("num-servers", "N",
             "contiguous placement over N servers (version 1)")
       .Flag("placement", "FILE", "placement JSON (instead of --num-servers)")
@@ -89,7 +91,19 @@ dmoe::tools::Args MakeArgs() {
       .Flag("expert-metrics", "per-expert|per-layer",
             "slot-token series per (layer, expert), or per layer "
             "(expert=\"all\") to bound cardinality",
-            "per-expert");
+            "per-expert")
+      .Flag("join", "ROUTER",
+            "scale-out: start with no routed slots and ask the placement "
+            "controller of ROUTER (HOST:PORT, a dmoe-router --controller) "
+            "for slots (instead of --num-servers / --placement)")
+      .Flag("advertise", "HOST:PORT",
+            "the address routers reach this server at (default: --host, or "
+            "the hostname when --host is a wildcard, and the bound port)")
+      .Flag("leave-timeout-s", "S",
+            "scale-in: on SIGTERM, first report 'leaving' and keep serving "
+            "until the placement controller has moved this server's slots "
+            "away, at most S seconds (0 = drain at once; default 60 with "
+            "--join, else 0)");
   return a;
 }
 
@@ -118,15 +132,33 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "%s\n", std::string(st.message()).c_str());
     return 2;
   }
-  if (args.Has("num-servers") == args.Has("placement")) {
+  const bool join = args.Has("join");
+  if (join && (args.Has("num-servers") || args.Has("placement"))) {
+    return Fail(2, "--join starts with no slots: give no --num-servers or --placement");
+  }
+  if (!join && args.Has("num-servers") == args.Has("placement")) {
     return Fail(
         2, "give exactly one of --num-servers and --placement (see --help)");
+  }
+  if (!join && !args.Has("server-index")) {
+    return Fail(2, "--server-index is required (unless --join)");
+  }
+  int64_t leave_s = join ? 60 : 0;
+  if (args.Has("leave-timeout-s")) {
+    auto v = args.Int("leave-timeout-s");
+    if (!v.ok()) return Fail(2, std::string(v.status().message()));
+    leave_s = *v;
+    if (leave_s < 0) return Fail(2, absl::StrCat("--leave-timeout-s must be >= 0, got ", leave_s));
   }
   int64_t server_index = 0, num_servers = 0, port = 0, threads = 0,
           max_queue = 0, max_batch_tokens = 0, drain_s = 0, echo_port = 0,
           metrics_port = 0;
-  for (auto [name, out] : {std::pair{"server-index", &server_index},
-                           {"port", &port},
+  if (args.Has("server-index")) {
+    auto v = args.Int("server-index");
+    if (!v.ok()) return Fail(2, std::string(v.status().message()));
+    server_index = *v;
+  }
+  for (auto [name, out] : {std::pair{"port", &port},
                            {"metrics-port", &metrics_port},
                            {"raw-echo-port", &echo_port},
                            {"threads", &threads},
@@ -192,7 +224,9 @@ int main(int argc, char** argv) {
   if (!cfg.ok())
     return Fail(1, absl::StrCat("model ", model, ": ", cfg.status().message()));
   dmoe::expert::ExpertServerOptions options;
-  if (args.Has("placement")) {
+  if (join) {
+    options.start_empty = true;
+  } else if (args.Has("placement")) {
     auto p = dmoe::core::Placement::FromFile(args.Str("placement"), *cfg);
     if (!p.ok()) return Fail(1, std::string(p.status().message()));
     options.placement = *std::move(p);
@@ -202,7 +236,7 @@ int main(int argc, char** argv) {
     if (!p.ok()) return Fail(2, std::string(p.status().message()));
     options.placement = *std::move(p);
   }
-  if (server_index >= options.placement.num_servers()) {
+  if (!join && server_index >= options.placement.num_servers()) {
     return Fail(2, absl::StrCat("--server-index ", server_index,
                                 " is outside the placement's ",
                                 options.placement.num_servers(), " servers"));
@@ -271,16 +305,45 @@ int main(int argc, char** argv) {
       return Fail(1, std::string(st.message()));
     }
   }
-  std::fprintf(
-      stderr, "%s: serving %lld slots (%s MiB) for server %d/%d on %s:%d\n",
-      kName, static_cast<long long>((*server)->num_slots()),
-      absl::StrFormat("%.1f", (*server)->resident_weight_bytes() / 1048576.0)
-          .c_str(),
-      (*server)->server_index(), (*server)->num_servers(), host.c_str(), bound);
+  if (join) {
+    std::fprintf(stderr, "%s: serving no routed slots yet (joining via %s) on %s:%d\n", kName,
+                 args.Str("join").c_str(), host.c_str(), bound);
+  } else {
+    std::fprintf(
+        stderr, "%s: serving %lld slots (%s MiB) for server %d/%d on %s:%d\n",
+        kName, static_cast<long long>((*server)->num_slots()),
+        absl::StrFormat("%.1f", (*server)->resident_weight_bytes() / 1048576.0)
+            .c_str(),
+        (*server)->server_index(), (*server)->num_servers(), host.c_str(), bound);
+  }
   std::fflush(stderr);
+  std::unique_ptr<dmoe::expert::Joiner> joiner;
+  if (join) {
+    std::string advertise = args.Str("advertise");
+    if (advertise.empty()) {
+      std::string h = host;
+      if (h == "0.0.0.0" || h == "::" || h == "[::]") {
+        char name[256] = {};
+        gethostname(name, sizeof name - 1);
+        h = name;
+      }
+      advertise = absl::StrCat(h, ":", bound);
+    }
+    joiner = std::make_unique<dmoe::expert::Joiner>(args.Str("join"), advertise);
+  }
 
   int sig = 0;
   while (sigwait(&stop_signals, &sig) != 0) {
+  }
+  if (joiner) joiner->Stop();
+  if (leave_s > 0 && (*server)->num_slots() > 0) {
+    std::fprintf(stderr, "%s: %s, leaving: waiting up to %lld s for the placement controller "
+                 "to move %lld slots\n", kName, strsignal(sig), static_cast<long long>(leave_s),
+                 static_cast<long long>((*server)->num_slots()));
+    std::fflush(stderr);
+    const bool empty = (*server)->Leave(absl::Seconds(leave_s));
+    std::fprintf(stderr, "%s: %s\n", kName,
+                 empty ? "slots moved away" : "leave timeout: still holding slots");
   }
   std::fprintf(stderr, "%s: %s, draining\n", kName, strsignal(sig));
   if (echo) echo->Stop();

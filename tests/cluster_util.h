@@ -165,6 +165,7 @@ class Cluster {
       argv.push_back("--placement");
       argv.push_back(placement_);
     }
+    argv.insert(argv.end(), expert_extra_.begin(), expert_extra_.end());
     if (!experts_[i]->Start(argv, dir_ + "/expert" + std::to_string(i) + ".log")) return false;
     const int port = WaitForPortFile(port_file, *experts_[i]);
     if (port == 0) {
@@ -243,12 +244,17 @@ class Cluster {
   HttpResponse HttpGet(const std::string& path) { return HttpRequest(gateway_port_, "GET", path); }
 
   ChildProcess& gateway() { return gateway_; }
+  int router_port() const { return router_port_; }
+  int expert_port(int i) const { return ports_[i]; }
+  // Extra flags for every expert server started from now on.
+  void set_expert_extra(std::vector<std::string> extra) { expert_extra_ = std::move(extra); }
   int gateway_port() const { return gateway_port_; }
 
  private:
   std::string model_, dir_, placement_;
   std::vector<std::unique_ptr<ChildProcess>> experts_;
   std::vector<int> ports_;
+  std::vector<std::string> expert_extra_;
   ChildProcess router_;
   int router_port_ = 0;
   ChildProcess gateway_;
