@@ -32,6 +32,7 @@
 #include <grpcpp/grpcpp.h>
 
 #include "dmoe/v1/expert.grpc.pb.h"
+#include "dmoe/v1/router.grpc.pb.h"
 #endif
 
 namespace dmoe::tools {
@@ -180,6 +181,30 @@ void PrintExpertTokens(const std::vector<Child>& experts) {
 #endif
 }
 
+// The router's per-(layer, expert) load window (its placement controller).
+void PrintExpertLoad(int router_port) {
+#ifdef DMOE_WITH_SERVICES
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", router_port), grpc::InsecureChannelCredentials()));
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  v1::ExpertLoadResponse r;
+  grpc::Status st = stub->GetExpertLoad(&ctx, v1::ExpertLoadRequest(), &r);
+  if (!st.ok()) {
+    std::printf("per-expert load unavailable: %s\n", st.error_message().c_str());
+    return;
+  }
+  std::printf("tokens routed per expert (router's load window; `dmoe ctl load --router "
+              "127.0.0.1:%d` shows more):\n",
+              router_port);
+  for (const v1::LayerLoad& l : r.layers()) {
+    std::printf("  layer %u:", l.layer());
+    for (double x : l.expert_load()) std::printf(" %.0f", x);
+    std::printf("   (max/mean over servers %.2f)\n", l.server_max_over_mean());
+  }
+#endif
+}
+
 absl::Status Up(const Args& args) {
   DMOE_ASSIGN_OR_RETURN(int64_t servers, args.Int("servers"));
   if (servers < 1 || servers > 64) {
@@ -229,7 +254,8 @@ absl::Status Up(const Args& args) {
     c.metrics_port_file = absl::StrCat(work, "/expert-", i, ".metrics.port");
     status = start(c, {bin + "/dmoe-expert", "--model", model, "--server-index", std::to_string(i),
                        "--num-servers", std::to_string(servers), "--port", "0", "--port-file",
-                       c.port_file, "--dtype", dtype, "--threads", threads});
+                       c.port_file, "--dtype", dtype, "--threads", threads, "--leave-timeout-s",
+                       "10"});
     if (status.ok()) addrs.push_back(absl::StrCat("127.0.0.1:", children.back().port));
   }
   if (status.ok()) {
@@ -237,7 +263,7 @@ absl::Status Up(const Args& args) {
     c.metrics_port_file = work + "/router.metrics.port";
     status = start(c, {bin + "/dmoe-router", "--model", model, "--experts", absl::StrJoin(addrs, ","),
                        "--port", "0", "--port-file", c.port_file, "--dtype", dtype, "--threads",
-                       threads, "--shared-expert", args.Str("shared-expert")});
+                       threads, "--shared-expert", args.Str("shared-expert"), "--controller"});
   }
   if (status.ok()) {
     Child c{"gateway", -1, work + "/gateway.port", work + "/gateway.log"};
@@ -277,6 +303,7 @@ absl::Status Up(const Args& args) {
       if (resp.ok()) {
         std::printf("%s\n\n", resp->c_str());
         PrintExpertTokens(experts);
+        PrintExpertLoad(children[servers].port);
       }
       demo = resp.status();
     }
