@@ -1,5 +1,7 @@
 #include "core/layers.h"
 
+#include <malloc.h>
+
 #include <cmath>
 
 #include "core/status.h"
@@ -32,8 +34,16 @@ float* LoadBuffer(int slot, size_t n) {
   return b.data();
 }
 
+// gperftools' tcmalloc, when the binary links it (the services do): weak, so
+// that binaries on glibc malloc link too.
+extern "C" void MallocExtension_ReleaseFreeMemory() __attribute__((weak));
+
 void ReleaseLoadBuffers() {
   for (auto& b : load_buffers) std::vector<float>().swap(b);
+  // Hand the freed heap pages (load buffers, packing temporaries) back to the
+  // OS: glibc keeps them in its arenas, tcmalloc in its page heap.
+  malloc_trim(0);
+  if (MallocExtension_ReleaseFreeMemory != nullptr) MallocExtension_ReleaseFreeMemory();
 }
 
 absl::StatusOr<PackedLinear> LoadLinear(const Checkpoint& ckpt, const std::string& name, int64_t n,

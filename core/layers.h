@@ -23,7 +23,8 @@ void RmsNormRows(const float* x, int64_t ldx, const float* w, int64_t rows, int6
 // does not fault in fresh pages for each temporary copy (costly on VMs).
 // `slot` selects one of a few independent buffers (e.g. gate/up/down of an FFN).
 float* LoadBuffer(int slot, size_t n);
-// Frees this thread's load buffers (call when loading is done).
+// Frees this thread's load buffers (call when loading is done) and returns free
+// heap memory to the OS (glibc arenas; tcmalloc's page heap when linked).
 void ReleaseLoadBuffers();
 
 // Loads `name` ([n, k]) as a PackedLinear and drops the file pages afterwards.
