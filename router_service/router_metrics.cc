@@ -113,6 +113,10 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
       replacement_switch_(Histogram(registry, "moe_router_replacement_switch_seconds",
                                     "Time of a re-placement from decision to switch")
                               .Add({}, SwitchBuckets())),
+      step_seconds_(Histogram(registry, "moe_router_step_seconds",
+                              "Duration of one scheduler step (model forward of a batch); its "
+                              "tail shows the latency cost of a re-placement")
+                        .Add({}, RoundTripBuckets())),
       active_sequences_(
           Gauge(registry, "moe_router_active_sequences", "Sequences admitted and not finished")
               .Add({})),

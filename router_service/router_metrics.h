@@ -25,6 +25,7 @@
 //   moe_router_replacement_bytes_moved_total, moe_router_replacement_switch_seconds
 //   moe_router_active_sequences, moe_router_queued_requests, moe_router_kv_cache_{free,budget}_bytes,
 //   moe_router_steps_total, moe_router_failed_steps_total, moe_router_step_tokens_total
+//   moe_router_step_seconds (histogram: one model step, e.g. through a re-placement)
 //
 // Cardinality: per-expert mode has (MoE layers x routed experts) routed-token
 // series (DeepSeek-V3: 58 x 256 = 14,848), created up front; per-layer mode
@@ -103,6 +104,8 @@ class RouterMetrics final : public RemoteExpertObserver {
   // Where the scheduler gauges come from (called by Refresh); set once the
   // scheduler exists. Null = none.
   void SetLoadSource(std::function<SchedulerLoad()> source);
+  // One scheduler step (SchedulerOptions::on_step).
+  void OnStep(absl::Duration duration) { step_seconds_.Observe(absl::ToDoubleSeconds(duration)); }
 
   // Recomputes the balance gauges (window at `now`, current placement) and
   // the scheduler gauges/counters.
@@ -135,6 +138,7 @@ class RouterMetrics final : public RemoteExpertObserver {
   prometheus::Family<prometheus::Counter>& replacements_;
   prometheus::Counter& replacement_bytes_;
   prometheus::Histogram& replacement_switch_;
+  prometheus::Histogram& step_seconds_;
   prometheus::Gauge& active_sequences_;
   prometheus::Gauge& queued_requests_;
   prometheus::Gauge& kv_free_;

@@ -322,7 +322,9 @@ void Scheduler::Step() {
     budget -= n;
   }
 
+  const absl::Time step_start = absl::Now();
   const absl::Status st = model_->Forward(batch_, cache_, &logits_);
+  if (options_.on_step) options_.on_step(absl::Now() - step_start);
   {
     absl::MutexLock l(&mu_);
     ++steps_;

@@ -53,6 +53,8 @@ struct SchedulerOptions {
   int64_t max_batch_tokens =
       2048;                 // tokens per step (decodes + prefill chunks)
   int64_t max_queue = 256;  // requests waiting for admission, at most
+  // Called on the scheduler thread after each step with its duration.
+  std::function<void(absl::Duration)> on_step;
 };
 
 struct GenerateParams {
