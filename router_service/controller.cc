@@ -372,7 +372,45 @@ absl::Status PlacementController::Apply(Plan& plan) {
     if (!st[s].ok() && has_slots(s)) return st[s];
   }
 
-  // 2. Switch the router between two steps.
+  // 2. Switch the routers between two steps: the followers, then this one.
+  std::vector<std::pair<std::string, v1::RouterService::Stub*>> peers;
+  {
+    absl::MutexLock lock(&mu_);
+    for (const auto& [address, seen] : peers_) {
+      auto& stub = peer_stubs_[address];
+      if (!stub) {
+        stub = v1::RouterService::NewStub(
+            grpc::CreateChannel(address, grpc::InsecureChannelCredentials()));
+      }
+      peers.emplace_back(address, stub.get());
+    }
+  }
+  v1::SetPlacementRequest push;
+  push.set_version(version);
+  push.set_placement_json(plan.placement.ToJson().dump());
+  for (const std::string& a : plan.servers) push.add_server_addresses(a);
+  std::vector<absl::Status> pushed =
+      ParallelFor(static_cast<int>(peers.size()), [&](int i) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(
+            absl::ToChronoTime(absl::Now() + options_.switch_timeout + absl::Seconds(5)));
+        v1::PlacementResponse resp;
+        return FromGrpc(peers[i].second->SetPlacement(&ctx, push, &resp),
+                        absl::StrCat("router ", peers[i].first, ": set placement"));
+      });
+  for (size_t i = 0; i < peers.size(); ++i) {
+    if (pushed[i].ok()) continue;
+    absl::MutexLock lock(&mu_);
+    auto it = peers_.find(peers[i].first);
+    if (pushed[i].code() == absl::StatusCode::kUnavailable && it != peers_.end() &&
+        absl::Now() - it->second > options_.peer_timeout) {
+      std::fprintf(stderr, "dmoe-router: controller: dropping follower %s (%s)\n",
+                   peers[i].first.c_str(), std::string(pushed[i].message()).c_str());
+      peers_.erase(it);
+      continue;
+    }
+    return pushed[i];
+  }
   DMOE_RETURN_IF_ERROR(
       experts_->SwitchPlacement(plan.placement, plan.servers, options_.switch_timeout));
   const absl::Duration switch_time = absl::Now() - start;
@@ -519,6 +557,19 @@ v1::PlacementResponse PlacementController::GetPlacement() const {
   for (const std::string& a : experts_->servers()) r.add_server_addresses(a);
   r.set_controller_enabled(true);
   return r;
+}
+
+v1::PlacementResponse PlacementController::RegisterRouter(const std::string& address) {
+  {
+    absl::MutexLock lock(&mu_);
+    if (peers_.emplace(address, absl::Now()).second) {
+      std::fprintf(stderr, "dmoe-router: controller: router %s follows this one\n",
+                   address.c_str());
+    } else {
+      peers_[address] = absl::Now();
+    }
+  }
+  return GetPlacement();
 }
 
 v1::ExpertLoadResponse PlacementController::GetExpertLoad() const {

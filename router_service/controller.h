@@ -7,6 +7,10 @@
 //      parallel: it loads them in the background and then serves both the old
 //      version V and V' (a server that gains nothing just starts serving V');
 //   2. the router switches to V' between two steps (RemoteExpertControl);
+//      Routers that follow this one (RegisterRouter) are switched first
+//      (SetPlacement); a follower that cannot be reached and has not
+//      registered for `peer_timeout` is dropped; any other failure stops the
+//      re-placement before step 3 (servers keep serving both versions);
 //   3. every server UnloadSlots(V', the slots it no longer needs): queued
 //      requests are answered first, then the weights go.
 // No step is paused, and a request in flight completes under the version it
@@ -54,7 +58,7 @@
 #include "core/config.h"
 #include "core/placement.h"
 #include "dmoe/v1/expert.grpc.pb.h"
-#include "dmoe/v1/router.pb.h"
+#include "dmoe/v1/router.grpc.pb.h"
 #include "router_service/load_window.h"
 #include "router_service/remote_expert_backend.h"
 
@@ -80,6 +84,7 @@ struct ControllerOptions {
   absl::Duration load_deadline = absl::Seconds(300);  // LoadSlots (reads weights)
   absl::Duration rpc_deadline = absl::Seconds(30);    // other control RPCs
   absl::Duration switch_timeout = absl::Seconds(60);
+  absl::Duration peer_timeout = absl::Seconds(10);  // followers re-register every 2 s
 };
 
 class PlacementController {
@@ -104,6 +109,8 @@ class PlacementController {
   absl::StatusOr<v1::RebalanceResponse> RemoveServer(const std::string& address,
                                                      const std::string& trigger);
   v1::PlacementResponse GetPlacement() const;
+  // A follower router announces itself; returns the current placement.
+  v1::PlacementResponse RegisterRouter(const std::string& address);
   v1::ExpertLoadResponse GetExpertLoad() const;
   int slots_per_server() const { return slots_per_server_; }
 
@@ -152,6 +159,8 @@ class PlacementController {
   absl::Time last_replacement_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   absl::Time armed_since_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::function<void(const v1::RebalanceResponse&)> on_replacement_ ABSL_GUARDED_BY(mu_);
+  std::map<std::string, absl::Time> peers_ ABSL_GUARDED_BY(mu_);  // follower -> last seen
+  std::map<std::string, std::unique_ptr<v1::RouterService::Stub>> peer_stubs_ ABSL_GUARDED_BY(mu_);
 
   absl::Notification stop_;
   std::thread thread_;

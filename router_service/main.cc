@@ -5,7 +5,9 @@
 // the model or the placement cannot be loaded or the port (or an explicit
 // --metrics-port) cannot be bound, 2 for bad flags.
 #include <signal.h>
+#include <unistd.h>
 
+#include <atomic>
 #include <algorithm>
 #include <cmath>
 #include <chrono>
@@ -27,6 +29,8 @@
 #include "core/placement.h"
 #include "core/status.h"
 #include "core/wire.h"
+#include "dmoe/v1/router.grpc.pb.h"
+#include "nlohmann/json.hpp"
 #include "prometheus/registry.h"
 #include "router_service/load_window.h"
 #include "router_service/remote_expert_backend.h"
@@ -137,6 +141,15 @@ void DeclareFlags(tools::Args& args) {
             "0")
       .Flag("expert-nodes", "M",
             "hierarchical placement: servers form M nodes", "0")
+      .Flag("controller-router", "HOST:PORT",
+            "several routers: follow the placement of the router running "
+            "--controller there (fetched at start, pushed to this router on "
+            "every re-placement; this router re-registers every 2 s); "
+            "replaces --experts / --placement")
+      .Flag("advertise", "HOST:PORT",
+            "with --controller-router: the address the controller reaches "
+            "this router at (default: --host, or the hostname when --host is "
+            "a wildcard, and the bound port)")
       .Flag("gate-bias-for-testing", "E:B,...",
             "TESTING ONLY (changes outputs): add B to expert E's router logit "
             "in every MoE layer, to skew routing on purpose")
@@ -158,6 +171,7 @@ struct Config {
   int micro_batches = 2;
   bool controller = false;
   ControllerOptions control;
+  std::string controller_router;  // follow this router's controller
   std::vector<std::pair<int64_t, float>> gate_bias;
   SchedulerOptions sched;
   int64_t expert_deadline_ms = 0;
@@ -270,6 +284,18 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
         "'"));
   }
   c.controller = args.Bool("controller");
+  c.controller_router = args.Str("controller-router");
+  if (!c.controller_router.empty()) {
+    if (c.controller || !c.experts.empty() || !c.placement.empty()) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kName, ": --controller-router takes the placement and the expert servers from "
+                 "that router: give no --controller, --experts or --placement"));
+    }
+    if (c.controller_router.find(':') == std::string::npos) {
+      return absl::InvalidArgumentError(absl::StrCat(
+          kName, ": --controller-router: '", c.controller_router, "' is not HOST:PORT"));
+    }
+  }
   if (c.controller && c.experts.empty()) {
     return absl::InvalidArgumentError(
         absl::StrCat(kName, ": --controller needs --experts"));
@@ -333,6 +359,28 @@ absl::StatusOr<core::ModelConfig> ReadModelConfig(const Config& c) {
 // servers. In-process (no --experts) the router is the one "server" that
 // holds every expert (for the balance metrics); an empty placement for a
 // model without routed experts.
+// The placement of the controller's router (--controller-router), retried
+// for up to two minutes while that router starts.
+absl::StatusOr<v1::PlacementResponse> FetchPlacement(const std::string& router) {
+  auto stub = v1::RouterService::NewStub(
+      grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
+  grpc::Status st;
+  for (int attempt = 0; attempt < 120; ++attempt) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::PlacementResponse r;
+    st = stub->GetPlacement(&ctx, v1::PlacementRequest(), &r);
+    if (st.ok()) return r;
+    if (st.error_code() != grpc::StatusCode::UNAVAILABLE &&
+        st.error_code() != grpc::StatusCode::DEADLINE_EXCEEDED) {
+      break;
+    }
+    std::this_thread::sleep_for(std::chrono::seconds(1));
+  }
+  return absl::UnavailableError(absl::StrCat("--controller-router ", router,
+                                             ": no placement: ", st.error_message()));
+}
+
 absl::StatusOr<core::Placement> StartPlacement(const Config& c,
                                                const core::ModelConfig& cfg) {
   if (!c.placement.empty()) return core::Placement::FromFile(c.placement, cfg);
@@ -432,8 +480,19 @@ int Main(int argc, char** argv) {
 
   absl::StatusOr<core::ModelConfig> model_cfg = ReadModelConfig(*cfg);
   if (!model_cfg.ok()) return Fail(model_cfg.status(), 1);
-  absl::StatusOr<core::Placement> placement =
-      StartPlacement(*cfg, *model_cfg);
+  absl::StatusOr<core::Placement> placement;
+  if (!cfg->controller_router.empty()) {
+    absl::StatusOr<v1::PlacementResponse> fetched = FetchPlacement(cfg->controller_router);
+    if (!fetched.ok()) return Fail(fetched.status(), 1);
+    nlohmann::json j = nlohmann::json::parse(fetched->placement_json(), nullptr, false);
+    placement = core::Placement::FromJson(j, *model_cfg);
+    cfg->experts.assign(fetched->server_addresses().begin(), fetched->server_addresses().end());
+    std::fprintf(stderr, "%s: following %s: placement version %llu over %zu expert servers\n",
+                 kName, cfg->controller_router.c_str(),
+                 static_cast<unsigned long long>(fetched->version()), cfg->experts.size());
+  } else {
+    placement = StartPlacement(*cfg, *model_cfg);
+  }
   if (!placement.ok()) return Fail(placement.status(), 1);
   // The router's one load window: RouterMetrics writes it (routing and
   // per-server tokens) and exports its balance; the placement controller
@@ -469,6 +528,30 @@ int Main(int argc, char** argv) {
     });
   }
   RouterServer service(**scheduler, controller.get());
+  // Applies a placement pushed by (or fetched from) the controller's router.
+  auto apply_placement = [&, cfg_ptr = &*model_cfg](uint64_t version, const std::string& json,
+                                                     std::vector<std::string> servers) {
+    nlohmann::json j = nlohmann::json::parse(json, nullptr, false);
+    absl::StatusOr<core::Placement> p = core::Placement::FromJson(j, *cfg_ptr);
+    if (!p.ok()) return p.status();
+    if (p->version() != version) {
+      return absl::InvalidArgumentError(absl::StrCat("placement version ", version,
+                                                     " but its JSON says ", p->version()));
+    }
+    if (control->placement().version() >= version) return absl::OkStatus();
+    DMOE_RETURN_IF_ERROR(control->SwitchPlacement(*p, servers, absl::Seconds(60)));
+    metrics.SetServers(control->servers());
+    metrics.SetPlacement(control->placement());
+    std::fprintf(stderr, "%s: switched to placement version %llu\n", kName,
+                 static_cast<unsigned long long>(version));
+    return absl::OkStatus();
+  };
+  if (!cfg->controller_router.empty()) {
+    service.set_placement_setter([&apply_placement](const v1::SetPlacementRequest& r) {
+      return apply_placement(r.version(), r.placement_json(),
+                             {r.server_addresses().begin(), r.server_addresses().end()});
+    });
+  }
   absl::StatusOr<StartedServer> server =
       StartRouterGrpcServer(&service, cfg->host, cfg->port);
   if (!server.ok()) return Fail(server.status(), 1);
@@ -493,6 +576,46 @@ int Main(int argc, char** argv) {
   }
   std::fprintf(stderr, "%s: serving on %s:%d (%zu expert servers)\n", kName,
                cfg->host.c_str(), server->port, cfg->experts.size());
+  std::atomic<bool> following{true};
+  std::thread follower;
+  if (!cfg->controller_router.empty()) {
+    std::string advertise = args.Str("advertise");
+    if (advertise.empty()) {
+      std::string h = cfg->host;
+      if (h == "0.0.0.0" || h == "::" || h == "[::]") {
+        char name[256] = {};
+        gethostname(name, sizeof name - 1);
+        h = name;
+      }
+      advertise = absl::StrCat(h, ":", server->port);
+    }
+    follower = std::thread([&, advertise] {
+      auto stub = v1::RouterService::NewStub(
+          grpc::CreateChannel(cfg->controller_router, grpc::InsecureChannelCredentials()));
+      while (following) {
+        grpc::ClientContext ctx;
+        ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+        v1::RegisterRouterRequest req;
+        req.set_address(advertise);
+        req.set_placement_version(control->placement().version());
+        v1::PlacementResponse r;
+        grpc::Status st = stub->RegisterRouter(&ctx, req, &r);
+        if (st.ok() && r.version() > control->placement().version()) {
+          absl::Status applied = apply_placement(
+              r.version(), r.placement_json(),
+              {r.server_addresses().begin(), r.server_addresses().end()});
+          if (!applied.ok()) {
+            std::fprintf(stderr, "%s: placement version %llu from %s: %s\n", kName,
+                         static_cast<unsigned long long>(r.version()),
+                         cfg->controller_router.c_str(), std::string(applied.message()).c_str());
+          }
+        }
+        for (int i = 0; i < 20 && following; ++i) {
+          std::this_thread::sleep_for(std::chrono::milliseconds(100));
+        }
+      }
+    });
+  }
   if (controller != nullptr) {
     controller->Start();
     std::fprintf(stderr, "%s: placement controller on (%s, %d slots per server)\n", kName,
@@ -512,6 +635,8 @@ int Main(int argc, char** argv) {
   if (auto* health = server->server->GetHealthCheckService())
     health->Shutdown();
   if (controller != nullptr) controller->Stop();
+  following = false;
+  if (follower.joinable()) follower.join();
   // New requests are refused from here on; in-flight ones get the grace period,
   // then end with UNAVAILABLE, which finishes their RPCs.
   (*scheduler)->Shutdown(absl::Milliseconds(cfg->grace_ms));

@@ -345,6 +345,44 @@ grpc::ServerUnaryReactor* RouterServer::RemoveExpertServer(grpc::CallbackServerC
                     [this, address] { return controller_->RemoveServer(address, "operator"); });
 }
 
+grpc::ServerUnaryReactor* RouterServer::RegisterRouter(grpc::CallbackServerContext* context,
+                                                       const v1::RegisterRouterRequest* request,
+                                                       v1::PlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (controller_ == nullptr) {
+    reactor->Finish(NoController());
+    return reactor;
+  }
+  if (request->address().find(':') == std::string::npos) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                                 "register router: address '" + request->address() +
+                                     "' is not HOST:PORT"));
+    return reactor;
+  }
+  *response = controller_->RegisterRouter(request->address());
+  reactor->Finish(grpc::Status::OK);
+  return reactor;
+}
+
+grpc::ServerUnaryReactor* RouterServer::SetPlacement(grpc::CallbackServerContext* context,
+                                                     const v1::SetPlacementRequest* request,
+                                                     v1::PlacementResponse* response) {
+  grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+  if (!setter_) {
+    reactor->Finish(grpc::Status(grpc::StatusCode::FAILED_PRECONDITION,
+                                 "this router does not follow a controller "
+                                 "(start it with --controller-router)"));
+    return reactor;
+  }
+  absl::MutexLock lock(&workers_mu_);
+  workers_.emplace_back([this, reactor, request, response] {
+    absl::Status st = setter_(*request);
+    response->set_version(request->version());
+    reactor->Finish(ToGrpcStatus(st));
+  });
+  return reactor;
+}
+
 absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service,
                                                     const std::string& host,
                                                     int port) {

@@ -43,6 +43,10 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   // load weights); the destructor waits for them.
   explicit RouterServer(Scheduler& scheduler, PlacementController* controller = nullptr)
       : scheduler_(scheduler), controller_(controller) {}
+  // How SetPlacement (a controller's push) is applied on this router; unset =
+  // FAILED_PRECONDITION. Called on a worker thread; blocks until switched.
+  using PlacementSetter = std::function<absl::Status(const dmoe::v1::SetPlacementRequest&)>;
+  void set_placement_setter(PlacementSetter f) { setter_ = std::move(f); }
   ~RouterServer() override;
 
   grpc::ServerWriteReactor<dmoe::v1::GenerateResponse>* Generate(
@@ -71,6 +75,12 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   grpc::ServerUnaryReactor* RemoveExpertServer(grpc::CallbackServerContext* context,
                                                const dmoe::v1::ExpertServerRequest* request,
                                                dmoe::v1::RebalanceResponse* response) override;
+  grpc::ServerUnaryReactor* RegisterRouter(grpc::CallbackServerContext* context,
+                                           const dmoe::v1::RegisterRouterRequest* request,
+                                           dmoe::v1::PlacementResponse* response) override;
+  grpc::ServerUnaryReactor* SetPlacement(grpc::CallbackServerContext* context,
+                                         const dmoe::v1::SetPlacementRequest* request,
+                                         dmoe::v1::PlacementResponse* response) override;
 
  private:
   // Runs `op` on a worker thread and finishes the call with its result.
@@ -80,6 +90,7 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
 
   Scheduler& scheduler_;
   PlacementController* const controller_;
+  PlacementSetter setter_;
   absl::Mutex workers_mu_;
   std::vector<std::thread> workers_ ABSL_GUARDED_BY(workers_mu_);
 };
