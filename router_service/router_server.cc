@@ -272,7 +272,22 @@ grpc::Status NoController() {
 
 RouterServer::~RouterServer() {
   absl::MutexLock lock(&workers_mu_);
-  for (std::thread& t : workers_) t.join();
+  for (Worker& w : workers_) w.thread.join();
+}
+
+void RouterServer::RunOnWorker(std::function<void()> fn) {
+  absl::MutexLock lock(&workers_mu_);
+  std::erase_if(workers_, [](Worker& w) {
+    if (!w.done->load()) return false;
+    w.thread.join();
+    return true;
+  });
+  auto done = std::make_shared<std::atomic<bool>>(false);
+  workers_.push_back({std::thread([fn = std::move(fn), done] {
+                        fn();
+                        done->store(true);
+                      }),
+                      done});
 }
 
 grpc::ServerUnaryReactor* RouterServer::GetPlacement(grpc::CallbackServerContext* context,
@@ -309,8 +324,7 @@ grpc::ServerUnaryReactor* RouterServer::RunControl(
     reactor->Finish(NoController());
     return reactor;
   }
-  absl::MutexLock lock(&workers_mu_);
-  workers_.emplace_back([reactor, response, op = std::move(op)] {
+  RunOnWorker([reactor, response, op = std::move(op)] {
     absl::StatusOr<v1::RebalanceResponse> r = op();
     if (r.ok()) {
       *response = *std::move(r);
@@ -374,8 +388,7 @@ grpc::ServerUnaryReactor* RouterServer::SetPlacement(grpc::CallbackServerContext
                                  "(start it with --controller-router)"));
     return reactor;
   }
-  absl::MutexLock lock(&workers_mu_);
-  workers_.emplace_back([this, reactor, request, response] {
+  RunOnWorker([this, reactor, request, response] {
     absl::Status st = setter_(*request);
     response->set_version(request->version());
     reactor->Finish(ToGrpcStatus(st));

@@ -18,6 +18,8 @@
 #ifndef DMOE_ROUTER_SERVICE_ROUTER_SERVER_H_
 #define DMOE_ROUTER_SERVICE_ROUTER_SERVER_H_
 
+#include <atomic>
+#include <functional>
 #include <memory>
 #include <string>
 #include <thread>
@@ -91,8 +93,14 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   Scheduler& scheduler_;
   PlacementController* const controller_;
   PlacementSetter setter_;
+  // Starts `fn` on a worker thread; joins the workers that finished.
+  void RunOnWorker(std::function<void()> fn);
+  struct Worker {
+    std::thread thread;
+    std::shared_ptr<std::atomic<bool>> done;
+  };
   absl::Mutex workers_mu_;
-  std::vector<std::thread> workers_ ABSL_GUARDED_BY(workers_mu_);
+  std::vector<Worker> workers_ ABSL_GUARDED_BY(workers_mu_);
 };
 
 // A started gRPC server serving `service`, the standard health service
