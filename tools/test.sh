@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Sets up, builds and runs every test: the unit and integration tests, the
 # checkpoint/config parsers under AddressSanitizer + UBSan, and a smoke run of the
-# MoE layer benchmark. The last lines are CTest's summary of the main suite.
+# MoE layer and wire benchmarks. The last lines are CTest's summary of the main suite.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
@@ -17,6 +17,9 @@ ASAN_OPTIONS=detect_leaks=1 UBSAN_OPTIONS=print_stacktrace=1 \
 
 echo "== MoE layer benchmark (smoke)"
 build/bin/moe_layer_bench --quick
+
+echo "== wire benchmark (smoke: 2 expert servers, 1 and 64 tokens, raw-TCP floor)"
+build/bin/wire_bench --quick
 
 echo "== all tests"
 ctest --test-dir build --output-on-failure
