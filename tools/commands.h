@@ -12,6 +12,9 @@ int RunGenerate(int argc, char** argv);
 int RunUp(int argc, char** argv);
 int RunPlan(int argc, char** argv);
 int RunCtl(int argc, char** argv);
+int RunTokenize(int argc, char** argv);
+int RunDetokenize(int argc, char** argv);
+int RunChatTemplate(int argc, char** argv);
 
 }  // namespace dmoe::tools
 

@@ -22,6 +22,10 @@ constexpr Command kCommands[] = {
     {"plan", dmoe::tools::RunPlan, "plan expert placement over servers from expert loads (JSON)"},
     {"ctl", dmoe::tools::RunCtl,
      "placement controller of a running router: placement, load, rebalance, add/remove-server"},
+    {"tokenize", dmoe::tools::RunTokenize, "text on stdin -> token ids with the model's tokenizer"},
+    {"detokenize", dmoe::tools::RunDetokenize, "token ids on stdin -> text"},
+    {"chat-template", dmoe::tools::RunChatTemplate,
+     "chat messages on stdin -> the prompt the model's chat template renders"},
 };
 
 void PrintUsage(FILE* out) {

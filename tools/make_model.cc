@@ -19,6 +19,7 @@
 #include "absl/strings/str_join.h"
 #include "core/dtype.h"
 #include "core/status.h"
+#include "core/tokenizer.h"
 #include "tools/args.h"
 #include "tools/commands.h"
 
@@ -614,6 +615,14 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     return absl::InvalidArgumentError(
         absl::StrCat("--shards must be >= 1, got ", o.shards));
   DMOE_ASSIGN_OR_RETURN(json config, PresetConfig(o.preset, o.layers));
+  std::unique_ptr<core::Tokenizer> tokenizer;
+  if (!o.tokenizer_dir.empty()) {
+    DMOE_ASSIGN_OR_RETURN(tokenizer, core::Tokenizer::Load(o.tokenizer_dir));
+    config["vocab_size"] = std::max<int64_t>(config["vocab_size"].get<int64_t>(),
+                                             tokenizer->vocab_size());
+    if (tokenizer->bos_id()) config["bos_token_id"] = *tokenizer->bos_id();
+    if (tokenizer->eos_id()) config["eos_token_id"] = *tokenizer->eos_id();
+  }
   switch (o.format) {
     case WeightFormat::kF32:
       config["torch_dtype"] = "float32";
@@ -707,6 +716,18 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     fs::remove(index_path, ec);
   }
   sum.files.insert(sum.files.begin(), "config.json");
+  if (tokenizer != nullptr) {
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+      const fs::path from = fs::path(o.tokenizer_dir) / name;
+      if (!fs::exists(from)) continue;
+      const fs::path to = fs::path(o.out_dir) / name;
+      if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) || ec) {
+        return absl::InternalError(absl::StrCat("copying ", from.string(), " to ",
+                                                to.string(), ": ", ec.message()));
+      }
+      sum.files.push_back(name);
+    }
+  }
   sum.tensors = static_cast<int64_t>(specs.size());
   if (summary != nullptr) *summary = std::move(sum);
   return absl::OkStatus();
@@ -729,7 +750,10 @@ int RunMakeModel(int argc, char** argv) {
       .Flag("shards", "K",
             "number of safetensors files (K > 1 adds an index json)", "1")
       .Flag("weight-dtype", "T",
-            "bf16, f32, f16 or fp8 (e4m3 with 128x128 block scales)", "bf16");
+            "bf16, f32, f16 or fp8 (e4m3 with 128x128 block scales)", "bf16")
+      .Flag("tokenizer", "DIR",
+            "copy DIR's tokenizer.json and tokenizer_config.json into the model "
+            "(vocab_size grows to the tokenizer's size)");
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) {
     std::fprintf(stderr, "dmoe %s\n", std::string(s.message()).c_str());
     return 2;
@@ -767,6 +791,7 @@ int RunMakeModel(int argc, char** argv) {
       ParseWeightFormat(args.Str("weight-dtype"));
   if (!format.ok()) return fail(format.status());
   o.format = *format;
+  if (args.Has("tokenizer")) o.tokenizer_dir = args.Str("tokenizer");
 
   // Show progress on a terminal, or when the model is big enough to take a
   // while.

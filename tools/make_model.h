@@ -51,6 +51,11 @@ struct MakeModelOptions {
   int shards = 1;  // >= 1; must not exceed the number of tensors
   WeightFormat format = WeightFormat::kBF16;
   bool progress = false;  // "\rwriting i/n tensors (x GB)" on stderr
+  // When set: a directory with a Hugging Face tokenizer.json (and optionally
+  // tokenizer_config.json), validated with core::Tokenizer and copied into out_dir;
+  // vocab_size becomes max(preset's, tokenizer's size) and bos/eos_token_id the
+  // tokenizer's, so the model talks text with that tokenizer.
+  std::string tokenizer_dir;
 };
 
 // What WriteRandomModel wrote.
