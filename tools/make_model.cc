@@ -618,8 +618,8 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
   std::unique_ptr<core::Tokenizer> tokenizer;
   if (!o.tokenizer_dir.empty()) {
     DMOE_ASSIGN_OR_RETURN(tokenizer, core::Tokenizer::Load(o.tokenizer_dir));
-    config["vocab_size"] = std::max<int64_t>(config["vocab_size"].get<int64_t>(),
-                                             tokenizer->vocab_size());
+    config["vocab_size"] = std::max<int64_t>(
+        config["vocab_size"].get<int64_t>(), tokenizer->vocab_size());
     if (tokenizer->bos_id()) config["bos_token_id"] = *tokenizer->bos_id();
     if (tokenizer->eos_id()) config["eos_token_id"] = *tokenizer->eos_id();
   }
@@ -721,9 +721,11 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
       const fs::path from = fs::path(o.tokenizer_dir) / name;
       if (!fs::exists(from)) continue;
       const fs::path to = fs::path(o.out_dir) / name;
-      if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) || ec) {
-        return absl::InternalError(absl::StrCat("copying ", from.string(), " to ",
-                                                to.string(), ": ", ec.message()));
+      if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) ||
+          ec) {
+        return absl::InternalError(absl::StrCat("copying ", from.string(),
+                                                " to ", to.string(), ": ",
+                                                ec.message()));
       }
       sum.files.push_back(name);
     }
@@ -751,9 +753,10 @@ int RunMakeModel(int argc, char** argv) {
             "number of safetensors files (K > 1 adds an index json)", "1")
       .Flag("weight-dtype", "T",
             "bf16, f32, f16 or fp8 (e4m3 with 128x128 block scales)", "bf16")
-      .Flag("tokenizer", "DIR",
-            "copy DIR's tokenizer.json and tokenizer_config.json into the model "
-            "(vocab_size grows to the tokenizer's size)");
+      .Flag(
+          "tokenizer", "DIR",
+          "copy DIR's tokenizer.json and tokenizer_config.json into the model "
+          "(vocab_size grows to the tokenizer's size)");
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) {
     std::fprintf(stderr, "dmoe %s\n", std::string(s.message()).c_str());
     return 2;
