@@ -15,7 +15,9 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "core/chat_template.h"
 #include "gateway/testing/fake_router.h"
+#include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
@@ -78,6 +80,12 @@ class GatewayTest : public ::testing::Test {
     o.http.model_name = "test-model";
     o.http.max_body_bytes = 64 << 10;
     o.http.request_timeout = absl::Seconds(30);
+    if (tokenizer_ != nullptr) {
+      o.http.tokenizer = tokenizer_;
+      auto t = core::ChatTemplate::Parse(tokenizer_->chat_template());
+      ASSERT_TRUE(t.ok()) << t.status();
+      o.http.chat_template = *std::move(t);
+    }
     absl::StatusOr<std::unique_ptr<Gateway>> gw = Gateway::Start(std::move(o));
     ASSERT_TRUE(gw.ok()) << gw.status();
     gw_ = *std::move(gw);
@@ -116,6 +124,46 @@ class GatewayTest : public ::testing::Test {
 
   std::vector<std::unique_ptr<FakeRouterServer>> routers_;
   std::unique_ptr<Gateway> gw_;
+  std::shared_ptr<const core::Tokenizer> tokenizer_;  // set before StartGateway: text API
+};
+
+// The gateway with the test tokenizer (gateway/testing/tokenizer_fixture.h).
+class GatewayTextTest : public GatewayTest {
+ protected:
+  void SetUp() override {
+    GatewayTest::SetUp();
+    tokenizer_ = testing::TestTokenizer();
+    ASSERT_NE(tokenizer_, nullptr);
+  }
+  std::vector<int32_t> Encode(const std::string& text, bool special) {
+    auto ids = tokenizer_->Encode(text, special);
+    EXPECT_TRUE(ids.ok()) << ids.status();
+    return ids.ok() ? *ids : std::vector<int32_t>{};
+  }
+  std::vector<int32_t> Seen() {
+    const v1::GenerateRequest r = fake().last_request();
+    return std::vector<int32_t>(r.prompt_tokens().begin(), r.prompt_tokens().end());
+  }
+  // The concatenated text of an SSE answer, and its chunks' texts.
+  std::string StreamText(const std::string& body, bool chat, std::vector<std::string>* pieces,
+                         json* last = nullptr) {
+    std::string text;
+    for (const std::string& d : SseData(body)) {
+      if (d == "[DONE]") break;
+      const json c = json::parse(d);
+      const json& choice = c["choices"][0];
+      std::string piece;
+      if (!chat) {
+        piece = choice["text"].get<std::string>();
+      } else if (choice["delta"].contains("content")) {
+        piece = choice["delta"]["content"].get<std::string>();
+      }
+      pieces->push_back(piece);
+      text += piece;
+      if (last != nullptr) *last = c;
+    }
+    return text;
+  }
 };
 
 TEST_F(GatewayTest, Completion_ReturnsTokensFinishReasonAndUsage) {
@@ -343,8 +391,11 @@ TEST_F(GatewayTest, BadParameters_Are400NamingTheParameter) {
       {"/v1/completions", R"({"prompt":[1],"model":7})", "model", "a string"},
       {"/v1/chat/completions", R"({"messages":[{"role":"user","content":"hi"}]})",
        "messages[0].content", "tokenizer"},
-      {"/v1/chat/completions", R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})",
+      {"/v1/chat/completions",
+       R"({"messages":[{"role":"user","content":[{"type":"text","text":"hi"}]}]})",
        "messages[0].content", "tokenizer"},
+      {"/v1/chat/completions", R"({"messages":[{"role":"user","content":[{"type":"text"}]}]})",
+       "messages[0].content", "text must be a string"},
       {"/v1/chat/completions", R"({"messages":[{"role":"wizard","content":[1]}]})",
        "messages[0].role", "one of"},
       {"/v1/chat/completions", R"({"messages":[]})", "messages", "empty"},
@@ -576,6 +627,172 @@ TEST_F(GatewayTest, Shutdown_CancelsStreamsInFlightAfterTheGrace) {
   EXPECT_LT(absl::Now() - start, absl::Seconds(3));
   client.join();
   EXPECT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(2)));
+}
+
+}  // namespace
+}  // namespace dmoe::gateway
+
+namespace dmoe::gateway {
+namespace {
+
+TEST_F(GatewayTextTest, Completion_TextPromptIsEncodedAndTheAnswerCarriesText) {
+  StartGateway();
+  auto r = Post("/v1/completions", R"({"prompt":"Hi","max_tokens":4,"temperature":0})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  EXPECT_EQ(Seen(), Encode("Hi", true));  // BOS added: add_bos_token
+  EXPECT_EQ(Seen(), (std::vector<int32_t>{1000, 'H', 'i'}));
+  const json j = json::parse(r->body);
+  const std::vector<int32_t> tokens = Expected(Seen(), 4);
+  EXPECT_EQ(j["choices"][0]["token_ids"].get<std::vector<int32_t>>(), tokens);
+  EXPECT_EQ(j["choices"][0]["text"], *tokenizer_->Decode(tokens, /*skip_special_tokens=*/true));
+  EXPECT_EQ(j["usage"]["prompt_tokens"], 3);
+  EXPECT_EQ(j["usage"]["completion_tokens"], 4);
+
+  // ["text"] and add_special_tokens: false; token-id prompts still work, with text.
+  auto r2 = Post("/v1/completions", R"({"prompt":["Hi"],"add_special_tokens":false})");
+  ASSERT_EQ(r2->status, 200) << r2->body;
+  EXPECT_EQ(Seen(), (std::vector<int32_t>{'H', 'i'}));
+  auto r3 = Post("/v1/completions", R"({"prompt":[300],"max_tokens":3})");
+  ASSERT_EQ(r3->status, 200) << r3->body;
+  EXPECT_EQ(json::parse(r3->body)["choices"][0]["text"], "w300w301w302");
+}
+
+TEST_F(GatewayTextTest, Completion_StreamedTextNeverSplitsACharacter) {
+  StartGateway();
+  // Tokens 500..504: "你" and "😀" each split across two byte-level tokens.
+  auto r = Post("/v1/completions", R"({"prompt":[500],"max_tokens":5,"stream":true})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::vector<std::string> pieces;
+  json last;
+  EXPECT_EQ(StreamText(r->body, false, &pieces, &last), "你!😀w504");
+  EXPECT_THAT(pieces, ::testing::ElementsAre("", "你!", "", "😀", "w504", ""));
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
+  EXPECT_EQ(last["usage"]["completion_tokens"], 5);
+  EXPECT_EQ(last["usage"]["prompt_tokens"], 1);
+}
+
+TEST_F(GatewayTextTest, Chat_TextMessagesAreRenderedWithTheChatTemplate) {
+  StartGateway();
+  auto r = Post("/v1/chat/completions", R"({"messages":[{"role":"system","content":"S"},
+      {"role":"user","content":"Hi"}],"max_tokens":3})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  // The template adds BOS itself; encoding adds nothing more.
+  EXPECT_EQ(Seen(), Encode("<s>S\n<|user|>Hi<|assistant|>", false));
+  EXPECT_EQ(Seen(), (std::vector<int32_t>{1000, 'S', '\n', 1002, 'H', 'i', 1003}));
+  const json j = json::parse(r->body);
+  const std::vector<int32_t> tokens = Expected(Seen(), 3);
+  EXPECT_EQ(j["choices"][0]["message"]["content"], *tokenizer_->Decode(tokens, true));
+  EXPECT_EQ(j["choices"][0]["message"]["token_ids"].get<std::vector<int32_t>>(), tokens);
+
+  // Content parts are joined with "\n"; add_generation_prompt: false.
+  auto r2 = Post("/v1/chat/completions", R"({"messages":[{"role":"user","content":
+      [{"type":"text","text":"a"},{"type":"text","text":"b"}]}],"add_generation_prompt":false})");
+  ASSERT_EQ(r2->status, 200) << r2->body;
+  EXPECT_EQ(Seen(), Encode("<s><|user|>a\nb", false));
+}
+
+TEST_F(GatewayTextTest, Chat_StreamsTextDeltas) {
+  StartGateway();
+  auto r = Post("/v1/chat/completions",
+                R"({"messages":[{"role":"user","content":[500]}],"max_tokens":4,"stream":true})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::vector<std::string> pieces;
+  EXPECT_EQ(StreamText(r->body, true, &pieces), "你!😀");
+  const json first = json::parse(SseData(r->body)[0]);
+  EXPECT_EQ(first["choices"][0]["delta"]["role"], "assistant");
+}
+
+TEST_F(GatewayTextTest, StopStrings_CutTheTextAndCancelUpstream) {
+  StartGateway();
+  fake().set_token_delay(absl::Milliseconds(20));
+  // "w300w301w302...": "1w30" first appears across tokens 301 and 302.
+  auto r = Post("/v1/completions", R"({"prompt":[300],"max_tokens":100,"stop":["zzz","1w30"]})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  const json j = json::parse(r->body);
+  EXPECT_EQ(j["choices"][0]["text"], "w300w30");
+  EXPECT_EQ(j["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(j["usage"]["completion_tokens"], 3);
+  EXPECT_TRUE(WaitFor([&] { return fake().cancellations() == 1; }, absl::Seconds(5)));
+
+  auto s =
+      Post("/v1/completions", R"({"prompt":[300],"max_tokens":100,"stop":"1w30","stream":true})");
+  ASSERT_TRUE(s);
+  ASSERT_EQ(s->status, 200) << s->body;
+  std::vector<std::string> pieces;
+  json last;
+  EXPECT_EQ(StreamText(s->body, false, &pieces, &last), "w300w30");
+  EXPECT_THAT(pieces, ::testing::ElementsAre("w300", "w30", "", ""));
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "stop");
+  EXPECT_EQ(last["usage"]["completion_tokens"], 3);
+  EXPECT_TRUE(WaitFor([&] { return fake().cancellations() == 2; }, absl::Seconds(5)));
+}
+
+TEST_F(GatewayTextTest, StopStrings_HeldBackTextIsSentAtTheEnd) {
+  StartGateway();
+  auto r =
+      Post("/v1/completions", R"({"prompt":[300],"max_tokens":2,"stop":["1w"],"stream":true})");
+  ASSERT_TRUE(r);
+  ASSERT_EQ(r->status, 200) << r->body;
+  std::vector<std::string> pieces;
+  json last;
+  EXPECT_EQ(StreamText(r->body, false, &pieces, &last), "w300w301");
+  EXPECT_THAT(pieces, ::testing::ElementsAre("w300", "w30", "1"));
+  EXPECT_EQ(last["choices"][0]["finish_reason"], "length");
+}
+
+TEST_F(GatewayTextTest, TokenizeAndDetokenize) {
+  StartGateway();
+  auto t = Post("/tokenize", R"({"prompt":"Hi"})");
+  ASSERT_TRUE(t);
+  ASSERT_EQ(t->status, 200) << t->body;
+  EXPECT_EQ(json::parse(t->body), json::parse(R"({"count":3,"tokens":[1000,72,105]})"));
+  auto t2 = Post("/tokenize", R"({"prompt":"Hi","add_special_tokens":false})");
+  EXPECT_EQ(json::parse(t2->body)["tokens"], json::array({72, 105}));
+  auto t3 = Post("/tokenize", R"({"messages":[{"role":"user","content":"x"}]})");
+  ASSERT_EQ(t3->status, 200) << t3->body;
+  EXPECT_EQ(json::parse(t3->body)["tokens"], json::array({1000, 1002, 'x', 1003}));
+
+  auto d = Post("/detokenize", R"({"tokens":[1000,72,105,500,501]})");
+  ASSERT_EQ(d->status, 200) << d->body;
+  EXPECT_EQ(json::parse(d->body)["prompt"], "<s>Hi你!");
+  auto d2 = Post("/detokenize", R"({"tokens":[1000,72],"skip_special_tokens":true})");
+  EXPECT_EQ(json::parse(d2->body)["prompt"], "H");
+  const json e = ExpectError(Post("/detokenize", R"({"tokens":[5000]})"), 400, "tokens");
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("5000"));
+  ExpectError(Post("/detokenize", R"({"tokens":"x"})"), 400, "tokens");
+  ExpectError(Post("/tokenize", R"({"prompt":7})"), 400, "prompt");
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
+TEST_F(GatewayTextTest, TextErrors) {
+  StartGateway();
+  ExpectError(Post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"a"},
+      {"role":"user","content":[1]}]})"),
+              400, "messages");
+  const json raised = ExpectError(
+      Post("/v1/chat/completions", R"({"messages":[{"role":"user","content":"raise"}]})"), 400,
+      "messages");
+  EXPECT_THAT(raised["error"]["message"].get<std::string>(), HasSubstr("no raising"));
+  ExpectError(Post("/v1/completions", R"({"prompt":[1],"stop":["a",1]})"), 400, "stop");
+  ExpectError(Post("/v1/completions", R"({"prompt":[1],"stop":[""]})"), 400, "stop");
+  ExpectError(Post("/v1/completions", R"({"prompt":"","add_special_tokens":false})"), 400,
+              "prompt");
+  ExpectError(Post("/v1/chat/completions", R"({"messages":[{"role":"user","content":
+      [{"type":"image_url","image_url":{"url":"x"}}]}]})"),
+              400, "messages[0].content");
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
+TEST_F(GatewayTest, TokenizeWithoutATokenizerIs501) {
+  StartGateway();
+  const json e = ExpectError(Post("/tokenize", R"({"prompt":"Hi"})"), 501, "");
+  EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("--tokenizer"));
+  ExpectError(Post("/detokenize", R"({"tokens":[1]})"), 501, "");
 }
 
 }  // namespace

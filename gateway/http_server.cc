@@ -2,6 +2,7 @@
 
 #include <atomic>
 #include <chrono>
+#include <limits>
 #include <optional>
 #include <sstream>
 #include <thread>
@@ -15,6 +16,7 @@
 #include "gateway/generation.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/openai_protocol.h"
+#include "gateway/text_output.h"
 #include "httplib.h"
 #include "prometheus/text_serializer.h"
 
@@ -26,10 +28,13 @@ using ojson = nlohmann::ordered_json;
 constexpr char kCompletions[] = "/v1/completions";
 constexpr char kChat[] = "/v1/chat/completions";
 constexpr char kJson[] = "application/json";
+constexpr char kTokenize[] = "/tokenize";
+constexpr char kDetokenize[] = "/detokenize";
 
 // Bounded label values for the metrics: the route, never the raw path.
 std::string EndpointOf(const std::string& path) {
-  for (const char* e : {kCompletions, kChat, "/v1/models", "/health", "/metrics"}) {
+  for (const char* e :
+       {kCompletions, kChat, kTokenize, kDetokenize, "/v1/models", "/health", "/metrics"}) {
     if (path == e) return e;
   }
   if (absl::StartsWith(path, "/v1/models/")) return "/v1/models/{id}";
@@ -90,16 +95,18 @@ std::string FinishReason(const std::string& upstream, size_t tokens, uint32_t ma
 // metrics record until cpp-httplib drops the content provider.
 class SseStream {
  public:
+  // `text` (may be null: no tokenizer) turns the tokens into the chunks' text.
   SseStream(std::unique_ptr<Generation> gen, InflightLimiter::Slot slot,
             std::shared_ptr<RequestRecord> record, GatewayMetrics& metrics, CompletionMeta meta,
-            uint32_t max_tokens, absl::Duration poll)
+            uint32_t max_tokens, absl::Duration poll, std::unique_ptr<TextOutput> text)
       : gen_(std::move(gen)),
         slot_(std::move(slot)),
         record_(std::move(record)),
         metrics_(metrics),
         meta_(std::move(meta)),
         max_tokens_(max_tokens),
-        poll_(poll) {}
+        poll_(poll),
+        text_(std::move(text)) {}
 
   ~SseStream() { Complete(500); }  // no-op when Pump completed
 
@@ -109,7 +116,8 @@ class SseStream {
     ended_ok_ = ended;
   }
 
-  // cpp-httplib's chunked content provider: writes the whole stream in one call.
+  // cpp-httplib's chunked content provider: writes the whole stream in one
+  // call.
   bool Pump(httplib::DataSink& sink) {
     if (first_.has_value()) {
       v1::GenerateResponse m = std::move(*first_);
@@ -117,7 +125,7 @@ class SseStream {
       if (!SendToken(sink, m)) return Disconnected();
     }
     absl::Status end;
-    while (!ended_ok_) {
+    while (!ended_ok_ && !Stopped()) {
       v1::GenerateResponse m;
       switch (gen_->Next(poll_, &m, &end)) {
         case Generation::Event::kTimeout:
@@ -132,10 +140,16 @@ class SseStream {
       break;
     }
     int code = 200;
-    if (ended_ok_ || end.ok()) {
+    if (Stopped()) {
+      gen_->Cancel();  // a stop string ended it: the router can free the
+                       // sequence
+      finish_reason_ = "stop";
+    }
+    if (ended_ok_ || end.ok() || Stopped()) {
       metrics_.AddPromptTokens(static_cast<double>(prompt_tokens_));
+      const std::string rest = text_ != nullptr ? text_->Finish() : std::string();
       Send(sink, Dump(FinalChunkJson(meta_, FinishReason(finish_reason_, sent_, max_tokens_),
-                                     prompt_tokens_, sent_)));
+                                     prompt_tokens_, sent_, rest)));
     } else {
       // The status line is out: the error becomes an event (as OpenAI's).
       const internal::HttpError e = internal::MapError(end, meta_.kind, /*from_router=*/true);
@@ -143,7 +157,8 @@ class SseStream {
       code = e.status;
     }
     Send(sink, "[DONE]");
-    // Before the terminating chunk: once the client has it, the request is over.
+    // Before the terminating chunk: once the client has it, the request is
+    // over.
     Complete(code);
     sink.done();
     return true;
@@ -161,10 +176,13 @@ class SseStream {
       prompt_tokens_ = m.prompt_tokens();
     }
     if (!m.finish_reason().empty()) finish_reason_ = m.finish_reason();
-    const bool ok = Send(sink, Dump(TokenChunkJson(meta_, m.token(), sent_ == 0)));
+    const std::string text = text_ != nullptr ? text_->Push(m.token()) : std::string();
+    const bool ok = Send(sink, Dump(TokenChunkJson(meta_, m.token(), sent_ == 0, text)));
     if (ok) ++sent_;
     return ok;
   }
+
+  bool Stopped() const { return text_ != nullptr && text_->stopped(); }
 
   bool Disconnected() {
     gen_->Cancel();
@@ -189,6 +207,7 @@ class SseStream {
   const CompletionMeta meta_;
   const uint32_t max_tokens_;
   const absl::Duration poll_;
+  const std::unique_ptr<TextOutput> text_;
 
   std::optional<v1::GenerateResponse> first_;
   bool ended_ok_ = false;
@@ -211,6 +230,9 @@ class HttpServer::Impl {
         options_(std::move(options)) {
     parse_.model_name = options_.model_name;
     parse_.max_tokens_limit = options_.max_tokens_limit;
+    parse_.tokenizer = options_.tokenizer.get();
+    parse_.chat_template = options_.chat_template.get();
+    parse_.chat_template_error = options_.chat_template_error;
     const int threads = options_.threads > 0 ? options_.threads : limiter_.max() + 16;
     server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
     server_.set_payload_max_length(options_.max_body_bytes);
@@ -253,7 +275,17 @@ class HttpServer::Impl {
                                const httplib::ContentReader& reader) {
       Generate(ApiKind::kChatCompletion, req, res, reader);
     });
-    for (const char* path : {kCompletions, kChat}) {
+    server_.Post(kTokenize, [this](const httplib::Request& req, httplib::Response& res) {
+      RequestRecord record(metrics_, kTokenize);
+      Tokenize(req, res);
+      record.Finish(res.status);
+    });
+    server_.Post(kDetokenize, [this](const httplib::Request& req, httplib::Response& res) {
+      RequestRecord record(metrics_, kDetokenize);
+      Detokenize(req, res);
+      record.Finish(res.status);
+    });
+    for (const char* path : {kCompletions, kChat, kTokenize, kDetokenize}) {
       server_.Get(path, [this](const httplib::Request& req, httplib::Response& res) {
         RequestRecord record(metrics_, EndpointOf(req.path));
         res.set_header("Allow", "POST");
@@ -354,6 +386,70 @@ class HttpServer::Impl {
     SetJson(res, !draining_ && healthy > 0 ? 200 : 503, j);
   }
 
+  // POST /tokenize: {"prompt": text or ids, "add_special_tokens"} or
+  // {"messages", "add_generation_prompt"}: the prompt tokens a generation would
+  // get.
+  void Tokenize(const httplib::Request& req, httplib::Response& res) {
+    if (options_.tokenizer == nullptr) return SetError(res, NoTokenizer());
+    nlohmann::json body = nlohmann::json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+    const bool chat = body.is_object() && body.contains("messages");
+    const ApiKind kind = chat ? ApiKind::kChatCompletion : ApiKind::kCompletion;
+    absl::StatusOr<ParsedRequest> parsed = ParseGenerateRequest(req.body, kind, parse_);
+    if (!parsed.ok()) return SetError(res, parsed.status(), kind);
+    const auto& ids = parsed->upstream.prompt_tokens();
+    ojson j;
+    j["count"] = ids.size();
+    j["tokens"] = std::vector<int32_t>(ids.begin(), ids.end());
+    SetJson(res, 200, j);
+  }
+
+  // POST /detokenize: {"tokens": [ids], "skip_special_tokens": false} ->
+  // {"prompt"}.
+  void Detokenize(const httplib::Request& req, httplib::Response& res) {
+    if (options_.tokenizer == nullptr) return SetError(res, NoTokenizer());
+    nlohmann::json body = nlohmann::json::parse(req.body, nullptr, /*allow_exceptions=*/false);
+    if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array()) {
+      return SetError(res, InvalidParam("tokens", "tokens is required (a list of token ids)"));
+    }
+    std::vector<int32_t> ids;
+    for (const auto& v : body["tokens"]) {
+      if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
+          v.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
+        return SetError(
+            res, InvalidParam("tokens", absl::StrCat("tokens: ", v.dump(), " is not a token id")));
+      }
+      ids.push_back(v.get<int32_t>());
+    }
+    bool skip = false;
+    if (body.contains("skip_special_tokens")) {
+      if (!body["skip_special_tokens"].is_boolean()) {
+        return SetError(
+            res, InvalidParam("skip_special_tokens", "skip_special_tokens must be a boolean"));
+      }
+      skip = body["skip_special_tokens"].get<bool>();
+    }
+    absl::StatusOr<std::string> text = options_.tokenizer->Decode(ids, skip);
+    if (!text.ok()) {
+      return SetError(res,
+                      InvalidParam("tokens", absl::StrCat("tokens: ", text.status().message())));
+    }
+    ojson j;
+    j["prompt"] = *text;
+    SetJson(res, 200, j);
+  }
+
+  static absl::Status NoTokenizer() {
+    return absl::UnimplementedError(
+        "this gateway has no tokenizer: start dmoe-gateway with --tokenizer "
+        "DIR");
+  }
+
+  std::unique_ptr<TextOutput> NewTextOutput(const ParsedRequest& parsed) const {
+    if (options_.tokenizer == nullptr) return nullptr;
+    return std::make_unique<TextOutput>(*options_.tokenizer, parsed.stop_strings,
+                                        parsed.skip_special_tokens);
+  }
+
   void Generate(ApiKind kind, const httplib::Request& req, httplib::Response& res,
                 const httplib::ContentReader& reader) {
     auto record = std::make_shared<RequestRecord>(metrics_, EndpointOf(req.path));
@@ -409,6 +505,7 @@ class HttpServer::Impl {
         Generation::Start(pool_, std::move(up), record->start() + options_.request_timeout);
     if (!gen.ok()) return fail(gen.status(), /*from_router=*/true);
 
+    std::unique_ptr<TextOutput> text = NewTextOutput(*parsed);
     if (!parsed->stream) {
       std::vector<int32_t> tokens;
       std::string finish;
@@ -422,13 +519,25 @@ class HttpServer::Impl {
         }
         tokens.push_back(m.token());
         if (!m.finish_reason().empty()) finish = m.finish_reason();
+        if (text != nullptr) {
+          text->Push(m.token());
+          if (text->stopped()) {
+            (*gen)->Cancel();  // a stop string ended it: the router can free
+                               // the sequence
+            finish = "stop";
+            break;
+          }
+        }
       }
-      if (!end.ok()) return fail(end, /*from_router=*/true);
+      if (!end.ok() && (text == nullptr || !text->stopped())) {
+        return fail(end, /*from_router=*/true);
+      }
+      if (text != nullptr) text->Finish();
       metrics_.AddPromptTokens(static_cast<double>(prompt_tokens));
       metrics_.AddGeneratedTokens(static_cast<double>(tokens.size()));
       SetJson(res, 200,
               ResponseJson(meta, tokens, FinishReason(finish, tokens.size(), max_tokens),
-                           prompt_tokens));
+                           prompt_tokens, text != nullptr ? text->text() : ""));
       record->Finish(200);
       return;
     }
@@ -439,14 +548,16 @@ class HttpServer::Impl {
     absl::Status end;
     const Generation::Event ev = (*gen)->Next(options_.header_hold, &first, &end);
     if (ev == Generation::Event::kEnd && !end.ok()) return fail(end, /*from_router=*/true);
-    auto stream = std::make_shared<SseStream>(*std::move(gen), std::move(slot), record, metrics_,
-                                              meta, max_tokens, options_.disconnect_poll);
+    auto stream =
+        std::make_shared<SseStream>(*std::move(gen), std::move(slot), record, metrics_, meta,
+                                    max_tokens, options_.disconnect_poll, std::move(text));
     std::optional<v1::GenerateResponse> first_token;
     if (ev == Generation::Event::kToken) first_token = std::move(first);
     stream->SetFirst(std::move(first_token), ev == Generation::Event::kEnd);
     res.status = 200;
     res.set_header("Cache-Control", "no-cache");
-    res.set_header("X-Accel-Buffering", "no");  // nginx in front: do not buffer the stream
+    res.set_header("X-Accel-Buffering",
+                   "no");  // nginx in front: do not buffer the stream
     res.set_chunked_content_provider(
         "text/event-stream",
         [stream](size_t, httplib::DataSink& sink) { return stream->Pump(sink); });

@@ -1,8 +1,11 @@
-// The gateway's OpenAI-compatible HTTP API (cpp-httplib), in front of a RouterPool.
+// The gateway's OpenAI-compatible HTTP API (cpp-httplib), in front of a
+// RouterPool.
 //
-//   POST /v1/completions        {"prompt": [ids] | [[ids]], ...}          (see openai_protocol.h)
-//   POST /v1/chat/completions   {"messages": [{"role", "content": [ids]}], ...}
-//   GET  /v1/models, /v1/models/{id}
+//   POST /v1/completions        {"prompt": "text" | [ids] | [[ids]], ...}  (see
+//   openai_protocol.h) POST /v1/chat/completions   {"messages": [{"role",
+//   "content": "text" | [ids]}], ...} POST /tokenize              {"prompt":
+//   "text" | "messages": [...]} -> {"tokens", "count"} POST /detokenize
+//   {"tokens": [ids]} -> {"prompt": "text"} GET  /v1/models, /v1/models/{id}
 //   GET  /health                200 {"status":"ok","routers":<healthy>} | 503
 //   GET  /metrics               Prometheus text format
 //
@@ -12,8 +15,15 @@
 // gateway (--max-inflight) or every router is full, 502 for a router error,
 // 503 when no router is healthy or while draining, 504 at the request deadline.
 //
+// With a tokenizer (options.tokenizer), prompts may be text, answers carry the
+// text next to the token ids, and "stop" strings end a generation on the text
+// (text_output.h; the upstream call is then cancelled); /tokenize and
+// /detokenize answer 501 without one.
+//
 // Streaming ("stream": true) answers text/event-stream: one `data: {chunk}`
-// per token, a last chunk with finish_reason and usage, then `data: [DONE]`.
+// per token (with the text that became final: never half a character, never
+// text that a stop string may still cut), a last chunk with the rest of the
+// text, finish_reason and usage, then `data: [DONE]`.
 // The status line waits up to `header_hold` for the first token, so that a
 // request refused by the routers still gets its 4xx/5xx status; an error after
 // that arrives as a `data: {"error": ...}` event before [DONE]. While
@@ -38,6 +48,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "core/chat_template.h"
+#include "core/tokenizer.h"
 #include "gateway/inflight_limiter.h"
 #include "gateway/metrics.h"
 #include "gateway/router_pool.h"
@@ -53,6 +65,11 @@ struct HttpServerOptions {
   absl::Duration header_hold = absl::Milliseconds(250);
   absl::Duration disconnect_poll = absl::Milliseconds(100);
   uint32_t max_tokens_limit = 1 << 20;
+  // The model's tokenizer and chat template (null: token ids only); when there
+  // is a tokenizer but no usable template, chat_template_error says why.
+  std::shared_ptr<const core::Tokenizer> tokenizer;
+  std::shared_ptr<const core::ChatTemplate> chat_template;
+  std::string chat_template_error;
 };
 
 class HttpServer {

@@ -15,7 +15,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_replace.h"
 #include "absl/strings/str_split.h"
+#include "core/chat_template.h"
 #include "core/status.h"
+#include "core/tokenizer.h"
 #include "gateway/gateway.h"
 #include "tools/args.h"
 #include "tools/service_main.h"
@@ -36,6 +38,10 @@ void DeclareFlags(tools::Args& args) {
             "default: no gRPC server")
       .Flag("grpc-port-file", "PATH", "write the bound gRPC port to PATH once serving")
       .Flag("model-name", "NAME", "the model name clients see and must send", "dmoe")
+      .Flag("tokenizer", "DIR",
+            "the model's tokenizer.json and tokenizer_config.json (e.g. the model directory): "
+            "text prompts, chat messages, text in answers, stop strings, /tokenize; default: "
+            "token ids only")
       .Flag("max-body-bytes", "N", "largest accepted request body", "8388608")
       .Flag("max-inflight", "N", "generations in flight before HTTP 429 / RESOURCE_EXHAUSTED",
             "256")
@@ -90,6 +96,27 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
   g.http.model_name = args.Str("model-name");
   if (g.http.model_name.empty()) {
     return absl::InvalidArgumentError(absl::StrCat(kName, ": --model-name is empty"));
+  }
+  if (args.Has("tokenizer")) {
+    absl::StatusOr<std::unique_ptr<core::Tokenizer>> tok =
+        core::Tokenizer::Load(args.Str("tokenizer"));
+    if (!tok.ok()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName, ": --tokenizer: ", tok.status().message()));
+    }
+    g.http.tokenizer = *std::move(tok);
+    if (g.http.tokenizer->chat_template().empty()) {
+      g.http.chat_template_error = "tokenizer_config.json has no chat_template";
+    } else if (absl::StatusOr<std::unique_ptr<core::ChatTemplate>> t =
+                   core::ChatTemplate::Parse(g.http.tokenizer->chat_template());
+               t.ok()) {
+      g.http.chat_template = *std::move(t);
+    } else {
+      // Completions still work; chat requests with text get this reason (501).
+      g.http.chat_template_error = std::string(t.status().message());
+      std::fprintf(stderr, "%s: warning: chat template not usable: %s\n", kName,
+                   g.http.chat_template_error.c_str());
+    }
   }
   DMOE_ASSIGN_OR_RETURN(int64_t body, IntIn(args, "max-body-bytes", 1024, int64_t{1} << 32));
   g.http.max_body_bytes = static_cast<size_t>(body);

@@ -2,9 +2,11 @@
 
 #include <cmath>
 #include <limits>
+#include <optional>
 #include <utility>
 
 #include "absl/strings/cord.h"
+#include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 
 namespace dmoe::gateway {
@@ -15,11 +17,16 @@ using ojson = nlohmann::ordered_json;
 
 constexpr char kParamPayload[] = "type.googleapis.com/dmoe.gateway.Param";
 constexpr char kTextPrompt[] =
-    "text prompts need the tokenizer (not available yet); send token ids";
+    "text prompts need the model's tokenizer: start dmoe-gateway with "
+    "--tokenizer DIR, or send "
+    "token ids";
 constexpr char kTextStop[] =
-    "stop strings need the tokenizer (not available yet); send stop token ids (an integer or a "
-    "list of integers)";
+    "stop strings need the model's tokenizer (dmoe-gateway --tokenizer DIR); "
+    "or send stop token "
+    "ids (an integer or a list of integers)";
 constexpr int kMaxStopIds = 1024;
+constexpr int kMaxStopStrings = 16;
+constexpr size_t kMaxStopStringBytes = 1024;
 
 // Deepest nesting of arrays/objects, counted without parsing (nlohmann's
 // parser is iterative, but a body of a million '[' is no request).
@@ -58,7 +65,8 @@ absl::Status WrongType(absl::string_view param, absl::string_view want, const js
   return InvalidParam(param, absl::StrCat(param, " must be ", want, ", got ", TypeName(got)));
 }
 
-// The field, or nullptr when it is absent or null (null = default, as in OpenAI).
+// The field, or nullptr when it is absent or null (null = default, as in
+// OpenAI).
 const json* Field(const json& obj, const char* name) {
   auto it = obj.find(name);
   if (it == obj.end() || it->is_null()) return nullptr;
@@ -102,11 +110,40 @@ absl::Status AppendTokenIds(const json& arr, absl::string_view param, absl::stri
   return absl::OkStatus();
 }
 
-absl::Status ParsePrompt(const json& body, v1::GenerateRequest* up) {
+absl::Status ParsePrompt(const json& body, const ParseOptions& options, v1::GenerateRequest* up) {
   const json* p = Field(body, "prompt");
-  if (p == nullptr) return InvalidParam("prompt", "prompt is required (a list of token ids)");
-  if (p->is_string()) return InvalidParam("prompt", absl::StrCat("prompt: ", kTextPrompt));
-  if (!p->is_array()) return WrongType("prompt", "a list of token ids", *p);
+  if (p == nullptr) {
+    return InvalidParam("prompt", "prompt is required (text or a list of token ids)");
+  }
+  const json* text = nullptr;
+  if (p->is_string()) {
+    text = p;
+  } else if (p->is_array() && !p->empty() && (*p)[0].is_string()) {
+    if (p->size() != 1) {
+      return InvalidParam("prompt", absl::StrCat("prompt: one prompt per request for now, got ",
+                                                 p->size(), "; send them as separate requests"));
+    }
+    text = &(*p)[0];
+  }
+  if (text != nullptr) {
+    if (options.tokenizer == nullptr) {
+      return InvalidParam("prompt", absl::StrCat("prompt: ", kTextPrompt));
+    }
+    bool add_special = true;
+    if (const json* a = Field(body, "add_special_tokens")) {
+      if (!a->is_boolean()) return WrongType("add_special_tokens", "a boolean", *a);
+      add_special = a->get<bool>();
+    }
+    absl::StatusOr<std::vector<int32_t>> ids =
+        options.tokenizer->Encode(text->get<std::string>(), add_special);
+    if (!ids.ok()) return InvalidParam("prompt", absl::StrCat("prompt: ", ids.status().message()));
+    up->mutable_prompt_tokens()->Add(ids->begin(), ids->end());
+    if (up->prompt_tokens_size() == 0) {
+      return InvalidParam("prompt", "prompt is empty: give some text or at least one token id");
+    }
+    return absl::OkStatus();
+  }
+  if (!p->is_array()) return WrongType("prompt", "text or a list of token ids", *p);
   const json* ids = p;
   if (!p->empty() && (*p)[0].is_array()) {
     if (p->size() != 1) {
@@ -125,11 +162,40 @@ absl::Status ParsePrompt(const json& body, v1::GenerateRequest* up) {
   return absl::OkStatus();
 }
 
-absl::Status ParseMessages(const json& body, v1::GenerateRequest* up) {
+// The text of a message's content: a string, or text parts joined with "\n"
+// (as vLLM joins them for string templates). nullopt: not text (token ids).
+absl::StatusOr<std::optional<std::string>> ContentText(const json& content,
+                                                       const std::string& param) {
+  if (content.is_string()) return std::optional<std::string>(content.get<std::string>());
+  if (!content.is_array() || content.empty() || !content[0].is_object()) {
+    return std::optional<std::string>();
+  }
+  std::string text;
+  for (size_t k = 0; k < content.size(); ++k) {
+    const json& part = content[k];
+    const std::string at = absl::StrCat(param, "[", k, "]");
+    if (!part.is_object()) return WrongType(at, "a content part object", part);
+    const json* type = Field(part, "type");
+    if (type == nullptr || !type->is_string() || type->get<std::string>() != "text") {
+      return InvalidParam(param,
+                          absl::StrCat(at, ": only {\"type\": \"text\"} parts are supported"));
+    }
+    const json* t = Field(part, "text");
+    if (t == nullptr || !t->is_string())
+      return InvalidParam(param, absl::StrCat(at, ".text must be a string"));
+    if (k > 0) text += "\n";
+    text += t->get<std::string>();
+  }
+  return std::optional<std::string>(std::move(text));
+}
+
+absl::Status ParseMessages(const json& body, const ParseOptions& options, v1::GenerateRequest* up) {
   const json* m = Field(body, "messages");
   if (m == nullptr) return InvalidParam("messages", "messages is required (a list of messages)");
   if (!m->is_array()) return WrongType("messages", "a list of messages", *m);
   if (m->empty()) return InvalidParam("messages", "messages is empty: give at least one message");
+  ojson chat = ojson::array();  // text messages, for the chat template
+  int token_messages = 0;
   for (size_t i = 0; i < m->size(); ++i) {
     const json& msg = (*m)[i];
     const std::string at = absl::StrCat("messages[", i, "]");
@@ -148,22 +214,68 @@ absl::Status ParseMessages(const json& body, v1::GenerateRequest* up) {
     const std::string content_param = at + ".content";
     const json* content = Field(msg, "content");
     if (content == nullptr) {
-      return InvalidParam(content_param, content_param + " is required (a list of token ids)");
+      return InvalidParam(content_param,
+                          content_param + " is required (text or a list of token ids)");
     }
-    if (content->is_string() || (content->is_array() && !content->empty() &&
-                                 ((*content)[0].is_object() || (*content)[0].is_string()))) {
-      return InvalidParam(
-          content_param,
-          absl::StrCat(content_param,
-                       ": text content needs the tokenizer and the chat template (not available "
-                       "yet); send token ids with the chat template already applied"));
+    absl::StatusOr<std::optional<std::string>> text = ContentText(*content, content_param);
+    if (!text.ok()) return text.status();
+    if (text->has_value()) {
+      if (options.tokenizer == nullptr) {
+        return InvalidParam(content_param,
+                            absl::StrCat(content_param,
+                                         ": text content needs the model's tokenizer and chat "
+                                         "template: start dmoe-gateway with --tokenizer DIR, or "
+                                         "send token ids with the chat template already applied"));
+      }
+      ojson one;
+      one["role"] = r;
+      one["content"] = **text;
+      chat.push_back(std::move(one));
+      continue;
     }
-    if (!content->is_array()) return WrongType(content_param, "a list of token ids", *content);
+    if (!content->is_array()) {
+      return WrongType(content_param, "text or a list of token ids", *content);
+    }
+    ++token_messages;
     if (absl::Status st =
             AppendTokenIds(*content, content_param, kTextPrompt, up->mutable_prompt_tokens());
         !st.ok()) {
       return st;
     }
+  }
+  if (!chat.empty() && token_messages > 0) {
+    return InvalidParam("messages",
+                        "messages mix text and token-id contents: send all as text (the chat "
+                        "template is applied) or all as token ids");
+  }
+  if (!chat.empty()) {
+    if (options.chat_template == nullptr) {
+      return absl::UnimplementedError(absl::StrCat(
+          "messages: the model has no usable chat template",
+          options.chat_template_error.empty() ? "" : ": ", options.chat_template_error));
+    }
+    bool add_generation_prompt = true;
+    if (const json* a = Field(body, "add_generation_prompt")) {
+      if (!a->is_boolean()) return WrongType("add_generation_prompt", "a boolean", *a);
+      add_generation_prompt = a->get<bool>();
+    }
+    ojson context;
+    context["messages"] = std::move(chat);
+    context["add_generation_prompt"] = add_generation_prompt;
+    context["bos_token"] = options.tokenizer->bos_token();
+    context["eos_token"] = options.tokenizer->eos_token();
+    absl::StatusOr<std::string> prompt = options.chat_template->Render(context);
+    if (!prompt.ok()) {
+      if (absl::StartsWith(prompt.status().message(), "chat template raised")) {
+        return InvalidParam("messages", absl::StrCat("messages: ", prompt.status().message()));
+      }
+      return absl::UnimplementedError(absl::StrCat("the model's chat template cannot be rendered: ",
+                                                   prompt.status().message()));
+    }
+    absl::StatusOr<std::vector<int32_t>> ids = options.tokenizer->Encode(*prompt, false);
+    if (!ids.ok())
+      return InvalidParam("messages", absl::StrCat("messages: ", ids.status().message()));
+    up->mutable_prompt_tokens()->Add(ids->begin(), ids->end());
   }
   if (up->prompt_tokens_size() == 0) {
     return InvalidParam("messages", "messages hold no token ids: give at least one");
@@ -171,17 +283,42 @@ absl::Status ParseMessages(const json& body, v1::GenerateRequest* up) {
   return absl::OkStatus();
 }
 
-absl::Status ParseStop(const json& body, v1::GenerateRequest* up) {
+absl::Status ParseStop(const json& body, const ParseOptions& options, ParsedRequest* out) {
+  v1::GenerateRequest* up = &out->upstream;
   const json* s = Field(body, "stop");
   if (s == nullptr) return absl::OkStatus();
-  if (s->is_string()) return InvalidParam("stop", absl::StrCat("stop: ", kTextStop));
+  const bool strings = s->is_string() || (s->is_array() && !s->empty() && (*s)[0].is_string());
+  if (strings) {
+    if (options.tokenizer == nullptr)
+      return InvalidParam("stop", absl::StrCat("stop: ", kTextStop));
+    std::vector<json> items = s->is_string() ? std::vector<json>{*s} : s->get<std::vector<json>>();
+    if (items.size() > kMaxStopStrings) {
+      return InvalidParam("stop", absl::StrCat("stop: at most ", kMaxStopStrings,
+                                               " stop strings, got ", items.size()));
+    }
+    for (size_t i = 0; i < items.size(); ++i) {
+      const std::string at = absl::StrCat("stop[", i, "]");
+      if (!items[i].is_string()) {
+        return InvalidParam("stop", absl::StrCat(at, " must be a string like the others, got ",
+                                                 TypeName(items[i])));
+      }
+      std::string v = items[i].get<std::string>();
+      if (v.empty()) return InvalidParam("stop", absl::StrCat(at, " is empty"));
+      if (v.size() > kMaxStopStringBytes) {
+        return InvalidParam("stop",
+                            absl::StrCat(at, " is longer than ", kMaxStopStringBytes, " bytes"));
+      }
+      out->stop_strings.push_back(std::move(v));
+    }
+    return absl::OkStatus();
+  }
   if (s->is_number_integer()) {
     absl::StatusOr<int64_t> id = IntIn(*s, "stop", 0, std::numeric_limits<int32_t>::max());
     if (!id.ok()) return id.status();
     up->add_stop_token_ids(static_cast<int32_t>(*id));
     return absl::OkStatus();
   }
-  if (!s->is_array()) return WrongType("stop", "a token id or a list of token ids", *s);
+  if (!s->is_array()) return WrongType("stop", "a string, a token id or a list of either", *s);
   if (s->size() > kMaxStopIds) {
     return InvalidParam("stop",
                         absl::StrCat("stop: at most ", kMaxStopIds, " token ids, got ", s->size()));
@@ -316,7 +453,11 @@ absl::Status ParseSampling(const json& body, ApiKind kind, const ParseOptions& o
     if (!st->is_boolean()) return WrongType("stream", "a boolean", *st);
     out->stream = st->get<bool>();
   }
-  return ParseStop(body, &up);
+  if (const json* sst = Field(body, "skip_special_tokens")) {  // extension (vLLM)
+    if (!sst->is_boolean()) return WrongType("skip_special_tokens", "a boolean", *sst);
+    out->skip_special_tokens = sst->get<bool>();
+  }
+  return ParseStop(body, options, out);
 }
 
 absl::StatusOr<ParsedRequest> ParseImpl(absl::string_view text, ApiKind kind,
@@ -347,8 +488,8 @@ absl::StatusOr<ParsedRequest> ParseImpl(absl::string_view text, ApiKind kind,
   }
   ParsedRequest out;
   out.kind = kind;
-  if (absl::Status st = kind == ApiKind::kCompletion ? ParsePrompt(body, &out.upstream)
-                                                     : ParseMessages(body, &out.upstream);
+  if (absl::Status st = kind == ApiKind::kCompletion ? ParsePrompt(body, options, &out.upstream)
+                                                     : ParseMessages(body, options, &out.upstream);
       !st.ok()) {
     return st;
   }
@@ -407,16 +548,16 @@ ojson UsageJson(int64_t prompt_tokens, int64_t completion_tokens) {
 }
 
 ojson ResponseJson(const CompletionMeta& meta, const std::vector<int32_t>& tokens,
-                   absl::string_view finish_reason, int64_t prompt_tokens) {
+                   absl::string_view finish_reason, int64_t prompt_tokens, absl::string_view text) {
   ojson j = Envelope(meta, /*chunk=*/false);
   ojson c = ChoiceBase();
   if (meta.kind == ApiKind::kCompletion) {
-    c["text"] = "";
+    c["text"] = std::string(text);
     c["token_ids"] = tokens;
   } else {
     ojson m;
     m["role"] = "assistant";
-    m["content"] = "";
+    m["content"] = std::string(text);
     m["token_ids"] = tokens;
     c["message"] = std::move(m);
   }
@@ -427,16 +568,17 @@ ojson ResponseJson(const CompletionMeta& meta, const std::vector<int32_t>& token
   return j;
 }
 
-ojson TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first) {
+ojson TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first,
+                     absl::string_view text) {
   ojson j = Envelope(meta, /*chunk=*/true);
   ojson c = ChoiceBase();
   if (meta.kind == ApiKind::kCompletion) {
-    c["text"] = "";
+    c["text"] = std::string(text);
     c["token_ids"] = ojson::array({token});
   } else {
     ojson d;
     if (first) d["role"] = "assistant";
-    d["content"] = "";
+    d["content"] = std::string(text);
     d["token_ids"] = ojson::array({token});
     c["delta"] = std::move(d);
   }
@@ -447,14 +589,15 @@ ojson TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first) {
 }
 
 ojson FinalChunkJson(const CompletionMeta& meta, absl::string_view finish_reason,
-                     int64_t prompt_tokens, int64_t completion_tokens) {
+                     int64_t prompt_tokens, int64_t completion_tokens, absl::string_view text) {
   ojson j = Envelope(meta, /*chunk=*/true);
   ojson c = ChoiceBase();
   if (meta.kind == ApiKind::kCompletion) {
-    c["text"] = "";
+    c["text"] = std::string(text);
     c["token_ids"] = ojson::array();
   } else {
     c["delta"] = ojson::object();
+    if (!text.empty()) c["delta"]["content"] = std::string(text);
   }
   c["logprobs"] = nullptr;
   c["finish_reason"] = std::string(finish_reason);

@@ -1,6 +1,5 @@
 // The OpenAI-compatible request and response bodies of /v1/completions and
-// /v1/chat/completions, for token-id prompts (the tokenizer is not in the
-// gateway yet).
+// /v1/chat/completions.
 //
 // Parsing validates everything and never throws: a malformed body, a field of
 // the wrong type or out of range, or an unsupported feature is
@@ -10,12 +9,23 @@
 // (param "model"). Unknown fields are ignored, as OpenAI-compatible servers do.
 //
 // Prompts:
-//  - /v1/completions: "prompt" is [ids] or [[ids]] (one prompt per request).
-//  - /v1/chat/completions: every message's "content" is [ids]; the contents are
-//    concatenated in order, with nothing added between them, so the client
-//    sends the chat template's tokens itself (roles are checked, not encoded).
-// Text (strings) in a prompt, a message or "stop" is refused with a message
-// saying to send token ids.
+//  - /v1/completions: "prompt" is text ("..." or ["..."]), encoded with the
+//    model's tokenizer (BOS added as its config says, unless
+//    "add_special_tokens": false), or token ids ([ids] or [[ids]]); one prompt
+//    per request.
+//  - /v1/chat/completions: messages with text content (a string, or parts
+//    [{"type": "text", "text"}] joined with "\n") are rendered with the model's
+//    chat template ("add_generation_prompt", default true) and encoded without
+//    adding special tokens (the template has them). Messages whose contents are
+//    all token ids are concatenated in order with nothing added between them
+//    (the client applied the template itself). Mixing the two is an error.
+//  - "stop": strings (matched on the output text; see text_output.h) or token
+//  ids.
+// Text needs ParseOptions::tokenizer (and chat_template for messages); without
+// it, text is refused with a message saying to send token ids. A chat template
+// that cannot be rendered (an unsupported construct) is UNIMPLEMENTED naming
+// it; one that raises (raise_exception) is INVALID_ARGUMENT with param
+// "messages".
 #ifndef DMOE_GATEWAY_OPENAI_PROTOCOL_H_
 #define DMOE_GATEWAY_OPENAI_PROTOCOL_H_
 
@@ -26,6 +36,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
+#include "core/chat_template.h"
+#include "core/tokenizer.h"
 #include "dmoe/v1/router.pb.h"
 #include "nlohmann/json.hpp"
 
@@ -37,6 +49,11 @@ struct ParseOptions {
   std::string model_name = "dmoe";      // the only model served
   uint32_t max_tokens_limit = 1 << 20;  // upper bound of max_tokens; the router checks the context
   int max_json_depth = 64;
+  // The model's tokenizer and chat template; null = token ids only. When the
+  // tokenizer has no usable template, chat_template_error says why.
+  const core::Tokenizer* tokenizer = nullptr;
+  const core::ChatTemplate* chat_template = nullptr;
+  std::string chat_template_error;
 };
 
 struct ParsedRequest {
@@ -46,6 +63,8 @@ struct ParsedRequest {
   v1::GenerateRequest upstream;
   bool has_seed = false;  // false: the caller should draw one (OpenAI: unseeded = random)
   bool stream = false;
+  std::vector<std::string> stop_strings;  // "stop" as text
+  bool skip_special_tokens = true;        // in the output text (vLLM's default)
 };
 
 absl::StatusOr<ParsedRequest> ParseGenerateRequest(absl::string_view body, ApiKind kind,
@@ -66,16 +85,21 @@ struct CompletionMeta {
 
 nlohmann::ordered_json UsageJson(int64_t prompt_tokens, int64_t completion_tokens);
 
-// The whole (non-streaming) response.
+// The whole (non-streaming) response: `text` (empty without a tokenizer) and
+// the token ids.
 nlohmann::ordered_json ResponseJson(const CompletionMeta& meta, const std::vector<int32_t>& tokens,
-                                    absl::string_view finish_reason, int64_t prompt_tokens);
+                                    absl::string_view finish_reason, int64_t prompt_tokens,
+                                    absl::string_view text = "");
 
-// One streaming chunk carrying `token` (the first chat chunk also carries the
-// assistant role).
-nlohmann::ordered_json TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first);
-// The last chunk: no token, the finish reason and the usage.
+// One streaming chunk carrying `token` and the text that became final with it
+// (the first chat chunk also carries the assistant role).
+nlohmann::ordered_json TokenChunkJson(const CompletionMeta& meta, int32_t token, bool first,
+                                      absl::string_view text = "");
+// The last chunk: no token, the rest of the text (held back until the end), the
+// finish reason and the usage.
 nlohmann::ordered_json FinalChunkJson(const CompletionMeta& meta, absl::string_view finish_reason,
-                                      int64_t prompt_tokens, int64_t completion_tokens);
+                                      int64_t prompt_tokens, int64_t completion_tokens,
+                                      absl::string_view text = "");
 
 // {"error": {"message", "type", "param", "code"}}; empty param/code are null.
 nlohmann::ordered_json ErrorJson(absl::string_view message, absl::string_view type,
