@@ -862,6 +862,33 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
   }
 }
 
+// The flags dmoe-expert-entrypoint adds itself (--server-index, --join, ...)
+// and its `dmoe ctl` call exist too.
+TEST_F(DeployTest, EntrypointFlagsExistInTheBinarysHelp) {
+  std::string script =
+      ReadFile(src_ + "/deploy/docker/dmoe-expert-entrypoint.sh");
+  ASSERT_FALSE(script.empty());
+  script = std::regex_replace(script, std::regex(R"("\$expert_bin")"),
+                              "dmoe-expert");
+  script = std::regex_replace(script, std::regex(R"("\$cli_bin")"), "dmoe");
+  script =
+      std::regex_replace(script, std::regex(R"(\$\()"), " ");  // x=$(cmd ...)
+  std::set<std::string> programs;
+  std::stringstream lines(script);
+  for (std::string line; std::getline(lines, line);) {
+    if (line.rfind("#", 0) == 0) continue;
+    std::vector<std::string> words;
+    std::stringstream ws(line);
+    for (std::string w; ws >> w;) words.push_back(w);
+    for (const Invocation& inv : FindInvocations(words)) {
+      ExpectFlagsExist(helps_, inv, "dmoe-expert-entrypoint.sh: " + line);
+      programs.insert(inv.program);
+    }
+  }
+  EXPECT_EQ(programs,
+            (std::set<std::string>{"dmoe-expert", "dmoe ctl placement"}));
+}
+
 // ------------------------------------------------------------------ compose
 
 TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
