@@ -266,6 +266,21 @@ std::string Repr(const Value& v) {
   return "";
 }
 
+// Whether `v` holds a namespace (not JSON-serializable in Python; and the only
+// mutable value, so the only way to build a cycle).
+bool HasNamespace(const Value& v) {
+  if (v.kind == Value::Kind::kNamespace) return true;
+  if (v.kind == Value::Kind::kList) {
+    for (const Value& x : *v.list)
+      if (HasNamespace(x)) return true;
+  }
+  if (v.kind == Value::Kind::kDict) {
+    for (const auto& [k, x] : v.dict->items)
+      if (HasNamespace(x)) return true;
+  }
+  return false;
+}
+
 // json.dumps(v, ensure_ascii=False) with the default separators (", ", ": "),
 // as transformers' tojson filter; `indent` > 0 pretty-prints as Python does.
 void ToJson(const Value& v, int indent, int depth, std::string* out) {
@@ -910,6 +925,14 @@ class Parser {
 
   const std::vector<Token>& t_;
   const Lexer& lexer_;
+  // Recursion depth of the parser (bodies and expressions): templates are
+  // small, and a bound keeps a hostile one from exhausting the stack.
+  static constexpr int kMaxDepth = 200;
+  struct DepthGuard {
+    explicit DepthGuard(Parser* p) : parser(p) { ++parser->depth_; }
+    ~DepthGuard() { --parser->depth_; }
+    Parser* parser;
+  };
   size_t p_ = 0;
   int depth_ = 0;
   int loops_ = 0;  // enclosing for loops (break/continue need one)
@@ -917,7 +940,8 @@ class Parser {
 
 absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
     const std::vector<std::string>& ends, std::string* end) {
-  if (++depth_ > 200) return Error(Peek().pos, "nesting too deep");
+  DepthGuard guard(this);
+  if (depth_ > kMaxDepth) return Error(Peek().pos, "nesting too deep");
   auto body = std::make_unique<Node>();
   while (true) {
     const Token& tok = Peek();
@@ -951,7 +975,6 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
         if (tag == e) {
           Next();
           *end = tag;
-          --depth_;
           return body;
         }
       }
@@ -962,7 +985,6 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
       return Error(tok.pos, "unexpected token");
     }
   }
-  --depth_;
   return body;
 }
 
@@ -1117,6 +1139,8 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseAnd() {
 }
 
 absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseNot() {
+  DepthGuard guard(this);
+  if (depth_ > kMaxDepth) return Error(Peek().pos, "expression nests too deep");
   if (IsName("not")) {
     const size_t pos = Next().pos;
     DMOE_ASSIGN_OR_RETURN(auto operand, ParseNot());
@@ -1194,6 +1218,8 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePow() {
 }
 
 absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseUnary() {
+  DepthGuard guard(this);
+  if (depth_ > kMaxDepth) return Error(Peek().pos, "expression nests too deep");
   if (IsOp("-") || IsOp("+")) {
     const Token& t = Next();
     DMOE_ASSIGN_OR_RETURN(auto operand, ParseUnary());
@@ -2061,6 +2087,8 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
       if (k != "indent")
         return Error(e.pos,
                      absl::StrCat("tojson: unsupported argument '", k, "'"));
+    if (HasNamespace(v))
+      return Error(e.pos, "tojson: a namespace is not JSON serializable");
     std::string out;
     ToJson(v, indent, 0, &out);
     return Value::Str(std::move(out));

@@ -300,5 +300,55 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrorsWithPositions) {
             "RENDER ERROR: chat template raised: bad role robot");
 }
 
+TEST(ChatTemplate, HostileTemplatesAreErrorsNotCrashes) {
+  EXPECT_THAT(Render("{{ " + std::string(5000, '(') + "1" +
+                     std::string(5000, ')') + " }}"),
+              HasSubstr("nests too deep"));
+  EXPECT_THAT(Render("{{ " + std::string(5000, '-') + "1 }}"),
+              HasSubstr("nests too deep"));
+  EXPECT_THAT(Render([] {
+                std::string t;
+                for (int i = 0; i < 1000; ++i) t += "{% if true %}";
+                return t;
+              }()),
+              HasSubstr("too deep"));
+  EXPECT_THAT(Render("{% set ns = namespace(a=1) %}{% set ns.self = ns %}{{ ns "
+                     "| tojson }}"),
+              HasSubstr("not JSON serializable"));
+}
+
+TEST(ChatTemplate, MutatedTemplatesNeverCrash) {
+  // Random edits of the V3 template: each either parses and renders or fails
+  // with a status; run under ASan this is a small fuzzer.
+  const std::string base = kDeepSeekV3;
+  const std::string alphabet = "{}%#-+'\"()[]|.:,=!<>~ \nabcnsot01";
+  uint32_t seed = 12345;
+  auto next = [&seed] {
+    seed = seed * 1664525u + 1013904223u;
+    return seed >> 8;
+  };
+  int rendered = 0;
+  for (int k = 0; k < 3000; ++k) {
+    std::string t = base;
+    for (int edits = 1 + next() % 4; edits > 0; --edits) {
+      const size_t at = next() % (t.size() + 1);
+      switch (next() % 3) {
+        case 0:
+          t.insert(at, 1, alphabet[next() % alphabet.size()]);
+          break;
+        case 1:
+          if (at < t.size()) t.erase(at, 1);
+          break;
+        default:
+          if (at < t.size()) t[at] = alphabet[next() % alphabet.size()];
+      }
+    }
+    auto parsed = ChatTemplate::Parse(t);
+    if (!parsed.ok()) continue;
+    rendered += (*parsed)->Render(Chat(true)).ok();
+  }
+  EXPECT_GT(rendered, 0);
+}
+
 }  // namespace
 }  // namespace dmoe::core
