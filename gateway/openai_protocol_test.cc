@@ -3,7 +3,9 @@
 #include <random>
 #include <string>
 
+#include "core/chat_template.h"
 #include "gateway/internal/http_errors.h"
+#include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -223,6 +225,72 @@ TEST(MapError, StatusCodesAndRouterParams) {
                ApiKind::kChatCompletion, true)
           .param,
       "messages");
+}
+
+class ParseText : public ::testing::Test {
+ protected:
+  void SetUp() override {
+    ASSERT_NE(tok_, nullptr);
+    auto t = core::ChatTemplate::Parse(tok_->chat_template());
+    ASSERT_TRUE(t.ok()) << t.status();
+    tmpl_ = *std::move(t);
+    options_.tokenizer = tok_.get();
+    options_.chat_template = tmpl_.get();
+  }
+  absl::StatusOr<ParsedRequest> Parse(const std::string& body, ApiKind kind) {
+    return ParseGenerateRequest(body, kind, options_);
+  }
+  std::unique_ptr<core::Tokenizer> tok_ = testing::TestTokenizer();
+  std::unique_ptr<core::ChatTemplate> tmpl_;
+  ParseOptions options_;
+};
+
+TEST_F(ParseText, TextPromptsStopStringsAndOptions) {
+  auto r = Parse(R"({"prompt":"Hi","stop":["x","yz"],"skip_special_tokens":false})",
+                 ApiKind::kCompletion);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_THAT(r->upstream.prompt_tokens(), ElementsAre(1000, 'H', 'i'));
+  EXPECT_THAT(r->stop_strings, ElementsAre("x", "yz"));
+  EXPECT_TRUE(r->upstream.stop_token_ids().empty());
+  EXPECT_FALSE(r->skip_special_tokens);
+  auto one =
+      Parse(R"({"prompt":["Hi"],"stop":"\n","add_special_tokens":false})", ApiKind::kCompletion);
+  ASSERT_TRUE(one.ok()) << one.status();
+  EXPECT_THAT(one->upstream.prompt_tokens(), ElementsAre('H', 'i'));
+  EXPECT_THAT(one->stop_strings, ElementsAre("\n"));
+  ExpectInvalid(Parse(R"({"prompt":["a","b"]})", ApiKind::kCompletion), "prompt", "one prompt");
+  ExpectInvalid(Parse(R"({"prompt":"a","stop":["a",1]})", ApiKind::kCompletion), "stop",
+                "stop[1] must be a string");
+  ExpectInvalid(Parse(R"({"prompt":"a","stop":[""]})", ApiKind::kCompletion), "stop", "empty");
+  ExpectInvalid(Parse(R"({"prompt":"a","stop":["1","2","3","4","5","6","7","8","9","10","11",
+                "12","13","14","15","16","17"]})",
+                      ApiKind::kCompletion),
+                "stop", "at most 16");
+  ExpectInvalid(Parse(R"({"prompt":"a","add_special_tokens":1})", ApiKind::kCompletion),
+                "add_special_tokens", "a boolean");
+}
+
+TEST_F(ParseText, ChatMessagesThroughTheTemplate) {
+  auto r = Parse(R"({"messages":[{"role":"system","content":"S"},{"role":"user","content":"Hi"},
+      {"role":"assistant","content":"A"},{"role":"user","content":[{"type":"text","text":"x"}]}]})",
+                 ApiKind::kChatCompletion);
+  ASSERT_TRUE(r.ok()) << r.status();
+  EXPECT_EQ(
+      std::vector<int32_t>(r->upstream.prompt_tokens().begin(), r->upstream.prompt_tokens().end()),
+      *tok_->Encode("<s>S\n<|user|>Hi<|assistant|>A</s><|user|>x<|assistant|>", false));
+  ExpectInvalid(
+      Parse(R"({"messages":[{"role":"user","content":"raise"}]})", ApiKind::kChatCompletion),
+      "messages", "no raising");
+  ExpectInvalid(
+      Parse(R"({"messages":[{"role":"user","content":"a"},{"role":"user","content":[1]}]})",
+            ApiKind::kChatCompletion),
+      "messages", "mix text and token-id");
+  options_.chat_template = nullptr;
+  options_.chat_template_error = "unsupported tag 'macro'";
+  auto none = Parse(R"({"messages":[{"role":"user","content":"a"}]})", ApiKind::kChatCompletion);
+  ASSERT_FALSE(none.ok());
+  EXPECT_EQ(none.status().code(), absl::StatusCode::kUnimplemented);
+  EXPECT_THAT(std::string(none.status().message()), HasSubstr("unsupported tag 'macro'"));
 }
 
 }  // namespace
