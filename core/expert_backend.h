@@ -73,6 +73,9 @@ class ExpertBackend {
   virtual void Cancel(uint64_t ticket);
   // Bytes of resident weights.
   virtual size_t WeightBytes() const = 0;
+  // True when LoadFfn / UnloadFfn / HasFfn / WeightBytes may run concurrently
+  // with Compute (the backend locks internally); else callers serialise them.
+  virtual bool LoadsConcurrently() const { return false; }
 };
 
 // A Compute / Await error that concerns only some tokens of the batch (e.g.
@@ -85,8 +88,9 @@ std::vector<int32_t> FailedTokens(const absl::Status& status);
 // The CPU backend: groups the batch's assignments per FFN (permute), runs one
 // fused gate|up GEMM and one down GEMM per FFN through PackedLinear, applies
 // SwiGLU, then combines back to token order with the weights (unpermute).
-// Safe to call Compute from one thread at a time per backend; Load/Unload must not
-// race with Compute.
+// Safe to call Compute from one thread at a time per backend; Load/Unload may
+// run concurrently with it (LoadsConcurrently: packing happens outside the
+// backend's lock, so a Compute waits at most for the insertion).
 std::unique_ptr<ExpertBackend> MakeCpuExpertBackend(ComputeType type);
 
 }  // namespace dmoe::core

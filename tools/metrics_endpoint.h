@@ -1,29 +1,34 @@
 // The Prometheus /metrics endpoint of the service binaries that serve one
-// (dmoe-router, dmoe-expert): prometheus-cpp's pull Exposer (civetweb) on
-// host:port, serving one Collectable.
+// (dmoe-router, dmoe-expert): a small cpp-httplib server on host:port that
+// serialises one Collectable in the text exposition format (the gateway uses
+// the same library for its API). Not prometheus-cpp's civetweb Exposer: it
+// fails to start in binaries that also link the CUDA libraries.
 //
 // Header-only on purpose: dmoe_tools is also built without the services (and
 // then without prometheus-cpp); only the service mains include this, and they
 // link prometheus-cpp through their service libraries.
 //
 // Thread safety: MetricsEndpoint's methods are thread-safe; RefreshingCollectable
-// calls `refresh` from civetweb's request threads, possibly concurrently.
+// calls `refresh` from the HTTP request threads, possibly concurrently.
 #ifndef DMOE_TOOLS_METRICS_ENDPOINT_H_
 #define DMOE_TOOLS_METRICS_ENDPOINT_H_
 
+#include <httplib.h>
+
+#include <chrono>
 #include <cstdio>
-#include <exception>
 #include <functional>
 #include <memory>
 #include <string>
+#include <thread>
 #include <utility>
 #include <vector>
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "prometheus/collectable.h"
-#include "prometheus/exposer.h"
 #include "prometheus/metric_family.h"
+#include "prometheus/text_serializer.h"
 #include "tools/service_main.h"
 
 namespace dmoe::tools {
@@ -53,25 +58,42 @@ class MetricsEndpoint {
   // 127.0.0.1:9190" when the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
       const std::string& host, int port, std::shared_ptr<prometheus::Collectable> collectable) {
-    const std::string addr = host.find(':') != std::string::npos && host.front() != '['
-                                 ? absl::StrCat("[", host, "]:", port)
-                                 : absl::StrCat(host, ":", port);
     std::unique_ptr<MetricsEndpoint> e(new MetricsEndpoint);
-    try {
-      // civetweb reports a failed bind by throwing from the constructor.
-      e->exposer_ = std::make_unique<prometheus::Exposer>(addr, /*num_threads=*/2);
-    } catch (const std::exception& ex) {
-      return absl::UnavailableError(
-          absl::StrCat("metrics: cannot listen on ", addr, " (", ex.what(), ")"));
-    }
-    const std::vector<int> ports = e->exposer_->GetListeningPorts();
-    if (ports.empty() || ports[0] <= 0) {
-      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", addr));
-    }
-    e->port_ = ports[0];
     e->collectable_ = std::move(collectable);
-    e->exposer_->RegisterCollectable(e->collectable_);
+    e->server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
+    // SO_REUSEADDR only: httplib's default also sets SO_REUSEPORT, which would
+    // let a second process bind a port that is taken.
+    e->server_.set_socket_options([](socket_t sock) {
+      int yes = 1;
+      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
+    });
+    e->server_.Get("/metrics", [c = e->collectable_](const httplib::Request&,
+                                                     httplib::Response& res) {
+      res.set_content(prometheus::TextSerializer().Serialize(c->Collect()),
+                      "text/plain; version=0.0.4; charset=utf-8");
+    });
+    int bound = 0;
+    if (port == 0) {
+      bound = e->server_.bind_to_any_port(host);
+    } else if (e->server_.bind_to_port(host, port)) {
+      bound = port;
+    }
+    if (bound <= 0) {
+      const bool v6 = host.find(':') != std::string::npos && host.front() != '[';
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", v6 ? "[" : "",
+                                                 host, v6 ? "]" : "", ":", port));
+    }
+    e->port_ = bound;
+    e->thread_ = std::thread([server = &e->server_] { server->listen_after_bind(); });
     return e;
+  }
+  ~MetricsEndpoint() {
+    // stop() is a no-op until the listening loop runs: let it start first.
+    for (int i = 0; i < 2000 && !server_.is_running(); ++i) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(1));
+    }
+    server_.stop();
+    if (thread_.joinable()) thread_.join();
   }
 
   // The bound port.
@@ -79,8 +101,9 @@ class MetricsEndpoint {
 
  private:
   MetricsEndpoint() = default;
-  std::shared_ptr<prometheus::Collectable> collectable_;  // the Exposer holds a weak_ptr
-  std::unique_ptr<prometheus::Exposer> exposer_;
+  std::shared_ptr<prometheus::Collectable> collectable_;
+  httplib::Server server_;
+  std::thread thread_;
   int port_ = 0;
 };
 

@@ -209,6 +209,7 @@ class CpuExpertBackend final : public ExpertBackend {
   bool HasFfn(int32_t layer, int32_t ffn_id) const override;
   absl::Status Compute(const ExpertBatch& batch, float* out) override;
   size_t WeightBytes() const override;
+  bool LoadsConcurrently() const override { return true; }
 
  private:
   struct Ffn {
