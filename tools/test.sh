@@ -21,5 +21,8 @@ build/bin/moe_layer_bench --quick
 echo "== wire benchmark (smoke: 2 expert servers, 1 and 64 tokens, raw-TCP floor)"
 build/bin/wire_bench --quick
 
+echo "== balance benchmark (smoke: skewed routing, live re-placement)"
+build/bin/balance_bench --quick
+
 echo "== all tests"
 ctest --test-dir build --output-on-failure
