@@ -160,7 +160,14 @@ struct Pcre2Scratch {
   pcre2_match_context* context = pcre2_match_context_create(nullptr);
   pcre2_jit_stack* stack =
       pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr);
-  Pcre2Scratch() { pcre2_jit_stack_assign(context, nullptr, stack); }
+  Pcre2Scratch() {
+    pcre2_jit_stack_assign(context, nullptr, stack);
+    // The pre-tokenizer patterns are linear; PCRE2's default match limit (10M)
+    // refuses a long whitespace run that Hugging Face tokenizes fine.
+    pcre2_set_match_limit(context, 0xFFFFFFFFu);
+    pcre2_set_heap_limit(context,
+                         1u << 20);  // KiB, the interpreter (no JIT) only
+  }
   ~Pcre2Scratch() {
     pcre2_jit_stack_free(stack);
     pcre2_match_context_free(context);
@@ -456,6 +463,9 @@ struct Tokenizer::Impl {
   std::array<int32_t, 256> byte_id;  // single-byte tokens (-1: none)
   absl::flat_hash_map<uint64_t, Merge> merges;
   bool ignore_merges = false;
+  // Every merge ranks after every merge that makes one of its parts (true for
+  // merges learned in order): then long words can merge rank by rank.
+  bool ranks_increase = false;
   std::vector<PreTokenizerStep> steps;
   bool has_byte_level = false;
   std::vector<AddedTokenInfo> added;
@@ -476,6 +486,11 @@ struct Tokenizer::Impl {
       const std::function<absl::Status(std::string_view)>& on_text,
       std::vector<int32_t>* out) const;
   absl::Status Bpe(std::string_view word, std::vector<int32_t>* out) const;
+  struct Symbol {
+    int32_t id, prev, next;
+  };
+  void MergeWithHeap(std::vector<Symbol>& sym) const;
+  void MergeByRank(std::vector<Symbol>& sym) const;
 };
 
 namespace {
@@ -679,6 +694,18 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
                        Merge{rank, im->second});
     ++rank;
   }
+  {
+    std::vector<int32_t> made_at(id_bytes.size(),
+                                 -1);  // latest rank making each token
+    for (const auto& [pair, m] : merges)
+      made_at[m.merged] = std::max(made_at[m.merged], m.rank);
+    ranks_increase = true;
+    for (const auto& [pair, m] : merges) {
+      const int32_t a = static_cast<int32_t>(pair >> 32),
+                    b = static_cast<int32_t>(pair);
+      if (made_at[a] >= m.rank || made_at[b] >= m.rank) ranks_increase = false;
+    }
+  }
 
   // Added tokens.
   for (const json& a : added_json) {
@@ -775,6 +802,89 @@ absl::Status Tokenizer::Impl::LoadConfig(const json& c,
   return template_of(tokenizer_json.value("post_processor", json()));
 }
 
+// A min-heap of candidate merges ordered by (rank, position), as Hugging Face's
+// BPE; stale candidates are recognised by the ids.
+void Tokenizer::Impl::MergeWithHeap(std::vector<Symbol>& sym) const {
+  struct Candidate {
+    int32_t rank, pos, left, right, merged;
+    bool operator>(const Candidate& o) const {
+      return rank != o.rank ? rank > o.rank : pos > o.pos;
+    }
+  };
+  std::priority_queue<Candidate, std::vector<Candidate>,
+                      std::greater<Candidate>>
+      heap;
+  auto consider = [&](int32_t pos) {
+    const int32_t next = sym[pos].next;
+    if (next < 0) return;
+    auto it = merges.find(PairKey(sym[pos].id, sym[next].id));
+    if (it != merges.end())
+      heap.push(
+          {it->second.rank, pos, sym[pos].id, sym[next].id, it->second.merged});
+  };
+  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i)
+    consider(i);
+  while (!heap.empty()) {
+    const Candidate c = heap.top();
+    heap.pop();
+    Symbol& left = sym[c.pos];
+    if (left.id != c.left || left.next < 0 || sym[left.next].id != c.right)
+      continue;
+    Symbol& right = sym[left.next];
+    left.id = c.merged;
+    left.next = right.next;
+    if (right.next >= 0) sym[right.next].prev = c.pos;
+    right.id = -1;
+    if (left.prev >= 0) consider(left.prev);
+    consider(c.pos);
+  }
+}
+
+// The same merges in the same order for long words, with less memory traffic:
+// when ranks increase (a merge's parts are made by lower ranks), a merge only
+// creates candidates of higher rank, so the candidates of the lowest pending
+// rank are final and can be applied left to right from one sorted bucket.
+void Tokenizer::Impl::MergeByRank(std::vector<Symbol>& sym) const {
+  absl::flat_hash_map<int32_t, std::vector<int32_t>>
+      buckets;  // rank -> positions
+  std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>>
+      ranks;
+  auto consider = [&](int32_t pos) {
+    const int32_t next = sym[pos].next;
+    if (next < 0) return;
+    auto it = merges.find(PairKey(sym[pos].id, sym[next].id));
+    if (it == merges.end()) return;
+    auto [bucket, inserted] = buckets.try_emplace(it->second.rank);
+    if (inserted) ranks.push(it->second.rank);
+    bucket->second.push_back(pos);
+  };
+  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i)
+    consider(i);
+  std::vector<int32_t> positions;
+  while (!ranks.empty()) {
+    const int32_t rank = ranks.top();
+    ranks.pop();
+    auto node = buckets.find(rank);
+    positions.swap(node->second);
+    buckets.erase(node);
+    std::sort(positions.begin(), positions.end());
+    for (int32_t pos : positions) {
+      Symbol& left = sym[pos];
+      if (left.id < 0 || left.next < 0) continue;
+      auto it = merges.find(PairKey(left.id, sym[left.next].id));
+      if (it == merges.end() || it->second.rank != rank) continue;
+      Symbol& right = sym[left.next];
+      left.id = it->second.merged;
+      left.next = right.next;
+      if (right.next >= 0) sym[right.next].prev = pos;
+      right.id = -1;
+      if (left.prev >= 0) consider(left.prev);
+      consider(pos);
+    }
+    positions.clear();
+  }
+}
+
 absl::Status Tokenizer::Impl::Bpe(std::string_view word,
                                   std::vector<int32_t>* out) const {
   if (word.size() == 1) {
@@ -795,18 +905,7 @@ absl::Status Tokenizer::Impl::Bpe(std::string_view word,
   const bool cacheable = word.size() <= WordCache::kMaxWordBytes;
   if (cacheable && cache.Get(word, out)) return absl::OkStatus();
 
-  // Symbols in a linked list over the word's bytes; a min-heap of candidate
-  // merges ordered by (rank, position). Stale candidates are recognised by the
-  // ids.
-  struct Symbol {
-    int32_t id, prev, next;
-  };
-  struct Candidate {
-    int32_t rank, pos, left, right, merged;
-    bool operator>(const Candidate& o) const {
-      return rank != o.rank ? rank > o.rank : pos > o.pos;
-    }
-  };
+  // Symbols in a linked list over the word's bytes.
   const int32_t n = static_cast<int32_t>(word.size());
   std::vector<Symbol> sym(n);
   for (int32_t i = 0; i < n; ++i) {
@@ -816,31 +915,10 @@ absl::Status Tokenizer::Impl::Bpe(std::string_view word,
           absl::StrFormat("no token for byte 0x%02x", word[i] & 0xFF));
     sym[i] = {id, i - 1, i + 1 < n ? i + 1 : -1};
   }
-  std::priority_queue<Candidate, std::vector<Candidate>,
-                      std::greater<Candidate>>
-      heap;
-  auto consider = [&](int32_t pos) {
-    const int32_t next = sym[pos].next;
-    if (next < 0) return;
-    auto it = merges.find(PairKey(sym[pos].id, sym[next].id));
-    if (it != merges.end())
-      heap.push(
-          {it->second.rank, pos, sym[pos].id, sym[next].id, it->second.merged});
-  };
-  for (int32_t i = 0; i + 1 < n; ++i) consider(i);
-  while (!heap.empty()) {
-    const Candidate c = heap.top();
-    heap.pop();
-    Symbol& left = sym[c.pos];
-    if (left.id != c.left || left.next < 0 || sym[left.next].id != c.right)
-      continue;
-    Symbol& right = sym[left.next];
-    left.id = c.merged;
-    left.next = right.next;
-    if (right.next >= 0) sym[right.next].prev = c.pos;
-    right.id = -1;
-    if (left.prev >= 0) consider(left.prev);
-    consider(c.pos);
+  if (ranks_increase && n > static_cast<int32_t>(WordCache::kMaxWordBytes)) {
+    MergeByRank(sym);
+  } else {
+    MergeWithHeap(sym);
   }
   const size_t first = out->size();
   for (int32_t i = 0; i >= 0; i = sym[i].next) out->push_back(sym[i].id);

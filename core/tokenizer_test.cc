@@ -1,5 +1,6 @@
 #include "core/tokenizer.h"
 
+#include <random>
 #include <string>
 #include <thread>
 #include <vector>
@@ -149,6 +150,27 @@ TEST(Tokenizer, LongWordIsNotQuadratic) {
   auto ids = Enc(*t, word);
   ASSERT_EQ(ids.size(), 200000u / 8);
   for (int32_t id : ids) ASSERT_EQ(id, 258);
+}
+
+TEST(Tokenizer, LongWordsMergeRankByRankLikeTheHeap) {
+  // Words over 256 bytes merge rank by rank when ranks increase; appending two
+  // merges that break the order ("qr s" before "q r") forces the heap
+  // everywhere.
+  Fixture ordered;
+  ordered.merges = {{"a", "b"},    {"b", "a"},  {"a", "a"},   {"ab", "a"},
+                    {"ba", "b"},   {"aa", "b"}, {"ab", "ab"}, {"ba", "ab"},
+                    {"aab", "aa"}, {"b", "b"}};
+  Fixture heap = ordered;
+  heap.merges.push_back({"qr", "s"});
+  heap.merges.push_back({"q", "r"});
+  auto fast = ordered.Make();
+  auto slow = heap.Make();
+  std::mt19937 rng(5);
+  for (int k = 0; k < 50; ++k) {
+    std::string word(257 + rng() % 2000, 'a');
+    for (char& c : word) c = rng() % 3 == 0 ? 'b' : 'a';
+    ASSERT_EQ(Enc(*fast, word), Enc(*slow, word)) << word;
+  }
 }
 
 TEST(Tokenizer, PreTokenizerSplitsDigitsCjkAndWhitespaceRuns) {

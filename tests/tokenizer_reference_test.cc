@@ -108,6 +108,21 @@ std::vector<std::string> Corpus() {
   }
   c.push_back(long_text);
   c.push_back(std::string(5000, ' ') + "x" + std::string(3000, '\n'));
+  // Long pre-tokens (over 256 bytes: merged rank by rank, not cached).
+  {
+    std::mt19937 long_rng(99);
+    std::string letters, cjk, punct;
+    for (int i = 0; i < 3000; ++i)
+      letters.push_back(static_cast<char>('a' + long_rng() % 26));
+    for (int i = 0; i < 600; ++i)
+      cjk = AppendUtf8(std::move(cjk), 0x4E00 + long_rng() % 0x51A6);
+    for (int i = 0; i < 1000; ++i)
+      punct.push_back("!?.,;:-_=+*&^%$#@~"[long_rng() % 18]);
+    c.push_back(letters);
+    c.push_back("x " + cjk + " y");
+    c.push_back(punct);
+    c.push_back(std::string(4000, 'a') + " " + std::string(2000, '\t') + "z");
+  }
 
   // Random mixes.
   const std::vector<std::pair<char32_t, char32_t>> ranges = {
