@@ -149,6 +149,9 @@ class CudaExpertBackendImpl final : public CudaExpertBackend {
     absl::ReaderMutexLock lock(&mu_);
     return weight_bytes_;
   }
+  // Uploads run outside mu_ and an FFN is freed only after its device's
+  // queued work (FreeSynchronized), so loads need no external serialisation.
+  bool LoadsConcurrently() const override { return true; }
   std::vector<DeviceMemory> MemoryPerDevice() const override;
   Timings LastTimings() const override {
     absl::ReaderMutexLock lock(&mu_);

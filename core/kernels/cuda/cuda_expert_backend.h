@@ -38,10 +38,11 @@
 // last bits with the batch it shares (cuBLAS picks GEMM kernels, split-K
 // included, by shape).
 //
-// Thread safety: as the ExpertBackend contract says — Compute/Submit/Await from
-// one thread at a time, Load/Unload not racing with them (they are serialised
-// by an internal mutex anyway, and Unload waits for queued work before freeing).
-// Queries (HasFfn, WeightBytes, MemoryPerDevice, LastTimings) are thread-safe.
+// Thread safety: Compute/Submit/Await from one thread at a time. LoadFfn and
+// UnloadFfn may run concurrently with them (LoadsConcurrently() is true): the
+// upload happens outside the backend's lock, and an FFN replaced or unloaded
+// is freed only after its device finished the work already queued. Queries
+// (HasFfn, WeightBytes, MemoryPerDevice, LastTimings) are thread-safe.
 #ifndef DMOE_CORE_KERNELS_CUDA_CUDA_EXPERT_BACKEND_H_
 #define DMOE_CORE_KERNELS_CUDA_CUDA_EXPERT_BACKEND_H_
 

@@ -16,11 +16,13 @@
 #include "core/kernels/cuda/cuda_expert_backend.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cmath>
 #include <cstring>
 #include <map>
 #include <random>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "core/expert_backend.h"
@@ -359,6 +361,29 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
   EXPECT_THAT(std::string(s.message()), HasSubstr("layer 3 expert 1: gate_proj has"));
   EXPECT_EQ(gpu->LoadFfn(kLayer, -2, ffns_[1].View()).code(),
             absl::StatusCode::kInvalidArgument);
+}
+
+TEST_P(CudaExpertBackendTest, LoadsAndUnloadsWhileComputing) {
+  auto gpu = MakeGpu();
+  ASSERT_NE(gpu, nullptr);
+  EXPECT_TRUE(gpu->LoadsConcurrently());
+  LoadLayer(*gpu);
+  std::atomic<bool> stop{false};
+  std::thread loader([&] {
+    const HostFfn other = MakeFfn(kHidden, kInter, 777);
+    for (int i = 0; !stop.load(); ++i) {  // experts 6 and 7: not in the batches
+      EXPECT_TRUE(gpu->LoadFfn(kLayer, 6 + i % 2, other.View()).ok());
+      EXPECT_TRUE(gpu->UnloadFfn(kLayer, 6 + i % 2).ok());
+    }
+  });
+  for (int i = 0; i < 20; ++i) {
+    const HostBatch b = RandomBatch(40, /*used=*/5, 300 + i);
+    std::vector<float> out(b.tokens() * kHidden);
+    ASSERT_TRUE(gpu->Compute(b.View(), out.data()).ok());
+    ExpectMatchesCpu(b, out);
+  }
+  stop = true;
+  loader.join();
 }
 
 // Two shards: on two GPUs when there are, else both on device 0 (the same
