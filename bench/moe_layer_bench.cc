@@ -21,6 +21,23 @@
 // per weight byte) is below the ceilings' ratio, else compute; "%roof" is
 // achieved GFLOP/s over min(GEMM ceiling, intensity x bandwidth ceiling).
 // Activations (a few MB) are not counted as bytes.
+//
+//   moe_layer_bench --backend=cuda [--shapes=v2lite,v3] [--gemm=grouped,per-expert]
+//                   [--tokens=1,2,...,8192] [--dtype=bf16|f32] [--device=0]
+//                   [--min_time=0.3] [--json=FILE]
+//
+// The CUDA expert backend on one GPU, at DeepSeek-V2-Lite (above) and V3
+// expert shapes (hidden 7168, 256 experts x inter 2048, top-8, one shared
+// expert of inter 2048). Per row: wall time per Compute (host x in, host out),
+// the device time of the batch and of its GEMMs (CUDA events: gate|up GEMMs,
+// SwiGLU, down GEMMs), their TFLOP/s against one dense cuBLAS GEMM with the
+// same FLOPs measured in the same run (M = the batch's assignment rows,
+// K = hidden, N = FLOPs / 2MK; goal >= 75%), and the weight bytes the GEMMs
+// read per second against a device-to-device copy (read + write; goal
+// >= 70%). The goal that applies is the roofline's: bandwidth when the
+// weights take longer to read at copy speed than the dense GEMM takes, else
+// FLOPs. --json writes the rows for bench/torch_moe_baseline.py --ours.
+// Without CUDA in the build or without a GPU it says so and exits 1.
 
 // GCC 12 flags its own _mm512_undefined_*() temporaries in the intrinsics
 // headers as uninitialized once inlined.
@@ -33,6 +50,7 @@
 #include <unistd.h>
 
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <cmath>
 #include <cstdint>
@@ -46,6 +64,11 @@
 
 #include "core/expert_backend.h"
 #include "core/kernels/cpu/linear.h"
+#ifdef DMOE_WITH_CUDA
+#include "core/kernels/cuda/ceilings.h"
+#include "core/kernels/cuda/cuda_expert_backend.h"
+#include "core/kernels/cuda/device_info.h"
+#endif
 
 namespace {
 
@@ -59,13 +82,40 @@ constexpr int kExperts = 64;
 constexpr int kTopK = 6;
 constexpr int32_t kLayer = 0;
 
+// Expert shapes of a MoE layer.
+struct Shape {
+  const char* name;
+  int64_t hidden, inter, shared_inter;
+  int experts, top_k;
+};
+constexpr Shape kV2Lite{"V2-Lite", kHidden, kInter, kSharedInter, kExperts, kTopK};
+constexpr Shape kV3{"V3", 7168, 2048, 2048, 256, 8};
+
 struct Options {
   bool quick = false;
   std::vector<int> threads = {1, 2};
   std::vector<int> tokens = {1, 8, 64, 512, 2048};
   ComputeType type = ComputeType::kBF16;
   double min_time = 1.0;  // seconds of timed calls per configuration
+  // --backend=cuda
+  bool cuda = false;
+  bool tokens_given = false, min_time_given = false;
+  std::vector<std::string> shapes = {"v2lite", "v3"};
+  std::vector<std::string> gemm = {"grouped", "per-expert"};
+  int device = 0;
+  std::string json;
 };
+
+std::vector<std::string> ParseNames(std::string_view s) {
+  std::vector<std::string> v;
+  while (!s.empty()) {
+    const size_t comma = s.find(',');
+    v.emplace_back(s.substr(0, comma));
+    if (comma == std::string_view::npos) break;
+    s.remove_prefix(comma + 1);
+  }
+  return v;
+}
 
 std::vector<int> ParseList(std::string_view s) {
   std::vector<int> v;
@@ -90,6 +140,34 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->threads = ParseList(v);
     } else if (const char* v = value("--tokens=")) {
       o->tokens = ParseList(v);
+      o->tokens_given = true;
+    } else if (const char* v = value("--backend=")) {
+      if (std::string_view(v) == "cuda") {
+        o->cuda = true;
+      } else if (std::string_view(v) != "cpu") {
+        std::fprintf(stderr, "--backend must be cpu or cuda\n");
+        return false;
+      }
+    } else if (const char* v = value("--shapes=")) {
+      o->shapes = ParseNames(v);
+      for (const std::string& n : o->shapes) {
+        if (n != "v2lite" && n != "v3") {
+          std::fprintf(stderr, "--shapes takes v2lite and/or v3\n");
+          return false;
+        }
+      }
+    } else if (const char* v = value("--gemm=")) {
+      o->gemm = ParseNames(v);
+      for (const std::string& n : o->gemm) {
+        if (n != "grouped" && n != "per-expert") {
+          std::fprintf(stderr, "--gemm takes grouped and/or per-expert\n");
+          return false;
+        }
+      }
+    } else if (const char* v = value("--device=")) {
+      o->device = std::atoi(v);
+    } else if (const char* v = value("--json=")) {
+      o->json = v;
     } else if (const char* v = value("--dtype=")) {
       if (std::string_view(v) == "f32") {
         o->type = ComputeType::kF32;
@@ -101,12 +179,16 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       }
     } else if (const char* v = value("--min_time=")) {
       o->min_time = std::atof(v);
+      o->min_time_given = true;
     } else {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
-          "[--dtype=bf16|f32] [--min_time=SECONDS]\n",
-          argv[0]);
+          "[--dtype=bf16|f32] [--min_time=SECONDS]\n"
+          "       %s --backend=cuda [--shapes=v2lite,v3] "
+          "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
+          "[--device=0] [--min_time=SECONDS] [--json=FILE]\n",
+          argv[0], argv[0]);
       return false;
     }
   }
@@ -116,6 +198,10 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       return false;
     }
   }
+  if (o->cuda && !o->tokens_given) {
+    o->tokens = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
+  }
+  if (o->cuda && !o->min_time_given) o->min_time = 0.3;
   if (o->quick) o->min_time = 0;
   return true;
 }
@@ -152,6 +238,7 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 // One routed batch and what it costs.
 struct Batch {
   int64_t tokens = 0;
+  int64_t hidden = kHidden;
   std::vector<float> x;  // [tokens, hidden]
   std::vector<int32_t> offsets, ids;
   std::vector<float> weights;
@@ -159,26 +246,30 @@ struct Batch {
   double weight_bytes = 0;  // distinct FFNs used x their weight bytes
 
   dmoe::core::ExpertBatch View() const {
-    return {kLayer, tokens, kHidden, x.data(), offsets, ids, weights};
+    return {kLayer, tokens, hidden, x.data(), offsets, ids, weights};
   }
 };
 
-Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
+Batch MakeShapeBatch(const Shape& shape, int64_t tokens, uint64_t seed,
+                     size_t elem_bytes) {
+  const int64_t hidden = shape.hidden;
+  const int experts = shape.experts, top_k = shape.top_k;
   Rng rng(seed);
   Batch b;
   b.tokens = tokens;
-  b.x.resize(tokens * kHidden);
+  b.hidden = hidden;
+  b.x.resize(tokens * hidden);
   Fill(&b.x, 1.0f, &rng);
   b.offsets.push_back(0);
-  std::vector<bool> used(kExperts, false);
-  std::vector<int32_t> perm(kExperts);
+  std::vector<bool> used(experts, false);
+  std::vector<int32_t> perm(experts);
   for (int64_t t = 0; t < tokens; ++t) {
     std::iota(perm.begin(), perm.end(), 0);
     float sum = 0;
-    std::vector<float> w(kTopK);
-    // Partial Fisher-Yates: kTopK distinct experts.
-    for (int k = 0; k < kTopK; ++k) {
-      const int j = k + static_cast<int>(rng.Next() % (kExperts - k));
+    std::vector<float> w(top_k);
+    // Partial Fisher-Yates: top_k distinct experts.
+    for (int k = 0; k < top_k; ++k) {
+      const int j = k + static_cast<int>(rng.Next() % (experts - k));
       std::swap(perm[k], perm[j]);
       b.ids.push_back(perm[k]);
       used[perm[k]] = true;
@@ -190,14 +281,18 @@ Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
     b.weights.push_back(1.0f);
     b.offsets.push_back(static_cast<int32_t>(b.ids.size()));
   }
-  const double per_inter = 2.0 * 3 * kHidden;
-  b.flops =
-      per_inter * (kTopK * kInter + kSharedInter) * static_cast<double>(tokens);
+  const double per_inter = 2.0 * 3 * hidden;
+  b.flops = per_inter * (top_k * shape.inter + shape.shared_inter) *
+            static_cast<double>(tokens);
   const int distinct =
       static_cast<int>(std::count(used.begin(), used.end(), true));
   b.weight_bytes =
-      3.0 * kHidden * (distinct * kInter + kSharedInter) * elem_bytes;
+      3.0 * hidden * (distinct * shape.inter + shape.shared_inter) * elem_bytes;
   return b;
+}
+
+Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
+  return MakeShapeBatch(kV2Lite, tokens, seed, elem_bytes);
 }
 
 // ---- Ceilings ---------------------------------------------------------------
@@ -386,11 +481,219 @@ long CurrentRssMiB() {
   return resident * (sysconf(_SC_PAGESIZE) / 1024) / 1024;
 }
 
+// ---- CUDA backend ------------------------------------------------------------
+
+#ifdef DMOE_WITH_CUDA
+
+struct CudaRow {
+  std::string shape, gemm;
+  int tokens = 0, calls = 0;
+  int64_t rows = 0;
+  double wall_ms = 0, device_ms = 0, gemm_ms = 0;
+  double flops = 0, weight_bytes = 0;
+  double dense_tflops = 0;  // same FLOPs as one dense GEMM, same run
+  int64_t dense_n = 0;
+};
+
+void Die(const std::string& what, const absl::Status& s) {
+  std::fprintf(stderr, "moe_layer_bench: %s: %s\n", what.c_str(),
+               std::string(s.message()).c_str());
+  std::exit(1);
+}
+
+// Loads one MoE layer of `shape` into a fresh backend; routed experts share
+// two random weight sets (their values do not change the timing).
+std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
+    const Shape& shape, dmoe::core::CudaGemmMode mode, const Options& o) {
+  auto made = dmoe::core::MakeCudaExpertBackend(
+      o.type, {.devices = {o.device}, .gemm = mode, .record_timings = true});
+  if (!made.ok()) Die("--backend=cuda", made.status());
+  std::unique_ptr<dmoe::core::CudaExpertBackend> backend = *std::move(made);
+  const int64_t h = shape.hidden;
+  Rng rng(42);
+  auto make = [&](int64_t inter) {
+    std::vector<float> gate(inter * h), up(inter * h), down(h * inter);
+    Fill(&gate, 1.0f / std::sqrt(float(h)), &rng);
+    Fill(&up, 1.0f / std::sqrt(float(h)), &rng);
+    Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
+    return std::array<std::vector<float>, 3>{std::move(gate), std::move(up),
+                                            std::move(down)};
+  };
+  const auto sets = std::array{make(shape.inter), make(shape.inter)};
+  const auto shared = make(shape.shared_inter);
+  auto load = [&](int32_t id, int64_t inter, const auto& w) {
+    const absl::Status s = backend->LoadFfn(kLayer, id, {h, inter, w[0], w[1], w[2]});
+    if (!s.ok()) Die("LoadFfn", s);
+  };
+  for (int e = 0; e < shape.experts; ++e) load(e, shape.inter, sets[e % 2]);
+  load(dmoe::core::kSharedFfn, shape.shared_inter, shared);
+  return backend;
+}
+
+CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
+                   const std::string& gemm, int tokens, const Options& o,
+                   size_t elem_bytes) {
+  const int num_batches = o.quick ? 2 : (tokens >= 512 ? 3 : 8);
+  std::vector<Batch> batches;
+  for (int i = 0; i < num_batches; ++i)
+    batches.push_back(MakeShapeBatch(shape, tokens, 1000 * tokens + i, elem_bytes));
+  std::vector<float> out(static_cast<size_t>(tokens) * shape.hidden);
+  auto call = [&](const Batch& b) {
+    const absl::Status s = backend.Compute(b.View(), out.data());
+    if (!s.ok()) Die("Compute", s);
+  };
+  for (const Batch& b : batches) call(b);  // warm-up: workspaces, cuBLAS
+  std::vector<double> wall, device, gemm_s;
+  const auto start = Clock::now();
+  for (int pass = 0; pass == 0 || (!o.quick && pass < 1000); ++pass) {
+    for (const Batch& b : batches) {
+      const auto t0 = Clock::now();
+      call(b);
+      wall.push_back(Seconds(t0, Clock::now()));
+      const auto t = backend.LastTimings();
+      device.push_back(t.batch_ms * 1e-3);
+      gemm_s.push_back(t.gemm_ms * 1e-3);
+    }
+    if (Seconds(start, Clock::now()) >= o.min_time) break;
+  }
+  CudaRow r;
+  r.shape = shape.name;
+  r.gemm = gemm;
+  r.tokens = tokens;
+  r.calls = static_cast<int>(wall.size());
+  r.rows = static_cast<int64_t>(tokens) * (shape.top_k + 1);
+  r.wall_ms = Median(wall) * 1e3;
+  r.device_ms = Median(device) * 1e3;
+  r.gemm_ms = Median(gemm_s) * 1e3;
+  for (const Batch& b : batches) {
+    r.flops += b.flops / batches.size();
+    r.weight_bytes += b.weight_bytes / batches.size();
+  }
+  // The dense GEMM with the same FLOPs: M = assignment rows, K = hidden.
+  const int64_t m = r.rows, k = shape.hidden;
+  r.dense_n = std::max<int64_t>(1, std::llround(r.flops / (2.0 * m * k)));
+  const bool bf16 = o.type == ComputeType::kBF16;
+  auto dense = dmoe::core::cuda::DenseGemmSeconds(
+      o.device, bf16, bf16 && gemm == "grouped", m, r.dense_n, k, o.quick ? 1 : 5);
+  if (!dense.ok()) Die("dense GEMM ceiling", dense.status());
+  r.dense_tflops = 2.0 * m * r.dense_n * k / *dense / 1e12;
+  return r;
+}
+
+int RunCudaBench(const Options& o) {
+  const int devices = dmoe::core::cuda::DeviceCount();
+  if (devices == 0) {
+    std::fprintf(stderr,
+                 "moe_layer_bench: --backend=cuda: no CUDA device on this "
+                 "machine (none visible, or no driver)\n");
+    return 1;
+  }
+  if (o.device < 0 || o.device >= devices) {
+    std::fprintf(stderr, "moe_layer_bench: --device=%d: %d CUDA devices\n",
+                 o.device, devices);
+    return 1;
+  }
+  const bool bf16 = o.type == ComputeType::kBF16;
+  const size_t elem_bytes = bf16 ? 2 : 4;
+  std::printf("MoE layer bench, CUDA backend, %s weights, on %s%s\n",
+              bf16 ? "bf16" : "f32",
+              dmoe::core::cuda::DeviceDescription(o.device).c_str(),
+              o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
+  auto copy = dmoe::core::cuda::DeviceCopyGBs(o.device, size_t{1} << 30, o.quick ? 1 : 5);
+  if (!copy.ok()) Die("copy ceiling", copy.status());
+  const double copy_gbs = *copy;
+  std::printf("device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
+
+  std::vector<CudaRow> rows;
+  for (const std::string& shape_name : o.shapes) {
+    const Shape& shape = shape_name == "v3" ? kV3 : kV2Lite;
+    for (const std::string& gemm : o.gemm) {
+      const auto mode = gemm == "grouped" ? dmoe::core::CudaGemmMode::kGrouped
+                                          : dmoe::core::CudaGemmMode::kPerExpert;
+      const auto t0 = Clock::now();
+      auto backend = LoadCudaLayer(shape, mode, o);
+      std::printf("%s, %s GEMMs: loaded %.2f GB in %.1f s\n", shape.name,
+                  gemm.c_str(), backend->WeightBytes() / 1e9,
+                  Seconds(t0, Clock::now()));
+      std::fflush(stdout);
+      for (int tokens : o.tokens)
+        rows.push_back(RunCudaRow(*backend, shape, gemm, tokens, o, elem_bytes));
+    }
+  }
+
+  std::printf(
+      "\nMedians over `calls` (routing changes from call to call). wall: "
+      "Compute from host x to host out; dev: the batch on the GPU; GEMM: "
+      "gate|up GEMMs + SwiGLU + down GEMMs. dense: one cuBLAS GEMM with the "
+      "same FLOPs (M = rows, K = hidden). BW: weight bytes / GEMM time vs the "
+      "copy. bnd: the roofline's bound (BW when reading the weights at copy "
+      "speed takes longer than the dense GEMM).\n");
+  std::printf("%-7s %-10s %6s %5s %6s %9s %8s %8s %9s %9s %6s %8s %8s %5s %4s %s\n",
+              "shape", "gemm", "tokens", "calls", "rows", "wall ms", "dev ms",
+              "GEMM ms", "TFLOP/s", "dense", "%dense", "weightGB", "GB/s",
+              "%copy", "bnd", "goal");
+  for (const CudaRow& r : rows) {
+    const double tflops = r.flops / (r.gemm_ms * 1e-3) / 1e12;
+    const double gbs = r.weight_bytes / (r.gemm_ms * 1e-3) / 1e9;
+    const double pct_dense = 100 * tflops / r.dense_tflops;
+    const double pct_copy = 100 * gbs / copy_gbs;
+    const bool bw_bound =
+        r.weight_bytes / (copy_gbs * 1e9) > r.flops / (r.dense_tflops * 1e12);
+    const std::string goal =
+        bw_bound ? (pct_copy >= 70 ? "met: >=70% copy" : "MISSED: >=70% copy")
+                 : (pct_dense >= 75 ? "met: >=75% dense" : "MISSED: >=75% dense");
+    std::printf(
+        "%-7s %-10s %6d %5d %6lld %9.3f %8.3f %8.3f %9.1f %9.1f %5.0f%% %8.3f "
+        "%8.0f %4.0f%% %4s %s\n",
+        r.shape.c_str(), r.gemm.c_str(), r.tokens, r.calls,
+        static_cast<long long>(r.rows), r.wall_ms, r.device_ms, r.gemm_ms,
+        tflops, r.dense_tflops, pct_dense, r.weight_bytes / 1e9, gbs, pct_copy,
+        bw_bound ? "BW" : "FLOP", goal.c_str());
+  }
+  if (!o.json.empty()) {
+    FILE* f = std::fopen(o.json.c_str(), "w");
+    if (f == nullptr) {
+      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
+      return 1;
+    }
+    std::fprintf(f, "{\"dtype\": \"%s\", \"device\": \"%s\", \"rows\": [\n",
+                 bf16 ? "bf16" : "f32",
+                 dmoe::core::cuda::DeviceDescription(o.device).c_str());
+    for (size_t i = 0; i < rows.size(); ++i) {
+      const CudaRow& r = rows[i];
+      std::fprintf(f,
+                   "  {\"shape\": \"%s\", \"gemm\": \"%s\", \"tokens\": %d, "
+                   "\"wall_ms\": %.6f, \"device_ms\": %.6f, \"gemm_ms\": "
+                   "%.6f, \"flops\": %.6g}%s\n",
+                   r.shape.c_str(), r.gemm.c_str(), r.tokens, r.wall_ms,
+                   r.device_ms, r.gemm_ms, r.flops,
+                   i + 1 < rows.size() ? "," : "");
+    }
+    std::fprintf(f, "]}\n");
+    std::fclose(f);
+    std::printf("\nrows written to %s\n", o.json.c_str());
+  }
+  return 0;
+}
+
+#else  // !DMOE_WITH_CUDA
+
+int RunCudaBench(const Options&) {
+  std::fprintf(stderr,
+               "moe_layer_bench: --backend=cuda: this build has no CUDA "
+               "support (nvcc not found at configure time, or "
+               "-DDMOE_CUDA=OFF)\n");
+  return 1;
+}
+
+#endif  // DMOE_WITH_CUDA
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Options o;
   if (!ParseOptions(argc, argv, &o)) return 2;
+  if (o.cuda) return RunCudaBench(o);
   const bool bf16 = o.type == ComputeType::kBF16;
   const size_t elem_bytes = bf16 ? 2 : 4;
 

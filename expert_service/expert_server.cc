@@ -20,6 +20,10 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
+#ifdef DMOE_WITH_CUDA
+#include "core/kernels/cuda/cuda_expert_backend.h"
+#include "core/kernels/cuda/device_info.h"
+#endif
 
 #ifndef DMOE_VERSION
 #define DMOE_VERSION "dev"
@@ -52,6 +56,30 @@ std::string ExpertPrefix(int64_t layer, int32_t expert) {
              ? absl::StrCat("model.layers.", layer, ".mlp.shared_experts.")
              : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert,
                             ".");
+}
+
+// The backend ExpertServerOptions::backend names.
+absl::StatusOr<std::unique_ptr<core::ExpertBackend>> MakeBackend(
+    ExpertServerOptions::Backend kind, core::ComputeType compute) {
+  using Backend = ExpertServerOptions::Backend;
+#ifdef DMOE_WITH_CUDA
+  if (kind == Backend::kCuda ||
+      (kind == Backend::kAuto && core::cuda::DeviceCount() > 0)) {
+    auto gpu = core::MakeCudaExpertBackend(compute);
+    if (!gpu.ok()) {
+      return absl::Status(gpu.status().code(),
+                          absl::StrCat("CUDA expert backend: ", gpu.status().message()));
+    }
+    return std::unique_ptr<core::ExpertBackend>(*std::move(gpu));
+  }
+#else
+  if (kind == Backend::kCuda) {
+    return absl::FailedPreconditionError(
+        "CUDA expert backend: this build has no CUDA support (configure where "
+        "nvcc is found, or with -DDMOE_CUDA=ON)");
+  }
+#endif
+  return core::MakeCpuExpertBackend(compute);
 }
 
 }  // namespace
@@ -168,7 +196,9 @@ absl::Status ExpertServer::Impl::Init() {
   ckpt = *std::move(ckpt_or);
   ckpt->set_fp8_block(cfg.fp8_block_rows, cfg.fp8_block_cols);
   if (options.threads > 0) core::SetComputeThreads(options.threads);
-  backend = core::MakeCpuExpertBackend(options.compute);
+  auto made = MakeBackend(options.backend, options.compute);
+  if (!made.ok()) return made.status();
+  backend = *std::move(made);
 
   internal::LayerSlots layer_slots(cfg.num_hidden_layers);
   for (int64_t l = 0; l < cfg.num_hidden_layers && !options.start_empty; ++l) {

@@ -72,6 +72,11 @@ struct ExpertServerOptions {
   // shared FFNs), ignoring `placement` and `server_index`; a placement
   // controller then gives the server slots (LoadSlots).
   bool start_empty = false;
+  // Expert compute backend. kCuda: every visible GPU (Create fails with
+  // FailedPrecondition without one, or in a build without CUDA); kAuto: CUDA
+  // when this build has it and a GPU is visible, else the CPU.
+  enum class Backend { kCpu, kCuda, kAuto };
+  Backend backend = Backend::kCpu;
 };
 
 class ExpertServer {

@@ -3,6 +3,7 @@
 //   dmoe-expert --model DIR --server-index I (--num-servers N | --placement
 //   FILE)
 //               [--host 127.0.0.1] [--port P] [--dtype f32|bf16] [--threads N]
+//               [--backend cpu|cuda|auto]
 //               [--max-queue 256] [--max-batch-tokens 8192] [--port-file PATH]
 //               [--drain-timeout-s 30]
 //               [--raw-echo-port P] [--raw-echo-port-file PATH]
@@ -63,6 +64,11 @@ dmoe::tools::Args MakeArgs() {
       .Flag("port", "P", "port to listen on; 0 = any free port", "50061")
       .Flag("dtype", "f32|bf16", "expert compute type", "bf16")
       .Flag("threads", "N", "compute threads; 0 = all cores", "0")
+      .Flag("backend", "cpu|cuda|auto",
+            "expert compute backend: cpu; cuda (every visible GPU; exit 1 "
+            "without one or in a build without CUDA); auto = cuda when this "
+            "build has CUDA and a GPU is visible, else cpu",
+            "cpu")
       .Flag("max-queue", "N",
             "requests waiting for compute before RESOURCE_EXHAUSTED", "256")
       .Flag("max-batch-tokens", "N", "tokens per batched expert computation",
@@ -219,6 +225,20 @@ int main(int argc, char** argv) {
                 absl::StrCat("--dtype must be f32 or bf16, got '", dtype, "'"));
   }
 
+  using BackendKind = dmoe::expert::ExpertServerOptions::Backend;
+  BackendKind backend_kind;
+  const std::string backend_flag = args.Str("backend");
+  if (backend_flag == "cpu") {
+    backend_kind = BackendKind::kCpu;
+  } else if (backend_flag == "cuda") {
+    backend_kind = BackendKind::kCuda;
+  } else if (backend_flag == "auto") {
+    backend_kind = BackendKind::kAuto;
+  } else {
+    return Fail(2, absl::StrCat("--backend must be cpu, cuda or auto, got '",
+                                backend_flag, "'"));
+  }
+
   const std::string model = args.Str("model");
   auto cfg = dmoe::core::ModelConfig::FromFile(model + "/config.json");
   if (!cfg.ok())
@@ -244,6 +264,7 @@ int main(int argc, char** argv) {
   options.model_dir = model;
   options.server_index = static_cast<int>(server_index);
   options.compute = compute;
+  options.backend = backend_kind;
   options.threads = static_cast<int>(threads);
   options.max_queue = static_cast<size_t>(max_queue);
   options.max_batch_tokens = max_batch_tokens;
