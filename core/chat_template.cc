@@ -927,7 +927,7 @@ class Parser {
   const Lexer& lexer_;
   // Recursion depth of the parser (bodies and expressions): templates are
   // small, and a bound keeps a hostile one from exhausting the stack.
-  static constexpr int kMaxDepth = 200;
+  static constexpr int kMaxDepth = 64;
   struct DepthGuard {
     explicit DepthGuard(Parser* p) : parser(p) { ++parser->depth_; }
     ~DepthGuard() { --parser->depth_; }
@@ -1450,6 +1450,9 @@ enum class Flow { kNormal, kBreak, kContinue };
 
 class Renderer {
  public:
+  ~Renderer() {
+    for (auto& ns : namespaces_) ns->items.clear();
+  }
   Renderer(const Lexer& lexer, const ojson& context) : lexer_(lexer) {
     scopes_.emplace_back();
     for (auto it = context.begin(); it != context.end(); ++it)
@@ -1492,6 +1495,9 @@ class Renderer {
 
   const Lexer& lexer_;
   std::vector<std::map<std::string, Value, std::less<>>> scopes_;
+  // Every namespace() of this render: emptied at the end, which breaks the
+  // reference cycles a template can build with them ({% set ns.me = ns %}).
+  std::vector<std::shared_ptr<Dict>> namespaces_;
 };
 
 absl::StatusOr<std::vector<Value>> Renderer::Iterate(const Expr& e,
@@ -1909,6 +1915,7 @@ absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
   if (fn == "namespace" || fn == "dict") {
     Value ns = Value::NewDict(fn == "namespace" ? Value::Kind::kNamespace
                                                 : Value::Kind::kDict);
+    if (ns.is(Value::Kind::kNamespace)) namespaces_.push_back(ns.dict);
     if (!args.empty()) {
       if (args.size() != 1 || !args[0].is(Value::Kind::kDict))
         return Error(
