@@ -1,11 +1,10 @@
-#include "core/kernels/cuda/ceilings.h"
-
 #include <cuda_bf16.h>
 
 #include <algorithm>
 #include <tuple>
 
 #include "absl/strings/str_cat.h"
+#include "core/kernels/cuda/ceilings.h"
 #include "core/kernels/cuda/cuda_util.cuh"
 #include "core/status.h"
 
@@ -59,8 +58,8 @@ absl::StatusOr<double> DenseGemmSeconds(int device, bool bf16_in, bool bf16_out,
   CublasHandle blas;
   DMOE_RETURN_IF_ERROR(stream.Create(device));
   DMOE_RETURN_IF_ERROR(blas.Create(device));
-  DMOE_RETURN_IF_ERROR(
-      CublasStatus(cublasSetStream(blas.get(), stream.get()), "cublasSetStream"));
+  DMOE_RETURN_IF_ERROR(CublasStatus(cublasSetStream(blas.get(), stream.get()),
+                                    "cublasSetStream"));
   const size_t in_bytes = bf16_in ? 2 : 4, out_bytes = bf16_out ? 2 : 4;
   DeviceBuffer w(device), x(device), y(device);
   DMOE_RETURN_IF_ERROR(w.Reserve(n * k * in_bytes));

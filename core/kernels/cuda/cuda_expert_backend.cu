@@ -16,8 +16,6 @@
 // elem = bf16 or f32 (ComputeType); gemm-out = bf16 only for kBF16 + kGrouped.
 // Contexts are reused; they are idle (all their streams drained) whenever they
 // are not busy, so a batch never waits on another ticket's buffers.
-#include "core/kernels/cuda/cuda_expert_backend.h"
-
 #include <cuda_bf16.h>
 
 #include <algorithm>
@@ -34,6 +32,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "core/kernels/cuda/convert.cuh"
+#include "core/kernels/cuda/cuda_expert_backend.h"
 #include "core/kernels/cuda/cuda_util.cuh"
 #include "core/kernels/cuda/device_info.h"
 #include "core/kernels/cuda/expert_gemm.cuh"
@@ -130,9 +129,7 @@ class CudaExpertBackendImpl final : public CudaExpertBackend {
 
   absl::Status Init();
 
-  std::string Name() const override {
-    return bf16_ ? "cuda-bf16" : "cuda-f32";
-  }
+  std::string Name() const override { return bf16_ ? "cuda-bf16" : "cuda-f32"; }
   absl::Status LoadFfn(int32_t layer, int32_t ffn_id,
                        const FfnWeights& w) override;
   absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) override;
@@ -307,8 +304,9 @@ absl::Status CudaExpertBackendImpl::Upload(Ffn& f, const FfnWeights& w) {
     // Pageable source: cudaMemcpy is synchronous and, on the legacy default
     // stream, ordered after the previous part's conversion.
     void* to = bf16_ ? staging_[f.shard].get() : dst;
-    DMOE_CUDA_TRY(cudaMemcpy(to, src, n * sizeof(float), cudaMemcpyHostToDevice),
-                  "cudaMemcpy");
+    DMOE_CUDA_TRY(
+        cudaMemcpy(to, src, n * sizeof(float), cudaMemcpyHostToDevice),
+        "cudaMemcpy");
     if (bf16_) {
       DMOE_CUDA_TRY(cuda::LaunchF32ToBF16(staging_[f.shard].get<float>(),
                                           static_cast<bf16*>(dst),
@@ -364,9 +362,9 @@ absl::Status CudaExpertBackendImpl::LoadFfn(int32_t layer, int32_t ffn_id,
     // Upload outside mu_: batches are not held up by a load.
     absl::MutexLock load_lock(&load_mu_);
     if (absl::Status s = Upload(*ffn, w); !s.ok()) {
-      return absl::Status(s.code(),
-                          absl::StrFormat("%s: upload to device %d: %s", name,
-                                          dev, s.message()));
+      return absl::Status(
+          s.code(), absl::StrFormat("%s: upload to device %d: %s", name, dev,
+                                    s.message()));
     }
   }
 
@@ -579,7 +577,8 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
   const size_t tgo_words = tiles * (groups + 1);
   const size_t routing_words = 3 * size_t(a_count) + tgo_words + (groups + 2) +
                                (cuda::kSummaryCounts + groups);
-  const size_t summary_bytes = (cuda::kSummaryCounts + groups) * sizeof(int32_t);
+  const size_t summary_bytes =
+      (cuda::kSummaryCounts + groups) * sizeof(int32_t);
   ShardWork& w0 = *c.shards[0];
   DMOE_RETURN_IF_ERROR(c.in_host.Reserve(in_words * 4));
   DMOE_RETURN_IF_ERROR(c.in_dev.Reserve(in_words * 4));
@@ -637,9 +636,10 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
 
   // 2. x through pinned memory in chunks (host memcpy of one chunk overlaps
   // the DMA of the previous one and the routing), then the gather.
-  c.chunks = n >= 2 * kMinChunkTokens
-                 ? static_cast<int>(std::min<int64_t>(kMaxChunks, n / kMinChunkTokens))
-                 : 1;
+  c.chunks =
+      n >= 2 * kMinChunkTokens
+          ? static_cast<int>(std::min<int64_t>(kMaxChunks, n / kMinChunkTokens))
+          : 1;
   c.chunk_tokens = (n + c.chunks - 1) / c.chunks;
   for (int k = 0; k < c.chunks; ++k) {
     const int64_t t0 = k * c.chunk_tokens;
@@ -647,21 +647,20 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
     if (t1 <= t0) continue;
     const size_t off = t0 * hidden, bytes = (t1 - t0) * hidden * sizeof(float);
     std::memcpy(c.x_host.get<float>() + off, b.x + off, bytes);
-    DMOE_CUDA_TRY(cudaMemcpyAsync(c.x_dev.get<float>() + off,
-                                  c.x_host.get<float>() + off, bytes,
-                                  cudaMemcpyHostToDevice, cs),
-                  "upload of x");
+    DMOE_CUDA_TRY(
+        cudaMemcpyAsync(c.x_dev.get<float>() + off, c.x_host.get<float>() + off,
+                        bytes, cudaMemcpyHostToDevice, cs),
+        "upload of x");
   }
   DMOE_CUDA_TRY(cudaEventRecord(c.x_ready.get(), cs), "event");
   DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.x_ready.get(), 0), "wait");
-  DMOE_CUDA_TRY(
-      bf16_ ? cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
-                                    rb.permuted_to_token, a_count,
-                                    w0.xp.get<bf16>(), st)
-            : cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
-                                    rb.permuted_to_token, a_count,
-                                    w0.xp.get<float>(), st),
-      "MoE gather");
+  DMOE_CUDA_TRY(bf16_ ? cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
+                                              rb.permuted_to_token, a_count,
+                                              w0.xp.get<bf16>(), st)
+                      : cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
+                                              rb.permuted_to_token, a_count,
+                                              w0.xp.get<float>(), st),
+                "MoE gather");
   DMOE_CUDA_TRY(cudaEventRecord(c.gathered.get(), st), "event");
 
   // 3. The GEMM shapes (and any error) to the host.
@@ -680,7 +679,8 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
     DMOE_RETURN_IF_ERROR(LaunchShard(c, d, hidden));
   for (int d = 1; d < num_shards(); ++d) {
     if (c.shards[d]->active)
-      DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.shards[d]->done.get(), 0), "wait");
+      DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.shards[d]->done.get(), 0),
+                    "wait");
   }
 
   // 5. Combine and download, chunk by chunk.
@@ -717,7 +717,8 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
                                                 int64_t hidden) {
   ShardWork& w = *c.shards[shard];
   ShardWork& w0 = *c.shards[0];
-  const int32_t gb = shard_group_begin_[shard], ge = shard_group_begin_[shard + 1];
+  const int32_t gb = shard_group_begin_[shard],
+                ge = shard_group_begin_[shard + 1];
   w.first_row = expert_first_offset_[gb];
   w.rows = expert_first_offset_[ge] - w.first_row;
   w.active = w.rows > 0;
@@ -784,9 +785,10 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
   if (shard != 0) {
     DMOE_CUDA_TRY(cudaStreamWaitEvent(s, c.gathered.get(), 0), "wait");
     DMOE_CUDA_TRY(
-        cudaMemcpyPeerAsync(w.xp.get(), w.device,
-                            w0.xp.get<char>() + size_t(w.first_row) * hidden * elem_bytes_,
-                            w0.device, xp_bytes, s),
+        cudaMemcpyPeerAsync(
+            w.xp.get(), w.device,
+            w0.xp.get<char>() + size_t(w.first_row) * hidden * elem_bytes_,
+            w0.device, xp_bytes, s),
         absl::StrFormat("rows of x to device %d", w.device));
   }
   DMOE_CUDA_TRY(cudaMemcpyAsync(w.params.get(), ph, param_bytes,
@@ -795,9 +797,9 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
   DMOE_RETURN_IF_ERROR(RunGemms(w));
   if (shard != 0) {
     DMOE_CUDA_TRY(
-        cudaMemcpyPeerAsync(w0.yp.get<char>() + size_t(w.first_row) * hidden * out_bytes_,
-                            w0.device, w.yp.get(), w.device,
-                            rows * hidden * out_bytes_, s),
+        cudaMemcpyPeerAsync(
+            w0.yp.get<char>() + size_t(w.first_row) * hidden * out_bytes_,
+            w0.device, w.yp.get(), w.device, rows * hidden * out_bytes_, s),
         absl::StrFormat("FFN outputs from device %d", w.device));
     DMOE_CUDA_TRY(cudaEventRecord(w.done.get(), s), "event");
   }
@@ -823,9 +825,10 @@ absl::Status CudaExpertBackendImpl::RunGemms(ShardWork& w) {
     if (st == CUBLAS_STATUS_NOT_SUPPORTED && grouped_) {
       // Not for these types on this GPU/cuBLAS: issue them one by one from now
       // on (same types, same results up to cuBLAS's kernel choice).
-      std::fprintf(stderr,
-                   "dmoe cuda backend: cublasGemmGroupedBatchedEx not supported "
-                   "here; using one cublasGemmEx per expert\n");
+      std::fprintf(
+          stderr,
+          "dmoe cuda backend: cublasGemmGroupedBatchedEx not supported "
+          "here; using one cublasGemmEx per expert\n");
       grouped_ = false;
       st = w.runner.Run(w.blas.get(), false, types, list, ptrs);
     }
@@ -872,7 +875,8 @@ absl::Status CudaExpertBackendImpl::CopyOut(Context& c) {
     const int64_t t0 = std::min(c.num_tokens, k * c.chunk_tokens);
     const int64_t t1 = std::min(c.num_tokens, t0 + c.chunk_tokens);
     if (t1 > t0) {
-      std::memcpy(c.out + t0 * c.hidden, c.out_host.get<float>() + t0 * c.hidden,
+      std::memcpy(c.out + t0 * c.hidden,
+                  c.out_host.get<float>() + t0 * c.hidden,
                   (t1 - t0) * c.hidden * sizeof(float));
     }
   }
@@ -899,7 +903,8 @@ absl::Status CudaExpertBackendImpl::Await(uint64_t ticket) {
     float ms = 0;
     {
       DeviceGuard g(c->copy_stream.device());
-      if (cudaEventElapsedTime(&ms, c->begin.get(), c->end.get()) == cudaSuccess)
+      if (cudaEventElapsedTime(&ms, c->begin.get(), c->end.get()) ==
+          cudaSuccess)
         t.batch_ms = ms;
     }
     for (auto& w : c->shards) {
@@ -949,7 +954,8 @@ absl::StatusOr<std::unique_ptr<CudaExpertBackend>> MakeCudaExpertBackend(
           "CUDA device %d does not exist (%d visible)", d, count));
     }
   }
-  auto backend = std::make_unique<CudaExpertBackendImpl>(type, std::move(options));
+  auto backend =
+      std::make_unique<CudaExpertBackendImpl>(type, std::move(options));
   DMOE_RETURN_IF_ERROR(backend->Init());
   return std::unique_ptr<CudaExpertBackend>(std::move(backend));
 }

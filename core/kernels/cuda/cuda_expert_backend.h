@@ -75,10 +75,10 @@ struct CudaBackendOptions {
 class CudaExpertBackend : public ExpertBackend {
  public:
   struct DeviceMemory {
-    int device = 0;               // CUDA ordinal
-    size_t weight_bytes = 0;      // resident FFN weights on this shard
-    size_t workspace_bytes = 0;   // batch workspaces (grow-only)
-    size_t free_bytes = 0;        // cudaMemGetInfo
+    int device = 0;              // CUDA ordinal
+    size_t weight_bytes = 0;     // resident FFN weights on this shard
+    size_t workspace_bytes = 0;  // batch workspaces (grow-only)
+    size_t free_bytes = 0;       // cudaMemGetInfo
     size_t total_bytes = 0;
   };
   // One entry per shard (options.devices order).

@@ -77,7 +77,8 @@ struct HostBatch {
     offsets.push_back(static_cast<int32_t>(ids.size()));
   }
   ExpertBatch View(int32_t layer = kLayer) const {
-    return ExpertBatch{layer, tokens(), hidden, x.data(), offsets, ids, weights};
+    return ExpertBatch{layer,   tokens(), hidden, x.data(),
+                       offsets, ids,      weights};
   }
 };
 
@@ -97,7 +98,8 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
   static constexpr int kExperts = 8;
 
   void SetUp() override {
-    if (cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device on this machine";
+    if (cuda::DeviceCount() == 0)
+      GTEST_SKIP() << "no CUDA device on this machine";
   }
 
   double Tolerance() const {
@@ -107,9 +109,10 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
 
   std::unique_ptr<CudaExpertBackend> MakeGpu(std::vector<int> devices = {},
                                              bool timings = false) {
-    auto b = MakeCudaExpertBackend(
-        GetParam().type, {.devices = devices, .gemm = GetParam().gemm,
-                          .record_timings = timings});
+    auto b =
+        MakeCudaExpertBackend(GetParam().type, {.devices = devices,
+                                                .gemm = GetParam().gemm,
+                                                .record_timings = timings});
     EXPECT_TRUE(b.ok()) << b.status();
     return b.ok() ? *std::move(b) : nullptr;
   }
@@ -118,7 +121,8 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
   void LoadLayer(ExpertBackend& gpu) {
     if (cpu_ == nullptr) {
       cpu_ = MakeCpuExpertBackend(GetParam().type);
-      for (int e = 0; e < kExperts; ++e) ffns_[e] = MakeFfn(kHidden, kInter, 100 + e);
+      for (int e = 0; e < kExperts; ++e)
+        ffns_[e] = MakeFfn(kHidden, kInter, 100 + e);
       ffns_[kSharedFfn] = MakeFfn(kHidden, kSharedInter, 99);
       for (const auto& [id, f] : ffns_)
         ASSERT_TRUE(cpu_->LoadFfn(kLayer, id, f.View()).ok());
@@ -142,8 +146,10 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
         const int32_t e = static_cast<int32_t>(rng() % used);
         if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
       }
-      if (rng() % 8 != 0) ids.insert(ids.begin() + rng() % (ids.size() + 1), kSharedFfn);
-      b.AddToken(Uniform(kHidden, 1.0f, &rng), ids, Uniform(ids.size(), 1.0f, &rng));
+      if (rng() % 8 != 0)
+        ids.insert(ids.begin() + rng() % (ids.size() + 1), kSharedFfn);
+      b.AddToken(Uniform(kHidden, 1.0f, &rng), ids,
+                 Uniform(ids.size(), 1.0f, &rng));
     }
     return b;
   }
@@ -225,7 +231,8 @@ TEST_P(CudaExpertBackendTest, EmptyBatchesAndNoAssignments) {
   EXPECT_TRUE(gpu->Compute(none.View(), nullptr).ok());
   HostBatch idle;
   idle.hidden = kHidden;
-  for (int t = 0; t < 3; ++t) idle.AddToken(std::vector<float>(kHidden, 1.0f), {}, {});
+  for (int t = 0; t < 3; ++t)
+    idle.AddToken(std::vector<float>(kHidden, 1.0f), {}, {});
   std::vector<float> out(3 * kHidden, 5.0f);
   ASSERT_TRUE(gpu->Compute(idle.View(), out.data()).ok());
   EXPECT_THAT(out, ::testing::Each(0.0f));
@@ -239,7 +246,8 @@ TEST_P(CudaExpertBackendTest, BitwiseReproducibleRunToRun) {
   std::vector<float> first(b.tokens() * kHidden), again(first.size());
   ASSERT_TRUE(gpu->Compute(b.View(), first.data()).ok());
   ASSERT_TRUE(gpu->Compute(b.View(), again.data()).ok());
-  EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
+  EXPECT_EQ(
+      0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
 }
 
 TEST_P(CudaExpertBackendTest, SeveralTicketsOutstanding) {
@@ -262,7 +270,8 @@ TEST_P(CudaExpertBackendTest, SeveralTicketsOutstanding) {
   for (int i = 0; i < 3; ++i) {
     std::vector<float> alone(outs[i].size());
     ASSERT_TRUE(gpu->Compute(batches[i].View(), alone.data()).ok());
-    EXPECT_EQ(0, std::memcmp(alone.data(), outs[i].data(), alone.size() * sizeof(float)))
+    EXPECT_EQ(0, std::memcmp(alone.data(), outs[i].data(),
+                             alone.size() * sizeof(float)))
         << i;
   }
   EXPECT_EQ(gpu->Await(tickets[0]).code(), absl::StatusCode::kNotFound);
@@ -282,11 +291,13 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
   HostBatch good;  // ids [0, S, 1, 2, S, 3], offsets [0, 2, 5, 5, 6]
   good.hidden = kHidden;
   good.AddToken(Uniform(kHidden, 1, &rng), {0, kSharedFfn}, {0.5f, 1.0f});
-  good.AddToken(Uniform(kHidden, 1, &rng), {1, 2, kSharedFfn}, {0.2f, 0.3f, 1.0f});
+  good.AddToken(Uniform(kHidden, 1, &rng), {1, 2, kSharedFfn},
+                {0.2f, 0.3f, 1.0f});
   good.AddToken(Uniform(kHidden, 1, &rng), {}, {});
   good.AddToken(Uniform(kHidden, 1, &rng), {3}, {0.9f});
   std::vector<float> out(good.tokens() * kHidden, 42.0f);
-  auto expect_error = [&](HostBatch b, absl::StatusCode code, const std::string& msg) {
+  auto expect_error = [&](HostBatch b, absl::StatusCode code,
+                          const std::string& msg) {
     const absl::Status s = gpu->Compute(b.View(), out.data());
     EXPECT_EQ(s.code(), code) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr(msg));
@@ -298,7 +309,8 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
                "layer 3: expert 9 is not loaded on this backend");
   b = good;
   b.ids[2] = -2;
-  expect_error(b, absl::StatusCode::kInvalidArgument, "invalid FFN id -2 at assignment 2");
+  expect_error(b, absl::StatusCode::kInvalidArgument,
+               "invalid FFN id -2 at assignment 2");
   b = good;
   b.ids[0] = 20;
   expect_error(b, absl::StatusCode::kInvalidArgument,
@@ -313,8 +325,10 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
   b = good;
   b.weights.pop_back();
   expect_error(b, absl::StatusCode::kInvalidArgument, "weights for");
-  const absl::Status other_layer = gpu->Compute(good.View(kLayer + 1), out.data());
-  EXPECT_EQ(other_layer.code(), absl::StatusCode::kFailedPrecondition) << other_layer;
+  const absl::Status other_layer =
+      gpu->Compute(good.View(kLayer + 1), out.data());
+  EXPECT_EQ(other_layer.code(), absl::StatusCode::kFailedPrecondition)
+      << other_layer;
   // And the backend still works.
   ASSERT_TRUE(gpu->Compute(good.View(), out.data()).ok());
   ExpectMatchesCpu(good, out);
@@ -325,8 +339,7 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
   ASSERT_NE(gpu, nullptr);
   LoadLayer(*gpu);
   const size_t elem = GetParam().type == ComputeType::kBF16 ? 2 : 4;
-  const size_t expect =
-      3 * elem * kHidden * (kExperts * kInter + kSharedInter);
+  const size_t expect = 3 * elem * kHidden * (kExperts * kInter + kSharedInter);
   EXPECT_EQ(gpu->WeightBytes(), expect);
   size_t per_device = 0;
   for (const auto& m : gpu->MemoryPerDevice()) {
@@ -358,7 +371,8 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
   bad.gate.pop_back();
   const absl::Status s = gpu->LoadFfn(kLayer, 1, bad.View());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()), HasSubstr("layer 3 expert 1: gate_proj has"));
+  EXPECT_THAT(std::string(s.message()),
+              HasSubstr("layer 3 expert 1: gate_proj has"));
   EXPECT_EQ(gpu->LoadFfn(kLayer, -2, ffns_[1].View()).code(),
             absl::StatusCode::kInvalidArgument);
 }
@@ -389,8 +403,9 @@ TEST_P(CudaExpertBackendTest, LoadsAndUnloadsWhileComputing) {
 // Two shards: on two GPUs when there are, else both on device 0 (the same
 // peer copies and cross-stream waits, through one device).
 TEST_P(CudaExpertBackendTest, SplitsWorkAcrossShards) {
-  const std::vector<int> devices =
-      cuda::DeviceCount() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
+  const std::vector<int> devices = cuda::DeviceCount() >= 2
+                                       ? std::vector<int>{0, 1}
+                                       : std::vector<int>{0, 0};
   auto gpu = MakeGpu(devices);
   ASSERT_NE(gpu, nullptr);
   EXPECT_EQ(gpu->num_shards(), 2);

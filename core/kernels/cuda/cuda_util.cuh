@@ -49,11 +49,11 @@ inline absl::Status CublasStatus(cublasStatus_t s, absl::string_view what) {
   return absl::InternalError(msg);
 }
 
-#define DMOE_CUDA_RETURN_IF_ERROR(expr, what)                              \
-  do {                                                                     \
-    const cudaError_t dmoe_cuda_e_ = (expr);                               \
-    if (dmoe_cuda_e_ != cudaSuccess)                                       \
-      return ::dmoe::core::cuda::CudaStatus(dmoe_cuda_e_, (what));          \
+#define DMOE_CUDA_RETURN_IF_ERROR(expr, what)                      \
+  do {                                                             \
+    const cudaError_t dmoe_cuda_e_ = (expr);                       \
+    if (dmoe_cuda_e_ != cudaSuccess)                               \
+      return ::dmoe::core::cuda::CudaStatus(dmoe_cuda_e_, (what)); \
   } while (0)
 
 // Makes `device` current for its lifetime, then restores the previous one.
@@ -211,8 +211,8 @@ class Event {
     device_ = device;
     DeviceGuard g(device);
     DMOE_CUDA_RETURN_IF_ERROR(
-        cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault
-                                             : cudaEventDisableTiming),
+        cudaEventCreateWithFlags(
+            &e_, timing ? cudaEventDefault : cudaEventDisableTiming),
         absl::StrCat("cudaEventCreate on device ", device));
     return absl::OkStatus();
   }

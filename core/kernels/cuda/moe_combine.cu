@@ -23,9 +23,10 @@ __global__ void CombineKernel(const T* yp, const int32_t* token_offsets,
           ToFloat(yp[int64_t{assignment_to_permuted[begin]} * hidden + j]));
       for (int32_t a = begin + 1; a < end; ++a) {
         acc = __fadd_rn(
-            acc, __fmul_rn(weights[a],
-                           ToFloat(yp[int64_t{assignment_to_permuted[a]} * hidden +
-                                      j])));
+            acc,
+            __fmul_rn(
+                weights[a],
+                ToFloat(yp[int64_t{assignment_to_permuted[a]} * hidden + j])));
       }
     }
     o[j] = acc;
@@ -42,9 +43,10 @@ cudaError_t LaunchMoeCombine(const T* yp, const int32_t* token_offsets,
                              cudaStream_t stream) {
   if (token_end <= token_begin) return cudaSuccess;
   const int threads = hidden >= 1024 ? 256 : 128;
-  CombineKernel<T><<<static_cast<unsigned>(token_end - token_begin), threads, 0,
-                     stream>>>(yp, token_offsets, assignment_to_permuted,
-                               weights, token_begin, hidden, out);
+  CombineKernel<T>
+      <<<static_cast<unsigned>(token_end - token_begin), threads, 0, stream>>>(
+          yp, token_offsets, assignment_to_permuted, weights, token_begin,
+          hidden, out);
   return cudaGetLastError();
 }
 

@@ -62,7 +62,8 @@ __global__ void HistogramKernel(MoeRoutingBuffers b, int32_t num_tokens,
   }
   __syncthreads();
   int32_t* mine = b.tile_group_offset + int64_t{blockIdx.x} * (num_groups + 1);
-  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) mine[i] = counts[i];
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x)
+    mine[i] = counts[i];
 }
 
 // One block of kTile threads.
@@ -117,7 +118,8 @@ __global__ void ScatterKernel(MoeRoutingBuffers b, int32_t num_tokens,
   extern __shared__ int32_t cursor[];  // [G + 1]
   const int32_t* mine =
       b.tile_group_offset + int64_t{blockIdx.x} * (num_groups + 1);
-  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) cursor[i] = mine[i];
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x)
+    cursor[i] = mine[i];
   __syncthreads();
   const int64_t a = int64_t{blockIdx.x} * kTile + threadIdx.x;
   const bool valid = a < num_assignments;
@@ -181,10 +183,10 @@ cudaError_t LaunchMoeRouting(const MoeRoutingBuffers& b, int64_t num_tokens,
   if (e != cudaSuccess) return e;
   const int32_t n = static_cast<int32_t>(num_tokens);
   HistogramKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments,
-                                                   num_slots, num_groups);
+                                                  num_slots, num_groups);
   ScanKernel<<<1, kTile, 0, stream>>>(b, tiles, num_assignments, num_groups);
   ScatterKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments,
-                                                 num_groups);
+                                                num_groups);
   return cudaGetLastError();
 }
 
@@ -194,7 +196,8 @@ cudaError_t LaunchMoeGather(const float* x, int64_t hidden,
                             T* xp, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   const int threads = hidden >= 1024 ? 256 : 128;
-  GatherKernel<T><<<rows, threads, 0, stream>>>(x, hidden, permuted_to_token, xp);
+  GatherKernel<T>
+      <<<rows, threads, 0, stream>>>(x, hidden, permuted_to_token, xp);
   return cudaGetLastError();
 }
 

@@ -27,9 +27,10 @@ namespace dmoe::core::cuda {
 inline constexpr int32_t kNoError = 0x7f7f7f7f;
 
 // Summary layout, [kSummaryCounts + G] int32, copied to the host after routing:
-inline constexpr int kSummaryBadToken = 0;       // first t with off[t+1] < off[t]
-inline constexpr int kSummaryBadAssignment = 1;  // first a in the invalid bucket
-inline constexpr int kSummaryCounts = 2;         // then rows of each group [G]
+inline constexpr int kSummaryBadToken = 0;  // first t with off[t+1] < off[t]
+inline constexpr int kSummaryBadAssignment =
+    1;                                    // first a in the invalid bucket
+inline constexpr int kSummaryCounts = 2;  // then rows of each group [G]
 
 struct MoeRoutingBuffers {
   const int32_t* token_offsets = nullptr;  // [N + 1]

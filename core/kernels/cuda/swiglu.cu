@@ -56,11 +56,10 @@ cudaError_t LaunchSwiGlu(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h,
   return cudaGetLastError();
 }
 
-#define DMOE_INSTANTIATE_SWIGLU(In, Out)                                      \
-  template cudaError_t LaunchSwiGlu<In, Out>(const In*, int64_t, Out*, int64_t, \
-                                             int32_t, const int32_t*,         \
-                                             const int32_t*, int32_t,         \
-                                             cudaStream_t);
+#define DMOE_INSTANTIATE_SWIGLU(In, Out)                          \
+  template cudaError_t LaunchSwiGlu<In, Out>(                     \
+      const In*, int64_t, Out*, int64_t, int32_t, const int32_t*, \
+      const int32_t*, int32_t, cudaStream_t);
 DMOE_INSTANTIATE_SWIGLU(float, float)
 DMOE_INSTANTIATE_SWIGLU(float, __nv_bfloat16)
 DMOE_INSTANTIATE_SWIGLU(__nv_bfloat16, __nv_bfloat16)
