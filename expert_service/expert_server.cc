@@ -107,7 +107,9 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
   bool shut_down ABSL_GUARDED_BY(server_mu) = false;
 
   absl::Status Init();
-  // Loads one FFN of `layer` into the backend (under backend_mu).
+  // Loads one FFN of `layer` into the backend: under backend_mu, unless the
+  // backend loads concurrently with Compute (then batches keep flowing while
+  // a re-placement reads and packs new slots).
   absl::Status LoadFfn(int64_t layer, int32_t expert);
   // Also tells the metrics, with the placement version (both change together).
   void UpdateWeightBytes() {
@@ -163,6 +165,10 @@ absl::Status ExpertServer::Impl::LoadFfn(int64_t layer, int32_t expert) {
   const int64_t inter = expert == core::kSharedFfn
                             ? cfg.n_shared_experts * cfg.moe_intermediate_size
                             : cfg.moe_intermediate_size;
+  if (backend->LoadsConcurrently()) {
+    return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size, inter,
+                             static_cast<int32_t>(layer), expert, *backend);
+  }
   absl::MutexLock lock(&backend_mu);
   return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size,
                            inter, static_cast<int32_t>(layer), expert,
