@@ -159,7 +159,7 @@ struct Pcre2Scratch {
   pcre2_match_data* data = pcre2_match_data_create(8, nullptr);
   pcre2_match_context* context = pcre2_match_context_create(nullptr);
   pcre2_jit_stack* stack =
-      pcre2_jit_stack_create(32 * 1024, 64 * 1024 * 1024, nullptr);
+      pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, nullptr);
   Pcre2Scratch() {
     pcre2_jit_stack_assign(context, nullptr, stack);
     // The pre-tokenizer patterns are linear; PCRE2's default match limit (10M)

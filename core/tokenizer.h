@@ -20,9 +20,11 @@
 //     with `\s`/`\S` rewritten to Oniguruma's Unicode White_Space set (PCRE2's
 //     lacks U+0085).
 //  4. Model: BPE over bytes (the vocabulary's byte-level strings mapped back to
-//     bytes), merges applied lowest rank first, leftmost on ties, in O(n log n)
-//     per word; `ignore_merges` honoured. Results for words up to 256 bytes are
-//     cached (sharded, bounded).
+//     bytes), merges applied lowest rank first, leftmost on ties, as HF's heap
+//     does, in O(n log n) per word; words over 256 bytes merge rank by rank
+//     from sorted buckets when the merge list's ranks increase (checked at
+//     load), with the same result. `ignore_merges` honoured. Results for words
+//     up to 256 bytes are cached (sharded, bounded).
 //  5. With add_special_tokens: when tokenizer_config.json has add_bos_token /
 //     add_eos_token (transformers' LlamaTokenizerFast, DeepSeek's class), BOS /
 //     EOS are added as it says; otherwise a TemplateProcessing post-processor's
