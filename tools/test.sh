@@ -7,8 +7,8 @@ cd "$(dirname "$0")/.."
 bash tools/setup.sh
 bash tools/build.sh
 
-echo "== parsers and bad checkpoints under ASan/UBSan"
-ASAN_TESTS=(safetensors_test config_test bad_checkpoint_test)
+echo "== parsers (checkpoints, config, tokenizer, chat template) under ASan/UBSan"
+ASAN_TESTS=(safetensors_test config_test bad_checkpoint_test tokenizer_test chat_template_test)
 cmake -S . -B build-asan -G Ninja -DCMAKE_BUILD_TYPE=Debug -DDMOE_SANITIZE=ON -DDMOE_CUDA=OFF \
   -DDMOE_BUILD_SERVICES=OFF -DDMOE_BUILD_BENCH=OFF >/dev/null
 cmake --build build-asan -j"$(nproc)" --target dmoe "${ASAN_TESTS[@]}"

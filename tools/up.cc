@@ -267,9 +267,15 @@ absl::Status Up(const Args& args) {
   }
   if (status.ok()) {
     Child c{"gateway", -1, work + "/gateway.port", work + "/gateway.log"};
-    status = start(c, {bin + "/dmoe-gateway", "--routers",
-                       absl::StrCat("127.0.0.1:", children.back().port), "--http-port",
-                       args.Str("http-port"), "--port-file", c.port_file});
+    std::vector<std::string> argv = {bin + "/dmoe-gateway", "--routers",
+                                     absl::StrCat("127.0.0.1:", children.back().port),
+                                     "--http-port", args.Str("http-port"), "--port-file",
+                                     c.port_file};
+    // Text in, text out when the checkpoint carries its tokenizer.
+    if (std::filesystem::exists(model + "/tokenizer.json")) {
+      argv.insert(argv.end(), {"--tokenizer", model});
+    }
+    status = start(c, argv);
   }
   if (!status.ok()) {
     StopAll(children);
