@@ -1,5 +1,6 @@
 #include "core/expert_backend.h"
 
+#include "absl/strings/str_format.h"
 #include "core/status.h"
 
 namespace dmoe::core {
@@ -17,6 +18,31 @@ absl::StatusOr<uint64_t> ExpertBackend::Submit(const ExpertBatch& batch, float* 
 absl::Status ExpertBackend::Await(uint64_t /*ticket*/) { return absl::OkStatus(); }
 
 void ExpertBackend::Cancel(uint64_t /*ticket*/) {}
+
+std::string FfnName(int32_t layer, int32_t ffn_id) {
+  if (ffn_id == kSharedFfn) return absl::StrFormat("layer %d shared FFN", layer);
+  return absl::StrFormat("layer %d expert %d", layer, ffn_id);
+}
+
+absl::Status ValidateFfnWeights(int32_t layer, int32_t ffn_id, const FfnWeights& w) {
+  const std::string name = FfnName(layer, ffn_id);
+  if (ffn_id < kSharedFfn) {
+    return absl::InvalidArgumentError(absl::StrFormat("%s: invalid FFN id", name));
+  }
+  if (w.hidden <= 0 || w.intermediate <= 0) {
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: hidden %d and intermediate %d must be positive", name, w.hidden, w.intermediate));
+  }
+  const size_t expect = static_cast<size_t>(w.hidden * w.intermediate);
+  auto check = [&](std::span<const float> s, const char* what, int64_t rows, int64_t cols) {
+    if (s.size() == expect && s.data() != nullptr) return absl::OkStatus();
+    return absl::InvalidArgumentError(absl::StrFormat("%s: %s has %d elements, expected [%d,%d]",
+                                                      name, what, s.size(), rows, cols));
+  };
+  DMOE_RETURN_IF_ERROR(check(w.gate, "gate_proj", w.intermediate, w.hidden));
+  DMOE_RETURN_IF_ERROR(check(w.up, "up_proj", w.intermediate, w.hidden));
+  return check(w.down, "down_proj", w.hidden, w.intermediate);
+}
 
 absl::Status WithFailedTokens(absl::Status status, std::span<const int32_t> tokens) {
   return WithInt32Payload(std::move(status), kFailedTokensUrl, tokens);

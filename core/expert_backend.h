@@ -78,6 +78,13 @@ class ExpertBackend {
   virtual bool LoadsConcurrently() const { return false; }
 };
 
+// "layer 3 expert 7" / "layer 3 shared FFN": how errors name an FFN.
+std::string FfnName(int32_t layer, int32_t ffn_id);
+
+// LoadFfn's argument checks shared by the backends: InvalidArgument naming the
+// FFN for an invalid id, non-positive sizes, or a matrix of the wrong size.
+absl::Status ValidateFfnWeights(int32_t layer, int32_t ffn_id, const FfnWeights& w);
+
 // A Compute / Await error that concerns only some tokens of the batch (e.g.
 // their experts' only server is down): the status carries those token indices.
 // Without the payload an error concerns the whole batch.

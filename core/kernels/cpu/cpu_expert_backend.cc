@@ -58,12 +58,6 @@
 namespace dmoe::core {
 namespace {
 
-std::string FfnName(int32_t layer, int32_t ffn_id) {
-  if (ffn_id == kSharedFfn)
-    return absl::StrFormat("layer %d shared FFN", layer);
-  return absl::StrFormat("layer %d expert %d", layer, ffn_id);
-}
-
 // ---- SwiGLU: h[j] = silu(gu[j]) * gu[inter + j] ----------------------------
 // silu(g) = g / (1 + exp(-g)), in fp32.
 
@@ -302,27 +296,9 @@ CpuExpertBackend::Ffn* CpuExpertBackend::Find(int32_t layer,
 
 absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
                                        const FfnWeights& w) {
+  DMOE_RETURN_IF_ERROR(ValidateFfnWeights(layer, ffn_id, w));
   const std::string name = FfnName(layer, ffn_id);
-  if (ffn_id < kSharedFfn) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: invalid FFN id", name));
-  }
-  if (w.hidden <= 0 || w.intermediate <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: hidden %d and intermediate %d must be positive",
-                        name, w.hidden, w.intermediate));
-  }
   const size_t expect = static_cast<size_t>(w.hidden * w.intermediate);
-  auto check = [&](std::span<const float> s, const char* what, int64_t rows,
-                   int64_t cols) {
-    if (s.size() == expect && s.data() != nullptr) return absl::OkStatus();
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: %s has %d elements, expected [%d,%d]", name, what,
-                        s.size(), rows, cols));
-  };
-  DMOE_RETURN_IF_ERROR(check(w.gate, "gate_proj", w.intermediate, w.hidden));
-  DMOE_RETURN_IF_ERROR(check(w.up, "up_proj", w.intermediate, w.hidden));
-  DMOE_RETURN_IF_ERROR(check(w.down, "down_proj", w.hidden, w.intermediate));
 
   // Pack outside mu_ (tens of milliseconds per expert); Compute is not blocked.
   auto ffn = std::make_unique<Ffn>();

@@ -51,12 +51,6 @@ using bf16 = __nv_bfloat16;
 
 #define DMOE_CUDA_TRY(expr, what) DMOE_CUDA_RETURN_IF_ERROR(expr, what)
 
-std::string FfnName(int32_t layer, int32_t ffn_id) {
-  if (ffn_id == kSharedFfn)
-    return absl::StrFormat("layer %d shared FFN", layer);
-  return absl::StrFormat("layer %d expert %d", layer, ffn_id);
-}
-
 // Tickets of batches without tokens carry this bit and own no context.
 constexpr uint64_t kEmptyTicket = uint64_t{1} << 63;
 // The activations go up and the result comes down in up to kMaxChunks pieces
@@ -321,27 +315,9 @@ absl::Status CudaExpertBackendImpl::Upload(Ffn& f, const FfnWeights& w) {
 
 absl::Status CudaExpertBackendImpl::LoadFfn(int32_t layer, int32_t ffn_id,
                                             const FfnWeights& w) {
+  DMOE_RETURN_IF_ERROR(ValidateFfnWeights(layer, ffn_id, w));
   const std::string name = FfnName(layer, ffn_id);
-  if (ffn_id < kSharedFfn) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: invalid FFN id", name));
-  }
-  if (w.hidden <= 0 || w.intermediate <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: hidden %d and intermediate %d must be positive",
-                        name, w.hidden, w.intermediate));
-  }
   const size_t expect = static_cast<size_t>(w.hidden * w.intermediate);
-  auto check = [&](std::span<const float> s, const char* what, int64_t rows,
-                   int64_t cols) {
-    if (s.size() == expect && s.data() != nullptr) return absl::OkStatus();
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: %s has %d elements, expected [%d,%d]", name, what,
-                        s.size(), rows, cols));
-  };
-  DMOE_RETURN_IF_ERROR(check(w.gate, "gate_proj", w.intermediate, w.hidden));
-  DMOE_RETURN_IF_ERROR(check(w.up, "up_proj", w.intermediate, w.hidden));
-  DMOE_RETURN_IF_ERROR(check(w.down, "down_proj", w.hidden, w.intermediate));
   if (2 * w.intermediate > std::numeric_limits<int32_t>::max() / 2 ||
       w.hidden > std::numeric_limits<int32_t>::max() / 2) {
     return absl::InvalidArgumentError(
