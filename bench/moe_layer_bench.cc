@@ -22,7 +22,8 @@
 // achieved GFLOP/s over min(GEMM ceiling, intensity x bandwidth ceiling).
 // Activations (a few MB) are not counted as bytes.
 //
-//   moe_layer_bench --backend=cuda [--shapes=v2lite,v3] [--gemm=grouped,per-expert]
+//   moe_layer_bench --backend=cuda [--shapes=v2lite,v3]
+//   [--gemm=grouped,per-expert]
 //                   [--tokens=1,2,...,8192] [--dtype=bf16|f32] [--device=0]
 //                   [--min_time=0.3] [--json=FILE]
 //
@@ -63,6 +64,7 @@
 #include <vector>
 
 #include "core/expert_backend.h"
+#include "core/isa.h"
 #include "core/kernels/cpu/linear.h"
 #ifdef DMOE_WITH_CUDA
 #include "core/kernels/cuda/ceilings.h"
@@ -88,7 +90,8 @@ struct Shape {
   int64_t hidden, inter, shared_inter;
   int experts, top_k;
 };
-constexpr Shape kV2Lite{"V2-Lite", kHidden, kInter, kSharedInter, kExperts, kTopK};
+constexpr Shape kV2Lite{"V2-Lite",    kHidden,  kInter,
+                        kSharedInter, kExperts, kTopK};
 constexpr Shape kV3{"V3", 7168, 2048, 2048, 256, 8};
 
 struct Options {
@@ -104,6 +107,9 @@ struct Options {
   std::vector<std::string> gemm = {"grouped", "per-expert"};
   int device = 0;
   std::string json;
+  // --invariance-cost: also run every row on a backend whose layers may use
+  // oneDNN's batch-variant kernels, and print the ratio.
+  bool invariance_cost = false;
 };
 
 std::vector<std::string> ParseNames(std::string_view s) {
@@ -136,6 +142,8 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     };
     if (a == "--quick") {
       o->quick = true;
+    } else if (a == "--invariance-cost") {
+      o->invariance_cost = true;
     } else if (const char* v = value("--threads=")) {
       o->threads = ParseList(v);
     } else if (const char* v = value("--tokens=")) {
@@ -184,7 +192,7 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       std::fprintf(
           stderr,
           "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
-          "[--dtype=bf16|f32] [--min_time=SECONDS]\n"
+          "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost]\n"
           "       %s --backend=cuda [--shapes=v2lite,v3] "
           "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
           "[--device=0] [--min_time=SECONDS] [--json=FILE]\n",
@@ -312,6 +320,24 @@ __attribute__((target("avx512f"))) float SumAvx512(const float* p, size_t n) {
   return s;
 }
 
+__attribute__((target("avx2"))) float SumAvx2(const float* p, size_t n) {
+  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+  size_t i = 0;
+  for (; i + 32 <= n; i += 32) {
+    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
+    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
+    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
+    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
+  }
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes,
+                  _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  float s = 0;
+  for (float l : lanes) s += l;
+  for (; i < n; ++i) s += p[i];
+  return s;
+}
+
 float SumPortable(const float* p, size_t n) {
   float acc[16] = {};
   size_t i = 0;
@@ -341,7 +367,11 @@ class Ceilings {
     x_.resize(kGemmN * kGemmN);
     y_.resize(kGemmN * kGemmN);
     Fill(&x_, 1.0f, &rng);
+    // The ceiling is the best dense GEMM oneDNN has here, batch-invariant or
+    // not (on AVX2: gemm:jit in f32 on bf16-rounded values).
+    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(true);
     auto lin = dmoe::core::PackedLinear::Create(w.data(), kGemmN, kGemmN, type);
+    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
     if (!lin.ok()) {
       std::fprintf(stderr, "GEMM ceiling: %s\n",
                    std::string(lin.status().message()).c_str());
@@ -357,7 +387,10 @@ class Ceilings {
   }
 
   double ReadGBs(int threads, int reps) {
-    static const bool kAvx512 = __builtin_cpu_supports("avx512f");
+    static const bool kAvx512 =
+        dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512);
+    static const bool kAvx2 =
+        dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2);
     const size_t n = kProbeBytes / sizeof(float);
     double best = 0;
     volatile float sink = 0;
@@ -370,6 +403,7 @@ class Ceilings {
         const size_t chunk = (n / nt) & ~size_t{63};
         const size_t begin = id * chunk, len = id == nt - 1 ? n - begin : chunk;
         total += kAvx512 ? SumAvx512(probe_ + begin, len)
+                 : kAvx2 ? SumAvx2(probe_ + begin, len)
                          : SumPortable(probe_ + begin, len);
       }
       best = std::max(best, kProbeBytes / Seconds(t0, Clock::now()) / 1e9);
@@ -481,7 +515,8 @@ long CurrentRssMiB() {
   return resident * (sysconf(_SC_PAGESIZE) / 1024) / 1024;
 }
 
-// ---- CUDA backend ------------------------------------------------------------
+// ---- CUDA backend
+// ------------------------------------------------------------
 
 #ifdef DMOE_WITH_CUDA
 
@@ -517,12 +552,13 @@ std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
     Fill(&up, 1.0f / std::sqrt(float(h)), &rng);
     Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
     return std::array<std::vector<float>, 3>{std::move(gate), std::move(up),
-                                            std::move(down)};
+                                             std::move(down)};
   };
   const auto sets = std::array{make(shape.inter), make(shape.inter)};
   const auto shared = make(shape.shared_inter);
   auto load = [&](int32_t id, int64_t inter, const auto& w) {
-    const absl::Status s = backend->LoadFfn(kLayer, id, {h, inter, w[0], w[1], w[2]});
+    const absl::Status s =
+        backend->LoadFfn(kLayer, id, {h, inter, w[0], w[1], w[2]});
     if (!s.ok()) Die("LoadFfn", s);
   };
   for (int e = 0; e < shape.experts; ++e) load(e, shape.inter, sets[e % 2]);
@@ -536,7 +572,8 @@ CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
   const int num_batches = o.quick ? 2 : (tokens >= 512 ? 3 : 8);
   std::vector<Batch> batches;
   for (int i = 0; i < num_batches; ++i)
-    batches.push_back(MakeShapeBatch(shape, tokens, 1000 * tokens + i, elem_bytes));
+    batches.push_back(
+        MakeShapeBatch(shape, tokens, 1000 * tokens + i, elem_bytes));
   std::vector<float> out(static_cast<size_t>(tokens) * shape.hidden);
   auto call = [&](const Batch& b) {
     const absl::Status s = backend.Compute(b.View(), out.data());
@@ -574,7 +611,8 @@ CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
   r.dense_n = std::max<int64_t>(1, std::llround(r.flops / (2.0 * m * k)));
   const bool bf16 = o.type == ComputeType::kBF16;
   auto dense = dmoe::core::cuda::DenseGemmSeconds(
-      o.device, bf16, bf16 && gemm == "grouped", m, r.dense_n, k, o.quick ? 1 : 5);
+      o.device, bf16, bf16 && gemm == "grouped", m, r.dense_n, k,
+      o.quick ? 1 : 5);
   if (!dense.ok()) Die("dense GEMM ceiling", dense.status());
   r.dense_tflops = 2.0 * m * r.dense_n * k / *dense / 1e12;
   return r;
@@ -599,17 +637,20 @@ int RunCudaBench(const Options& o) {
               bf16 ? "bf16" : "f32",
               dmoe::core::cuda::DeviceDescription(o.device).c_str(),
               o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
-  auto copy = dmoe::core::cuda::DeviceCopyGBs(o.device, size_t{1} << 30, o.quick ? 1 : 5);
+  auto copy = dmoe::core::cuda::DeviceCopyGBs(o.device, size_t{1} << 30,
+                                              o.quick ? 1 : 5);
   if (!copy.ok()) Die("copy ceiling", copy.status());
   const double copy_gbs = *copy;
-  std::printf("device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
+  std::printf("device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n",
+              copy_gbs);
 
   std::vector<CudaRow> rows;
   for (const std::string& shape_name : o.shapes) {
     const Shape& shape = shape_name == "v3" ? kV3 : kV2Lite;
     for (const std::string& gemm : o.gemm) {
-      const auto mode = gemm == "grouped" ? dmoe::core::CudaGemmMode::kGrouped
-                                          : dmoe::core::CudaGemmMode::kPerExpert;
+      const auto mode = gemm == "grouped"
+                            ? dmoe::core::CudaGemmMode::kGrouped
+                            : dmoe::core::CudaGemmMode::kPerExpert;
       const auto t0 = Clock::now();
       auto backend = LoadCudaLayer(shape, mode, o);
       std::printf("%s, %s GEMMs: loaded %.2f GB in %.1f s\n", shape.name,
@@ -617,7 +658,8 @@ int RunCudaBench(const Options& o) {
                   Seconds(t0, Clock::now()));
       std::fflush(stdout);
       for (int tokens : o.tokens)
-        rows.push_back(RunCudaRow(*backend, shape, gemm, tokens, o, elem_bytes));
+        rows.push_back(
+            RunCudaRow(*backend, shape, gemm, tokens, o, elem_bytes));
     }
   }
 
@@ -628,10 +670,11 @@ int RunCudaBench(const Options& o) {
       "same FLOPs (M = rows, K = hidden). BW: weight bytes / GEMM time vs the "
       "copy. bnd: the roofline's bound (BW when reading the weights at copy "
       "speed takes longer than the dense GEMM).\n");
-  std::printf("%-7s %-10s %6s %5s %6s %9s %8s %8s %9s %9s %6s %8s %8s %5s %4s %s\n",
-              "shape", "gemm", "tokens", "calls", "rows", "wall ms", "dev ms",
-              "GEMM ms", "TFLOP/s", "dense", "%dense", "weightGB", "GB/s",
-              "%copy", "bnd", "goal");
+  std::printf(
+      "%-7s %-10s %6s %5s %6s %9s %8s %8s %9s %9s %6s %8s %8s %5s %4s %s\n",
+      "shape", "gemm", "tokens", "calls", "rows", "wall ms", "dev ms",
+      "GEMM ms", "TFLOP/s", "dense", "%dense", "weightGB", "GB/s", "%copy",
+      "bnd", "goal");
   for (const CudaRow& r : rows) {
     const double tflops = r.flops / (r.gemm_ms * 1e-3) / 1e12;
     const double gbs = r.weight_bytes / (r.gemm_ms * 1e-3) / 1e9;
@@ -640,8 +683,9 @@ int RunCudaBench(const Options& o) {
     const bool bw_bound =
         r.weight_bytes / (copy_gbs * 1e9) > r.flops / (r.dense_tflops * 1e12);
     const std::string goal =
-        bw_bound ? (pct_copy >= 70 ? "met: >=70% copy" : "MISSED: >=70% copy")
-                 : (pct_dense >= 75 ? "met: >=75% dense" : "MISSED: >=75% dense");
+        bw_bound
+            ? (pct_copy >= 70 ? "met: >=70% copy" : "MISSED: >=70% copy")
+            : (pct_dense >= 75 ? "met: >=75% dense" : "MISSED: >=75% dense");
     std::printf(
         "%-7s %-10s %6d %5d %6lld %9.3f %8.3f %8.3f %9.1f %9.1f %5.0f%% %8.3f "
         "%8.0f %4.0f%% %4s %s\n",
@@ -653,7 +697,8 @@ int RunCudaBench(const Options& o) {
   if (!o.json.empty()) {
     FILE* f = std::fopen(o.json.c_str(), "w");
     if (f == nullptr) {
-      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
+      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n",
+                   o.json.c_str());
       return 1;
     }
     std::fprintf(f, "{\"dtype\": \"%s\", \"device\": \"%s\", \"rows\": [\n",
@@ -688,6 +733,31 @@ int RunCudaBench(const Options&) {
 
 #endif  // DMOE_WITH_CUDA
 
+// The layer's 64 experts and its shared FFN, seeded (the same weights on every
+// call).
+std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
+  auto backend = dmoe::core::MakeCpuExpertBackend(type);
+  Rng rng(42);
+  std::vector<float> gate, up, down;
+  auto load = [&](int32_t id, int64_t inter) {
+    gate.resize(inter * kHidden);
+    up.resize(inter * kHidden);
+    down.resize(kHidden * inter);
+    Fill(&gate, 1.0f / std::sqrt(float(kHidden)), &rng);
+    Fill(&up, 1.0f / std::sqrt(float(kHidden)), &rng);
+    Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
+    const absl::Status s =
+        backend->LoadFfn(kLayer, id, {kHidden, inter, gate, up, down});
+    if (!s.ok()) {
+      std::fprintf(stderr, "LoadFfn: %s\n", std::string(s.message()).c_str());
+      std::exit(1);
+    }
+  };
+  for (int e = 0; e < kExperts; ++e) load(e, kInter);
+  load(dmoe::core::kSharedFfn, kSharedInter);
+  return backend;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
@@ -707,45 +777,43 @@ int main(int argc, char** argv) {
       o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
 
   const auto load_start = Clock::now();
-  auto backend = dmoe::core::MakeCpuExpertBackend(o.type);
-  {
-    Rng rng(42);
-    std::vector<float> gate, up, down;
-    auto load = [&](int32_t id, int64_t inter) {
-      gate.resize(inter * kHidden);
-      up.resize(inter * kHidden);
-      down.resize(kHidden * inter);
-      Fill(&gate, 1.0f / std::sqrt(float(kHidden)), &rng);
-      Fill(&up, 1.0f / std::sqrt(float(kHidden)), &rng);
-      Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
-      const absl::Status s =
-          backend->LoadFfn(kLayer, id, {kHidden, inter, gate, up, down});
-      if (!s.ok()) {
-        std::fprintf(stderr, "LoadFfn: %s\n", std::string(s.message()).c_str());
-        std::exit(1);
-      }
-    };
-    for (int e = 0; e < kExperts; ++e) load(e, kInter);
-    load(dmoe::core::kSharedFfn, kSharedInter);
+  auto backend = LoadBackend(o.type);
+  std::printf("loaded %.2f GB of packed weights in %.1f s (kernels: %s)\n",
+              backend->WeightBytes() / 1e9, Seconds(load_start, Clock::now()),
+              dmoe::core::IsaSummary().c_str());
+
+  // --invariance-cost: the same weights on layers allowed to run oneDNN's
+  // matmul wherever it exists, batch-invariant or not.
+  std::unique_ptr<dmoe::core::ExpertBackend> variant;
+  if (o.invariance_cost) {
+    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(true);
+    variant = LoadBackend(o.type);
+    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
   }
-  std::printf("loaded %.2f GB of packed weights in %.1f s\n",
-              backend->WeightBytes() / 1e9, Seconds(load_start, Clock::now()));
 
   Ceilings ceilings(o.type);
-  std::vector<Result> results;
+  std::vector<Result> results, variant_results;
   for (int threads : o.threads) {
     for (int tokens : o.tokens) {
       results.push_back(
           RunMoe(*backend, ceilings, tokens, threads, o, elem_bytes));
+      if (variant != nullptr) {
+        variant_results.push_back(
+            RunMoe(*variant, ceilings, tokens, threads, o, elem_bytes));
+      }
     }
   }
   ceilings.FreeProbe();
 
   std::printf(
       "\nCeilings, measured around each row (best of %d before + %d after): "
-      "%s GEMM 2048^3 through PackedLinear; read of 1 GiB (AVX-512 sum, huge "
-      "pages). Best per thread count:\n",
-      o.quick ? 2 : 4, o.quick ? 1 : 3, bf16 ? "bf16" : "f32");
+      "%s GEMM 2048^3 through oneDNN (the fastest dense GEMM it has here, "
+      "batch-invariant or not); read of 1 GiB (%s sum, huge pages). Best per "
+      "thread count:\n",
+      o.quick ? 2 : 4, o.quick ? 1 : 3, bf16 ? "bf16" : "f32",
+      dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512) ? "AVX-512"
+      : dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2) ? "AVX2"
+                                                            : "SSE2");
   std::printf("%7s %14s %10s %18s\n", "threads", "GEMM GFLOP/s", "read GB/s",
               "balance FLOP/B");
   for (int threads : o.threads) {
@@ -791,5 +859,21 @@ int main(int argc, char** argv) {
       "\nRSS: %ld MiB at the end (packed weights %.0f MiB + workspaces + GEMM "
       "ceiling buffers); peak %ld MiB (includes the 1 GiB bandwidth probe)\n",
       CurrentRssMiB(), backend->WeightBytes() / 1048576.0, PeakRssMiB());
+
+  if (variant != nullptr) {
+    std::printf(
+        "\nCost of batch invariance (%s): each row also ran, right after, on "
+        "layers that may use oneDNN's batch-variant matmul (%.2f GB packed); "
+        "ratio > 1.00: the invariant kernels are faster\n",
+        dmoe::core::IsaSummary().c_str(), variant->WeightBytes() / 1e9);
+    std::printf("%3s %6s %16s %14s %7s\n", "thr", "tokens", "invariant tok/s",
+                "oneDNN tok/s", "ratio");
+    for (size_t i = 0; i < results.size(); ++i) {
+      const Result& r = results[i];
+      const Result& v = variant_results[i];
+      std::printf("%3d %6d %16.1f %14.1f %7.2f\n", r.threads, r.tokens, r.tok_s,
+                  v.tok_s, r.tok_s / v.tok_s);
+    }
+  }
   return 0;
 }

@@ -19,6 +19,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/dtype.h"
+#include "core/isa.h"
 
 #if defined(__x86_64__)
 // GCC 12 reports its own _mm512_undefined_*() temporaries inside the intrinsics
@@ -369,12 +370,10 @@ constexpr Kernels kAvx2 = {ToBf16Avx2,   MaxAbsAvx2, ToF8Avx2,
 // Kernel sets by level: 0 scalar, 1 AVX2, 2 AVX-512.
 int BestLevel() {
 #ifdef DMOE_WIRE_X86
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl")) {
-    return 2;
-  }
-  if (__builtin_cpu_supports("avx2")) return 1;
+  // core/isa.h: the host's level capped by DMOE_MAX_ISA (its avx512 level
+  // includes F, BW and VL).
+  if (IsaAtLeast(IsaLevel::kAvx512)) return 2;
+  if (IsaAtLeast(IsaLevel::kAvx2)) return 1;
 #endif
   return 0;
 }

@@ -11,6 +11,7 @@
 #include "core/npy.h"
 #include "core/sampler.h"
 #include "core/status.h"
+#include "core/isa.h"
 #include "core/sys_stats.h"
 #include "nlohmann/json.hpp"
 #include "tools/commands.h"
@@ -35,11 +36,12 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const Args& args) {
 void PrintStats(const LoadedModel& m, int64_t tokens, double seconds, const char* what) {
   std::fprintf(stderr,
                "stats: load %.2f s, weights %.1f MiB, %s %lld tokens in %.3f s (%.1f tok/s), "
-               "threads %d, peak RSS %.1f MiB, RSS now %.1f MiB\n",
+               "threads %d, peak RSS %.1f MiB, RSS now %.1f MiB\n"
+               "stats: %s\n",
                m.load_seconds, m.model->WeightBytes() / 1048576.0, what,
                static_cast<long long>(tokens), seconds, tokens / std::max(seconds, 1e-9),
                core::ComputeThreads(), core::PeakRssBytes() / 1048576.0,
-               core::CurrentRssBytes() / 1048576.0);
+               core::CurrentRssBytes() / 1048576.0, core::IsaSummary().c_str());
 }
 
 void PrintExpertLoad(const core::Model& m) {

@@ -52,6 +52,7 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "core/expert_backend.h"
+#include "core/isa.h"
 #include "core/kernels/cpu/linear.h"
 #include "core/status.h"
 
@@ -107,7 +108,7 @@ __attribute__((target("avx512f"))) void SwiGluRowAvx512(const float* gu,
 
 // gu: [2 * inter] gate then up; h: [inter].
 void SwiGluRow(const float* gu, float* h, int64_t inter) {
-  static const bool kAvx512 = __builtin_cpu_supports("avx512f");
+  static const bool kAvx512 = IsaAtLeast(IsaLevel::kAvx512);
   if (kAvx512) {
     SwiGluRowAvx512(gu, h, inter);
     return;
@@ -150,7 +151,7 @@ __attribute__((target("avx512f"))) void CombineAvx512(const float* const* y,
 
 void Combine(const float* const* y, const float* w, int count, bool init,
              float* o, int64_t n) {
-  static const bool kAvx512 = __builtin_cpu_supports("avx512f");
+  static const bool kAvx512 = IsaAtLeast(IsaLevel::kAvx512);
   if (kAvx512) {
     CombineAvx512(y, w, count, init, o, n);
     return;
@@ -309,7 +310,8 @@ absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
     // Large FFNs (dense layers) stage in a temporary so that the staging buffer
     // does not keep their size resident after loading.
     FloatBuffer own;
-    FloatBuffer& staging = 2 * expect * sizeof(float) > (size_t{64} << 20) ? own : fused_;
+    FloatBuffer& staging =
+        2 * expect * sizeof(float) > (size_t{64} << 20) ? own : fused_;
     float* fused =
         staging.Get(2 * expect);  // [2 * inter, hidden]: gate rows, up rows
     std::memcpy(fused, w.gate.data(), expect * sizeof(float));

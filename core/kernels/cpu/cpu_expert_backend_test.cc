@@ -12,7 +12,6 @@
 #include "core/dtype.h"
 #include "core/expert_backend.h"
 #include "core/kernels/cpu/linear.h"
-#include "dnnl.hpp"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -157,25 +156,6 @@ void ExpectMatchesReference(const HostBatch& b, const std::vector<float>& out,
   }
 }
 
-// As in linear_test.cc: bitwise batch independence comes from oneDNN brgemm.
-bool UsesBrgemm(ComputeType t, int64_t n, int64_t k) {
-  using dnnl::memory;
-  const auto dt = t == ComputeType::kBF16 ? memory::data_type::bf16
-                                          : memory::data_type::f32;
-  try {
-    dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-    dnnl::matmul::primitive_desc pd(
-        dnnl::matmul::desc(memory::desc({16, k}, dt, memory::format_tag::ab),
-                           memory::desc({k, n}, dt, memory::format_tag::any),
-                           memory::desc({16, n}, memory::data_type::f32,
-                                        memory::format_tag::ab)),
-        engine);
-    return std::string(pd.impl_info_str()).rfind("brg", 0) == 0;
-  } catch (const dnnl::error&) {
-    return false;
-  }
-}
-
 class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
  protected:
   // Loads `num_experts` routed experts (inter) and a shared FFN (shared_inter).
@@ -264,11 +244,6 @@ TEST_P(CpuExpertBackendTest, OddShapes) {
 TEST_P(CpuExpertBackendTest,
        TokenResultIsBitwiseTheSameAloneOrBatchedAndAcrossThreads) {
   const int64_t hidden = 128, inter = 96;
-  if (!UsesBrgemm(GetParam(), 2 * inter, hidden)) {
-    GTEST_SKIP()
-        << "bitwise batch independence rests on oneDNN's brgemm kernels, "
-           "not used on this CPU";
-  }
   LoadLayer(hidden, inter, 2 * inter, /*num_experts=*/16);
   const HostBatch b = RandomBatch(600, 4, 16, 21);
   SetComputeThreads(2);

@@ -55,6 +55,9 @@
 #include "absl/strings/str_format.h"
 #include "absl/synchronization/mutex.h"
 #include "core/dtype.h"
+#include "core/isa.h"
+#include "core/kernels/cpu/gemm.h"
+#include "core/status.h"
 #include "dnnl.hpp"
 
 namespace dmoe::core {
@@ -156,8 +159,7 @@ __attribute__((target("avx512f,avx512bw"))) void ToBF16Avx512(const float* src,
 }
 
 void ToBF16(const float* src, int64_t n, uint16_t* dst) {
-  static const bool kAvx512 =
-      __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw");
+  static const bool kAvx512 = IsaAtLeast(IsaLevel::kAvx512);
   if (kAvx512) {
     ToBF16Avx512(src, n, dst);
   } else {
@@ -329,12 +331,7 @@ constexpr int64_t kSmallM = 8;
 constexpr int64_t kTileElems = 32 * 64;
 constexpr int64_t kChunkPairs = 512;
 
-bool CpuHasAvx512Bf16() {
-  static const bool has = __builtin_cpu_supports("avx512f") &&
-                          __builtin_cpu_supports("avx512bw") &&
-                          __builtin_cpu_supports("avx512bf16");
-  return has;
-}
+bool CpuHasAvx512Bf16() { return IsaAtLeast(IsaLevel::kAvx512Bf16); }
 
 // Whether `md` is exactly the layout the kernel reads.
 bool IsBA16a64b2a(const memory::desc& md, int64_t n, int64_t k) {
@@ -463,6 +460,12 @@ struct PackedWeights {
   // bf16 weights in BA16a64b2a on a CPU with AVX512_BF16: m <= kSmallM runs
   // SmallMBf16 instead of oneDNN (same results, faster streaming).
   bool small_m = false;
+  // The weights are in gemm.h's panel layout (weights_buf, invariant_bytes
+  // long) and every call runs our batch-invariant kernels; oneDNN is unused.
+  bool invariant = false;
+  size_t invariant_bytes = 0;
+  // oneDNN's matmul passed OneDnnIsBatchInvariant for this shape.
+  bool onednn_invariant = false;
 };
 
 thread_local ThreadBuffer t_src_buf;      // converted / dense copy of x
@@ -585,7 +588,172 @@ bool SmallMMatchesOneDnn(const PackedWeights& im) {
   return match;
 }
 
+// ---- Our batch-invariant kernels (gemm.h) -----------------------------------
+
+using GemmFn = void (*)(const gemm::Args&);
+
+// The widest kernel the active ISA level allows. The AVX-512 kernel computes
+// the same chains as the AVX2 one, so before it is trusted a seeded probe
+// must give identical bits through both (it falls back to AVX2 otherwise).
+GemmFn ChooseGemm() {
+  if (!IsaAtLeast(IsaLevel::kAvx2)) return gemm::RunGeneric;
+  if (!IsaAtLeast(IsaLevel::kAvx512)) return gemm::RunAvx2;
+  constexpr int64_t m = 7, n = 37, k = 45;
+  std::vector<float> w(n * k), x(m * k), a(m * n), b(m * n);
+  uint32_t state = 2024;
+  auto next = [&state] {
+    state = state * 1664525u + 1013904223u;
+    return BF16ToF32(
+        F32ToBF16(static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f));
+  };
+  for (float& v : w) v = next();
+  for (float& v : x) v = next();
+  std::vector<float> pf(gemm::PackedElems(n, k));
+  std::vector<uint16_t> pb(gemm::PackedElems(n, k));
+  gemm::PackF32(w.data(), n, k, pf.data());
+  gemm::PackBf16(w.data(), n, k, pb.data());
+  for (int bf16 = 0; bf16 < 2; ++bf16) {
+    gemm::Args args;
+    args.w = bf16 ? static_cast<const void*>(pb.data()) : pf.data();
+    args.bf16 = bf16 != 0;
+    args.n = n;
+    args.k = k;
+    args.x = x.data();
+    args.ldx = k;
+    args.ldy = n;
+    args.m = m;
+    args.panel_end = gemm::NumPanels(n);
+    args.y = a.data();
+    gemm::RunAvx512(args);
+    args.y = b.data();
+    gemm::RunAvx2(args);
+    if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0) {
+      std::fprintf(stderr,
+                   "dmoe PackedLinear: the AVX-512 GEMM differs from the AVX2 "
+                   "one on this CPU; using AVX2\n");
+      return gemm::RunAvx2;
+    }
+  }
+  return gemm::RunAvx512;
+}
+
+GemmFn Gemm() {
+  static const GemmFn fn = ChooseGemm();
+  return fn;
+}
+
+void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m,
+                      float* y, int64_t ldx, int64_t ldy) {
+  const int64_t k = im.k, n = im.n;
+  gemm::Args args;
+  args.w = im.weights_buf.get();
+  args.bf16 = im.type == ComputeType::kBF16;
+  args.n = n;
+  args.k = k;
+  args.x = x;
+  args.ldx = ldx;
+  if (args.bf16) {
+    // The kernel multiplies bf16 weights by bf16-rounded activations (exact
+    // products in f32), as oneDNN's bf16 matmul does.
+    auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
+    ForRows(m, k, [&](int64_t r) { RoundToBF16(x + r * ldx, k, xr + r * k); });
+    args.x = xr;
+    args.ldx = k;
+  }
+  args.y = y;
+  args.ldy = ldy;
+  args.m = m;
+  const int64_t panels = gemm::NumPanels(n);
+  const GemmFn run = Gemm();
+  // Threads own whole column panels: the split never changes an output.
+  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
+  if (threads > 1 && panels > 1 && m * n * k >= (int64_t{1} << 18)) {
+#pragma omp parallel num_threads(threads)
+    {
+      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
+      gemm::Args part = args;
+      part.panel_begin = panels * id / nt;
+      part.panel_end = panels * (id + 1) / nt;
+      if (part.panel_end > part.panel_begin) run(part);
+    }
+  } else {
+    args.panel_begin = 0;
+    args.panel_end = panels;
+    run(args);
+  }
+}
+
+// Whether oneDNN's matmul gives each row the same bits at every M for this
+// shape: rows of a seeded probe at M = 1, 3 and 40 against one call of all of
+// them (the expert backend and the router batch rows freely). Checked once
+// per (n, k) per process.
+bool OneDnnIsBatchInvariant(const PackedWeights& im) {
+  static absl::Mutex mu;
+  static auto* verdicts = new std::map<std::pair<int64_t, int64_t>, bool>();
+  const auto key = std::make_pair(im.n, im.k);
+  {
+    absl::MutexLock lock(&mu);
+    auto it = verdicts->find(key);
+    if (it != verdicts->end()) return it->second;
+  }
+  const int64_t n = im.n, k = im.k;
+  constexpr int64_t kParts[] = {1, 3, 40};
+  constexpr int64_t m = 1 + 3 + 40;
+  std::vector<float> x(m * k), all(m * n), parts(m * n);
+  uint32_t state = 777;
+  for (float& v : x) {
+    state = state * 1664525u + 1013904223u;
+    v = static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f;
+  }
+  ForwardOneDnn(im, x.data(), m, all.data(), k, n);
+  int64_t row = 0;
+  for (int64_t rows : kParts) {
+    ForwardOneDnn(im, x.data() + row * k, rows, parts.data() + row * n, k, n);
+    row += rows;
+  }
+  const bool same = std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
+  if (!same) {
+    std::fprintf(stderr,
+                 "dmoe PackedLinear: oneDNN's matmul [%lld,%lld] is not "
+                 "batch-invariant here; using dmoe's kernels\n",
+                 static_cast<long long>(n), static_cast<long long>(k));
+  }
+  absl::MutexLock lock(&mu);
+  verdicts->emplace(key, same);
+  return same;
+}
+
+std::atomic<bool> g_allow_variant_onednn{false};
+
+// Packs `w` for our kernels.
+absl::Status PackInvariant(const float* w, PackedWeights& im) {
+  const size_t elems = gemm::PackedElems(im.n, im.k);
+  const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t)
+                                                              : sizeof(float));
+  im.weights_buf = AllocWeights(bytes);
+  if (im.weights_buf == nullptr) {
+    return absl::ResourceExhaustedError(absl::StrFormat(
+        "PackedLinear: cannot allocate %d bytes of weights", bytes));
+  }
+  if (im.type == ComputeType::kBF16) {
+    gemm::PackBf16(w, im.n, im.k,
+                   reinterpret_cast<uint16_t*>(im.weights_buf.get()));
+  } else {
+    gemm::PackF32(w, im.n, im.k,
+                  reinterpret_cast<float*>(im.weights_buf.get()));
+  }
+  im.invariant = true;
+  im.invariant_bytes = bytes;
+  im.dt = im.type == ComputeType::kBF16 ? memory::data_type::bf16
+                                        : memory::data_type::f32;
+  return absl::OkStatus();
+}
+
 }  // namespace
+
+void AllowBatchVariantOneDnnForBenchmarks(bool allow) {
+  g_allow_variant_onednn.store(allow, std::memory_order_relaxed);
+}
 
 struct PackedLinear::Impl : PackedWeights {};
 
@@ -606,6 +774,17 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
   impl->n = n;
   impl->k = k;
   impl->type = type;
+  // oneDNN where it is fast and batch-invariant (bf16 brgemm with
+  // AVX512_BF16 / AMX, verified per shape below); our kernels everywhere else.
+  const bool variant_ok =
+      g_allow_variant_onednn.load(std::memory_order_relaxed);
+  if (!variant_ok &&
+      !(type == ComputeType::kBF16 && IsaAtLeast(IsaLevel::kAvx512Bf16))) {
+    DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
+    PackedLinear out;
+    out.impl_ = std::move(impl);
+    return out;
+  }
   try {
     // The converted [n, k] copy lives in a reused per-thread buffer: loading a
     // model packs thousands of matrices, and fresh pages cost ~11 us each here.
@@ -613,7 +792,8 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
     // own instead, so one of them does not pin its size for the process's life.
     thread_local ThreadBuffer pooled_buf;
     ThreadBuffer own_buf;
-    ThreadBuffer& convert_buf = n * k * sizeof(float) > (size_t{64} << 20) ? own_buf : pooled_buf;
+    ThreadBuffer& convert_buf =
+        n * k * sizeof(float) > (size_t{64} << 20) ? own_buf : pooled_buf;
     const void* plain = w;
     if (type == ComputeType::kBF16) {
       try {
@@ -650,6 +830,12 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
     impl->small_m = impl->dt == memory::data_type::bf16 && CpuHasAvx512Bf16() &&
                     IsBA16a64b2a(impl->weights_md, n, k) &&
                     SmallMMatchesOneDnn(*impl);
+    impl->onednn_invariant = !variant_ok && OneDnnIsBatchInvariant(*impl);
+    if (!variant_ok && !impl->onednn_invariant) {
+      impl->weights = dnnl::memory();
+      impl->small_m = false;
+      DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
+    }
   } catch (const dnnl::error& e) {
     return absl::InternalError(absl::StrFormat(
         "PackedLinear: oneDNN failed packing [%d,%d]: %s", n, k, e.what()));
@@ -665,18 +851,37 @@ void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx,
   if (ldx == 0) ldx = impl_->k;
   if (ldy == 0) ldy = impl_->n;
   ApplyComputeThreads();
-  if (impl_->small_m && m <= kSmallM) {
+  if (impl_->invariant) {
+    ForwardInvariant(*impl_, x, m, y, ldx, ldy);
+  } else if (impl_->small_m && m <= kSmallM) {
     ForwardSmallM(*impl_, x, m, y, ldx, ldy);
   } else {
     ForwardOneDnn(*impl_, x, m, y, ldx, ldy);
   }
 }
 
+std::string PackedLinear::KernelName() const {
+  if (impl_ == nullptr) return "empty";
+  if (impl_->invariant) {
+    const GemmFn fn = Gemm();
+    return fn == gemm::RunAvx512 ? "dmoe-avx512"
+           : fn == gemm::RunAvx2 ? "dmoe-avx2"
+                                 : "dmoe-generic";
+  }
+  return impl_->small_m ? "onednn+small-m" : "onednn";
+}
+
+bool PackedLinear::batch_invariant() const {
+  return impl_ != nullptr && (impl_->invariant || impl_->onednn_invariant);
+}
+
 int64_t PackedLinear::n() const { return impl_->n; }
 int64_t PackedLinear::k() const { return impl_->k; }
 ComputeType PackedLinear::type() const { return impl_->type; }
 size_t PackedLinear::weight_bytes() const {
-  return impl_ ? impl_->weights_md.get_size() : 0;
+  if (impl_ == nullptr) return 0;
+  return impl_->invariant ? impl_->invariant_bytes
+                          : impl_->weights_md.get_size();
 }
 
 void SetComputeThreads(int n) {

@@ -10,7 +10,7 @@
 
 #include "absl/strings/str_format.h"
 #include "core/dtype.h"
-#include "dnnl.hpp"
+#include "core/isa.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -58,27 +58,6 @@ void Reference(const std::vector<float>& x, int64_t ldx,
 struct Shape {
   int64_t m, n, k;
 };
-
-// Whether oneDNN runs this problem with its brgemm kernels, whose rows are
-// bitwise independent of the batch; the fallbacks (no AVX-512 / no AVX512_BF16)
-// are not.
-bool UsesBrgemm(ComputeType t, int64_t n, int64_t k) {
-  using dnnl::memory;
-  const auto dt = t == ComputeType::kBF16 ? memory::data_type::bf16
-                                          : memory::data_type::f32;
-  try {
-    dnnl::engine engine(dnnl::engine::kind::cpu, 0);
-    dnnl::matmul::primitive_desc pd(
-        dnnl::matmul::desc(memory::desc({16, k}, dt, memory::format_tag::ab),
-                           memory::desc({k, n}, dt, memory::format_tag::any),
-                           memory::desc({16, n}, memory::data_type::f32,
-                                        memory::format_tag::ab)),
-        engine);
-    return std::string(pd.impl_info_str()).rfind("brg", 0) == 0;
-  } catch (const dnnl::error&) {
-    return false;
-  }
-}
 
 std::string TypeName(ComputeType t) {
   return t == ComputeType::kBF16 ? "BF16" : "F32";
@@ -180,11 +159,6 @@ TEST_P(PackedLinearTest, RowResultIsBitwiseIndependentOfBatchAndThreads) {
   for (const auto& [n, k] :
        {std::pair<int64_t, int64_t>{2816, 2048}, {300, 257}}) {
     SCOPED_TRACE(absl::StrFormat("n=%d k=%d", n, k));
-    if (!UsesBrgemm(GetParam(), n, k)) {
-      GTEST_SKIP()
-          << "bitwise row independence is a property of oneDNN's brgemm "
-             "kernels (AVX-512 for f32, AVX512_BF16 for bf16), not used here";
-    }
     const int64_t m = 37;
     const auto w = RandomVector(n * k, 21);
     const auto x = RandomVector(m * k, 22);
@@ -195,8 +169,8 @@ TEST_P(PackedLinearTest, RowResultIsBitwiseIndependentOfBatchAndThreads) {
     lin->Forward(x.data(), m, batched.data());
     for (int threads : {1, 2}) {
       SetComputeThreads(threads);
-      for (int64_t rows : {1, 2, 3, 4}) {
-        for (int64_t i : {int64_t{0}, int64_t{17}, m - rows}) {
+      for (int64_t rows : {1, 2, 3, 4, 5, 6, 7, 9, 13, 20}) {
+        for (int64_t i : {int64_t{0}, int64_t{11}, m - rows}) {
           std::vector<float> few(rows * n);
           lin->Forward(x.data() + i * k, rows, few.data());
           EXPECT_EQ(0, std::memcmp(few.data(), batched.data() + i * n,
@@ -210,6 +184,22 @@ TEST_P(PackedLinearTest, RowResultIsBitwiseIndependentOfBatchAndThreads) {
                                again.size() * sizeof(float)))
           << "threads " << threads;
     }
+  }
+}
+
+TEST_P(PackedLinearTest, EveryLayerIsBatchInvariantAndNamesItsKernel) {
+  const auto w = RandomVector(64 * 48, 5);
+  auto lin = PackedLinear::Create(w.data(), 64, 48, GetParam());
+  ASSERT_TRUE(lin.ok());
+  EXPECT_TRUE(lin->batch_invariant()) << lin->KernelName();
+  const std::string kernel = lin->KernelName();
+  if (GetParam() == ComputeType::kBF16 && IsaAtLeast(IsaLevel::kAvx512Bf16)) {
+    EXPECT_THAT(kernel, ::testing::StartsWith("onednn")) << IsaSummary();
+  } else {
+    EXPECT_EQ(kernel, IsaAtLeast(IsaLevel::kAvx512) ? "dmoe-avx512"
+                      : IsaAtLeast(IsaLevel::kAvx2) ? "dmoe-avx2"
+                                                    : "dmoe-generic")
+        << IsaSummary();
   }
 }
 

@@ -1,0 +1,72 @@
+// Weight packing and the generic (baseline x86-64, SSE2) level of the
+// batch-invariant GEMM; the AVX2 and AVX-512 levels are gemm_avx2.cc and
+// gemm_avx512.cc, the same kernel body (internal/gemm_kernel.inc) compiled
+// for their targets.
+#include "core/kernels/cpu/gemm.h"
+
+#include <emmintrin.h>
+
+#include "core/dtype.h"
+
+namespace dmoe::core::gemm {
+
+template <typename T, typename F>
+static void Pack(const float* w, int64_t n, int64_t k, T* out, F convert) {
+  const int64_t panels = NumPanels(n);
+  for (int64_t p = 0; p < panels; ++p) {
+    T* dst = out + p * k * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t row = p * kPanel + c;
+      if (row < n) {
+        const float* src = w + row * k;
+        for (int64_t kk = 0; kk < k; ++kk)
+          dst[kk * kPanel + c] = convert(src[kk]);
+      } else {
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + c] = T{};
+      }
+    }
+  }
+}
+
+void PackF32(const float* w, int64_t n, int64_t k, float* out) {
+  Pack(w, n, k, out, [](float v) { return v; });
+}
+
+void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out) {
+  Pack(w, n, k, out, [](float v) { return F32ToBF16(v); });
+}
+
+namespace {
+
+// SSE2: no FMA, so the product is rounded before the add.
+struct Isa {
+  using V = __m128;
+  static constexpr int kLanes = 4;
+  static constexpr int kMaxMr = 3;
+  static constexpr int NpFor(int mr) { return mr == 1 ? 2 : 1; }
+  static V Zero() { return _mm_setzero_ps(); }
+  static V LoadF(const float* p) { return _mm_loadu_ps(p); }
+  static V LoadB(const uint16_t* p) {
+    // bf16 bits into the high half of each 32-bit lane.
+    return _mm_castsi128_ps(_mm_unpacklo_epi16(
+        _mm_setzero_si128(),
+        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
+  static V Bcast(const float* p) { return _mm_set1_ps(*p); }
+  static V Fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static void Store(float* p, V v) { _mm_storeu_ps(p, v); }
+};
+
+#include "core/kernels/cpu/internal/gemm_kernel.inc"
+
+}  // namespace
+
+void RunGeneric(const Args& a) {
+  if (a.bf16) {
+    Run<uint16_t>(a);
+  } else {
+    Run<float>(a);
+  }
+}
+
+}  // namespace dmoe::core::gemm

@@ -1,0 +1,61 @@
+// Batch-invariant GEMM kernels of our own (internal to PackedLinear).
+//
+// y[m, n] = x[m, k] · W[n, k]^T where every output element is ONE serial chain
+// of fused multiply-adds over k = 0, 1, ..., K-1 starting from 0:
+//   acc = 0; for k: acc = fma(x[r, k], W[c, k], acc); y[r, c] = acc
+// Vector lanes run over output columns, never over k, so the chain - and the
+// bits of y[r, c] - do not depend on M, on which rows share a register block,
+// on the thread split (threads own whole column panels), or on the vector
+// width: the AVX-512 and AVX2 kernels give identical bits. The generic (SSE2)
+// kernel has no FMA and rounds the product separately; for bf16 weights and
+// bf16-rounded x the product is exact in f32, so there too the bits are the
+// same, while for f32 weights they differ in the last place.
+//
+// Weights are packed once into panels of kPanel columns: panel p holds
+// W[p*16 + c, k] at ((p * K) + k) * 16 + c, columns past n zero-padded. The
+// layout is the same at every ISA level.
+#ifndef DMOE_CORE_KERNELS_CPU_GEMM_H_
+#define DMOE_CORE_KERNELS_CPU_GEMM_H_
+
+#include <cstddef>
+#include <cstdint>
+
+namespace dmoe::core::gemm {
+
+constexpr int64_t kPanel = 16;
+
+inline int64_t NumPanels(int64_t n) { return (n + kPanel - 1) / kPanel; }
+// Elements of a packed [n, k] matrix (either type).
+inline size_t PackedElems(int64_t n, int64_t k) {
+  return static_cast<size_t>(NumPanels(n) * kPanel * k);
+}
+
+// w: [n, k] row-major. out: PackedElems(n, k) elements.
+void PackF32(const float* w, int64_t n, int64_t k, float* out);
+// Rounds to bf16 (nearest even, NaN kept).
+void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out);
+
+struct Args {
+  const void* w = nullptr;  // packed, float or uint16_t (bf16) per `bf16`
+  bool bf16 = false;
+  int64_t n = 0, k = 0;
+  // x: [m, k] with row stride ldx; for bf16 weights the values must already be
+  // bf16-representable (the caller rounds them).
+  const float* x = nullptr;
+  int64_t ldx = 0;
+  float* y = nullptr;  // [m, n], row stride ldy; only columns < n written
+  int64_t ldy = 0;
+  int64_t m = 0;
+  // Column panels [panel_begin, panel_end) of NumPanels(n) to compute.
+  int64_t panel_begin = 0, panel_end = 0;
+};
+
+// One per ISA level; each is compiled for its own target and must only be
+// called where the CPU has it (RunAvx512: AVX-512F; RunAvx2: AVX2 + FMA).
+void RunAvx512(const Args& a);
+void RunAvx2(const Args& a);
+void RunGeneric(const Args& a);
+
+}  // namespace dmoe::core::gemm
+
+#endif  // DMOE_CORE_KERNELS_CPU_GEMM_H_

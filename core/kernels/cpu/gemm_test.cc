@@ -1,0 +1,215 @@
+// The batch-invariant GEMM kernels (gemm.h) directly, at every ISA level the
+// host has: against a float64 reference, bitwise across M, row offsets, panel
+// splits and levels, and never writing past column n.
+#include "core/kernels/cpu/gemm.h"
+
+#include <cmath>
+#include <cstring>
+#include <random>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_format.h"
+#include "core/dtype.h"
+#include "core/isa.h"
+#include "gtest/gtest.h"
+
+namespace dmoe::core::gemm {
+namespace {
+
+using Fn = void (*)(const Args&);
+
+struct Level {
+  const char* name;
+  Fn fn;
+  IsaLevel needs;
+};
+
+// The levels this host can run (HostIsa, not the DMOE_MAX_ISA cap: the
+// kernels are called directly here).
+std::vector<Level> HostLevels() {
+  std::vector<Level> out = {{"generic", RunGeneric, IsaLevel::kGeneric}};
+  if (static_cast<int>(HostIsa()) >= static_cast<int>(IsaLevel::kAvx2)) {
+    out.push_back({"avx2", RunAvx2, IsaLevel::kAvx2});
+  }
+  if (static_cast<int>(HostIsa()) >= static_cast<int>(IsaLevel::kAvx512)) {
+    out.push_back({"avx512", RunAvx512, IsaLevel::kAvx512});
+  }
+  return out;
+}
+
+std::vector<float> Random(size_t n, uint32_t seed, bool bf16) {
+  std::mt19937 rng(seed);
+  std::uniform_real_distribution<float> dist(-1.0f, 1.0f);
+  std::vector<float> v(n);
+  for (float& f : v) {
+    f = dist(rng);
+    if (bf16) f = BF16ToF32(F32ToBF16(f));
+  }
+  return v;
+}
+
+struct Packed {
+  std::vector<float> f32;
+  std::vector<uint16_t> bf16;
+  const void* data(bool b) const {
+    return b ? static_cast<const void*>(bf16.data()) : f32.data();
+  }
+};
+
+Packed Pack(const std::vector<float>& w, int64_t n, int64_t k) {
+  Packed p;
+  p.f32.resize(PackedElems(n, k));
+  p.bf16.resize(PackedElems(n, k));
+  PackF32(w.data(), n, k, p.f32.data());
+  PackBf16(w.data(), n, k, p.bf16.data());
+  return p;
+}
+
+// y = x W^T over panels [pb, pe), rows [0, m), with the given strides.
+void RunGemm(Fn fn, const Packed& p, bool bf16, int64_t n, int64_t k,
+         const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+         int64_t pb, int64_t pe) {
+  Args a;
+  a.w = p.data(bf16);
+  a.bf16 = bf16;
+  a.n = n;
+  a.k = k;
+  a.x = x;
+  a.ldx = ldx;
+  a.y = y;
+  a.ldy = ldy;
+  a.m = m;
+  a.panel_begin = pb;
+  a.panel_end = pe;
+  fn(a);
+}
+
+class GemmTest : public ::testing::TestWithParam<bool> {};  // bf16?
+
+TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
+  const bool bf16 = GetParam();
+  for (const auto& [m, n, k] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 1, 1}, {1, 16, 8}, {2, 17, 33}, {5, 100, 64}, {7, 48, 3},
+           {13, 130, 257}, {64, 64, 128}, {70, 33, 1000}}) {
+    const auto w = Random(n * k, 1 + m, bf16);
+    const auto x = Random(m * k, 2 + n, bf16);
+    const Packed p = Pack(w, n, k);
+    for (const Level& level : HostLevels()) {
+      SCOPED_TRACE(absl::StrFormat("%s m=%d n=%d k=%d", level.name, m, n, k));
+      std::vector<float> y(m * n);
+      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0,
+          NumPanels(n));
+      int bad = 0;
+      for (int64_t i = 0; i < m && bad < 5; ++i) {
+        for (int64_t j = 0; j < n && bad < 5; ++j) {
+          double ref = 0, scale = 0;
+          for (int64_t q = 0; q < k; ++q) {
+            const double prod = double{x[i * k + q]} * w[j * k + q];
+            ref += prod;
+            scale += std::fabs(prod);
+          }
+          // fp32 accumulation of k terms (inputs are exact: bf16 values are
+          // pre-rounded, f32 ones used as they are).
+          const double tol = 1e-5 * scale + 1e-30;
+          if (!(std::fabs(y[i * n + j] - ref) <= tol)) {
+            ADD_FAILURE() << "y[" << i << "," << j << "] = " << y[i * n + j]
+                          << ", expected " << ref << " +- " << tol;
+            ++bad;
+          }
+        }
+      }
+    }
+  }
+}
+
+// Every row, computed in any batch, at any offset, in any panel split, gives
+// the same bits; and columns past n (and past the caller's row) are untouched.
+TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
+  const bool bf16 = GetParam();
+  const int64_t n = 83, k = 301, m = 40;  // N and K tails, 6 panels
+  const auto w = Random(n * k, 7, bf16);
+  const auto x = Random(m * k, 8, bf16);
+  const Packed p = Pack(w, n, k);
+  for (const Level& level : HostLevels()) {
+    SCOPED_TRACE(level.name);
+    std::vector<float> all(m * n);
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0,
+        NumPanels(n));
+    std::mt19937 rng(99);
+    for (int trial = 0; trial < 40; ++trial) {
+      const int64_t rows = 1 + rng() % 17;
+      const int64_t r0 = rng() % (m - rows + 1);
+      const int64_t split = rng() % (NumPanels(n) + 1);
+      const int64_t ldy = n + 5;  // canaries after every row
+      std::vector<float> y(rows * ldy, -7.5f);
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy,
+          0, split);
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy,
+          split, NumPanels(n));
+      for (int64_t r = 0; r < rows; ++r) {
+        ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n,
+                                 n * sizeof(float)))
+            << "rows " << r0 << "+" << rows << " split at panel " << split
+            << ", row " << r;
+        for (int64_t c = n; c < ldy; ++c) {
+          ASSERT_EQ(y[r * ldy + c], -7.5f) << "wrote past column n at " << c;
+        }
+      }
+    }
+  }
+}
+
+// AVX2 and AVX-512 run the same FMA chains; with bf16 inputs the product is
+// exact, so the generic level (multiply, then add) gives those bits too.
+TEST_P(GemmTest, LevelsGiveIdenticalBits) {
+  const bool bf16 = GetParam();
+  const auto levels = HostLevels();
+  if (levels.size() < 2) GTEST_SKIP() << "only the generic level on this host";
+  const int64_t n = 200, k = 515, m = 23;
+  const auto w = Random(n * k, 11, bf16);
+  const auto x = Random(m * k, 12, bf16);
+  const Packed p = Pack(w, n, k);
+  std::vector<float> ref(m * n);
+  RunGemm(levels.back().fn, p, bf16, n, k, x.data(), k, m, ref.data(), n, 0,
+      NumPanels(n));
+  for (const Level& level : levels) {
+    if (!bf16 && level.needs == IsaLevel::kGeneric) continue;  // no FMA
+    std::vector<float> y(m * n);
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
+    EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
+        << level.name << " vs " << levels.back().name;
+  }
+}
+
+TEST(GemmPackTest, PanelLayoutZeroPadsAndRoundsToBf16) {
+  const int64_t n = 18, k = 3;
+  std::vector<float> w(n * k);
+  for (int64_t i = 0; i < n * k; ++i) w[i] = 1.0f + i * 0.001f;
+  std::vector<float> f(PackedElems(n, k), -1.0f);
+  std::vector<uint16_t> b(PackedElems(n, k), 0xffff);
+  ASSERT_EQ(f.size(), 2u * 16 * 3);
+  PackF32(w.data(), n, k, f.data());
+  PackBf16(w.data(), n, k, b.data());
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t row = p * 16 + c;
+        const size_t at = (p * k + kk) * 16 + c;
+        const float want = row < n ? w[row * k + kk] : 0.0f;
+        EXPECT_EQ(f[at], want) << row << "," << kk;
+        EXPECT_EQ(b[at], row < n ? F32ToBF16(want) : 0) << row << "," << kk;
+      }
+    }
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(Types, GemmTest, ::testing::Values(false, true),
+                         [](const auto& info) {
+                           return std::string(info.param ? "BF16" : "F32");
+                         });
+
+}  // namespace
+}  // namespace dmoe::core::gemm
