@@ -1,5 +1,7 @@
 #include "core/expert_backend.h"
 
+#include <algorithm>
+
 #include "absl/strings/str_format.h"
 #include "core/status.h"
 
@@ -42,6 +44,25 @@ absl::Status ValidateFfnWeights(int32_t layer, int32_t ffn_id, const FfnWeights&
   DMOE_RETURN_IF_ERROR(check(w.gate, "gate_proj", w.intermediate, w.hidden));
   DMOE_RETURN_IF_ERROR(check(w.up, "up_proj", w.intermediate, w.hidden));
   return check(w.down, "down_proj", w.hidden, w.intermediate);
+}
+
+void SumAssignmentRows(std::span<const int32_t> token_offsets,
+                       std::span<const float* const> rows, int64_t hidden,
+                       float* out) {
+  const int64_t tokens = static_cast<int64_t>(token_offsets.size()) - 1;
+  for (int64_t t = 0; t < tokens; ++t) {
+    float* o = out + t * hidden;
+    const int32_t begin = token_offsets[t], end = token_offsets[t + 1];
+    if (begin == end) {
+      std::fill(o, o + hidden, 0.0f);
+      continue;
+    }
+    std::copy(rows[begin], rows[begin] + hidden, o);
+    for (int32_t a = begin + 1; a < end; ++a) {
+      const float* c = rows[a];
+      for (int64_t j = 0; j < hidden; ++j) o[j] = o[j] + c[j];
+    }
+  }
 }
 
 absl::Status WithFailedTokens(absl::Status status, std::span<const int32_t> tokens) {

@@ -9,7 +9,13 @@
 // assignments:  out[t] = sum_a weight_a * FFN_{ffn_a}(x[t]).
 //
 // Accumulation is in fp32 and deterministic: the result for a token does not
-// depend on which other tokens share the batch or on the thread count.
+// depend on which other tokens share the batch or on the thread count. The sum
+// is one fixed sequence of fp32 operations in the token's assignment order,
+// multiply then add (no FMA):
+//   c_a = weight_a * FFN_{ffn_a}(x[t]);  out[t] = ((c_0 + c_1) + c_2) + ...
+// so a caller that receives the c_a rows (per_assignment_out) and adds them in
+// the same order gets the same bits, however the assignments were split over
+// backends or servers.
 #ifndef DMOE_CORE_EXPERT_BACKEND_H_
 #define DMOE_CORE_EXPERT_BACKEND_H_
 
@@ -45,7 +51,19 @@ struct ExpertBatch {
   std::span<const int32_t> token_offsets;  // [num_tokens + 1]; token t owns [off[t], off[t+1])
   std::span<const int32_t> ffn_ids;        // [num_assignments] expert id or kSharedFfn
   std::span<const float> weights;          // [num_assignments]
+  // When true, `out` is [num_assignments, hidden]: row a = weight_a *
+  // FFN_{ffn_a}(x[token of a]) (the c_a above), not summed per token.
+  // Backends that cannot do this answer Unimplemented.
+  bool per_assignment_out = false;
 };
+
+// Adds per-assignment rows (ExpertBatch::per_assignment_out) of each token in
+// order into out[t] = ((c_0 + c_1) + ...), the sum a backend computes itself:
+// rows[a] for a in [token_offsets[t], token_offsets[t+1]); a token with none
+// gets zeros. `rows` may point anywhere (null only for tokens without rows).
+void SumAssignmentRows(std::span<const int32_t> token_offsets,
+                       std::span<const float* const> rows, int64_t hidden,
+                       float* out);
 
 class ExpertBackend {
  public:
@@ -55,7 +73,8 @@ class ExpertBackend {
   virtual absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) = 0;
   virtual absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) = 0;
   virtual bool HasFfn(int32_t layer, int32_t ffn_id) const = 0;
-  // out: [num_tokens, hidden] float32, overwritten. Errors (InvalidArgument /
+  // out: [num_tokens, hidden] float32 (or [num_assignments, hidden] with
+  // per_assignment_out), overwritten. Errors (InvalidArgument /
   // FailedPrecondition) name the layer and expert: an assignment to an FFN that is
   // not loaded, inconsistent offsets or sizes. Nothing is written on error.
   virtual absl::Status Compute(const ExpertBatch& batch, float* out) = 0;
@@ -73,6 +92,10 @@ class ExpertBackend {
   virtual void Cancel(uint64_t ticket);
   // Bytes of resident weights.
   virtual size_t WeightBytes() const = 0;
+  // Whether Compute honours ExpertBatch::per_assignment_out (else it answers
+  // Unimplemented; callers can get the same rows by giving every assignment
+  // its own token, whose sum of one term is weight * FFN(x)).
+  virtual bool SupportsPerAssignmentOut() const { return false; }
   // True when LoadFfn / UnloadFfn / HasFfn / WeightBytes may run concurrently
   // with Compute (the backend locks internally); else callers serialise them.
   virtual bool LoadsConcurrently() const { return false; }

@@ -284,6 +284,7 @@ absl::StatusOr<std::vector<ServerShare>> SplitByServer(const ExpertBatch& batch,
         if ((e == kSharedFfn && s == shared_server) || (e != kSharedFfn && chosen[a - begin] == s)) {
           sh.ffn_ids.push_back(e);
           sh.weights.push_back(batch.weights[a]);
+          sh.assignment_index.push_back(a);
         }
       }
       sh.token_offsets.push_back(static_cast<int32_t>(sh.ffn_ids.size()));

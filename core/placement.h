@@ -60,6 +60,7 @@ struct ServerShare {
   std::vector<int32_t> token_offsets;  // [n + 1]
   std::vector<int32_t> ffn_ids;        // [assignments]
   std::vector<float> weights;          // [assignments]
+  std::vector<int32_t> assignment_index;  // [assignments] index into the batch's
 };
 
 enum class SharedDuty { kExpertServers, kRouter };

@@ -109,8 +109,12 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     uint64_t id = 0;
     std::shared_ptr<DispatchStream> stream;  // the stream it went out on
     core::ServerShare share;                 // tokens: indices into the ticket's batch
-    std::vector<float> partial;              // [rows, hidden] unpacked reply
+    std::vector<float> partial;              // [reply_rows, hidden] unpacked reply
     int64_t rows = 0;           // tokens sent
+    // Per-assignment replies: the batch assignment of each reply row (the
+    // token's experts in request order, then its shared FFN).
+    std::vector<int32_t> row_assignment;
+    int64_t reply_rows = 0;     // rows the reply must have
     int64_t rows_received = 0;  // rows of reply unpacked so far
     uint32_t next_chunk = 0;
     uint32_t chunk_count = 0;  // of the reply, known from its first chunk
@@ -162,7 +166,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   // Releases the ticket (forgets its waiting requests).
   void Retire(uint64_t ticket);
   absl::Status ComputeLocalShared(Ticket& t);
-  void Combine(const Ticket& t);
+  absl::Status Combine(const Ticket& t);
 
   // Const after construction.
   const RemoteExpertOptions options_;
@@ -204,6 +208,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   std::vector<int32_t> shared_offsets_;  // [T + 1] local shared batch
   std::vector<int32_t> shared_ids_;      // [tokens with shared]
   std::vector<float> shared_weights_;    // [tokens with shared]
+  std::vector<const float*> assignment_rows_;  // [assignments] Combine
 };
 
 RemoteExpertBackend::RemoteExpertBackend(RemoteExpertOptions options)
@@ -332,6 +337,10 @@ bool RemoteExpertBackend::HasFfn(int32_t layer, int32_t ffn_id) const {
 absl::Status RemoteExpertBackend::Validate(const core::ExpertBatch& b, const float* out) const {
   const int32_t layer = b.layer;
   if (layer < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is negative"));
+  if (b.per_assignment_out) {
+    return absl::UnimplementedError(
+        absl::StrCat("layer ", layer, ": remote experts have no per-assignment output"));
+  }
   if (b.num_tokens < 0) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, ": num_tokens ", b.num_tokens, " is negative"));
@@ -521,11 +530,29 @@ void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
   p->stream = sv.stream;
   p->share = std::move(share);
   p->rows = static_cast<int64_t>(p->share.tokens.size());
+  p->row_assignment.clear();
+  if (options_.per_assignment_replies) {
+    const core::ServerShare& sh = p->share;
+    for (int64_t r = 0; r < p->rows; ++r) {
+      int32_t shared = -1;
+      for (int32_t a = sh.token_offsets[r]; a < sh.token_offsets[r + 1]; ++a) {
+        if (sh.ffn_ids[a] == core::kSharedFfn) {
+          shared = sh.assignment_index[a];
+        } else {
+          p->row_assignment.push_back(sh.assignment_index[a]);
+        }
+      }
+      if (shared >= 0) p->row_assignment.push_back(shared);
+    }
+    p->reply_rows = static_cast<int64_t>(p->row_assignment.size());
+  } else {
+    p->reply_rows = p->rows;
+  }
   p->rows_received = 0;
   p->next_chunk = 0;
   p->chunk_count = 0;
   p->reply_bytes = 0;
-  p->partial.resize(static_cast<size_t>(p->rows * t.batch.hidden));
+  p->partial.resize(static_cast<size_t>(p->reply_rows * t.batch.hidden));
   p->sent = absl::Now();
   p->deadline = p->sent + absl::FromChrono(options_.deadline);
   waiting_[p->id] = p.get();
@@ -629,7 +656,7 @@ absl::Status RemoteExpertBackend::AwaitLocked(uint64_t ticket_id) {
                                   " tokens have an expert with no replica on another server")),
         t->stranded);
   }
-  if (result.ok()) Combine(*t);
+  if (result.ok()) result = Combine(*t);
   Retire(ticket_id);
   return result;
 }
@@ -708,6 +735,7 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   for (core::ServerShare& share : *shares) {
     if (share.tokens.empty()) continue;
     for (int32_t& k : share.tokens) k = p.share.tokens[k];  // back to batch indices
+    for (int32_t& a : share.assignment_index) a = p.share.assignment_index[a];
     resent += static_cast<int64_t>(share.tokens.size());
     Send(*t, std::move(share));
   }
@@ -721,11 +749,41 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
                static_cast<long long>(resent), stranded_.size());
 }
 
-void RemoteExpertBackend::Combine(const Ticket& t) {
-  // Fixed order (requests as sent, then the local shared FFN), fp32.
+absl::Status RemoteExpertBackend::Combine(const Ticket& t) {
   const int64_t T = t.batch.num_tokens, H = t.batch.hidden;
-  if (T == 0) return;
+  if (T == 0) return absl::OkStatus();
   float* out = t.out;
+  if (options_.per_assignment_replies) {
+    // Every assignment's row, added per token in the batch's assignment
+    // order: the bits an in-process backend gives, whatever the split.
+    const core::ExpertBatch& b = t.batch;
+    assignment_rows_.assign(b.ffn_ids.size(), nullptr);
+    for (const auto& p : t.pending) {
+      if (p->state != Pending::State::kDone) continue;
+      for (size_t i = 0; i < p->row_assignment.size(); ++i) {
+        assignment_rows_[p->row_assignment[i]] =
+            p->partial.data() + static_cast<int64_t>(i) * H;
+      }
+    }
+    if (t.local_shared) {
+      for (int64_t k = 0; k < T; ++k) {
+        for (int32_t a = b.token_offsets[k]; a < b.token_offsets[k + 1]; ++a) {
+          if (b.ffn_ids[a] == core::kSharedFfn) {
+            assignment_rows_[a] = t.shared_out.data() + k * H;
+          }
+        }
+      }
+    }
+    for (size_t a = 0; a < assignment_rows_.size(); ++a) {
+      if (assignment_rows_[a] == nullptr) {
+        return absl::InternalError(absl::StrCat("layer ", b.layer, ": assignment ", a,
+                                                " has no reply row (dispatch bug)"));
+      }
+    }
+    core::SumAssignmentRows(b.token_offsets, assignment_rows_, H, out);
+    return absl::OkStatus();
+  }
+  // Fixed order (requests as sent, then the local shared FFN), fp32.
   std::fill(out, out + T * H, 0.0f);
   for (const auto& p : t.pending) {
     if (p->state != Pending::State::kDone) continue;
@@ -744,6 +802,7 @@ void RemoteExpertBackend::Combine(const Ticket& t) {
       for (int64_t j = 0; j < H; ++j) o[j] += y[j];
     }
   }
+  return absl::OkStatus();
 }
 
 void RemoteExpertBackend::OpenStream(int s) {
@@ -835,6 +894,7 @@ size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
       req->add_shared_duty(shared);
     }
     req->set_reply_dtype(ToProto(wire));
+    req->set_per_assignment_reply(options_.per_assignment_replies);
     req->set_chunk_index(static_cast<uint32_t>(c));
     req->set_chunk_count(static_cast<uint32_t>(chunks));
     if (options_.observer != nullptr) bytes += req->ByteSizeLong();
@@ -899,10 +959,11 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
                                   v1::ActivationDType_Name(ToProto(options_.wire_dtype))));
     return;
   }
-  if (y.cols() != hidden || p.rows_received + y.rows() > p.rows) {
+  if (y.cols() != hidden || p.rows_received + y.rows() > p.reply_rows) {
     ProtocolError(p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " is [",
                                   y.rows(), ", ", y.cols(), "] after ", p.rows_received,
-                                  " rows; sent ", p.rows, " tokens of hidden ", hidden));
+                                  " rows; expected ", p.reply_rows, " rows of hidden ", hidden,
+                                  " for ", p.rows, " tokens"));
     return;
   }
   absl::Status st = core::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(),
@@ -916,9 +977,10 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   if (options_.observer != nullptr) p.reply_bytes += r.ByteSizeLong();
   ++p.next_chunk;
   if (p.next_chunk == count) {
-    if (p.rows_received != p.rows) {
+    if (p.rows_received != p.reply_rows) {
       ProtocolError(p, absl::StrCat("request ", p.id, ": reply has ", p.rows_received,
-                                    " rows for ", p.rows, " tokens sent"));
+                                    " rows, expected ", p.reply_rows, " for ", p.rows,
+                                    " tokens sent"));
       return;
     }
     Forget(p);

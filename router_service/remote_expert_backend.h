@@ -5,13 +5,17 @@
 // to every server it visits; shared duty to a server it already visits, or kept
 // local with SharedDuty::kRouter), packs activations (bf16 by default, f32 in
 // exact mode) and sends every server its share; Await collects the replies
-// and sums the partial vectors per token in request order (Compute = Submit +
-// Await). Several submitted batches may be out at once (the model's
-// micro-batches); their requests share the streams. Replicas are chosen by
-// live load (tokens in flight per server, from requests still unanswered), so
-// the result is deterministic for a given batch and placement in the steady
-// state; otherwise a replica choice, and with it the order of the fp32
-// additions or (bf16) which partials are rounded together, may differ. With
+// and combines them per token (Compute = Submit + Await). Several submitted
+// batches may be out at once (the model's micro-batches); their requests
+// share the streams. Replicas are chosen by live load (tokens in flight per
+// server, from requests still unanswered). By default servers reply with one
+// row per assignment and the router adds a token's rows in the batch's
+// assignment order (core::SumAssignmentRows), so a token's result does not
+// depend on which servers or replicas computed it, nor on its batch
+// (per_assignment_replies). Without that, each server returns one partial sum
+// per token, summed in request order: the bits then depend on the replica
+// choice (the order of the fp32 additions or, in bf16, which partials are
+// rounded together). With
 // SharedDuty::kRouter the shared FFN is computed locally (in Submit, while the
 // requests are out) by a CPU backend that LoadFfn(layer, kSharedFfn, ...)
 // fills; LoadFfn of routed experts is refused.
@@ -87,6 +91,14 @@ struct RemoteExpertOptions {
   core::Placement placement;
   core::WireDType wire_dtype = core::WireDType::kBF16;
   core::SharedDuty shared_duty = core::SharedDuty::kExpertServers;
+  // Servers reply with one row per assignment (weight * FFN(x)) and the
+  // router adds each token's rows in the batch's assignment order: results
+  // are bitwise independent of how a token's experts are split over servers
+  // and replicas (and, with an f32 wire, equal to an in-process backend's).
+  // False: one partial sum per token and server (fewer reply bytes: one row
+  // per server a token visits instead of one per expert), whose bits depend
+  // on the split.
+  bool per_assignment_replies = true;
   core::ComputeType local_compute = core::ComputeType::kBF16;  // local shared FFN
   std::chrono::milliseconds deadline{10000};  // per request round trip
   // Requests whose packed activations exceed this are split by rows (at least

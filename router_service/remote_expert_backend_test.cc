@@ -327,9 +327,12 @@ class FakeExpertServer {
       }
     }
     const int64_t tokens = static_cast<int64_t>(offsets.size()) - 1;
-    std::vector<float> y(tokens * kHidden);
+    // One row per token, or per assignment (experts, then shared duty).
+    const bool per_assignment = chunks[0].msg.per_assignment_reply();
+    std::vector<float> y((per_assignment ? static_cast<int64_t>(ids.size()) : tokens) * kHidden);
     core::ExpertBatch b{static_cast<int32_t>(chunks[0].msg.layer()), tokens, kHidden, x.data(),
                         offsets, ids, weights};
+    b.per_assignment_out = per_assignment;
     absl::MutexLock l(&compute_mu_);  // a replaced stream's handler may still run
     absl::Status st = backend_->Compute(b, y.data());
     EXPECT_TRUE(st.ok()) << st;
@@ -522,7 +525,7 @@ TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
       for (int64_t tokens : {1, 7, 64}) {
         HostBatch b = RandomBatch(layer, tokens, /*with_shared=*/true, seed++);
         std::vector<float> out(tokens * kHidden, -7.0f);
-        ASSERT_TRUE(backend->Compute(b.View(), out.data()).ok());
+        { auto st = backend->Compute(b.View(), out.data()); ASSERT_TRUE(st.ok()) << st; }
         ExpectRowsNear(out, Reference(b), kF32Rel);
         ExpectRequestsFollowPlacement(b, duty);
         // Deterministic: the same batch again gives the same bits.
@@ -532,6 +535,70 @@ TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
         for (auto& s : servers_) s->TakeReceived();
       }
     }
+  }
+}
+
+// Per-assignment replies (the default): with f32 on the wire every token's
+// result is bit for bit the in-process backend's, however its experts were
+// split over servers and replicas. The replica choice follows live load, so
+// the same batch is computed alone and again while other batches are in
+// flight (which shifts the load and with it the split): all the same bits.
+TEST_F(RemoteExpertBackendTest, PerAssignmentRepliesGiveTheLocalBackendsBitsWhateverTheSplit) {
+  StartServers(WithReplicas());
+  for (core::SharedDuty duty : {core::SharedDuty::kExpertServers, core::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == core::SharedDuty::kRouter ? "shared on router" : "shared on servers");
+    auto backend = Make(Options(core::WireDType::kF32, duty));
+    ASSERT_NE(backend, nullptr);
+    uint32_t seed = 300;
+    for (int32_t layer : kMoeLayers) {
+      HostBatch b = RandomBatch(layer, 24, /*with_shared=*/true, seed++);
+      const std::vector<float> want = Reference(b);
+      std::vector<float> alone(b.tokens() * kHidden);
+      ASSERT_TRUE(backend->Compute(b.View(), alone.data()).ok());
+      EXPECT_EQ(std::memcmp(alone.data(), want.data(), want.size() * 4), 0) << "alone";
+      // Other batches out first: b's replicas are chosen under their load.
+      std::vector<HostBatch> others;
+      std::vector<std::vector<float>> outs;
+      for (int i = 0; i < 3; ++i) {
+        others.push_back(RandomBatch(layer, 9 + 13 * i, true, seed++));
+        outs.emplace_back(others.back().tokens() * kHidden);
+      }
+      std::vector<uint64_t> tickets;
+      for (int i = 0; i < 3; ++i) {
+        auto t = backend->Submit(others[i].View(), outs[i].data());
+        ASSERT_TRUE(t.ok()) << t.status();
+        tickets.push_back(*t);
+      }
+      std::vector<float> among(b.tokens() * kHidden);
+      auto tb = backend->Submit(b.View(), among.data());
+      ASSERT_TRUE(tb.ok()) << tb.status();
+      ASSERT_TRUE(backend->Await(*tb).ok());
+      for (int i = 0; i < 3; ++i) {
+        ASSERT_TRUE(backend->Await(tickets[i]).ok());
+        const std::vector<float> want_i = Reference(others[i]);
+        EXPECT_EQ(std::memcmp(outs[i].data(), want_i.data(), want_i.size() * 4), 0)
+            << "other batch " << i;
+      }
+      EXPECT_EQ(std::memcmp(among.data(), want.data(), want.size() * 4), 0) << "among others";
+      for (auto& s : servers_) s->TakeReceived();
+    }
+  }
+}
+
+// The legacy reply (one partial sum per token and server) still works: close
+// to the local backend, not bitwise (the additions are grouped by server).
+TEST_F(RemoteExpertBackendTest, PerServerPartialSumsMatchLocalBackendWithinRounding) {
+  StartServers(WithReplicas());
+  RemoteExpertOptions o = Options(core::WireDType::kF32);
+  o.per_assignment_replies = false;
+  auto backend = Make(o);
+  ASSERT_NE(backend, nullptr);
+  HostBatch b = RandomBatch(1, 30, true, 41);
+  std::vector<float> out(b.tokens() * kHidden);
+  ASSERT_TRUE(backend->Compute(b.View(), out.data()).ok());
+  ExpectRowsNear(out, Reference(b), kF32Rel);
+  for (auto& s : servers_) {
+    for (const auto& r : s->TakeReceived()) EXPECT_FALSE(r.msg.per_assignment_reply());
   }
 }
 

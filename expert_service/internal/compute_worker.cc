@@ -1,6 +1,7 @@
 #include "expert_service/internal/compute_worker.h"
 
 #include <cmath>
+#include <cstring>
 #include <span>
 
 #include "absl/strings/str_cat.h"
@@ -178,11 +179,12 @@ absl::Status ComputeWorker::Append(const WorkItem& item) {
     if (c.layer() != c0.layer() ||
         c.placement_version() != c0.placement_version() ||
         c.x().dtype() != c0.x().dtype() ||
-        c.reply_dtype() != c0.reply_dtype()) {
+        c.reply_dtype() != c0.reply_dtype() ||
+        c.per_assignment_reply() != c0.per_assignment_reply()) {
       return fail(absl::InvalidArgumentError(
           absl::StrCat(where,
-                       "layer, placement_version, x dtype and reply_dtype must "
-                       "equal chunk 0's")));
+                       "layer, placement_version, x dtype, reply_dtype and "
+                       "per_assignment_reply must equal chunk 0's")));
     }
     const int64_t rows = c.x().rows();
     if (c.x().cols() != hidden_) {
@@ -291,15 +293,24 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       v1::ExpertResponse* r = batch[i].sink->NewResponse();
       FillError(batch[i].chunks[0]->request_id(), st, r);
       batch[i].sink->Send(r);
-      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
+      if (options_.observer != nullptr)
+        options_.observer->OnAnswered(st.code());
     }
   }
   if (layer >= 0) {
     absl::Status st;
     absl::Duration compute;
+    // Per-assignment rows when any request asks for them; the others of the
+    // batch then get the per-token sums of those rows, which are the bits
+    // the backend's own sum gives.
+    bool per_assignment = false, per_token = false;
+    for (size_t i = 0; i < batch.size(); ++i) {
+      if (first_row_[i] < 0) continue;
+      (batch[i].chunks[0]->per_assignment_reply() ? per_assignment
+                                                  : per_token) = true;
+    }
+    per_assignment_ = per_assignment;
     if (tokens_ > 0) {
-      const size_t need = static_cast<size_t>(tokens_) * hidden_;
-      if (out_.size() < need) out_.resize(need);
       core::ExpertBatch b;
       b.layer = layer;
       b.num_tokens = tokens_;
@@ -310,7 +321,13 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       b.weights = weights_;
       absl::MutexLock lock(&backend_mu_);
       const absl::Time start = absl::Now();
-      st = backend_.Compute(b, out_.data());
+      if (per_assignment) {
+        st = ComputePerAssignment(b, per_token);
+      } else {
+        const size_t need = static_cast<size_t>(tokens_) * hidden_;
+        if (out_.size() < need) out_.resize(need);
+        st = backend_.Compute(b, out_.data());
+      }
       compute = absl::Now() - start;
     }
     counts_.clear();
@@ -338,10 +355,53 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
         FillError(batch[i].chunks[0]->request_id(), st, r);
         batch[i].sink->Send(r);
       }
-      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
+      if (options_.observer != nullptr)
+        options_.observer->OnAnswered(st.code());
     }
   }
   for (WorkItem& item : batch) item.sink->Done(std::move(item.chunks));
+}
+
+absl::Status ComputeWorker::ComputePerAssignment(const core::ExpertBatch& b,
+                                                 bool sum_tokens) {
+  const int64_t assignments = static_cast<int64_t>(ffn_ids_.size());
+  const size_t need = static_cast<size_t>(assignments) * hidden_;
+  if (out_.size() < need) out_.resize(need);
+  if (backend_.SupportsPerAssignmentOut()) {
+    core::ExpertBatch pa = b;
+    pa.per_assignment_out = true;
+    DMOE_RETURN_IF_ERROR(backend_.Compute(pa, out_.data()));
+  } else {
+    // Every assignment its own token: a sum of one term is weight * FFN(x).
+    if (xa_.size() < need) xa_.resize(need);
+    ones_.resize(assignments + 1);
+    for (int64_t t = 0; t < tokens_; ++t) {
+      for (int32_t a = token_offsets_[t]; a < token_offsets_[t + 1]; ++a) {
+        std::memcpy(xa_.data() + a * hidden_, x_.data() + t * hidden_,
+                    hidden_ * sizeof(float));
+      }
+    }
+    for (int64_t a = 0; a <= assignments; ++a) {
+      ones_[a] = static_cast<int32_t>(a);
+    }
+    core::ExpertBatch pa = b;
+    pa.num_tokens = assignments;
+    pa.x = xa_.data();
+    pa.token_offsets = ones_;
+    DMOE_RETURN_IF_ERROR(backend_.Compute(pa, out_.data()));
+  }
+  if (sum_tokens) {
+    rows_.resize(assignments);
+    for (int64_t a = 0; a < assignments; ++a) {
+      rows_[a] = out_.data() + a * hidden_;
+    }
+    const size_t summed = static_cast<size_t>(tokens_) * hidden_;
+    if (summed_.size() < summed) summed_.resize(summed);
+    core::SumAssignmentRows(
+        std::span<const int32_t>(token_offsets_.data(), tokens_ + 1), rows_,
+        hidden_, summed_.data());
+  }
+  return absl::OkStatus();
 }
 
 void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
@@ -351,9 +411,17 @@ void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
                               : c0.x().dtype();
   const core::WireDType type =
       *WireType(reply_dtype, "reply");  // validated in Append
+  // Rows of out_ (per assignment) or of the per-token results.
+  const bool by_assignment = c0.per_assignment_reply();
+  const float* source =
+      by_assignment || !per_assignment_ ? out_.data() : summed_.data();
   int64_t row = first_row;
   for (const auto& chunk : item.chunks) {
-    const int64_t rows = chunk->x().rows();
+    const int64_t tokens = chunk->x().rows();
+    const int64_t rows =
+        by_assignment ? token_offsets_[row + tokens] - token_offsets_[row]
+                      : tokens;
+    const int64_t from = by_assignment ? token_offsets_[row] : row;
     v1::ExpertResponse* r = item.sink->NewResponse();
     r->set_request_id(chunk->request_id());
     r->set_chunk_index(chunk->chunk_index());
@@ -362,10 +430,10 @@ void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
     y->set_dtype(static_cast<v1::ActivationDType>(reply_dtype));
     y->set_rows(static_cast<uint32_t>(rows));
     y->set_cols(static_cast<uint32_t>(hidden_));
-    core::PackActivations(out_.data() + row * hidden_, rows, hidden_, 0, type,
+    core::PackActivations(source + from * hidden_, rows, hidden_, 0, type,
                           y->mutable_data(), y->mutable_row_scales());
     item.sink->Send(r);
-    row += rows;
+    row += tokens;
   }
 }
 

@@ -125,6 +125,12 @@ class ComputeWorker {
   // Appends a valid request to the batch buffers; on error they are unchanged.
   absl::Status Append(const WorkItem& item);
   void Reply(const WorkItem& item, int64_t first_row);
+  // Runs the batch through the backend with one output row per assignment
+  // into out_ (ExpertBatch::per_assignment_out, or one single-assignment
+  // "token" per assignment where the backend cannot), and, when
+  // `sum_tokens`, the per-token sums of those rows into summed_.
+  absl::Status ComputePerAssignment(const core::ExpertBatch& b,
+                                    bool sum_tokens);
 
   // Const after construction.
   const core::ModelConfig& cfg_;
@@ -142,8 +148,13 @@ class ComputeWorker {
   std::thread thread_;
 
   // Batch buffers, used by the worker thread only; grown, never shrunk.
-  std::vector<float> x_;                // [tokens, hidden] inputs of the batch
-  std::vector<float> out_;              // [tokens, hidden] results
+  std::vector<float> x_;       // [tokens, hidden] inputs of the batch
+  std::vector<float> out_;     // [tokens or assignments, hidden] results
+  std::vector<float> summed_;  // [tokens, hidden] per-token sums of out_ rows
+  std::vector<float> xa_;      // [assignments, hidden] x row per assignment
+  std::vector<int32_t> ones_;  // [assignments + 1] 0, 1, 2, ...
+  std::vector<const float*> rows_;      // [assignments] into out_
+  bool per_assignment_ = false;         // out_ holds per-assignment rows
   std::vector<int32_t> token_offsets_;  // [tokens + 1] into ffn_ids_ / weights_
   std::vector<int32_t> ffn_ids_;        // [assignments] expert id or kSharedFfn
   std::vector<float> weights_;          // [assignments]

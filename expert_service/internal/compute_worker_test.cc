@@ -40,7 +40,11 @@ class CountingBackend final : public core::ExpertBackend {
     return inner_->Compute(b, out);
   }
   size_t WeightBytes() const override { return inner_->WeightBytes(); }
-  std::vector<int64_t> calls;  // worker thread only; read after it is idle
+  bool SupportsPerAssignmentOut() const override {
+    return per_assignment_out && inner_->SupportsPerAssignmentOut();
+  }
+  std::vector<int64_t> calls;      // worker thread only; read after it is idle
+  bool per_assignment_out = true;  // else the worker expands the batch
 
  private:
   std::unique_ptr<core::ExpertBackend> inner_;
@@ -160,6 +164,89 @@ TEST_F(ComputeWorkerTest, SameLayerRequestsFromTwoSinksShareOneCompute) {
   // Same input rows, same expert: the batched rows equal the lone ones.
   EXPECT_EQ(b.replies[4][0].y().data().substr(0, kHidden * 4),
             a.replies[1][0].y().data().substr(0, kHidden * 4));
+}
+
+// A request for per-assignment rows (weight * FFN(x), experts then the shared
+// FFN) batched with one for per-token sums of the same tokens: the sums are
+// the rows added in order, bit for bit, whether the backend makes the rows
+// itself or the worker gives every assignment its own token.
+TEST_F(ComputeWorkerTest, PerAssignmentRowsAddUpToThePerTokenReplyBitwise) {
+  for (bool native : {true, false}) {
+    SCOPED_TRACE(native ? "backend rows" : "expanded batch");
+    backend_.per_assignment_out = native;
+    backend_.calls.clear();
+    StartWorker();
+    Sink s;
+    constexpr uint32_t kTokens = 3;
+    std::mt19937 rng(5);
+    std::uniform_real_distribution<float> u(-1, 1);
+    auto make = [&](uint64_t id, bool per_assignment) {
+      WorkItem it = Item(s, id, 1, kTokens);
+      v1::ExpertRequest& r = *it.chunks[0];
+      std::mt19937 same(9);  // both requests: the same x and weights
+      std::vector<float> x(kTokens * kHidden);
+      for (float& v : x) v = u(same);
+      std::string scales;
+      core::PackActivations(x.data(), kTokens, kHidden, 0,
+                            core::WireDType::kF32,
+                            r.mutable_x()->mutable_data(), &scales);
+      r.clear_token_offsets();
+      r.clear_expert_ids();
+      r.clear_weights();
+      r.add_token_offsets(0);
+      for (uint32_t t = 0; t < kTokens; ++t) {
+        r.add_expert_ids(1);
+        r.add_weights(u(same));
+        r.add_expert_ids(0);
+        r.add_weights(u(same));
+        r.add_token_offsets(2 * (t + 1));
+        r.add_shared_duty(t != 1);  // token 1: experts only
+      }
+      r.set_per_assignment_reply(per_assignment);
+      return it;
+    };
+    {
+      absl::MutexLock hold(&backend_mu_);
+      WorkItem first = Item(s, 1, 2, 1);  // blocks the worker
+      ASSERT_TRUE(worker_->TryEnqueue(first));
+      while (worker_->queued() != 0) absl::SleepFor(absl::Milliseconds(1));
+      WorkItem rows = make(2, true), sums = make(3, false);
+      ASSERT_TRUE(worker_->TryEnqueue(rows));
+      ASSERT_TRUE(worker_->TryEnqueue(sums));
+    }
+    WaitIdle();
+    worker_->Stop();
+    // One Compute for both (the expanded one has a "token" per assignment).
+    ASSERT_EQ(backend_.calls.size(), 2u);
+    EXPECT_EQ(backend_.calls[1], native ? 2 * kTokens : 2 * 8);
+    const auto& rows = s.replies[2];
+    const auto& sums = s.replies[3];
+    ASSERT_EQ(rows.size(), 1u);
+    ASSERT_EQ(sums.size(), 1u);
+    ASSERT_EQ(rows[0].error_code(), 0) << rows[0].error_message();
+    ASSERT_EQ(rows[0].y().rows(), 3u + 2u + 3u);  // 3, 2 and 3 rows
+    ASSERT_EQ(sums[0].y().rows(), kTokens);
+    std::vector<float> r(8 * kHidden), t(kTokens * kHidden);
+    ASSERT_TRUE(core::UnpackActivations(core::WireDType::kF32,
+                                        rows[0].y().data(), "", 8, kHidden,
+                                        r.data())
+                    .ok());
+    ASSERT_TRUE(core::UnpackActivations(core::WireDType::kF32,
+                                        sums[0].y().data(), "", kTokens,
+                                        kHidden, t.data())
+                    .ok());
+    const int32_t first_row[] = {0, 3, 5, 8};
+    for (uint32_t k = 0; k < kTokens; ++k) {
+      for (int64_t j = 0; j < kHidden; ++j) {
+        float acc = r[first_row[k] * kHidden + j];
+        for (int32_t a = first_row[k] + 1; a < first_row[k + 1]; ++a) {
+          acc = acc + r[a * kHidden + j];
+        }
+        EXPECT_EQ(acc, t[k * kHidden + j]) << "token " << k << " [" << j << "]";
+      }
+    }
+    worker_.reset();
+  }
 }
 
 TEST_F(ComputeWorkerTest, AnInvalidRequestDoesNotSpoilItsBatch) {

@@ -197,6 +197,7 @@ class CpuExpertBackend final : public ExpertBackend {
   std::string Name() const override {
     return type_ == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32";
   }
+  bool SupportsPerAssignmentOut() const override { return true; }
 
   absl::Status LoadFfn(int32_t layer, int32_t ffn_id,
                        const FfnWeights& w) override;
@@ -539,6 +540,16 @@ void CpuExpertBackend::RunItem(const WorkItem& item, const ExpertBatch& b,
 void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp,
                                  float* out) {
   const int64_t hidden = b.hidden;
+  if (b.per_assignment_out) {
+    // Row a = weight_a * y_a: the product Combine forms (one fp32 multiply).
+    ParallelFor(
+        static_cast<int64_t>(b.ffn_ids.size()), hidden * 2, [&](int64_t a) {
+          const float* row = yp + int64_t{assignment_to_permuted_[a]} * hidden;
+          Combine(&row, &b.weights[a], 1, /*init=*/true, out + a * hidden,
+                  hidden);
+        });
+    return;
+  }
   ParallelFor(b.num_tokens, hidden * 4, [&](int64_t t) {
     float* o = out + t * hidden;
     const int32_t begin = b.token_offsets[t], end = b.token_offsets[t + 1];

@@ -472,6 +472,10 @@ absl::StatusOr<uint64_t> CudaExpertBackendImpl::Submit(const ExpertBatch& b,
                                                        float* out) {
   // O(1) checks here; offsets monotonicity and the FFN ids on the device.
   const int32_t layer = b.layer;
+  if (b.per_assignment_out) {
+    return absl::UnimplementedError(absl::StrFormat(
+        "layer %d: the CUDA backend has no per-assignment output", layer));
+  }
   if (b.num_tokens < 0) {
     return absl::InvalidArgumentError(absl::StrFormat(
         "layer %d: num_tokens %d is negative", layer, b.num_tokens));
