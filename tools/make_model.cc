@@ -13,6 +13,7 @@
 #include <fstream>
 #include <map>
 #include <memory>
+#include <optional>
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
@@ -22,6 +23,7 @@
 #include "core/tokenizer.h"
 #include "tools/args.h"
 #include "tools/commands.h"
+#include "tools/generated_tokenizer.h"
 
 namespace dmoe::tools {
 namespace {
@@ -616,12 +618,28 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
         absl::StrCat("--shards must be >= 1, got ", o.shards));
   DMOE_ASSIGN_OR_RETURN(json config, PresetConfig(o.preset, o.layers));
   std::unique_ptr<core::Tokenizer> tokenizer;
+  std::optional<GeneratedTokenizer> generated;
   if (!o.tokenizer_dir.empty()) {
     DMOE_ASSIGN_OR_RETURN(tokenizer, core::Tokenizer::Load(o.tokenizer_dir));
     config["vocab_size"] = std::max<int64_t>(
         config["vocab_size"].get<int64_t>(), tokenizer->vocab_size());
     if (tokenizer->bos_id()) config["bos_token_id"] = *tokenizer->bos_id();
     if (tokenizer->eos_id()) config["eos_token_id"] = *tokenizer->eos_id();
+  } else if (o.generate_tokenizer) {
+    GeneratedTokenizerOptions g;
+    g.vocab_size = config["vocab_size"].get<int64_t>();
+    g.bos_id = config["bos_token_id"].get<int64_t>();
+    g.eos_id = config["eos_token_id"].get<int64_t>();
+    g.model_max_length = config["max_position_embeddings"].get<int64_t>();
+    DMOE_ASSIGN_OR_RETURN(generated, GenerateTokenizer(g));
+    // Never write a tokenizer the servers would refuse.
+    absl::StatusOr<std::unique_ptr<core::Tokenizer>> check =
+        core::Tokenizer::FromJson(generated->tokenizer_json,
+                                  generated->tokenizer_config_json);
+    if (!check.ok()) {
+      return absl::InternalError(absl::StrCat(
+          "the generated tokenizer does not load: ", check.status().message()));
+    }
   }
   switch (o.format) {
     case WeightFormat::kF32:
@@ -716,11 +734,27 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     fs::remove(index_path, ec);
   }
   sum.files.insert(sum.files.begin(), "config.json");
+  if (generated.has_value()) {
+    DMOE_RETURN_IF_ERROR(WriteTextFile((dir / "tokenizer.json").string(),
+                                       generated->tokenizer_json));
+    DMOE_RETURN_IF_ERROR(WriteTextFile((dir / "tokenizer_config.json").string(),
+                                       generated->tokenizer_config_json));
+    sum.files.push_back("tokenizer.json");
+    sum.files.push_back("tokenizer_config.json");
+  } else if (tokenizer == nullptr) {
+    // Token ids only: a tokenizer from an earlier run would not match.
+    for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+      fs::remove(dir / name, ec);
+    }
+  }
   if (tokenizer != nullptr) {
     for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
       const fs::path from = fs::path(o.tokenizer_dir) / name;
-      if (!fs::exists(from)) continue;
       const fs::path to = fs::path(o.out_dir) / name;
+      if (!fs::exists(from)) {
+        fs::remove(to, ec);  // not one left by an earlier run
+        continue;
+      }
       if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) ||
           ec) {
         return absl::InternalError(absl::StrCat("copying ", from.string(),
@@ -756,7 +790,12 @@ int RunMakeModel(int argc, char** argv) {
       .Flag(
           "tokenizer", "DIR",
           "copy DIR's tokenizer.json and tokenizer_config.json into the model "
-          "(vocab_size grows to the tokenizer's size)");
+          "(vocab_size grows to the tokenizer's size); default: a generated "
+          "byte-level BPE tokenizer (256 bytes + merges learned from a small "
+          "English corpus, <｜begin▁of▁sentence｜>/<｜end▁of▁sentence｜> "
+          "at the preset's bos/eos ids, a DeepSeek-style chat template)")
+      .Flag("no-tokenizer", "",
+            "write no tokenizer: the model takes and gives token ids only");
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) {
     std::fprintf(stderr, "dmoe %s\n", std::string(s.message()).c_str());
     return 2;
@@ -795,6 +834,15 @@ int RunMakeModel(int argc, char** argv) {
   if (!format.ok()) return fail(format.status());
   o.format = *format;
   if (args.Has("tokenizer")) o.tokenizer_dir = args.Str("tokenizer");
+  if (args.Bool("no-tokenizer")) {
+    if (!o.tokenizer_dir.empty()) {
+      std::fprintf(stderr,
+                   "dmoe make-model: --tokenizer and --no-tokenizer exclude "
+                   "each other\n");
+      return 2;
+    }
+    o.generate_tokenizer = false;
+  }
 
   // Show progress on a terminal, or when the model is big enough to take a
   // while.

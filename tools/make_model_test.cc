@@ -10,11 +10,14 @@
 #include <string>
 #include <vector>
 
+#include "core/chat_template.h"
 #include "core/dtype.h"
 #include "core/safetensors.h"
+#include "core/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "tools/commands.h"
+#include "tools/generated_tokenizer.h"
 
 namespace dmoe::tools {
 namespace {
@@ -206,8 +209,9 @@ TEST(MakeModel, TinyV2LiteLayoutAndConfig) {
   const std::string dir = TestDir();
   MakeModelSummary sum;
   ASSERT_TRUE(WriteRandomModel(Options("tiny-v2lite", dir), &sum).ok());
-  EXPECT_EQ(sum.files,
-            (std::vector<std::string>{"config.json", "model.safetensors"}));
+  EXPECT_EQ(sum.files, (std::vector<std::string>{
+                           "config.json", "model.safetensors", "tokenizer.json",
+                           "tokenizer_config.json"}));
   EXPECT_FALSE(fs::exists(dir + "/model.safetensors.index.json"));
   ExpectCheckpointMatches(dir, WeightFormat::kBF16);
   const json c = ReadJson(dir + "/config.json");
@@ -280,7 +284,8 @@ TEST(MakeModel, ThreeShardsWithIndexHoldTheSameTensors) {
                            "config.json", "model-00001-of-00003.safetensors",
                            "model-00002-of-00003.safetensors",
                            "model-00003-of-00003.safetensors",
-                           "model.safetensors.index.json"}));
+                           "model.safetensors.index.json", "tokenizer.json",
+                           "tokenizer_config.json"}));
   ExpectCheckpointMatches(three, WeightFormat::kBF16);
 
   const json index = ReadJson(three + "/model.safetensors.index.json");
@@ -383,6 +388,204 @@ TEST(MakeModel, SameSeedSameBytesDifferentSeedDifferent) {
   EXPECT_NE(fa, fc);                // ... different values
 }
 
+// ---------------------------------------------------------------------------
+// The generated tokenizer
+
+std::unique_ptr<core::Tokenizer> LoadTokenizer(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<core::Tokenizer>> t =
+      core::Tokenizer::Load(dir);
+  EXPECT_TRUE(t.ok()) << t.status();
+  return t.ok() ? *std::move(t) : nullptr;
+}
+
+TEST(GeneratedTokenizer, LoadsRoundTripsAndFillsTheTinyVocabulary) {
+  const std::string dir = TestDir();
+  ASSERT_TRUE(WriteRandomModel(Options("tiny-v3", dir)).ok());
+  const json c = ReadJson(dir + "/config.json");
+  EXPECT_EQ(c["vocab_size"], 512);  // unchanged: the tokenizer fits the preset
+  EXPECT_EQ(c["bos_token_id"], 0);
+  EXPECT_EQ(c["eos_token_id"], 1);
+  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  ASSERT_NE(tok, nullptr);
+  // 2 special tokens + 256 bytes + 254 merges: every id of the model decodes.
+  EXPECT_EQ(tok->vocab_size(), 512);
+  for (int32_t id = 0; id < 512; ++id) {
+    std::string bytes;
+    ASSERT_TRUE(tok->AppendTokenBytes(id, false, &bytes).ok()) << id;
+  }
+  EXPECT_EQ(tok->bos_token(), kGeneratedBosToken);
+  EXPECT_EQ(tok->eos_token(), kGeneratedEosToken);
+  EXPECT_EQ(tok->bos_id().value_or(-1), 0);
+  EXPECT_EQ(tok->eos_id().value_or(-1), 1);
+  EXPECT_TRUE(tok->IsSpecial(0));
+  EXPECT_TRUE(tok->IsSpecial(1));
+  EXPECT_FALSE(tok->IsSpecial(2));
+
+  for (const std::string text :
+       {"Hello, world! The quick brown fox jumps over the lazy dog.",
+        "  leading spaces,\ttabs\nand new lines\n\n",
+        "I'm 42 years old; it's 3 o'clock.",
+        "na\xC3\xAFve caf\xC3\xA9, \xE6\x9D\xB1\xE4\xBA\xAC, \xF0\x9F\x99\x82",
+        "\xD0\x9F\xD1\x80\xD0\xB8\xD0\xB2\xD0\xB5\xD1\x82 "
+        "\xE4\xB8\x96\xE7\x95\x8C",
+        ""}) {
+    absl::StatusOr<std::vector<int32_t>> ids =
+        tok->Encode(text, /*add_special_tokens=*/true);
+    ASSERT_TRUE(ids.ok()) << ids.status();
+    ASSERT_FALSE(ids->empty());
+    EXPECT_EQ((*ids)[0], 0) << "BOS first: add_bos_token";
+    absl::StatusOr<std::string> back =
+        tok->Decode(*ids, /*skip_special_tokens=*/true);
+    ASSERT_TRUE(back.ok()) << back.status();
+    EXPECT_EQ(*back, text);
+    absl::StatusOr<std::string> with_bos =
+        tok->Decode(*ids, /*skip_special_tokens=*/false);
+    ASSERT_TRUE(with_bos.ok());
+    EXPECT_EQ(*with_bos, std::string(kGeneratedBosToken) + text);
+  }
+  // The special tokens are added tokens: their text encodes to their id.
+  absl::StatusOr<std::vector<int32_t>> eos =
+      tok->Encode(std::string("a") + std::string(kGeneratedEosToken), false);
+  ASSERT_TRUE(eos.ok());
+  EXPECT_EQ(eos->back(), 1);
+}
+
+TEST(GeneratedTokenizer, MergesFire) {
+  const std::string dir = TestDir();
+  ASSERT_TRUE(WriteRandomModel(Options("tiny-v2lite", dir)).ok());
+  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  ASSERT_NE(tok, nullptr);
+  // Frequent words of the corpus are one token each, others fewer than their
+  // bytes.
+  for (const std::string word : {" the", " and", "The"}) {
+    absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(word);
+    ASSERT_TRUE(ids.ok());
+    EXPECT_EQ(ids->size(), 1u) << word;
+  }
+  const std::string sentence =
+      "The woman and her son looked at the weather in the morning.";
+  absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(sentence);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_LT(ids->size(), sentence.size() / 2)
+      << "merges should at least halve English text";
+  // The full-size presets get every merge the corpus has (their vocabulary is
+  // far larger), so English shrinks further; the ids stay below vocab_size.
+  absl::StatusOr<GeneratedTokenizer> big =
+      GenerateTokenizer({.vocab_size = 102400,
+                         .bos_id = 100000,
+                         .eos_id = 100001,
+                         .model_max_length = 163840});
+  ASSERT_TRUE(big.ok()) << big.status();
+  EXPECT_GT(big->merges, 254);
+  EXPECT_EQ(big->size, 100002);
+  auto big_tok = core::Tokenizer::FromJson(big->tokenizer_json,
+                                           big->tokenizer_config_json);
+  ASSERT_TRUE(big_tok.ok()) << big_tok.status();
+  EXPECT_EQ((*big_tok)->bos_id().value_or(-1), 100000);
+  EXPECT_EQ((*big_tok)->eos_id().value_or(-1), 100001);
+  absl::StatusOr<std::vector<int32_t>> big_ids = (*big_tok)->Encode(sentence);
+  ASSERT_TRUE(big_ids.ok());
+  EXPECT_LT(big_ids->size(), ids->size());
+  EXPECT_EQ(*(*big_tok)->Decode(*big_ids), sentence);
+}
+
+TEST(GeneratedTokenizer, IsDeterministic) {
+  const std::string a = TestDir("a"), b = TestDir("b");
+  ASSERT_TRUE(WriteRandomModel(Options("tiny-v3", a)).ok());
+  MakeModelOptions o = Options("tiny-v3", b);
+  o.seed = 7;  // the weights' seed does not change the tokenizer
+  ASSERT_TRUE(WriteRandomModel(o).ok());
+  for (const char* name : {"tokenizer.json", "tokenizer_config.json"}) {
+    const std::string fa = ReadFile(a + "/" + name);
+    EXPECT_GT(fa.size(), 100u) << name;
+    EXPECT_EQ(fa, ReadFile(b + "/" + name)) << name;
+  }
+  absl::StatusOr<GeneratedTokenizer> x = GenerateTokenizer({.vocab_size = 512});
+  absl::StatusOr<GeneratedTokenizer> y = GenerateTokenizer({.vocab_size = 512});
+  ASSERT_TRUE(x.ok() && y.ok());
+  EXPECT_EQ(x->tokenizer_json, y->tokenizer_json);
+  EXPECT_EQ(x->tokenizer_json, ReadFile(a + "/tokenizer.json"));
+}
+
+TEST(GeneratedTokenizer, ChatTemplateRendersDeepSeekStyle) {
+  const std::string dir = TestDir();
+  ASSERT_TRUE(WriteRandomModel(Options("tiny-moe16b", dir)).ok());
+  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  ASSERT_NE(tok, nullptr);
+  ASSERT_TRUE(core::ChatTemplate::Parse(tok->chat_template()).ok());
+  const nlohmann::ordered_json messages = nlohmann::ordered_json::array(
+      {{{"role", "system"}, {"content", "Be brief."}},
+       {{"role", "user"}, {"content", "Hi!"}},
+       {{"role", "assistant"}, {"content", "Hello."}},
+       {{"role", "user"}, {"content", "Bye."}}});
+  absl::StatusOr<std::string> prompt =
+      core::ApplyChatTemplate(*tok, messages, true);
+  ASSERT_TRUE(prompt.ok()) << prompt.status();
+  const std::string bos(kGeneratedBosToken), eos(kGeneratedEosToken);
+  EXPECT_EQ(*prompt, bos + "Be brief.\n\nUser: Hi!\n\nAssistant: Hello." + eos +
+                         "User: Bye.\n\nAssistant:");
+  absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(*prompt);
+  ASSERT_TRUE(ids.ok());
+  EXPECT_EQ(ids->front(), 0);
+  EXPECT_NE(std::find(ids->begin(), ids->end(), 1),
+            ids->end());  // EOS after the answer
+}
+
+TEST(GeneratedTokenizer, NoTokenizerAndCopiedTokenizer) {
+  // --no-tokenizer: none written, and none left over from an earlier run.
+  const std::string dir = TestDir("none");
+  ASSERT_TRUE(WriteRandomModel(Options("tiny-v3", dir)).ok());
+  ASSERT_TRUE(fs::exists(dir + "/tokenizer.json"));
+  MakeModelOptions o = Options("tiny-v3", dir);
+  o.generate_tokenizer = false;
+  MakeModelSummary sum;
+  ASSERT_TRUE(WriteRandomModel(o, &sum).ok());
+  EXPECT_EQ(sum.files,
+            (std::vector<std::string>{"config.json", "model.safetensors"}));
+  EXPECT_FALSE(fs::exists(dir + "/tokenizer.json"));
+  EXPECT_FALSE(fs::exists(dir + "/tokenizer_config.json"));
+
+  // --tokenizer DIR still copies that one (here: a generated one with other
+  // special ids, so the config follows it).
+  const std::string src = TestDir("src");
+  absl::StatusOr<GeneratedTokenizer> g =
+      GenerateTokenizer({.vocab_size = 600, .bos_id = 598, .eos_id = 599});
+  ASSERT_TRUE(g.ok()) << g.status();
+  std::ofstream(src + "/tokenizer.json") << g->tokenizer_json;
+  std::ofstream(src + "/tokenizer_config.json") << g->tokenizer_config_json;
+  const std::string copy = TestDir("copy");
+  o = Options("tiny-v3", copy);
+  o.tokenizer_dir = src;
+  ASSERT_TRUE(WriteRandomModel(o).ok());
+  EXPECT_EQ(ReadFile(copy + "/tokenizer.json"), g->tokenizer_json);
+  const json c = ReadJson(copy + "/config.json");
+  EXPECT_EQ(c["vocab_size"], 600);
+  EXPECT_EQ(c["bos_token_id"], 598);
+  EXPECT_EQ(c["eos_token_id"], 599);
+}
+
+TEST(GeneratedTokenizer, BadOptions) {
+  auto st = GenerateTokenizer({.vocab_size = 257}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("at least 258"));
+  st = GenerateTokenizer({.vocab_size = 512, .bos_id = 512}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(),
+              HasSubstr("bos_token_id 512 is outside the vocabulary [0, 512)"));
+  st =
+      GenerateTokenizer({.vocab_size = 512, .bos_id = 3, .eos_id = 3}).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(st.message(), HasSubstr("both 3"));
+}
+
+TEST(GeneratedTokenizer, PreTokenizeSplitsLikeTheGpt2Regex) {
+  EXPECT_EQ(internal::PreTokenize("Hello world, it's 2024!  Ok\n\nBye  "),
+            (std::vector<std::string_view>{"Hello", " world", ",", " it", "'s",
+                                           " 2024", "!", " ", " Ok", "\n", "\n",
+                                           "Bye", "  "}));
+  EXPECT_GT(internal::TrainingCorpus().size(), 2000u);
+}
+
 TEST(PresetConfig, LayersOverrideKeepsAMoeLayer) {
   auto v3 = PresetConfig("v3", 0);
   ASSERT_TRUE(v3.ok());
@@ -476,6 +679,13 @@ TEST(MakeModelCli, ExitCodes) {
   EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--bogus"}),
             2);  // unknown flag
   EXPECT_EQ(RunCli({"--help"}), 0);
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--no-tokenizer"}), 0);
+  EXPECT_FALSE(fs::exists(dir + "/tokenizer.json"));
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir}), 0);
+  EXPECT_TRUE(fs::exists(dir + "/tokenizer.json"));
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--no-tokenizer",
+                    "--tokenizer", dir}),
+            2);
 }
 
 // ---------------------------------------------------------------------------

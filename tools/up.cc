@@ -222,6 +222,7 @@ absl::Status Up(const Args& args) {
     DMOE_RETURN_IF_ERROR(WriteRandomModel(mo));
     std::printf("generated a %s model in %s\n", mo.preset.c_str(), model.c_str());
   }
+  const bool has_tokenizer = std::filesystem::exists(model + "/tokenizer.json");
   const std::string bin = SelfDir();
   const std::string dtype = args.Str("dtype"), threads = args.Str("threads");
   for (const char* b : {"dmoe-expert", "dmoe-router", "dmoe-gateway"}) {
@@ -271,10 +272,9 @@ absl::Status Up(const Args& args) {
                                      absl::StrCat("127.0.0.1:", children.back().port),
                                      "--http-port", args.Str("http-port"), "--port-file",
                                      c.port_file};
-    // Text in, text out when the checkpoint carries its tokenizer.
-    if (std::filesystem::exists(model + "/tokenizer.json")) {
-      argv.insert(argv.end(), {"--tokenizer", model});
-    }
+    // Text in, text out when the checkpoint carries its tokenizer (generated
+    // models do, unless made with --no-tokenizer).
+    if (has_tokenizer) argv.insert(argv.end(), {"--tokenizer", model});
     status = start(c, argv);
   }
   if (!status.ok()) {
@@ -289,8 +289,13 @@ absl::Status Up(const Args& args) {
     if (c.metrics_port > 0) std::printf("  metrics http://127.0.0.1:%d/metrics", c.metrics_port);
     std::printf("\n");
   }
-  std::printf("  try: curl -s 127.0.0.1:%d/v1/completions -d '{\"prompt\":[1,2,3],\"max_tokens\":8}'\n",
-              http);
+  // A text prompt needs the tokenizer; token ids work either way.
+  const std::string prompt =
+      has_tokenizer ? R"("The quick brown fox")" : "[1,2,3,4,5]";
+  std::printf(
+      "  try: curl -s 127.0.0.1:%d/v1/completions -d "
+      "'{\"prompt\":%s,\"max_tokens\":8}'\n",
+      http, prompt.c_str());
   std::fflush(stdout);
 
   if (args.Bool("demo")) {
@@ -303,7 +308,8 @@ absl::Status Up(const Args& args) {
     }
     absl::Status demo = health.status();
     if (demo.ok()) {
-      const std::string body = R"({"prompt":[1,2,3,4,5],"max_tokens":16,"temperature":0})";
+      const std::string body = absl::StrCat(
+          R"({"prompt":)", prompt, R"(,"max_tokens":16,"temperature":0})");
       std::printf("\nPOST /v1/completions %s\n", body.c_str());
       auto resp = HttpRequest(http, "POST", "/v1/completions", body);
       if (resp.ok()) {
