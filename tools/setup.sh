@@ -1,11 +1,31 @@
 #!/usr/bin/env bash
-# Installs the Debian packages dmoe builds against (idempotent; needs root or sudo).
+# Installs the Debian packages dmoe builds against and its tests use (idempotent; needs
+# root or sudo). Recommends are not installed, so every package the build or a test
+# needs is named here, also those Debian would only pull in as a Recommends (e.g.
+# ocl-icd-opencl-dev: libdnnl-dev's CMake config finds OpenCL). tools/fresh_root_check.sh
+# proves the build part on a fresh Debian 12 root.
 set -euo pipefail
-PKGS=(build-essential cmake ninja-build ccache pkg-config
-      libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler libabsl-dev
-      prometheus-cpp-dev libgtest-dev libgmock-dev libbenchmark-dev nlohmann-json3-dev
-      libdnnl-dev libgoogle-perftools-dev libpcre2-dev libcpp-httplib-dev prometheus
-      docker-compose yamllint jq python3-yaml)
+PKGS=(
+  # toolchain
+  build-essential cmake ninja-build ccache pkg-config
+  # libraries: find_package / pkg_check_modules / find_library in the CMakeLists
+  libabsl-dev nlohmann-json3-dev libdnnl-dev ocl-icd-opencl-dev libpcre2-dev
+  libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
+  prometheus-cpp-dev libcpp-httplib-dev libgoogle-perftools-dev
+  libgtest-dev libgmock-dev libbenchmark-dev
+  # programs the tests run: prometheus + promtool (observability, alert rules),
+  # docker-compose, yamllint, python3 + PyYAML, jq and curl (deploy/ scripts)
+  prometheus docker-compose yamllint python3 python3-yaml jq curl ca-certificates
+)
+# node + npm run the tokenizer reference (tests/tokenizer_ref, `npm ci` from the npm
+# registry). Debian's nodejs and npm unless both commands exist already: NodeSource's
+# nodejs bundles npm and conflicts with Debian's npm package, so asking for npm there
+# would replace that nodejs.
+if ! command -v node >/dev/null || ! command -v npm >/dev/null; then
+  PKGS+=(nodejs npm)
+fi
+# Not installed: kubectl. Debian's kubernetes-client (1.20) has kustomize v2, too old
+# for deploy/k8s; the tests that render the manifests skip without kubectl >= kustomize v4.
 missing=()
 for p in "${PKGS[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
