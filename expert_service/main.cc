@@ -119,6 +119,10 @@ int main(int argc, char** argv) {
   // SIGTERM/SIGINT are blocked in every thread (threads inherit the mask, so
   // this comes before any is started) and taken by sigwait below.
   sigset_t stop_signals = dmoe::tools::BlockStopSignals();
+  if (absl::Status st = dmoe::tools::CheckAndLogIsa(kName); !st.ok()) {
+    std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
+    return 2;
+  }
 
   dmoe::tools::Args args = MakeArgs();
   for (int i = 1; i < argc; ++i) {

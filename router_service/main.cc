@@ -52,7 +52,7 @@ void DeclareFlags(tools::Args& args) {
             true)
       .Flag("experts", "HOST:PORT,...",
             "expert servers, comma-separated (index = placement server index); "
-            "none = compute the experts in-process")
+            "none (or no --experts) = compute the experts in-process")
       .Flag("placement", "FILE",
             "placement JSON (core::Placement); default: experts spread "
             "contiguously over the servers")
@@ -67,6 +67,13 @@ void DeclareFlags(tools::Args& args) {
             "compute type (f32 = exact mode, also f32 activations on the wire; "
             "bf16 = serving)",
             "bf16")
+      .Flag("combine", "invariant|per-server",
+            "how expert results come back: invariant = one row per (token, "
+            "expert), added in a fixed order here, so a token's result does "
+            "not depend on which servers or replicas computed it; per-server "
+            "= one partial sum per token and server (fewer reply bytes, bits "
+            "depend on the split)",
+            "invariant")
       .Flag("wire-dtype", "auto|f32|bf16|fp8",
             "activations sent to expert servers (auto = f32 with --dtype f32, "
             "else bf16; fp8 = e4m3 with one scale per token)",
@@ -167,6 +174,7 @@ struct Config {
   std::string port_file;
   core::ComputeType compute = core::ComputeType::kBF16;
   std::string wire = "auto";  // activations to expert servers
+  bool per_assignment = true;  // --combine=invariant
   int threads = 0;
   int micro_batches = 2;
   bool controller = false;
@@ -198,9 +206,18 @@ absl::StatusOr<int64_t> IntIn(const tools::Args& args, const char* name,
 absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
   Config c;
   c.model = args.Str("model");
-  for (absl::string_view s :
-       absl::StrSplit(args.Str("experts"), ',', absl::SkipWhitespace())) {
-    const std::string addr(s);
+  const std::vector<std::string> experts =
+      absl::StrSplit(args.Str("experts"), ',', absl::SkipWhitespace());
+  // "none", as the help says, is the same as leaving the flag out: every
+  // expert is computed in this process.
+  const bool none = std::find(experts.begin(), experts.end(), "none") != experts.end();
+  if (none && experts.size() > 1) {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --experts: 'none' (compute the experts in-process) cannot be combined "
+               "with expert server addresses"));
+  }
+  for (const std::string& addr : experts) {
+    if (none) break;
     const size_t colon = addr.rfind(':');
     if (colon == std::string::npos || colon == 0 || colon + 1 == addr.size()) {
       return absl::InvalidArgumentError(
@@ -239,6 +256,12 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
     return absl::InvalidArgumentError(absl::StrCat(
         kName, ": --wire-dtype must be auto, f32, bf16 or fp8, got '", c.wire, "'"));
   }
+  const std::string combine = args.Str("combine");
+  if (combine != "invariant" && combine != "per-server") {
+    return absl::InvalidArgumentError(absl::StrCat(
+        kName, ": --combine must be invariant or per-server, got '", combine, "'"));
+  }
+  c.per_assignment = combine == "invariant";
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
   c.threads = static_cast<int>(threads);
   DMOE_ASSIGN_OR_RETURN(int64_t kv,
@@ -429,6 +452,7 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(
                                                            : core::WireDType::kBF16;
     }
     ro.shared_duty = c.shared;
+    ro.per_assignment_replies = c.per_assignment;
     ro.local_compute = c.compute;
     ro.deadline = std::chrono::milliseconds(c.expert_deadline_ms);
     DMOE_ASSIGN_OR_RETURN(RemoteExperts remote, MakeRemoteExperts(std::move(ro)));
@@ -450,6 +474,7 @@ int Main(int argc, char** argv) {
   // Block the shutdown signals in every thread (threads inherit the mask) and
   // take them with sigwait on the main thread.
   sigset_t signals = tools::BlockStopSignals();
+  if (absl::Status st = tools::CheckAndLogIsa(kName); !st.ok()) return Fail(st, 2);
 
   tools::Args args(
       kName,

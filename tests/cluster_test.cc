@@ -2,6 +2,7 @@
 // and a dmoe-router, checked against the one-process model (exact mode).
 #include <atomic>
 #include <cmath>
+#include <cstring>
 #include <fstream>
 #include <thread>
 
@@ -36,9 +37,11 @@ void ExpectExactEquivalence(const std::string& preset, const std::vector<std::st
   ASSERT_TRUE(remote.ok()) << remote.status() << "\n" << c.router().Log();
   const auto local = LocalLogits(model, kPrompt);
   ASSERT_EQ(remote->size(), local.size());
-  // Exact mode on both sides; only the order of the per-server partial sums
-  // differs from one process, so the error is fp32 rounding.
-  EXPECT_LE(RelL2(*remote, local), 1e-6);
+  // Exact mode on both sides, and the router adds each token's per-expert
+  // rows in the one-process order (per-assignment replies, f32 wire): the
+  // same bits, whatever the split over servers and replicas.
+  EXPECT_EQ(0, std::memcmp(remote->data(), local.data(), local.size() * sizeof(float)))
+      << "rel L2 " << RelL2(*remote, local);
   auto tokens = c.Generate(kPrompt, 8);
   ASSERT_TRUE(tokens.ok()) << tokens.status();
   EXPECT_EQ(*tokens, LocalGreedy(model, kPrompt, 8));
@@ -183,7 +186,11 @@ TEST(Cluster, KilledServerWithReplicasFailsNoRequest) {
   EXPECT_NE(c.router().Log().find("re-sent to replicas"), std::string::npos) << c.router().Log();
   auto logits = c.Forward(kPrompt);
   ASSERT_TRUE(logits.ok()) << logits.status();
-  EXPECT_LE(RelL2(*logits, LocalLogits(model, kPrompt)), 1e-6);
+  // Served by the surviving replicas: still the one-process bits.
+  const auto local = LocalLogits(model, kPrompt);
+  ASSERT_EQ(logits->size(), local.size());
+  EXPECT_EQ(0, std::memcmp(logits->data(), local.data(), local.size() * sizeof(float)))
+      << "rel L2 " << RelL2(*logits, local);
 }
 
 TEST(Cluster, LostServerFailsOnlyAffectedRequestsAndRecovers) {
@@ -204,6 +211,46 @@ TEST(Cluster, LostServerFailsOnlyAffectedRequestsAndRecovers) {
   auto again = c.Forward(kPrompt);
   ASSERT_TRUE(again.ok()) << again.status();
   EXPECT_LE(RelL2(*again, LocalLogits(model, kPrompt)), 1e-6);
+}
+
+// `--experts none`, as dmoe-router --help describes it: no expert servers, the
+// router computes every expert itself and gives the one-process tokens. "none"
+// among addresses is a usage error.
+TEST(Cluster, RouterWithExpertsNoneComputesInProcess) {
+  const std::string model = testing::MakeModel("tiny-v3", 35);
+  const std::string dir = testing::FreshDir("router");
+  testing::ChildProcess router;
+  ASSERT_TRUE(router.Start({testing::BinDir() + "/dmoe-router", "--model", model, "--experts",
+                            "none", "--dtype", "f32", "--threads", "1", "--port", "0",
+                            "--metrics-port", "0", "--port-file", dir + "/router.port"},
+                           dir + "/router.log"));
+  const int port = testing::WaitForPortFile(dir + "/router.port", router);
+  ASSERT_NE(port, 0) << router.Log();
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  v1::GenerateRequest req;
+  for (int32_t t : kPrompt) req.add_prompt_tokens(t);
+  req.set_max_tokens(8);
+  req.set_ignore_eos(true);
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
+  auto reader = stub->Generate(&ctx, req);
+  v1::GenerateResponse resp;
+  std::vector<int32_t> tokens;
+  while (reader->Read(&resp)) tokens.push_back(resp.token());
+  const grpc::Status st = reader->Finish();
+  ASSERT_TRUE(st.ok()) << st.error_message() << "\n" << router.Log();
+  EXPECT_EQ(tokens, LocalGreedy(model, kPrompt, 8));
+  EXPECT_EQ(router.Kill(SIGTERM), 0) << router.Log();
+
+  testing::ChildProcess mixed;
+  ASSERT_TRUE(mixed.Start({testing::BinDir() + "/dmoe-router", "--model", model, "--experts",
+                           "none,127.0.0.1:50061", "--port", "0"},
+                          dir + "/mixed.log"));
+  EXPECT_EQ(mixed.Wait(std::chrono::seconds(30)), 2) << mixed.Log();
+  EXPECT_NE(mixed.Log().find("'none' (compute the experts in-process) cannot be combined"),
+            std::string::npos)
+      << mixed.Log();
 }
 
 }  // namespace

@@ -5,7 +5,10 @@
 #include <filesystem>
 #include <fstream>
 
+#include <cstdio>
+
 #include "absl/strings/str_cat.h"
+#include "core/isa.h"
 
 namespace dmoe::tools {
 
@@ -16,6 +19,12 @@ sigset_t BlockStopSignals() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   return signals;
+}
+
+absl::Status CheckAndLogIsa(const char* name) {
+  if (absl::Status st = core::IsaConfigStatus(); !st.ok()) return st;
+  std::fprintf(stderr, "%s: %s\n", name, core::IsaSummary().c_str());
+  return absl::OkStatus();
 }
 
 absl::Status WritePortFile(const std::string& path, int port) {

@@ -16,6 +16,11 @@ namespace dmoe::tools {
 // Call before any thread is started.
 sigset_t BlockStopSignals();
 
+// Checks DMOE_MAX_ISA (core/isa.h) and logs the instruction-set level the
+// kernels run at ("<name>: isa avx2 (host avx2, ...)"); the error names a bad
+// DMOE_MAX_ISA value. Call once at start, before loading a model.
+absl::Status CheckAndLogIsa(const char* name);
+
 // Writes `port` and a newline to `path` atomically (write, then rename), so that
 // a watcher polling for the file never reads a half-written one.
 absl::Status WritePortFile(const std::string& path, int port);
