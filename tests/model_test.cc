@@ -4,7 +4,9 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <map>
+#include <random>
 
 #include "gtest/gtest.h"
 #include "tests/reference_model.h"
@@ -338,12 +340,106 @@ TEST(ModelMicroBatches, SameLogitsAsOneBatchAndTwoBatchesInFlight) {
   }
   for (size_t k = 1; k < results.size(); ++k) {
     ASSERT_EQ(results[k].size(), results[0].size());
-    double num = 0, den = 0;
-    for (size_t i = 0; i < results[0].size(); ++i) {
-      num += (results[k][i] - results[0][i]) * (results[k][i] - results[0][i]);
-      den += results[0][i] * results[0][i];
+    // Every kernel is batch-invariant: the same bits, not just close.
+    EXPECT_EQ(0, std::memcmp(results[k].data(), results[0].data(),
+                             results[0].size() * sizeof(float)))
+        << k + 1 << " micro-batches";
+  }
+}
+
+// Bitwise batch invariance, as a property: sequence X (a prompt, then decode
+// steps) gives the same logits bits at every step whether it runs alone or
+// among other sequences that join and leave at random steps, with its prompt
+// in one step or split over two, in 1, 2 or 3 micro-batches, bf16 and f32.
+TEST(ModelBatchInvariance, RandomCompositionsGiveBitwiseTheSameLogits) {
+  const std::string dir = testing::MakeModel("tiny-v3", 15);
+  for (ComputeType type : {ComputeType::kF32, ComputeType::kBF16}) {
+    SCOPED_TRACE(type == ComputeType::kF32 ? "f32" : "bf16");
+    const std::vector<int32_t> px = Prompt(11, 512, 9);
+    const std::vector<int32_t> decode = {17, 300, 4, 99};
+    // Reference: X alone, whole prompt, one micro-batch.
+    std::vector<std::vector<float>> want;  // last-token logits per X step
+    {
+      auto m = Load(dir, type, 1);
+      ASSERT_NE(m, nullptr);
+      KvCache cache(m->config(), 64 << 20);
+      const int32_t x = *cache.Allocate(32);
+      std::vector<float> logits;
+      SeqInput in{x, px, false};
+      ASSERT_TRUE(m->Forward({&in, 1}, cache, &logits).ok());
+      want.push_back(logits);
+      for (int32_t t : decode) {
+        SeqInput d{x, std::span<const int32_t>(&t, 1), false};
+        ASSERT_TRUE(m->Forward({&d, 1}, cache, &logits).ok());
+        want.push_back(logits);
+      }
     }
-    EXPECT_LT(std::sqrt(num / den), 1e-6) << k + 1 << " micro-batches";
+    const int64_t V = static_cast<int64_t>(want[0].size());
+    std::mt19937 rng(2026 + static_cast<int>(type));
+    for (int trial = 0; trial < 6; ++trial) {
+      const int mb = 1 + trial % 3;
+      SCOPED_TRACE(::testing::Message() << "trial " << trial << ", " << mb << " micro-batches");
+      auto m = Load(dir, type, mb);
+      ASSERT_NE(m, nullptr);
+      KvCache cache(m->config(), 64 << 20);
+      const int32_t x = *cache.Allocate(32);
+      // X's steps: the prompt (maybe split in two), then one token each.
+      std::vector<std::span<const int32_t>> x_steps;
+      const int split = static_cast<int>(rng() % 3) == 0 ? 0 : 1 + static_cast<int>(rng() % 10);
+      if (split == 0) {
+        x_steps.push_back(px);
+      } else {
+        x_steps.push_back(std::span<const int32_t>(px.data(), split));
+        x_steps.push_back(std::span<const int32_t>(px.data() + split, px.size() - split));
+      }
+      for (const int32_t& t : decode) x_steps.push_back(std::span<const int32_t>(&t, 1));
+      // Others: each with its own prompt and a place before or after X.
+      struct Other {
+        int32_t seq;
+        std::vector<int32_t> tokens;
+        size_t next = 0;
+      };
+      std::vector<Other> others;
+      for (int o = 0, n = 1 + static_cast<int>(rng() % 4); o < n; ++o) {
+        Other other;
+        other.tokens = Prompt(1 + static_cast<int>(rng() % 13), 512, 100 + trial * 10 + o);
+        other.seq = *cache.Allocate(64);
+        others.push_back(std::move(other));
+      }
+      size_t checked = 0;
+      for (size_t step = 0; step < x_steps.size(); ++step) {
+        std::vector<SeqInput> batch;
+        std::vector<int32_t> decoded(others.size());
+        for (size_t o = 0; o < others.size(); ++o) {
+          Other& other = others[o];
+          if (rng() % 3 == 0) continue;  // sits this step out
+          if (other.next < other.tokens.size()) {
+            const size_t n = 1 + rng() % (other.tokens.size() - other.next);
+            batch.push_back({other.seq, std::span<const int32_t>(other.tokens.data() + other.next, n),
+                             rng() % 2 == 0});
+            other.next += n;
+          } else {
+            decoded[o] = static_cast<int32_t>(rng() % 512);
+            batch.push_back({other.seq, std::span<const int32_t>(&decoded[o], 1), false});
+          }
+        }
+        const size_t at = batch.empty() ? 0 : rng() % (batch.size() + 1);
+        batch.insert(batch.begin() + at, SeqInput{x, x_steps[step], false});
+        std::vector<float> logits;
+        ASSERT_TRUE(m->Forward(batch, cache, &logits).ok());
+        // X's row: after the rows of the sequences before it.
+        int64_t row = 0;
+        for (size_t i = 0; i < at; ++i) {
+          row += batch[i].all_logits ? static_cast<int64_t>(batch[i].tokens.size()) : 1;
+        }
+        const bool prompt_done = split == 0 || step >= 1;
+        if (!prompt_done) continue;  // first half of a split prompt
+        const std::vector<float>& w = want[checked++];
+        ASSERT_EQ(0, std::memcmp(logits.data() + row * V, w.data(), V * sizeof(float)))
+            << "X step " << step << " at position " << at << " of " << batch.size();
+      }
+      EXPECT_EQ(checked, want.size());
+    }
   }
 }
 
