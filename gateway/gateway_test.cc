@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <memory>
+#include <optional>
 #include <string>
 #include <thread>
 #include <vector>
@@ -268,6 +269,43 @@ TEST_F(GatewayTest, Chat_ConcatenatesMessageTokensAndAnswersAnAssistantMessage) 
   EXPECT_EQ(j["choices"][0]["finish_reason"], "length");
   EXPECT_EQ(j["usage"]["prompt_tokens"], 5);
   EXPECT_EQ(j["usage"]["completion_tokens"], 3);
+}
+
+// The chat endpoint forwards the seed as the completions endpoint does, whole
+// and streamed; an explicit 0 is a seed too; unseeded requests get random ones.
+TEST_F(GatewayTest, Chat_ForwardsTheSeedAndDrawsOneWhenAbsent) {
+  StartGateway();
+  for (const char* stream : {"false", "true"}) {
+    for (const char* path : {"/v1/chat/completions", "/v1/completions"}) {
+      const bool chat = absl::StrContains(path, "chat");
+      const std::string prompt =
+          chat ? R"("messages":[{"role":"user","content":[3,4]}])"
+               : R"("prompt":[3,4])";
+      for (const uint64_t seed : {uint64_t{7}, uint64_t{0}}) {
+        auto r = Post(path,
+                      absl::StrCat("{", prompt,
+                                   R"(,"temperature":1,"max_tokens":2,"seed":)",
+                                   seed, R"(,"stream":)", stream, "}"));
+        ASSERT_TRUE(r);
+        ASSERT_EQ(r->status, 200) << r->body;
+        const v1::GenerateRequest seen = fake().last_request();
+        EXPECT_TRUE(seen.sampling().has_seed()) << path << " seed " << seed;
+        EXPECT_EQ(seen.sampling().seed(), seed) << path << " stream " << stream;
+        EXPECT_FLOAT_EQ(seen.sampling().temperature(), 1.0f);
+      }
+      auto a =
+          Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
+      ASSERT_EQ(a->status, 200) << a->body;
+      const v1::GenerateRequest first = fake().last_request();
+      auto b =
+          Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
+      ASSERT_EQ(b->status, 200) << b->body;
+      EXPECT_TRUE(first.sampling().has_seed()) << path;
+      EXPECT_NE(fake().last_request().sampling().seed(),
+                first.sampling().seed())
+          << path;
+    }
+  }
 }
 
 TEST_F(GatewayTest, Chat_StreamsChunkObjectsWithDeltas) {
@@ -590,6 +628,38 @@ TEST_F(GatewayTest, Grpc_GenerateIsPassedThrough) {
   grpc::ClientContext load_ctx;
   v1::RouterLoadResponse load;
   EXPECT_TRUE(stub->GetLoad(&load_ctx, v1::RouterLoadRequest(), &load).ok());
+}
+
+// The pass-through forwards sampling as sent: a seed (0 included) reaches the
+// router, and an absent one stays absent (the router then draws one).
+TEST_F(GatewayTest, Grpc_SeedIsPassedThroughAsSent) {
+  StartGateway();
+  auto stub = v1::RouterService::NewStub(
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", gw_->grpc_port()),
+                          grpc::InsecureChannelCredentials()));
+  auto generate = [&](std::optional<uint64_t> seed) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() +
+                     std::chrono::seconds(10));
+    v1::GenerateRequest req;
+    req.add_prompt_tokens(4);
+    req.set_max_tokens(2);
+    req.mutable_sampling()->set_temperature(1.0f);
+    if (seed.has_value()) req.mutable_sampling()->set_seed(*seed);
+    auto reader = stub->Generate(&ctx, req);
+    v1::GenerateResponse m;
+    while (reader->Read(&m)) {
+    }
+    EXPECT_TRUE(reader->Finish().ok());
+    return fake().last_request().sampling();
+  };
+  const v1::SamplingOptions seven = generate(7);
+  EXPECT_TRUE(seven.has_seed());
+  EXPECT_EQ(seven.seed(), 7u);
+  const v1::SamplingOptions zero = generate(0);
+  EXPECT_TRUE(zero.has_seed());
+  EXPECT_EQ(zero.seed(), 0u);
+  EXPECT_FALSE(generate(std::nullopt).has_seed());
 }
 
 TEST_F(GatewayTest, Grpc_ClientCancelCancelsTheRouterCall) {

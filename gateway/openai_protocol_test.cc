@@ -3,6 +3,7 @@
 #include <random>
 #include <string>
 
+#include "absl/strings/str_cat.h"
 #include "core/chat_template.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/testing/tokenizer_fixture.h"
@@ -127,6 +128,39 @@ TEST(ParseChat, ConcatenatesContentsInOrder) {
   EXPECT_THAT(r->upstream.prompt_tokens(), ElementsAre(1, 2, 3, 4));
   EXPECT_EQ(r->upstream.max_tokens(), 5u);  // max_completion_tokens wins
   EXPECT_EQ(r->kind, ApiKind::kChatCompletion);
+}
+
+// The sampling fields of a chat request are those of the same completion
+// request: the seed (0 included) is kept and marked as given; none given is
+// "draw one".
+TEST(ParseChat, KeepsTheSeedAsCompletionsDo) {
+  for (const char* seed : {"7", "0", "-1"}) {
+    const std::string sampling =
+        absl::StrCat(R"("temperature":1,"top_p":0.5,"top_k":9,"seed":)", seed);
+    absl::StatusOr<ParsedRequest> chat = Chat(absl::StrCat(
+        R"({"messages":[{"role":"user","content":[1,2]}],)", sampling, "}"));
+    absl::StatusOr<ParsedRequest> completion =
+        Completion(absl::StrCat(R"({"prompt":[1,2],)", sampling, "}"));
+    ASSERT_TRUE(chat.ok()) << chat.status();
+    ASSERT_TRUE(completion.ok()) << completion.status();
+    EXPECT_TRUE(chat->has_seed) << seed;
+    EXPECT_TRUE(chat->upstream.sampling().has_seed()) << seed;
+    EXPECT_EQ(chat->upstream.sampling().SerializeAsString(),
+              completion->upstream.sampling().SerializeAsString())
+        << seed;
+  }
+  absl::StatusOr<ParsedRequest> chat =
+      Chat(R"({"messages":[{"role":"user","content":[1]}],"seed":7})");
+  ASSERT_TRUE(chat.ok());
+  EXPECT_EQ(chat->upstream.sampling().seed(), 7u);
+  absl::StatusOr<ParsedRequest> unseeded =
+      Chat(R"({"messages":[{"role":"user","content":[1]}]})");
+  ASSERT_TRUE(unseeded.ok());
+  EXPECT_FALSE(unseeded->has_seed);
+  EXPECT_FALSE(unseeded->upstream.sampling().has_seed());
+  ExpectInvalid(
+      Chat(R"({"messages":[{"role":"user","content":[1]}],"seed":"7"})"),
+      "seed", "an integer");
 }
 
 TEST(ParseChat, RejectsTextAndMalformedMessages) {
@@ -285,6 +319,15 @@ TEST_F(ParseText, ChatMessagesThroughTheTemplate) {
       Parse(R"({"messages":[{"role":"user","content":"a"},{"role":"user","content":[1]}]})",
             ApiKind::kChatCompletion),
       "messages", "mix text and token-id");
+  // Text messages keep the seed too (the template path).
+  auto seeded = Parse(
+      R"({"messages":[{"role":"user","content":"Hi"}],"seed":7,"temperature":1})",
+      ApiKind::kChatCompletion);
+  ASSERT_TRUE(seeded.ok()) << seeded.status();
+  EXPECT_TRUE(seeded->has_seed);
+  EXPECT_TRUE(seeded->upstream.sampling().has_seed());
+  EXPECT_EQ(seeded->upstream.sampling().seed(), 7u);
+  EXPECT_FLOAT_EQ(seeded->upstream.sampling().temperature(), 1.0f);
   options_.chat_template = nullptr;
   options_.chat_template_error = "unsupported tag 'macro'";
   auto none = Parse(R"({"messages":[{"role":"user","content":"a"}]})", ApiKind::kChatCompletion);

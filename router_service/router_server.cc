@@ -5,6 +5,7 @@
 #include <deque>
 #include <utility>
 
+#include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
@@ -20,6 +21,13 @@ static_assert(std::endian::native == std::endian::little,
 // Logits travel in one message; protobuf refuses fields of 2 GiB and more.
 constexpr int64_t kMaxLogitBytes = (int64_t{1} << 31) - (int64_t{1} << 20);
 
+// A seed for a request that brings none: unseeded sampling is random, as
+// OpenAI's (and as the gateway does for HTTP requests).
+uint64_t RandomSeed() {
+  thread_local absl::BitGen gen;
+  return absl::Uniform<uint64_t>(gen);
+}
+
 GenerateParams ToParams(const v1::GenerateRequest& req) {
   GenerateParams p;
   p.prompt.assign(req.prompt_tokens().begin(), req.prompt_tokens().end());
@@ -29,7 +37,7 @@ GenerateParams ToParams(const v1::GenerateRequest& req) {
   p.sampling.top_k = s.top_k();
   // The proto's documented "0 or 1 = no nucleus restriction".
   p.sampling.top_p = s.top_p() == 0.0f ? 1.0 : static_cast<double>(s.top_p());
-  p.sampling.seed = s.seed();
+  p.sampling.seed = s.has_seed() ? s.seed() : RandomSeed();
   p.stop_token_ids.assign(req.stop_token_ids().begin(),
                           req.stop_token_ids().end());
   p.ignore_eos = req.ignore_eos();

@@ -332,6 +332,49 @@ TEST(RouterServer, GenerateGreedyEqualsDirectLoop) {
   EXPECT_EQ(got.prompt_tokens, prompt.size());
 }
 
+// A seed (0 included) gives the one-process sampled tokens every time; a
+// request without one (absent, not 0) gets a random seed, so unseeded sampled
+// requests differ from each other and from seed 0.
+TEST(RouterServer, SeedIsHonouredAndAnAbsentSeedIsRandom) {
+  const std::string dir = testing::MakeModel("tiny-v3", 4);
+  auto router = StartRouter(dir, {});
+  ASSERT_NE(router, nullptr);
+  auto direct = LoadModel(dir);
+  ASSERT_NE(direct, nullptr);
+  const auto prompt =
+      Prompt(6, static_cast<int>(direct->config().vocab_size), 3);
+  constexpr int kTokens = 12;
+  v1::GenerateRequest req = MakeRequest(prompt, kTokens);
+  req.set_ignore_eos(true);
+  req.mutable_sampling()->set_temperature(1.5f);
+  core::SamplingParams sp;
+  sp.temperature = 1.5;
+  std::vector<int32_t> seed0;
+  for (const uint64_t seed : {uint64_t{7}, uint64_t{0}}) {
+    req.mutable_sampling()->set_seed(seed);
+    sp.seed = seed;
+    const Generated want = DirectGenerate(*direct, prompt, kTokens, sp, true);
+    for (int i = 0; i < 2; ++i) {
+      StreamResult got = RunStream(*router->stub, req);
+      ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+      EXPECT_EQ(got.tokens, want.tokens) << "seed " << seed << " run " << i;
+    }
+    if (seed == 0) seed0 = want.tokens;
+  }
+  req.mutable_sampling()->clear_seed();
+  std::vector<std::vector<int32_t>> unseeded;
+  for (int i = 0; i < 3; ++i) {
+    StreamResult got = RunStream(*router->stub, req);
+    ASSERT_TRUE(got.status.ok()) << got.status.error_message();
+    unseeded.push_back(got.tokens);
+  }
+  // 12 tokens at temperature 1.5 over 512 ids: equal only by (vanishing)
+  // chance.
+  EXPECT_NE(unseeded[0], unseeded[1]);
+  EXPECT_NE(unseeded[1], unseeded[2]);
+  for (const auto& u : unseeded) EXPECT_NE(u, seed0);
+}
+
 TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
   const std::string dir = testing::MakeModel("tiny-v3", 5);
   SchedulerOptions opts;
