@@ -24,5 +24,18 @@ build/bin/wire_bench --quick
 echo "== balance benchmark (smoke: skewed routing, live re-placement)"
 build/bin/balance_bench --quick
 
+# Numerics at every instruction-set level this host has below its best (the
+# main run below covers the best): DMOE_MAX_ISA caps every kernel, oneDNN and
+# the wire codec, so an AVX-512 machine also proves the AVX2 and generic paths.
+ISA_TESTS=(gemm_test linear_test cpu_expert_backend_test compute_worker_test wire_test
+           model_test remote_expert_backend_test cluster_test cluster_invariance_test)
+read -r -a ISA_LEVELS <<<"$(build/bin/dmoe isa --levels)"
+echo "== $(build/bin/dmoe isa); levels: ${ISA_LEVELS[*]}"
+for level in "${ISA_LEVELS[@]:0:${#ISA_LEVELS[@]}-1}"; do
+  echo "== numerics tests with DMOE_MAX_ISA=$level"
+  DMOE_MAX_ISA=$level ctest --test-dir build --output-on-failure \
+    -R "^($(IFS='|'; echo "${ISA_TESTS[*]}"))\$"
+done
+
 echo "== all tests"
 ctest --test-dir build --output-on-failure
