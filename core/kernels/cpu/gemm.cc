@@ -61,12 +61,6 @@ struct Isa {
 
 }  // namespace
 
-void RunGeneric(const Args& a) {
-  if (a.bf16) {
-    Run<uint16_t>(a);
-  } else {
-    Run<float>(a);
-  }
-}
+void RunGeneric(const Args& a) { RunLevel(a); }
 
 }  // namespace dmoe::core::gemm

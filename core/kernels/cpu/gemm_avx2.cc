@@ -33,13 +33,7 @@ struct Isa {
 
 }  // namespace
 
-void RunAvx2(const Args& a) {
-  if (a.bf16) {
-    Run<uint16_t>(a);
-  } else {
-    Run<float>(a);
-  }
-}
+void RunAvx2(const Args& a) { RunLevel(a); }
 
 }  // namespace dmoe::core::gemm
 

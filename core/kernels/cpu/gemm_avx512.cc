@@ -36,13 +36,7 @@ struct Isa {
 
 }  // namespace
 
-void RunAvx512(const Args& a) {
-  if (a.bf16) {
-    Run<uint16_t>(a);
-  } else {
-    Run<float>(a);
-  }
-}
+void RunAvx512(const Args& a) { RunLevel(a); }
 
 }  // namespace dmoe::core::gemm
 

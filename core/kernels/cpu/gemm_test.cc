@@ -69,8 +69,8 @@ Packed Pack(const std::vector<float>& w, int64_t n, int64_t k) {
 
 // y = x W^T over panels [pb, pe), rows [0, m), with the given strides.
 void RunGemm(Fn fn, const Packed& p, bool bf16, int64_t n, int64_t k,
-         const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-         int64_t pb, int64_t pe) {
+             const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
+             int64_t pb, int64_t pe) {
   Args a;
   a.w = p.data(bf16);
   a.bf16 = bf16;
@@ -91,9 +91,14 @@ class GemmTest : public ::testing::TestWithParam<bool> {};  // bf16?
 TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
   const bool bf16 = GetParam();
   for (const auto& [m, n, k] :
-       std::vector<std::tuple<int64_t, int64_t, int64_t>>{
-           {1, 1, 1}, {1, 16, 8}, {2, 17, 33}, {5, 100, 64}, {7, 48, 3},
-           {13, 130, 257}, {64, 64, 128}, {70, 33, 1000}}) {
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1},
+                                                          {1, 16, 8},
+                                                          {2, 17, 33},
+                                                          {5, 100, 64},
+                                                          {7, 48, 3},
+                                                          {13, 130, 257},
+                                                          {64, 64, 128},
+                                                          {70, 33, 1000}}) {
     const auto w = Random(n * k, 1 + m, bf16);
     const auto x = Random(m * k, 2 + n, bf16);
     const Packed p = Pack(w, n, k);
@@ -101,7 +106,7 @@ TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
       SCOPED_TRACE(absl::StrFormat("%s m=%d n=%d k=%d", level.name, m, n, k));
       std::vector<float> y(m * n);
       RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0,
-          NumPanels(n));
+              NumPanels(n));
       int bad = 0;
       for (int64_t i = 0; i < m && bad < 5; ++i) {
         for (int64_t j = 0; j < n && bad < 5; ++j) {
@@ -137,7 +142,7 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
     SCOPED_TRACE(level.name);
     std::vector<float> all(m * n);
     RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0,
-        NumPanels(n));
+            NumPanels(n));
     std::mt19937 rng(99);
     for (int trial = 0; trial < 40; ++trial) {
       const int64_t rows = 1 + rng() % 17;
@@ -145,10 +150,10 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
       const int64_t split = rng() % (NumPanels(n) + 1);
       const int64_t ldy = n + 5;  // canaries after every row
       std::vector<float> y(rows * ldy, -7.5f);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy,
-          0, split);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy,
-          split, NumPanels(n));
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(),
+              ldy, 0, split);
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(),
+              ldy, split, NumPanels(n));
       for (int64_t r = 0; r < rows; ++r) {
         ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n,
                                  n * sizeof(float)))
@@ -174,11 +179,12 @@ TEST_P(GemmTest, LevelsGiveIdenticalBits) {
   const Packed p = Pack(w, n, k);
   std::vector<float> ref(m * n);
   RunGemm(levels.back().fn, p, bf16, n, k, x.data(), k, m, ref.data(), n, 0,
-      NumPanels(n));
+          NumPanels(n));
   for (const Level& level : levels) {
     if (!bf16 && level.needs == IsaLevel::kGeneric) continue;  // no FMA
     std::vector<float> y(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0,
+            NumPanels(n));
     EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
         << level.name << " vs " << levels.back().name;
   }

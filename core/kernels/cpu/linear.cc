@@ -306,6 +306,43 @@ memory::desc ChooseWeightsLayout(memory::data_type dt, int64_t n, int64_t k) {
   return pd.weights_desc();
 }
 
+// ---- Load-time probes
+// ---------------------------------------------------------
+
+// Seeded values in [-1, 1) for the probes below (a fixed LCG: the same probe
+// in every process).
+std::vector<float> ProbeValues(int64_t count, uint32_t seed) {
+  std::vector<float> v(count);
+  for (float& f : v) {
+    seed = seed * 1664525u + 1013904223u;
+    f = static_cast<float>(static_cast<int32_t>(seed)) * 0x1p-31f;
+  }
+  return v;
+}
+
+// A yes/no verdict per (n, k), computed once per process (a probe's answer
+// depends on the shape, not on the weight values). Thread-safe; two threads
+// may both compute a verdict the first time, with the same answer.
+class ShapeVerdicts {
+ public:
+  template <typename F>
+  bool Get(int64_t n, int64_t k, const F& compute) {
+    const auto key = std::make_pair(n, k);
+    {
+      absl::MutexLock lock(&mu_);
+      auto it = verdicts_.find(key);
+      if (it != verdicts_.end()) return it->second;
+    }
+    const bool verdict = compute();  // outside the lock: it runs GEMMs
+    absl::MutexLock lock(&mu_);
+    return verdicts_.emplace(key, verdict).first->second;
+  }
+
+ private:
+  absl::Mutex mu_;
+  std::map<std::pair<int64_t, int64_t>, bool> verdicts_ ABSL_GUARDED_BY(mu_);
+};
+
 // ---- Small-M bf16 kernel on oneDNN's packed layout -------------------------
 //
 // At M <= kSmallM a call streams the weights once and does ~M FLOP per byte,
@@ -564,28 +601,16 @@ void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y,
 // kernel at M = kSmallM and M = 1. Checked once per (n, k) per process (the
 // arithmetic depends on the shape, not on the weight values).
 bool SmallMMatchesOneDnn(const PackedWeights& im) {
-  static absl::Mutex mu;
-  static auto* verdicts = new std::map<std::pair<int64_t, int64_t>, bool>();
-  const auto key = std::make_pair(im.n, im.k);
-  {
-    absl::MutexLock lock(&mu);
-    auto it = verdicts->find(key);
-    if (it != verdicts->end()) return it->second;
-  }
-  const int64_t m = kSmallM + 1, n = im.n, k = im.k;
-  std::vector<float> x(m * k), ref(m * n), got(m * n);
-  uint32_t state = 12345;
-  for (float& v : x) {
-    state = state * 1664525u + 1013904223u;
-    v = static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f;
-  }
-  ForwardOneDnn(im, x.data(), m, ref.data(), k, n);
-  ForwardSmallM(im, x.data(), kSmallM, got.data(), k, n);
-  ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k, n);
-  const bool match = std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0;
-  absl::MutexLock lock(&mu);
-  verdicts->emplace(key, match);
-  return match;
+  static ShapeVerdicts* verdicts = new ShapeVerdicts();
+  return verdicts->Get(im.n, im.k, [&im] {
+    const int64_t m = kSmallM + 1, n = im.n, k = im.k;
+    std::vector<float> x = ProbeValues(m * k, 12345), ref(m * n), got(m * n);
+    ForwardOneDnn(im, x.data(), m, ref.data(), k, n);
+    ForwardSmallM(im, x.data(), kSmallM, got.data(), k, n);
+    ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k,
+                  n);
+    return std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0;
+  });
 }
 
 // ---- Our batch-invariant kernels (gemm.h) -----------------------------------
@@ -599,15 +624,11 @@ GemmFn ChooseGemm() {
   if (!IsaAtLeast(IsaLevel::kAvx2)) return gemm::RunGeneric;
   if (!IsaAtLeast(IsaLevel::kAvx512)) return gemm::RunAvx2;
   constexpr int64_t m = 7, n = 37, k = 45;
-  std::vector<float> w(n * k), x(m * k), a(m * n), b(m * n);
-  uint32_t state = 2024;
-  auto next = [&state] {
-    state = state * 1664525u + 1013904223u;
-    return BF16ToF32(
-        F32ToBF16(static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f));
-  };
-  for (float& v : w) v = next();
-  for (float& v : x) v = next();
+  // bf16-representable values: the bf16 kernels take them as they are.
+  std::vector<float> w = ProbeValues(n * k, 2024), x = ProbeValues(m * k, 2025);
+  std::vector<float> a(m * n), b(m * n);
+  RoundToBF16(w.data(), n * k, w.data());
+  RoundToBF16(x.data(), m * k, x.data());
   std::vector<float> pf(gemm::PackedElems(n, k));
   std::vector<uint16_t> pb(gemm::PackedElems(n, k));
   gemm::PackF32(w.data(), n, k, pf.data());
@@ -688,39 +709,28 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m,
 // them (the expert backend and the router batch rows freely). Checked once
 // per (n, k) per process.
 bool OneDnnIsBatchInvariant(const PackedWeights& im) {
-  static absl::Mutex mu;
-  static auto* verdicts = new std::map<std::pair<int64_t, int64_t>, bool>();
-  const auto key = std::make_pair(im.n, im.k);
-  {
-    absl::MutexLock lock(&mu);
-    auto it = verdicts->find(key);
-    if (it != verdicts->end()) return it->second;
-  }
-  const int64_t n = im.n, k = im.k;
-  constexpr int64_t kParts[] = {1, 3, 40};
-  constexpr int64_t m = 1 + 3 + 40;
-  std::vector<float> x(m * k), all(m * n), parts(m * n);
-  uint32_t state = 777;
-  for (float& v : x) {
-    state = state * 1664525u + 1013904223u;
-    v = static_cast<float>(static_cast<int32_t>(state)) * 0x1p-31f;
-  }
-  ForwardOneDnn(im, x.data(), m, all.data(), k, n);
-  int64_t row = 0;
-  for (int64_t rows : kParts) {
-    ForwardOneDnn(im, x.data() + row * k, rows, parts.data() + row * n, k, n);
-    row += rows;
-  }
-  const bool same = std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
-  if (!same) {
-    std::fprintf(stderr,
-                 "dmoe PackedLinear: oneDNN's matmul [%lld,%lld] is not "
-                 "batch-invariant here; using dmoe's kernels\n",
-                 static_cast<long long>(n), static_cast<long long>(k));
-  }
-  absl::MutexLock lock(&mu);
-  verdicts->emplace(key, same);
-  return same;
+  static ShapeVerdicts* verdicts = new ShapeVerdicts();
+  return verdicts->Get(im.n, im.k, [&im] {
+    const int64_t n = im.n, k = im.k;
+    constexpr int64_t kParts[] = {1, 3, 40};
+    constexpr int64_t m = 1 + 3 + 40;
+    std::vector<float> x = ProbeValues(m * k, 777), all(m * n), parts(m * n);
+    ForwardOneDnn(im, x.data(), m, all.data(), k, n);
+    int64_t row = 0;
+    for (int64_t rows : kParts) {
+      ForwardOneDnn(im, x.data() + row * k, rows, parts.data() + row * n, k, n);
+      row += rows;
+    }
+    const bool same =
+        std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
+    if (!same) {
+      std::fprintf(stderr,
+                   "dmoe PackedLinear: oneDNN's matmul [%lld,%lld] is not "
+                   "batch-invariant here; using dmoe's kernels\n",
+                   static_cast<long long>(n), static_cast<long long>(k));
+    }
+    return same;
+  });
 }
 
 std::atomic<bool> g_allow_variant_onednn{false};
