@@ -568,6 +568,9 @@ struct Batch {
   std::vector<std::pair<size_t, size_t>> frames;
   size_t request_bytes = 0, reply_bytes = 0, min_bytes = 0;
   int64_t visits = 0;  // sum over tokens of servers visited
+  // Rows the servers send back: one per (token, server) visit, or with
+  // per-assignment replies (the default) one per (token, expert or shared).
+  int64_t reply_rows = 0;
   // What each visited server computes: its share and the share's rows of x.
   std::vector<core::ServerShare> shares;
   std::vector<std::vector<float>> share_x;  // [share][tokens, hidden]
@@ -584,7 +587,8 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
                                             const core::ServerShare& share,
                                             core::WireDType wire,
                                             uint64_t version,
-                                            size_t max_chunk_bytes) {
+                                            size_t max_chunk_bytes,
+                                            bool per_assignment) {
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
   const int64_t row_bytes =
@@ -634,7 +638,12 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     req.set_reply_dtype(ToProto(wire));
     req.set_chunk_index(static_cast<uint32_t>(c));
     req.set_chunk_count(static_cast<uint32_t>(chunks));
+    req.set_per_assignment_reply(per_assignment);
     req_bytes += req.ByteSizeLong() + kGrpcPrefix;
+    // One reply row per token, or per assignment (experts + shared duty).
+    const int64_t reply_rows =
+        per_assignment ? share.token_offsets[r1] - share.token_offsets[r0]
+                       : rows;
 
     dmoe::v1::ExpertResponse rep;
     rep.set_request_id(request_id);
@@ -642,12 +651,12 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     rep.set_chunk_count(static_cast<uint32_t>(chunks));
     dmoe::v1::Activations* y = rep.mutable_y();
     y->set_dtype(ToProto(wire));
-    y->set_rows(static_cast<uint32_t>(rows));
+    y->set_rows(static_cast<uint32_t>(reply_rows));
     y->set_cols(static_cast<uint32_t>(H));
-    y->mutable_data()->resize(static_cast<size_t>(rows * H) *
+    y->mutable_data()->resize(static_cast<size_t>(reply_rows * H) *
                               core::WireElementSize(wire));
     if (wire == core::WireDType::kF8E4M3)
-      y->mutable_row_scales()->resize(static_cast<size_t>(rows) * 4);
+      y->mutable_row_scales()->resize(static_cast<size_t>(reply_rows) * 4);
     rep_bytes += rep.ByteSizeLong() + kGrpcPrefix;
   }
   return {req_bytes, rep_bytes};
@@ -730,8 +739,13 @@ Batch MakeBatch(Layer& layer, const core::Placement& placement,
   const dmoe::router::RemoteExpertOptions defaults;
   for (const core::ServerShare& share : *shares) {
     if (share.tokens.empty()) continue;
-    b.frames[share.server] = ShareMessageBytes(
-        view, share, wire, placement.version(), defaults.max_chunk_bytes);
+    b.frames[share.server] =
+        ShareMessageBytes(view, share, wire, placement.version(),
+                          defaults.max_chunk_bytes,
+                          defaults.per_assignment_replies);
+    b.reply_rows += defaults.per_assignment_replies
+                        ? static_cast<int64_t>(share.ffn_ids.size())
+                        : static_cast<int64_t>(share.tokens.size());
     b.request_bytes += b.frames[share.server].first;
     b.reply_bytes += b.frames[share.server].second;
     b.visits += static_cast<int64_t>(share.tokens.size());
@@ -745,7 +759,7 @@ Batch MakeBatch(Layer& layer, const core::Placement& placement,
   const size_t elem = wire == core::WireDType::kF32    ? 4
                       : wire == core::WireDType::kBF16 ? 2
                                                        : 1;
-  b.min_bytes = static_cast<size_t>(b.visits) * H * elem * 2;
+  b.min_bytes = static_cast<size_t>(b.visits + b.reply_rows) * H * elem;
   return b;
 }
 
@@ -775,6 +789,7 @@ struct Row {
   int servers = 0, tokens = 0, inproc_threads = 0, layer_calls = 0,
       wire_calls = 0;
   double visits_per_token = 0;
+  double rows_back_per_token = 0;  // reply rows (see Batch::reply_rows)
   Stats inproc, remote, grpc, raw;  // seconds
   Stats server_compute;  // wire-only FFNs in-process, per batch (ServerCompute)
   Stats grpc_net;        // gRPC round trip - server_compute, per call
@@ -944,18 +959,20 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
   row.raw = Summarize(t_raw);
   row.lo_per_token = tokens_sent ? double(lo_bytes) / tokens_sent : 0;
 
-  double req = 0, rep = 0, min = 0, visits = 0;
+  double req = 0, rep = 0, min = 0, visits = 0, back = 0;
   for (const Batch& b : batches) {
     req += b.request_bytes;
     rep += b.reply_bytes;
     min += b.min_bytes;
     visits += b.visits;
+    back += b.reply_rows;
   }
   const double total_tokens = double(tokens) * batches.size();
   row.req_per_token = req / total_tokens;
   row.rep_per_token = rep / total_tokens;
   row.min_per_token = min / total_tokens;
   row.visits_per_token = visits / total_tokens;
+  row.rows_back_per_token = back / total_tokens;
   return row;
 }
 
@@ -1258,20 +1275,24 @@ int main(int argc, char** argv) {
   std::printf(
       "\n3. Bytes on the wire per token (%s): gRPC messages as sent (protobuf +"
       " 5-byte prefix), both ways, vs the minimum\n"
-      "   hidden x %zu B x servers visited x 2; lo = loopback interface tx "
-      "bytes during the wire loop (all headers; upper bound)\n",
+      "   hidden x %zu B x (servers visited + rows back: one per (token, "
+      "expert) with the default per-assignment replies); lo = loopback "
+      "interface tx\n   bytes during the wire loop (all headers; upper "
+      "bound)\n",
       WireName(o.wire),
       o.wire == core::WireDType::kF32    ? size_t{4}
       : o.wire == core::WireDType::kBF16 ? size_t{2}
                                          : size_t{1});
-  std::printf("%2s %5s %6s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T",
-              "visits", "request", "reply", "total", "minimum", "ratio",
+  std::printf("%2s %5s %6s %5s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T",
+              "visits", "back", "request", "reply", "total", "minimum", "ratio",
               "lo B/tok", "lo/min");
   for (const Row& r : rows) {
     const double total = r.req_per_token + r.rep_per_token;
     std::printf(
-        "%2d %5d %6.2f %10.0f %10.0f %10.0f %10.0f %6.3fx %10.0f %6.2fx\n",
-        r.servers, r.tokens, r.visits_per_token, r.req_per_token,
+        "%2d %5d %6.2f %5.2f %10.0f %10.0f %10.0f %10.0f %6.3fx %10.0f "
+        "%6.2fx\n",
+        r.servers, r.tokens, r.visits_per_token, r.rows_back_per_token,
+        r.req_per_token,
         r.rep_per_token, total, r.min_per_token, total / r.min_per_token,
         r.lo_per_token, r.lo_per_token / r.min_per_token);
   }
