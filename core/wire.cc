@@ -14,6 +14,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
 
@@ -408,6 +409,26 @@ bool SetWireKernelsForTesting(int level) {
 
 }  // namespace wire_internal
 
+namespace {
+
+// The fp8 scale of a row whose largest magnitude is `max_abs` (wire.h).
+float F8RowScale(float max_abs) {
+  // Below 448 * 2^-126 the scale would be denormal (or 0), and below
+  // 448 * 2^-128 its inverse overflows to Inf: zeros then packed as
+  // 0 * Inf = NaN. FLT_MIN (2^-126) keeps 1 / scale = 2^126 finite and exact,
+  // so x * (1 / scale) is exact too and such rows land on the same e4m3 grid
+  // (normal or subnormal codes, or 0) as x / scale would. An Inf max stays an
+  // Inf scale, which UnpackActivations refuses.
+  return max_abs > 0 ? std::max(max_abs / 448.0f, FLT_MIN) : 1.0f;
+}
+
+// What F8RowScale can return for a finite row: a positive normal float.
+bool IsValidF8RowScale(float scale) {
+  return std::isnormal(scale) && scale > 0;
+}
+
+}  // namespace
+
 size_t WireElementSize(WireDType t) {
   switch (t) {
     case WireDType::kBF16: return 2;
@@ -442,7 +463,7 @@ void PackActivations(const float* x, int64_t rows, int64_t cols, int64_t ld, Wir
       auto* o = reinterpret_cast<uint8_t*>(out);
       for (int64_t r = 0; r < rows; ++r) {
         const float mx = k.max_abs(x + r * ld, cols);
-        const float scale = mx > 0 ? mx / 448.0f : 1.0f;
+        const float scale = F8RowScale(mx);
         std::memcpy(scales->data() + r * 4, &scale, 4);
         k.to_f8(x + r * ld, cols, 1.0f / scale, o + r * cols);
       }
@@ -454,32 +475,47 @@ void PackActivations(const float* x, int64_t rows, int64_t cols, int64_t ld, Wir
 absl::Status UnpackActivations(WireDType type, std::string_view data, std::string_view scales,
                                int64_t rows, int64_t cols, float* out) {
   if (rows < 0 || cols < 0) return absl::InvalidArgumentError("activations: negative shape");
-  const size_t want = static_cast<size_t>(rows) * cols * WireElementSize(type);
-  if (data.size() != want) {
-    return absl::InvalidArgumentError(absl::StrCat("activations: [", rows, ", ", cols, "] needs ",
-                                                   want, " bytes, got ", data.size()));
+  // Counts come from the peer: bound them before any size arithmetic, so that
+  // nothing below wraps (the kernels take int64 counts; fp8 has 4 bytes of
+  // scale per row even when cols is 0).
+  const int64_t es = static_cast<int64_t>(WireElementSize(type));
+  int64_t n, bytes, scale_bytes = 0;
+  if (__builtin_mul_overflow(rows, cols, &n) ||
+      __builtin_mul_overflow(n, es, &bytes) ||
+      (type == WireDType::kF8E4M3 &&
+       __builtin_mul_overflow(rows, int64_t{4}, &scale_bytes))) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activations: [", rows, ", ", cols,
+                     "] is too large (its byte count overflows)"));
   }
-  const size_t n = static_cast<size_t>(rows) * cols;
+  if (data.size() != static_cast<uint64_t>(bytes)) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("activations: [", rows, ", ", cols, "] needs ", bytes,
+                     " bytes, got ", data.size()));
+  }
   const Kernels& k = Active();
   bool finite = true;
   switch (type) {
     case WireDType::kF32:
-      finite = k.from_f32(data.data(), static_cast<int64_t>(n), out);
+      finite = k.from_f32(data.data(), n, out);
       break;
     case WireDType::kBF16:
-      finite = k.from_bf16(data.data(), static_cast<int64_t>(n), out);
+      finite = k.from_bf16(data.data(), n, out);
       break;
     case WireDType::kF8E4M3: {
-      if (scales.size() != static_cast<size_t>(rows) * 4) {
-        return absl::InvalidArgumentError(absl::StrCat("activations: fp8 needs ", rows * 4,
-                                                       " bytes of row scales, got ", scales.size()));
+      if (scales.size() != static_cast<uint64_t>(scale_bytes)) {
+        return absl::InvalidArgumentError(
+            absl::StrCat("activations: fp8 needs ", scale_bytes,
+                         " bytes of row scales, got ", scales.size()));
       }
       for (int64_t r = 0; r < rows; ++r) {
         float s;
         std::memcpy(&s, scales.data() + r * 4, 4);
-        if (!std::isfinite(s) || s <= 0) {
-          return absl::InvalidArgumentError(absl::StrCat("activations: row ", r, " scale ", s,
-                                                         " is not a positive finite number"));
+        if (!IsValidF8RowScale(s)) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("activations: row ", r, " scale ", s,
+                           " is not a positive normal float (PackActivations "
+                           "writes >= 2^-126)"));
         }
         finite &= k.from_f8(data.data() + r * cols, cols, s, out + r * cols);
       }
@@ -487,7 +523,7 @@ absl::Status UnpackActivations(WireDType type, std::string_view data, std::strin
     }
   }
   if (finite) return absl::OkStatus();
-  for (size_t i = 0; i < n; ++i) {
+  for (int64_t i = 0; i < n; ++i) {
     if (!std::isfinite(out[i])) {
       return absl::InvalidArgumentError(
           absl::StrCat("activations: element ", i, " is not finite (", out[i], ")"));

@@ -2,8 +2,10 @@
 
 #include <algorithm>
 #include <bit>
+#include <cfloat>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <vector>
 
@@ -82,10 +84,183 @@ TEST(Wire, UnpackRejectsBadSizesAndValues) {
   EXPECT_NE(st.message().find("not finite"), std::string::npos) << st;
 }
 
+// Issue 13.11: a row whose largest magnitude is below 448 * 2^-128 had a
+// scale whose inverse was infinite, so zeros packed as NaN (0 * inf) and the
+// receiver refused the payload. The scale is now at least FLT_MIN (2^-126),
+// whose inverse 2^126 is finite and exact.
+TEST(Wire, Fp8RowOfTinyValuesPacksWithTheSmallestNormalScale) {
+  const std::vector<float> x = {1e-37f, 0.0f, -1e-38f, 0.0f};
+  std::string data, scales;
+  PackActivations(x.data(), 1, 4, 0, WireDType::kF8E4M3, &data, &scales);
+  float scale;
+  ASSERT_EQ(scales.size(), 4u);
+  std::memcpy(&scale, scales.data(), 4);
+  EXPECT_EQ(scale, FLT_MIN);
+  // 1e-37 / 2^-126 = 8.507 rounds to 9 (0 1010 001), -1e-38 / 2^-126 =
+  // -0.8507 to -0.875 (1 0110 110); zeros stay 0 (they were 0x7f, NaN).
+  ASSERT_EQ(data, std::string({0x51, 0x00, static_cast<char>(0xb6), 0x00}));
+  std::vector<float> y(4, 1.0f);
+  const absl::Status st =
+      UnpackActivations(WireDType::kF8E4M3, data, scales, 1, 4, y.data());
+  ASSERT_TRUE(st.ok()) << st;
+  for (int i = 0; i < 4; ++i) {
+    EXPECT_EQ(y[i], F8E4M3ToF32(F32ToF8E4M3(x[i] / FLT_MIN)) * FLT_MIN) << i;
+  }
+  EXPECT_EQ(y[1], 0.0f);
+  EXPECT_EQ(y[3], 0.0f);
+  // Relative error of an e4m3 code in its normal range: at most 2^-4.
+  EXPECT_NEAR(y[0], 1e-37f, 1e-37f / 16);
+  EXPECT_NEAR(y[2], -1e-38f, 1e-38f / 16);
+}
+
+// Every row maximum from the smallest denormal up to where mx / 448 is a
+// normal float round-trips without a refusal, on every kernel level (the
+// scale is computed once per row outside the kernels).
+TEST(Wire, Fp8RowsWithMaximaAcrossTheDenormalRangeRoundTrip) {
+  std::vector<float> x;
+  constexpr int64_t kCols = 37;  // a SIMD body and a tail on every level
+  for (float mx = std::bit_cast<float>(uint32_t{1}); mx < 1e-33f; mx *= 1.7f) {
+    for (int64_t c = 0; c < kCols; ++c) {
+      x.push_back(c % 5 == 0 ? 0.0f : mx * (c % 2 ? -1 : 1) / c);
+    }
+    x[x.size() - kCols + 1] = mx;
+  }
+  const int64_t rows = static_cast<int64_t>(x.size()) / kCols;
+  for (const int level : {0, 1, 2}) {
+    if (!wire_internal::SetWireKernelsForTesting(level)) continue;
+    std::string data, scales;
+    PackActivations(x.data(), rows, kCols, 0, WireDType::kF8E4M3, &data,
+                    &scales);
+    std::vector<float> y(x.size());
+    const absl::Status st = UnpackActivations(WireDType::kF8E4M3, data, scales,
+                                              rows, kCols, y.data());
+    ASSERT_TRUE(st.ok()) << "level " << level << ": " << st;
+    for (int64_t r = 0; r < rows; ++r) {
+      float s;
+      std::memcpy(&s, scales.data() + 4 * r, 4);
+      EXPECT_TRUE(std::isnormal(s)) << r << ": scale " << s;
+      EXPECT_EQ(s, std::max(x[r * kCols + 1] / 448.0f, FLT_MIN)) << r;
+      for (int64_t c = 0; c < kCols; ++c) {
+        const float v = x[r * kCols + c];
+        ASSERT_EQ(y[r * kCols + c],
+                  F8E4M3ToF32(F32ToF8E4M3(v * (1.0f / s))) * s)
+            << "level " << level << " row " << r << " col " << c << " value "
+            << v;
+      }
+    }
+  }
+  wire_internal::SetWireKernelsForTesting(-1);
+}
+
+// One rule for scales: the encoder only writes positive normal floats (1 for
+// an all-zero row), and the decoder refuses anything else.
+TEST(Wire, UnpackRefusesScalesTheEncoderNeverWrites) {
+  // e4m3 codes of 0, 1, -1 and 2^-4.
+  const std::string codes = {0x00, 0x38, static_cast<char>(0xb8), 0x10};
+  std::vector<float> y(4);
+  for (const float s : {0.0f, -0.0f, -1.0f, std::bit_cast<float>(uint32_t{1}),
+                        std::bit_cast<float>(uint32_t{0x00400000}),
+                        std::nextafter(FLT_MIN, 0.0f), float(NAN),
+                        float(INFINITY), -float(INFINITY)}) {
+    const std::string scale(reinterpret_cast<const char*>(&s), 4);
+    const absl::Status st =
+        UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data());
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << s;
+    EXPECT_NE(st.message().find("row 0 scale"), std::string::npos) << st;
+    EXPECT_NE(st.message().find("not a positive normal float"),
+              std::string::npos)
+        << st;
+  }
+  const float s = FLT_MIN;
+  const std::string scale(reinterpret_cast<const char*>(&s), 4);
+  EXPECT_TRUE(
+      UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data()).ok());
+  EXPECT_EQ(y[1], FLT_MIN);
+  EXPECT_EQ(y[2], -FLT_MIN);
+}
+
+// And one rule for values: NaN or Inf never come out of Unpack, whatever the
+// dtype (the encoder does not check; such a payload is refused here).
+TEST(Wire, UnpackRefusesNonFiniteValuesInEveryDType) {
+  std::vector<float> y(2);
+  for (const float v : {float(NAN), float(INFINITY), -float(INFINITY)}) {
+    const float pair[2] = {1.0f, v};
+    std::string data, scales;
+    for (WireDType t :
+         {WireDType::kF32, WireDType::kBF16, WireDType::kF8E4M3}) {
+      PackActivations(pair, 1, 2, 0, t, &data, &scales);
+      const absl::Status st =
+          UnpackActivations(t, data, scales, 1, 2, y.data());
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument)
+          << v << " " << static_cast<int>(t);
+      EXPECT_TRUE(st.message().find("not finite") != std::string::npos ||
+                  st.message().find("scale inf") != std::string::npos)
+          << st;
+    }
+  }
+  // Raw NaN codes: bf16 0x7fc0, fp8 0x7f and 0xff.
+  const std::string bf16_nan = {0x00, 0x00, static_cast<char>(0xc0), 0x7f};
+  EXPECT_NE(UnpackActivations(WireDType::kBF16, bf16_nan, "", 1, 2, y.data())
+                .message()
+                .find("element 1 is not finite"),
+            std::string::npos);
+  const float one = 1.0f;
+  const std::string scale(reinterpret_cast<const char*>(&one), 4);
+  for (const char code : {'\x7f', '\xff'}) {
+    const std::string f8 = {0x38, code};
+    EXPECT_NE(UnpackActivations(WireDType::kF8E4M3, f8, scale, 1, 2, y.data())
+                  .message()
+                  .find("element 1 is not finite"),
+              std::string::npos);
+  }
+}
+
+// Shapes whose byte counts overflow 64 bits used to wrap: [2^62, 4] bf16 needs
+// 2^65 bytes, which wrapped to 0 and matched an empty payload.
+TEST(Wire, UnpackRefusesShapesWhoseSizeOverflows) {
+  float y[1];
+  const int64_t big = int64_t{1} << 62;
+  absl::Status st = UnpackActivations(WireDType::kBF16, "", "", big, 4, y);
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
+  EXPECT_NE(st.message().find("[4611686018427387904, 4]"), std::string::npos)
+      << st;
+  // 2^30 x 2^40 fp8 elements wrap to 0 bytes as well.
+  st = UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 30,
+                         int64_t{1} << 40, y);
+  EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
+  st = UnpackActivations(WireDType::kF32, "", "",
+                         std::numeric_limits<int64_t>::max(), 2, y);
+  EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
+}
+
+// fp8 with cols = 0: no data bytes, but 4 * 2^62 bytes of scales wrapped to 0,
+// so the row loop read past the (empty) scales buffer; the message computed
+// rows * 4 in int64 (overflow).
+TEST(Wire, UnpackRefusesFp8RowCountsWhoseScaleBytesOverflow) {
+  float y[1];
+  for (const int64_t rows :
+       {int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
+    const absl::Status st =
+        UnpackActivations(WireDType::kF8E4M3, "", "", rows, 0, y);
+    EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+    EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
+  }
+  // A large but representable count is named exactly.
+  const absl::Status st =
+      UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 40, 0, y);
+  EXPECT_NE(
+      st.message().find("fp8 needs 4398046511104 bytes of row scales, got 0"),
+      std::string::npos)
+      << st;
+}
+
 // ---- The fast kernels against the original scalar codec ----
 
-// The codec as it was before it had SIMD kernels, kept verbatim as the
-// reference: every kernel set must give the same bytes, floats and statuses.
+// The codec as it was before it had SIMD kernels, kept as the reference:
+// every kernel set must give the same bytes, floats and statuses. Changed
+// since only by the scale rules of wire.h (issue 13.11: the FLT_MIN floor on
+// the scale, only positive normal scales accepted).
 void RefPack(const float* x, int64_t rows, int64_t cols, int64_t ld, WireDType type,
              std::string* data, std::string* scales) {
   if (ld == 0) ld = cols;
@@ -109,7 +284,7 @@ void RefPack(const float* x, int64_t rows, int64_t cols, int64_t ld, WireDType t
       for (int64_t r = 0; r < rows; ++r) {
         float mx = 0;
         for (int64_t c = 0; c < cols; ++c) mx = std::max(mx, std::fabs(x[r * ld + c]));
-        const float scale = mx > 0 ? mx / 448.0f : 1.0f;
+        const float scale = mx > 0 ? std::max(mx / 448.0f, FLT_MIN) : 1.0f;
         std::memcpy(scales->data() + r * 4, &scale, 4);
         const float inv = 1.0f / scale;
         for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = F32ToF8E4M3Fast(x[r * ld + c] * inv);
@@ -147,9 +322,11 @@ absl::Status RefUnpack(WireDType type, std::string_view data, std::string_view s
       for (int64_t r = 0; r < rows; ++r) {
         float s;
         std::memcpy(&s, scales.data() + r * 4, 4);
-        if (!std::isfinite(s) || s <= 0) {
-          return absl::InvalidArgumentError(absl::StrCat("activations: row ", r, " scale ", s,
-                                                         " is not a positive finite number"));
+        if (!std::isfinite(s) || s < FLT_MIN) {
+          return absl::InvalidArgumentError(
+              absl::StrCat("activations: row ", r, " scale ", s,
+                           " is not a positive normal float (PackActivations "
+                           "writes >= 2^-126)"));
         }
         for (int64_t c = 0; c < cols; ++c) {
           out[r * cols + c] = F8E4M3ToF32(static_cast<uint8_t>(data[r * cols + c])) * s;
@@ -292,10 +469,18 @@ TEST_P(WireKernels, Fp8EncoderEqualsScalarOnEveryPatternUpTo448) {
 TEST_P(WireKernels, Fp8PackEqualsScalarOnSpecialRows) {
   const float inf = INFINITY, nan = NAN, den = FromBits(1), max = FromBits(0x7f7fffff);
   const std::vector<std::vector<float>> rows = {
-      {0, 0, 0, 0, 0},           {-0.0f, 0, -0.0f, 0, 0},  {nan, 0, 1, -2, nan},
-      {nan, nan, nan, nan, nan}, {inf, 1, -1, nan, 0},     {-inf, 3, 2, 1, 0},
-      {den, -den, 0, den, den},  {1e-40f, 3e-39f, 0, -1e-39f, den},
-      {max, -max, 1, 0, 1e30f},  {448, 447.99f, 464, 480, 0.001f}};
+      {0, 0, 0, 0, 0},
+      {-0.0f, 0, -0.0f, 0, 0},
+      {nan, 0, 1, -2, nan},
+      {nan, nan, nan, nan, nan},
+      {inf, 1, -1, nan, 0},
+      {-inf, 3, 2, 1, 0},
+      {den, -den, 0, den, den},
+      {1e-40f, 3e-39f, 0, -1e-39f, den},
+      {max, -max, 1, 0, 1e30f},
+      {448, 447.99f, 464, 480, 0.001f},
+      {1e-37f, 0, -1e-38f, 0, 0},
+      {5e-36f, -5.3e-36f, 1e-45f, 0, 2e-36f}};
   for (const auto& row : rows) {
     std::vector<float> x;
     // Repeated, so the SIMD bodies and the tails both see the row.
@@ -331,7 +516,8 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
                             finite32.size() / 4 - 5, "finite f32 patterns, odd count");
 
   // fp8: every code (0x7f/0xff are NaN) and every code but those, under
-  // scales that keep, round to denormals or overflow the products.
+  // scales that keep, round to denormals or overflow the products (the
+  // smallest valid scale, FLT_MIN, makes every subnormal code denormal).
   std::string all8, finite8;
   for (int rep = 0; rep < 3; ++rep) {
     for (int c = 0; c < 256; ++c) {
@@ -340,8 +526,9 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
     }
   }
   finite8.resize(finite8.size() - 5);  // a tail for every kernel width
-  for (const float s : {1.0f, 0.5f, 3.7f, 1.0f / 448, 1e-30f, FromBits(1), FromBits(0x00400000),
-                        1e36f, FromBits(0x7f7fffff)}) {
+  for (const float s :
+       {1.0f, 0.5f, 3.7f, 1.0f / 448, 1e-30f, FLT_MIN, FromBits(0x00800001),
+        3 * FLT_MIN, 1e36f, FromBits(0x7f7fffff)}) {
     const std::string scale(reinterpret_cast<const char*>(&s), 4);
     const std::string what = absl::StrCat("fp8 codes, scale ", s);
     ExpectUnpackLikeReference(WireDType::kF8E4M3, all8, scale, 1, all8.size(), what);
@@ -350,7 +537,8 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
                               finite8.size(), what + " x2 rows");
   }
   // Bad scales are refused the same way, at the same row.
-  for (const float s : {0.0f, -1.0f, float(NAN), float(INFINITY)}) {
+  for (const float s : {0.0f, -1.0f, float(NAN), float(INFINITY), FromBits(1),
+                        FromBits(0x00400000), FromBits(0x007fffff)}) {
     const float good = 2.0f;
     std::string scales(reinterpret_cast<const char*>(&good), 4);
     scales.append(reinterpret_cast<const char*>(&s), 4);
