@@ -5,6 +5,7 @@
 #include <arpa/inet.h>
 #include <netinet/in.h>
 #include <sys/socket.h>
+#include <sys/time.h>
 #include <unistd.h>
 
 #include <memory>
@@ -461,6 +462,128 @@ TEST_F(GatewayTest, WrongMethodUnknownRouteAndOversizedBody) {
   ExpectError(Post("/v1/completions", big), 413, "");
 }
 
+// Sends `request` on a raw socket and returns everything the gateway writes
+// back until it closes the connection (the request asks it to).
+std::string RawExchange(int port, const std::string& request) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  timeval tv{5, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string got;
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      write(fd, request.data(), request.size()) ==
+          static_cast<ssize_t>(request.size())) {
+    char buf[4096];
+    for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) got.append(buf, n);
+  }
+  close(fd);
+  return got;
+}
+
+// Issue 13.7: DELETE and OPTIONS (and PUT, PATCH, TRACE) on a known path were
+// 404 "no route" while GET was 405. Every method a path does not take is now
+// 405 with Allow and the JSON error, on every known path.
+TEST_F(GatewayTest, WrongMethodOnEveryKnownPath_Is405WithAllowAndAJsonError) {
+  StartGateway();
+  httplib::Client c("127.0.0.1", gw_->http_port());
+  c.set_read_timeout(30, 0);
+  const std::string post_only[] = {"/v1/completions", "/v1/chat/completions",
+                                   "/tokenize", "/detokenize"};
+  const std::string get_only[] = {"/v1/models", "/v1/models/test-model",
+                                  "/health", "/metrics"};
+  auto expect_405 = [&](const httplib::Result& r, const std::string& method,
+                        const std::string& path, const std::string& allow) {
+    SCOPED_TRACE(method + " " + path);
+    const json e = ExpectError(r, 405, "");
+    if (!r) return;
+    EXPECT_EQ(r->get_header_value("Allow"), allow);
+    if (!e.contains("error")) return;
+    EXPECT_EQ(e["error"]["code"], "method_not_allowed");
+    EXPECT_EQ(e["error"]["type"], "invalid_request_error");
+    EXPECT_THAT(
+        e["error"]["message"].get<std::string>(),
+        HasSubstr(absl::StrCat(path, " takes ", allow, ", not ", method)));
+  };
+  for (const std::string& p : post_only) {
+    expect_405(c.Get(p.c_str()), "GET", p, "POST");
+    expect_405(c.Delete(p.c_str()), "DELETE", p, "POST");
+    expect_405(c.Options(p.c_str()), "OPTIONS", p, "POST");
+    expect_405(c.Put(p.c_str(), "{}", "application/json"), "PUT", p, "POST");
+    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p,
+               "POST");
+    auto head = c.Head(p.c_str());
+    ASSERT_TRUE(head);
+    EXPECT_EQ(head->status, 405);
+    EXPECT_EQ(head->get_header_value("Allow"), "POST");
+  }
+  for (const std::string& p : get_only) {
+    expect_405(c.Post(p.c_str(), "{}", "application/json"), "POST", p,
+               "GET, HEAD");
+    expect_405(c.Delete(p.c_str()), "DELETE", p, "GET, HEAD");
+    expect_405(c.Options(p.c_str()), "OPTIONS", p, "GET, HEAD");
+    expect_405(c.Put(p.c_str(), "{}", "application/json"), "PUT", p,
+               "GET, HEAD");
+    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p,
+               "GET, HEAD");
+  }
+  // A DELETE with a body on a kept-alive connection: the body is consumed,
+  // so the next request on the connection is answered normally.
+  expect_405(
+      c.Delete("/v1/completions", R"({"prompt":[1]})", "application/json"),
+      "DELETE", "/v1/completions", "POST");
+  auto ok = c.Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})",
+                   "application/json");
+  ASSERT_TRUE(ok);
+  EXPECT_EQ(ok->status, 200) << ok->body;
+  // TRACE (which cpp-httplib does not route at all) is a wrong method too.
+  const std::string trace = RawExchange(
+      gw_->http_port(),
+      "TRACE /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_THAT(trace, HasSubstr("HTTP/1.1 405 Method Not Allowed\r\n"));
+  EXPECT_THAT(trace, HasSubstr("Allow: POST\r\n"));
+  EXPECT_THAT(trace, HasSubstr("method_not_allowed"));
+  // Unknown paths stay 404, whatever the method; allowed methods still work.
+  ExpectError(c.Delete("/v2/whatever"), 404, "");
+  ExpectError(c.Options("/v1/models/"), 404, "");
+  auto models = c.Get("/v1/models");
+  ASSERT_TRUE(models);
+  EXPECT_EQ(models->status, 200);
+  auto health = c.Head("/health");
+  ASSERT_TRUE(health);
+  EXPECT_EQ(health->status, 200);
+  EXPECT_EQ(fake().generate_calls(), 1);
+}
+
+// Issue 13.5: add_special_tokens with a token-id prompt was not checked at all.
+TEST_F(GatewayTest, BooleanFieldsOfAnyOtherType_Are400WhateverThePrompt) {
+  StartGateway();
+  for (const char* value : {"[]", "{}", "1.5"}) {
+    for (const char* field :
+         {"add_special_tokens", "add_generation_prompt", "stream"}) {
+      SCOPED_TRACE(absl::StrCat(field, ": ", value));
+      const std::string extra =
+          absl::StrCat(R"(,")", field, R"(":)", value, "}");
+      const json e = ExpectError(
+          Post("/v1/completions", absl::StrCat(R"({"prompt":[1])", extra)), 400,
+          field);
+      if (e.contains("error")) {
+        EXPECT_THAT(e["error"]["message"].get<std::string>(),
+                    HasSubstr("must be a boolean"));
+      }
+      ExpectError(
+          Post("/v1/chat/completions",
+               absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
+                            extra)),
+          400, field);
+    }
+  }
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
 TEST_F(GatewayTest, RouterOverloaded_Is429ForPlainAndStreamingRequests) {
   StartGateway();
   fake().set_fail_code(grpc::StatusCode::RESOURCE_EXHAUSTED);
@@ -835,6 +958,17 @@ TEST_F(GatewayTextTest, TokenizeAndDetokenize) {
   const json e = ExpectError(Post("/detokenize", R"({"tokens":[5000]})"), 400, "tokens");
   EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("5000"));
   ExpectError(Post("/detokenize", R"({"tokens":"x"})"), 400, "tokens");
+  // skip_special_tokens is checked as every boolean is: null is the default,
+  // another type is named.
+  auto d3 =
+      Post("/detokenize", R"({"tokens":[1000,72],"skip_special_tokens":null})");
+  ASSERT_EQ(d3->status, 200) << d3->body;
+  EXPECT_EQ(json::parse(d3->body)["prompt"], "<s>H");
+  const json skip = ExpectError(
+      Post("/detokenize", R"({"tokens":[72],"skip_special_tokens":1.5})"), 400,
+      "skip_special_tokens");
+  EXPECT_THAT(skip["error"]["message"].get<std::string>(),
+              HasSubstr("skip_special_tokens must be a boolean, got number"));
   ExpectError(Post("/tokenize", R"({"prompt":7})"), 400, "prompt");
   EXPECT_EQ(fake().generate_calls(), 0);
 }

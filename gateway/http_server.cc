@@ -13,6 +13,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
+#include "absl/strings/str_split.h"
 #include "gateway/generation.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/openai_protocol.h"
@@ -39,6 +40,42 @@ std::string EndpointOf(const std::string& path) {
   }
   if (absl::StartsWith(path, "/v1/models/")) return "/v1/models/{id}";
   return "other";
+}
+
+// The methods a routed path takes (its Allow header), or nullptr for a path
+// that has no route. HEAD is served by the GET handlers.
+const char* AllowedMethods(const std::string& path) {
+  const std::string endpoint = EndpointOf(path);
+  for (const char* post : {kCompletions, kChat, kTokenize, kDetokenize}) {
+    if (endpoint == post) return "POST";
+  }
+  // /v1/models/ alone has no route: the pattern needs an id.
+  if (endpoint == "other" || path == "/v1/models/") return nullptr;
+  return "GET, HEAD";
+}
+
+bool Takes(const char* allow, const std::string& method) {
+  for (absl::string_view m : absl::StrSplit(allow, ", ")) {
+    if (m == method) return true;
+  }
+  return false;
+}
+
+// Request methods of RFC 9110: cpp-httplib answers the ones it has no
+// handlers for as 404 (or 400 for TRACE and CONNECT, which it never routes).
+bool IsStandardMethod(const std::string& method) {
+  for (const char* m : {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
+                        "PATCH", "TRACE", "CONNECT"}) {
+    if (method == m) return true;
+  }
+  return false;
+}
+
+// As ParseGenerateRequest names JSON types in its errors.
+std::string JsonTypeName(const nlohmann::json& v) {
+  if (v.is_number_integer()) return "integer";
+  if (v.is_number_float()) return "number";
+  return v.type_name();
 }
 
 std::string NewId(ApiKind kind) {
@@ -285,16 +322,6 @@ class HttpServer::Impl {
       Detokenize(req, res);
       record.Finish(res.status);
     });
-    for (const char* path : {kCompletions, kChat, kTokenize, kDetokenize}) {
-      server_.Get(path, [this](const httplib::Request& req, httplib::Response& res) {
-        RequestRecord record(metrics_, EndpointOf(req.path));
-        res.set_header("Allow", "POST");
-        SetJson(res, 405,
-                ErrorJson(absl::StrCat(req.path, " takes POST"), "invalid_request_error", "",
-                          "method_not_allowed"));
-        record.Finish(res.status);
-      });
-    }
     server_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
       RequestRecord record(metrics_, "/v1/models");
       ojson list;
@@ -328,11 +355,27 @@ class HttpServer::Impl {
     });
     // Unknown routes, and errors cpp-httplib answers itself (413, 400 for a
     // malformed request line): give them a JSON body. Responses that already
-    // have one (set by the handlers above) pass through.
+    // have one (set by the handlers above) pass through. A routed path with a
+    // method it does not take (no handler: cpp-httplib says 404, or 400 for
+    // TRACE/CONNECT) is 405 with Allow, for every method alike; the request
+    // body has been read by then, so the connection stays usable.
     server_.set_error_handler(httplib::Server::HandlerWithResponse(
         [this](const httplib::Request& req, httplib::Response& res) {
           if (!res.body.empty() || res.is_chunked_content_provider_) {
             return httplib::Server::HandlerResponse::Unhandled;
+          }
+          if (const char* allow = AllowedMethods(req.path);
+              allow != nullptr && (res.status == 404 || res.status == 400) &&
+              IsStandardMethod(req.method) && !Takes(allow, req.method)) {
+            res.set_header("Allow", allow);
+            SetJson(
+                res, 405,
+                ErrorJson(absl::StrCat(req.path, " takes ", allow, ", not ",
+                                       req.method),
+                          "invalid_request_error", "", "method_not_allowed"));
+            metrics_.RecordHttp(EndpointOf(req.path), 405,
+                                absl::ZeroDuration());
+            return httplib::Server::HandlerResponse::Handled;
           }
           std::string message = absl::StrCat("HTTP ", res.status);
           const char* type = "invalid_request_error";
@@ -420,13 +463,18 @@ class HttpServer::Impl {
       }
       ids.push_back(v.get<int32_t>());
     }
+    // A boolean as ParseGenerateRequest checks them: null is the default.
     bool skip = false;
-    if (body.contains("skip_special_tokens")) {
-      if (!body["skip_special_tokens"].is_boolean()) {
+    if (auto it = body.find("skip_special_tokens");
+        it != body.end() && !it->is_null()) {
+      if (!it->is_boolean()) {
         return SetError(
-            res, InvalidParam("skip_special_tokens", "skip_special_tokens must be a boolean"));
+            res, InvalidParam(
+                     "skip_special_tokens",
+                     absl::StrCat("skip_special_tokens must be a boolean, got ",
+                                  JsonTypeName(*it))));
       }
-      skip = body["skip_special_tokens"].get<bool>();
+      skip = it->get<bool>();
     }
     absl::StatusOr<std::string> text = options_.tokenizer->Decode(ids, skip);
     if (!text.ok()) {

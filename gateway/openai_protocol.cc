@@ -73,6 +73,25 @@ const json* Field(const json& obj, const char* name) {
   return &*it;
 }
 
+// Every top-level boolean field the gateway reads, checked up front and alike
+// (null = default, anything else but true/false is named), whichever endpoint
+// and prompt form: add_special_tokens is read only for text prompts and
+// add_generation_prompt only for text messages, but a wrong type is an error
+// on every path. The readers below then only get<bool>().
+// stream_options.include_usage is checked the same way in CheckUnsupported.
+constexpr const char* kBooleanFields[] = {
+    "stream", "ignore_eos",         "skip_special_tokens",
+    "echo",   "add_special_tokens", "add_generation_prompt"};
+
+absl::Status CheckBooleans(const json& body) {
+  for (const char* name : kBooleanFields) {
+    if (const json* b = Field(body, name); b != nullptr && !b->is_boolean()) {
+      return WrongType(name, "a boolean", *b);
+    }
+  }
+  return absl::OkStatus();
+}
+
 absl::StatusOr<int64_t> IntIn(const json& v, absl::string_view param, int64_t lo, int64_t hi) {
   if (!v.is_number_integer()) return WrongType(param, "an integer", v);
   if (v.is_number_unsigned() && v.get<uint64_t>() > static_cast<uint64_t>(hi)) {
@@ -129,9 +148,8 @@ absl::Status ParsePrompt(const json& body, const ParseOptions& options, v1::Gene
     if (options.tokenizer == nullptr) {
       return InvalidParam("prompt", absl::StrCat("prompt: ", kTextPrompt));
     }
-    bool add_special = true;
+    bool add_special = true;  // a boolean: CheckBooleans
     if (const json* a = Field(body, "add_special_tokens")) {
-      if (!a->is_boolean()) return WrongType("add_special_tokens", "a boolean", *a);
       add_special = a->get<bool>();
     }
     absl::StatusOr<std::vector<int32_t>> ids =
@@ -254,9 +272,8 @@ absl::Status ParseMessages(const json& body, const ParseOptions& options, v1::Ge
           "messages: the model has no usable chat template",
           options.chat_template_error.empty() ? "" : ": ", options.chat_template_error));
     }
-    bool add_generation_prompt = true;
+    bool add_generation_prompt = true;  // a boolean: CheckBooleans
     if (const json* a = Field(body, "add_generation_prompt")) {
-      if (!a->is_boolean()) return WrongType("add_generation_prompt", "a boolean", *a);
       add_generation_prompt = a->get<bool>();
     }
     ojson context;
@@ -328,6 +345,7 @@ absl::Status ParseStop(const json& body, const ParseOptions& options, ParsedRequ
 
 // Fields of OpenAI's API this gateway does not implement: accepted only with
 // their neutral value, refused otherwise (never silently ignored).
+// (CheckBooleans has checked echo's type.)
 absl::Status CheckUnsupported(const json& body, ApiKind kind) {
   if (const json* n = Field(body, "n")) {
     absl::StatusOr<int64_t> v = IntIn(*n, "n", 1, 128);
@@ -339,9 +357,8 @@ absl::Status CheckUnsupported(const json& body, ApiKind kind) {
     if (!v.ok()) return v.status();
     if (*v != 1) return InvalidParam("best_of", "best_of: only best_of=1 is supported for now");
   }
-  if (const json* e = Field(body, "echo")) {
-    if (!e->is_boolean()) return WrongType("echo", "a boolean", *e);
-    if (e->get<bool>()) return InvalidParam("echo", "echo: not supported for now");
+  if (const json* e = Field(body, "echo"); e != nullptr && e->get<bool>()) {
+    return InvalidParam("echo", "echo: not supported for now");
   }
   if (const json* l = Field(body, "logprobs")) {
     const bool off = (l->is_boolean() && !l->get<bool>());
@@ -445,16 +462,13 @@ absl::Status ParseSampling(const json& body, ApiKind kind, const ParseOptions& o
                                           : static_cast<uint64_t>(seed->get<int64_t>()));
     out->has_seed = true;
   }
-  if (const json* ie = Field(body, "ignore_eos")) {  // extension (vLLM)
-    if (!ie->is_boolean()) return WrongType("ignore_eos", "a boolean", *ie);
+  // Booleans (checked by CheckBooleans); ignore_eos and skip_special_tokens
+  // are extensions (vLLM).
+  if (const json* ie = Field(body, "ignore_eos")) {
     up.set_ignore_eos(ie->get<bool>());
   }
-  if (const json* st = Field(body, "stream")) {
-    if (!st->is_boolean()) return WrongType("stream", "a boolean", *st);
-    out->stream = st->get<bool>();
-  }
-  if (const json* sst = Field(body, "skip_special_tokens")) {  // extension (vLLM)
-    if (!sst->is_boolean()) return WrongType("skip_special_tokens", "a boolean", *sst);
+  if (const json* st = Field(body, "stream")) out->stream = st->get<bool>();
+  if (const json* sst = Field(body, "skip_special_tokens")) {
     out->skip_special_tokens = sst->get<bool>();
   }
   return ParseStop(body, options, out);
@@ -486,6 +500,7 @@ absl::StatusOr<ParsedRequest> ParseImpl(absl::string_view text, ApiKind kind,
       return st;
     }
   }
+  if (absl::Status st = CheckBooleans(body); !st.ok()) return st;
   ParsedRequest out;
   out.kind = kind;
   if (absl::Status st = kind == ApiKind::kCompletion ? ParsePrompt(body, options, &out.upstream)

@@ -2,6 +2,7 @@
 
 #include <random>
 #include <string>
+#include <utility>
 
 #include "absl/strings/str_cat.h"
 #include "core/chat_template.h"
@@ -182,6 +183,49 @@ TEST(ParseChat, RejectsTextAndMalformedMessages) {
       "response_format", "text");
 }
 
+// Issue 13.5: add_special_tokens was checked only for text prompts, so with
+// token ids (or on the chat endpoint) [], {} or 1.5 were accepted. Every
+// boolean field is now checked the same way whatever the prompt's form.
+constexpr const char* kBooleanFields[] = {
+    "stream", "ignore_eos",         "skip_special_tokens",
+    "echo",   "add_special_tokens", "add_generation_prompt"};
+
+TEST(ParseRequest, EveryBooleanFieldRefusesOtherTypesOnBothEndpoints) {
+  const std::pair<const char*, const char*> bad[] = {
+      {"[]", "array"},  {"{}", "object"}, {"1.5", "number"},
+      {"1", "integer"}, {"0", "integer"}, {R"("true")", "string"}};
+  for (const char* field : kBooleanFields) {
+    for (const auto& [value, type] : bad) {
+      SCOPED_TRACE(absl::StrCat(field, ": ", value));
+      const std::string extra =
+          absl::StrCat(R"(,")", field, R"(":)", value, "}");
+      const std::string want =
+          absl::StrCat(field, " must be a boolean, got ", type);
+      ExpectInvalid(Completion(absl::StrCat(R"({"prompt":[1])", extra)), field,
+                    want);
+      ExpectInvalid(
+          Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
+                            extra)),
+          field, want);
+    }
+    // null is the default, as for every field; true and false parse.
+    for (const char* ok : {"null", "false"}) {
+      const std::string extra = absl::StrCat(R"(,")", field, R"(":)", ok, "}");
+      EXPECT_TRUE(Completion(absl::StrCat(R"({"prompt":[1])", extra)).ok())
+          << field << ok;
+      EXPECT_TRUE(
+          Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
+                            extra))
+              .ok())
+          << field << ok;
+    }
+  }
+  EXPECT_TRUE(
+      Completion(
+          R"({"prompt":[1],"add_special_tokens":true,"add_generation_prompt":true})")
+          .ok());
+}
+
 TEST(ParseRequest, RandomMutationsNeverThrow) {
   // A cheap stand-in for a fuzzer: byte flips, truncations and splices of valid bodies.
   const std::string seeds[] = {
@@ -302,6 +346,21 @@ TEST_F(ParseText, TextPromptsStopStringsAndOptions) {
                 "stop", "at most 16");
   ExpectInvalid(Parse(R"({"prompt":"a","add_special_tokens":1})", ApiKind::kCompletion),
                 "add_special_tokens", "a boolean");
+  // The same checks on the text paths (where the two fields are read).
+  for (const char* field : kBooleanFields) {
+    SCOPED_TRACE(field);
+    const std::string extra = absl::StrCat(R"(,")", field, R"(":[]})");
+    const std::string want =
+        absl::StrCat(field, " must be a boolean, got array");
+    ExpectInvalid(
+        Parse(absl::StrCat(R"({"prompt":"a")", extra), ApiKind::kCompletion),
+        field, want);
+    ExpectInvalid(
+        Parse(absl::StrCat(R"({"messages":[{"role":"user","content":"a"}])",
+                           extra),
+              ApiKind::kChatCompletion),
+        field, want);
+  }
 }
 
 TEST_F(ParseText, ChatMessagesThroughTheTemplate) {
