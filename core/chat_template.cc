@@ -1,7 +1,9 @@
 #include "core/chat_template.h"
 
+#include <algorithm>
 #include <charconv>
 #include <cmath>
+#include <compare>
 #include <cstdint>
 #include <functional>
 #include <map>
@@ -99,6 +101,8 @@ struct Value {
   double AsDouble() const {
     return kind == Kind::kFloat ? f : kind == Kind::kBool ? b : i;
   }
+  // kInt or kBool (Python's bools are the ints 0 and 1).
+  int64_t AsInt() const { return kind == Kind::kBool ? b : i; }
 };
 
 Value* Dict::Find(std::string_view key) {
@@ -138,7 +142,12 @@ Value FromJson(const ojson& j) {
     case ojson::value_t::boolean:
       return Value::Bool(j.get<bool>());
     case ojson::value_t::number_integer:
+      return Value::Int(j.get<int64_t>());
     case ojson::value_t::number_unsigned:
+      // Above int64's range Python would keep the exact int; the nearest
+      // double is closer to it than a wrapped negative number.
+      if (j.get<uint64_t>() > static_cast<uint64_t>(INT64_MAX))
+        return Value::Float(static_cast<double>(j.get<uint64_t>()));
       return Value::Int(j.get<int64_t>());
     case ojson::value_t::number_float:
       return Value::Float(j.get<double>());
@@ -171,7 +180,10 @@ std::string PyFloat(double x) {
   std::string sci(buf, r.ptr);  // "-1.2345e+05"
   const size_t e = sci.find('e');
   std::string mant = sci.substr(0, e);
-  const int exp = std::stoi(sci.substr(e + 1));
+  // to_chars wrote the exponent as [+-]digits; from_chars takes no '+'.
+  int exp = 0;
+  std::from_chars(sci.data() + e + 1 + (sci[e + 1] == '+'),
+                  sci.data() + sci.size(), exp);
   const bool neg = mant[0] == '-';
   if (neg) mant.erase(0, 1);
   std::string digits;
@@ -190,6 +202,77 @@ std::string PyFloat(double x) {
     out = digits.substr(0, exp + 1) + "." + digits.substr(exp + 1);
   }
   return neg ? "-" + out : out;
+}
+
+// A literal or input quoted for an error message, cut when long (a fuzzer's
+// 100,000-digit number should not make a 100 KB message).
+std::string Quoted(std::string_view s) {
+  constexpr size_t kMax = 40;
+  const absl::string_view cut(s.data(), std::min(s.size(), kMax));
+  if (s.size() <= kMax) return absl::StrCat("'", cut, "'");
+  return absl::StrCat("'", cut, "...' (", s.size(), " characters)");
+}
+
+// For a decimal number that from_chars found out of double's range: whether
+// it is above the range (else below it, towards zero). Out-of-range values are
+// beyond 1e308 or below 1e-324, so the sign of the decimal exponent of the
+// first significant digit decides.
+bool AboveDoubleRange(std::string_view s) {
+  const size_t e = std::min(s.find_first_of("eE"), s.size());
+  const std::string_view mant = s.substr(0, e);
+  int64_t exp = 0;
+  if (e < s.size()) {
+    std::string_view x = s.substr(e + 1);
+    const bool neg = !x.empty() && x[0] == '-';
+    if (!x.empty() && (x[0] == '+' || x[0] == '-')) x.remove_prefix(1);
+    // Digits only (from_chars matched them): failure means beyond int64.
+    if (std::from_chars(x.data(), x.data() + x.size(), exp).ec != std::errc())
+      exp = INT64_MAX / 2;
+    if (neg) exp = -exp;
+  }
+  const size_t dot = std::min(mant.find('.'), mant.size());
+  const size_t first = mant.find_first_not_of("0.");
+  if (first == std::string_view::npos) return false;  // zero
+  const int64_t lead = first < dot ? static_cast<int64_t>(dot - first) - 1
+                                   : -static_cast<int64_t>(first - dot);
+  return lead + exp > 0;
+}
+
+// All of `s` as Python's float() reads it (an optional sign, decimal digits
+// with an optional fraction and exponent, or inf/infinity/nan), without
+// exceptions and without the C locale's say on the decimal point: nullopt
+// when `s` is not such a number. Beyond double's range is +-inf and below it
+// 0, as in Python (float("1e999") is inf, float("1e-999") is 0.0).
+std::optional<double> ParseDouble(std::string_view s) {
+  const bool neg = !s.empty() && s[0] == '-';
+  if (!s.empty() && (s[0] == '+' || s[0] == '-')) s.remove_prefix(1);
+  if (s.empty() || s[0] == '+' || s[0] == '-') return std::nullopt;
+  double d = 0;
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), d);
+  if (ptr != s.data() + s.size()) return std::nullopt;
+  if (ec == std::errc::result_out_of_range)
+    d = AboveDoubleRange(s) ? HUGE_VAL : 0.0;
+  else if (ec != std::errc())
+    return std::nullopt;
+  return neg ? -d : d;
+}
+
+// All of `s` as an int64 in Python's int() syntax (an optional sign and
+// decimal digits): nullopt when it is not one, kOutOfRange beyond int64
+// (where Python's unbounded ints would go on).
+absl::StatusOr<std::optional<int64_t>> ParseInt(std::string_view s) {
+  if (!s.empty() && s[0] == '+') {
+    s.remove_prefix(1);
+    if (!s.empty() && s[0] == '-') return std::nullopt;
+  }
+  int64_t x = 0;
+  const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
+  if (ptr != s.data() + s.size()) return std::nullopt;
+  if (ec == std::errc::result_out_of_range)
+    return absl::OutOfRangeError(
+        absl::StrCat(Quoted(s), " is beyond the 64-bit integer range"));
+  if (ec != std::errc()) return std::nullopt;
+  return x;
 }
 
 // Python's repr(str).
@@ -285,7 +368,9 @@ bool HasNamespace(const Value& v) {
 // as transformers' tojson filter; `indent` > 0 pretty-prints as Python does.
 void ToJson(const Value& v, int indent, int depth, std::string* out) {
   auto newline = [&](int d) {
-    if (indent > 0) absl::StrAppend(out, "\n", std::string(indent * d, ' '));
+    if (indent > 0)
+      absl::StrAppend(out, "\n",
+                      std::string(static_cast<size_t>(indent) * d, ' '));
   };
   switch (v.kind) {
     case Value::Kind::kUndefined:
@@ -397,15 +482,29 @@ bool Truthy(const Value& v) {
   return false;
 }
 
+// Python's int-float comparison: exact (the int is not rounded to a double,
+// the float is not cast to an int outside int64's range); NaN is unordered.
+std::partial_ordering CompareIntFloat(int64_t i, double f) {
+  if (std::isnan(f)) return std::partial_ordering::unordered;
+  if (f >= 0x1p63) return std::partial_ordering::less;
+  if (f < -0x1p63) return std::partial_ordering::greater;
+  const double t = std::trunc(f);
+  const int64_t ti = static_cast<int64_t>(t);  // -2^63 <= t < 2^63
+  if (i != ti) return i <=> ti;
+  return 0.0 <=> f - t;  // the fraction decides
+}
+
+// Python's ordering of two numbers (bools are 0 and 1).
+std::partial_ordering CompareNumbers(const Value& a, const Value& b) {
+  const bool af = a.is(Value::Kind::kFloat), bf = b.is(Value::Kind::kFloat);
+  if (af && bf) return a.f <=> b.f;
+  if (!af && !bf) return a.AsInt() <=> b.AsInt();
+  return af ? 0 <=> CompareIntFloat(b.AsInt(), a.f)
+            : CompareIntFloat(a.AsInt(), b.f);
+}
+
 bool Equal(const Value& a, const Value& b) {
-  if (a.IsNumber() && b.IsNumber()) {
-    if (a.is(Value::Kind::kFloat) || b.is(Value::Kind::kFloat))
-      return a.AsDouble() == b.AsDouble();
-    return static_cast<int64_t>(a.AsDouble()) ==
-               static_cast<int64_t>(b.AsDouble()) &&
-           (a.is(Value::Kind::kInt) ? a.i : a.b) ==
-               (b.is(Value::Kind::kInt) ? b.i : b.b);
-  }
+  if (a.IsNumber() && b.IsNumber()) return CompareNumbers(a, b) == 0;
   if (a.kind != b.kind) return false;
   switch (a.kind) {
     case Value::Kind::kUndefined:
@@ -686,11 +785,21 @@ absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out,
       for (size_t k = p; k < e; ++k)
         if (src_[k] != '_') num.push_back(src_[k]);
       Token t{is_float ? Token::Kind::kFloat : Token::Kind::kInt, num, 0, 0, p};
-      if (is_float)
-        t.f = std::stod(num);
-      else if (std::from_chars(num.data(), num.data() + num.size(), t.i).ec !=
-               std::errc())
-        return Error(p, "integer literal out of range");
+      if (is_float) {
+        // Python reads 1e999 as inf: almost surely not what was meant, so an
+        // error here; 1e-999 is 0.0 as in Python.
+        const std::optional<double> f = ParseDouble(num);
+        if (!f || std::isinf(*f))
+          return Error(p, absl::StrCat("float literal ", Quoted(num),
+                                       " is beyond the range of a double"));
+        t.f = *f;
+      } else if (std::from_chars(num.data(), num.data() + num.size(), t.i).ec !=
+                 std::errc()) {
+        // Python's ints are unbounded, ours are int64.
+        return Error(p,
+                     absl::StrCat("integer literal ", Quoted(num),
+                                  " is too large (at most ", INT64_MAX, ")"));
+      }
       out->push_back(std::move(t));
       *pos = e;
     } else if (c == '\'' || c == '"') {
@@ -1734,8 +1843,10 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
       const int64_t start = clamp(bounds[0], step > 0 ? 0 : n - 1);
       const int64_t stop = clamp(bounds[1], step > 0 ? n : -1);
       std::vector<Value> picked;
-      for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step)
+      for (int64_t k = start; step > 0 ? k < stop : k > stop;) {
         picked.push_back(items[k]);
+        if (__builtin_add_overflow(k, step, &k)) break;  // past `stop` too
+      }
       if (obj.is(Value::Kind::kString)) {
         std::string s;
         for (const Value& c : picked) s += c.s;
@@ -1756,8 +1867,12 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
     case Expr::Kind::kNeg:
     case Expr::Kind::kPos: {
       DMOE_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0]));
-      if (v.is(Value::Kind::kInt))
+      if (v.is(Value::Kind::kInt)) {
+        if (e.kind == Expr::Kind::kNeg && v.i == INT64_MIN)
+          return Error(e.pos, absl::StrCat("integer overflow: -(", v.i,
+                                           ") is beyond the 64-bit range"));
         return Value::Int(e.kind == Expr::Kind::kNeg ? -v.i : v.i);
+      }
       if (v.is(Value::Kind::kFloat))
         return Value::Float(e.kind == Expr::Kind::kNeg ? -v.f : v.f);
       return Error(
@@ -1785,6 +1900,97 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
     }
   }
   return Error(e.pos, "internal: unknown expression");
+}
+
+// Python's int arithmetic on int64: an error where the exact result leaves
+// int64 (Python's ints are unbounded; a wrapped or undefined result never
+// comes out). The message has no position: the caller adds it.
+absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x,
+                                    int64_t y) {
+  auto overflow = [&] {
+    return absl::OutOfRangeError(absl::StrCat("integer overflow: ", x, " ", op,
+                                              " ", y,
+                                              " is beyond the 64-bit range"));
+  };
+  int64_t r = 0;
+  if (op == "+") {
+    if (__builtin_add_overflow(x, y, &r)) return overflow();
+    return Value::Int(r);
+  }
+  if (op == "-") {
+    if (__builtin_sub_overflow(x, y, &r)) return overflow();
+    return Value::Int(r);
+  }
+  if (op == "*") {
+    if (__builtin_mul_overflow(x, y, &r)) return overflow();
+    return Value::Int(r);
+  }
+  if (op == "**") {
+    if (y < 0) {  // a float in Python
+      if (x == 0)
+        return absl::InvalidArgumentError(
+            "0 cannot be raised to a negative power");
+      return Value::Float(
+          std::pow(static_cast<double>(x), static_cast<double>(y)));
+    }
+    // Squaring: once base * base overflows with exponent bits left, the
+    // result (at least base squared, as |base| >= 2 there) overflows too.
+    int64_t base = x;
+    r = 1;
+    for (int64_t n = y; n > 0; n >>= 1) {
+      if ((n & 1) && __builtin_mul_overflow(r, base, &r)) return overflow();
+      if (n > 1 && __builtin_mul_overflow(base, base, &base)) return overflow();
+    }
+    return Value::Int(r);
+  }
+  if (op == "/" || op == "//" || op == "%") {
+    if (y == 0) return absl::InvalidArgumentError("division by zero");
+    if (op == "/")
+      return Value::Float(static_cast<double>(x) / static_cast<double>(y));
+    if (op == "//") {
+      if (x == INT64_MIN && y == -1) return overflow();
+      return Value::Int(x / y - ((x % y != 0) && ((x < 0) != (y < 0))));
+    }
+    if (y == -1) return Value::Int(0);  // INT64_MIN % -1 is undefined in C++
+    r = x % y;
+    if (r != 0 && ((r < 0) != (y < 0))) r += y;
+    return Value::Int(r);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported operator '", op, "'"));
+}
+
+// Python's float arithmetic: IEEE for + - * / (1e308 * 10 is inf in Python
+// too), errors where Python raises (a negative or fractional power that has
+// no real value, ** overflowing, division by zero).
+absl::StatusOr<Value> FloatArithmetic(const std::string& op, double x,
+                                      double y) {
+  if (op == "+") return Value::Float(x + y);
+  if (op == "-") return Value::Float(x - y);
+  if (op == "*") return Value::Float(x * y);
+  if (op == "**") {
+    if (x == 0 && y < 0)
+      return absl::InvalidArgumentError(
+          "0.0 cannot be raised to a negative power");
+    if (x < 0 && std::isfinite(y) && y != std::trunc(y))
+      return absl::InvalidArgumentError(absl::StrCat(
+          PyFloat(x), " ** ", PyFloat(y), " is complex (unsupported)"));
+    const double r = std::pow(x, y);
+    if (std::isinf(r) && std::isfinite(x) && std::isfinite(y))
+      return absl::OutOfRangeError(
+          absl::StrCat("float overflow: ", PyFloat(x), " ** ", PyFloat(y)));
+    return Value::Float(r);
+  }
+  if (op == "/" || op == "//" || op == "%") {
+    if (y == 0) return absl::InvalidArgumentError("division by zero");
+    if (op == "/") return Value::Float(x / y);
+    if (op == "//") return Value::Float(std::floor(x / y));
+    double r = std::fmod(x, y);
+    if (r != 0 && ((r < 0) != (y < 0))) r += y;
+    return Value::Float(r);
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("unsupported operator '", op, "'"));
 }
 
 absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
@@ -1821,13 +2027,11 @@ absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
                                      op, "')"));
   }
   if (op == "<" || op == ">" || op == "<=" || op == ">=") {
-    int cmp;
+    std::partial_ordering cmp = std::partial_ordering::unordered;
     if (a.IsNumber() && b.IsNumber()) {
-      cmp = a.AsDouble() < b.AsDouble()   ? -1
-            : a.AsDouble() > b.AsDouble() ? 1
-                                          : 0;
+      cmp = CompareNumbers(a, b);  // NaN: every comparison is false
     } else if (a.is(Value::Kind::kString) && b.is(Value::Kind::kString)) {
-      cmp = a.s.compare(b.s);
+      cmp = a.s <=> b.s;
     } else {
       return Error(e.pos, absl::StrCat("'", op, "' not supported between ",
                                        KindName(a), " and ", KindName(b)));
@@ -1852,36 +2056,18 @@ absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
     const std::string& s = a.is(Value::Kind::kString) ? a.s : b.s;
     const int64_t n = a.is(Value::Kind::kInt) ? a.i : b.i;
     std::string out;
+    if (s.empty()) return Value::Str(std::move(out));  // n may be 2^63 - 1
     for (int64_t k = 0; k < n && out.size() < (1 << 24); ++k) out += s;
     return Value::Str(std::move(out));
   }
   if (a.IsNumber() && b.IsNumber()) {
-    const bool ints = !a.is(Value::Kind::kFloat) && !b.is(Value::Kind::kFloat);
-    const double x = a.AsDouble(), y = b.AsDouble();
-    const int64_t xi = static_cast<int64_t>(x), yi = static_cast<int64_t>(y);
-    if (op == "+") return ints ? Value::Int(xi + yi) : Value::Float(x + y);
-    if (op == "-") return ints ? Value::Int(xi - yi) : Value::Float(x - y);
-    if (op == "*") return ints ? Value::Int(xi * yi) : Value::Float(x * y);
-    if (op == "**")
-      return ints && yi >= 0 ? Value::Int(static_cast<int64_t>(std::pow(x, y)))
-                             : Value::Float(std::pow(x, y));
-    if (y == 0) return Error(e.pos, "division by zero");
-    if (op == "/") return Value::Float(x / y);
-    if (op == "//") {
-      if (ints)
-        return Value::Int(xi / yi - ((xi % yi != 0) && ((xi < 0) != (yi < 0))));
-      return Value::Float(std::floor(x / y));
-    }
-    if (op == "%") {
-      if (ints) {
-        int64_t r = xi % yi;
-        if (r != 0 && ((r < 0) != (yi < 0))) r += yi;
-        return Value::Int(r);
-      }
-      double r = std::fmod(x, y);
-      if (r != 0 && ((r < 0) != (y < 0))) r += y;
-      return Value::Float(r);
-    }
+    // int op int stays an int (exact or an error), any float makes it float.
+    absl::StatusOr<Value> r =
+        a.is(Value::Kind::kFloat) || b.is(Value::Kind::kFloat)
+            ? FloatArithmetic(op, a.AsDouble(), b.AsDouble())
+            : IntArithmetic(op, a.AsInt(), b.AsInt());
+    if (!r.ok()) return Error(e.pos, std::string(r.status().message()));
+    return r;
   }
   return Error(e.pos, absl::StrCat("unsupported operand types for '", op,
                                    "': ", KindName(a), " and ", KindName(b)));
@@ -1941,9 +2127,11 @@ absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
     const int64_t step = args.size() > 2 ? args[2].i : 1;
     if (step == 0) return Error(e.pos, "range() step must not be zero");
     Value l = Value::NewList();
-    for (int64_t k = start; step > 0 ? k < stop : k > stop; k += step) {
+    for (int64_t k = start; step > 0 ? k < stop : k > stop;) {
       if (l.list->size() >= 1000000) return Error(e.pos, "range() too large");
       l.list->push_back(Value::Int(k));
+      // Past int64 is past `stop` too.
+      if (__builtin_add_overflow(k, step, &k)) break;
     }
     return l;
   }
@@ -2083,13 +2271,19 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
   if (f == "safe") return v;
   if (f == "string") return Value::Str(Str(v));
   if (f == "tojson") {
-    int indent = 0;
-    if (!args.empty() && args[0].is(Value::Kind::kInt))
-      indent = static_cast<int>(args[0].i);
+    int64_t indent = 0;
+    if (!args.empty() && args[0].is(Value::Kind::kInt)) indent = args[0].i;
     if (const Expr* x = kwarg("indent")) {
       DMOE_ASSIGN_OR_RETURN(Value iv, Eval(*x));
-      if (iv.is(Value::Kind::kInt)) indent = static_cast<int>(iv.i);
+      if (iv.is(Value::Kind::kInt)) indent = iv.i;
     }
+    // indent * depth spaces per line: bounded so that neither overflows nor
+    // asks for more memory than exists.
+    constexpr int64_t kMaxIndent = 1024;
+    if (indent > kMaxIndent)
+      return Error(e.pos,
+                   absl::StrCat("tojson: indent ", indent,
+                                " is too large (at most ", kMaxIndent, ")"));
     for (const auto& [k, _] : e.kwargs)
       if (k != "indent")
         return Error(e.pos,
@@ -2097,7 +2291,7 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     if (HasNamespace(v))
       return Error(e.pos, "tojson: a namespace is not JSON serializable");
     std::string out;
-    ToJson(v, indent, 0, &out);
+    ToJson(v, static_cast<int>(indent), 0, &out);
     return Value::Str(std::move(out));
   }
   if (!e.kwargs.empty())
@@ -2139,22 +2333,43 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     return EvalMethod(e, Value::Str(Str(v)), "replace", args);
   }
   if (f == "int") {
-    if (v.is(Value::Kind::kInt)) return v;
-    if (v.is(Value::Kind::kFloat)) return Value::Int(static_cast<int64_t>(v.f));
-    if (v.is(Value::Kind::kBool)) return Value::Int(v.b);
-    int64_t x = 0;
-    const std::string s = Strip(Str(v), true, true, std::nullopt);
-    if (std::from_chars(s.data(), s.data() + s.size(), x).ec != std::errc())
-      x = 0;
-    return Value::Int(x);
+    // Jinja's do_int: int(value), else int(float(value)) ("42.5" is 42),
+    // else the default (0). Where Python's unbounded int would go beyond
+    // int64 (1e300, "1" followed by 30 zeros) it is an error here, as is
+    // inf (OverflowError in Python); NaN gives the default, as in Jinja.
+    const Value fallback = args.empty() ? Value::Int(0) : args[0];
+    if (v.is(Value::Kind::kInt) || v.is(Value::Kind::kBool))
+      return Value::Int(v.AsInt());
+    double x;
+    if (v.is(Value::Kind::kFloat)) {
+      x = v.f;
+    } else if (v.is(Value::Kind::kString)) {
+      const std::string s = Strip(v.s, true, true, std::nullopt);
+      absl::StatusOr<std::optional<int64_t>> i = ParseInt(s);
+      if (!i.ok())
+        return Error(e.pos, absl::StrCat("int: ", i.status().message()));
+      if (*i) return Value::Int(**i);
+      const std::optional<double> d = ParseDouble(s);
+      if (!d) return fallback;
+      x = *d;
+    } else {
+      return fallback;
+    }
+    if (std::isnan(x)) return fallback;
+    if (!(x >= -0x1p63 && x < 0x1p63))
+      return Error(e.pos, absl::StrCat("int: ", PyFloat(x),
+                                       " is beyond the 64-bit integer range"));
+    return Value::Int(static_cast<int64_t>(x));
   }
   if (f == "float") {
+    // Jinja's do_float: float(value), else the default (0.0).
     if (v.IsNumber()) return Value::Float(v.AsDouble());
-    try {
-      return Value::Float(std::stod(Str(v)));
-    } catch (...) {
-      return Value::Float(0.0);
+    if (v.is(Value::Kind::kString)) {
+      if (std::optional<double> d =
+              ParseDouble(Strip(v.s, true, true, std::nullopt)))
+        return Value::Float(*d);
     }
+    return args.empty() ? Value::Float(0.0) : args[0];
   }
   if (f == "list" || f == "reverse" || f == "first" || f == "last" ||
       f == "join" || f == "items") {

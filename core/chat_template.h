@@ -20,6 +20,13 @@
 //    methods (strip, lstrip, rstrip, split, startswith, endswith, lower, upper,
 //    replace, title, items, keys, values, get).
 //  - values print as Python does (None, True, ['a']); undefined prints as "".
+//  - numbers: ints are int64 and floats double, with Python's arithmetic
+//    (int op int is an int, a float operand makes a float). Where Python's
+//    unbounded ints would leave int64 (a literal, + - * // **, unary minus,
+//    the `int` filter of a huge float or of inf) and where Python raises
+//    (division by zero, float ** overflow) it is an error naming the
+//    operation: never a wrapped result, an exception or undefined behaviour.
+//    A float literal beyond double's range (1e999) is a Parse error.
 // Anything else (macros, include, call blocks, unknown filters, tests, methods)
 // is an error naming the construct and its line and column, at Parse when it is
 // a tag and at Render when it is a name only known then: never a different

@@ -317,6 +317,142 @@ TEST(ChatTemplate, HostileTemplatesAreErrorsNotCrashes) {
               HasSubstr("not JSON serializable"));
 }
 
+TEST(ChatTemplate, OutOfRangeLiteralsAreParseErrorsNotAborts) {
+  // std::stod threw std::out_of_range on 1e999 and terminated the process.
+  EXPECT_EQ(Render("{{ 1e999 }}"),
+            "PARSE ERROR: chat template line 1 col 4: float literal '1e999' "
+            "is beyond the range of a double");
+  EXPECT_THAT(Render("{{ 1.5e+99999999999999999999 }}"),
+              HasSubstr("col 4: float literal '1.5e+99999999999999999999' is "
+                        "beyond the range of a double"));
+  EXPECT_THAT(Render("{{ " + std::string(400, '9') + ".0 }}"),
+              HasSubstr("float literal '9999999999999999999999999999999999999"
+                        "999...' (402 characters) is beyond"));
+  // Below the range is 0.0, as in Python.
+  EXPECT_EQ(Render("{{ 1e-999 }}|{{ 0.00001e-99999999999999999999 }}|{{ "
+                   "4e-320 > 0 }}"),
+            "0.0|0.0|True");
+  // Python's ints are unbounded, ours are int64: a clear error beyond.
+  EXPECT_EQ(Render("{{ 99999999999999999999 }}"),
+            "PARSE ERROR: chat template line 1 col 4: integer literal "
+            "'99999999999999999999' is too large (at most "
+            "9223372036854775807)");
+  EXPECT_EQ(Render("{{ 9223372036854775807 }}|{{ 1_000 }}"),
+            "9223372036854775807|1000");
+}
+
+TEST(ChatTemplate, IntArithmeticIsExactOrAnErrorNeverOverflows) {
+  // Each of these overflowed int64 (undefined behaviour, UBSan) or cast an
+  // out-of-range double to int64 before.
+  EXPECT_EQ(Render("{{ 2 ** 64 }}"),
+            "RENDER ERROR: chat template line 1 col 4: integer overflow: 2 ** "
+            "64 is beyond the 64-bit range");
+  EXPECT_THAT(Render("{{ 9223372036854775807 + 1 }}"),
+              HasSubstr("integer overflow: 9223372036854775807 + 1 is beyond "
+                        "the 64-bit range"));
+  EXPECT_THAT(Render("{{ -9223372036854775807 - 2 }}"),
+              HasSubstr("integer overflow: -9223372036854775807 - 2"));
+  EXPECT_THAT(Render("{{ 3037000500 * 3037000500 }}"),
+              HasSubstr("integer overflow: 3037000500 * 3037000500"));
+  EXPECT_THAT(Render("{{ 3 ** 40 }}"), HasSubstr("integer overflow: 3 ** 40"));
+  EXPECT_THAT(Render("{{ (-9223372036854775807 - 1) // -1 }}"),
+              HasSubstr("integer overflow: -9223372036854775808 // -1"));
+  EXPECT_THAT(Render("{{ -(-9223372036854775807 - 1) }}"),
+              HasSubstr("integer overflow: -(-9223372036854775808) is beyond "
+                        "the 64-bit range"));
+  EXPECT_THAT(Render("{{ 0 ** -1 }}"),
+              HasSubstr("0 cannot be raised to a negative power"));
+  EXPECT_THAT(Render("{{ 1 // 0 }}"), HasSubstr("division by zero"));
+  // Exact where the result fits, also beyond 2^53 (no trip through double).
+  EXPECT_EQ(Render("{{ 9223372036854775807 - 1 }}|{{ 9007199254740993 + 0 }}|"
+                   "{{ 2 ** 62 }}|{{ (-2) ** 63 }}|{{ (-1) ** "
+                   "9223372036854775807 }}|{{ 0 ** 0 }}|{{ 2 ** -1 }}"),
+            "9223372036854775806|9007199254740993|4611686018427387904|"
+            "-9223372036854775808|-1|1|0.5");
+  EXPECT_EQ(Render("{{ (-9223372036854775807 - 1) % -1 }}|{{ -7 // 2 }}|{{ "
+                   "-7 % 3 }}|{{ 7 % -3 }}|{{ true + true }}|{{ 7 / 2 }}"),
+            "0|-4|2|-2|2|3.5");
+}
+
+TEST(ChatTemplate, FloatArithmeticIsPythons) {
+  // 1e300 was cast to int64 (undefined behaviour) before the sum was taken.
+  EXPECT_EQ(
+      Render("{{ 1e300 + 1 }}|{{ 1 + 0.5 }}|{{ 1e300 * 1e300 }}|{{ -1e300 "
+             "* 1e300 }}|{{ 2 ** 0.5 }}|{{ 7.5 // 2 }}|{{ -7.5 % 2 }}"),
+      "1e+300|1.5|inf|-inf|1.4142135623730951|3.0|0.5");
+  // Where Python raises.
+  EXPECT_EQ(Render("{{ 10.0 ** 400 }}"),
+            "RENDER ERROR: chat template line 1 col 4: float overflow: 10.0 ** "
+            "400.0");
+  EXPECT_THAT(Render("{{ 0.0 ** -1 }}"),
+              HasSubstr("0.0 cannot be raised to a negative power"));
+  EXPECT_THAT(Render("{{ (-8.0) ** 0.5 }}"),
+              HasSubstr("-8.0 ** 0.5 is complex (unsupported)"));
+  EXPECT_THAT(Render("{{ 1.0 % 0 }}"), HasSubstr("division by zero"));
+}
+
+TEST(ChatTemplate, ComparisonsAreExactAndNaNIsUnordered) {
+  // Equal cast 2^63 (9223372036854775807 as a double) to int64 before.
+  EXPECT_EQ(Render("{{ 9223372036854775807 == 9223372036854775807 }}|{{ "
+                   "9223372036854775807 > 9223372036854775806 }}|{{ "
+                   "9007199254740993 == 9007199254740992.0 }}|{{ "
+                   "9007199254740993 > 9007199254740992.0 }}|{{ 1e300 > "
+                   "9223372036854775807 }}|{{ 1 == 1.0 }}|{{ true == 1 }}|{{ "
+                   "2.5 > 2 }}|{{ -2.5 < -2 }}"),
+            "True|True|False|True|True|True|True|True|True");
+  EXPECT_EQ(Render("{% set n = 'nan' | float %}{{ n == n }}|{{ n < 1 }}|{{ n "
+                   ">= 1 }}|{{ n != n }}|{{ n == 1 }}"),
+            "False|False|False|True|False");
+}
+
+TEST(ChatTemplate, IntAndFloatFiltersAreJinjasNeverAnOverflowingCast) {
+  // The int filter cast any float to int64 (undefined beyond its range).
+  EXPECT_EQ(Render("{{ 1e300 | int }}"),
+            "RENDER ERROR: chat template line 1 col 10: int: 1e+300 is beyond "
+            "the 64-bit integer range");
+  EXPECT_THAT(Render("{{ (1e300 * 1e300) | int }}"),
+              HasSubstr("int: inf is beyond the 64-bit integer range"));
+  EXPECT_THAT(Render("{{ 9223372036854775807.0 | int }}"),
+              HasSubstr("int: 9.223372036854776e+18 is beyond"));
+  EXPECT_THAT(Render("{{ '1e300' | int }}"),
+              HasSubstr("int: 1e+300 is beyond"));
+  EXPECT_THAT(Render("{{ '99999999999999999999' | int }}"),
+              HasSubstr("int: '99999999999999999999' is beyond the 64-bit "
+                        "integer range"));
+  EXPECT_EQ(Render("{{ 42.9 | int }}|{{ -42.9 | int }}|{{ '42' | int }}|{{ ' "
+                   "-7 ' | int }}|{{ '42.5' | int }}|{{ 'abc' | int }}|{{ "
+                   "'abc' | int(5) }}|{{ none | int }}|{{ true | int }}|{{ "
+                   "'nan' | int }}|{{ '+3' | int }}|{{ '+-3' | int }}|{{ "
+                   "'42abc' | int }}|{{ (-9223372036854775808.0) | int }}"),
+            "42|-42|42|-7|42|0|5|0|1|0|3|0|0|-9223372036854775808");
+  // float: Python's float(), the default when it fails.
+  EXPECT_EQ(Render("{{ '1e999' | float }}|{{ ' 2.5 ' | float }}|{{ 'x' | "
+                   "float }}|{{ '1.5x' | float }}|{{ '-inf' | float }}|{{ "
+                   "'1e-999' | float }}|{{ 3 | float }}|{{ 'x' | float(1.5) "
+                   "}}|{{ '+-1' | float }}"),
+            "inf|2.5|0.0|0.0|-inf|0.0|3.0|1.5|0.0");
+}
+
+TEST(ChatTemplate, HugeCountsAreBoundedNotOverflowed) {
+  // k += step overflowed int64 in range() and slicing.
+  EXPECT_EQ(
+      Render("{{ range(9223372036854775806, 9223372036854775807, 5) | list }}"),
+      "[9223372036854775806]");
+  EXPECT_EQ(Render("{{ [1, 2, 3][2::9223372036854775807] }}|{{ 'abc'[1::"
+                   "9223372036854775807] }}"),
+            "[3]|b");
+  // An empty string repeated 2^63 - 1 times is empty, at once.
+  EXPECT_EQ(Render("[{{ '' * 9223372036854775807 }}]"), "[]");
+  // indent * depth overflowed int and asked for gigabytes.
+  EXPECT_THAT(Render("{{ [[1]] | tojson(indent=2147483647) }}"),
+              HasSubstr("tojson: indent 2147483647 is too large (at most "
+                        "1024)"));
+  // Above int64 a JSON number is the nearest double, not a wrapped negative.
+  EXPECT_EQ(Render("{{ n }}|{{ m }}", {{"n", 18446744073709551615ULL},
+                                       {"m", 9223372036854775807ULL}}),
+            "1.8446744073709552e+19|9223372036854775807");
+}
+
 TEST(ChatTemplate, MutatedTemplatesNeverCrash) {
   // Random edits of the V3 template: each either parses and renders or fails
   // with a status; run under ASan this is a small fuzzer.
