@@ -99,6 +99,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     // After a failure: until then, replicas elsewhere are preferred.
     absl::Time avoid_until = absl::InfinitePast();
     absl::Duration avoid_for = absl::ZeroDuration();  // the last back-off
+    bool warned_legacy = false;  // logged that it sends per-token sums
   };
   // One request: a share of a ticket's batch sent to one server.
   struct Pending {
@@ -115,6 +116,10 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     // token's experts in request order, then its shared FFN).
     std::vector<int32_t> row_assignment;
     int64_t reply_rows = 0;     // rows the reply must have
+    // The server answered one partial sum per token although per-assignment
+    // rows were asked for: a server from before per_assignment_reply (the
+    // field is unknown to it), e.g. during a rolling upgrade.
+    bool legacy_reply = false;
     int64_t rows_received = 0;  // rows of reply unpacked so far
     uint32_t next_chunk = 0;
     uint32_t chunk_count = 0;  // of the reply, known from its first chunk
@@ -753,7 +758,11 @@ absl::Status RemoteExpertBackend::Combine(const Ticket& t) {
   const int64_t T = t.batch.num_tokens, H = t.batch.hidden;
   if (T == 0) return absl::OkStatus();
   float* out = t.out;
-  if (options_.per_assignment_replies) {
+  bool any_legacy = false;
+  for (const auto& p : t.pending) {
+    any_legacy |= p->state == Pending::State::kDone && p->legacy_reply;
+  }
+  if (options_.per_assignment_replies && !any_legacy) {
     // Every assignment's row, added per token in the batch's assignment
     // order: the bits an in-process backend gives, whatever the split.
     const core::ExpertBatch& b = t.batch;
@@ -783,15 +792,23 @@ absl::Status RemoteExpertBackend::Combine(const Ticket& t) {
     core::SumAssignmentRows(b.token_offsets, assignment_rows_, H, out);
     return absl::OkStatus();
   }
-  // Fixed order (requests as sent, then the local shared FFN), fp32.
+  // Fixed order (requests as sent, then the local shared FFN), fp32. With a
+  // per-assignment reply among per-token ones (a server not yet upgraded),
+  // that reply's rows of a token are added in turn.
   std::fill(out, out + T * H, 0.0f);
   for (const auto& p : t.pending) {
     if (p->state != Pending::State::kDone) continue;
+    const bool per_token = !options_.per_assignment_replies || p->legacy_reply;
     const float* partial = p->partial.data();
+    int64_t row = 0;
     for (size_t i = 0; i < p->share.tokens.size(); ++i) {
       float* o = out + static_cast<int64_t>(p->share.tokens[i]) * H;
-      const float* y = partial + static_cast<int64_t>(i) * H;
-      for (int64_t j = 0; j < H; ++j) o[j] += y[j];
+      const int64_t rows =
+          per_token ? 1 : p->share.token_offsets[i + 1] - p->share.token_offsets[i];
+      for (int64_t r = 0; r < rows; ++r, ++row) {
+        const float* y = partial + row * H;
+        for (int64_t j = 0; j < H; ++j) o[j] += y[j];
+      }
     }
   }
   if (t.local_shared) {
@@ -977,11 +994,20 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   if (options_.observer != nullptr) p.reply_bytes += r.ByteSizeLong();
   ++p.next_chunk;
   if (p.next_chunk == count) {
-    if (p.rows_received != p.reply_rows) {
+    p.legacy_reply = p.rows_received == p.rows && p.rows != p.reply_rows;
+    if (p.rows_received != p.reply_rows && !p.legacy_reply) {
       ProtocolError(p, absl::StrCat("request ", p.id, ": reply has ", p.rows_received,
                                     " rows, expected ", p.reply_rows, " for ", p.rows,
                                     " tokens sent"));
       return;
+    }
+    if (p.legacy_reply && !servers_[p.server].warned_legacy) {
+      servers_[p.server].warned_legacy = true;
+      std::fprintf(stderr,
+                   "dmoe-router: %s answers one partial sum per token (a server without "
+                   "per-assignment replies, older than this router): its tokens' results "
+                   "are correct but not bitwise batch-invariant until it is upgraded\n",
+                   servers_[p.server].label.c_str());
     }
     Forget(p);
     p.state = Pending::State::kDone;

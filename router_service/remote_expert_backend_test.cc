@@ -164,7 +164,9 @@ struct Received {
   std::vector<float> x;  // [rows, hidden]
 };
 
-enum class Behavior { kCompute, kError, kSilent, kWrongRows, kWrongId };
+// kLegacy: computes, but as a server from before per_assignment_reply would
+// (one partial sum per token, the field ignored).
+enum class Behavior { kCompute, kError, kSilent, kWrongRows, kWrongId, kLegacy };
 
 core::WireDType FromProto(v1::ActivationDType t) {
   switch (t) {
@@ -271,7 +273,7 @@ class FakeExpertServer {
         }
         chunks.push_back(std::move(rec));
         if (req.chunk_index() + 1 < std::max(req.chunk_count(), 1u)) continue;
-        std::vector<float> y = owner_->ComputeChunks(chunks);
+        std::vector<float> y = owner_->ComputeChunks(chunks, behavior == Behavior::kLegacy);
         const int64_t rows = static_cast<int64_t>(y.size()) / kHidden;
         const v1::ActivationDType dtype = req.reply_dtype() == v1::ACTIVATION_DTYPE_UNSPECIFIED
                                               ? req.x().dtype()
@@ -304,7 +306,7 @@ class FakeExpertServer {
   };
 
   // Reassembles the chunks of one request and computes one vector per token.
-  std::vector<float> ComputeChunks(const std::vector<Received>& chunks) {
+  std::vector<float> ComputeChunks(const std::vector<Received>& chunks, bool legacy) {
     std::vector<float> x;
     std::vector<int32_t> offsets{0}, ids;
     std::vector<float> weights;
@@ -328,7 +330,7 @@ class FakeExpertServer {
     }
     const int64_t tokens = static_cast<int64_t>(offsets.size()) - 1;
     // One row per token, or per assignment (experts, then shared duty).
-    const bool per_assignment = chunks[0].msg.per_assignment_reply();
+    const bool per_assignment = chunks[0].msg.per_assignment_reply() && !legacy;
     std::vector<float> y((per_assignment ? static_cast<int64_t>(ids.size()) : tokens) * kHidden);
     core::ExpertBatch b{static_cast<int32_t>(chunks[0].msg.layer()), tokens, kHidden, x.data(),
                         offsets, ids, weights};
@@ -583,6 +585,29 @@ TEST_F(RemoteExpertBackendTest, PerAssignmentRepliesGiveTheLocalBackendsBitsWhat
       for (auto& s : servers_) s->TakeReceived();
     }
   }
+}
+
+// A server from before per-assignment replies (a rolling upgrade) answers one
+// partial sum per token: the router detects it by the row count and still
+// combines correctly (not bitwise: additions grouped by server), no error.
+TEST_F(RemoteExpertBackendTest, ServerWithoutPerAssignmentRepliesStillServes) {
+  StartServers(WithReplicas());
+  servers_[1]->SetBehavior(Behavior::kLegacy);
+  auto backend = Make(Options(core::WireDType::kF32));
+  ASSERT_NE(backend, nullptr);
+  for (uint32_t seed = 0; seed < 4; ++seed) {
+    HostBatch b = RandomBatch(1 + seed % 2, 20, true, 900 + seed);
+    std::vector<float> out(b.tokens() * kHidden);
+    absl::Status st = backend->Compute(b.View(), out.data());
+    ASSERT_TRUE(st.ok()) << st;
+    ExpectRowsNear(out, Reference(b), kF32Rel);
+  }
+  servers_[1]->SetBehavior(Behavior::kCompute);
+  HostBatch b = RandomBatch(2, 20, true, 950);
+  std::vector<float> out(b.tokens() * kHidden);
+  ASSERT_TRUE(backend->Compute(b.View(), out.data()).ok());
+  const std::vector<float> want = Reference(b);
+  EXPECT_EQ(std::memcmp(out.data(), want.data(), want.size() * 4), 0) << "upgraded: bitwise again";
 }
 
 // The legacy reply (one partial sum per token and server) still works: close
