@@ -10,6 +10,11 @@
 //               [--metrics-host 127.0.0.1] [--metrics-port 9191]
 //               [--metrics-port-file PATH] [--expert-metrics per-expert]
 //
+// SIGTERM is scale-in: with --leave-timeout-s the server first reports
+// 'leaving' until the controller moved its slots away. SIGINT stops without
+// leaving (a whole-cluster stop, where the controller is gone too), and so
+// does a second signal during the leave.
+//
 // Exit status: 0 after SIGTERM/SIGINT and a clean drain, 1 when the model or
 // placement cannot be loaded or the address (or an explicit --metrics-port)
 // cannot be bound, 2 for bad flags.
@@ -52,7 +57,8 @@ dmoe::tools::Args MakeArgs() {
       "experts,\n"
       "  as dmoe.v1.ExpertService (with gRPC health and reflection). SIGTERM "
       "or\n"
-      "  SIGINT: stop taking streams, answer what was received, exit 0.");
+      "  SIGINT: stop taking streams, answer what was received, exit 0\n"
+      "  (SIGTERM leaves first with --leave-timeout-s; SIGINT does not).");
   a.Flag("model", "DIR", "model directory (config.json + *.safetensors)",
          std::nullopt, true)
       .Flag("server-index", "I",
@@ -109,7 +115,8 @@ dmoe::tools::Args MakeArgs() {
             "scale-in: on SIGTERM, first report 'leaving' and keep serving "
             "until the placement controller has moved this server's slots "
             "away, at most S seconds (0 = drain at once; default 60 with "
-            "--join, else 0)");
+            "--join, else 0). SIGINT (whole-cluster stop, Ctrl-C) or a "
+            "second signal skips the leave");
   return a;
 }
 
@@ -361,14 +368,37 @@ int main(int argc, char** argv) {
   while (sigwait(&stop_signals, &sig) != 0) {
   }
   if (joiner) joiner->Stop();
-  if (leave_s > 0 && (*server)->num_slots() > 0) {
-    std::fprintf(stderr, "%s: %s, leaving: waiting up to %lld s for the placement controller "
-                 "to move %lld slots\n", kName, strsignal(sig), static_cast<long long>(leave_s),
-                 static_cast<long long>((*server)->num_slots()));
+  // SIGTERM is scale-in (what Kubernetes and `kill` send to one server): leave
+  // first. SIGINT is a stop without leaving, for a whole-cluster stop (`dmoe
+  // up` sends it once the router is gone) or a Ctrl-C: nobody is left to take
+  // the slots, so waiting for a controller would only delay the exit.
+  if (sig == SIGTERM && leave_s > 0 && (*server)->num_slots() > 0) {
+    std::fprintf(
+        stderr,
+        "%s: %s, leaving: waiting up to %lld s for the placement controller "
+        "to move %lld slots (SIGINT or a second SIGTERM: stop waiting)\n",
+        kName, strsignal(sig), static_cast<long long>(leave_s),
+        static_cast<long long>((*server)->num_slots()));
     std::fflush(stderr);
-    const bool empty = (*server)->Leave(absl::Seconds(leave_s));
-    std::fprintf(stderr, "%s: %s\n", kName,
-                 empty ? "slots moved away" : "leave timeout: still holding slots");
+    // Leave(0) marks the server leaving and tells whether it is empty; the
+    // wait in between takes a further stop signal, which ends the leave.
+    const absl::Time deadline = absl::Now() + absl::Seconds(leave_s);
+    const char* outcome = "leave timeout: still holding slots";
+    while (true) {
+      if ((*server)->Leave(absl::ZeroDuration())) {
+        outcome = "slots moved away";
+        break;
+      }
+      if (absl::Now() >= deadline) break;
+      const timespec poll = {0, 50 * 1000 * 1000};
+      if (const int again = sigtimedwait(&stop_signals, nullptr, &poll);
+          again > 0) {
+        sig = again;
+        outcome = "leave interrupted: still holding slots";
+        break;
+      }
+    }
+    std::fprintf(stderr, "%s: %s\n", kName, outcome);
   }
   std::fprintf(stderr, "%s: %s, draining\n", kName, strsignal(sig));
   if (echo) echo->Stop();

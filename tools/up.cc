@@ -94,25 +94,43 @@ absl::Status WaitForPort(Child& c, int timeout_s) {
                                                   timeout_s, " s; see ", c.log));
 }
 
-void StopAll(std::vector<Child>& children) {
-  // Reverse start order: gateway, router, then expert servers (graceful drain).
-  for (auto it = children.rbegin(); it != children.rend(); ++it) {
-    if (it->pid > 0) kill(it->pid, SIGTERM);
-  }
-  const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(15);
-  for (auto& c : children) {
-    while (c.pid > 0) {
-      if (waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
-        c.pid = -1;
-      } else if (std::chrono::steady_clock::now() > end) {
-        kill(c.pid, SIGKILL);
-        waitpid(c.pid, nullptr, 0);
-        c.pid = -1;
-      } else {
-        std::this_thread::sleep_for(std::chrono::milliseconds(20));
-      }
+// Waits up to `budget` for `c` to exit, then SIGKILLs it.
+void Reap(Child& c, std::chrono::steady_clock::duration budget) {
+  const auto end = std::chrono::steady_clock::now() + budget;
+  while (c.pid > 0) {
+    if (waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
+      c.pid = -1;
+    } else if (std::chrono::steady_clock::now() > end) {
+      kill(c.pid, SIGKILL);
+      waitpid(c.pid, nullptr, 0);
+      c.pid = -1;
+    } else {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
     }
   }
+}
+
+// A whole-cluster stop, front to back, each stage after the one before has
+// exited: the gateway (SIGTERM: answers what it has, with router and experts
+// still up), then the router (its placement controller goes with it), then the
+// expert servers with SIGINT, which drains without the scale-in leave: their
+// slots have nowhere to go, and a leave would wait out --leave-timeout-s for a
+// controller that is gone. A SIGTERM sent to one expert server by hand still
+// leaves gracefully. `children` is in start order: experts, router, gateway.
+void StopAll(std::vector<Child>& children) {
+  constexpr auto kStageBudget = std::chrono::seconds(15);
+  const auto is_expert = [](const Child& c) {
+    return c.name.rfind("expert-", 0) == 0;
+  };
+  for (auto it = children.rbegin(); it != children.rend(); ++it) {
+    if (is_expert(*it)) continue;
+    if (it->pid > 0) kill(it->pid, SIGTERM);
+    Reap(*it, kStageBudget);
+  }
+  for (auto& c : children) {
+    if (is_expert(c) && c.pid > 0) kill(c.pid, SIGINT);
+  }
+  for (auto& c : children) Reap(c, kStageBudget);
 }
 
 // Minimal HTTP/1.1 request to 127.0.0.1:port (the demo needs nothing more).
