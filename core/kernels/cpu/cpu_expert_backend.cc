@@ -54,70 +54,11 @@
 #include "core/expert_backend.h"
 #include "core/isa.h"
 #include "core/kernels/cpu/linear.h"
+#include "core/kernels/cpu/swiglu.h"
 #include "core/status.h"
 
 namespace dmoe::core {
 namespace {
-
-// ---- SwiGLU: h[j] = silu(gu[j]) * gu[inter + j] ----------------------------
-// silu(g) = g / (1 + exp(-g)), in fp32.
-
-// exp by range reduction to [-ln2/2, ln2/2] and a degree-6 polynomial (Cephes
-// coefficients, ~1 ulp), scaled by 2^n with vscalefps, which also handles
-// overflow and underflow.
-__attribute__((target("avx512f"))) inline __m512 ExpAvx512(__m512 x) {
-  const __m512 n = _mm512_roundscale_ps(
-      _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-      _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r),
-                      _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-__attribute__((target("avx512f"))) inline __m512 SwiGlu16(__m512 g, __m512 u) {
-  const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m512 e = ExpAvx512(
-      _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                       u);
-}
-
-__attribute__((target("avx512f"))) void SwiGluRowAvx512(const float* gu,
-                                                        float* h,
-                                                        int64_t inter) {
-  int64_t j = 0;
-  for (; j + 16 <= inter; j += 16) {
-    _mm512_storeu_ps(h + j, SwiGlu16(_mm512_loadu_ps(gu + j),
-                                     _mm512_loadu_ps(gu + inter + j)));
-  }
-  if (j < inter) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (inter - j)) - 1);
-    _mm512_mask_storeu_ps(h + j, m,
-                          SwiGlu16(_mm512_maskz_loadu_ps(m, gu + j),
-                                   _mm512_maskz_loadu_ps(m, gu + inter + j)));
-  }
-}
-
-// gu: [2 * inter] gate then up; h: [inter].
-void SwiGluRow(const float* gu, float* h, int64_t inter) {
-  static const bool kAvx512 = IsaAtLeast(IsaLevel::kAvx512);
-  if (kAvx512) {
-    SwiGluRowAvx512(gu, h, inter);
-    return;
-  }
-  for (int64_t j = 0; j < inter; ++j) {
-    const float g = gu[j];
-    h[j] = g / (1.0f + std::exp(-g)) * gu[inter + j];
-  }
-}
 
 // The unpermute's accumulation for one token and up to kCombineRows of its
 // assignments:
