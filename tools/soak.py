@@ -13,7 +13,8 @@ request. Then, for --minutes:
     and occasional client disconnects mid-stream (HTTP/1.1 keep-alive via
     http.client; an idle connection the server closed is reopened once);
     every answer is checked (status, JSON, finish_reason, tokens <= max_tokens);
-  * every --kill-every seconds one expert server (rotating) gets SIGKILL; once
+  * every --kill-every seconds one expert server gets SIGKILL (rotating over
+    servers 0..--kill-among-1; by default all but the last); once
     the controller has moved its slots away (it is "lost" after
     --server-lost-after-s) it is restarted on the same port with --join, and
     the tool waits until it holds slots again and checks that every routed
@@ -360,7 +361,13 @@ def make_request(rng, tokenizer_words=WORDS):
     return kind, body, max_tokens, disconnect_after
 
 
-def check_final(kind, obj, max_tokens):
+def stop_problems(body, text):
+    """A stop string ends the answer before its first occurrence: never in the text."""
+    stops = body.get("stop") or []
+    return ["stop string %r in the answer" % s for s in stops if isinstance(s, str) and s in text]
+
+
+def check_final(kind, obj, max_tokens, body):
     """Problems with a non-streaming answer (empty list: fine) and its tokens."""
     ch = (obj.get("choices") or [None])[0]
     if not isinstance(ch, dict):
@@ -368,7 +375,15 @@ def check_final(kind, obj, max_tokens):
     problems = []
     if ch.get("finish_reason") not in ("stop", "length"):
         problems.append("finish_reason %r" % ch.get("finish_reason"))
-    ids = ch.get("token_ids") if kind.startswith("completions") else (ch.get("message") or {}).get("token_ids")
+    if kind.startswith("completions"):
+        ids, text = ch.get("token_ids"), ch.get("text")
+    else:
+        msg = ch.get("message") or {}
+        ids, text = msg.get("token_ids"), msg.get("content")
+    if not isinstance(text, str):
+        problems.append("no text")
+        text = ""
+    problems += stop_problems(body, text)
     if not isinstance(ids, list):
         problems.append("no token_ids")
         ids = []
@@ -403,7 +418,7 @@ def run_one(client, rng, rec_gaps):
             except ValueError as e:
                 res["error"] = "bad JSON (%s): %s" % (e, raw[:500])
                 return res, body
-            problems, res["tokens"] = check_final(kind, obj, max_tokens)
+            problems, res["tokens"] = check_final(kind, obj, max_tokens, body)
             if problems:
                 res["error"] = "; ".join(problems) + ": " + raw[:1000].decode("utf-8", "replace")
             else:
@@ -416,6 +431,7 @@ def run_one(client, rng, rec_gaps):
             resp.read()
             return res, body
         events, tokens, finish, usage_ct, done, last = 0, 0, None, None, False, None
+        text = []
         gaps = []
         while True:
             line = resp.readline()
@@ -440,8 +456,13 @@ def run_one(client, rng, rec_gaps):
                 return res, body
             ch = (ev.get("choices") or [{}])[0]
             ids = ch.get("token_ids")
-            if ids is None and isinstance(ch.get("delta"), dict):
-                ids = ch["delta"].get("token_ids")
+            piece = ch.get("text")
+            if isinstance(ch.get("delta"), dict):
+                if ids is None:
+                    ids = ch["delta"].get("token_ids")
+                piece = ch["delta"].get("content")
+            if isinstance(piece, str):
+                text.append(piece)
             n = len(ids) if isinstance(ids, list) else 0
             if n:
                 t = now()
@@ -473,6 +494,7 @@ def run_one(client, rng, rec_gaps):
             problems.append("finish_reason %r" % finish)
         if res["tokens"] > max_tokens:
             problems.append("%d tokens > max_tokens %d" % (res["tokens"], max_tokens))
+        problems += stop_problems(body, "".join(text))
         if problems:
             res["error"] = "; ".join(problems)
         else:
@@ -497,6 +519,9 @@ def main():
     ap.add_argument("--minutes", type=float, default=30, help="traffic duration (default 30)")
     ap.add_argument("--kill-every", type=float, default=60,
                     help="seconds between expert-server kills, rotating (0 = none; default 60)")
+    ap.add_argument("--kill-among", type=int, default=None,
+                    help="kill only servers 0..K-1 (default: all but the last, whose RSS growth "
+                         "is then gated like the gateway's and router's)")
     ap.add_argument("--clients", type=int, default=8, help="concurrent clients (default 8)")
     ap.add_argument("--servers", type=int, default=3, help="expert servers (default 3)")
     ap.add_argument("--preset", default="tiny-v3", help="make-model preset (default tiny-v3)")
@@ -522,6 +547,10 @@ def main():
     ap.add_argument("--json", default=None, help="write the report here")
     args = ap.parse_args()
 
+    if args.kill_among is None:
+        args.kill_among = max(1, args.servers - 1)
+    if not 1 <= args.kill_among <= args.servers:
+        ap.error("--kill-among must be in [1, --servers]")
     duration = args.minutes * 60
     warmup = args.warmup_s if args.warmup_s is not None else min(max(0.1 * duration, 120), 0.5 * duration)
     work = args.work_dir or tempfile.mkdtemp(prefix="dmoe-soak-")
@@ -552,10 +581,11 @@ def main():
         cluster.make_model()
         cluster.start()
         print("soak: %d expert servers x %d slots (%d experts, %d MoE layers), router 127.0.0.1:%d, "
-              "gateway 127.0.0.1:%d; %d clients for %.1f min, kill every %s s, warm-up %.0f s"
+              "gateway 127.0.0.1:%d; %d clients for %.1f min, kill every %s s (servers 0-%d), "
+              "warm-up %.0f s"
               % (args.servers, cluster.slots, cluster.num_experts, len(cluster.moe_layers),
                  cluster.router.port, cluster.gateway.port, args.clients, args.minutes,
-                 args.kill_every or "never", warmup), flush=True)
+                 args.kill_every or "never", args.kill_among - 1, warmup), flush=True)
         t_start = now()
         deadline = t_start + duration
 
@@ -594,7 +624,7 @@ def main():
                 t_kill = t_start + (k + 1) * args.kill_every
                 if t_kill > deadline - 5 or stop.wait(max(0, t_kill - now())):
                     return
-                idx = k % args.servers
+                idx = k % args.kill_among
                 k += 1
                 p = cluster.experts[idx]
                 ev = {"server": idx, "port": p.port, "t_kill": round(now() - t_start, 1)}
@@ -722,6 +752,9 @@ def build_report(args, cluster, work, elapsed, warmup, results, gaps, rss, resta
             entry["warm_t"] = round(warm[0], 1)
             entry["growth_pct"] = round(100.0 * (end[2] - warm[2]) / warm[2], 2)
             entry["gated"] = role not in restarted
+        # The series, thinned to at most ~120 points, for plotting / inspection.
+        step = max(1, len(samples) // 120)
+        entry["series"] = [[round(t, 1), kb] for t, _, kb in samples[::step]]
         procs[role] = entry
     reasons = []
     if failed:
