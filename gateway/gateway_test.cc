@@ -484,6 +484,112 @@ std::string RawExchange(int port, const std::string& request) {
   return got;
 }
 
+// RawExchange with a half-close: the request, then shutdown(SHUT_WR), as
+// `nc -N` and some proxies do; returns what comes back and the time it took.
+std::string RawHalfClose(int port, const std::string& request, absl::Duration* took) {
+  const int fd = socket(AF_INET, SOCK_STREAM, 0);
+  if (fd < 0) return "";
+  timeval tv{8, 0};
+  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_port = htons(static_cast<uint16_t>(port));
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  std::string got;
+  const absl::Time t0 = absl::Now();
+  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
+      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+    shutdown(fd, SHUT_WR);
+    char buf[4096];
+    for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) got.append(buf, n);
+  }
+  *took = absl::Now() - t0;
+  close(fd);
+  return got;
+}
+
+int CountOccurrences(const std::string& s, const std::string& what) {
+  int n = 0;
+  for (size_t at = s.find(what); at != std::string::npos; at = s.find(what, at + 1)) ++n;
+  return n;
+}
+
+// Issue 13.1: of three pipelined requests only the first was answered and the
+// connection idled 5 s.
+TEST_F(GatewayTest, PipelinedRequests_AreAllAnswered) {
+  StartGateway();
+  const absl::Time t0 = absl::Now();
+  const std::string got = RawExchange(
+      gw_->http_port(),
+      "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+      "Content-Length: 30\r\n\r\n{\"prompt\":[1],\"max_tokens\":2}\n"  // 29 + LF
+      "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
+  EXPECT_EQ(CountOccurrences(got, "HTTP/1.1 200 OK"), 3) << got;
+  EXPECT_THAT(got, HasSubstr("\"completion_tokens\":2"));
+  EXPECT_EQ(fake().generate_calls(), 1);
+}
+
+// Issue 13.2: a client that half-closed after its request got 0 bytes.
+TEST_F(GatewayTest, HalfClosedClient_GetsItsAnswerOnEveryRoute) {
+  StartGateway();
+  const auto post = [](const std::string& body) {
+    return absl::StrCat(
+        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        "Content-Length: ",
+        body.size(), "\r\n\r\n", body);
+  };
+  const std::pair<std::string, std::string> cases[] = {
+      {"GET /health HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK"},
+      {"GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 200 OK"},
+      {post(R"({"prompt":[1],"max_tokens":2})"), "HTTP/1.1 200 OK"},
+      {post(R"({"prompt":[1],"max_tokens":2,"stream":true})"), "data: [DONE]"},
+      {post(R"({"prompt":"a"})"), "HTTP/1.1 400 Bad Request"},
+  };
+  for (const auto& [req, expect] : cases) {
+    SCOPED_TRACE(req);
+    absl::Duration took;
+    const std::string got = RawHalfClose(gw_->http_port(), req, &took);
+    EXPECT_THAT(got, HasSubstr(expect));
+    EXPECT_LT(took, absl::Seconds(3));
+  }
+}
+
+// Issues 13.4 and 13.6: malformed framing and unreadable requests are refused
+// with a JSON error and the connection closes at once (not after 5 s idle).
+TEST_F(GatewayTest, MalformedRequests_AreRefusedWithJsonAndClosedAtOnce) {
+  StartGateway();
+  const std::pair<std::string, std::string> cases[] = {
+      {"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nContent-Length: 30\r\n"
+       "\r\n{}",
+       "HTTP/1.1 400 "},
+      {"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: abc\r\n\r\n{}",
+       "HTTP/1.1 400 "},
+      {"GET /health HTTP/1.1\r\nHost: x\r\nNo colon here\r\n\r\n", "HTTP/1.1 400 "},
+      {"garbage\r\n\r\n", "HTTP/1.1 400 "},
+      {"GET /health\r\n\r\n", "HTTP/1.1 400 "},
+      {"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", "HTTP/1.1 505 "},
+      {"BREW /health HTTP/1.1\r\nHost: x\r\n\r\n", "HTTP/1.1 501 "},
+      {"GET /health HTTP/1.1\r\nHost: x\r\nX: " + std::string(100 << 10, 'a') + "\r\n\r\n",
+       "HTTP/1.1 431 "},
+  };
+  for (const auto& [req, status] : cases) {
+    SCOPED_TRACE(req.substr(0, 80));
+    const absl::Time t0 = absl::Now();
+    const std::string got = RawExchange(gw_->http_port(), req);
+    EXPECT_LT(absl::Now() - t0, absl::Seconds(2));
+    EXPECT_TRUE(absl::StartsWith(got, status)) << got.substr(0, 300);
+    EXPECT_THAT(got, HasSubstr("Connection: close\r\n"));
+    const size_t body = got.find("\r\n\r\n");
+    ASSERT_NE(body, std::string::npos);
+    const json e = json::parse(got.substr(body + 4), nullptr, false);
+    ASSERT_TRUE(e.contains("error")) << got;
+    EXPECT_FALSE(e["error"]["message"].get<std::string>().empty());
+  }
+  EXPECT_EQ(fake().generate_calls(), 0);
+}
+
 // Issue 13.7: DELETE and OPTIONS (and PUT, PATCH, TRACE) on a known path were
 // 404 "no route" while GET was 405. Every method a path does not take is now
 // 405 with Allow and the JSON error, on every known path.

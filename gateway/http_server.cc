@@ -18,7 +18,8 @@
 #include "gateway/internal/http_errors.h"
 #include "gateway/openai_protocol.h"
 #include "gateway/text_output.h"
-#include "httplib.h"
+#include "gateway/http1/request_parser.h"
+#include "gateway/http1/server.h"
 #include "prometheus/text_serializer.h"
 
 namespace dmoe::gateway {
@@ -61,8 +62,7 @@ bool Takes(const char* allow, const std::string& method) {
   return false;
 }
 
-// Request methods of RFC 9110: cpp-httplib answers the ones it has no
-// handlers for as 404 (or 400 for TRACE and CONNECT, which it never routes).
+// Request methods of RFC 9110 (others are 501).
 bool IsStandardMethod(const std::string& method) {
   for (const char* m : {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
                         "PATCH", "TRACE", "CONNECT"}) {
@@ -91,16 +91,22 @@ uint64_t RandomSeed() {
   return absl::Uniform<uint64_t>(gen);
 }
 
-void SetJson(httplib::Response& res, int status, const ojson& body) {
-  res.status = status;
-  res.set_content(Dump(body), kJson);
+using http1::Headers;
+using http1::Responder;
+
+// A JSON response; Retry-After on 429 and 503 (the client may retry soon).
+void SendJson(Responder& r, int status, const ojson& body, Headers headers = {}) {
+  headers.emplace_back("Content-Type", kJson);
+  if (status == 429 || status == 503) headers.emplace_back("Retry-After", "1");
+  r.Send(status, headers, Dump(body));
 }
 
-void SetError(httplib::Response& res, const absl::Status& st, ApiKind kind = ApiKind::kCompletion,
+// Returns the HTTP status sent.
+int SendError(Responder& r, const absl::Status& st, ApiKind kind = ApiKind::kCompletion,
               bool from_router = false) {
   const internal::HttpError e = internal::MapError(st, kind, from_router);
-  SetJson(res, e.status, ErrorJson(st.message(), e.type, e.param, e.code));
-  if (e.status == 429 || e.status == 503) res.set_header("Retry-After", "1");
+  SendJson(r, e.status, ErrorJson(st.message(), e.type, e.param, e.code));
+  return e.status;
 }
 
 // Records one HTTP request's metrics once, when Finish is called or the record
@@ -129,7 +135,7 @@ std::string FinishReason(const std::string& upstream, size_t tokens, uint32_t ma
 }
 
 // One streaming response: owns the generation, the in-flight slot and the
-// metrics record until cpp-httplib drops the content provider.
+// metrics record; Pump writes the whole stream on the handler thread.
 class SseStream {
  public:
   // `text` (may be null: no tokenizer) turns the tokens into the chunks' text.
@@ -147,29 +153,31 @@ class SseStream {
 
   ~SseStream() { Complete(500); }  // no-op when Pump completed
 
-  // The first event, seen while the status line was held.
-  void SetFirst(std::optional<v1::GenerateResponse> token, bool ended) {
-    first_ = std::move(token);
+  // Streams after the status line: `first` is the event seen while it was
+  // held (a token, or the end when `ended`).
+  void Pump(Responder& r, std::optional<v1::GenerateResponse> first, bool ended) {
     ended_ok_ = ended;
-  }
-
-  // cpp-httplib's chunked content provider: writes the whole stream in one
-  // call.
-  bool Pump(httplib::DataSink& sink) {
-    if (first_.has_value()) {
-      v1::GenerateResponse m = std::move(*first_);
-      first_.reset();
-      if (!SendToken(sink, m)) return Disconnected();
-    }
+    if (first.has_value() && !SendToken(r, *first)) return Disconnected();
     absl::Status end;
     while (!ended_ok_ && !Stopped()) {
       v1::GenerateResponse m;
       switch (gen_->Next(poll_, &m, &end)) {
         case Generation::Event::kTimeout:
-          if (!sink.is_writable()) return Disconnected();
+          // A client that sent FIN may have gone or only half-closed: a
+          // comment line (ignored by SSE clients) tells them apart, since
+          // writing to a closed peer fails by the next check.
+          switch (r.CheckPeer()) {
+            case Responder::Peer::kGone:
+              return Disconnected();
+            case Responder::Peer::kHalfClosed:
+              if (!Send(r, ": keep-alive\n\n")) return Disconnected();
+              break;
+            case Responder::Peer::kOpen:
+              break;
+          }
           continue;
         case Generation::Event::kToken:
-          if (!SendToken(sink, m)) return Disconnected();
+          if (!SendToken(r, m)) return Disconnected();
           continue;
         case Generation::Event::kEnd:
           break;
@@ -178,54 +186,51 @@ class SseStream {
     }
     int code = 200;
     if (Stopped()) {
-      gen_->Cancel();  // a stop string ended it: the router can free the
-                       // sequence
+      gen_->Cancel();  // a stop string ended it: the router can free the sequence
       finish_reason_ = "stop";
     }
     if (ended_ok_ || end.ok() || Stopped()) {
       metrics_.AddPromptTokens(static_cast<double>(prompt_tokens_));
       const std::string rest = text_ != nullptr ? text_->Finish() : std::string();
-      Send(sink, Dump(FinalChunkJson(meta_, FinishReason(finish_reason_, sent_, max_tokens_),
-                                     prompt_tokens_, sent_, rest)));
+      SendEvent(r, Dump(FinalChunkJson(meta_, FinishReason(finish_reason_, sent_, max_tokens_),
+                                       prompt_tokens_, sent_, rest)));
     } else {
       // The status line is out: the error becomes an event (as OpenAI's).
       const internal::HttpError e = internal::MapError(end, meta_.kind, /*from_router=*/true);
-      Send(sink, Dump(ErrorJson(end.message(), e.type, e.param, e.code)));
+      SendEvent(r, Dump(ErrorJson(end.message(), e.type, e.param, e.code)));
       code = e.status;
     }
-    Send(sink, "[DONE]");
+    SendEvent(r, "[DONE]");
     // Before the terminating chunk: once the client has it, the request is
     // over.
     Complete(code);
-    sink.done();
-    return true;
+    r.EndStream();
   }
 
  private:
-  bool Send(httplib::DataSink& sink, const std::string& data) {
-    const std::string event = absl::StrCat("data: ", data, "\n\n");
-    return sink.write(event.data(), event.size());
+  static bool Send(Responder& r, std::string_view data) { return r.Write(data); }
+  static bool SendEvent(Responder& r, const std::string& data) {
+    return r.Write(absl::StrCat("data: ", data, "\n\n"));
   }
 
-  bool SendToken(httplib::DataSink& sink, const v1::GenerateResponse& m) {
+  bool SendToken(Responder& r, const v1::GenerateResponse& m) {
     if (sent_ == 0) {
       metrics_.RecordTimeToFirstToken(absl::Now() - record_->start());
       prompt_tokens_ = m.prompt_tokens();
     }
     if (!m.finish_reason().empty()) finish_reason_ = m.finish_reason();
     const std::string text = text_ != nullptr ? text_->Push(m.token()) : std::string();
-    const bool ok = Send(sink, Dump(TokenChunkJson(meta_, m.token(), sent_ == 0, text)));
+    const bool ok = SendEvent(r, Dump(TokenChunkJson(meta_, m.token(), sent_ == 0, text)));
     if (ok) ++sent_;
     return ok;
   }
 
   bool Stopped() const { return text_ != nullptr && text_->stopped(); }
 
-  bool Disconnected() {
+  void Disconnected() {
     gen_->Cancel();
     metrics_.RecordClientDisconnect();
     Complete(499);  // nginx's "client closed request", for the metrics only
-    return false;
   }
 
   // Records the request's metrics and gives back its in-flight slot, once.
@@ -246,7 +251,6 @@ class SseStream {
   const absl::Duration poll_;
   const std::unique_ptr<TextOutput> text_;
 
-  std::optional<v1::GenerateResponse> first_;
   bool ended_ok_ = false;
   size_t sent_ = 0;
   int64_t prompt_tokens_ = 0;
@@ -264,148 +268,121 @@ class HttpServer::Impl {
         limiter_(limiter),
         metrics_(metrics),
         registry_(registry),
-        options_(std::move(options)) {
+        options_(std::move(options)),
+        server_(MakeServerOptions(), [this](const http1::Request& req, Responder& r) { Handle(req, r); },
+                [this](int status, const std::string& message, const std::string& path) {
+                  return ServerError(status, message, path);
+                }) {
     parse_.model_name = options_.model_name;
     parse_.max_tokens_limit = options_.max_tokens_limit;
     parse_.tokenizer = options_.tokenizer.get();
     parse_.chat_template = options_.chat_template.get();
     parse_.chat_template_error = options_.chat_template_error;
-    const int threads = options_.threads > 0 ? options_.threads : limiter_.max() + 16;
-    server_.new_task_queue = [threads] { return new httplib::ThreadPool(threads); };
-    server_.set_payload_max_length(options_.max_body_bytes);
-    Route();
   }
 
   absl::StatusOr<int> Start(const std::string& host, int port) {
-    int bound = -1;
-    if (port == 0) {
-      bound = server_.bind_to_any_port(host);
-    } else if (server_.bind_to_port(host, port)) {
-      bound = port;
-    }
-    if (bound <= 0) {
-      return absl::UnavailableError(absl::StrCat("HTTP: cannot listen on ", host, ":", port));
-    }
-    thread_ = std::thread([this] { server_.listen_after_bind(); });
-    // stop() is a no-op until the loop runs; wait for it so that Stop() works.
-    for (int i = 0; i < 5000 && !server_.is_running(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
+    absl::StatusOr<int> bound = server_.Start(host, port);
+    if (!bound.ok()) return absl::UnavailableError(absl::StrCat("HTTP: ", bound.status().message()));
     return bound;
   }
 
   void SetDraining() { draining_ = true; }
 
-  void Stop() {
-    if (!thread_.joinable()) return;
-    server_.stop();
-    thread_.join();
-  }
+  void Stop() { server_.Stop(); }
 
  private:
-  void Route() {
-    server_.Post(kCompletions, [this](const httplib::Request& req, httplib::Response& res,
-                                      const httplib::ContentReader& reader) {
-      Generate(ApiKind::kCompletion, req, res, reader);
-    });
-    server_.Post(kChat, [this](const httplib::Request& req, httplib::Response& res,
-                               const httplib::ContentReader& reader) {
-      Generate(ApiKind::kChatCompletion, req, res, reader);
-    });
-    server_.Post(kTokenize, [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, kTokenize);
-      Tokenize(req, res);
-      record.Finish(res.status);
-    });
-    server_.Post(kDetokenize, [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, kDetokenize);
-      Detokenize(req, res);
-      record.Finish(res.status);
-    });
-    server_.Get("/v1/models", [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, "/v1/models");
+  http1::ServerOptions MakeServerOptions() const {
+    http1::ServerOptions o;
+    o.limits.max_body_bytes = options_.max_body_bytes;
+    o.threads = options_.threads > 0 ? options_.threads : limiter_.max() + 16;
+    o.keep_alive_timeout = options_.keep_alive_timeout;
+    o.read_timeout = options_.read_timeout;
+    o.write_timeout = options_.write_timeout;
+    o.max_connections = options_.max_connections;
+    return o;
+  }
+
+  // The JSON body of a response the HTTP server makes itself (a request it
+  // could not read, 408, 503 when full).
+  http1::ErrorResponse ServerError(int status, const std::string& message,
+                                   const std::string& path) {
+    metrics_.RecordHttp(path.empty() ? "other" : EndpointOf(path), status, absl::ZeroDuration());
+    std::string text = message;
+    const char* code = "";
+    if (status == 413) {
+      text = absl::StrCat(message, " (--max-body-bytes)");
+      code = "request_too_large";
+    }
+    http1::ErrorResponse r;
+    r.headers = {{"Content-Type", kJson}};
+    if (status == 503) r.headers.emplace_back("Retry-After", "1");
+    r.body = Dump(ErrorJson(text, status >= 500 ? "server_error" : "invalid_request_error", "",
+                            code));
+    return r;
+  }
+
+  void Handle(const http1::Request& req, Responder& r) {
+    const std::string& path = req.path;
+    if (!IsStandardMethod(req.method)) {
+      // RFC 9110 §9.1: a method the server does not implement is 501.
+      r.CloseAfter();
+      SendJson(r, 501,
+               ErrorJson(absl::StrCat("method ", req.method, " is not implemented"),
+                         "invalid_request_error", "", "method_not_implemented"));
+      metrics_.RecordHttp(EndpointOf(path), 501, absl::ZeroDuration());
+      return;
+    }
+    const char* allow = AllowedMethods(path);
+    if (allow == nullptr) {
+      SendJson(r, 404,
+               ErrorJson(absl::StrCat("no route for ", req.method, " ", path),
+                         "invalid_request_error", "", "not_found"));
+      metrics_.RecordHttp("other", 404, absl::ZeroDuration());
+      return;
+    }
+    if (!Takes(allow, req.method)) {
+      SendJson(r, 405,
+               ErrorJson(absl::StrCat(path, " takes ", allow, ", not ", req.method),
+                         "invalid_request_error", "", "method_not_allowed"),
+               {{"Allow", allow}});
+      metrics_.RecordHttp(EndpointOf(path), 405, absl::ZeroDuration());
+      return;
+    }
+    const std::string endpoint = EndpointOf(path);
+    if (endpoint == kCompletions) return Generate(ApiKind::kCompletion, req, r);
+    if (endpoint == kChat) return Generate(ApiKind::kChatCompletion, req, r);
+    RequestRecord record(metrics_, endpoint);
+    int status = 200;
+    if (endpoint == kTokenize) {
+      status = Tokenize(req, r);
+    } else if (endpoint == kDetokenize) {
+      status = Detokenize(req, r);
+    } else if (endpoint == "/v1/models") {
       ojson list;
       list["object"] = "list";
       list["data"] = ojson::array({ModelJson()});
-      SetJson(res, 200, list);
-      record.Finish(200);
-    });
-    server_.Get(R"(/v1/models/(.+))", [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, "/v1/models/{id}");
-      if (req.matches[1] == options_.model_name) {
-        SetJson(res, 200, ModelJson());
+      SendJson(r, 200, list);
+    } else if (endpoint == "/v1/models/{id}") {
+      std::string id;
+      if (!http1::PercentDecode(std::string_view(path).substr(11), &id)) {
+        id = path.substr(11);
+      }
+      if (id == options_.model_name) {
+        SendJson(r, 200, ModelJson());
       } else {
-        SetJson(res, 404,
-                ErrorJson(absl::StrCat("model '", req.matches[1].str(), "' does not exist"),
-                          "invalid_request_error", "model", "model_not_found"));
+        status = 404;
+        SendJson(r, 404,
+                 ErrorJson(absl::StrCat("model '", id, "' does not exist"),
+                           "invalid_request_error", "model", "model_not_found"));
       }
-      record.Finish(res.status);
-    });
-    server_.Get("/health", [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, "/health");
-      Health(res);
-      record.Finish(res.status);
-    });
-    server_.Get("/metrics", [this](const httplib::Request& req, httplib::Response& res) {
-      RequestRecord record(metrics_, "/metrics");
+    } else if (endpoint == "/health") {
+      status = Health(r);
+    } else {  // /metrics
       record.Finish(200);  // counted before serializing, so a scrape sees itself
-      res.status = 200;
-      res.set_content(prometheus::TextSerializer().Serialize(registry_.Collect()),
-                      "text/plain; version=0.0.4; charset=utf-8");
-    });
-    // Unknown routes, and errors cpp-httplib answers itself (413, 400 for a
-    // malformed request line): give them a JSON body. Responses that already
-    // have one (set by the handlers above) pass through. A routed path with a
-    // method it does not take (no handler: cpp-httplib says 404, or 400 for
-    // TRACE/CONNECT) is 405 with Allow, for every method alike; the request
-    // body has been read by then, so the connection stays usable.
-    server_.set_error_handler(httplib::Server::HandlerWithResponse(
-        [this](const httplib::Request& req, httplib::Response& res) {
-          if (!res.body.empty() || res.is_chunked_content_provider_) {
-            return httplib::Server::HandlerResponse::Unhandled;
-          }
-          if (const char* allow = AllowedMethods(req.path);
-              allow != nullptr && (res.status == 404 || res.status == 400) &&
-              IsStandardMethod(req.method) && !Takes(allow, req.method)) {
-            res.set_header("Allow", allow);
-            SetJson(
-                res, 405,
-                ErrorJson(absl::StrCat(req.path, " takes ", allow, ", not ",
-                                       req.method),
-                          "invalid_request_error", "", "method_not_allowed"));
-            metrics_.RecordHttp(EndpointOf(req.path), 405,
-                                absl::ZeroDuration());
-            return httplib::Server::HandlerResponse::Handled;
-          }
-          std::string message = absl::StrCat("HTTP ", res.status);
-          const char* type = "invalid_request_error";
-          const char* code = "";
-          if (res.status == 404) {
-            message = absl::StrCat("no route for ", req.method, " ", req.path);
-            code = "not_found";
-          } else if (res.status == 413) {
-            message = absl::StrCat("request body over the limit of ", options_.max_body_bytes,
-                                   " bytes (--max-body-bytes)");
-          } else if (res.status >= 500) {
-            type = "server_error";
-          }
-          SetJson(res, res.status, ErrorJson(message, type, "", code));
-          metrics_.RecordHttp(EndpointOf(req.path), res.status, absl::ZeroDuration());
-          return httplib::Server::HandlerResponse::Handled;
-        }));
-    server_.set_exception_handler([this](const httplib::Request& req, httplib::Response& res,
-                                         std::exception_ptr ep) {
-      std::string what = "unknown exception";
-      try {
-        if (ep) std::rethrow_exception(ep);
-      } catch (const std::exception& e) {
-        what = e.what();
-      } catch (...) {
-      }
-      SetJson(
-          res, 500,
-          ErrorJson(absl::StrCat("internal error: ", what), "server_error", "", "internal_error"));
-    });
+      r.Send(200, {{"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}},
+             prometheus::TextSerializer().Serialize(registry_.Collect()));
+    }
+    record.Finish(status);
   }
 
   ojson ModelJson() const {
@@ -419,71 +396,72 @@ class HttpServer::Impl {
 
   // Counts only: router addresses and errors are for operators (metrics,
   // logs), not for the public port.
-  void Health(httplib::Response& res) {
+  int Health(Responder& r) {
     const int healthy = pool_.HealthyCount();
     ojson j;
     j["status"] = draining_ ? "draining" : healthy > 0 ? "ok" : "unavailable";
     j["routers"] = healthy;
     j["routers_total"] = pool_.size();
     j["inflight"] = limiter_.current();
-    SetJson(res, !draining_ && healthy > 0 ? 200 : 503, j);
+    const int status = !draining_ && healthy > 0 ? 200 : 503;
+    SendJson(r, status, j);
+    return status;
   }
 
   // POST /tokenize: {"prompt": text or ids, "add_special_tokens"} or
   // {"messages", "add_generation_prompt"}: the prompt tokens a generation would
   // get.
-  void Tokenize(const httplib::Request& req, httplib::Response& res) {
-    if (options_.tokenizer == nullptr) return SetError(res, NoTokenizer());
+  int Tokenize(const http1::Request& req, Responder& r) {
+    if (options_.tokenizer == nullptr) return SendError(r, NoTokenizer());
     nlohmann::json body = nlohmann::json::parse(req.body, nullptr, /*allow_exceptions=*/false);
     const bool chat = body.is_object() && body.contains("messages");
     const ApiKind kind = chat ? ApiKind::kChatCompletion : ApiKind::kCompletion;
     absl::StatusOr<ParsedRequest> parsed = ParseGenerateRequest(req.body, kind, parse_);
-    if (!parsed.ok()) return SetError(res, parsed.status(), kind);
+    if (!parsed.ok()) return SendError(r, parsed.status(), kind);
     const auto& ids = parsed->upstream.prompt_tokens();
     ojson j;
     j["count"] = ids.size();
     j["tokens"] = std::vector<int32_t>(ids.begin(), ids.end());
-    SetJson(res, 200, j);
+    SendJson(r, 200, j);
+    return 200;
   }
 
   // POST /detokenize: {"tokens": [ids], "skip_special_tokens": false} ->
   // {"prompt"}.
-  void Detokenize(const httplib::Request& req, httplib::Response& res) {
-    if (options_.tokenizer == nullptr) return SetError(res, NoTokenizer());
+  int Detokenize(const http1::Request& req, Responder& r) {
+    if (options_.tokenizer == nullptr) return SendError(r, NoTokenizer());
     nlohmann::json body = nlohmann::json::parse(req.body, nullptr, /*allow_exceptions=*/false);
     if (!body.is_object() || !body.contains("tokens") || !body["tokens"].is_array()) {
-      return SetError(res, InvalidParam("tokens", "tokens is required (a list of token ids)"));
+      return SendError(r, InvalidParam("tokens", "tokens is required (a list of token ids)"));
     }
     std::vector<int32_t> ids;
     for (const auto& v : body["tokens"]) {
       if (!v.is_number_integer() || v.get<int64_t>() < 0 ||
           v.get<int64_t>() > std::numeric_limits<int32_t>::max()) {
-        return SetError(
-            res, InvalidParam("tokens", absl::StrCat("tokens: ", v.dump(), " is not a token id")));
+        return SendError(
+            r, InvalidParam("tokens", absl::StrCat("tokens: ", v.dump(), " is not a token id")));
       }
       ids.push_back(v.get<int32_t>());
     }
     // A boolean as ParseGenerateRequest checks them: null is the default.
     bool skip = false;
-    if (auto it = body.find("skip_special_tokens");
-        it != body.end() && !it->is_null()) {
+    if (auto it = body.find("skip_special_tokens"); it != body.end() && !it->is_null()) {
       if (!it->is_boolean()) {
-        return SetError(
-            res, InvalidParam(
-                     "skip_special_tokens",
-                     absl::StrCat("skip_special_tokens must be a boolean, got ",
-                                  JsonTypeName(*it))));
+        return SendError(r, InvalidParam("skip_special_tokens",
+                                         absl::StrCat("skip_special_tokens must be a boolean, got ",
+                                                      JsonTypeName(*it))));
       }
       skip = it->get<bool>();
     }
     absl::StatusOr<std::string> text = options_.tokenizer->Decode(ids, skip);
     if (!text.ok()) {
-      return SetError(res,
-                      InvalidParam("tokens", absl::StrCat("tokens: ", text.status().message())));
+      return SendError(r,
+                       InvalidParam("tokens", absl::StrCat("tokens: ", text.status().message())));
     }
     ojson j;
     j["prompt"] = *text;
-    SetJson(res, 200, j);
+    SendJson(r, 200, j);
+    return 200;
   }
 
   static absl::Status NoTokenizer() {
@@ -498,12 +476,10 @@ class HttpServer::Impl {
                                         parsed.skip_special_tokens);
   }
 
-  void Generate(ApiKind kind, const httplib::Request& req, httplib::Response& res,
-                const httplib::ContentReader& reader) {
+  void Generate(ApiKind kind, const http1::Request& req, Responder& r) {
     auto record = std::make_shared<RequestRecord>(metrics_, EndpointOf(req.path));
     auto fail = [&](const absl::Status& st, bool from_router = false) {
-      SetError(res, st, kind, from_router);
-      record->Finish(res.status);
+      record->Finish(SendError(r, st, kind, from_router));
     };
     if (draining_) return fail(absl::UnavailableError("gateway is shutting down"));
     InflightLimiter::Slot slot = limiter_.TryAcquire();
@@ -512,32 +488,12 @@ class HttpServer::Impl {
           absl::StrCat("gateway at capacity: ", limiter_.max(),
                        " requests in flight (--max-inflight); retry later")));
     }
-    if (req.is_multipart_form_data()) {
+    if (const std::string* type = req.Header("content-type");
+        type != nullptr && absl::StartsWithIgnoreCase(*type, "multipart/form-data")) {
       return fail(InvalidParam("", "request body must be JSON (Content-Type: application/json)"));
     }
-    std::string body;
-    bool too_big = false;
-    const bool read = reader([&](const char* data, size_t n) {
-      if (body.size() + n > options_.max_body_bytes) {
-        too_big = true;
-        return false;
-      }
-      body.append(data, n);
-      return true;
-    });
-    uint64_t declared = 0;
-    if (too_big || (absl::SimpleAtoi(req.get_header_value("Content-Length"), &declared) &&
-                    declared > options_.max_body_bytes)) {
-      SetJson(res, 413,
-              ErrorJson(absl::StrCat("request body over the limit of ", options_.max_body_bytes,
-                                     " bytes (--max-body-bytes)"),
-                        "invalid_request_error", "", "request_too_large"));
-      record->Finish(413);
-      return;
-    }
-    if (!read) return fail(InvalidParam("", "could not read the request body"));
 
-    absl::StatusOr<ParsedRequest> parsed = ParseGenerateRequest(body, kind, parse_);
+    absl::StatusOr<ParsedRequest> parsed = ParseGenerateRequest(req.body, kind, parse_);
     if (!parsed.ok()) return fail(parsed.status());
     v1::GenerateRequest& up = parsed->upstream;
     if (!parsed->has_seed) up.mutable_sampling()->set_seed(RandomSeed());
@@ -560,7 +516,21 @@ class HttpServer::Impl {
       int64_t prompt_tokens = 0;
       absl::Status end;
       v1::GenerateResponse m;
-      while ((*gen)->Next(absl::InfiniteDuration(), &m, &end) == Generation::Event::kToken) {
+      while (true) {
+        const Generation::Event ev = (*gen)->Next(options_.disconnect_poll, &m, &end);
+        if (ev == Generation::Event::kEnd) break;
+        if (ev == Generation::Event::kTimeout) {
+          // A reset connection (not a half-close: that client still reads)
+          // cannot take the answer: free the router's sequence now.
+          if (r.CheckPeer() == Responder::Peer::kGone) {
+            (*gen)->Cancel();
+            metrics_.RecordClientDisconnect();
+            record->Finish(499);
+            r.CloseAfter();
+            return fail(absl::CancelledError("client closed the connection"));
+          }
+          continue;
+        }
         if (tokens.empty()) {
           metrics_.RecordTimeToFirstToken(absl::Now() - record->start());
           prompt_tokens = m.prompt_tokens();
@@ -570,8 +540,7 @@ class HttpServer::Impl {
         if (text != nullptr) {
           text->Push(m.token());
           if (text->stopped()) {
-            (*gen)->Cancel();  // a stop string ended it: the router can free
-                               // the sequence
+            (*gen)->Cancel();  // a stop string ended it: the router can free the sequence
             finish = "stop";
             break;
           }
@@ -583,9 +552,9 @@ class HttpServer::Impl {
       if (text != nullptr) text->Finish();
       metrics_.AddPromptTokens(static_cast<double>(prompt_tokens));
       metrics_.AddGeneratedTokens(static_cast<double>(tokens.size()));
-      SetJson(res, 200,
-              ResponseJson(meta, tokens, FinishReason(finish, tokens.size(), max_tokens),
-                           prompt_tokens, text != nullptr ? text->text() : ""));
+      SendJson(r, 200,
+               ResponseJson(meta, tokens, FinishReason(finish, tokens.size(), max_tokens),
+                            prompt_tokens, text != nullptr ? text->text() : ""));
       record->Finish(200);
       return;
     }
@@ -596,19 +565,15 @@ class HttpServer::Impl {
     absl::Status end;
     const Generation::Event ev = (*gen)->Next(options_.header_hold, &first, &end);
     if (ev == Generation::Event::kEnd && !end.ok()) return fail(end, /*from_router=*/true);
-    auto stream =
-        std::make_shared<SseStream>(*std::move(gen), std::move(slot), record, metrics_, meta,
-                                    max_tokens, options_.disconnect_poll, std::move(text));
+    SseStream stream(*std::move(gen), std::move(slot), record, metrics_, meta, max_tokens,
+                     options_.disconnect_poll, std::move(text));
     std::optional<v1::GenerateResponse> first_token;
     if (ev == Generation::Event::kToken) first_token = std::move(first);
-    stream->SetFirst(std::move(first_token), ev == Generation::Event::kEnd);
-    res.status = 200;
-    res.set_header("Cache-Control", "no-cache");
-    res.set_header("X-Accel-Buffering",
-                   "no");  // nginx in front: do not buffer the stream
-    res.set_chunked_content_provider(
-        "text/event-stream",
-        [stream](size_t, httplib::DataSink& sink) { return stream->Pump(sink); });
+    r.StartStream(200, {{"Content-Type", "text/event-stream"},
+                        {"Cache-Control", "no-cache"},
+                        // nginx in front: do not buffer the stream
+                        {"X-Accel-Buffering", "no"}});
+    stream.Pump(r, std::move(first_token), ev == Generation::Event::kEnd);
   }
 
   RouterPool& pool_;
@@ -618,8 +583,7 @@ class HttpServer::Impl {
   const HttpServerOptions options_;
   ParseOptions parse_;
   std::atomic<bool> draining_{false};
-  httplib::Server server_;
-  std::thread thread_;
+  http1::Server server_;
 };
 
 HttpServer::HttpServer(RouterPool& pool, InflightLimiter& limiter, GatewayMetrics& metrics,

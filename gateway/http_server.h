@@ -1,19 +1,25 @@
-// The gateway's OpenAI-compatible HTTP API (cpp-httplib), in front of a
-// RouterPool.
+// The gateway's OpenAI-compatible HTTP API (on the strict HTTP/1.1 server of
+// http1/server.h), in front of a RouterPool.
 //
-//   POST /v1/completions        {"prompt": "text" | [ids] | [[ids]], ...}  (see
-//   openai_protocol.h) POST /v1/chat/completions   {"messages": [{"role",
-//   "content": "text" | [ids]}], ...} POST /tokenize              {"prompt":
-//   "text" | "messages": [...]} -> {"tokens", "count"} POST /detokenize
-//   {"tokens": [ids]} -> {"prompt": "text"} GET  /v1/models, /v1/models/{id}
-//   GET  /health                200 {"status":"ok","routers":<healthy>} | 503
+//   POST /v1/completions        {"prompt": "text" | [ids] | [[ids]], ...}
+//   POST /v1/chat/completions   {"messages": [{"role", "content": "text" | [ids]}], ...}
+//                               (both: see openai_protocol.h)
+//   POST /tokenize              {"prompt": "text" | "messages": [...]} -> {"tokens", "count"}
+//   POST /detokenize            {"tokens": [ids]} -> {"prompt": "text"}
+//   GET  /v1/models, /v1/models/{id}
+//   GET  /health                200 {"status":"ok","routers":<ready>} | 503
 //   GET  /metrics               Prometheus text format
 //
 // Errors are JSON {"error": {"message", "type", "param", "code"}}: 400 for a
-// bad body or parameter (param named), 404 for an unknown route or model, 405
-// for a wrong method, 413 for a body over --max-body-bytes, 429 when the
-// gateway (--max-inflight) or every router is full, 502 for a router error,
-// 503 when no router is healthy or while draining, 504 at the request deadline.
+// bad body or parameter (param named) or a request the server cannot read,
+// 404 for an unknown route or model, 405 (with Allow) for a method a route
+// does not take, 501 for a method that is not HTTP's, 408 for a request not
+// received in time, 413 for a body over --max-body-bytes, 429 when the gateway
+// (--max-inflight) or every router is full, 502 for a router error, 503 when
+// no router is ready or while draining, 504 at the request deadline. After an
+// unreadable request (malformed request line or header, conflicting
+// Content-Length, HTTP/0.9 or /2, headers over 64 KiB) the connection closes
+// right after the answer.
 //
 // With a tokenizer (options.tokenizer), prompts may be text, answers carry the
 // text next to the token ids, and "stop" strings end a generation on the text
@@ -26,18 +32,22 @@
 // text, finish_reason and usage, then `data: [DONE]`.
 // The status line waits up to `header_hold` for the first token, so that a
 // request refused by the routers still gets its 4xx/5xx status; an error after
-// that arrives as a `data: {"error": ...}` event before [DONE]. While
-// streaming, the client's socket is checked every `disconnect_poll`; when the
-// client has gone the upstream call is cancelled (the router frees the
-// sequence). A non-streaming request cannot see its client leave (cpp-httplib
-// 0.11 does not expose the socket to handlers): it runs to the end or the
-// deadline.
+// that arrives as a `data: {"error": ...}` event before [DONE].
 //
-// Every connection holds one worker thread while it is open (cpp-httplib's
-// model), so `threads` should exceed max_inflight.
+// Clients that leave: every `disconnect_poll` without a token the handler
+// looks at the socket. A reset connection cancels the upstream call (the
+// router frees the sequence), streaming or not. A client that sent FIN may
+// have gone or only half-closed its sending side (`nc -N`, some proxies):
+// a streaming answer then writes an SSE comment (": keep-alive"), which fails
+// by the next check if the client has gone; a non-streaming one keeps going,
+// since that client may still read its answer.
+//
+// Connections: HTTP/1.1 keep-alive and pipelining; idle connections hold no
+// thread. `threads` handler threads run the requests (0: --max-inflight + 16,
+// so that /health and /metrics are answered while generations hold theirs).
 //
 // Thread safety: Start/SetDraining/Stop from one controlling thread; requests
-// are served on the worker threads.
+// are served on the handler threads.
 #ifndef DMOE_GATEWAY_HTTP_SERVER_H_
 #define DMOE_GATEWAY_HTTP_SERVER_H_
 
@@ -60,7 +70,11 @@ namespace dmoe::gateway {
 struct HttpServerOptions {
   std::string model_name = "dmoe";
   size_t max_body_bytes = 8 << 20;
-  int threads = 0;  // worker threads; 0 = limiter's max + 16
+  int threads = 0;  // handler threads; 0 = limiter's max + 16
+  size_t max_connections = 4096;  // open connections; more get 503
+  absl::Duration keep_alive_timeout = absl::Seconds(5);  // idle connection closed after
+  absl::Duration read_timeout = absl::Seconds(30);  // a request's bytes, from its first: 408
+  absl::Duration write_timeout = absl::Seconds(30);  // a client not reading: connection dropped
   absl::Duration request_timeout = absl::Seconds(600);
   absl::Duration header_hold = absl::Milliseconds(250);
   absl::Duration disconnect_poll = absl::Milliseconds(100);
