@@ -100,6 +100,8 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
   internal::TaskThread control;
   std::atomic<size_t> weight_bytes{0};
   std::atomic<bool> leaving{false};
+  mutable absl::Mutex leave_mu;
+  std::string leave_refused ABSL_GUARDED_BY(leave_mu);  // the controller's reason
 
   absl::Mutex server_mu;
   std::unique_ptr<grpc::Server> server ABSL_GUARDED_BY(server_mu);
@@ -136,6 +138,10 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
   grpc::ServerUnaryReactor* GetStatus(grpc::CallbackServerContext* ctx,
                                       const v1::ServerStatusRequest* req,
                                       v1::ServerStatusResponse* resp) override {
+    if (!req->leave_refused().empty() && leaving.load()) {
+      absl::MutexLock lock(&leave_mu);
+      leave_refused = req->leave_refused();
+    }
     FillStatus(resp);
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     r->Finish(grpc::Status::OK);
@@ -423,6 +429,11 @@ bool ExpertServer::Leave(absl::Duration timeout) {
     absl::SleepFor(absl::Milliseconds(50));
   }
   return true;
+}
+
+std::string ExpertServer::leave_refused() const {
+  absl::MutexLock lock(&impl_->leave_mu);
+  return impl_->leave_refused;
 }
 
 size_t ExpertServer::resident_weight_bytes() const {

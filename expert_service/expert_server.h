@@ -113,6 +113,11 @@ class ExpertServer {
   // keeps serving meanwhile. Returns true once it holds no routed slot (the
   // controller unloaded them), false after `timeout`.
   bool Leave(absl::Duration timeout);
+  // After Leave: why the placement controller refused the leave (the other
+  // servers cannot take this server's experts: leaving would leave an expert
+  // with no server), "" while it has not. Set by the controller's GetStatus
+  // poll (ServerStatusRequest.leave_refused); it stays set. Thread-safe.
+  std::string leave_refused() const;
 
   // Bytes of weights resident in the backend (routed + shared FFNs).
   size_t resident_weight_bytes() const;

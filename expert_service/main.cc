@@ -13,7 +13,9 @@
 // SIGTERM is scale-in: with --leave-timeout-s the server first reports
 // 'leaving' until the controller moved its slots away. SIGINT stops without
 // leaving (a whole-cluster stop, where the controller is gone too), and so
-// does a second signal during the leave.
+// does a second signal during the leave. A leave the controller refuses (the
+// others cannot hold this server's experts) keeps the server serving past the
+// timeout unless --force-leave.
 //
 // Exit status: 0 after SIGTERM/SIGINT and a clean drain, 1 when the model or
 // placement cannot be loaded or the address (or an explicit --metrics-port)
@@ -116,7 +118,15 @@ dmoe::tools::Args MakeArgs() {
             "until the placement controller has moved this server's slots "
             "away, at most S seconds (0 = drain at once; default 60 with "
             "--join, else 0). SIGINT (whole-cluster stop, Ctrl-C) or a "
-            "second signal skips the leave");
+            "second signal skips the leave. When the controller refuses the "
+            "leave (the other servers cannot hold this server's experts: "
+            "leaving would leave an expert with no server), the server keeps "
+            "serving past S until its slots can move (e.g. a server joins), "
+            "unless --force-leave")
+      .Flag("force-leave", "",
+            "scale-in: exit at --leave-timeout-s even when the controller "
+            "refused the leave (experts only this server holds then have no "
+            "server: their requests fail until one joins)");
   return a;
 }
 
@@ -160,6 +170,7 @@ int main(int argc, char** argv) {
   if (!join && !args.Has("server-index")) {
     return Fail(2, "--server-index is required (unless --join)");
   }
+  const bool force_leave = args.Bool("force-leave");
   int64_t leave_s = join ? 60 : 0;
   if (args.Has("leave-timeout-s")) {
     auto v = args.Int("leave-timeout-s");
@@ -382,14 +393,35 @@ int main(int argc, char** argv) {
     std::fflush(stderr);
     // Leave(0) marks the server leaving and tells whether it is empty; the
     // wait in between takes a further stop signal, which ends the leave.
+    // A refused leave (the controller says the others cannot hold this
+    // server's experts) outlasts the timeout: exiting would leave those
+    // experts with no server, i.e. fail every request (issue 13.3). The server
+    // stays until its slots move (the controller retries the leave on every
+    // poll), the leave is forced (--force-leave, a second signal), or the
+    // orchestrator kills it (Kubernetes: terminationGracePeriodSeconds).
     const absl::Time deadline = absl::Now() + absl::Seconds(leave_s);
     const char* outcome = "leave timeout: still holding slots";
+    bool told_refused = false;
     while (true) {
       if ((*server)->Leave(absl::ZeroDuration())) {
         outcome = "slots moved away";
         break;
       }
-      if (absl::Now() >= deadline) break;
+      const std::string refused = (*server)->leave_refused();
+      if (!refused.empty() && !told_refused) {
+        told_refused = true;
+        std::fprintf(stderr,
+                     "%s: leave refused by the placement controller: %s; %s "
+                     "(SIGINT or a second SIGTERM forces the exit)\n",
+                     kName, refused.c_str(),
+                     force_leave ? "--force-leave: exiting at the leave timeout anyway"
+                                 : "staying and serving until the slots can move");
+        std::fflush(stderr);
+      }
+      if (absl::Now() >= deadline && (refused.empty() || force_leave)) {
+        if (!refused.empty()) outcome = "leave timeout (--force-leave): still holding slots";
+        break;
+      }
       const timespec poll = {0, 50 * 1000 * 1000};
       if (const int again = sigtimedwait(&stop_signals, nullptr, &poll);
           again > 0) {

@@ -48,6 +48,39 @@ std::vector<int32_t> Minus(const std::vector<int32_t>& a, const std::vector<int3
 
 }  // namespace
 
+int DefaultSlotsPerServer(int64_t num_experts, int num_servers, int initial_max) {
+  const int64_t e = std::max<int64_t>(num_experts, 1);
+  const int64_t leave_tolerant = num_servers <= 1 ? e : (e + num_servers - 2) / (num_servers - 1);
+  return static_cast<int>(std::min<int64_t>(e, std::max<int64_t>(leave_tolerant, initial_max)));
+}
+
+std::string LeaveRefusal(const core::ModelConfig& cfg, const core::Placement& placement,
+                         const std::vector<bool>& active, int server, int slots) {
+  int others = 0;
+  for (int s = 0; s < static_cast<int>(active.size()); ++s) others += active[s] && s != server;
+  const int64_t E = cfg.n_routed_experts;
+  if (static_cast<int64_t>(others) * slots >= E) return "";
+  int64_t sole = 0;
+  std::vector<std::string> named;
+  if (server < placement.num_servers()) {
+    for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+      if (!cfg.IsMoeLayer(l)) continue;
+      for (int32_t e : placement.Slots(l, server)) {
+        bool elsewhere = false;
+        for (int32_t r : placement.Replicas(l, e)) {
+          elsewhere |= r != server && r < static_cast<int>(active.size()) && active[r];
+        }
+        if (elsewhere) continue;
+        if (++sole <= 4) named.push_back(absl::StrCat("layer ", l, " expert ", e));
+      }
+    }
+  }
+  return absl::StrCat(others, " other active expert servers x ", slots, " slots cannot hold ", E,
+                      " experts per layer; this server holds the only copy of ", sole,
+                      " experts (", absl::StrJoin(named, ", "), sole > 4 ? ", ..." : "",
+                      "): add an expert server or raise the router's --slots-per-server");
+}
+
 absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create(
     const core::ModelConfig& cfg, LoadWindow* window, RemoteExpertControl* experts,
     ControllerOptions o) {
@@ -73,14 +106,17 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
     return absl::InvalidArgumentError("controller: durations must be positive");
   }
   const core::Placement p = experts->placement();
-  int slots = o.slots_per_server;
-  if (slots == 0) {
+  int initial_max = 0, holding = 0;
+  for (int s = 0; s < p.num_servers(); ++s) {
+    bool holds = false;
     for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
-      for (int s = 0; s < p.num_servers(); ++s) {
-        slots = std::max(slots, static_cast<int>(p.Slots(l, s).size()));
-      }
+      initial_max = std::max(initial_max, static_cast<int>(p.Slots(l, s).size()));
+      holds |= !p.Slots(l, s).empty();
     }
+    holding += holds;
   }
+  int slots = o.slots_per_server;
+  if (slots == 0) slots = DefaultSlotsPerServer(cfg.n_routed_experts, holding, initial_max);
   if (slots < 1 || slots > cfg.n_routed_experts) {
     return absl::InvalidArgumentError(absl::StrCat("controller: slots_per_server must be in [1, ",
                                                    cfg.n_routed_experts, "], got ", slots));
@@ -92,6 +128,14 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
   }
   if ((o.num_groups > 0) != (o.num_nodes > 0)) {
     return absl::InvalidArgumentError("controller: groups and nodes go together");
+  }
+  if (holding > 1 && static_cast<int64_t>(slots) * (holding - 1) < cfg.n_routed_experts) {
+    std::fprintf(stderr,
+                 "dmoe-router: controller: warning: %d slots per server: %d expert servers "
+                 "cannot hold %lld experts per layer, so a leave (scale-in, eviction) is refused "
+                 "until a server joins (%d slots would allow one)\n",
+                 slots, holding - 1, static_cast<long long>(cfg.n_routed_experts),
+                 DefaultSlotsPerServer(cfg.n_routed_experts, holding, 0));
   }
   return std::unique_ptr<PlacementController>(
       new PlacementController(cfg, window, experts, o, slots));
@@ -157,6 +201,11 @@ void PlacementController::Loop() {
   }
 }
 
+void PlacementController::set_on_leave_refused(std::function<void(const std::string&)> f) {
+  absl::MutexLock lock(&mu_);
+  on_leave_refused_ = std::move(f);
+}
+
 void PlacementController::PollServers() {
   const std::vector<ServerState> servers = Servers();
   const int n = static_cast<int>(servers.size());
@@ -164,8 +213,10 @@ void PlacementController::PollServers() {
   std::vector<absl::Status> st = ParallelFor(n, [&](int i) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + absl::Seconds(2)));
-    return FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, v1::ServerStatusRequest(),
-                                                        &status[i]),
+    v1::ServerStatusRequest req;
+    // The reply to a leaving server whose leave is refused: it stays.
+    if (servers[i].leaving) req.set_leave_refused(servers[i].leave_refused);
+    return FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, req, &status[i]),
                     servers[i].address);
   });
   const absl::Time now = absl::Now();
@@ -178,6 +229,7 @@ void PlacementController::PollServers() {
         s.last_seen = now;
         s.first_failure = absl::InfiniteFuture();
         s.leaving = status[i].leaving();
+        if (!s.leaving || !s.active) s.leave_refused.clear();
         if (s.active && s.leaving) remove.emplace_back(s.address, "server-leaving");
       } else {
         s.first_failure = std::min(s.first_failure, now);
@@ -188,12 +240,46 @@ void PlacementController::PollServers() {
     }
   }
   for (const auto& [address, trigger] : remove) {
+    if (trigger == "server-leaving" && RefuseLeave(address)) continue;
     absl::StatusOr<v1::RebalanceResponse> r = RemoveServer(address, trigger);
     if (!r.ok()) {
       std::fprintf(stderr, "dmoe-router: controller: could not move the slots of %s (%s): %s\n",
                    address.c_str(), trigger.c_str(), std::string(r.status().message()).c_str());
     }
   }
+}
+
+bool PlacementController::RefuseLeave(const std::string& address) {
+  std::function<void(const std::string&)> cb;
+  const core::Placement placement = experts_->placement();
+  {
+    // Against the servers as they are now: an earlier leave of this poll
+    // round may have made a server inactive.
+    absl::MutexLock lock(&mu_);
+    std::vector<bool> active;
+    int server = -1;
+    for (int s = 0; s < static_cast<int>(servers_.size()); ++s) {
+      active.push_back(servers_[s].active);
+      if (servers_[s].address == address) server = s;
+    }
+    if (server < 0) return false;
+    const std::string why =
+        LeaveRefusal(cfg_, placement, active, server, slots_per_server_);
+    ServerState& s = servers_[server];
+    if (why.empty()) {
+      s.leave_refused.clear();
+      return false;
+    }
+    if (!s.leave_refused.empty()) return true;  // told and counted already
+    s.leave_refused = why;
+    std::fprintf(stderr,
+                 "dmoe-router: controller: refusing the leave of expert server %d (%s): %s; it "
+                 "keeps its slots and serves, and leaves once they can move\n",
+                 server, address.c_str(), why.c_str());
+    cb = on_leave_refused_;
+  }
+  if (cb) cb(address);
+  return true;
 }
 
 void PlacementController::CheckImbalance(absl::Time now) {

@@ -30,7 +30,12 @@
 //   - scale-out: AddServer (a server started with no routed slots joins);
 //   - scale-in: RemoveServer, a server whose status says it is leaving
 //     (SIGTERM), or one unreachable for `lost_after`: its slots go to the
-//     others first, then it holds none.
+//     others first, then it holds none. A leave the others cannot absorb
+//     (active servers - 1) x slots_per_server < experts) is refused: the
+//     controller logs why once, counts it (on_leave_refused), tells the
+//     server in its status polls (ServerStatusRequest.leave_refused; the
+//     server keeps serving) and retries on every poll, so the leave goes
+//     through once a server joins.
 // Servers keep their index for life (StatefulSet names are stable); a server
 // that left holds no slots and is not planned for until added again.
 //
@@ -65,8 +70,8 @@
 namespace dmoe::router {
 
 struct ControllerOptions {
-  // Routed experts per server and layer; 0 = the most any server holds in
-  // the initial placement.
+  // Routed experts per server and layer; 0 = DefaultSlotsPerServer: enough
+  // for one server to leave (N-1 servers hold every expert).
   int slots_per_server = 0;
   bool auto_rebalance = true;  // the imbalance trigger
   double trigger = 1.25;       // worst layer's server max/mean
@@ -87,6 +92,22 @@ struct ControllerOptions {
   absl::Duration peer_timeout = absl::Seconds(10);  // followers re-register every 2 s
 };
 
+// The default routed slots per server and layer for `num_servers` servers
+// and `num_experts` routed experts per layer: the fewest with which
+// num_servers - 1 servers still hold every expert (ceil(E / (N-1))), so that
+// one server can always leave (scale-in, eviction, a rolling update) without
+// an expert losing its last server; the slots beyond E / N hold replicas of
+// hot experts meanwhile. At least `initial_max` (what the starting placement
+// gives a server) and at most E (one server: every expert).
+int DefaultSlotsPerServer(int64_t num_experts, int num_servers, int initial_max);
+
+// Why `server` may not leave, "" when it may: the other active servers
+// (`active`, index = server) x `slots` cannot hold the routed experts of a
+// layer, so experts would have no server. Names a few of the experts only
+// `server` holds in `placement` and the way out.
+std::string LeaveRefusal(const core::ModelConfig& cfg, const core::Placement& placement,
+                         const std::vector<bool>& active, int server, int slots);
+
 class PlacementController {
  public:
   // `window` and `experts` must outlive the controller. InvalidArgument for
@@ -103,6 +124,8 @@ class PlacementController {
   // Called after each applied re-placement (metrics), on the thread that
   // applied it.
   void set_on_replacement(std::function<void(const v1::RebalanceResponse&)> f);
+  // Called once per refused leave (metrics), on the controller's thread.
+  void set_on_leave_refused(std::function<void(const std::string& address)> f);
 
   absl::StatusOr<v1::RebalanceResponse> Rebalance(bool dry_run, const std::string& trigger);
   absl::StatusOr<v1::RebalanceResponse> AddServer(const std::string& address);
@@ -121,6 +144,7 @@ class PlacementController {
     bool leaving = false;   // said so in its status
     absl::Time last_seen = absl::InfinitePast();
     absl::Time first_failure = absl::InfiniteFuture();
+    std::string leave_refused;  // why its current leave is refused ("" = not)
   };
   struct Plan {
     core::Placement placement;
@@ -133,6 +157,10 @@ class PlacementController {
   void Loop();
   void PollServers();
   void CheckImbalance(absl::Time now);
+  // True when the leave of `address` cannot be absorbed (LeaveRefusal): the
+  // first time per leave it logs, records the reason for the server's next
+  // status poll and calls on_leave_refused.
+  bool RefuseLeave(const std::string& address);
   // Plans over the active servers (`servers` lists every index's address).
   absl::StatusOr<Plan> MakePlan(const std::vector<ServerState>& servers,
                                 const std::string& trigger) ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
@@ -159,6 +187,7 @@ class PlacementController {
   absl::Time last_replacement_ ABSL_GUARDED_BY(mu_) = absl::InfinitePast();
   absl::Time armed_since_ ABSL_GUARDED_BY(mu_) = absl::InfiniteFuture();
   std::function<void(const v1::RebalanceResponse&)> on_replacement_ ABSL_GUARDED_BY(mu_);
+  std::function<void(const std::string&)> on_leave_refused_ ABSL_GUARDED_BY(mu_);
   std::map<std::string, absl::Time> peers_ ABSL_GUARDED_BY(mu_);  // follower -> last seen
   std::map<std::string, std::unique_ptr<v1::RouterService::Stub>> peer_stubs_ ABSL_GUARDED_BY(mu_);
 

@@ -322,6 +322,93 @@ TEST_F(ControllerTest, ScaleOutGivesANewServerSlotsAndScaleInEmptiesOne) {
   ExpectComputeExact(13);
 }
 
+TEST(DefaultSlotsPerServer, LetsOneServerLeave) {
+  EXPECT_EQ(DefaultSlotsPerServer(16, 3, 6), 8);    // 2 x 8 = 16 (was 6: 2 x 6 < 16)
+  EXPECT_EQ(DefaultSlotsPerServer(16, 2, 8), 16);   // the other one holds all
+  EXPECT_EQ(DefaultSlotsPerServer(16, 1, 16), 16);  // nobody to leave to
+  EXPECT_EQ(DefaultSlotsPerServer(16, 5, 4), 4);
+  EXPECT_EQ(DefaultSlotsPerServer(256, 8, 32), 37);  // DeepSeek-V3 on 8 servers
+  EXPECT_EQ(DefaultSlotsPerServer(16, 3, 12), 12);   // never below the starting placement
+  for (int n = 2; n <= 20; ++n) {
+    EXPECT_GE(int64_t{DefaultSlotsPerServer(64, n, 0)} * (n - 1), 64) << n;
+  }
+}
+
+TEST_F(ControllerTest, LeaveRefusalNamesTheExpertsOnlyThatServerHolds) {
+  auto p = core::Placement::Contiguous(cfg_, 3);
+  ASSERT_TRUE(p.ok());
+  const std::string why = LeaveRefusal(cfg_, *p, {true, true, true}, 1, 6);
+  EXPECT_THAT(why, HasSubstr("2 other active expert servers x 6 slots cannot hold 16 experts"));
+  EXPECT_THAT(why, HasSubstr(absl::StrCat("only copy of ", 5 * moe_layers_.size(), " experts (layer ",
+                                          moe_layers_[0], " expert 5, ")));
+  EXPECT_THAT(why, HasSubstr("--slots-per-server"));
+  EXPECT_EQ(LeaveRefusal(cfg_, *p, {true, true, true}, 1, 8), "");
+  // A server already gone counts neither as room nor as a replica.
+  EXPECT_THAT(LeaveRefusal(cfg_, *p, {true, false, true, true}, 0, 6), HasSubstr("2 other"));
+}
+
+// Issue 13.3: with the default slot count, one of three servers can leave.
+TEST_F(ControllerTest, DefaultSlotsAbsorbALeaveOfOneOfThreeServers) {
+  StartCluster(3);
+  ControllerOptions o;
+  o.auto_rebalance = false;
+  auto c = MakeController(o);
+  ASSERT_NE(c, nullptr);
+  EXPECT_EQ(c->slots_per_server(), 8);
+  auto removed = c->RemoveServer(addresses_[1], "server-leaving");
+  ASSERT_TRUE(removed.ok()) << removed.status();
+  EXPECT_EQ(servers_[1]->num_slots(), 0);
+  ExpectServersHoldThePlacement();
+  ExpectComputeExact(21);
+}
+
+// Issue 13.3: a leave the others cannot absorb is refused, once (log, metric
+// callback), the server is told and keeps its slots; it goes through once a
+// server joins.
+TEST_F(ControllerTest, LeaveThatCannotBeAbsorbedIsRefusedUntilAServerJoins) {
+  StartCluster(3);
+  ControllerOptions o;
+  o.slots_per_server = 6;  // 2 x 6 < 16
+  o.auto_rebalance = false;
+  o.check_interval = absl::Milliseconds(50);
+  auto c = MakeController(o);
+  ASSERT_NE(c, nullptr);
+  std::atomic<int> refused{0};
+  c->set_on_leave_refused([&](const std::string& address) {
+    EXPECT_EQ(address, addresses_[1]);
+    ++refused;
+  });
+  c->Start();
+  EXPECT_FALSE(servers_[1]->Leave(absl::ZeroDuration()));
+  for (int i = 0; i < 200 && servers_[1]->leave_refused().empty(); ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_THAT(servers_[1]->leave_refused(), HasSubstr("cannot hold 16 experts"));
+  EXPECT_THAT(servers_[1]->leave_refused(), HasSubstr("only copy of"));
+  absl::SleepFor(absl::Milliseconds(300));  // more polls: still one refusal
+  EXPECT_EQ(refused.load(), 1);
+  EXPECT_GT(servers_[1]->num_slots(), 0);
+  EXPECT_EQ(control_->placement().version(), 1u);
+  ExpectComputeExact(22);
+
+  // A fourth server joins: now 3 x 6 >= 16 without server 1, which leaves.
+  nlohmann::json j = control_->placement().ToJson();
+  j["num_servers"] = 4;
+  for (auto& layer : j["layers"]) layer["servers"].push_back(nlohmann::json::array());
+  auto p4 = core::Placement::FromJson(j, cfg_);
+  ASSERT_TRUE(p4.ok()) << p4.status();
+  StartServer(*p4, 3);
+  ASSERT_TRUE(c->AddServer(addresses_[3]).ok());
+  for (int i = 0; i < 500 && servers_[1]->num_slots() > 0; ++i) {
+    absl::SleepFor(absl::Milliseconds(20));
+  }
+  EXPECT_EQ(servers_[1]->num_slots(), 0);
+  c->Stop();
+  EXPECT_EQ(refused.load(), 1);
+  ExpectServersHoldThePlacement();
+  ExpectComputeExact(23);
+}
+
 TEST_F(ControllerTest, BadOptionsAreNamed) {
   StartCluster(2);
   ControllerOptions o;

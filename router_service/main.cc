@@ -32,7 +32,9 @@
 #include "dmoe/v1/router.grpc.pb.h"
 #include "nlohmann/json.hpp"
 #include "prometheus/registry.h"
+#include "grpcpp/health_check_service_interface.h"
 #include "router_service/load_window.h"
+#include "router_service/readiness.h"
 #include "router_service/remote_expert_backend.h"
 #include "router_service/router_metrics.h"
 #include "router_service/router_server.h"
@@ -119,7 +121,13 @@ void DeclareFlags(tools::Args& args) {
             "serves dmoe ctl")
       .Flag("slots-per-server", "N",
             "routed experts per server and MoE layer the controller plans "
-            "(0 = the most any server holds at start)",
+            "(the weight memory of a server; during a switch it briefly holds "
+            "old and new slots). 0 = enough for one server to leave: "
+            "ceil(experts / (servers - 1)), at least what the starting "
+            "placement gives a server; the slots beyond experts / servers "
+            "hold replicas of hot experts. A leave the other servers cannot "
+            "absorb is refused (the server keeps serving; "
+            "moe_router_leaves_refused_total)",
             "0")
       .Flag("rebalance", "auto|manual",
             "auto: re-place on sustained imbalance; manual: only on "
@@ -545,6 +553,8 @@ int Main(int argc, char** argv) {
         PlacementController::Create(*model_cfg, &window, control, cfg->control);
     if (!made.ok()) return Fail(made.status(), 2);
     controller = *std::move(made);
+    controller->set_on_leave_refused(
+        [&metrics](const std::string&) { metrics.RecordLeaveRefused(); });
     controller->set_on_replacement([&metrics, control](const v1::RebalanceResponse& r) {
       metrics.SetServers(control->servers());
       metrics.SetPlacement(control->placement());
@@ -577,9 +587,33 @@ int Main(int argc, char** argv) {
                              {r.server_addresses().begin(), r.server_addresses().end()});
     });
   }
+  // Readiness (readiness.h): with remote experts the router is ready only
+  // while every routed expert has a live server. It shows in GetLoad (the
+  // gateways' health), in the gRPC health of "dmoe.v1.RouterService" (the
+  // readiness probe; "" stays SERVING: the liveness probe) and in
+  // moe_router_ready.
+  std::atomic<grpc::HealthCheckServiceInterface*> health_service{nullptr};
+  std::unique_ptr<ReadinessMonitor> readiness;
+  metrics.SetReady(true);
+  if (control != nullptr) {
+    readiness = std::make_unique<ReadinessMonitor>(
+        *model_cfg, control, nullptr,
+        [&metrics, &health_service](const absl::Status& ready) {
+          metrics.SetReady(ready.ok());
+          if (grpc::HealthCheckServiceInterface* h = health_service.load()) {
+            h->SetServingStatus(v1::RouterService::service_full_name(), ready.ok());
+          }
+        },
+        ReadinessOptions());
+    service.set_readiness([r = readiness.get()] { return r->Ready(); });
+  }
   absl::StatusOr<StartedServer> server =
       StartRouterGrpcServer(&service, cfg->host, cfg->port);
   if (!server.ok()) return Fail(server.status(), 1);
+  if (readiness != nullptr) {
+    health_service = server->server->GetHealthCheckService();
+    readiness->Start();  // one check now: known before the port file says "serving"
+  }
   // Scrapes refresh the balance and scheduler gauges first. Declared after
   // everything its refresh reads, so destroyed (stopped) before them; up
   // before the port file is written, so that the file means "all serving".
@@ -659,6 +693,7 @@ int Main(int argc, char** argv) {
                static_cast<long long>(cfg->grace_ms));
   if (auto* health = server->server->GetHealthCheckService())
     health->Shutdown();
+  if (readiness != nullptr) readiness->Stop();
   if (controller != nullptr) controller->Stop();
   following = false;
   if (follower.joinable()) follower.join();

@@ -113,6 +113,15 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
       replacement_switch_(Histogram(registry, "moe_router_replacement_switch_seconds",
                                     "Time of a re-placement from decision to switch")
                               .Add({}, SwitchBuckets())),
+      leaves_refused_(Counter(registry, "moe_router_leaves_refused_total",
+                              "Scale-in leaves the placement controller refused: the other "
+                              "servers could not hold the leaving server's experts (once per "
+                              "leave)")
+                          .Add({})),
+      ready_(Gauge(registry, "moe_router_ready",
+                   "1 when the router can run a token (every routed expert of the placement "
+                   "has a live expert server), else 0")
+                 .Add({})),
       step_seconds_(Histogram(registry, "moe_router_step_seconds",
                               "Duration of one scheduler step (model forward of a batch); its "
                               "tail shows the latency cost of a re-placement")

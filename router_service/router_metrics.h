@@ -23,6 +23,8 @@
 //   moe_router_server_max_over_mean, moe_router_server_load{server}   over all MoE layers
 //   moe_router_placement_version, moe_router_replacements_total{trigger},
 //   moe_router_replacement_bytes_moved_total, moe_router_replacement_switch_seconds
+//   moe_router_leaves_refused_total                 scale-in leaves the controller refused
+//   moe_router_ready                                1 when every routed expert has a live server
 //   moe_router_active_sequences, moe_router_queued_requests, moe_router_kv_cache_{free,budget}_bytes,
 //   moe_router_steps_total, moe_router_failed_steps_total, moe_router_step_tokens_total
 //   moe_router_step_seconds (histogram: one model step, e.g. through a re-placement)
@@ -101,6 +103,10 @@ class RouterMetrics final : public RemoteExpertObserver {
   // loaded onto servers, `switch_time` from the decision to the switch.
   void RecordReplacement(const std::string& trigger, uint64_t bytes_moved,
                          absl::Duration switch_time);
+  // The controller refused a server's leave (the others cannot hold its experts).
+  void RecordLeaveRefused() { leaves_refused_.Increment(); }
+  // Readiness (router_service/readiness.h): can the model run a token now.
+  void SetReady(bool ready) { ready_.Set(ready ? 1 : 0); }
   // Where the scheduler gauges come from (called by Refresh); set once the
   // scheduler exists. Null = none.
   void SetLoadSource(std::function<SchedulerLoad()> source);
@@ -138,6 +144,8 @@ class RouterMetrics final : public RemoteExpertObserver {
   prometheus::Family<prometheus::Counter>& replacements_;
   prometheus::Counter& replacement_bytes_;
   prometheus::Histogram& replacement_switch_;
+  prometheus::Counter& leaves_refused_;
+  prometheus::Gauge& ready_;
   prometheus::Histogram& step_seconds_;
   prometheus::Gauge& active_sequences_;
   prometheus::Gauge& queued_requests_;

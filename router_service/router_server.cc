@@ -260,6 +260,14 @@ grpc::ServerUnaryReactor* RouterServer::Forward(
 grpc::ServerUnaryReactor* RouterServer::GetLoad(
     grpc::CallbackServerContext* context, const v1::RouterLoadRequest* request,
     v1::RouterLoadResponse* response) {
+  if (readiness_) {
+    if (absl::Status ready = readiness_(); !ready.ok()) {
+      grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
+      reactor->Finish(grpc::Status(static_cast<grpc::StatusCode>(ready.code()),
+                                   std::string(ready.message())));
+      return reactor;
+    }
+  }
   const SchedulerLoad load = scheduler_.GetLoad();
   response->set_active_sequences(static_cast<uint32_t>(load.active_sequences));
   response->set_queued_requests(static_cast<uint32_t>(load.queued_requests));

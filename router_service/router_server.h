@@ -49,6 +49,10 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   // FAILED_PRECONDITION. Called on a worker thread; blocks until switched.
   using PlacementSetter = std::function<absl::Status(const dmoe::v1::SetPlacementRequest&)>;
   void set_placement_setter(PlacementSetter f) { setter_ = std::move(f); }
+  // Whether the router can serve a token now (ReadinessMonitor::Ready); while
+  // it is not OK, GetLoad answers with it (UNAVAILABLE), so that gateways
+  // count this router unhealthy. Unset = always ready. Set before serving.
+  void set_readiness(std::function<absl::Status()> f) { readiness_ = std::move(f); }
   ~RouterServer() override;
 
   grpc::ServerWriteReactor<dmoe::v1::GenerateResponse>* Generate(
@@ -93,6 +97,7 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   Scheduler& scheduler_;
   PlacementController* const controller_;
   PlacementSetter setter_;
+  std::function<absl::Status()> readiness_;
   // Starts `fn` on a worker thread; joins the workers that finished.
   void RunOnWorker(std::function<void()> fn);
   struct Worker {
@@ -104,7 +109,8 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
 };
 
 // A started gRPC server serving `service`, the standard health service
-// (grpc.health.v1, "" and "dmoe.v1.RouterService" SERVING) and server
+// (grpc.health.v1, "" and "dmoe.v1.RouterService" SERVING; dmoe-router then
+// makes "dmoe.v1.RouterService" its readiness, see readiness.h) and server
 // reflection, listening on host:port (port 0 = any free port; the bound port
 // is returned). `service` must outlive the server. UNAVAILABLE when the address
 // cannot be bound.

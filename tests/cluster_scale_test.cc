@@ -4,10 +4,16 @@
 // on one of the first three makes it report "leaving", the controller moves
 // its slots, and it exits cleanly. No request fails and every stream gets the
 // one-process model's tokens. `dmoe ctl` is used against the same router.
+// Then scale-in as issue 13.3 reported it (a leave with the default slot
+// count; a leave the others cannot absorb), and honest health: the router is
+// not ready while an expert has no live server.
 #include <atomic>
 #include <cstdio>
 #include <fstream>
+#include <set>
 #include <thread>
+
+#include "absl/synchronization/mutex.h"
 
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "gtest/gtest.h"
@@ -159,10 +165,178 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
   std::tie(code, out) = Ctl("load --router " + router);
   EXPECT_EQ(code, 0) << out;
   EXPECT_NE(out.find("heatmap"), std::string::npos) << out;
-  // The others cannot take its slots (2 x 6 < 16): it leaves at its timeout.
+  // The others cannot take its slots (2 x 6 < 16): the leave is refused and
+  // the server stays past its 2 s timeout, until a second SIGTERM forces it.
+  ::kill(joiner.pid(), SIGTERM);
+  for (int i = 0; i < 400 && joiner.Log().find("leave refused") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(joiner.Log().find("leave refused"), std::string::npos) << joiner.Log();
   EXPECT_EQ(joiner.Kill(SIGTERM), 0) << joiner.Log();
-  EXPECT_NE(joiner.Log().find("leave timeout"), std::string::npos) << joiner.Log();
+  EXPECT_NE(joiner.Log().find("leave interrupted"), std::string::npos) << joiner.Log();
   EXPECT_EQ(c.router().Kill(SIGTERM), 0) << c.router().Log();
+}
+
+// Streams through the router on `threads` threads until `stop`; counts.
+struct Load {
+  Load(Cluster& c, int threads) {
+    for (int k = 0; k < threads; ++k) {
+      workers.emplace_back([this, &c, k] {
+        while (!stop) {
+          auto got = c.Generate({9 + k, 17, 3, 99}, 4);
+          if (got.ok()) {
+            ++done;
+          } else {
+            ++failed;
+            absl::MutexLock lock(&mu);
+            last_error = got.status().ToString();
+          }
+        }
+      });
+    }
+  }
+  ~Load() { Stop(); }
+  void Stop() {
+    stop = true;
+    for (auto& t : workers) t.join();
+    workers.clear();
+  }
+  void WaitDone(int n) {
+    for (int i = 0; i < 6000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  }
+  std::atomic<bool> stop{false};
+  std::atomic<int> done{0}, failed{0};
+  absl::Mutex mu;
+  std::string last_error;
+  std::vector<std::thread> workers;
+};
+
+// Every routed expert of every layer has a server in the router's placement
+// other than `gone`.
+void ExpectEveryExpertHosted(int router_port, int gone, int num_experts) {
+  const v1::PlacementResponse p = Placement(router_port);
+  const nlohmann::json j = nlohmann::json::parse(p.placement_json());
+  for (const auto& layer : j["layers"]) {
+    std::set<int> hosted;
+    for (size_t s = 0; s < layer["servers"].size(); ++s) {
+      if (static_cast<int>(s) == gone) continue;
+      for (int e : layer["servers"][s]) hosted.insert(e);
+    }
+    EXPECT_EQ(static_cast<int>(hosted.size()), num_experts) << p.placement_json();
+  }
+}
+
+// Issue 13.3, as reported: 3 tiny-v3 servers (16 experts, top-4) with
+// --leave-timeout-s 20 and a controller with its default slot count; SIGTERM
+// on one server. Before: 2 x 6 slots cannot hold 16 experts, the server left
+// at its timeout and every request failed. Now the default (8 slots) absorbs
+// the leave: it exits once its slots moved, and no request fails.
+TEST(ClusterScale, LeaveWithTheDefaultSlotCountIsAbsorbedWithoutAnOutage) {
+  const std::string model = testing::MakeModel("tiny-v3", 35);
+  const std::string dir = testing::FreshDir("cluster_scale_default_slots");
+  Cluster c;
+  c.set_expert_extra({"--leave-timeout-s", "20"});
+  ASSERT_TRUE(c.Start(model, 3, dir, {"--controller", "--rebalance", "manual"}));
+  ASSERT_TRUE(c.StartGateway());
+  Load load(c, 2);
+  load.WaitDone(4);
+  ::kill(c.expert(1).pid(), SIGTERM);
+  EXPECT_EQ(c.expert(1).Wait(std::chrono::seconds(60)), 0) << c.expert(1).Log();
+  EXPECT_NE(c.expert(1).Log().find("slots moved away"), std::string::npos)
+      << c.expert(1).Log() << c.router().Log();
+  const int at_leave = load.done;
+  load.WaitDone(at_leave + 4);
+  load.Stop();
+  EXPECT_EQ(load.failed, 0) << load.last_error << c.router().Log();
+  EXPECT_GE(load.done, at_leave + 4);
+  ExpectEveryExpertHosted(c.router_port(), 1, 16);
+  EXPECT_EQ(c.HttpGet("/health").status, 200);
+  EXPECT_NE(c.router().Log().find("8 slots per server"), std::string::npos) << c.router().Log();
+}
+
+// A leave the others cannot absorb (explicit 6 slots: 2 x 6 < 16) is refused:
+// the server stays past its leave timeout and keeps serving; requests keep
+// succeeding; a second SIGTERM forces it out.
+TEST(ClusterScale, LeaveThatCannotBeAbsorbedIsRefusedAndTheServerKeepsServing) {
+  const std::string model = testing::MakeModel("tiny-v3", 35);
+  const std::string dir = testing::FreshDir("cluster_scale_refused");
+  Cluster c;
+  c.set_expert_extra({"--leave-timeout-s", "2"});
+  ASSERT_TRUE(c.Start(model, 3, dir,
+                      {"--controller", "--rebalance", "manual", "--slots-per-server", "6"}));
+  Load load(c, 2);
+  load.WaitDone(4);
+  ::kill(c.expert(1).pid(), SIGTERM);
+  for (int i = 0; i < 400 && c.expert(1).Log().find("leave refused") == std::string::npos; ++i) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_NE(c.expert(1).Log().find("leave refused by the placement controller"), std::string::npos)
+      << c.expert(1).Log();
+  EXPECT_NE(c.expert(1).Log().find("only copy of"), std::string::npos) << c.expert(1).Log();
+  std::this_thread::sleep_for(std::chrono::seconds(3));  // past its 2 s leave timeout
+  EXPECT_EQ(c.expert(1).Log().find("draining"), std::string::npos) << c.expert(1).Log();
+  const int at_refusal = load.done;
+  load.WaitDone(at_refusal + 4);
+  EXPECT_EQ(load.failed, 0) << load.last_error;
+  EXPECT_GE(load.done, at_refusal + 4);
+  ExpectEveryExpertHosted(c.router_port(), -1, 16);
+  const std::string log = c.router().Log();
+  EXPECT_NE(log.find("refusing the leave of expert server 1"), std::string::npos) << log;
+  EXPECT_EQ(log.find("could not move the slots"), std::string::npos) << log;
+  load.Stop();
+  EXPECT_EQ(c.expert(1).Kill(SIGTERM), 0) << c.expert(1).Log();
+  EXPECT_NE(c.expert(1).Log().find("leave interrupted"), std::string::npos) << c.expert(1).Log();
+}
+
+// Honest health (issue 13.3): with the only server of experts 5-9 killed, the
+// router is not ready (GetLoad UNAVAILABLE naming the expert) and the
+// gateway's /health is 503; both recover when the server returns.
+TEST(ClusterHealth, NotReadyWhileAnExpertHasNoServerAndReadyWhenItReturns) {
+  const std::string model = testing::MakeModel("tiny-v3", 35);
+  const std::string dir = testing::FreshDir("cluster_health");
+  Cluster c;
+  ASSERT_TRUE(c.Start(model, 3, dir));
+  ASSERT_TRUE(c.StartGateway());
+  ASSERT_TRUE(c.Generate({9, 17, 3}, 2).ok());
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(c.router_port()), grpc::InsecureChannelCredentials()));
+  auto get_load = [&] {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+    v1::RouterLoadResponse r;
+    return stub->GetLoad(&ctx, v1::RouterLoadRequest(), &r);
+  };
+  EXPECT_TRUE(get_load().ok());
+
+  ASSERT_EQ(c.expert(1).Kill(SIGKILL), -1);
+  testing::HttpResponse health;
+  for (int i = 0; i < 200; ++i) {
+    health = c.HttpGet("/health");
+    if (health.status == 503) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(health.status, 503) << health.body << c.router().Log();
+  const grpc::Status load = get_load();
+  EXPECT_EQ(load.error_code(), grpc::StatusCode::UNAVAILABLE);
+  EXPECT_NE(load.error_message().find("expert 5 has no live expert server"), std::string::npos)
+      << load.error_message();
+  EXPECT_NE(c.router().Log().find("NOT ready"), std::string::npos) << c.router().Log();
+
+  ASSERT_TRUE(c.StartExpert(1));
+  for (int i = 0; i < 300; ++i) {
+    health = c.HttpGet("/health");
+    if (health.status == 200) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(50));
+  }
+  EXPECT_EQ(health.status, 200) << health.body << c.router().Log();
+  EXPECT_TRUE(get_load().ok());
+  absl::StatusOr<std::vector<int32_t>> got;
+  for (int i = 0; i < 50; ++i) {  // the router's stream to the new process reconnects
+    got = c.Generate({9, 17, 3}, 2);
+    if (got.ok()) break;
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+  }
+  EXPECT_TRUE(got.ok()) << got.status();
 }
 
 }  // namespace
