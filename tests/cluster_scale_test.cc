@@ -16,6 +16,7 @@
 #include "absl/synchronization/mutex.h"
 
 #include "dmoe/v1/expert.grpc.pb.h"
+#include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster_util.h"
@@ -177,6 +178,34 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
   EXPECT_EQ(c.router().Kill(SIGTERM), 0) << c.router().Log();
 }
 
+// grpc.health.v1.Health/Check of `service` at 127.0.0.1:port, without
+// generated code (as deploy/docker/grpc_health_probe.cc): 1 SERVING,
+// 2 NOT_SERVING, -1 when the call fails.
+int HealthStatus(int port, const std::string& service) {
+  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
+                                     grpc::InsecureChannelCredentials());
+  grpc::GenericStub stub(channel);
+  std::string req;
+  if (!service.empty()) req = std::string("\x0a") + static_cast<char>(service.size()) + service;
+  grpc::Slice slice(req);
+  grpc::ByteBuffer request(&slice, 1), response;
+  grpc::ClientContext ctx;
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
+  grpc::CompletionQueue cq;
+  auto call = stub.PrepareUnaryCall(&ctx, "/grpc.health.v1.Health/Check", request, &cq);
+  call->StartCall();
+  grpc::Status st;
+  call->Finish(&response, &st, reinterpret_cast<void*>(1));
+  void* tag;
+  bool ok;
+  if (!cq.Next(&tag, &ok) || !ok || !st.ok()) return -1;
+  std::vector<grpc::Slice> slices;
+  if (!response.Dump(&slices).ok()) return -1;
+  std::string bytes;
+  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : 0;
+}
+
 // Streams through the router on `threads` threads until `stop`; counts.
 struct Load {
   Load(Cluster& c, int threads) {
@@ -307,6 +336,9 @@ TEST(ClusterHealth, NotReadyWhileAnExpertHasNoServerAndReadyWhenItReturns) {
     return stub->GetLoad(&ctx, v1::RouterLoadRequest(), &r);
   };
   EXPECT_TRUE(get_load().ok());
+  // Readiness (the k8s readinessProbe's service) and liveness ("").
+  EXPECT_EQ(HealthStatus(c.router_port(), "dmoe.v1.RouterService"), 1);
+  EXPECT_EQ(HealthStatus(c.router_port(), ""), 1);
 
   ASSERT_EQ(c.expert(1).Kill(SIGKILL), -1);
   testing::HttpResponse health;
@@ -321,6 +353,8 @@ TEST(ClusterHealth, NotReadyWhileAnExpertHasNoServerAndReadyWhenItReturns) {
   EXPECT_NE(load.error_message().find("expert 5 has no live expert server"), std::string::npos)
       << load.error_message();
   EXPECT_NE(c.router().Log().find("NOT ready"), std::string::npos) << c.router().Log();
+  EXPECT_EQ(HealthStatus(c.router_port(), "dmoe.v1.RouterService"), 2);
+  EXPECT_EQ(HealthStatus(c.router_port(), ""), 1) << "still live: no restart";
 
   ASSERT_TRUE(c.StartExpert(1));
   for (int i = 0; i < 300; ++i) {
@@ -330,6 +364,7 @@ TEST(ClusterHealth, NotReadyWhileAnExpertHasNoServerAndReadyWhenItReturns) {
   }
   EXPECT_EQ(health.status, 200) << health.body << c.router().Log();
   EXPECT_TRUE(get_load().ok());
+  EXPECT_EQ(HealthStatus(c.router_port(), "dmoe.v1.RouterService"), 1);
   absl::StatusOr<std::vector<int32_t>> got;
   for (int i = 0; i < 50; ++i) {  // the router's stream to the new process reconnects
     got = c.Generate({9, 17, 3}, 2);
