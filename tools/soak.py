@@ -71,15 +71,18 @@ def percentiles(xs):
     return {"n": len(s), "p50": p(50), "p90": p(90), "p99": p(99), "max": s[-1]}
 
 
-def read_rss_kb(pid):
+def read_status(pid):
+    """(VmRSS kB, RssAnon kB, Threads) of a live process, or None."""
+    v = {}
     try:
         with open("/proc/%d/status" % pid) as f:
             for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1])
-    except (OSError, ValueError):
-        pass
-    return None
+                k, _, rest = line.partition(":")
+                if k in ("VmRSS", "RssAnon", "Threads"):
+                    v[k] = int(rest.split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+    return (v["VmRSS"], v.get("RssAnon", 0), v.get("Threads", 0)) if "VmRSS" in v else None
 
 
 # ----------------------------------------------------------------------------
@@ -607,9 +610,9 @@ def main():
                 t = now() - t_start
                 for p in cluster.procs():
                     if p.alive():
-                        kb = read_rss_kb(p.popen.pid)
-                        if kb:
-                            rss.setdefault(p.role, []).append((t, p.popen.pid, kb))
+                        st = read_status(p.popen.pid)
+                        if st:
+                            rss.setdefault(p.role, []).append((t, p.popen.pid) + st)
                     elif not p.expected_exit and p.popen.returncode is not None:
                         p.expected_exit = True
                         crashes.append({"role": p.role, "t": round(t, 1),
@@ -690,9 +693,9 @@ def main():
         t = now() - t_start
         for p in cluster.procs():
             if p.alive():
-                kb = read_rss_kb(p.popen.pid)
-                if kb:
-                    rss.setdefault(p.role, []).append((t, p.popen.pid, kb))
+                st = read_status(p.popen.pid)
+                if st:
+                    rss.setdefault(p.role, []).append((t, p.popen.pid) + st)
     except KeyboardInterrupt:
         interrupted = True
         notes.append("interrupted")
@@ -751,10 +754,13 @@ def build_report(args, cluster, work, elapsed, warmup, results, gaps, rss, resta
             entry["warm_kb"] = warm[2]
             entry["warm_t"] = round(warm[0], 1)
             entry["growth_pct"] = round(100.0 * (end[2] - warm[2]) / warm[2], 2)
+            entry["anon_warm_kb"], entry["anon_end_kb"] = warm[3], end[3]
+            entry["threads_warm"], entry["threads_end"] = warm[4], end[4]
             entry["gated"] = role not in restarted
         # The series, thinned to at most ~120 points, for plotting / inspection.
         step = max(1, len(samples) // 120)
-        entry["series"] = [[round(t, 1), kb] for t, _, kb in samples[::step]]
+        entry["series"] = [[round(x[0], 1), x[2], x[3], x[4]] for x in samples[::step]]
+        entry["series_columns"] = ["t_s", "rss_kb", "rss_anon_kb", "threads"]
         procs[role] = entry
     reasons = []
     if failed:
@@ -832,11 +838,12 @@ def print_report(r):
         if p:
             print("%-16s ms: p50 %7.1f  p90 %7.1f  p99 %7.1f  max %7.1f  (n=%d)" %
                   (name, p["p50"], p["p90"], p["p99"], p["max"], p["n"]))
-    print("RSS (MiB)        warm-up     end     max  growth  gated")
+    print("RSS (MiB)        warm-up     end     max  growth  threads  gated")
     for role, e in r["rss"].items():
         w = "%8.1f" % (e["warm_kb"] / 1024) if e["warm_kb"] else "       -"
         g = "%6.2f%%" % e["growth_pct"] if e["growth_pct"] is not None else "      -"
-        print("%-14s %s %7.1f %7.1f %s  %s%s" % (role, w, e["end_kb"] / 1024, e["max_kb"] / 1024, g,
+        th = "%3s->%-3s" % (e.get("threads_warm", "-"), e.get("threads_end", "-"))
+        print("%-14s %s %7.1f %7.1f %s  %s  %s%s" % (role, w, e["end_kb"] / 1024, e["max_kb"] / 1024, g, th,
                                                 "yes" if e["gated"] else "no",
                                                 " (restarted)" if e["restarted"] else ""))
     ok_kills = sum(1 for k in r["kills"] if k.get("ok"))
