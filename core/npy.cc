@@ -47,29 +47,45 @@ absl::StatusOr<NpyArray> ReadNpyF32(const std::string& path) {
   std::ifstream in(path, std::ios::binary);
   if (!in) return absl::NotFoundError(absl::StrCat("npy: cannot open ", path));
   std::string bytes((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
+  return ParseNpyF32(bytes, path);
+}
+
+absl::StatusOr<NpyArray> ParseNpyF32(std::string_view bytes, const std::string& name) {
   if (bytes.size() < 10 || std::memcmp(bytes.data(), "\x93NUMPY", 6) != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("npy: ", path, " is not a .npy file"));
+    return absl::InvalidArgumentError(absl::StrCat("npy: ", name, " is not a .npy file"));
   }
   const size_t hlen = static_cast<unsigned char>(bytes[8]) |
                       (static_cast<size_t>(static_cast<unsigned char>(bytes[9])) << 8);
   if (10 + hlen > bytes.size()) return absl::InvalidArgumentError("npy: truncated header");
-  const std::string header = bytes.substr(10, hlen);
+  const std::string header(bytes.substr(10, hlen));
   if (header.find("'<f4'") == std::string::npos || header.find("False") == std::string::npos) {
     return absl::InvalidArgumentError("npy: only little-endian float32 C-order arrays are supported");
   }
   NpyArray a;
   const size_t lp = header.find('('), rp = header.find(')');
-  if (lp == std::string::npos || rp == std::string::npos) return absl::InvalidArgumentError("npy: no shape");
-  int64_t n = 1;
+  if (lp == std::string::npos || rp == std::string::npos || rp < lp) {
+    return absl::InvalidArgumentError("npy: no shape");
+  }
+  // The element count is checked for overflow: a lying header must neither
+  // wrap the size check nor make us allocate.
+  size_t n = 1;
+  bool overflow = false;
   for (absl::string_view d : absl::StrSplit(header.substr(lp + 1, rp - lp - 1), ',', absl::SkipWhitespace())) {
     int64_t v;
     if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(d), &v)) return absl::InvalidArgumentError("npy: bad shape");
+    if (v < 0) return absl::InvalidArgumentError(absl::StrCat("npy: negative dim ", v));
     a.shape.push_back(v);
-    n *= v;
+    overflow |= __builtin_mul_overflow(n, static_cast<size_t>(v), &n);
+  }
+  for (int64_t v : a.shape) {
+    if (v == 0) n = 0, overflow = false;
+  }
+  if (overflow || n > (bytes.size() - 10 - hlen) / 4) {
+    return absl::InvalidArgumentError("npy: data size mismatch");
   }
   if (10 + hlen + n * 4 != bytes.size()) return absl::InvalidArgumentError("npy: data size mismatch");
   a.data.resize(n);
-  std::memcpy(a.data.data(), bytes.data() + 10 + hlen, n * 4);
+  if (n != 0) std::memcpy(a.data.data(), bytes.data() + 10 + hlen, n * 4);
   return a;
 }
 

@@ -6,6 +6,7 @@
 #include <cstdint>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -20,6 +21,8 @@ struct NpyArray {
   std::vector<float> data;
 };
 absl::StatusOr<NpyArray> ReadNpyF32(const std::string& path);
+// The same from a file's contents; `name` stands for the path in errors.
+absl::StatusOr<NpyArray> ParseNpyF32(std::string_view bytes, const std::string& name = "<memory>");
 
 }  // namespace dmoe::core
 

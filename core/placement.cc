@@ -85,10 +85,20 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const Mod
         "placement: expected {\"version\": V, \"num_servers\": N, \"layers\": [...]}");
   }
   Placement p;
-  p.num_servers_ = j["num_servers"].get<int>();
-  if (p.num_servers_ < 1) return absl::InvalidArgumentError("placement: num_servers must be >= 1");
+  const int64_t num_servers = j["num_servers"].get<int64_t>();
+  if (num_servers < 1) return absl::InvalidArgumentError("placement: num_servers must be >= 1");
+  if (num_servers > std::numeric_limits<int>::max()) {
+    return absl::InvalidArgumentError(absl::StrCat("placement: num_servers ", num_servers, " is too large"));
+  }
+  p.num_servers_ = static_cast<int>(num_servers);
+  if (j.contains("version") && !(j["version"].is_number_unsigned() ||
+                                 (j["version"].is_number_integer() && j["version"].get<int64_t>() >= 0))) {
+    return absl::InvalidArgumentError("placement: \"version\" must be a non-negative integer");
+  }
   p.version_ = j.value("version", static_cast<uint64_t>(1));
-  p.slots_.assign(cfg.num_hidden_layers, std::vector<std::vector<int32_t>>(p.num_servers_));
+  // A layer's server lists are allocated once its JSON has that many (so a
+  // huge num_servers costs nothing before it is refused); dense layers at the end.
+  p.slots_.assign(cfg.num_hidden_layers, {});
   std::set<int64_t> seen;
   for (const auto& lj : j["layers"]) {
     if (!lj.is_object() || !lj.contains("layer") || !lj["layer"].is_number_integer() ||
@@ -107,6 +117,7 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const Mod
                                                      lj["servers"].size(), " servers, expected ",
                                                      p.num_servers_));
     }
+    p.slots_[l].resize(p.num_servers_);
     for (int s = 0; s < p.num_servers_; ++s) {
       const auto& sj = lj["servers"][s];
       if (!sj.is_array()) return absl::InvalidArgumentError("placement: server slots must be arrays");
@@ -114,6 +125,14 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const Mod
         if (!e.is_number_integer()) {
           return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " server ", s,
                                                          ": expert ids must be integers"));
+        }
+        const bool in_range = e.is_number_unsigned()
+                                  ? e.get<uint64_t>() < static_cast<uint64_t>(cfg.n_routed_experts)
+                                  : e.get<int64_t>() >= 0 && e.get<int64_t>() < cfg.n_routed_experts;
+        if (!in_range) {
+          return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " server ", s,
+                                                         ": expert id ", e.dump(), " out of range [0, ",
+                                                         cfg.n_routed_experts, ")"));
         }
         p.slots_[l][s].push_back(e.get<int32_t>());
       }
@@ -125,6 +144,7 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const Mod
       return absl::InvalidArgumentError(absl::StrCat("placement: MoE layer ", l, " is missing"));
     }
   }
+  for (auto& layer : p.slots_) layer.resize(p.num_servers_);
   DMOE_RETURN_IF_ERROR(p.Index(cfg));
   return p;
 }

@@ -2,6 +2,7 @@
 
 #include <random>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace dmoe::core {
@@ -51,6 +52,36 @@ TEST(Placement, JsonRoundTripAndValidation) {
   j["layers"].erase(1);
   EXPECT_NE(Placement::FromJson(j, Cfg()).status().message().find("MoE layer 2 is missing"),
             std::string::npos);
+}
+
+// Found by fuzz/placement_fuzz: a non-numeric "version" threw out of FromJson
+// (nlohmann type_error: the process aborted), a huge num_servers allocated
+// layers x num_servers lists before any check (OOM), and expert ids beyond
+// int32 were truncated into range (4294967297 -> 1).
+TEST(Placement, FromJsonRejectsBadVersionHugeServerCountAndWideIds) {
+  auto p = Placement::Contiguous(Cfg(), 2, 7);
+  ASSERT_TRUE(p.ok());
+  nlohmann::json j = p->ToJson();
+  j["version"] = "x";
+  auto st = Placement::FromJson(j, Cfg()).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("\"version\" must be a non-negative integer"));
+  j["version"] = -1;
+  EXPECT_EQ(Placement::FromJson(j, Cfg()).status().code(), absl::StatusCode::kInvalidArgument);
+
+  j = p->ToJson();
+  j["num_servers"] = 1000000000;
+  st = Placement::FromJson(j, Cfg()).status();
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("lists 2 servers, expected 1000000000"));
+  j["num_servers"] = int64_t{1} << 40;
+  st = Placement::FromJson(j, Cfg()).status();
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("num_servers 1099511627776 is too large"));
+
+  j = p->ToJson();
+  j["layers"][0]["servers"][0][0] = (int64_t{1} << 32) + 1;
+  st = Placement::FromJson(j, Cfg()).status();
+  EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("expert id 4294967297 out of range"));
 }
 
 TEST(SplitByServer, OncePerServerWithLocalAssignments) {

@@ -127,8 +127,27 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
   file->path_ = path;
   file->map_ = map;
   file->map_size_ = file_size;
-  const auto* base = static_cast<const uint8_t*>(map);
+  DMOE_RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), file_size));
+  return file;
+}
 
+absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
+    std::string bytes, const std::string& name) {
+  std::unique_ptr<SafetensorsFile> file(new SafetensorsFile());
+  file->path_ = name;
+  file->bytes_ = std::move(bytes);
+  const std::string& b = file->bytes_;
+  if (b.size() < 8) {
+    return Invalid(name, absl::StrCat("file is ", b.size(),
+                                      " bytes, shorter than the 8-byte header length"));
+  }
+  DMOE_RETURN_IF_ERROR(file->Parse(reinterpret_cast<const uint8_t*>(b.data()), b.size()));
+  return file;
+}
+
+absl::Status SafetensorsFile::Parse(const uint8_t* base, uint64_t file_size) {
+  const std::string& path = path_;
+  SafetensorsFile* file = this;
   uint64_t header_len = 0;
   for (int i = 7; i >= 0; --i)
     header_len = (header_len << 8) | base[i];  // little-endian
@@ -286,7 +305,7 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
     }
     if (furthest == nullptr || r.end > furthest->end) furthest = &r;
   }
-  return file;
+  return absl::OkStatus();
 }
 
 SafetensorsFile::~SafetensorsFile() {
@@ -329,6 +348,38 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
 
 }  // namespace
 
+absl::StatusOr<std::map<std::string, std::vector<std::string>>> ParseSafetensorsIndex(
+    std::string_view text, const std::string& ipath) {
+  std::map<std::string, std::vector<std::string>> shards;
+  json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
+  if (index.is_discarded() || !index.is_object()) {
+    return Invalid(ipath, "not a JSON object");
+  }
+  if (!index.contains("weight_map") || !index["weight_map"].is_object()) {
+    return Invalid(ipath, "missing object 'weight_map'");
+  }
+  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end();
+       ++it) {
+    if (!it.value().is_string()) {
+      return Invalid(
+          ipath,
+          absl::StrCat("weight_map['", it.key(), "'] is a JSON ",
+                       JsonTypeName(it.value()), ", expected a file name"));
+    }
+    const std::string shard = it.value().get<std::string>();
+    if (shard.empty() || shard.find('/') != std::string::npos ||
+        shard.find("..") != std::string::npos) {
+      return Invalid(
+          ipath,
+          absl::StrCat("weight_map['", it.key(), "']: shard name '", shard,
+                       "' must be a plain file name in the directory"));
+    }
+    shards[shard].push_back(it.key());
+  }
+  if (shards.empty()) return Invalid(ipath, "'weight_map' is empty");
+  return shards;
+}
+
 absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
     const std::string& dir) {
   namespace fs = std::filesystem;
@@ -349,32 +400,7 @@ absl::StatusOr<std::unique_ptr<Checkpoint>> Checkpoint::Open(
   if (has_index) {
     const std::string ipath = index_path.string();
     DMOE_ASSIGN_OR_RETURN(std::string text, ReadTextFile(ipath));
-    json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (index.is_discarded() || !index.is_object()) {
-      return Invalid(ipath, "not a JSON object");
-    }
-    if (!index.contains("weight_map") || !index["weight_map"].is_object()) {
-      return Invalid(ipath, "missing object 'weight_map'");
-    }
-    for (auto it = index["weight_map"].begin(); it != index["weight_map"].end();
-         ++it) {
-      if (!it.value().is_string()) {
-        return Invalid(
-            ipath,
-            absl::StrCat("weight_map['", it.key(), "'] is a JSON ",
-                         JsonTypeName(it.value()), ", expected a file name"));
-      }
-      const std::string shard = it.value().get<std::string>();
-      if (shard.empty() || shard.find('/') != std::string::npos ||
-          shard.find("..") != std::string::npos) {
-        return Invalid(
-            ipath,
-            absl::StrCat("weight_map['", it.key(), "']: shard name '", shard,
-                         "' must be a plain file name in the directory"));
-      }
-      shards[shard].push_back(it.key());
-    }
-    if (shards.empty()) return Invalid(ipath, "'weight_map' is empty");
+    DMOE_ASSIGN_OR_RETURN(shards, ParseSafetensorsIndex(text, ipath));
   } else if (fs::exists(root / "model.safetensors", ec)) {
     shards["model.safetensors"];
   } else {

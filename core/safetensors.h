@@ -46,6 +46,10 @@ std::string ShapeString(std::span<const int64_t> shape);
 class SafetensorsFile {
  public:
   static absl::StatusOr<std::unique_ptr<SafetensorsFile>> Open(const std::string& path);
+  // The same validation over a file's contents held in memory (kept by the
+  // object); `name` stands for the path in errors. For tests and fuzzing.
+  static absl::StatusOr<std::unique_ptr<SafetensorsFile>> FromBytes(
+      std::string bytes, const std::string& name = "<memory>");
   ~SafetensorsFile();
   SafetensorsFile(const SafetensorsFile&) = delete;
   SafetensorsFile& operator=(const SafetensorsFile&) = delete;
@@ -61,12 +65,23 @@ class SafetensorsFile {
 
  private:
   SafetensorsFile() = default;
+  // Validates the header of the `size` bytes at `base` (the mapping or bytes_)
+  // and fills tensors_ and metadata_.
+  absl::Status Parse(const uint8_t* base, uint64_t size);
   std::string path_;
   void* map_ = nullptr;
   size_t map_size_ = 0;
+  std::string bytes_;  // the contents when made by FromBytes (no mapping)
   std::map<std::string, TensorView, std::less<>> tensors_;
   std::map<std::string, std::string> metadata_;
 };
+
+// The "weight_map" of model.safetensors.index.json's contents `text`: shard
+// file name -> the tensors the index puts in it. INVALID_ARGUMENT naming
+// `path` when it is not an object with a non-empty "weight_map" of plain file
+// names.
+absl::StatusOr<std::map<std::string, std::vector<std::string>>> ParseSafetensorsIndex(
+    std::string_view text, const std::string& path);
 
 class Checkpoint {
  public:

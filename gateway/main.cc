@@ -45,8 +45,13 @@ void DeclareFlags(tools::Args& args) {
       .Flag("max-body-bytes", "N", "largest accepted request body", "8388608")
       .Flag("max-inflight", "N", "generations in flight before HTTP 429 / RESOURCE_EXHAUSTED",
             "256")
-      .Flag("threads", "N", "HTTP worker threads, one per open connection (0 = max-inflight + 16)",
+      .Flag("threads", "N",
+            "HTTP handler threads, one per request being answered; idle connections hold none "
+            "(0 = max-inflight + 16)",
             "0")
+      .Flag("max-connections", "N", "open HTTP connections before new ones get 503", "4096")
+      .Flag("idle-timeout-s", "S", "an idle keep-alive connection is closed after S seconds",
+            "5")
       .Flag("request-timeout-s", "S", "deadline of one generation, seconds", "600")
       .Flag("max-tokens-limit", "N", "largest max_tokens accepted (routers also check the context)",
             "1048576")
@@ -124,6 +129,10 @@ absl::StatusOr<Config> ReadFlags(const tools::Args& args) {
   g.max_inflight = static_cast<int>(inflight);
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 100000));
   g.http.threads = static_cast<int>(threads);
+  DMOE_ASSIGN_OR_RETURN(int64_t conns, IntIn(args, "max-connections", 1, 1000000));
+  g.http.max_connections = static_cast<size_t>(conns);
+  DMOE_ASSIGN_OR_RETURN(int64_t idle, IntIn(args, "idle-timeout-s", 1, 3600));
+  g.http.keep_alive_timeout = absl::Seconds(idle);
   DMOE_ASSIGN_OR_RETURN(int64_t timeout, IntIn(args, "request-timeout-s", 1, 86400));
   g.http.request_timeout = absl::Seconds(timeout);
   DMOE_ASSIGN_OR_RETURN(int64_t max_tokens, IntIn(args, "max-tokens-limit", 1, 1 << 30));

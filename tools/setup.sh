@@ -13,6 +13,9 @@ PKGS=(
   libgrpc++-dev protobuf-compiler-grpc libprotobuf-dev protobuf-compiler
   prometheus-cpp-dev libcpp-httplib-dev libgoogle-perftools-dev
   libgtest-dev libgmock-dev libbenchmark-dev
+  # fuzz targets (tools/fuzz.sh): clang 14 with libFuzzer and the sanitizer runtimes,
+  # its OpenMP (find_package(OpenMP) under clang), llvm-symbolizer for the reports
+  clang-14 libclang-rt-14-dev libomp-14-dev llvm-14
   # programs the tests run: prometheus + promtool (observability, alert rules),
   # docker-compose, yamllint, python3 + PyYAML, jq and curl (deploy/ scripts)
   prometheus docker-compose yamllint python3 python3-yaml jq curl ca-certificates

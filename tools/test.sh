@@ -37,5 +37,8 @@ for level in "${ISA_LEVELS[@]:0:${#ISA_LEVELS[@]}-1}"; do
     -R "^($(IFS='|'; echo "${ISA_TESTS[*]}"))\$"
 done
 
+echo "== fuzz targets (libFuzzer, ASan + UBSan), 60 s each"
+bash tools/fuzz.sh 60
+
 echo "== all tests"
 ctest --test-dir build --output-on-failure

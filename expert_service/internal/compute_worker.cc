@@ -7,23 +7,10 @@
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
 #include "core/wire.h"
+#include "expert_service/internal/request_validation.h"
 
 namespace dmoe::expert::internal {
 namespace {
-
-absl::StatusOr<core::WireDType> WireType(int dtype, const char* what) {
-  switch (dtype) {
-    case v1::ACTIVATION_DTYPE_BF16:
-      return core::WireDType::kBF16;
-    case v1::ACTIVATION_DTYPE_F32:
-      return core::WireDType::kF32;
-    case v1::ACTIVATION_DTYPE_F8_E4M3:
-      return core::WireDType::kF8E4M3;
-    default:
-      return absl::InvalidArgumentError(absl::StrCat(
-          what, " dtype ", dtype, " is not one of BF16, F32, F8_E4M3"));
-  }
-}
 
 uint64_t ItemRows(const WorkItem& item) {
   uint64_t rows = 0;
@@ -151,16 +138,8 @@ void ComputeWorker::Loop() {
 
 absl::Status ComputeWorker::Append(const WorkItem& item) {
   const v1::ExpertRequest& c0 = *item.chunks[0];
-  const int64_t layer = c0.layer();
-  if (layer >= cfg_.num_hidden_layers || !cfg_.IsMoeLayer(layer)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, " is not a MoE layer"));
-  }
   DMOE_ASSIGN_OR_RETURN(const core::WireDType in_type,
-                        WireType(c0.x().dtype(), "x"));
-  if (c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED) {
-    DMOE_RETURN_IF_ERROR(WireType(c0.reply_dtype(), "reply").status());
-  }
+                        ValidateExpertRequest(c0, cfg_));
 
   // Roll the batch back to where it was when this request fails.
   const int64_t tokens0 = tokens_;
@@ -176,81 +155,13 @@ absl::Status ComputeWorker::Append(const WorkItem& item) {
   for (size_t i = 0; i < item.chunks.size(); ++i) {
     const v1::ExpertRequest& c = *item.chunks[i];
     const std::string where = ChunkPrefix(item, i);
-    if (c.layer() != c0.layer() ||
-        c.placement_version() != c0.placement_version() ||
-        c.x().dtype() != c0.x().dtype() ||
-        c.reply_dtype() != c0.reply_dtype() ||
-        c.per_assignment_reply() != c0.per_assignment_reply()) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where,
-                       "layer, placement_version, x dtype, reply_dtype and "
-                       "per_assignment_reply must equal chunk 0's")));
+    if (absl::Status st =
+            ValidateExpertChunk(c0, c, cfg_, in_type, slots_, where);
+        !st.ok()) {
+      return fail(std::move(st));
     }
     const int64_t rows = c.x().rows();
-    if (c.x().cols() != hidden_) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where, "x has ", c.x().cols(),
-                       " columns, expected hidden size ", hidden_)));
-    }
     const auto& off = c.token_offsets();
-    if (off.size() != rows + 1) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where, "token_offsets has ", off.size(),
-                       " entries, expected x rows + 1 = ", rows + 1)));
-    }
-    if (off[0] != 0) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where, "token_offsets[0] is ", off[0], ", expected 0")));
-    }
-    for (int64_t t = 0; t < rows; ++t) {
-      if (off[t + 1] < off[t]) {
-        return fail(absl::InvalidArgumentError(
-            absl::StrCat(where, "token_offsets decrease at token ", t, " (",
-                         off[t], " -> ", off[t + 1], ")")));
-      }
-    }
-    const int64_t num_assignments = c.expert_ids_size();
-    if (off[rows] != num_assignments || c.weights_size() != num_assignments) {
-      return fail(absl::InvalidArgumentError(absl::StrCat(
-          where, "token_offsets end at ", off[rows], " but there are ",
-          num_assignments, " expert_ids and ", c.weights_size(), " weights")));
-    }
-    if (c.shared_duty_size() != 0 && c.shared_duty_size() != rows) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where, "shared_duty has ", c.shared_duty_size(),
-                       " entries, expected 0 or ", rows)));
-    }
-    if (cfg_.n_shared_experts == 0) {
-      for (bool d : c.shared_duty()) {
-        if (d) {
-          return fail(absl::InvalidArgumentError(absl::StrCat(
-              where,
-              "shared duty requested but the model has no shared experts")));
-        }
-      }
-    }
-    for (int64_t a = 0; a < num_assignments; ++a) {
-      if (!std::isfinite(c.weights(a))) {
-        return fail(absl::InvalidArgumentError(absl::StrCat(
-            where, "weight ", a, " is not finite (", c.weights(a), ")")));
-      }
-    }
-    {
-      const std::span<const int32_t> ids(c.expert_ids().data(),
-                                         c.expert_ids_size());
-      absl::Status held = slots_.CheckHeld(c.placement_version(),
-                                           static_cast<int32_t>(layer), ids);
-      if (!held.ok())
-        return fail(
-            absl::Status(held.code(), where + std::string(held.message())));
-    }
-    const uint64_t want =
-        static_cast<uint64_t>(rows) * hidden_ * core::WireElementSize(in_type);
-    if (c.x().data().size() != want) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat(where, "x payload [", rows, ", ", hidden_, "] needs ",
-                       want, " bytes, got ", c.x().data().size())));
-    }
     const size_t need = static_cast<size_t>(tokens_ + rows) * hidden_;
     if (x_.size() < need) x_.resize(need);
     {
