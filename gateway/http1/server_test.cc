@@ -10,6 +10,7 @@
 #include <atomic>
 #include <string>
 #include <thread>
+#include <vector>
 
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
@@ -353,6 +354,28 @@ TEST_F(ServerTest, Stop_WaitsForTheRequestInFlightAndRefusesNewConnections) {
   EXPECT_THAT(got, HasSubstr("Connection: close"));
   RawClient late(port_);
   EXPECT_FALSE(late.connected());
+}
+
+// Slow and idle clients hold no handler thread: with one thread and 200
+// connections that trickle partial heads or sit idle after a request, a
+// normal request is still answered at once.
+TEST_F(ServerTest, SlowAndIdleClients_DoNotHoldTheHandlerThreads) {
+  ServerOptions o;
+  o.threads = 1;
+  Start(o);
+  std::vector<std::unique_ptr<RawClient>> slow;
+  for (int i = 0; i < 200; ++i) {
+    slow.push_back(std::make_unique<RawClient>(port_));
+    ASSERT_TRUE(slow.back()->connected());
+    ASSERT_TRUE(slow.back()->Send(i % 2 == 0 ? "GET /slowloris HTTP/1.1\r\nHost: x\r\nX-a: "
+                                             : "GET /idle HTTP/1.1\r\nHost: x\r\n\r\n"));
+  }
+  RawClient c(port_);
+  const absl::Time t0 = absl::Now();
+  ASSERT_TRUE(c.Send("GET /normal HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  const std::string got = c.ReadToClose(absl::Seconds(3));
+  EXPECT_LT(absl::Now() - t0, absl::Milliseconds(500));
+  EXPECT_THAT(got, HasSubstr("path=/normal"));
 }
 
 TEST(ServerStart, PortInUse_IsUnavailableNamingTheAddress) {
