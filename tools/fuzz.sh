@@ -27,6 +27,13 @@ else
   done
 fi
 
+for name in "${TARGETS[@]}"; do
+  if [[ ! -x build-fuzz/fuzz/${name}_fuzz ]]; then
+    echo "fuzz: no target ${name}_fuzz in build-fuzz (fuzz/CMakeLists.txt must declare every fuzz/*_fuzz.cc)" >&2
+    exit 1
+  fi
+done
+
 RUN_DIR=build-fuzz/runs/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
