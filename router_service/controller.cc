@@ -225,6 +225,7 @@ void PlacementController::PollServers() {
     absl::MutexLock lock(&mu_);
     for (int i = 0; i < n && i < static_cast<int>(servers_.size()); ++i) {
       ServerState& s = servers_[i];
+      if (!s.active || (st[i].ok() && !status[i].leaving())) s.remove_error.clear();
       if (st[i].ok()) {
         s.last_seen = now;
         s.first_failure = absl::InfiniteFuture();
@@ -242,9 +243,23 @@ void PlacementController::PollServers() {
   for (const auto& [address, trigger] : remove) {
     if (trigger == "server-leaving" && RefuseLeave(address)) continue;
     absl::StatusOr<v1::RebalanceResponse> r = RemoveServer(address, trigger);
-    if (!r.ok()) {
-      std::fprintf(stderr, "dmoe-router: controller: could not move the slots of %s (%s): %s\n",
-                   address.c_str(), trigger.c_str(), std::string(r.status().message()).c_str());
+    if (r.ok()) continue;
+    // Retried every poll: log when the reason changes, not once a second.
+    const std::string why = absl::StrCat(trigger, ": ", r.status().message());
+    bool changed = false;
+    {
+      absl::MutexLock lock(&mu_);
+      for (ServerState& s : servers_) {
+        if (s.address != address || s.remove_error == why) continue;
+        s.remove_error = why;
+        changed = true;
+      }
+    }
+    if (changed) {
+      std::fprintf(stderr,
+                   "dmoe-router: controller: could not move the slots of %s (%s); retrying every "
+                   "poll\n",
+                   address.c_str(), why.c_str());
     }
   }
 }

@@ -145,6 +145,7 @@ class PlacementController {
     absl::Time last_seen = absl::InfinitePast();
     absl::Time first_failure = absl::InfiniteFuture();
     std::string leave_refused;  // why its current leave is refused ("" = not)
+    std::string remove_error;   // the last failure to move its slots (logged once)
   };
   struct Plan {
     core::Placement placement;
