@@ -127,7 +127,8 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::Open(
   file->path_ = path;
   file->map_ = map;
   file->map_size_ = file_size;
-  DMOE_RETURN_IF_ERROR(file->Parse(static_cast<const uint8_t*>(map), file_size));
+  DMOE_RETURN_IF_ERROR(
+      file->Parse(static_cast<const uint8_t*>(map), file_size));
   return file;
 }
 
@@ -138,10 +139,12 @@ absl::StatusOr<std::unique_ptr<SafetensorsFile>> SafetensorsFile::FromBytes(
   file->bytes_ = std::move(bytes);
   const std::string& b = file->bytes_;
   if (b.size() < 8) {
-    return Invalid(name, absl::StrCat("file is ", b.size(),
-                                      " bytes, shorter than the 8-byte header length"));
+    return Invalid(
+        name, absl::StrCat("file is ", b.size(),
+                           " bytes, shorter than the 8-byte header length"));
   }
-  DMOE_RETURN_IF_ERROR(file->Parse(reinterpret_cast<const uint8_t*>(b.data()), b.size()));
+  DMOE_RETURN_IF_ERROR(
+      file->Parse(reinterpret_cast<const uint8_t*>(b.data()), b.size()));
   return file;
 }
 
@@ -348,8 +351,8 @@ absl::StatusOr<std::string> ReadTextFile(const std::string& path) {
 
 }  // namespace
 
-absl::StatusOr<std::map<std::string, std::vector<std::string>>> ParseSafetensorsIndex(
-    std::string_view text, const std::string& ipath) {
+absl::StatusOr<std::map<std::string, std::vector<std::string>>>
+ParseSafetensorsIndex(std::string_view text, const std::string& ipath) {
   std::map<std::string, std::vector<std::string>> shards;
   json index = json::parse(text, nullptr, /*allow_exceptions=*/false);
   if (index.is_discarded() || !index.is_object()) {

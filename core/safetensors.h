@@ -80,8 +80,8 @@ class SafetensorsFile {
 // file name -> the tensors the index puts in it. INVALID_ARGUMENT naming
 // `path` when it is not an object with a non-empty "weight_map" of plain file
 // names.
-absl::StatusOr<std::map<std::string, std::vector<std::string>>> ParseSafetensorsIndex(
-    std::string_view text, const std::string& path);
+absl::StatusOr<std::map<std::string, std::vector<std::string>>>
+ParseSafetensorsIndex(std::string_view text, const std::string& path);
 
 class Checkpoint {
  public:

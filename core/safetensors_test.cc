@@ -571,17 +571,23 @@ TEST_F(BadFileTest, CheckpointOpenReportsBadShard) {
 TEST(SafetensorsFromBytes, SameValidationAsOpenNamedAfterTheGivenName) {
   const std::string header =
       R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"v"}})";
-  auto file = SafetensorsFile::FromBytes(RawFile(header, "abcd"), "mem.safetensors");
+  auto file =
+      SafetensorsFile::FromBytes(RawFile(header, "abcd"), "mem.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
   ASSERT_NE((*file)->Find("a"), nullptr);
-  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*file)->Find("a")->data), 4), "abcd");
+  EXPECT_EQ(
+      std::string(reinterpret_cast<const char*>((*file)->Find("a")->data), 4),
+      "abcd");
   EXPECT_EQ((*file)->metadata().at("k"), "v");
 
-  auto bad = SafetensorsFile::FromBytes(RawFile(header, "abc"), "mem.safetensors");
+  auto bad =
+      SafetensorsFile::FromBytes(RawFile(header, "abc"), "mem.safetensors");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(), HasSubstr("mem.safetensors: tensor 'a': offsets [0, 4)"));
+  EXPECT_THAT(bad.status().message(),
+              HasSubstr("mem.safetensors: tensor 'a': offsets [0, 4)"));
   auto short_file = SafetensorsFile::FromBytes("1234567");
-  EXPECT_THAT(short_file.status().message(), HasSubstr("shorter than the 8-byte header length"));
+  EXPECT_THAT(short_file.status().message(),
+              HasSubstr("shorter than the 8-byte header length"));
 }
 
 TEST(SafetensorsIndex, ParsesWeightMapAndNamesThePath) {
@@ -591,9 +597,11 @@ TEST(SafetensorsIndex, ParsesWeightMapAndNamesThePath) {
   ASSERT_TRUE(shards.ok()) << shards.status();
   EXPECT_EQ((*shards)["s1.safetensors"], (std::vector<std::string>{"a", "c"}));
   EXPECT_EQ((*shards)["s2.safetensors"], (std::vector<std::string>{"b"}));
-  auto bad = ParseSafetensorsIndex(R"({"weight_map": {"a": "../x"}})", "idx.json");
+  auto bad =
+      ParseSafetensorsIndex(R"({"weight_map": {"a": "../x"}})", "idx.json");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(), HasSubstr("idx.json: weight_map['a']: shard name '../x'"));
+  EXPECT_THAT(bad.status().message(),
+              HasSubstr("idx.json: weight_map['a']: shard name '../x'"));
   EXPECT_THAT(ParseSafetensorsIndex("[1]", "idx.json").status().message(),
               HasSubstr("not a JSON object"));
 }
