@@ -1,8 +1,8 @@
 // The Prometheus /metrics endpoint of the service binaries that serve one
-// (dmoe-router, dmoe-expert): a small cpp-httplib server on host:port that
-// serialises one Collectable in the text exposition format (the gateway uses
-// the same library for its API). Not prometheus-cpp's civetweb Exposer: it
-// fails to start in binaries that also link the CUDA libraries.
+// (dmoe-router, dmoe-expert): the gateway's HTTP/1.1 server (gateway/http1)
+// on host:port, serialising one Collectable in the text exposition format.
+// Not prometheus-cpp's civetweb Exposer: it fails to start in binaries that
+// also link the CUDA libraries.
 //
 // Header-only on purpose: dmoe_tools is also built without the services (and
 // then without prometheus-cpp); only the service mains include this, and they
@@ -12,8 +12,6 @@
 // calls `refresh` from the HTTP request threads, possibly concurrently.
 #ifndef DMOE_TOOLS_METRICS_ENDPOINT_H_
 #define DMOE_TOOLS_METRICS_ENDPOINT_H_
-
-#include <httplib.h>
 
 #include <chrono>
 #include <cstdio>
@@ -26,6 +24,7 @@
 
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
+#include "gateway/http1/server.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 #include "prometheus/text_serializer.h"
@@ -54,56 +53,46 @@ class RefreshingCollectable final : public prometheus::Collectable {
 class MetricsEndpoint {
  public:
   // Listens on host:port (port 0 = any free port; IPv6 hosts as "::1") and
-  // serves `collectable` on /metrics. Unavailable "metrics: cannot listen on
-  // 127.0.0.1:9190" when the address cannot be bound.
+  // serves `collectable` on GET /metrics (404 elsewhere, 405 for another
+  // method). Unavailable "metrics: cannot listen on 127.0.0.1:9190: why" when
+  // the address cannot be bound.
   static absl::StatusOr<std::unique_ptr<MetricsEndpoint>> Start(
       const std::string& host, int port, std::shared_ptr<prometheus::Collectable> collectable) {
+    http1::ServerOptions options;
+    options.threads = 2;
+    options.max_connections = 256;
+    options.limits.max_body_bytes = 64 << 10;
     std::unique_ptr<MetricsEndpoint> e(new MetricsEndpoint);
-    e->collectable_ = std::move(collectable);
-    e->server_.new_task_queue = [] { return new httplib::ThreadPool(2); };
-    // SO_REUSEADDR only: httplib's default also sets SO_REUSEPORT, which would
-    // let a second process bind a port that is taken.
-    e->server_.set_socket_options([](socket_t sock) {
-      int yes = 1;
-      setsockopt(sock, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes);
-    });
-    e->server_.Get("/metrics", [c = e->collectable_](const httplib::Request&,
-                                                     httplib::Response& res) {
-      res.set_content(prometheus::TextSerializer().Serialize(c->Collect()),
-                      "text/plain; version=0.0.4; charset=utf-8");
-    });
-    int bound = 0;
-    if (port == 0) {
-      bound = e->server_.bind_to_any_port(host);
-    } else if (e->server_.bind_to_port(host, port)) {
-      bound = port;
-    }
-    if (bound <= 0) {
+    e->server_ = std::make_unique<http1::Server>(
+        options,
+        [c = std::move(collectable)](const http1::Request& req, http1::Responder& r) {
+          const http1::Headers text = {{"Content-Type", "text/plain; charset=utf-8"}};
+          if (req.path != "/metrics") return void(r.Send(404, text, "not found: try /metrics\n"));
+          if (req.method != "GET" && req.method != "HEAD") {
+            return void(r.Send(405, {{"Allow", "GET, HEAD"}, text[0]}, "GET /metrics\n"));
+          }
+          r.Send(200, {{"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}},
+                 prometheus::TextSerializer().Serialize(c->Collect()));
+        },
+        nullptr);
+    absl::StatusOr<int> bound = e->server_->Start(host, port);
+    if (!bound.ok()) {
       const bool v6 = host.find(':') != std::string::npos && host.front() != '[';
       return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", v6 ? "[" : "",
-                                                 host, v6 ? "]" : "", ":", port));
+                                                 host, v6 ? "]" : "", ":", port, ": ",
+                                                 bound.status().message()));
     }
-    e->port_ = bound;
-    e->thread_ = std::thread([server = &e->server_] { server->listen_after_bind(); });
+    e->port_ = *bound;
     return e;
   }
-  ~MetricsEndpoint() {
-    // stop() is a no-op until the listening loop runs: let it start first.
-    for (int i = 0; i < 2000 && !server_.is_running(); ++i) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(1));
-    }
-    server_.stop();
-    if (thread_.joinable()) thread_.join();
-  }
+  ~MetricsEndpoint() { server_->Stop(); }
 
   // The bound port.
   int port() const { return port_; }
 
  private:
   MetricsEndpoint() = default;
-  std::shared_ptr<prometheus::Collectable> collectable_;
-  httplib::Server server_;
-  std::thread thread_;
+  std::unique_ptr<http1::Server> server_;
   int port_ = 0;
 };
 
