@@ -133,7 +133,8 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
   v1::PlacementResponse p;
   for (int i = 0; i < 600; ++i) {
     p = Placement(c.router_port());
-    if (p.server_addresses_size() == 4) break;
+    // placement() and servers() are read one after the other: wait for both.
+    if (p.server_addresses_size() == 4 && p.version() >= 2) break;
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   ASSERT_EQ(p.server_addresses_size(), 4) << c.router().Log() << joiner.Log();
@@ -292,7 +293,13 @@ TEST(ClusterScale, LeaveThatCannotBeAbsorbedIsRefusedAndTheServerKeepsServing) {
   Cluster c;
   c.set_expert_extra({"--leave-timeout-s", "2"});
   ASSERT_TRUE(c.Start(model, 3, dir,
-                      {"--controller", "--rebalance", "manual", "--slots-per-server", "6"}));
+                      {"--controller", "--rebalance", "manual", "--slots-per-server", "6",
+                       "--metrics-port", "0", "--metrics-port-file", dir + "/router.metrics.port"}));
+  const int metrics_port = testing::WaitForPortFile(dir + "/router.metrics.port", c.router());
+  ASSERT_NE(metrics_port, 0);
+  EXPECT_NE(testing::HttpRequest(metrics_port, "GET", "/metrics").body.find(
+                "\nmoe_router_leaves_refused_total 0"),
+            std::string::npos);
   Load load(c, 2);
   load.WaitDone(4);
   ::kill(c.expert(1).pid(), SIGTERM);
@@ -312,6 +319,9 @@ TEST(ClusterScale, LeaveThatCannotBeAbsorbedIsRefusedAndTheServerKeepsServing) {
   const std::string log = c.router().Log();
   EXPECT_NE(log.find("refusing the leave of expert server 1"), std::string::npos) << log;
   EXPECT_EQ(log.find("could not move the slots"), std::string::npos) << log;
+  const std::string metrics = testing::HttpRequest(metrics_port, "GET", "/metrics").body;
+  EXPECT_NE(metrics.find("\nmoe_router_leaves_refused_total 1"), std::string::npos) << metrics;
+  EXPECT_NE(metrics.find("\nmoe_router_ready 1"), std::string::npos) << metrics;
   load.Stop();
   EXPECT_EQ(c.expert(1).Kill(SIGTERM), 0) << c.expert(1).Log();
   EXPECT_NE(c.expert(1).Log().find("leave interrupted"), std::string::npos) << c.expert(1).Log();
