@@ -292,6 +292,13 @@ TEST(MapError, StatusCodesAndRouterParams) {
   EXPECT_EQ(MapError(absl::DeadlineExceededError("slow"), ApiKind::kCompletion, true).status, 504);
   EXPECT_EQ(MapError(absl::InternalError("boom"), ApiKind::kCompletion, true).status, 502);
   EXPECT_EQ(MapError(absl::InternalError("boom"), ApiKind::kCompletion, false).status, 500);
+  // The soak found an expert server without its placement version reported
+  // as the client's fault (400): it is the cluster's state.
+  const internal::HttpError state = MapError(
+      absl::FailedPreconditionError("placement version 1 not held (holding 0)"),
+      ApiKind::kCompletion, true);
+  EXPECT_EQ(state.status, 503);
+  EXPECT_EQ(state.type, "server_error");
   const internal::HttpError ctx = MapError(
       absl::InvalidArgumentError("router r: prompt (9 tokens) + max_tokens (9) = 18 exceeds the "
                                  "model's context of 16 tokens"),

@@ -948,8 +948,11 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   if (r.error_code() != 0) {
     const absl::Status st(CodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
     if (st.code() == absl::StatusCode::kUnavailable ||
-        st.code() == absl::StatusCode::kResourceExhausted) {
-      // Draining or overloaded: the stream is fine, the work goes elsewhere.
+        st.code() == absl::StatusCode::kResourceExhausted ||
+        st.code() == absl::StatusCode::kFailedPrecondition) {
+      // Draining, overloaded, or without the slots this placement gives it
+      // (a server restarted at the same address holds none until the
+      // controller reloads it): the stream is fine, the work goes to replicas.
       FailOver(p, st, /*abandon_stream=*/false);
       return;
     }

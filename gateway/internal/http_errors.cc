@@ -23,6 +23,15 @@ std::string ParamFromRouterMessage(absl::string_view message, ApiKind kind) {
 HttpError MapError(const absl::Status& status, ApiKind kind, bool from_router) {
   HttpError e;
   e.param = ParamOf(status);
+  // From a router, FAILED_PRECONDITION is the cluster's state (an expert
+  // server without the placement version a step needs, a switch in
+  // progress), not the request's: 503, which clients retry.
+  if (from_router && status.code() == absl::StatusCode::kFailedPrecondition) {
+    e.status = 503;
+    e.type = "server_error";
+    e.code = "service_unavailable";
+    return e;
+  }
   switch (status.code()) {
     case absl::StatusCode::kInvalidArgument:
     case absl::StatusCode::kOutOfRange:
