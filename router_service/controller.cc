@@ -46,6 +46,29 @@ std::vector<int32_t> Minus(const std::vector<int32_t>& a, const std::vector<int3
   return out;
 }
 
+// The routed experts server `status` says it holds in `layer`.
+std::vector<int32_t> Reported(const v1::ServerStatusResponse& status, int64_t layer) {
+  std::vector<int32_t> out;
+  for (const v1::LayerSlots& ls : status.slots()) {
+    if (static_cast<int64_t>(ls.layer()) == layer) out.insert(out.end(), ls.experts().begin(), ls.experts().end());
+  }
+  return out;
+}
+
+// How many of the slots `placement` gives server `s` it does not hold by its
+// `status`: > 0 for a server restarted at its address (it holds nothing until
+// the controller loads its slots again).
+int64_t MissingSlots(const core::ModelConfig& cfg, const core::Placement& placement, int s,
+                     const v1::ServerStatusResponse& status) {
+  if (s >= placement.num_servers()) return 0;
+  int64_t missing = 0;
+  for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
+    if (!cfg.IsMoeLayer(l)) continue;
+    missing += static_cast<int64_t>(Minus(placement.Slots(l, s), Reported(status, l)).size());
+  }
+  return missing;
+}
+
 }  // namespace
 
 int DefaultSlotsPerServer(int64_t num_experts, int num_servers, int initial_max) {
@@ -220,7 +243,9 @@ void PlacementController::PollServers() {
                     servers[i].address);
   });
   const absl::Time now = absl::Now();
-  std::vector<std::pair<std::string, std::string>> remove;  // address, trigger
+  const core::Placement cur = experts_->placement();
+  // address, trigger: a removal, or (server-restarted) slots to load again
+  std::vector<std::pair<std::string, std::string>> remove;
   {
     absl::MutexLock lock(&mu_);
     for (int i = 0; i < n && i < static_cast<int>(servers_.size()); ++i) {
@@ -232,6 +257,9 @@ void PlacementController::PollServers() {
         s.leaving = status[i].leaving();
         if (!s.leaving || !s.active) s.leave_refused.clear();
         if (s.active && s.leaving) remove.emplace_back(s.address, "server-leaving");
+        if (s.active && !s.leaving && MissingSlots(cfg_, cur, i, status[i]) > 0) {
+          remove.emplace_back(s.address, "server-restarted");
+        }
       } else {
         s.first_failure = std::min(s.first_failure, now);
         if (s.active && now - s.first_failure >= options_.lost_after) {
@@ -242,7 +270,9 @@ void PlacementController::PollServers() {
   }
   for (const auto& [address, trigger] : remove) {
     if (trigger == "server-leaving" && RefuseLeave(address)) continue;
-    absl::StatusOr<v1::RebalanceResponse> r = RemoveServer(address, trigger);
+    absl::StatusOr<v1::RebalanceResponse> r = trigger == "server-restarted"
+                                                  ? ReloadServer(address)
+                                                  : RemoveServer(address, trigger);
     if (r.ok()) continue;
     // Retried every poll: log when the reason changes, not once a second.
     const std::string why = absl::StrCat(trigger, ": ", r.status().message());
@@ -453,15 +483,18 @@ absl::Status PlacementController::Apply(Plan& plan) {
     return false;
   };
 
-  // 1. Load: every server starts serving V' (with the slots it gains).
+  // 1. Load: every server starts serving V' (with the slots it gains against
+  // what it says it holds: a server restarted at its address holds nothing).
+  const std::vector<absl::Status> status_st = st;
   st = ParallelFor(n, [&](int s) {
     v1::LoadSlotsRequest req;
     req.set_placement_version(version);
     for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
       if (!cfg_.IsMoeLayer(l)) continue;
       const std::vector<int32_t> none;
-      AddSlots(req.mutable_slots(), l,
-               Minus(next.Slots(l, s), s < cur.num_servers() ? cur.Slots(l, s) : none));
+      const std::vector<int32_t> held =
+          status_st[s].ok() ? Reported(status[s], l) : s < cur.num_servers() ? cur.Slots(l, s) : none;
+      AddSlots(req.mutable_slots(), l, Minus(next.Slots(l, s), held));
     }
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
@@ -605,22 +638,28 @@ absl::StatusOr<v1::RebalanceResponse> PlacementController::AddServer(const std::
   std::vector<ServerState> servers = Servers();
   auto it = std::find_if(servers.begin(), servers.end(),
                          [&](const ServerState& s) { return s.address == address; });
-  if (it != servers.end() && it->active) {
-    return absl::AlreadyExistsError(
-        absl::StrCat("expert server ", it - servers.begin(), " (", address, ") already holds slots"));
-  }
   if (servers.size() >= static_cast<size_t>(kMaxExpertServers) && it == servers.end()) {
     return absl::ResourceExhaustedError(absl::StrCat("at most ", kMaxExpertServers, " expert servers"));
   }
+  v1::ServerStatusResponse status;
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-    v1::ServerStatusResponse status;
     DMOE_RETURN_IF_ERROR(FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
                                   absl::StrCat("expert server ", address)));
     if (status.model() != "" && status.leaving()) {
       return absl::FailedPreconditionError(absl::StrCat("expert server ", address, " is leaving"));
     }
+  }
+  if (it != servers.end() && it->active) {
+    const int index = static_cast<int>(it - servers.begin());
+    // Restarted at its address (a Kubernetes pod restarted under its name)
+    // before it was found lost: it joins again holding nothing.
+    if (MissingSlots(cfg_, experts_->placement(), index, status) > 0) {
+      return ReloadLocked(std::move(servers), address);
+    }
+    return absl::AlreadyExistsError(
+        absl::StrCat("expert server ", index, " (", address, ") already holds slots"));
   }
   if (it != servers.end()) {
     it->active = true;
@@ -631,6 +670,21 @@ absl::StatusOr<v1::RebalanceResponse> PlacementController::AddServer(const std::
     servers.push_back(s);
   }
   return PlanAndApply(std::move(servers), "server-joined", false);
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::ReloadServer(
+    const std::string& address) {
+  absl::MutexLock op(&op_mu_);
+  return ReloadLocked(Servers(), address);
+}
+
+absl::StatusOr<v1::RebalanceResponse> PlacementController::ReloadLocked(
+    std::vector<ServerState> servers, const std::string& address) {
+  std::fprintf(stderr,
+               "dmoe-router: controller: expert server %s is missing slots of its placement "
+               "(restarted at its address?): loading them again\n",
+               address.c_str());
+  return PlanAndApply(std::move(servers), "server-restarted", false);
 }
 
 absl::StatusOr<v1::RebalanceResponse> PlacementController::RemoveServer(

@@ -162,6 +162,13 @@ class PlacementController {
   // first time per leave it logs, records the reason for the server's next
   // status poll and calls on_leave_refused.
   bool RefuseLeave(const std::string& address);
+  // A server that misses slots of the current placement (restarted at its
+  // address) gets them loaded again: a re-placement against what each server
+  // holds ("server-restarted"). ReloadLocked with op_mu_ held.
+  absl::StatusOr<v1::RebalanceResponse> ReloadServer(const std::string& address);
+  absl::StatusOr<v1::RebalanceResponse> ReloadLocked(std::vector<ServerState> servers,
+                                                     const std::string& address)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
   // Plans over the active servers (`servers` lists every index's address).
   absl::StatusOr<Plan> MakePlan(const std::vector<ServerState>& servers,
                                 const std::string& trigger) ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);

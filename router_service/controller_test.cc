@@ -322,6 +322,57 @@ TEST_F(ControllerTest, ScaleOutGivesANewServerSlotsAndScaleInEmptiesOne) {
   ExpectComputeExact(13);
 }
 
+// A server restarted at its address (a pod restarted under its name) before
+// the controller found it lost holds nothing: joining again used to answer
+// ALREADY_EXISTS and every step that reached it failed (the soak found it).
+// Now the join, or the next status poll, loads its slots again.
+TEST_F(ControllerTest, ServerRestartedAtItsAddressGetsItsSlotsAgain) {
+  StartCluster(3);
+  ControllerOptions o;
+  o.auto_rebalance = false;
+  o.check_interval = absl::Milliseconds(100);
+  auto c = MakeController(o);
+  ASSERT_NE(c, nullptr);
+  auto restart = [&](int index) {
+    const int port = servers_[index]->port();
+    servers_[index]->Shutdown(absl::ZeroDuration());
+    servers_[index].reset();
+    expert::ExpertServerOptions so;  // as dmoe-expert --join starts
+    so.model_dir = dir_;
+    so.start_empty = true;
+    so.compute = core::ComputeType::kF32;
+    so.threads = 1;
+    auto s = expert::ExpertServer::Create(so);
+    ASSERT_TRUE(s.ok()) << s.status();
+    ASSERT_TRUE((*s)->Start("127.0.0.1", port).ok());
+    servers_[index] = std::move(*s);
+    ASSERT_EQ(servers_[index]->num_slots(), 0);
+  };
+
+  // 1. It joins again (dmoe-expert --join).
+  restart(1);
+  auto joined = c->AddServer(addresses_[1]);
+  ASSERT_TRUE(joined.ok()) << joined.status();
+  EXPECT_EQ(joined->trigger(), "server-restarted");
+  EXPECT_GT(servers_[1]->num_slots(), 0);
+  ExpectServersHoldThePlacement();
+  ExpectComputeExact(21);
+  // Holding its slots, a second join is the usual ALREADY_EXISTS.
+  EXPECT_EQ(c->AddServer(addresses_[1]).status().code(), absl::StatusCode::kAlreadyExists);
+
+  // 2. It does not join: the controller's status poll finds it.
+  c->Start();
+  restart(2);
+  const absl::Time deadline = absl::Now() + absl::Seconds(10);
+  while (servers_[2]->num_slots() == 0 && absl::Now() < deadline) {
+    absl::SleepFor(absl::Milliseconds(50));
+  }
+  c->Stop();
+  EXPECT_GT(servers_[2]->num_slots(), 0);
+  ExpectServersHoldThePlacement();
+  ExpectComputeExact(22);
+}
+
 TEST(DefaultSlotsPerServer, LetsOneServerLeave) {
   EXPECT_EQ(DefaultSlotsPerServer(16, 3, 6), 8);    // 2 x 8 = 16 (was 6: 2 x 6 < 16)
   EXPECT_EQ(DefaultSlotsPerServer(16, 2, 8), 16);   // the other one holds all
