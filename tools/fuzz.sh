@@ -36,6 +36,8 @@ done
 
 RUN_DIR=build-fuzz/runs/$(date +%Y%m%d-%H%M%S)
 mkdir -p "$RUN_DIR"
+# Keep the last 3 runs (their corpora and reproducers), not every CI run's.
+ls -dt build-fuzz/runs/*/ | tail -n +4 | xargs -r rm -rf
 export ASAN_OPTIONS=${ASAN_OPTIONS:-detect_leaks=1}
 export UBSAN_OPTIONS=${UBSAN_OPTIONS:-print_stacktrace=1:halt_on_error=1}
 if [[ -z ${ASAN_SYMBOLIZER_PATH:-} ]] && command -v llvm-symbolizer-14 >/dev/null; then
