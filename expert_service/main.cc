@@ -136,6 +136,7 @@ int main(int argc, char** argv) {
   // SIGTERM/SIGINT are blocked in every thread (threads inherit the mask, so
   // this comes before any is started) and taken by sigwait below.
   sigset_t stop_signals = dmoe::tools::BlockStopSignals();
+  dmoe::tools::CapMallocThreadCaches();
   if (absl::Status st = dmoe::tools::CheckAndLogIsa(kName); !st.ok()) {
     std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
     return 2;

@@ -147,6 +147,7 @@ int Main(int argc, char** argv) {
   // Shutdown signals are taken with sigwait on this thread; every other thread
   // inherits the mask. A client that goes away must not kill the process.
   sigset_t signals = tools::BlockStopSignals();
+  tools::CapMallocThreadCaches();
   signal(SIGPIPE, SIG_IGN);
 
   tools::Args args(kName,

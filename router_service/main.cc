@@ -474,30 +474,6 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(
   return core::Model::Load(c.model, std::move(opts));
 }
 
-// gperftools tcmalloc's C API; weak, so absent (null) in the sanitizer builds,
-// which link no tcmalloc.
-extern "C" int MallocExtension_SetNumericProperty(const char* property, size_t value)
-    __attribute__((weak));
-
-// Caps tcmalloc's per-thread caches (all threads together) unless
-// TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES says otherwise. With the default cap
-// (32 MiB) the soak (tools/soak.py) saw the router's RSS grow by ~15% in 4
-// minutes after warm-up while the bytes in use by the program stayed flat
-// (~16 MiB): the growth was tcmalloc's thread-cache (and transfer-cache)
-// freelists, filled by variable-size buffers (the expert servers' replies,
-// 30-250 KiB, across ~60 size classes) that gRPC's threads allocate and the
-// scheduler thread frees. Returns the cap set, or 0 when none was.
-size_t CapMallocThreadCaches() {
-  constexpr size_t kCap = size_t{8} << 20;
-  if (MallocExtension_SetNumericProperty == nullptr ||
-      std::getenv("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES") != nullptr) {
-    return 0;
-  }
-  return MallocExtension_SetNumericProperty("tcmalloc.max_total_thread_cache_bytes", kCap) != 0
-             ? kCap
-             : 0;
-}
-
 int Fail(const absl::Status& st, int code) {
   std::fprintf(stderr, "%s: %s\n", kName, std::string(st.message()).c_str());
   return code;
@@ -507,7 +483,7 @@ int Main(int argc, char** argv) {
   // Block the shutdown signals in every thread (threads inherit the mask) and
   // take them with sigwait on the main thread.
   sigset_t signals = tools::BlockStopSignals();
-  CapMallocThreadCaches();
+  tools::CapMallocThreadCaches();
   if (absl::Status st = tools::CheckAndLogIsa(kName); !st.ok()) return Fail(st, 2);
 
   tools::Args args(

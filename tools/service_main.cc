@@ -6,11 +6,27 @@
 #include <fstream>
 
 #include <cstdio>
+#include <cstdlib>
 
 #include "absl/strings/str_cat.h"
 #include "core/isa.h"
 
+// gperftools tcmalloc's C API; weak, so null where no tcmalloc is linked.
+extern "C" int MallocExtension_SetNumericProperty(const char* property, size_t value)
+    __attribute__((weak));
+
 namespace dmoe::tools {
+
+size_t CapMallocThreadCaches() {
+  constexpr size_t kCap = size_t{8} << 20;
+  if (MallocExtension_SetNumericProperty == nullptr ||
+      std::getenv("TCMALLOC_MAX_TOTAL_THREAD_CACHE_BYTES") != nullptr) {
+    return 0;
+  }
+  return MallocExtension_SetNumericProperty("tcmalloc.max_total_thread_cache_bytes", kCap) != 0
+             ? kCap
+             : 0;
+}
 
 sigset_t BlockStopSignals() {
   sigset_t signals;
