@@ -16,7 +16,10 @@ request. Then, for --minutes:
   * every --kill-every seconds one expert server gets SIGKILL (rotating over
     servers 0..--kill-among-1; by default all but the last); once
     the controller has moved its slots away (it is "lost" after
-    --server-lost-after-s) it is restarted on the same port with --join, and
+    --server-lost-after-s; or, with --restart-delay-s D, after D seconds
+    without waiting, as Kubernetes restarts a crashed pod at its address, and
+    the controller must reload its slots) it is restarted on the same port
+    with --join, and
     the tool waits until it holds slots again and checks that every routed
     expert of every MoE layer still has >= 2 replicas;
   * VmRSS of every process (by role) is sampled every --rss-every seconds.
@@ -534,6 +537,10 @@ def main():
                          ">= 2 x experts")
     ap.add_argument("--server-lost-after-s", type=float, default=5,
                     help="router: a killed server's slots move after this long (default 5)")
+    ap.add_argument("--restart-delay-s", type=float, default=None,
+                    help="restart a killed server after this many seconds without waiting for "
+                         "the controller to move its slots (as Kubernetes restarts a crashed "
+                         "pod at its address); default: wait until its slots moved")
     ap.add_argument("--restart-timeout-s", type=float, default=60,
                     help="longest wait for the controller to drop / re-add a server (default 60)")
     ap.add_argument("--threads", type=int, default=1, help="compute threads per process (default 1)")
@@ -638,12 +645,19 @@ def main():
                 print("soak: t=%5.0f s  SIGKILL expert-%d (127.0.0.1:%d)" % (ev["t_kill"], idx, p.port),
                       flush=True)
                 try:
-                    end = now() + args.server_lost_after_s + args.restart_timeout_s
-                    while cluster.slots_of(idx) > 0:
-                        if now() > end or stop.is_set():
-                            raise RuntimeError("the controller did not move the slots of expert-%d" % idx)
-                        time.sleep(0.5)
-                    ev["t_slots_moved"] = round(now() - t_start, 1)
+                    if args.restart_delay_s is None:
+                        end = now() + args.server_lost_after_s + args.restart_timeout_s
+                        while cluster.slots_of(idx) > 0:
+                            if now() > end or stop.is_set():
+                                raise RuntimeError("the controller did not move the slots of expert-%d" % idx)
+                            time.sleep(0.5)
+                        ev["t_slots_moved"] = round(now() - t_start, 1)
+                    else:
+                        # As Kubernetes restarts a crashed pod: at once, before the
+                        # controller finds the server lost; it must reload its slots.
+                        _, version_before = cluster.min_replicas()
+                        stop.wait(args.restart_delay_s)
+                        ev["t_slots_moved"] = None
                     with cluster.lock:
                         q = cluster._proc("expert-%d" % idx, cluster.expert_argv(
                             idx, join="127.0.0.1:%d" % cluster.router.port, port=p.port))
@@ -653,7 +667,9 @@ def main():
                     q.wait_port(60)
                     ev["t_restart"] = round(now() - t_start, 1)
                     end = now() + args.restart_timeout_s
-                    while cluster.slots_of(idx) == 0:
+                    while cluster.slots_of(idx) == 0 or (
+                            args.restart_delay_s is not None
+                            and cluster.min_replicas()[1] == version_before):
                         if now() > end or stop.is_set():
                             raise RuntimeError("expert-%d did not get slots back after --join" % idx)
                         time.sleep(0.5)
@@ -661,9 +677,11 @@ def main():
                     m, version = cluster.min_replicas()
                     ev["min_replicas"], ev["placement_version"] = m, version
                     ev["ok"] = m is not None and m >= 2
-                    print("soak: t=%5.0f s  expert-%d slots moved at %.0f s, restarted at %.0f s, "
+                    moved = ("slots moved at %.0f s" % ev["t_slots_moved"]
+                             if ev["t_slots_moved"] is not None else "no wait for the controller")
+                    print("soak: t=%5.0f s  expert-%d %s, restarted at %.0f s, "
                           "holds slots again at %.0f s (placement v%s, min replicas %s)"
-                          % (now() - t_start, idx, ev["t_slots_moved"], ev["t_restart"],
+                          % (now() - t_start, idx, moved, ev["t_restart"],
                              ev["t_joined"], version, m), flush=True)
                 except Exception as e:  # recorded; the run goes on
                     ev["ok"] = False
