@@ -147,7 +147,9 @@ int Main(int argc, char** argv) {
   // Shutdown signals are taken with sigwait on this thread; every other thread
   // inherits the mask. A client that goes away must not kill the process.
   sigset_t signals = tools::BlockStopSignals();
-  tools::CapMallocThreadCaches();
+  // No tcmalloc thread-cache cap here (unlike the router and expert servers):
+  // in the 30-minute soaks the gateway stayed flat without it (+1.7%) and grew
+  // +30% with it (285 threads sharing 8 MiB of thread caches).
   signal(SIGPIPE, SIG_IGN);
 
   tools::Args args(kName,
