@@ -464,10 +464,13 @@ TEST_F(GatewayTest, WrongMethodUnknownRouteAndOversizedBody) {
 
 // Sends `request` on a raw socket and returns everything the gateway writes
 // back until it closes the connection (the request asks it to).
-std::string RawExchange(int port, const std::string& request) {
+// Sends `request` on a new loopback connection to `port` (reads time out after
+// `read_timeout_s`), shuts the sending side when `half_close`, and returns
+// everything the gateway writes back until it closes the connection.
+std::string RawSend(int port, const std::string& request, bool half_close, int read_timeout_s) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return "";
-  timeval tv{5, 0};
+  timeval tv{read_timeout_s, 0};
   setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
   sockaddr_in addr{};
   addr.sin_family = AF_INET;
@@ -475,8 +478,8 @@ std::string RawExchange(int port, const std::string& request) {
   addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
   std::string got;
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      write(fd, request.data(), request.size()) ==
-          static_cast<ssize_t>(request.size())) {
+      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
+    if (half_close) shutdown(fd, SHUT_WR);
     char buf[4096];
     for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) got.append(buf, n);
   }
@@ -484,27 +487,16 @@ std::string RawExchange(int port, const std::string& request) {
   return got;
 }
 
+std::string RawExchange(int port, const std::string& request) {
+  return RawSend(port, request, /*half_close=*/false, 5);
+}
+
 // RawExchange with a half-close: the request, then shutdown(SHUT_WR), as
 // `nc -N` and some proxies do; returns what comes back and the time it took.
 std::string RawHalfClose(int port, const std::string& request, absl::Duration* took) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  timeval tv{8, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string got;
   const absl::Time t0 = absl::Now();
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
-    shutdown(fd, SHUT_WR);
-    char buf[4096];
-    for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) got.append(buf, n);
-  }
+  std::string got = RawSend(port, request, /*half_close=*/true, 8);
   *took = absl::Now() - t0;
-  close(fd);
   return got;
 }
 

@@ -361,16 +361,17 @@ bool RequestParser::FinishHeaders() {
     if (name == "host") {
       ++hosts;
     } else if (name == "content-length") {
-      if (value.empty() || value.size() > 19 ||
-          !std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-        if (!value.empty() && value.size() > 19 &&
-            std::all_of(value.begin(), value.end(), [](char c) { return c >= '0' && c <= '9'; })) {
-          Fail(413, absl::StrCat("Content-Length ", Quote(value), " is over the limit of ",
-                                 limits_.max_body_bytes, " bytes"));
-        } else {
-          Fail(400, absl::StrCat("invalid Content-Length ", Quote(value),
-                                 " (must be a decimal number of bytes)"));
-        }
+      const bool digits = !value.empty() && std::all_of(value.begin(), value.end(), [](char c) {
+        return c >= '0' && c <= '9';
+      });
+      if (!digits) {
+        Fail(400, absl::StrCat("invalid Content-Length ", Quote(value),
+                               " (must be a decimal number of bytes)"));
+        return false;
+      }
+      if (value.size() > 19) {  // would overflow 64 bits
+        Fail(413, absl::StrCat("Content-Length ", Quote(value), " is over the limit of ",
+                               limits_.max_body_bytes, " bytes"));
         return false;
       }
       uint64_t v = 0;
