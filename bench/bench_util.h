@@ -91,7 +91,7 @@ class Child {
   std::string log_;
 };
 
-// The port number written to `path` (tools/service_main.h WritePortFile); 0 on
+// The port number written to `path` (common/service_main.h WritePortFile); 0 on
 // timeout or when `child` exited.
 inline int WaitForPortFile(const std::string& path, const Child& child,
                            std::chrono::milliseconds timeout) {

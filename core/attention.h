@@ -3,7 +3,7 @@
 // MLA (deepseek_v2/v3) runs in the compressed ("absorbed") form: the cache holds
 // the normalised c_kv and the rotated k_pe; per head, q_nope is mapped into the
 // c_kv space with W_uk (from kv_b_proj) and the attention-weighted c_kv is mapped
-// out with W_uv, which equals the per-head k/v formulation of MODEL_SPEC.md up
+// out with W_uv, which equals the per-head k/v formulation of docs/model.md up
 // to rounding. MHA (deepseek) uses q/k/v/o projections with llama-style RoPE and
 // grouped KV heads.
 //

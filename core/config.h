@@ -80,7 +80,7 @@ struct ModelConfig {
   int64_t fp8_block_cols = 128;
 
   bool IsMla() const { return model_type != ModelType::kDeepseek; }
-  // True when layer `i` has a MoE FFN (see MODEL_SPEC.md).
+  // True when layer `i` has a MoE FFN (see docs/model.md).
   bool IsMoeLayer(int64_t i) const {
     return n_routed_experts > 0 && i >= first_k_dense_replace && i % moe_layer_freq == 0;
   }

@@ -108,6 +108,21 @@ std::string FfnName(int32_t layer, int32_t ffn_id);
 // FFN for an invalid id, non-positive sizes, or a matrix of the wrong size.
 absl::Status ValidateFfnWeights(int32_t layer, int32_t ffn_id, const FfnWeights& w);
 
+// The checks of an ExpertBatch every backend makes before computing, the same
+// words everywhere: InvalidArgument naming the layer for a negative layer or
+// token count, offsets or weights of the wrong length, offsets that do not
+// start at 0 or do not end at the number of assignments, counts beyond int32,
+// a non-positive or too large hidden size, null x or out. ValidateExpertBatch
+// adds the O(assignments) checks: offsets that decrease, FFN ids below
+// kSharedFfn. A backend that checks those elsewhere (the CUDA backend, on the
+// device) calls ValidateExpertBatchShape alone. A batch of 0 tokens is valid
+// whatever its hidden size and pointers.
+// FailedPrecondition for a batch that assigns tokens to an FFN the backend
+// does not hold ("layer 3: expert 7 is not loaded on this backend").
+absl::Status FfnNotLoadedError(int32_t layer, int32_t ffn_id);
+absl::Status ValidateExpertBatchShape(const ExpertBatch& b, const float* out);
+absl::Status ValidateExpertBatch(const ExpertBatch& b, const float* out);
+
 // A Compute / Await error that concerns only some tokens of the batch (e.g.
 // their experts' only server is down): the status carries those token indices.
 // Without the payload an error concerns the whole batch.

@@ -1,4 +1,4 @@
-// MoE gate: expert selection and weights from gate logits (MODEL_SPEC.md, "MoE
+// MoE gate: expert selection and weights from gate logits (docs/model.md, "MoE
 // layer", steps 2-6). Every variant DeepSeek checkpoints use:
 //   scoring softmax | sigmoid; selection greedy | group_limited_greedy
 //   (group score = max) | noaux_tc (selection scores + e_score_correction_bias,

@@ -10,7 +10,7 @@
 namespace dmoe::core {
 namespace {
 
-// Float64 reference of MODEL_SPEC.md steps 2-6 for one token, by full sorts.
+// Float64 reference of docs/model.md steps 2-6 for one token, by full sorts.
 std::vector<std::pair<int, double>> Reference(const GateParams& p, const std::vector<float>& logits,
                                               const std::vector<float>& bias) {
   const int E = p.num_experts;

@@ -132,4 +132,10 @@ std::string IsaSummary() {
       IsaName(s.host), s.env.empty() ? std::string("unset") : s.env, s.onednn);
 }
 
+absl::Status CheckAndLogIsa(const char* name) {
+  if (absl::Status st = IsaConfigStatus(); !st.ok()) return st;
+  std::fprintf(stderr, "%s: %s\n", name, IsaSummary().c_str());
+  return absl::OkStatus();
+}
+
 }  // namespace dmoe::core

@@ -53,6 +53,11 @@ absl::Status IsaConfigStatus();
 // "isa avx2 (host avx2, DMOE_MAX_ISA unset), oneDNN max avx2".
 std::string IsaSummary();
 
+// Checks DMOE_MAX_ISA and logs the instruction-set level the kernels run at
+// ("<name>: isa avx2 (host avx2, ...)"); the error names a bad DMOE_MAX_ISA
+// value. Service mains call it once at start, before loading a model.
+absl::Status CheckAndLogIsa(const char* name);
+
 }  // namespace dmoe::core
 
 #endif  // DMOE_CORE_ISA_H_

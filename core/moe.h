@@ -1,7 +1,7 @@
 // A MoE layer as the stages the disaggregated system puts on the wire:
 //   gate -> dispatch plan (token -> experts, weights) -> expert compute -> combine.
 //
-// The gate (router weights, fp32 as MODEL_SPEC.md requires) and the dispatch
+// The gate (router weights, fp32 as docs/model.md requires) and the dispatch
 // plan live here; expert compute goes through an ExpertBackend (in-process CPU or
 // GPU, or remote expert servers); combine adds the backend's per-token sums to
 // the residual stream.

@@ -13,7 +13,7 @@ double YarnMscale(double factor, double mscale) {
 }
 
 // Dimension index at which `num_rotations` full turns happen over the original
-// context length (MODEL_SPEC.md: dim(b)).
+// context length (docs/model.md: dim(b)).
 double YarnCorrectionDim(double num_rotations, int64_t dim, double base, double max_pos) {
   return (dim * std::log(max_pos / (num_rotations * 2.0 * std::numbers::pi))) /
          (2.0 * std::log(base));

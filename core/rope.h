@@ -4,7 +4,7 @@
 // `dim` from a ModelConfig: plain RoPE (theta^(-2j/dim)), linear scaling
 // (positions divided by factor) or YaRN (frequency ramp between beta_fast and
 // beta_slow, cos/sin multiplied by yarn_mscale(factor, mscale) /
-// yarn_mscale(factor, mscale_all_dim)) exactly as in MODEL_SPEC.md. Tables are
+// yarn_mscale(factor, mscale_all_dim)) exactly as in docs/model.md. Tables are
 // computed in double and stored as float; they grow on demand.
 //
 // Two pairings of dimensions:
@@ -26,7 +26,7 @@ namespace dmoe::core {
 enum class RopePairing { kInterleaved, kHalves };
 
 // The per-pair inverse frequencies [dim/2] after scaling, and the cos/sin
-// multiplier, as MODEL_SPEC.md defines them (double precision).
+// multiplier, as docs/model.md defines them (double precision).
 std::vector<double> RopeInvFreq(const ModelConfig& cfg, int64_t dim);
 double RopeCosSinScale(const ModelConfig& cfg);
 

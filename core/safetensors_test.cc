@@ -13,6 +13,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/files.h"
 
 namespace dmoe::core {
 namespace {
@@ -22,22 +23,10 @@ using ::testing::HasSubstr;
 
 // A fresh directory per test under DMOE_TEST_TMP (set by CTest) or gtest's
 // TempDir.
-std::string TestDir() {
-  const char* env = std::getenv("DMOE_TEST_TMP");
-  fs::path root =
-      (env != nullptr && *env) ? fs::path(env) : fs::path(::testing::TempDir());
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir =
-      root / "safetensors_test" / info->test_suite_name() / info->name();
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
-}
+std::string TestDir() { return testing::FreshDir("safetensors"); }
 
 void WriteBytes(const std::string& path, const std::string& bytes) {
-  std::ofstream out(path, std::ios::binary | std::ios::trunc);
-  out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
-  ASSERT_TRUE(out.good()) << path;
+  ASSERT_TRUE(testing::WriteFile(path, bytes)) << path;
 }
 
 // A raw safetensors file: 8-byte little-endian length, header text, data bytes.

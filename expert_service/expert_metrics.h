@@ -1,5 +1,5 @@
 // An expert server's Prometheus metrics (prefix moe_expert_), registered in a
-// registry the caller owns (README.md, "Metrics", lists every one with its
+// registry the caller owns (docs/metrics.md lists every one with its
 // labels and the question it answers):
 //
 //   moe_expert_slot_tokens_total{layer,expert}  tokens computed per slot (expert="all"

@@ -5,8 +5,8 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "core/placement.h"
-#include "core/wire.h"
+#include "placement/placement.h"
+#include "common/wire.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "expert_service/expert_server.h"
 #include "gtest/gtest.h"
@@ -117,10 +117,10 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   ExpertServerOptions o;
   o.model_dir = dir;
   o.server_index = 1;
-  o.placement = *core::Placement::Contiguous(*cfg, 2);
+  o.placement = *place::Placement::Contiguous(*cfg, 2);
   o.compute = core::ComputeType::kF32;
   o.metrics = &metrics;
-  const core::Placement placement = o.placement;
+  const place::Placement placement = o.placement;
   auto server = ExpertServer::Create(o);
   ASSERT_TRUE(server.ok()) << server.status();
   ASSERT_TRUE((*server)->Start("127.0.0.1", 0).ok());
@@ -147,7 +147,7 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   req.mutable_x()->set_dtype(v1::ACTIVATION_DTYPE_F32);
   req.mutable_x()->set_rows(3);
   req.mutable_x()->set_cols(static_cast<uint32_t>(H));
-  core::PackActivations(x.data(), 3, H, 0, core::WireDType::kF32, req.mutable_x()->mutable_data(),
+  common::PackActivations(x.data(), 3, H, 0, common::WireDType::kF32, req.mutable_x()->mutable_data(),
                         req.mutable_x()->mutable_row_scales());
   for (int32_t off : {0, 1, 3, 4}) req.add_token_offsets(off);
   for (int32_t e : {held[0], held[0], held[1], held[1]}) {

@@ -7,6 +7,8 @@
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
 #include "absl/synchronization/notification.h"
+#include "common/grpc_status.h"
+#include "core/kernels/backend_factory.h"
 #include "core/layers.h"
 #include "core/moe.h"
 #include "core/safetensors.h"
@@ -20,10 +22,6 @@
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/grpcpp.h"
 #include "grpcpp/health_check_service_interface.h"
-#ifdef DMOE_WITH_CUDA
-#include "core/kernels/cuda/cuda_expert_backend.h"
-#include "core/kernels/cuda/device_info.h"
-#endif
 
 #ifndef DMOE_VERSION
 #define DMOE_VERSION "dev"
@@ -33,13 +31,6 @@ namespace dmoe::expert {
 namespace {
 
 using internal::LayerExpert;
-
-// The one absl::Status -> grpc::Status conversion of this service (same codes).
-grpc::Status ToGrpcStatus(const absl::Status& s) {
-  if (s.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(s.code()),
-                      std::string(s.message()));
-}
 
 std::vector<std::pair<int64_t, std::vector<int32_t>>> SlotList(
     const google::protobuf::RepeatedPtrField<v1::LayerSlots>& slots) {
@@ -56,30 +47,6 @@ std::string ExpertPrefix(int64_t layer, int32_t expert) {
              ? absl::StrCat("model.layers.", layer, ".mlp.shared_experts.")
              : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert,
                             ".");
-}
-
-// The backend ExpertServerOptions::backend names.
-absl::StatusOr<std::unique_ptr<core::ExpertBackend>> MakeBackend(
-    ExpertServerOptions::Backend kind, core::ComputeType compute) {
-  using Backend = ExpertServerOptions::Backend;
-#ifdef DMOE_WITH_CUDA
-  if (kind == Backend::kCuda ||
-      (kind == Backend::kAuto && core::cuda::DeviceCount() > 0)) {
-    auto gpu = core::MakeCudaExpertBackend(compute);
-    if (!gpu.ok()) {
-      return absl::Status(gpu.status().code(),
-                          absl::StrCat("CUDA expert backend: ", gpu.status().message()));
-    }
-    return std::unique_ptr<core::ExpertBackend>(*std::move(gpu));
-  }
-#else
-  if (kind == Backend::kCuda) {
-    return absl::FailedPreconditionError(
-        "CUDA expert backend: this build has no CUDA support (configure where "
-        "nvcc is found, or with -DDMOE_CUDA=ON)");
-  }
-#endif
-  return core::MakeCpuExpertBackend(compute);
 }
 
 }  // namespace
@@ -152,7 +119,7 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
                                       v1::SlotsResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     control.Post([this, req, resp, r] {
-      r->Finish(ToGrpcStatus(DoLoadSlots(*req, resp)));
+      r->Finish(common::ToGrpc(DoLoadSlots(*req, resp)));
     });
     return r;
   }
@@ -161,7 +128,7 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
                                         v1::SlotsResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
     control.Post([this, req, resp, r] {
-      r->Finish(ToGrpcStatus(DoUnloadSlots(*req, resp)));
+      r->Finish(common::ToGrpc(DoUnloadSlots(*req, resp)));
     });
     return r;
   }
@@ -208,7 +175,7 @@ absl::Status ExpertServer::Impl::Init() {
   ckpt = *std::move(ckpt_or);
   ckpt->set_fp8_block(cfg.fp8_block_rows, cfg.fp8_block_cols);
   if (options.threads > 0) core::SetComputeThreads(options.threads);
-  auto made = MakeBackend(options.backend, options.compute);
+  auto made = core::MakeExpertBackend(options.backend, {.compute = options.compute});
   if (!made.ok()) return made.status();
   backend = *std::move(made);
 

@@ -1,4 +1,4 @@
-// The expert server (DESIGN.md, "expert_service"): hosts, for every MoE layer,
+// The expert server (docs/design.md, "Expert server"): hosts, for every MoE layer,
 // the routed experts its placement gives it (replicas included) plus the
 // shared expert(s), and answers dmoe.v1.ExpertService.
 //
@@ -44,8 +44,9 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/config.h"
+#include "core/kernels/backend_factory.h"
 #include "core/kernels/cpu/linear.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 
 namespace grpc {
 class Channel;
@@ -58,7 +59,7 @@ class ExpertMetrics;
 struct ExpertServerOptions {
   std::string model_dir;  // Hugging Face layout: config.json + *.safetensors
   int server_index = 0;   // in [0, placement.num_servers())
-  core::Placement placement;  // e.g. core::Placement::Contiguous(cfg, n)
+  place::Placement placement;  // e.g. place::Placement::Contiguous(cfg, n)
   core::ComputeType compute = core::ComputeType::kBF16;
   // Compute threads (the process's one OpenMP pool); <= 0 = all cores.
   int threads = 0;
@@ -75,7 +76,8 @@ struct ExpertServerOptions {
   // Expert compute backend. kCuda: every visible GPU (Create fails with
   // FailedPrecondition without one, or in a build without CUDA); kAuto: CUDA
   // when this build has it and a GPU is visible, else the CPU.
-  enum class Backend { kCpu, kCuda, kAuto };
+  // (core::MakeExpertBackend, core/kernels/backend_factory.h.)
+  using Backend = core::BackendKind;
   Backend backend = Backend::kCpu;
 };
 

@@ -2,10 +2,7 @@
 // backend holding every expert, plus the real dmoe-expert binary.
 #include "expert_service/expert_server.h"
 
-#include <fcntl.h>
 #include <signal.h>
-#include <sys/prctl.h>
-#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -22,23 +19,28 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/notification.h"
+#include "common/wire.h"
 #include "core/config.h"
 #include "core/expert_backend.h"
 #include "core/moe.h"
-#include "core/placement.h"
 #include "core/safetensors.h"
-#include "core/wire.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "gmock/gmock.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "placement/placement.h"
+#include "testing/files.h"
+#include "testing/subprocess.h"
 #include "tests/test_util.h"
 
 namespace dmoe::expert {
 namespace {
 
+using testing::BinDir;
+using testing::ChildProcess;
 using ::testing::HasSubstr;
+using testing::ReadFile;
 
 // One (layer, micro-batch) of work as a router would send it to one server.
 struct Work {
@@ -82,7 +84,7 @@ Work RandomWork(int32_t layer, int64_t tokens, int64_t hidden,
 // Rows [row0, row0 + rows) of `w` as one request (or chunk).
 v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
                             uint64_t version,
-                            core::WireDType dtype = core::WireDType::kF32,
+                            common::WireDType dtype = common::WireDType::kF32,
                             int64_t row0 = 0, int64_t rows = -1) {
   if (rows < 0) rows = w.tokens;
   v1::ExpertRequest r;
@@ -90,12 +92,12 @@ v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
   r.set_layer(w.layer);
   r.set_placement_version(version);
   auto* x = r.mutable_x();
-  x->set_dtype(dtype == core::WireDType::kF32 ? v1::ACTIVATION_DTYPE_F32
-                                              : v1::ACTIVATION_DTYPE_BF16);
+  x->set_dtype(dtype == common::WireDType::kF32 ? v1::ACTIVATION_DTYPE_F32
+                                                : v1::ACTIVATION_DTYPE_BF16);
   x->set_rows(rows);
   x->set_cols(hidden);
-  core::PackActivations(w.x.data() + row0 * hidden, rows, hidden, 0, dtype,
-                        x->mutable_data(), x->mutable_row_scales());
+  common::PackActivations(w.x.data() + row0 * hidden, rows, hidden, 0, dtype,
+                          x->mutable_data(), x->mutable_row_scales());
   const int32_t base = w.offsets[row0];
   for (int64_t t = row0; t <= row0 + rows; ++t)
     r.add_token_offsets(w.offsets[t] - base);
@@ -112,12 +114,12 @@ v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
 std::vector<float> FromReply(const v1::ExpertResponse& r) {
   EXPECT_EQ(r.error_code(), 0) << r.error_message();
   std::vector<float> y(static_cast<size_t>(r.y().rows()) * r.y().cols());
-  const core::WireDType t = r.y().dtype() == v1::ACTIVATION_DTYPE_F32
-                                ? core::WireDType::kF32
-                                : core::WireDType::kBF16;
+  const common::WireDType t = r.y().dtype() == v1::ACTIVATION_DTYPE_F32
+                                  ? common::WireDType::kF32
+                                  : common::WireDType::kBF16;
   absl::Status st =
-      core::UnpackActivations(t, r.y().data(), r.y().row_scales(), r.y().rows(),
-                              r.y().cols(), y.data());
+      common::UnpackActivations(t, r.y().data(), r.y().row_scales(),
+                                r.y().rows(), r.y().cols(), y.data());
   EXPECT_TRUE(st.ok()) << st;
   return y;
 }
@@ -165,7 +167,7 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
               .ok());
     }
     ASSERT_GE(moe_layers_.size(), 2u);
-    auto placement = core::Placement::Contiguous(cfg_, 2);
+    auto placement = place::Placement::Contiguous(cfg_, 2);
     ASSERT_TRUE(placement.ok()) << placement.status();
     placement_ = *placement;
     held_ = placement_.Slots(moe_layers_[0], 1);  // experts E/2..E-1
@@ -250,7 +252,7 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
   int64_t hidden_ = 0;
   std::unique_ptr<core::ExpertBackend> ref_;
   std::vector<int32_t> moe_layers_;
-  core::Placement placement_;
+  place::Placement placement_;
   std::vector<int32_t> held_;
   std::unique_ptr<ExpertServer> server_;
   std::shared_ptr<grpc::Channel> channel_;
@@ -344,7 +346,7 @@ TEST_P(ExpertServerTest, Dispatch_ChunkedRequestRepliedWithTheSameSplit) {
   std::vector<v1::ExpertRequest> chunks;
   const int64_t split[][2] = {{0, 4}, {4, 3}, {7, 3}};
   for (int i = 0; i < 3; ++i) {
-    chunks.push_back(ToRequest(w, hidden_, 42, 1, core::WireDType::kF32,
+    chunks.push_back(ToRequest(w, hidden_, 42, 1, common::WireDType::kF32,
                                split[i][0], split[i][1]));
     chunks.back().set_chunk_index(i);
     chunks.back().set_chunk_count(3);
@@ -366,7 +368,8 @@ TEST_P(ExpertServerTest, Dispatch_ChunkedRequestRepliedWithTheSameSplit) {
 TEST_P(ExpertServerTest, Dispatch_Bf16WireAndF32Reply) {
   StartServer();
   Work w = RandomWork(moe_layers_[0], 9, hidden_, held_, 8, true);
-  v1::ExpertRequest bf16 = ToRequest(w, hidden_, 1, 1, core::WireDType::kBF16);
+  v1::ExpertRequest bf16 =
+      ToRequest(w, hidden_, 1, 1, common::WireDType::kBF16);
   v1::ExpertRequest f32_reply = bf16;
   f32_reply.set_request_id(2);
   f32_reply.set_reply_dtype(v1::ACTIVATION_DTYPE_F32);
@@ -380,10 +383,10 @@ TEST_P(ExpertServerTest, Dispatch_Bf16WireAndF32Reply) {
   Work rounded = w;
   std::vector<float> tmp(w.x.size());
   std::string data, scales;
-  core::PackActivations(w.x.data(), w.tokens, hidden_, 0,
-                        core::WireDType::kBF16, &data, &scales);
-  ASSERT_TRUE(core::UnpackActivations(core::WireDType::kBF16, data, scales,
-                                      w.tokens, hidden_, rounded.x.data())
+  common::PackActivations(w.x.data(), w.tokens, hidden_, 0,
+                          common::WireDType::kBF16, &data, &scales);
+  ASSERT_TRUE(common::UnpackActivations(common::WireDType::kBF16, data, scales,
+                                        w.tokens, hidden_, rounded.x.data())
                   .ok());
   const std::vector<float> ref = Reference(rounded);
   EXPECT_LE(MaxRelError(FromReply(replies[2][0]), ref), 1e-6);
@@ -473,7 +476,7 @@ TEST_P(ExpertServerTest, Dispatch_BrokenChunkSequenceFailsThatRequestOnly) {
   StartServer();
   Work w = RandomWork(moe_layers_[0], 4, hidden_, held_, 2, false);
   v1::ExpertRequest c0 =
-      ToRequest(w, hidden_, 7, 1, core::WireDType::kF32, 0, 2);
+      ToRequest(w, hidden_, 7, 1, common::WireDType::kF32, 0, 2);
   c0.set_chunk_index(0);
   c0.set_chunk_count(2);
   v1::ExpertRequest other = ToRequest(w, hidden_, 8, 1);
@@ -702,7 +705,7 @@ TEST(ExpertServerCreateTest, RejectsServerIndexOutsideThePlacement) {
   ExpertServerOptions o;
   o.model_dir = dir;
   o.server_index = 2;
-  o.placement = *core::Placement::Contiguous(*cfg, 2);
+  o.placement = *place::Placement::Contiguous(*cfg, 2);
   auto s = ExpertServer::Create(o);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(std::string(s.status().message()),
@@ -715,7 +718,7 @@ TEST(ExpertServerCreateTest, StartFailsOnABusyPort) {
   ASSERT_TRUE(cfg.ok());
   ExpertServerOptions o;
   o.model_dir = dir;
-  o.placement = *core::Placement::Contiguous(*cfg, 1);
+  o.placement = *place::Placement::Contiguous(*cfg, 1);
   auto first = ExpertServer::Create(o);
   auto second = ExpertServer::Create(o);
   ASSERT_TRUE(first.ok() && second.ok());
@@ -730,44 +733,6 @@ TEST(ExpertServerCreateTest, StartFailsOnABusyPort) {
 
 // ---- the real binary
 // -----------------------------------------------------------
-
-std::string BinDir() {
-  const char* d = std::getenv("DMOE_BIN_DIR");
-  return d ? d : "build/bin";
-}
-
-// Runs `args` with stderr to `log`; returns the pid. The child is killed if
-// this test process dies first, so a crashed test leaves no server behind.
-pid_t Spawn(std::vector<std::string> args, const std::string& log) {
-  std::vector<char*> argv;
-  for (auto& a : args) argv.push_back(a.data());
-  argv.push_back(nullptr);
-  const pid_t parent = getpid();
-  const pid_t pid = fork();
-  if (pid == 0) {
-    prctl(PR_SET_PDEATHSIG, SIGKILL);
-    if (getppid() != parent) _exit(127);
-    const int fd = open(log.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
-    if (fd >= 0) dup2(fd, 2);
-    execv(argv[0], argv.data());
-    _exit(127);
-  }
-  EXPECT_GT(pid, 0) << "cannot fork for " << args[0];
-  return pid;
-}
-
-int WaitExit(pid_t pid) {
-  int status = 0;
-  if (waitpid(pid, &status, 0) != pid) return -1;
-  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
 
 // grpc.health.v1.Health/Check for the whole server, through the generic stub
 // (no health proto is installed): the reply is HealthCheckResponse{status}.
@@ -799,23 +764,14 @@ TEST(ExpertBinaryTest, ServesHealthAndRequestsThenExitsCleanlyOnSigterm) {
       testing::MakeModel("tiny-v2lite", 3, tools::WeightFormat::kF32);
   const std::string tmp = testing::FreshDir("run");
   const std::string port_file = tmp + "/port", log = tmp + "/stderr";
-  const pid_t pid =
-      Spawn({BinDir() + "/dmoe-expert", "--model", dir, "--server-index", "1",
-             "--num-servers", "2", "--port", "0", "--port-file", port_file,
-             "--dtype", "f32", "--threads", "1"},
-            log);
-  ASSERT_GT(pid, 0);
-  int port = 0;
-  for (int i = 0; i < 600 && port == 0; ++i) {
-    if (std::filesystem::exists(port_file))
-      port = std::atoi(ReadFile(port_file).c_str());
-    if (port == 0) std::this_thread::sleep_for(std::chrono::milliseconds(100));
-  }
-  if (port == 0) {
-    kill(pid, SIGKILL);
-    WaitExit(pid);
-    FAIL() << "no port file; stderr:\n" << ReadFile(log);
-  }
+  ChildProcess server;
+  ASSERT_TRUE(
+      server.Start({BinDir() + "/dmoe-expert", "--model", dir, "--server-index",
+                    "1", "--num-servers", "2", "--port", "0", "--port-file",
+                    port_file, "--dtype", "f32", "--threads", "1"},
+                   log));
+  const int port = testing::WaitForPortFile(port_file, server);
+  if (port == 0) FAIL() << "no port file; stderr:\n" << ReadFile(log);
   auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
                                      grpc::InsecureChannelCredentials());
   bool serving = false;
@@ -835,7 +791,7 @@ TEST(ExpertBinaryTest, ServesHealthAndRequestsThenExitsCleanlyOnSigterm) {
   auto ref = core::MakeCpuExpertBackend(core::ComputeType::kF32);
   const int32_t layer = 1;
   const std::vector<int32_t> held =
-      core::Placement::Contiguous(cfg, 2)->Slots(layer, 1);
+      place::Placement::Contiguous(cfg, 2)->Slots(layer, 1);
   for (int32_t e : held) {
     ASSERT_TRUE(core::LoadFfnInto(
                     *ckpt, absl::StrCat("model.layers.1.mlp.experts.", e, "."),
@@ -865,32 +821,37 @@ TEST(ExpertBinaryTest, ServesHealthAndRequestsThenExitsCleanlyOnSigterm) {
     stream->WritesDone();
     EXPECT_TRUE(stream->Finish().ok());
   }
-  ASSERT_EQ(kill(pid, SIGTERM), 0);
-  EXPECT_EQ(WaitExit(pid), 0) << ReadFile(log);
+  EXPECT_EQ(server.Kill(SIGTERM, std::chrono::seconds(60)), 0) << ReadFile(log);
+}
+
+// Runs the binary with `args` to its exit; returns the exit status.
+int RunToExit(const std::vector<std::string>& args, const std::string& log) {
+  ChildProcess p;
+  EXPECT_TRUE(p.Start(args, log)) << "cannot fork for " << args[0];
+  return p.Wait(std::chrono::seconds(60));
 }
 
 TEST(ExpertBinaryTest, BadFlagsExit2BadModelExit1) {
   const std::string tmp = testing::FreshDir("bad");
   const std::string log = tmp + "/stderr";
-  EXPECT_EQ(WaitExit(Spawn(
-                {BinDir() + "/dmoe-expert", "--model", tmp, "--server-index",
+  EXPECT_EQ(
+      RunToExit({BinDir() + "/dmoe-expert", "--model", tmp, "--server-index",
                  "0", "--num-servers", "2", "--bogus", "1"},
-                log)),
-            2);
+                log),
+      2);
   EXPECT_THAT(ReadFile(log), HasSubstr("unknown flag --bogus"));
-  EXPECT_EQ(WaitExit(Spawn({BinDir() + "/dmoe-expert", "--model", tmp,
-                            "--server-index", "0"},
-                           log)),
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp,
+                       "--server-index", "0"},
+                      log),
             2);
   EXPECT_THAT(ReadFile(log),
               HasSubstr("exactly one of --num-servers and --placement"));
-  EXPECT_EQ(
-      WaitExit(Spawn({BinDir() + "/dmoe-expert", "--model", tmp + "/missing",
-                      "--server-index", "0", "--num-servers", "2"},
-                     log)),
-      1);
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp + "/missing",
+                       "--server-index", "0", "--num-servers", "2"},
+                      log),
+            1);
   EXPECT_THAT(ReadFile(log), HasSubstr("model " + tmp + "/missing"));
-  EXPECT_EQ(WaitExit(Spawn({BinDir() + "/dmoe-expert", "--help"}, log)), 0);
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--help"}, log), 0);
 }
 
 }  // namespace

@@ -4,14 +4,14 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "core/chat_template.h"
+#include "text/chat_template.h"
 #include "fuzz/fuzz_data.h"
 #include "nlohmann/json.hpp"
 
 namespace {
-const dmoe::core::ChatTemplate& Template() {
+const dmoe::text::ChatTemplate& Template() {
   static const auto* t =
-      dmoe::fuzz::ValueOrDie(dmoe::core::ChatTemplate::Parse(
+      dmoe::fuzz::ValueOrDie(dmoe::text::ChatTemplate::Parse(
                                  dmoe::fuzz::ReadDataFile("deepseek_v3.jinja")),
                              "template")
           .value()

@@ -5,7 +5,7 @@
 #include <cstdint>
 #include <string_view>
 
-#include "core/chat_template.h"
+#include "text/chat_template.h"
 #include "nlohmann/json.hpp"
 
 namespace {
@@ -30,7 +30,7 @@ const nlohmann::ordered_json& Context() {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Deeply nested templates only test the stack; real ones are < 20 KB.
   if (size > 64 * 1024) return 0;
-  auto tmpl = dmoe::core::ChatTemplate::Parse(
+  auto tmpl = dmoe::text::ChatTemplate::Parse(
       std::string_view(reinterpret_cast<const char*>(data), size));
   if (!tmpl.ok()) return 0;
   (void)(*tmpl)->Render(Context());

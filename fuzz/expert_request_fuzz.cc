@@ -9,7 +9,7 @@
 #include <vector>
 
 #include "core/config.h"
-#include "core/wire.h"
+#include "common/wire.h"
 #include "dmoe/v1/expert.pb.h"
 #include "expert_service/internal/request_validation.h"
 #include "expert_service/internal/slot_table.h"
@@ -58,7 +58,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     return 0;
   std::vector<float> x(static_cast<size_t>(req.x().rows()) *
                        fix.cfg.hidden_size);
-  (void)dmoe::core::UnpackActivations(*in_type, req.x().data(),
+  (void)dmoe::common::UnpackActivations(*in_type, req.x().data(),
                                       req.x().row_scales(), req.x().rows(),
                                       fix.cfg.hidden_size, x.data());
   return 0;

@@ -1,4 +1,4 @@
-// The gateway's HTTP/1.1 request parser (gateway/http1/request_parser.h) on
+// The gateway's HTTP/1.1 request parser (common/http1/request_parser.h) on
 // arbitrary bytes: every request on the "connection" is parsed twice, in one
 // piece and split into pieces of a size the input picks, and both parses must
 // agree (the reactor feeds whatever each read() brought). No crash, no read
@@ -9,7 +9,7 @@
 #include <string>
 #include <string_view>
 
-#include "gateway/http1/request_parser.h"
+#include "common/http1/request_parser.h"
 
 namespace {
 

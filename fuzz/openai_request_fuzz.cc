@@ -6,8 +6,8 @@
 #include <cstdint>
 
 #include "absl/strings/string_view.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "fuzz/fuzz_data.h"
 #include "gateway/openai_protocol.h"
 
@@ -16,14 +16,14 @@ const dmoe::gateway::ParseOptions& Options() {
   static const auto* opts = [] {
     auto* o = new dmoe::gateway::ParseOptions();
     o->tokenizer = dmoe::fuzz::ValueOrDie(
-                       dmoe::core::Tokenizer::FromJson(
+                       dmoe::text::Tokenizer::FromJson(
                            dmoe::fuzz::ReadDataFile("tokenizer.json"),
                            dmoe::fuzz::ReadDataFile("tokenizer_config.json")),
                        "tokenizer")
                        .value()
                        .release();
     o->chat_template = dmoe::fuzz::ValueOrDie(
-                           dmoe::core::ChatTemplate::Parse(
+                           dmoe::text::ChatTemplate::Parse(
                                dmoe::fuzz::ReadDataFile("deepseek_v3.jinja")),
                            "template")
                            .value()

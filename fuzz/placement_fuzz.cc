@@ -6,7 +6,7 @@
 #include <cstdlib>
 
 #include "core/config.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 #include "fuzz/fuzz_data.h"
 #include "nlohmann/json.hpp"
 
@@ -25,12 +25,12 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   nlohmann::json j = nlohmann::json::parse(data, data + size, nullptr,
                                            /*allow_exceptions=*/false);
   if (j.is_discarded()) return 0;
-  auto p = dmoe::core::Placement::FromJson(j, cfg);
+  auto p = dmoe::place::Placement::FromJson(j, cfg);
   if (!p.ok()) return 0;
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.IsMoeLayer(l)) continue;
     for (int s = 0; s < p->num_servers(); ++s) (void)p->Slots(l, s);
   }
-  if (!dmoe::core::Placement::FromJson(p->ToJson(), cfg).ok()) std::abort();
+  if (!dmoe::place::Placement::FromJson(p->ToJson(), cfg).ok()) std::abort();
   return 0;
 }

@@ -10,14 +10,14 @@
 #include <string_view>
 #include <vector>
 
-#include "core/tokenizer.h"
+#include "text/tokenizer.h"
 #include "fuzz/fuzz_data.h"
 
 namespace {
-const dmoe::core::Tokenizer& Tok() {
+const dmoe::text::Tokenizer& Tok() {
   static const auto* tok =
       dmoe::fuzz::ValueOrDie(
-          dmoe::core::Tokenizer::FromJson(
+          dmoe::text::Tokenizer::FromJson(
               dmoe::fuzz::ReadDataFile("tokenizer.json"),
               dmoe::fuzz::ReadDataFile("tokenizer_config.json")),
           "tokenizer")
@@ -43,7 +43,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   for (bool skip : {false, true}) {
     auto whole = tok.Decode(ids, skip);
     // The streamed pieces concatenate to Decode's text (tokenizer.h).
-    dmoe::core::StreamingDetokenizer stream(tok, skip);
+    dmoe::text::StreamingDetokenizer stream(tok, skip);
     std::string streamed;
     bool ok = true;
     for (int32_t id : ids) {

@@ -6,7 +6,7 @@
 #include <string_view>
 #include <vector>
 
-#include "core/tokenizer.h"
+#include "text/tokenizer.h"
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   std::string_view in(reinterpret_cast<const char*>(data), size);
@@ -15,7 +15,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     config = in.substr(nul + 1);
     in = in.substr(0, nul);
   }
-  auto tok = dmoe::core::Tokenizer::FromJson(in, config);
+  auto tok = dmoe::text::Tokenizer::FromJson(in, config);
   if (!tok.ok()) return 0;
   const auto& t = **tok;
   for (bool special : {false, true}) {

@@ -1,4 +1,4 @@
-// The activation codec (core/wire.h), both directions.
+// The activation codec (common/wire.h), both directions.
 //
 // Decode: byte 0 picks the dtype, bytes 1-16 are rows and cols (int64, any
 // value), bytes 17-18 the length of the row scales; the rest is scales then
@@ -17,11 +17,11 @@
 #include <string_view>
 #include <vector>
 
-#include "core/wire.h"
+#include "common/wire.h"
 
 namespace {
 
-using dmoe::core::WireDType;
+using dmoe::common::WireDType;
 
 constexpr WireDType kTypes[] = {WireDType::kBF16, WireDType::kF32,
                                 WireDType::kF8E4M3};
@@ -44,8 +44,8 @@ void Decode(const uint8_t* data, size_t size) {
   const std::string scales(
       rest.substr(0, nscales));  // own allocations: exact bounds for ASan
   const std::string payload(rest.substr(nscales));
-  std::vector<float> out(payload.size() / dmoe::core::WireElementSize(type));
-  (void)dmoe::core::UnpackActivations(type, payload, scales, rows, cols,
+  std::vector<float> out(payload.size() / dmoe::common::WireElementSize(type));
+  (void)dmoe::common::UnpackActivations(type, payload, scales, rows, cols,
                                       out.data());
 }
 
@@ -66,9 +66,9 @@ void RoundTrip(const uint8_t* data, size_t size) {
   std::vector<float> back(rows * cols);
   for (WireDType type : kTypes) {
     if (type == WireDType::kBF16 && !bf16_range) continue;
-    dmoe::core::PackActivations(x.data(), rows, cols, /*ld=*/0, type, &packed,
+    dmoe::common::PackActivations(x.data(), rows, cols, /*ld=*/0, type, &packed,
                                 &scales);
-    if (!dmoe::core::UnpackActivations(type, packed, scales, rows, cols,
+    if (!dmoe::common::UnpackActivations(type, packed, scales, rows, cols,
                                        back.data())
              .ok())
       std::abort();

@@ -17,7 +17,7 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "core/chat_template.h"
+#include "text/chat_template.h"
 #include "gateway/testing/fake_router.h"
 #include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
@@ -84,7 +84,7 @@ class GatewayTest : public ::testing::Test {
     o.http.request_timeout = absl::Seconds(30);
     if (tokenizer_ != nullptr) {
       o.http.tokenizer = tokenizer_;
-      auto t = core::ChatTemplate::Parse(tokenizer_->chat_template());
+      auto t = text::ChatTemplate::Parse(tokenizer_->chat_template());
       ASSERT_TRUE(t.ok()) << t.status();
       o.http.chat_template = *std::move(t);
     }
@@ -126,7 +126,7 @@ class GatewayTest : public ::testing::Test {
 
   std::vector<std::unique_ptr<FakeRouterServer>> routers_;
   std::unique_ptr<Gateway> gw_;
-  std::shared_ptr<const core::Tokenizer> tokenizer_;  // set before StartGateway: text API
+  std::shared_ptr<const text::Tokenizer> tokenizer_;  // set before StartGateway: text API
 };
 
 // The gateway with the test tokenizer (gateway/testing/tokenizer_fixture.h).

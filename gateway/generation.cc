@@ -4,18 +4,9 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
 
 namespace dmoe::gateway {
-
-absl::Status FromGrpcStatus(const grpc::Status& status) {
-  if (status.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(status.error_code()), status.error_message());
-}
-
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()), std::string(status.message()));
-}
 
 absl::StatusOr<std::unique_ptr<Generation>> Generation::Start(RouterPool& pool,
                                                               v1::GenerateRequest request,
@@ -86,7 +77,7 @@ Generation::Event Generation::Next(absl::Duration wait, v1::GenerateResponse* me
       case internal::GenerateCall::Event::kEnd:
         break;
     }
-    absl::Status st = FromGrpcStatus(upstream);
+    absl::Status st = common::FromGrpc(upstream);
     if (st.ok()) {
       ended_ = true;
       break;

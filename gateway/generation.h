@@ -28,10 +28,6 @@
 
 namespace dmoe::gateway {
 
-// Same code and message (the two enums share their values).
-absl::Status FromGrpcStatus(const grpc::Status& status);
-grpc::Status ToGrpcStatus(const absl::Status& status);
-
 class Generation {
  public:
   // Starts `request` on the least-loaded healthy router; every attempt has

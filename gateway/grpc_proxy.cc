@@ -4,6 +4,7 @@
 #include <chrono>
 
 #include "absl/strings/str_cat.h"
+#include "common/grpc_status.h"
 #include "gateway/generation.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
@@ -70,7 +71,7 @@ grpc::Status RouterProxyService::DoGenerate(grpc::ServerContext* context,
   const absl::Time start = absl::Now();
   absl::StatusOr<std::unique_ptr<Generation>> gen =
       Generation::Start(pool_, request, Deadline(*context));
-  if (!gen.ok()) return ToGrpcStatus(gen.status());
+  if (!gen.ok()) return common::ToGrpc(gen.status());
   size_t sent = 0;
   for (;;) {
     v1::GenerateResponse m;
@@ -97,7 +98,7 @@ grpc::Status RouterProxyService::DoGenerate(grpc::ServerContext* context,
         metrics_.AddGeneratedTokens(1);
         continue;
       case Generation::Event::kEnd:
-        return ToGrpcStatus(end);
+        return common::ToGrpc(end);
     }
   }
 }
@@ -117,7 +118,7 @@ grpc::Status RouterProxyService::DoForward(const grpc::ServerContext& context,
   InflightLimiter::Slot slot = limiter_.TryAcquire();
   if (!slot) return AtCapacity(limiter_);
   absl::StatusOr<RouterPool::Lease> lease = pool_.Pick();
-  if (!lease.ok()) return ToGrpcStatus(lease.status());
+  if (!lease.ok()) return common::ToGrpc(lease.status());
   grpc::ClientContext upstream;
   upstream.set_deadline(absl::ToChronoTime(Deadline(context)));
   if (!pool_.Register(&upstream)) {

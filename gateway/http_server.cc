@@ -18,8 +18,8 @@
 #include "gateway/internal/http_errors.h"
 #include "gateway/openai_protocol.h"
 #include "gateway/text_output.h"
-#include "gateway/http1/request_parser.h"
-#include "gateway/http1/server.h"
+#include "common/http1/request_parser.h"
+#include "common/http1/server.h"
 #include "prometheus/text_serializer.h"
 
 namespace dmoe::gateway {

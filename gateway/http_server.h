@@ -58,8 +58,8 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "gateway/inflight_limiter.h"
 #include "gateway/metrics.h"
 #include "gateway/router_pool.h"
@@ -81,8 +81,8 @@ struct HttpServerOptions {
   uint32_t max_tokens_limit = 1 << 20;
   // The model's tokenizer and chat template (null: token ids only); when there
   // is a tokenizer but no usable template, chat_template_error says why.
-  std::shared_ptr<const core::Tokenizer> tokenizer;
-  std::shared_ptr<const core::ChatTemplate> chat_template;
+  std::shared_ptr<const text::Tokenizer> tokenizer;
+  std::shared_ptr<const text::ChatTemplate> chat_template;
   std::string chat_template_error;
 };
 

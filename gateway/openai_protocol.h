@@ -36,8 +36,8 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "dmoe/v1/router.pb.h"
 #include "nlohmann/json.hpp"
 
@@ -51,8 +51,8 @@ struct ParseOptions {
   int max_json_depth = 64;
   // The model's tokenizer and chat template; null = token ids only. When the
   // tokenizer has no usable template, chat_template_error says why.
-  const core::Tokenizer* tokenizer = nullptr;
-  const core::ChatTemplate* chat_template = nullptr;
+  const text::Tokenizer* tokenizer = nullptr;
+  const text::ChatTemplate* chat_template = nullptr;
   std::string chat_template_error;
 };
 

@@ -5,7 +5,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "core/chat_template.h"
+#include "text/chat_template.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
@@ -316,7 +316,7 @@ class ParseText : public ::testing::Test {
  protected:
   void SetUp() override {
     ASSERT_NE(tok_, nullptr);
-    auto t = core::ChatTemplate::Parse(tok_->chat_template());
+    auto t = text::ChatTemplate::Parse(tok_->chat_template());
     ASSERT_TRUE(t.ok()) << t.status();
     tmpl_ = *std::move(t);
     options_.tokenizer = tok_.get();
@@ -325,8 +325,8 @@ class ParseText : public ::testing::Test {
   absl::StatusOr<ParsedRequest> Parse(const std::string& body, ApiKind kind) {
     return ParseGenerateRequest(body, kind, options_);
   }
-  std::unique_ptr<core::Tokenizer> tok_ = testing::TestTokenizer();
-  std::unique_ptr<core::ChatTemplate> tmpl_;
+  std::unique_ptr<text::Tokenizer> tok_ = testing::TestTokenizer();
+  std::unique_ptr<text::ChatTemplate> tmpl_;
   ParseOptions options_;
 };
 

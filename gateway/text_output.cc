@@ -5,7 +5,7 @@
 
 namespace dmoe::gateway {
 
-TextOutput::TextOutput(const core::Tokenizer& tokenizer, std::vector<std::string> stop_strings,
+TextOutput::TextOutput(const text::Tokenizer& tokenizer, std::vector<std::string> stop_strings,
                        bool skip_special_tokens)
     : detok_(tokenizer, skip_special_tokens) {
   for (std::string& s : stop_strings)

@@ -17,13 +17,13 @@
 #include <string>
 #include <vector>
 
-#include "core/tokenizer.h"
+#include "text/tokenizer.h"
 
 namespace dmoe::gateway {
 
 class TextOutput {
  public:
-  TextOutput(const core::Tokenizer& tokenizer, std::vector<std::string> stop_strings,
+  TextOutput(const text::Tokenizer& tokenizer, std::vector<std::string> stop_strings,
              bool skip_special_tokens);
 
   // Adds one generated token; returns the text that is final now (possibly
@@ -43,7 +43,7 @@ class TextOutput {
   std::string Release(bool at_end);
 
   std::vector<std::string> stops_;  // non-empty ones
-  core::StreamingDetokenizer detok_;
+  text::StreamingDetokenizer detok_;
   std::string pending_;  // complete characters not returned yet
   std::string text_;
   bool stopped_ = false;

@@ -22,7 +22,7 @@ std::vector<std::string> PushAll(TextOutput& out, const std::vector<int32_t>& id
 
 class TextOutputTest : public ::testing::Test {
  protected:
-  std::unique_ptr<core::Tokenizer> tok_ = testing::TestTokenizer();
+  std::unique_ptr<text::Tokenizer> tok_ = testing::TestTokenizer();
 };
 
 TEST_F(TextOutputTest, CharactersSplitAcrossTokensComeOutWhole) {

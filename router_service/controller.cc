@@ -7,18 +7,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
-#include "core/planner.h"
+#include "common/grpc_status.h"
+#include "placement/planner.h"
 #include "core/status.h"
 #include "grpcpp/grpcpp.h"
 
 namespace dmoe::router {
 namespace {
-
-absl::Status FromGrpc(const grpc::Status& st, const std::string& what) {
-  if (st.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(st.error_code()),
-                      absl::StrCat(what, ": ", st.error_message()));
-}
 
 // Runs fn(i) for i in [0, n) on n threads; returns their statuses.
 std::vector<absl::Status> ParallelFor(int n, const std::function<absl::Status(int)>& fn) {
@@ -58,7 +53,7 @@ std::vector<int32_t> Reported(const v1::ServerStatusResponse& status, int64_t la
 // How many of the slots `placement` gives server `s` it does not hold by its
 // `status`: > 0 for a server restarted at its address (it holds nothing until
 // the controller loads its slots again).
-int64_t MissingSlots(const core::ModelConfig& cfg, const core::Placement& placement, int s,
+int64_t MissingSlots(const core::ModelConfig& cfg, const place::Placement& placement, int s,
                      const v1::ServerStatusResponse& status) {
   if (s >= placement.num_servers()) return 0;
   int64_t missing = 0;
@@ -77,7 +72,7 @@ int DefaultSlotsPerServer(int64_t num_experts, int num_servers, int initial_max)
   return static_cast<int>(std::min<int64_t>(e, std::max<int64_t>(leave_tolerant, initial_max)));
 }
 
-std::string LeaveRefusal(const core::ModelConfig& cfg, const core::Placement& placement,
+std::string LeaveRefusal(const core::ModelConfig& cfg, const place::Placement& placement,
                          const std::vector<bool>& active, int server, int slots) {
   int others = 0;
   for (int s = 0; s < static_cast<int>(active.size()); ++s) others += active[s] && s != server;
@@ -128,7 +123,7 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
       o.switch_timeout <= absl::ZeroDuration()) {
     return absl::InvalidArgumentError("controller: durations must be positive");
   }
-  const core::Placement p = experts->placement();
+  const place::Placement p = experts->placement();
   int initial_max = 0, holding = 0;
   for (int s = 0; s < p.num_servers(); ++s) {
     bool holds = false;
@@ -173,7 +168,7 @@ PlacementController::PlacementController(const core::ModelConfig& cfg, LoadWindo
       options_(options),
       slots_per_server_(slots),
       expert_bytes_(3 * cfg.hidden_size * cfg.moe_intermediate_size * 2) {
-  const core::Placement p = experts_->placement();
+  const place::Placement p = experts_->placement();
   next_version_ = p.version() + 1;
   const std::vector<std::string> addresses = experts_->servers();
   for (int s = 0; s < static_cast<int>(addresses.size()); ++s) {
@@ -239,11 +234,11 @@ void PlacementController::PollServers() {
     v1::ServerStatusRequest req;
     // The reply to a leaving server whose leave is refused: it stays.
     if (servers[i].leaving) req.set_leave_refused(servers[i].leave_refused);
-    return FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, req, &status[i]),
+    return common::FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, req, &status[i]),
                     servers[i].address);
   });
   const absl::Time now = absl::Now();
-  const core::Placement cur = experts_->placement();
+  const place::Placement cur = experts_->placement();
   // address, trigger: a removal, or (server-restarted) slots to load again
   std::vector<std::pair<std::string, std::string>> remove;
   {
@@ -296,7 +291,7 @@ void PlacementController::PollServers() {
 
 bool PlacementController::RefuseLeave(const std::string& address) {
   std::function<void(const std::string&)> cb;
-  const core::Placement placement = experts_->placement();
+  const place::Placement placement = experts_->placement();
   {
     // Against the servers as they are now: an earlier leave of this poll
     // round may have made a server inactive.
@@ -329,7 +324,7 @@ bool PlacementController::RefuseLeave(const std::string& address) {
 
 void PlacementController::CheckImbalance(absl::Time now) {
   if (!options_.auto_rebalance) return;
-  const core::Placement p = experts_->placement();
+  const place::Placement p = experts_->placement();
   const LoadSnapshot snap = window_->Get(now);
   double worst = 0;
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
@@ -384,7 +379,7 @@ void PlacementController::CheckImbalance(absl::Time now) {
 
 absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
     const std::vector<ServerState>& servers, const std::string& trigger) {
-  const core::Placement cur = experts_->placement();
+  const place::Placement cur = experts_->placement();
   std::vector<int> active;
   for (int s = 0; s < static_cast<int>(servers.size()); ++s) {
     if (servers[s].active) active.push_back(s);
@@ -396,7 +391,7 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
         " experts per layer"));
   }
   const LoadSnapshot snap = window_->Get(absl::Now());
-  core::PlanOptions po;
+  place::PlanOptions po;
   po.num_servers = static_cast<int>(active.size());
   po.slots_per_server = slots_per_server_;
   po.expert_bytes = expert_bytes_;
@@ -416,12 +411,12 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
     if (snap.tokens[l] >= std::max(options_.min_tokens, 1.0)) {
       for (int64_t e = 0; e < E; ++e) loads[e] = snap.Assignments(l, e);
     }
-    core::ServerSlots current;
+    place::ServerSlots current;
     for (int s : active) {
       current.push_back(s < cur.num_servers() ? cur.Slots(l, s) : std::vector<int32_t>{});
     }
-    DMOE_ASSIGN_OR_RETURN(core::LayerPlan lp, core::PlanLayer(loads, po, &current));
-    core::ServerSlots all(servers.size());
+    DMOE_ASSIGN_OR_RETURN(place::LayerPlan lp, place::PlanLayer(loads, po, &current));
+    place::ServerSlots all(servers.size());
     for (size_t k = 0; k < active.size(); ++k) all[active[k]] = lp.servers[k];
     // Moves against what each server holds now (a re-activated server may
     // still hold nothing).
@@ -430,19 +425,19 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
       const auto& held = static_cast<int>(s) < cur.num_servers() ? cur.Slots(l, s) : none;
       moved += static_cast<int64_t>(Minus(all[s], held).size());
     }
-    core::ServerSlots now_slots;
+    place::ServerSlots now_slots;
     for (int s = 0; s < cur.num_servers(); ++s) {
       if (!cur.Slots(l, s).empty()) now_slots.push_back(cur.Slots(l, s));
     }
     plan.report.add_layers(static_cast<uint32_t>(l));
-    plan.report.add_current_max_over_mean(core::MaxOverMean(core::ServerLoads(loads, now_slots)));
+    plan.report.add_current_max_over_mean(place::MaxOverMean(place::ServerLoads(loads, now_slots)));
     plan.report.add_predicted_max_over_mean(lp.max_over_mean);
     layers.push_back({{"layer", l}, {"servers", all}});
   }
   nlohmann::json j = {{"version", version},
                       {"num_servers", servers.size()},
                       {"layers", layers}};
-  DMOE_ASSIGN_OR_RETURN(plan.placement, core::Placement::FromJson(j, cfg_));
+  DMOE_ASSIGN_OR_RETURN(plan.placement, place::Placement::FromJson(j, cfg_));
   for (const ServerState& s : servers) plan.servers.push_back(s.address);
   plan.report.set_placement_json(j.dump());
   plan.report.set_slots_moved(static_cast<uint64_t>(moved));
@@ -451,8 +446,8 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
 }
 
 absl::Status PlacementController::Apply(Plan& plan) {
-  const core::Placement cur = experts_->placement();
-  const core::Placement& next = plan.placement;
+  const place::Placement cur = experts_->placement();
+  const place::Placement& next = plan.placement;
   const int n = static_cast<int>(plan.servers.size());
   const absl::Time start = absl::Now();
 
@@ -462,7 +457,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
   std::vector<absl::Status> st = ParallelFor(n, [&](int s) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-    return FromGrpc(Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &status[s]),
+    return common::FromGrpc(Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &status[s]),
                     plan.servers[s]);
   });
   uint64_t version = plan.placement.version();
@@ -472,7 +467,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
   if (version != plan.placement.version()) {
     nlohmann::json j = nlohmann::json::parse(plan.report.placement_json());
     j["version"] = version;
-    DMOE_ASSIGN_OR_RETURN(plan.placement, core::Placement::FromJson(j, cfg_));
+    DMOE_ASSIGN_OR_RETURN(plan.placement, place::Placement::FromJson(j, cfg_));
     plan.report.set_placement_json(j.dump());
     plan.report.set_version(version);
   }
@@ -499,7 +494,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
     v1::SlotsResponse resp;
-    return FromGrpc(Stub(plan.servers[s])->LoadSlots(&ctx, req, &resp),
+    return common::FromGrpc(Stub(plan.servers[s])->LoadSlots(&ctx, req, &resp),
                     absl::StrCat("expert server ", s, " (", plan.servers[s], "): load slots"));
   });
   for (int s = 0; s < n; ++s) {
@@ -529,7 +524,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
         ctx.set_deadline(
             absl::ToChronoTime(absl::Now() + options_.switch_timeout + absl::Seconds(5)));
         v1::PlacementResponse resp;
-        return FromGrpc(peers[i].second->SetPlacement(&ctx, push, &resp),
+        return common::FromGrpc(peers[i].second->SetPlacement(&ctx, push, &resp),
                         absl::StrCat("router ", peers[i].first, ": set placement"));
       });
   for (size_t i = 0; i < peers.size(); ++i) {
@@ -556,7 +551,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
     {
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-      DMOE_RETURN_IF_ERROR(FromGrpc(
+      DMOE_RETURN_IF_ERROR(common::FromGrpc(
           Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &now), plan.servers[s]));
     }
     if (now.placement_version() != version) return absl::OkStatus();
@@ -570,7 +565,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
     v1::SlotsResponse resp;
-    return FromGrpc(Stub(plan.servers[s])->UnloadSlots(&ctx, req, &resp),
+    return common::FromGrpc(Stub(plan.servers[s])->UnloadSlots(&ctx, req, &resp),
                     absl::StrCat("expert server ", s, " (", plan.servers[s], "): unload slots"));
   });
   for (int s = 0; s < n; ++s) {
@@ -645,7 +640,7 @@ absl::StatusOr<v1::RebalanceResponse> PlacementController::AddServer(const std::
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-    DMOE_RETURN_IF_ERROR(FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
+    DMOE_RETURN_IF_ERROR(common::FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
                                   absl::StrCat("expert server ", address)));
     if (status.model() != "" && status.leaving()) {
       return absl::FailedPreconditionError(absl::StrCat("expert server ", address, " is leaving"));
@@ -706,7 +701,7 @@ absl::StatusOr<v1::RebalanceResponse> PlacementController::RemoveServer(
 
 v1::PlacementResponse PlacementController::GetPlacement() const {
   v1::PlacementResponse r;
-  const core::Placement p = experts_->placement();
+  const place::Placement p = experts_->placement();
   r.set_version(p.version());
   r.set_placement_json(p.ToJson().dump());
   for (const std::string& a : experts_->servers()) r.add_server_addresses(a);
@@ -729,7 +724,7 @@ v1::PlacementResponse PlacementController::RegisterRouter(const std::string& add
 
 v1::ExpertLoadResponse PlacementController::GetExpertLoad() const {
   v1::ExpertLoadResponse r;
-  const core::Placement p = experts_->placement();
+  const place::Placement p = experts_->placement();
   const LoadSnapshot snap = window_->Get(absl::Now());
   r.set_placement_version(p.version());
   r.set_window_seconds(absl::ToDoubleSeconds(window_->options().window));
@@ -744,9 +739,9 @@ v1::ExpertLoadResponse PlacementController::GetExpertLoad() const {
       loads[e] = snap.Assignments(l, e);
       ll->add_expert_load(loads[e]);
     }
-    core::ServerSlots slots;
+    place::ServerSlots slots;
     for (int s = 0; s < p.num_servers(); ++s) slots.push_back(p.Slots(l, s));
-    for (double x : core::ServerLoads(loads, slots)) ll->add_server_load(x);
+    for (double x : place::ServerLoads(loads, slots)) ll->add_server_load(x);
     const LayerBalance b = ComputeBalance(snap, l, cfg_.num_experts_per_tok, p);
     ll->set_server_max_over_mean(b.server_max_over_mean);
     ll->set_slot_max_over_mean(b.slot_max_over_mean);

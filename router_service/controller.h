@@ -1,6 +1,6 @@
-// The placement controller (DESIGN.md, "placement controller"): one per
+// The placement controller (docs/placement.md, "The controller switch protocol"): one per
 // deployment, inside the router that runs with --controller. It plans from
-// the router's load window (core/planner.h, one MoE layer at a time) and
+// the router's load window (placement/planner.h, one MoE layer at a time) and
 // re-places experts live:
 //
 //   1. every reachable expert server LoadSlots(V', the slots it gains), in
@@ -61,7 +61,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "core/config.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "router_service/load_window.h"
@@ -105,7 +105,7 @@ int DefaultSlotsPerServer(int64_t num_experts, int num_servers, int initial_max)
 // (`active`, index = server) x `slots` cannot hold the routed experts of a
 // layer, so experts would have no server. Names a few of the experts only
 // `server` holds in `placement` and the way out.
-std::string LeaveRefusal(const core::ModelConfig& cfg, const core::Placement& placement,
+std::string LeaveRefusal(const core::ModelConfig& cfg, const place::Placement& placement,
                          const std::vector<bool>& active, int server, int slots);
 
 class PlacementController {
@@ -148,7 +148,7 @@ class PlacementController {
     std::string remove_error;   // the last failure to move its slots (logged once)
   };
   struct Plan {
-    core::Placement placement;
+    place::Placement placement;
     std::vector<std::string> servers;
     v1::RebalanceResponse report;
   };

@@ -53,7 +53,7 @@ class ControllerTest : public ::testing::Test {
 
   // Starts server `index` of `placement` (a server with no slots there joins
   // empty).
-  void StartServer(const core::Placement& placement, int index) {
+  void StartServer(const place::Placement& placement, int index) {
     expert::ExpertServerOptions o;
     o.model_dir = dir_;
     o.server_index = index;
@@ -68,13 +68,13 @@ class ControllerTest : public ::testing::Test {
   }
 
   void StartCluster(int n) {
-    auto p = core::Placement::Contiguous(cfg_, n);
+    auto p = place::Placement::Contiguous(cfg_, n);
     ASSERT_TRUE(p.ok());
     for (int s = 0; s < n; ++s) StartServer(*p, s);
     RemoteExpertOptions o;
     o.servers = addresses_;
     o.placement = *p;
-    o.wire_dtype = core::WireDType::kF32;
+    o.wire_dtype = common::WireDType::kF32;
     o.local_compute = core::ComputeType::kF32;
     auto made = MakeRemoteExperts(o);
     ASSERT_TRUE(made.ok()) << made.status();
@@ -163,7 +163,7 @@ class ControllerTest : public ::testing::Test {
 
   // The placement the router uses equals what every server holds.
   void ExpectServersHoldThePlacement() {
-    const core::Placement p = control_->placement();
+    const place::Placement p = control_->placement();
     for (int s = 0; s < static_cast<int>(servers_.size()); ++s) {
       v1::ServerStatusResponse st = Status(s);
       EXPECT_EQ(st.placement_version(), p.version()) << "server " << s;
@@ -288,7 +288,7 @@ TEST_F(ControllerTest, ScaleOutGivesANewServerSlotsAndScaleInEmptiesOne) {
   nlohmann::json j = control_->placement().ToJson();
   j["num_servers"] = 4;
   for (auto& layer : j["layers"]) layer["servers"].push_back(nlohmann::json::array());
-  auto p4 = core::Placement::FromJson(j, cfg_);
+  auto p4 = place::Placement::FromJson(j, cfg_);
   ASSERT_TRUE(p4.ok()) << p4.status();
   StartServer(*p4, 3);
   EXPECT_EQ(servers_[3]->num_slots(), 0);
@@ -386,7 +386,7 @@ TEST(DefaultSlotsPerServer, LetsOneServerLeave) {
 }
 
 TEST_F(ControllerTest, LeaveRefusalNamesTheExpertsOnlyThatServerHolds) {
-  auto p = core::Placement::Contiguous(cfg_, 3);
+  auto p = place::Placement::Contiguous(cfg_, 3);
   ASSERT_TRUE(p.ok());
   const std::string why = LeaveRefusal(cfg_, *p, {true, true, true}, 1, 6);
   EXPECT_THAT(why, HasSubstr("2 other active expert servers x 6 slots cannot hold 16 experts"));
@@ -446,7 +446,7 @@ TEST_F(ControllerTest, LeaveThatCannotBeAbsorbedIsRefusedUntilAServerJoins) {
   nlohmann::json j = control_->placement().ToJson();
   j["num_servers"] = 4;
   for (auto& layer : j["layers"]) layer["servers"].push_back(nlohmann::json::array());
-  auto p4 = core::Placement::FromJson(j, cfg_);
+  auto p4 = place::Placement::FromJson(j, cfg_);
   ASSERT_TRUE(p4.ok()) << p4.status();
   StartServer(*p4, 3);
   ASSERT_TRUE(c->AddServer(addresses_[3]).ok());

@@ -111,7 +111,7 @@ void LoadWindow::Clear() {
 }
 
 LayerBalance ComputeBalance(const LoadSnapshot& s, int64_t layer, int64_t top_k,
-                            const core::Placement& placement) {
+                            const place::Placement& placement) {
   LayerBalance b;
   const int64_t N = s.experts;
   const int D = placement.num_servers();

@@ -20,7 +20,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/time.h"
 #include "core/gating.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 
 namespace dmoe::router {
 
@@ -62,7 +62,7 @@ struct LayerBalance {
 };
 
 LayerBalance ComputeBalance(const LoadSnapshot& s, int64_t layer, int64_t top_k,
-                            const core::Placement& placement);
+                            const place::Placement& placement);
 
 class LoadWindow {
  public:
@@ -79,7 +79,7 @@ class LoadWindow {
  private:
   // Moves the current bucket into the history when `now` is past it.
   void Advance(absl::Time now) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  size_t size() const { return current_.size(); }
+  size_t size() const ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_) { return current_.size(); }
 
   const LoadWindowOptions options_;
   const int64_t layers_, experts_;

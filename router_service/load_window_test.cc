@@ -71,7 +71,7 @@ TEST(LoadBalance, UniformLoadIsOneEverywhere) {
   cfg.first_k_dense_replace = 0;
   cfg.n_routed_experts = 4;
   cfg.num_experts_per_tok = 2;
-  auto p = core::Placement::Contiguous(cfg, 2);
+  auto p = place::Placement::Contiguous(cfg, 2);
   ASSERT_TRUE(p.ok()) << p.status();
   LayerBalance b = ComputeBalance(w.Get(kT0), 0, 2, *p);
   EXPECT_DOUBLE_EQ(b.server_max_over_mean, 1.0);
@@ -93,7 +93,7 @@ TEST(LoadBalance, SkewedLoadAndReplicas) {
   w.AddRouting(0, Routing(10, {1}, 4), kT0);
   w.AddRouting(0, Routing(10, {2}, 4), kT0);
   w.AddRouting(0, Routing(10, {3}, 4), kT0);
-  auto contiguous = core::Placement::Contiguous(cfg, 2);  // {0,1} {2,3}
+  auto contiguous = place::Placement::Contiguous(cfg, 2);  // {0,1} {2,3}
   ASSERT_TRUE(contiguous.ok());
   LayerBalance b = ComputeBalance(w.Get(kT0), 0, 1, *contiguous);
   EXPECT_DOUBLE_EQ(b.server_max_over_mean, 40.0 / 30.0);
@@ -106,7 +106,7 @@ TEST(LoadBalance, SkewedLoadAndReplicas) {
   nlohmann::json j = {{"version", 2},
                       {"num_servers", 2},
                       {"layers", {{{"layer", 0}, {"servers", {{0, 1}, {0, 2, 3}}}}}}};
-  auto replicated = core::Placement::FromJson(j, cfg);
+  auto replicated = place::Placement::FromJson(j, cfg);
   ASSERT_TRUE(replicated.ok()) << replicated.status();
   b = ComputeBalance(w.Get(kT0), 0, 1, *replicated);
   EXPECT_DOUBLE_EQ(b.server_max_over_mean, 35.0 / 30.0);  // 15+10 vs 15+10+10

@@ -5,12 +5,13 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/grpc_status.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 
 namespace dmoe::router {
 
-absl::Status CheckServable(const core::ModelConfig& cfg, const core::Placement& placement,
+absl::Status CheckServable(const core::ModelConfig& cfg, const place::Placement& placement,
                            const std::vector<std::string>& servers,
                            const std::vector<absl::Status>& live) {
   int64_t missing = 0;
@@ -103,13 +104,12 @@ absl::Status ReadinessMonitor::DefaultProbe(const std::string& address, absl::Du
   ctx.set_deadline(absl::ToChronoTime(absl::Now() + timeout));
   v1::ServerStatusResponse resp;
   const grpc::Status st = ch->stub->GetStatus(&ctx, v1::ServerStatusRequest(), &resp);
-  if (st.ok()) return absl::OkStatus();
-  return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  return common::FromGrpc(st);
 }
 
 absl::Status ReadinessMonitor::CheckNow() {
   absl::MutexLock one(&check_mu_);
-  const core::Placement placement = control_->placement();
+  const place::Placement placement = control_->placement();
   const std::vector<std::string> servers = control_->servers();
   const int n = static_cast<int>(servers.size());
   std::vector<absl::Status> live(n);

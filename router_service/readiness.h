@@ -36,7 +36,7 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "core/config.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 #include "router_service/remote_expert_backend.h"
 
 namespace dmoe::router {
@@ -46,7 +46,7 @@ namespace dmoe::router {
 // naming the first such expert, how many there are, and why its servers are
 // not live, e.g. "cannot serve a token: layer 1 expert 5 has no live expert
 // server (10 experts in all; server 1 (127.0.0.1:5001): connection refused)".
-absl::Status CheckServable(const core::ModelConfig& cfg, const core::Placement& placement,
+absl::Status CheckServable(const core::ModelConfig& cfg, const place::Placement& placement,
                            const std::vector<std::string>& servers,
                            const std::vector<absl::Status>& live);
 

@@ -17,17 +17,17 @@ using ::testing::HasSubstr;
 
 class FixedControl : public RemoteExpertControl {
  public:
-  FixedControl(core::Placement p, std::vector<std::string> servers)
+  FixedControl(place::Placement p, std::vector<std::string> servers)
       : p_(std::move(p)), servers_(std::move(servers)) {}
-  absl::Status SwitchPlacement(core::Placement, std::vector<std::string>,
+  absl::Status SwitchPlacement(place::Placement, std::vector<std::string>,
                                absl::Duration) override {
     return absl::UnimplementedError("fixed");
   }
-  core::Placement placement() const override { return p_; }
+  place::Placement placement() const override { return p_; }
   std::vector<std::string> servers() const override { return servers_; }
 
  private:
-  core::Placement p_;
+  place::Placement p_;
   std::vector<std::string> servers_;
 };
 
@@ -48,7 +48,7 @@ class ReadinessTest : public ::testing::Test {
 };
 
 TEST_F(ReadinessTest, ServableOnlyWhileEveryExpertHasALiveServer) {
-  auto p = core::Placement::Contiguous(cfg_, 3);
+  auto p = place::Placement::Contiguous(cfg_, 3);
   ASSERT_TRUE(p.ok());
   const std::vector<std::string> addrs = {"a:1", "b:2", "c:3"};
   EXPECT_TRUE(CheckServable(cfg_, *p, addrs, {absl::OkStatus(), absl::OkStatus(), absl::OkStatus()})
@@ -73,7 +73,7 @@ TEST_F(ReadinessTest, AReplicaElsewhereKeepsItServable) {
   for (int e = 0; e < cfg_.n_routed_experts; ++e) all[e] = e;
   for (int64_t l : moe_layers_) layers.push_back({{"layer", l}, {"servers", {all, all}}});
   const nlohmann::json j = {{"version", 1}, {"num_servers", 2}, {"layers", layers}};
-  auto p = core::Placement::FromJson(j, cfg_);
+  auto p = place::Placement::FromJson(j, cfg_);
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_TRUE(
       CheckServable(cfg_, *p, {"a:1", "b:2"}, {absl::UnavailableError("x"), absl::OkStatus()}).ok());
@@ -83,7 +83,7 @@ TEST_F(ReadinessTest, AReplicaElsewhereKeepsItServable) {
 }
 
 TEST_F(ReadinessTest, MonitorReportsEachChangeOnce) {
-  auto p = core::Placement::Contiguous(cfg_, 2);
+  auto p = place::Placement::Contiguous(cfg_, 2);
   ASSERT_TRUE(p.ok());
   FixedControl control(*p, {"a:1", "b:2"});
   absl::Mutex mu;

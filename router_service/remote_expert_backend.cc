@@ -23,6 +23,7 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/grpc_status.h"
 #include "core/status.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -34,20 +35,13 @@ namespace {
 using internal::DispatchHub;
 using internal::DispatchStream;
 
-v1::ActivationDType ToProto(core::WireDType t) {
+v1::ActivationDType ToProto(common::WireDType t) {
   switch (t) {
-    case core::WireDType::kBF16: return v1::ACTIVATION_DTYPE_BF16;
-    case core::WireDType::kF32: return v1::ACTIVATION_DTYPE_F32;
-    case core::WireDType::kF8E4M3: return v1::ACTIVATION_DTYPE_F8_E4M3;
+    case common::WireDType::kBF16: return v1::ACTIVATION_DTYPE_BF16;
+    case common::WireDType::kF32: return v1::ACTIVATION_DTYPE_F32;
+    case common::WireDType::kF8E4M3: return v1::ACTIVATION_DTYPE_F8_E4M3;
   }
   return v1::ACTIVATION_DTYPE_UNSPECIFIED;
-}
-
-absl::StatusCode CodeFromWire(int32_t code) {
-  if (code <= 0 || code > static_cast<int32_t>(absl::StatusCode::kUnauthenticated)) {
-    return absl::StatusCode::kUnknown;
-  }
-  return static_cast<absl::StatusCode>(code);
 }
 
 // How long a failed stream is given to report gRPC's final status (only on
@@ -76,9 +70,9 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   void Cancel(uint64_t ticket) override;
   size_t WeightBytes() const override { return local_->WeightBytes(); }
 
-  absl::Status SwitchPlacement(core::Placement placement, std::vector<std::string> servers,
+  absl::Status SwitchPlacement(place::Placement placement, std::vector<std::string> servers,
                                absl::Duration timeout) override;
-  core::Placement placement() const override {
+  place::Placement placement() const override {
     absl::MutexLock lock(&mu_);
     return placement_;
   }
@@ -109,7 +103,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     int server = 0;
     uint64_t id = 0;
     std::shared_ptr<DispatchStream> stream;  // the stream it went out on
-    core::ServerShare share;                 // tokens: indices into the ticket's batch
+    place::ServerShare share;                 // tokens: indices into the ticket's batch
     std::vector<float> partial;              // [reply_rows, hidden] unpacked reply
     int64_t rows = 0;           // tokens sent
     // Per-assignment replies: the batch assignment of each reply row (the
@@ -132,7 +126,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     core::ExpertBatch batch;
     float* out = nullptr;
     std::vector<std::unique_ptr<Pending>> pending;  // in sending order
-    std::vector<core::ServerState> states;          // [N] excluded: failed for this batch
+    std::vector<place::ServerState> states;          // [N] excluded: failed for this batch
     std::vector<int32_t> stranded;                  // tokens no live server can serve
     absl::Status failure;  // the first server failure (explains stranded tokens)
     absl::Status error;    // a failure of the whole batch
@@ -155,7 +149,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   void ReapRetired();
   Ticket* FindTicket(uint64_t id);
   // Sends `share` of ticket `t` to its server as a new request.
-  void Send(Ticket& t, core::ServerShare share);
+  void Send(Ticket& t, place::ServerShare share);
   // Queues p's request on `stream`; returns its size on the wire.
   size_t Pack(const core::ExpertBatch& b, const Pending& p, DispatchStream& stream);
   // Handles one reply message for `p`: unpacks it, or fails `p` over (a
@@ -182,9 +176,9 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   // methods: a switch happens only between them. Everything below is
   // guarded by it (and touched only by the submitting thread otherwise).
   mutable absl::Mutex mu_;
-  core::Placement placement_;
+  place::Placement placement_;
   struct PendingSwitch {
-    core::Placement placement;
+    place::Placement placement;
     std::vector<std::string> servers;
     bool applied = false;
   };
@@ -242,7 +236,7 @@ void RemoteExpertBackend::SetServers(const std::vector<std::string>& addresses) 
   queued_.resize(n);
 }
 
-absl::Status RemoteExpertBackend::SwitchPlacement(core::Placement placement,
+absl::Status RemoteExpertBackend::SwitchPlacement(place::Placement placement,
                                                   std::vector<std::string> servers,
                                                   absl::Duration timeout) {
   if (static_cast<int>(servers.size()) != placement.num_servers()) {
@@ -296,7 +290,12 @@ RemoteExpertBackend::~RemoteExpertBackend() {
   {
     absl::MutexLock lock(&hub_->mu);
     all_finished = hub_->mu.AwaitWithTimeout(
-        absl::Condition(+[](DispatchHub* h) { return h->live_streams == 0; }, hub_.get()),
+        absl::Condition(
+            // Await evaluates the condition with h->mu held.
+            +[](DispatchHub* h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(h->mu) {
+              return h->live_streams == 0;
+            },
+            hub_.get()),
         absl::Seconds(10));
   }
   ReapRetired();
@@ -333,7 +332,7 @@ bool RemoteExpertBackend::HasFfn(int32_t layer, int32_t ffn_id) const {
   if (ffn_id == core::kSharedFfn) {
     if (local_->HasFfn(layer, ffn_id)) return true;
     // Every expert server holds the shared FFN of every MoE layer.
-    return options_.shared_duty == core::SharedDuty::kExpertServers &&
+    return options_.shared_duty == place::SharedDuty::kExpertServers &&
            !placement_.Replicas(layer, 0).empty();
   }
   return ffn_id >= 0 && !placement_.Replicas(layer, ffn_id).empty();
@@ -341,59 +340,15 @@ bool RemoteExpertBackend::HasFfn(int32_t layer, int32_t ffn_id) const {
 
 absl::Status RemoteExpertBackend::Validate(const core::ExpertBatch& b, const float* out) const {
   const int32_t layer = b.layer;
-  if (layer < 0) return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is negative"));
   if (b.per_assignment_out) {
     return absl::UnimplementedError(
         absl::StrCat("layer ", layer, ": remote experts have no per-assignment output"));
   }
-  if (b.num_tokens < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, ": num_tokens ", b.num_tokens, " is negative"));
-  }
-  if (b.token_offsets.size() != static_cast<size_t>(b.num_tokens) + 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "layer ", layer, ": token_offsets has ", b.token_offsets.size(),
-        " entries, expected num_tokens + 1 = ", b.num_tokens + 1));
-  }
-  const size_t num_assignments = b.ffn_ids.size();
-  if (b.weights.size() != num_assignments) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": ", b.weights.size(),
-                                                   " weights for ", num_assignments,
-                                                   " assignments"));
-  }
-  if (b.token_offsets[0] != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": token_offsets[0] is ",
-                                                   b.token_offsets[0], ", expected 0"));
-  }
-  for (int64_t t = 0; t < b.num_tokens; ++t) {
-    if (b.token_offsets[t + 1] < b.token_offsets[t]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layer ", layer, ": token_offsets decrease at token ", t, " (",
-                       b.token_offsets[t], " -> ", b.token_offsets[t + 1], ")"));
-    }
-  }
-  if (static_cast<size_t>(b.token_offsets[b.num_tokens]) != num_assignments) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, ": token_offsets end at ", b.token_offsets[b.num_tokens],
-                     " but there are ", num_assignments, " assignments"));
-  }
-  if (b.num_tokens == 0) return absl::OkStatus();
-  if (b.hidden <= 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, ": hidden ", b.hidden, " must be positive"));
-  }
-  if (b.x == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": null x or out"));
-  }
+  DMOE_RETURN_IF_ERROR(core::ValidateExpertBatch(b, out));
   for (int64_t t = 0; t < b.num_tokens; ++t) {
     bool shared = false;
     for (int32_t a = b.token_offsets[t]; a < b.token_offsets[t + 1]; ++a) {
-      const int32_t id = b.ffn_ids[a];
-      if (id < core::kSharedFfn) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("layer ", layer, ": invalid FFN id ", id, " at assignment ", a));
-      }
-      if (id != core::kSharedFfn) continue;
+      if (b.ffn_ids[a] != core::kSharedFfn) continue;
       // The wire carries the shared duty as one flag per token, no weight.
       if (shared) {
         return absl::InvalidArgumentError(
@@ -446,7 +401,7 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBat
 
   bool any_local_shared = false;
   std::vector<char> has_shared;
-  if (options_.shared_duty == core::SharedDuty::kRouter && T > 0) {
+  if (options_.shared_duty == place::SharedDuty::kRouter && T > 0) {
     has_shared.assign(T, 0);
     for (int64_t t = 0; t < T; ++t) {
       for (int32_t a = b.token_offsets[t]; a < b.token_offsets[t + 1]; ++a) {
@@ -460,14 +415,14 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBat
   }
 
   const absl::Time now = absl::Now();
-  std::vector<core::ServerState> states(N, core::ServerState::kUp);
+  std::vector<place::ServerState> states(N, place::ServerState::kUp);
   for (int s = 0; s < N; ++s) {
-    if (servers_[s].avoid_until > now) states[s] = core::ServerState::kAvoid;
+    if (servers_[s].avoid_until > now) states[s] = place::ServerState::kAvoid;
     queued_[s] = hub_->in_flight[s].load(std::memory_order_relaxed);
   }
-  std::vector<core::ServerShare> shares;
+  std::vector<place::ServerShare> shares;
   if (T > 0) {
-    DMOE_ASSIGN_OR_RETURN(shares, core::SplitByServer(b, placement_, queued_,
+    DMOE_ASSIGN_OR_RETURN(shares, place::SplitByServer(b, placement_, queued_,
                                                       options_.shared_duty, states));
   }
 
@@ -483,7 +438,7 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBat
   t->out = out;
   t->pending.clear();
   for (auto& st : states) {
-    if (st == core::ServerState::kAvoid) st = core::ServerState::kUp;  // re-read on failover
+    if (st == place::ServerState::kAvoid) st = place::ServerState::kUp;  // re-read on failover
   }
   t->states = std::move(states);
   t->stranded.clear();
@@ -494,7 +449,7 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBat
   Ticket& ticket = *t;
   tickets_.push_back(std::move(t));
   ReapRetired();
-  for (core::ServerShare& share : shares) {
+  for (place::ServerShare& share : shares) {
     if (!share.tokens.empty()) Send(ticket, std::move(share));
   }
   // Overlapped with the round trips.
@@ -515,7 +470,7 @@ RemoteExpertBackend::Ticket* RemoteExpertBackend::FindTicket(uint64_t id) {
   return nullptr;
 }
 
-void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
+void RemoteExpertBackend::Send(Ticket& t, place::ServerShare share) {
   const int s = share.server;
   Server& sv = servers_[s];
   // A stream that broke while idle (e.g. the server restarted between
@@ -537,7 +492,7 @@ void RemoteExpertBackend::Send(Ticket& t, core::ServerShare share) {
   p->rows = static_cast<int64_t>(p->share.tokens.size());
   p->row_assignment.clear();
   if (options_.per_assignment_replies) {
-    const core::ServerShare& sh = p->share;
+    const place::ServerShare& sh = p->share;
     for (int64_t r = 0; r < p->rows; ++r) {
       int32_t shared = -1;
       for (int32_t a = sh.token_offsets[r]; a < sh.token_offsets[r + 1]; ++a) {
@@ -709,14 +664,14 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   sv.avoid_until = now + sv.avoid_for;
   if (t == nullptr) return;
   if (t->failure.ok()) t->failure = why;
-  t->states[s] = core::ServerState::kExcluded;
+  t->states[s] = place::ServerState::kExcluded;
 
   // Re-split p's tokens (with their assignments on s) over the other servers.
   const int N = static_cast<int>(servers_.size());
-  std::vector<core::ServerState> states = t->states;
+  std::vector<place::ServerState> states = t->states;
   for (int k = 0; k < N; ++k) {
-    if (states[k] == core::ServerState::kUp && servers_[k].avoid_until > now) {
-      states[k] = core::ServerState::kAvoid;
+    if (states[k] == place::ServerState::kUp && servers_[k].avoid_until > now) {
+      states[k] = place::ServerState::kAvoid;
     }
     queued_[k] = hub_->in_flight[k].load(std::memory_order_relaxed);
   }
@@ -728,8 +683,8 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   sub.ffn_ids = p.share.ffn_ids;
   sub.weights = p.share.weights;
   stranded_.clear();
-  absl::StatusOr<std::vector<core::ServerShare>> shares =
-      core::SplitByServer(sub, placement_, queued_, options_.shared_duty, states,
+  absl::StatusOr<std::vector<place::ServerShare>> shares =
+      place::SplitByServer(sub, placement_, queued_, options_.shared_duty, states,
                           &stranded_);
   if (!shares.ok()) {
     if (t->error.ok()) t->error = shares.status();
@@ -737,7 +692,7 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   }
   for (int32_t k : stranded_) t->stranded.push_back(p.share.tokens[k]);
   int64_t resent = 0;
-  for (core::ServerShare& share : *shares) {
+  for (place::ServerShare& share : *shares) {
     if (share.tokens.empty()) continue;
     for (int32_t& k : share.tokens) k = p.share.tokens[k];  // back to batch indices
     for (int32_t& a : share.assignment_index) a = p.share.assignment_index[a];
@@ -857,13 +812,13 @@ std::string RemoteExpertBackend::Abandon(int s, absl::Duration grace) {
 size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
                                  DispatchStream& stream) {
   size_t bytes = 0;
-  const core::ServerShare& share = p.share;
+  const place::ServerShare& share = p.share;
   const uint64_t id = p.id;
-  const core::WireDType wire = options_.wire_dtype;
+  const common::WireDType wire = options_.wire_dtype;
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
-  const int64_t row_bytes = H * static_cast<int64_t>(core::WireElementSize(wire)) +
-                            (wire == core::WireDType::kF8E4M3 ? 4 : 0);
+  const int64_t row_bytes = H * static_cast<int64_t>(common::WireElementSize(wire)) +
+                            (wire == common::WireDType::kF8E4M3 ? 4 : 0);
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, static_cast<int64_t>(options_.max_chunk_bytes) / row_bytes);
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
@@ -891,7 +846,7 @@ size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
     x->set_dtype(ToProto(wire));
     x->set_rows(static_cast<uint32_t>(rows));
     x->set_cols(static_cast<uint32_t>(H));
-    core::PackActivations(src, rows, H, 0, wire, x->mutable_data(), x->mutable_row_scales());
+    common::PackActivations(src, rows, H, 0, wire, x->mutable_data(), x->mutable_row_scales());
     req->clear_token_offsets();
     req->clear_expert_ids();
     req->clear_weights();
@@ -946,7 +901,7 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   const std::string& label = servers_[p.server].label;
   Ticket* t = FindTicket(p.ticket);
   if (r.error_code() != 0) {
-    const absl::Status st(CodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
+    const absl::Status st(common::StatusCodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
     if (st.code() == absl::StatusCode::kUnavailable ||
         st.code() == absl::StatusCode::kResourceExhausted ||
         st.code() == absl::StatusCode::kFailedPrecondition) {
@@ -986,7 +941,7 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
                                   " for ", p.rows, " tokens"));
     return;
   }
-  absl::Status st = core::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(),
+  absl::Status st = common::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(),
                                             y.rows(), hidden,
                                             p.partial.data() + p.rows_received * hidden);
   if (!st.ok()) {

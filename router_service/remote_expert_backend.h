@@ -1,7 +1,7 @@
 // An ExpertBackend whose routed experts live on expert servers (dmoe-expert),
 // reached over one long-lived gRPC bidirectional Dispatch stream per server.
 //
-// Submit(batch) splits the batch with core::SplitByServer (each token goes once
+// Submit(batch) splits the batch with place::SplitByServer (each token goes once
 // to every server it visits; shared duty to a server it already visits, or kept
 // local with SharedDuty::kRouter), packs activations (bf16 by default, f32 in
 // exact mode) and sends every server its share; Await collects the replies
@@ -63,8 +63,8 @@
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
 #include "core/expert_backend.h"
-#include "core/placement.h"
-#include "core/wire.h"
+#include "placement/placement.h"
+#include "common/wire.h"
 
 namespace dmoe::router {
 
@@ -75,7 +75,7 @@ class RemoteExpertObserver {
   virtual ~RemoteExpertObserver() = default;
   // A request sent: its share of a layer's batch (tokens, per-token expert
   // assignments and shared duty as kSharedFfn) and its size on the wire.
-  virtual void OnSend(int32_t layer, int server, const core::ServerShare& share,
+  virtual void OnSend(int32_t layer, int server, const place::ServerShare& share,
                       size_t wire_bytes) = 0;
   // A request answered in full: its reply size and round trip.
   virtual void OnReply(int32_t layer, int server, int64_t tokens, size_t wire_bytes,
@@ -88,9 +88,9 @@ class RemoteExpertObserver {
 
 struct RemoteExpertOptions {
   std::vector<std::string> servers;  // "host:port", index = server index of the placement
-  core::Placement placement;
-  core::WireDType wire_dtype = core::WireDType::kBF16;
-  core::SharedDuty shared_duty = core::SharedDuty::kExpertServers;
+  place::Placement placement;
+  common::WireDType wire_dtype = common::WireDType::kBF16;
+  place::SharedDuty shared_duty = place::SharedDuty::kExpertServers;
   // Servers reply with one row per assignment (weight * FFN(x)) and the
   // router adds each token's rows in the batch's assignment order: results
   // are bitwise independent of how a token's experts are split over servers
@@ -128,10 +128,10 @@ class RemoteExpertControl {
   // then; DEADLINE_EXCEEDED (and no switch) when that takes over `timeout`.
   // InvalidArgument for a size mismatch, an empty address, or more than
   // kMaxExpertServers servers.
-  virtual absl::Status SwitchPlacement(core::Placement placement,
+  virtual absl::Status SwitchPlacement(place::Placement placement,
                                        std::vector<std::string> servers,
                                        absl::Duration timeout) = 0;
-  virtual core::Placement placement() const = 0;
+  virtual place::Placement placement() const = 0;
   virtual std::vector<std::string> servers() const = 0;
 };
 

@@ -26,22 +26,26 @@
 #include "absl/synchronization/mutex.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
+#include "common/wire.h"
 #include "core/config.h"
 #include "core/dtype.h"
 #include "core/expert_backend.h"
-#include "core/placement.h"
-#include "core/wire.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
+#include "placement/placement.h"
+#include "testing/expert_batch.h"
 
 namespace dmoe::router {
 namespace {
 
 using core::kSharedFfn;
 using ::testing::HasSubstr;
+using testing::HostBatch;
+using testing::HostFfn;
 using ::testing::StartsWith;
+using testing::Uniform;
 
 constexpr int64_t kHidden = 16;
 constexpr int64_t kInter = 8;
@@ -64,18 +68,6 @@ core::ModelConfig Cfg() {
 
 // ---- weights and batches -----------------------------------------------------
 
-struct HostFfn {
-  std::vector<float> gate, up, down;  // [inter, hidden], [inter, hidden], [hidden, inter]
-  core::FfnWeights View() const { return core::FfnWeights{kHidden, kInter, gate, up, down}; }
-};
-
-std::vector<float> Uniform(size_t n, float scale, std::mt19937* rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& f : v) f = dist(*rng);
-  return v;
-}
-
 // Every FFN of every MoE layer, scaled so outputs are O(1).
 class Weights {
  public:
@@ -83,7 +75,7 @@ class Weights {
     std::mt19937 rng(seed);
     for (int32_t l : kMoeLayers) {
       for (int32_t f = kSharedFfn; f < kExperts; ++f) {
-        HostFfn h;
+        HostFfn h{.hidden = kHidden, .inter = kInter};
         h.gate = Uniform(kInter * kHidden, 2.0f / std::sqrt(float(kHidden)), &rng);
         h.up = Uniform(kInter * kHidden, 2.0f / std::sqrt(float(kHidden)), &rng);
         h.down = Uniform(kHidden * kInter, 2.0f / std::sqrt(float(kInter)), &rng);
@@ -99,41 +91,18 @@ class Weights {
   std::map<std::pair<int32_t, int32_t>, HostFfn> ffns_;
 };
 
-struct HostBatch {
-  int32_t layer = 1;
-  std::vector<float> x;  // [tokens, hidden]
-  std::vector<int32_t> offsets{0};
-  std::vector<int32_t> ids;
-  std::vector<float> weights;
-
-  int64_t tokens() const { return static_cast<int64_t>(offsets.size()) - 1; }
-  core::ExpertBatch View() const {
-    return core::ExpertBatch{layer, tokens(), kHidden, x.data(), offsets, ids, weights};
-  }
-};
-
 // Top-k distinct experts per token with random weights, + the shared FFN.
 HostBatch RandomBatch(int32_t layer, int64_t tokens, bool with_shared, uint32_t seed) {
-  std::mt19937 rng(seed);
-  HostBatch b;
-  b.layer = layer;
-  b.x = Uniform(tokens * kHidden, 1.0f, &rng);
-  std::uniform_real_distribution<float> wd(0.05f, 1.0f);
-  for (int64_t t = 0; t < tokens; ++t) {
-    std::vector<int32_t> all(kExperts);
-    for (int32_t e = 0; e < kExperts; ++e) all[e] = e;
-    std::shuffle(all.begin(), all.end(), rng);
-    for (int k = 0; k < kTopK; ++k) {
-      b.ids.push_back(all[k]);
-      b.weights.push_back(wd(rng));
-    }
-    if (with_shared) {
-      b.ids.push_back(kSharedFfn);
-      b.weights.push_back(1.0f);
-    }
-    b.offsets.push_back(static_cast<int32_t>(b.ids.size()));
-  }
-  return b;
+  return testing::RandomBatch(
+      {.layer = layer,
+       .hidden = kHidden,
+       .num_experts = kExperts,
+       .top_k = kTopK,
+       .shared = with_shared ? testing::SharedFfn::kAlways
+                             : testing::SharedFfn::kNone,
+       .min_weight = 0.05f,
+       .max_weight = 1.0f},
+      tokens, seed);
 }
 
 // Every element within `rel` times the largest magnitude of its row of `want`.
@@ -168,17 +137,21 @@ struct Received {
 // (one partial sum per token, the field ignored).
 enum class Behavior { kCompute, kError, kSilent, kWrongRows, kWrongId, kLegacy };
 
-core::WireDType FromProto(v1::ActivationDType t) {
+common::WireDType FromProto(v1::ActivationDType t) {
   switch (t) {
-    case v1::ACTIVATION_DTYPE_F32: return core::WireDType::kF32;
-    case v1::ACTIVATION_DTYPE_F8_E4M3: return core::WireDType::kF8E4M3;
-    default: return core::WireDType::kBF16;
+    case v1::ACTIVATION_DTYPE_F32:
+      return common::WireDType::kF32;
+    case v1::ACTIVATION_DTYPE_F8_E4M3:
+      return common::WireDType::kF8E4M3;
+    default:
+      return common::WireDType::kBF16;
   }
 }
 
 class FakeExpertServer {
  public:
-  FakeExpertServer(int index, const core::Placement& placement, const Weights& w)
+  FakeExpertServer(int index, const place::Placement& placement,
+                   const Weights& w)
       : backend_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {
     for (int32_t l : kMoeLayers) {
       for (int32_t e : placement.Slots(l, index)) EXPECT_TRUE(w.LoadInto(*backend_, l, e).ok());
@@ -242,9 +215,10 @@ class FakeExpertServer {
       std::vector<Received> chunks;
       while (stream->Read(&req)) {
         Received rec{req, std::vector<float>(size_t{req.x().rows()} * req.x().cols())};
-        EXPECT_TRUE(core::UnpackActivations(FromProto(req.x().dtype()), req.x().data(),
-                                            req.x().row_scales(), req.x().rows(), req.x().cols(),
-                                            rec.x.data())
+        EXPECT_TRUE(common::UnpackActivations(
+                        FromProto(req.x().dtype()), req.x().data(),
+                        req.x().row_scales(), req.x().rows(), req.x().cols(),
+                        rec.x.data())
                         .ok());
         Behavior behavior;
         int code;
@@ -293,8 +267,9 @@ class FakeExpertServer {
           a->set_dtype(dtype);
           a->set_rows(static_cast<uint32_t>(r1 - r0));
           a->set_cols(kHidden);
-          core::PackActivations(y.data() + r0 * kHidden, r1 - r0, kHidden, 0, FromProto(dtype),
-                                a->mutable_data(), a->mutable_row_scales());
+          common::PackActivations(y.data() + r0 * kHidden, r1 - r0, kHidden, 0,
+                                  FromProto(dtype), a->mutable_data(),
+                                  a->mutable_row_scales());
           if (!stream->Write(resp)) return grpc::Status::OK;
         }
       }
@@ -369,7 +344,7 @@ class RemoteExpertBackendTest : public ::testing::Test {
     }
   }
 
-  void StartServers(const core::Placement& p) {
+  void StartServers(const place::Placement& p) {
     placement_ = p;
     for (int s = 0; s < p.num_servers(); ++s) {
       servers_.push_back(std::make_unique<FakeExpertServer>(s, p, weights_));
@@ -377,8 +352,9 @@ class RemoteExpertBackendTest : public ::testing::Test {
     }
   }
 
-  RemoteExpertOptions Options(core::WireDType wire = core::WireDType::kF32,
-                              core::SharedDuty duty = core::SharedDuty::kExpertServers) {
+  RemoteExpertOptions Options(
+      common::WireDType wire = common::WireDType::kF32,
+      place::SharedDuty duty = place::SharedDuty::kExpertServers) {
     RemoteExpertOptions o;
     for (const auto& s : servers_) o.servers.push_back(s->address());
     o.placement = placement_;
@@ -393,7 +369,7 @@ class RemoteExpertBackendTest : public ::testing::Test {
     auto b = MakeRemoteExpertBackend(o);
     EXPECT_TRUE(b.ok()) << b.status();
     if (!b.ok()) return nullptr;
-    if (o.shared_duty == core::SharedDuty::kRouter) {
+    if (o.shared_duty == place::SharedDuty::kRouter) {
       for (int32_t l : kMoeLayers) EXPECT_TRUE(weights_.LoadInto(**b, l, kSharedFfn).ok());
     }
     return std::move(b).value();
@@ -416,7 +392,8 @@ class RemoteExpertBackendTest : public ::testing::Test {
   // work; a server gets only experts it holds; over all servers every routed
   // assignment arrives exactly once and the shared duty once (or never, when
   // the router keeps it).
-  void ExpectRequestsFollowPlacement(const HostBatch& b, core::SharedDuty duty) {
+  void ExpectRequestsFollowPlacement(const HostBatch& b,
+                                     place::SharedDuty duty) {
     std::map<std::vector<float>, int64_t> token_of_row;
     for (int64_t t = 0; t < b.tokens(); ++t) {
       token_of_row[std::vector<float>(b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden)] = t;
@@ -459,7 +436,7 @@ class RemoteExpertBackendTest : public ::testing::Test {
       int want_shared = 0;
       for (int32_t a = b.offsets[t]; a < b.offsets[t + 1]; ++a) {
         if (b.ids[a] == kSharedFfn) {
-          want_shared += duty == core::SharedDuty::kExpertServers;
+          want_shared += duty == place::SharedDuty::kExpertServers;
         } else {
           want.emplace_back(b.ids[a], b.weights[a]);
         }
@@ -473,38 +450,38 @@ class RemoteExpertBackendTest : public ::testing::Test {
 
   Weights weights_;
   std::unique_ptr<core::ExpertBackend> reference_;
-  core::Placement placement_;
+  place::Placement placement_;
   std::vector<std::unique_ptr<FakeExpertServer>> servers_;
 };
 
-core::Placement Contiguous(int n) {
-  auto p = core::Placement::Contiguous(Cfg(), n, 3);
+place::Placement Contiguous(int n) {
+  auto p = place::Placement::Contiguous(Cfg(), n, 3);
   EXPECT_TRUE(p.ok()) << p.status();
   return *p;
 }
 
 // Three servers, experts 0, 1, 3, 4 and 6 replicated (layer 2 differs).
-core::Placement WithReplicas() {
+place::Placement WithReplicas() {
   nlohmann::json j = {
       {"version", 9},
       {"num_servers", 3},
       {"layers",
        {{{"layer", 1}, {"servers", {{0, 1, 2, 3, 4}, {3, 4, 5, 6}, {0, 1, 6, 7}}}},
         {{"layer", 2}, {"servers", {{0, 1, 2}, {3, 4, 5}, {6, 7, 0}}}}}}};
-  auto p = core::Placement::FromJson(j, Cfg());
+  auto p = place::Placement::FromJson(j, Cfg());
   EXPECT_TRUE(p.ok()) << p.status();
   return *p;
 }
 
 // Three servers, every expert of both layers on at least two of them.
-core::Placement FullyReplicated() {
+place::Placement FullyReplicated() {
   const std::vector<std::vector<int32_t>> servers = {{0, 1, 2, 3, 4, 5}, {3, 4, 5, 6, 7, 0},
                                                      {6, 7, 0, 1, 2, 3}};
   nlohmann::json j = {{"version", 11},
                       {"num_servers", 3},
                       {"layers",
                        {{{"layer", 1}, {"servers", servers}}, {{"layer", 2}, {"servers", servers}}}}};
-  auto p = core::Placement::FromJson(j, Cfg());
+  auto p = place::Placement::FromJson(j, Cfg());
   EXPECT_TRUE(p.ok()) << p.status();
   return *p;
 }
@@ -518,9 +495,11 @@ constexpr double kF32Rel = 1e-6;
 
 TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
   StartServers(Contiguous(2));
-  for (core::SharedDuty duty : {core::SharedDuty::kExpertServers, core::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == core::SharedDuty::kRouter ? "shared on router" : "shared on servers");
-    auto backend = Make(Options(core::WireDType::kF32, duty));
+  for (place::SharedDuty duty :
+       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
+                                                    : "shared on servers");
+    auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 1;
     for (int32_t layer : kMoeLayers) {
@@ -547,9 +526,11 @@ TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
 // flight (which shifts the load and with it the split): all the same bits.
 TEST_F(RemoteExpertBackendTest, PerAssignmentRepliesGiveTheLocalBackendsBitsWhateverTheSplit) {
   StartServers(WithReplicas());
-  for (core::SharedDuty duty : {core::SharedDuty::kExpertServers, core::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == core::SharedDuty::kRouter ? "shared on router" : "shared on servers");
-    auto backend = Make(Options(core::WireDType::kF32, duty));
+  for (place::SharedDuty duty :
+       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
+                                                    : "shared on servers");
+    auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 300;
     for (int32_t layer : kMoeLayers) {
@@ -593,7 +574,7 @@ TEST_F(RemoteExpertBackendTest, PerAssignmentRepliesGiveTheLocalBackendsBitsWhat
 TEST_F(RemoteExpertBackendTest, ServerWithoutPerAssignmentRepliesStillServes) {
   StartServers(WithReplicas());
   servers_[1]->SetBehavior(Behavior::kLegacy);
-  auto backend = Make(Options(core::WireDType::kF32));
+  auto backend = Make(Options(common::WireDType::kF32));
   ASSERT_NE(backend, nullptr);
   for (uint32_t seed = 0; seed < 4; ++seed) {
     HostBatch b = RandomBatch(1 + seed % 2, 20, true, 900 + seed);
@@ -614,7 +595,7 @@ TEST_F(RemoteExpertBackendTest, ServerWithoutPerAssignmentRepliesStillServes) {
 // to the local backend, not bitwise (the additions are grouped by server).
 TEST_F(RemoteExpertBackendTest, PerServerPartialSumsMatchLocalBackendWithinRounding) {
   StartServers(WithReplicas());
-  RemoteExpertOptions o = Options(core::WireDType::kF32);
+  RemoteExpertOptions o = Options(common::WireDType::kF32);
   o.per_assignment_replies = false;
   auto backend = Make(o);
   ASSERT_NE(backend, nullptr);
@@ -629,9 +610,11 @@ TEST_F(RemoteExpertBackendTest, PerServerPartialSumsMatchLocalBackendWithinRound
 
 TEST_F(RemoteExpertBackendTest, ThreeServersWithReplicasMatchLocalBackend_F32) {
   StartServers(WithReplicas());
-  for (core::SharedDuty duty : {core::SharedDuty::kExpertServers, core::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == core::SharedDuty::kRouter ? "shared on router" : "shared on servers");
-    auto backend = Make(Options(core::WireDType::kF32, duty));
+  for (place::SharedDuty duty :
+       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
+                                                    : "shared on servers");
+    auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 100;
     for (int32_t layer : kMoeLayers) {
@@ -651,13 +634,13 @@ TEST_F(RemoteExpertBackendTest, ThreeServersWithReplicasMatchLocalBackend_F32) {
 
 TEST_F(RemoteExpertBackendTest, ThreeServersContiguousMatchLocalBackend_F32) {
   StartServers(Contiguous(3));
-  auto backend = Make(Options(core::WireDType::kF32));
+  auto backend = Make(Options(common::WireDType::kF32));
   ASSERT_NE(backend, nullptr);
   HostBatch b = RandomBatch(2, 33, true, 7);
   std::vector<float> out(b.tokens() * kHidden);
   ASSERT_TRUE(backend->Compute(b.View(), out.data()).ok());
   ExpectRowsNear(out, Reference(b), kF32Rel);
-  ExpectRequestsFollowPlacement(b, core::SharedDuty::kExpertServers);
+  ExpectRequestsFollowPlacement(b, place::SharedDuty::kExpertServers);
 }
 
 // Reduced-precision wire. The reference computes each assignment alone on
@@ -670,20 +653,26 @@ TEST_F(RemoteExpertBackendTest, ThreeServersContiguousMatchLocalBackend_F32) {
 // Checked against twice that, plus 1e-6 of the same sum for fp32 additions in
 // another order. With SharedDuty::kRouter the shared FFN runs locally on the
 // unrounded x and is not rounded at all.
-void ExpectOnlyReplyRounding(core::WireDType wire, core::SharedDuty duty, const HostBatch& b,
-                             const std::vector<float>& got,
-                             const std::function<std::vector<float>(const HostBatch&)>& reference) {
-  const double u = wire == core::WireDType::kBF16 ? std::ldexp(1.0, -9) : std::ldexp(1.0, -4);
+void ExpectOnlyReplyRounding(
+    common::WireDType wire, place::SharedDuty duty, const HostBatch& b,
+    const std::vector<float>& got,
+    const std::function<std::vector<float>(const HostBatch&)>& reference) {
+  const double u = wire == common::WireDType::kBF16 ? std::ldexp(1.0, -9)
+                                                    : std::ldexp(1.0, -4);
   std::vector<float> wire_x(kHidden);
   std::string data, scales;
   int failures = 0;
   for (int64_t t = 0; t < b.tokens(); ++t) {
-    core::PackActivations(b.x.data() + t * kHidden, 1, kHidden, 0, wire, &data, &scales);
-    ASSERT_TRUE(core::UnpackActivations(wire, data, scales, 1, kHidden, wire_x.data()).ok());
+    common::PackActivations(b.x.data() + t * kHidden, 1, kHidden, 0, wire,
+                            &data, &scales);
+    ASSERT_TRUE(
+        common::UnpackActivations(wire, data, scales, 1, kHidden, wire_x.data())
+            .ok());
     std::vector<double> want(kHidden, 0.0), wire_mag(kHidden, 0.0), mag(kHidden, 0.0);
     for (int32_t a = b.offsets[t]; a < b.offsets[t + 1]; ++a) {
-      const bool local = b.ids[a] == kSharedFfn && duty == core::SharedDuty::kRouter;
-      HostBatch one;
+      const bool local =
+          b.ids[a] == kSharedFfn && duty == place::SharedDuty::kRouter;
+      HostBatch one{.hidden = kHidden};
       one.layer = b.layer;
       one.x = local ? std::vector<float>(b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden)
                     : wire_x;
@@ -710,16 +699,20 @@ void ExpectOnlyReplyRounding(core::WireDType wire, core::SharedDuty duty, const 
   EXPECT_EQ(failures, 0);
 }
 
-class ReducedPrecisionWireTest : public RemoteExpertBackendTest,
-                                 public ::testing::WithParamInterface<core::WireDType> {};
+class ReducedPrecisionWireTest
+    : public RemoteExpertBackendTest,
+      public ::testing::WithParamInterface<common::WireDType> {};
 
 TEST_P(ReducedPrecisionWireTest, ErrorIsOnlyTheReplyRounding) {
-  const core::WireDType wire = GetParam();
-  const v1::ActivationDType proto =
-      wire == core::WireDType::kBF16 ? v1::ACTIVATION_DTYPE_BF16 : v1::ACTIVATION_DTYPE_F8_E4M3;
+  const common::WireDType wire = GetParam();
+  const v1::ActivationDType proto = wire == common::WireDType::kBF16
+                                        ? v1::ACTIVATION_DTYPE_BF16
+                                        : v1::ACTIVATION_DTYPE_F8_E4M3;
   StartServers(WithReplicas());
-  for (core::SharedDuty duty : {core::SharedDuty::kExpertServers, core::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == core::SharedDuty::kRouter ? "shared on router" : "shared on servers");
+  for (place::SharedDuty duty :
+       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
+                                                    : "shared on servers");
     auto backend = Make(Options(wire, duty));
     ASSERT_NE(backend, nullptr);
     for (uint32_t seed = 0; seed < 20; ++seed) {
@@ -732,25 +725,28 @@ TEST_P(ReducedPrecisionWireTest, ErrorIsOnlyTheReplyRounding) {
     }
     for (const Received& r : servers_[0]->TakeReceived()) {
       EXPECT_EQ(r.msg.x().dtype(), proto);
-      EXPECT_EQ(r.msg.x().data().size(),
-                size_t{r.msg.x().rows()} * kHidden * core::WireElementSize(wire));
+      EXPECT_EQ(r.msg.x().data().size(), size_t{r.msg.x().rows()} * kHidden *
+                                             common::WireElementSize(wire));
       EXPECT_EQ(r.msg.reply_dtype(), proto);
     }
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(Wire, ReducedPrecisionWireTest,
-                         ::testing::Values(core::WireDType::kBF16, core::WireDType::kF8E4M3),
+                         ::testing::Values(common::WireDType::kBF16,
+                                           common::WireDType::kF8E4M3),
                          [](const auto& info) {
-                           return info.param == core::WireDType::kBF16 ? "Bf16" : "Fp8E4M3";
+                           return info.param == common::WireDType::kBF16
+                                      ? "Bf16"
+                                      : "Fp8E4M3";
                          });
 
 TEST_F(RemoteExpertBackendTest, TokensWithNoWorkGetZerosAndEmptyBatchIsOk) {
   StartServers(Contiguous(2));
-  auto backend = Make(Options(core::WireDType::kF32, core::SharedDuty::kRouter));
+  auto backend =
+      Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_NE(backend, nullptr);
-  HostBatch b;
-  b.layer = 1;
+  HostBatch b{.layer = 1, .hidden = kHidden};
   b.x.assign(2 * kHidden, 0.5f);
   b.offsets = {0, 0, 1};  // token 0: nothing; token 1: expert 6 only
   b.ids = {6};
@@ -761,7 +757,7 @@ TEST_F(RemoteExpertBackendTest, TokensWithNoWorkGetZerosAndEmptyBatchIsOk) {
   EXPECT_TRUE(servers_[0]->TakeReceived().empty()) << "server 0 has no work in this batch";
   EXPECT_EQ(servers_[1]->TakeReceived().size(), 1u);
 
-  HostBatch empty;
+  HostBatch empty{.layer = 1, .hidden = kHidden};
   EXPECT_TRUE(backend->Compute(empty.View(), nullptr).ok());
 }
 
@@ -770,7 +766,7 @@ TEST_F(RemoteExpertBackendTest, TokensWithNoWorkGetZerosAndEmptyBatchIsOk) {
 TEST_F(RemoteExpertBackendTest, LargeBatchIsChunkedBothWays) {
   StartServers(Contiguous(2));
   servers_[0]->SetReplyChunkRows(5);  // the server chunks its reply its own way
-  RemoteExpertOptions o = Options(core::WireDType::kF32);
+  RemoteExpertOptions o = Options(common::WireDType::kF32);
   o.max_chunk_bytes = 3 * kHidden * 4;  // 3 rows per request chunk
   auto backend = Make(o);
   ASSERT_NE(backend, nullptr);
@@ -1072,7 +1068,8 @@ TEST_F(RemoteExpertBackendTest, InvalidBatchesAreRejectedBeforeSending) {
 
 TEST_F(RemoteExpertBackendTest, RouterSharedDutyNeedsTheLocalSharedFfn) {
   StartServers(Contiguous(2));
-  auto made = MakeRemoteExpertBackend(Options(core::WireDType::kF32, core::SharedDuty::kRouter));
+  auto made = MakeRemoteExpertBackend(
+      Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_TRUE(made.ok());
   core::ExpertBackend& backend = **made;
   HostBatch b = RandomBatch(1, 3, true, 71);
@@ -1090,7 +1087,7 @@ TEST_F(RemoteExpertBackendTest, LocalInterface) {
   RemoteExpertOptions o;
   o.servers = {"127.0.0.1:1", "127.0.0.1:2"};
   o.placement = placement_;
-  o.shared_duty = core::SharedDuty::kRouter;
+  o.shared_duty = place::SharedDuty::kRouter;
   auto made = MakeRemoteExpertBackend(o);
   ASSERT_TRUE(made.ok()) << made.status();
   core::ExpertBackend& b = **made;
@@ -1111,7 +1108,7 @@ TEST_F(RemoteExpertBackendTest, LocalInterface) {
   EXPECT_TRUE(b.UnloadFfn(1, kSharedFfn).ok());
   EXPECT_EQ(b.WeightBytes(), 0u);
 
-  o.shared_duty = core::SharedDuty::kExpertServers;
+  o.shared_duty = place::SharedDuty::kExpertServers;
   auto servers_duty = MakeRemoteExpertBackend(o);
   ASSERT_TRUE(servers_duty.ok());
   EXPECT_TRUE((*servers_duty)->HasFfn(1, kSharedFfn)) << "every server holds the shared FFN";
@@ -1225,8 +1222,7 @@ TEST_F(RemoteExpertBackendTest, ServerGone_OnlyTokensWithoutAReplicaFailAndAreNa
   EXPECT_TRUE(std::all_of(out.begin(), out.end(), [](float v) { return v == -7.0f; }));
 
   // Without those tokens the batch goes through.
-  HostBatch rest;
-  rest.layer = 1;
+  HostBatch rest{.layer = 1, .hidden = kHidden};
   for (int64_t t = 0; t < b.tokens(); ++t) {
     if (std::binary_search(want_failed.begin(), want_failed.end(), t)) continue;
     rest.x.insert(rest.x.end(), b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden);
@@ -1245,7 +1241,8 @@ TEST_F(RemoteExpertBackendTest, ServerGone_OnlyTokensWithoutAReplicaFailAndAreNa
 TEST_F(RemoteExpertBackendTest, SeveralBatchesInFlightAreAwaitedInAnyOrder) {
   StartServers(WithReplicas());
   servers_[1]->SetReplyDelay(absl::Milliseconds(50));
-  auto backend = Make(Options(core::WireDType::kF32, core::SharedDuty::kRouter));
+  auto backend =
+      Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_NE(backend, nullptr);
   HostBatch b1 = RandomBatch(1, 10, true, 86), b2 = RandomBatch(2, 7, true, 87),
             b3 = RandomBatch(1, 5, false, 88);
@@ -1312,7 +1309,7 @@ TEST_F(RemoteExpertBackendTest, SwitchPlacementTakesEffectBetweenBatches) {
   std::vector<float> out_c(c.tokens() * kHidden);
   ASSERT_TRUE(backend.Compute(c.View(), out_c.data()).ok());
   ExpectRowsNear(out_c, Reference(c), kF32Rel);
-  ExpectRequestsFollowPlacement(c, core::SharedDuty::kExpertServers);
+  ExpectRequestsFollowPlacement(c, place::SharedDuty::kExpertServers);
 
   // Errors: sizes, and a switch that finds no step boundary in time.
   EXPECT_EQ(control.SwitchPlacement(FullyReplicated(), {"a:1"}, absl::Seconds(1)).code(),

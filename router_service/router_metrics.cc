@@ -46,7 +46,7 @@ prometheus::Family<prometheus::Histogram>& Histogram(prometheus::Registry& r, co
 }  // namespace
 
 RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelConfig& cfg,
-                             const core::Placement& placement, LoadWindow* window,
+                             const place::Placement& placement, LoadWindow* window,
                              RouterMetricsOptions options)
     : layers_(cfg.num_hidden_layers),
       experts_(cfg.n_routed_experts),
@@ -211,7 +211,7 @@ void RouterMetrics::OnRoute(int64_t layer, const core::GateResult& routing) {
   }
 }
 
-void RouterMetrics::OnSend(int32_t layer, int server, const core::ServerShare& share,
+void RouterMetrics::OnSend(int32_t layer, int server, const place::ServerShare& share,
                            size_t wire_bytes) {
   if (server < 0) return;
   const auto tokens = static_cast<int64_t>(share.tokens.size());
@@ -240,7 +240,7 @@ void RouterMetrics::OnFailover(int32_t layer, int server, absl::StatusCode code,
   if (stranded > 0) stranded_tokens_.Increment(static_cast<double>(stranded));
 }
 
-void RouterMetrics::SetPlacement(const core::Placement& placement) {
+void RouterMetrics::SetPlacement(const place::Placement& placement) {
   absl::MutexLock lock(&state_mu_);
   placement_ = placement;
   placement_version_.Set(static_cast<double>(placement.version()));

@@ -1,5 +1,5 @@
 // The router's Prometheus metrics (prefix moe_router_), registered in a
-// registry the caller owns (README.md, "Metrics", lists every one with its
+// registry the caller owns (docs/metrics.md lists every one with its
 // labels and the question it answers).
 //
 // Fed by the model's on_route hook (OnRoute: the gates' choices per MoE layer)
@@ -9,7 +9,7 @@
 // controller reads too. Refresh() computes the gauges that are functions of
 // state: the balance of each layer and overall from that window with the
 // current placement (ComputeBalance), and the scheduler's load. The binary
-// calls it on every scrape (tools::RefreshingCollectable).
+// calls it on every scrape (common::RefreshingCollectable).
 //
 //   moe_router_routed_tokens_total{layer,expert}   token->expert assignments (expert="all"
 //                                                  in per-layer mode)
@@ -50,7 +50,7 @@
 #include "absl/time/time.h"
 #include "core/config.h"
 #include "core/gating.h"
-#include "core/placement.h"
+#include "placement/placement.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
 #include "prometheus/gauge.h"
@@ -77,14 +77,14 @@ class RouterMetrics final : public RemoteExpertObserver {
   // `window`: not owned, may be null (no balance gauges then); must outlive
   // this object. Its server count should cover the placement's servers.
   RouterMetrics(prometheus::Registry& registry, const core::ModelConfig& cfg,
-                const core::Placement& placement, LoadWindow* window,
+                const place::Placement& placement, LoadWindow* window,
                 RouterMetricsOptions options);
 
   // core::ModelOptions::on_route: one MoE layer's routing of a micro-batch.
   void OnRoute(int64_t layer, const core::GateResult& routing);
 
   // RemoteExpertObserver.
-  void OnSend(int32_t layer, int server, const core::ServerShare& share,
+  void OnSend(int32_t layer, int server, const place::ServerShare& share,
               size_t wire_bytes) override;
   void OnReply(int32_t layer, int server, int64_t tokens, size_t wire_bytes,
                absl::Duration round_trip) override;
@@ -93,7 +93,7 @@ class RouterMetrics final : public RemoteExpertObserver {
 
   // The placement the router now plans with: balance is computed against it
   // and moe_router_placement_version is set to its version.
-  void SetPlacement(const core::Placement& placement);
+  void SetPlacement(const place::Placement& placement);
   // The expert servers now are `addresses` (index = server index):
   // moe_router_server_info is replaced; traffic series of servers beyond the
   // old list appear with their first request.
@@ -176,7 +176,7 @@ class RouterMetrics final : public RemoteExpertObserver {
   std::vector<prometheus::Gauge*> info_ ABSL_GUARDED_BY(info_mu_);  // [server]
 
   absl::Mutex state_mu_;  // Refresh, SetPlacement, SetLoadSource
-  core::Placement placement_ ABSL_GUARDED_BY(state_mu_);
+  place::Placement placement_ ABSL_GUARDED_BY(state_mu_);
   std::function<SchedulerLoad()> load_source_ ABSL_GUARDED_BY(state_mu_);
   SchedulerLoad last_load_ ABSL_GUARDED_BY(state_mu_);  // counters already exported
 };

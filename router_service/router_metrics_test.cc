@@ -8,7 +8,7 @@
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
 #include "tests/cluster_util.h"
-#include "tools/metrics_endpoint.h"
+#include "common/metrics_endpoint.h"
 
 namespace dmoe::router {
 namespace {
@@ -72,11 +72,11 @@ size_t SeriesCount(const std::vector<prometheus::MetricFamily>& families, const 
 struct Fixture {
   Fixture(bool per_expert = true, int servers = 2)
       : cfg(Config()),
-        placement(*core::Placement::Contiguous(cfg, servers)),
+        placement(*place::Placement::Contiguous(cfg, servers)),
         window(cfg.num_hidden_layers, cfg.n_routed_experts, servers, LoadWindowOptions{}),
         metrics(registry, cfg, placement, &window, {per_expert, {"10.0.0.1:1", "10.0.0.2:1"}}) {}
   core::ModelConfig cfg;
-  core::Placement placement;
+  place::Placement placement;
   prometheus::Registry registry;
   LoadWindow window;
   RouterMetrics metrics;
@@ -121,7 +121,7 @@ TEST(RouterMetrics, PerLayerModeHasOneSeriesPerLayerWithExpertAll) {
 
 TEST(RouterMetrics, ServerTrafficRoundTripsAndFailovers) {
   Fixture f;
-  core::ServerShare share;
+  place::ServerShare share;
   share.tokens = {0, 1, 2};
   f.metrics.OnSend(1, 0, share, 1000);
   f.metrics.OnSend(2, 0, share, 500);
@@ -208,7 +208,7 @@ TEST(RouterMetrics, SetPlacementChangesVersionAndTheBalanceItIsMeasuredAgainst) 
   const nlohmann::json j = nlohmann::json::parse(R"({"version": 2, "num_servers": 2, "layers": [
       {"layer": 1, "servers": [[0, 1], [2, 3]]},
       {"layer": 2, "servers": [[0, 1], [0, 1, 2, 3]]}]})");
-  auto p2 = core::Placement::FromJson(j, f.cfg);
+  auto p2 = place::Placement::FromJson(j, f.cfg);
   ASSERT_TRUE(p2.ok()) << p2.status();
   f.metrics.SetPlacement(*p2);
   f.metrics.Refresh();
@@ -274,35 +274,35 @@ TEST(MetricsEndpoint, ServesTheRefreshedRegistryAndReportsATakenPort) {
   auto registry = std::make_shared<prometheus::Registry>();
   auto& g = prometheus::BuildGauge().Name("moe_test_gauge").Help("test").Register(*registry).Add({});
   int refreshes = 0;
-  auto collectable = std::make_shared<tools::RefreshingCollectable>(registry, [&] {
+  auto collectable = std::make_shared<common::RefreshingCollectable>(registry, [&] {
     ++refreshes;
     g.Set(refreshes);
   });
-  auto e = tools::MetricsEndpoint::Start("127.0.0.1", 0, collectable);
+  auto e = common::MetricsEndpoint::Start("127.0.0.1", 0, collectable);
   ASSERT_TRUE(e.ok()) << e.status();
   ASSERT_GT((*e)->port(), 0);
   const testing::HttpResponse r = testing::HttpRequest((*e)->port(), "GET", "/metrics");
   EXPECT_EQ(r.status, 200) << r.body;
   EXPECT_THAT(r.body, HasSubstr("moe_test_gauge 1\n"));
 
-  auto taken = tools::MetricsEndpoint::Start("127.0.0.1", (*e)->port(), collectable);
+  auto taken = common::MetricsEndpoint::Start("127.0.0.1", (*e)->port(), collectable);
   ASSERT_FALSE(taken.ok());
   EXPECT_EQ(taken.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(taken.status().message(),
               HasSubstr("metrics: cannot listen on 127.0.0.1:" + std::to_string((*e)->port())));
   auto explicit_port =
-      tools::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/true, "", collectable);
+      common::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/true, "", collectable);
   EXPECT_EQ(explicit_port.status().code(), absl::StatusCode::kUnavailable);
   auto default_port =
-      tools::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/false, "", collectable);
+      common::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/false, "", collectable);
   ASSERT_TRUE(default_port.ok()) << default_port.status();
   EXPECT_EQ(*default_port, nullptr);
 }
 
 TEST(MetricsEndpoint, ExpertMetricsFlag) {
-  EXPECT_EQ(*tools::ParseExpertMetricsFlag("per-expert"), true);
-  EXPECT_EQ(*tools::ParseExpertMetricsFlag("per-layer"), false);
-  auto bad = tools::ParseExpertMetricsFlag("per-slot");
+  EXPECT_EQ(*common::ParseExpertMetricsFlag("per-expert"), true);
+  EXPECT_EQ(*common::ParseExpertMetricsFlag("per-layer"), false);
+  auto bad = common::ParseExpertMetricsFlag("per-slot");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("got 'per-slot'"));
 }

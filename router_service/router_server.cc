@@ -8,6 +8,7 @@
 #include "absl/random/random.h"
 #include "absl/strings/str_cat.h"
 #include "absl/synchronization/mutex.h"
+#include "common/grpc_status.h"
 #include "grpcpp/ext/proto_server_reflection_plugin.h"
 #include "grpcpp/health_check_service_interface.h"
 
@@ -60,7 +61,7 @@ class GenerateReactor final
     absl::StatusOr<RequestId> id =
         scheduler_.SubmitGenerate(ToParams(request), std::move(cb));
     if (!id.ok()) {
-      Finish(ToGrpcStatus(id.status()));
+      Finish(common::ToGrpc(id.status()));
       return;
     }
     absl::MutexLock l(&mu_);
@@ -144,7 +145,7 @@ class GenerateReactor final
       final_status_ =
           broken_ && st.ok()
               ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
-              : ToGrpcStatus(st);
+              : common::ToGrpc(st);
       if (!writing_ && !finish_called_) {
         finish = true;
         finish_called_ = true;
@@ -199,7 +200,7 @@ class ForwardReactor final : public grpc::ServerUnaryReactor {
         std::move(tokens), request.all_positions(),
         [this](absl::StatusOr<ForwardResult> r) { OnResult(std::move(r)); });
     if (!id.ok()) {
-      Finish(ToGrpcStatus(id.status()));
+      Finish(common::ToGrpc(id.status()));
       return;
     }
     absl::MutexLock l(&mu_);
@@ -220,7 +221,7 @@ class ForwardReactor final : public grpc::ServerUnaryReactor {
   // Scheduler thread.
   void OnResult(absl::StatusOr<ForwardResult> r) {
     if (!r.ok()) {
-      Finish(ToGrpcStatus(r.status()));
+      Finish(common::ToGrpc(r.status()));
       return;
     }
     response_->set_rows(static_cast<uint32_t>(r->rows));
@@ -239,13 +240,6 @@ class ForwardReactor final : public grpc::ServerUnaryReactor {
 
 }  // namespace
 
-grpc::Status ToGrpcStatus(const absl::Status& status) {
-  if (status.ok()) return grpc::Status::OK;
-  // absl::StatusCode and grpc::StatusCode share their numeric values.
-  return grpc::Status(static_cast<grpc::StatusCode>(status.code()),
-                      std::string(status.message()));
-}
-
 grpc::ServerWriteReactor<v1::GenerateResponse>* RouterServer::Generate(
     grpc::CallbackServerContext* context, const v1::GenerateRequest* request) {
   return new GenerateReactor(scheduler_, *request);
@@ -263,8 +257,7 @@ grpc::ServerUnaryReactor* RouterServer::GetLoad(
   if (readiness_) {
     if (absl::Status ready = readiness_(); !ready.ok()) {
       grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
-      reactor->Finish(grpc::Status(static_cast<grpc::StatusCode>(ready.code()),
-                                   std::string(ready.message())));
+      reactor->Finish(common::ToGrpc(ready));
       return reactor;
     }
   }
@@ -346,7 +339,7 @@ grpc::ServerUnaryReactor* RouterServer::RunControl(
       *response = *std::move(r);
       reactor->Finish(grpc::Status::OK);
     } else {
-      reactor->Finish(ToGrpcStatus(r.status()));
+      reactor->Finish(common::ToGrpc(r.status()));
     }
   });
   return reactor;
@@ -407,7 +400,7 @@ grpc::ServerUnaryReactor* RouterServer::SetPlacement(grpc::CallbackServerContext
   RunOnWorker([this, reactor, request, response] {
     absl::Status st = setter_(*request);
     response->set_version(request->version());
-    reactor->Finish(ToGrpcStatus(st));
+    reactor->Finish(common::ToGrpc(st));
   });
   return reactor;
 }

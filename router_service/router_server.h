@@ -35,9 +35,6 @@
 
 namespace dmoe::router {
 
-// Same code and message.
-grpc::Status ToGrpcStatus(const absl::Status& status);
-
 class RouterServer final : public dmoe::v1::RouterService::CallbackService {
  public:
   // `controller` may be null (its RPCs then answer FAILED_PRECONDITION); it

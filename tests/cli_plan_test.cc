@@ -13,7 +13,7 @@
 #include <set>
 #include <sstream>
 
-#include "core/planner.h"
+#include "placement/planner.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/test_util.h"
@@ -64,10 +64,10 @@ std::vector<double> Zipf(int n, double s, uint64_t seed) {
 }
 
 // Checks the contract of `out` for `loads`; returns the plan's layers.
-std::vector<core::ServerSlots> CheckContract(
+std::vector<place::ServerSlots> CheckContract(
     const std::string& out, const std::vector<std::vector<double>>& loads,
     int n, int s, int groups = 0, int nodes = 0) {
-  std::vector<core::ServerSlots> layers;
+  std::vector<place::ServerSlots> layers;
   EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1)
       << "one JSON object on one line";
   const json j = json::parse(out, nullptr, false);
@@ -84,7 +84,7 @@ std::vector<core::ServerSlots> CheckContract(
     EXPECT_EQ(lj.size(), 1u) << "only \"servers\" per layer";
     EXPECT_EQ(lj["servers"].size(), static_cast<size_t>(n));
     const int num_experts = static_cast<int>(loads[l].size());
-    core::ServerSlots servers;
+    place::ServerSlots servers;
     std::vector<int> count(num_experts, 0);
     std::vector<std::set<int>> nodes_of_group(std::max(groups, 1));
     for (int sv = 0; sv < static_cast<int>(lj["servers"].size()); ++sv) {
@@ -134,7 +134,7 @@ std::vector<core::ServerSlots> CheckContract(
   return layers;
 }
 
-std::string Placement(const std::vector<core::ServerSlots>& layers, int n) {
+std::string Placement(const std::vector<place::ServerSlots>& layers, int n) {
   json p = {{"version", 7}, {"num_servers", n}, {"layers", json::array()}};
   for (size_t l = 0; l < layers.size(); ++l)
     p["layers"].push_back({{"layer", l + 1}, {"servers", layers[l]}});
@@ -156,11 +156,11 @@ TEST(CliPlan, PrintsTheJsonContract) {
   EXPECT_LE(j["predicted_max_over_mean"][0].get<double>(), 1.01);
   EXPECT_EQ(j["predicted_max_over_mean"][2].get<double>(), 1.0);
   // The command is the library.
-  core::PlanOptions o;
+  place::PlanOptions o;
   o.num_servers = 8;
   o.slots_per_server = 10;
   for (size_t l = 0; l < loads.size(); ++l)
-    EXPECT_EQ(layers[l], core::PlanLayer(loads[l], o)->servers);
+    EXPECT_EQ(layers[l], place::PlanLayer(loads[l], o)->servers);
 
   // Without --json: one readable block per layer.
   r = Dmoe("plan --loads " + path + " --servers 8 --slots-per-server 10");
@@ -224,8 +224,8 @@ TEST(CliPlan, CurrentPlacementMovesFewSlots) {
   const auto incr = CheckContract(r.out, loads, 8, 10);
   const json fj = json::parse(fresh.out), ij = json::parse(r.out);
   for (size_t l = 0; l < loads.size(); ++l) {
-    const int64_t m_scratch = core::SlotsMoved(before[l], scratch[l]);
-    const int64_t m_incr = core::SlotsMoved(before[l], incr[l]);
+    const int64_t m_scratch = place::SlotsMoved(before[l], scratch[l]);
+    const int64_t m_incr = place::SlotsMoved(before[l], incr[l]);
     std::printf(
         "layer %zu: from scratch %.4f moving %lld slots, --current %.4f moving "
         "%lld slots\n",

@@ -24,8 +24,10 @@
 #include "core/config.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/ports.h"
+#include "testing/prometheus.h"
+#include "testing/subprocess.h"
 #include "tests/cluster_util.h"
-#include "tests/process.h"
 #include "tests/test_util.h"
 
 namespace dmoe {
@@ -33,58 +35,11 @@ namespace {
 
 using json = nlohmann::json;
 using testing::ChildProcess;
+using testing::FindPrometheus;
+using testing::FreePort;
 using testing::HttpRequest;
+using testing::UrlEncode;
 using testing::WaitForPortFile;
-
-std::string FindPrometheus() {
-  if (const char* p = std::getenv("DMOE_PROMETHEUS"); p != nullptr && *p) {
-    return access(p, X_OK) == 0 ? p : "";
-  }
-  if (access("/usr/bin/prometheus", X_OK) == 0) return "/usr/bin/prometheus";
-  if (const char* path = std::getenv("PATH")) {
-    std::string dirs = path;
-    for (size_t pos = 0; pos <= dirs.size();) {
-      size_t end = dirs.find(':', pos);
-      if (end == std::string::npos) end = dirs.size();
-      const std::string candidate = dirs.substr(pos, end - pos) + "/prometheus";
-      if (end > pos && access(candidate.c_str(), X_OK) == 0) return candidate;
-      pos = end + 1;
-    }
-  }
-  return "";
-}
-
-// A loopback port that was free a moment ago (Prometheus cannot report the
-// port it bound for :0).
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  addr.sin_port = 0;
-  int port = 0;
-  socklen_t len = sizeof addr;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    port = ntohs(addr.sin_port);
-  }
-  close(fd);
-  return port;
-}
-
-std::string UrlEncode(const std::string& s) {
-  std::string out;
-  char buf[4];
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      std::snprintf(buf, sizeof buf, "%%%02X", c);
-      out += buf;
-    }
-  }
-  return out;
-}
 
 // One sample of an instant-query result: its labels and value.
 struct Sample {

@@ -42,8 +42,11 @@
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/files.h"
+#include "testing/ports.h"
+#include "testing/prometheus.h"
+#include "testing/subprocess.h"
 #include "tests/cluster_util.h"
-#include "tests/process.h"
 #include "tests/test_util.h"
 
 namespace dmoe {
@@ -53,119 +56,39 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using testing::BinDir;
 using testing::ChildProcess;
+using testing::FindInPath;
+using testing::FindPrometheus;
+using testing::FreePort;
 using testing::HttpRequest;
+using testing::ReadFile;
+using testing::RunCommand;
+using testing::RunResult;
+using testing::SourceDir;
+using testing::UrlEncode;
 using testing::WaitForPortFile;
 
-std::string SourceDir() {
-  if (const char* d = std::getenv("DMOE_SOURCE_DIR"); d != nullptr && *d)
-    return d;
-  return fs::path(__FILE__).parent_path().parent_path().string();
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string FindInPath(const std::string& name) {
-  const char* path = std::getenv("PATH");
-  std::stringstream dirs(path ? path : "/usr/bin:/bin");
-  for (std::string dir; std::getline(dirs, dir, ':');) {
-    const std::string c = dir + "/" + name;
-    if (!dir.empty() && access(c.c_str(), X_OK) == 0) return c;
-  }
-  return "";
-}
-
-std::string FindPrometheus() {
-  if (const char* p = std::getenv("DMOE_PROMETHEUS"); p != nullptr && *p) {
-    return access(p, X_OK) == 0 ? p : "";
-  }
-  if (access("/usr/bin/prometheus", X_OK) == 0) return "/usr/bin/prometheus";
-  return FindInPath("prometheus");
-}
-
-// Runs argv with stdin from `input`; returns (exit code, stdout), stderr to
-// `log`.
-std::pair<int, std::string> Exec(const std::vector<std::string>& argv,
-                                 const std::string& input,
-                                 const std::string& dir) {
-  static int seq = 0;
-  const std::string base = dir + "/run" + std::to_string(seq++);
-  std::ofstream(base + ".in") << input;
-  const pid_t pid = fork();
-  if (pid == 0) {
-    if (!freopen((base + ".in").c_str(), "r", stdin) ||
-        !freopen((base + ".out").c_str(), "w", stdout) ||
-        !freopen((base + ".err").c_str(), "w", stderr)) {
-      _exit(126);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-  int status = 0;
-  waitpid(pid, &status, 0);
-  return {WIFEXITED(status) ? WEXITSTATUS(status) : -1,
-          ReadFile(base + ".out")};
-}
-
 // A Python 3 with PyYAML, or "".
-std::string PythonWithYaml(const std::string& dir) {
+std::string PythonWithYaml() {
   for (const std::string& p :
        {std::string("/usr/bin/python3"), FindInPath("python3")}) {
     if (!p.empty() && access(p.c_str(), X_OK) == 0 &&
-        Exec({p, "-c", "import yaml"}, "", dir).first == 0) {
+        RunCommand({p, "-c", "import yaml"}).code == 0) {
       return p;
     }
   }
   return "";
 }
 
-json YamlToJson(const std::string& python, const std::string& text,
-                const std::string& dir) {
-  const auto [code, out] =
-      Exec({python, "-c",
-            "import sys, yaml, json\njson.dump(yaml.safe_load(sys.stdin), "
-            "sys.stdout)"},
-           text, dir);
-  EXPECT_EQ(code, 0);
-  json j = json::parse(out, nullptr, false);
-  EXPECT_FALSE(j.is_discarded()) << out;
+json YamlToJson(const std::string& python, const std::string& text) {
+  const RunResult r = RunCommand(
+      {python, "-c",
+       "import sys, yaml, json\njson.dump(yaml.safe_load(sys.stdin), "
+       "sys.stdout)"},
+      {.input = text});
+  EXPECT_EQ(r.code, 0);
+  json j = json::parse(r.out, nullptr, false);
+  EXPECT_FALSE(j.is_discarded()) << r.out;
   return j;
-}
-
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    port = ntohs(addr.sin_port);
-  }
-  close(fd);
-  return port;
-}
-
-std::string UrlEncode(const std::string& s) {
-  std::string out;
-  char buf[4];
-  for (unsigned char c : s) {
-    if (std::isalnum(c) || c == '-' || c == '_' || c == '.' || c == '~') {
-      out += static_cast<char>(c);
-    } else {
-      std::snprintf(buf, sizeof buf, "%%%02X", c);
-      out += buf;
-    }
-  }
-  return out;
 }
 
 // `expr` = MEASURE OP NUMBER: {MEASURE, true}; otherwise {expr, false}.
@@ -434,7 +357,7 @@ TEST(ClusterObservability,
                     "tools/setup.sh; or set DMOE_PROMETHEUS)";
   }
   const std::string dir = testing::FreshDir("observability");
-  const std::string python = PythonWithYaml(dir);
+  const std::string python = PythonWithYaml();
   if (python.empty())
     GTEST_SKIP() << "no python3 with PyYAML to read the rules (apt-get install "
                     "python3-yaml)";
@@ -447,13 +370,13 @@ TEST(ClusterObservability,
   ASSERT_FALSE(rules_text.empty());
   std::ofstream(dir + "/dmoe-rules.yml")
       << std::regex_replace(rules_text, std::regex(R"(\bfor: \S+)"), "for: 1s");
-  const json rules = YamlToJson(python, rules_text, dir);
+  const json rules = YamlToJson(python, rules_text);
   const json dashboard = json::parse(
       ReadFile(src + "/deploy/grafana/dashboards/dmoe.json"), nullptr, false);
   ASSERT_FALSE(dashboard.is_discarded());
   const json adapter = YamlToJson(
       python,
-      ReadFile(src + "/deploy/prometheus/prometheus-adapter-values.yaml"), dir);
+      ReadFile(src + "/deploy/prometheus/prometheus-adapter-values.yaml"));
 
   constexpr int kServers = 3;
   const std::string model = testing::MakeModel("tiny-v3", 11);
@@ -482,10 +405,9 @@ TEST(ClusterObservability,
       200);
   EXPECT_EQ(d.Post("/v1/completions", "{").status, 400);
   // The operator re-places (moe_router_replacements_total{trigger="operator"}).
-  const auto [ctl_code, ctl_out] =
-      Exec({BinDir() + "/dmoe", "ctl", "rebalance", "--router",
-            "127.0.0.1:" + std::to_string(d.router_port())},
-           "", dir);
+  const auto [ctl_code, ctl_out, ctl_err] =
+      RunCommand({BinDir() + "/dmoe", "ctl", "rebalance", "--router",
+                  "127.0.0.1:" + std::to_string(d.router_port())});
   ASSERT_EQ(ctl_code, 0) << ctl_out << d.router().Log();
   for (int i = 0; i < 2; ++i) EXPECT_EQ(completion(false).status, 200);
   ASSERT_TRUE(

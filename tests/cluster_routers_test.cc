@@ -7,6 +7,7 @@
 #include <cstdio>
 #include <thread>
 
+#include "common/grpc_status.h"
 #include "gtest/gtest.h"
 #include "tests/cluster_util.h"
 #include "tests/test_util.h"
@@ -32,7 +33,7 @@ absl::StatusOr<std::vector<int32_t>> Generate(v1::RouterService::Stub& stub,
   std::vector<int32_t> out;
   while (reader->Read(&resp)) out.push_back(resp.token());
   grpc::Status st = reader->Finish();
-  if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+  if (!st.ok()) return common::FromGrpc(st);
   return out;
 }
 

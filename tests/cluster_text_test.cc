@@ -6,13 +6,13 @@
 // Text goes in (a completion prompt, chat messages through V3's chat template),
 // and the answer's tokens equal the one-process model's greedy tokens for the
 // prompt's ids; its text, whole and streamed (SSE), equals decoding those tokens;
-// stop strings cut it; /tokenize and /detokenize agree with core::Tokenizer.
+// stop strings cut it; /tokenize and /detokenize agree with text::Tokenizer.
 #include <string>
 #include <vector>
 
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
-#include "core/utf8.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
+#include "text/utf8.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster_util.h"
@@ -105,7 +105,7 @@ class ClusterText : public ::testing::Test {
     o.tokenizer_dir = ref.models_dir;
     ASSERT_TRUE(tools::WriteRandomModel(o).ok());
     model_ = o.out_dir;
-    auto tok = core::Tokenizer::Load(model_);  // from the model directory: copied there
+    auto tok = text::Tokenizer::Load(model_);  // from the model directory: copied there
     ASSERT_TRUE(tok.ok()) << tok.status();
     tok_ = *std::move(tok);
     ASSERT_TRUE(cluster_.Start(model_, 2, testing::FreshDir("cluster"), {"--wire-dtype", "f32"}));
@@ -128,7 +128,7 @@ class ClusterText : public ::testing::Test {
   }
 
   std::string model_;
-  std::unique_ptr<core::Tokenizer> tok_;
+  std::unique_ptr<text::Tokenizer> tok_;
   Cluster cluster_;
 };
 
@@ -145,7 +145,7 @@ TEST_F(ClusterText, CompletionTextRoundTripsWholeAndStreamed) {
     const Answer a = Read(cluster_.HttpPost("/v1/completions", req.dump()), false, stream, where);
     EXPECT_EQ(a.tokens, want) << where << "\n" << cluster_.gateway().Log();
     EXPECT_EQ(a.text, Decode(want)) << where;
-    EXPECT_TRUE(core::ValidateUtf8(a.text).ok()) << where;
+    EXPECT_TRUE(text::ValidateUtf8(a.text).ok()) << where;
     EXPECT_EQ(a.finish_reason, "length") << where;
     EXPECT_EQ(a.prompt_tokens, static_cast<int64_t>(ids.size())) << where;
     EXPECT_EQ(a.completion_tokens, kMaxTokens) << where;
@@ -189,7 +189,7 @@ TEST_F(ClusterText, CompletionTextRoundTripsWholeAndStreamed) {
 TEST_F(ClusterText, ChatMessagesGoThroughTheChatTemplate) {
   const json messages = json::array({{{"role", "system"}, {"content", "You are terse."}},
                                      {{"role", "user"}, {"content", "Say hi in 中文."}}});
-  auto prompt = core::ApplyChatTemplate(*tok_, messages, /*add_generation_prompt=*/true);
+  auto prompt = text::ApplyChatTemplate(*tok_, messages, /*add_generation_prompt=*/true);
   ASSERT_TRUE(prompt.ok()) << prompt.status();
   EXPECT_EQ(*prompt,
             "<｜begin▁of▁sentence｜>You are terse.<｜User｜>Say hi in 中文.<｜Assistant｜>");

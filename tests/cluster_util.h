@@ -29,12 +29,13 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/grpc_status.h"
 #include "core/kv_cache.h"
 #include "core/model.h"
 #include "core/sampler.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "gtest/gtest.h"
-#include "tests/process.h"
+#include "testing/subprocess.h"
 
 namespace dmoe::testing {
 
@@ -185,7 +186,7 @@ class Cluster {
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
     grpc::Status st = stub_->Forward(&ctx, req, &resp);
-    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+    if (!st.ok()) return common::FromGrpc(st);
     std::vector<float> out(resp.logits().size() / 4);
     std::memcpy(out.data(), resp.logits().data(), out.size() * 4);
     return out;
@@ -203,7 +204,7 @@ class Cluster {
     std::vector<int32_t> out;
     while (reader->Read(&resp)) out.push_back(resp.token());
     grpc::Status st = reader->Finish();
-    if (!st.ok()) return absl::Status(static_cast<absl::StatusCode>(st.error_code()), st.error_message());
+    if (!st.ok()) return common::FromGrpc(st);
     return out;
   }
 

@@ -49,7 +49,9 @@
 #include "absl/status/statusor.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
-#include "tests/process.h"
+#include "testing/files.h"
+#include "testing/ports.h"
+#include "testing/subprocess.h"
 #include "tests/test_util.h"
 
 extern char** environ;
@@ -61,81 +63,22 @@ namespace fs = std::filesystem;
 using json = nlohmann::json;
 using testing::BinDir;
 using testing::ChildProcess;
+using testing::FindInPath;
+using testing::FreePort;
+using testing::ReadFile;
+using testing::RunResult;
+using testing::SourceDir;
 
 // ------------------------------------------------------------------ helpers
-
-// The repository root: $DMOE_SOURCE_DIR, else two levels above this file.
-std::string SourceDir() {
-  if (const char* d = std::getenv("DMOE_SOURCE_DIR"); d != nullptr && *d)
-    return d;
-  return fs::path(__FILE__).parent_path().parent_path().string();
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
-
-std::string FindInPath(const std::string& name) {
-  if (name.find('/') != std::string::npos)
-    return access(name.c_str(), X_OK) == 0 ? name : "";
-  const char* path = std::getenv("PATH");
-  std::stringstream dirs(path ? path : "/usr/bin:/bin");
-  for (std::string dir; std::getline(dirs, dir, ':');) {
-    const std::string c = dir + "/" + name;
-    if (!dir.empty() && access(c.c_str(), X_OK) == 0) return c;
-  }
-  return "";
-}
-
-struct RunResult {
-  int code = -1;  // exit status; -1: could not run or killed
-  std::string out, err;
-};
 
 // Runs argv (argv[0] looked up in PATH) with `input` on stdin; waits at most
 // `timeout_s` seconds.
 RunResult Exec(const std::vector<std::string>& argv,
                const std::string& input = "", int timeout_s = 60,
                const std::string& cwd = "") {
-  static int seq = 0;
-  const std::string base = testing::FreshDir("run" + std::to_string(seq++));
-  const std::string in = base + "/in", out = base + "/out", err = base + "/err";
-  std::ofstream(in) << input;
-  RunResult r;
-  const pid_t pid = fork();
-  if (pid < 0) return r;
-  if (pid == 0) {
-    if (!cwd.empty() && chdir(cwd.c_str()) != 0) _exit(126);
-    if (!freopen(in.c_str(), "r", stdin) ||
-        !freopen(out.c_str(), "w", stdout) ||
-        !freopen(err.c_str(), "w", stderr)) {
-      _exit(126);
-    }
-    std::vector<char*> args;
-    for (const auto& a : argv) args.push_back(const_cast<char*>(a.c_str()));
-    args.push_back(nullptr);
-    execvp(args[0], args.data());
-    _exit(127);
-  }
-  const auto end =
-      std::chrono::steady_clock::now() + std::chrono::seconds(timeout_s);
-  int status = 0;
-  while (waitpid(pid, &status, WNOHANG) == 0) {
-    if (std::chrono::steady_clock::now() > end) {
-      kill(pid, SIGKILL);
-      waitpid(pid, &status, 0);
-      r.err = "timed out after " + std::to_string(timeout_s) + " s\n";
-      break;
-    }
-    std::this_thread::sleep_for(std::chrono::milliseconds(10));
-  }
-  r.code = WIFEXITED(status) ? WEXITSTATUS(status) : -1;
-  r.out = ReadFile(out);
-  r.err += ReadFile(err);
-  return r;
+  return testing::RunCommand(
+      argv,
+      {.input = input, .timeout = std::chrono::seconds(timeout_s), .cwd = cwd});
 }
 
 // A Python 3 with PyYAML (Debian's python3-yaml), or "".
@@ -1202,21 +1145,6 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
 }
 
 // ------------------------------------------------------------------ entrypoint
-
-int FreePort() {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  socklen_t len = sizeof addr;
-  int port = 0;
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0 &&
-      getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) == 0) {
-    port = ntohs(addr.sin_port);
-  }
-  close(fd);
-  return port;
-}
 
 // GET http://127.0.0.1:port/path; the body, or "" on failure.
 std::string HttpGet(int port, const std::string& path) {

@@ -82,7 +82,7 @@ void ExpectMatchesReference(const std::string& dir, ComputeType type, double tol
 
 // Exact mode: fp32 activations and weights (BF16 weights are exact in fp32);
 // against float64 the only error is fp32 rounding in sums of ~100 terms, far
-// below MODEL_SPEC.md's 1e-3 bound.
+// below docs/model.md's 1e-3 bound.
 constexpr double kF32Tol = 2e-5;
 // Serving mode: activations rounded to bf16 (8 mantissa bits) before every GEMM
 // through a few layers; ~1e-2 relative is what bf16 rounding gives.

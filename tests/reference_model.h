@@ -1,5 +1,5 @@
 // A plain float64 reference of the DeepSeek-family forward pass, written for the
-// tests straight from MODEL_SPEC.md and independent of the product code's math:
+// tests straight from docs/model.md and independent of the product code's math:
 // per-head k/v (not the absorbed MLA form), RoPE/YaRN recomputed here, gating by
 // full sorts, experts one token at a time. Only the checkpoint reader and the
 // config parser are shared with the product.
@@ -148,7 +148,7 @@ class ReferenceModel {
   }
 
   // Per-pair rotation angles' inverse frequencies and cos/sin multiplier, from
-  // MODEL_SPEC.md.
+  // docs/model.md.
   void RopeParams(int64_t d, Vec* inv, double* mult) const {
     inv->assign(d / 2, 0);
     const auto& rs = cfg_.rope_scaling;

@@ -1,4 +1,5 @@
-// Helpers shared by tests: temporary directories and generated checkpoints.
+// Helpers shared by tests: generated checkpoints and config patches. Fresh
+// directories (FreshDir) come from testing/files.h, included here.
 #ifndef DMOE_TESTS_TEST_UTIL_H_
 #define DMOE_TESTS_TEST_UTIL_H_
 
@@ -10,25 +11,10 @@
 
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/files.h"
 #include "tools/make_model.h"
 
 namespace dmoe::testing {
-
-// A fresh directory under $DMOE_TEST_TMP (or gtest's temp dir) named after the
-// running test plus `suffix`.
-inline std::string FreshDir(const std::string& suffix) {
-  const char* base = std::getenv("DMOE_TEST_TMP");
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string name = std::string(info->test_suite_name()) + "." + info->name() + "." + suffix;
-  for (char& c : name) {
-    if (c == '/') c = '_';
-  }
-  std::filesystem::path dir =
-      std::filesystem::path(base ? base : ::testing::TempDir()) / "dmoe_tests" / name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
-}
 
 // Writes a generated checkpoint of `preset` and returns its directory.
 inline std::string MakeModel(const std::string& preset, uint64_t seed = 1,

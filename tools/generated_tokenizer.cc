@@ -77,7 +77,7 @@ int ClassOf(char c) {
   return 3;
 }
 
-// GPT-2's byte-to-unicode map (core/tokenizer.cc reads it back), as UTF-8.
+// GPT-2's byte-to-unicode map (text/tokenizer.cc reads it back), as UTF-8.
 std::array<std::string, 256> ByteLevelChars() {
   std::array<std::string, 256> out;
   int extra = 0;

@@ -2,7 +2,7 @@
 // checkpoint talks text without a download (`dmoe make-model` writes it by
 // default; see make_model.h).
 //
-// The tokenizer is what core::Tokenizer and Hugging Face `tokenizers` load
+// The tokenizer is what text::Tokenizer and Hugging Face `tokenizers` load
 // (tokenizer.json + tokenizer_config.json, DeepSeek style):
 //  - 256 byte tokens in GPT-2's byte-to-unicode alphabet, then the merges a
 //    plain BPE training loop learns over an embedded English corpus (a few KB,
@@ -17,7 +17,7 @@
 //    a TemplateProcessing post-processor adding BOS;
 //  - tokenizer_config.json: bos/eos tokens, add_bos_token true, add_eos_token
 //    false, model_max_length, and DeepSeek-V2-Chat's chat template
-//    ("User: ...\n\nAssistant: ..." with BOS/EOS), which core/chat_template.h
+//    ("User: ...\n\nAssistant: ..." with BOS/EOS), which text/chat_template.h
 //    renders.
 // The tokenizer's ids stay below the model's vocabulary size; a large
 // vocabulary (the full-size presets) is not filled (the corpus runs out of

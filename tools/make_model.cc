@@ -20,8 +20,8 @@
 #include "absl/strings/str_join.h"
 #include "core/dtype.h"
 #include "core/status.h"
-#include "core/tokenizer.h"
-#include "tools/args.h"
+#include "text/tokenizer.h"
+#include "common/args.h"
 #include "tools/commands.h"
 #include "tools/generated_tokenizer.h"
 
@@ -617,10 +617,10 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     return absl::InvalidArgumentError(
         absl::StrCat("--shards must be >= 1, got ", o.shards));
   DMOE_ASSIGN_OR_RETURN(json config, PresetConfig(o.preset, o.layers));
-  std::unique_ptr<core::Tokenizer> tokenizer;
+  std::unique_ptr<text::Tokenizer> tokenizer;
   std::optional<GeneratedTokenizer> generated;
   if (!o.tokenizer_dir.empty()) {
-    DMOE_ASSIGN_OR_RETURN(tokenizer, core::Tokenizer::Load(o.tokenizer_dir));
+    DMOE_ASSIGN_OR_RETURN(tokenizer, text::Tokenizer::Load(o.tokenizer_dir));
     config["vocab_size"] = std::max<int64_t>(
         config["vocab_size"].get<int64_t>(), tokenizer->vocab_size());
     if (tokenizer->bos_id()) config["bos_token_id"] = *tokenizer->bos_id();
@@ -633,8 +633,8 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     g.model_max_length = config["max_position_embeddings"].get<int64_t>();
     DMOE_ASSIGN_OR_RETURN(generated, GenerateTokenizer(g));
     // Never write a tokenizer the servers would refuse.
-    absl::StatusOr<std::unique_ptr<core::Tokenizer>> check =
-        core::Tokenizer::FromJson(generated->tokenizer_json,
+    absl::StatusOr<std::unique_ptr<text::Tokenizer>> check =
+        text::Tokenizer::FromJson(generated->tokenizer_json,
                                   generated->tokenizer_config_json);
     if (!check.ok()) {
       return absl::InternalError(absl::StrCat(

@@ -2,7 +2,7 @@
 //
 // `dmoe make-model` (RunMakeModel) and tests write a model directory that looks
 // like a real DeepSeek-family release: config.json with the HF key names of the
-// family, and weights in safetensors with the HF tensor names (MODEL_SPEC.md),
+// family, and weights in safetensors with the HF tensor names (docs/model.md),
 // either as one model.safetensors or as K shards
 // "model-0000i-of-0000K.safetensors" with a model.safetensors.index.json.
 // Weights are random but deterministic in the seed: each tensor draws from its
@@ -57,7 +57,7 @@ struct MakeModelOptions {
   WeightFormat format = WeightFormat::kBF16;
   bool progress = false;  // "\rwriting i/n tensors (x GB)" on stderr
   // When set: a directory with a Hugging Face tokenizer.json (and optionally
-  // tokenizer_config.json), validated with core::Tokenizer and copied into out_dir;
+  // tokenizer_config.json), validated with text::Tokenizer and copied into out_dir;
   // vocab_size becomes max(preset's, tokenizer's size) and bos/eos_token_id the
   // tokenizer's, so the model talks text with that tokenizer.
   std::string tokenizer_dir;

@@ -10,12 +10,13 @@
 #include <string>
 #include <vector>
 
-#include "core/chat_template.h"
 #include "core/dtype.h"
 #include "core/safetensors.h"
-#include "core/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/files.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "tools/commands.h"
 #include "tools/generated_tokenizer.h"
 
@@ -26,24 +27,11 @@ namespace fs = std::filesystem;
 using core::DType;
 using json = nlohmann::json;
 using ::testing::HasSubstr;
+using testing::ReadFile;
 
+// A fresh directory for the running test (and `sub`).
 std::string TestDir(const std::string& sub = "") {
-  const char* env = std::getenv("DMOE_TEST_TMP");
-  fs::path root =
-      (env != nullptr && *env) ? fs::path(env) : fs::path(::testing::TempDir());
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  fs::path dir =
-      root / "make_model_test" / info->test_suite_name() / info->name() / sub;
-  fs::remove_all(dir);
-  fs::create_directories(dir);
-  return dir.string();
-}
-
-std::string ReadFile(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  std::ostringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
+  return testing::FreshDir(sub);
 }
 
 json ReadJson(const std::string& path) { return json::parse(ReadFile(path)); }
@@ -53,7 +41,7 @@ struct Expected {
   std::vector<int64_t> shape;
 };
 
-// The tensors a checkpoint of `c` must hold, written from MODEL_SPEC.md
+// The tensors a checkpoint of `c` must hold, written from docs/model.md
 // independently of make_model.cc's own list.
 std::map<std::string, Expected> ExpectedTensors(const json& c, WeightFormat f) {
   const DType plain = f == WeightFormat::kF32   ? DType::kF32
@@ -391,9 +379,9 @@ TEST(MakeModel, SameSeedSameBytesDifferentSeedDifferent) {
 // ---------------------------------------------------------------------------
 // The generated tokenizer
 
-std::unique_ptr<core::Tokenizer> LoadTokenizer(const std::string& dir) {
-  absl::StatusOr<std::unique_ptr<core::Tokenizer>> t =
-      core::Tokenizer::Load(dir);
+std::unique_ptr<text::Tokenizer> LoadTokenizer(const std::string& dir) {
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> t =
+      text::Tokenizer::Load(dir);
   EXPECT_TRUE(t.ok()) << t.status();
   return t.ok() ? *std::move(t) : nullptr;
 }
@@ -405,7 +393,7 @@ TEST(GeneratedTokenizer, LoadsRoundTripsAndFillsTheTinyVocabulary) {
   EXPECT_EQ(c["vocab_size"], 512);  // unchanged: the tokenizer fits the preset
   EXPECT_EQ(c["bos_token_id"], 0);
   EXPECT_EQ(c["eos_token_id"], 1);
-  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  std::unique_ptr<text::Tokenizer> tok = LoadTokenizer(dir);
   ASSERT_NE(tok, nullptr);
   // 2 special tokens + 256 bytes + 254 merges: every id of the model decodes.
   EXPECT_EQ(tok->vocab_size(), 512);
@@ -453,7 +441,7 @@ TEST(GeneratedTokenizer, LoadsRoundTripsAndFillsTheTinyVocabulary) {
 TEST(GeneratedTokenizer, MergesFire) {
   const std::string dir = TestDir();
   ASSERT_TRUE(WriteRandomModel(Options("tiny-v2lite", dir)).ok());
-  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  std::unique_ptr<text::Tokenizer> tok = LoadTokenizer(dir);
   ASSERT_NE(tok, nullptr);
   // Frequent words of the corpus are one token each, others fewer than their
   // bytes.
@@ -478,7 +466,7 @@ TEST(GeneratedTokenizer, MergesFire) {
   ASSERT_TRUE(big.ok()) << big.status();
   EXPECT_GT(big->merges, 254);
   EXPECT_EQ(big->size, 100002);
-  auto big_tok = core::Tokenizer::FromJson(big->tokenizer_json,
+  auto big_tok = text::Tokenizer::FromJson(big->tokenizer_json,
                                            big->tokenizer_config_json);
   ASSERT_TRUE(big_tok.ok()) << big_tok.status();
   EXPECT_EQ((*big_tok)->bos_id().value_or(-1), 100000);
@@ -510,16 +498,16 @@ TEST(GeneratedTokenizer, IsDeterministic) {
 TEST(GeneratedTokenizer, ChatTemplateRendersDeepSeekStyle) {
   const std::string dir = TestDir();
   ASSERT_TRUE(WriteRandomModel(Options("tiny-moe16b", dir)).ok());
-  std::unique_ptr<core::Tokenizer> tok = LoadTokenizer(dir);
+  std::unique_ptr<text::Tokenizer> tok = LoadTokenizer(dir);
   ASSERT_NE(tok, nullptr);
-  ASSERT_TRUE(core::ChatTemplate::Parse(tok->chat_template()).ok());
+  ASSERT_TRUE(text::ChatTemplate::Parse(tok->chat_template()).ok());
   const nlohmann::ordered_json messages = nlohmann::ordered_json::array(
       {{{"role", "system"}, {"content", "Be brief."}},
        {{"role", "user"}, {"content", "Hi!"}},
        {{"role", "assistant"}, {"content", "Hello."}},
        {{"role", "user"}, {"content", "Bye."}}});
   absl::StatusOr<std::string> prompt =
-      core::ApplyChatTemplate(*tok, messages, true);
+      text::ApplyChatTemplate(*tok, messages, true);
   ASSERT_TRUE(prompt.ok()) << prompt.status();
   const std::string bos(kGeneratedBosToken), eos(kGeneratedEosToken);
   EXPECT_EQ(*prompt, bos + "Be brief.\n\nUser: Hi!\n\nAssistant: Hello." + eos +

@@ -9,9 +9,11 @@
 
 #include "absl/status/statusor.h"
 #include "core/model.h"
-#include "tools/args.h"
+#include "common/args.h"
 
 namespace dmoe::tools {
+
+using ::dmoe::common::Args;
 
 // Declares --model, --dtype, --threads, --kv-cache-bytes, --stats, --quiet.
 void AddModelFlags(Args& args);

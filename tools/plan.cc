@@ -1,4 +1,4 @@
-// `dmoe plan`: the offline placement planner (core/planner.h) on JSON files.
+// `dmoe plan`: the offline placement planner (placement/planner.h) on JSON files.
 //
 // Contract (kept exactly):
 //   dmoe plan --loads FILE.json --servers N --slots-per-server S
@@ -8,7 +8,7 @@
 //   {"layers": [{"servers": [[expert ids on server 0], ...]} per layer],
 //    "predicted_max_over_mean": [... per layer]}
 // Each server's list has exactly S entries, ascending. PLACEMENT.json is a
-// placement as core::Placement writes it ({"version", "num_servers",
+// placement as place::Placement writes it ({"version", "num_servers",
 // "layers": [{"layer", "servers"}]}) with no model config: its layers match
 // the loads' layers by position ("layer" is not interpreted), its server count
 // may differ from N (servers leaving or joining). With --current, the slots
@@ -29,10 +29,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
-#include "core/planner.h"
+#include "placement/planner.h"
 #include "core/status.h"
 #include "nlohmann/json.hpp"
-#include "tools/args.h"
+#include "common/args.h"
 #include "tools/commands.h"
 
 namespace dmoe::tools {
@@ -104,7 +104,7 @@ absl::StatusOr<std::vector<std::vector<double>>> ParseLoads(
 
 // A placement's layers by position -> [layer][server] -> expert ids. Ids are
 // checked by the planner (range, no duplicate on a server).
-absl::StatusOr<std::vector<core::ServerSlots>> ParseCurrent(
+absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(
     const std::string& path, const json& j, size_t num_layers) {
   const std::string where = absl::StrCat("--current ", path, ": ");
   if (!j.is_object() || !j.contains("layers") || !j["layers"].is_array()) {
@@ -128,7 +128,7 @@ absl::StatusOr<std::vector<core::ServerSlots>> ParseCurrent(
     }
     num_servers = j["num_servers"].get<int64_t>();
   }
-  std::vector<core::ServerSlots> out;
+  std::vector<place::ServerSlots> out;
   for (size_t l = 0; l < layers.size(); ++l) {
     const json& lj = layers[l];
     if (!lj.is_object() || !lj.contains("servers") ||
@@ -229,7 +229,7 @@ int RunPlan(int argc, char** argv) {
   }
   if (args.help_requested()) return 0;
 
-  core::PlanOptions o;
+  place::PlanOptions o;
   int64_t servers = 0, slots = 0, groups = 0, nodes = 0;
   for (absl::Status s :
        {IntFlag(args, "servers", 1, 1 << 16, &servers),
@@ -262,7 +262,7 @@ int RunPlan(int argc, char** argv) {
   if (!loads.ok())
     return Fail(kInputError, std::string(loads.status().message()));
   for (size_t l = 0; l < loads->size(); ++l) {
-    if (absl::Status s = core::ValidatePlanOptions(
+    if (absl::Status s = place::ValidatePlanOptions(
             static_cast<int64_t>((*loads)[l].size()), o);
         !s.ok()) {
       return Fail(kUsageError, absl::StrCat(InFlags(s.message()), " (layer ", l,
@@ -270,12 +270,12 @@ int RunPlan(int argc, char** argv) {
                                             (*loads)[l].size(), " experts)"));
     }
   }
-  std::vector<core::ServerSlots> current;
+  std::vector<place::ServerSlots> current;
   const std::string current_path = args.Str("current");
   if (args.Has("current")) {
     absl::StatusOr<json> cj = ReadJson("current", current_path);
     if (!cj.ok()) return Fail(kInputError, std::string(cj.status().message()));
-    absl::StatusOr<std::vector<core::ServerSlots>> c =
+    absl::StatusOr<std::vector<place::ServerSlots>> c =
         ParseCurrent(current_path, *cj, loads->size());
     if (!c.ok()) return Fail(kInputError, std::string(c.status().message()));
     current = std::move(*c);
@@ -285,7 +285,7 @@ int RunPlan(int argc, char** argv) {
               {"predicted_max_over_mean", json::array()}};
   std::string text;
   for (size_t l = 0; l < loads->size(); ++l) {
-    absl::StatusOr<core::LayerPlan> plan = core::PlanLayer(
+    absl::StatusOr<place::LayerPlan> plan = place::PlanLayer(
         (*loads)[l], o, current.empty() ? nullptr : &current[l]);
     if (!plan.ok()) {
       return Fail(kInputError,
@@ -310,7 +310,7 @@ int RunPlan(int argc, char** argv) {
     absl::StrAppendFormat(&text, "layer %d: max/mean %.4f%s\n", l,
                           plan->max_over_mean, moved);
     const std::vector<double> server_loads =
-        core::ServerLoads((*loads)[l], plan->servers);
+        place::ServerLoads((*loads)[l], plan->servers);
     for (int s = 0; s < o.num_servers; ++s) {
       absl::StrAppendFormat(&text, "  server %d (load %.6g): %s\n", s,
                             server_loads[s],

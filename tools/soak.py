@@ -775,6 +775,13 @@ def build_report(args, cluster, work, elapsed, warmup, results, gaps, rss, resta
             entry["anon_warm_kb"], entry["anon_end_kb"] = warm[3], end[3]
             entry["threads_warm"], entry["threads_end"] = warm[4], end[4]
             entry["gated"] = role not in restarted
+            # Growth over the second half of the measured window: a leak keeps
+            # growing there, allocator warm-up (caches filling) has levelled off.
+            mid_t = warm[0] + 0.5 * (end[0] - warm[0])
+            mid = next((s for s in samples if s[1] == last_pid and s[0] >= mid_t), None)
+            if mid is not None and mid is not end:
+                entry["mid_kb"], entry["mid_t"] = mid[2], round(mid[0], 1)
+                entry["second_half_growth_pct"] = round(100.0 * (end[2] - mid[2]) / mid[2], 2)
         # The series, thinned to at most ~120 points, for plotting / inspection.
         step = max(1, len(samples) // 120)
         entry["series"] = [[round(x[0], 1), x[2], x[3], x[4]] for x in samples[::step]]
@@ -856,12 +863,14 @@ def print_report(r):
         if p:
             print("%-16s ms: p50 %7.1f  p90 %7.1f  p99 %7.1f  max %7.1f  (n=%d)" %
                   (name, p["p50"], p["p90"], p["p99"], p["max"], p["n"]))
-    print("RSS (MiB)        warm-up     end     max  growth  threads  gated")
+    print("RSS (MiB)        warm-up     end     max  growth  2nd half  threads  gated")
     for role, e in r["rss"].items():
         w = "%8.1f" % (e["warm_kb"] / 1024) if e["warm_kb"] else "       -"
         g = "%6.2f%%" % e["growth_pct"] if e["growth_pct"] is not None else "      -"
+        h = e.get("second_half_growth_pct")
+        h = "%7.2f%%" % h if h is not None else "       -"
         th = "%3s->%-3s" % (e.get("threads_warm", "-"), e.get("threads_end", "-"))
-        print("%-14s %s %7.1f %7.1f %s  %s  %s%s" % (role, w, e["end_kb"] / 1024, e["max_kb"] / 1024, g, th,
+        print("%-14s %s %7.1f %7.1f %s %s  %s  %s%s" % (role, w, e["end_kb"] / 1024, e["max_kb"] / 1024, g, h, th,
                                                 "yes" if e["gated"] else "no",
                                                 " (restarted)" if e["restarted"] else ""))
     ok_kills = sum(1 for k in r["kills"] if k.get("ok"))

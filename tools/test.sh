@@ -37,6 +37,9 @@ for level in "${ISA_LEVELS[@]:0:${#ISA_LEVELS[@]}-1}"; do
     -R "^($(IFS='|'; echo "${ISA_TESTS[*]}"))\$"
 done
 
+echo "== thread-safety analysis (clang-14 -Wthread-safety)"
+bash tools/thread_safety_check.sh
+
 echo "== fuzz targets (libFuzzer, ASan + UBSan), 60 s each"
 bash tools/fuzz.sh 60
 

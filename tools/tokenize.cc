@@ -1,5 +1,5 @@
 // `dmoe tokenize`, `dmoe detokenize`, `dmoe chat-template`: the checkpoint's
-// tokenizer (core/tokenizer.h) and chat template (core/chat_template.h) on
+// tokenizer (text/tokenizer.h) and chat template (text/chat_template.h) on
 // stdin.
 //
 // Contract:
@@ -25,10 +25,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
-#include "core/chat_template.h"
-#include "core/tokenizer.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 #include "nlohmann/json.hpp"
-#include "tools/args.h"
+#include "common/args.h"
 #include "tools/commands.h"
 
 namespace dmoe::tools {
@@ -73,7 +73,7 @@ int RunTokenize(int argc, char** argv) {
       .Flag("add-special-tokens", "",
             "add BOS/EOS as the tokenizer config says");
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
-  auto tok = core::Tokenizer::Load(args.Str("model"));
+  auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("tokenize", 1, tok.status().message());
   const std::string text = ReadStdin();
   auto ids = (*tok)->Encode(text, args.Bool("add-special-tokens"));
@@ -93,7 +93,7 @@ int RunDetokenize(int argc, char** argv) {
             true)
       .Flag("skip-special-tokens", "", "leave special tokens out of the text");
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
-  auto tok = core::Tokenizer::Load(args.Str("model"));
+  auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("detokenize", 1, tok.status().message());
   const ojson in =
       ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
@@ -123,7 +123,7 @@ int RunChatTemplate(int argc, char** argv) {
   args.Flag("model", "DIR", "model directory with tokenizer_config.json",
             std::nullopt, true);
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
-  auto tok = core::Tokenizer::Load(args.Str("model"));
+  auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("chat-template", 1, tok.status().message());
   const ojson in =
       ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
@@ -142,7 +142,7 @@ int RunChatTemplate(int argc, char** argv) {
     if (it.key() != "messages" && it.key() != "add_generation_prompt")
       extra[it.key()] = it.value();
   auto prompt =
-      core::ApplyChatTemplate(**tok, in["messages"], agp.get<bool>(), extra);
+      text::ApplyChatTemplate(**tok, in["messages"], agp.get<bool>(), extra);
   if (!prompt.ok()) return Fail("chat-template", 1, prompt.status().message());
   WriteStdout(*prompt);
   return 0;

@@ -23,7 +23,7 @@
 #include "absl/strings/str_join.h"
 #include "core/status.h"
 #include "nlohmann/json.hpp"
-#include "tools/args.h"
+#include "common/args.h"
 #include "tools/commands.h"
 #include "tools/make_model.h"
 #include "tools/model_flags.h"

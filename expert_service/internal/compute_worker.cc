@@ -6,7 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "core/status.h"
-#include "core/wire.h"
+#include "common/wire.h"
 #include "expert_service/internal/request_validation.h"
 
 namespace dmoe::expert::internal {
@@ -138,7 +138,7 @@ void ComputeWorker::Loop() {
 
 absl::Status ComputeWorker::Append(const WorkItem& item) {
   const v1::ExpertRequest& c0 = *item.chunks[0];
-  DMOE_ASSIGN_OR_RETURN(const core::WireDType in_type,
+  DMOE_ASSIGN_OR_RETURN(const common::WireDType in_type,
                         ValidateExpertRequest(c0, cfg_));
 
   // Roll the batch back to where it was when this request fails.
@@ -166,7 +166,7 @@ absl::Status ComputeWorker::Append(const WorkItem& item) {
     if (x_.size() < need) x_.resize(need);
     {
       absl::Status st =
-          core::UnpackActivations(in_type, c.x().data(), c.x().row_scales(),
+          common::UnpackActivations(in_type, c.x().data(), c.x().row_scales(),
                                   rows, hidden_, x_.data() + tokens_ * hidden_);
       if (!st.ok())
         return fail(absl::Status(st.code(), where + std::string(st.message())));
@@ -320,7 +320,7 @@ void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
   const int reply_dtype = c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED
                               ? c0.reply_dtype()
                               : c0.x().dtype();
-  const core::WireDType type =
+  const common::WireDType type =
       *WireType(reply_dtype, "reply");  // validated in Append
   // Rows of out_ (per assignment) or of the per-token results.
   const bool by_assignment = c0.per_assignment_reply();
@@ -341,7 +341,7 @@ void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
     y->set_dtype(static_cast<v1::ActivationDType>(reply_dtype));
     y->set_rows(static_cast<uint32_t>(rows));
     y->set_cols(static_cast<uint32_t>(hidden_));
-    core::PackActivations(source + from * hidden_, rows, hidden_, 0, type,
+    common::PackActivations(source + from * hidden_, rows, hidden_, 0, type,
                           y->mutable_data(), y->mutable_row_scales());
     item.sink->Send(r);
     row += tokens;

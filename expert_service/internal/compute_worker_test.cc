@@ -6,7 +6,7 @@
 #include <random>
 
 #include "absl/synchronization/notification.h"
-#include "core/wire.h"
+#include "common/wire.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -111,7 +111,7 @@ class ComputeWorkerTest : public ::testing::Test {
     r->mutable_x()->set_rows(tokens);
     r->mutable_x()->set_cols(kHidden);
     std::string scales;
-    core::PackActivations(x.data(), tokens, kHidden, 0, core::WireDType::kF32,
+    common::PackActivations(x.data(), tokens, kHidden, 0, common::WireDType::kF32,
                           r->mutable_x()->mutable_data(), &scales);
     r->add_token_offsets(0);
     for (uint32_t t = 0; t < tokens; ++t) {
@@ -187,8 +187,8 @@ TEST_F(ComputeWorkerTest, PerAssignmentRowsAddUpToThePerTokenReplyBitwise) {
       std::vector<float> x(kTokens * kHidden);
       for (float& v : x) v = u(same);
       std::string scales;
-      core::PackActivations(x.data(), kTokens, kHidden, 0,
-                            core::WireDType::kF32,
+      common::PackActivations(x.data(), kTokens, kHidden, 0,
+                            common::WireDType::kF32,
                             r.mutable_x()->mutable_data(), &scales);
       r.clear_token_offsets();
       r.clear_expert_ids();
@@ -227,11 +227,11 @@ TEST_F(ComputeWorkerTest, PerAssignmentRowsAddUpToThePerTokenReplyBitwise) {
     ASSERT_EQ(rows[0].y().rows(), 3u + 2u + 3u);  // 3, 2 and 3 rows
     ASSERT_EQ(sums[0].y().rows(), kTokens);
     std::vector<float> r(8 * kHidden), t(kTokens * kHidden);
-    ASSERT_TRUE(core::UnpackActivations(core::WireDType::kF32,
+    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32,
                                         rows[0].y().data(), "", 8, kHidden,
                                         r.data())
                     .ok());
-    ASSERT_TRUE(core::UnpackActivations(core::WireDType::kF32,
+    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32,
                                         sums[0].y().data(), "", kTokens,
                                         kHidden, t.data())
                     .ok());

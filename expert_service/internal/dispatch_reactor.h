@@ -94,10 +94,13 @@ class DispatchReactor final
 
   // Handles one received message (reactor thread). Returns nothing; replies
   // and queueing happen inside.
-  void Handle(std::unique_ptr<v1::ExpertRequest> msg);
+  void Handle(std::unique_ptr<v1::ExpertRequest> msg)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Answers `request_id` with `status` in-band (from a reaction).
-  void ReplyError(uint64_t request_id, const absl::Status& status);
-  void Enqueue(std::vector<std::unique_ptr<v1::ExpertRequest>> chunks);
+  void ReplyError(uint64_t request_id, const absl::Status& status)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Enqueue(std::vector<std::unique_ptr<v1::ExpertRequest>> chunks)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   std::unique_ptr<v1::ExpertRequest> TakeRequest()
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void RecycleRequest(std::unique_ptr<v1::ExpertRequest> r)

@@ -9,28 +9,28 @@
 
 namespace dmoe::expert::internal {
 
-absl::StatusOr<core::WireDType> WireType(int dtype, const char* what) {
+absl::StatusOr<common::WireDType> WireType(int dtype, const char* what) {
   switch (dtype) {
     case v1::ACTIVATION_DTYPE_BF16:
-      return core::WireDType::kBF16;
+      return common::WireDType::kBF16;
     case v1::ACTIVATION_DTYPE_F32:
-      return core::WireDType::kF32;
+      return common::WireDType::kF32;
     case v1::ACTIVATION_DTYPE_F8_E4M3:
-      return core::WireDType::kF8E4M3;
+      return common::WireDType::kF8E4M3;
     default:
       return absl::InvalidArgumentError(absl::StrCat(
           what, " dtype ", dtype, " is not one of BF16, F32, F8_E4M3"));
   }
 }
 
-absl::StatusOr<core::WireDType> ValidateExpertRequest(
+absl::StatusOr<common::WireDType> ValidateExpertRequest(
     const v1::ExpertRequest& c0, const core::ModelConfig& cfg) {
   const int64_t layer = c0.layer();
   if (layer >= cfg.num_hidden_layers || !cfg.IsMoeLayer(layer)) {
     return absl::InvalidArgumentError(
         absl::StrCat("layer ", layer, " is not a MoE layer"));
   }
-  DMOE_ASSIGN_OR_RETURN(const core::WireDType in_type,
+  DMOE_ASSIGN_OR_RETURN(const common::WireDType in_type,
                         WireType(c0.x().dtype(), "x"));
   if (c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED) {
     DMOE_RETURN_IF_ERROR(WireType(c0.reply_dtype(), "reply").status());
@@ -41,7 +41,7 @@ absl::StatusOr<core::WireDType> ValidateExpertRequest(
 absl::Status ValidateExpertChunk(const v1::ExpertRequest& c0,
                                  const v1::ExpertRequest& c,
                                  const core::ModelConfig& cfg,
-                                 core::WireDType in_type,
+                                 common::WireDType in_type,
                                  const SlotTable& slots,
                                  const std::string& where) {
   const int64_t hidden = cfg.hidden_size;
@@ -112,7 +112,7 @@ absl::Status ValidateExpertChunk(const v1::ExpertRequest& c0,
       return absl::Status(held.code(), where + std::string(held.message()));
   }
   const uint64_t want =
-      static_cast<uint64_t>(rows) * hidden * core::WireElementSize(in_type);
+      static_cast<uint64_t>(rows) * hidden * common::WireElementSize(in_type);
   if (c.x().data().size() != want) {
     return absl::InvalidArgumentError(
         absl::StrCat(where, "x payload [", rows, ", ", hidden, "] needs ", want,

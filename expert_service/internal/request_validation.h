@@ -14,7 +14,7 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "core/config.h"
-#include "core/wire.h"
+#include "common/wire.h"
 #include "dmoe/v1/expert.pb.h"
 #include "expert_service/internal/slot_table.h"
 
@@ -22,11 +22,11 @@ namespace dmoe::expert::internal {
 
 // The codec type of a v1::ActivationDType value; `what` ("x", "reply") names
 // the field in the error.
-absl::StatusOr<core::WireDType> WireType(int dtype, const char* what);
+absl::StatusOr<common::WireDType> WireType(int dtype, const char* what);
 
 // Checks what a request's chunk 0 fixes for all its chunks: a MoE layer of
 // `cfg`, a known x dtype and reply dtype. Returns x's codec type.
-absl::StatusOr<core::WireDType> ValidateExpertRequest(
+absl::StatusOr<common::WireDType> ValidateExpertRequest(
     const v1::ExpertRequest& c0, const core::ModelConfig& cfg);
 
 // Checks chunk `c` of a request whose chunk 0 is `c0` (which passed
@@ -35,12 +35,12 @@ absl::StatusOr<core::WireDType> ValidateExpertRequest(
 // decreasing, ending at the number of expert_ids and weights), shared_duty,
 // finite weights, experts held by `slots` at the request's placement
 // version, and x's payload size for `in_type`. It does not decode x
-// (core::UnpackActivations checks the values). Messages start with `where`
+// (common::UnpackActivations checks the values). Messages start with `where`
 // ("chunk 1: ", or "" for an unchunked request).
 absl::Status ValidateExpertChunk(const v1::ExpertRequest& c0,
                                  const v1::ExpertRequest& c,
                                  const core::ModelConfig& cfg,
-                                 core::WireDType in_type,
+                                 common::WireDType in_type,
                                  const SlotTable& slots,
                                  const std::string& where);
 

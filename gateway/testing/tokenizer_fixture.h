@@ -15,7 +15,7 @@
 #include <memory>
 #include <string>
 
-#include "core/tokenizer.h"
+#include "text/tokenizer.h"
 #include "nlohmann/json.hpp"
 
 namespace dmoe::gateway::testing {
@@ -52,7 +52,7 @@ inline const char* TestChatTemplate() {
          "{% if messages[0]['content'] == 'raise' %}{{ raise_exception('no raising') }}{% endif %}";
 }
 
-inline std::unique_ptr<core::Tokenizer> TestTokenizer() {
+inline std::unique_ptr<text::Tokenizer> TestTokenizer() {
   using json = nlohmann::json;
   json vocab = json::object();
   for (int b = 0; b < 256; ++b) vocab[ByteLevelString(std::string(1, static_cast<char>(b)))] = b;
@@ -83,7 +83,7 @@ inline std::unique_ptr<core::Tokenizer> TestTokenizer() {
                        {"bos_token", "<s>"},
                        {"eos_token", "</s>"},
                        {"chat_template", TestChatTemplate()}};
-  auto t = core::Tokenizer::FromJson(tok.dump(), config.dump());
+  auto t = text::Tokenizer::FromJson(tok.dump(), config.dump());
   return t.ok() ? std::move(*t) : nullptr;
 }
 

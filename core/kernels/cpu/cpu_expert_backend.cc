@@ -314,53 +314,10 @@ size_t CpuExpertBackend::WeightBytes() const {
 
 absl::Status CpuExpertBackend::Validate(const ExpertBatch& b,
                                         const float* out) {
-  const int32_t layer = b.layer;
-  if (b.num_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: num_tokens %d is negative", layer, b.num_tokens));
-  }
-  if (b.token_offsets.size() != static_cast<size_t>(b.num_tokens) + 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: token_offsets has %d entries, expected num_tokens + 1 = %d",
-        layer, b.token_offsets.size(), b.num_tokens + 1));
-  }
-  const size_t num_assignments = b.ffn_ids.size();
-  if (b.weights.size() != num_assignments) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: %d weights for %d assignments", layer,
-                        b.weights.size(), num_assignments));
-  }
-  if (num_assignments >
-      static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: %d assignments is too many", layer, num_assignments));
-  }
-  if (b.token_offsets[0] != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: token_offsets[0] is %d, expected 0", layer,
-                        b.token_offsets[0]));
-  }
-  for (int64_t t = 0; t < b.num_tokens; ++t) {
-    if (b.token_offsets[t + 1] < b.token_offsets[t]) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "layer %d: token_offsets decrease at token %d (%d -> %d)", layer, t,
-          b.token_offsets[t], b.token_offsets[t + 1]));
-    }
-  }
-  if (static_cast<size_t>(b.token_offsets[b.num_tokens]) != num_assignments) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: token_offsets end at %d but there are %d assignments", layer,
-        b.token_offsets[b.num_tokens], num_assignments));
-  }
+  DMOE_RETURN_IF_ERROR(ValidateExpertBatch(b, out));
   if (b.num_tokens == 0) return absl::OkStatus();
-  if (b.hidden <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: hidden %d must be positive", layer, b.hidden));
-  }
-  if (b.x == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: null x or out", layer));
-  }
+  const int32_t layer = b.layer;
+  const size_t num_assignments = b.ffn_ids.size();
 
   // Look every FFN up once; record its group (first-appearance order).
   ++calls_;
@@ -370,17 +327,7 @@ absl::Status CpuExpertBackend::Validate(const ExpertBatch& b,
     const int32_t id = b.ffn_ids[a];
     Ffn* f = Find(layer, id);
     if (f == nullptr) {
-      if (id < kSharedFfn) {
-        return absl::InvalidArgumentError(absl::StrFormat(
-            "layer %d: invalid FFN id %d at assignment %d", layer, id, a));
-      }
-      return absl::FailedPreconditionError(
-          id == kSharedFfn
-              ? absl::StrFormat(
-                    "layer %d: shared FFN is not loaded on this backend", layer)
-              : absl::StrFormat(
-                    "layer %d: expert %d is not loaded on this backend", layer,
-                    id));
+      return FfnNotLoadedError(layer, id);
     }
     if (f->seen_in_call != calls_) {
       if (f->hidden != b.hidden) {
@@ -428,7 +375,7 @@ void CpuExpertBackend::MakeWorkItems() {
     for (int32_t r = 0; r < rows; r += chunk) {
       const int32_t n = std::min(chunk, rows - r);
       // Time ~ 6 hidden inter (n / FLOP rate + 1 / weight byte rate); the
-      // ceilings' ratio is ~12 FLOP per byte here (PERFORMANCE.md), so the
+      // ceilings' ratio is ~12 FLOP per byte here (docs/performance.md), so the
       // cost is ~ inter (n + 12).
       items_.push_back({group_ffn_[g], first + r, n,
                         group_ffn_[g]->inter * (int64_t{n} + 12)});
@@ -481,11 +428,14 @@ void CpuExpertBackend::RunItem(const WorkItem& item, const ExpertBatch& b,
 void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp,
                                  float* out) {
   const int64_t hidden = b.hidden;
+  // Read by the pool's threads while this one holds mu_ (the lambdas below are
+  // not analysed as holding it).
+  const int32_t* to_permuted = assignment_to_permuted_.data();
   if (b.per_assignment_out) {
     // Row a = weight_a * y_a: the product Combine forms (one fp32 multiply).
     ParallelFor(
         static_cast<int64_t>(b.ffn_ids.size()), hidden * 2, [&](int64_t a) {
-          const float* row = yp + int64_t{assignment_to_permuted_[a]} * hidden;
+          const float* row = yp + int64_t{to_permuted[a]} * hidden;
           Combine(&row, &b.weights[a], 1, /*init=*/true, out + a * hidden,
                   hidden);
         });
@@ -504,7 +454,7 @@ void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp,
       const int count = std::min<int32_t>(kCombineRows, end - a0);
       const float* rows[kCombineRows];
       for (int i = 0; i < count; ++i) {
-        rows[i] = yp + int64_t{assignment_to_permuted_[a0 + i]} * hidden;
+        rows[i] = yp + int64_t{to_permuted[a0 + i]} * hidden;
       }
       Combine(rows, b.weights.data() + a0, count, /*init=*/a0 == begin, o,
               hidden);

@@ -14,61 +14,21 @@
 #include "core/kernels/cpu/linear.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/expert_batch.h"
+#include "testing/status_matchers.h"
 
 namespace dmoe::core {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::HostBatch;
+using testing::HostFfn;
+using testing::IsOk;
+using testing::RandomFfn;
+using testing::StatusIs;
+using testing::Uniform;
 
 constexpr int32_t kLayer = 3;
-
-struct HostFfn {
-  int64_t hidden = 0, inter = 0;
-  std::vector<float> gate, up,
-      down;  // [inter, hidden], [inter, hidden], [hidden, inter]
-  FfnWeights View() const { return FfnWeights{hidden, inter, gate, up, down}; }
-};
-
-std::vector<float> Uniform(size_t n, float scale, std::mt19937* rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& f : v) f = dist(*rng);
-  return v;
-}
-
-// Scaled so that gate/up outputs and FFN outputs are O(1).
-HostFfn MakeFfn(int64_t hidden, int64_t inter, uint32_t seed) {
-  std::mt19937 rng(seed);
-  HostFfn f;
-  f.hidden = hidden;
-  f.inter = inter;
-  f.gate = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
-  f.up = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
-  f.down = Uniform(hidden * inter, 2.0f / std::sqrt(float(inter)), &rng);
-  return f;
-}
-
-// A batch in the backend's CSR form, owning its arrays.
-struct HostBatch {
-  int64_t hidden = 0;
-  std::vector<float> x;  // [tokens, hidden]
-  std::vector<int32_t> offsets{0};
-  std::vector<int32_t> ids;
-  std::vector<float> weights;
-
-  int64_t tokens() const { return static_cast<int64_t>(offsets.size()) - 1; }
-  void AddToken(const std::vector<float>& xt, const std::vector<int32_t>& ffns,
-                const std::vector<float>& ws) {
-    x.insert(x.end(), xt.begin(), xt.end());
-    ids.insert(ids.end(), ffns.begin(), ffns.end());
-    weights.insert(weights.end(), ws.begin(), ws.end());
-    offsets.push_back(static_cast<int32_t>(ids.size()));
-  }
-  ExpertBatch View(int32_t layer = kLayer) const {
-    return ExpertBatch{layer,   tokens(), hidden, x.data(),
-                       offsets, ids,      weights};
-  }
-};
 
 float RoundBF16(float f) { return BF16ToF32(F32ToBF16(f)); }
 
@@ -164,32 +124,23 @@ class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
     hidden_ = hidden;
     backend_ = MakeCpuExpertBackend(GetParam());
     for (int e = 0; e < num_experts; ++e) {
-      ffns_[e] = MakeFfn(hidden, inter, 100 + e);
-      ASSERT_TRUE(backend_->LoadFfn(kLayer, e, ffns_[e].View()).ok());
+      ffns_[e] = RandomFfn(hidden, inter, 100 + e);
+      ASSERT_THAT(backend_->LoadFfn(kLayer, e, ffns_[e].View()), IsOk());
     }
-    ffns_[kSharedFfn] = MakeFfn(hidden, shared_inter, 99);
-    ASSERT_TRUE(
-        backend_->LoadFfn(kLayer, kSharedFfn, ffns_[kSharedFfn].View()).ok());
+    ffns_[kSharedFfn] = RandomFfn(hidden, shared_inter, 99);
+    ASSERT_THAT(backend_->LoadFfn(kLayer, kSharedFfn, ffns_[kSharedFfn].View()),
+                IsOk());
   }
 
   // Random top-k distinct experts plus the shared FFN for every token.
   HostBatch RandomBatch(int64_t tokens, int top_k, int num_experts,
                         uint32_t seed) {
-    std::mt19937 rng(seed);
-    HostBatch b;
-    b.hidden = hidden_;
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::vector<int32_t> ids;
-      while (static_cast<int>(ids.size()) < top_k) {
-        const int32_t e = static_cast<int32_t>(rng() % num_experts);
-        if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
-      }
-      ids.push_back(kSharedFfn);
-      std::vector<float> ws = Uniform(ids.size(), 1.0f, &rng);
-      ws.back() = 1.0f;
-      b.AddToken(Uniform(hidden_, 1.0f, &rng), ids, ws);
-    }
-    return b;
+    return testing::RandomBatch({.layer = kLayer,
+                                 .hidden = hidden_,
+                                 .num_experts = num_experts,
+                                 .top_k = top_k,
+                                 .shared = testing::SharedFfn::kAlways},
+                                tokens, seed);
   }
 
   void TearDown() override { SetComputeThreads(0); }
@@ -204,8 +155,7 @@ TEST_P(CpuExpertBackendTest,
   LoadLayer(/*hidden=*/64, /*inter=*/48, /*shared_inter=*/96,
             /*num_experts=*/8);
   std::mt19937 rng(7);
-  HostBatch b;
-  b.hidden = 64;
+  HostBatch b{.layer = kLayer, .hidden = 64};
   b.AddToken(Uniform(64, 1, &rng), {kSharedFfn, 2, 5}, {1.0f, 0.7f, -0.3f});
   b.AddToken(Uniform(64, 1, &rng), {}, {});  // no work: zeros
   b.AddToken(Uniform(64, 1, &rng), {5, 2, kSharedFfn},
@@ -225,7 +175,7 @@ TEST_P(CpuExpertBackendTest,
                                   more.weights.begin() + more.offsets[t + 1]));
   }
   std::vector<float> out(b.tokens() * 64, std::nanf(""));
-  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ASSERT_THAT(backend_->Compute(b.View(), out.data()), IsOk());
   ExpectMatchesReference(b, out, ffns_, GetParam());
   for (int j = 0; j < 64; ++j) EXPECT_EQ(out[1 * 64 + j], 0.0f) << j;
 }
@@ -235,7 +185,7 @@ TEST_P(CpuExpertBackendTest, OddShapes) {
             /*num_experts=*/3);
   HostBatch b = RandomBatch(5, 2, 3, 5);
   std::vector<float> out(b.tokens() * 37);
-  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ASSERT_THAT(backend_->Compute(b.View(), out.data()), IsOk());
   ExpectMatchesReference(b, out, ffns_, GetParam());
 }
 
@@ -248,19 +198,18 @@ TEST_P(CpuExpertBackendTest,
   const HostBatch b = RandomBatch(600, 4, 16, 21);
   SetComputeThreads(2);
   std::vector<float> batched(b.tokens() * hidden);
-  ASSERT_TRUE(backend_->Compute(b.View(), batched.data()).ok());
+  ASSERT_THAT(backend_->Compute(b.View(), batched.data()), IsOk());
   ExpectMatchesReference(b, batched, ffns_, GetParam());
 
   for (int threads : {1, 2}) {
     SetComputeThreads(threads);
     std::vector<float> again(batched.size());
-    ASSERT_TRUE(backend_->Compute(b.View(), again.data()).ok());
+    ASSERT_THAT(backend_->Compute(b.View(), again.data()), IsOk());
     EXPECT_EQ(0, std::memcmp(again.data(), batched.data(),
                              again.size() * sizeof(float)))
         << "threads " << threads;
     for (int64_t t : {0, 1, 77, 599}) {
-      HostBatch alone;
-      alone.hidden = hidden;
+      HostBatch alone{.layer = kLayer, .hidden = hidden};
       alone.AddToken(std::vector<float>(b.x.begin() + t * hidden,
                                         b.x.begin() + (t + 1) * hidden),
                      std::vector<int32_t>(b.ids.begin() + b.offsets[t],
@@ -268,7 +217,7 @@ TEST_P(CpuExpertBackendTest,
                      std::vector<float>(b.weights.begin() + b.offsets[t],
                                         b.weights.begin() + b.offsets[t + 1]));
       std::vector<float> one(hidden);
-      ASSERT_TRUE(backend_->Compute(alone.View(), one.data()).ok());
+      ASSERT_THAT(backend_->Compute(alone.View(), one.data()), IsOk());
       EXPECT_EQ(0, std::memcmp(one.data(), batched.data() + t * hidden,
                                hidden * sizeof(float)))
           << "token " << t << " threads " << threads;
@@ -282,27 +231,29 @@ TEST_P(CpuExpertBackendTest, UnloadedExpertIsAnErrorAndOutIsUntouched) {
   b.ids[4] = 7;  // token 1's second routed expert: never loaded
   std::vector<float> out(b.tokens() * 64, 42.0f);
   absl::Status s = backend_->Compute(b.View(), out.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(s.message(),
-              HasSubstr("layer 3: expert 7 is not loaded on this backend"));
+  EXPECT_THAT(
+      s,
+      StatusIs(absl::StatusCode::kFailedPrecondition,
+               HasSubstr("layer 3: expert 7 is not loaded on this backend")));
   for (float f : out) ASSERT_EQ(f, 42.0f);
 
   s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(/*layer=*/4), out.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(s.message(), HasSubstr("layer 4: expert"));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition,
+                          HasSubstr("layer 4: expert")));
   EXPECT_THAT(s.message(), HasSubstr("is not loaded on this backend"));
 
-  ASSERT_TRUE(backend_->UnloadFfn(kLayer, kSharedFfn).ok());
+  ASSERT_THAT(backend_->UnloadFfn(kLayer, kSharedFfn), IsOk());
   s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(), out.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(s.message(),
-              HasSubstr("layer 3: shared FFN is not loaded on this backend"));
+  EXPECT_THAT(
+      s,
+      StatusIs(absl::StatusCode::kFailedPrecondition,
+               HasSubstr("layer 3: shared FFN is not loaded on this backend")));
 
   HostBatch bad_id = RandomBatch(1, 1, 4, 5);
   bad_id.ids[0] = -5;
   s = backend_->Compute(bad_id.View(), out.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(), HasSubstr("layer 3: invalid FFN id -5"));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument,
+                          HasSubstr("layer 3: invalid FFN id -5")));
 }
 
 TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
@@ -339,15 +290,15 @@ TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
     e.token_offsets = h.offsets;
     e.weights = h.weights;
     const absl::Status s = backend_->Compute(e, out.data());
-    EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-    EXPECT_THAT(s.message(), HasSubstr(c.message));
+    EXPECT_THAT(
+        s, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.message)));
     for (float f : out) ASSERT_EQ(f, 42.0f);
   }
   // The hidden mismatch names the expert.
   ExpertBatch e = good.View();
   e.hidden = 32;
   EXPECT_THAT(std::string(backend_->Compute(e, out.data()).message()),
-              testing::MatchesRegex(
+              ::testing::MatchesRegex(
                   "layer 3 (expert [0-9]+|shared FFN): hidden 64 != batch "
                   "hidden 32"));
 }
@@ -356,57 +307,56 @@ TEST_P(CpuExpertBackendTest, UnloadThenComputeIsAnError) {
   LoadLayer(64, 48, 96, 4);
   const size_t before = backend_->WeightBytes();
   ASSERT_TRUE(backend_->HasFfn(kLayer, 2));
-  ASSERT_TRUE(backend_->UnloadFfn(kLayer, 2).ok());
+  ASSERT_THAT(backend_->UnloadFfn(kLayer, 2), IsOk());
   EXPECT_FALSE(backend_->HasFfn(kLayer, 2));
   EXPECT_TRUE(backend_->HasFfn(kLayer, 1));
   EXPECT_LT(backend_->WeightBytes(), before);
-  HostBatch b;
-  b.hidden = 64;
+  HostBatch b{.layer = kLayer, .hidden = 64};
   b.AddToken(std::vector<float>(64, 0.5f), {1, 2}, {0.5f, 0.5f});
   std::vector<float> out(64);
   const absl::Status s = backend_->Compute(b.View(), out.data());
-  EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(s.message(),
-              HasSubstr("layer 3: expert 2 is not loaded on this backend"));
+  EXPECT_THAT(
+      s,
+      StatusIs(absl::StatusCode::kFailedPrecondition,
+               HasSubstr("layer 3: expert 2 is not loaded on this backend")));
 
   const absl::Status again = backend_->UnloadFfn(kLayer, 2);
-  EXPECT_EQ(again.code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(again.message(), HasSubstr("layer 3 expert 2 is not loaded"));
-  for (int e : {0, 1, 3}) ASSERT_TRUE(backend_->UnloadFfn(kLayer, e).ok());
-  ASSERT_TRUE(backend_->UnloadFfn(kLayer, kSharedFfn).ok());
+  EXPECT_THAT(again, StatusIs(absl::StatusCode::kNotFound,
+                              HasSubstr("layer 3 expert 2 is not loaded")));
+  for (int e : {0, 1, 3}) ASSERT_THAT(backend_->UnloadFfn(kLayer, e), IsOk());
+  ASSERT_THAT(backend_->UnloadFfn(kLayer, kSharedFfn), IsOk());
   EXPECT_EQ(backend_->WeightBytes(), 0u);
 }
 
 TEST_P(CpuExpertBackendTest, LoadRejectsBadShapesAndReloadReplaces) {
   LoadLayer(64, 48, 96, 2);
-  HostFfn bad = MakeFfn(64, 48, 1);
+  HostFfn bad = RandomFfn(64, 48, 1);
   bad.gate.pop_back();
   absl::Status s = backend_->LoadFfn(kLayer, 5, bad.View());
-  EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(s.message(),
-              HasSubstr("layer 3 expert 5: gate_proj has 3071 elements, "
-                        "expected [48,64]"));
+  EXPECT_THAT(
+      s, StatusIs(absl::StatusCode::kInvalidArgument,
+                  HasSubstr("layer 3 expert 5: gate_proj has 3071 elements, "
+                            "expected [48,64]")));
   EXPECT_FALSE(backend_->HasFfn(kLayer, 5));
-  FfnWeights zero = MakeFfn(64, 48, 1).View();
+  FfnWeights zero = RandomFfn(64, 48, 1).View();
   zero.intermediate = 0;
-  EXPECT_EQ(backend_->LoadFfn(kLayer, 5, zero).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(backend_->LoadFfn(kLayer, 5, zero),
+              StatusIs(absl::StatusCode::kInvalidArgument));
 
   const size_t bytes = backend_->WeightBytes();
-  ffns_[1] = MakeFfn(64, 48, 555);
-  ASSERT_TRUE(backend_->LoadFfn(kLayer, 1, ffns_[1].View()).ok());
+  ffns_[1] = RandomFfn(64, 48, 555);
+  ASSERT_THAT(backend_->LoadFfn(kLayer, 1, ffns_[1].View()), IsOk());
   EXPECT_EQ(backend_->WeightBytes(), bytes);
   HostBatch b = RandomBatch(4, 2, 2, 8);
   std::vector<float> out(4 * 64);
-  ASSERT_TRUE(backend_->Compute(b.View(), out.data()).ok());
+  ASSERT_THAT(backend_->Compute(b.View(), out.data()), IsOk());
   ExpectMatchesReference(b, out, ffns_, GetParam());
 }
 
 TEST_P(CpuExpertBackendTest, EmptyBatchAndWeightBytesAndName) {
   LoadLayer(64, 48, 96, 2);
-  HostBatch empty;
-  empty.hidden = 64;
-  EXPECT_TRUE(backend_->Compute(empty.View(), nullptr).ok());
+  HostBatch empty{.layer = kLayer, .hidden = 64};
+  EXPECT_THAT(backend_->Compute(empty.View(), nullptr), IsOk());
   const size_t elem = GetParam() == ComputeType::kBF16 ? 2 : 4;
   EXPECT_GE(backend_->WeightBytes(), (2 * 3 * 64 * 48 + 3 * 64 * 96) * elem);
   EXPECT_EQ(backend_->Name(),

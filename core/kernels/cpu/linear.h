@@ -11,7 +11,7 @@
 // per-shape probe confirms that property; everything else runs dmoe's own
 // kernels (gemm.h), which have it by construction and give the same bits at
 // the AVX2 and AVX-512 levels (core/isa.h caps the level). Compute types:
-//   kF32  - f32 weights and activations (the exact mode of MODEL_SPEC.md);
+//   kF32  - f32 weights and activations (the exact mode of docs/model.md);
 //   kBF16 - bf16 weights, activations rounded to bf16 on the way in, f32
 //           accumulation and f32 output (uses AVX512_BF16 where the CPU has
 //           it).

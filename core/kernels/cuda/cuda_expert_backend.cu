@@ -455,13 +455,7 @@ absl::Status CudaExpertBackendImpl::BatchError(const ExpertBatch& b,
   }
   const Ffn* f = Find(layer, id);
   if (f == nullptr) {
-    return absl::FailedPreconditionError(
-        id == kSharedFfn
-            ? absl::StrFormat(
-                  "layer %d: shared FFN is not loaded on this backend", layer)
-            : absl::StrFormat(
-                  "layer %d: expert %d is not loaded on this backend", layer,
-                  id));
+    return FfnNotLoadedError(layer, id);
   }
   return absl::InvalidArgumentError(
       absl::StrFormat("%s: hidden %d != batch hidden %d", FfnName(layer, id),
@@ -476,55 +470,10 @@ absl::StatusOr<uint64_t> CudaExpertBackendImpl::Submit(const ExpertBatch& b,
     return absl::UnimplementedError(absl::StrFormat(
         "layer %d: the CUDA backend has no per-assignment output", layer));
   }
-  if (b.num_tokens < 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: num_tokens %d is negative", layer, b.num_tokens));
-  }
-  if (b.num_tokens >= std::numeric_limits<int32_t>::max()) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: %d tokens is too many", layer, b.num_tokens));
-  }
-  if (b.token_offsets.size() != static_cast<size_t>(b.num_tokens) + 1) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: token_offsets has %d entries, expected num_tokens + 1 = %d",
-        layer, b.token_offsets.size(), b.num_tokens + 1));
-  }
-  const size_t num_assignments = b.ffn_ids.size();
-  if (b.weights.size() != num_assignments) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: %d weights for %d assignments", layer,
-                        b.weights.size(), num_assignments));
-  }
-  if (num_assignments >=
-      static_cast<size_t>(std::numeric_limits<int32_t>::max())) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: %d assignments is too many", layer, num_assignments));
-  }
-  if (b.token_offsets[0] != 0) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: token_offsets[0] is %d, expected 0", layer,
-                        b.token_offsets[0]));
-  }
-  if (static_cast<size_t>(b.token_offsets[b.num_tokens]) != num_assignments) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: token_offsets end at %d but there are %d assignments", layer,
-        b.token_offsets[b.num_tokens], num_assignments));
-  }
+  DMOE_RETURN_IF_ERROR(ValidateExpertBatchShape(b, out));
   absl::MutexLock lock(&mu_);
   const uint64_t ticket = next_ticket_++;
   if (b.num_tokens == 0) return ticket | kEmptyTicket;
-  if (b.hidden <= 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: hidden %d must be positive", layer, b.hidden));
-  }
-  if (b.hidden >= std::numeric_limits<int32_t>::max() / 2) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: hidden %d is too large", layer, b.hidden));
-  }
-  if (b.x == nullptr || out == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("layer %d: null x or out", layer));
-  }
   DMOE_ASSIGN_OR_RETURN(Context * c, AcquireContext());
   c->busy = true;
   if (absl::Status s = Launch(*c, b, out); !s.ok()) {

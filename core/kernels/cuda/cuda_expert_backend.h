@@ -1,6 +1,8 @@
 // The GPU expert backend: FFN weights resident on one or more CUDA devices,
 // the MoE layer computed with cuBLAS and a few fused kernels. Plain C++ (no
-// CUDA headers); only builds with DMOE_WITH_CUDA define the factory.
+// CUDA headers). Reach it through core::MakeExpertBackend
+// (core/kernels/backend_factory.h); in builds without CUDA, dmoe_backends
+// defines MakeCudaExpertBackend as a stub answering FailedPrecondition.
 //
 // Weights. LoadFfn uploads an FFN once, as bf16 (ComputeType::kBF16, converted
 // on the device with round to nearest even, like the CPU backend) or fp32

@@ -29,58 +29,18 @@
 #include "core/kernels/cuda/device_info.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/expert_batch.h"
 
 namespace dmoe::core {
 namespace {
 
 using ::testing::HasSubstr;
+using testing::HostBatch;
+using testing::HostFfn;
+using testing::RandomFfn;
+using testing::Uniform;
 
 constexpr int32_t kLayer = 3;
-
-struct HostFfn {
-  int64_t hidden = 0, inter = 0;
-  std::vector<float> gate, up, down;  // [inter, hidden] x2, [hidden, inter]
-  FfnWeights View() const { return FfnWeights{hidden, inter, gate, up, down}; }
-};
-
-std::vector<float> Uniform(size_t n, float scale, std::mt19937* rng) {
-  std::uniform_real_distribution<float> dist(-scale, scale);
-  std::vector<float> v(n);
-  for (float& f : v) f = dist(*rng);
-  return v;
-}
-
-HostFfn MakeFfn(int64_t hidden, int64_t inter, uint32_t seed) {
-  std::mt19937 rng(seed);
-  HostFfn f;
-  f.hidden = hidden;
-  f.inter = inter;
-  f.gate = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
-  f.up = Uniform(inter * hidden, 2.0f / std::sqrt(float(hidden)), &rng);
-  f.down = Uniform(hidden * inter, 2.0f / std::sqrt(float(inter)), &rng);
-  return f;
-}
-
-struct HostBatch {
-  int64_t hidden = 0;
-  std::vector<float> x;  // [tokens, hidden]
-  std::vector<int32_t> offsets{0};
-  std::vector<int32_t> ids;
-  std::vector<float> weights;
-
-  int64_t tokens() const { return static_cast<int64_t>(offsets.size()) - 1; }
-  void AddToken(const std::vector<float>& xt, const std::vector<int32_t>& ffns,
-                const std::vector<float>& ws) {
-    x.insert(x.end(), xt.begin(), xt.end());
-    ids.insert(ids.end(), ffns.begin(), ffns.end());
-    weights.insert(weights.end(), ws.begin(), ws.end());
-    offsets.push_back(static_cast<int32_t>(ids.size()));
-  }
-  ExpertBatch View(int32_t layer = kLayer) const {
-    return ExpertBatch{layer,   tokens(), hidden, x.data(),
-                       offsets, ids,      weights};
-  }
-};
 
 struct Param {
   ComputeType type;
@@ -122,8 +82,8 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
     if (cpu_ == nullptr) {
       cpu_ = MakeCpuExpertBackend(GetParam().type);
       for (int e = 0; e < kExperts; ++e)
-        ffns_[e] = MakeFfn(kHidden, kInter, 100 + e);
-      ffns_[kSharedFfn] = MakeFfn(kHidden, kSharedInter, 99);
+        ffns_[e] = RandomFfn(kHidden, kInter, 100 + e);
+      ffns_[kSharedFfn] = RandomFfn(kHidden, kSharedInter, 99);
       for (const auto& [id, f] : ffns_)
         ASSERT_TRUE(cpu_->LoadFfn(kLayer, id, f.View()).ok());
     }
@@ -136,22 +96,13 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
   // Tokens with 0..3 distinct routed experts among the first `used` (so
   // experts [used, kExperts) get no rows) and, mostly, the shared FFN.
   HostBatch RandomBatch(int64_t tokens, int used, uint32_t seed) {
-    std::mt19937 rng(seed);
-    HostBatch b;
-    b.hidden = kHidden;
-    for (int64_t t = 0; t < tokens; ++t) {
-      std::vector<int32_t> ids;
-      const int k = static_cast<int>(rng() % 4);
-      while (static_cast<int>(ids.size()) < std::min(k, used)) {
-        const int32_t e = static_cast<int32_t>(rng() % used);
-        if (std::find(ids.begin(), ids.end(), e) == ids.end()) ids.push_back(e);
-      }
-      if (rng() % 8 != 0)
-        ids.insert(ids.begin() + rng() % (ids.size() + 1), kSharedFfn);
-      b.AddToken(Uniform(kHidden, 1.0f, &rng), ids,
-                 Uniform(ids.size(), 1.0f, &rng));
-    }
-    return b;
+    return testing::RandomBatch({.layer = kLayer,
+                                 .hidden = kHidden,
+                                 .num_experts = used,
+                                 .top_k = 3,
+                                 .variable_k = true,
+                                 .shared = testing::SharedFfn::kMostly},
+                                tokens, seed);
   }
 
   void ExpectMatchesCpu(const HostBatch& b, const std::vector<float>& got) {
@@ -204,8 +155,7 @@ TEST_P(CudaExpertBackendTest, SharedOnlyEmptyTokensAndRepeatedExpert) {
   ASSERT_NE(gpu, nullptr);
   LoadLayer(*gpu);
   std::mt19937 rng(7);
-  HostBatch b;
-  b.hidden = kHidden;
+  HostBatch b{.layer = kLayer, .hidden = kHidden};
   b.AddToken(Uniform(kHidden, 1, &rng), {}, {});  // no work: zeros
   b.AddToken(Uniform(kHidden, 1, &rng), {kSharedFfn}, {1.0f});
   b.AddToken(Uniform(kHidden, 1, &rng), {7}, {2.0f});
@@ -226,11 +176,9 @@ TEST_P(CudaExpertBackendTest, EmptyBatchesAndNoAssignments) {
   auto gpu = MakeGpu();
   ASSERT_NE(gpu, nullptr);
   LoadLayer(*gpu);
-  HostBatch none;
-  none.hidden = kHidden;
+  HostBatch none{.layer = kLayer, .hidden = kHidden};
   EXPECT_TRUE(gpu->Compute(none.View(), nullptr).ok());
-  HostBatch idle;
-  idle.hidden = kHidden;
+  HostBatch idle{.layer = kLayer, .hidden = kHidden};
   for (int t = 0; t < 3; ++t)
     idle.AddToken(std::vector<float>(kHidden, 1.0f), {}, {});
   std::vector<float> out(3 * kHidden, 5.0f);
@@ -286,10 +234,10 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
   ASSERT_NE(gpu, nullptr);
   LoadLayer(*gpu);
   // An FFN of another hidden size in the same layer.
-  ASSERT_TRUE(gpu->LoadFfn(kLayer, 20, MakeFfn(64, 32, 5).View()).ok());
+  ASSERT_TRUE(gpu->LoadFfn(kLayer, 20, RandomFfn(64, 32, 5).View()).ok());
   std::mt19937 rng(3);
-  HostBatch good;  // ids [0, S, 1, 2, S, 3], offsets [0, 2, 5, 5, 6]
-  good.hidden = kHidden;
+  // ids [0, S, 1, 2, S, 3], offsets [0, 2, 5, 5, 6]
+  HostBatch good{.layer = kLayer, .hidden = kHidden};
   good.AddToken(Uniform(kHidden, 1, &rng), {0, kSharedFfn}, {0.5f, 1.0f});
   good.AddToken(Uniform(kHidden, 1, &rng), {1, 2, kSharedFfn},
                 {0.2f, 0.3f, 1.0f});
@@ -359,7 +307,7 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
             absl::StatusCode::kFailedPrecondition);
 
   // Reload with other weights, in the CPU reference too: replaced, not added.
-  ffns_[4] = MakeFfn(kHidden, kInter, 555);
+  ffns_[4] = RandomFfn(kHidden, kInter, 555);
   ASSERT_TRUE(gpu->LoadFfn(kLayer, 4, ffns_[4].View()).ok());
   ASSERT_TRUE(gpu->LoadFfn(kLayer, 4, ffns_[4].View()).ok());
   ASSERT_TRUE(cpu_->LoadFfn(kLayer, 4, ffns_[4].View()).ok());
@@ -384,7 +332,7 @@ TEST_P(CudaExpertBackendTest, LoadsAndUnloadsWhileComputing) {
   LoadLayer(*gpu);
   std::atomic<bool> stop{false};
   std::thread loader([&] {
-    const HostFfn other = MakeFfn(kHidden, kInter, 777);
+    const HostFfn other = RandomFfn(kHidden, kInter, 777);
     for (int i = 0; !stop.load(); ++i) {  // experts 6 and 7: not in the batches
       EXPECT_TRUE(gpu->LoadFfn(kLayer, 6 + i % 2, other.View()).ok());
       EXPECT_TRUE(gpu->UnloadFfn(kLayer, 6 + i % 2).ok());

@@ -1,0 +1,358 @@
+// The continuous-batching Scheduler on a real core::Model (a generated
+// tiny-v3 checkpoint, f32, CPU experts): strict FIFO admission, the per-step
+// token budget, chunked prefill, cancellation and the KV-cache refusal.
+//
+// Every test records a timeline: SchedulerOptions::on_step runs on the
+// scheduler thread after each Model::Forward and before that step's token
+// callbacks, so each token is tagged with the number of the step that made it.
+// To make the batches deterministic, a "blocker" request (one prompt token,
+// one generated token) holds the scheduler thread inside its on_token callback
+// (step 1) while the test queues the requests under test; they are then all
+// admitted together at the next admission.
+#include "router_service/scheduler.h"
+
+#include <algorithm>
+#include <cmath>
+#include <functional>
+#include <memory>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "absl/strings/str_cat.h"
+#include "absl/synchronization/mutex.h"
+#include "absl/synchronization/notification.h"
+#include "absl/time/time.h"
+#include "core/kv_cache.h"
+#include "core/model.h"
+#include "gmock/gmock.h"
+#include "gtest/gtest.h"
+#include "testing/status_matchers.h"
+#include "tests/test_util.h"
+
+namespace dmoe::router {
+namespace {
+
+using ::testing::ElementsAre;
+using ::testing::HasSubstr;
+using testing::IsOk;
+using ::testing::Pair;
+using testing::StatusIs;
+
+// What the scheduler reported, in order, from its thread.
+class Timeline {
+ public:
+  void Step() {
+    absl::MutexLock l(&mu_);
+    ++steps_;
+  }
+  // "STEP:NAME#INDEX" for every generated token.
+  void Token(const std::string& name, const TokenEvent& ev) {
+    absl::MutexLock l(&mu_);
+    tokens_.push_back(absl::StrCat(steps_, ":", name, "#", ev.index));
+  }
+  void Done(const std::string& name, const absl::Status& st) {
+    absl::MutexLock l(&mu_);
+    done_.emplace_back(name, st.code());
+  }
+  // Waits (at most a minute) until `n` requests have ended.
+  bool WaitDone(size_t n) {
+    absl::MutexLock l(&mu_);
+    auto enough = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
+      return done_.size() >= n;
+    };
+    return mu_.AwaitWithTimeout(absl::Condition(&enough), absl::Minutes(1));
+  }
+  std::vector<std::string> tokens() const {
+    absl::MutexLock l(&mu_);
+    return tokens_;
+  }
+  std::vector<std::pair<std::string, absl::StatusCode>> done() const {
+    absl::MutexLock l(&mu_);
+    return done_;
+  }
+  int steps() const {
+    absl::MutexLock l(&mu_);
+    return steps_;
+  }
+
+ private:
+  mutable absl::Mutex mu_;
+  int steps_ ABSL_GUARDED_BY(mu_) = 0;
+  std::vector<std::string> tokens_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::string, absl::StatusCode>> done_
+      ABSL_GUARDED_BY(mu_);
+};
+
+class SchedulerTest : public ::testing::Test {
+ protected:
+  // A scheduler over the real model with a KV budget of `kv_tokens` tokens.
+  void Start(int64_t kv_tokens, int64_t max_batch_tokens) {
+    if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
+    scheduler_ = Create(kv_tokens, max_batch_tokens, &timeline_);
+    ASSERT_NE(scheduler_, nullptr);
+  }
+
+  std::unique_ptr<Scheduler> Create(int64_t kv_tokens, int64_t max_batch_tokens,
+                                    Timeline* timeline) {
+    core::ModelOptions mo;
+    mo.compute = core::ComputeType::kF32;
+    auto model = core::Model::Load(dir_, std::move(mo));
+    EXPECT_THAT(model, IsOk());
+    if (!model.ok()) return nullptr;
+    bytes_per_token_ = core::KvCache((*model)->config(), 0).BytesPerToken();
+    SchedulerOptions o;
+    o.kv_cache_bytes = static_cast<size_t>(kv_tokens) * bytes_per_token_;
+    o.max_batch_tokens = max_batch_tokens;
+    o.on_step = [timeline](absl::Duration) { timeline->Step(); };
+    auto s = Scheduler::Create(*std::move(model), o);
+    EXPECT_THAT(s, IsOk());
+    return s.ok() ? *std::move(s) : nullptr;
+  }
+
+  // Queues a generation of `max_tokens` tokens (eos ignored, so exactly that
+  // many unless cancelled) recorded on the timeline as `name`.
+  absl::StatusOr<RequestId> Generate(
+      const std::string& name, std::vector<int32_t> prompt, int64_t max_tokens,
+      std::function<void(const TokenEvent&)> also_on_token = nullptr) {
+    GenerateParams p;
+    p.prompt = std::move(prompt);
+    p.max_tokens = max_tokens;
+    p.ignore_eos = true;
+    p.request_id = name;
+    GenerateCallbacks cb;
+    cb.on_token = [this, name, also_on_token](const TokenEvent& ev) {
+      timeline_.Token(name, ev);
+      if (also_on_token) also_on_token(ev);
+    };
+    cb.on_done = [this, name](const absl::Status& st) {
+      timeline_.Done(name, st);
+    };
+    return scheduler_->SubmitGenerate(std::move(p), std::move(cb));
+  }
+
+  // Holds the scheduler thread in step 1 until ReleaseBlocker().
+  void StartBlocker() {
+    ASSERT_THAT(Generate("blocker", {5}, 1,
+                         [this](const TokenEvent&) {
+                           blocker_entered_.Notify();
+                           release_blocker_.WaitForNotification();
+                         }),
+                IsOk());
+    ASSERT_TRUE(
+        blocker_entered_.WaitForNotificationWithTimeout(absl::Minutes(1)));
+  }
+  void ReleaseBlocker() { release_blocker_.Notify(); }
+
+  void TearDown() override {
+    if (!release_blocker_.HasBeenNotified()) release_blocker_.Notify();
+    if (scheduler_) scheduler_->Shutdown(absl::ZeroDuration());
+  }
+
+  std::string dir_;
+  size_t bytes_per_token_ = 0;
+  Timeline timeline_;
+  std::unique_ptr<Scheduler> scheduler_;
+  absl::Notification blocker_entered_, release_blocker_;
+};
+
+// A (4 tokens of cache) is admitted; B (4) does not fit next to it, and C (2),
+// which would, waits behind B: nothing overtakes the head of the queue.
+TEST_F(SchedulerTest, AdmissionIsStrictlyFifo) {
+  Start(/*kv_tokens=*/6, /*max_batch_tokens=*/64);
+  StartBlocker();
+  ASSERT_THAT(Generate("A", {10, 11}, 2), IsOk());
+  ASSERT_THAT(Generate("B", {12, 13}, 2), IsOk());
+  ASSERT_THAT(Generate("C", {14}, 1), IsOk());
+  EXPECT_EQ(scheduler_->GetLoad().queued_requests, 3);
+  ReleaseBlocker();
+  ASSERT_TRUE(timeline_.WaitDone(4));
+
+  EXPECT_THAT(timeline_.tokens(), ElementsAre("1:blocker#0", "2:A#0", "3:A#1",
+                                              "4:B#0", "4:C#0", "5:B#1"));
+  EXPECT_THAT(timeline_.done(),
+              ElementsAre(Pair("blocker", absl::StatusCode::kOk),
+                          Pair("A", absl::StatusCode::kOk),
+                          Pair("C", absl::StatusCode::kOk),
+                          Pair("B", absl::StatusCode::kOk)));
+  const SchedulerLoad load = scheduler_->GetLoad();
+  EXPECT_EQ(load.active_sequences, 0);
+  EXPECT_EQ(load.queued_requests, 0);
+  EXPECT_EQ(load.kv_cache_free_bytes, 6 * bytes_per_token_);
+}
+
+// Two tokens a step: decoders first, then prefills in admission order; C's
+// prefill waits until a step has room.
+TEST_F(SchedulerTest, EveryStepStaysWithinTheTokenBudget) {
+  Start(/*kv_tokens=*/64, /*max_batch_tokens=*/2);
+  StartBlocker();
+  ASSERT_THAT(Generate("A", {20}, 3), IsOk());
+  ASSERT_THAT(Generate("B", {21}, 3), IsOk());
+  ASSERT_THAT(Generate("C", {22}, 3), IsOk());
+  ReleaseBlocker();
+  ASSERT_TRUE(timeline_.WaitDone(4));
+
+  EXPECT_THAT(timeline_.tokens(),
+              ElementsAre("1:blocker#0", "2:A#0", "2:B#0", "3:A#1", "3:B#1",
+                          "4:A#2", "4:B#2", "5:C#0", "6:C#1", "7:C#2"));
+  const SchedulerLoad load = scheduler_->GetLoad();
+  EXPECT_EQ(load.steps, 7u);
+  EXPECT_EQ(timeline_.steps(), 7);
+  // 1 (blocker) + 2 + 2 + 2 + 1 + 1 + 1.
+  EXPECT_EQ(load.step_tokens, 10u);
+  EXPECT_EQ(load.failed_steps, 0u);
+}
+
+// A 10-token prompt with a budget of 4 tokens a step goes in chunks of 3, 3, 3
+// and 1 next to a decoder that keeps its one token every step; its first token
+// comes in the step that completes the prompt.
+TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksAlongsideDecoding) {
+  Start(/*kv_tokens=*/64, /*max_batch_tokens=*/4);
+  StartBlocker();
+  ASSERT_THAT(Generate("D", {30}, 4), IsOk());
+  ASSERT_THAT(Generate("L", {40, 41, 42, 43, 44, 45, 46, 47, 48, 49}, 1),
+              IsOk());
+  ReleaseBlocker();
+  ASSERT_TRUE(timeline_.WaitDone(3));
+
+  EXPECT_THAT(timeline_.tokens(), ElementsAre("1:blocker#0", "2:D#0", "3:D#1",
+                                              "4:D#2", "5:D#3", "5:L#0"));
+  const SchedulerLoad load = scheduler_->GetLoad();
+  EXPECT_EQ(load.steps, 5u);
+  // 1 (blocker) + (1 + 3) + (1 + 3) + (1 + 3) + (1 + 1).
+  EXPECT_EQ(load.step_tokens, 15u);
+}
+
+// Chunking changes nothing but rounding: the logits of every position of a
+// prompt prefilled 3 tokens a step match a whole-prompt prefill.
+TEST_F(SchedulerTest, ChunkedPrefillGivesTheLogitsOfAWholePrefill) {
+  dir_ = testing::MakeModel("tiny-v3", 22);
+  Timeline chunked_timeline, whole_timeline;
+  auto chunked =
+      Create(/*kv_tokens=*/64, /*max_batch_tokens=*/3, &chunked_timeline);
+  auto whole =
+      Create(/*kv_tokens=*/64, /*max_batch_tokens=*/64, &whole_timeline);
+  ASSERT_NE(chunked, nullptr);
+  ASSERT_NE(whole, nullptr);
+  const std::vector<int32_t> prompt = {7, 100, 3, 250, 9, 9, 480, 1, 66, 12};
+
+  auto forward = [&](Scheduler& s) {
+    absl::Notification done;
+    absl::StatusOr<ForwardResult> result = absl::UnknownError("no callback");
+    EXPECT_THAT(s.SubmitForward(prompt, /*all_positions=*/true,
+                                [&](absl::StatusOr<ForwardResult> r) {
+                                  result = std::move(r);
+                                  done.Notify();
+                                }),
+                IsOk());
+    EXPECT_TRUE(done.WaitForNotificationWithTimeout(absl::Minutes(1)));
+    return result;
+  };
+  const absl::StatusOr<ForwardResult> a = forward(*chunked);
+  const absl::StatusOr<ForwardResult> b = forward(*whole);
+  ASSERT_THAT(a, IsOk());
+  ASSERT_THAT(b, IsOk());
+  // ceil(10 / 3) steps carrying the 10 tokens, against one.
+  EXPECT_EQ(chunked->GetLoad().steps, 4u);
+  EXPECT_EQ(chunked->GetLoad().step_tokens, 10u);
+  EXPECT_EQ(whole->GetLoad().steps, 1u);
+
+  const int64_t vocab = chunked->config().vocab_size;
+  ASSERT_EQ(a->rows, 10);
+  ASSERT_EQ(b->rows, 10);
+  ASSERT_EQ(a->vocab, vocab);
+  ASSERT_EQ(a->logits.size(), static_cast<size_t>(10 * vocab));
+  ASSERT_EQ(b->logits.size(), a->logits.size());
+  for (int64_t r = 0; r < 10; ++r) {
+    double row_max = 0;
+    for (int64_t v = 0; v < vocab; ++v)
+      row_max = std::max(row_max, double(std::fabs(b->logits[r * vocab + v])));
+    for (int64_t v = 0; v < vocab; ++v) {
+      ASSERT_NEAR(a->logits[r * vocab + v], b->logits[r * vocab + v],
+                  1e-4 * row_max)
+          << "position " << r << " token " << v;
+    }
+  }
+  chunked->Shutdown(absl::ZeroDuration());
+  whole->Shutdown(absl::ZeroDuration());
+}
+
+// B is cancelled while queued (no token, CANCELLED before A runs); A cancels
+// itself from its third token's callback and ends at the next step; C, which
+// did not fit next to A, then gets A's cache and runs to completion.
+TEST_F(SchedulerTest, CancelEndsQueuedAndRunningRequestsAndFreesTheirCache) {
+  Start(/*kv_tokens=*/12, /*max_batch_tokens=*/64);
+  StartBlocker();
+  absl::StatusOr<RequestId> a = absl::UnknownError("not yet");
+  a = Generate("A", {50}, 8, [this, &a](const TokenEvent& ev) {
+    if (ev.index == 2) scheduler_->Cancel(*a);
+  });
+  ASSERT_THAT(a, IsOk());
+  const absl::StatusOr<RequestId> b = Generate("B", {51}, 8);
+  ASSERT_THAT(b, IsOk());
+  ASSERT_THAT(Generate("C", {52}, 8), IsOk());
+  scheduler_->Cancel(*b);
+  scheduler_->Cancel(987654);  // unknown: nothing happens
+  ReleaseBlocker();
+  ASSERT_TRUE(timeline_.WaitDone(4));
+
+  EXPECT_THAT(
+      timeline_.tokens(),
+      ElementsAre("1:blocker#0", "2:A#0", "3:A#1", "4:A#2", "5:C#0", "6:C#1",
+                  "7:C#2", "8:C#3", "9:C#4", "10:C#5", "11:C#6", "12:C#7"));
+  EXPECT_THAT(timeline_.done(),
+              ElementsAre(Pair("blocker", absl::StatusCode::kOk),
+                          Pair("B", absl::StatusCode::kCancelled),
+                          Pair("A", absl::StatusCode::kCancelled),
+                          Pair("C", absl::StatusCode::kOk)));
+  scheduler_->Cancel(*a);  // finished: nothing happens
+  const SchedulerLoad load = scheduler_->GetLoad();
+  EXPECT_EQ(load.active_sequences, 0);
+  EXPECT_EQ(load.kv_cache_free_bytes, 12 * bytes_per_token_);
+}
+
+// A request whose prompt + max_tokens exceeds the whole KV budget is refused at
+// once, naming the sizes, with no callback; requests that fit still run.
+TEST_F(SchedulerTest, RequestLargerThanTheKvBudgetIsRefusedAndOthersRun) {
+  Start(/*kv_tokens=*/10, /*max_batch_tokens=*/64);
+  const size_t bpt = bytes_per_token_;
+  ASSERT_GT(bpt, 0u);
+
+  EXPECT_THAT(
+      Generate("big", {60, 61, 62, 63}, 8),
+      StatusIs(
+          absl::StatusCode::kResourceExhausted,
+          HasSubstr(absl::StrCat(
+              "request needs ", 12 * bpt,
+              " bytes of KV cache (4 prompt + 8 max_tokens = 12 tokens x ", bpt,
+              " bytes), more than the router's whole KV cache "
+              "budget of ",
+              10 * bpt, " bytes"))));
+  EXPECT_THAT(
+      scheduler_->SubmitForward(std::vector<int32_t>(11, 3), false,
+                                [](absl::StatusOr<ForwardResult>) {
+                                  ADD_FAILURE() << "refused: no callback";
+                                }),
+      StatusIs(absl::StatusCode::kResourceExhausted,
+               HasSubstr(absl::StrCat("request needs ", 11 * bpt,
+                                      " bytes of KV cache (11 prompt tokens = "
+                                      "11 tokens x ",
+                                      bpt, " bytes)"))));
+
+  // Exactly the budget: runs, one at a time.
+  ASSERT_THAT(Generate("A", {60, 61}, 8), IsOk());
+  ASSERT_THAT(Generate("B", {60, 61, 62, 63}, 6), IsOk());
+  ASSERT_TRUE(timeline_.WaitDone(2));
+  EXPECT_THAT(timeline_.done(), ElementsAre(Pair("A", absl::StatusCode::kOk),
+                                            Pair("B", absl::StatusCode::kOk)));
+  const std::vector<std::string> tokens = timeline_.tokens();
+  ASSERT_EQ(tokens.size(), 14u);
+  EXPECT_THAT(tokens.front(), HasSubstr(":A#0"));
+  EXPECT_THAT(tokens[7], HasSubstr(":A#7"));
+  EXPECT_THAT(tokens[8], HasSubstr(":B#0"));
+  EXPECT_THAT(tokens.back(), HasSubstr(":B#5"));
+  EXPECT_EQ(scheduler_->GetLoad().kv_cache_free_bytes, 10 * bpt);
+}
+
+}  // namespace
+}  // namespace dmoe::router
