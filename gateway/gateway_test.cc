@@ -91,6 +91,12 @@ class GatewayTest : public ::testing::Test {
     absl::StatusOr<std::unique_ptr<Gateway>> gw = Gateway::Start(std::move(o));
     ASSERT_TRUE(gw.ok()) << gw.status();
     gw_ = *std::move(gw);
+    // The first poll may time out on a loaded machine (the fakes are up, the
+    // connection is not yet): start the test once every fake is seen healthy.
+    ASSERT_TRUE(WaitFor(
+        [&] { return gw_->routers().HealthyCount() == static_cast<int>(routers_.size()); },
+        absl::Seconds(20)))
+        << "the gateway never saw all " << routers_.size() << " fake routers healthy";
   }
 
   httplib::Result Post(const std::string& path, const std::string& body) {
