@@ -89,6 +89,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
+#include "testing/subprocess.h"
 #include "core/config.h"
 #include "core/dtype.h"
 #include "core/safetensors.h"
@@ -219,8 +220,8 @@ double Seconds(Clock::time_point a, Clock::time_point b) {
 }
 
 using dmoe::bench::BinDir;
-using dmoe::bench::Child;
-using dmoe::bench::WaitForPortFile;
+using Child = dmoe::testing::ChildProcess;
+using dmoe::testing::WaitForPortFile;
 
 // User + system CPU seconds `pid` has used (/proc/PID/stat fields 14, 15).
 double CpuSeconds(pid_t pid) {
@@ -283,7 +284,7 @@ absl::Status RunMakeModel(const std::string& bin_dir, const std::string& preset,
   const std::string log = g_work_dir + "/make-model.log";
   if (!make.Start(argv, log))
     return absl::InternalError("cannot start dmoe make-model");
-  if (const int rc = make.Stop(0, std::chrono::minutes(10)); rc != 0) {
+  if (const int rc = make.Wait(std::chrono::minutes(10)); rc != 0) {
     return absl::InternalError(
         absl::StrCat("dmoe make-model exited with ", rc, ": ", make.Log()));
   }
@@ -829,7 +830,7 @@ class Bench {
     router_stub_.reset();
     channel_.reset();
     expert_stubs_.clear();
-    if (const int rc = router_.Stop(SIGTERM, std::chrono::seconds(20));
+    if (const int rc = router_.Kill(SIGTERM, std::chrono::seconds(20));
         rc != 0) {
       std::fprintf(stderr,
                    "balance_bench: router exited with %d; its log:\n%s\n", rc,
@@ -840,7 +841,7 @@ class Bench {
     for (auto& s : servers_) {
       if (s->pid() > 0) ::kill(s->pid(), SIGTERM);
     }
-    for (auto& s : servers_) s->Stop(0, std::chrono::seconds(20));
+    for (auto& s : servers_) s->Wait(std::chrono::seconds(20));
     std::fprintf(stderr,
                  "balance_bench: router and servers stopped in %.1f s\n",
                  Seconds(shutdown_start, Clock::now()));

@@ -98,6 +98,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_util.h"
+#include "testing/subprocess.h"
 #include "core/config.h"
 #include "core/dtype.h"
 #include "core/expert_backend.h"
@@ -273,8 +274,8 @@ Stats Summarize(std::vector<double> v) {
 }
 
 using dmoe::bench::BinDir;
-using dmoe::bench::Child;
-using dmoe::bench::WaitForPortFile;
+using Child = dmoe::testing::ChildProcess;
+using dmoe::testing::WaitForPortFile;
 
 // ---- models
 // ------------------------------------------------------------------
@@ -296,7 +297,7 @@ absl::Status EnsureModel(const std::string& dir, const std::string& bin_dir,
           log)) {
     return absl::InternalError("cannot start dmoe make-model");
   }
-  if (const int rc = make.Stop(0, std::chrono::minutes(10)); rc != 0) {
+  if (const int rc = make.Wait(std::chrono::minutes(10)); rc != 0) {
     std::error_code ec;
     fs::remove_all(tmp, ec);
     return absl::InternalError(
@@ -443,7 +444,7 @@ class ServerSet {
     for (auto& p : procs_) {
       if (p->pid() > 0) ::kill(p->pid(), SIGTERM);
     }
-    for (auto& p : procs_) p->Stop(0, std::chrono::seconds(20));
+    for (auto& p : procs_) p->Wait(std::chrono::seconds(20));
     procs_.clear();
   }
 

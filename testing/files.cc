@@ -5,8 +5,6 @@
 #include <fstream>
 #include <sstream>
 
-#include "gtest/gtest.h"
-
 namespace dmoe::testing {
 
 std::string ReadFile(const std::string& path) {
@@ -21,25 +19,6 @@ bool WriteFile(const std::string& path, std::string_view bytes) {
   out.write(bytes.data(), static_cast<std::streamsize>(bytes.size()));
   out.close();
   return out.good();
-}
-
-std::string FreshDir(const std::string& suffix) {
-  const char* base = std::getenv("DMOE_TEST_TMP");
-  const auto* info = ::testing::UnitTest::GetInstance()->current_test_info();
-  std::string name = info != nullptr ? std::string(info->test_suite_name()) +
-                                           "." + info->name()
-                                     : std::string("no_test");
-  name += "." + suffix;
-  for (char& c : name) {
-    if (c == '/') c = '_';
-  }
-  const std::filesystem::path dir =
-      std::filesystem::path(base != nullptr && *base ? base
-                                                     : ::testing::TempDir()) /
-      "dmoe_tests" / name;
-  std::filesystem::remove_all(dir);
-  std::filesystem::create_directories(dir);
-  return dir.string();
 }
 
 std::string SourceDir() {
