@@ -1,6 +1,7 @@
 #include "common/service_main.h"
 
 #include <pthread.h>
+#include <unistd.h>
 
 #include <filesystem>
 #include <fstream>
@@ -34,6 +35,17 @@ sigset_t BlockStopSignals() {
   sigaddset(&signals, SIGINT);
   pthread_sigmask(SIG_BLOCK, &signals, nullptr);
   return signals;
+}
+
+std::string AdvertiseAddress(const std::string& advertise, const std::string& host, int port) {
+  if (!advertise.empty()) return advertise;
+  std::string h = host;
+  if (h == "0.0.0.0" || h == "::" || h == "[::]") {
+    char name[256] = {};
+    gethostname(name, sizeof name - 1);
+    h = name;
+  }
+  return absl::StrCat(h, ":", port);
 }
 
 absl::Status WritePortFile(const std::string& path, int port) {

@@ -35,6 +35,11 @@ size_t CapMallocThreadCaches();
 // flag error: prints it on stderr and returns 2; else nullopt (go on).
 std::optional<int> ParseFlagsOrExit(Args& args, int argc, char** argv);
 
+// The HOST:PORT other processes reach this one at: `advertise` when given,
+// else `host`:`port`, with the machine's hostname for a wildcard host
+// (0.0.0.0, ::, [::]).
+std::string AdvertiseAddress(const std::string& advertise, const std::string& host, int port);
+
 // Writes `port` and a newline to `path` atomically (write, then rename), so that
 // a watcher polling for the file never reads a half-written one.
 absl::Status WritePortFile(const std::string& path, int port);

@@ -8,6 +8,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/service_main.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/metrics_endpoint.h"
@@ -240,14 +241,7 @@ ExpertServerOptions ToServerOptions(const ExpertMainOptions& o, place::Placement
 }
 
 std::string AdvertiseAddress(const ExpertMainOptions& o, int bound_port) {
-  if (!o.advertise.empty()) return o.advertise;
-  std::string h = o.host;
-  if (h == "0.0.0.0" || h == "::" || h == "[::]") {
-    char name[256] = {};
-    gethostname(name, sizeof name - 1);
-    h = name;
-  }
-  return absl::StrCat(h, ":", bound_port);
+  return common::AdvertiseAddress(o.advertise, o.host, bound_port);
 }
 
 void LeaveBeforeStop(ExpertServer& server, const ExpertMainOptions& o,

@@ -10,6 +10,7 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
+#include "common/service_main.h"
 #include "core/status.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -149,14 +150,7 @@ RouterServer::PlacementSetter PlacementSetter(const core::ModelConfig& cfg,
 }
 
 std::string AdvertiseAddress(const RouterOptions& o, int port) {
-  if (!o.advertise.empty()) return o.advertise;
-  std::string h = o.host;
-  if (h == "0.0.0.0" || h == "::" || h == "[::]") {
-    char name[256] = {};
-    gethostname(name, sizeof name - 1);
-    h = name;
-  }
-  return absl::StrCat(h, ":", port);
+  return common::AdvertiseAddress(o.advertise, o.host, port);
 }
 
 }  // namespace dmoe::router
