@@ -89,7 +89,6 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "bench/bench_util.h"
-#include "testing/subprocess.h"
 #include "core/config.h"
 #include "core/dtype.h"
 #include "core/safetensors.h"
@@ -97,6 +96,7 @@
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "nlohmann/json.hpp"
+#include "testing/subprocess.h"
 
 namespace {
 
@@ -163,14 +163,13 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->max_tokens = std::atoi(value.c_str());
       max_tokens_set = true;
     } else {
-      std::fprintf(
-          stderr,
-          "usage: %s [--quick] [--model DIR] [--servers N] [--streams K] "
-          "[--seconds S]\n"
-          "       [--bias E:B,...] [--slots-per-server P] [--prompt-tokens T] "
-          "[--max-tokens M]\n"
-          "       [--keep-logs]\n",
-          argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--model DIR] [--servers N] [--streams K] "
+                   "[--seconds S]\n"
+                   "       [--bias E:B,...] [--slots-per-server P] [--prompt-tokens T] "
+                   "[--max-tokens M]\n"
+                   "       [--keep-logs]\n",
+                   argv[0]);
       return false;
     }
   }
@@ -178,8 +177,8 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     if (!seconds_set) o->seconds = 2.5;
     if (!max_tokens_set) o->max_tokens = 16;
   }
-  if (o->servers < 2 || o->streams < 1 || o->seconds <= 0 ||
-      o->prompt_tokens < 1 || o->max_tokens < 1 || o->slots_per_server < 0) {
+  if (o->servers < 2 || o->streams < 1 || o->seconds <= 0 || o->prompt_tokens < 1 ||
+      o->max_tokens < 1 || o->slots_per_server < 0) {
     std::fprintf(stderr,
                  "--servers >= 2, --streams, --seconds, --prompt-tokens, "
                  "--max-tokens > 0\n");
@@ -226,8 +225,7 @@ using dmoe::testing::WaitForPortFile;
 // User + system CPU seconds `pid` has used (/proc/PID/stat fields 14, 15).
 double CpuSeconds(pid_t pid) {
   std::ifstream in(absl::StrCat("/proc/", pid, "/stat"));
-  std::string text((std::istreambuf_iterator<char>(in)),
-                   std::istreambuf_iterator<char>());
+  std::string text((std::istreambuf_iterator<char>(in)), std::istreambuf_iterator<char>());
   const size_t paren = text.rfind(')');
   if (paren == std::string::npos) return 0;
   std::istringstream fields(text.substr(paren + 2));
@@ -248,19 +246,15 @@ double CpuSeconds(pid_t pid) {
 double HostBusySeconds() {
   std::ifstream in("/proc/stat");
   std::string cpu;
-  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0,
-         softirq = 0, steal = 0;
-  in >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >>
-      steal;
-  return (user + nice + system + irq + softirq + steal) /
-         static_cast<double>(sysconf(_SC_CLK_TCK));
+  double user = 0, nice = 0, system = 0, idle = 0, iowait = 0, irq = 0, softirq = 0, steal = 0;
+  in >> cpu >> user >> nice >> system >> idle >> iowait >> irq >> softirq >> steal;
+  return (user + nice + system + irq + softirq + steal) / static_cast<double>(sysconf(_SC_CLK_TCK));
 }
 
 // Cores this process may run on (taskset included).
 int Cores() {
   cpu_set_t set;
-  if (sched_getaffinity(0, sizeof set, &set) == 0)
-    return std::max(1, CPU_COUNT(&set));
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return std::max(1, CPU_COUNT(&set));
   return static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
 }
 
@@ -274,19 +268,16 @@ std::string LoadAverage() {
 // ---- models ----------------------------------------------------------------
 
 absl::Status RunMakeModel(const std::string& bin_dir, const std::string& preset,
-                          const std::vector<std::string>& extra,
-                          const std::string& out) {
+                          const std::vector<std::string>& extra, const std::string& out) {
   Child make;
-  std::vector<std::string> argv = {
-      bin_dir + "/dmoe", "make-model", "--preset", preset, "--seed", "1",
-      "--weight-dtype",  "bf16",       "--out",    out};
+  std::vector<std::string> argv = {bin_dir + "/dmoe", "make-model", "--preset",       preset,
+                                   "--seed",          "1",          "--weight-dtype", "bf16",
+                                   "--out",           out};
   argv.insert(argv.end(), extra.begin(), extra.end());
   const std::string log = g_work_dir + "/make-model.log";
-  if (!make.Start(argv, log))
-    return absl::InternalError("cannot start dmoe make-model");
+  if (!make.Start(argv, log)) return absl::InternalError("cannot start dmoe make-model");
   if (const int rc = make.Wait(std::chrono::minutes(10)); rc != 0) {
-    return absl::InternalError(
-        absl::StrCat("dmoe make-model exited with ", rc, ": ", make.Log()));
+    return absl::InternalError(absl::StrCat("dmoe make-model exited with ", rc, ": ", make.Log()));
   }
   return absl::OkStatus();
 }
@@ -294,26 +285,21 @@ absl::Status RunMakeModel(const std::string& bin_dir, const std::string& preset,
 // The MoE layer of `src` (a 2-layer v2lite: dense layer 0, MoE layer 1) as a
 // one-layer model whose only layer is MoE, with the first `vocab` rows of the
 // embedding and lm_head (see the file comment for why).
-absl::Status DeriveOneMoeLayerModel(const std::string& src,
-                                    const std::string& out, int64_t vocab) {
+absl::Status DeriveOneMoeLayerModel(const std::string& src, const std::string& out, int64_t vocab) {
   std::ifstream in(src + "/config.json");
   std::stringstream text;
   text << in.rdbuf();
   nlohmann::json j = nlohmann::json::parse(text.str(), nullptr, false);
-  if (j.is_discarded())
-    return absl::InvalidArgumentError(src + "/config.json: not JSON");
-  if (j.value("num_hidden_layers", 0) != 2 ||
-      j.value("first_k_dense_replace", 0) != 1) {
-    return absl::InvalidArgumentError(src +
-                                      ": expected 2 layers, layer 0 dense");
+  if (j.is_discarded()) return absl::InvalidArgumentError(src + "/config.json: not JSON");
+  if (j.value("num_hidden_layers", 0) != 2 || j.value("first_k_dense_replace", 0) != 1) {
+    return absl::InvalidArgumentError(src + ": expected 2 layers, layer 0 dense");
   }
   j["num_hidden_layers"] = 1;
   j["first_k_dense_replace"] = 0;
   j["vocab_size"] = vocab;
   j["bos_token_id"] = 0;
   j["eos_token_id"] = 1;
-  DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg,
-                        core::ModelConfig::FromJson(j.dump()));
+  DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg, core::ModelConfig::FromJson(j.dump()));
   (void)cfg;  // validated
 
   DMOE_ASSIGN_OR_RETURN(auto ckpt, core::Checkpoint::Open(src));
@@ -332,11 +318,9 @@ absl::Status DeriveOneMoeLayerModel(const std::string& src,
     size_t nbytes = t.nbytes;
     if (name.rfind(kLayer1, 0) == 0) {
       to = "model.layers.0." + name.substr(kLayer1.size());
-    } else if (name == "model.embed_tokens.weight" ||
-               name == "lm_head.weight") {
+    } else if (name == "model.embed_tokens.weight" || name == "lm_head.weight") {
       if (shape.size() != 2 || shape[0] < vocab) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(name, ": shape ", core::ShapeString(shape)));
+        return absl::InvalidArgumentError(absl::StrCat(name, ": shape ", core::ShapeString(shape)));
       }
       shape[0] = vocab;
       nbytes = static_cast<size_t>(vocab * shape[1]) * core::DTypeSize(t.dtype);
@@ -348,16 +332,13 @@ absl::Status DeriveOneMoeLayerModel(const std::string& src,
   {
     std::ofstream cfg_out(out + "/config.json");
     cfg_out << j.dump(2) << "\n";
-    if (!cfg_out)
-      return absl::InternalError("cannot write " + out + "/config.json");
+    if (!cfg_out) return absl::InternalError("cannot write " + out + "/config.json");
   }
-  DMOE_ASSIGN_OR_RETURN(
-      auto writer, core::SafetensorsWriter::Create(out + "/model.safetensors",
-                                                   decls, {{"format", "pt"}}));
+  DMOE_ASSIGN_OR_RETURN(auto writer, core::SafetensorsWriter::Create(out + "/model.safetensors",
+                                                                     decls, {{"format", "pt"}}));
   for (size_t i = 0; i < decls.size(); ++i) {
     DMOE_ASSIGN_OR_RETURN(core::TensorView t, ckpt->Get(copies[i].from));
-    DMOE_RETURN_IF_ERROR(
-        writer->Write(decls[i].name, t.data, copies[i].nbytes));
+    DMOE_RETURN_IF_ERROR(writer->Write(decls[i].name, t.data, copies[i].nbytes));
     ckpt->Release(copies[i].from);
   }
   return writer->Finish();
@@ -365,14 +346,12 @@ absl::Status DeriveOneMoeLayerModel(const std::string& src,
 
 // The default model, made once into a temporary directory that is renamed
 // into place (a crash never leaves half a cache).
-absl::Status EnsureModel(const std::string& dir, bool quick,
-                         const std::string& bin_dir) {
+absl::Status EnsureModel(const std::string& dir, bool quick, const std::string& bin_dir) {
   if (fs::exists(fs::path(dir) / "config.json")) return absl::OkStatus();
   const std::string tmp = absl::StrCat(dir, ".partial-", getpid());
   std::error_code ec;
   if (quick) {
-    std::fprintf(stderr, "balance_bench: writing %s (tiny-v2lite; once)\n",
-                 dir.c_str());
+    std::fprintf(stderr, "balance_bench: writing %s (tiny-v2lite; once)\n", dir.c_str());
     DMOE_RETURN_IF_ERROR(RunMakeModel(bin_dir, "tiny-v2lite", {}, tmp));
   } else {
     std::fprintf(stderr,
@@ -381,8 +360,7 @@ absl::Status EnsureModel(const std::string& dir, bool quick,
                  "vocab %lld; once, ~1 min)\n",
                  dir.c_str(), static_cast<long long>(kDerivedVocab));
     const std::string src = g_work_dir + "/v2lite-2layers";
-    DMOE_RETURN_IF_ERROR(
-        RunMakeModel(bin_dir, "v2lite", {"--layers", "2"}, src));
+    DMOE_RETURN_IF_ERROR(RunMakeModel(bin_dir, "v2lite", {"--layers", "2"}, src));
     absl::Status st = DeriveOneMoeLayerModel(src, tmp, kDerivedVocab);
     fs::remove_all(src, ec);
     if (!st.ok()) {
@@ -392,8 +370,7 @@ absl::Status EnsureModel(const std::string& dir, bool quick,
   }
   fs::rename(tmp, dir, ec);
   if (ec && !fs::exists(fs::path(dir) / "config.json")) {
-    return absl::InternalError(
-        absl::StrCat("rename ", tmp, " -> ", dir, ": ", ec.message()));
+    return absl::InternalError(absl::StrCat("rename ", tmp, " -> ", dir, ": ", ec.message()));
   }
   fs::remove_all(tmp, ec);  // lost a race with another writer: theirs is fine
   return absl::OkStatus();
@@ -420,8 +397,7 @@ absl::StatusOr<SlotTokens> ServerSlotTokens(v1::ExpertService::Stub& stub) {
   int i = 0;
   for (const v1::LayerSlots& ls : st.slots()) {
     for (int32_t e : ls.experts()) {
-      if (i < st.tokens_computed_size())
-        out[{ls.layer(), e}] += st.tokens_computed(i);
+      if (i < st.tokens_computed_size()) out[{ls.layer(), e}] += st.tokens_computed(i);
       ++i;
     }
   }
@@ -450,8 +426,7 @@ class Load {
 
   void Start() {
     contexts_.resize(o_.streams);
-    for (int k = 0; k < o_.streams; ++k)
-      threads_.emplace_back([this, k] { Run(k); });
+    for (int k = 0; k < o_.streams; ++k) threads_.emplace_back([this, k] { Run(k); });
   }
 
   // Cancels the requests in flight (not counted as failures) and joins.
@@ -486,12 +461,10 @@ class Load {
  private:
   void Run(int k) {
     std::mt19937 rng(1000 + k);
-    std::uniform_int_distribution<int32_t> token(
-        2, static_cast<int32_t>(vocab_ - 1));
+    std::uniform_int_distribution<int32_t> token(2, static_cast<int32_t>(vocab_ - 1));
     while (!stop_) {
       v1::GenerateRequest req;
-      for (int i = 0; i < o_.prompt_tokens; ++i)
-        req.add_prompt_tokens(token(rng));
+      for (int i = 0; i < o_.prompt_tokens; ++i) req.add_prompt_tokens(token(rng));
       req.set_max_tokens(o_.max_tokens);
       req.set_ignore_eos(true);
       req.set_request_id(absl::StrCat("bb-", k, "-", requests_.load()));
@@ -523,10 +496,9 @@ class Load {
         if (!st.ok() || got != o_.max_tokens) {
           ++failed_;
           if (errors_.size() < 20) {
-            errors_.push_back(absl::StrCat("stream ", k, ": code ",
-                                           st.error_code(), " ",
-                                           st.error_message(), " after ", got,
-                                           " of ", o_.max_tokens, " tokens"));
+            errors_.push_back(absl::StrCat("stream ", k, ": code ", st.error_code(), " ",
+                                           st.error_message(), " after ", got, " of ",
+                                           o_.max_tokens, " tokens"));
           }
         }
       }
@@ -541,10 +513,9 @@ class Load {
   std::atomic<int> requests_{0}, failed_{0};
   std::vector<std::thread> threads_;
   mutable std::mutex mu_;
-  std::vector<grpc::ClientContext*>
-      contexts_;                     // guarded by mu_; in flight per stream
-  std::vector<std::string> errors_;  // guarded by mu_
-  std::vector<double> gaps_;         // guarded by mu_; seconds
+  std::vector<grpc::ClientContext*> contexts_;  // guarded by mu_; in flight per stream
+  std::vector<std::string> errors_;             // guarded by mu_
+  std::vector<double> gaps_;                    // guarded by mu_; seconds
 };
 
 struct Snapshot {
@@ -570,12 +541,11 @@ struct Phase {
   double seconds = 0;
   double tokens_per_s = 0;
   int failed = 0;
-  std::vector<double> server_work;  // assignments per server
-  std::vector<double>
-      cpu_cores;           // CPU seconds / phase seconds: router, servers
-  double router_view = 0;  // GetExpertLoad: worst layer's server max/mean
+  std::vector<double> server_work;     // assignments per server
+  std::vector<double> cpu_cores;       // CPU seconds / phase seconds: router, servers
+  double router_view = 0;              // GetExpertLoad: worst layer's server max/mean
   double gap_median = 0, gap_max = 0;  // seconds a stream waited for a token
-  double others_cores = 0;  // CPU used by every other process on the host
+  double others_cores = 0;             // CPU used by every other process on the host
 };
 
 double MaxOverMean(const std::vector<double>& v) {
@@ -603,9 +573,7 @@ class Bench {
 
   int slots_per_server() const {
     if (o_.slots_per_server > 0) return o_.slots_per_server;
-    return static_cast<int>((cfg_.n_routed_experts + o_.servers - 1) /
-                            o_.servers) +
-           2;
+    return static_cast<int>((cfg_.n_routed_experts + o_.servers - 1) / o_.servers) + 2;
   }
 
   void StartProcesses() {
@@ -615,70 +583,63 @@ class Bench {
       const std::string base = absl::StrCat(g_work_dir, "/expert", s);
       servers_.push_back(std::make_unique<Child>());
       if (!servers_.back()->Start(
-              {bin + "/dmoe-expert", "--model", model_, "--server-index",
-               absl::StrCat(s), "--num-servers", absl::StrCat(o_.servers),
-               "--port", "0", "--port-file", base + ".port", "--dtype", "bf16",
-               "--threads", "1", "--metrics-port", "0", "--drain-timeout-s",
-               "5"},
+              {bin + "/dmoe-expert", "--model", model_, "--server-index", absl::StrCat(s),
+               "--num-servers", absl::StrCat(o_.servers), "--port", "0", "--port-file",
+               base + ".port", "--dtype", "bf16", "--threads", "1", "--metrics-port", "0",
+               "--drain-timeout-s", "5"},
               base + ".log")) {
         Die("cannot start dmoe-expert");
       }
     }
     std::vector<std::string> addresses;
     for (int s = 0; s < o_.servers; ++s) {
-      const int port =
-          WaitForPortFile(absl::StrCat(g_work_dir, "/expert", s, ".port"),
-                          *servers_[s], std::chrono::minutes(5));
+      const int port = WaitForPortFile(absl::StrCat(g_work_dir, "/expert", s, ".port"),
+                                       *servers_[s], std::chrono::minutes(5));
       if (port == 0)
-        Die(absl::StrCat("expert server ", s, " did not start:\n",
-                         servers_[s]->Log()));
+        Die(absl::StrCat("expert server ", s, " did not start:\n", servers_[s]->Log()));
       addresses.push_back(absl::StrCat("127.0.0.1:", port));
-      expert_stubs_.push_back(v1::ExpertService::NewStub(grpc::CreateChannel(
-          addresses.back(), grpc::InsecureChannelCredentials())));
+      expert_stubs_.push_back(v1::ExpertService::NewStub(
+          grpc::CreateChannel(addresses.back(), grpc::InsecureChannelCredentials())));
     }
     const std::string port_file = g_work_dir + "/router.port";
-    if (!router_.Start(
-            {bin + "/dmoe-router",
-             "--model",
-             model_,
-             "--experts",
-             absl::StrJoin(addresses, ","),
-             "--dtype",
-             "bf16",
-             "--threads",
-             "1",
-             "--port",
-             "0",
-             "--port-file",
-             port_file,
-             "--metrics-port",
-             "0",
-             "--shutdown-grace-ms",
-             "500",
-             "--controller",
-             "--rebalance",
-             "manual",
-             "--slots-per-server",
-             absl::StrCat(slots_per_server()),
-             "--gate-bias-for-testing",
-             o_.bias,
-             "--load-window-s",
-             absl::StrCat(std::max(1, static_cast<int>(std::ceil(o_.seconds)))),
-             "--rebalance-min-tokens",
-             "64"},
-            g_work_dir + "/router.log")) {
+    if (!router_.Start({bin + "/dmoe-router",
+                        "--model",
+                        model_,
+                        "--experts",
+                        absl::StrJoin(addresses, ","),
+                        "--dtype",
+                        "bf16",
+                        "--threads",
+                        "1",
+                        "--port",
+                        "0",
+                        "--port-file",
+                        port_file,
+                        "--metrics-port",
+                        "0",
+                        "--shutdown-grace-ms",
+                        "500",
+                        "--controller",
+                        "--rebalance",
+                        "manual",
+                        "--slots-per-server",
+                        absl::StrCat(slots_per_server()),
+                        "--gate-bias-for-testing",
+                        o_.bias,
+                        "--load-window-s",
+                        absl::StrCat(std::max(1, static_cast<int>(std::ceil(o_.seconds)))),
+                        "--rebalance-min-tokens",
+                        "64"},
+                       g_work_dir + "/router.log")) {
       Die("cannot start dmoe-router");
     }
-    const int port =
-        WaitForPortFile(port_file, router_, std::chrono::minutes(5));
+    const int port = WaitForPortFile(port_file, router_, std::chrono::minutes(5));
     if (port == 0) Die("router did not start:\n" + router_.Log());
-    channel_ = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                   grpc::InsecureChannelCredentials());
+    channel_ =
+        grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
     router_stub_ = v1::RouterService::NewStub(channel_);
-    std::fprintf(
-        stderr,
-        "balance_bench: %d expert servers and the router up in %.1f s\n",
-        o_.servers, Seconds(t0, Clock::now()));
+    std::fprintf(stderr, "balance_bench: %d expert servers and the router up in %.1f s\n",
+                 o_.servers, Seconds(t0, Clock::now()));
   }
 
   int Run() {
@@ -730,26 +691,23 @@ class Bench {
 
     // ---- report
     Header();
-    std::printf("\n%-13s %6s %8s %6s %13s %8s %8s %8s  %-16s %-24s %s\n",
-                "phase", "s", "tok/s", "errors", "token wait ms", "srv max/",
-                "hot srv", "router", "expert work", "CPU (cores):", "other");
-    std::printf("%-13s %6s %8s %6s %13s %8s %8s %8s  %-16s %-24s %s\n", "", "",
-                "", "", "median / max", "mean", "share", "max/mean",
-                "share per srv", "router | servers", "procs");
+    std::printf("\n%-13s %6s %8s %6s %13s %8s %8s %8s  %-16s %-24s %s\n", "phase", "s", "tok/s",
+                "errors", "token wait ms", "srv max/", "hot srv", "router", "expert work",
+                "CPU (cores):", "other");
+    std::printf("%-13s %6s %8s %6s %13s %8s %8s %8s  %-16s %-24s %s\n", "", "", "", "",
+                "median / max", "mean", "share", "max/mean", "share per srv", "router | servers",
+                "procs");
     for (const Phase* p : {&before, &during, &after}) PrintPhase(*p);
     std::printf("\n");
     std::printf("tokens/s after / before: %.3f (%.1f -> %.1f)\n",
-                before.tokens_per_s > 0
-                    ? after.tokens_per_s / before.tokens_per_s
-                    : 0.0,
+                before.tokens_per_s > 0 ? after.tokens_per_s / before.tokens_per_s : 0.0,
                 before.tokens_per_s, after.tokens_per_s);
     std::printf(
         "server max/mean (tokens_computed): %.3f -> %.3f; hottest server's "
         "share of the "
         "expert work: %.1f%% -> %.1f%% (even: %.1f%%)\n",
         MaxOverMean(before.server_work), MaxOverMean(after.server_work),
-        100 * MaxShare(before.server_work), 100 * MaxShare(after.server_work),
-        100.0 / o_.servers);
+        100 * MaxShare(before.server_work), 100 * MaxShare(after.server_work), 100.0 / o_.servers);
     std::printf(
         "router view (GetExpertLoad, worst MoE layer, current placement): %.3f "
         "-> %.3f\n",
@@ -759,12 +717,11 @@ class Bench {
         "busiest server's CPU: %.2f -> %.2f cores; router + servers: %.2f -> "
         "%.2f cores "
         "(of %d); other processes on the host: %.2f -> %.2f cores\n",
-        cpu_before, cpu_after, Total(before), Total(after), Cores(),
-        before.others_cores, after.others_cores);
+        cpu_before, cpu_after, Total(before), Total(after), Cores(), before.others_cores,
+        after.others_cores);
     auto ms_per_token = [](const Phase& p, size_t from, size_t to) {
       double cores = 0;
-      for (size_t i = from; i < to && i < p.cpu_cores.size(); ++i)
-        cores += p.cpu_cores[i];
+      for (size_t i = from; i < to && i < p.cpu_cores.size(); ++i) cores += p.cpu_cores[i];
       return p.tokens_per_s > 0 ? 1000 * cores / p.tokens_per_s : 0.0;
     };
     std::printf(
@@ -774,11 +731,10 @@ class Bench {
         "on more "
         "servers)\n",
         ms_per_token(before, 1, before.cpu_cores.size()),
-        ms_per_token(after, 1, after.cpu_cores.size()),
-        ms_per_token(before, 0, 1), ms_per_token(after, 0, 1));
-    std::printf(
-        "host load average (1, 5, 15 min) at the start: %s; at the end: %s\n",
-        load_at_start_.c_str(), LoadAverage().c_str());
+        ms_per_token(after, 1, after.cpu_cores.size()), ms_per_token(before, 0, 1),
+        ms_per_token(after, 0, 1));
+    std::printf("host load average (1, 5, 15 min) at the start: %s; at the end: %s\n",
+                load_at_start_.c_str(), LoadAverage().c_str());
 
     bool ok = true;
     if (!rst.ok()) {
@@ -793,8 +749,7 @@ class Bench {
           rebalance.trigger().c_str(), rebalance.applied() ? "yes" : "NO",
           static_cast<unsigned long long>(start.version()),
           static_cast<unsigned long long>(end.version()),
-          static_cast<unsigned long long>(rebalance.slots_moved()),
-          rebalance.bytes_moved() / 1e6);
+          static_cast<unsigned long long>(rebalance.slots_moved()), rebalance.bytes_moved() / 1e6);
       std::printf(
           "  time: Rebalance call -> return %.3f s; call -> new version seen "
           "by "
@@ -802,9 +757,8 @@ class Bench {
           "router "
           "switched) %.3f s\n",
           call_s,
-          seen_switch >= 0
-              ? absl::StrCat(absl::SixDigits(seen_switch.load()), " s").c_str()
-              : "not seen before the call returned (polled every 10 ms)",
+          seen_switch >= 0 ? absl::StrCat(absl::SixDigits(seen_switch.load()), " s").c_str()
+                           : "not seen before the call returned (polled every 10 ms)",
           rebalance.switch_seconds());
       for (int i = 0; i < rebalance.layers_size(); ++i) {
         std::printf(
@@ -813,13 +767,11 @@ class Bench {
             rebalance.layers(i), rebalance.current_max_over_mean(i),
             rebalance.predicted_max_over_mean(i));
       }
-      std::printf(
-          "  biased experts, servers holding them: before %s; after %s\n",
-          WhereBiased(start).c_str(), WhereBiased(end).c_str());
+      std::printf("  biased experts, servers holding them: before %s; after %s\n",
+                  WhereBiased(start).c_str(), WhereBiased(end).c_str());
       if (!rebalance.applied()) ok = false;
     }
-    std::printf("\nstreams: %d requests finished, %d failed\n", load.requests(),
-                load.failed());
+    std::printf("\nstreams: %d requests finished, %d failed\n", load.requests(), load.failed());
     for (const std::string& e : load.errors()) std::printf("  %s\n", e.c_str());
     if (load.failed() > 0) ok = false;
     std::fflush(stdout);
@@ -830,10 +782,8 @@ class Bench {
     router_stub_.reset();
     channel_.reset();
     expert_stubs_.clear();
-    if (const int rc = router_.Kill(SIGTERM, std::chrono::seconds(20));
-        rc != 0) {
-      std::fprintf(stderr,
-                   "balance_bench: router exited with %d; its log:\n%s\n", rc,
+    if (const int rc = router_.Kill(SIGTERM, std::chrono::seconds(20)); rc != 0) {
+      std::fprintf(stderr, "balance_bench: router exited with %d; its log:\n%s\n", rc,
                    router_.Log().c_str());
     }
     std::fprintf(stderr, "balance_bench: router stopped in %.1f s\n",
@@ -842,26 +792,21 @@ class Bench {
       if (s->pid() > 0) ::kill(s->pid(), SIGTERM);
     }
     for (auto& s : servers_) s->Wait(std::chrono::seconds(20));
-    std::fprintf(stderr,
-                 "balance_bench: router and servers stopped in %.1f s\n",
+    std::fprintf(stderr, "balance_bench: router and servers stopped in %.1f s\n",
                  Seconds(shutdown_start, Clock::now()));
     if (!ok)
-      std::fprintf(stderr, "balance_bench: FAILED (see above); logs in %s\n",
-                   g_work_dir.c_str());
+      std::fprintf(stderr, "balance_bench: FAILED (see above); logs in %s\n", g_work_dir.c_str());
     return ok ? 0 : 1;
   }
 
  private:
-  static void Sleep(double s) {
-    std::this_thread::sleep_for(std::chrono::duration<double>(s));
-  }
+  static void Sleep(double s) { std::this_thread::sleep_for(std::chrono::duration<double>(s)); }
 
   v1::PlacementResponse Placement() {
     grpc::ClientContext ctx;
     ctx.set_deadline(In(std::chrono::seconds(10)));
     v1::PlacementResponse r;
-    const grpc::Status s =
-        router_stub_->GetPlacement(&ctx, v1::PlacementRequest(), &r);
+    const grpc::Status s = router_stub_->GetPlacement(&ctx, v1::PlacementRequest(), &r);
     if (!s.ok()) Die("GetPlacement: " + s.error_message());
     return r;
   }
@@ -870,12 +815,10 @@ class Bench {
     grpc::ClientContext ctx;
     ctx.set_deadline(In(std::chrono::seconds(10)));
     v1::ExpertLoadResponse r;
-    const grpc::Status s =
-        router_stub_->GetExpertLoad(&ctx, v1::ExpertLoadRequest(), &r);
+    const grpc::Status s = router_stub_->GetExpertLoad(&ctx, v1::ExpertLoadRequest(), &r);
     if (!s.ok()) Die("GetExpertLoad: " + s.error_message());
     double worst = 0;
-    for (const v1::LayerLoad& l : r.layers())
-      worst = std::max(worst, l.server_max_over_mean());
+    for (const v1::LayerLoad& l : r.layers()) worst = std::max(worst, l.server_max_over_mean());
     return worst;
   }
 
@@ -890,8 +833,7 @@ class Bench {
     s.cpu.push_back(CpuSeconds(router_.pid()));
     for (size_t i = 0; i < expert_stubs_.size(); ++i) {
       auto t = ServerSlotTokens(*expert_stubs_[i]);
-      if (!t.ok())
-        Die(absl::StrCat("expert server ", i, ": ", t.status().ToString()));
+      if (!t.ok()) Die(absl::StrCat("expert server ", i, ": ", t.status().ToString()));
       s.servers.push_back(*std::move(t));
       s.cpu.push_back(CpuSeconds(servers_[i]->pid()));
     }
@@ -915,8 +857,7 @@ class Bench {
       p.cpu_cores.push_back((b.cpu[i] - a.cpu[i]) / p.seconds);
       ours += b.cpu[i] - a.cpu[i];
     }
-    p.others_cores =
-        std::max(0.0, (b.host_busy - a.host_busy - ours) / p.seconds);
+    p.others_cores = std::max(0.0, (b.host_busy - a.host_busy - ours) / p.seconds);
     return p;
   }
 
@@ -927,15 +868,13 @@ class Bench {
     const Snapshot b = Take(load);
     Phase p = Diff(name, a, b, gaps);
     p.router_view = RouterView();
-    std::fprintf(stderr, "balance_bench: phase %s: %.1f tok/s\n", name.c_str(),
-                 p.tokens_per_s);
+    std::fprintf(stderr, "balance_bench: phase %s: %.1f tok/s\n", name.c_str(), p.tokens_per_s);
     return p;
   }
 
   static double Busiest(const Phase& p) {
     double mx = 0;
-    for (size_t i = 1; i < p.cpu_cores.size(); ++i)
-      mx = std::max(mx, p.cpu_cores[i]);
+    for (size_t i = 1; i < p.cpu_cores.size(); ++i) mx = std::max(mx, p.cpu_cores[i]);
     return mx;
   }
   static double Total(const Phase& p) {
@@ -951,9 +890,7 @@ class Bench {
     for (size_t i = 0; i < p.server_work.size(); ++i) {
       absl::StrAppend(
           &shares, i ? "/" : "",
-          total > 0
-              ? static_cast<int>(std::lround(100 * p.server_work[i] / total))
-              : 0);
+          total > 0 ? static_cast<int>(std::lround(100 * p.server_work[i] / total)) : 0);
     }
     absl::StrAppend(&shares, " %");
     for (size_t i = 0; i < p.cpu_cores.size(); ++i) {
@@ -963,36 +900,30 @@ class Bench {
     }
     const std::string router_view =
         p.router_view > 0 ? absl::StrCat(absl::SixDigits(p.router_view)) : "-";
-    const std::string wait = absl::StrCat(std::lround(1000 * p.gap_median),
-                                          " / ", std::lround(1000 * p.gap_max));
-    std::printf(
-        "%-13s %6.2f %8.1f %6d %13s %8.3f %7.1f%% %8s  %-16s %-24s %.2f\n",
-        p.name.c_str(), p.seconds, p.tokens_per_s, p.failed, wait.c_str(),
-        MaxOverMean(p.server_work), 100 * MaxShare(p.server_work),
-        router_view.c_str(), shares.c_str(), cpu.c_str(), p.others_cores);
+    const std::string wait =
+        absl::StrCat(std::lround(1000 * p.gap_median), " / ", std::lround(1000 * p.gap_max));
+    std::printf("%-13s %6.2f %8.1f %6d %13s %8.3f %7.1f%% %8s  %-16s %-24s %.2f\n", p.name.c_str(),
+                p.seconds, p.tokens_per_s, p.failed, wait.c_str(), MaxOverMean(p.server_work),
+                100 * MaxShare(p.server_work), router_view.c_str(), shares.c_str(), cpu.c_str(),
+                p.others_cores);
   }
 
   // "0@s0 1@s0 2@s0" for the first MoE layer of `p`.
   std::string WhereBiased(const v1::PlacementResponse& p) {
-    nlohmann::json j =
-        nlohmann::json::parse(p.placement_json(), nullptr, false);
-    if (j.is_discarded() || !j.contains("layers") || j["layers"].empty())
-      return "?";
+    nlohmann::json j = nlohmann::json::parse(p.placement_json(), nullptr, false);
+    if (j.is_discarded() || !j.contains("layers") || j["layers"].empty()) return "?";
     const nlohmann::json& servers = j["layers"][0]["servers"];
     std::string out;
     for (int e : BiasedExperts(o_.bias)) {
       std::string where;
       for (size_t s = 0; s < servers.size(); ++s) {
         for (const auto& x : servers[s]) {
-          if (x.get<int>() == e)
-            absl::StrAppend(&where, where.empty() ? "" : "+", "s", s);
+          if (x.get<int>() == e) absl::StrAppend(&where, where.empty() ? "" : "+", "s", s);
         }
       }
-      absl::StrAppend(&out, out.empty() ? "" : " ", e, "@",
-                      where.empty() ? "none" : where);
+      absl::StrAppend(&out, out.empty() ? "" : " ", e, "@", where.empty() ? "none" : where);
     }
-    return absl::StrCat(out, " (layer ", j["layers"][0].value("layer", -1),
-                        ")");
+    return absl::StrCat(out, " (layer ", j["layers"][0].value("layer", -1), ")");
   }
 
   void Header() {
@@ -1002,13 +933,11 @@ class Bench {
         "x inter %lld, "
         "top-%lld, %lld shared, vocab %lld, bf16%s\n",
         model_.c_str(), static_cast<long long>(cfg_.num_hidden_layers),
-        static_cast<long long>(MoeLayers()),
-        static_cast<long long>(cfg_.hidden_size),
+        static_cast<long long>(MoeLayers()), static_cast<long long>(cfg_.hidden_size),
         static_cast<long long>(cfg_.n_routed_experts),
         static_cast<long long>(cfg_.moe_intermediate_size),
         static_cast<long long>(cfg_.num_experts_per_tok),
-        static_cast<long long>(cfg_.n_shared_experts),
-        static_cast<long long>(cfg_.vocab_size),
+        static_cast<long long>(cfg_.n_shared_experts), static_cast<long long>(cfg_.vocab_size),
         o_.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
     std::printf(
         "setup: %d expert servers (--threads 1 each) + router (--threads 1, "
@@ -1018,8 +947,8 @@ class Bench {
         "Generate streams of %d prompt + %d generated tokens, back to back; "
         "phases of "
         "%.1f s\n",
-        o_.servers, slots_per_server(), o_.bias.c_str(), o_.streams,
-        o_.prompt_tokens, o_.max_tokens, o_.seconds);
+        o_.servers, slots_per_server(), o_.bias.c_str(), o_.streams, o_.prompt_tokens,
+        o_.max_tokens, o_.seconds);
     std::printf(
         "host: %d cores shared by the router, all %d servers and this bench: "
         "balance "
@@ -1047,8 +976,7 @@ class Bench {
 
   int64_t MoeLayers() const {
     int64_t n = 0;
-    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l)
-      n += cfg_.IsMoeLayer(l) ? 1 : 0;
+    for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) n += cfg_.IsMoeLayer(l) ? 1 : 0;
     return n;
   }
 
@@ -1075,13 +1003,11 @@ int main(int argc, char** argv) {
   }
   g_work_dir = work_template;
   const auto t0 = Clock::now();
-  const std::string model =
-      !o.model.empty() ? o.model : (o.quick ? kQuickModel : kDefaultModel);
+  const std::string model = !o.model.empty() ? o.model : (o.quick ? kQuickModel : kDefaultModel);
   if (o.model.empty()) Check(EnsureModel(model, o.quick, BinDir()), "model");
   auto cfg = core::ModelConfig::FromFile(model + "/config.json");
   Check(cfg.status(), "model config");
-  if (o.servers *
-          (o.slots_per_server ? o.slots_per_server : cfg->n_routed_experts) <
+  if (o.servers * (o.slots_per_server ? o.slots_per_server : cfg->n_routed_experts) <
       cfg->n_routed_experts) {
     Die("--servers x --slots-per-server cannot hold every expert");
   }

@@ -89,8 +89,7 @@ struct Shape {
   int64_t hidden, inter, shared_inter;
   int experts, top_k;
 };
-constexpr Shape kV2Lite{"V2-Lite",    kHidden,  kInter,
-                        kSharedInter, kExperts, kTopK};
+constexpr Shape kV2Lite{"V2-Lite", kHidden, kInter, kSharedInter, kExperts, kTopK};
 constexpr Shape kV3{"V3", 7168, 2048, 2048, 256, 8};
 
 struct Options {
@@ -188,14 +187,13 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->min_time = std::atof(v);
       o->min_time_given = true;
     } else {
-      std::fprintf(
-          stderr,
-          "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
-          "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost]\n"
-          "       %s --backend=cuda [--shapes=v2lite,v3] "
-          "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
-          "[--device=0] [--min_time=SECONDS] [--json=FILE]\n",
-          argv[0], argv[0]);
+      std::fprintf(stderr,
+                   "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
+                   "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost]\n"
+                   "       %s --backend=cuda [--shapes=v2lite,v3] "
+                   "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
+                   "[--device=0] [--min_time=SECONDS] [--json=FILE]\n",
+                   argv[0], argv[0]);
       return false;
     }
   }
@@ -257,8 +255,7 @@ struct Batch {
   }
 };
 
-Batch MakeShapeBatch(const Shape& shape, int64_t tokens, uint64_t seed,
-                     size_t elem_bytes) {
+Batch MakeShapeBatch(const Shape& shape, int64_t tokens, uint64_t seed, size_t elem_bytes) {
   const int64_t hidden = shape.hidden;
   const int experts = shape.experts, top_k = shape.top_k;
   Rng rng(seed);
@@ -289,12 +286,9 @@ Batch MakeShapeBatch(const Shape& shape, int64_t tokens, uint64_t seed,
     b.offsets.push_back(static_cast<int32_t>(b.ids.size()));
   }
   const double per_inter = 2.0 * 3 * hidden;
-  b.flops = per_inter * (top_k * shape.inter + shape.shared_inter) *
-            static_cast<double>(tokens);
-  const int distinct =
-      static_cast<int>(std::count(used.begin(), used.end(), true));
-  b.weight_bytes =
-      3.0 * hidden * (distinct * shape.inter + shape.shared_inter) * elem_bytes;
+  b.flops = per_inter * (top_k * shape.inter + shape.shared_inter) * static_cast<double>(tokens);
+  const int distinct = static_cast<int>(std::count(used.begin(), used.end(), true));
+  b.weight_bytes = 3.0 * hidden * (distinct * shape.inter + shape.shared_inter) * elem_bytes;
   return b;
 }
 
@@ -313,8 +307,7 @@ __attribute__((target("avx512f"))) float SumAvx512(const float* p, size_t n) {
     a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
     a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
   }
-  float s = _mm512_reduce_add_ps(
-      _mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
+  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
   for (; i < n; ++i) s += p[i];
   return s;
 }
@@ -329,8 +322,7 @@ __attribute__((target("avx2"))) float SumAvx2(const float* p, size_t n) {
     a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
   }
   alignas(32) float lanes[8];
-  _mm256_store_ps(lanes,
-                  _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
+  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
   float s = 0;
   for (float l : lanes) s += l;
   for (; i < n; ++i) s += p[i];
@@ -356,8 +348,7 @@ class Ceilings {
  public:
   explicit Ceilings(ComputeType type) {
     const size_t n = kProbeBytes / sizeof(float);
-    probe_ =
-        static_cast<float*>(std::aligned_alloc(size_t{2} << 20, kProbeBytes));
+    probe_ = static_cast<float*>(std::aligned_alloc(size_t{2} << 20, kProbeBytes));
     madvise(probe_, kProbeBytes, MADV_HUGEPAGE);
     for (size_t i = 0; i < n; ++i) probe_[i] = static_cast<float>(i & 1023);
     std::vector<float> w(kGemmN * kGemmN);
@@ -372,8 +363,7 @@ class Ceilings {
     auto lin = dmoe::core::PackedLinear::Create(w.data(), kGemmN, kGemmN, type);
     dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
     if (!lin.ok()) {
-      std::fprintf(stderr, "GEMM ceiling: %s\n",
-                   std::string(lin.status().message()).c_str());
+      std::fprintf(stderr, "GEMM ceiling: %s\n", std::string(lin.status().message()).c_str());
       std::exit(1);
     }
     gemm_ = *std::move(lin);
@@ -386,10 +376,8 @@ class Ceilings {
   }
 
   double ReadGBs(int threads, int reps) {
-    static const bool kAvx512 =
-        dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512);
-    static const bool kAvx2 =
-        dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2);
+    static const bool kAvx512 = dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512);
+    static const bool kAvx2 = dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2);
     const size_t n = kProbeBytes / sizeof(float);
     double best = 0;
     volatile float sink = 0;
@@ -416,8 +404,7 @@ class Ceilings {
     for (int r = 0; r < reps; ++r) {
       const auto t0 = Clock::now();
       gemm_.Forward(x_.data(), kGemmN, y_.data());
-      best = std::max(best, 2.0 * kGemmN * kGemmN * kGemmN /
-                                Seconds(t0, Clock::now()) / 1e9);
+      best = std::max(best, 2.0 * kGemmN * kGemmN * kGemmN / Seconds(t0, Clock::now()) / 1e9);
     }
     return best;
   }
@@ -438,8 +425,8 @@ struct Result {
   double gemm_ceiling = 0, read_ceiling = 0;  // measured around this run
 };
 
-Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings,
-              int tokens, int threads, const Options& o, size_t elem_bytes) {
+Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings, int tokens, int threads,
+              const Options& o, size_t elem_bytes) {
   dmoe::core::SetComputeThreads(threads);
   // Ceilings right before and right after the timed calls (best of both): the
   // host is shared, and a ratio is only meaningful against what the machine
@@ -459,8 +446,7 @@ Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings,
       std::exit(1);
     }
   };
-  for (const Batch& b : batches)
-    call(b);  // warm-up: primitives for every M, workspaces
+  for (const Batch& b : batches) call(b);  // warm-up: primitives for every M, workspaces
 
   std::vector<double> secs, gflops, gbs;
   const auto start = Clock::now();
@@ -477,8 +463,7 @@ Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings,
     if (Seconds(start, Clock::now()) >= o.min_time) break;
   }
   gemm_ceiling = std::max(gemm_ceiling, ceilings.GemmGflops(ceiling_reps));
-  read_ceiling =
-      std::max(read_ceiling, ceilings.ReadGBs(threads, ceiling_reps));
+  read_ceiling = std::max(read_ceiling, ceilings.ReadGBs(threads, ceiling_reps));
   Result r;
   r.gemm_ceiling = gemm_ceiling;
   r.read_ceiling = read_ceiling;
@@ -530,19 +515,18 @@ struct CudaRow {
 };
 
 void Die(const std::string& what, const absl::Status& s) {
-  std::fprintf(stderr, "moe_layer_bench: %s: %s\n", what.c_str(),
-               std::string(s.message()).c_str());
+  std::fprintf(stderr, "moe_layer_bench: %s: %s\n", what.c_str(), std::string(s.message()).c_str());
   std::exit(1);
 }
 
 // Loads one MoE layer of `shape` into a fresh backend; routed experts share
 // two random weight sets (their values do not change the timing).
-std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
-    const Shape& shape, dmoe::core::CudaGemmMode mode, const Options& o) {
+std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(const Shape& shape,
+                                                             dmoe::core::CudaGemmMode mode,
+                                                             const Options& o) {
   auto made = dmoe::core::MakeExpertBackend(
       dmoe::core::BackendKind::kCuda,
-      {.compute = o.type,
-       .cuda = {.devices = {o.device}, .gemm = mode, .record_timings = true}});
+      {.compute = o.type, .cuda = {.devices = {o.device}, .gemm = mode, .record_timings = true}});
   if (!made.ok()) Die("--backend=cuda", made.status());
   // kCuda always makes a CudaExpertBackend (its timings are used below).
   std::unique_ptr<dmoe::core::CudaExpertBackend> backend(
@@ -556,14 +540,12 @@ std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
     Fill(&gate, 1.0f / std::sqrt(float(h)), &rng);
     Fill(&up, 1.0f / std::sqrt(float(h)), &rng);
     Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
-    return std::array<std::vector<float>, 3>{std::move(gate), std::move(up),
-                                             std::move(down)};
+    return std::array<std::vector<float>, 3>{std::move(gate), std::move(up), std::move(down)};
   };
   const auto sets = std::array{make(shape.inter), make(shape.inter)};
   const auto shared = make(shape.shared_inter);
   auto load = [&](int32_t id, int64_t inter, const auto& w) {
-    const absl::Status s =
-        backend->LoadFfn(kLayer, id, {h, inter, w[0], w[1], w[2]});
+    const absl::Status s = backend->LoadFfn(kLayer, id, {h, inter, w[0], w[1], w[2]});
     if (!s.ok()) Die("LoadFfn", s);
   };
   for (int e = 0; e < shape.experts; ++e) load(e, shape.inter, sets[e % 2]);
@@ -572,13 +554,11 @@ std::unique_ptr<dmoe::core::CudaExpertBackend> LoadCudaLayer(
 }
 
 CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
-                   const std::string& gemm, int tokens, const Options& o,
-                   size_t elem_bytes) {
+                   const std::string& gemm, int tokens, const Options& o, size_t elem_bytes) {
   const int num_batches = o.quick ? 2 : (tokens >= 512 ? 3 : 8);
   std::vector<Batch> batches;
   for (int i = 0; i < num_batches; ++i)
-    batches.push_back(
-        MakeShapeBatch(shape, tokens, 1000 * tokens + i, elem_bytes));
+    batches.push_back(MakeShapeBatch(shape, tokens, 1000 * tokens + i, elem_bytes));
   std::vector<float> out(static_cast<size_t>(tokens) * shape.hidden);
   auto call = [&](const Batch& b) {
     const absl::Status s = backend.Compute(b.View(), out.data());
@@ -615,9 +595,8 @@ CudaRow RunCudaRow(dmoe::core::CudaExpertBackend& backend, const Shape& shape,
   const int64_t m = r.rows, k = shape.hidden;
   r.dense_n = std::max<int64_t>(1, std::llround(r.flops / (2.0 * m * k)));
   const bool bf16 = o.type == ComputeType::kBF16;
-  auto dense = dmoe::core::cuda::DenseGemmSeconds(
-      o.device, bf16, bf16 && gemm == "grouped", m, r.dense_n, k,
-      o.quick ? 1 : 5);
+  auto dense = dmoe::core::cuda::DenseGemmSeconds(o.device, bf16, bf16 && gemm == "grouped", m,
+                                                  r.dense_n, k, o.quick ? 1 : 5);
   if (!dense.ok()) Die("dense GEMM ceiling", dense.status());
   r.dense_tflops = 2.0 * m * r.dense_n * k / *dense / 1e12;
   return r;
@@ -639,39 +618,32 @@ int RunCudaBench(const Options& o) {
     return 1;
   }
   if (o.device < 0 || o.device >= devices) {
-    std::fprintf(stderr, "moe_layer_bench: --device=%d: %d CUDA devices\n",
-                 o.device, devices);
+    std::fprintf(stderr, "moe_layer_bench: --device=%d: %d CUDA devices\n", o.device, devices);
     return 1;
   }
   const bool bf16 = o.type == ComputeType::kBF16;
   const size_t elem_bytes = bf16 ? 2 : 4;
-  std::printf("MoE layer bench, CUDA backend, %s weights, on %s%s\n",
-              bf16 ? "bf16" : "f32",
+  std::printf("MoE layer bench, CUDA backend, %s weights, on %s%s\n", bf16 ? "bf16" : "f32",
               dmoe::core::cuda::DeviceDescription(o.device).c_str(),
               o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
-  auto copy = dmoe::core::cuda::DeviceCopyGBs(o.device, size_t{1} << 30,
-                                              o.quick ? 1 : 5);
+  auto copy = dmoe::core::cuda::DeviceCopyGBs(o.device, size_t{1} << 30, o.quick ? 1 : 5);
   if (!copy.ok()) Die("copy ceiling", copy.status());
   const double copy_gbs = *copy;
-  std::printf("device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n",
-              copy_gbs);
+  std::printf("device-to-device copy of 1 GiB: %.0f GB/s (read + write)\n", copy_gbs);
 
   std::vector<CudaRow> rows;
   for (const std::string& shape_name : o.shapes) {
     const Shape& shape = shape_name == "v3" ? kV3 : kV2Lite;
     for (const std::string& gemm : o.gemm) {
-      const auto mode = gemm == "grouped"
-                            ? dmoe::core::CudaGemmMode::kGrouped
-                            : dmoe::core::CudaGemmMode::kPerExpert;
+      const auto mode = gemm == "grouped" ? dmoe::core::CudaGemmMode::kGrouped
+                                          : dmoe::core::CudaGemmMode::kPerExpert;
       const auto t0 = Clock::now();
       auto backend = LoadCudaLayer(shape, mode, o);
-      std::printf("%s, %s GEMMs: loaded %.2f GB in %.1f s\n", shape.name,
-                  gemm.c_str(), backend->WeightBytes() / 1e9,
-                  Seconds(t0, Clock::now()));
+      std::printf("%s, %s GEMMs: loaded %.2f GB in %.1f s\n", shape.name, gemm.c_str(),
+                  backend->WeightBytes() / 1e9, Seconds(t0, Clock::now()));
       std::fflush(stdout);
       for (int tokens : o.tokens)
-        rows.push_back(
-            RunCudaRow(*backend, shape, gemm, tokens, o, elem_bytes));
+        rows.push_back(RunCudaRow(*backend, shape, gemm, tokens, o, elem_bytes));
     }
   }
 
@@ -682,39 +654,32 @@ int RunCudaBench(const Options& o) {
       "same FLOPs (M = rows, K = hidden). BW: weight bytes / GEMM time vs the "
       "copy. bnd: the roofline's bound (BW when reading the weights at copy "
       "speed takes longer than the dense GEMM).\n");
-  std::printf(
-      "%-7s %-10s %6s %5s %6s %9s %8s %8s %9s %9s %6s %8s %8s %5s %4s %s\n",
-      "shape", "gemm", "tokens", "calls", "rows", "wall ms", "dev ms",
-      "GEMM ms", "TFLOP/s", "dense", "%dense", "weightGB", "GB/s", "%copy",
-      "bnd", "goal");
+  std::printf("%-7s %-10s %6s %5s %6s %9s %8s %8s %9s %9s %6s %8s %8s %5s %4s %s\n", "shape",
+              "gemm", "tokens", "calls", "rows", "wall ms", "dev ms", "GEMM ms", "TFLOP/s", "dense",
+              "%dense", "weightGB", "GB/s", "%copy", "bnd", "goal");
   for (const CudaRow& r : rows) {
     const double tflops = r.flops / (r.gemm_ms * 1e-3) / 1e12;
     const double gbs = r.weight_bytes / (r.gemm_ms * 1e-3) / 1e9;
     const double pct_dense = 100 * tflops / r.dense_tflops;
     const double pct_copy = 100 * gbs / copy_gbs;
-    const bool bw_bound =
-        r.weight_bytes / (copy_gbs * 1e9) > r.flops / (r.dense_tflops * 1e12);
-    const std::string goal =
-        bw_bound
-            ? (pct_copy >= 70 ? "met: >=70% copy" : "MISSED: >=70% copy")
-            : (pct_dense >= 75 ? "met: >=75% dense" : "MISSED: >=75% dense");
+    const bool bw_bound = r.weight_bytes / (copy_gbs * 1e9) > r.flops / (r.dense_tflops * 1e12);
+    const std::string goal = bw_bound
+                                 ? (pct_copy >= 70 ? "met: >=70% copy" : "MISSED: >=70% copy")
+                                 : (pct_dense >= 75 ? "met: >=75% dense" : "MISSED: >=75% dense");
     std::printf(
         "%-7s %-10s %6d %5d %6lld %9.3f %8.3f %8.3f %9.1f %9.1f %5.0f%% %8.3f "
         "%8.0f %4.0f%% %4s %s\n",
-        r.shape.c_str(), r.gemm.c_str(), r.tokens, r.calls,
-        static_cast<long long>(r.rows), r.wall_ms, r.device_ms, r.gemm_ms,
-        tflops, r.dense_tflops, pct_dense, r.weight_bytes / 1e9, gbs, pct_copy,
-        bw_bound ? "BW" : "FLOP", goal.c_str());
+        r.shape.c_str(), r.gemm.c_str(), r.tokens, r.calls, static_cast<long long>(r.rows),
+        r.wall_ms, r.device_ms, r.gemm_ms, tflops, r.dense_tflops, pct_dense, r.weight_bytes / 1e9,
+        gbs, pct_copy, bw_bound ? "BW" : "FLOP", goal.c_str());
   }
   if (!o.json.empty()) {
     FILE* f = std::fopen(o.json.c_str(), "w");
     if (f == nullptr) {
-      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n",
-                   o.json.c_str());
+      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
       return 1;
     }
-    std::fprintf(f, "{\"dtype\": \"%s\", \"device\": \"%s\", \"rows\": [\n",
-                 bf16 ? "bf16" : "f32",
+    std::fprintf(f, "{\"dtype\": \"%s\", \"device\": \"%s\", \"rows\": [\n", bf16 ? "bf16" : "f32",
                  dmoe::core::cuda::DeviceDescription(o.device).c_str());
     for (size_t i = 0; i < rows.size(); ++i) {
       const CudaRow& r = rows[i];
@@ -722,9 +687,8 @@ int RunCudaBench(const Options& o) {
                    "  {\"shape\": \"%s\", \"gemm\": \"%s\", \"tokens\": %d, "
                    "\"wall_ms\": %.6f, \"device_ms\": %.6f, \"gemm_ms\": "
                    "%.6f, \"flops\": %.6g}%s\n",
-                   r.shape.c_str(), r.gemm.c_str(), r.tokens, r.wall_ms,
-                   r.device_ms, r.gemm_ms, r.flops,
-                   i + 1 < rows.size() ? "," : "");
+                   r.shape.c_str(), r.gemm.c_str(), r.tokens, r.wall_ms, r.device_ms, r.gemm_ms,
+                   r.flops, i + 1 < rows.size() ? "," : "");
     }
     std::fprintf(f, "]}\n");
     std::fclose(f);
@@ -751,8 +715,7 @@ std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
     Fill(&gate, 1.0f / std::sqrt(float(kHidden)), &rng);
     Fill(&up, 1.0f / std::sqrt(float(kHidden)), &rng);
     Fill(&down, 1.0f / std::sqrt(float(inter)), &rng);
-    const absl::Status s =
-        backend->LoadFfn(kLayer, id, {kHidden, inter, gate, up, down});
+    const absl::Status s = backend->LoadFfn(kLayer, id, {kHidden, inter, gate, up, down});
     if (!s.ok()) {
       std::fprintf(stderr, "LoadFfn: %s\n", std::string(s.message()).c_str());
       std::exit(1);
@@ -776,9 +739,8 @@ int main(int argc, char** argv) {
       "MoE layer bench: DeepSeek-V2-Lite shapes (hidden %lld, %d experts x "
       "inter %lld, "
       "top-%d, shared inter %lld), %s weights, backend cpu-%s%s\n",
-      static_cast<long long>(kHidden), kExperts, static_cast<long long>(kInter),
-      kTopK, static_cast<long long>(kSharedInter), bf16 ? "bf16" : "f32",
-      bf16 ? "bf16" : "f32",
+      static_cast<long long>(kHidden), kExperts, static_cast<long long>(kInter), kTopK,
+      static_cast<long long>(kSharedInter), bf16 ? "bf16" : "f32", bf16 ? "bf16" : "f32",
       o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
 
   const auto load_start = Clock::now();
@@ -800,11 +762,9 @@ int main(int argc, char** argv) {
   std::vector<Result> results, variant_results;
   for (int threads : o.threads) {
     for (int tokens : o.tokens) {
-      results.push_back(
-          RunMoe(*backend, ceilings, tokens, threads, o, elem_bytes));
+      results.push_back(RunMoe(*backend, ceilings, tokens, threads, o, elem_bytes));
       if (variant != nullptr) {
-        variant_results.push_back(
-            RunMoe(*variant, ceilings, tokens, threads, o, elem_bytes));
+        variant_results.push_back(RunMoe(*variant, ceilings, tokens, threads, o, elem_bytes));
       }
     }
   }
@@ -819,8 +779,7 @@ int main(int argc, char** argv) {
       dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512) ? "AVX-512"
       : dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2) ? "AVX2"
                                                             : "SSE2");
-  std::printf("%7s %14s %10s %18s\n", "threads", "GEMM GFLOP/s", "read GB/s",
-              "balance FLOP/B");
+  std::printf("%7s %14s %10s %18s\n", "threads", "GEMM GFLOP/s", "read GB/s", "balance FLOP/B");
   for (int threads : o.threads) {
     double gemm = 0, read = 0;
     for (const Result& r : results) {
@@ -834,11 +793,9 @@ int main(int argc, char** argv) {
   std::printf(
       "\nMoE layer through CpuExpertBackend (median over `calls`; the routing "
       "changes from call to call)\n");
-  std::printf(
-      "%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr",
-      "tokens", "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%GEMM",
-      "weight MB", "GB/s", "ceil", "%BW", "FLOP/B", "bnd", "%roof",
-      "goal (docs/performance.md)");
+  std::printf("%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr", "tokens",
+              "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%GEMM", "weight MB", "GB/s", "ceil",
+              "%BW", "FLOP/B", "bnd", "%roof", "goal (docs/performance.md)");
   for (const Result& r : results) {
     const double pct_gemm = 100 * r.gflops / r.gemm_ceiling;
     const double pct_bw = 100 * r.gbs / r.read_ceiling;
@@ -850,15 +807,14 @@ int main(int argc, char** argv) {
       goal = (pct_bw >= target ? "met: " : "MISSED: ") + std::string(">=") +
              std::to_string(static_cast<int>(target)) + "% BW";
     } else if (r.tokens >= 512) {
-      goal =
-          (pct_gemm >= 85 ? "met: " : "MISSED: ") + std::string(">=85% GEMM");
+      goal = (pct_gemm >= 85 ? "met: " : "MISSED: ") + std::string(">=85% GEMM");
     }
     std::printf(
         "%3d %6d %5d %9.2f %9.1f %8.1f %6.0f %5.0f%% %9.0f %7.1f %5.1f %4.0f%% "
         "%7.1f %4s %5.0f%% %s\n",
-        r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.gemm_ceiling,
-        pct_gemm, r.weight_mb, r.gbs, r.read_ceiling, pct_bw, r.intensity,
-        bw_bound ? "BW" : "FLOP", 100 * r.gflops / roof, goal.c_str());
+        r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.gemm_ceiling, pct_gemm,
+        r.weight_mb, r.gbs, r.read_ceiling, pct_bw, r.intensity, bw_bound ? "BW" : "FLOP",
+        100 * r.gflops / roof, goal.c_str());
   }
   std::printf(
       "\nRSS: %ld MiB at the end (packed weights %.0f MiB + workspaces + GEMM "
@@ -871,13 +827,13 @@ int main(int argc, char** argv) {
         "layers that may use oneDNN's batch-variant matmul (%.2f GB packed); "
         "ratio > 1.00: the invariant kernels are faster\n",
         dmoe::core::IsaSummary().c_str(), variant->WeightBytes() / 1e9);
-    std::printf("%3s %6s %16s %14s %7s\n", "thr", "tokens", "invariant tok/s",
-                "oneDNN tok/s", "ratio");
+    std::printf("%3s %6s %16s %14s %7s\n", "thr", "tokens", "invariant tok/s", "oneDNN tok/s",
+                "ratio");
     for (size_t i = 0; i < results.size(); ++i) {
       const Result& r = results[i];
       const Result& v = variant_results[i];
-      std::printf("%3d %6d %16.1f %14.1f %7.2f\n", r.threads, r.tokens, r.tok_s,
-                  v.tok_s, r.tok_s / v.tok_s);
+      std::printf("%3d %6d %16.1f %14.1f %7.2f\n", r.threads, r.tokens, r.tok_s, v.tok_s,
+                  r.tok_s / v.tok_s);
     }
   }
   return 0;

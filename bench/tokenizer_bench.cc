@@ -18,9 +18,9 @@
 #include <string>
 #include <vector>
 
-#include "text/tokenizer.h"
 #include "nlohmann/json.hpp"
 #include "tests/tokenizer_ref/ref_setup.h"
+#include "text/tokenizer.h"
 
 namespace {
 
@@ -92,8 +92,7 @@ std::string MakeText(size_t bytes) {
     } else {
       // Zipf-ish: low indices much more often.
       const double u = std::uniform_real_distribution<double>(0, 1)(rng);
-      const size_t k =
-          static_cast<size_t>(std::pow(u, 3.0) * words.size()) % words.size();
+      const size_t k = static_cast<size_t>(std::pow(u, 3.0) * words.size()) % words.size();
       s += (s.empty() || s.back() == '\n' ? "" : " ") + words[k];
     }
   }
@@ -101,8 +100,7 @@ std::string MakeText(size_t bytes) {
 }
 
 double Seconds(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0)
-      .count();
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
 }  // namespace
@@ -112,8 +110,7 @@ int main(int argc, char** argv) {
   int repeats = 3;
   for (int i = 1; i + 1 < argc; i += 2) {
     if (std::strcmp(argv[i], "--mb") == 0) mb = std::atof(argv[i + 1]);
-    if (std::strcmp(argv[i], "--repeats") == 0)
-      repeats = std::atoi(argv[i + 1]);
+    if (std::strcmp(argv[i], "--repeats") == 0) repeats = std::atoi(argv[i + 1]);
   }
   dmoe::testing::NpmReference ref;
   const std::string why = dmoe::testing::SetUpNpmReference(&ref);
@@ -125,15 +122,13 @@ int main(int argc, char** argv) {
   }
   auto tok = dmoe::text::Tokenizer::Load(ref.models_dir);
   if (!tok.ok()) {
-    std::fprintf(stderr, "tokenizer_bench: %s\n",
-                 std::string(tok.status().message()).c_str());
+    std::fprintf(stderr, "tokenizer_bench: %s\n", std::string(tok.status().message()).c_str());
     return 1;
   }
   const std::string text = MakeText(static_cast<size_t>(mb * 1e6));
-  const std::string path =
-      (std::filesystem::temp_directory_path() /
-       ("tokenizer_bench_" + std::to_string(getpid()) + ".txt"))
-          .string();
+  const std::string path = (std::filesystem::temp_directory_path() /
+                            ("tokenizer_bench_" + std::to_string(getpid()) + ".txt"))
+                               .string();
   std::ofstream(path, std::ios::binary) << text;
 
   // C++: the first pass starts with an empty word cache (cold); then `repeats`
@@ -142,8 +137,7 @@ int main(int argc, char** argv) {
   auto first = (*tok)->Encode(text);
   const double cold_s = Seconds(t0);
   if (!first.ok()) {
-    std::fprintf(stderr, "tokenizer_bench: %s\n",
-                 std::string(first.status().message()).c_str());
+    std::fprintf(stderr, "tokenizer_bench: %s\n", std::string(first.status().message()).c_str());
     return 1;
   }
   const size_t per_pass = first->size();
@@ -155,15 +149,11 @@ int main(int argc, char** argv) {
 
   const std::string out = path + ".json";
   const int rc = dmoe::testing::RunNodeReference(
-      ref,
-      "bench " + dmoe::testing::ShellQuote(path) + " " +
-          std::to_string(repeats),
-      out);
+      ref, "bench " + dmoe::testing::ShellQuote(path) + " " + std::to_string(repeats), out);
   const std::string js_out = dmoe::testing::ReadWholeFile(out);
   std::filesystem::remove(path);
   std::filesystem::remove(out);
-  const auto js = nlohmann::json::parse(js_out.substr(0, js_out.find('\n')),
-                                        nullptr, false);
+  const auto js = nlohmann::json::parse(js_out.substr(0, js_out.find('\n')), nullptr, false);
 
   std::printf(
       "tokenizer_bench: %.1f MB text, %zu tokens per pass, %d passes, 1 "
@@ -181,8 +171,8 @@ int main(int argc, char** argv) {
   std::printf("  transformers.js (node):           %12.0f tokens/s\n", theirs);
   std::printf("  ratio C++ / JS: %.2fx\n", ours / theirs);
   if (js["tokens"].get<size_t>() != tokens) {
-    std::printf("  MISMATCH: JS produced %zu tokens, C++ %zu\n",
-                js["tokens"].get<size_t>(), tokens);
+    std::printf("  MISMATCH: JS produced %zu tokens, C++ %zu\n", js["tokens"].get<size_t>(),
+                tokens);
     return 1;
   }
   return 0;

@@ -98,7 +98,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "bench/bench_util.h"
-#include "testing/subprocess.h"
+#include "common/wire.h"
 #include "core/config.h"
 #include "core/dtype.h"
 #include "core/expert_backend.h"
@@ -107,13 +107,13 @@
 #include "core/layers.h"
 #include "core/model.h"
 #include "core/moe.h"
-#include "placement/placement.h"
 #include "core/safetensors.h"
 #include "core/status.h"
-#include "common/wire.h"
 #include "dmoe/v1/expert.pb.h"
 #include "nlohmann/json.hpp"
+#include "placement/placement.h"
 #include "router_service/remote_expert_backend.h"
+#include "testing/subprocess.h"
 
 namespace {
 
@@ -124,9 +124,8 @@ namespace fs = std::filesystem;
 using Clock = std::chrono::steady_clock;
 
 constexpr char kDefaultModel[] = "/tmp/dmoe-wire-bench-model";
-constexpr int64_t kWireOnlyInter =
-    16;                            // moe_intermediate_size of wire-only servers
-constexpr size_t kGrpcPrefix = 5;  // compressed flag + u32 length per message
+constexpr int64_t kWireOnlyInter = 16;  // moe_intermediate_size of wire-only servers
+constexpr size_t kGrpcPrefix = 5;       // compressed flag + u32 length per message
 
 // ---- options
 // -----------------------------------------------------------------
@@ -246,8 +245,7 @@ std::string g_work_dir;
 // Child processes die with the bench (PR_SET_PDEATHSIG), so exiting here
 // leaves none behind.
 [[noreturn]] void Die(const absl::Status& s, std::string_view what) {
-  std::fprintf(stderr, "wire_bench: %s: %s\n", std::string(what).c_str(),
-               s.ToString().c_str());
+  std::fprintf(stderr, "wire_bench: %s: %s\n", std::string(what).c_str(), s.ToString().c_str());
   if (!g_work_dir.empty()) {
     std::error_code ec;
     fs::remove_all(g_work_dir, ec);
@@ -286,28 +284,23 @@ absl::Status EnsureModel(const std::string& dir, const std::string& bin_dir,
                          const std::string& work_dir) {
   if (fs::exists(fs::path(dir) / "config.json")) return absl::OkStatus();
   const std::string tmp = absl::StrCat(dir, ".partial-", getpid());
-  std::fprintf(stderr,
-               "wire_bench: writing %s (v2lite --layers 2, bf16; once)\n",
-               dir.c_str());
+  std::fprintf(stderr, "wire_bench: writing %s (v2lite --layers 2, bf16; once)\n", dir.c_str());
   Child make;
   const std::string log = work_dir + "/make-model.log";
-  if (!make.Start(
-          {bin_dir + "/dmoe", "make-model", "--preset", "v2lite", "--layers",
-           "2", "--seed", "1", "--weight-dtype", "bf16", "--out", tmp},
-          log)) {
+  if (!make.Start({bin_dir + "/dmoe", "make-model", "--preset", "v2lite", "--layers", "2", "--seed",
+                   "1", "--weight-dtype", "bf16", "--out", tmp},
+                  log)) {
     return absl::InternalError("cannot start dmoe make-model");
   }
   if (const int rc = make.Wait(std::chrono::minutes(10)); rc != 0) {
     std::error_code ec;
     fs::remove_all(tmp, ec);
-    return absl::InternalError(
-        absl::StrCat("dmoe make-model exited with ", rc, ": ", make.Log()));
+    return absl::InternalError(absl::StrCat("dmoe make-model exited with ", rc, ": ", make.Log()));
   }
   std::error_code ec;
   fs::rename(tmp, dir, ec);
   if (ec && !fs::exists(fs::path(dir) / "config.json")) {
-    return absl::InternalError(
-        absl::StrCat("rename ", tmp, " -> ", dir, ": ", ec.message()));
+    return absl::InternalError(absl::StrCat("rename ", tmp, " -> ", dir, ": ", ec.message()));
   }
   fs::remove_all(tmp, ec);  // lost a race with another writer: theirs is fine
   return absl::OkStatus();
@@ -317,8 +310,7 @@ absl::Status EnsureModel(const std::string& dir, const std::string& bin_dir,
 // checkpoint of only the MoE layers' routed and shared experts (all an expert
 // server loads). Same hidden size, experts and gate, so the same batches put
 // the same bytes on the wire.
-absl::Status WriteWireOnlyModel(const std::string& full_dir,
-                                const std::string& out_dir) {
+absl::Status WriteWireOnlyModel(const std::string& full_dir, const std::string& out_dir) {
   std::ifstream in(full_dir + "/config.json");
   std::stringstream text;
   text << in.rdbuf();
@@ -333,38 +325,31 @@ absl::Status WriteWireOnlyModel(const std::string& full_dir,
     out << j.dump(2) << "\n";
     if (!out) return absl::InternalError("cannot write " + out_dir);
   }
-  DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg,
-                        core::ModelConfig::FromJson(j.dump()));
+  DMOE_ASSIGN_OR_RETURN(core::ModelConfig cfg, core::ModelConfig::FromJson(j.dump()));
   const int64_t H = cfg.hidden_size;
   std::vector<core::SafetensorsWriter::Decl> decls;
   auto add_ffn = [&](const std::string& prefix, int64_t inter) {
-    decls.push_back(
-        {prefix + "gate_proj.weight", core::DType::kBF16, {inter, H}});
-    decls.push_back(
-        {prefix + "up_proj.weight", core::DType::kBF16, {inter, H}});
-    decls.push_back(
-        {prefix + "down_proj.weight", core::DType::kBF16, {H, inter}});
+    decls.push_back({prefix + "gate_proj.weight", core::DType::kBF16, {inter, H}});
+    decls.push_back({prefix + "up_proj.weight", core::DType::kBF16, {inter, H}});
+    decls.push_back({prefix + "down_proj.weight", core::DType::kBF16, {H, inter}});
   };
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < cfg.n_routed_experts; ++e)
-      add_ffn(absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-              kWireOnlyInter);
+      add_ffn(absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."), kWireOnlyInter);
     if (cfg.n_shared_experts > 0)
       add_ffn(absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
               cfg.n_shared_experts * kWireOnlyInter);
   }
-  DMOE_ASSIGN_OR_RETURN(auto writer, core::SafetensorsWriter::Create(
-                                         out_dir + "/model.safetensors", decls,
-                                         {{"format", "pt"}}));
+  DMOE_ASSIGN_OR_RETURN(auto writer, core::SafetensorsWriter::Create(out_dir + "/model.safetensors",
+                                                                     decls, {{"format", "pt"}}));
   std::mt19937 rng(3);
   std::uniform_real_distribution<float> u(-0.05f, 0.05f);
   std::vector<uint16_t> bits;
   for (const auto& d : decls) {
     bits.resize(static_cast<size_t>(d.shape[0] * d.shape[1]));
     for (uint16_t& b : bits) b = core::F32ToBF16(u(rng));
-    DMOE_RETURN_IF_ERROR(
-        writer->Write(d.name, bits.data(), bits.size() * sizeof(uint16_t)));
+    DMOE_RETURN_IF_ERROR(writer->Write(d.name, bits.data(), bits.size() * sizeof(uint16_t)));
   }
   return writer->Finish();
 }
@@ -397,19 +382,17 @@ class ServerSet {
   ~ServerSet() { Stop(); }
 
   // Starts the processes; they load their weights in the background.
-  absl::Status Launch(const std::string& bin_dir, const std::string& model,
-                      int n, int threads, const std::string& dir,
-                      const std::string& tag) {
+  absl::Status Launch(const std::string& bin_dir, const std::string& model, int n, int threads,
+                      const std::string& dir, const std::string& tag) {
     dir_ = dir;
     tag_ = tag;
     for (int s = 0; s < n; ++s) {
       const std::string base = absl::StrCat(dir, "/", tag, "-", n, "-", s);
       procs_.push_back(std::make_unique<Child>());
       if (!procs_.back()->Start(
-              {bin_dir + "/dmoe-expert", "--model", model, "--server-index",
-               absl::StrCat(s), "--num-servers", absl::StrCat(n), "--port", "0",
-               "--port-file", base + ".port", "--raw-echo-port-file",
-               base + ".echo", "--dtype", "bf16", "--threads",
+              {bin_dir + "/dmoe-expert", "--model", model, "--server-index", absl::StrCat(s),
+               "--num-servers", absl::StrCat(n), "--port", "0", "--port-file", base + ".port",
+               "--raw-echo-port-file", base + ".echo", "--dtype", "bf16", "--threads",
                absl::StrCat(threads), "--drain-timeout-s", "5"},
               base + ".log")) {
         return absl::InternalError("cannot start dmoe-expert");
@@ -424,15 +407,12 @@ class ServerSet {
     for (int s = 0; s < n; ++s) {
       const std::string base = absl::StrCat(dir_, "/", tag_, "-", n, "-", s);
       // --port-file is written after the echo's file: wait for it first.
-      const int port =
-          WaitForPortFile(base + ".port", *procs_[s], std::chrono::minutes(5));
-      const int echo = port > 0 ? WaitForPortFile(base + ".echo", *procs_[s],
-                                                  std::chrono::seconds(5))
-                                : 0;
+      const int port = WaitForPortFile(base + ".port", *procs_[s], std::chrono::minutes(5));
+      const int echo =
+          port > 0 ? WaitForPortFile(base + ".echo", *procs_[s], std::chrono::seconds(5)) : 0;
       if (port == 0 || echo == 0) {
-        return absl::UnavailableError(
-            absl::StrCat(tag_, " expert server ", s, "/", n,
-                         " did not come up; its log:\n", procs_[s]->Log()));
+        return absl::UnavailableError(absl::StrCat(
+            tag_, " expert server ", s, "/", n, " did not come up; its log:\n", procs_[s]->Log()));
       }
       addresses_.push_back(absl::StrCat("127.0.0.1:", port));
       echo_ports_.push_back(echo);
@@ -481,8 +461,8 @@ class RawEchoClient {
       addr.sin_port = htons(static_cast<uint16_t>(port));
       addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
       if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0) {
-        return absl::UnavailableError(absl::StrCat("raw echo 127.0.0.1:", port,
-                                                   ": ", std::strerror(errno)));
+        return absl::UnavailableError(
+            absl::StrCat("raw echo 127.0.0.1:", port, ": ", std::strerror(errno)));
       }
       const int one = 1;
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
@@ -518,16 +498,15 @@ class RawEchoClient {
       for (size_t s = 0; s < n; ++s) {
         State& st = state_[s];
         if (st.sent < st.to_send) {
-          const ssize_t w = send(fds_[s], out_[s].data() + st.sent,
-                                 st.to_send - st.sent, MSG_NOSIGNAL);
+          const ssize_t w =
+              send(fds_[s], out_[s].data() + st.sent, st.to_send - st.sent, MSG_NOSIGNAL);
           if (w > 0)
             st.sent += static_cast<size_t>(w);
           else if (w < 0 && errno != EAGAIN && errno != EINTR)
             return absl::UnavailableError("raw echo: send failed");
         }
         if (st.received < st.to_recv) {
-          const ssize_t r = recv(fds_[s], in_[s].data() + st.received,
-                                 st.to_recv - st.received, 0);
+          const ssize_t r = recv(fds_[s], in_[s].data() + st.received, st.to_recv - st.received, 0);
           if (r > 0)
             st.received += static_cast<size_t>(r);
           else if (r == 0 || (errno != EAGAIN && errno != EINTR))
@@ -537,10 +516,8 @@ class RawEchoClient {
         st.done = st.sent == st.to_send && st.received == st.to_recv;
         if (was_open && st.done) --open;
         if (!st.done) {
-          pfds.push_back({fds_[s],
-                          static_cast<short>(
-                              (st.sent < st.to_send ? POLLOUT : 0) | POLLIN),
-                          0});
+          pfds.push_back(
+              {fds_[s], static_cast<short>((st.sent < st.to_send ? POLLOUT : 0) | POLLIN), 0});
         }
       }
       if (open > 0 && poll(pfds.data(), pfds.size(), 10000) <= 0)
@@ -577,7 +554,7 @@ struct Batch {
   // What each visited server computes: its share and the share's rows of x.
   std::vector<place::ServerShare> shares;
   std::vector<std::vector<float>> share_x;  // [share][tokens, hidden]
-  double server_compute = 0;  // seconds, wire-only FFNs: max over shares
+  double server_compute = 0;                // seconds, wire-only FFNs: max over shares
 
   core::ExpertBatch View(int32_t layer, int64_t hidden) const {
     return plan.AsBatch(layer, x.data(), tokens, hidden);
@@ -587,16 +564,13 @@ struct Batch {
 // The messages SendShare (router_service/remote_expert_backend.cc) sends and
 // the compute worker answers, built the same way, to count their bytes.
 std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
-                                            const place::ServerShare& share,
-                                            common::WireDType wire,
-                                            uint64_t version,
-                                            size_t max_chunk_bytes,
+                                            const place::ServerShare& share, common::WireDType wire,
+                                            uint64_t version, size_t max_chunk_bytes,
                                             bool per_assignment) {
   const int64_t H = b.hidden;
   const int64_t n = static_cast<int64_t>(share.tokens.size());
-  const int64_t row_bytes =
-      H * static_cast<int64_t>(common::WireElementSize(wire)) +
-      (wire == common::WireDType::kF8E4M3 ? 4 : 0);
+  const int64_t row_bytes = H * static_cast<int64_t>(common::WireElementSize(wire)) +
+                            (wire == common::WireDType::kF8E4M3 ? 4 : 0);
   const int64_t rows_per_chunk =
       std::max<int64_t>(1, static_cast<int64_t>(max_chunk_bytes) / row_bytes);
   const int64_t chunks = (n + rows_per_chunk - 1) / rows_per_chunk;
@@ -604,13 +578,11 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
   std::vector<float> rows_x;
   size_t req_bytes = 0, rep_bytes = 0;
   for (int64_t c = 0; c < chunks; ++c) {
-    const int64_t r0 = c * rows_per_chunk,
-                  r1 = std::min(n, r0 + rows_per_chunk);
+    const int64_t r0 = c * rows_per_chunk, r1 = std::min(n, r0 + rows_per_chunk);
     const int64_t rows = r1 - r0;
     rows_x.resize(static_cast<size_t>(rows * H));
     for (int64_t r = r0; r < r1; ++r) {
-      std::memcpy(rows_x.data() + (r - r0) * H,
-                  b.x + static_cast<int64_t>(share.tokens[r]) * H,
+      std::memcpy(rows_x.data() + (r - r0) * H, b.x + static_cast<int64_t>(share.tokens[r]) * H,
                   H * sizeof(float));
     }
     dmoe::v1::ExpertRequest req;
@@ -622,12 +594,11 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     x->set_rows(static_cast<uint32_t>(rows));
     x->set_cols(static_cast<uint32_t>(H));
     common::PackActivations(rows_x.data(), rows, H, 0, wire, x->mutable_data(),
-                          x->mutable_row_scales());
+                            x->mutable_row_scales());
     req.add_token_offsets(0);
     for (int64_t r = r0; r < r1; ++r) {
       bool shared = false;
-      for (int32_t a = share.token_offsets[r]; a < share.token_offsets[r + 1];
-           ++a) {
+      for (int32_t a = share.token_offsets[r]; a < share.token_offsets[r + 1]; ++a) {
         if (share.ffn_ids[a] == core::kSharedFfn) {
           shared = true;
         } else {
@@ -645,8 +616,7 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     req_bytes += req.ByteSizeLong() + kGrpcPrefix;
     // One reply row per token, or per assignment (experts + shared duty).
     const int64_t reply_rows =
-        per_assignment ? share.token_offsets[r1] - share.token_offsets[r0]
-                       : rows;
+        per_assignment ? share.token_offsets[r1] - share.token_offsets[r0] : rows;
 
     dmoe::v1::ExpertResponse rep;
     rep.set_request_id(request_id);
@@ -656,8 +626,7 @@ std::pair<size_t, size_t> ShareMessageBytes(const core::ExpertBatch& b,
     y->set_dtype(ToProto(wire));
     y->set_rows(static_cast<uint32_t>(reply_rows));
     y->set_cols(static_cast<uint32_t>(H));
-    y->mutable_data()->resize(static_cast<size_t>(reply_rows * H) *
-                              common::WireElementSize(wire));
+    y->mutable_data()->resize(static_cast<size_t>(reply_rows * H) * common::WireElementSize(wire));
     if (wire == common::WireDType::kF8E4M3)
       y->mutable_row_scales()->resize(static_cast<size_t>(reply_rows) * 4);
     rep_bytes += rep.ByteSizeLong() + kGrpcPrefix;
@@ -696,25 +665,22 @@ Layer LoadLayer(const std::string& dir, bool with_gate) {
   const core::ModelConfig& c = layer.cfg;
   for (int32_t e = 0; e < c.n_routed_experts; ++e) {
     const absl::Status s = core::LoadFfnInto(
-        **ckpt,
-        absl::StrCat("model.layers.", layer.index, ".mlp.experts.", e, "."),
-        c.hidden_size, c.moe_intermediate_size, layer.index, e, *layer.local);
+        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.experts.", e, "."), c.hidden_size,
+        c.moe_intermediate_size, layer.index, e, *layer.local);
     if (!s.ok()) Die(s, "load expert");
   }
   if (c.n_shared_experts > 0) {
     const absl::Status s = core::LoadFfnInto(
-        **ckpt,
-        absl::StrCat("model.layers.", layer.index, ".mlp.shared_experts."),
-        c.hidden_size, c.n_shared_experts * c.moe_intermediate_size,
-        layer.index, core::kSharedFfn, *layer.local);
+        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.shared_experts."), c.hidden_size,
+        c.n_shared_experts * c.moe_intermediate_size, layer.index, core::kSharedFfn, *layer.local);
     if (!s.ok()) Die(s, "load shared expert");
   }
   core::ReleaseLoadBuffers();
   return layer;
 }
 
-Batch MakeBatch(Layer& layer, const place::Placement& placement,
-                common::WireDType wire, int64_t tokens, uint64_t seed) {
+Batch MakeBatch(Layer& layer, const place::Placement& placement, common::WireDType wire,
+                int64_t tokens, uint64_t seed) {
   const int64_t H = layer.cfg.hidden_size;
   Batch b;
   b.tokens = tokens;
@@ -735,40 +701,36 @@ Batch MakeBatch(Layer& layer, const place::Placement& placement,
   b.plan = core::MakeDispatchPlan(routing, /*with_shared=*/true);
   const core::ExpertBatch view = b.View(layer.index, H);
   const std::vector<int64_t> queued(placement.num_servers(), 0);
-  auto shares = place::SplitByServer(view, placement, queued,
-                                    place::SharedDuty::kExpertServers);
+  auto shares = place::SplitByServer(view, placement, queued, place::SharedDuty::kExpertServers);
   if (!shares.ok()) Die(shares.status(), "SplitByServer");
   b.frames.assign(placement.num_servers(), {0, 0});
   const dmoe::router::RemoteExpertOptions defaults;
   for (const place::ServerShare& share : *shares) {
     if (share.tokens.empty()) continue;
     b.frames[share.server] =
-        ShareMessageBytes(view, share, wire, placement.version(),
-                          defaults.max_chunk_bytes,
+        ShareMessageBytes(view, share, wire, placement.version(), defaults.max_chunk_bytes,
                           defaults.per_assignment_replies);
-    b.reply_rows += defaults.per_assignment_replies
-                        ? static_cast<int64_t>(share.ffn_ids.size())
-                        : static_cast<int64_t>(share.tokens.size());
+    b.reply_rows += defaults.per_assignment_replies ? static_cast<int64_t>(share.ffn_ids.size())
+                                                    : static_cast<int64_t>(share.tokens.size());
     b.request_bytes += b.frames[share.server].first;
     b.reply_bytes += b.frames[share.server].second;
     b.visits += static_cast<int64_t>(share.tokens.size());
     std::vector<float>& sx = b.share_x.emplace_back(share.tokens.size() * H);
     for (size_t i = 0; i < share.tokens.size(); ++i) {
-      std::memcpy(sx.data() + i * H, b.x.data() + share.tokens[i] * H,
-                  H * sizeof(float));
+      std::memcpy(sx.data() + i * H, b.x.data() + share.tokens[i] * H, H * sizeof(float));
     }
     b.shares.push_back(share);
   }
   const size_t elem = wire == common::WireDType::kF32    ? 4
                       : wire == common::WireDType::kBF16 ? 2
-                                                       : 1;
+                                                         : 1;
   b.min_bytes = static_cast<size_t>(b.visits + b.reply_rows) * H * elem;
   return b;
 }
 
-std::unique_ptr<core::ExpertBackend> RemoteBackend(
-    const ServerSet& set, const place::Placement& placement,
-    common::WireDType wire) {
+std::unique_ptr<core::ExpertBackend> RemoteBackend(const ServerSet& set,
+                                                   const place::Placement& placement,
+                                                   common::WireDType wire) {
   dmoe::router::RemoteExpertOptions o;
   o.servers = set.addresses();
   o.placement = placement;
@@ -789,17 +751,15 @@ uint64_t LoopbackTxBytes() {
 // ------------------------------------------------------------------
 
 struct Row {
-  int servers = 0, tokens = 0, inproc_threads = 0, layer_calls = 0,
-      wire_calls = 0;
+  int servers = 0, tokens = 0, inproc_threads = 0, layer_calls = 0, wire_calls = 0;
   double visits_per_token = 0;
-  double rows_back_per_token = 0;  // reply rows (see Batch::reply_rows)
+  double rows_back_per_token = 0;   // reply rows (see Batch::reply_rows)
   Stats inproc, remote, grpc, raw;  // seconds
-  Stats server_compute;  // wire-only FFNs in-process, per batch (ServerCompute)
-  Stats grpc_net;        // gRPC round trip - server_compute, per call
-  double codec = 0;      // seconds of activation packing/unpacking (CodecTime)
-  double rel_diff = 0;   // max |remote - in-process| / max |in-process|
-  double req_per_token = 0, rep_per_token = 0, min_per_token = 0,
-         lo_per_token = 0;
+  Stats server_compute;             // wire-only FFNs in-process, per batch (ServerCompute)
+  Stats grpc_net;                   // gRPC round trip - server_compute, per call
+  double codec = 0;                 // seconds of activation packing/unpacking (CodecTime)
+  double rel_diff = 0;              // max |remote - in-process| / max |in-process|
+  double req_per_token = 0, rep_per_token = 0, min_per_token = 0, lo_per_token = 0;
 };
 
 struct MemoryRow {
@@ -817,8 +777,8 @@ void Check(const absl::Status& s, std::string_view what) {
 // servers' thread count; the max over shares (the servers run in parallel, so
 // this is a lower bound of their compute on a host with fewer free cores than
 // servers).
-double ServerCompute(const Batch& b, const Layer& layer,
-                     core::ExpertBackend& wire_local, int reps) {
+double ServerCompute(const Batch& b, const Layer& layer, core::ExpertBackend& wire_local,
+                     int reps) {
   const int64_t H = layer.cfg.hidden_size;
   std::vector<float> out;
   double worst = 0;
@@ -836,8 +796,7 @@ double ServerCompute(const Batch& b, const Layer& layer,
     std::vector<double> t;
     for (int r = -1; r < reps; ++r) {  // r < 0: warm-up
       const auto t0 = Clock::now();
-      Check(wire_local.Compute(view, out.data()),
-            "in-process wire-only Compute");
+      Check(wire_local.Compute(view, out.data()), "in-process wire-only Compute");
       if (r >= 0) t.push_back(Seconds(t0, Clock::now()));
     }
     worst = std::max(worst, Summarize(t).median);
@@ -849,8 +808,7 @@ double ServerCompute(const Batch& b, const Layer& layer,
 // router packs every request and unpacks every reply (one after the other),
 // each server unpacks its request and packs its reply (in parallel: max over
 // servers). Median over `reps`.
-double CodecTime(const Batch& b, common::WireDType wire, int64_t hidden,
-                 int reps) {
+double CodecTime(const Batch& b, common::WireDType wire, int64_t hidden, int reps) {
   std::string data, scales;
   std::vector<float> rows;
   std::vector<double> t;
@@ -873,9 +831,8 @@ double CodecTime(const Batch& b, common::WireDType wire, int64_t hidden,
   return Summarize(t).median;
 }
 
-Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
-           const place::Placement& placement, int n, int tokens,
-           core::ExpertBackend& full, core::ExpertBackend& wire_only,
+Row RunRow(Layer& layer, core::ExpertBackend& wire_local, const place::Placement& placement, int n,
+           int tokens, core::ExpertBackend& full, core::ExpertBackend& wire_only,
            RawEchoClient& raw, const Options& o) {
   const int64_t H = layer.cfg.hidden_size;
   const int cores = std::max(1u, std::thread::hardware_concurrency());
@@ -886,15 +843,12 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
   const int num_batches = o.quick ? 2 : 4;
   std::vector<Batch> batches;
   for (int i = 0; i < num_batches; ++i)
-    batches.push_back(
-        MakeBatch(layer, placement, o.wire, tokens, 7919ull * tokens + i));
-  std::vector<float> out_local(static_cast<size_t>(tokens * H)),
-      out_remote(out_local.size());
+    batches.push_back(MakeBatch(layer, placement, o.wire, tokens, 7919ull * tokens + i));
+  std::vector<float> out_local(static_cast<size_t>(tokens * H)), out_remote(out_local.size());
 
   // 1. Layer: in-process vs the full servers, alternating call by call.
   core::SetComputeThreads(row.inproc_threads);
-  const int layer_calls =
-      o.quick ? 2 * num_batches : (tokens >= 256 ? 3 : 5) * num_batches;
+  const int layer_calls = o.quick ? 2 * num_batches : (tokens >= 256 ? 3 : 5) * num_batches;
   std::vector<double> t_local, t_remote;
   double max_abs = 0, max_diff = 0;
   for (int i = -num_batches; i < layer_calls; ++i) {  // i < 0: warm-up
@@ -903,16 +857,14 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
     auto t0 = Clock::now();
     Check(layer.local->Compute(view, out_local.data()), "in-process Compute");
     auto t1 = Clock::now();
-    Check(full.Compute(view, out_remote.data()),
-          "remote Compute (full servers)");
+    Check(full.Compute(view, out_remote.data()), "remote Compute (full servers)");
     auto t2 = Clock::now();
     if (i < 0) continue;
     t_local.push_back(Seconds(t0, t1));
     t_remote.push_back(Seconds(t1, t2));
     for (size_t k = 0; k < out_local.size(); ++k) {
       max_abs = std::max(max_abs, double(std::fabs(out_local[k])));
-      max_diff =
-          std::max(max_diff, double(std::fabs(out_local[k] - out_remote[k])));
+      max_diff = std::max(max_diff, double(std::fabs(out_local[k] - out_remote[k])));
     }
   }
   row.layer_calls = layer_calls;
@@ -930,8 +882,7 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
   }
   row.server_compute = Summarize(compute);
   std::vector<double> codec;
-  for (const Batch& b : batches)
-    codec.push_back(CodecTime(b, o.wire, H, o.quick ? 3 : 15));
+  for (const Batch& b : batches) codec.push_back(CodecTime(b, o.wire, H, o.quick ? 3 : 15));
   row.codec = Summarize(codec).median;
   const int wire_calls = o.quick ? 20 : (tokens >= 256 ? 150 : 300);
   std::vector<double> t_grpc, t_raw, t_net;
@@ -942,8 +893,7 @@ Row RunRow(Layer& layer, core::ExpertBackend& wire_local,
     const core::ExpertBatch view = b.View(layer.index, H);
     const uint64_t lo0 = LoopbackTxBytes();
     auto t0 = Clock::now();
-    Check(wire_only.Compute(view, out_remote.data()),
-          "remote Compute (wire-only servers)");
+    Check(wire_only.Compute(view, out_remote.data()), "remote Compute (wire-only servers)");
     auto t1 = Clock::now();
     const uint64_t lo1 = LoopbackTxBytes();
     auto t2 = Clock::now();
@@ -1005,8 +955,7 @@ class TimedBackend final : public core::ExpertBackend {
     DMOE_ASSIGN_OR_RETURN(const uint64_t ticket, Submit(batch, out));
     return Await(ticket);
   }
-  absl::StatusOr<uint64_t> Submit(const core::ExpertBatch& batch,
-                                  float* out) override {
+  absl::StatusOr<uint64_t> Submit(const core::ExpertBatch& batch, float* out) override {
     return target_->Submit(batch, out);
   }
   absl::Status Await(uint64_t ticket) override {
@@ -1054,8 +1003,7 @@ struct MicroRow {
 
 // One step shape (prefill: `tokens` new tokens per sequence at position 0;
 // decode: 1 token per sequence at position `tokens`) with both models.
-MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens,
-                  bool decode, int steps) {
+MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens, bool decode, int steps) {
   MicroRow row;
   row.servers = n;
   row.seqs = seqs;
@@ -1063,8 +1011,7 @@ MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens,
   row.steps = steps;
   const core::ModelConfig& cfg = models[0].model->config();
   std::mt19937 rng(11);
-  std::uniform_int_distribution<int32_t> vocab(
-      0, static_cast<int32_t>(cfg.vocab_size) - 1);
+  std::uniform_int_distribution<int32_t> vocab(0, static_cast<int32_t>(cfg.vocab_size) - 1);
   std::vector<std::vector<int32_t>> prompt(seqs, std::vector<int32_t>(tokens)),
       next(seqs, std::vector<int32_t>(1));
   for (auto& p : prompt)
@@ -1085,12 +1032,10 @@ MicroRow RunMicro(MicroModel (&models)[2], int n, int seqs, int tokens,
     if (decode) Check(m.model->Forward(prefill, cache, &logits), "prefill");
     for (int r = -1; r < steps; ++r) {  // r < 0: warm-up
       // The same step again: its tokens go to the same cache positions.
-      for (const core::SeqInput& in : prefill)
-        cache.SetLength(in.seq, decode ? tokens : 0);
+      for (const core::SeqInput& in : prefill) cache.SetLength(in.seq, decode ? tokens : 0);
       m.experts->ResetTimes();
       const auto t0 = Clock::now();
-      Check(m.model->Forward(decode ? step : prefill, cache, &logits),
-            "Forward");
+      Check(m.model->Forward(decode ? step : prefill, cache, &logits), "Forward");
       const double t = Seconds(t0, Clock::now());
       if (r < 0) continue;
       times.push_back(t);
@@ -1128,8 +1073,7 @@ int main(int argc, char** argv) {
   auto launch = [&](int n) {
     auto sv = std::make_unique<Servers>();
     sv->launched = Clock::now();
-    Check(sv->full.Launch(bin_dir, model, n, o.threads, work_dir, "full"),
-          "full servers");
+    Check(sv->full.Launch(bin_dir, model, n, o.threads, work_dir, "full"), "full servers");
     Check(sv->wire.Launch(bin_dir, wire_model, n, o.threads, work_dir, "wire"),
           "wire-only servers");
     return sv;
@@ -1143,8 +1087,7 @@ int main(int argc, char** argv) {
   const core::ModelConfig& cfg = layer.cfg;
   const int cores = std::max(1u, std::thread::hardware_concurrency());
   const size_t elem = 2;  // bf16 weights on the servers
-  const size_t expert_bytes =
-      3 * cfg.hidden_size * cfg.moe_intermediate_size * elem;
+  const size_t expert_bytes = 3 * cfg.hidden_size * cfg.moe_intermediate_size * elem;
   const size_t shared_bytes = cfg.n_shared_experts * expert_bytes;
 
   std::printf(
@@ -1153,9 +1096,8 @@ int main(int argc, char** argv) {
       layer.index, model.c_str(), static_cast<long long>(cfg.hidden_size),
       static_cast<long long>(cfg.n_routed_experts),
       static_cast<long long>(cfg.moe_intermediate_size),
-      static_cast<long long>(cfg.num_experts_per_tok),
-      static_cast<long long>(cfg.n_shared_experts), WireName(o.wire),
-      o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
+      static_cast<long long>(cfg.num_experts_per_tok), static_cast<long long>(cfg.n_shared_experts),
+      WireName(o.wire), o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
   std::printf(
       "host: %d cores; each expert server --threads %d; in-process threads = "
       "min(N x %d, %d); loaded %.2f GB in-process in %.1f s\n",
@@ -1169,12 +1111,9 @@ int main(int argc, char** argv) {
   // 5. Micro-batching: the model loaded twice (micro_batches 1 and 2), its
   // experts switched to each N's full servers.
   const int micro_n =
-      std::find(o.servers.begin(), o.servers.end(), 2) != o.servers.end()
-          ? 2
-          : o.servers.back();
+      std::find(o.servers.begin(), o.servers.end(), 2) != o.servers.end() ? 2 : o.servers.back();
   const auto micro_start = Clock::now();
-  MicroModel micro_models[2] = {LoadMicroModel(model, 1),
-                                LoadMicroModel(model, 2)};
+  MicroModel micro_models[2] = {LoadMicroModel(model, 1), LoadMicroModel(model, 2)};
   std::printf(
       "micro-batching: 2-layer model loaded twice (micro_batches 1, 2) in %.1f "
       "s\n",
@@ -1201,8 +1140,7 @@ int main(int argc, char** argv) {
     RawEchoClient raw;
     Check(raw.Connect(wire_set.echo_ports()), "raw echo");
     for (int t : o.tokens) {
-      rows.push_back(RunRow(layer, *wire_layer.local, *placement, n, t, *full,
-                            *wire_only, raw, o));
+      rows.push_back(RunRow(layer, *wire_layer.local, *placement, n, t, *full, *wire_only, raw, o));
       std::fprintf(stderr, "wire_bench: N=%d T=%d done\n", n, t);
     }
     if (!o.quick || n == micro_n) {
@@ -1211,8 +1149,7 @@ int main(int argc, char** argv) {
       const int seqs = o.quick ? 4 : 8, len = o.quick ? 8 : 32;
       const int steps = o.quick ? 1 : 5;
       micro_rows.push_back(RunMicro(micro_models, n, seqs, len, false, steps));
-      micro_rows.push_back(
-          RunMicro(micro_models, n, seqs, len, true, o.quick ? 2 : 20));
+      micro_rows.push_back(RunMicro(micro_models, n, seqs, len, true, o.quick ? 2 : 20));
       for (MicroModel& m : micro_models) m.experts->set_target(nullptr);
       std::fprintf(stderr, "wire_bench: N=%d micro-batching done\n", n);
     }
@@ -1236,18 +1173,15 @@ int main(int argc, char** argv) {
       "RemoteExpertBackend through N full servers\n"
       "   (median / p90 over `calls`; overhead = remote / in-process; rel.diff "
       "= max|remote - in-process| / max|in-process|)\n");
-  std::printf("%2s %5s %6s %5s %3s %10s %10s %10s %10s %8s %10s %9s\n", "N",
-              "T", "visits", "calls", "thr", "in-proc ms", "p90", "remote ms",
-              "p90", "overhead", "+ms", "rel.diff");
+  std::printf("%2s %5s %6s %5s %3s %10s %10s %10s %10s %8s %10s %9s\n", "N", "T", "visits", "calls",
+              "thr", "in-proc ms", "p90", "remote ms", "p90", "overhead", "+ms", "rel.diff");
   for (const Row& r : rows) {
     std::printf(
         "%2d %5d %6.2f %5d %3d %10.3f %10.3f %10.3f %10.3f %7.2fx %10.3f "
         "%9.1e\n",
-        r.servers, r.tokens, r.visits_per_token, r.layer_calls,
-        r.inproc_threads, r.inproc.median * 1e3, r.inproc.p90 * 1e3,
-        r.remote.median * 1e3, r.remote.p90 * 1e3,
-        r.remote.median / r.inproc.median,
-        (r.remote.median - r.inproc.median) * 1e3, r.rel_diff);
+        r.servers, r.tokens, r.visits_per_token, r.layer_calls, r.inproc_threads,
+        r.inproc.median * 1e3, r.inproc.p90 * 1e3, r.remote.median * 1e3, r.remote.p90 * 1e3,
+        r.remote.median / r.inproc.median, (r.remote.median - r.inproc.median) * 1e3, r.rel_diff);
   }
 
   std::printf(
@@ -1260,19 +1194,17 @@ int main(int argc, char** argv) {
       "   spent packing/unpacking activations (router: all shares in turn; "
       "servers: max). Goal: gRPC <= 1.5x raw TCP.\n",
       static_cast<long long>(kWireOnlyInter));
-  std::printf("%2s %5s %5s %9s %9s %8s %9s %8s %9s %9s %9s %8s %s\n", "N", "T",
-              "calls", "gRPC us", "p90", "srv us", "net us", "codec", "raw us",
-              "p90", "gRPC/raw", "net/raw", "goal <= 1.5x");
+  std::printf("%2s %5s %5s %9s %9s %8s %9s %8s %9s %9s %9s %8s %s\n", "N", "T", "calls", "gRPC us",
+              "p90", "srv us", "net us", "codec", "raw us", "p90", "gRPC/raw", "net/raw",
+              "goal <= 1.5x");
   for (const Row& r : rows) {
     const double ratio = r.grpc.median / r.raw.median;
     std::printf(
         "%2d %5d %5d %9.1f %9.1f %8.1f %9.1f %8.1f %9.1f %9.1f %8.2fx %7.2fx "
         "%s\n",
-        r.servers, r.tokens, r.wire_calls, r.grpc.median * 1e6,
-        r.grpc.p90 * 1e6, r.server_compute.median * 1e6,
-        r.grpc_net.median * 1e6, r.codec * 1e6, r.raw.median * 1e6,
-        r.raw.p90 * 1e6, ratio, r.grpc_net.median / r.raw.median,
-        ratio <= 1.5 ? "met" : "MISSED");
+        r.servers, r.tokens, r.wire_calls, r.grpc.median * 1e6, r.grpc.p90 * 1e6,
+        r.server_compute.median * 1e6, r.grpc_net.median * 1e6, r.codec * 1e6, r.raw.median * 1e6,
+        r.raw.p90 * 1e6, ratio, r.grpc_net.median / r.raw.median, ratio <= 1.5 ? "met" : "MISSED");
   }
 
   std::printf(
@@ -1285,19 +1217,17 @@ int main(int argc, char** argv) {
       WireName(o.wire),
       o.wire == common::WireDType::kF32    ? size_t{4}
       : o.wire == common::WireDType::kBF16 ? size_t{2}
-                                         : size_t{1});
-  std::printf("%2s %5s %6s %5s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T",
-              "visits", "back", "request", "reply", "total", "minimum", "ratio",
-              "lo B/tok", "lo/min");
+                                           : size_t{1});
+  std::printf("%2s %5s %6s %5s %10s %10s %10s %10s %7s %10s %7s\n", "N", "T", "visits", "back",
+              "request", "reply", "total", "minimum", "ratio", "lo B/tok", "lo/min");
   for (const Row& r : rows) {
     const double total = r.req_per_token + r.rep_per_token;
     std::printf(
         "%2d %5d %6.2f %5.2f %10.0f %10.0f %10.0f %10.0f %6.3fx %10.0f "
         "%6.2fx\n",
-        r.servers, r.tokens, r.visits_per_token, r.rows_back_per_token,
-        r.req_per_token,
-        r.rep_per_token, total, r.min_per_token, total / r.min_per_token,
-        r.lo_per_token, r.lo_per_token / r.min_per_token);
+        r.servers, r.tokens, r.visits_per_token, r.rows_back_per_token, r.req_per_token,
+        r.rep_per_token, total, r.min_per_token, total / r.min_per_token, r.lo_per_token,
+        r.lo_per_token / r.min_per_token);
   }
 
   std::printf(
@@ -1305,19 +1235,16 @@ int main(int argc, char** argv) {
       "(VmRSS = anon + file) RSS vs weights (slots' experts\n"
       "   + shared FFN, bf16); wire-only = RSS of the same server with ~no "
       "weights (runtime + gRPC + buffers)\n");
-  std::printf("%2s %6s %5s %9s %9s %9s %9s %9s %8s %8s %9s %9s\n", "N",
-              "server", "slots", "weights", "peak", "RSS", "anon", "file",
-              "peak/w", "RSS/w", "RSS-w", "wire-only");
+  std::printf("%2s %6s %5s %9s %9s %9s %9s %9s %8s %8s %9s %9s\n", "N", "server", "slots",
+              "weights", "peak", "RSS", "anon", "file", "peak/w", "RSS/w", "RSS-w", "wire-only");
   constexpr double kMiB = 1048576.0;
   for (const MemoryRow& m : memory) {
     std::printf(
         "%2d %6d %5lld %5.0f MiB %5.0f MiB %5.0f MiB %5.0f MiB %5.0f MiB "
         "%7.3fx %7.3fx %5.0f MiB %5.0f MiB\n",
-        m.servers, m.server, static_cast<long long>(m.slots), m.weights / kMiB,
-        m.full.hwm / kMiB, m.full.rss / kMiB, m.full.anon / kMiB,
-        m.full.file / kMiB, double(m.full.hwm) / m.weights,
-        double(m.full.rss) / m.weights,
-        (double(m.full.rss) - double(m.weights)) / kMiB,
+        m.servers, m.server, static_cast<long long>(m.slots), m.weights / kMiB, m.full.hwm / kMiB,
+        m.full.rss / kMiB, m.full.anon / kMiB, m.full.file / kMiB, double(m.full.hwm) / m.weights,
+        double(m.full.rss) / m.weights, (double(m.full.rss) - double(m.weights)) / kMiB,
         m.wire_only.rss / kMiB);
   }
 
@@ -1327,17 +1254,14 @@ int main(int argc, char** argv) {
       "   await = time per step the router waited in ExpertBackend::Await; "
       "overlap = 1 - t(2)/t(1)\n",
       o.threads);
-  std::printf("%2s %8s %10s %5s %9s %9s %9s %9s %9s %9s %8s\n", "N", "step",
-              "tokens", "steps", "t(1) ms", "p90", "await", "t(2) ms", "p90",
-              "await", "overlap");
+  std::printf("%2s %8s %10s %5s %9s %9s %9s %9s %9s %9s %8s\n", "N", "step", "tokens", "steps",
+              "t(1) ms", "p90", "await", "t(2) ms", "p90", "await", "overlap");
   for (const MicroRow& r : micro_rows) {
     const std::string shape = absl::StrCat(r.seqs, "x", r.tokens);
-    std::printf(
-        "%2d %8s %10s %5d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%%\n",
-        r.servers, r.tokens == 1 ? "decode" : "prefill", shape.c_str(), r.steps,
-        r.t[0].median * 1e3, r.t[0].p90 * 1e3, r.await_s[0] * 1e3,
-        r.t[1].median * 1e3, r.t[1].p90 * 1e3, r.await_s[1] * 1e3,
-        100 * (1 - r.t[1].median / r.t[0].median));
+    std::printf("%2d %8s %10s %5d %9.2f %9.2f %9.2f %9.2f %9.2f %9.2f %7.1f%%\n", r.servers,
+                r.tokens == 1 ? "decode" : "prefill", shape.c_str(), r.steps, r.t[0].median * 1e3,
+                r.t[0].p90 * 1e3, r.await_s[0] * 1e3, r.t[1].median * 1e3, r.t[1].p90 * 1e3,
+                r.await_s[1] * 1e3, 100 * (1 - r.t[1].median / r.t[0].median));
   }
 
   std::error_code ec;

@@ -68,8 +68,8 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
     }
     if (!has_value) {
       if (i + 1 >= argc) {
-        return absl::InvalidArgumentError(absl::StrCat(command_, ": --", name, " needs a value (",
-                                                       it->second.value_name, ")"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(command_, ": --", name, " needs a value (", it->second.value_name, ")"));
       }
       value = argv[++i];
     }
@@ -85,7 +85,8 @@ absl::Status Args::Parse(int argc, char** argv, int first) {
 }
 
 std::string Args::Usage() const {
-  std::string s = absl::StrCat("usage: ", program_ ? "" : "dmoe ", command_, " [flags]\n  ", summary_, "\n\nflags:\n");
+  std::string s = absl::StrCat("usage: ", program_ ? "" : "dmoe ", command_, " [flags]\n  ",
+                               summary_, "\n\nflags:\n");
   for (const auto& name : order_) {
     const Spec& sp = specs_.at(name);
     std::string left = absl::StrCat("  --", name);

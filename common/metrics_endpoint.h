@@ -25,10 +25,10 @@
 #include "absl/status/statusor.h"
 #include "absl/strings/str_cat.h"
 #include "common/http1/server.h"
+#include "common/service_main.h"
 #include "prometheus/collectable.h"
 #include "prometheus/metric_family.h"
 #include "prometheus/text_serializer.h"
-#include "common/service_main.h"
 
 namespace dmoe::common {
 
@@ -78,8 +78,8 @@ class MetricsEndpoint {
     absl::StatusOr<int> bound = e->server_->Start(host, port);
     if (!bound.ok()) {
       const bool v6 = host.find(':') != std::string::npos && host.front() != '[';
-      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", v6 ? "[" : "",
-                                                 host, v6 ? "]" : "", ":", port, ": ",
+      return absl::UnavailableError(absl::StrCat("metrics: cannot listen on ", v6 ? "[" : "", host,
+                                                 v6 ? "]" : "", ":", port, ": ",
                                                  bound.status().message()));
     }
     e->port_ = *bound;
@@ -118,8 +118,8 @@ inline absl::StatusOr<std::unique_ptr<MetricsEndpoint>> ServeMetrics(
       MetricsEndpoint::Start(host, port, std::move(collectable));
   if (!e.ok()) {
     if (port_explicit || !port_file.empty()) return e.status();
-    std::fprintf(stderr, "%s: warning: %s; serving without /metrics (give --metrics-port)\n",
-                 name, std::string(e.status().message()).c_str());
+    std::fprintf(stderr, "%s: warning: %s; serving without /metrics (give --metrics-port)\n", name,
+                 std::string(e.status().message()).c_str());
     return std::unique_ptr<MetricsEndpoint>();
   }
   if (!port_file.empty()) {

@@ -3,11 +3,10 @@
 #include <pthread.h>
 #include <unistd.h>
 
-#include <filesystem>
-#include <fstream>
-
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
+#include <fstream>
 
 #include "absl/strings/str_cat.h"
 
@@ -59,8 +58,8 @@ absl::Status WritePortFile(const std::string& path, int port) {
   std::error_code ec;
   std::filesystem::rename(tmp, path, ec);
   if (ec) {
-    return absl::InternalError(absl::StrCat("--port-file: cannot rename '", tmp, "' to '", path,
-                                            "': ", ec.message()));
+    return absl::InternalError(
+        absl::StrCat("--port-file: cannot rename '", tmp, "' to '", path, "': ", ec.message()));
   }
   return absl::OkStatus();
 }

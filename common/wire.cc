@@ -41,7 +41,8 @@ namespace {
 struct Kernels {
   void (*to_bf16)(const float* x, int64_t n, uint16_t* o);
   float (*max_abs)(const float* x, int64_t n);  // max |x|, NaNs skipped (as std::max)
-  void (*to_f8)(const float* x, int64_t n, float inv, uint8_t* o);  // core::F32ToF8E4M3Fast(x * inv)
+  void (*to_f8)(const float* x, int64_t n, float inv,
+                uint8_t* o);  // core::F32ToF8E4M3Fast(x * inv)
   bool (*from_bf16)(const char* in, int64_t n, float* out);
   bool (*from_f8)(const char* in, int64_t n, float s, float* out);  // core::F8E4M3ToF32(in) * s
   bool (*from_f32)(const char* in, int64_t n, float* out);
@@ -88,16 +89,16 @@ bool FromF32Scalar(const char* in, int64_t n, float* out) {
   return AllFiniteScalar(out, n);
 }
 
-constexpr Kernels kScalar = {ToBf16Scalar, MaxAbsScalar,   ToF8Scalar,
+constexpr Kernels kScalar = {ToBf16Scalar,   MaxAbsScalar, ToF8Scalar,
                              FromBf16Scalar, FromF8Scalar, FromF32Scalar};
 
 // Bit constants shared by the SIMD kernels.
 constexpr int32_t kAbsMask = 0x7fffffff;
-constexpr int32_t kExpMask = 0x7f800000;        // also +Inf: larger magnitudes are NaN
-constexpr int32_t kF8Saturate = 0x43e00000;     // 448.0f: at or above -> 0x7e
-constexpr int32_t kF8MinNormal = 0x3c800000;    // 2^-6: below -> e4m3 subnormal
-constexpr int32_t kF8Rebias = 120 << 23;        // f32 exponent bias 127 -> e4m3 bias 7
-constexpr int32_t kQuietNaN = 0x7fc00000;       // std::nanf(""), what F8E4M3ToF32 returns
+constexpr int32_t kExpMask = 0x7f800000;      // also +Inf: larger magnitudes are NaN
+constexpr int32_t kF8Saturate = 0x43e00000;   // 448.0f: at or above -> 0x7e
+constexpr int32_t kF8MinNormal = 0x3c800000;  // 2^-6: below -> e4m3 subnormal
+constexpr int32_t kF8Rebias = 120 << 23;      // f32 exponent bias 127 -> e4m3 bias 7
+constexpr int32_t kQuietNaN = 0x7fc00000;     // std::nanf(""), what F8E4M3ToF32 returns
 
 #ifdef DMOE_WIRE_X86
 
@@ -298,11 +299,12 @@ DMOE_AVX2 void ToF8Avx2(const float* x, int64_t n, float inv, uint8_t* o) {
   int64_t i = 0;
   for (; i + 32 <= n; i += 32) {
     __m256i c[4];
-    for (int k = 0; k < 4; ++k) c[k] = F8Code256(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vinv));
+    for (int k = 0; k < 4; ++k)
+      c[k] = F8Code256(_mm256_mul_ps(_mm256_loadu_ps(x + i + 8 * k), vinv));
     // Codes fit in a byte, so the saturating packs only narrow; per 128-bit
     // lane the dwords come out as c0lo c1lo c2lo c3lo | c0hi c1hi c2hi c3hi.
-    const __m256i b = _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]),
-                                          _mm256_packs_epi32(c[2], c[3]));
+    const __m256i b =
+        _mm256_packus_epi16(_mm256_packs_epi32(c[0], c[1]), _mm256_packs_epi32(c[2], c[3]));
     const __m256i p = _mm256_permutevar8x32_epi32(b, _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7));
     _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + i), p);
   }
@@ -346,7 +348,8 @@ DMOE_AVX2 bool FromF8Avx2(const char* in, int64_t n, float s, float* out) {
   __m256i exp_max = _mm256_setzero_si256();
   int64_t i = 0;
   for (; i + 8 <= n; i += 8) {
-    const __m256i c = _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
+    const __m256i c =
+        _mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(in + i)));
     Store256(out + i, _mm256_castps_si256(_mm256_mul_ps(F8Value256(c), vs)), &exp_max);
   }
   const bool tail = FromF8Scalar(in + i, n - i, s, out + i);
@@ -363,8 +366,7 @@ DMOE_AVX2 bool FromF32Avx2(const char* in, int64_t n, float* out) {
   return Finite256(exp_max) && tail;
 }
 
-constexpr Kernels kAvx2 = {ToBf16Avx2,   MaxAbsAvx2, ToF8Avx2,
-                           FromBf16Avx2, FromF8Avx2, FromF32Avx2};
+constexpr Kernels kAvx2 = {ToBf16Avx2, MaxAbsAvx2, ToF8Avx2, FromBf16Avx2, FromF8Avx2, FromF32Avx2};
 
 #endif  // DMOE_WIRE_X86
 
@@ -386,10 +388,13 @@ const Kernels& Active() {
   const int forced = forced_level.load(std::memory_order_relaxed);
   switch (forced >= 0 ? forced : best) {
 #ifdef DMOE_WIRE_X86
-    case 2: return kAvx512;
-    case 1: return kAvx2;
+    case 2:
+      return kAvx512;
+    case 1:
+      return kAvx2;
 #endif
-    default: return kScalar;
+    default:
+      return kScalar;
   }
 }
 
@@ -423,17 +428,18 @@ float F8RowScale(float max_abs) {
 }
 
 // What F8RowScale can return for a finite row: a positive normal float.
-bool IsValidF8RowScale(float scale) {
-  return std::isnormal(scale) && scale > 0;
-}
+bool IsValidF8RowScale(float scale) { return std::isnormal(scale) && scale > 0; }
 
 }  // namespace
 
 size_t WireElementSize(WireDType t) {
   switch (t) {
-    case WireDType::kBF16: return 2;
-    case WireDType::kF32: return 4;
-    case WireDType::kF8E4M3: return 1;
+    case WireDType::kBF16:
+      return 2;
+    case WireDType::kF32:
+      return 4;
+    case WireDType::kF8E4M3:
+      return 1;
   }
   return 0;
 }
@@ -480,18 +486,14 @@ absl::Status UnpackActivations(WireDType type, std::string_view data, std::strin
   // scale per row even when cols is 0).
   const int64_t es = static_cast<int64_t>(WireElementSize(type));
   int64_t n, bytes, scale_bytes = 0;
-  if (__builtin_mul_overflow(rows, cols, &n) ||
-      __builtin_mul_overflow(n, es, &bytes) ||
-      (type == WireDType::kF8E4M3 &&
-       __builtin_mul_overflow(rows, int64_t{4}, &scale_bytes))) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("activations: [", rows, ", ", cols,
-                     "] is too large (its byte count overflows)"));
+  if (__builtin_mul_overflow(rows, cols, &n) || __builtin_mul_overflow(n, es, &bytes) ||
+      (type == WireDType::kF8E4M3 && __builtin_mul_overflow(rows, int64_t{4}, &scale_bytes))) {
+    return absl::InvalidArgumentError(absl::StrCat("activations: [", rows, ", ", cols,
+                                                   "] is too large (its byte count overflows)"));
   }
   if (data.size() != static_cast<uint64_t>(bytes)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("activations: [", rows, ", ", cols, "] needs ", bytes,
-                     " bytes, got ", data.size()));
+    return absl::InvalidArgumentError(absl::StrCat("activations: [", rows, ", ", cols, "] needs ",
+                                                   bytes, " bytes, got ", data.size()));
   }
   const Kernels& k = Active();
   bool finite = true;
@@ -504,9 +506,8 @@ absl::Status UnpackActivations(WireDType type, std::string_view data, std::strin
       break;
     case WireDType::kF8E4M3: {
       if (scales.size() != static_cast<uint64_t>(scale_bytes)) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("activations: fp8 needs ", scale_bytes,
-                         " bytes of row scales, got ", scales.size()));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "activations: fp8 needs ", scale_bytes, " bytes of row scales, got ", scales.size()));
       }
       for (int64_t r = 0; r < rows; ++r) {
         float s;

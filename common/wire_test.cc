@@ -76,7 +76,8 @@ TEST(Wire, UnpackRejectsBadSizesAndValues) {
   auto st = UnpackActivations(WireDType::kBF16, std::string(15, '\0'), "", 2, 4, y.data());
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("needs 16 bytes, got 15"), std::string::npos) << st;
-  st = UnpackActivations(WireDType::kF8E4M3, std::string(8, '\0'), std::string(4, '\0'), 2, 4, y.data());
+  st = UnpackActivations(WireDType::kF8E4M3, std::string(8, '\0'), std::string(4, '\0'), 2, 4,
+                         y.data());
   EXPECT_NE(st.message().find("row scales"), std::string::npos) << st;
   const float nan = std::nanf("");
   std::string bytes(reinterpret_cast<const char*>(&nan), 4);
@@ -100,8 +101,7 @@ TEST(Wire, Fp8RowOfTinyValuesPacksWithTheSmallestNormalScale) {
   // -0.8507 to -0.875 (1 0110 110); zeros stay 0 (they were 0x7f, NaN).
   ASSERT_EQ(data, std::string({0x51, 0x00, static_cast<char>(0xb6), 0x00}));
   std::vector<float> y(4, 1.0f);
-  const absl::Status st =
-      UnpackActivations(WireDType::kF8E4M3, data, scales, 1, 4, y.data());
+  const absl::Status st = UnpackActivations(WireDType::kF8E4M3, data, scales, 1, 4, y.data());
   ASSERT_TRUE(st.ok()) << st;
   for (int i = 0; i < 4; ++i) {
     EXPECT_EQ(y[i], core::F8E4M3ToF32(core::F32ToF8E4M3(x[i] / FLT_MIN)) * FLT_MIN) << i;
@@ -129,11 +129,10 @@ TEST(Wire, Fp8RowsWithMaximaAcrossTheDenormalRangeRoundTrip) {
   for (const int level : {0, 1, 2}) {
     if (!wire_internal::SetWireKernelsForTesting(level)) continue;
     std::string data, scales;
-    PackActivations(x.data(), rows, kCols, 0, WireDType::kF8E4M3, &data,
-                    &scales);
+    PackActivations(x.data(), rows, kCols, 0, WireDType::kF8E4M3, &data, &scales);
     std::vector<float> y(x.size());
-    const absl::Status st = UnpackActivations(WireDType::kF8E4M3, data, scales,
-                                              rows, kCols, y.data());
+    const absl::Status st =
+        UnpackActivations(WireDType::kF8E4M3, data, scales, rows, kCols, y.data());
     ASSERT_TRUE(st.ok()) << "level " << level << ": " << st;
     for (int64_t r = 0; r < rows; ++r) {
       float s;
@@ -142,10 +141,8 @@ TEST(Wire, Fp8RowsWithMaximaAcrossTheDenormalRangeRoundTrip) {
       EXPECT_EQ(s, std::max(x[r * kCols + 1] / 448.0f, FLT_MIN)) << r;
       for (int64_t c = 0; c < kCols; ++c) {
         const float v = x[r * kCols + c];
-        ASSERT_EQ(y[r * kCols + c],
-                  core::F8E4M3ToF32(core::F32ToF8E4M3(v * (1.0f / s))) * s)
-            << "level " << level << " row " << r << " col " << c << " value "
-            << v;
+        ASSERT_EQ(y[r * kCols + c], core::F8E4M3ToF32(core::F32ToF8E4M3(v * (1.0f / s))) * s)
+            << "level " << level << " row " << r << " col " << c << " value " << v;
       }
     }
   }
@@ -159,22 +156,17 @@ TEST(Wire, UnpackRefusesScalesTheEncoderNeverWrites) {
   const std::string codes = {0x00, 0x38, static_cast<char>(0xb8), 0x10};
   std::vector<float> y(4);
   for (const float s : {0.0f, -0.0f, -1.0f, std::bit_cast<float>(uint32_t{1}),
-                        std::bit_cast<float>(uint32_t{0x00400000}),
-                        std::nextafter(FLT_MIN, 0.0f), float(NAN),
-                        float(INFINITY), -float(INFINITY)}) {
+                        std::bit_cast<float>(uint32_t{0x00400000}), std::nextafter(FLT_MIN, 0.0f),
+                        float(NAN), float(INFINITY), -float(INFINITY)}) {
     const std::string scale(reinterpret_cast<const char*>(&s), 4);
-    const absl::Status st =
-        UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data());
+    const absl::Status st = UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data());
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << s;
     EXPECT_NE(st.message().find("row 0 scale"), std::string::npos) << st;
-    EXPECT_NE(st.message().find("not a positive normal float"),
-              std::string::npos)
-        << st;
+    EXPECT_NE(st.message().find("not a positive normal float"), std::string::npos) << st;
   }
   const float s = FLT_MIN;
   const std::string scale(reinterpret_cast<const char*>(&s), 4);
-  EXPECT_TRUE(
-      UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data()).ok());
+  EXPECT_TRUE(UnpackActivations(WireDType::kF8E4M3, codes, scale, 1, 4, y.data()).ok());
   EXPECT_EQ(y[1], FLT_MIN);
   EXPECT_EQ(y[2], -FLT_MIN);
 }
@@ -186,13 +178,10 @@ TEST(Wire, UnpackRefusesNonFiniteValuesInEveryDType) {
   for (const float v : {float(NAN), float(INFINITY), -float(INFINITY)}) {
     const float pair[2] = {1.0f, v};
     std::string data, scales;
-    for (WireDType t :
-         {WireDType::kF32, WireDType::kBF16, WireDType::kF8E4M3}) {
+    for (WireDType t : {WireDType::kF32, WireDType::kBF16, WireDType::kF8E4M3}) {
       PackActivations(pair, 1, 2, 0, t, &data, &scales);
-      const absl::Status st =
-          UnpackActivations(t, data, scales, 1, 2, y.data());
-      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument)
-          << v << " " << static_cast<int>(t);
+      const absl::Status st = UnpackActivations(t, data, scales, 1, 2, y.data());
+      EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument) << v << " " << static_cast<int>(t);
       EXPECT_TRUE(st.message().find("not finite") != std::string::npos ||
                   st.message().find("scale inf") != std::string::npos)
           << st;
@@ -223,14 +212,11 @@ TEST(Wire, UnpackRefusesShapesWhoseSizeOverflows) {
   absl::Status st = UnpackActivations(WireDType::kBF16, "", "", big, 4, y);
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
-  EXPECT_NE(st.message().find("[4611686018427387904, 4]"), std::string::npos)
-      << st;
+  EXPECT_NE(st.message().find("[4611686018427387904, 4]"), std::string::npos) << st;
   // 2^30 x 2^40 fp8 elements wrap to 0 bytes as well.
-  st = UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 30,
-                         int64_t{1} << 40, y);
+  st = UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 30, int64_t{1} << 40, y);
   EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
-  st = UnpackActivations(WireDType::kF32, "", "",
-                         std::numeric_limits<int64_t>::max(), 2, y);
+  st = UnpackActivations(WireDType::kF32, "", "", std::numeric_limits<int64_t>::max(), 2, y);
   EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
 }
 
@@ -239,19 +225,15 @@ TEST(Wire, UnpackRefusesShapesWhoseSizeOverflows) {
 // rows * 4 in int64 (overflow).
 TEST(Wire, UnpackRefusesFp8RowCountsWhoseScaleBytesOverflow) {
   float y[1];
-  for (const int64_t rows :
-       {int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
-    const absl::Status st =
-        UnpackActivations(WireDType::kF8E4M3, "", "", rows, 0, y);
+  for (const int64_t rows : {int64_t{1} << 62, std::numeric_limits<int64_t>::max()}) {
+    const absl::Status st = UnpackActivations(WireDType::kF8E4M3, "", "", rows, 0, y);
     EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
     EXPECT_NE(st.message().find("too large"), std::string::npos) << st;
   }
   // A large but representable count is named exactly.
-  const absl::Status st =
-      UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 40, 0, y);
-  EXPECT_NE(
-      st.message().find("fp8 needs 4398046511104 bytes of row scales, got 0"),
-      std::string::npos)
+  const absl::Status st = UnpackActivations(WireDType::kF8E4M3, "", "", int64_t{1} << 40, 0, y);
+  EXPECT_NE(st.message().find("fp8 needs 4398046511104 bytes of row scales, got 0"),
+            std::string::npos)
       << st;
 }
 
@@ -287,15 +269,16 @@ void RefPack(const float* x, int64_t rows, int64_t cols, int64_t ld, WireDType t
         const float scale = mx > 0 ? std::max(mx / 448.0f, FLT_MIN) : 1.0f;
         std::memcpy(scales->data() + r * 4, &scale, 4);
         const float inv = 1.0f / scale;
-        for (int64_t c = 0; c < cols; ++c) o[r * cols + c] = core::F32ToF8E4M3Fast(x[r * ld + c] * inv);
+        for (int64_t c = 0; c < cols; ++c)
+          o[r * cols + c] = core::F32ToF8E4M3Fast(x[r * ld + c] * inv);
       }
       return;
     }
   }
 }
 
-absl::Status RefUnpack(WireDType type, std::string_view data, std::string_view scales,
-                       int64_t rows, int64_t cols, float* out) {
+absl::Status RefUnpack(WireDType type, std::string_view data, std::string_view scales, int64_t rows,
+                       int64_t cols, float* out) {
   if (rows < 0 || cols < 0) return absl::InvalidArgumentError("activations: negative shape");
   const size_t want = static_cast<size_t>(rows) * cols * WireElementSize(type);
   if (data.size() != want) {
@@ -316,8 +299,8 @@ absl::Status RefUnpack(WireDType type, std::string_view data, std::string_view s
       break;
     case WireDType::kF8E4M3: {
       if (scales.size() != static_cast<size_t>(rows) * 4) {
-        return absl::InvalidArgumentError(absl::StrCat("activations: fp8 needs ", rows * 4,
-                                                       " bytes of row scales, got ", scales.size()));
+        return absl::InvalidArgumentError(absl::StrCat(
+            "activations: fp8 needs ", rows * 4, " bytes of row scales, got ", scales.size()));
       }
       for (int64_t r = 0; r < rows; ++r) {
         float s;
@@ -468,19 +451,18 @@ TEST_P(WireKernels, Fp8EncoderEqualsScalarOnEveryPatternUpTo448) {
 
 TEST_P(WireKernels, Fp8PackEqualsScalarOnSpecialRows) {
   const float inf = INFINITY, nan = NAN, den = FromBits(1), max = FromBits(0x7f7fffff);
-  const std::vector<std::vector<float>> rows = {
-      {0, 0, 0, 0, 0},
-      {-0.0f, 0, -0.0f, 0, 0},
-      {nan, 0, 1, -2, nan},
-      {nan, nan, nan, nan, nan},
-      {inf, 1, -1, nan, 0},
-      {-inf, 3, 2, 1, 0},
-      {den, -den, 0, den, den},
-      {1e-40f, 3e-39f, 0, -1e-39f, den},
-      {max, -max, 1, 0, 1e30f},
-      {448, 447.99f, 464, 480, 0.001f},
-      {1e-37f, 0, -1e-38f, 0, 0},
-      {5e-36f, -5.3e-36f, 1e-45f, 0, 2e-36f}};
+  const std::vector<std::vector<float>> rows = {{0, 0, 0, 0, 0},
+                                                {-0.0f, 0, -0.0f, 0, 0},
+                                                {nan, 0, 1, -2, nan},
+                                                {nan, nan, nan, nan, nan},
+                                                {inf, 1, -1, nan, 0},
+                                                {-inf, 3, 2, 1, 0},
+                                                {den, -den, 0, den, den},
+                                                {1e-40f, 3e-39f, 0, -1e-39f, den},
+                                                {max, -max, 1, 0, 1e30f},
+                                                {448, 447.99f, 464, 480, 0.001f},
+                                                {1e-37f, 0, -1e-38f, 0, 0},
+                                                {5e-36f, -5.3e-36f, 1e-45f, 0, 2e-36f}};
   for (const auto& row : rows) {
     std::vector<float> x;
     // Repeated, so the SIMD bodies and the tails both see the row.
@@ -512,8 +494,8 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
   ExpectUnpackLikeReference(WireDType::kF32, all32, "", 1, f.size(), "all f32 patterns");
   ExpectUnpackLikeReference(WireDType::kF32, finite32, "", 1, finite32.size() / 4,
                             "finite f32 patterns");
-  ExpectUnpackLikeReference(WireDType::kF32, finite32.substr(4 * 5), "", 1,
-                            finite32.size() / 4 - 5, "finite f32 patterns, odd count");
+  ExpectUnpackLikeReference(WireDType::kF32, finite32.substr(4 * 5), "", 1, finite32.size() / 4 - 5,
+                            "finite f32 patterns, odd count");
 
   // fp8: every code (0x7f/0xff are NaN) and every code but those, under
   // scales that keep, round to denormals or overflow the products (the
@@ -526,9 +508,8 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
     }
   }
   finite8.resize(finite8.size() - 5);  // a tail for every kernel width
-  for (const float s :
-       {1.0f, 0.5f, 3.7f, 1.0f / 448, 1e-30f, FLT_MIN, FromBits(0x00800001),
-        3 * FLT_MIN, 1e36f, FromBits(0x7f7fffff)}) {
+  for (const float s : {1.0f, 0.5f, 3.7f, 1.0f / 448, 1e-30f, FLT_MIN, FromBits(0x00800001),
+                        3 * FLT_MIN, 1e36f, FromBits(0x7f7fffff)}) {
     const std::string scale(reinterpret_cast<const char*>(&s), 4);
     const std::string what = absl::StrCat("fp8 codes, scale ", s);
     ExpectUnpackLikeReference(WireDType::kF8E4M3, all8, scale, 1, all8.size(), what);
@@ -537,8 +518,8 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
                               finite8.size(), what + " x2 rows");
   }
   // Bad scales are refused the same way, at the same row.
-  for (const float s : {0.0f, -1.0f, float(NAN), float(INFINITY), FromBits(1),
-                        FromBits(0x00400000), FromBits(0x007fffff)}) {
+  for (const float s : {0.0f, -1.0f, float(NAN), float(INFINITY), FromBits(1), FromBits(0x00400000),
+                        FromBits(0x007fffff)}) {
     const float good = 2.0f;
     std::string scales(reinterpret_cast<const char*>(&good), 4);
     scales.append(reinterpret_cast<const char*>(&s), 4);
@@ -553,10 +534,11 @@ TEST_P(WireKernels, UnpackEqualsScalarOnEveryCodeAndScale) {
   ExpectUnpackLikeReference(WireDType::kBF16, bytes, "", 2, 4099, "random bytes");
   ExpectUnpackLikeReference(WireDType::kF32, bytes, "", 1, 4099, "random bytes");
   const float s = 0.01f;
-  ExpectUnpackLikeReference(WireDType::kF8E4M3, bytes, std::string(reinterpret_cast<const char*>(&s), 4) +
-                                                          std::string(reinterpret_cast<const char*>(&s), 4) +
-                                                          std::string(reinterpret_cast<const char*>(&s), 4) +
-                                                          std::string(reinterpret_cast<const char*>(&s), 4),
+  ExpectUnpackLikeReference(WireDType::kF8E4M3, bytes,
+                            std::string(reinterpret_cast<const char*>(&s), 4) +
+                                std::string(reinterpret_cast<const char*>(&s), 4) +
+                                std::string(reinterpret_cast<const char*>(&s), 4) +
+                                std::string(reinterpret_cast<const char*>(&s), 4),
                             4, 4099, "random bytes");
 }
 

@@ -96,12 +96,15 @@ absl::StatusOr<std::unique_ptr<Attention>> Attention::Load(const ModelConfig& cf
         a->w_uv_.push_back(std::move(uv_l));
       }
     }
-    DMOE_ASSIGN_OR_RETURN(a->o_proj_, LoadLinear(ckpt, p + "o_proj.weight", hidden, H * vdim, type));
+    DMOE_ASSIGN_OR_RETURN(a->o_proj_,
+                          LoadLinear(ckpt, p + "o_proj.weight", hidden, H * vdim, type));
   } else {
     const int64_t hd = cfg.head_dim, kvh = cfg.num_key_value_heads;
     DMOE_ASSIGN_OR_RETURN(a->q_proj_, LoadLinear(ckpt, p + "q_proj.weight", H * hd, hidden, type));
-    DMOE_ASSIGN_OR_RETURN(a->k_proj_, LoadLinear(ckpt, p + "k_proj.weight", kvh * hd, hidden, type));
-    DMOE_ASSIGN_OR_RETURN(a->v_proj_, LoadLinear(ckpt, p + "v_proj.weight", kvh * hd, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->k_proj_,
+                          LoadLinear(ckpt, p + "k_proj.weight", kvh * hd, hidden, type));
+    DMOE_ASSIGN_OR_RETURN(a->v_proj_,
+                          LoadLinear(ckpt, p + "v_proj.weight", kvh * hd, hidden, type));
     DMOE_ASSIGN_OR_RETURN(a->o_proj_, LoadLinear(ckpt, p + "o_proj.weight", hidden, H * hd, type));
   }
   return a;

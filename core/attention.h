@@ -51,7 +51,7 @@ class Attention {
   PackedLinear q_proj_;    // [H*(nope+rope), hidden] (no q LoRA)
   PackedLinear q_a_proj_;  // [q_lora, hidden]
   std::vector<float> q_a_norm_;
-  PackedLinear q_b_proj_;  // [H*(nope+rope), q_lora]
+  PackedLinear q_b_proj_;   // [H*(nope+rope), q_lora]
   PackedLinear kv_a_proj_;  // [kv_lora + rope, hidden]
   std::vector<float> kv_a_norm_;
   std::vector<PackedLinear> w_uk_t_;  // per head: [kv_lora, nope] (W_uk transposed)

@@ -207,8 +207,8 @@ class Reader {
     for (absl::string_view a : accepted) {
       if (s == a) return s;
     }
-    return Error(absl::StrCat("unsupported ", Name(key), " '", s, "' (supported: ",
-                              absl::StrJoin(accepted, ", "), ")"));
+    return Error(absl::StrCat("unsupported ", Name(key), " '", s,
+                              "' (supported: ", absl::StrJoin(accepted, ", "), ")"));
   }
 
  private:
@@ -275,17 +275,16 @@ absl::Status ParseQuantization(const Reader& r, ModelConfig* c) {
   }
   const Json method = q.contains("quant_method") ? q.at("quant_method") : Json();
   if (!method.is_string() || method.get<std::string>() != "fp8") {
-    return r.Error(absl::StrCat("unsupported quantization_config.quant_method ",
-                                method.is_string() ? "'" + method.get<std::string>() + "'"
-                                                   : method.dump(),
-                                " (supported: fp8)"));
+    return r.Error(
+        absl::StrCat("unsupported quantization_config.quant_method ",
+                     method.is_string() ? "'" + method.get<std::string>() + "'" : method.dump(),
+                     " (supported: fp8)"));
   }
   if (q.contains("fmt") && !q.at("fmt").is_null()) {
     const Json& fmt = q.at("fmt");
     if (!fmt.is_string() || fmt.get<std::string>() != "e4m3") {
       return r.Error(absl::StrCat("unsupported quantization_config.fmt ",
-                                  fmt.is_string() ? "'" + fmt.get<std::string>() + "'"
-                                                  : fmt.dump(),
+                                  fmt.is_string() ? "'" + fmt.get<std::string>() + "'" : fmt.dump(),
                                   " (supported: e4m3)"));
     }
   }
@@ -343,8 +342,8 @@ absl::Status Validate(const Reader& r, ModelConfig& c) {
     }
     c.head_dim = c.hidden_size / c.num_attention_heads;
     if (c.head_dim % 2 != 0) {
-      return r.Error(absl::StrCat("head_dim = 'hidden_size' / 'num_attention_heads' = ",
-                                  c.head_dim, " must be even (RoPE rotates pairs)"));
+      return r.Error(absl::StrCat("head_dim = 'hidden_size' / 'num_attention_heads' = ", c.head_dim,
+                                  " must be even (RoPE rotates pairs)"));
     }
     if (c.num_attention_heads % c.num_key_value_heads != 0) {
       return r.Error(absl::StrCat("'num_attention_heads' (", c.num_attention_heads,
@@ -370,8 +369,8 @@ absl::Status Validate(const Reader& r, ModelConfig& c) {
                                     ") must be divisible by 'n_group' (", c.n_group, ")"));
       }
       if (c.topk_group < 1 || c.topk_group > c.n_group) {
-        return r.Error(absl::StrCat("'topk_group' (", c.topk_group, ") must be in [1, 'n_group' = ",
-                                    c.n_group, "]"));
+        return r.Error(absl::StrCat("'topk_group' (", c.topk_group,
+                                    ") must be in [1, 'n_group' = ", c.n_group, "]"));
       }
       const int64_t per_group = c.n_routed_experts / c.n_group;
       if (c.n_group > 1 && c.topk_group * per_group < c.num_experts_per_tok) {
@@ -381,19 +380,20 @@ absl::Status Validate(const Reader& r, ModelConfig& c) {
                                     c.num_experts_per_tok, ") experts"));
       }
       if (c.topk_method == TopkMethod::kNoauxTc && c.n_group > 1 && per_group < 2) {
-        return r.Error(absl::StrCat("'topk_method' noaux_tc scores a group by its top-2 experts; "
-                                    "'n_routed_experts' / 'n_group' = ",
-                                    per_group, " must be >= 2"));
+        return r.Error(
+            absl::StrCat("'topk_method' noaux_tc scores a group by its top-2 experts; "
+                         "'n_routed_experts' / 'n_group' = ",
+                         per_group, " must be >= 2"));
       }
     }
   }
   // A layer is dense when !IsMoeLayer(i): all of them without routed experts, layer 0
   // when first_k_dense_replace > 0, layer 1 when moe_layer_freq > 1.
-  const bool any_dense = !moe || c.first_k_dense_replace > 0 ||
-                         (c.moe_layer_freq > 1 && c.num_hidden_layers > 1);
+  const bool any_dense =
+      !moe || c.first_k_dense_replace > 0 || (c.moe_layer_freq > 1 && c.num_hidden_layers > 1);
   if (any_dense && c.intermediate_size <= 0) {
-    return r.Error(absl::StrCat("'intermediate_size' must be positive (some layers are dense), got ",
-                                c.intermediate_size));
+    return r.Error(absl::StrCat(
+        "'intermediate_size' must be positive (some layers are dense), got ", c.intermediate_size));
   }
   return absl::OkStatus();
 }
@@ -453,10 +453,9 @@ absl::StatusOr<ModelConfig> Parse(const std::string& json_text, const std::strin
     c.topk_group = 1;
     c.routed_scaling_factor = 1.0;
   } else {
-    DMOE_ASSIGN_OR_RETURN(
-        std::string method,
-        r.Enum("topk_method", d.topk_method,
-               {"greedy", "gready", "group_limited_greedy", "noaux_tc"}));
+    DMOE_ASSIGN_OR_RETURN(std::string method,
+                          r.Enum("topk_method", d.topk_method,
+                                 {"greedy", "gready", "group_limited_greedy", "noaux_tc"}));
     c.topk_method = method == "noaux_tc"               ? TopkMethod::kNoauxTc
                     : method == "group_limited_greedy" ? TopkMethod::kGroupLimitedGreedy
                                                        : TopkMethod::kGreedy;
@@ -472,8 +471,7 @@ absl::StatusOr<ModelConfig> Parse(const std::string& json_text, const std::strin
                           r.Double("routed_scaling_factor", d.routed_scaling_factor, true));
 
     // MLA. q_lora_rank None/null/0: plain q_proj.
-    DMOE_ASSIGN_OR_RETURN(c.q_lora_rank,
-                          r.Int("q_lora_rank", d.q_lora_rank.value_or(0), 0, 0));
+    DMOE_ASSIGN_OR_RETURN(c.q_lora_rank, r.Int("q_lora_rank", d.q_lora_rank.value_or(0), 0, 0));
     DMOE_ASSIGN_OR_RETURN(c.kv_lora_rank, r.Int("kv_lora_rank", 512, 1));
     DMOE_ASSIGN_OR_RETURN(c.qk_nope_head_dim, r.Int("qk_nope_head_dim", 128, 1));
     DMOE_ASSIGN_OR_RETURN(c.qk_rope_head_dim, r.Int("qk_rope_head_dim", 64, 1));
@@ -534,9 +532,12 @@ absl::StatusOr<ModelConfig> ModelConfig::FromFile(const std::string& path) {
 
 std::string ModelTypeName(ModelType t) {
   switch (t) {
-    case ModelType::kDeepseek: return "deepseek";
-    case ModelType::kDeepseekV2: return "deepseek_v2";
-    case ModelType::kDeepseekV3: return "deepseek_v3";
+    case ModelType::kDeepseek:
+      return "deepseek";
+    case ModelType::kDeepseekV2:
+      return "deepseek_v2";
+    case ModelType::kDeepseekV3:
+      return "deepseek_v3";
   }
   return "?";
 }

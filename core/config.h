@@ -42,7 +42,7 @@ struct ModelConfig {
   int64_t moe_intermediate_size = 0;  // one routed expert
   int64_t num_hidden_layers = 0;
   int64_t num_attention_heads = 0;
-  int64_t num_key_value_heads = 0;    // MHA (deepseek) only; MLA ignores it
+  int64_t num_key_value_heads = 0;  // MHA (deepseek) only; MLA ignores it
 
   // MoE. n_routed_experts == 0 means every layer is dense.
   int64_t n_routed_experts = 0;

@@ -375,10 +375,13 @@ TEST(ConfigTest, DeepseekDefaultsKvHeadsToHeads) {
 }
 
 TEST(ConfigTest, ExplicitNullsMeanNone) {
-  absl::StatusOr<ModelConfig> c = ParseEdited(
-      kV3Config, {{"n_group", nullptr}, {"topk_group", nullptr}, {"n_shared_experts", nullptr},
-                  {"rope_scaling", nullptr}, {"eos_token_id", nullptr},
-                  {"bos_token_id", nullptr}, {"q_lora_rank", nullptr}});
+  absl::StatusOr<ModelConfig> c = ParseEdited(kV3Config, {{"n_group", nullptr},
+                                                          {"topk_group", nullptr},
+                                                          {"n_shared_experts", nullptr},
+                                                          {"rope_scaling", nullptr},
+                                                          {"eos_token_id", nullptr},
+                                                          {"bos_token_id", nullptr},
+                                                          {"q_lora_rank", nullptr}});
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->n_group, 1);
   EXPECT_EQ(c->topk_group, 1);
@@ -422,8 +425,7 @@ TEST(ConfigTest, YarnDefaultsAndNoMscaleWithoutAllDim) {
 }
 
 TEST(ConfigTest, GreedyIgnoresGroups) {
-  absl::StatusOr<ModelConfig> c =
-      ParseEdited(kV2LiteConfig, {{"n_group", 8}, {"topk_group", 3}});
+  absl::StatusOr<ModelConfig> c = ParseEdited(kV2LiteConfig, {{"n_group", 8}, {"topk_group", 3}});
   ASSERT_TRUE(c.ok()) << c.status();
   EXPECT_EQ(c->n_group, 1);
   EXPECT_EQ(c->topk_group, 1);
@@ -511,7 +513,8 @@ TEST(ConfigErrorTest, ExpertsNotDivisibleByGroups) {
   ExpectInvalid(ParseEdited(kV3Config, {{"topk_group", 1}, {"n_routed_experts", 32}}),
                 {"'topk_group' (1)", "'num_experts_per_tok' (8)"});
   ExpectInvalid(
-      ParseEdited(kV3Config, {{"n_routed_experts", 8}, {"topk_group", 8}, {"num_experts_per_tok", 2}}),
+      ParseEdited(kV3Config,
+                  {{"n_routed_experts", 8}, {"topk_group", 8}, {"num_experts_per_tok", 2}}),
       {"noaux_tc", ">= 2"});
 }
 
@@ -548,9 +551,8 @@ TEST(ConfigErrorTest, NonSiluActivation) {
 }
 
 TEST(ConfigErrorTest, UnsupportedQuantization) {
-  ExpectInvalid(
-      ParseEdited(kV3Config, {{"quantization_config", {{"quant_method", "gptq"}}}}),
-      {"quantization_config.quant_method 'gptq'", "fp8"});
+  ExpectInvalid(ParseEdited(kV3Config, {{"quantization_config", {{"quant_method", "gptq"}}}}),
+                {"quantization_config.quant_method 'gptq'", "fp8"});
   ExpectInvalid(ParseEdited(kV3Config, {{"quantization_config",
                                          {{"quant_method", "fp8"}, {"weight_block_size", {128}}}}}),
                 {"weight_block_size", "[128]"});

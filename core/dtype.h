@@ -21,9 +21,7 @@ std::string_view DTypeName(DType t);
 std::optional<DType> ParseDType(std::string_view s);
 size_t DTypeSize(DType t);
 
-inline float BF16ToF32(uint16_t v) {
-  return std::bit_cast<float>(static_cast<uint32_t>(v) << 16);
-}
+inline float BF16ToF32(uint16_t v) { return std::bit_cast<float>(static_cast<uint32_t>(v) << 16); }
 
 inline uint16_t F32ToBF16(float f) {
   uint32_t u = std::bit_cast<uint32_t>(f);

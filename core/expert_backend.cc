@@ -77,8 +77,8 @@ absl::Status CheckExpertBatch(const ExpertBatch& b, const float* out, bool full)
         absl::StrFormat("layer %d: %d assignments is too many", layer, num_assignments));
   }
   if (b.token_offsets[0] != 0) {
-    return absl::InvalidArgumentError(absl::StrFormat("layer %d: token_offsets[0] is %d, expected 0",
-                                                      layer, b.token_offsets[0]));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layer %d: token_offsets[0] is %d, expected 0", layer, b.token_offsets[0]));
   }
   for (int64_t t = 0; full && t < b.num_tokens; ++t) {
     if (b.token_offsets[t + 1] < b.token_offsets[t]) {
@@ -106,8 +106,8 @@ absl::Status CheckExpertBatch(const ExpertBatch& b, const float* out, bool full)
   }
   for (size_t a = 0; full && a < num_assignments; ++a) {
     if (b.ffn_ids[a] < kSharedFfn) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "layer %d: invalid FFN id %d at assignment %d", layer, b.ffn_ids[a], a));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("layer %d: invalid FFN id %d at assignment %d", layer, b.ffn_ids[a], a));
     }
   }
   return absl::OkStatus();
@@ -130,9 +130,8 @@ absl::Status ValidateExpertBatch(const ExpertBatch& b, const float* out) {
   return CheckExpertBatch(b, out, /*full=*/true);
 }
 
-void SumAssignmentRows(std::span<const int32_t> token_offsets,
-                       std::span<const float* const> rows, int64_t hidden,
-                       float* out) {
+void SumAssignmentRows(std::span<const int32_t> token_offsets, std::span<const float* const> rows,
+                       int64_t hidden, float* out) {
   const int64_t tokens = static_cast<int64_t>(token_offsets.size()) - 1;
   for (int64_t t = 0; t < tokens; ++t) {
     float* o = out + t * hidden;

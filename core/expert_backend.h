@@ -35,8 +35,8 @@ inline constexpr int32_t kSharedFfn = -1;
 
 // Row-major float32 weights of one SwiGLU FFN, as stored in the checkpoint.
 struct FfnWeights {
-  int64_t hidden = 0;        // model hidden size
-  int64_t intermediate = 0;  // FFN width
+  int64_t hidden = 0;           // model hidden size
+  int64_t intermediate = 0;     // FFN width
   std::span<const float> gate;  // [intermediate, hidden]
   std::span<const float> up;    // [intermediate, hidden]
   std::span<const float> down;  // [hidden, intermediate]
@@ -61,9 +61,8 @@ struct ExpertBatch {
 // order into out[t] = ((c_0 + c_1) + ...), the sum a backend computes itself:
 // rows[a] for a in [token_offsets[t], token_offsets[t+1]); a token with none
 // gets zeros. `rows` may point anywhere (null only for tokens without rows).
-void SumAssignmentRows(std::span<const int32_t> token_offsets,
-                       std::span<const float* const> rows, int64_t hidden,
-                       float* out);
+void SumAssignmentRows(std::span<const int32_t> token_offsets, std::span<const float* const> rows,
+                       int64_t hidden, float* out);
 
 class ExpertBackend {
  public:

@@ -110,4 +110,3 @@ GateResult SelectExperts(const GateParams& p, std::span<const float> logits, int
 }
 
 }  // namespace dmoe::core
-

@@ -43,8 +43,8 @@ struct GateResult {
 
 // `logits`: [num_tokens, num_experts] fp32; `bias`: empty or [num_experts]
 // (used only with noaux_tc).
-GateResult SelectExperts(const GateParams& p, std::span<const float> logits,
-                         int64_t num_tokens, std::span<const float> bias);
+GateResult SelectExperts(const GateParams& p, std::span<const float> logits, int64_t num_tokens,
+                         std::span<const float> bias);
 
 }  // namespace dmoe::core
 

@@ -65,7 +65,8 @@ void ExpectMatchesReference(const GateParams& p, uint32_t seed, float bias_scale
   for (float& b : bias) b = bias_scale * nd(rng);
   GateResult r = SelectExperts(p, logits, T, bias);
   for (int t = 0; t < T; ++t) {
-    std::vector<float> lt(logits.begin() + t * p.num_experts, logits.begin() + (t + 1) * p.num_experts);
+    std::vector<float> lt(logits.begin() + t * p.num_experts,
+                          logits.begin() + (t + 1) * p.num_experts);
     auto ref = Reference(p, lt, bias);
     for (int k = 0; k < p.top_k; ++k) {
       ASSERT_EQ(r.experts[t * p.top_k + k], ref[k].first) << "token " << t << " slot " << k;
@@ -90,16 +91,19 @@ GateParams Params(int E, int K, ScoringFunc s, TopkMethod m, int groups, int top
 }
 
 TEST(Gating, SoftmaxGreedy_MatchesReference) {
-  ExpectMatchesReference(Params(64, 6, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 1, 1, false, 1.0), 1);
+  ExpectMatchesReference(
+      Params(64, 6, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 1, 1, false, 1.0), 1);
 }
 
 TEST(Gating, SoftmaxGreedy_RoutedScalingWithoutNorm) {
-  ExpectMatchesReference(Params(16, 4, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 1, 1, false, 16.0), 2);
+  ExpectMatchesReference(
+      Params(16, 4, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 1, 1, false, 16.0), 2);
 }
 
 TEST(Gating, GreedyIgnoresGroups) {
   // topk_method greedy selects over all experts even when n_group > 1.
-  ExpectMatchesReference(Params(16, 4, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 4, 1, false, 1.0), 3);
+  ExpectMatchesReference(
+      Params(16, 4, ScoringFunc::kSoftmax, TopkMethod::kGreedy, 4, 1, false, 1.0), 3);
 }
 
 TEST(Gating, GroupLimitedGreedy_MatchesReference) {
@@ -108,7 +112,8 @@ TEST(Gating, GroupLimitedGreedy_MatchesReference) {
 }
 
 TEST(Gating, GroupLimitedGreedy_OnlyChosenGroups) {
-  GateParams p = Params(8, 2, ScoringFunc::kSoftmax, TopkMethod::kGroupLimitedGreedy, 4, 1, false, 1.0);
+  GateParams p =
+      Params(8, 2, ScoringFunc::kSoftmax, TopkMethod::kGroupLimitedGreedy, 4, 1, false, 1.0);
   // Group 1 (experts 2,3) holds the single largest logit; group 3 has the two
   // next largest. With topk_group 1 only group 1 may be used.
   std::vector<float> logits = {0, 0, 5, 0, 0, 0, 4.5, 4.4};
@@ -118,8 +123,8 @@ TEST(Gating, GroupLimitedGreedy_OnlyChosenGroups) {
 }
 
 TEST(Gating, NoauxTc_MatchesReference) {
-  ExpectMatchesReference(Params(64, 8, ScoringFunc::kSigmoid, TopkMethod::kNoauxTc, 8, 4, true, 2.5), 5,
-                         0.1f);
+  ExpectMatchesReference(
+      Params(64, 8, ScoringFunc::kSigmoid, TopkMethod::kNoauxTc, 8, 4, true, 2.5), 5, 0.1f);
 }
 
 TEST(Gating, NoauxTc_GroupScoreIsSumOfTopTwo) {

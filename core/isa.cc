@@ -12,8 +12,7 @@
 namespace dmoe::core {
 namespace {
 
-constexpr const char* kNames[] = {"generic", "avx2", "avx512", "avx512_bf16",
-                                  "amx"};
+constexpr const char* kNames[] = {"generic", "avx2", "avx512", "avx512_bf16", "amx"};
 
 // XCR0 bits 17 and 18: the OS saves AMX tile state.
 bool OsSavesAmxState() {
@@ -30,17 +29,14 @@ IsaLevel DetectHost() {
   if (!__builtin_cpu_supports("avx2") || !__builtin_cpu_supports("fma")) {
     return IsaLevel::kGeneric;
   }
-  if (!__builtin_cpu_supports("avx512f") ||
-      !__builtin_cpu_supports("avx512bw") ||
-      !__builtin_cpu_supports("avx512vl") ||
-      !__builtin_cpu_supports("avx512dq")) {
+  if (!__builtin_cpu_supports("avx512f") || !__builtin_cpu_supports("avx512bw") ||
+      !__builtin_cpu_supports("avx512vl") || !__builtin_cpu_supports("avx512dq")) {
     return IsaLevel::kAvx2;
   }
   if (!__builtin_cpu_supports("avx512bf16")) return IsaLevel::kAvx512;
   unsigned a, b, c, d;
-  const bool amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) &&
-                   (d & (1u << 22)) != 0 &&  // AMX-BF16
-                   (d & (1u << 24)) != 0 &&  // AMX-TILE
+  const bool amx = __get_cpuid_count(7, 0, &a, &b, &c, &d) && (d & (1u << 22)) != 0 &&  // AMX-BF16
+                   (d & (1u << 24)) != 0 &&                                             // AMX-TILE
                    OsSavesAmxState();
   return amx ? IsaLevel::kAmx : IsaLevel::kAvx512Bf16;
 }
@@ -87,8 +83,7 @@ IsaState MakeState() {
                           "avx2, avx512, avx512_bf16, amx",
                           s.env));
       std::fprintf(stderr, "dmoe: %s (running at the host's level, %s)\n",
-                   std::string(s.config.message()).c_str(),
-                   kNames[static_cast<int>(s.host)]);
+                   std::string(s.config.message()).c_str(), kNames[static_cast<int>(s.host)]);
     } else if (found < static_cast<int>(s.host)) {
       s.active = static_cast<IsaLevel>(found);
     }
@@ -127,9 +122,8 @@ absl::Status IsaConfigStatus() { return State().config; }
 
 std::string IsaSummary() {
   const IsaState& s = State();
-  return absl::StrFormat(
-      "isa %s (host %s, DMOE_MAX_ISA %s), oneDNN %s", IsaName(s.active),
-      IsaName(s.host), s.env.empty() ? std::string("unset") : s.env, s.onednn);
+  return absl::StrFormat("isa %s (host %s, DMOE_MAX_ISA %s), oneDNN %s", IsaName(s.active),
+                         IsaName(s.host), s.env.empty() ? std::string("unset") : s.env, s.onednn);
 }
 
 absl::Status CheckAndLogIsa(const char* name) {

@@ -25,7 +25,8 @@ absl::StatusOr<int32_t> KvCache::Allocate(int64_t capacity_tokens) {
   }
   Seq s;
   s.capacity = capacity_tokens;
-  s.data.reset(new (std::nothrow) float[static_cast<size_t>(capacity_tokens) * width_ * num_layers_]);
+  s.data.reset(
+      new (std::nothrow) float[static_cast<size_t>(capacity_tokens) * width_ * num_layers_]);
   if (!s.data) {
     return absl::ResourceExhaustedError(
         absl::StrCat("KV cache: could not allocate ", bytes, " bytes"));

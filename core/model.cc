@@ -64,7 +64,8 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
       const int64_t n = std::min(kChunk, V - r);
       float* dst = compute_ == ComputeType::kF32 ? embed_f32_.data() + r * hidden : chunk.data();
       DMOE_RETURN_IF_ERROR(ckpt.ReadRowsF32(name, shape, r, n, dst));
-      if (compute_ != ComputeType::kF32) ConvertF32ToBF16(dst, n * hidden, embed_bf16_.data() + r * hidden);
+      if (compute_ != ComputeType::kF32)
+        ConvertF32ToBF16(dst, n * hidden, embed_bf16_.data() + r * hidden);
     }
     tick();
     if (c.tie_word_embeddings) {
@@ -154,19 +155,20 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
           absl::StrCat("forward: sequence ", in.seq, " appears twice in one batch"));
     }
     if (in.tokens.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat("forward: sequence ", in.seq, " has no tokens"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("forward: sequence ", in.seq, " has no tokens"));
     }
     const int64_t start = cache.Length(in.seq);
     if (start + static_cast<int64_t>(in.tokens.size()) > cache.Capacity(in.seq)) {
-      return absl::ResourceExhaustedError(absl::StrCat(
-          "forward: sequence ", in.seq, " would reach ", start + in.tokens.size(),
-          " tokens, over its KV cache reservation of ", cache.Capacity(in.seq)));
+      return absl::ResourceExhaustedError(
+          absl::StrCat("forward: sequence ", in.seq, " would reach ", start + in.tokens.size(),
+                       " tokens, over its KV cache reservation of ", cache.Capacity(in.seq)));
     }
     for (size_t i = 0; i < in.tokens.size(); ++i) {
       if (in.tokens[i] < 0 || in.tokens[i] >= V) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("forward: token id ", in.tokens[i], " at index ", i, " of sequence ",
-                         in.seq, " is outside the vocabulary [0, ", V, ")"));
+        return absl::InvalidArgumentError(absl::StrCat("forward: token id ", in.tokens[i],
+                                                       " at index ", i, " of sequence ", in.seq,
+                                                       " is outside the vocabulary [0, ", V, ")"));
       }
       if (in.all_logits || i + 1 == in.tokens.size()) logit_rows.push_back(tokens.num_tokens);
       tokens.seq.push_back(in.seq);

@@ -31,8 +31,17 @@ absl::Status WriteNpyF32(const std::string& path, std::span<const float> data,
   header.append((64 - base % 64) % 64, ' ');
   header.push_back('\n');
   std::FILE* f = std::fopen(path.c_str(), "wb");
-  if (!f) return absl::NotFoundError(absl::StrCat("npy: cannot create ", path, ": ", std::strerror(errno)));
-  const unsigned char pre[10] = {0x93, 'N', 'U', 'M', 'P', 'Y', 1, 0,
+  if (!f)
+    return absl::NotFoundError(
+        absl::StrCat("npy: cannot create ", path, ": ", std::strerror(errno)));
+  const unsigned char pre[10] = {0x93,
+                                 'N',
+                                 'U',
+                                 'M',
+                                 'P',
+                                 'Y',
+                                 1,
+                                 0,
                                  static_cast<unsigned char>(header.size() & 0xff),
                                  static_cast<unsigned char>(header.size() >> 8)};
   bool ok = std::fwrite(pre, 1, 10, f) == 10 &&
@@ -59,7 +68,8 @@ absl::StatusOr<NpyArray> ParseNpyF32(std::string_view bytes, const std::string& 
   if (10 + hlen > bytes.size()) return absl::InvalidArgumentError("npy: truncated header");
   const std::string header(bytes.substr(10, hlen));
   if (header.find("'<f4'") == std::string::npos || header.find("False") == std::string::npos) {
-    return absl::InvalidArgumentError("npy: only little-endian float32 C-order arrays are supported");
+    return absl::InvalidArgumentError(
+        "npy: only little-endian float32 C-order arrays are supported");
   }
   NpyArray a;
   const size_t lp = header.find('('), rp = header.find(')');
@@ -70,9 +80,11 @@ absl::StatusOr<NpyArray> ParseNpyF32(std::string_view bytes, const std::string& 
   // wrap the size check nor make us allocate.
   size_t n = 1;
   bool overflow = false;
-  for (absl::string_view d : absl::StrSplit(header.substr(lp + 1, rp - lp - 1), ',', absl::SkipWhitespace())) {
+  for (absl::string_view d :
+       absl::StrSplit(header.substr(lp + 1, rp - lp - 1), ',', absl::SkipWhitespace())) {
     int64_t v;
-    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(d), &v)) return absl::InvalidArgumentError("npy: bad shape");
+    if (!absl::SimpleAtoi(absl::StripAsciiWhitespace(d), &v))
+      return absl::InvalidArgumentError("npy: bad shape");
     if (v < 0) return absl::InvalidArgumentError(absl::StrCat("npy: negative dim ", v));
     a.shape.push_back(v);
     overflow |= __builtin_mul_overflow(n, static_cast<size_t>(v), &n);
@@ -83,7 +95,8 @@ absl::StatusOr<NpyArray> ParseNpyF32(std::string_view bytes, const std::string& 
   if (overflow || n > (bytes.size() - 10 - hlen) / 4) {
     return absl::InvalidArgumentError("npy: data size mismatch");
   }
-  if (10 + hlen + n * 4 != bytes.size()) return absl::InvalidArgumentError("npy: data size mismatch");
+  if (10 + hlen + n * 4 != bytes.size())
+    return absl::InvalidArgumentError("npy: data size mismatch");
   a.data.resize(n);
   if (n != 0) std::memcpy(a.data.data(), bytes.data() + 10 + hlen, n * 4);
   return a;

@@ -48,8 +48,8 @@ TEST(NpyTest, NegativeAndOverflowingDimsAreInvalid) {
       Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (4611686018427387904,), }", ""));
   EXPECT_EQ(wrap.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(wrap.status().message(), HasSubstr("data size mismatch"));
-  auto neg = ParseNpyF32(Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 2), }",
-                             Floats({})));
+  auto neg =
+      ParseNpyF32(Npy("{'descr': '<f4', 'fortran_order': False, 'shape': (-1, 2), }", Floats({})));
   EXPECT_EQ(neg.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(neg.status().message(), HasSubstr("negative dim -1"));
   auto huge = ParseNpyF32(Npy(

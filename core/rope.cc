@@ -53,7 +53,7 @@ RopeTable::RopeTable(const ModelConfig& cfg, int64_t dim, RopePairing pairing)
     : dim_(dim),
       pairing_(pairing),
       position_divisor_(cfg.rope_scaling.type == RopeScalingType::kLinear ? cfg.rope_scaling.factor
-                                                                           : 1.0),
+                                                                          : 1.0),
       scale_(RopeCosSinScale(cfg)),
       inv_freq_(RopeInvFreq(cfg, dim)) {}
 

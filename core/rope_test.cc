@@ -47,7 +47,7 @@ TEST(Rope, YarnRampAtV2LiteShapes) {
     const double ramp = std::clamp((j - lo) / (hi - lo), 0.0, 1.0);
     EXPECT_NEAR(inv[j], f / 40 * ramp + f * (1 - ramp), 1e-15) << j;
   }
-  EXPECT_DOUBLE_EQ(inv[0], 1.0);                     // fast dims keep their frequency
+  EXPECT_DOUBLE_EQ(inv[0], 1.0);                               // fast dims keep their frequency
   EXPECT_NEAR(inv[31], std::pow(th, -62.0 / 64) / 40, 1e-18);  // slow dims are interpolated
 }
 

@@ -80,8 +80,8 @@ class SafetensorsFile {
 // file name -> the tensors the index puts in it. INVALID_ARGUMENT naming
 // `path` when it is not an object with a non-empty "weight_map" of plain file
 // names.
-absl::StatusOr<std::map<std::string, std::vector<std::string>>>
-ParseSafetensorsIndex(std::string_view text, const std::string& path);
+absl::StatusOr<std::map<std::string, std::vector<std::string>>> ParseSafetensorsIndex(
+    std::string_view text, const std::string& path);
 
 class Checkpoint {
  public:
@@ -99,8 +99,7 @@ class Checkpoint {
   // dequantised with the block scales in "<name>_scale_inv" (F32, shape
   // [ceil(rows/block), ceil(cols/block)]; block 128x128 unless set with
   // set_fp8_block), which must exist. `out` must hold product(expected) floats.
-  absl::Status ReadF32(std::string_view name, std::span<const int64_t> expected,
-                       float* out) const;
+  absl::Status ReadF32(std::string_view name, std::span<const int64_t> expected, float* out) const;
   absl::StatusOr<std::vector<float>> ReadF32(std::string_view name,
                                              std::span<const int64_t> expected) const;
   // Rows [row_begin, row_begin + num_rows) of a 2-D tensor, as float32.
@@ -109,7 +108,10 @@ class Checkpoint {
   // Drops the file pages of `name` (and of its scales) from memory.
   void Release(std::string_view name) const;
 
-  void set_fp8_block(int64_t rows, int64_t cols) { fp8_block_rows_ = rows; fp8_block_cols_ = cols; }
+  void set_fp8_block(int64_t rows, int64_t cols) {
+    fp8_block_rows_ = rows;
+    fp8_block_cols_ = cols;
+  }
 
  private:
   Checkpoint() = default;

@@ -34,14 +34,12 @@ std::string RawFile(const std::string& header, const std::string& data,
                     uint64_t header_len_override = 0) {
   uint64_t len = header_len_override ? header_len_override : header.size();
   std::string out(8, '\0');
-  for (int i = 0; i < 8; ++i)
-    out[i] = static_cast<char>((len >> (8 * i)) & 0xff);
+  for (int i = 0; i < 8; ++i) out[i] = static_cast<char>((len >> (8 * i)) & 0xff);
   return out + header + data;
 }
 
 template <typename T>
-void WriteTensor(SafetensorsWriter& w, const std::string& name,
-                 const std::vector<T>& v) {
+void WriteTensor(SafetensorsWriter& w, const std::string& name, const std::vector<T>& v) {
   ASSERT_TRUE(w.Write(name, v.data(), v.size() * sizeof(T)).ok()) << name;
 }
 
@@ -72,8 +70,7 @@ TEST(SafetensorsRoundTrip, EveryDtypeWithMetadata) {
   f16[0] = 0x0001;  // smallest subnormal
   f16[1] = 0xc000;  // -2
   std::vector<uint8_t> f8(3 * 4);
-  for (size_t i = 0; i < f8.size(); ++i)
-    f8[i] = static_cast<uint8_t>((i * 19) % 0x7e);
+  for (size_t i = 0; i < f8.size(); ++i) f8[i] = static_cast<uint8_t>((i * 19) % 0x7e);
   std::vector<float> scale = {0.5f};
 
   {
@@ -132,22 +129,19 @@ TEST(SafetensorsRoundTrip, EveryDtypeWithMetadata) {
   const std::vector<int64_t> s7 = {7};
   auto rb = (*ckpt)->ReadF32("b.bf16", s7);
   ASSERT_TRUE(rb.ok()) << rb.status();
-  for (size_t i = 0; i < bf16.size(); ++i)
-    EXPECT_EQ((*rb)[i], BF16ToF32(bf16[i])) << i;
+  for (size_t i = 0; i < bf16.size(); ++i) EXPECT_EQ((*rb)[i], BF16ToF32(bf16[i])) << i;
 
   const std::vector<int64_t> s71 = {7, 1};
   auto rc = (*ckpt)->ReadF32("c.f16", s71);
   ASSERT_TRUE(rc.ok()) << rc.status();
   EXPECT_EQ((*rc)[0], std::ldexp(1.0f, -24));
   EXPECT_EQ((*rc)[1], -2.0f);
-  for (size_t i = 2; i < f16.size(); ++i)
-    EXPECT_EQ((*rc)[i], F16ToF32(f16[i])) << i;
+  for (size_t i = 2; i < f16.size(); ++i) EXPECT_EQ((*rc)[i], F16ToF32(f16[i])) << i;
 
   const std::vector<int64_t> s34 = {3, 4};
   auto rd = (*ckpt)->ReadF32("d.f8", s34);
   ASSERT_TRUE(rd.ok()) << rd.status();
-  for (size_t i = 0; i < f8.size(); ++i)
-    EXPECT_EQ((*rd)[i], F8E4M3ToF32(f8[i]) * 0.5f) << i;
+  for (size_t i = 0; i < f8.size(); ++i) EXPECT_EQ((*rd)[i], F8E4M3ToF32(f8[i]) * 0.5f) << i;
 
   const std::vector<int64_t> s04 = {0, 4};
   auto re = (*ckpt)->ReadF32("e.empty", s04);
@@ -165,8 +159,7 @@ TEST(SafetensorsRoundTrip, EveryDtypeWithMetadata) {
 
 TEST(SafetensorsWriterTest, RejectsOutOfOrderWrongSizeAndMissingWrites) {
   const std::string path = TestDir() + "/w.safetensors";
-  auto w = SafetensorsWriter::Create(
-      path, {{"x", DType::kF32, {2}}, {"y", DType::kBF16, {3}}});
+  auto w = SafetensorsWriter::Create(path, {{"x", DType::kF32, {2}}, {"y", DType::kBF16, {3}}});
   ASSERT_TRUE(w.ok()) << w.status();
   std::vector<float> x = {1, 2};
   std::vector<uint16_t> y = {1, 2, 3};
@@ -184,8 +177,7 @@ TEST(SafetensorsWriterTest, RejectsOutOfOrderWrongSizeAndMissingWrites) {
   EXPECT_EQ(s.code(), absl::StatusCode::kFailedPrecondition);
   EXPECT_THAT(s.message(), HasSubstr("next is 'y'"));
 
-  auto dup = SafetensorsWriter::Create(
-      path, {{"x", DType::kF32, {2}}, {"x", DType::kF32, {2}}});
+  auto dup = SafetensorsWriter::Create(path, {{"x", DType::kF32, {2}}, {"x", DType::kF32, {2}}});
   EXPECT_EQ(dup.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(dup.status().message(), HasSubstr("'x' declared twice"));
 }
@@ -213,8 +205,7 @@ void CheckFp8Dequant(DType scale_dtype) {
   {
     auto w = SafetensorsWriter::Create(
         dir + "/model.safetensors",
-        {{"w", DType::kF8E4M3, {rows, cols}},
-         {"w_scale_inv", scale_dtype, {srows, scols}}});
+        {{"w", DType::kF8E4M3, {rows, cols}}, {"w_scale_inv", scale_dtype, {srows, scols}}});
     ASSERT_TRUE(w.ok()) << w.status();
     WriteTensor(**w, "w", q);
     if (scale_dtype == DType::kBF16) {
@@ -239,15 +230,13 @@ void CheckFp8Dequant(DType scale_dtype) {
   for (int64_t r = 0; r < rows; ++r) {
     for (int64_t c = 0; c < cols; ++c) {
       const double want = ref(r, c);
-      ASSERT_NEAR((*got)[r * cols + c], want, std::fabs(want) * 1e-7)
-          << r << "," << c;
+      ASSERT_NEAR((*got)[r * cols + c], want, std::fabs(want) * 1e-7) << r << "," << c;
     }
   }
   // Rows across the block boundary (120..129) read the same values.
   std::vector<float> part(10 * cols);
   ASSERT_TRUE((*ckpt)->ReadRowsF32("w", shape, 120, 10, part.data()).ok());
-  for (int64_t i = 0; i < 10 * cols; ++i)
-    EXPECT_EQ(part[i], (*got)[120 * cols + i]) << i;
+  for (int64_t i = 0; i < 10 * cols; ++i) EXPECT_EQ(part[i], (*got)[120 * cols + i]) << i;
 
   // A 64x64 block size needs a [3, 4] scale tensor: the [2, 2] one is rejected.
   (*ckpt)->set_fp8_block(64, 64);
@@ -257,17 +246,14 @@ void CheckFp8Dequant(DType scale_dtype) {
               HasSubstr("tensor 'w_scale_inv': shape [2, 2], expected [3, 4]"));
 }
 
-TEST(Fp8Dequant, BlockScalesF32NonMultipleOf128) {
-  CheckFp8Dequant(DType::kF32);
-}
+TEST(Fp8Dequant, BlockScalesF32NonMultipleOf128) { CheckFp8Dequant(DType::kF32); }
 TEST(Fp8Dequant, BlockScalesBF16) { CheckFp8Dequant(DType::kBF16); }
 
 TEST(Fp8Dequant, MissingScaleInvIsNamed) {
   const std::string dir = TestDir();
   std::vector<uint8_t> q(4 * 4, 0x38);
-  auto w = SafetensorsWriter::Create(
-      dir + "/model.safetensors",
-      {{"layer.up_proj.weight", DType::kF8E4M3, {4, 4}}});
+  auto w = SafetensorsWriter::Create(dir + "/model.safetensors",
+                                     {{"layer.up_proj.weight", DType::kF8E4M3, {4, 4}}});
   ASSERT_TRUE(w.ok());
   WriteTensor(**w, "layer.up_proj.weight", q);
   ASSERT_TRUE((*w)->Finish().ok());
@@ -276,16 +262,14 @@ TEST(Fp8Dequant, MissingScaleInvIsNamed) {
   const std::vector<int64_t> shape = {4, 4};
   auto got = (*ckpt)->ReadF32("layer.up_proj.weight", shape);
   EXPECT_EQ(got.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(got.status().message(),
-              HasSubstr("'layer.up_proj.weight_scale_inv'"));
+  EXPECT_THAT(got.status().message(), HasSubstr("'layer.up_proj.weight_scale_inv'"));
 }
 
 // ---------------------------------------------------------------------------
 // Checkpoints
 
 // Writes `names` (F32 [2, 3], value = index) into `file`.
-void WriteShard(const std::string& path,
-                const std::vector<std::string>& names) {
+void WriteShard(const std::string& path, const std::vector<std::string>& names) {
   std::vector<SafetensorsWriter::Decl> decls;
   for (const auto& n : names) decls.push_back({n, DType::kF32, {2, 3}});
   auto w = SafetensorsWriter::Create(path, decls);
@@ -298,8 +282,7 @@ void WriteShard(const std::string& path,
 }
 
 void WriteIndex(const std::string& dir, const nlohmann::json& weight_map) {
-  nlohmann::json index = {{"metadata", {{"total_size", 0}}},
-                          {"weight_map", weight_map}};
+  nlohmann::json index = {{"metadata", {{"total_size", 0}}}, {"weight_map", weight_map}};
   WriteBytes(dir + "/model.safetensors.index.json", index.dump(2));
 }
 
@@ -307,8 +290,7 @@ TEST(CheckpointTest, ShardedViaIndex) {
   const std::string dir = TestDir();
   WriteShard(dir + "/model-00001-of-00002.safetensors", {"a", "b"});
   WriteShard(dir + "/model-00002-of-00002.safetensors", {"c"});
-  WriteShard(dir + "/unrelated.safetensors",
-             {"z"});  // not in the index: ignored
+  WriteShard(dir + "/unrelated.safetensors", {"z"});  // not in the index: ignored
   WriteIndex(dir, {{"a", "model-00001-of-00002.safetensors"},
                    {"b", "model-00001-of-00002.safetensors"},
                    {"c", "model-00002-of-00002.safetensors"}});
@@ -350,8 +332,7 @@ TEST(CheckpointTest, EmptyDirIsNotFound) {
   const std::string dir = TestDir();
   auto ckpt = Checkpoint::Open(dir);
   EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(ckpt.status().message(),
-              HasSubstr("no safetensors files in " + dir));
+  EXPECT_THAT(ckpt.status().message(), HasSubstr("no safetensors files in " + dir));
   auto missing = Checkpoint::Open(dir + "/does-not-exist");
   EXPECT_EQ(missing.status().code(), absl::StatusCode::kNotFound);
 }
@@ -359,12 +340,11 @@ TEST(CheckpointTest, EmptyDirIsNotFound) {
 TEST(CheckpointTest, IndexPointingToMissingShard) {
   const std::string dir = TestDir();
   WriteShard(dir + "/model-00001-of-00002.safetensors", {"a"});
-  WriteIndex(dir, {{"a", "model-00001-of-00002.safetensors"},
-                   {"b", "model-00002-of-00002.safetensors"}});
+  WriteIndex(
+      dir, {{"a", "model-00001-of-00002.safetensors"}, {"b", "model-00002-of-00002.safetensors"}});
   auto ckpt = Checkpoint::Open(dir);
   EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(ckpt.status().message(),
-              HasSubstr("shard model-00002-of-00002.safetensors"));
+  EXPECT_THAT(ckpt.status().message(), HasSubstr("shard model-00002-of-00002.safetensors"));
   EXPECT_THAT(ckpt.status().message(), HasSubstr("'b'"));
 }
 
@@ -376,8 +356,7 @@ TEST(CheckpointTest, IndexListsTensorMissingFromShard) {
   auto ckpt = Checkpoint::Open(dir);
   EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kNotFound);
   EXPECT_THAT(ckpt.status().message(), HasSubstr("tensor 'ghost'"));
-  EXPECT_THAT(ckpt.status().message(),
-              HasSubstr("model-00001-of-00001.safetensors"));
+  EXPECT_THAT(ckpt.status().message(), HasSubstr("model-00001-of-00001.safetensors"));
 }
 
 TEST(CheckpointTest, IndexShardNameMustStayInDirectory) {
@@ -396,19 +375,16 @@ TEST(CheckpointTest, ReadF32WrongShapeAndMissingTensor) {
   const std::vector<int64_t> wrong = {3, 2};
   auto r = (*ckpt)->ReadF32("model.norm.weight", wrong);
   EXPECT_EQ(r.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(
-      r.status().message(),
-      HasSubstr("tensor 'model.norm.weight': shape [2, 3], expected [3, 2]"));
+  EXPECT_THAT(r.status().message(),
+              HasSubstr("tensor 'model.norm.weight': shape [2, 3], expected [3, 2]"));
   std::vector<float> buf(6);
-  absl::Status rows =
-      (*ckpt)->ReadRowsF32("model.norm.weight", wrong, 0, 1, buf.data());
+  absl::Status rows = (*ckpt)->ReadRowsF32("model.norm.weight", wrong, 0, 1, buf.data());
   EXPECT_THAT(rows.message(), HasSubstr("shape [2, 3], expected [3, 2]"));
 
   auto m = (*ckpt)->ReadF32("lm_head.weight", wrong);
   EXPECT_EQ(m.status().code(), absl::StatusCode::kNotFound);
-  EXPECT_THAT(
-      m.status().message(),
-      HasSubstr("tensor 'lm_head.weight' not found in checkpoint " + dir));
+  EXPECT_THAT(m.status().message(),
+              HasSubstr("tensor 'lm_head.weight' not found in checkpoint " + dir));
 }
 
 // ---------------------------------------------------------------------------
@@ -437,27 +413,21 @@ TEST_F(BadFileTest, MissingFileIsNotFound) {
   EXPECT_THAT(f.status().message(), HasSubstr("bad.safetensors.missing"));
 }
 
-TEST_F(BadFileTest, ShorterThanEightBytes) {
-  ExpectInvalid("abc", "shorter than the 8-byte");
-}
+TEST_F(BadFileTest, ShorterThanEightBytes) { ExpectInvalid("abc", "shorter than the 8-byte"); }
 
 TEST_F(BadFileTest, HeaderLengthLongerThanFile) {
-  const std::string header =
-      R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
+  const std::string header = R"({"x":{"dtype":"F32","shape":[1],"data_offsets":[0,4]}})";
   const std::string bytes = RawFile(header, "abcd", 1000);
-  ExpectInvalid(bytes, "header length 1000 exceeds file size " +
-                           std::to_string(bytes.size()));
+  ExpectInvalid(bytes, "header length 1000 exceeds file size " + std::to_string(bytes.size()));
   // A huge length must not overflow the comparison.
   ExpectInvalid(RawFile(header, "abcd", ~uint64_t{0}), "exceeds file size");
 }
 
 TEST_F(BadFileTest, TruncatedData) {
   // Header promises 2x4 F32 (32 bytes) but the file was cut after 20.
-  const std::string header =
-      R"({"w":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}})";
-  ExpectInvalid(
-      RawFile(header, std::string(20, '\0')),
-      "tensor 'w': offsets [0, 32) out of range of data section (20 bytes)");
+  const std::string header = R"({"w":{"dtype":"F32","shape":[2,4],"data_offsets":[0,32]}})";
+  ExpectInvalid(RawFile(header, std::string(20, '\0')),
+                "tensor 'w': offsets [0, 32) out of range of data section (20 bytes)");
 }
 
 TEST_F(BadFileTest, HeaderNotJson) {
@@ -468,88 +438,66 @@ TEST_F(BadFileTest, HeaderNotJson) {
 TEST_F(BadFileTest, EntryMissingKeysOrWrongTypes) {
   ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":[1]}})", "abcd"),
                 "tensor 'w': missing 'data_offsets'");
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":7,"shape":[1],"data_offsets":[0,4]}})", "abcd"),
-      "tensor 'w': 'dtype' is a JSON number");
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"F32","shape":"1","data_offsets":[0,4]}})",
-              "abcd"),
-      "tensor 'w': 'shape' is a JSON string");
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})",
-              "abcd"),
-      "tensor 'w': 'shape' has a non-integer");
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})",
-              "abcd"),
-      "tensor 'w': 'data_offsets' must be an array of 2");
-  ExpectInvalid(RawFile(R"({"w":[1]})", "abcd"),
-                "tensor 'w': entry is a JSON array");
-  ExpectInvalid(RawFile(R"({"__metadata__":{"k":1}})", ""),
-                "'__metadata__' key 'k'");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":7,"shape":[1],"data_offsets":[0,4]}})", "abcd"),
+                "tensor 'w': 'dtype' is a JSON number");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":"1","data_offsets":[0,4]}})", "abcd"),
+                "tensor 'w': 'shape' is a JSON string");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":[1.5],"data_offsets":[0,4]}})", "abcd"),
+                "tensor 'w': 'shape' has a non-integer");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":[1],"data_offsets":[0]}})", "abcd"),
+                "tensor 'w': 'data_offsets' must be an array of 2");
+  ExpectInvalid(RawFile(R"({"w":[1]})", "abcd"), "tensor 'w': entry is a JSON array");
+  ExpectInvalid(RawFile(R"({"__metadata__":{"k":1}})", ""), "'__metadata__' key 'k'");
 }
 
 TEST_F(BadFileTest, UnsupportedDtype) {
   ExpectInvalid(
-      RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})",
-              std::string(8, '\0')),
+      RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})", std::string(8, '\0')),
       "tensor 'ids': unsupported dtype 'I64'");
 }
 
 TEST_F(BadFileTest, NegativeDimAndReversedOffsets) {
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})",
-              "abcd"),
-      "tensor 'w': 'shape' has a negative");
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})",
-              "abcd"),
-      "tensor 'w': data_offsets [4, 0) has begin > end");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":[-1],"data_offsets":[0,4]}})", "abcd"),
+                "tensor 'w': 'shape' has a negative");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"F32","shape":[0],"data_offsets":[4,0]}})", "abcd"),
+                "tensor 'w': data_offsets [4, 0) has begin > end");
 }
 
 TEST_F(BadFileTest, OffsetsOutOfRange) {
   ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"BF16","shape":[2],"data_offsets":[8,12]}})",
-              std::string(10, '\0')),
+      RawFile(R"({"w":{"dtype":"BF16","shape":[2],"data_offsets":[8,12]}})", std::string(10, '\0')),
       "tensor 'w': offsets [8, 12) out of range of data section (10 bytes)");
 }
 
 TEST_F(BadFileTest, SizeDoesNotMatchShape) {
-  ExpectInvalid(
-      RawFile(R"({"w":{"dtype":"BF16","shape":[1408,2],"data_offsets":[0,8]}})",
-              std::string(8, '\0')),
-      "tensor 'w': shape [1408, 2] BF16 needs 5632 bytes, data_offsets give 8");
+  ExpectInvalid(RawFile(R"({"w":{"dtype":"BF16","shape":[1408,2],"data_offsets":[0,8]}})",
+                        std::string(8, '\0')),
+                "tensor 'w': shape [1408, 2] BF16 needs 5632 bytes, data_offsets give 8");
 }
 
 TEST_F(BadFileTest, NumelOverflow) {
   ExpectInvalid(
-      RawFile(
-          R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})",
-          ""),
+      RawFile(R"({"w":{"dtype":"F32","shape":[4294967296,4294967296],"data_offsets":[0,0]}})", ""),
       "tensor 'w': shape [4294967296, 4294967296] F32 overflows");
 }
 
 TEST_F(BadFileTest, OverlappingTensors) {
-  ExpectInvalid(
-      RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
-              R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
-              std::string(12, '\0')),
-      "tensors 'a' and 'b' overlap");
+  ExpectInvalid(RawFile(R"({"a":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},)"
+                        R"("b":{"dtype":"F32","shape":[2],"data_offsets":[4,12]}})",
+                        std::string(12, '\0')),
+                "tensors 'a' and 'b' overlap");
   // b nested inside a long tensor a that starts earlier.
-  ExpectInvalid(
-      RawFile(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
-              R"("c":{"dtype":"F32","shape":[1],"data_offsets":[12,16]},)"
-              R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
-              std::string(16, '\0')),
-      "tensors 'a' and 'b' overlap");
+  ExpectInvalid(RawFile(R"({"a":{"dtype":"F32","shape":[4],"data_offsets":[0,16]},)"
+                        R"("c":{"dtype":"F32","shape":[1],"data_offsets":[12,16]},)"
+                        R"("b":{"dtype":"F32","shape":[1],"data_offsets":[4,8]}})",
+                        std::string(16, '\0')),
+                "tensors 'a' and 'b' overlap");
 }
 
 TEST_F(BadFileTest, CheckpointOpenReportsBadShard) {
   const std::string dir = fs::path(path_).parent_path().string();
-  WriteBytes(
-      path_,
-      RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})",
-              std::string(8, '\0')));
+  WriteBytes(path_, RawFile(R"({"ids":{"dtype":"I64","shape":[1],"data_offsets":[0,8]}})",
+                            std::string(8, '\0')));
   auto ckpt = Checkpoint::Open(dir);
   EXPECT_EQ(ckpt.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(ckpt.status().message(), HasSubstr("bad.safetensors"));
@@ -560,23 +508,17 @@ TEST_F(BadFileTest, CheckpointOpenReportsBadShard) {
 TEST(SafetensorsFromBytes, SameValidationAsOpenNamedAfterTheGivenName) {
   const std::string header =
       R"({"a":{"dtype":"F32","shape":[1],"data_offsets":[0,4]},"__metadata__":{"k":"v"}})";
-  auto file =
-      SafetensorsFile::FromBytes(RawFile(header, "abcd"), "mem.safetensors");
+  auto file = SafetensorsFile::FromBytes(RawFile(header, "abcd"), "mem.safetensors");
   ASSERT_TRUE(file.ok()) << file.status();
   ASSERT_NE((*file)->Find("a"), nullptr);
-  EXPECT_EQ(
-      std::string(reinterpret_cast<const char*>((*file)->Find("a")->data), 4),
-      "abcd");
+  EXPECT_EQ(std::string(reinterpret_cast<const char*>((*file)->Find("a")->data), 4), "abcd");
   EXPECT_EQ((*file)->metadata().at("k"), "v");
 
-  auto bad =
-      SafetensorsFile::FromBytes(RawFile(header, "abc"), "mem.safetensors");
+  auto bad = SafetensorsFile::FromBytes(RawFile(header, "abc"), "mem.safetensors");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(),
-              HasSubstr("mem.safetensors: tensor 'a': offsets [0, 4)"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("mem.safetensors: tensor 'a': offsets [0, 4)"));
   auto short_file = SafetensorsFile::FromBytes("1234567");
-  EXPECT_THAT(short_file.status().message(),
-              HasSubstr("shorter than the 8-byte header length"));
+  EXPECT_THAT(short_file.status().message(), HasSubstr("shorter than the 8-byte header length"));
 }
 
 TEST(SafetensorsIndex, ParsesWeightMapAndNamesThePath) {
@@ -586,11 +528,9 @@ TEST(SafetensorsIndex, ParsesWeightMapAndNamesThePath) {
   ASSERT_TRUE(shards.ok()) << shards.status();
   EXPECT_EQ((*shards)["s1.safetensors"], (std::vector<std::string>{"a", "c"}));
   EXPECT_EQ((*shards)["s2.safetensors"], (std::vector<std::string>{"b"}));
-  auto bad =
-      ParseSafetensorsIndex(R"({"weight_map": {"a": "../x"}})", "idx.json");
+  auto bad = ParseSafetensorsIndex(R"({"weight_map": {"a": "../x"}})", "idx.json");
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(),
-              HasSubstr("idx.json: weight_map['a']: shard name '../x'"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("idx.json: weight_map['a']: shard name '../x'"));
   EXPECT_THAT(ParseSafetensorsIndex("[1]", "idx.json").status().message(),
               HasSubstr("not a JSON object"));
 }

@@ -17,10 +17,10 @@
 #define DMOE_STATUS_CONCAT_(a, b) DMOE_STATUS_CONCAT_INNER_(a, b)
 
 // Returns the status of `expr` from the enclosing function when it is not OK.
-#define DMOE_RETURN_IF_ERROR(expr)                 \
-  do {                                             \
-    ::absl::Status dmoe_status_ = (expr);          \
-    if (!dmoe_status_.ok()) return dmoe_status_;   \
+#define DMOE_RETURN_IF_ERROR(expr)               \
+  do {                                           \
+    ::absl::Status dmoe_status_ = (expr);        \
+    if (!dmoe_status_.ok()) return dmoe_status_; \
   } while (0)
 
 // `lhs` = value of the StatusOr `rexpr`, or returns its error status.
@@ -28,7 +28,7 @@
 #define DMOE_ASSIGN_OR_RETURN(lhs, rexpr) \
   DMOE_ASSIGN_OR_RETURN_IMPL_(DMOE_STATUS_CONCAT_(dmoe_statusor_, __LINE__), lhs, rexpr)
 
-#define DMOE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr) \
+#define DMOE_ASSIGN_OR_RETURN_IMPL_(statusor, lhs, rexpr)  \
   auto statusor = (rexpr);                                 \
   if (!statusor.ok()) return std::move(statusor).status(); \
   lhs = std::move(statusor).value()

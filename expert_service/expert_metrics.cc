@@ -24,8 +24,7 @@ prometheus::Histogram::BucketBoundaries TokenBuckets() {
 
 }  // namespace
 
-ExpertMetrics::ExpertMetrics(prometheus::Registry& registry,
-                             const core::ModelConfig& cfg,
+ExpertMetrics::ExpertMetrics(prometheus::Registry& registry, const core::ModelConfig& cfg,
                              ExpertMetricsOptions options)
     : layers_(cfg.num_hidden_layers),
       experts_(cfg.n_routed_experts),
@@ -36,13 +35,12 @@ ExpertMetrics::ExpertMetrics(prometheus::Registry& registry,
                              "MoE layer (expert=\"all\" with "
                              "--expert-metrics=per-layer)")
                        .Register(registry)),
-      compute_seconds_(
-          prometheus::BuildHistogram()
-              .Name("moe_expert_compute_seconds")
-              .Help("Time of one backend Compute (a batch of one layer's "
-                    "requests)")
-              .Register(registry)
-              .Add({}, ComputeBuckets())),
+      compute_seconds_(prometheus::BuildHistogram()
+                           .Name("moe_expert_compute_seconds")
+                           .Help("Time of one backend Compute (a batch of one layer's "
+                                 "requests)")
+                           .Register(registry)
+                           .Add({}, ComputeBuckets())),
       batch_tokens_(prometheus::BuildHistogram()
                         .Name("moe_expert_batch_tokens")
                         .Help("Tokens (rows) of one backend Compute")
@@ -71,8 +69,7 @@ ExpertMetrics::ExpertMetrics(prometheus::Registry& registry,
                              .Register(registry)
                              .Add({})) {
   absl::MutexLock lock(&mu_);
-  slot_counters_.assign(
-      static_cast<size_t>(per_expert_ ? layers_ * experts_ : layers_), nullptr);
+  slot_counters_.assign(static_cast<size_t>(per_expert_ ? layers_ * experts_ : layers_), nullptr);
   if (!per_expert_) {
     for (int64_t l = 0; l < layers_; ++l) {
       if (cfg.IsMoeLayer(l)) SlotCounter(static_cast<int32_t>(l), 0);
@@ -83,9 +80,9 @@ ExpertMetrics::ExpertMetrics(prometheus::Registry& registry,
 prometheus::Counter& ExpertMetrics::SlotCounter(int32_t layer, int32_t expert) {
   const size_t i = static_cast<size_t>(per_expert_ ? layer * experts_ + expert : layer);
   if (slot_counters_[i] == nullptr) {
-    slot_counters_[i] = &slot_tokens_.Add(
-        {{"layer", std::to_string(layer)},
-         {"expert", per_expert_ ? std::to_string(expert) : "all"}});
+    slot_counters_[i] =
+        &slot_tokens_.Add({{"layer", std::to_string(layer)},
+                           {"expert", per_expert_ ? std::to_string(expert) : "all"}});
   }
   return *slot_counters_[i];
 }
@@ -127,8 +124,6 @@ void ExpertMetrics::OnAnswered(absl::StatusCode code) {
   }
 }
 
-void ExpertMetrics::OnQueueDepth(size_t queued) {
-  queue_depth_.Set(static_cast<double>(queued));
-}
+void ExpertMetrics::OnQueueDepth(size_t queued) { queue_depth_.Set(static_cast<double>(queued)); }
 
 }  // namespace dmoe::expert

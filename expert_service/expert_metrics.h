@@ -60,8 +60,7 @@ class ExpertMetrics final : public internal::ComputeObserver {
 
   // internal::ComputeObserver
   void OnBatch(int32_t layer, int64_t tokens, absl::Duration compute,
-               std::span<const std::pair<internal::LayerExpert, uint64_t>>
-                   expert_tokens) override;
+               std::span<const std::pair<internal::LayerExpert, uint64_t>> expert_tokens) override;
   void OnAnswered(absl::StatusCode code) override;
   void OnQueueDepth(size_t queued) override;
 

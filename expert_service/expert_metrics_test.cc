@@ -5,12 +5,12 @@
 #include <vector>
 
 #include "absl/strings/str_cat.h"
-#include "placement/placement.h"
 #include "common/wire.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "expert_service/expert_server.h"
-#include "gtest/gtest.h"
 #include "grpcpp/grpcpp.h"
+#include "gtest/gtest.h"
+#include "placement/placement.h"
 #include "prometheus/registry.h"
 #include "tests/test_util.h"
 
@@ -67,7 +67,8 @@ TEST(ExpertMetrics, BatchesCountTokensPerSlotAndTime) {
 
   const std::vector<std::pair<LayerExpert, uint64_t>> counts = {{{1, 2}, 5}, {{1, 3}, 7}};
   m.OnBatch(1, 9, absl::Microseconds(700), counts);
-  m.OnBatch(2, 1, absl::Milliseconds(2), std::vector<std::pair<LayerExpert, uint64_t>>{{{2, 0}, 1}});
+  m.OnBatch(2, 1, absl::Milliseconds(2),
+            std::vector<std::pair<LayerExpert, uint64_t>>{{{2, 0}, 1}});
   m.OnAnswered(absl::StatusCode::kOk);
   m.OnAnswered(absl::StatusCode::kOk);
   m.OnAnswered(absl::StatusCode::kFailedPrecondition);
@@ -147,8 +148,8 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   req.mutable_x()->set_dtype(v1::ACTIVATION_DTYPE_F32);
   req.mutable_x()->set_rows(3);
   req.mutable_x()->set_cols(static_cast<uint32_t>(H));
-  common::PackActivations(x.data(), 3, H, 0, common::WireDType::kF32, req.mutable_x()->mutable_data(),
-                        req.mutable_x()->mutable_row_scales());
+  common::PackActivations(x.data(), 3, H, 0, common::WireDType::kF32,
+                          req.mutable_x()->mutable_data(), req.mutable_x()->mutable_row_scales());
   for (int32_t off : {0, 1, 3, 4}) req.add_token_offsets(off);
   for (int32_t e : {held[0], held[0], held[1], held[1]}) {
     req.add_expert_ids(e);
@@ -175,8 +176,12 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   }
   fams = registry.Collect();
   const std::string l = std::to_string(layer);
-  EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total", {{"layer", l}, {"expert", std::to_string(held[0])}}), 2);
-  EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total", {{"layer", l}, {"expert", std::to_string(held[1])}}), 2);
+  EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total",
+                  {{"layer", l}, {"expert", std::to_string(held[0])}}),
+            2);
+  EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total",
+                  {{"layer", l}, {"expert", std::to_string(held[1])}}),
+            2);
   EXPECT_EQ(Value(fams, "moe_expert_requests_total", {{"code", "OK"}}), 1);
   EXPECT_EQ(Value(fams, "moe_expert_requests_total", {{"code", "FAILED_PRECONDITION"}}), 1);
   const auto* batch = Find(fams, "moe_expert_batch_tokens");

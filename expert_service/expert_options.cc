@@ -8,10 +8,10 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "common/service_main.h"
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/metrics_endpoint.h"
+#include "common/service_main.h"
 #include "core/status.h"
 
 namespace dmoe::expert {
@@ -24,12 +24,9 @@ absl::Status Bad(const std::string& message) { return absl::InvalidArgumentError
 }  // namespace
 
 void DeclareExpertFlags(common::Args& a) {
-  a.Flag("model", "DIR", "model directory (config.json + *.safetensors)",
-         std::nullopt, true)
-      .Flag("server-index", "I",
-            "this server's index in the placement (required without --join)")
-      .Flag("num-servers", "N",
-            "contiguous placement over N servers (version 1)")
+  a.Flag("model", "DIR", "model directory (config.json + *.safetensors)", std::nullopt, true)
+      .Flag("server-index", "I", "this server's index in the placement (required without --join)")
+      .Flag("num-servers", "N", "contiguous placement over N servers (version 1)")
       .Flag("placement", "FILE", "placement JSON (instead of --num-servers)")
       .Flag("host", "HOST", "address to listen on", "127.0.0.1")
       .Flag("port", "P", "port to listen on; 0 = any free port", "50061")
@@ -40,13 +37,10 @@ void DeclareExpertFlags(common::Args& a) {
             "without one or in a build without CUDA); auto = cuda when this "
             "build has CUDA and a GPU is visible, else cpu",
             "cpu")
-      .Flag("max-queue", "N",
-            "requests waiting for compute before RESOURCE_EXHAUSTED", "256")
-      .Flag("max-batch-tokens", "N", "tokens per batched expert computation",
-            "8192")
+      .Flag("max-queue", "N", "requests waiting for compute before RESOURCE_EXHAUSTED", "256")
+      .Flag("max-batch-tokens", "N", "tokens per batched expert computation", "8192")
       .Flag("port-file", "PATH", "write the bound port here once listening")
-      .Flag("drain-timeout-s", "S",
-            "on SIGTERM, cancel streams still busy after S seconds", "30")
+      .Flag("drain-timeout-s", "S", "on SIGTERM, cancel streams still busy after S seconds", "30")
       .Flag("raw-echo-port", "P",
             "benchmarking aid: raw TCP echo of framed messages on "
             "127.0.0.1:P, the floor wire_bench compares gRPC with "
@@ -56,15 +50,13 @@ void DeclareExpertFlags(common::Args& a) {
             "start the raw TCP echo (any free port when --raw-echo-port is 0) "
             "and write its port here")
       .Flag("metrics-host", "HOST",
-            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)",
-            "127.0.0.1")
+            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)", "127.0.0.1")
       .Flag("metrics-port", "P",
             "port of /metrics (0 = any free port); when the default is taken "
             "(several servers on one host) the server runs without /metrics "
             "and says so",
             "9191")
-      .Flag("metrics-port-file", "PATH",
-            "write the bound metrics port here once listening")
+      .Flag("metrics-port-file", "PATH", "write the bound metrics port here once listening")
       .Flag("expert-metrics", "per-expert|per-layer",
             "slot-token series per (layer, expert), or per layer "
             "(expert=\"all\") to bound cardinality",
@@ -244,19 +236,18 @@ std::string AdvertiseAddress(const ExpertMainOptions& o, int bound_port) {
   return common::AdvertiseAddress(o.advertise, o.host, bound_port);
 }
 
-void LeaveBeforeStop(ExpertServer& server, const ExpertMainOptions& o,
-                     const sigset_t& stop_signals, int* sig) {
+void LeaveBeforeStop(ExpertServer& server, const ExpertMainOptions& o, const sigset_t& stop_signals,
+                     int* sig) {
   // SIGTERM is scale-in (what Kubernetes and `kill` send to one server): leave
   // first. SIGINT is a stop without leaving, for a whole-cluster stop (`dmoe
   // up` sends it once the router is gone) or a Ctrl-C: nobody is left to take
   // the slots, so waiting for a controller would only delay the exit.
   if (*sig != SIGTERM || o.leave_s <= 0 || server.num_slots() == 0) return;
-  std::fprintf(
-      stderr,
-      "%s: %s, leaving: waiting up to %lld s for the placement controller "
-      "to move %lld slots (SIGINT or a second SIGTERM: stop waiting)\n",
-      kName, strsignal(*sig), static_cast<long long>(o.leave_s),
-      static_cast<long long>(server.num_slots()));
+  std::fprintf(stderr,
+               "%s: %s, leaving: waiting up to %lld s for the placement controller "
+               "to move %lld slots (SIGINT or a second SIGTERM: stop waiting)\n",
+               kName, strsignal(*sig), static_cast<long long>(o.leave_s),
+               static_cast<long long>(server.num_slots()));
   std::fflush(stderr);
   // Leave(0) marks the server leaving and tells whether it is empty; the
   // wait in between takes a further stop signal, which ends the leave.

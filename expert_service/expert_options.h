@@ -27,10 +27,10 @@ inline constexpr char kExpertProgram[] = "dmoe-expert";
 
 // What the dmoe-expert binary runs with (one field per flag).
 struct ExpertMainOptions {
-  std::string model_dir;       // --model
-  std::optional<std::string> join;  // --join ROUTER; none = a fixed placement
-  std::string advertise;       // --advertise
-  std::optional<int64_t> server_index;  // --server-index
+  std::string model_dir;                      // --model
+  std::optional<std::string> join;            // --join ROUTER; none = a fixed placement
+  std::string advertise;                      // --advertise
+  std::optional<int64_t> server_index;        // --server-index
   std::optional<int64_t> num_servers;         // --num-servers
   std::optional<std::string> placement_file;  // --placement
   std::string host = "127.0.0.1";
@@ -41,9 +41,9 @@ struct ExpertMainOptions {
   int64_t max_queue = 256;
   int64_t max_batch_tokens = 8192;
   std::string port_file;
-  int64_t drain_s = 30;           // --drain-timeout-s
-  int64_t echo_port = 0;          // --raw-echo-port
-  std::string echo_port_file;     // --raw-echo-port-file
+  int64_t drain_s = 30;        // --drain-timeout-s
+  int64_t echo_port = 0;       // --raw-echo-port
+  std::string echo_port_file;  // --raw-echo-port-file
   std::string metrics_host = "127.0.0.1";
   int64_t metrics_port = 9191;
   bool metrics_port_given = false;  // --metrics-port given explicitly
@@ -80,8 +80,8 @@ std::string AdvertiseAddress(const ExpertMainOptions& o, int bound_port);
 // controller to move its slots, at most leave_s (longer while the controller
 // refuses, unless --force-leave); a further signal from `stop_signals` ends the
 // wait and replaces *sig. Prints its progress on stderr.
-void LeaveBeforeStop(ExpertServer& server, const ExpertMainOptions& o,
-                     const sigset_t& stop_signals, int* sig);
+void LeaveBeforeStop(ExpertServer& server, const ExpertMainOptions& o, const sigset_t& stop_signals,
+                     int* sig);
 
 }  // namespace dmoe::expert
 

@@ -77,10 +77,9 @@ TEST(ExpertOptionsTest, Defaults) {
 }
 
 TEST(ExpertOptionsTest, JoinDefaultsAndValues) {
-  absl::StatusOr<ExpertMainOptions> o =
-      Parse({"--model", "m", "--join", "r:1", "--dtype", "f32", "--backend", "auto",
-             "--expert-metrics", "per-layer", "--metrics-port", "0", "--raw-echo-port-file", "e",
-             "--force-leave"});
+  absl::StatusOr<ExpertMainOptions> o = Parse(
+      {"--model", "m", "--join", "r:1", "--dtype", "f32", "--backend", "auto", "--expert-metrics",
+       "per-layer", "--metrics-port", "0", "--raw-echo-port-file", "e", "--force-leave"});
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_TRUE(o->joining());
   EXPECT_EQ(*o->join, "r:1");
@@ -110,9 +109,9 @@ TEST(ExpertOptionsTest, CrossFlagRules) {
             "--join starts with no slots: give no --num-servers or --placement");
   EXPECT_EQ(Error({"--model", "m", "--server-index", "0"}),
             "give exactly one of --num-servers and --placement (see --help)");
-  EXPECT_EQ(Error({"--model", "m", "--server-index", "0", "--num-servers", "2", "--placement",
-                   "p.json"}),
-            "give exactly one of --num-servers and --placement (see --help)");
+  EXPECT_EQ(
+      Error({"--model", "m", "--server-index", "0", "--num-servers", "2", "--placement", "p.json"}),
+      "give exactly one of --num-servers and --placement (see --help)");
   EXPECT_EQ(Error({"--model", "m", "--num-servers", "2"}),
             "--server-index is required (unless --join)");
   EXPECT_EQ(Error({"--num-servers", "2"}), "dmoe-expert: --model is required (see --help)");
@@ -126,8 +125,7 @@ TEST(ExpertOptionsTest, BadValues) {
             "--num-servers must be >= 1, got 0");
   EXPECT_EQ(Error({"--model", "m", "--server-index", "-1", "--num-servers", "1"}),
             "--server-index must be >= 0, got -1");
-  EXPECT_EQ(Error(Fixed({"--metrics-port", "-2"})),
-            "--metrics-port must be in [0, 65535], got -2");
+  EXPECT_EQ(Error(Fixed({"--metrics-port", "-2"})), "--metrics-port must be in [0, 65535], got -2");
   EXPECT_EQ(Error(Fixed({"--metrics-host="})), "--metrics-host is empty");
   EXPECT_EQ(Error(Fixed({"--raw-echo-port", "65536"})),
             "--raw-echo-port must be in [0, 65535], got 65536");

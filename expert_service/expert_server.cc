@@ -36,8 +36,7 @@ std::vector<std::pair<int64_t, std::vector<int32_t>>> SlotList(
     const google::protobuf::RepeatedPtrField<v1::LayerSlots>& slots) {
   std::vector<std::pair<int64_t, std::vector<int32_t>>> out;
   for (const auto& ls : slots) {
-    out.emplace_back(ls.layer(), std::vector<int32_t>(ls.experts().begin(),
-                                                      ls.experts().end()));
+    out.emplace_back(ls.layer(), std::vector<int32_t>(ls.experts().begin(), ls.experts().end()));
   }
   return out;
 }
@@ -45,8 +44,7 @@ std::vector<std::pair<int64_t, std::vector<int32_t>>> SlotList(
 std::string ExpertPrefix(int64_t layer, int32_t expert) {
   return expert == core::kSharedFfn
              ? absl::StrCat("model.layers.", layer, ".mlp.shared_experts.")
-             : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert,
-                            ".");
+             : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
 }
 
 }  // namespace
@@ -91,10 +89,8 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
       options.metrics->SetPlacementVersion(slots->newest_version());
     }
   }
-  absl::Status DoLoadSlots(const v1::LoadSlotsRequest& req,
-                           v1::SlotsResponse* resp);
-  absl::Status DoUnloadSlots(const v1::UnloadSlotsRequest& req,
-                             v1::SlotsResponse* resp);
+  absl::Status DoLoadSlots(const v1::LoadSlotsRequest& req, v1::SlotsResponse* resp);
+  absl::Status DoUnloadSlots(const v1::UnloadSlotsRequest& req, v1::SlotsResponse* resp);
   void FillStatus(v1::ServerStatusResponse* resp) const;
 
   // v1::ExpertService::CallbackService
@@ -118,18 +114,14 @@ class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
                                       const v1::LoadSlotsRequest* req,
                                       v1::SlotsResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    control.Post([this, req, resp, r] {
-      r->Finish(common::ToGrpc(DoLoadSlots(*req, resp)));
-    });
+    control.Post([this, req, resp, r] { r->Finish(common::ToGrpc(DoLoadSlots(*req, resp))); });
     return r;
   }
   grpc::ServerUnaryReactor* UnloadSlots(grpc::CallbackServerContext* ctx,
                                         const v1::UnloadSlotsRequest* req,
                                         v1::SlotsResponse* resp) override {
     grpc::ServerUnaryReactor* r = ctx->DefaultReactor();
-    control.Post([this, req, resp, r] {
-      r->Finish(common::ToGrpc(DoUnloadSlots(*req, resp)));
-    });
+    control.Post([this, req, resp, r] { r->Finish(common::ToGrpc(DoUnloadSlots(*req, resp))); });
     return r;
   }
 };
@@ -143,32 +135,27 @@ absl::Status ExpertServer::Impl::LoadFfn(int64_t layer, int32_t expert) {
                              static_cast<int32_t>(layer), expert, *backend);
   }
   absl::MutexLock lock(&backend_mu);
-  return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size,
-                           inter, static_cast<int32_t>(layer), expert,
-                           *backend);
+  return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size, inter,
+                           static_cast<int32_t>(layer), expert, *backend);
 }
 
 absl::Status ExpertServer::Impl::Init() {
   const std::string& dir = options.model_dir;
   auto annotate = [&](const absl::Status& s) {
-    return absl::Status(s.code(),
-                        absl::StrCat("model ", dir, ": ", s.message()));
+    return absl::Status(s.code(), absl::StrCat("model ", dir, ": ", s.message()));
   };
   auto cfg_or = core::ModelConfig::FromFile(dir + "/config.json");
   if (!cfg_or.ok()) return annotate(cfg_or.status());
   cfg = *std::move(cfg_or);
   if (cfg.n_routed_experts == 0) {
-    return annotate(
-        absl::FailedPreconditionError("the model has no MoE layers"));
+    return annotate(absl::FailedPreconditionError("the model has no MoE layers"));
   }
   const int n = options.placement.num_servers();
   if (n < 1 && !options.start_empty)
-    return absl::InvalidArgumentError(
-        "placement: no servers (placement not set?)");
+    return absl::InvalidArgumentError("placement: no servers (placement not set?)");
   if (!options.start_empty && (options.server_index < 0 || options.server_index >= n)) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("server index ", options.server_index,
-                     " is outside the placement's ", n, " servers"));
+    return absl::InvalidArgumentError(absl::StrCat("server index ", options.server_index,
+                                                   " is outside the placement's ", n, " servers"));
   }
   auto ckpt_or = core::Checkpoint::Open(dir);
   if (!ckpt_or.ok()) return annotate(ckpt_or.status());
@@ -181,12 +168,11 @@ absl::Status ExpertServer::Impl::Init() {
 
   internal::LayerSlots layer_slots(cfg.num_hidden_layers);
   for (int64_t l = 0; l < cfg.num_hidden_layers && !options.start_empty; ++l) {
-    if (cfg.IsMoeLayer(l))
-      layer_slots[l] = options.placement.Slots(l, options.server_index);
+    if (cfg.IsMoeLayer(l)) layer_slots[l] = options.placement.Slots(l, options.server_index);
   }
-  auto table = internal::SlotTable::Create(
-      cfg, options.server_index, options.start_empty ? 0 : options.placement.version(),
-      layer_slots);
+  auto table = internal::SlotTable::Create(cfg, options.server_index,
+                                           options.start_empty ? 0 : options.placement.version(),
+                                           layer_slots);
   if (!table.ok()) return table.status();
   slots = *std::move(table);
 
@@ -212,15 +198,13 @@ absl::Status ExpertServer::Impl::Init() {
   wo.max_queue = options.max_queue;
   wo.max_batch_tokens = options.max_batch_tokens;
   wo.observer = options.metrics;
-  worker = std::make_unique<internal::ComputeWorker>(cfg, *backend, backend_mu,
-                                                     *slots, wo);
+  worker = std::make_unique<internal::ComputeWorker>(cfg, *backend, backend_mu, *slots, wo);
   return absl::OkStatus();
 }
 
 absl::Status ExpertServer::Impl::DoLoadSlots(const v1::LoadSlotsRequest& req,
                                              v1::SlotsResponse* resp) {
-  DMOE_ASSIGN_OR_RETURN(std::vector<LayerExpert> add,
-                        slots->CheckSlotList(SlotList(req.slots())));
+  DMOE_ASSIGN_OR_RETURN(std::vector<LayerExpert> add, slots->CheckSlotList(SlotList(req.slots())));
   DMOE_RETURN_IF_ERROR(slots->CheckAddVersion(req.placement_version()));
   // Load what is not resident; on failure, unload what this call loaded (no
   // version refers to it yet, so no request can be using it).
@@ -246,8 +230,7 @@ absl::Status ExpertServer::Impl::DoLoadSlots(const v1::LoadSlotsRequest& req,
   }
   if (!st.ok()) {
     absl::MutexLock lock(&backend_mu);
-    for (const LayerExpert& le : loaded)
-      backend->UnloadFfn(le.layer, le.expert).IgnoreError();
+    for (const LayerExpert& le : loaded) backend->UnloadFfn(le.layer, le.expert).IgnoreError();
   }
   UpdateWeightBytes();
   if (!st.ok()) return st;
@@ -256,8 +239,8 @@ absl::Status ExpertServer::Impl::DoLoadSlots(const v1::LoadSlotsRequest& req,
   return absl::OkStatus();
 }
 
-absl::Status ExpertServer::Impl::DoUnloadSlots(
-    const v1::UnloadSlotsRequest& req, v1::SlotsResponse* resp) {
+absl::Status ExpertServer::Impl::DoUnloadSlots(const v1::UnloadSlotsRequest& req,
+                                               v1::SlotsResponse* resp) {
   DMOE_ASSIGN_OR_RETURN(std::vector<LayerExpert> remove,
                         slots->CheckSlotList(SlotList(req.slots())));
   DMOE_ASSIGN_OR_RETURN(std::vector<LayerExpert> gone,
@@ -302,13 +285,11 @@ void ExpertServer::Impl::FillStatus(v1::ServerStatusResponse* resp) const {
 // ---- ExpertServer
 // ------------------------------------------------------------
 
-ExpertServer::ExpertServer(std::unique_ptr<Impl> impl)
-    : impl_(std::move(impl)) {}
+ExpertServer::ExpertServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 
 ExpertServer::~ExpertServer() { Shutdown(absl::ZeroDuration()); }
 
-absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(
-    ExpertServerOptions options) {
+absl::StatusOr<std::unique_ptr<ExpertServer>> ExpertServer::Create(ExpertServerOptions options) {
   auto impl = std::make_unique<Impl>();
   impl->options = std::move(options);
   DMOE_RETURN_IF_ERROR(impl->Init());
@@ -323,10 +304,9 @@ absl::Status ExpertServer::Start(const std::string& host, int port) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   grpc::ServerBuilder builder;
-  const std::string addr =
-      host.find(':') != std::string::npos && host.front() != '['
-          ? absl::StrCat("[", host, "]:", port)
-          : absl::StrCat(host, ":", port);
+  const std::string addr = host.find(':') != std::string::npos && host.front() != '['
+                               ? absl::StrCat("[", host, "]:", port)
+                               : absl::StrCat(host, ":", port);
   int bound = 0;
   builder.AddListeningPort(addr, grpc::InsecureServerCredentials(), &bound);
   builder.RegisterService(impl_.get());
@@ -403,23 +383,13 @@ std::string ExpertServer::leave_refused() const {
   return impl_->leave_refused;
 }
 
-size_t ExpertServer::resident_weight_bytes() const {
-  return impl_->weight_bytes;
-}
-int64_t ExpertServer::num_slots() const {
-  return impl_->slots->Get().num_slots;
-}
-uint64_t ExpertServer::placement_version() const {
-  return impl_->slots->newest_version();
-}
+size_t ExpertServer::resident_weight_bytes() const { return impl_->weight_bytes; }
+int64_t ExpertServer::num_slots() const { return impl_->slots->Get().num_slots; }
+uint64_t ExpertServer::placement_version() const { return impl_->slots->newest_version(); }
 int ExpertServer::server_index() const { return impl_->options.server_index; }
-int ExpertServer::num_servers() const {
-  return impl_->options.placement.num_servers();
-}
+int ExpertServer::num_servers() const { return impl_->options.placement.num_servers(); }
 const core::ModelConfig& ExpertServer::config() const { return impl_->cfg; }
 
-std::string ExpertServer::BuildVersion() {
-  return absl::StrCat("dmoe-expert ", DMOE_VERSION);
-}
+std::string ExpertServer::BuildVersion() { return absl::StrCat("dmoe-expert ", DMOE_VERSION); }
 
 }  // namespace dmoe::expert

@@ -57,14 +57,14 @@ namespace dmoe::expert {
 class ExpertMetrics;
 
 struct ExpertServerOptions {
-  std::string model_dir;  // Hugging Face layout: config.json + *.safetensors
-  int server_index = 0;   // in [0, placement.num_servers())
+  std::string model_dir;       // Hugging Face layout: config.json + *.safetensors
+  int server_index = 0;        // in [0, placement.num_servers())
   place::Placement placement;  // e.g. place::Placement::Contiguous(cfg, n)
   core::ComputeType compute = core::ComputeType::kBF16;
   // Compute threads (the process's one OpenMP pool); <= 0 = all cores.
   int threads = 0;
-  size_t max_queue = 256;           // requests waiting for compute, all streams
-  int64_t max_batch_tokens = 8192;  // tokens per backend Compute call
+  size_t max_queue = 256;            // requests waiting for compute, all streams
+  int64_t max_batch_tokens = 8192;   // tokens per backend Compute call
   int max_message_bytes = 64 << 20;  // gRPC receive/send limit per message
   // Told of batches, requests, queue depth, slots, weights and placement
   // version. Not owned; must outlive the server. Null = none.
@@ -89,8 +89,7 @@ class ExpertServer {
   // that does not fit the model, FailedPrecondition for a model without MoE
   // layers, and the checkpoint's own errors (missing tensor, bad shape), with
   // the model directory named.
-  static absl::StatusOr<std::unique_ptr<ExpertServer>> Create(
-      ExpertServerOptions options);
+  static absl::StatusOr<std::unique_ptr<ExpertServer>> Create(ExpertServerOptions options);
   ~ExpertServer();
   ExpertServer(const ExpertServer&) = delete;
   ExpertServer& operator=(const ExpertServer&) = delete;

@@ -55,9 +55,8 @@ struct Work {
 
 // Tokens with 1..3 distinct experts drawn from `held`, random weights and, with
 // `with_duty`, random shared duty.
-Work RandomWork(int32_t layer, int64_t tokens, int64_t hidden,
-                const std::vector<int32_t>& held, uint32_t seed,
-                bool with_duty) {
+Work RandomWork(int32_t layer, int64_t tokens, int64_t hidden, const std::vector<int32_t>& held,
+                uint32_t seed, bool with_duty) {
   std::mt19937 rng(seed);
   std::normal_distribution<float> normal(0.0f, 1.0f);
   std::uniform_real_distribution<float> unit(0.05f, 1.0f);
@@ -82,10 +81,9 @@ Work RandomWork(int32_t layer, int64_t tokens, int64_t hidden,
 }
 
 // Rows [row0, row0 + rows) of `w` as one request (or chunk).
-v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
-                            uint64_t version,
-                            common::WireDType dtype = common::WireDType::kF32,
-                            int64_t row0 = 0, int64_t rows = -1) {
+v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id, uint64_t version,
+                            common::WireDType dtype = common::WireDType::kF32, int64_t row0 = 0,
+                            int64_t rows = -1) {
   if (rows < 0) rows = w.tokens;
   v1::ExpertRequest r;
   r.set_request_id(id);
@@ -96,11 +94,10 @@ v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
                                                 : v1::ACTIVATION_DTYPE_BF16);
   x->set_rows(rows);
   x->set_cols(hidden);
-  common::PackActivations(w.x.data() + row0 * hidden, rows, hidden, 0, dtype,
-                          x->mutable_data(), x->mutable_row_scales());
+  common::PackActivations(w.x.data() + row0 * hidden, rows, hidden, 0, dtype, x->mutable_data(),
+                          x->mutable_row_scales());
   const int32_t base = w.offsets[row0];
-  for (int64_t t = row0; t <= row0 + rows; ++t)
-    r.add_token_offsets(w.offsets[t] - base);
+  for (int64_t t = row0; t <= row0 + rows; ++t) r.add_token_offsets(w.offsets[t] - base);
   for (int32_t a = base; a < w.offsets[row0 + rows]; ++a) {
     r.add_expert_ids(w.experts[a]);
     r.add_weights(w.weights[a]);
@@ -114,12 +111,10 @@ v1::ExpertRequest ToRequest(const Work& w, int64_t hidden, uint64_t id,
 std::vector<float> FromReply(const v1::ExpertResponse& r) {
   EXPECT_EQ(r.error_code(), 0) << r.error_message();
   std::vector<float> y(static_cast<size_t>(r.y().rows()) * r.y().cols());
-  const common::WireDType t = r.y().dtype() == v1::ACTIVATION_DTYPE_F32
-                                  ? common::WireDType::kF32
-                                  : common::WireDType::kBF16;
-  absl::Status st =
-      common::UnpackActivations(t, r.y().data(), r.y().row_scales(),
-                                r.y().rows(), r.y().cols(), y.data());
+  const common::WireDType t = r.y().dtype() == v1::ACTIVATION_DTYPE_F32 ? common::WireDType::kF32
+                                                                        : common::WireDType::kBF16;
+  absl::Status st = common::UnpackActivations(t, r.y().data(), r.y().row_scales(), r.y().rows(),
+                                              r.y().cols(), y.data());
   EXPECT_TRUE(st.ok()) << st;
   return y;
 }
@@ -129,8 +124,7 @@ double MaxRelError(const std::vector<float>& a, const std::vector<float>& b) {
   EXPECT_EQ(a.size(), b.size());
   double m = 0;
   for (size_t i = 0; i < std::min(a.size(), b.size()); ++i) {
-    m = std::max(m, std::fabs(double(a[i]) - b[i]) /
-                        std::max(1.0, std::fabs(double(b[i]))));
+    m = std::max(m, std::fabs(double(a[i]) - b[i]) / std::max(1.0, std::fabs(double(b[i]))));
   }
   return m;
 }
@@ -152,19 +146,16 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
       if (!cfg_.IsMoeLayer(l)) continue;
       moe_layers_.push_back(static_cast<int32_t>(l));
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
-        ASSERT_TRUE(
-            core::LoadFfnInto(
-                **ckpt,
-                absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-                hidden_, cfg_.moe_intermediate_size, l, e, *ref_)
-                .ok());
+        ASSERT_TRUE(core::LoadFfnInto(**ckpt,
+                                      absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
+                                      hidden_, cfg_.moe_intermediate_size, l, e, *ref_)
+                        .ok());
       }
-      ASSERT_TRUE(
-          core::LoadFfnInto(
-              **ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-              hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
-              core::kSharedFfn, *ref_)
-              .ok());
+      ASSERT_TRUE(core::LoadFfnInto(**ckpt,
+                                    absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
+                                    hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
+                                    core::kSharedFfn, *ref_)
+                      .ok());
     }
     ASSERT_GE(moe_layers_.size(), 2u);
     auto placement = place::Placement::Contiguous(cfg_, 2);
@@ -188,9 +179,8 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
     ASSERT_GT(server_->port(), 0);
     grpc::ChannelArguments args;
     args.SetMaxReceiveMessageSize(64 << 20);
-    channel_ =
-        grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", server_->port()),
-                                  grpc::InsecureChannelCredentials(), args);
+    channel_ = grpc::CreateCustomChannel(absl::StrCat("127.0.0.1:", server_->port()),
+                                         grpc::InsecureChannelCredentials(), args);
     stub_ = v1::ExpertService::NewStub(channel_);
   }
 
@@ -243,8 +233,7 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
   v1::ExpertResponse One(const v1::ExpertRequest& r) {
     auto replies = RoundTrip({r});
     EXPECT_EQ(replies[r.request_id()].size(), 1u);
-    return replies[r.request_id()].empty() ? v1::ExpertResponse()
-                                           : replies[r.request_id()][0];
+    return replies[r.request_id()].empty() ? v1::ExpertResponse() : replies[r.request_id()][0];
   }
 
   std::string dir_;
@@ -266,8 +255,7 @@ TEST_P(ExpertServerTest, Dispatch_F32MatchesLocalBackend) {
   uint64_t id = 100;
   for (int32_t layer : moe_layers_) {
     for (int64_t tokens : {1, 7, 33}) {
-      works.push_back(RandomWork(layer, tokens, hidden_, held_,
-                                 11 * tokens + layer,
+      works.push_back(RandomWork(layer, tokens, hidden_, held_, 11 * tokens + layer,
                                  /*with_duty=*/tokens != 7));
       reqs.push_back(ToRequest(works.back(), hidden_, id++, 1));
     }
@@ -279,8 +267,7 @@ TEST_P(ExpertServerTest, Dispatch_F32MatchesLocalBackend) {
     EXPECT_EQ(r.y().dtype(), v1::ACTIVATION_DTYPE_F32);
     EXPECT_EQ(r.y().rows(), works[i].tokens);
     EXPECT_EQ(r.y().cols(), hidden_);
-    EXPECT_LE(MaxRelError(FromReply(r), Reference(works[i])), 1e-6)
-        << "request " << i;
+    EXPECT_LE(MaxRelError(FromReply(r), Reference(works[i])), 1e-6) << "request " << i;
   }
 }
 
@@ -307,17 +294,15 @@ TEST_P(ExpertServerTest, Dispatch_TwoRoutersConcurrently) {
   for (int router = 0; router < 2; ++router) {
     for (int i = 0; i < kPerRouter; ++i) {
       const int32_t layer = moe_layers_[i % moe_layers_.size()];
-      works[router].push_back(RandomWork(layer, 1 + (i * 5) % 17, hidden_,
-                                         held_, 1000 * router + i, i % 3 == 0));
-      reqs[router].push_back(
-          ToRequest(works[router].back(), hidden_, 1000 * router + i, 1));
+      works[router].push_back(
+          RandomWork(layer, 1 + (i * 5) % 17, hidden_, held_, 1000 * router + i, i % 3 == 0));
+      reqs[router].push_back(ToRequest(works[router].back(), hidden_, 1000 * router + i, 1));
     }
   }
   std::vector<std::map<uint64_t, std::vector<v1::ExpertResponse>>> replies(2);
   std::vector<std::thread> threads;
   for (int router = 0; router < 2; ++router) {
-    threads.emplace_back(
-        [&, router] { replies[router] = RoundTrip(reqs[router]); });
+    threads.emplace_back([&, router] { replies[router] = RoundTrip(reqs[router]); });
   }
   for (auto& t : threads) t.join();
   int64_t assignments = 0;
@@ -326,8 +311,7 @@ TEST_P(ExpertServerTest, Dispatch_TwoRoutersConcurrently) {
     for (int i = 0; i < kPerRouter; ++i) {
       const auto& rs = replies[router][reqs[router][i].request_id()];
       ASSERT_EQ(rs.size(), 1u);
-      EXPECT_LE(MaxRelError(FromReply(rs[0]), Reference(works[router][i])),
-                1e-6);
+      EXPECT_LE(MaxRelError(FromReply(rs[0]), Reference(works[router][i])), 1e-6);
       assignments += works[router][i].experts.size();
     }
   }
@@ -346,8 +330,8 @@ TEST_P(ExpertServerTest, Dispatch_ChunkedRequestRepliedWithTheSameSplit) {
   std::vector<v1::ExpertRequest> chunks;
   const int64_t split[][2] = {{0, 4}, {4, 3}, {7, 3}};
   for (int i = 0; i < 3; ++i) {
-    chunks.push_back(ToRequest(w, hidden_, 42, 1, common::WireDType::kF32,
-                               split[i][0], split[i][1]));
+    chunks.push_back(
+        ToRequest(w, hidden_, 42, 1, common::WireDType::kF32, split[i][0], split[i][1]));
     chunks.back().set_chunk_index(i);
     chunks.back().set_chunk_count(3);
   }
@@ -368,8 +352,7 @@ TEST_P(ExpertServerTest, Dispatch_ChunkedRequestRepliedWithTheSameSplit) {
 TEST_P(ExpertServerTest, Dispatch_Bf16WireAndF32Reply) {
   StartServer();
   Work w = RandomWork(moe_layers_[0], 9, hidden_, held_, 8, true);
-  v1::ExpertRequest bf16 =
-      ToRequest(w, hidden_, 1, 1, common::WireDType::kBF16);
+  v1::ExpertRequest bf16 = ToRequest(w, hidden_, 1, 1, common::WireDType::kBF16);
   v1::ExpertRequest f32_reply = bf16;
   f32_reply.set_request_id(2);
   f32_reply.set_reply_dtype(v1::ACTIVATION_DTYPE_F32);
@@ -383,10 +366,10 @@ TEST_P(ExpertServerTest, Dispatch_Bf16WireAndF32Reply) {
   Work rounded = w;
   std::vector<float> tmp(w.x.size());
   std::string data, scales;
-  common::PackActivations(w.x.data(), w.tokens, hidden_, 0,
-                          common::WireDType::kBF16, &data, &scales);
-  ASSERT_TRUE(common::UnpackActivations(common::WireDType::kBF16, data, scales,
-                                        w.tokens, hidden_, rounded.x.data())
+  common::PackActivations(w.x.data(), w.tokens, hidden_, 0, common::WireDType::kBF16, &data,
+                          &scales);
+  ASSERT_TRUE(common::UnpackActivations(common::WireDType::kBF16, data, scales, w.tokens, hidden_,
+                                        rounded.x.data())
                   .ok());
   const std::vector<float> ref = Reference(rounded);
   EXPECT_LE(MaxRelError(FromReply(replies[2][0]), ref), 1e-6);
@@ -407,42 +390,33 @@ TEST_P(ExpertServerTest, Dispatch_BadRequestsGetSpecificInBandErrors) {
   };
   const int32_t not_held = placement_.Slots(layer, 0)[0];
   std::vector<Case> cases = {
-      {"unknown layer", [](auto& r) { r.set_layer(99); },
-       grpc::INVALID_ARGUMENT, "layer 99 is not a MoE layer"},
+      {"unknown layer", [](auto& r) { r.set_layer(99); }, grpc::INVALID_ARGUMENT,
+       "layer 99 is not a MoE layer"},
       {"dense layer", [](auto& r) { r.set_layer(0); }, grpc::INVALID_ARGUMENT,
        "layer 0 is not a MoE layer"},
-      {"stale version", [](auto& r) { r.set_placement_version(3); },
-       grpc::FAILED_PRECONDITION, "placement version 3 not held (holding 1)"},
-      {"wrong cols", [](auto& r) { r.mutable_x()->set_cols(32); },
-       grpc::INVALID_ARGUMENT,
+      {"stale version", [](auto& r) { r.set_placement_version(3); }, grpc::FAILED_PRECONDITION,
+       "placement version 3 not held (holding 1)"},
+      {"wrong cols", [](auto& r) { r.mutable_x()->set_cols(32); }, grpc::INVALID_ARGUMENT,
        absl::StrCat("x has 32 columns, expected hidden size ", hidden_)},
-      {"wrong rows", [](auto& r) { r.mutable_x()->set_rows(2); },
-       grpc::INVALID_ARGUMENT,
+      {"wrong rows", [](auto& r) { r.mutable_x()->set_rows(2); }, grpc::INVALID_ARGUMENT,
        "token_offsets has 4 entries, expected x rows + 1 = 3"},
       {"truncated payload",
-       [](auto& r) {
-         r.mutable_x()->mutable_data()->resize(r.x().data().size() - 5);
-       },
+       [](auto& r) { r.mutable_x()->mutable_data()->resize(r.x().data().size() - 5); },
        grpc::INVALID_ARGUMENT, "bytes, got"},
       {"expert not held", [&](auto& r) { r.set_expert_ids(0, not_held); },
        grpc::FAILED_PRECONDITION,
-       absl::StrCat("layer ", layer, " expert ", not_held,
-                    " not held by server 1")},
-      {"expert out of range", [](auto& r) { r.set_expert_ids(0, 1000); },
-       grpc::INVALID_ARGUMENT, "expert id 1000 out of range"},
-      {"decreasing offsets",
-       [](auto& r) { r.set_token_offsets(1, r.token_offsets(2) + 1); },
+       absl::StrCat("layer ", layer, " expert ", not_held, " not held by server 1")},
+      {"expert out of range", [](auto& r) { r.set_expert_ids(0, 1000); }, grpc::INVALID_ARGUMENT,
+       "expert id 1000 out of range"},
+      {"decreasing offsets", [](auto& r) { r.set_token_offsets(1, r.token_offsets(2) + 1); },
        grpc::INVALID_ARGUMENT, "token_offsets decrease at token 1"},
-      {"offsets end", [](auto& r) { r.add_expert_ids(8); },
-       grpc::INVALID_ARGUMENT, "token_offsets end at"},
-      {"offsets start", [](auto& r) { r.set_token_offsets(0, 1); },
-       grpc::INVALID_ARGUMENT, "token_offsets[0] is 1"},
-      {"shared duty size", [](auto& r) { r.add_shared_duty(true); },
-       grpc::INVALID_ARGUMENT, "shared_duty has 4 entries"},
-      {"dtype",
-       [](auto& r) {
-         r.mutable_x()->set_dtype(v1::ACTIVATION_DTYPE_UNSPECIFIED);
-       },
+      {"offsets end", [](auto& r) { r.add_expert_ids(8); }, grpc::INVALID_ARGUMENT,
+       "token_offsets end at"},
+      {"offsets start", [](auto& r) { r.set_token_offsets(0, 1); }, grpc::INVALID_ARGUMENT,
+       "token_offsets[0] is 1"},
+      {"shared duty size", [](auto& r) { r.add_shared_duty(true); }, grpc::INVALID_ARGUMENT,
+       "shared_duty has 4 entries"},
+      {"dtype", [](auto& r) { r.mutable_x()->set_dtype(v1::ACTIVATION_DTYPE_UNSPECIFIED); },
        grpc::INVALID_ARGUMENT, "x dtype 0"},
       {"lonely chunk",
        [](auto& r) {
@@ -475,16 +449,14 @@ TEST_P(ExpertServerTest, Dispatch_BadRequestsGetSpecificInBandErrors) {
 TEST_P(ExpertServerTest, Dispatch_BrokenChunkSequenceFailsThatRequestOnly) {
   StartServer();
   Work w = RandomWork(moe_layers_[0], 4, hidden_, held_, 2, false);
-  v1::ExpertRequest c0 =
-      ToRequest(w, hidden_, 7, 1, common::WireDType::kF32, 0, 2);
+  v1::ExpertRequest c0 = ToRequest(w, hidden_, 7, 1, common::WireDType::kF32, 0, 2);
   c0.set_chunk_index(0);
   c0.set_chunk_count(2);
   v1::ExpertRequest other = ToRequest(w, hidden_, 8, 1);
   auto replies = RoundTrip({c0, other});
   ASSERT_EQ(replies[7].size(), 1u);
   EXPECT_EQ(replies[7][0].error_code(), grpc::INVALID_ARGUMENT);
-  EXPECT_THAT(replies[7][0].error_message(),
-              HasSubstr("expected chunk 1 of 2, got request 8"));
+  EXPECT_THAT(replies[7][0].error_message(), HasSubstr("expected chunk 1 of 2, got request 8"));
   ASSERT_EQ(replies[8].size(), 1u);
   EXPECT_LE(MaxRelError(FromReply(replies[8][0]), Reference(w)), 1e-6);
 }
@@ -494,8 +466,7 @@ TEST_P(ExpertServerTest, Dispatch_FullQueueAnswersResourceExhausted) {
   std::vector<Work> works;
   std::vector<v1::ExpertRequest> reqs;
   for (int i = 0; i < 40; ++i) {
-    works.push_back(
-        RandomWork(moe_layers_[i % 2], 64, hidden_, held_, i, true));
+    works.push_back(RandomWork(moe_layers_[i % 2], 64, hidden_, held_, i, true));
     reqs.push_back(ToRequest(works.back(), hidden_, i, 1));
   }
   auto replies = RoundTrip(reqs);
@@ -532,35 +503,28 @@ TEST_P(ExpertServerTest, GetStatus_DescribesSlotsWeightsAndCounters) {
   auto ckpt = core::Checkpoint::Open(dir_);
   auto mine = core::MakeCpuExpertBackend(core::ComputeType::kF32);
   std::map<int32_t, uint64_t> expected_counts;
-  for (int32_t a = 0; a < w.offsets.back(); ++a)
-    ++expected_counts[w.experts[a]];
+  for (int32_t a = 0; a < w.offsets.back(); ++a) ++expected_counts[w.experts[a]];
   std::vector<uint64_t> expected_tokens;
   for (size_t i = 0; i < moe_layers_.size(); ++i) {
     const int32_t l = moe_layers_[i];
     EXPECT_EQ(s.slots(i).layer(), static_cast<uint32_t>(l));
     const auto& want = placement_.Slots(l, 1);
-    EXPECT_EQ(std::vector<int32_t>(s.slots(i).experts().begin(),
-                                   s.slots(i).experts().end()),
-              want);
+    EXPECT_EQ(std::vector<int32_t>(s.slots(i).experts().begin(), s.slots(i).experts().end()), want);
     for (int32_t e : want) {
-      ASSERT_TRUE(core::LoadFfnInto(
-                      **ckpt,
-                      absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-                      hidden_, cfg_.moe_intermediate_size, l, e, *mine)
+      ASSERT_TRUE(core::LoadFfnInto(**ckpt,
+                                    absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
+                                    hidden_, cfg_.moe_intermediate_size, l, e, *mine)
                       .ok());
       expected_tokens.push_back(l == w.layer ? expected_counts[e] : 0);
     }
-    ASSERT_TRUE(core::LoadFfnInto(
-                    **ckpt,
-                    absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-                    hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size,
-                    l, core::kSharedFfn, *mine)
+    ASSERT_TRUE(core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
+                                  hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
+                                  core::kSharedFfn, *mine)
                     .ok());
   }
   EXPECT_EQ(s.resident_weight_bytes(), mine->WeightBytes());
   EXPECT_EQ(server_->resident_weight_bytes(), mine->WeightBytes());
-  EXPECT_EQ(std::vector<uint64_t>(s.tokens_computed().begin(),
-                                  s.tokens_computed().end()),
+  EXPECT_EQ(std::vector<uint64_t>(s.tokens_computed().begin(), s.tokens_computed().end()),
             expected_tokens);
   EXPECT_EQ(server_->num_slots(), static_cast<int64_t>(expected_tokens.size()));
 }
@@ -568,8 +532,7 @@ TEST_P(ExpertServerTest, GetStatus_DescribesSlotsWeightsAndCounters) {
 TEST_P(ExpertServerTest, LoadAndUnloadSlots_SwitchVersionsWithoutSilentZeros) {
   StartServer();
   const int32_t layer = moe_layers_[0];
-  const int32_t newcomer =
-      placement_.Slots(layer, 0)[0];  // held by server 0 only
+  const int32_t newcomer = placement_.Slots(layer, 0)[0];  // held by server 0 only
   const int32_t leaver = held_[0];
   const size_t bytes_before = server_->resident_weight_bytes();
 
@@ -589,15 +552,13 @@ TEST_P(ExpertServerTest, LoadAndUnloadSlots_SwitchVersionsWithoutSilentZeros) {
   Work uses_new = RandomWork(layer, 3, hidden_, {newcomer, leaver}, 1, true);
   Work uses_leaver = RandomWork(layer, 3, hidden_, {leaver}, 2, false);
   {
-    auto r = RoundTrip({ToRequest(uses_new, hidden_, 1, 2),
-                        ToRequest(uses_new, hidden_, 2, 1),
+    auto r = RoundTrip({ToRequest(uses_new, hidden_, 1, 2), ToRequest(uses_new, hidden_, 2, 1),
                         ToRequest(uses_leaver, hidden_, 3, 1)});
     EXPECT_LE(MaxRelError(FromReply(r[1][0]), Reference(uses_new)), 1e-6);
     EXPECT_EQ(r[2][0].error_code(),
               grpc::FAILED_PRECONDITION);  // v1 never held the newcomer
     EXPECT_THAT(r[2][0].error_message(),
-                HasSubstr(absl::StrCat("layer ", layer, " expert ", newcomer,
-                                       " not held")));
+                HasSubstr(absl::StrCat("layer ", layer, " expert ", newcomer, " not held")));
     EXPECT_LE(MaxRelError(FromReply(r[3][0]), Reference(uses_leaver)),
               1e-6);  // v1 still served
   }
@@ -617,21 +578,17 @@ TEST_P(ExpertServerTest, LoadAndUnloadSlots_SwitchVersionsWithoutSilentZeros) {
   }
   {
     auto r = RoundTrip({ToRequest(uses_leaver, hidden_, 1, 1),
-                        ToRequest(uses_leaver, hidden_, 2, 2),
-                        ToRequest(uses_new, hidden_, 3, 2)});
+                        ToRequest(uses_leaver, hidden_, 2, 2), ToRequest(uses_new, hidden_, 3, 2)});
     EXPECT_EQ(r[1][0].error_code(), grpc::FAILED_PRECONDITION);
-    EXPECT_THAT(r[1][0].error_message(),
-                HasSubstr("placement version 1 not held (holding 2)"));
+    EXPECT_THAT(r[1][0].error_message(), HasSubstr("placement version 1 not held (holding 2)"));
     EXPECT_EQ(r[2][0].error_code(), grpc::FAILED_PRECONDITION);
     EXPECT_THAT(r[2][0].error_message(),
-                HasSubstr(absl::StrCat("layer ", layer, " expert ", leaver,
-                                       " not held")));
+                HasSubstr(absl::StrCat("layer ", layer, " expert ", leaver, " not held")));
     EXPECT_EQ(r[3][0].error_code(),
               grpc::FAILED_PRECONDITION);  // uses_new also routes to leaver
   }
   Work only_new = RandomWork(layer, 2, hidden_, {newcomer}, 3, true);
-  EXPECT_LE(MaxRelError(FromReply(One(ToRequest(only_new, hidden_, 9, 2))),
-                        Reference(only_new)),
+  EXPECT_LE(MaxRelError(FromReply(One(ToRequest(only_new, hidden_, 9, 2))), Reference(only_new)),
             1e-6);
 
   // Going back in versions, or unloading from a version that is not the newest,
@@ -642,15 +599,13 @@ TEST_P(ExpertServerTest, LoadAndUnloadSlots_SwitchVersionsWithoutSilentZeros) {
     load.set_placement_version(1);
     grpc::Status st = stub_->LoadSlots(&ctx, load, &resp);
     EXPECT_EQ(st.error_code(), grpc::FAILED_PRECONDITION);
-    EXPECT_THAT(st.error_message(),
-                HasSubstr("older than the newest held version 2"));
+    EXPECT_THAT(st.error_message(), HasSubstr("older than the newest held version 2"));
   }
   {
     grpc::ClientContext ctx;
     v1::SlotsResponse resp;
     unload.set_placement_version(2);
-    grpc::Status st =
-        stub_->UnloadSlots(&ctx, unload, &resp);  // leaver is gone already
+    grpc::Status st = stub_->UnloadSlots(&ctx, unload, &resp);  // leaver is gone already
     EXPECT_EQ(st.error_code(), grpc::NOT_FOUND);
   }
   {
@@ -670,8 +625,7 @@ TEST_P(ExpertServerTest, Shutdown_AnswersInFlightThenEndsStreamsUnavailable) {
   Work w = RandomWork(moe_layers_[0], 16, hidden_, held_, 6, true);
   grpc::ClientContext ctx;
   auto stream = stub_->Dispatch(&ctx);
-  for (int i = 0; i < 8; ++i)
-    ASSERT_TRUE(stream->Write(ToRequest(w, hidden_, i, 1)));
+  for (int i = 0; i < 8; ++i) ASSERT_TRUE(stream->Write(ToRequest(w, hidden_, i, 1)));
   // Every request written before the shutdown is answered...
   std::thread stopper([&] {
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
@@ -690,8 +644,7 @@ TEST_P(ExpertServerTest, Shutdown_AnswersInFlightThenEndsStreamsUnavailable) {
   EXPECT_EQ(st.error_code(), grpc::UNAVAILABLE) << st.error_message();
 }
 
-INSTANTIATE_TEST_SUITE_P(Presets, ExpertServerTest,
-                         ::testing::Values("tiny-v2lite", "tiny-v3"),
+INSTANTIATE_TEST_SUITE_P(Presets, ExpertServerTest, ::testing::Values("tiny-v2lite", "tiny-v3"),
                          [](const auto& info) {
                            std::string s = info.param;
                            std::replace(s.begin(), s.end(), '-', '_');
@@ -708,8 +661,7 @@ TEST(ExpertServerCreateTest, RejectsServerIndexOutsideThePlacement) {
   o.placement = *place::Placement::Contiguous(*cfg, 2);
   auto s = ExpertServer::Create(o);
   EXPECT_EQ(s.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.status().message()),
-              HasSubstr("server index 2 is outside"));
+  EXPECT_THAT(std::string(s.status().message()), HasSubstr("server index 2 is outside"));
 }
 
 TEST(ExpertServerCreateTest, StartFailsOnABusyPort) {
@@ -727,8 +679,7 @@ TEST(ExpertServerCreateTest, StartFailsOnABusyPort) {
             2 * cfg->n_routed_experts);  // both MoE layers, all experts
   const absl::Status st = (*second)->Start("127.0.0.1", (*first)->port());
   EXPECT_EQ(st.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(std::string(st.message()),
-              HasSubstr("cannot listen on 127.0.0.1:"));
+  EXPECT_THAT(std::string(st.message()), HasSubstr("cannot listen on 127.0.0.1:"));
 }
 
 // ---- the real binary
@@ -745,8 +696,8 @@ bool IsServing(const std::shared_ptr<grpc::Channel>& channel) {
       response;  // HealthCheckRequest{service: ""}
   absl::Notification done;
   grpc::Status status;
-  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                 &request, &response, [&](grpc::Status s) {
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
+                 [&](grpc::Status s) {
                    status = std::move(s);
                    done.Notify();
                  });
@@ -754,48 +705,41 @@ bool IsServing(const std::shared_ptr<grpc::Channel>& channel) {
   if (!status.ok()) return false;
   grpc::Slice slice;
   if (!response.DumpToSingleSlice(&slice).ok()) return false;
-  const std::string bytes(reinterpret_cast<const char*>(slice.begin()),
-                          slice.size());
+  const std::string bytes(reinterpret_cast<const char*>(slice.begin()), slice.size());
   return bytes == std::string("\x08\x01", 2);  // status: SERVING
 }
 
 TEST(ExpertBinaryTest, ServesHealthAndRequestsThenExitsCleanlyOnSigterm) {
-  const std::string dir =
-      testing::MakeModel("tiny-v2lite", 3, tools::WeightFormat::kF32);
+  const std::string dir = testing::MakeModel("tiny-v2lite", 3, tools::WeightFormat::kF32);
   const std::string tmp = testing::FreshDir("run");
   const std::string port_file = tmp + "/port", log = tmp + "/stderr";
   ChildProcess server;
-  ASSERT_TRUE(
-      server.Start({BinDir() + "/dmoe-expert", "--model", dir, "--server-index",
-                    "1", "--num-servers", "2", "--port", "0", "--port-file",
-                    port_file, "--dtype", "f32", "--threads", "1"},
-                   log));
+  ASSERT_TRUE(server.Start(
+      {BinDir() + "/dmoe-expert", "--model", dir, "--server-index", "1", "--num-servers", "2",
+       "--port", "0", "--port-file", port_file, "--dtype", "f32", "--threads", "1"},
+      log));
   const int port = testing::WaitForPortFile(port_file, server);
   if (port == 0) FAIL() << "no port file; stderr:\n" << ReadFile(log);
-  auto channel = grpc::CreateChannel(absl::StrCat("127.0.0.1:", port),
-                                     grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel(absl::StrCat("127.0.0.1:", port), grpc::InsecureChannelCredentials());
   bool serving = false;
   for (int i = 0; i < 100 && !serving; ++i) {
     serving = IsServing(channel);
     if (!serving) std::this_thread::sleep_for(std::chrono::milliseconds(100));
   }
   EXPECT_TRUE(serving);
-  EXPECT_THAT(ReadFile(log),
-              HasSubstr(absl::StrCat("dmoe-expert: serving 16 slots (")));
-  EXPECT_THAT(ReadFile(log),
-              HasSubstr(absl::StrCat("for server 1/2 on 127.0.0.1:", port)));
+  EXPECT_THAT(ReadFile(log), HasSubstr(absl::StrCat("dmoe-expert: serving 16 slots (")));
+  EXPECT_THAT(ReadFile(log), HasSubstr(absl::StrCat("for server 1/2 on 127.0.0.1:", port)));
 
   // One request, checked against the local backend.
   auto cfg = *core::ModelConfig::FromFile(dir + "/config.json");
   auto ckpt = *core::Checkpoint::Open(dir);
   auto ref = core::MakeCpuExpertBackend(core::ComputeType::kF32);
   const int32_t layer = 1;
-  const std::vector<int32_t> held =
-      place::Placement::Contiguous(cfg, 2)->Slots(layer, 1);
+  const std::vector<int32_t> held = place::Placement::Contiguous(cfg, 2)->Slots(layer, 1);
   for (int32_t e : held) {
-    ASSERT_TRUE(core::LoadFfnInto(
-                    *ckpt, absl::StrCat("model.layers.1.mlp.experts.", e, "."),
-                    cfg.hidden_size, cfg.moe_intermediate_size, layer, e, *ref)
+    ASSERT_TRUE(core::LoadFfnInto(*ckpt, absl::StrCat("model.layers.1.mlp.experts.", e, "."),
+                                  cfg.hidden_size, cfg.moe_intermediate_size, layer, e, *ref)
                     .ok());
   }
   Work w = RandomWork(layer, 5, cfg.hidden_size, held, 1, false);
@@ -834,20 +778,15 @@ int RunToExit(const std::vector<std::string>& args, const std::string& log) {
 TEST(ExpertBinaryTest, BadFlagsExit2BadModelExit1) {
   const std::string tmp = testing::FreshDir("bad");
   const std::string log = tmp + "/stderr";
-  EXPECT_EQ(
-      RunToExit({BinDir() + "/dmoe-expert", "--model", tmp, "--server-index",
-                 "0", "--num-servers", "2", "--bogus", "1"},
-                log),
-      2);
-  EXPECT_THAT(ReadFile(log), HasSubstr("unknown flag --bogus"));
-  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp,
-                       "--server-index", "0"},
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp, "--server-index", "0",
+                       "--num-servers", "2", "--bogus", "1"},
                       log),
             2);
-  EXPECT_THAT(ReadFile(log),
-              HasSubstr("exactly one of --num-servers and --placement"));
-  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp + "/missing",
-                       "--server-index", "0", "--num-servers", "2"},
+  EXPECT_THAT(ReadFile(log), HasSubstr("unknown flag --bogus"));
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp, "--server-index", "0"}, log), 2);
+  EXPECT_THAT(ReadFile(log), HasSubstr("exactly one of --num-servers and --placement"));
+  EXPECT_EQ(RunToExit({BinDir() + "/dmoe-expert", "--model", tmp + "/missing", "--server-index",
+                       "0", "--num-servers", "2"},
                       log),
             1);
   EXPECT_THAT(ReadFile(log), HasSubstr("model " + tmp + "/missing"));

@@ -20,8 +20,8 @@ void Joiner::Stop() {
 }
 
 void Joiner::Run() {
-  auto stub = v1::RouterService::NewStub(
-      grpc::CreateChannel(router_, grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::RouterService::NewStub(grpc::CreateChannel(router_, grpc::InsecureChannelCredentials()));
   absl::Duration backoff = absl::Seconds(1);
   for (int attempt = 1; !stop_.HasBeenNotified(); ++attempt) {
     grpc::ClientContext ctx;

@@ -62,7 +62,8 @@ int main(int argc, char** argv) {
   // this comes before any is started) and taken by sigwait below.
   sigset_t stop_signals = common::BlockStopSignals();
   common::CapMallocThreadCaches();
-  if (absl::Status st = core::CheckAndLogIsa(kName); !st.ok()) return Fail(2, std::string(st.message()));
+  if (absl::Status st = core::CheckAndLogIsa(kName); !st.ok())
+    return Fail(2, std::string(st.message()));
   common::Args args = expert::ExpertArgs();
   if (std::optional<int> exit = common::ParseFlagsOrExit(args, argc, argv)) return *exit;
   absl::StatusOr<expert::ExpertMainOptions> o = expert::ExpertOptionsFromFlags(args);

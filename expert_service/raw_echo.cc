@@ -65,8 +65,7 @@ bool WriteFull(int fd, const void* buf, size_t n) {
 
 class RawEchoServer::Impl {
  public:
-  Impl(RawEchoOptions options, int listen_fd, int port, int wake_read,
-       int wake_write)
+  Impl(RawEchoOptions options, int listen_fd, int port, int wake_read, int wake_write)
       : options_(std::move(options)),
         listen_fd_(listen_fd),
         port_(port),
@@ -124,8 +123,7 @@ class RawEchoServer::Impl {
       setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof(one));
       absl::MutexLock lock(&mu_);
       ReapLocked();
-      if (stopped_ ||
-          conns_.size() >= static_cast<size_t>(options_.max_connections)) {
+      if (stopped_ || conns_.size() >= static_cast<size_t>(options_.max_connections)) {
         close(fd);
         continue;
       }
@@ -157,8 +155,7 @@ class RawEchoServer::Impl {
       uint64_t header[2];
       if (!ReadFull(fd, header, sizeof(header))) return;
       const uint64_t request_bytes = header[0], reply_bytes = header[1];
-      if (request_bytes > options_.max_frame_bytes ||
-          reply_bytes > options_.max_frame_bytes) {
+      if (request_bytes > options_.max_frame_bytes || reply_bytes > options_.max_frame_bytes) {
         return;
       }
       if (in.size() < request_bytes) in.resize(request_bytes);
@@ -180,11 +177,10 @@ class RawEchoServer::Impl {
   std::list<Conn> conns_ ABSL_GUARDED_BY(mu_);  // list: stable addresses
 };
 
-absl::StatusOr<std::unique_ptr<RawEchoServer>> RawEchoServer::Start(
-    RawEchoOptions options) {
+absl::StatusOr<std::unique_ptr<RawEchoServer>> RawEchoServer::Start(RawEchoOptions options) {
   if (options.port < 0 || options.port > 65535) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "raw echo: port must be in [0, 65535], got ", options.port));
+    return absl::InvalidArgumentError(
+        absl::StrCat("raw echo: port must be in [0, 65535], got ", options.port));
   }
   if (options.max_connections < 1 || options.max_frame_bytes == 0) {
     return absl::InvalidArgumentError(
@@ -199,35 +195,30 @@ absl::StatusOr<std::unique_ptr<RawEchoServer>> RawEchoServer::Start(
   }
   const int fd = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
   if (fd < 0) {
-    return absl::UnavailableError(
-        absl::StrCat("raw echo: socket: ", std::strerror(errno)));
+    return absl::UnavailableError(absl::StrCat("raw echo: socket: ", std::strerror(errno)));
   }
   const int one = 1;
   setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
   socklen_t len = sizeof(addr);
-  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 ||
-      listen(fd, 16) != 0 ||
+  if (bind(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) != 0 || listen(fd, 16) != 0 ||
       getsockname(fd, reinterpret_cast<sockaddr*>(&addr), &len) != 0) {
     const int err = errno;
     close(fd);
-    return absl::UnavailableError(absl::StrCat("raw echo: cannot listen on ",
-                                               options.host, ":", options.port,
-                                               ": ", std::strerror(err)));
+    return absl::UnavailableError(absl::StrCat("raw echo: cannot listen on ", options.host, ":",
+                                               options.port, ": ", std::strerror(err)));
   }
   int wake[2];
   if (pipe2(wake, O_CLOEXEC) != 0) {
     const int err = errno;
     close(fd);
-    return absl::UnavailableError(
-        absl::StrCat("raw echo: pipe: ", std::strerror(err)));
+    return absl::UnavailableError(absl::StrCat("raw echo: pipe: ", std::strerror(err)));
   }
   const int port = ntohs(addr.sin_port);
-  return std::unique_ptr<RawEchoServer>(new RawEchoServer(
-      std::make_unique<Impl>(std::move(options), fd, port, wake[0], wake[1])));
+  return std::unique_ptr<RawEchoServer>(
+      new RawEchoServer(std::make_unique<Impl>(std::move(options), fd, port, wake[0], wake[1])));
 }
 
-RawEchoServer::RawEchoServer(std::unique_ptr<Impl> impl)
-    : impl_(std::move(impl)) {}
+RawEchoServer::RawEchoServer(std::unique_ptr<Impl> impl) : impl_(std::move(impl)) {}
 RawEchoServer::~RawEchoServer() { Stop(); }
 int RawEchoServer::port() const { return impl_->port(); }
 void RawEchoServer::Stop() { impl_->Stop(); }

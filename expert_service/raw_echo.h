@@ -29,18 +29,17 @@
 namespace dmoe::expert {
 
 struct RawEchoOptions {
-  std::string host = "127.0.0.1";  // IPv4 address to listen on
-  int port = 0;  // 0 = any free port (see RawEchoServer::port)
+  std::string host = "127.0.0.1";             // IPv4 address to listen on
+  int port = 0;                               // 0 = any free port (see RawEchoServer::port)
   size_t max_frame_bytes = size_t{64} << 20;  // per request and per reply
-  int max_connections = 8;  // further connections are accepted and closed
+  int max_connections = 8;                    // further connections are accepted and closed
 };
 
 class RawEchoServer {
  public:
   // Binds, listens and starts the acceptor thread. InvalidArgument for a bad
   // host or option, Unavailable when the address cannot be bound.
-  static absl::StatusOr<std::unique_ptr<RawEchoServer>> Start(
-      RawEchoOptions options);
+  static absl::StatusOr<std::unique_ptr<RawEchoServer>> Start(RawEchoOptions options);
   ~RawEchoServer();
   RawEchoServer(const RawEchoServer&) = delete;
   RawEchoServer& operator=(const RawEchoServer&) = delete;

@@ -4,16 +4,16 @@
 #include <cstddef>
 #include <cstdint>
 
-#include "text/chat_template.h"
 #include "fuzz/fuzz_data.h"
 #include "nlohmann/json.hpp"
+#include "text/chat_template.h"
 
 namespace {
 const dmoe::text::ChatTemplate& Template() {
   static const auto* t =
-      dmoe::fuzz::ValueOrDie(dmoe::text::ChatTemplate::Parse(
-                                 dmoe::fuzz::ReadDataFile("deepseek_v3.jinja")),
-                             "template")
+      dmoe::fuzz::ValueOrDie(
+          dmoe::text::ChatTemplate::Parse(dmoe::fuzz::ReadDataFile("deepseek_v3.jinja")),
+          "template")
           .value()
           .release();
   return *t;

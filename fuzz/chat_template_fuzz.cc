@@ -5,13 +5,12 @@
 #include <cstdint>
 #include <string_view>
 
-#include "text/chat_template.h"
 #include "nlohmann/json.hpp"
+#include "text/chat_template.h"
 
 namespace {
 const nlohmann::ordered_json& Context() {
-  static const auto* ctx =
-      new nlohmann::ordered_json(nlohmann::ordered_json::parse(R"({
+  static const auto* ctx = new nlohmann::ordered_json(nlohmann::ordered_json::parse(R"({
     "messages": [
       {"role": "system", "content": "You are helpful."},
       {"role": "user", "content": "Hi"},
@@ -30,8 +29,8 @@ const nlohmann::ordered_json& Context() {
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   // Deeply nested templates only test the stack; real ones are < 20 KB.
   if (size > 64 * 1024) return 0;
-  auto tmpl = dmoe::text::ChatTemplate::Parse(
-      std::string_view(reinterpret_cast<const char*>(data), size));
+  auto tmpl =
+      dmoe::text::ChatTemplate::Parse(std::string_view(reinterpret_cast<const char*>(data), size));
   if (!tmpl.ok()) return 0;
   (void)(*tmpl)->Render(Context());
   return 0;

@@ -8,8 +8,8 @@
 #include <cstdint>
 #include <vector>
 
-#include "core/config.h"
 #include "common/wire.h"
+#include "core/config.h"
 #include "dmoe/v1/expert.pb.h"
 #include "expert_service/internal/request_validation.h"
 #include "expert_service/internal/slot_table.h"
@@ -27,18 +27,14 @@ struct Fixture {
 const Fixture& Fix() {
   static const auto* f = [] {
     auto* f = new Fixture();
-    f->cfg =
-        *dmoe::fuzz::ValueOrDie(dmoe::core::ModelConfig::FromJson(
-                                    dmoe::fuzz::ReadDataFile("config.json")),
-                                "config");
+    f->cfg = *dmoe::fuzz::ValueOrDie(
+        dmoe::core::ModelConfig::FromJson(dmoe::fuzz::ReadDataFile("config.json")), "config");
     dmoe::expert::internal::LayerSlots held(f->cfg.num_hidden_layers);
     for (int64_t l = 0; l < f->cfg.num_hidden_layers; ++l) {
       if (!f->cfg.IsMoeLayer(l)) continue;
       for (int32_t e = 0; e < 8; ++e) held[l].push_back(e);
     }
-    f->slots =
-        dmoe::fuzz::ValueOrDie(SlotTable::Create(f->cfg, 0, 1, held), "slots")
-            .value();
+    f->slots = dmoe::fuzz::ValueOrDie(SlotTable::Create(f->cfg, 0, 1, held), "slots").value();
     return f;
   }();
   return *f;
@@ -52,14 +48,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!req.ParseFromArray(data, static_cast<int>(size))) return 0;
   auto in_type = dmoe::expert::internal::ValidateExpertRequest(req, fix.cfg);
   if (!in_type.ok()) return 0;
-  if (!dmoe::expert::internal::ValidateExpertChunk(req, req, fix.cfg, *in_type,
-                                                   *fix.slots, "")
+  if (!dmoe::expert::internal::ValidateExpertChunk(req, req, fix.cfg, *in_type, *fix.slots, "")
            .ok())
     return 0;
-  std::vector<float> x(static_cast<size_t>(req.x().rows()) *
-                       fix.cfg.hidden_size);
-  (void)dmoe::common::UnpackActivations(*in_type, req.x().data(),
-                                      req.x().row_scales(), req.x().rows(),
-                                      fix.cfg.hidden_size, x.data());
+  std::vector<float> x(static_cast<size_t>(req.x().rows()) * fix.cfg.hidden_size);
+  (void)dmoe::common::UnpackActivations(*in_type, req.x().data(), req.x().row_scales(),
+                                        req.x().rows(), fix.cfg.hidden_size, x.data());
   return 0;
 }

@@ -30,8 +30,7 @@ inline std::string ReadDataFile(const std::string& name) {
 template <typename T>
 T ValueOrDie(T&& v, const char* what) {
   if (!v.ok()) {
-    std::fprintf(stderr, "fuzz: %s: %s\n", what,
-                 std::string(v.status().message()).c_str());
+    std::fprintf(stderr, "fuzz: %s: %s\n", what, std::string(v.status().message()).c_str());
     std::abort();
   }
   return std::forward<T>(v);

@@ -22,9 +22,8 @@ void Check(bool ok) {
 }
 
 bool Same(const Request& a, const Request& b) {
-  return a.method == b.method && a.target == b.target && a.path == b.path &&
-         a.query == b.query && a.minor_version == b.minor_version &&
-         a.headers == b.headers && a.body == b.body &&
+  return a.method == b.method && a.target == b.target && a.path == b.path && a.query == b.query &&
+         a.minor_version == b.minor_version && a.headers == b.headers && a.body == b.body &&
          a.keep_alive == b.keep_alive && a.expect_continue == b.expect_continue;
 }
 
@@ -43,8 +42,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
     const size_t used = whole.Consume(in);
     Check(used <= in.size());
     size_t used_split = 0;
-    while (used_split < in.size() &&
-           split.state() == RequestParser::State::kNeedMore) {
+    while (used_split < in.size() && split.state() == RequestParser::State::kNeedMore) {
       const size_t n = split.Consume(in.substr(used_split, piece));
       Check(n <= piece);
       used_split += n;
@@ -57,8 +55,7 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
       Check(whole.error_status() == split.error_status());
       Check(whole.error_status() >= 400 && whole.error_status() <= 505);
       Check(!whole.error_message().empty());
-      Check(dmoe::http1::ReasonPhrase(whole.error_status()) !=
-            std::string("Unknown"));
+      Check(dmoe::http1::ReasonPhrase(whole.error_status()) != std::string("Unknown"));
       return 0;
     }
     Check(used == used_split);

@@ -6,16 +6,14 @@
 #include <cstdlib>
 
 #include "core/config.h"
-#include "placement/placement.h"
 #include "fuzz/fuzz_data.h"
 #include "nlohmann/json.hpp"
+#include "placement/placement.h"
 
 namespace {
 const dmoe::core::ModelConfig& Config() {
-  static const auto* cfg = new dmoe::core::ModelConfig(
-      *dmoe::fuzz::ValueOrDie(dmoe::core::ModelConfig::FromJson(
-                                  dmoe::fuzz::ReadDataFile("config.json")),
-                              "config"));
+  static const auto* cfg = new dmoe::core::ModelConfig(*dmoe::fuzz::ValueOrDie(
+      dmoe::core::ModelConfig::FromJson(dmoe::fuzz::ReadDataFile("config.json")), "config"));
   return *cfg;
 }
 }  // namespace

@@ -9,12 +9,10 @@
 
 extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   auto shards = dmoe::core::ParseSafetensorsIndex(
-      std::string_view(reinterpret_cast<const char*>(data), size),
-      "index.json");
+      std::string_view(reinterpret_cast<const char*>(data), size), "index.json");
   if (!shards.ok()) return 0;
   for (const auto& [shard, names] : *shards) {
-    if (shard.empty() || shard.find('/') != shard.npos || names.empty())
-      std::abort();
+    if (shard.empty() || shard.find('/') != shard.npos || names.empty()) std::abort();
   }
   return 0;
 }

@@ -10,16 +10,15 @@
 #include <string_view>
 #include <vector>
 
-#include "text/tokenizer.h"
 #include "fuzz/fuzz_data.h"
+#include "text/tokenizer.h"
 
 namespace {
 const dmoe::text::Tokenizer& Tok() {
   static const auto* tok =
       dmoe::fuzz::ValueOrDie(
-          dmoe::text::Tokenizer::FromJson(
-              dmoe::fuzz::ReadDataFile("tokenizer.json"),
-              dmoe::fuzz::ReadDataFile("tokenizer_config.json")),
+          dmoe::text::Tokenizer::FromJson(dmoe::fuzz::ReadDataFile("tokenizer.json"),
+                                          dmoe::fuzz::ReadDataFile("tokenizer_config.json")),
           "tokenizer")
           .value()
           .release();

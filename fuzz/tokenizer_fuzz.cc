@@ -19,13 +19,11 @@ extern "C" int LLVMFuzzerTestOneInput(const uint8_t* data, size_t size) {
   if (!tok.ok()) return 0;
   const auto& t = **tok;
   for (bool special : {false, true}) {
-    auto ids = t.Encode(
-        "Hello, world! 123 <｜begin▁of▁sentence｜> héllo\n\t  x", special);
+    auto ids = t.Encode("Hello, world! 123 <｜begin▁of▁sentence｜> héllo\n\t  x", special);
     if (ids.ok()) (void)t.Decode(*ids, special);
   }
   std::vector<int32_t> all;
-  for (int32_t id = -1; id <= t.vocab_size() && id < 4096; ++id)
-    all.push_back(id);
+  for (int32_t id = -1; id <= t.vocab_size() && id < 4096; ++id) all.push_back(id);
   (void)t.Decode(all, false);
   (void)t.Decode(all, true);
   return 0;

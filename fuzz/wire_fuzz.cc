@@ -23,8 +23,7 @@ namespace {
 
 using dmoe::common::WireDType;
 
-constexpr WireDType kTypes[] = {WireDType::kBF16, WireDType::kF32,
-                                WireDType::kF8E4M3};
+constexpr WireDType kTypes[] = {WireDType::kBF16, WireDType::kF32, WireDType::kF8E4M3};
 
 void Decode(const uint8_t* data, size_t size) {
   if (size < 19) return;
@@ -41,12 +40,10 @@ void Decode(const uint8_t* data, size_t size) {
   size_t nscales = data[17] | (data[18] << 8);
   std::string_view rest(reinterpret_cast<const char*>(data + 19), size - 19);
   if (nscales > rest.size()) nscales = rest.size();
-  const std::string scales(
-      rest.substr(0, nscales));  // own allocations: exact bounds for ASan
+  const std::string scales(rest.substr(0, nscales));  // own allocations: exact bounds for ASan
   const std::string payload(rest.substr(nscales));
   std::vector<float> out(payload.size() / dmoe::common::WireElementSize(type));
-  (void)dmoe::common::UnpackActivations(type, payload, scales, rows, cols,
-                                      out.data());
+  (void)dmoe::common::UnpackActivations(type, payload, scales, rows, cols, out.data());
 }
 
 void RoundTrip(const uint8_t* data, size_t size) {
@@ -66,14 +63,10 @@ void RoundTrip(const uint8_t* data, size_t size) {
   std::vector<float> back(rows * cols);
   for (WireDType type : kTypes) {
     if (type == WireDType::kBF16 && !bf16_range) continue;
-    dmoe::common::PackActivations(x.data(), rows, cols, /*ld=*/0, type, &packed,
-                                &scales);
-    if (!dmoe::common::UnpackActivations(type, packed, scales, rows, cols,
-                                       back.data())
-             .ok())
+    dmoe::common::PackActivations(x.data(), rows, cols, /*ld=*/0, type, &packed, &scales);
+    if (!dmoe::common::UnpackActivations(type, packed, scales, rows, cols, back.data()).ok())
       std::abort();
-    if (type == WireDType::kF32 &&
-        std::memcmp(back.data(), x.data(), back.size() * 4) != 0)
+    if (type == WireDType::kF32 && std::memcmp(back.data(), x.data(), back.size() * 4) != 0)
       std::abort();
   }
 }

@@ -49,8 +49,7 @@ void DeclareGatewayFlags(common::Args& args) {
             "(0 = max-inflight + 16)",
             "0")
       .Flag("max-connections", "N", "open HTTP connections before new ones get 503", "4096")
-      .Flag("idle-timeout-s", "S", "an idle keep-alive connection is closed after S seconds",
-            "5")
+      .Flag("idle-timeout-s", "S", "an idle keep-alive connection is closed after S seconds", "5")
       .Flag("request-timeout-s", "S", "deadline of one generation, seconds", "600")
       .Flag("max-tokens-limit", "N", "largest max_tokens accepted (routers also check the context)",
             "1048576")
@@ -61,10 +60,10 @@ void DeclareGatewayFlags(common::Args& args) {
 }
 
 common::Args GatewayArgs() {
-  common::Args args = common::Args::ForProgram(
-      kName,
-      "public API of disaggregated MoE inference: OpenAI-compatible HTTP "
-      "and a gRPC pass-through, load-balanced over routers");
+  common::Args args =
+      common::Args::ForProgram(kName,
+                               "public API of disaggregated MoE inference: OpenAI-compatible HTTP "
+                               "and a gRPC pass-through, load-balanced over routers");
   DeclareGatewayFlags(args);
   return args;
 }

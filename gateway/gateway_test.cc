@@ -17,7 +17,6 @@
 #include "absl/strings/match.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
-#include "text/chat_template.h"
 #include "gateway/testing/fake_router.h"
 #include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
@@ -25,6 +24,7 @@
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
+#include "text/chat_template.h"
 
 namespace dmoe::gateway {
 namespace {
@@ -93,9 +93,9 @@ class GatewayTest : public ::testing::Test {
     gw_ = *std::move(gw);
     // The first poll may time out on a loaded machine (the fakes are up, the
     // connection is not yet): start the test once every fake is seen healthy.
-    ASSERT_TRUE(WaitFor(
-        [&] { return gw_->routers().HealthyCount() == static_cast<int>(routers_.size()); },
-        absl::Seconds(20)))
+    ASSERT_TRUE(
+        WaitFor([&] { return gw_->routers().HealthyCount() == static_cast<int>(routers_.size()); },
+                absl::Seconds(20)))
         << "the gateway never saw all " << routers_.size() << " fake routers healthy";
   }
 
@@ -286,13 +286,10 @@ TEST_F(GatewayTest, Chat_ForwardsTheSeedAndDrawsOneWhenAbsent) {
     for (const char* path : {"/v1/chat/completions", "/v1/completions"}) {
       const bool chat = absl::StrContains(path, "chat");
       const std::string prompt =
-          chat ? R"("messages":[{"role":"user","content":[3,4]}])"
-               : R"("prompt":[3,4])";
+          chat ? R"("messages":[{"role":"user","content":[3,4]}])" : R"("prompt":[3,4])";
       for (const uint64_t seed : {uint64_t{7}, uint64_t{0}}) {
-        auto r = Post(path,
-                      absl::StrCat("{", prompt,
-                                   R"(,"temperature":1,"max_tokens":2,"seed":)",
-                                   seed, R"(,"stream":)", stream, "}"));
+        auto r = Post(path, absl::StrCat("{", prompt, R"(,"temperature":1,"max_tokens":2,"seed":)",
+                                         seed, R"(,"stream":)", stream, "}"));
         ASSERT_TRUE(r);
         ASSERT_EQ(r->status, 200) << r->body;
         const v1::GenerateRequest seen = fake().last_request();
@@ -300,17 +297,13 @@ TEST_F(GatewayTest, Chat_ForwardsTheSeedAndDrawsOneWhenAbsent) {
         EXPECT_EQ(seen.sampling().seed(), seed) << path << " stream " << stream;
         EXPECT_FLOAT_EQ(seen.sampling().temperature(), 1.0f);
       }
-      auto a =
-          Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
+      auto a = Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
       ASSERT_EQ(a->status, 200) << a->body;
       const v1::GenerateRequest first = fake().last_request();
-      auto b =
-          Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
+      auto b = Post(path, absl::StrCat("{", prompt, R"(,"stream":)", stream, "}"));
       ASSERT_EQ(b->status, 200) << b->body;
       EXPECT_TRUE(first.sampling().has_seed()) << path;
-      EXPECT_NE(fake().last_request().sampling().seed(),
-                first.sampling().seed())
-          << path;
+      EXPECT_NE(fake().last_request().sampling().seed(), first.sampling().seed()) << path;
     }
   }
 }
@@ -517,12 +510,12 @@ int CountOccurrences(const std::string& s, const std::string& what) {
 TEST_F(GatewayTest, PipelinedRequests_AreAllAnswered) {
   StartGateway();
   const absl::Time t0 = absl::Now();
-  const std::string got = RawExchange(
-      gw_->http_port(),
-      "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
-      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-      "Content-Length: 30\r\n\r\n{\"prompt\":[1],\"max_tokens\":2}\n"  // 29 + LF
-      "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+  const std::string got =
+      RawExchange(gw_->http_port(),
+                  "GET /health HTTP/1.1\r\nHost: x\r\n\r\n"
+                  "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                  "Content-Length: 30\r\n\r\n{\"prompt\":[1],\"max_tokens\":2}\n"  // 29 + LF
+                  "GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   EXPECT_LT(absl::Now() - t0, absl::Seconds(3));
   EXPECT_EQ(CountOccurrences(got, "HTTP/1.1 200 OK"), 3) << got;
   EXPECT_THAT(got, HasSubstr("\"completion_tokens\":2"));
@@ -595,10 +588,9 @@ TEST_F(GatewayTest, WrongMethodOnEveryKnownPath_Is405WithAllowAndAJsonError) {
   StartGateway();
   httplib::Client c("127.0.0.1", gw_->http_port());
   c.set_read_timeout(30, 0);
-  const std::string post_only[] = {"/v1/completions", "/v1/chat/completions",
-                                   "/tokenize", "/detokenize"};
-  const std::string get_only[] = {"/v1/models", "/v1/models/test-model",
-                                  "/health", "/metrics"};
+  const std::string post_only[] = {"/v1/completions", "/v1/chat/completions", "/tokenize",
+                                   "/detokenize"};
+  const std::string get_only[] = {"/v1/models", "/v1/models/test-model", "/health", "/metrics"};
   auto expect_405 = [&](const httplib::Result& r, const std::string& method,
                         const std::string& path, const std::string& allow) {
     SCOPED_TRACE(method + " " + path);
@@ -608,45 +600,37 @@ TEST_F(GatewayTest, WrongMethodOnEveryKnownPath_Is405WithAllowAndAJsonError) {
     if (!e.contains("error")) return;
     EXPECT_EQ(e["error"]["code"], "method_not_allowed");
     EXPECT_EQ(e["error"]["type"], "invalid_request_error");
-    EXPECT_THAT(
-        e["error"]["message"].get<std::string>(),
-        HasSubstr(absl::StrCat(path, " takes ", allow, ", not ", method)));
+    EXPECT_THAT(e["error"]["message"].get<std::string>(),
+                HasSubstr(absl::StrCat(path, " takes ", allow, ", not ", method)));
   };
   for (const std::string& p : post_only) {
     expect_405(c.Get(p.c_str()), "GET", p, "POST");
     expect_405(c.Delete(p.c_str()), "DELETE", p, "POST");
     expect_405(c.Options(p.c_str()), "OPTIONS", p, "POST");
     expect_405(c.Put(p.c_str(), "{}", "application/json"), "PUT", p, "POST");
-    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p,
-               "POST");
+    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p, "POST");
     auto head = c.Head(p.c_str());
     ASSERT_TRUE(head);
     EXPECT_EQ(head->status, 405);
     EXPECT_EQ(head->get_header_value("Allow"), "POST");
   }
   for (const std::string& p : get_only) {
-    expect_405(c.Post(p.c_str(), "{}", "application/json"), "POST", p,
-               "GET, HEAD");
+    expect_405(c.Post(p.c_str(), "{}", "application/json"), "POST", p, "GET, HEAD");
     expect_405(c.Delete(p.c_str()), "DELETE", p, "GET, HEAD");
     expect_405(c.Options(p.c_str()), "OPTIONS", p, "GET, HEAD");
-    expect_405(c.Put(p.c_str(), "{}", "application/json"), "PUT", p,
-               "GET, HEAD");
-    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p,
-               "GET, HEAD");
+    expect_405(c.Put(p.c_str(), "{}", "application/json"), "PUT", p, "GET, HEAD");
+    expect_405(c.Patch(p.c_str(), "{}", "application/json"), "PATCH", p, "GET, HEAD");
   }
   // A DELETE with a body on a kept-alive connection: the body is consumed,
   // so the next request on the connection is answered normally.
-  expect_405(
-      c.Delete("/v1/completions", R"({"prompt":[1]})", "application/json"),
-      "DELETE", "/v1/completions", "POST");
-  auto ok = c.Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})",
-                   "application/json");
+  expect_405(c.Delete("/v1/completions", R"({"prompt":[1]})", "application/json"), "DELETE",
+             "/v1/completions", "POST");
+  auto ok = c.Post("/v1/completions", R"({"prompt":[1],"max_tokens":1})", "application/json");
   ASSERT_TRUE(ok);
   EXPECT_EQ(ok->status, 200) << ok->body;
   // TRACE (which cpp-httplib does not route at all) is a wrong method too.
   const std::string trace = RawExchange(
-      gw_->http_port(),
-      "TRACE /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
+      gw_->http_port(), "TRACE /v1/completions HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n");
   EXPECT_THAT(trace, HasSubstr("HTTP/1.1 405 Method Not Allowed\r\n"));
   EXPECT_THAT(trace, HasSubstr("Allow: POST\r\n"));
   EXPECT_THAT(trace, HasSubstr("method_not_allowed"));
@@ -666,23 +650,17 @@ TEST_F(GatewayTest, WrongMethodOnEveryKnownPath_Is405WithAllowAndAJsonError) {
 TEST_F(GatewayTest, BooleanFieldsOfAnyOtherType_Are400WhateverThePrompt) {
   StartGateway();
   for (const char* value : {"[]", "{}", "1.5"}) {
-    for (const char* field :
-         {"add_special_tokens", "add_generation_prompt", "stream"}) {
+    for (const char* field : {"add_special_tokens", "add_generation_prompt", "stream"}) {
       SCOPED_TRACE(absl::StrCat(field, ": ", value));
-      const std::string extra =
-          absl::StrCat(R"(,")", field, R"(":)", value, "}");
-      const json e = ExpectError(
-          Post("/v1/completions", absl::StrCat(R"({"prompt":[1])", extra)), 400,
-          field);
+      const std::string extra = absl::StrCat(R"(,")", field, R"(":)", value, "}");
+      const json e =
+          ExpectError(Post("/v1/completions", absl::StrCat(R"({"prompt":[1])", extra)), 400, field);
       if (e.contains("error")) {
-        EXPECT_THAT(e["error"]["message"].get<std::string>(),
-                    HasSubstr("must be a boolean"));
+        EXPECT_THAT(e["error"]["message"].get<std::string>(), HasSubstr("must be a boolean"));
       }
-      ExpectError(
-          Post("/v1/chat/completions",
-               absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
-                            extra)),
-          400, field);
+      ExpectError(Post("/v1/chat/completions",
+                       absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])", extra)),
+                  400, field);
     }
   }
   EXPECT_EQ(fake().generate_calls(), 0);
@@ -861,13 +839,11 @@ TEST_F(GatewayTest, Grpc_GenerateIsPassedThrough) {
 // router, and an absent one stays absent (the router then draws one).
 TEST_F(GatewayTest, Grpc_SeedIsPassedThroughAsSent) {
   StartGateway();
-  auto stub = v1::RouterService::NewStub(
-      grpc::CreateChannel(absl::StrCat("127.0.0.1:", gw_->grpc_port()),
-                          grpc::InsecureChannelCredentials()));
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      absl::StrCat("127.0.0.1:", gw_->grpc_port()), grpc::InsecureChannelCredentials()));
   auto generate = [&](std::optional<uint64_t> seed) {
     grpc::ClientContext ctx;
-    ctx.set_deadline(std::chrono::system_clock::now() +
-                     std::chrono::seconds(10));
+    ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     v1::GenerateRequest req;
     req.add_prompt_tokens(4);
     req.set_max_tokens(2);
@@ -1064,13 +1040,11 @@ TEST_F(GatewayTextTest, TokenizeAndDetokenize) {
   ExpectError(Post("/detokenize", R"({"tokens":"x"})"), 400, "tokens");
   // skip_special_tokens is checked as every boolean is: null is the default,
   // another type is named.
-  auto d3 =
-      Post("/detokenize", R"({"tokens":[1000,72],"skip_special_tokens":null})");
+  auto d3 = Post("/detokenize", R"({"tokens":[1000,72],"skip_special_tokens":null})");
   ASSERT_EQ(d3->status, 200) << d3->body;
   EXPECT_EQ(json::parse(d3->body)["prompt"], "<s>H");
-  const json skip = ExpectError(
-      Post("/detokenize", R"({"tokens":[72],"skip_special_tokens":1.5})"), 400,
-      "skip_special_tokens");
+  const json skip = ExpectError(Post("/detokenize", R"({"tokens":[72],"skip_special_tokens":1.5})"),
+                                400, "skip_special_tokens");
   EXPECT_THAT(skip["error"]["message"].get<std::string>(),
               HasSubstr("skip_special_tokens must be a boolean, got number"));
   ExpectError(Post("/tokenize", R"({"prompt":7})"), 400, "prompt");

@@ -14,12 +14,12 @@
 #include "absl/strings/numbers.h"
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_split.h"
+#include "common/http1/request_parser.h"
+#include "common/http1/server.h"
 #include "gateway/generation.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/openai_protocol.h"
 #include "gateway/text_output.h"
-#include "common/http1/request_parser.h"
-#include "common/http1/server.h"
 #include "prometheus/text_serializer.h"
 
 namespace dmoe::gateway {
@@ -64,8 +64,8 @@ bool Takes(const char* allow, const std::string& method) {
 
 // Request methods of RFC 9110 (others are 501).
 bool IsStandardMethod(const std::string& method) {
-  for (const char* m : {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS",
-                        "PATCH", "TRACE", "CONNECT"}) {
+  for (const char* m :
+       {"GET", "HEAD", "POST", "PUT", "DELETE", "OPTIONS", "PATCH", "TRACE", "CONNECT"}) {
     if (method == m) return true;
   }
   return false;
@@ -269,10 +269,12 @@ class HttpServer::Impl {
         metrics_(metrics),
         registry_(registry),
         options_(std::move(options)),
-        server_(MakeServerOptions(), [this](const http1::Request& req, Responder& r) { Handle(req, r); },
-                [this](int status, const std::string& message, const std::string& path) {
-                  return ServerError(status, message, path);
-                }) {
+        server_(
+            MakeServerOptions(),
+            [this](const http1::Request& req, Responder& r) { Handle(req, r); },
+            [this](int status, const std::string& message, const std::string& path) {
+              return ServerError(status, message, path);
+            }) {
     parse_.model_name = options_.model_name;
     parse_.max_tokens_limit = options_.max_tokens_limit;
     parse_.tokenizer = options_.tokenizer.get();
@@ -282,7 +284,8 @@ class HttpServer::Impl {
 
   absl::StatusOr<int> Start(const std::string& host, int port) {
     absl::StatusOr<int> bound = server_.Start(host, port);
-    if (!bound.ok()) return absl::UnavailableError(absl::StrCat("HTTP: ", bound.status().message()));
+    if (!bound.ok())
+      return absl::UnavailableError(absl::StrCat("HTTP: ", bound.status().message()));
     return bound;
   }
 
@@ -316,8 +319,8 @@ class HttpServer::Impl {
     http1::ErrorResponse r;
     r.headers = {{"Content-Type", kJson}};
     if (status == 503) r.headers.emplace_back("Retry-After", "1");
-    r.body = Dump(ErrorJson(text, status >= 500 ? "server_error" : "invalid_request_error", "",
-                            code));
+    r.body =
+        Dump(ErrorJson(text, status >= 500 ? "server_error" : "invalid_request_error", "", code));
     return r;
   }
 
@@ -372,12 +375,12 @@ class HttpServer::Impl {
       } else {
         status = 404;
         SendJson(r, 404,
-                 ErrorJson(absl::StrCat("model '", id, "' does not exist"),
-                           "invalid_request_error", "model", "model_not_found"));
+                 ErrorJson(absl::StrCat("model '", id, "' does not exist"), "invalid_request_error",
+                           "model", "model_not_found"));
       }
     } else if (endpoint == "/health") {
       status = Health(r);
-    } else {  // /metrics
+    } else {               // /metrics
       record.Finish(200);  // counted before serializing, so a scrape sees itself
       r.Send(200, {{"Content-Type", "text/plain; version=0.0.4; charset=utf-8"}},
              prometheus::TextSerializer().Serialize(registry_.Collect()));

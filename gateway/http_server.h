@@ -58,23 +58,23 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
-#include "text/chat_template.h"
-#include "text/tokenizer.h"
 #include "gateway/inflight_limiter.h"
 #include "gateway/metrics.h"
 #include "gateway/router_pool.h"
 #include "prometheus/registry.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 
 namespace dmoe::gateway {
 
 struct HttpServerOptions {
   std::string model_name = "dmoe";
   size_t max_body_bytes = 8 << 20;
-  int threads = 0;  // handler threads; 0 = limiter's max + 16
-  size_t max_connections = 4096;  // open connections; more get 503
+  int threads = 0;                                       // handler threads; 0 = limiter's max + 16
+  size_t max_connections = 4096;                         // open connections; more get 503
   absl::Duration keep_alive_timeout = absl::Seconds(5);  // idle connection closed after
-  absl::Duration read_timeout = absl::Seconds(30);  // a request's bytes, from its first: 408
-  absl::Duration write_timeout = absl::Seconds(30);  // a client not reading: connection dropped
+  absl::Duration read_timeout = absl::Seconds(30);       // a request's bytes, from its first: 408
+  absl::Duration write_timeout = absl::Seconds(30);      // a client not reading: connection dropped
   absl::Duration request_timeout = absl::Seconds(600);
   absl::Duration header_hold = absl::Milliseconds(250);
   absl::Duration disconnect_poll = absl::Milliseconds(100);

@@ -79,9 +79,8 @@ const json* Field(const json& obj, const char* name) {
 // add_generation_prompt only for text messages, but a wrong type is an error
 // on every path. The readers below then only get<bool>().
 // stream_options.include_usage is checked the same way in CheckUnsupported.
-constexpr const char* kBooleanFields[] = {
-    "stream", "ignore_eos",         "skip_special_tokens",
-    "echo",   "add_special_tokens", "add_generation_prompt"};
+constexpr const char* kBooleanFields[] = {"stream", "ignore_eos",         "skip_special_tokens",
+                                          "echo",   "add_special_tokens", "add_generation_prompt"};
 
 absl::Status CheckBooleans(const json& body) {
   for (const char* name : kBooleanFields) {

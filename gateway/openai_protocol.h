@@ -36,10 +36,10 @@
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
 #include "absl/strings/string_view.h"
-#include "text/chat_template.h"
-#include "text/tokenizer.h"
 #include "dmoe/v1/router.pb.h"
 #include "nlohmann/json.hpp"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 
 namespace dmoe::gateway {
 

@@ -5,11 +5,11 @@
 #include <utility>
 
 #include "absl/strings/str_cat.h"
-#include "text/chat_template.h"
 #include "gateway/internal/http_errors.h"
 #include "gateway/testing/tokenizer_fixture.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "text/chat_template.h"
 
 namespace dmoe::gateway {
 namespace {
@@ -138,8 +138,8 @@ TEST(ParseChat, KeepsTheSeedAsCompletionsDo) {
   for (const char* seed : {"7", "0", "-1"}) {
     const std::string sampling =
         absl::StrCat(R"("temperature":1,"top_p":0.5,"top_k":9,"seed":)", seed);
-    absl::StatusOr<ParsedRequest> chat = Chat(absl::StrCat(
-        R"({"messages":[{"role":"user","content":[1,2]}],)", sampling, "}"));
+    absl::StatusOr<ParsedRequest> chat =
+        Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1,2]}],)", sampling, "}"));
     absl::StatusOr<ParsedRequest> completion =
         Completion(absl::StrCat(R"({"prompt":[1,2],)", sampling, "}"));
     ASSERT_TRUE(chat.ok()) << chat.status();
@@ -154,14 +154,12 @@ TEST(ParseChat, KeepsTheSeedAsCompletionsDo) {
       Chat(R"({"messages":[{"role":"user","content":[1]}],"seed":7})");
   ASSERT_TRUE(chat.ok());
   EXPECT_EQ(chat->upstream.sampling().seed(), 7u);
-  absl::StatusOr<ParsedRequest> unseeded =
-      Chat(R"({"messages":[{"role":"user","content":[1]}]})");
+  absl::StatusOr<ParsedRequest> unseeded = Chat(R"({"messages":[{"role":"user","content":[1]}]})");
   ASSERT_TRUE(unseeded.ok());
   EXPECT_FALSE(unseeded->has_seed);
   EXPECT_FALSE(unseeded->upstream.sampling().has_seed());
-  ExpectInvalid(
-      Chat(R"({"messages":[{"role":"user","content":[1]}],"seed":"7"})"),
-      "seed", "an integer");
+  ExpectInvalid(Chat(R"({"messages":[{"role":"user","content":[1]}],"seed":"7"})"), "seed",
+                "an integer");
 }
 
 TEST(ParseChat, RejectsTextAndMalformedMessages) {
@@ -186,44 +184,32 @@ TEST(ParseChat, RejectsTextAndMalformedMessages) {
 // Issue 13.5: add_special_tokens was checked only for text prompts, so with
 // token ids (or on the chat endpoint) [], {} or 1.5 were accepted. Every
 // boolean field is now checked the same way whatever the prompt's form.
-constexpr const char* kBooleanFields[] = {
-    "stream", "ignore_eos",         "skip_special_tokens",
-    "echo",   "add_special_tokens", "add_generation_prompt"};
+constexpr const char* kBooleanFields[] = {"stream", "ignore_eos",         "skip_special_tokens",
+                                          "echo",   "add_special_tokens", "add_generation_prompt"};
 
 TEST(ParseRequest, EveryBooleanFieldRefusesOtherTypesOnBothEndpoints) {
-  const std::pair<const char*, const char*> bad[] = {
-      {"[]", "array"},  {"{}", "object"}, {"1.5", "number"},
-      {"1", "integer"}, {"0", "integer"}, {R"("true")", "string"}};
+  const std::pair<const char*, const char*> bad[] = {{"[]", "array"},   {"{}", "object"},
+                                                     {"1.5", "number"}, {"1", "integer"},
+                                                     {"0", "integer"},  {R"("true")", "string"}};
   for (const char* field : kBooleanFields) {
     for (const auto& [value, type] : bad) {
       SCOPED_TRACE(absl::StrCat(field, ": ", value));
-      const std::string extra =
-          absl::StrCat(R"(,")", field, R"(":)", value, "}");
-      const std::string want =
-          absl::StrCat(field, " must be a boolean, got ", type);
-      ExpectInvalid(Completion(absl::StrCat(R"({"prompt":[1])", extra)), field,
-                    want);
-      ExpectInvalid(
-          Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
-                            extra)),
-          field, want);
+      const std::string extra = absl::StrCat(R"(,")", field, R"(":)", value, "}");
+      const std::string want = absl::StrCat(field, " must be a boolean, got ", type);
+      ExpectInvalid(Completion(absl::StrCat(R"({"prompt":[1])", extra)), field, want);
+      ExpectInvalid(Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])", extra)),
+                    field, want);
     }
     // null is the default, as for every field; true and false parse.
     for (const char* ok : {"null", "false"}) {
       const std::string extra = absl::StrCat(R"(,")", field, R"(":)", ok, "}");
-      EXPECT_TRUE(Completion(absl::StrCat(R"({"prompt":[1])", extra)).ok())
-          << field << ok;
-      EXPECT_TRUE(
-          Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])",
-                            extra))
-              .ok())
+      EXPECT_TRUE(Completion(absl::StrCat(R"({"prompt":[1])", extra)).ok()) << field << ok;
+      EXPECT_TRUE(Chat(absl::StrCat(R"({"messages":[{"role":"user","content":[1]}])", extra)).ok())
           << field << ok;
     }
   }
   EXPECT_TRUE(
-      Completion(
-          R"({"prompt":[1],"add_special_tokens":true,"add_generation_prompt":true})")
-          .ok());
+      Completion(R"({"prompt":[1],"add_special_tokens":true,"add_generation_prompt":true})").ok());
 }
 
 TEST(ParseRequest, RandomMutationsNeverThrow) {
@@ -294,9 +280,9 @@ TEST(MapError, StatusCodesAndRouterParams) {
   EXPECT_EQ(MapError(absl::InternalError("boom"), ApiKind::kCompletion, false).status, 500);
   // The soak found an expert server without its placement version reported
   // as the client's fault (400): it is the cluster's state.
-  const internal::HttpError state = MapError(
-      absl::FailedPreconditionError("placement version 1 not held (holding 0)"),
-      ApiKind::kCompletion, true);
+  const internal::HttpError state =
+      MapError(absl::FailedPreconditionError("placement version 1 not held (holding 0)"),
+               ApiKind::kCompletion, true);
   EXPECT_EQ(state.status, 503);
   EXPECT_EQ(state.type, "server_error");
   const internal::HttpError ctx = MapError(
@@ -357,16 +343,12 @@ TEST_F(ParseText, TextPromptsStopStringsAndOptions) {
   for (const char* field : kBooleanFields) {
     SCOPED_TRACE(field);
     const std::string extra = absl::StrCat(R"(,")", field, R"(":[]})");
-    const std::string want =
-        absl::StrCat(field, " must be a boolean, got array");
-    ExpectInvalid(
-        Parse(absl::StrCat(R"({"prompt":"a")", extra), ApiKind::kCompletion),
-        field, want);
-    ExpectInvalid(
-        Parse(absl::StrCat(R"({"messages":[{"role":"user","content":"a"}])",
-                           extra),
-              ApiKind::kChatCompletion),
-        field, want);
+    const std::string want = absl::StrCat(field, " must be a boolean, got array");
+    ExpectInvalid(Parse(absl::StrCat(R"({"prompt":"a")", extra), ApiKind::kCompletion), field,
+                  want);
+    ExpectInvalid(Parse(absl::StrCat(R"({"messages":[{"role":"user","content":"a"}])", extra),
+                        ApiKind::kChatCompletion),
+                  field, want);
   }
 }
 
@@ -386,9 +368,8 @@ TEST_F(ParseText, ChatMessagesThroughTheTemplate) {
             ApiKind::kChatCompletion),
       "messages", "mix text and token-id");
   // Text messages keep the seed too (the template path).
-  auto seeded = Parse(
-      R"({"messages":[{"role":"user","content":"Hi"}],"seed":7,"temperature":1})",
-      ApiKind::kChatCompletion);
+  auto seeded = Parse(R"({"messages":[{"role":"user","content":"Hi"}],"seed":7,"temperature":1})",
+                      ApiKind::kChatCompletion);
   ASSERT_TRUE(seeded.ok()) << seeded.status();
   EXPECT_TRUE(seeded->has_seed);
   EXPECT_TRUE(seeded->upstream.sampling().has_seed());

@@ -17,7 +17,8 @@ const std::vector<int32_t> kEmpty;
 absl::StatusOr<Placement> Placement::Contiguous(const core::ModelConfig& cfg, int num_servers,
                                                 uint64_t version) {
   if (num_servers < 1) {
-    return absl::InvalidArgumentError(absl::StrCat("placement: need at least one server, got ", num_servers));
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement: need at least one server, got ", num_servers));
   }
   if (cfg.n_routed_experts > 0 && num_servers > cfg.n_routed_experts) {
     return absl::InvalidArgumentError(absl::StrCat("placement: ", num_servers, " servers but only ",
@@ -62,8 +63,8 @@ absl::Status Placement::Index(const core::ModelConfig& cfg) {
         }
         auto& r = replicas_[l][e];
         if (!r.empty() && r.back() == s) {
-          return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " server ", s,
-                                                         " holds expert ", e, " twice"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("placement: layer ", l, " server ", s, " holds expert ", e, " twice"));
         }
         r.push_back(s);
       }
@@ -78,7 +79,8 @@ absl::Status Placement::Index(const core::ModelConfig& cfg) {
   return absl::OkStatus();
 }
 
-absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const core::ModelConfig& cfg) {
+absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j,
+                                              const core::ModelConfig& cfg) {
   if (!j.is_object() || !j.contains("num_servers") || !j["num_servers"].is_number_integer() ||
       !j.contains("layers") || !j["layers"].is_array()) {
     return absl::InvalidArgumentError(
@@ -88,11 +90,13 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const cor
   const int64_t num_servers = j["num_servers"].get<int64_t>();
   if (num_servers < 1) return absl::InvalidArgumentError("placement: num_servers must be >= 1");
   if (num_servers > std::numeric_limits<int>::max()) {
-    return absl::InvalidArgumentError(absl::StrCat("placement: num_servers ", num_servers, " is too large"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement: num_servers ", num_servers, " is too large"));
   }
   p.num_servers_ = static_cast<int>(num_servers);
-  if (j.contains("version") && !(j["version"].is_number_unsigned() ||
-                                 (j["version"].is_number_integer() && j["version"].get<int64_t>() >= 0))) {
+  if (j.contains("version") &&
+      !(j["version"].is_number_unsigned() ||
+        (j["version"].is_number_integer() && j["version"].get<int64_t>() >= 0))) {
     return absl::InvalidArgumentError("placement: \"version\" must be a non-negative integer");
   }
   p.version_ = j.value("version", static_cast<uint64_t>(1));
@@ -107,7 +111,8 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const cor
     }
     const int64_t l = lj["layer"].get<int64_t>();
     if (l < 0 || l >= cfg.num_hidden_layers || !cfg.IsMoeLayer(l)) {
-      return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " is not a MoE layer"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("placement: layer ", l, " is not a MoE layer"));
     }
     if (!seen.insert(l).second) {
       return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " listed twice"));
@@ -120,19 +125,21 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const cor
     p.slots_[l].resize(p.num_servers_);
     for (int s = 0; s < p.num_servers_; ++s) {
       const auto& sj = lj["servers"][s];
-      if (!sj.is_array()) return absl::InvalidArgumentError("placement: server slots must be arrays");
+      if (!sj.is_array())
+        return absl::InvalidArgumentError("placement: server slots must be arrays");
       for (const auto& e : sj) {
         if (!e.is_number_integer()) {
-          return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " server ", s,
-                                                         ": expert ids must be integers"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("placement: layer ", l, " server ", s, ": expert ids must be integers"));
         }
-        const bool in_range = e.is_number_unsigned()
-                                  ? e.get<uint64_t>() < static_cast<uint64_t>(cfg.n_routed_experts)
-                                  : e.get<int64_t>() >= 0 && e.get<int64_t>() < cfg.n_routed_experts;
+        const bool in_range =
+            e.is_number_unsigned()
+                ? e.get<uint64_t>() < static_cast<uint64_t>(cfg.n_routed_experts)
+                : e.get<int64_t>() >= 0 && e.get<int64_t>() < cfg.n_routed_experts;
         if (!in_range) {
-          return absl::InvalidArgumentError(absl::StrCat("placement: layer ", l, " server ", s,
-                                                         ": expert id ", e.dump(), " out of range [0, ",
-                                                         cfg.n_routed_experts, ")"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("placement: layer ", l, " server ", s, ": expert id ", e.dump(),
+                           " out of range [0, ", cfg.n_routed_experts, ")"));
         }
         p.slots_[l][s].push_back(e.get<int32_t>());
       }
@@ -149,13 +156,16 @@ absl::StatusOr<Placement> Placement::FromJson(const nlohmann::json& j, const cor
   return p;
 }
 
-absl::StatusOr<Placement> Placement::FromFile(const std::string& path, const core::ModelConfig& cfg) {
+absl::StatusOr<Placement> Placement::FromFile(const std::string& path,
+                                              const core::ModelConfig& cfg) {
   std::ifstream in(path);
   if (!in) return absl::NotFoundError(absl::StrCat("placement: cannot open ", path));
   nlohmann::json j = nlohmann::json::parse(in, nullptr, /*allow_exceptions=*/false);
-  if (j.is_discarded()) return absl::InvalidArgumentError(absl::StrCat("placement: ", path, " is not valid JSON"));
+  if (j.is_discarded())
+    return absl::InvalidArgumentError(absl::StrCat("placement: ", path, " is not valid JSON"));
   auto p = FromJson(j, cfg);
-  if (!p.ok()) return absl::Status(p.status().code(), absl::StrCat(path, ": ", p.status().message()));
+  if (!p.ok())
+    return absl::Status(p.status().code(), absl::StrCat(path, ": ", p.status().message()));
   return p;
 }
 
@@ -254,8 +264,8 @@ absl::StatusOr<std::vector<ServerShare>> SplitByServer(const core::ExpertBatch& 
       }
       if (count == 0) {
         if (stranded == nullptr) {
-          return absl::UnavailableError(absl::StrCat("layer ", batch.layer, ": every server holding expert ",
-                                                     e, " has failed"));
+          return absl::UnavailableError(absl::StrCat(
+              "layer ", batch.layer, ": every server holding expert ", e, " has failed"));
         }
         lost = true;
         break;
@@ -301,7 +311,8 @@ absl::StatusOr<std::vector<ServerShare>> SplitByServer(const core::ExpertBatch& 
       sh.tokens.push_back(static_cast<int32_t>(t));
       for (int32_t a = begin; a < end; ++a) {
         const int32_t e = batch.ffn_ids[a];
-        if ((e == core::kSharedFfn && s == shared_server) || (e != core::kSharedFfn && chosen[a - begin] == s)) {
+        if ((e == core::kSharedFfn && s == shared_server) ||
+            (e != core::kSharedFfn && chosen[a - begin] == s)) {
           sh.ffn_ids.push_back(e);
           sh.weights.push_back(batch.weights[a]);
           sh.assignment_index.push_back(a);

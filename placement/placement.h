@@ -56,10 +56,10 @@ class Placement {
 // and the shared duty as an assignment to kSharedFfn with weight 1.
 struct ServerShare {
   int server = 0;
-  std::vector<int32_t> tokens;         // [n] indices into the batch
-  std::vector<int32_t> token_offsets;  // [n + 1]
-  std::vector<int32_t> ffn_ids;        // [assignments]
-  std::vector<float> weights;          // [assignments]
+  std::vector<int32_t> tokens;            // [n] indices into the batch
+  std::vector<int32_t> token_offsets;     // [n + 1]
+  std::vector<int32_t> ffn_ids;           // [assignments]
+  std::vector<float> weights;             // [assignments]
   std::vector<int32_t> assignment_index;  // [assignments] index into the batch's
 };
 

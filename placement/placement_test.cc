@@ -47,7 +47,8 @@ TEST(Placement, JsonRoundTripAndValidation) {
             std::string::npos);
   j = p->ToJson();
   j["layers"][0]["servers"][1] = {4, 5, 6, 99};
-  EXPECT_NE(Placement::FromJson(j, Cfg()).status().message().find("out of range"), std::string::npos);
+  EXPECT_NE(Placement::FromJson(j, Cfg()).status().message().find("out of range"),
+            std::string::npos);
   j = p->ToJson();
   j["layers"].erase(1);
   EXPECT_NE(Placement::FromJson(j, Cfg()).status().message().find("MoE layer 2 is missing"),
@@ -65,17 +66,20 @@ TEST(Placement, FromJsonRejectsBadVersionHugeServerCountAndWideIds) {
   j["version"] = "x";
   auto st = Placement::FromJson(j, Cfg()).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("\"version\" must be a non-negative integer"));
+  EXPECT_THAT(std::string(st.message()),
+              ::testing::HasSubstr("\"version\" must be a non-negative integer"));
   j["version"] = -1;
   EXPECT_EQ(Placement::FromJson(j, Cfg()).status().code(), absl::StatusCode::kInvalidArgument);
 
   j = p->ToJson();
   j["num_servers"] = 1000000000;
   st = Placement::FromJson(j, Cfg()).status();
-  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("lists 2 servers, expected 1000000000"));
+  EXPECT_THAT(std::string(st.message()),
+              ::testing::HasSubstr("lists 2 servers, expected 1000000000"));
   j["num_servers"] = int64_t{1} << 40;
   st = Placement::FromJson(j, Cfg()).status();
-  EXPECT_THAT(std::string(st.message()), ::testing::HasSubstr("num_servers 1099511627776 is too large"));
+  EXPECT_THAT(std::string(st.message()),
+              ::testing::HasSubstr("num_servers 1099511627776 is too large"));
 
   j = p->ToJson();
   j["layers"][0]["servers"][0][0] = (int64_t{1} << 32) + 1;

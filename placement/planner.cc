@@ -18,9 +18,7 @@ constexpr int64_t kMaxServers = 1 << 16;
 constexpr int64_t kMaxExperts = 1 << 16;
 constexpr int64_t kMaxServerExperts = int64_t{1} << 26;
 
-double Sum(std::span<const double> v) {
-  return std::accumulate(v.begin(), v.end(), 0.0);
-}
+double Sum(std::span<const double> v) { return std::accumulate(v.begin(), v.end(), 0.0); }
 
 // ---------------------------------------------------------------------------
 // Replica counts
@@ -32,8 +30,7 @@ std::vector<int> ReplicaCounts(std::span<const double> loads, int num_servers,
                                int64_t total_slots) {
   const int num_experts = static_cast<int>(loads.size());
   std::vector<int> count(num_experts, 1);
-  using Item =
-      std::tuple<double, int, int>;  // (load per replica, -count, -expert)
+  using Item = std::tuple<double, int, int>;  // (load per replica, -count, -expert)
   std::priority_queue<Item> heap;
   if (num_servers > 1) {
     for (int e = 0; e < num_experts; ++e) heap.push({loads[e], -1, -e});
@@ -50,17 +47,15 @@ std::vector<int> ReplicaCounts(std::span<const double> loads, int num_servers,
 // Makes `count` (each in [1, num_servers]) sum to `total_slots`: takes replicas
 // from the experts whose load per replica stays the smallest without one, and
 // gives replicas to the ones with the largest load per replica.
-void AdjustCounts(std::span<const double> loads, int num_servers,
-                  int64_t total_slots, std::vector<int>& count) {
+void AdjustCounts(std::span<const double> loads, int num_servers, int64_t total_slots,
+                  std::vector<int>& count) {
   int64_t sum = std::accumulate(count.begin(), count.end(), int64_t{0});
   const int num_experts = static_cast<int>(loads.size());
   for (; sum > total_slots; --sum) {
     int best = -1;
     for (int e = 0; e < num_experts; ++e) {
       if (count[e] < 2) continue;
-      if (best < 0 ||
-          loads[e] / (count[e] - 1) < loads[best] / (count[best] - 1))
-        best = e;
+      if (best < 0 || loads[e] / (count[e] - 1) < loads[best] / (count[best] - 1)) best = e;
     }
     --count[best];
   }
@@ -84,8 +79,8 @@ void AdjustCounts(std::span<const double> loads, int num_servers,
 // without it moves to a server with room first (one exists: the full server
 // has more experts than the one with room, so not all of them are there).
 // Requires sum(target) == servers * slots_per_server and target[e] <= servers.
-void FillLpt(std::span<const double> loads, const std::vector<int>& target,
-             int slots_per_server, ServerSlots& slots) {
+void FillLpt(std::span<const double> loads, const std::vector<int>& target, int slots_per_server,
+             ServerSlots& slots) {
   const int n = static_cast<int>(slots.size());
   const int num_experts = static_cast<int>(loads.size());
   auto weight = [&](int e) { return loads[e] / target[e]; };
@@ -133,8 +128,7 @@ void FillLpt(std::span<const double> loads, const std::vector<int>& target,
       int pos = -1;
       for (int p = 0; p < static_cast<int>(slots[full].size()); ++p) {
         const int32_t f = slots[full][p];
-        if (!has(room, f) && (pos < 0 || weight(f) < weight(slots[full][pos])))
-          pos = p;
+        if (!has(room, f) && (pos < 0 || weight(f) < weight(slots[full][pos]))) pos = p;
       }
       const int32_t f = slots[full][pos];
       slots[full].erase(slots[full].begin() + pos);
@@ -156,8 +150,7 @@ void FillLpt(std::span<const double> loads, const std::vector<int>& target,
 // nothing first; without one, the step that lowers the most.
 class Search {
  public:
-  Search(std::span<const double> loads, ServerSlots slots,
-         const std::vector<uint8_t>* current)
+  Search(std::span<const double> loads, ServerSlots slots, const std::vector<uint8_t>* current)
       : loads_(loads),
         n_(static_cast<int>(slots.size())),
         e_(static_cast<int>(loads.size())),
@@ -172,15 +165,13 @@ class Search {
   void Run(double stop_ratio) {
     if (mean_ <= 0) return;
     const int64_t max_steps =
-        20 * static_cast<int64_t>(n_) * std::max<size_t>(1, slots_[0].size()) +
-        100;
+        20 * static_cast<int64_t>(n_) * std::max<size_t>(1, slots_[0].size()) + 100;
     for (int64_t k = 0; k < max_steps; ++k) {
       if (Ratio() <= stop_ratio || !Step()) return;
     }
   }
   double Ratio() const {
-    return mean_ > 0 ? *std::max_element(load_.begin(), load_.end()) / mean_
-                     : 1.0;
+    return mean_ > 0 ? *std::max_element(load_.begin(), load_.end()) / mean_ : 1.0;
   }
   ServerSlots Take() { return std::move(slots_); }
 
@@ -193,16 +184,11 @@ class Search {
     int s = 0, i = 0, t = 0, j = 0, expert = 0;
   };
 
-  bool Holds(int s, int e) const {
-    return holds_[static_cast<size_t>(s) * e_ + e] != 0;
-  }
+  bool Holds(int s, int e) const { return holds_[static_cast<size_t>(s) * e_ + e] != 0; }
   double Weight(int e) const { return weight_[e]; }
   // 1 when expert e on server s would be a moved slot.
   int Moved(int s, int e) const {
-    return current_ != nullptr &&
-                   (*current_)[static_cast<size_t>(s) * e_ + e] == 0
-               ? 1
-               : 0;
+    return current_ != nullptr && (*current_)[static_cast<size_t>(s) * e_ + e] == 0 ? 1 : 0;
   }
 
   void Rebuild() {
@@ -229,8 +215,7 @@ class Search {
   void Consider(double gain, int moved, const Action& a) {
     if (gain <= 0) return;
     if (moved <= 0) {
-      if (free_.kind == kNone || gain > free_gain_)
-        free_ = a, free_gain_ = gain;
+      if (free_.kind == kNone || gain > free_gain_) free_ = a, free_gain_ = gain;
     } else if (paid_.kind == kNone || gain / moved > paid_score_) {
       paid_ = a, paid_score_ = gain / moved;
     }
@@ -245,16 +230,14 @@ class Search {
     const double shrink_b = loads_[b] / cb - new_b;
     auto new_load = [&](int x) {
       if (x == s) return load_[s] - Weight(a) + new_b;
-      return load_[x] + (Holds(x, a) ? grow_a : 0.0) -
-             (Holds(x, b) ? shrink_b : 0.0);
+      return load_[x] + (Holds(x, a) ? grow_a : 0.0) - (Holds(x, b) ? shrink_b : 0.0);
     };
     const double h_new = new_load(h);
     if (h_new >= peak - eps_) return;
     double worst = std::max(h_new, new_load(s));
     for (int x : where_[a]) worst = std::max(worst, new_load(x));
     if (peak - worst > eps_)
-      Consider(peak - worst, Moved(s, b) - Moved(s, a),
-               {kReplace, s, i, 0, 0, b});
+      Consider(peak - worst, Moved(s, b) - Moved(s, a), {kReplace, s, i, 0, 0, b});
   }
 
   // When the heaviest server is stuck: a swap between two servers that lowers
@@ -266,8 +249,7 @@ class Search {
     const double min_gain = eps_ * mean_;
     std::vector<int> order(n_);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int a, int b) { return load_[a] > load_[b]; });
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return load_[a] > load_[b]; });
     for (int s : order) {
       for (auto it = order.rbegin(); it != order.rend(); ++it) {
         const int t = *it;
@@ -280,10 +262,8 @@ class Search {
             const int b = slots_[t][j];
             if (Holds(s, b)) continue;
             const double d = Weight(a) - Weight(b);
-            if (d <= eps_ || d >= gap - eps_ || d * (gap - d) <= min_gain)
-              continue;
-            Consider(d * (gap - d),
-                     Moved(s, b) + Moved(t, a) - Moved(s, a) - Moved(t, b),
+            if (d <= eps_ || d >= gap - eps_ || d * (gap - d) <= min_gain) continue;
+            Consider(d * (gap - d), Moved(s, b) + Moved(t, a) - Moved(s, a) - Moved(t, b),
                      {kSwap, s, i, t, j, 0});
           }
         }
@@ -293,8 +273,7 @@ class Search {
   }
 
   bool Step() {
-    const int h = static_cast<int>(
-        std::max_element(load_.begin(), load_.end()) - load_.begin());
+    const int h = static_cast<int>(std::max_element(load_.begin(), load_.end()) - load_.begin());
     const double peak = load_[h];
     free_ = paid_ = Action{};
     const auto& hs = slots_[h];
@@ -311,8 +290,7 @@ class Search {
           if (d <= eps_ || load_[t] + d >= peak - eps_) continue;
           const double worst = std::max(peak - d, load_[t] + d);
           if (peak - worst > eps_)
-            Consider(peak - worst,
-                     Moved(h, b) + Moved(t, a) - Moved(h, a) - Moved(t, b),
+            Consider(peak - worst, Moved(h, b) + Moved(t, a) - Moved(h, a) - Moved(t, b),
                      {kSwap, h, i, t, j, 0});
         }
       }
@@ -495,8 +473,7 @@ ServerSlots StartFrom(std::span<const double> loads, const ServerSlots& current,
   for (int e = 0; e < num_experts; ++e) {
     auto& w = where[e];
     if (static_cast<int>(w.size()) <= target[e]) continue;
-    std::stable_sort(w.begin(), w.end(),
-                     [&](int a, int b) { return load[a] > load[b]; });
+    std::stable_sort(w.begin(), w.end(), [&](int a, int b) { return load[a] > load[b]; });
     for (size_t k = 0; k < w.size() - target[e]; ++k) {
       auto& v = slots[w[k]];
       v.erase(std::find(v.begin(), v.end(), e));
@@ -505,9 +482,8 @@ ServerSlots StartFrom(std::span<const double> loads, const ServerSlots& current,
   }
   for (auto& v : slots) {
     while (static_cast<int>(v.size()) > slots_per_server) {
-      v.erase(std::min_element(v.begin(), v.end(), [&](int32_t a, int32_t b) {
-        return weight(a) < weight(b);
-      }));
+      v.erase(std::min_element(v.begin(), v.end(),
+                               [&](int32_t a, int32_t b) { return weight(a) < weight(b); }));
     }
   }
   FillLpt(loads, target, slots_per_server, slots);
@@ -539,9 +515,8 @@ struct Candidate {
 // have max/mean up to (1 + slack) times the fresh plan's or, when
 // `max_load` > 0, servers up to `max_load` (a node of a hierarchical plan may
 // use the slack of the heaviest node).
-ServerSlots PlanFlat(std::span<const double> loads, int num_servers,
-                     int slots_per_server, const ServerSlots* current,
-                     double slack, double max_load = 0) {
+ServerSlots PlanFlat(std::span<const double> loads, int num_servers, int slots_per_server,
+                     const ServerSlots* current, double slack, double max_load = 0) {
   const int num_experts = static_cast<int>(loads.size());
   const int64_t total = static_cast<int64_t>(num_servers) * slots_per_server;
   const std::vector<int> counts = ReplicaCounts(loads, num_servers, total);
@@ -553,19 +528,16 @@ ServerSlots PlanFlat(std::span<const double> loads, int num_servers,
     for (double& l : jittered)
       l *= start == 0 ? 1.0 : 0.9 + 0.2 * (SplitMix64(state) >> 11) * 0x1.0p-53;
     ServerSlots fresh(num_servers);
-    FillLpt(jittered,
-            start == 0 ? counts : ReplicaCounts(jittered, num_servers, total),
+    FillLpt(jittered, start == 0 ? counts : ReplicaCounts(jittered, num_servers, total),
             slots_per_server, fresh);
     Search scratch(loads, std::move(fresh), nullptr);
     scratch.Run(0.0);
-    if (scratch.Ratio() < best_ratio)
-      best_ratio = scratch.Ratio(), best = scratch.Take();
+    if (scratch.Ratio() < best_ratio) best_ratio = scratch.Ratio(), best = scratch.Take();
   }
   if (current == nullptr) return best;
   const double mean = Sum(loads) / num_servers;
-  const double limit_ratio = max_load > 0 && mean > 0
-                                 ? std::max(best_ratio, max_load / mean)
-                                 : best_ratio * (1 + slack);
+  const double limit_ratio =
+      max_load > 0 && mean > 0 ? std::max(best_ratio, max_load / mean) : best_ratio * (1 + slack);
 
   std::vector<Candidate> candidates;
   candidates.push_back({Relabel(best, *current), best_ratio, 0});
@@ -576,10 +548,8 @@ ServerSlots PlanFlat(std::span<const double> loads, int num_servers,
   }
   for (int& c : kept) c = std::max(c, 1);
   AdjustCounts(loads, num_servers, total, kept);
-  for (const std::vector<int>* target :
-       {static_cast<const std::vector<int>*>(&kept), &counts}) {
-    Search s(loads, StartFrom(loads, *current, *target, slots_per_server),
-             &mask);
+  for (const std::vector<int>* target : {static_cast<const std::vector<int>*>(&kept), &counts}) {
+    Search s(loads, StartFrom(loads, *current, *target, slots_per_server), &mask);
     s.Run(limit_ratio);
     candidates.push_back({s.Take(), s.Ratio(), 0});
   }
@@ -605,17 +575,15 @@ struct Nodes {
   int size(int i) const { return first[i + 1] - first[i]; }
 };
 
-Nodes MakeNodes(int num_servers, int num_nodes, int slots_per_server,
-                int group_size) {
+Nodes MakeNodes(int num_servers, int num_nodes, int slots_per_server, int group_size) {
   Nodes nodes;
   for (int i = 0; i <= num_nodes; ++i) {
-    nodes.first.push_back(
-        static_cast<int>(static_cast<int64_t>(i) * num_servers / num_nodes));
+    nodes.first.push_back(static_cast<int>(static_cast<int64_t>(i) * num_servers / num_nodes));
   }
   for (int i = 0; i < num_nodes; ++i) {
     nodes.lo.push_back((slots_per_server + group_size - 1) / group_size);
-    nodes.hi.push_back(static_cast<int>(static_cast<int64_t>(nodes.size(i)) *
-                                        slots_per_server / group_size));
+    nodes.hi.push_back(
+        static_cast<int>(static_cast<int64_t>(nodes.size(i)) * slots_per_server / group_size));
   }
   return nodes;
 }
@@ -624,13 +592,11 @@ double NodeRatio(std::span<const double> group_loads, const Nodes& nodes,
                  const std::vector<int>& node_of) {
   const int num_nodes = static_cast<int>(nodes.lo.size());
   std::vector<double> load(num_nodes, 0.0);
-  for (size_t g = 0; g < node_of.size(); ++g)
-    load[node_of[g]] += group_loads[g];
+  for (size_t g = 0; g < node_of.size(); ++g) load[node_of[g]] += group_loads[g];
   const double mean = Sum(group_loads) / nodes.first.back();
   if (mean <= 0) return 1.0;
   double worst = 0;
-  for (int i = 0; i < num_nodes; ++i)
-    worst = std::max(worst, load[i] / nodes.size(i) / mean);
+  for (int i = 0; i < num_nodes; ++i) worst = std::max(worst, load[i] / nodes.size(i) / mean);
   return worst;
 }
 
@@ -659,15 +625,12 @@ struct ExactGroups {
     const int g = order[k];
     const bool must_fill = num_groups - k <= deficit;
     for (int i = 0; i < num_nodes; ++i) {
-      if (taken[i] >= nodes.hi[i] || (must_fill && taken[i] >= nodes.lo[i]))
-        continue;
-      bool same_as_earlier =
-          false;  // empty nodes of one size are interchangeable
+      if (taken[i] >= nodes.hi[i] || (must_fill && taken[i] >= nodes.lo[i])) continue;
+      bool same_as_earlier = false;  // empty nodes of one size are interchangeable
       for (int j = 0; j < i && taken[i] == 0; ++j)
         same_as_earlier |= taken[j] == 0 && nodes.size(j) == nodes.size(i);
       if (same_as_earlier) continue;
-      const double next =
-          std::max(peak, (load[i] + group_loads[g]) / nodes.size(i));
+      const double next = std::max(peak, (load[i] + group_loads[g]) / nodes.size(i));
       if (next >= best_peak - eps) continue;
       const int next_deficit = deficit - (taken[i] < nodes.lo[i] ? 1 : 0);
       cur[g] = i;
@@ -684,18 +647,15 @@ struct ExactGroups {
 // server after taking it (its `preferred` node when given and eligible), never
 // leaving too few groups for the nodes still under their minimum. Without
 // `preferred`, then swaps and moves of groups that lower the heaviest node.
-std::vector<int> AssignGroups(std::span<const double> group_loads,
-                              const Nodes& nodes,
+std::vector<int> AssignGroups(std::span<const double> group_loads, const Nodes& nodes,
                               const std::vector<int>* preferred) {
   const int num_groups = static_cast<int>(group_loads.size());
   const int num_nodes = static_cast<int>(nodes.lo.size());
-  std::vector<int> order(num_groups), node_of(num_groups, -1),
-      taken(num_nodes, 0);
+  std::vector<int> order(num_groups), node_of(num_groups, -1), taken(num_nodes, 0);
   std::vector<double> load(num_nodes, 0.0);
   std::iota(order.begin(), order.end(), 0);
-  std::stable_sort(order.begin(), order.end(), [&](int a, int b) {
-    return group_loads[a] > group_loads[b];
-  });
+  std::stable_sort(order.begin(), order.end(),
+                   [&](int a, int b) { return group_loads[a] > group_loads[b]; });
   int deficit = std::accumulate(nodes.lo.begin(), nodes.lo.end(), 0);
   for (int k = 0; k < num_groups; ++k) {
     const int g = order[k];
@@ -704,15 +664,12 @@ std::vector<int> AssignGroups(std::span<const double> group_loads,
       return taken[i] < nodes.hi[i] && (!must_fill || taken[i] < nodes.lo[i]);
     };
     int best = -1;
-    if (preferred != nullptr && (*preferred)[g] >= 0 &&
-        eligible((*preferred)[g])) {
+    if (preferred != nullptr && (*preferred)[g] >= 0 && eligible((*preferred)[g])) {
       best = (*preferred)[g];
     } else {
       for (int i = 0; i < num_nodes; ++i) {
-        if (eligible(i) &&
-            (best < 0 ||
-             (load[i] + group_loads[g]) / nodes.size(i) <
-                 (load[best] + group_loads[g]) / nodes.size(best))) {
+        if (eligible(i) && (best < 0 || (load[i] + group_loads[g]) / nodes.size(i) <
+                                            (load[best] + group_loads[g]) / nodes.size(best))) {
           best = i;
         }
       }
@@ -737,13 +694,11 @@ std::vector<int> AssignGroups(std::span<const double> group_loads,
       for (int b = 0; b < num_nodes; ++b) {
         if (b == a) continue;
         auto consider = [&](double moved, int g2) {
-          const double worst = std::max((load[a] - moved) / nodes.size(a),
-                                        (load[b] + moved) / nodes.size(b));
-          if (worst < best_worst)
-            best_worst = worst, best_g = g, best_b = b, best_g2 = g2;
+          const double worst =
+              std::max((load[a] - moved) / nodes.size(a), (load[b] + moved) / nodes.size(b));
+          if (worst < best_worst) best_worst = worst, best_g = g, best_b = b, best_g2 = g2;
         };
-        if (taken[a] > nodes.lo[a] && taken[b] < nodes.hi[b])
-          consider(group_loads[g], -1);
+        if (taken[a] > nodes.lo[a] && taken[b] < nodes.hi[b]) consider(group_loads[g], -1);
         for (int g2 = 0; g2 < num_groups; ++g2) {
           if (node_of[g2] == b) consider(group_loads[g] - group_loads[g2], g2);
         }
@@ -767,8 +722,7 @@ std::vector<int> AssignGroups(std::span<const double> group_loads,
   // 4 nodes: a few hundred visits), the local search's result where it gives
   // up.
   ExactGroups exact{group_loads, nodes, order, node_of, 0, 0, {}, {}, {}, 0};
-  exact.best_peak = NodeRatio(group_loads, nodes, node_of) * Sum(group_loads) /
-                    nodes.first.back();
+  exact.best_peak = NodeRatio(group_loads, nodes, node_of) * Sum(group_loads) / nodes.first.back();
   exact.eps = eps;
   exact.load.assign(num_nodes, 0.0);
   exact.taken.assign(num_nodes, 0);
@@ -778,10 +732,9 @@ std::vector<int> AssignGroups(std::span<const double> group_loads,
 }
 
 // Runs the flat planner inside every node for the groups `node_of` puts there.
-ServerSlots PlanNodes(std::span<const double> loads, const PlanOptions& o,
-                      const Nodes& nodes, int group_size,
-                      const std::vector<int>& node_of,
-                      const ServerSlots* current, double max_load) {
+ServerSlots PlanNodes(std::span<const double> loads, const PlanOptions& o, const Nodes& nodes,
+                      int group_size, const std::vector<int>& node_of, const ServerSlots* current,
+                      double max_load) {
   const int num_experts = static_cast<int>(loads.size());
   ServerSlots out(o.num_servers);
   for (int i = 0; i < static_cast<int>(nodes.lo.size()); ++i) {
@@ -803,9 +756,9 @@ ServerSlots PlanNodes(std::span<const double> loads, const PlanOptions& o,
         }
       }
     }
-    ServerSlots plan = PlanFlat(node_loads, nodes.size(i), o.slots_per_server,
-                                current != nullptr ? &node_current : nullptr,
-                                o.balance_slack, max_load);
+    ServerSlots plan =
+        PlanFlat(node_loads, nodes.size(i), o.slots_per_server,
+                 current != nullptr ? &node_current : nullptr, o.balance_slack, max_load);
     for (int k = 0; k < nodes.size(i); ++k) {
       for (int32_t e : plan[k]) out[nodes.first[i] + k].push_back(experts[e]);
     }
@@ -813,27 +766,23 @@ ServerSlots PlanNodes(std::span<const double> loads, const PlanOptions& o,
   return out;
 }
 
-ServerSlots PlanHierarchical(std::span<const double> loads,
-                             const PlanOptions& o, const ServerSlots* current) {
+ServerSlots PlanHierarchical(std::span<const double> loads, const PlanOptions& o,
+                             const ServerSlots* current) {
   const int num_experts = static_cast<int>(loads.size());
   const int num_groups = o.num_groups, num_nodes = o.num_nodes;
   const int group_size = num_experts / num_groups;
-  const Nodes nodes =
-      MakeNodes(o.num_servers, num_nodes, o.slots_per_server, group_size);
+  const Nodes nodes = MakeNodes(o.num_servers, num_nodes, o.slots_per_server, group_size);
   std::vector<double> group_loads(num_groups, 0.0);
   for (int e = 0; e < num_experts; ++e) group_loads[e / group_size] += loads[e];
   const std::vector<int> fresh = AssignGroups(group_loads, nodes, nullptr);
-  ServerSlots scratch =
-      PlanNodes(loads, o, nodes, group_size, fresh, nullptr, 0);
+  ServerSlots scratch = PlanNodes(loads, o, nodes, group_size, fresh, nullptr, 0);
   if (current == nullptr) return scratch;
   const std::vector<double> scratch_loads = ServerLoads(loads, scratch);
   const double max_load =
-      *std::max_element(scratch_loads.begin(), scratch_loads.end()) *
-      (1 + o.balance_slack);
+      *std::max_element(scratch_loads.begin(), scratch_loads.end()) * (1 + o.balance_slack);
 
   // held[g][i]: slots of group g on node i now.
-  std::vector<std::vector<int>> held(num_groups,
-                                     std::vector<int>(num_nodes, 0));
+  std::vector<std::vector<int>> held(num_groups, std::vector<int>(num_nodes, 0));
   for (int i = 0; i < num_nodes; ++i) {
     for (int s = nodes.first[i]; s < nodes.first[i + 1]; ++s) {
       for (int32_t e : (*current)[s]) ++held[e / group_size][i];
@@ -841,8 +790,7 @@ ServerSlots PlanHierarchical(std::span<const double> loads,
   }
   // The fresh assignment's nodes relabelled (among nodes of one size) to
   // where their groups are now.
-  std::vector<std::vector<double>> w(num_nodes,
-                                     std::vector<double>(num_nodes, 0.0));
+  std::vector<std::vector<double>> w(num_nodes, std::vector<double>(num_nodes, 0.0));
   for (int i = 0; i < num_nodes; ++i) {
     for (int j = 0; j < num_nodes; ++j) {
       if (nodes.size(i) != nodes.size(j)) {
@@ -864,16 +812,12 @@ ServerSlots PlanHierarchical(std::span<const double> loads,
   std::vector<ServerSlots> candidates(1, ServerSlots(o.num_servers));
   for (int i = 0; i < num_nodes; ++i) {
     const int j = perm[i];
-    const ServerSlots mine(scratch.begin() + nodes.first[i],
-                           scratch.begin() + nodes.first[i + 1]);
-    const ServerSlots now(current->begin() + nodes.first[j],
-                          current->begin() + nodes.first[j + 1]);
+    const ServerSlots mine(scratch.begin() + nodes.first[i], scratch.begin() + nodes.first[i + 1]);
+    const ServerSlots now(current->begin() + nodes.first[j], current->begin() + nodes.first[j + 1]);
     const ServerSlots relabelled = Relabel(mine, now);
-    std::copy(relabelled.begin(), relabelled.end(),
-              candidates[0].begin() + nodes.first[j]);
+    std::copy(relabelled.begin(), relabelled.end(), candidates[0].begin() + nodes.first[j]);
   }
-  candidates.push_back(
-      PlanNodes(loads, o, nodes, group_size, fresh_moved, current, max_load));
+  candidates.push_back(PlanNodes(loads, o, nodes, group_size, fresh_moved, current, max_load));
   std::vector<int> preferred(num_groups, -1);
   for (int g = 0; g < num_groups; ++g) {
     const auto it = std::max_element(held[g].begin(), held[g].end());
@@ -881,21 +825,17 @@ ServerSlots PlanHierarchical(std::span<const double> loads,
   }
   const std::vector<int> sticky = AssignGroups(group_loads, nodes, &preferred);
   if (NodeRatio(group_loads, nodes, sticky) <=
-      NodeRatio(group_loads, nodes, fresh) * (1 + o.balance_slack) *
-          (1 + 1e-12)) {
-    candidates.push_back(
-        PlanNodes(loads, o, nodes, group_size, sticky, current, max_load));
+      NodeRatio(group_loads, nodes, fresh) * (1 + o.balance_slack) * (1 + 1e-12)) {
+    candidates.push_back(PlanNodes(loads, o, nodes, group_size, sticky, current, max_load));
   }
-  const double limit =
-      MaxOverMean(scratch_loads) * (1 + o.balance_slack) * (1 + 1e-12);
+  const double limit = MaxOverMean(scratch_loads) * (1 + o.balance_slack) * (1 + 1e-12);
   int pick = 0;
   int64_t pick_moved = SlotsMoved(*current, candidates[0]);
   double pick_ratio = MaxOverMean(ServerLoads(loads, candidates[0]));
   for (int c = 1; c < static_cast<int>(candidates.size()); ++c) {
     const double ratio = MaxOverMean(ServerLoads(loads, candidates[c]));
     const int64_t moved = SlotsMoved(*current, candidates[c]);
-    if (ratio <= limit &&
-        (moved < pick_moved || (moved == pick_moved && ratio < pick_ratio))) {
+    if (ratio <= limit && (moved < pick_moved || (moved == pick_moved && ratio < pick_ratio))) {
       pick = c, pick_moved = moved, pick_ratio = ratio;
     }
   }
@@ -918,22 +858,20 @@ absl::Status ValidatePlanOptions(int64_t num_experts, const PlanOptions& o) {
         absl::StrCat("num_servers must be in [1, ", kMaxServers, "], got ", n));
   }
   if (n * e > kMaxServerExperts) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_servers ", n, " x ", e, " experts exceeds ",
-                     kMaxServerExperts, " (too large to plan)"));
+    return absl::InvalidArgumentError(absl::StrCat("num_servers ", n, " x ", e, " experts exceeds ",
+                                                   kMaxServerExperts, " (too large to plan)"));
   }
   if (s < 1)
-    return absl::InvalidArgumentError(
-        absl::StrCat("slots_per_server must be >= 1, got ", s));
+    return absl::InvalidArgumentError(absl::StrCat("slots_per_server must be >= 1, got ", s));
   if (s > e) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "slots_per_server ", s, " exceeds the ", e,
-        " experts of the layer (a server holds an expert at most once)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("slots_per_server ", s, " exceeds the ", e,
+                     " experts of the layer (a server holds an expert at most once)"));
   }
   if (n * s < e) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("num_servers ", n, " x slots_per_server ", s, " = ", n * s,
-                     " slots < ", e, " experts (every expert needs a slot)"));
+    return absl::InvalidArgumentError(absl::StrCat("num_servers ", n, " x slots_per_server ", s,
+                                                   " = ", n * s, " slots < ", e,
+                                                   " experts (every expert needs a slot)"));
   }
   if (o.expert_bytes < 1) {
     return absl::InvalidArgumentError(
@@ -943,41 +881,37 @@ absl::Status ValidatePlanOptions(int64_t num_experts, const PlanOptions& o) {
     return absl::InvalidArgumentError(
         absl::StrCat("server_bytes must be >= 0, got ", o.server_bytes));
   }
-  if (o.server_bytes > 0 &&
-      SlotsForBudget(o.server_bytes, o.expert_bytes) < s) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("slots_per_server ", s, " x expert_bytes ", o.expert_bytes,
-                     " exceeds server_bytes ", o.server_bytes));
+  if (o.server_bytes > 0 && SlotsForBudget(o.server_bytes, o.expert_bytes) < s) {
+    return absl::InvalidArgumentError(absl::StrCat("slots_per_server ", s, " x expert_bytes ",
+                                                   o.expert_bytes, " exceeds server_bytes ",
+                                                   o.server_bytes));
   }
   if (!std::isfinite(o.balance_slack) || o.balance_slack < 0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "balance_slack must be finite and >= 0, got ", o.balance_slack));
+    return absl::InvalidArgumentError(
+        absl::StrCat("balance_slack must be finite and >= 0, got ", o.balance_slack));
   }
   if (o.num_groups == 0 && o.num_nodes == 0) return absl::OkStatus();
   if (o.num_groups < 1 || o.num_nodes < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "num_groups and num_nodes go together and must be >= 1, got ",
-        o.num_groups, " and ", o.num_nodes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("num_groups and num_nodes go together and must be >= 1, got ", o.num_groups,
+                     " and ", o.num_nodes));
   }
   if (e % o.num_groups != 0) {
-    return absl::InvalidArgumentError(absl::StrCat("num_groups ", o.num_groups,
-                                                   " does not divide the ", e,
-                                                   " experts of the layer"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "num_groups ", o.num_groups, " does not divide the ", e, " experts of the layer"));
   }
   if (o.num_nodes > n) {
     return absl::InvalidArgumentError(
         absl::StrCat("num_nodes ", o.num_nodes, " exceeds num_servers ", n));
   }
   const int group_size = static_cast<int>(e / o.num_groups);
-  const Nodes nodes =
-      MakeNodes(o.num_servers, o.num_nodes, o.slots_per_server, group_size);
+  const Nodes nodes = MakeNodes(o.num_servers, o.num_nodes, o.slots_per_server, group_size);
   int lo = 0, hi = 0;
   for (int i = 0; i < o.num_nodes; ++i) {
     if (nodes.hi[i] < nodes.lo[i]) {
       return absl::InvalidArgumentError(absl::StrCat(
-          "node ", i, " (", nodes.size(i), " servers x ", s,
-          " slots) cannot hold whole groups of ", group_size,
-          " experts: it needs at least ", nodes.lo[i], " group(s) for ", s,
+          "node ", i, " (", nodes.size(i), " servers x ", s, " slots) cannot hold whole groups of ",
+          group_size, " experts: it needs at least ", nodes.lo[i], " group(s) for ", s,
           " distinct experts per server but has slots for ", nodes.hi[i]));
     }
     lo += nodes.lo[i];
@@ -985,24 +919,21 @@ absl::Status ValidatePlanOptions(int64_t num_experts, const PlanOptions& o) {
   }
   if (o.num_groups < lo || o.num_groups > hi) {
     return absl::InvalidArgumentError(absl::StrCat(
-        "num_groups ", o.num_groups, " of ", group_size,
-        " experts do not fit num_nodes ", o.num_nodes, ": the nodes hold ", lo,
-        " to ", hi, " groups in all (each server needs ", s,
+        "num_groups ", o.num_groups, " of ", group_size, " experts do not fit num_nodes ",
+        o.num_nodes, ": the nodes hold ", lo, " to ", hi, " groups in all (each server needs ", s,
         " distinct experts of its node's groups; every expert needs a slot)"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads,
-                                    const PlanOptions& o,
+absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads, const PlanOptions& o,
                                     const ServerSlots* current) {
   const int64_t num_experts = static_cast<int64_t>(loads.size());
   DMOE_RETURN_IF_ERROR(ValidatePlanOptions(num_experts, o));
   for (int64_t e = 0; e < num_experts; ++e) {
     if (!std::isfinite(loads[e]) || loads[e] < 0) {
       return absl::InvalidArgumentError(
-          absl::StrCat("load of expert ", e, " is ", loads[e],
-                       "; loads must be finite and >= 0"));
+          absl::StrCat("load of expert ", e, " is ", loads[e], "; loads must be finite and >= 0"));
     }
   }
   ServerSlots cur;
@@ -1013,13 +944,13 @@ absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads,
       std::fill(seen.begin(), seen.end(), 0);
       for (int32_t e : (*current)[s]) {
         if (e < 0 || e >= num_experts) {
-          return absl::InvalidArgumentError(
-              absl::StrCat("current placement: server ", s, ": expert id ", e,
-                           " out of range [0, ", num_experts, ")"));
+          return absl::InvalidArgumentError(absl::StrCat("current placement: server ", s,
+                                                         ": expert id ", e, " out of range [0, ",
+                                                         num_experts, ")"));
         }
         if (seen[e]++) {
-          return absl::InvalidArgumentError(absl::StrCat(
-              "current placement: server ", s, " holds expert ", e, " twice"));
+          return absl::InvalidArgumentError(
+              absl::StrCat("current placement: server ", s, " holds expert ", e, " twice"));
         }
         if (s < cur.size()) cur[s].push_back(e);
       }
@@ -1029,19 +960,16 @@ absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads,
   const ServerSlots* cur_ptr = current != nullptr ? &cur : nullptr;
   plan.servers = o.num_groups > 0
                      ? PlanHierarchical(loads, o, cur_ptr)
-                     : PlanFlat(loads, o.num_servers, o.slots_per_server,
-                                cur_ptr, o.balance_slack);
+                     : PlanFlat(loads, o.num_servers, o.slots_per_server, cur_ptr, o.balance_slack);
   for (auto& v : plan.servers) std::sort(v.begin(), v.end());
   plan.max_over_mean = MaxOverMean(ServerLoads(loads, plan.servers));
   plan.slots_moved = current != nullptr ? SlotsMoved(cur, plan.servers)
-                                        : static_cast<int64_t>(o.num_servers) *
-                                              o.slots_per_server;
+                                        : static_cast<int64_t>(o.num_servers) * o.slots_per_server;
   plan.bytes_moved = plan.slots_moved * o.expert_bytes;
   return plan;
 }
 
-std::vector<double> ServerLoads(std::span<const double> loads,
-                                const ServerSlots& servers) {
+std::vector<double> ServerLoads(std::span<const double> loads, const ServerSlots& servers) {
   std::vector<int> count(loads.size(), 0);
   for (const auto& v : servers) {
     for (int32_t e : v) ++count[e];
@@ -1064,8 +992,7 @@ int64_t SlotsMoved(const ServerSlots& from, const ServerSlots& to) {
   int64_t moved = 0;
   for (size_t s = 0; s < to.size(); ++s) {
     for (int32_t e : to[s]) {
-      if (s >= from.size() ||
-          std::find(from[s].begin(), from[s].end(), e) == from[s].end())
+      if (s >= from.size() || std::find(from[s].begin(), from[s].end(), e) == from[s].end())
         ++moved;
     }
   }

@@ -146,22 +146,19 @@ struct LayerPlan {
 // Checks the options against a layer of `num_experts` experts without
 // planning. InvalidArgument naming the option: num_servers, slots_per_server,
 // expert_bytes / server_bytes, num_groups / num_nodes, balance_slack.
-absl::Status ValidatePlanOptions(int64_t num_experts,
-                                 const PlanOptions& options);
+absl::Status ValidatePlanOptions(int64_t num_experts, const PlanOptions& options);
 
 // Plans one layer. `loads` must be finite and >= 0 (InvalidArgument naming the
 // expert otherwise). `current`, when given, is the layer's placement now: any
 // number of servers (extra ones are dropped, missing ones start empty), any
 // number of slots each; InvalidArgument for an expert id out of [0, E) or an
 // expert twice on one server.
-absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads,
-                                    const PlanOptions& options,
+absl::StatusOr<LayerPlan> PlanLayer(std::span<const double> loads, const PlanOptions& options,
                                     const ServerSlots* current = nullptr);
 
 // Load of each server: sum over its slots of loads[e] / replicas of e.
 // `servers` must hold valid ids.
-std::vector<double> ServerLoads(std::span<const double> loads,
-                                const ServerSlots& servers);
+std::vector<double> ServerLoads(std::span<const double> loads, const ServerSlots& servers);
 // max / mean of `server_loads` (1.0 when they sum to 0).
 double MaxOverMean(std::span<const double> server_loads);
 // Slots (s, e) of `to` whose expert is not on server s in `from`.

@@ -21,8 +21,7 @@ using ::testing::HasSubstr;
 
 // Zipf(s) loads over `num_experts`: rank k gets 1e6 / k^s. With `shuffle`,
 // ranks land on random expert ids (heavy experts scattered over groups).
-std::vector<double> Zipf(int num_experts, double s, uint64_t seed,
-                         bool shuffle) {
+std::vector<double> Zipf(int num_experts, double s, uint64_t seed, bool shuffle) {
   std::vector<double> loads(num_experts);
   for (int k = 0; k < num_experts; ++k) loads[k] = 1e6 / std::pow(k + 1, s);
   if (shuffle) {
@@ -39,22 +38,20 @@ std::vector<double> SkewedInGroups(double s, uint64_t seed) {
   std::vector<double> loads;
   for (int g = 0; g < 8; ++g) {
     const double weight = std::uniform_real_distribution<double>(0.9, 1.1)(rng);
-    for (double l : Zipf(32, s, rng(), /*shuffle=*/true))
-      loads.push_back(weight * l);
+    for (double l : Zipf(32, s, rng(), /*shuffle=*/true)) loads.push_back(weight * l);
   }
   return loads;
 }
 
 // Every hard constraint of planner.h, and the reported numbers.
-void ExpectValid(std::span<const double> loads, const PlanOptions& o,
-                 const LayerPlan& plan, const ServerSlots* current = nullptr) {
+void ExpectValid(std::span<const double> loads, const PlanOptions& o, const LayerPlan& plan,
+                 const ServerSlots* current = nullptr) {
   const int num_experts = static_cast<int>(loads.size());
   ASSERT_EQ(plan.servers.size(), static_cast<size_t>(o.num_servers));
   std::vector<std::set<int>> servers_of(num_experts);
   for (int s = 0; s < o.num_servers; ++s) {
     const auto& v = plan.servers[s];
-    ASSERT_EQ(v.size(), static_cast<size_t>(o.slots_per_server))
-        << "server " << s;
+    ASSERT_EQ(v.size(), static_cast<size_t>(o.slots_per_server)) << "server " << s;
     EXPECT_TRUE(std::is_sorted(v.begin(), v.end())) << "server " << s;
     for (int32_t e : v) {
       ASSERT_GE(e, 0);
@@ -63,14 +60,12 @@ void ExpectValid(std::span<const double> loads, const PlanOptions& o,
           << "server " << s << " holds expert " << e << " twice";
     }
   }
-  for (int e = 0; e < num_experts; ++e)
-    EXPECT_FALSE(servers_of[e].empty()) << "expert " << e;
+  for (int e = 0; e < num_experts; ++e) EXPECT_FALSE(servers_of[e].empty()) << "expert " << e;
   if (o.num_groups > 0) {
     const int group_size = num_experts / o.num_groups;
     auto node = [&](int s) {
       int i = 0;
-      while (static_cast<int64_t>(i + 1) * o.num_servers / o.num_nodes <= s)
-        ++i;
+      while (static_cast<int64_t>(i + 1) * o.num_servers / o.num_nodes <= s) ++i;
       return i;
     };
     for (int g = 0; g < o.num_groups; ++g) {
@@ -81,8 +76,7 @@ void ExpectValid(std::span<const double> loads, const PlanOptions& o,
       EXPECT_EQ(nodes.size(), 1u) << "group " << g << " spans several nodes";
     }
   }
-  EXPECT_NEAR(plan.max_over_mean, MaxOverMean(ServerLoads(loads, plan.servers)),
-              1e-12);
+  EXPECT_NEAR(plan.max_over_mean, MaxOverMean(ServerLoads(loads, plan.servers)), 1e-12);
   if (current != nullptr) {
     EXPECT_EQ(plan.slots_moved, SlotsMoved(*current, plan.servers));
   } else {
@@ -98,18 +92,15 @@ void ExpectValid(std::span<const double> loads, const PlanOptions& o,
 // heaviest into the lightest; it may put two replicas of one expert on one
 // server, which our constraints forbid: `duplicates` tells). Returns max/mean
 // over servers.
-double EplbHierarchicalMaxOverMean(const std::vector<double>& loads,
-                                   int num_groups, int num_nodes,
-                                   int num_servers, int slots_per_server,
-                                   bool* duplicates) {
+double EplbHierarchicalMaxOverMean(const std::vector<double>& loads, int num_groups, int num_nodes,
+                                   int num_servers, int slots_per_server, bool* duplicates) {
   *duplicates = false;
   auto balanced_packing = [](const std::vector<double>& w, int packs) {
     const int per_pack = static_cast<int>(w.size()) / packs;
     std::vector<int> order(w.size()), pack_of(w.size()), items(packs, 0);
     std::vector<double> load(packs, 0.0);
     std::iota(order.begin(), order.end(), 0);
-    std::stable_sort(order.begin(), order.end(),
-                     [&](int a, int b) { return w[a] > w[b]; });
+    std::stable_sort(order.begin(), order.end(), [&](int a, int b) { return w[a] > w[b]; });
     for (int i : order) {
       int best = -1;
       for (int p = 0; p < packs; ++p) {
@@ -125,8 +116,7 @@ double EplbHierarchicalMaxOverMean(const std::vector<double>& loads,
   const int group_size = num_experts / num_groups;
   std::vector<double> group_loads(num_groups, 0.0);
   for (int e = 0; e < num_experts; ++e) group_loads[e / group_size] += loads[e];
-  const std::vector<int> node_of =
-      balanced_packing(group_loads, num_nodes).first;
+  const std::vector<int> node_of = balanced_packing(group_loads, num_nodes).first;
   const int servers_per_node = num_servers / num_nodes;
   const int phys_per_node = num_servers * slots_per_server / num_nodes;
   std::vector<double> server_loads;
@@ -146,8 +136,7 @@ double EplbHierarchicalMaxOverMean(const std::vector<double>& loads,
     std::vector<double> phys;
     std::vector<int> phys_expert;
     for (size_t e = 0; e < w.size(); ++e) {
-      for (int r = 0; r < count[e]; ++r)
-        phys.push_back(w[e] / count[e]), phys_expert.push_back(e);
+      for (int r = 0; r < count[e]; ++r) phys.push_back(w[e] / count[e]), phys_expert.push_back(e);
     }
     const auto [server_of, packed] = balanced_packing(phys, servers_per_node);
     std::set<std::pair<int, int>> seen;  // (server, expert)
@@ -161,26 +150,22 @@ double EplbHierarchicalMaxOverMean(const std::vector<double>& loads,
 // The best max/mean any placement can reach when whole groups stay on one
 // node: over every assignment of groups to nodes that fits (each node takes
 // lo..hi groups), the heaviest node's load per server / the mean per server.
-double NodeBound(const std::vector<double>& loads, int num_groups,
-                 int num_nodes, int num_servers, int slots_per_server) {
+double NodeBound(const std::vector<double>& loads, int num_groups, int num_nodes, int num_servers,
+                 int slots_per_server) {
   const int group_size = static_cast<int>(loads.size()) / num_groups;
   std::vector<double> group_loads(num_groups, 0.0);
-  for (size_t e = 0; e < loads.size(); ++e)
-    group_loads[e / group_size] += loads[e];
-  const double mean =
-      std::accumulate(loads.begin(), loads.end(), 0.0) / num_servers;
+  for (size_t e = 0; e < loads.size(); ++e) group_loads[e / group_size] += loads[e];
+  const double mean = std::accumulate(loads.begin(), loads.end(), 0.0) / num_servers;
   double best = std::numeric_limits<double>::infinity();
   std::vector<int> node_of(num_groups, 0);
   while (true) {
     std::vector<double> load(num_nodes, 0.0);
     std::vector<int> taken(num_nodes, 0);
-    for (int g = 0; g < num_groups; ++g)
-      load[node_of[g]] += group_loads[g], ++taken[node_of[g]];
+    for (int g = 0; g < num_groups; ++g) load[node_of[g]] += group_loads[g], ++taken[node_of[g]];
     bool fits = true;
     double worst = 0;
     for (int i = 0; i < num_nodes; ++i) {
-      const int n =
-          (i + 1) * num_servers / num_nodes - i * num_servers / num_nodes;
+      const int n = (i + 1) * num_servers / num_nodes - i * num_servers / num_nodes;
       fits &= taken[i] * group_size <= n * slots_per_server &&
               taken[i] * group_size >= slots_per_server;
       worst = std::max(worst, load[i] / n / mean);
@@ -199,8 +184,7 @@ double NodeBound(const std::vector<double>& loads, int num_groups,
 // over randomly permuted ids, so experts are skewed but no expert can take more
 // than one slot of a token (a share of at most 1/8).
 std::vector<double> RoutedLoads(double zipf_s, uint64_t seed, int tokens) {
-  constexpr int kExperts = 256, kGroups = 8, kGroupSize = 32, kTopGroups = 4,
-                kTopK = 8;
+  constexpr int kExperts = 256, kGroups = 8, kGroupSize = 32, kTopGroups = 4, kTopK = 8;
   const std::vector<double> p = Zipf(kExperts, zipf_s, seed, /*shuffle=*/true);
   std::mt19937_64 rng(seed * 7919 + 1);
   std::uniform_real_distribution<double> uni(1e-12, 1.0);
@@ -208,22 +192,18 @@ std::vector<double> RoutedLoads(double zipf_s, uint64_t seed, int tokens) {
   std::vector<int> groups(kGroups), experts;
   for (int t = 0; t < tokens; ++t) {
     std::vector<double> group_score(kGroups);
-    for (int e = 0; e < kExperts; ++e)
-      score[e] = std::log(p[e]) - std::log(-std::log(uni(rng)));
+    for (int e = 0; e < kExperts; ++e) score[e] = std::log(p[e]) - std::log(-std::log(uni(rng)));
     for (int g = 0; g < kGroups; ++g) {
-      std::vector<double> s(score.begin() + g * kGroupSize,
-                            score.begin() + (g + 1) * kGroupSize);
+      std::vector<double> s(score.begin() + g * kGroupSize, score.begin() + (g + 1) * kGroupSize);
       std::partial_sort(s.begin(), s.begin() + 2, s.end(), std::greater<>());
       group_score[g] = s[0] + s[1];
     }
     std::iota(groups.begin(), groups.end(), 0);
-    std::partial_sort(
-        groups.begin(), groups.begin() + kTopGroups, groups.end(),
-        [&](int a, int b) { return group_score[a] > group_score[b]; });
+    std::partial_sort(groups.begin(), groups.begin() + kTopGroups, groups.end(),
+                      [&](int a, int b) { return group_score[a] > group_score[b]; });
     experts.clear();
     for (int k = 0; k < kTopGroups; ++k) {
-      for (int e = groups[k] * kGroupSize; e < (groups[k] + 1) * kGroupSize;
-           ++e)
+      for (int e = groups[k] * kGroupSize; e < (groups[k] + 1) * kGroupSize; ++e)
         experts.push_back(e);
     }
     std::partial_sort(experts.begin(), experts.begin() + kTopK, experts.end(),
@@ -254,8 +234,7 @@ TEST(Planner, ConstraintsHoldOnRandomInputs) {
       o.num_servers = 1 + static_cast<int>(rng() % 12);
       const int min_s = (num_experts + o.num_servers - 1) / o.num_servers;
       if (min_s > num_experts) continue;
-      o.slots_per_server =
-          min_s + static_cast<int>(rng() % (num_experts - min_s + 1));
+      o.slots_per_server = min_s + static_cast<int>(rng() % (num_experts - min_s + 1));
       if (ValidatePlanOptions(num_experts, o).ok()) break;
     }
     ASSERT_TRUE(ValidatePlanOptions(num_experts, o).ok());
@@ -271,9 +250,8 @@ TEST(Planner, ConstraintsHoldOnRandomInputs) {
                               : std::exp(8 * u);
     }
     SCOPED_TRACE(::testing::Message()
-                 << "trial " << trial << ": E " << num_experts << " N "
-                 << o.num_servers << " S " << o.slots_per_server << " G "
-                 << o.num_groups << " M " << o.num_nodes);
+                 << "trial " << trial << ": E " << num_experts << " N " << o.num_servers << " S "
+                 << o.slots_per_server << " G " << o.num_groups << " M " << o.num_nodes);
     absl::StatusOr<LayerPlan> plan = PlanLayer(loads, o);
     ASSERT_TRUE(plan.ok()) << plan.status();
     ExpectValid(loads, o, *plan);
@@ -290,16 +268,15 @@ TEST(Planner, ConstraintsHoldOnRandomInputs) {
       std::shuffle(v.begin(), v.end(), rng);
     }
     for (const ServerSlots* cur : {&current, &plan->servers}) {
-      for (double& l : loads)
-        l *= 0.5 + std::uniform_real_distribution<double>(0, 1)(rng);
+      for (double& l : loads) l *= 0.5 + std::uniform_real_distribution<double>(0, 1)(rng);
       absl::StatusOr<LayerPlan> next = PlanLayer(loads, o, cur);
       ASSERT_TRUE(next.ok()) << next.status();
       ExpectValid(loads, o, *next, cur);
       ++incremental;
     }
   }
-  std::printf("random inputs: %d plans (%d hierarchical), %d incremental\n",
-              planned, hierarchical, incremental);
+  std::printf("random inputs: %d plans (%d hierarchical), %d incremental\n", planned, hierarchical,
+              incremental);
   EXPECT_EQ(planned, 400);
   EXPECT_GT(hierarchical, 100);
 }
@@ -315,9 +292,8 @@ TEST(Planner, ZipfOver64ExpertsWith25PercentSpareSlotsIsWithinOnePercent) {
       absl::StatusOr<LayerPlan> plan = PlanLayer(loads, o);
       ASSERT_TRUE(plan.ok()) << plan.status();
       ExpectValid(loads, o, *plan);
-      std::printf(
-          "Zipf(1.2), 64 experts, %2d servers x %2d slots%s: max/mean %.5f\n",
-          n, s, shuffle ? " (ids shuffled)" : "", plan->max_over_mean);
+      std::printf("Zipf(1.2), 64 experts, %2d servers x %2d slots%s: max/mean %.5f\n", n, s,
+                  shuffle ? " (ids shuffled)" : "", plan->max_over_mean);
       // 4 slots per server is coarse: a server holding a replica of the top
       // experts has 2 or 3 slots left for the rest.
       EXPECT_LE(plan->max_over_mean, s >= 5 ? 1.01 : 1.03) << n << " x " << s;
@@ -332,8 +308,7 @@ TEST(Planner, ZipfOver64ExpertsWith25PercentSpareSlotsIsWithinOnePercent) {
 struct Gaps {
   double global = 0, bound = 0, eplb = 0;
 };
-Gaps CompareOnV3Shapes(const char* name,
-                       const std::function<std::vector<double>(uint64_t)>& make,
+Gaps CompareOnV3Shapes(const char* name, const std::function<std::vector<double>(uint64_t)>& make,
                        int seeds) {
   PlanOptions global;
   global.num_servers = 32;
@@ -351,8 +326,7 @@ Gaps CompareOnV3Shapes(const char* name,
     ExpectValid(loads, global, *g);
     ExpectValid(loads, hier, *h);
     bool duplicates = false;
-    const double eplb =
-        EplbHierarchicalMaxOverMean(loads, 8, 4, 32, 9, &duplicates);
+    const double eplb = EplbHierarchicalMaxOverMean(loads, 8, 4, 32, 9, &duplicates);
     const double bound = NodeBound(loads, 8, 4, 32, 9);
     const double top = *std::max_element(loads.begin(), loads.end()) /
                        std::accumulate(loads.begin(), loads.end(), 0.0);
@@ -360,9 +334,8 @@ Gaps CompareOnV3Shapes(const char* name,
         "  %s seed %llu (top expert %4.1f%%): global %.4f, hierarchical %.4f "
         "(node bound %.4f), "
         "public EPLB hierarchical %.4f%s\n",
-        name, static_cast<unsigned long long>(seed), 100 * top,
-        g->max_over_mean, h->max_over_mean, bound, eplb,
-        duplicates ? " (puts two replicas of an expert on one server)" : "");
+        name, static_cast<unsigned long long>(seed), 100 * top, g->max_over_mean, h->max_over_mean,
+        bound, eplb, duplicates ? " (puts two replicas of an expert on one server)" : "");
     // EPLB's duplicates split an expert unevenly, which the planner's model
     // (an expert's tokens split evenly over its replicas) does not allow.
     if (!duplicates) {
@@ -384,11 +357,9 @@ TEST(Planner, HierarchicalStaysCloseToGlobalOnDeepSeekV3Shapes) {
   // Skewed experts (Zipf(1.2) inside each group: the top expert of a group
   // takes a third of its load) in groups of similar load (+-10%).
   for (double zipf_s : {1.0, 1.2}) {
-    const std::string name =
-        absl::StrFormat("Zipf(%.1f) in groups of similar load", zipf_s);
+    const std::string name = absl::StrFormat("Zipf(%.1f) in groups of similar load", zipf_s);
     const Gaps gaps = CompareOnV3Shapes(
-        name.c_str(),
-        [&](uint64_t seed) { return SkewedInGroups(zipf_s, seed); }, 5);
+        name.c_str(), [&](uint64_t seed) { return SkewedInGroups(zipf_s, seed); }, 5);
     EXPECT_LE(gaps.global, 1.03) << name;
     EXPECT_LE(gaps.bound, 1.01) << name;
   }
@@ -403,15 +374,13 @@ TEST(Planner, HierarchicalReachesTheNodeBoundOnSkewedGroups) {
   for (double zipf_s : {0.6, 0.8, 1.0, 1.2}) {
     const std::string routed = absl::StrFormat("routed Zipf(%.1f)", zipf_s);
     const Gaps r = CompareOnV3Shapes(
-        routed.c_str(),
-        [&](uint64_t seed) { return RoutedLoads(zipf_s, seed, 4000); }, 4);
+        routed.c_str(), [&](uint64_t seed) { return RoutedLoads(zipf_s, seed, 4000); }, 4);
     if (zipf_s <= 1.0) {
       EXPECT_LE(r.bound, 1.01) << routed;
     }
     const std::string raw = absl::StrFormat("raw Zipf(%.1f)", zipf_s);
     const Gaps w = CompareOnV3Shapes(
-        raw.c_str(),
-        [&](uint64_t seed) { return Zipf(256, zipf_s, seed, true); }, 4);
+        raw.c_str(), [&](uint64_t seed) { return Zipf(256, zipf_s, seed, true); }, 4);
     if (zipf_s <= 1.0) {
       EXPECT_LE(w.bound, 1.01) << raw;
     }
@@ -430,8 +399,7 @@ TEST(Planner, IncrementalMovesFewerBytesThanFromScratch) {
     absl::StatusOr<LayerPlan> before = PlanLayer(loads, o);
     ASSERT_TRUE(before.ok());
     // A small change: every load moves by up to +-10%.
-    for (double& l : loads)
-      l *= 0.9 + 0.2 * std::uniform_real_distribution<double>(0, 1)(rng);
+    for (double& l : loads) l *= 0.9 + 0.2 * std::uniform_real_distribution<double>(0, 1)(rng);
     absl::StatusOr<LayerPlan> scratch = PlanLayer(loads, o);
     absl::StatusOr<LayerPlan> incr = PlanLayer(loads, o, &before->servers);
     ASSERT_TRUE(scratch.ok());
@@ -442,14 +410,12 @@ TEST(Planner, IncrementalMovesFewerBytesThanFromScratch) {
         "V3 shapes, Zipf(0.8) seed %llu, loads +-10%%: before %.4f, from "
         "scratch %.4f moving %lld slots "
         "(%.2f GB), incremental %.4f moving %lld slots (%.2f GB)\n",
-        static_cast<unsigned long long>(seed),
-        MaxOverMean(ServerLoads(loads, before->servers)),
+        static_cast<unsigned long long>(seed), MaxOverMean(ServerLoads(loads, before->servers)),
         scratch->max_over_mean, static_cast<long long>(scratch_moved),
         scratch_moved * kExpertBytes / 1e9, incr->max_over_mean,
         static_cast<long long>(incr->slots_moved), incr->bytes_moved / 1e9);
     EXPECT_LT(incr->bytes_moved, scratch_moved * kExpertBytes);
-    EXPECT_LE(incr->max_over_mean,
-              scratch->max_over_mean * (1 + o.balance_slack) + 1e-12);
+    EXPECT_LE(incr->max_over_mean, scratch->max_over_mean * (1 + o.balance_slack) + 1e-12);
   }
 }
 
@@ -472,10 +438,8 @@ TEST(Planner, SlackTradesBalanceForMoves) {
     std::printf(
         "reversed Zipf(1.0), 16 x 5, slack %g: max/mean %.4f (fresh %.4f), "
         "%lld slots moved\n",
-        slack, p->max_over_mean, scratch->max_over_mean,
-        static_cast<long long>(p->slots_moved));
-    EXPECT_LE(p->max_over_mean,
-              scratch->max_over_mean * (1 + slack) * (1 + 1e-12));
+        slack, p->max_over_mean, scratch->max_over_mean, static_cast<long long>(p->slots_moved));
+    EXPECT_LE(p->max_over_mean, scratch->max_over_mean * (1 + slack) * (1 + 1e-12));
     EXPECT_LE(p->slots_moved, last_moved);
     last_moved = p->slots_moved;
   }
@@ -496,8 +460,7 @@ TEST(Planner, ServerLeavingMovesOnlyWhatItHeld) {
   for (int32_t e : before->servers[7]) {
     bool elsewhere = false;
     for (int s = 0; s < 7; ++s)
-      elsewhere |= std::count(before->servers[s].begin(),
-                              before->servers[s].end(), e) > 0;
+      elsewhere |= std::count(before->servers[s].begin(), before->servers[s].end(), e) > 0;
     orphans += !elsewhere;
   }
   o.balance_slack = 1e9;
@@ -508,8 +471,7 @@ TEST(Planner, ServerLeavingMovesOnlyWhatItHeld) {
   EXPECT_EQ(repair->slots_moved, 7 * 12 - 7 * 10);
   for (int32_t e : before->servers[7]) {
     bool placed = false;
-    for (const auto& v : repair->servers)
-      placed |= std::count(v.begin(), v.end(), e) > 0;
+    for (const auto& v : repair->servers) placed |= std::count(v.begin(), v.end(), e) > 0;
     EXPECT_TRUE(placed) << "expert " << e;
   }
   o.balance_slack = 0.02;
@@ -520,9 +482,8 @@ TEST(Planner, ServerLeavingMovesOnlyWhatItHeld) {
       "server 7 of 8 leaves (%d orphaned experts): repair only %.4f moving "
       "%lld slots, "
       "slack 0.02 %.4f moving %lld slots\n",
-      orphans, repair->max_over_mean,
-      static_cast<long long>(repair->slots_moved), balanced->max_over_mean,
-      static_cast<long long>(balanced->slots_moved));
+      orphans, repair->max_over_mean, static_cast<long long>(repair->slots_moved),
+      balanced->max_over_mean, static_cast<long long>(balanced->slots_moved));
 }
 
 TEST(Planner, HierarchicalIncrementalKeepsGroupsOnTheirNodes) {
@@ -535,8 +496,7 @@ TEST(Planner, HierarchicalIncrementalKeepsGroupsOnTheirNodes) {
   absl::StatusOr<LayerPlan> before = PlanLayer(loads, o);
   ASSERT_TRUE(before.ok());
   std::mt19937_64 rng(5);
-  for (double& l : loads)
-    l *= 0.9 + 0.2 * std::uniform_real_distribution<double>(0, 1)(rng);
+  for (double& l : loads) l *= 0.9 + 0.2 * std::uniform_real_distribution<double>(0, 1)(rng);
   absl::StatusOr<LayerPlan> scratch = PlanLayer(loads, o);
   absl::StatusOr<LayerPlan> incr = PlanLayer(loads, o, &before->servers);
   ASSERT_TRUE(scratch.ok());
@@ -547,11 +507,10 @@ TEST(Planner, HierarchicalIncrementalKeepsGroupsOnTheirNodes) {
       "hierarchical V3 shapes, loads +-10%%: from scratch %.4f moving %lld "
       "slots, incremental %.4f moving "
       "%lld slots\n",
-      scratch->max_over_mean, static_cast<long long>(scratch_moved),
-      incr->max_over_mean, static_cast<long long>(incr->slots_moved));
+      scratch->max_over_mean, static_cast<long long>(scratch_moved), incr->max_over_mean,
+      static_cast<long long>(incr->slots_moved));
   EXPECT_LT(incr->slots_moved * 4, scratch_moved);
-  EXPECT_LE(incr->max_over_mean,
-            scratch->max_over_mean * (1 + o.balance_slack) + 1e-12);
+  EXPECT_LE(incr->max_over_mean, scratch->max_over_mean * (1 + o.balance_slack) + 1e-12);
 }
 
 TEST(Planner, EdgeCases) {
@@ -573,11 +532,9 @@ TEST(Planner, EdgeCases) {
 
   // S == E: every server holds every expert.
   o.slots_per_server = 5;
-  absl::StatusOr<LayerPlan> full =
-      PlanLayer(std::vector<double>{5, 4, 3, 2, 1}, o);
+  absl::StatusOr<LayerPlan> full = PlanLayer(std::vector<double>{5, 4, 3, 2, 1}, o);
   ASSERT_TRUE(full.ok());
-  for (const auto& v : full->servers)
-    EXPECT_EQ(v, (std::vector<int32_t>{0, 1, 2, 3, 4}));
+  for (const auto& v : full->servers) EXPECT_EQ(v, (std::vector<int32_t>{0, 1, 2, 3, 4}));
 
   // Deterministic.
   o.num_servers = 8;
@@ -595,8 +552,7 @@ TEST(Planner, ErrorsNameTheOption) {
   const std::vector<double> loads(16, 1.0);
   auto error = [&](PlanOptions o, std::span<const double> l = {},
                    const ServerSlots* cur = nullptr) {
-    absl::StatusOr<LayerPlan> p =
-        PlanLayer(l.empty() ? std::span<const double>(loads) : l, o, cur);
+    absl::StatusOr<LayerPlan> p = PlanLayer(l.empty() ? std::span<const double>(loads) : l, o, cur);
     EXPECT_EQ(p.status().code(), absl::StatusCode::kInvalidArgument);
     return std::string(p.status().message());
   };
@@ -608,20 +564,15 @@ TEST(Planner, ErrorsNameTheOption) {
   EXPECT_THAT(error(o), HasSubstr("num_servers must be in [1,"));
   o = ok;
   o.slots_per_server = 3;
-  EXPECT_THAT(
-      error(o),
-      HasSubstr("num_servers 4 x slots_per_server 3 = 12 slots < 16 experts"));
+  EXPECT_THAT(error(o), HasSubstr("num_servers 4 x slots_per_server 3 = 12 slots < 16 experts"));
   o = ok;
   o.slots_per_server = 17;
-  EXPECT_THAT(error(o),
-              HasSubstr("slots_per_server 17 exceeds the 16 experts"));
+  EXPECT_THAT(error(o), HasSubstr("slots_per_server 17 exceeds the 16 experts"));
   o = ok;
   o.expert_bytes = 100;
   o.server_bytes = 499;
-  EXPECT_THAT(
-      error(o),
-      HasSubstr(
-          "slots_per_server 5 x expert_bytes 100 exceeds server_bytes 499"));
+  EXPECT_THAT(error(o),
+              HasSubstr("slots_per_server 5 x expert_bytes 100 exceeds server_bytes 499"));
   o = ok;
   o.balance_slack = -1;
   EXPECT_THAT(error(o), HasSubstr("balance_slack must be finite and >= 0"));
@@ -632,37 +583,28 @@ TEST(Planner, ErrorsNameTheOption) {
   EXPECT_THAT(error(o), HasSubstr("num_nodes 5 exceeds num_servers 4"));
   o.num_groups = 3;
   o.num_nodes = 2;
-  EXPECT_THAT(error(o),
-              HasSubstr("num_groups 3 does not divide the 16 experts"));
-  o.num_groups =
-      2;  // groups of 8, nodes of 2 servers x 5 slots: 1 group each fits
+  EXPECT_THAT(error(o), HasSubstr("num_groups 3 does not divide the 16 experts"));
+  o.num_groups = 2;  // groups of 8, nodes of 2 servers x 5 slots: 1 group each fits
   EXPECT_TRUE(ValidatePlanOptions(16, o).ok());
-  o.num_groups =
-      16;  // groups of 1: a node takes 5..10, 16 fit; 4 nodes take 20..
+  o.num_groups = 16;  // groups of 1: a node takes 5..10, 16 fit; 4 nodes take 20..
   o.num_nodes = 4;
   EXPECT_THAT(error(o), HasSubstr("num_groups 16 of 1 experts do not fit "
                                   "num_nodes 4: the nodes hold 20 to 20"));
   o.num_groups = 2;
-  o.num_nodes =
-      4;  // 8 experts per group, 1 server x 5 slots per node: at most 0 groups
+  o.num_nodes = 4;  // 8 experts per group, 1 server x 5 slots per node: at most 0 groups
   EXPECT_THAT(error(o), HasSubstr("node 0 (1 servers x 5 slots) cannot hold "
                                   "whole groups of 8 experts"));
 
   std::vector<double> bad = loads;
   bad[3] = -1;
-  EXPECT_THAT(
-      error(ok, bad),
-      HasSubstr("load of expert 3 is -1; loads must be finite and >= 0"));
+  EXPECT_THAT(error(ok, bad), HasSubstr("load of expert 3 is -1; loads must be finite and >= 0"));
   bad[3] = std::numeric_limits<double>::quiet_NaN();
   EXPECT_THAT(error(ok, bad), HasSubstr("load of expert 3 is nan"));
   ServerSlots cur = {{0, 1}, {2, 16}};
-  EXPECT_THAT(
-      error(ok, {}, &cur),
-      HasSubstr(
-          "current placement: server 1: expert id 16 out of range [0, 16)"));
-  cur = {{0, 1, 0}};
   EXPECT_THAT(error(ok, {}, &cur),
-              HasSubstr("current placement: server 0 holds expert 0 twice"));
+              HasSubstr("current placement: server 1: expert id 16 out of range [0, 16)"));
+  cur = {{0, 1, 0}};
+  EXPECT_THAT(error(ok, {}, &cur), HasSubstr("current placement: server 0 holds expert 0 twice"));
 }
 
 }  // namespace

@@ -8,9 +8,9 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/grpc_status.h"
-#include "placement/planner.h"
 #include "core/status.h"
 #include "grpcpp/grpcpp.h"
+#include "placement/planner.h"
 
 namespace dmoe::router {
 namespace {
@@ -45,7 +45,8 @@ std::vector<int32_t> Minus(const std::vector<int32_t>& a, const std::vector<int3
 std::vector<int32_t> Reported(const v1::ServerStatusResponse& status, int64_t layer) {
   std::vector<int32_t> out;
   for (const v1::LayerSlots& ls : status.slots()) {
-    if (static_cast<int64_t>(ls.layer()) == layer) out.insert(out.end(), ls.experts().begin(), ls.experts().end());
+    if (static_cast<int64_t>(ls.layer()) == layer)
+      out.insert(out.end(), ls.experts().begin(), ls.experts().end());
   }
   return out;
 }
@@ -94,8 +95,8 @@ std::string LeaveRefusal(const core::ModelConfig& cfg, const place::Placement& p
     }
   }
   return absl::StrCat(others, " other active expert servers x ", slots, " slots cannot hold ", E,
-                      " experts per layer; this server holds the only copy of ", sole,
-                      " experts (", absl::StrJoin(named, ", "), sole > 4 ? ", ..." : "",
+                      " experts per layer; this server holds the only copy of ", sole, " experts (",
+                      absl::StrJoin(named, ", "), sole > 4 ? ", ..." : "",
                       "): add an expert server or raise the router's --slots-per-server");
 }
 
@@ -110,8 +111,8 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
         absl::StrCat("controller: trigger must be > 1 (a max/mean), got ", o.trigger));
   }
   if (o.hysteresis < 0 || o.hysteresis >= o.trigger - 1.0) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "controller: hysteresis must be in [0, trigger - 1), got ", o.hysteresis));
+    return absl::InvalidArgumentError(
+        absl::StrCat("controller: hysteresis must be in [0, trigger - 1), got ", o.hysteresis));
   }
   if (o.min_gain < 0 || o.min_tokens < 0 || o.balance_slack < 0) {
     return absl::InvalidArgumentError(
@@ -140,9 +141,9 @@ absl::StatusOr<std::unique_ptr<PlacementController>> PlacementController::Create
                                                    cfg.n_routed_experts, "], got ", slots));
   }
   if (static_cast<int64_t>(slots) * p.num_servers() < cfg.n_routed_experts) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "controller: ", p.num_servers(), " servers x ", slots, " slots cannot hold ",
-        cfg.n_routed_experts, " experts per layer"));
+    return absl::InvalidArgumentError(absl::StrCat("controller: ", p.num_servers(), " servers x ",
+                                                   slots, " slots cannot hold ",
+                                                   cfg.n_routed_experts, " experts per layer"));
   }
   if ((o.num_groups > 0) != (o.num_nodes > 0)) {
     return absl::InvalidArgumentError("controller: groups and nodes go together");
@@ -235,7 +236,7 @@ void PlacementController::PollServers() {
     // The reply to a leaving server whose leave is refused: it stays.
     if (servers[i].leaving) req.set_leave_refused(servers[i].leave_refused);
     return common::FromGrpc(Stub(servers[i].address)->GetStatus(&ctx, req, &status[i]),
-                    servers[i].address);
+                            servers[i].address);
   });
   const absl::Time now = absl::Now();
   const place::Placement cur = experts_->placement();
@@ -265,9 +266,8 @@ void PlacementController::PollServers() {
   }
   for (const auto& [address, trigger] : remove) {
     if (trigger == "server-leaving" && RefuseLeave(address)) continue;
-    absl::StatusOr<v1::RebalanceResponse> r = trigger == "server-restarted"
-                                                  ? ReloadServer(address)
-                                                  : RemoveServer(address, trigger);
+    absl::StatusOr<v1::RebalanceResponse> r =
+        trigger == "server-restarted" ? ReloadServer(address) : RemoveServer(address, trigger);
     if (r.ok()) continue;
     // Retried every poll: log when the reason changes, not once a second.
     const std::string why = absl::StrCat(trigger, ": ", r.status().message());
@@ -303,8 +303,7 @@ bool PlacementController::RefuseLeave(const std::string& address) {
       if (servers_[s].address == address) server = s;
     }
     if (server < 0) return false;
-    const std::string why =
-        LeaveRefusal(cfg_, placement, active, server, slots_per_server_);
+    const std::string why = LeaveRefusal(cfg_, placement, active, server, slots_per_server_);
     ServerState& s = servers_[server];
     if (why.empty()) {
       s.leave_refused.clear();
@@ -329,7 +328,8 @@ void PlacementController::CheckImbalance(absl::Time now) {
   double worst = 0;
   for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
     if (!cfg_.IsMoeLayer(l) || snap.tokens[l] < std::max(options_.min_tokens, 1.0)) continue;
-    worst = std::max(worst, ComputeBalance(snap, l, cfg_.num_experts_per_tok, p).server_max_over_mean);
+    worst =
+        std::max(worst, ComputeBalance(snap, l, cfg_.num_experts_per_tok, p).server_max_over_mean);
   }
   {
     absl::MutexLock lock(&mu_);
@@ -386,9 +386,9 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
   }
   const int64_t E = cfg_.n_routed_experts;
   if (static_cast<int64_t>(active.size()) * slots_per_server_ < E) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        active.size(), " active expert servers x ", slots_per_server_, " slots cannot hold ", E,
-        " experts per layer"));
+    return absl::FailedPreconditionError(absl::StrCat(active.size(), " active expert servers x ",
+                                                      slots_per_server_, " slots cannot hold ", E,
+                                                      " experts per layer"));
   }
   const LoadSnapshot snap = window_->Get(absl::Now());
   place::PlanOptions po;
@@ -434,9 +434,7 @@ absl::StatusOr<PlacementController::Plan> PlacementController::MakePlan(
     plan.report.add_predicted_max_over_mean(lp.max_over_mean);
     layers.push_back({{"layer", l}, {"servers", all}});
   }
-  nlohmann::json j = {{"version", version},
-                      {"num_servers", servers.size()},
-                      {"layers", layers}};
+  nlohmann::json j = {{"version", version}, {"num_servers", servers.size()}, {"layers", layers}};
   DMOE_ASSIGN_OR_RETURN(plan.placement, place::Placement::FromJson(j, cfg_));
   for (const ServerState& s : servers) plan.servers.push_back(s.address);
   plan.report.set_placement_json(j.dump());
@@ -457,8 +455,9 @@ absl::Status PlacementController::Apply(Plan& plan) {
   std::vector<absl::Status> st = ParallelFor(n, [&](int s) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-    return common::FromGrpc(Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &status[s]),
-                    plan.servers[s]);
+    return common::FromGrpc(
+        Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &status[s]),
+        plan.servers[s]);
   });
   uint64_t version = plan.placement.version();
   for (int s = 0; s < n; ++s) {
@@ -487,15 +486,17 @@ absl::Status PlacementController::Apply(Plan& plan) {
     for (int64_t l = 0; l < cfg_.num_hidden_layers; ++l) {
       if (!cfg_.IsMoeLayer(l)) continue;
       const std::vector<int32_t> none;
-      const std::vector<int32_t> held =
-          status_st[s].ok() ? Reported(status[s], l) : s < cur.num_servers() ? cur.Slots(l, s) : none;
+      const std::vector<int32_t> held = status_st[s].ok()       ? Reported(status[s], l)
+                                        : s < cur.num_servers() ? cur.Slots(l, s)
+                                                                : none;
       AddSlots(req.mutable_slots(), l, Minus(next.Slots(l, s), held));
     }
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
     v1::SlotsResponse resp;
-    return common::FromGrpc(Stub(plan.servers[s])->LoadSlots(&ctx, req, &resp),
-                    absl::StrCat("expert server ", s, " (", plan.servers[s], "): load slots"));
+    return common::FromGrpc(
+        Stub(plan.servers[s])->LoadSlots(&ctx, req, &resp),
+        absl::StrCat("expert server ", s, " (", plan.servers[s], "): load slots"));
   });
   for (int s = 0; s < n; ++s) {
     if (!st[s].ok() && has_slots(s)) return st[s];
@@ -518,15 +519,13 @@ absl::Status PlacementController::Apply(Plan& plan) {
   push.set_version(version);
   push.set_placement_json(plan.placement.ToJson().dump());
   for (const std::string& a : plan.servers) push.add_server_addresses(a);
-  std::vector<absl::Status> pushed =
-      ParallelFor(static_cast<int>(peers.size()), [&](int i) {
-        grpc::ClientContext ctx;
-        ctx.set_deadline(
-            absl::ToChronoTime(absl::Now() + options_.switch_timeout + absl::Seconds(5)));
-        v1::PlacementResponse resp;
-        return common::FromGrpc(peers[i].second->SetPlacement(&ctx, push, &resp),
-                        absl::StrCat("router ", peers[i].first, ": set placement"));
-      });
+  std::vector<absl::Status> pushed = ParallelFor(static_cast<int>(peers.size()), [&](int i) {
+    grpc::ClientContext ctx;
+    ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.switch_timeout + absl::Seconds(5)));
+    v1::PlacementResponse resp;
+    return common::FromGrpc(peers[i].second->SetPlacement(&ctx, push, &resp),
+                            absl::StrCat("router ", peers[i].first, ": set placement"));
+  });
   for (size_t i = 0; i < peers.size(); ++i) {
     if (pushed[i].ok()) continue;
     absl::MutexLock lock(&mu_);
@@ -551,8 +550,9 @@ absl::Status PlacementController::Apply(Plan& plan) {
     {
       grpc::ClientContext ctx;
       ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-      DMOE_RETURN_IF_ERROR(common::FromGrpc(
-          Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &now), plan.servers[s]));
+      DMOE_RETURN_IF_ERROR(
+          common::FromGrpc(Stub(plan.servers[s])->GetStatus(&ctx, v1::ServerStatusRequest(), &now),
+                           plan.servers[s]));
     }
     if (now.placement_version() != version) return absl::OkStatus();
     v1::UnloadSlotsRequest req;
@@ -565,8 +565,9 @@ absl::Status PlacementController::Apply(Plan& plan) {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.load_deadline));
     v1::SlotsResponse resp;
-    return common::FromGrpc(Stub(plan.servers[s])->UnloadSlots(&ctx, req, &resp),
-                    absl::StrCat("expert server ", s, " (", plan.servers[s], "): unload slots"));
+    return common::FromGrpc(
+        Stub(plan.servers[s])->UnloadSlots(&ctx, req, &resp),
+        absl::StrCat("expert server ", s, " (", plan.servers[s], "): unload slots"));
   });
   for (int s = 0; s < n; ++s) {
     if (!unloaded[s].ok() && has_slots(s)) {
@@ -579,8 +580,7 @@ absl::Status PlacementController::Apply(Plan& plan) {
   std::string cur_s, pred_s;
   for (int i = 0; i < plan.report.layers_size(); ++i) {
     absl::StrAppend(&cur_s, i ? "," : "", absl::SixDigits(plan.report.current_max_over_mean(i)));
-    absl::StrAppend(&pred_s, i ? "," : "",
-                    absl::SixDigits(plan.report.predicted_max_over_mean(i)));
+    absl::StrAppend(&pred_s, i ? "," : "", absl::SixDigits(plan.report.predicted_max_over_mean(i)));
   }
   std::fprintf(stderr,
                "dmoe-router: controller: placement version %llu applied (%s): %llu slots "
@@ -634,14 +634,16 @@ absl::StatusOr<v1::RebalanceResponse> PlacementController::AddServer(const std::
   auto it = std::find_if(servers.begin(), servers.end(),
                          [&](const ServerState& s) { return s.address == address; });
   if (servers.size() >= static_cast<size_t>(kMaxExpertServers) && it == servers.end()) {
-    return absl::ResourceExhaustedError(absl::StrCat("at most ", kMaxExpertServers, " expert servers"));
+    return absl::ResourceExhaustedError(
+        absl::StrCat("at most ", kMaxExpertServers, " expert servers"));
   }
   v1::ServerStatusResponse status;
   {
     grpc::ClientContext ctx;
     ctx.set_deadline(absl::ToChronoTime(absl::Now() + options_.rpc_deadline));
-    DMOE_RETURN_IF_ERROR(common::FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
-                                  absl::StrCat("expert server ", address)));
+    DMOE_RETURN_IF_ERROR(
+        common::FromGrpc(Stub(address)->GetStatus(&ctx, v1::ServerStatusRequest(), &status),
+                         absl::StrCat("expert server ", address)));
     if (status.model() != "" && status.leaving()) {
       return absl::FailedPreconditionError(absl::StrCat("expert server ", address, " is leaving"));
     }

@@ -61,9 +61,9 @@
 #include "absl/synchronization/notification.h"
 #include "absl/time/time.h"
 #include "core/config.h"
-#include "placement/placement.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "dmoe/v1/router.grpc.pb.h"
+#include "placement/placement.h"
 #include "router_service/load_window.h"
 #include "router_service/remote_expert_backend.h"
 
@@ -112,9 +112,10 @@ class PlacementController {
  public:
   // `window` and `experts` must outlive the controller. InvalidArgument for
   // bad options (named) or a slots_per_server that cannot hold the layer.
-  static absl::StatusOr<std::unique_ptr<PlacementController>> Create(
-      const core::ModelConfig& cfg, LoadWindow* window, RemoteExpertControl* experts,
-      ControllerOptions options);
+  static absl::StatusOr<std::unique_ptr<PlacementController>> Create(const core::ModelConfig& cfg,
+                                                                     LoadWindow* window,
+                                                                     RemoteExpertControl* experts,
+                                                                     ControllerOptions options);
   ~PlacementController();
 
   // Starts / stops the trigger thread (Stop is idempotent; also in the destructor).
@@ -140,8 +141,8 @@ class PlacementController {
  private:
   struct ServerState {
     std::string address;
-    bool active = true;     // planned for (holds slots)
-    bool leaving = false;   // said so in its status
+    bool active = true;    // planned for (holds slots)
+    bool leaving = false;  // said so in its status
     absl::Time last_seen = absl::InfinitePast();
     absl::Time first_failure = absl::InfiniteFuture();
     std::string leave_refused;  // why its current leave is refused ("" = not)
@@ -170,8 +171,8 @@ class PlacementController {
                                                      const std::string& address)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
   // Plans over the active servers (`servers` lists every index's address).
-  absl::StatusOr<Plan> MakePlan(const std::vector<ServerState>& servers,
-                                const std::string& trigger) ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
+  absl::StatusOr<Plan> MakePlan(const std::vector<ServerState>& servers, const std::string& trigger)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
   absl::Status Apply(Plan& plan) ABSL_EXCLUSIVE_LOCKS_REQUIRED(op_mu_);
   absl::StatusOr<v1::RebalanceResponse> PlanAndApply(std::vector<ServerState> servers,
                                                      const std::string& trigger, bool dry_run)

@@ -38,16 +38,17 @@ class ControllerTest : public ::testing::Test {
       if (!cfg_.IsMoeLayer(l)) continue;
       moe_layers_.push_back(static_cast<int32_t>(l));
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
-        ASSERT_TRUE(core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
+        ASSERT_TRUE(core::LoadFfnInto(**ckpt,
+                                      absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
                                       cfg_.hidden_size, cfg_.moe_intermediate_size,
                                       static_cast<int32_t>(l), e, *reference_)
                         .ok());
       }
-      ASSERT_TRUE(core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-                                    cfg_.hidden_size,
-                                    cfg_.n_shared_experts * cfg_.moe_intermediate_size,
-                                    static_cast<int32_t>(l), core::kSharedFfn, *reference_)
-                      .ok());
+      ASSERT_TRUE(
+          core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
+                            cfg_.hidden_size, cfg_.n_shared_experts * cfg_.moe_intermediate_size,
+                            static_cast<int32_t>(l), core::kSharedFfn, *reference_)
+              .ok());
     }
   }
 
@@ -233,11 +234,13 @@ TEST_F(ControllerTest, RebalanceMovesHotExpertsApartWithoutStoppingTraffic) {
   ASSERT_EQ(events.size(), 1u);
   EXPECT_EQ(events[0].trigger(), "operator");
   ExpectServersHoldThePlacement();
-  for (int i = 0; i < applied->layers_size(); ++i) EXPECT_LT(applied->predicted_max_over_mean(i), 1.15);
+  for (int i = 0; i < applied->layers_size(); ++i)
+    EXPECT_LT(applied->predicted_max_over_mean(i), 1.15);
   // The balance the router measures now.
   const LoadSnapshot snap = window_->Get(absl::Now());
   for (int32_t l : moe_layers_) {
-    EXPECT_LT(ComputeBalance(snap, l, cfg_.num_experts_per_tok, control_->placement()).server_max_over_mean,
+    EXPECT_LT(ComputeBalance(snap, l, cfg_.num_experts_per_tok, control_->placement())
+                  .server_max_over_mean,
               1.15);
   }
   v1::ExpertLoadResponse load = c->GetExpertLoad();
@@ -390,8 +393,8 @@ TEST_F(ControllerTest, LeaveRefusalNamesTheExpertsOnlyThatServerHolds) {
   ASSERT_TRUE(p.ok());
   const std::string why = LeaveRefusal(cfg_, *p, {true, true, true}, 1, 6);
   EXPECT_THAT(why, HasSubstr("2 other active expert servers x 6 slots cannot hold 16 experts"));
-  EXPECT_THAT(why, HasSubstr(absl::StrCat("only copy of ", 5 * moe_layers_.size(), " experts (layer ",
-                                          moe_layers_[0], " expert 5, ")));
+  EXPECT_THAT(why, HasSubstr(absl::StrCat("only copy of ", 5 * moe_layers_.size(),
+                                          " experts (layer ", moe_layers_[0], " expert 5, ")));
   EXPECT_THAT(why, HasSubstr("--slots-per-server"));
   EXPECT_EQ(LeaveRefusal(cfg_, *p, {true, true, true}, 1, 8), "");
   // A server already gone counts neither as room nor as a replica.

@@ -11,8 +11,8 @@ LoadWindow::LoadWindow(int64_t layers, int64_t experts, int servers, LoadWindowO
       experts_(experts),
       servers_(servers),
       num_buckets_(std::max<int64_t>(
-          0, static_cast<int64_t>(std::ceil(absl::FDivDuration(options.window, options.bucket))) -
-                 1)),
+          0,
+          static_cast<int64_t>(std::ceil(absl::FDivDuration(options.window, options.bucket))) - 1)),
       decay_(std::pow(0.5, absl::FDivDuration(options.bucket, options.window))) {
   const size_t n = static_cast<size_t>(2 * layers * experts + layers + layers * servers);
   current_.assign(n, 0.0);

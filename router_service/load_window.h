@@ -34,9 +34,9 @@ struct LoadWindowOptions {
 // What the window holds, for layers [0, layers) (dense layers stay zero).
 struct LoadSnapshot {
   int64_t layers = 0, experts = 0, servers = 0;
-  std::vector<double> assignments;  // [layer][expert]: tokens that chose the expert
-  std::vector<double> prob_sum;     // [layer][expert]: Σ over tokens of its normalised score
-  std::vector<double> tokens;       // [layer]: tokens routed
+  std::vector<double> assignments;    // [layer][expert]: tokens that chose the expert
+  std::vector<double> prob_sum;       // [layer][expert]: Σ over tokens of its normalised score
+  std::vector<double> tokens;         // [layer]: tokens routed
   std::vector<double> server_tokens;  // [layer][server]: tokens sent to the server
 
   double Assignments(int64_t l, int64_t e) const { return assignments[l * experts + e]; }

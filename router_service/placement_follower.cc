@@ -15,8 +15,8 @@ namespace dmoe::router {
 
 absl::StatusOr<v1::PlacementResponse> FetchPlacement(const std::string& router, int attempts,
                                                      absl::Duration retry_interval) {
-  auto stub = v1::RouterService::NewStub(
-      grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
+  auto stub =
+      v1::RouterService::NewStub(grpc::CreateChannel(router, grpc::InsecureChannelCredentials()));
   grpc::Status st;
   for (int attempt = 0; attempt < attempts; ++attempt) {
     grpc::ClientContext ctx;
@@ -30,8 +30,8 @@ absl::StatusOr<v1::PlacementResponse> FetchPlacement(const std::string& router, 
     }
     if (attempt + 1 < attempts) absl::SleepFor(retry_interval);
   }
-  return absl::UnavailableError(absl::StrCat("--controller-router ", router,
-                                             ": no placement: ", st.error_message()));
+  return absl::UnavailableError(
+      absl::StrCat("--controller-router ", router, ": no placement: ", st.error_message()));
 }
 
 absl::Status ApplyPlacement(const core::ModelConfig& cfg, RemoteExpertControl& control,

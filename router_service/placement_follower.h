@@ -44,8 +44,8 @@ absl::Status ApplyPlacement(const core::ModelConfig& cfg, RemoteExpertControl& c
                             std::vector<std::string> servers);
 
 struct PlacementFollowerOptions {
-  std::string controller_router;  // HOST:PORT of the router running --controller
-  std::string advertise;          // HOST:PORT the controller reaches this router at
+  std::string controller_router;               // HOST:PORT of the router running --controller
+  std::string advertise;                       // HOST:PORT the controller reaches this router at
   absl::Duration interval = absl::Seconds(2);  // between registrations
   absl::Duration deadline = absl::Seconds(5);  // of one RegisterRouter call
 };

@@ -134,9 +134,9 @@ TEST(FetchPlacementTest, GivesUpWithTheFlagNamed) {
   absl::StatusOr<v1::PlacementResponse> r = FetchPlacement(addr, 3, absl::Milliseconds(20));
   ASSERT_FALSE(r.ok());
   EXPECT_EQ(r.status().code(), absl::StatusCode::kUnavailable);
-  EXPECT_EQ(r.status().message().rfind(absl::StrCat("--controller-router ", addr,
-                                                    ": no placement: "), 0),
-            0u)
+  EXPECT_EQ(
+      r.status().message().rfind(absl::StrCat("--controller-router ", addr, ": no placement: "), 0),
+      0u)
       << r.status();
   EXPECT_LT(absl::Now() - start, absl::Seconds(20));
 }
@@ -156,16 +156,17 @@ TEST(FetchPlacementTest, OtherErrorsAreNotRetried) {
 TEST(ApplyPlacementTest, SwitchesOnlyToNewerValidPlacements) {
   const core::ModelConfig cfg = SmallMoe();
   Control control;
-  ASSERT_TRUE(control.SwitchPlacement(*place::Placement::Contiguous(cfg, 1, 1), {"e0:1"},
-                                      absl::Seconds(1)).ok());
-  EXPECT_TRUE(ApplyPlacement(cfg, control, nullptr, 2, PlacementJson(cfg, 2, 2), {"a:1", "b:1"})
-                  .ok());
+  ASSERT_TRUE(
+      control.SwitchPlacement(*place::Placement::Contiguous(cfg, 1, 1), {"e0:1"}, absl::Seconds(1))
+          .ok());
+  EXPECT_TRUE(
+      ApplyPlacement(cfg, control, nullptr, 2, PlacementJson(cfg, 2, 2), {"a:1", "b:1"}).ok());
   EXPECT_EQ(control.placement().version(), 2u);
   EXPECT_EQ(control.servers(), (std::vector<std::string>{"a:1", "b:1"}));
   EXPECT_EQ(control.switches, 2);
   // The same version again, or an older one: nothing to do.
-  EXPECT_TRUE(ApplyPlacement(cfg, control, nullptr, 2, PlacementJson(cfg, 2, 2), {"x:1", "y:1"})
-                  .ok());
+  EXPECT_TRUE(
+      ApplyPlacement(cfg, control, nullptr, 2, PlacementJson(cfg, 2, 2), {"x:1", "y:1"}).ok());
   EXPECT_TRUE(ApplyPlacement(cfg, control, nullptr, 1, PlacementJson(cfg, 1, 1), {"x:1"}).ok());
   EXPECT_EQ(control.switches, 2);
   const absl::Status mismatch =
@@ -179,8 +180,9 @@ TEST(ApplyPlacementTest, SwitchesOnlyToNewerValidPlacements) {
 TEST(PlacementFollowerTest, RegistersAndAppliesNewerPlacements) {
   const core::ModelConfig cfg = SmallMoe();
   Control control;
-  ASSERT_TRUE(control.SwitchPlacement(*place::Placement::Contiguous(cfg, 1, 1), {"e0:1"},
-                                      absl::Seconds(1)).ok());
+  ASSERT_TRUE(
+      control.SwitchPlacement(*place::Placement::Contiguous(cfg, 1, 1), {"e0:1"}, absl::Seconds(1))
+          .ok());
   ControllerRouter router;
   router.answer.set_version(1);
   router.answer.set_placement_json(PlacementJson(cfg, 1, 1));
@@ -243,18 +245,18 @@ TEST(PlacementFollowerTest, RegistersAndAppliesNewerPlacements) {
   const size_t n = router.Registered().size();
   absl::SleepFor(absl::Milliseconds(200));
   EXPECT_EQ(router.Registered().size(), n);  // stopped: no more registrations
-  follower.Stop();                            // idempotent
+  follower.Stop();                           // idempotent
 }
 
 TEST(PlacementFollowerTest, StopsPromptlyBetweenRegistrations) {
   ControllerRouter router;
   int port = 0;
   auto server = Serve(&router, &port);
-  PlacementFollower follower({.controller_router = absl::StrCat("127.0.0.1:", port),
-                              .advertise = "me:1",
-                              .interval = absl::Seconds(30)},
-                             [] { return uint64_t{0}; },
-                             [](const v1::PlacementResponse&) { return absl::OkStatus(); });
+  PlacementFollower follower(
+      {.controller_router = absl::StrCat("127.0.0.1:", port),
+       .advertise = "me:1",
+       .interval = absl::Seconds(30)},
+      [] { return uint64_t{0}; }, [](const v1::PlacementResponse&) { return absl::OkStatus(); });
   follower.Start();
   for (absl::Time end = absl::Now() + absl::Seconds(20);
        absl::Now() < end && follower.registrations() == 0;) {

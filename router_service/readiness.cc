@@ -49,15 +49,13 @@ struct ReadinessMonitor::Channel {
 };
 
 ReadinessMonitor::ReadinessMonitor(const core::ModelConfig& cfg, RemoteExpertControl* control,
-                                   Probe probe,
-                                   std::function<void(const absl::Status&)> on_change,
+                                   Probe probe, std::function<void(const absl::Status&)> on_change,
                                    ReadinessOptions options)
     : cfg_(cfg),
       control_(control),
-      probe_(probe ? std::move(probe)
-                   : Probe([this](const std::string& a, absl::Duration t) {
-                       return DefaultProbe(a, t);
-                     })),
+      probe_(probe ? std::move(probe) : Probe([this](const std::string& a, absl::Duration t) {
+        return DefaultProbe(a, t);
+      })),
       on_change_(std::move(on_change)),
       options_(options) {}
 

@@ -51,17 +51,17 @@ TEST_F(ReadinessTest, ServableOnlyWhileEveryExpertHasALiveServer) {
   auto p = place::Placement::Contiguous(cfg_, 3);
   ASSERT_TRUE(p.ok());
   const std::vector<std::string> addrs = {"a:1", "b:2", "c:3"};
-  EXPECT_TRUE(CheckServable(cfg_, *p, addrs, {absl::OkStatus(), absl::OkStatus(), absl::OkStatus()})
-                  .ok());
+  EXPECT_TRUE(
+      CheckServable(cfg_, *p, addrs, {absl::OkStatus(), absl::OkStatus(), absl::OkStatus()}).ok());
   const absl::Status down = CheckServable(
       cfg_, *p, addrs,
       {absl::OkStatus(), absl::UnavailableError("connection refused"), absl::OkStatus()});
   EXPECT_EQ(down.code(), absl::StatusCode::kUnavailable);
-  EXPECT_THAT(std::string(down.message()),
-              HasSubstr(absl::StrCat("cannot serve a token: layer ", moe_layers_[0],
-                                     " expert 5 has no live expert server (",
-                                     5 * moe_layers_.size(),
-                                     " experts in all; server 1 (b:2): connection refused)")));
+  EXPECT_THAT(
+      std::string(down.message()),
+      HasSubstr(absl::StrCat("cannot serve a token: layer ", moe_layers_[0],
+                             " expert 5 has no live expert server (", 5 * moe_layers_.size(),
+                             " experts in all; server 1 (b:2): connection refused)")));
   // No servers at all.
   EXPECT_EQ(CheckServable(cfg_, *p, addrs, {}).code(), absl::StatusCode::kUnavailable);
 }
@@ -76,7 +76,8 @@ TEST_F(ReadinessTest, AReplicaElsewhereKeepsItServable) {
   auto p = place::Placement::FromJson(j, cfg_);
   ASSERT_TRUE(p.ok()) << p.status();
   EXPECT_TRUE(
-      CheckServable(cfg_, *p, {"a:1", "b:2"}, {absl::UnavailableError("x"), absl::OkStatus()}).ok());
+      CheckServable(cfg_, *p, {"a:1", "b:2"}, {absl::UnavailableError("x"), absl::OkStatus()})
+          .ok());
   EXPECT_FALSE(CheckServable(cfg_, *p, {"a:1", "b:2"},
                              {absl::UnavailableError("x"), absl::UnavailableError("y")})
                    .ok());

@@ -37,9 +37,12 @@ using internal::DispatchStream;
 
 v1::ActivationDType ToProto(common::WireDType t) {
   switch (t) {
-    case common::WireDType::kBF16: return v1::ACTIVATION_DTYPE_BF16;
-    case common::WireDType::kF32: return v1::ACTIVATION_DTYPE_F32;
-    case common::WireDType::kF8E4M3: return v1::ACTIVATION_DTYPE_F8_E4M3;
+    case common::WireDType::kBF16:
+      return v1::ACTIVATION_DTYPE_BF16;
+    case common::WireDType::kF32:
+      return v1::ACTIVATION_DTYPE_F32;
+    case common::WireDType::kF8E4M3:
+      return v1::ACTIVATION_DTYPE_F8_E4M3;
   }
   return v1::ACTIVATION_DTYPE_UNSPECIFIED;
 }
@@ -93,7 +96,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     // After a failure: until then, replicas elsewhere are preferred.
     absl::Time avoid_until = absl::InfinitePast();
     absl::Duration avoid_for = absl::ZeroDuration();  // the last back-off
-    bool warned_legacy = false;  // logged that it sends per-token sums
+    bool warned_legacy = false;                       // logged that it sends per-token sums
   };
   // One request: a share of a ticket's batch sent to one server.
   struct Pending {
@@ -103,13 +106,13 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     int server = 0;
     uint64_t id = 0;
     std::shared_ptr<DispatchStream> stream;  // the stream it went out on
-    place::ServerShare share;                 // tokens: indices into the ticket's batch
+    place::ServerShare share;                // tokens: indices into the ticket's batch
     std::vector<float> partial;              // [reply_rows, hidden] unpacked reply
-    int64_t rows = 0;           // tokens sent
+    int64_t rows = 0;                        // tokens sent
     // Per-assignment replies: the batch assignment of each reply row (the
     // token's experts in request order, then its shared FFN).
     std::vector<int32_t> row_assignment;
-    int64_t reply_rows = 0;     // rows the reply must have
+    int64_t reply_rows = 0;  // rows the reply must have
     // The server answered one partial sum per token although per-assignment
     // rows were asked for: a server from before per_assignment_reply (the
     // field is unknown to it), e.g. during a rolling upgrade.
@@ -126,13 +129,13 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     core::ExpertBatch batch;
     float* out = nullptr;
     std::vector<std::unique_ptr<Pending>> pending;  // in sending order
-    std::vector<place::ServerState> states;          // [N] excluded: failed for this batch
+    std::vector<place::ServerState> states;         // [N] excluded: failed for this batch
     std::vector<int32_t> stranded;                  // tokens no live server can serve
     absl::Status failure;  // the first server failure (explains stranded tokens)
     absl::Status error;    // a failure of the whole batch
     bool local_shared = false;
-    std::vector<char> has_shared;    // [T] (router duty)
-    std::vector<float> shared_out;   // [T, hidden] (router duty)
+    std::vector<char> has_shared;   // [T] (router duty)
+    std::vector<float> shared_out;  // [T, hidden] (router duty)
   };
 
   absl::Status Validate(const core::ExpertBatch& b, const float* out) const;
@@ -193,7 +196,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   std::vector<Retired> retired_;
   uint64_t next_request_id_ = 1;
   uint64_t next_ticket_ = 1;
-  std::vector<std::unique_ptr<Ticket>> tickets_;    // outstanding
+  std::vector<std::unique_ptr<Ticket>> tickets_;  // outstanding
   std::vector<std::unique_ptr<Ticket>> free_tickets_;
   std::vector<std::unique_ptr<Pending>> free_pending_;
   absl::flat_hash_map<uint64_t, Pending*> waiting_;  // request id -> its waiting request
@@ -204,9 +207,9 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   std::vector<std::unique_ptr<v1::ExpertResponse>> taken_;
   std::vector<DispatchStream*> streams_;
   std::vector<int32_t> stranded_;
-  std::vector<int32_t> shared_offsets_;  // [T + 1] local shared batch
-  std::vector<int32_t> shared_ids_;      // [tokens with shared]
-  std::vector<float> shared_weights_;    // [tokens with shared]
+  std::vector<int32_t> shared_offsets_;        // [T + 1] local shared batch
+  std::vector<int32_t> shared_ids_;            // [tokens with shared]
+  std::vector<float> shared_weights_;          // [tokens with shared]
   std::vector<const float*> assignment_rows_;  // [assignments] Combine
 };
 
@@ -240,9 +243,9 @@ absl::Status RemoteExpertBackend::SwitchPlacement(place::Placement placement,
                                                   std::vector<std::string> servers,
                                                   absl::Duration timeout) {
   if (static_cast<int>(servers.size()) != placement.num_servers()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "placement version ", placement.version(), " has ", placement.num_servers(),
-        " servers but ", servers.size(), " addresses were given"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("placement version ", placement.version(), " has ", placement.num_servers(),
+                     " servers but ", servers.size(), " addresses were given"));
   }
   if (servers.size() > static_cast<size_t>(kMaxExpertServers)) {
     return absl::InvalidArgumentError(
@@ -262,9 +265,9 @@ absl::Status RemoteExpertBackend::SwitchPlacement(place::Placement placement,
   if (tickets_.empty()) ApplySwitchLocked();
   if (!mu_.AwaitWithTimeout(absl::Condition(&sw.applied), timeout)) {
     pending_switch_ = nullptr;
-    return absl::DeadlineExceededError(absl::StrCat(
-        "placement version ", sw.placement.version(), ": no step boundary within ",
-        absl::FormatDuration(timeout)));
+    return absl::DeadlineExceededError(absl::StrCat("placement version ", sw.placement.version(),
+                                                    ": no step boundary within ",
+                                                    absl::FormatDuration(timeout)));
   }
   return absl::OkStatus();
 }
@@ -289,14 +292,12 @@ RemoteExpertBackend::~RemoteExpertBackend() {
   bool all_finished;
   {
     absl::MutexLock lock(&hub_->mu);
-    all_finished = hub_->mu.AwaitWithTimeout(
-        absl::Condition(
-            // Await evaluates the condition with h->mu held.
-            +[](DispatchHub* h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(h->mu) {
-              return h->live_streams == 0;
-            },
-            hub_.get()),
-        absl::Seconds(10));
+    all_finished = hub_->mu.AwaitWithTimeout(absl::Condition(
+                                                 // Await evaluates the condition with h->mu held.
+                                                 +[](DispatchHub* h) ABSL_EXCLUSIVE_LOCKS_REQUIRED(
+                                                      h->mu) { return h->live_streams == 0; },
+                                                 hub_.get()),
+                                             absl::Seconds(10));
   }
   ReapRetired();
   if (!all_finished) {
@@ -393,8 +394,7 @@ void RemoteExpertBackend::Cancel(uint64_t ticket) {
   if (pending_switch_ != nullptr && tickets_.empty()) ApplySwitchLocked();
 }
 
-absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBatch& b,
-                                                           float* out) {
+absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBatch& b, float* out) {
   DMOE_RETURN_IF_ERROR(Validate(b, out));
   const int64_t T = b.num_tokens;
   const int N = static_cast<int>(servers_.size());
@@ -422,8 +422,8 @@ absl::StatusOr<uint64_t> RemoteExpertBackend::SubmitLocked(const core::ExpertBat
   }
   std::vector<place::ServerShare> shares;
   if (T > 0) {
-    DMOE_ASSIGN_OR_RETURN(shares, place::SplitByServer(b, placement_, queued_,
-                                                      options_.shared_duty, states));
+    DMOE_ASSIGN_OR_RETURN(
+        shares, place::SplitByServer(b, placement_, queued_, options_.shared_duty, states));
   }
 
   std::unique_ptr<Ticket> t;
@@ -590,8 +590,9 @@ absl::Status RemoteExpertBackend::AwaitLocked(uint64_t ticket_id) {
         } else {
           why = p.stream->Close(absl::ZeroDuration());
         }
-        FailOver(p, absl::UnavailableError(absl::StrCat(servers_[s].label, ": stream failed (",
-                                                        why, "); request ", p.id, " lost")),
+        FailOver(p,
+                 absl::UnavailableError(absl::StrCat(servers_[s].label, ": stream failed (", why,
+                                                     "); request ", p.id, " lost")),
                  /*abandon_stream=*/false);
       }
     }
@@ -599,9 +600,10 @@ absl::Status RemoteExpertBackend::AwaitLocked(uint64_t ticket_id) {
     for (size_t k = 0; k < t->pending.size() && t->error.ok(); ++k) {
       Pending& p = *t->pending[k];
       if (p.state != Pending::State::kWaiting || now < p.deadline) continue;
-      FailOver(p, absl::DeadlineExceededError(absl::StrCat(
-                      servers_[p.server].label, ": no reply to request ", p.id, " (", p.rows,
-                      " tokens) within ", absl::FormatDuration(p.deadline - p.sent))),
+      FailOver(p,
+               absl::DeadlineExceededError(absl::StrCat(
+                   servers_[p.server].label, ": no reply to request ", p.id, " (", p.rows,
+                   " tokens) within ", absl::FormatDuration(p.deadline - p.sent))),
                /*abandon_stream=*/true);
     }
   }
@@ -684,8 +686,7 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   sub.weights = p.share.weights;
   stranded_.clear();
   absl::StatusOr<std::vector<place::ServerShare>> shares =
-      place::SplitByServer(sub, placement_, queued_, options_.shared_duty, states,
-                          &stranded_);
+      place::SplitByServer(sub, placement_, queued_, options_.shared_duty, states, &stranded_);
   if (!shares.ok()) {
     if (t->error.ok()) t->error = shares.status();
     return;
@@ -705,8 +706,8 @@ void RemoteExpertBackend::FailOver(Pending& p, const absl::Status& why, bool aba
   }
   std::fprintf(stderr,
                "dmoe-router: %s; layer %d: %lld tokens re-sent to replicas, %zu without one\n",
-               std::string(why.message()).c_str(), t->batch.layer,
-               static_cast<long long>(resent), stranded_.size());
+               std::string(why.message()).c_str(), t->batch.layer, static_cast<long long>(resent),
+               stranded_.size());
 }
 
 absl::Status RemoteExpertBackend::Combine(const Ticket& t) {
@@ -725,8 +726,7 @@ absl::Status RemoteExpertBackend::Combine(const Ticket& t) {
     for (const auto& p : t.pending) {
       if (p->state != Pending::State::kDone) continue;
       for (size_t i = 0; i < p->row_assignment.size(); ++i) {
-        assignment_rows_[p->row_assignment[i]] =
-            p->partial.data() + static_cast<int64_t>(i) * H;
+        assignment_rows_[p->row_assignment[i]] = p->partial.data() + static_cast<int64_t>(i) * H;
       }
     }
     if (t.local_shared) {
@@ -832,8 +832,8 @@ size_t RemoteExpertBackend::Pack(const core::ExpertBatch& b, const Pending& p,
     if (share.tokens[r1 - 1] - share.tokens[r0] != rows - 1) {
       gather_.resize(static_cast<size_t>(rows * H));
       for (int64_t r = r0; r < r1; ++r) {
-        std::memcpy(gather_.data() + (r - r0) * H,
-                    b.x + static_cast<int64_t>(share.tokens[r]) * H, H * sizeof(float));
+        std::memcpy(gather_.data() + (r - r0) * H, b.x + static_cast<int64_t>(share.tokens[r]) * H,
+                    H * sizeof(float));
       }
       src = gather_.data();
     }
@@ -901,7 +901,8 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   const std::string& label = servers_[p.server].label;
   Ticket* t = FindTicket(p.ticket);
   if (r.error_code() != 0) {
-    const absl::Status st(common::StatusCodeFromWire(r.error_code()), absl::StrCat(label, ": ", r.error_message()));
+    const absl::Status st(common::StatusCodeFromWire(r.error_code()),
+                          absl::StrCat(label, ": ", r.error_message()));
     if (st.code() == absl::StatusCode::kUnavailable ||
         st.code() == absl::StatusCode::kResourceExhausted ||
         st.code() == absl::StatusCode::kFailedPrecondition) {
@@ -919,31 +920,31 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   const uint32_t count = std::max(r.chunk_count(), 1u);
   if (r.chunk_index() != p.next_chunk || r.chunk_index() >= count ||
       (p.next_chunk > 0 && count != p.chunk_count)) {
-    ProtocolError(p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " of ",
-                                  count, ", expected chunk ", p.next_chunk,
-                                  p.next_chunk > 0 ? " of " : "",
-                                  p.next_chunk > 0 ? absl::StrCat(p.chunk_count) : ""));
+    ProtocolError(p,
+                  absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " of ", count,
+                               ", expected chunk ", p.next_chunk, p.next_chunk > 0 ? " of " : "",
+                               p.next_chunk > 0 ? absl::StrCat(p.chunk_count) : ""));
     return;
   }
   p.chunk_count = count;
   const int64_t hidden = t != nullptr ? t->batch.hidden : 0;
   const v1::Activations& y = r.y();
   if (y.dtype() != ToProto(options_.wire_dtype)) {
-    ProtocolError(p, absl::StrCat("request ", p.id, ": reply dtype ",
-                                  v1::ActivationDType_Name(y.dtype()), ", expected ",
-                                  v1::ActivationDType_Name(ToProto(options_.wire_dtype))));
+    ProtocolError(
+        p, absl::StrCat("request ", p.id, ": reply dtype ", v1::ActivationDType_Name(y.dtype()),
+                        ", expected ", v1::ActivationDType_Name(ToProto(options_.wire_dtype))));
     return;
   }
   if (y.cols() != hidden || p.rows_received + y.rows() > p.reply_rows) {
-    ProtocolError(p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " is [",
-                                  y.rows(), ", ", y.cols(), "] after ", p.rows_received,
-                                  " rows; expected ", p.reply_rows, " rows of hidden ", hidden,
-                                  " for ", p.rows, " tokens"));
+    ProtocolError(
+        p, absl::StrCat("request ", p.id, ": reply chunk ", r.chunk_index(), " is [", y.rows(),
+                        ", ", y.cols(), "] after ", p.rows_received, " rows; expected ",
+                        p.reply_rows, " rows of hidden ", hidden, " for ", p.rows, " tokens"));
     return;
   }
-  absl::Status st = common::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(),
-                                            y.rows(), hidden,
-                                            p.partial.data() + p.rows_received * hidden);
+  absl::Status st =
+      common::UnpackActivations(options_.wire_dtype, y.data(), y.row_scales(), y.rows(), hidden,
+                                p.partial.data() + p.rows_received * hidden);
   if (!st.ok()) {
     ProtocolError(p, absl::StrCat("request ", p.id, ": reply ", st.message()));
     return;
@@ -954,9 +955,9 @@ void RemoteExpertBackend::HandleReply(Pending& p, const v1::ExpertResponse& r) {
   if (p.next_chunk == count) {
     p.legacy_reply = p.rows_received == p.rows && p.rows != p.reply_rows;
     if (p.rows_received != p.reply_rows && !p.legacy_reply) {
-      ProtocolError(p, absl::StrCat("request ", p.id, ": reply has ", p.rows_received,
-                                    " rows, expected ", p.reply_rows, " for ", p.rows,
-                                    " tokens sent"));
+      ProtocolError(
+          p, absl::StrCat("request ", p.id, ": reply has ", p.rows_received, " rows, expected ",
+                          p.reply_rows, " for ", p.rows, " tokens sent"));
       return;
     }
     if (p.legacy_reply && !servers_[p.server].warned_legacy) {
@@ -993,10 +994,9 @@ absl::StatusOr<RemoteExperts> MakeRemoteExperts(RemoteExpertOptions options) {
     return absl::InvalidArgumentError("remote experts: no expert servers given");
   }
   if (static_cast<int>(options.servers.size()) != options.placement.num_servers()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("remote experts: ", options.servers.size(), " servers given but placement ",
-                     "version ", options.placement.version(), " has ",
-                     options.placement.num_servers()));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "remote experts: ", options.servers.size(), " servers given but placement ", "version ",
+        options.placement.version(), " has ", options.placement.num_servers()));
   }
   if (options.deadline <= std::chrono::milliseconds(0)) {
     return absl::InvalidArgumentError("remote experts: deadline must be positive");

@@ -62,9 +62,9 @@
 
 #include "absl/status/statusor.h"
 #include "absl/time/time.h"
+#include "common/wire.h"
 #include "core/expert_backend.h"
 #include "placement/placement.h"
-#include "common/wire.h"
 
 namespace dmoe::router {
 
@@ -100,7 +100,7 @@ struct RemoteExpertOptions {
   // on the split.
   bool per_assignment_replies = true;
   core::ComputeType local_compute = core::ComputeType::kBF16;  // local shared FFN
-  std::chrono::milliseconds deadline{10000};  // per request round trip
+  std::chrono::milliseconds deadline{10000};                   // per request round trip
   // Requests whose packed activations exceed this are split by rows (at least
   // one row per chunk). One chunk must fit in max_message_bytes.
   size_t max_chunk_bytes = size_t{3} << 20;
@@ -128,8 +128,7 @@ class RemoteExpertControl {
   // then; DEADLINE_EXCEEDED (and no switch) when that takes over `timeout`.
   // InvalidArgument for a size mismatch, an empty address, or more than
   // kMaxExpertServers servers.
-  virtual absl::Status SwitchPlacement(place::Placement placement,
-                                       std::vector<std::string> servers,
+  virtual absl::Status SwitchPlacement(place::Placement placement, std::vector<std::string> servers,
                                        absl::Duration timeout) = 0;
   virtual place::Placement placement() const = 0;
   virtual std::vector<std::string> servers() const = 0;

@@ -98,8 +98,7 @@ HostBatch RandomBatch(int32_t layer, int64_t tokens, bool with_shared, uint32_t 
        .hidden = kHidden,
        .num_experts = kExperts,
        .top_k = kTopK,
-       .shared = with_shared ? testing::SharedFfn::kAlways
-                             : testing::SharedFfn::kNone,
+       .shared = with_shared ? testing::SharedFfn::kAlways : testing::SharedFfn::kNone,
        .min_weight = 0.05f,
        .max_weight = 1.0f},
       tokens, seed);
@@ -112,7 +111,8 @@ void ExpectRowsNear(const std::vector<float>& got, const std::vector<float>& wan
   double worst = 0;
   for (size_t r = 0; r < want.size() / kHidden; ++r) {
     double row_max = 0;
-    for (int64_t j = 0; j < kHidden; ++j) row_max = std::max(row_max, double(std::fabs(want[r * kHidden + j])));
+    for (int64_t j = 0; j < kHidden; ++j)
+      row_max = std::max(row_max, double(std::fabs(want[r * kHidden + j])));
     for (int64_t j = 0; j < kHidden; ++j) {
       const double d = std::fabs(double(got[r * kHidden + j]) - want[r * kHidden + j]);
       worst = std::max(worst, d / std::max(row_max, 1e-30));
@@ -150,8 +150,7 @@ common::WireDType FromProto(v1::ActivationDType t) {
 
 class FakeExpertServer {
  public:
-  FakeExpertServer(int index, const place::Placement& placement,
-                   const Weights& w)
+  FakeExpertServer(int index, const place::Placement& placement, const Weights& w)
       : backend_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {
     for (int32_t l : kMoeLayers) {
       for (int32_t e : placement.Slots(l, index)) EXPECT_TRUE(w.LoadInto(*backend_, l, e).ok());
@@ -215,10 +214,9 @@ class FakeExpertServer {
       std::vector<Received> chunks;
       while (stream->Read(&req)) {
         Received rec{req, std::vector<float>(size_t{req.x().rows()} * req.x().cols())};
-        EXPECT_TRUE(common::UnpackActivations(
-                        FromProto(req.x().dtype()), req.x().data(),
-                        req.x().row_scales(), req.x().rows(), req.x().cols(),
-                        rec.x.data())
+        EXPECT_TRUE(common::UnpackActivations(FromProto(req.x().dtype()), req.x().data(),
+                                              req.x().row_scales(), req.x().rows(), req.x().cols(),
+                                              rec.x.data())
                         .ok());
         Behavior behavior;
         int code;
@@ -267,9 +265,8 @@ class FakeExpertServer {
           a->set_dtype(dtype);
           a->set_rows(static_cast<uint32_t>(r1 - r0));
           a->set_cols(kHidden);
-          common::PackActivations(y.data() + r0 * kHidden, r1 - r0, kHidden, 0,
-                                  FromProto(dtype), a->mutable_data(),
-                                  a->mutable_row_scales());
+          common::PackActivations(y.data() + r0 * kHidden, r1 - r0, kHidden, 0, FromProto(dtype),
+                                  a->mutable_data(), a->mutable_row_scales());
           if (!stream->Write(resp)) return grpc::Status::OK;
         }
       }
@@ -307,8 +304,13 @@ class FakeExpertServer {
     // One row per token, or per assignment (experts, then shared duty).
     const bool per_assignment = chunks[0].msg.per_assignment_reply() && !legacy;
     std::vector<float> y((per_assignment ? static_cast<int64_t>(ids.size()) : tokens) * kHidden);
-    core::ExpertBatch b{static_cast<int32_t>(chunks[0].msg.layer()), tokens, kHidden, x.data(),
-                        offsets, ids, weights};
+    core::ExpertBatch b{static_cast<int32_t>(chunks[0].msg.layer()),
+                        tokens,
+                        kHidden,
+                        x.data(),
+                        offsets,
+                        ids,
+                        weights};
     b.per_assignment_out = per_assignment;
     absl::MutexLock l(&compute_mu_);  // a replaced stream's handler may still run
     absl::Status st = backend_->Compute(b, y.data());
@@ -352,9 +354,8 @@ class RemoteExpertBackendTest : public ::testing::Test {
     }
   }
 
-  RemoteExpertOptions Options(
-      common::WireDType wire = common::WireDType::kF32,
-      place::SharedDuty duty = place::SharedDuty::kExpertServers) {
+  RemoteExpertOptions Options(common::WireDType wire = common::WireDType::kF32,
+                              place::SharedDuty duty = place::SharedDuty::kExpertServers) {
     RemoteExpertOptions o;
     for (const auto& s : servers_) o.servers.push_back(s->address());
     o.placement = placement_;
@@ -392,11 +393,11 @@ class RemoteExpertBackendTest : public ::testing::Test {
   // work; a server gets only experts it holds; over all servers every routed
   // assignment arrives exactly once and the shared duty once (or never, when
   // the router keeps it).
-  void ExpectRequestsFollowPlacement(const HostBatch& b,
-                                     place::SharedDuty duty) {
+  void ExpectRequestsFollowPlacement(const HostBatch& b, place::SharedDuty duty) {
     std::map<std::vector<float>, int64_t> token_of_row;
     for (int64_t t = 0; t < b.tokens(); ++t) {
-      token_of_row[std::vector<float>(b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden)] = t;
+      token_of_row[std::vector<float>(b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden)] =
+          t;
     }
     ASSERT_EQ(token_of_row.size(), static_cast<size_t>(b.tokens()));
     std::vector<std::vector<std::pair<int32_t, float>>> routed(b.tokens());
@@ -462,12 +463,11 @@ place::Placement Contiguous(int n) {
 
 // Three servers, experts 0, 1, 3, 4 and 6 replicated (layer 2 differs).
 place::Placement WithReplicas() {
-  nlohmann::json j = {
-      {"version", 9},
-      {"num_servers", 3},
-      {"layers",
-       {{{"layer", 1}, {"servers", {{0, 1, 2, 3, 4}, {3, 4, 5, 6}, {0, 1, 6, 7}}}},
-        {{"layer", 2}, {"servers", {{0, 1, 2}, {3, 4, 5}, {6, 7, 0}}}}}}};
+  nlohmann::json j = {{"version", 9},
+                      {"num_servers", 3},
+                      {"layers",
+                       {{{"layer", 1}, {"servers", {{0, 1, 2, 3, 4}, {3, 4, 5, 6}, {0, 1, 6, 7}}}},
+                        {{"layer", 2}, {"servers", {{0, 1, 2}, {3, 4, 5}, {6, 7, 0}}}}}}};
   auto p = place::Placement::FromJson(j, Cfg());
   EXPECT_TRUE(p.ok()) << p.status();
   return *p;
@@ -475,12 +475,12 @@ place::Placement WithReplicas() {
 
 // Three servers, every expert of both layers on at least two of them.
 place::Placement FullyReplicated() {
-  const std::vector<std::vector<int32_t>> servers = {{0, 1, 2, 3, 4, 5}, {3, 4, 5, 6, 7, 0},
-                                                     {6, 7, 0, 1, 2, 3}};
-  nlohmann::json j = {{"version", 11},
-                      {"num_servers", 3},
-                      {"layers",
-                       {{{"layer", 1}, {"servers", servers}}, {{"layer", 2}, {"servers", servers}}}}};
+  const std::vector<std::vector<int32_t>> servers = {
+      {0, 1, 2, 3, 4, 5}, {3, 4, 5, 6, 7, 0}, {6, 7, 0, 1, 2, 3}};
+  nlohmann::json j = {
+      {"version", 11},
+      {"num_servers", 3},
+      {"layers", {{{"layer", 1}, {"servers", servers}}, {{"layer", 2}, {"servers", servers}}}}};
   auto p = place::Placement::FromJson(j, Cfg());
   EXPECT_TRUE(p.ok()) << p.status();
   return *p;
@@ -495,10 +495,8 @@ constexpr double kF32Rel = 1e-6;
 
 TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
   StartServers(Contiguous(2));
-  for (place::SharedDuty duty :
-       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
-                                                    : "shared on servers");
+  for (place::SharedDuty duty : {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router" : "shared on servers");
     auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 1;
@@ -506,7 +504,10 @@ TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
       for (int64_t tokens : {1, 7, 64}) {
         HostBatch b = RandomBatch(layer, tokens, /*with_shared=*/true, seed++);
         std::vector<float> out(tokens * kHidden, -7.0f);
-        { auto st = backend->Compute(b.View(), out.data()); ASSERT_TRUE(st.ok()) << st; }
+        {
+          auto st = backend->Compute(b.View(), out.data());
+          ASSERT_TRUE(st.ok()) << st;
+        }
         ExpectRowsNear(out, Reference(b), kF32Rel);
         ExpectRequestsFollowPlacement(b, duty);
         // Deterministic: the same batch again gives the same bits.
@@ -526,10 +527,8 @@ TEST_F(RemoteExpertBackendTest, TwoServersContiguousMatchLocalBackend_F32) {
 // flight (which shifts the load and with it the split): all the same bits.
 TEST_F(RemoteExpertBackendTest, PerAssignmentRepliesGiveTheLocalBackendsBitsWhateverTheSplit) {
   StartServers(WithReplicas());
-  for (place::SharedDuty duty :
-       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
-                                                    : "shared on servers");
+  for (place::SharedDuty duty : {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router" : "shared on servers");
     auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 300;
@@ -610,10 +609,8 @@ TEST_F(RemoteExpertBackendTest, PerServerPartialSumsMatchLocalBackendWithinRound
 
 TEST_F(RemoteExpertBackendTest, ThreeServersWithReplicasMatchLocalBackend_F32) {
   StartServers(WithReplicas());
-  for (place::SharedDuty duty :
-       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
-                                                    : "shared on servers");
+  for (place::SharedDuty duty : {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router" : "shared on servers");
     auto backend = Make(Options(common::WireDType::kF32, duty));
     ASSERT_NE(backend, nullptr);
     uint32_t seed = 100;
@@ -653,25 +650,19 @@ TEST_F(RemoteExpertBackendTest, ThreeServersContiguousMatchLocalBackend_F32) {
 // Checked against twice that, plus 1e-6 of the same sum for fp32 additions in
 // another order. With SharedDuty::kRouter the shared FFN runs locally on the
 // unrounded x and is not rounded at all.
-void ExpectOnlyReplyRounding(
-    common::WireDType wire, place::SharedDuty duty, const HostBatch& b,
-    const std::vector<float>& got,
-    const std::function<std::vector<float>(const HostBatch&)>& reference) {
-  const double u = wire == common::WireDType::kBF16 ? std::ldexp(1.0, -9)
-                                                    : std::ldexp(1.0, -4);
+void ExpectOnlyReplyRounding(common::WireDType wire, place::SharedDuty duty, const HostBatch& b,
+                             const std::vector<float>& got,
+                             const std::function<std::vector<float>(const HostBatch&)>& reference) {
+  const double u = wire == common::WireDType::kBF16 ? std::ldexp(1.0, -9) : std::ldexp(1.0, -4);
   std::vector<float> wire_x(kHidden);
   std::string data, scales;
   int failures = 0;
   for (int64_t t = 0; t < b.tokens(); ++t) {
-    common::PackActivations(b.x.data() + t * kHidden, 1, kHidden, 0, wire,
-                            &data, &scales);
-    ASSERT_TRUE(
-        common::UnpackActivations(wire, data, scales, 1, kHidden, wire_x.data())
-            .ok());
+    common::PackActivations(b.x.data() + t * kHidden, 1, kHidden, 0, wire, &data, &scales);
+    ASSERT_TRUE(common::UnpackActivations(wire, data, scales, 1, kHidden, wire_x.data()).ok());
     std::vector<double> want(kHidden, 0.0), wire_mag(kHidden, 0.0), mag(kHidden, 0.0);
     for (int32_t a = b.offsets[t]; a < b.offsets[t + 1]; ++a) {
-      const bool local =
-          b.ids[a] == kSharedFfn && duty == place::SharedDuty::kRouter;
+      const bool local = b.ids[a] == kSharedFfn && duty == place::SharedDuty::kRouter;
       HostBatch one{.hidden = kHidden};
       one.layer = b.layer;
       one.x = local ? std::vector<float>(b.x.begin() + t * kHidden, b.x.begin() + (t + 1) * kHidden)
@@ -699,20 +690,16 @@ void ExpectOnlyReplyRounding(
   EXPECT_EQ(failures, 0);
 }
 
-class ReducedPrecisionWireTest
-    : public RemoteExpertBackendTest,
-      public ::testing::WithParamInterface<common::WireDType> {};
+class ReducedPrecisionWireTest : public RemoteExpertBackendTest,
+                                 public ::testing::WithParamInterface<common::WireDType> {};
 
 TEST_P(ReducedPrecisionWireTest, ErrorIsOnlyTheReplyRounding) {
   const common::WireDType wire = GetParam();
-  const v1::ActivationDType proto = wire == common::WireDType::kBF16
-                                        ? v1::ACTIVATION_DTYPE_BF16
-                                        : v1::ACTIVATION_DTYPE_F8_E4M3;
+  const v1::ActivationDType proto =
+      wire == common::WireDType::kBF16 ? v1::ACTIVATION_DTYPE_BF16 : v1::ACTIVATION_DTYPE_F8_E4M3;
   StartServers(WithReplicas());
-  for (place::SharedDuty duty :
-       {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
-    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router"
-                                                    : "shared on servers");
+  for (place::SharedDuty duty : {place::SharedDuty::kExpertServers, place::SharedDuty::kRouter}) {
+    SCOPED_TRACE(duty == place::SharedDuty::kRouter ? "shared on router" : "shared on servers");
     auto backend = Make(Options(wire, duty));
     ASSERT_NE(backend, nullptr);
     for (uint32_t seed = 0; seed < 20; ++seed) {
@@ -725,26 +712,22 @@ TEST_P(ReducedPrecisionWireTest, ErrorIsOnlyTheReplyRounding) {
     }
     for (const Received& r : servers_[0]->TakeReceived()) {
       EXPECT_EQ(r.msg.x().dtype(), proto);
-      EXPECT_EQ(r.msg.x().data().size(), size_t{r.msg.x().rows()} * kHidden *
-                                             common::WireElementSize(wire));
+      EXPECT_EQ(r.msg.x().data().size(),
+                size_t{r.msg.x().rows()} * kHidden * common::WireElementSize(wire));
       EXPECT_EQ(r.msg.reply_dtype(), proto);
     }
   }
 }
 
 INSTANTIATE_TEST_SUITE_P(Wire, ReducedPrecisionWireTest,
-                         ::testing::Values(common::WireDType::kBF16,
-                                           common::WireDType::kF8E4M3),
+                         ::testing::Values(common::WireDType::kBF16, common::WireDType::kF8E4M3),
                          [](const auto& info) {
-                           return info.param == common::WireDType::kBF16
-                                      ? "Bf16"
-                                      : "Fp8E4M3";
+                           return info.param == common::WireDType::kBF16 ? "Bf16" : "Fp8E4M3";
                          });
 
 TEST_F(RemoteExpertBackendTest, TokensWithNoWorkGetZerosAndEmptyBatchIsOk) {
   StartServers(Contiguous(2));
-  auto backend =
-      Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
+  auto backend = Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_NE(backend, nullptr);
   HostBatch b{.layer = 1, .hidden = kHidden};
   b.x.assign(2 * kHidden, 0.5f);
@@ -788,7 +771,8 @@ TEST_F(RemoteExpertBackendTest, LargeBatchIsChunkedBothWays) {
     EXPECT_GE(m.x().rows(), 1u);
     EXPECT_LE(m.x().data().size(), o.max_chunk_bytes);
     EXPECT_EQ(m.token_offsets(0), 0u);
-    EXPECT_EQ(m.token_offsets(m.token_offsets_size() - 1), static_cast<uint32_t>(m.expert_ids_size()));
+    EXPECT_EQ(m.token_offsets(m.token_offsets_size() - 1),
+              static_cast<uint32_t>(m.expert_ids_size()));
   }
 
   // And a following unchunked-size batch on the same streams.
@@ -802,7 +786,8 @@ TEST_F(RemoteExpertBackendTest, LargeBatchIsChunkedBothWays) {
 
 TEST_F(RemoteExpertBackendTest, InBandErrorCarriesServerCodeAndName) {
   StartServers(Contiguous(3));
-  servers_[2]->SetBehavior(Behavior::kError, static_cast<int>(grpc::StatusCode::FAILED_PRECONDITION),
+  servers_[2]->SetBehavior(Behavior::kError,
+                           static_cast<int>(grpc::StatusCode::FAILED_PRECONDITION),
                            "placement version 3 is not held (holding 4)");
   auto backend = Make(Options());
   ASSERT_NE(backend, nullptr);
@@ -1068,15 +1053,15 @@ TEST_F(RemoteExpertBackendTest, InvalidBatchesAreRejectedBeforeSending) {
 
 TEST_F(RemoteExpertBackendTest, RouterSharedDutyNeedsTheLocalSharedFfn) {
   StartServers(Contiguous(2));
-  auto made = MakeRemoteExpertBackend(
-      Options(common::WireDType::kF32, place::SharedDuty::kRouter));
+  auto made = MakeRemoteExpertBackend(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_TRUE(made.ok());
   core::ExpertBackend& backend = **made;
   HostBatch b = RandomBatch(1, 3, true, 71);
   std::vector<float> out(b.tokens() * kHidden);
   absl::Status st = backend.Compute(b.View(), out.data());
   EXPECT_EQ(st.code(), absl::StatusCode::kFailedPrecondition);
-  EXPECT_THAT(std::string(st.message()), HasSubstr("layer 1: shared FFN is not loaded on the router"));
+  EXPECT_THAT(std::string(st.message()),
+              HasSubstr("layer 1: shared FFN is not loaded on the router"));
   EXPECT_TRUE(servers_[0]->TakeReceived().empty());
 }
 
@@ -1241,8 +1226,7 @@ TEST_F(RemoteExpertBackendTest, ServerGone_OnlyTokensWithoutAReplicaFailAndAreNa
 TEST_F(RemoteExpertBackendTest, SeveralBatchesInFlightAreAwaitedInAnyOrder) {
   StartServers(WithReplicas());
   servers_[1]->SetReplyDelay(absl::Milliseconds(50));
-  auto backend =
-      Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
+  auto backend = Make(Options(common::WireDType::kF32, place::SharedDuty::kRouter));
   ASSERT_NE(backend, nullptr);
   HostBatch b1 = RandomBatch(1, 10, true, 86), b2 = RandomBatch(2, 7, true, 87),
             b3 = RandomBatch(1, 5, false, 88);

@@ -105,8 +105,8 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
       placement_version_(Gauge(registry, "moe_router_placement_version",
                                "Version of the placement the router plans with")
                              .Add({})),
-      replacements_(Counter(registry, "moe_router_replacements_total",
-                            "Re-placements applied, by trigger")),
+      replacements_(
+          Counter(registry, "moe_router_replacements_total", "Re-placements applied, by trigger")),
       replacement_bytes_(Counter(registry, "moe_router_replacement_bytes_moved_total",
                                  "Expert weight bytes loaded onto servers by re-placements")
                              .Add({})),
@@ -130,12 +130,11 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
           Gauge(registry, "moe_router_active_sequences", "Sequences admitted and not finished")
               .Add({})),
       queued_requests_(
-          Gauge(registry, "moe_router_queued_requests", "Requests waiting for admission")
-              .Add({})),
-      kv_free_(Gauge(registry, "moe_router_kv_cache_free_bytes", "KV cache bytes not reserved")
-                   .Add({})),
-      kv_budget_(Gauge(registry, "moe_router_kv_cache_budget_bytes", "KV cache budget in bytes")
-                     .Add({})),
+          Gauge(registry, "moe_router_queued_requests", "Requests waiting for admission").Add({})),
+      kv_free_(
+          Gauge(registry, "moe_router_kv_cache_free_bytes", "KV cache bytes not reserved").Add({})),
+      kv_budget_(
+          Gauge(registry, "moe_router_kv_cache_budget_bytes", "KV cache budget in bytes").Add({})),
       steps_(Counter(registry, "moe_router_steps_total", "Scheduler steps (model forwards) run")
                  .Add({})),
       failed_steps_(Counter(registry, "moe_router_failed_steps_total",

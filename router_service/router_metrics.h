@@ -19,15 +19,16 @@
 //   moe_router_server_failovers_total{server,code} requests the server failed
 //   moe_router_resent_tokens_total / moe_router_stranded_tokens_total
 //   moe_router_server_info{server,address}         1
-//   moe_router_layer_{server,slot}_max_over_mean{layer}, moe_router_layer_{expert,server}_balance_stat{layer}
-//   moe_router_server_max_over_mean, moe_router_server_load{server}   over all MoE layers
-//   moe_router_placement_version, moe_router_replacements_total{trigger},
-//   moe_router_replacement_bytes_moved_total, moe_router_replacement_switch_seconds
-//   moe_router_leaves_refused_total                 scale-in leaves the controller refused
-//   moe_router_ready                                1 when every routed expert has a live server
-//   moe_router_active_sequences, moe_router_queued_requests, moe_router_kv_cache_{free,budget}_bytes,
-//   moe_router_steps_total, moe_router_failed_steps_total, moe_router_step_tokens_total
-//   moe_router_step_seconds (histogram: one model step, e.g. through a re-placement)
+//   moe_router_layer_{server,slot}_max_over_mean{layer},
+//   moe_router_layer_{expert,server}_balance_stat{layer} moe_router_server_max_over_mean,
+//   moe_router_server_load{server}   over all MoE layers moe_router_placement_version,
+//   moe_router_replacements_total{trigger}, moe_router_replacement_bytes_moved_total,
+//   moe_router_replacement_switch_seconds moe_router_leaves_refused_total                 scale-in
+//   leaves the controller refused moe_router_ready                                1 when every
+//   routed expert has a live server moe_router_active_sequences, moe_router_queued_requests,
+//   moe_router_kv_cache_{free,budget}_bytes, moe_router_steps_total, moe_router_failed_steps_total,
+//   moe_router_step_tokens_total moe_router_step_seconds (histogram: one model step, e.g. through a
+//   re-placement)
 //
 // Cardinality: per-expert mode has (MoE layers x routed experts) routed-token
 // series (DeepSeek-V3: 58 x 256 = 14,848), created up front; per-layer mode

@@ -4,11 +4,11 @@
 #include <string>
 #include <vector>
 
+#include "common/metrics_endpoint.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "prometheus/registry.h"
 #include "tests/cluster_util.h"
-#include "common/metrics_endpoint.h"
 
 namespace dmoe::router {
 namespace {
@@ -27,7 +27,8 @@ core::ModelConfig Config() {
 
 // Each token's experts from `choices` (top_k per token); scores uniform
 // unless given (one row for all tokens).
-core::GateResult Routing(std::vector<std::vector<int32_t>> choices, std::vector<float> scores = {}) {
+core::GateResult Routing(std::vector<std::vector<int32_t>> choices,
+                         std::vector<float> scores = {}) {
   core::GateResult r;
   r.num_tokens = static_cast<int64_t>(choices.size());
   r.top_k = 2;
@@ -144,9 +145,9 @@ TEST(RouterMetrics, ServerTrafficRoundTripsAndFailovers) {
   EXPECT_NEAR(rt->histogram.sample_sum, 0.0203, 1e-9);
   EXPECT_EQ(rt->histogram.bucket.front().upper_bound, 50e-6);
   EXPECT_EQ(rt->histogram.bucket.front().cumulative_count, 0u);
-  EXPECT_EQ(Value(fams, "moe_router_server_failovers_total",
-                  {{"server", "1"}, {"code", "UNAVAILABLE"}}),
-            2);
+  EXPECT_EQ(
+      Value(fams, "moe_router_server_failovers_total", {{"server", "1"}, {"code", "UNAVAILABLE"}}),
+      2);
   EXPECT_EQ(Value(fams, "moe_router_server_failovers_total",
                   {{"server", "1"}, {"code", "DEADLINE_EXCEEDED"}}),
             1);
@@ -272,7 +273,8 @@ TEST(RouterMetrics, SchedulerGaugesAndCountersFollowTheLoadSource) {
 // that is taken is an error, the default one only a warning.
 TEST(MetricsEndpoint, ServesTheRefreshedRegistryAndReportsATakenPort) {
   auto registry = std::make_shared<prometheus::Registry>();
-  auto& g = prometheus::BuildGauge().Name("moe_test_gauge").Help("test").Register(*registry).Add({});
+  auto& g =
+      prometheus::BuildGauge().Name("moe_test_gauge").Help("test").Register(*registry).Add({});
   int refreshes = 0;
   auto collectable = std::make_shared<common::RefreshingCollectable>(registry, [&] {
     ++refreshes;
@@ -290,11 +292,11 @@ TEST(MetricsEndpoint, ServesTheRefreshedRegistryAndReportsATakenPort) {
   EXPECT_EQ(taken.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(taken.status().message(),
               HasSubstr("metrics: cannot listen on 127.0.0.1:" + std::to_string((*e)->port())));
-  auto explicit_port =
-      common::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/true, "", collectable);
+  auto explicit_port = common::ServeMetrics("test", "127.0.0.1", (*e)->port(),
+                                            /*port_explicit=*/true, "", collectable);
   EXPECT_EQ(explicit_port.status().code(), absl::StatusCode::kUnavailable);
-  auto default_port =
-      common::ServeMetrics("test", "127.0.0.1", (*e)->port(), /*port_explicit=*/false, "", collectable);
+  auto default_port = common::ServeMetrics("test", "127.0.0.1", (*e)->port(),
+                                           /*port_explicit=*/false, "", collectable);
   ASSERT_TRUE(default_port.ok()) << default_port.status();
   EXPECT_EQ(*default_port, nullptr);
 }

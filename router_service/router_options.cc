@@ -16,12 +16,11 @@ namespace {
 
 constexpr const char* kName = kRouterProgram;
 
-absl::StatusOr<int64_t> IntIn(const common::Args& args, const char* name,
-                              int64_t lo, int64_t hi) {
+absl::StatusOr<int64_t> IntIn(const common::Args& args, const char* name, int64_t lo, int64_t hi) {
   DMOE_ASSIGN_OR_RETURN(int64_t v, args.Int(name));
   if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --", name, " must be in [", lo, ", ", hi, "], got ", v));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --", name, " must be in [", lo, ", ", hi, "], got ", v));
   }
   return v;
 }
@@ -34,25 +33,26 @@ absl::Status PlacementNeedsExperts(const RouterOptions& c) {
 }
 
 absl::Status NotEmpty(const char* flag, const std::string& value) {
-  if (value.empty()) return absl::InvalidArgumentError(absl::StrCat(kName, ": --", flag, " is empty"));
+  if (value.empty())
+    return absl::InvalidArgumentError(absl::StrCat(kName, ": --", flag, " is empty"));
   return absl::OkStatus();
 }
 
 absl::Status ControllerRules(const RouterOptions& c) {
   if (!c.controller_router.empty()) {
     if (c.controller || !c.experts.empty() || !c.placement.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          kName, ": --controller-router takes the placement and the expert servers from "
-                 "that router: give no --controller, --experts or --placement"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName,
+                       ": --controller-router takes the placement and the expert servers from "
+                       "that router: give no --controller, --experts or --placement"));
     }
     if (c.controller_router.find(':') == std::string::npos) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          kName, ": --controller-router: '", c.controller_router, "' is not HOST:PORT"));
+      return absl::InvalidArgumentError(absl::StrCat(kName, ": --controller-router: '",
+                                                     c.controller_router, "' is not HOST:PORT"));
     }
   }
   if (c.controller && c.experts.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kName, ": --controller needs --experts"));
+    return absl::InvalidArgumentError(absl::StrCat(kName, ": --controller needs --experts"));
   }
   return absl::OkStatus();
 }
@@ -60,8 +60,7 @@ absl::Status ControllerRules(const RouterOptions& c) {
 }  // namespace
 
 void DeclareRouterFlags(common::Args& args) {
-  args.Flag("model", "DIR",
-            "checkpoint directory (config.json + *.safetensors)", std::nullopt,
+  args.Flag("model", "DIR", "checkpoint directory (config.json + *.safetensors)", std::nullopt,
             true)
       .Flag("experts", "HOST:PORT,...",
             "expert servers, comma-separated (index = placement server index); "
@@ -93,29 +92,25 @@ void DeclareRouterFlags(common::Args& args) {
             "auto")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
-      .Flag("max-batch-tokens", "N",
-            "tokens per scheduler step (decodes + prefill chunks)", "2048")
-      .Flag("max-queue", "N",
-            "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
+      .Flag("max-batch-tokens", "N", "tokens per scheduler step (decodes + prefill chunks)", "2048")
+      .Flag("max-queue", "N", "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
       .Flag("micro-batches", "N",
             "with --experts: split each step into up to N micro-batches so that "
             "attention of one overlaps the expert round trip of another",
             "2")
-      .Flag("expert-deadline-ms", "MS",
-            "deadline of one layer's round trip to the expert servers", "10000")
+      .Flag("expert-deadline-ms", "MS", "deadline of one layer's round trip to the expert servers",
+            "10000")
       .Flag("shutdown-grace-ms", "MS",
             "on SIGTERM/SIGINT, time given to in-flight requests before they "
             "are cancelled",
             "5000")
       .Flag("metrics-host", "HOST",
-            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)",
-            "127.0.0.1")
+            "address of the Prometheus /metrics endpoint (0.0.0.0 in a pod)", "127.0.0.1")
       .Flag("metrics-port", "P",
             "port of /metrics (0 = any free port); when the default is taken "
             "the router serves without /metrics and says so",
             "9190")
-      .Flag("metrics-port-file", "PATH",
-            "write the bound metrics port to PATH once serving")
+      .Flag("metrics-port-file", "PATH", "write the bound metrics port to PATH once serving")
       .Flag("expert-metrics", "per-expert|per-layer",
             "routed-token series per (layer, expert), or per layer "
             "(expert=\"all\") to bound cardinality",
@@ -124,8 +119,7 @@ void DeclareRouterFlags(common::Args& args) {
             "load window for balance metrics and placement: sliding length "
             "or EMA half-life, seconds",
             "60")
-      .Flag("load-window-mode", "sliding|ema", "how the load window forgets",
-            "sliding")
+      .Flag("load-window-mode", "sliding|ema", "how the load window forgets", "sliding")
       .Flag("controller", "",
             "run the placement controller (one router per deployment): "
             "re-places and replicates experts live from the load window; "
@@ -148,25 +142,22 @@ void DeclareRouterFlags(common::Args& args) {
             "re-place when the worst layer's max/mean load over servers "
             "stays above X",
             "1.25")
-      .Flag("rebalance-hysteresis", "X",
-            "disarm only below threshold - X", "0.05")
+      .Flag("rebalance-hysteresis", "X", "disarm only below threshold - X", "0.05")
       .Flag("rebalance-sustain-s", "S", "for this long", "10")
-      .Flag("rebalance-min-interval-s", "S",
-            "at least this long after the last re-placement", "60")
-      .Flag("rebalance-min-gain", "X",
-            "apply a plan only if it lowers the worst max/mean by X", "0.05")
+      .Flag("rebalance-min-interval-s", "S", "at least this long after the last re-placement", "60")
+      .Flag("rebalance-min-gain", "X", "apply a plan only if it lowers the worst max/mean by X",
+            "0.05")
       .Flag("rebalance-slack", "X",
             "planner trade-off: accept up to X worse max/mean (relative) to "
             "move fewer expert weights",
             "0.02")
-      .Flag("rebalance-min-tokens", "N",
-            "layers with fewer tokens in the window count as uniform", "256")
+      .Flag("rebalance-min-tokens", "N", "layers with fewer tokens in the window count as uniform",
+            "256")
       .Flag("expert-groups", "G",
             "hierarchical placement: experts form G groups kept on one node "
             "(with --expert-nodes)",
             "0")
-      .Flag("expert-nodes", "M",
-            "hierarchical placement: servers form M nodes", "0")
+      .Flag("expert-nodes", "M", "hierarchical placement: servers form M nodes", "0")
       .Flag("controller-router", "HOST:PORT",
             "several routers: follow the placement of the router running "
             "--controller there (fetched at start, pushed to this router on "
@@ -184,10 +175,10 @@ void DeclareRouterFlags(common::Args& args) {
 }
 
 common::Args RouterArgs() {
-  common::Args args = common::Args::ForProgram(
-      kName,
-      "router of disaggregated MoE inference: attention, KV cache, "
-      "continuous batching; experts on dmoe-expert servers or in-process");
+  common::Args args =
+      common::Args::ForProgram(kName,
+                               "router of disaggregated MoE inference: attention, KV cache, "
+                               "continuous batching; experts on dmoe-expert servers or in-process");
   DeclareRouterFlags(args);
   return args;
 }
@@ -208,9 +199,10 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
   // expert is computed in this process.
   const bool none = std::find(experts.begin(), experts.end(), "none") != experts.end();
   if (none && experts.size() > 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --experts: 'none' (compute the experts in-process) cannot be combined "
-               "with expert server addresses"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName,
+                     ": --experts: 'none' (compute the experts in-process) cannot be combined "
+                     "with expert server addresses"));
   }
   for (const std::string& addr : experts) {
     if (none) break;
@@ -228,8 +220,7 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
     c.shared = place::SharedDuty::kRouter;
   } else if (shared != "expert") {
     return absl::InvalidArgumentError(
-        absl::StrCat(kName, ": --shared-expert must be expert or router, got '",
-                     shared, "'"));
+        absl::StrCat(kName, ": --shared-expert must be expert or router, got '", shared, "'"));
   }
   c.host = args.Str("host");
   DMOE_RETURN_IF_ERROR(NotEmpty("host", c.host));
@@ -240,60 +231,51 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
   if (dtype == "f32") {
     c.compute = core::ComputeType::kF32;
   } else if (dtype != "bf16") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
   }
   c.wire = args.Str("wire-dtype");
   if (c.wire != "auto" && c.wire != "f32" && c.wire != "bf16" && c.wire != "fp8") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --wire-dtype must be auto, f32, bf16 or fp8, got '", c.wire, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --wire-dtype must be auto, f32, bf16 or fp8, got '", c.wire, "'"));
   }
   const std::string combine = args.Str("combine");
   if (combine != "invariant" && combine != "per-server") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --combine must be invariant or per-server, got '", combine, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --combine must be invariant or per-server, got '", combine, "'"));
   }
   c.per_assignment = combine == "invariant";
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
   c.threads = static_cast<int>(threads);
-  DMOE_ASSIGN_OR_RETURN(int64_t kv,
-                        IntIn(args, "kv-cache-bytes", 1, INT64_MAX));
+  DMOE_ASSIGN_OR_RETURN(int64_t kv, IntIn(args, "kv-cache-bytes", 1, INT64_MAX));
   c.sched.kv_cache_bytes = static_cast<size_t>(kv);
-  DMOE_ASSIGN_OR_RETURN(c.sched.max_batch_tokens,
-                        IntIn(args, "max-batch-tokens", 1, 1 << 24));
-  DMOE_ASSIGN_OR_RETURN(c.sched.max_queue,
-                        IntIn(args, "max-queue", 1, 1 << 24));
+  DMOE_ASSIGN_OR_RETURN(c.sched.max_batch_tokens, IntIn(args, "max-batch-tokens", 1, 1 << 24));
+  DMOE_ASSIGN_OR_RETURN(c.sched.max_queue, IntIn(args, "max-queue", 1, 1 << 24));
   DMOE_ASSIGN_OR_RETURN(int64_t micro, IntIn(args, "micro-batches", 1, 64));
   c.micro_batches = static_cast<int>(micro);
-  DMOE_ASSIGN_OR_RETURN(c.expert_deadline_ms,
-                        IntIn(args, "expert-deadline-ms", 1, 3600000));
-  DMOE_ASSIGN_OR_RETURN(c.grace_ms,
-                        IntIn(args, "shutdown-grace-ms", 0, 3600000));
+  DMOE_ASSIGN_OR_RETURN(c.expert_deadline_ms, IntIn(args, "expert-deadline-ms", 1, 3600000));
+  DMOE_ASSIGN_OR_RETURN(c.grace_ms, IntIn(args, "shutdown-grace-ms", 0, 3600000));
   c.metrics_host = args.Str("metrics-host");
   DMOE_RETURN_IF_ERROR(NotEmpty("metrics-host", c.metrics_host));
-  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port,
-                        IntIn(args, "metrics-port", 0, 65535));
+  DMOE_ASSIGN_OR_RETURN(int64_t metrics_port, IntIn(args, "metrics-port", 0, 65535));
   c.metrics_port = static_cast<int>(metrics_port);
   c.metrics_port_explicit = args.Has("metrics-port");
   c.metrics_port_file = args.Str("metrics-port-file");
   {
     auto per_expert = common::ParseExpertMetricsFlag(args.Str("expert-metrics"));
     if (!per_expert.ok()) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(kName, ": ", per_expert.status().message()));
+      return absl::InvalidArgumentError(absl::StrCat(kName, ": ", per_expert.status().message()));
     }
     c.per_expert_metrics = *per_expert;
   }
-  DMOE_ASSIGN_OR_RETURN(int64_t window_s,
-                        IntIn(args, "load-window-s", 1, 86400));
+  DMOE_ASSIGN_OR_RETURN(int64_t window_s, IntIn(args, "load-window-s", 1, 86400));
   c.window.window = absl::Seconds(window_s);
   const std::string mode = args.Str("load-window-mode");
   if (mode == "ema") {
     c.window.mode = LoadWindowOptions::Mode::kEma;
   } else if (mode != "sliding") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --load-window-mode must be sliding or ema, got '", mode,
-        "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --load-window-mode must be sliding or ema, got '", mode, "'"));
   }
   c.controller = args.Bool("controller");
   c.controller_router = args.Str("controller-router");
@@ -303,15 +285,15 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
   c.control.slots_per_server = static_cast<int>(slots);
   const std::string rebalance = args.Str("rebalance");
   if (rebalance != "auto" && rebalance != "manual") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        kName, ": --rebalance must be auto or manual, got '", rebalance, "'"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --rebalance must be auto or manual, got '", rebalance, "'"));
   }
   c.control.auto_rebalance = rebalance == "auto";
   auto real = [&](const char* name, double lo, double hi) -> absl::StatusOr<double> {
     DMOE_ASSIGN_OR_RETURN(double v, args.Double(name));
     if (!(v >= lo && v <= hi)) {
-      return absl::InvalidArgumentError(absl::StrCat(kName, ": --", name, " must be in [", lo,
-                                                     ", ", hi, "], got ", v));
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName, ": --", name, " must be in [", lo, ", ", hi, "], got ", v));
     }
     return v;
   };
@@ -337,8 +319,8 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
     double b = 0;
     if (!absl::SimpleAtoi(kv.first, &e) || !absl::SimpleAtod(kv.second, &b) || e < 0 ||
         !std::isfinite(b)) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          kName, ": --gate-bias-for-testing: '", item, "' is not EXPERT:BIAS"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(kName, ": --gate-bias-for-testing: '", item, "' is not EXPERT:BIAS"));
     }
     c.gate_bias.emplace_back(e, static_cast<float>(b));
   }

@@ -25,16 +25,16 @@ inline constexpr char kRouterProgram[] = "dmoe-router";
 
 // What the dmoe-router binary runs with.
 struct RouterOptions {
-  std::string model;                // --model DIR
+  std::string model;                 // --model DIR
   std::vector<std::string> experts;  // --experts; empty = experts in-process
-  std::string placement;            // --placement FILE
+  std::string placement;             // --placement FILE
   place::SharedDuty shared = place::SharedDuty::kExpertServers;
   std::string host = "127.0.0.1";
   int port = 50051;
   std::string port_file;
   core::ComputeType compute = core::ComputeType::kBF16;
-  std::string wire = "auto";    // --wire-dtype: activations to expert servers
-  bool per_assignment = true;   // --combine=invariant
+  std::string wire = "auto";   // --wire-dtype: activations to expert servers
+  bool per_assignment = true;  // --combine=invariant
   int threads = 0;
   int micro_batches = 2;
   bool controller = false;

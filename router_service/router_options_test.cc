@@ -85,11 +85,29 @@ TEST(RouterOptionsTest, Defaults) {
 }
 
 TEST(RouterOptionsTest, Values) {
-  absl::StatusOr<RouterOptions> o =
-      Parse({"--model", "m", "--experts", "a:1, b:2", "--controller", "--rebalance", "manual",
-             "--dtype", "f32", "--combine", "per-server", "--wire-dtype", "fp8",
-             "--shared-expert", "router", "--load-window-mode", "ema", "--gate-bias-for-testing",
-             "3:1.5,0:-2", "--rebalance-threshold", "2", "--metrics-port", "0"});
+  absl::StatusOr<RouterOptions> o = Parse({"--model",
+                                           "m",
+                                           "--experts",
+                                           "a:1, b:2",
+                                           "--controller",
+                                           "--rebalance",
+                                           "manual",
+                                           "--dtype",
+                                           "f32",
+                                           "--combine",
+                                           "per-server",
+                                           "--wire-dtype",
+                                           "fp8",
+                                           "--shared-expert",
+                                           "router",
+                                           "--load-window-mode",
+                                           "ema",
+                                           "--gate-bias-for-testing",
+                                           "3:1.5,0:-2",
+                                           "--rebalance-threshold",
+                                           "2",
+                                           "--metrics-port",
+                                           "0"});
   ASSERT_TRUE(o.ok()) << o.status();
   EXPECT_EQ(o->experts, (std::vector<std::string>{"a:1", " b:2"}));
   EXPECT_TRUE(o->controller);

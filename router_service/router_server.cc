@@ -39,8 +39,7 @@ GenerateParams ToParams(const v1::GenerateRequest& req) {
   // The proto's documented "0 or 1 = no nucleus restriction".
   p.sampling.top_p = s.top_p() == 0.0f ? 1.0 : static_cast<double>(s.top_p());
   p.sampling.seed = s.has_seed() ? s.seed() : RandomSeed();
-  p.stop_token_ids.assign(req.stop_token_ids().begin(),
-                          req.stop_token_ids().end());
+  p.stop_token_ids.assign(req.stop_token_ids().begin(), req.stop_token_ids().end());
   p.ignore_eos = req.ignore_eos();
   p.request_id = req.request_id();
   return p;
@@ -50,16 +49,14 @@ GenerateParams ToParams(const v1::GenerateRequest& req) {
 // pending_; one write is in flight at a time. Finish is called once the
 // scheduler has made its terminal callback (so no callback can reach a deleted
 // reactor) and the last write has completed.
-class GenerateReactor final
-    : public grpc::ServerWriteReactor<v1::GenerateResponse> {
+class GenerateReactor final : public grpc::ServerWriteReactor<v1::GenerateResponse> {
  public:
   GenerateReactor(Scheduler& scheduler, const v1::GenerateRequest& request)
       : scheduler_(scheduler), prompt_tokens_(request.prompt_tokens_size()) {
     GenerateCallbacks cb;
     cb.on_token = [this](const TokenEvent& ev) { OnToken(ev); };
     cb.on_done = [this](const absl::Status& st) { OnSchedulerDone(st); };
-    absl::StatusOr<RequestId> id =
-        scheduler_.SubmitGenerate(ToParams(request), std::move(cb));
+    absl::StatusOr<RequestId> id = scheduler_.SubmitGenerate(ToParams(request), std::move(cb));
     if (!id.ok()) {
       Finish(common::ToGrpc(id.status()));
       return;
@@ -117,11 +114,9 @@ class GenerateReactor final
     msg.set_token(ev.token);
     msg.set_index(static_cast<uint32_t>(ev.index));
     if (!ev.finish_reason.empty()) {
-      msg.set_finish_reason(
-          std::string(ev.finish_reason.data(), ev.finish_reason.size()));
+      msg.set_finish_reason(std::string(ev.finish_reason.data(), ev.finish_reason.size()));
     }
-    if (ev.index == 0)
-      msg.set_prompt_tokens(static_cast<uint32_t>(prompt_tokens_));
+    if (ev.index == 0) msg.set_prompt_tokens(static_cast<uint32_t>(prompt_tokens_));
     bool start = false;
     {
       absl::MutexLock l(&mu_);
@@ -142,10 +137,8 @@ class GenerateReactor final
     {
       absl::MutexLock l(&mu_);
       scheduler_done_ = true;
-      final_status_ =
-          broken_ && st.ok()
-              ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
-              : common::ToGrpc(st);
+      final_status_ = broken_ && st.ok() ? grpc::Status(grpc::StatusCode::CANCELLED, "cancelled")
+                                         : common::ToGrpc(st);
       if (!writing_ && !finish_called_) {
         finish = true;
         finish_called_ = true;
@@ -167,8 +160,7 @@ class GenerateReactor final
   absl::Mutex mu_;
   RequestId id_ ABSL_GUARDED_BY(mu_) = 0;  // 0 = never submitted
   std::deque<v1::GenerateResponse> pending_ ABSL_GUARDED_BY(mu_);
-  v1::GenerateResponse
-      current_;  // the write in flight; touched only by its owner (writing_)
+  v1::GenerateResponse current_;  // the write in flight; touched only by its owner (writing_)
   bool writing_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // cancelled or a write failed
   bool scheduler_done_ ABSL_GUARDED_BY(mu_) = false;
@@ -183,19 +175,17 @@ class ForwardReactor final : public grpc::ServerUnaryReactor {
                  v1::ForwardResponse* response)
       : scheduler_(scheduler), response_(response) {
     const int64_t rows = request.all_positions() ? request.tokens_size() : 1;
-    const int64_t bytes = rows * scheduler_.config().vocab_size *
-                          static_cast<int64_t>(sizeof(float));
+    const int64_t bytes =
+        rows * scheduler_.config().vocab_size * static_cast<int64_t>(sizeof(float));
     if (bytes > kMaxLogitBytes) {
-      Finish(grpc::Status(
-          grpc::StatusCode::INVALID_ARGUMENT,
-          absl::StrCat("all_positions logits of ", rows, " tokens x ",
-                       scheduler_.config().vocab_size, " vocab would be ",
-                       bytes, " bytes, over the ", kMaxLogitBytes,
-                       "-byte message limit; send fewer tokens")));
+      Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                          absl::StrCat("all_positions logits of ", rows, " tokens x ",
+                                       scheduler_.config().vocab_size, " vocab would be ", bytes,
+                                       " bytes, over the ", kMaxLogitBytes,
+                                       "-byte message limit; send fewer tokens")));
       return;
     }
-    std::vector<int32_t> tokens(request.tokens().begin(),
-                                request.tokens().end());
+    std::vector<int32_t> tokens(request.tokens().begin(), request.tokens().end());
     absl::StatusOr<RequestId> id = scheduler_.SubmitForward(
         std::move(tokens), request.all_positions(),
         [this](absl::StatusOr<ForwardResult> r) { OnResult(std::move(r)); });
@@ -245,15 +235,15 @@ grpc::ServerWriteReactor<v1::GenerateResponse>* RouterServer::Generate(
   return new GenerateReactor(scheduler_, *request);
 }
 
-grpc::ServerUnaryReactor* RouterServer::Forward(
-    grpc::CallbackServerContext* context, const v1::ForwardRequest* request,
-    v1::ForwardResponse* response) {
+grpc::ServerUnaryReactor* RouterServer::Forward(grpc::CallbackServerContext* context,
+                                                const v1::ForwardRequest* request,
+                                                v1::ForwardResponse* response) {
   return new ForwardReactor(scheduler_, *request, response);
 }
 
-grpc::ServerUnaryReactor* RouterServer::GetLoad(
-    grpc::CallbackServerContext* context, const v1::RouterLoadRequest* request,
-    v1::RouterLoadResponse* response) {
+grpc::ServerUnaryReactor* RouterServer::GetLoad(grpc::CallbackServerContext* context,
+                                                const v1::RouterLoadRequest* request,
+                                                v1::RouterLoadResponse* response) {
   if (readiness_) {
     if (absl::Status ready = readiness_(); !ready.ok()) {
       grpc::ServerUnaryReactor* reactor = context->DefaultReactor();
@@ -377,9 +367,9 @@ grpc::ServerUnaryReactor* RouterServer::RegisterRouter(grpc::CallbackServerConte
     return reactor;
   }
   if (request->address().find(':') == std::string::npos) {
-    reactor->Finish(grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
-                                 "register router: address '" + request->address() +
-                                     "' is not HOST:PORT"));
+    reactor->Finish(
+        grpc::Status(grpc::StatusCode::INVALID_ARGUMENT,
+                     "register router: address '" + request->address() + "' is not HOST:PORT"));
     return reactor;
   }
   *response = controller_->RegisterRouter(request->address());
@@ -405,26 +395,22 @@ grpc::ServerUnaryReactor* RouterServer::SetPlacement(grpc::CallbackServerContext
   return reactor;
 }
 
-absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service,
-                                                    const std::string& host,
+absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service, const std::string& host,
                                                     int port) {
   grpc::EnableDefaultHealthCheckService(true);
   grpc::reflection::InitProtoReflectionServerBuilderPlugin();
   const bool v6 = host.find(':') != std::string::npos && host.front() != '[';
-  const std::string address =
-      absl::StrCat(v6 ? "[" : "", host, v6 ? "]" : "", ":", port);
+  const std::string address = absl::StrCat(v6 ? "[" : "", host, v6 ? "]" : "", ":", port);
   StartedServer out;
   grpc::ServerBuilder builder;
-  builder.AddListeningPort(address, grpc::InsecureServerCredentials(),
-                           &out.port);
+  builder.AddListeningPort(address, grpc::InsecureServerCredentials(), &out.port);
   builder.RegisterService(service);
   // Long prompts are small; Forward replies with all logits can be large.
   builder.SetMaxReceiveMessageSize(64 << 20);
   builder.SetMaxSendMessageSize(-1);
   out.server = builder.BuildAndStart();
   if (out.server == nullptr || out.port == 0) {
-    return absl::UnavailableError(
-        absl::StrCat("could not listen on ", address));
+    return absl::UnavailableError(absl::StrCat("could not listen on ", address));
   }
   if (auto* health = out.server->GetHealthCheckService()) {
     health->SetServingStatus(true);

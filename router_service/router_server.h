@@ -27,8 +27,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "dmoe/v1/router.grpc.pb.h"
 #include "absl/synchronization/mutex.h"
+#include "dmoe/v1/router.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
 #include "router_service/controller.h"
 #include "router_service/scheduler.h"
@@ -53,16 +53,13 @@ class RouterServer final : public dmoe::v1::RouterService::CallbackService {
   ~RouterServer() override;
 
   grpc::ServerWriteReactor<dmoe::v1::GenerateResponse>* Generate(
-      grpc::CallbackServerContext* context,
-      const dmoe::v1::GenerateRequest* request) override;
-  grpc::ServerUnaryReactor* Forward(
-      grpc::CallbackServerContext* context,
-      const dmoe::v1::ForwardRequest* request,
-      dmoe::v1::ForwardResponse* response) override;
-  grpc::ServerUnaryReactor* GetLoad(
-      grpc::CallbackServerContext* context,
-      const dmoe::v1::RouterLoadRequest* request,
-      dmoe::v1::RouterLoadResponse* response) override;
+      grpc::CallbackServerContext* context, const dmoe::v1::GenerateRequest* request) override;
+  grpc::ServerUnaryReactor* Forward(grpc::CallbackServerContext* context,
+                                    const dmoe::v1::ForwardRequest* request,
+                                    dmoe::v1::ForwardResponse* response) override;
+  grpc::ServerUnaryReactor* GetLoad(grpc::CallbackServerContext* context,
+                                    const dmoe::v1::RouterLoadRequest* request,
+                                    dmoe::v1::RouterLoadResponse* response) override;
   grpc::ServerUnaryReactor* GetPlacement(grpc::CallbackServerContext* context,
                                          const dmoe::v1::PlacementRequest* request,
                                          dmoe::v1::PlacementResponse* response) override;
@@ -115,8 +112,7 @@ struct StartedServer {
   std::unique_ptr<grpc::Server> server;
   int port = 0;
 };
-absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service,
-                                                    const std::string& host,
+absl::StatusOr<StartedServer> StartRouterGrpcServer(RouterServer* service, const std::string& host,
                                                     int port);
 
 }  // namespace dmoe::router

@@ -32,8 +32,8 @@ using ::testing::HasSubstr;
 struct FaultControl {
   absl::Mutex mu;
   bool paused ABSL_GUARDED_BY(mu) = false;
-  int blocked ABSL_GUARDED_BY(mu) = 0;    // Compute calls waiting while paused
-  int fail_next ABSL_GUARDED_BY(mu) = 0;  // Compute calls still to fail
+  int blocked ABSL_GUARDED_BY(mu) = 0;                // Compute calls waiting while paused
+  int fail_next ABSL_GUARDED_BY(mu) = 0;              // Compute calls still to fail
   int fail_first_token_next ABSL_GUARDED_BY(mu) = 0;  // ... for the first token only
   int delay_ms ABSL_GUARDED_BY(mu) = 0;
 
@@ -68,12 +68,10 @@ struct FaultControl {
 class FaultyExpertBackend final : public core::ExpertBackend {
  public:
   explicit FaultyExpertBackend(std::shared_ptr<FaultControl> control)
-      : control_(std::move(control)),
-        inner_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {}
+      : control_(std::move(control)), inner_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {}
 
   std::string Name() const override { return "faulty(" + inner_->Name() + ")"; }
-  absl::Status LoadFfn(int32_t layer, int32_t ffn_id,
-                       const core::FfnWeights& w) override {
+  absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const core::FfnWeights& w) override {
     return inner_->LoadFfn(layer, ffn_id, w);
   }
   absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) override {
@@ -90,28 +88,25 @@ class FaultyExpertBackend final : public core::ExpertBackend {
       FaultControl& c = *control_;
       absl::MutexLock l(&c.mu);
       ++c.blocked;
-      auto running = [&c]()
-                         ABSL_SHARED_LOCKS_REQUIRED(c.mu) { return !c.paused; };
+      auto running = [&c]() ABSL_SHARED_LOCKS_REQUIRED(c.mu) { return !c.paused; };
       c.mu.Await(absl::Condition(&running));
       --c.blocked;
       if (c.fail_next > 0) {
         --c.fail_next;
-        return absl::UnavailableError(
-            absl::StrCat("expert server 1 (127.0.0.1:1): layer ", batch.layer,
-                         ": injected failure"));
+        return absl::UnavailableError(absl::StrCat("expert server 1 (127.0.0.1:1): layer ",
+                                                   batch.layer, ": injected failure"));
       }
       if (c.fail_first_token_next > 0 && batch.num_tokens > 1) {
         --c.fail_first_token_next;
         const int32_t first = 0;
         return core::WithFailedTokens(
-            absl::UnavailableError(absl::StrCat("expert server 1 (127.0.0.1:1): layer ", batch.layer,
-                                                ": injected failure of token 0")),
+            absl::UnavailableError(absl::StrCat("expert server 1 (127.0.0.1:1): layer ",
+                                                batch.layer, ": injected failure of token 0")),
             {&first, 1});
       }
       delay = c.delay_ms;
     }
-    if (delay > 0)
-      std::this_thread::sleep_for(std::chrono::milliseconds(delay));
+    if (delay > 0) std::this_thread::sleep_for(std::chrono::milliseconds(delay));
     return inner_->Compute(batch, out);
   }
 
@@ -120,9 +115,8 @@ class FaultyExpertBackend final : public core::ExpertBackend {
   std::unique_ptr<core::ExpertBackend> inner_;
 };
 
-std::unique_ptr<core::Model> LoadModel(
-    const std::string& dir,
-    std::unique_ptr<core::ExpertBackend> experts = nullptr) {
+std::unique_ptr<core::Model> LoadModel(const std::string& dir,
+                                       std::unique_ptr<core::ExpertBackend> experts = nullptr) {
   core::ModelOptions opts;
   opts.compute = core::ComputeType::kF32;
   opts.experts = std::move(experts);
@@ -144,9 +138,8 @@ struct TestRouter {
   }
 };
 
-std::unique_ptr<TestRouter> StartRouter(
-    const std::string& dir, SchedulerOptions opts,
-    std::unique_ptr<core::ExpertBackend> experts = nullptr) {
+std::unique_ptr<TestRouter> StartRouter(const std::string& dir, SchedulerOptions opts,
+                                        std::unique_ptr<core::ExpertBackend> experts = nullptr) {
   auto r = std::make_unique<TestRouter>();
   auto model = LoadModel(dir, std::move(experts));
   if (!model) return nullptr;
@@ -161,9 +154,8 @@ std::unique_ptr<TestRouter> StartRouter(
   r->server = std::move(started).value();
   grpc::ChannelArguments args;
   args.SetMaxReceiveMessageSize(-1);
-  r->stub = v1::RouterService::NewStub(
-      grpc::CreateCustomChannel("127.0.0.1:" + std::to_string(r->server.port),
-                                grpc::InsecureChannelCredentials(), args));
+  r->stub = v1::RouterService::NewStub(grpc::CreateCustomChannel(
+      "127.0.0.1:" + std::to_string(r->server.port), grpc::InsecureChannelCredentials(), args));
   return r;
 }
 
@@ -180,9 +172,8 @@ struct Generated {
 
 // The reference: one sequence alone through core::Model with the KV cache, as
 // `dmoe generate` does it.
-Generated DirectGenerate(core::Model& m, const std::vector<int32_t>& prompt,
-                         int max_tokens, core::SamplingParams sp = {},
-                         bool ignore_eos = false) {
+Generated DirectGenerate(core::Model& m, const std::vector<int32_t>& prompt, int max_tokens,
+                         core::SamplingParams sp = {}, bool ignore_eos = false) {
   core::KvCache cache(m.config(), 64 << 20);
   auto seq = cache.Allocate(static_cast<int64_t>(prompt.size()) + max_tokens);
   EXPECT_TRUE(seq.ok()) << seq.status();
@@ -215,8 +206,7 @@ struct StreamResult {
   grpc::Status status;
 };
 
-v1::GenerateRequest MakeRequest(const std::vector<int32_t>& prompt,
-                                int max_tokens) {
+v1::GenerateRequest MakeRequest(const std::vector<int32_t>& prompt, int max_tokens) {
   v1::GenerateRequest req;
   for (int32_t t : prompt) req.add_prompt_tokens(t);
   req.set_max_tokens(max_tokens);
@@ -224,14 +214,12 @@ v1::GenerateRequest MakeRequest(const std::vector<int32_t>& prompt,
 }
 
 // Runs one Generate stream to its end. `on_token` (optional) sees each token.
-StreamResult RunStream(v1::RouterService::Stub& stub,
-                       const v1::GenerateRequest& req,
+StreamResult RunStream(v1::RouterService::Stub& stub, const v1::GenerateRequest& req,
                        grpc::ClientContext* ctx = nullptr,
                        const std::function<void(int)>& on_token = nullptr) {
   grpc::ClientContext own;
   if (ctx == nullptr) ctx = &own;
-  ctx->set_deadline(std::chrono::system_clock::now() +
-                    std::chrono::seconds(120));
+  ctx->set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(120));
   StreamResult out;
   auto reader = stub.Generate(ctx, req);
   v1::GenerateResponse msg;
@@ -256,11 +244,9 @@ v1::RouterLoadResponse GetLoad(v1::RouterService::Stub& stub) {
 }
 
 // Polls GetLoad until `pred` holds (or 30 s pass).
-bool WaitForLoad(
-    v1::RouterService::Stub& stub,
-    const std::function<bool(const v1::RouterLoadResponse&)>& pred) {
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(30);
+bool WaitForLoad(v1::RouterService::Stub& stub,
+                 const std::function<bool(const v1::RouterLoadResponse&)>& pred) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
   while (std::chrono::steady_clock::now() < deadline) {
     if (pred(GetLoad(stub))) return true;
     std::this_thread::sleep_for(std::chrono::milliseconds(2));
@@ -268,9 +254,7 @@ bool WaitForLoad(
   return false;
 }
 
-size_t BytesPerToken(const core::ModelConfig& cfg) {
-  return core::KvCache(cfg, 0).BytesPerToken();
-}
+size_t BytesPerToken(const core::ModelConfig& cfg) { return core::KvCache(cfg, 0).BytesPerToken(); }
 
 TEST(RouterServer, ForwardLogitsEqualDirectModel) {
   const std::string dir = testing::MakeModel("tiny-v3", 3);
@@ -302,13 +286,11 @@ TEST(RouterServer, ForwardLogitsEqualDirectModel) {
     ASSERT_EQ(resp.logits().size(), rows * V * sizeof(float));
     std::vector<float> got(rows * V);
     std::memcpy(got.data(), resp.logits().data(), resp.logits().size());
-    const float* ref =
-        want.data() + (static_cast<int64_t>(prompt.size()) - rows) * V;
+    const float* ref = want.data() + (static_cast<int64_t>(prompt.size()) - rows) * V;
     // Same model, same batch shape, same kernels: equal up to float rounding
     // order.
     for (int64_t i = 0; i < rows * V; ++i) {
-      ASSERT_NEAR(got[i], ref[i], 1e-6 * (1 + std::fabs(ref[i])))
-          << "all=" << all << " i=" << i;
+      ASSERT_NEAR(got[i], ref[i], 1e-6 * (1 + std::fabs(ref[i]))) << "all=" << all << " i=" << i;
     }
   }
   auto load = GetLoad(*router->stub);
@@ -322,8 +304,7 @@ TEST(RouterServer, GenerateGreedyEqualsDirectLoop) {
   ASSERT_NE(router, nullptr);
   auto direct = LoadModel(dir);
   ASSERT_NE(direct, nullptr);
-  const auto prompt =
-      Prompt(6, static_cast<int>(direct->config().vocab_size), 2);
+  const auto prompt = Prompt(6, static_cast<int>(direct->config().vocab_size), 2);
   const Generated want = DirectGenerate(*direct, prompt, 24);
   StreamResult got = RunStream(*router->stub, MakeRequest(prompt, 24));
   ASSERT_TRUE(got.status.ok()) << got.status.error_message();
@@ -341,8 +322,7 @@ TEST(RouterServer, SeedIsHonouredAndAnAbsentSeedIsRandom) {
   ASSERT_NE(router, nullptr);
   auto direct = LoadModel(dir);
   ASSERT_NE(direct, nullptr);
-  const auto prompt =
-      Prompt(6, static_cast<int>(direct->config().vocab_size), 3);
+  const auto prompt = Prompt(6, static_cast<int>(direct->config().vocab_size), 3);
   constexpr int kTokens = 12;
   v1::GenerateRequest req = MakeRequest(prompt, kTokens);
   req.set_ignore_eos(true);
@@ -378,8 +358,7 @@ TEST(RouterServer, SeedIsHonouredAndAnAbsentSeedIsRandom) {
 TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
   const std::string dir = testing::MakeModel("tiny-v3", 5);
   SchedulerOptions opts;
-  opts.max_batch_tokens =
-      24;  // long prompts are prefilled in chunks, next to decodes
+  opts.max_batch_tokens = 24;  // long prompts are prefilled in chunks, next to decodes
   auto router = StartRouter(dir, opts);
   ASSERT_NE(router, nullptr);
   auto direct = LoadModel(dir);
@@ -401,8 +380,7 @@ TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
     }
     reqs[i] = MakeRequest(prompt, max_tokens);
     reqs[i].set_ignore_eos(i % 2 == 0);
-    reqs[i].mutable_sampling()->set_temperature(
-        static_cast<float>(sp.temperature));
+    reqs[i].mutable_sampling()->set_temperature(static_cast<float>(sp.temperature));
     reqs[i].mutable_sampling()->set_top_k(static_cast<uint32_t>(sp.top_k));
     reqs[i].mutable_sampling()->set_top_p(static_cast<float>(sp.top_p));
     reqs[i].mutable_sampling()->set_seed(sp.seed);
@@ -410,33 +388,29 @@ TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
     // wire).
     sp.temperature = static_cast<float>(sp.temperature);
     sp.top_p = static_cast<float>(sp.top_p);
-    want[i] =
-        DirectGenerate(*direct, prompt, max_tokens, sp, reqs[i].ignore_eos());
+    want[i] = DirectGenerate(*direct, prompt, max_tokens, sp, reqs[i].ignore_eos());
   }
   std::vector<StreamResult> got(kStreams);
   std::vector<std::thread> threads;
   for (int i = 0; i < kStreams; ++i) {
-    threads.emplace_back(
-        [&, i] { got[i] = RunStream(*router->stub, reqs[i]); });
+    threads.emplace_back([&, i] { got[i] = RunStream(*router->stub, reqs[i]); });
   }
   for (auto& t : threads) t.join();
   // Continuous batching happened: far fewer steps than sequences x positions.
   const SchedulerLoad stats = router->scheduler->GetLoad();
   int64_t alone_steps = 0;
   for (int i = 0; i < kStreams; ++i) {
-    alone_steps += (reqs[i].prompt_tokens_size() + opts.max_batch_tokens - 1) /
-                       opts.max_batch_tokens +
-                   static_cast<int64_t>(want[i].tokens.size()) - 1;
+    alone_steps +=
+        (reqs[i].prompt_tokens_size() + opts.max_batch_tokens - 1) / opts.max_batch_tokens +
+        static_cast<int64_t>(want[i].tokens.size()) - 1;
   }
-  std::fprintf(stderr,
-               "%llu steps of %llu tokens (%lld steps one stream at a time)\n",
+  std::fprintf(stderr, "%llu steps of %llu tokens (%lld steps one stream at a time)\n",
                static_cast<unsigned long long>(stats.steps),
                static_cast<unsigned long long>(stats.step_tokens),
                static_cast<long long>(alone_steps));
   EXPECT_LT(stats.steps, static_cast<uint64_t>(alone_steps));
   for (int i = 0; i < kStreams; ++i) {
-    ASSERT_TRUE(got[i].status.ok())
-        << i << ": " << got[i].status.error_message();
+    ASSERT_TRUE(got[i].status.ok()) << i << ": " << got[i].status.error_message();
     EXPECT_EQ(got[i].tokens, want[i].tokens) << "stream " << i;
     EXPECT_EQ(got[i].finish, want[i].finish) << "stream " << i;
   }
@@ -449,12 +423,10 @@ TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
 TEST(RouterServer, ClientCancelFreesTheSequence) {
   const std::string dir = testing::MakeModel("tiny-v3", 6);
   auto control = std::make_shared<FaultControl>();
-  control->SetDelay(
-      2);  // ~4 ms per token: the stream is still running when cancelled
+  control->SetDelay(2);  // ~4 ms per token: the stream is still running when cancelled
   SchedulerOptions opts;
   opts.kv_cache_bytes = 8 << 20;
-  auto router =
-      StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
+  auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);
   auto req = MakeRequest(Prompt(5, 512, 1), 1000);
   req.set_ignore_eos(true);
@@ -466,14 +438,12 @@ TEST(RouterServer, ClientCancelFreesTheSequence) {
   EXPECT_GE(got.tokens.size(), 3u);
   EXPECT_LT(got.tokens.size(), 1000u);
   EXPECT_TRUE(WaitForLoad(*router->stub, [&](const v1::RouterLoadResponse& l) {
-    return l.active_sequences() == 0 &&
-           l.kv_cache_free_bytes() == opts.kv_cache_bytes;
+    return l.active_sequences() == 0 && l.kv_cache_free_bytes() == opts.kv_cache_bytes;
   })) << "the cancelled sequence still holds its KV cache";
 
   // The router still serves.
   control->SetDelay(0);
-  StreamResult next =
-      RunStream(*router->stub, MakeRequest(Prompt(3, 512, 2), 4));
+  StreamResult next = RunStream(*router->stub, MakeRequest(Prompt(3, 512, 2), 4));
   EXPECT_TRUE(next.status.ok()) << next.status.error_message();
   EXPECT_FALSE(next.tokens.empty());
 }
@@ -484,8 +454,7 @@ TEST(RouterServer, BadRequestsAreInvalidArgument) {
   ASSERT_NE(router, nullptr);
   auto expect_invalid = [&](v1::GenerateRequest req, const std::string& what) {
     StreamResult r = RunStream(*router->stub, req);
-    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT)
-        << what;
+    EXPECT_EQ(r.status.error_code(), grpc::StatusCode::INVALID_ARGUMENT) << what;
     EXPECT_THAT(r.status.error_message(), HasSubstr(what));
     EXPECT_TRUE(r.tokens.empty());
   };
@@ -519,8 +488,7 @@ TEST(RouterServer, BadRequestsAreInvalidArgument) {
     v1::ForwardResponse resp;
     grpc::Status st = router->stub->Forward(&ctx, req, &resp);
     EXPECT_EQ(st.error_code(), grpc::StatusCode::INVALID_ARGUMENT);
-    EXPECT_THAT(st.error_message(),
-                HasSubstr("tokens[0] = 1000 is outside the vocabulary"));
+    EXPECT_THAT(st.error_message(), HasSubstr("tokens[0] = 1000 is outside the vocabulary"));
   }
 }
 
@@ -533,18 +501,15 @@ TEST(RouterServer, OverloadAndOversizedRequestsAreResourceExhausted) {
   SchedulerOptions opts;
   opts.kv_cache_bytes = 40 * bpt;  // one request of 34 tokens at a time
   opts.max_queue = 1;
-  auto router =
-      StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
+  auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);
 
   // Never fits: 4 + 100 tokens over a 40-token budget.
   {
-    StreamResult r =
-        RunStream(*router->stub, MakeRequest(Prompt(4, 512, 1), 100));
+    StreamResult r = RunStream(*router->stub, MakeRequest(Prompt(4, 512, 1), 100));
     EXPECT_EQ(r.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-    EXPECT_THAT(
-        r.status.error_message(),
-        HasSubstr(absl::StrCat("needs ", 104 * bpt, " bytes of KV cache")));
+    EXPECT_THAT(r.status.error_message(),
+                HasSubstr(absl::StrCat("needs ", 104 * bpt, " bytes of KV cache")));
     EXPECT_THAT(r.status.error_message(),
                 HasSubstr(absl::StrCat("budget of ", 40 * bpt, " bytes")));
   }
@@ -557,26 +522,21 @@ TEST(RouterServer, OverloadAndOversizedRequestsAreResourceExhausted) {
   StreamResult got_a, got_b;
   std::thread a([&] { got_a = RunStream(*router->stub, req_a); });
   ASSERT_TRUE(control->WaitBlocked());  // A is admitted, its first step waits
-  ASSERT_TRUE(WaitForLoad(
-      *router->stub, [](const auto& l) { return l.active_sequences() == 1; }));
+  ASSERT_TRUE(WaitForLoad(*router->stub, [](const auto& l) { return l.active_sequences() == 1; }));
   std::thread b([&] { got_b = RunStream(*router->stub, req_b); });
-  ASSERT_TRUE(WaitForLoad(
-      *router->stub, [](const auto& l) { return l.queued_requests() == 1; }));
+  ASSERT_TRUE(WaitForLoad(*router->stub, [](const auto& l) { return l.queued_requests() == 1; }));
 
   StreamResult c = RunStream(*router->stub, MakeRequest(Prompt(2, 512, 4), 2));
   EXPECT_EQ(c.status.error_code(), grpc::StatusCode::RESOURCE_EXHAUSTED);
-  EXPECT_THAT(c.status.error_message(),
-              HasSubstr("router overloaded: 1 requests queued"));
+  EXPECT_THAT(c.status.error_message(), HasSubstr("router overloaded: 1 requests queued"));
 
   control->Resume();
   a.join();
   b.join();
   ASSERT_TRUE(got_a.status.ok()) << got_a.status.error_message();
   ASSERT_TRUE(got_b.status.ok()) << got_b.status.error_message();
-  EXPECT_EQ(got_a.tokens,
-            DirectGenerate(*direct, prompt_a, 30, {}, true).tokens);
-  EXPECT_EQ(got_b.tokens,
-            DirectGenerate(*direct, prompt_b, 30, {}, true).tokens);
+  EXPECT_EQ(got_a.tokens, DirectGenerate(*direct, prompt_a, 30, {}, true).tokens);
+  EXPECT_EQ(got_b.tokens, DirectGenerate(*direct, prompt_b, 30, {}, true).tokens);
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
 }
@@ -589,14 +549,12 @@ TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
   control->SetDelay(1);
   SchedulerOptions opts;
   opts.kv_cache_bytes = 4 << 20;
-  auto router =
-      StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
+  auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);
 
   // A and B decode together in every step.
   std::atomic<int> a_tokens{0}, b_tokens{0};
-  auto req_a = MakeRequest(Prompt(5, 512, 1), 2000),
-       req_b = MakeRequest(Prompt(7, 512, 2), 2000);
+  auto req_a = MakeRequest(Prompt(5, 512, 1), 2000), req_b = MakeRequest(Prompt(7, 512, 2), 2000);
   req_a.set_ignore_eos(true);
   req_b.set_ignore_eos(true);
   StreamResult got_a, got_b;
@@ -608,10 +566,8 @@ TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
     grpc::ClientContext ctx;
     got_b = RunStream(*router->stub, req_b, &ctx, [&](int n) { b_tokens = n; });
   });
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(30);
-  while ((a_tokens < 2 || b_tokens < 2) &&
-         std::chrono::steady_clock::now() < deadline) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(30);
+  while ((a_tokens < 2 || b_tokens < 2) && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(1));
   }
   ASSERT_GE(a_tokens, 2);
@@ -622,10 +578,8 @@ TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
   ASSERT_TRUE(control->WaitBlocked());
   const auto prompt_c = Prompt(6, 512, 3);
   StreamResult got_c;
-  std::thread c(
-      [&] { got_c = RunStream(*router->stub, MakeRequest(prompt_c, 12)); });
-  ASSERT_TRUE(WaitForLoad(
-      *router->stub, [](const auto& l) { return l.queued_requests() == 1; }));
+  std::thread c([&] { got_c = RunStream(*router->stub, MakeRequest(prompt_c, 12)); });
+  ASSERT_TRUE(WaitForLoad(*router->stub, [](const auto& l) { return l.queued_requests() == 1; }));
   control->FailNext(1);
   control->Resume();
   a.join();
@@ -699,17 +653,13 @@ TEST(RouterServer, ExpertFailureOfSomeTokensFailsOnlyTheirSequences) {
 TEST(RouterServer, ShutdownEndsStreamsWithUnavailable) {
   const std::string dir = testing::MakeModel("tiny-v3", 10);
   auto control = std::make_shared<FaultControl>();
-  auto router =
-      StartRouter(dir, {}, std::make_unique<FaultyExpertBackend>(control));
+  auto router = StartRouter(dir, {}, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);
   control->Pause();
   StreamResult got;
-  std::thread t([&] {
-    got = RunStream(*router->stub, MakeRequest(Prompt(3, 512, 1), 50));
-  });
+  std::thread t([&] { got = RunStream(*router->stub, MakeRequest(Prompt(3, 512, 1), 50)); });
   ASSERT_TRUE(control->WaitBlocked());
-  std::thread stopper(
-      [&] { router->scheduler->Shutdown(absl::Milliseconds(50)); });
+  std::thread stopper([&] { router->scheduler->Shutdown(absl::Milliseconds(50)); });
   // The scheduler waits for the blocked step after the grace period.
   std::this_thread::sleep_for(std::chrono::milliseconds(100));
   control->Resume();
@@ -717,8 +667,7 @@ TEST(RouterServer, ShutdownEndsStreamsWithUnavailable) {
   t.join();
   EXPECT_EQ(got.status.error_code(), grpc::StatusCode::UNAVAILABLE);
   EXPECT_THAT(got.status.error_message(), HasSubstr("shutting down"));
-  StreamResult after =
-      RunStream(*router->stub, MakeRequest(Prompt(3, 512, 1), 5));
+  StreamResult after = RunStream(*router->stub, MakeRequest(Prompt(3, 512, 1), 5));
   EXPECT_EQ(after.status.error_code(), grpc::StatusCode::UNAVAILABLE);
 }
 

@@ -51,8 +51,7 @@ common::WireDType WireDType(const RouterOptions& o) {
   if (o.wire == "f32") return common::WireDType::kF32;
   if (o.wire == "bf16") return common::WireDType::kBF16;
   if (o.wire == "fp8") return common::WireDType::kF8E4M3;
-  return o.compute == core::ComputeType::kF32 ? common::WireDType::kF32
-                                              : common::WireDType::kBF16;
+  return o.compute == core::ComputeType::kF32 ? common::WireDType::kF32 : common::WireDType::kBF16;
 }
 
 absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const RouterOptions& o,
@@ -98,12 +97,15 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const RouterOptions& o,
   return core::Model::Load(o.model, std::move(opts));
 }
 
-absl::StatusOr<std::unique_ptr<PlacementController>> MakeController(
-    const RouterOptions& o, const core::ModelConfig& cfg, LoadWindow* window,
-    RemoteExpertControl* control, RouterMetrics* metrics) {
+absl::StatusOr<std::unique_ptr<PlacementController>> MakeController(const RouterOptions& o,
+                                                                    const core::ModelConfig& cfg,
+                                                                    LoadWindow* window,
+                                                                    RemoteExpertControl* control,
+                                                                    RouterMetrics* metrics) {
   DMOE_ASSIGN_OR_RETURN(std::unique_ptr<PlacementController> controller,
                         PlacementController::Create(cfg, window, control, o.control));
-  controller->set_on_leave_refused([metrics](const std::string&) { metrics->RecordLeaveRefused(); });
+  controller->set_on_leave_refused(
+      [metrics](const std::string&) { metrics->RecordLeaveRefused(); });
   controller->set_on_replacement([metrics, control](const v1::RebalanceResponse& r) {
     metrics->SetServers(control->servers());
     metrics->SetPlacement(control->placement());

@@ -53,9 +53,11 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const RouterOptions& o,
 
 // The placement controller (--controller), its re-placements and refused
 // leaves reported to `metrics`. Not started.
-absl::StatusOr<std::unique_ptr<PlacementController>> MakeController(
-    const RouterOptions& o, const core::ModelConfig& cfg, LoadWindow* window,
-    RemoteExpertControl* control, RouterMetrics* metrics);
+absl::StatusOr<std::unique_ptr<PlacementController>> MakeController(const RouterOptions& o,
+                                                                    const core::ModelConfig& cfg,
+                                                                    LoadWindow* window,
+                                                                    RemoteExpertControl* control,
+                                                                    RouterMetrics* metrics);
 
 // Readiness (readiness.h) of a router with remote experts: ready only while
 // every routed expert has a live server. It shows in moe_router_ready and in
@@ -73,8 +75,7 @@ std::unique_ptr<PlacementFollower> MakePlacementFollower(const RouterOptions& o,
                                                          RouterMetrics* metrics, int port);
 // How a placement pushed by the controller's router (SetPlacement) is applied.
 RouterServer::PlacementSetter PlacementSetter(const core::ModelConfig& cfg,
-                                              RemoteExpertControl* control,
-                                              RouterMetrics* metrics);
+                                              RemoteExpertControl* control, RouterMetrics* metrics);
 
 // --advertise, or --host (the hostname when it is a wildcard) and `port`.
 std::string AdvertiseAddress(const RouterOptions& o, int port);

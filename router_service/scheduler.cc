@@ -37,35 +37,29 @@ struct Scheduler::Request {
   int64_t Capacity() const {
     return static_cast<int64_t>(prompt.size()) + (is_forward ? 0 : max_tokens);
   }
-  bool Prefilling() const {
-    return prefilled < static_cast<int64_t>(prompt.size());
-  }
+  bool Prefilling() const { return prefilled < static_cast<int64_t>(prompt.size()); }
 };
 
-absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(
-    std::unique_ptr<core::Model> model, SchedulerOptions options) {
-  if (model == nullptr)
-    return absl::InvalidArgumentError("scheduler: no model");
+absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<core::Model> model,
+                                                             SchedulerOptions options) {
+  if (model == nullptr) return absl::InvalidArgumentError("scheduler: no model");
   if (options.kv_cache_bytes == 0) {
-    return absl::InvalidArgumentError(
-        "scheduler: the KV cache budget must be positive");
+    return absl::InvalidArgumentError("scheduler: the KV cache budget must be positive");
   }
   if (options.max_batch_tokens < 1) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("scheduler: max_batch_tokens must be at least 1, got ",
-                     options.max_batch_tokens));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "scheduler: max_batch_tokens must be at least 1, got ", options.max_batch_tokens));
   }
   if (options.max_queue < 1) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "scheduler: max_queue must be at least 1, got ", options.max_queue));
+    return absl::InvalidArgumentError(
+        absl::StrCat("scheduler: max_queue must be at least 1, got ", options.max_queue));
   }
   std::unique_ptr<Scheduler> s(new Scheduler(std::move(model), options));
   s->thread_ = std::thread([p = s.get()] { p->Loop(); });
   return s;
 }
 
-Scheduler::Scheduler(std::unique_ptr<core::Model> model,
-                     SchedulerOptions options)
+Scheduler::Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions options)
     : options_(options),
       model_(std::move(model)),
       bytes_per_token_(core::KvCache(model_->config(), 0).BytesPerToken()),
@@ -75,38 +69,32 @@ Scheduler::Scheduler(std::unique_ptr<core::Model> model,
 
 Scheduler::~Scheduler() { Shutdown(absl::ZeroDuration()); }
 
-absl::Status Scheduler::ValidateTokens(std::span<const int32_t> tokens,
-                                       const char* field) const {
+absl::Status Scheduler::ValidateTokens(std::span<const int32_t> tokens, const char* field) const {
   const core::ModelConfig& c = config();
   if (tokens.empty()) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(field, " is empty: give at least one token id"));
+    return absl::InvalidArgumentError(absl::StrCat(field, " is empty: give at least one token id"));
   }
   for (size_t i = 0; i < tokens.size(); ++i) {
     if (tokens[i] < 0 || tokens[i] >= c.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(field, "[", i, "] = ", tokens[i],
-                       " is outside the vocabulary [0, ", c.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          field, "[", i, "] = ", tokens[i], " is outside the vocabulary [0, ", c.vocab_size, ")"));
     }
   }
   return absl::OkStatus();
 }
 
-absl::Status Scheduler::CheckFitsBudget(int64_t tokens,
-                                        const std::string& what) const {
+absl::Status Scheduler::CheckFitsBudget(int64_t tokens, const std::string& what) const {
   const size_t need = static_cast<size_t>(tokens) * bytes_per_token_;
   if (need > options_.kv_cache_bytes) {
     return absl::ResourceExhaustedError(absl::StrCat(
-        "request needs ", need, " bytes of KV cache (", what, " = ", tokens,
-        " tokens x ", bytes_per_token_,
-        " bytes), more than the router's whole KV cache budget of ",
+        "request needs ", need, " bytes of KV cache (", what, " = ", tokens, " tokens x ",
+        bytes_per_token_, " bytes), more than the router's whole KV cache budget of ",
         options_.kv_cache_bytes, " bytes (--kv-cache-bytes)"));
   }
   return absl::OkStatus();
 }
 
-absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p,
-                                                    GenerateCallbacks cb) {
+absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p, GenerateCallbacks cb) {
   const core::ModelConfig& c = config();
   if (auto st = ValidateTokens(p.prompt, "prompt_tokens"); !st.ok()) return st;
   if (p.max_tokens < 1) {
@@ -115,15 +103,15 @@ absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p,
   }
   const int64_t prompt_len = static_cast<int64_t>(p.prompt.size());
   if (prompt_len + p.max_tokens > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "prompt (", prompt_len, " tokens) + max_tokens (", p.max_tokens,
-        ") = ", prompt_len + p.max_tokens, " exceeds the model's context of ",
-        c.max_position_embeddings, " tokens (max_position_embeddings)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("prompt (", prompt_len, " tokens) + max_tokens (", p.max_tokens,
+                     ") = ", prompt_len + p.max_tokens, " exceeds the model's context of ",
+                     c.max_position_embeddings, " tokens (max_position_embeddings)"));
   }
   if (auto st = p.sampling.Validate(); !st.ok()) return st;
-  if (auto st = CheckFitsBudget(
-          prompt_len + p.max_tokens,
-          absl::StrCat(prompt_len, " prompt + ", p.max_tokens, " max_tokens"));
+  if (auto st =
+          CheckFitsBudget(prompt_len + p.max_tokens,
+                          absl::StrCat(prompt_len, " prompt + ", p.max_tokens, " max_tokens"));
       !st.ok()) {
     return st;
   }
@@ -132,8 +120,7 @@ absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p,
   r->max_tokens = p.max_tokens;
   r->stops = std::move(p.stop_token_ids);
   if (!p.ignore_eos) {
-    for (int64_t e : c.eos_token_ids)
-      r->stops.push_back(static_cast<int32_t>(e));
+    for (int64_t e : c.eos_token_ids) r->stops.push_back(static_cast<int32_t>(e));
   }
   r->request_id = std::move(p.request_id);
   r->gen = std::move(cb);
@@ -141,19 +128,17 @@ absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p,
   return Enqueue(std::move(r));
 }
 
-absl::StatusOr<RequestId> Scheduler::SubmitForward(std::vector<int32_t> tokens,
-                                                   bool all_positions,
+absl::StatusOr<RequestId> Scheduler::SubmitForward(std::vector<int32_t> tokens, bool all_positions,
                                                    ForwardCallback done) {
   const core::ModelConfig& c = config();
   if (auto st = ValidateTokens(tokens, "tokens"); !st.ok()) return st;
   const int64_t n = static_cast<int64_t>(tokens.size());
   if (n > c.max_position_embeddings) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "tokens: ", n, " tokens exceed the model's context of ",
-        c.max_position_embeddings, " tokens (max_position_embeddings)"));
+    return absl::InvalidArgumentError(
+        absl::StrCat("tokens: ", n, " tokens exceed the model's context of ",
+                     c.max_position_embeddings, " tokens (max_position_embeddings)"));
   }
-  if (auto st = CheckFitsBudget(n, absl::StrCat(n, " prompt tokens")); !st.ok())
-    return st;
+  if (auto st = CheckFitsBudget(n, absl::StrCat(n, " prompt tokens")); !st.ok()) return st;
   auto r = std::make_unique<Request>();
   r->is_forward = true;
   r->prompt = std::move(tokens);
@@ -164,12 +149,11 @@ absl::StatusOr<RequestId> Scheduler::SubmitForward(std::vector<int32_t> tokens,
 
 absl::StatusOr<RequestId> Scheduler::Enqueue(std::unique_ptr<Request> r) {
   absl::MutexLock l(&mu_);
-  if (draining_ || stop_)
-    return absl::UnavailableError("router is shutting down");
+  if (draining_ || stop_) return absl::UnavailableError("router is shutting down");
   if (static_cast<int64_t>(queue_.size()) >= options_.max_queue) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "router overloaded: ", queue_.size(), " requests queued (--max-queue ",
-        options_.max_queue, "); retry later"));
+    return absl::ResourceExhaustedError(absl::StrCat("router overloaded: ", queue_.size(),
+                                                     " requests queued (--max-queue ",
+                                                     options_.max_queue, "); retry later"));
   }
   r->id = next_id_++;
   if (r->request_id.empty()) r->request_id = absl::StrCat("r", r->id);
@@ -182,8 +166,7 @@ absl::StatusOr<RequestId> Scheduler::Enqueue(std::unique_ptr<Request> r) {
 void Scheduler::Cancel(RequestId id) {
   absl::MutexLock l(&mu_);
   auto it = live_.find(id);
-  if (it != live_.end())
-    it->second->cancelled.store(true, std::memory_order_relaxed);
+  if (it != live_.end()) it->second->cancelled.store(true, std::memory_order_relaxed);
   // The thread is awake whenever something is queued or running, so it sees the
   // flag at its next admission or step; no signal needed.
 }
@@ -207,11 +190,8 @@ void Scheduler::Shutdown(absl::Duration grace) {
   {
     absl::MutexLock l(&mu_);
     draining_ = true;
-    auto idle = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return queue_.empty() && active_ == 0;
-    };
-    if (grace > absl::ZeroDuration())
-      mu_.AwaitWithTimeout(absl::Condition(&idle), grace);
+    auto idle = [this]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return queue_.empty() && active_ == 0; };
+    if (grace > absl::ZeroDuration()) mu_.AwaitWithTimeout(absl::Condition(&idle), grace);
     stop_ = true;
   }
   thread_.join();
@@ -245,8 +225,7 @@ bool Scheduler::Admit() {
     // Strict FIFO: the head waits for room, and everything behind it waits too.
     size_t free = cache_.budget_bytes() - cache_.used_bytes();
     while (!stop && !queue_.empty()) {
-      const size_t need =
-          static_cast<size_t>(queue_.front()->Capacity()) * bytes_per_token_;
+      const size_t need = static_cast<size_t>(queue_.front()->Capacity()) * bytes_per_token_;
       if (need > free) break;
       free -= need;
       admitted.push_back(std::move(queue_.front()));
@@ -254,11 +233,9 @@ bool Scheduler::Admit() {
       ++active_;  // counted from here so that queued + active never dips
     }
   }
-  const absl::Status shutting_down =
-      absl::UnavailableError("router is shutting down");
+  const absl::Status shutting_down = absl::UnavailableError("router is shutting down");
   for (auto& r : cancelled) {
-    Finish(std::move(r),
-           stop ? shutting_down : absl::CancelledError("request cancelled"));
+    Finish(std::move(r), stop ? shutting_down : absl::CancelledError("request cancelled"));
   }
   for (auto& r : admitted) {
     absl::StatusOr<int32_t> seq = cache_.Allocate(r->Capacity());
@@ -314,9 +291,8 @@ void Scheduler::Step() {
     if (!r->Prefilling()) continue;
     const int64_t rest = static_cast<int64_t>(r->prompt.size()) - r->prefilled;
     const int64_t n = std::min(rest, budget);
-    batch_.push_back(
-        {r->seq, std::span<const int32_t>(r->prompt).subspan(r->prefilled, n),
-         r->is_forward && r->all_positions});
+    batch_.push_back({r->seq, std::span<const int32_t>(r->prompt).subspan(r->prefilled, n),
+                      r->is_forward && r->all_positions});
     members_.push_back(r.get());
     r->in_step = true;
     budget -= n;
@@ -367,8 +343,7 @@ void Scheduler::Step() {
     if (r->Prefilling()) r->prefilled += n;
     if (r->is_forward) {
       if (r->all_positions) {
-        r->result.logits.insert(r->result.logits.end(), first_row,
-                                first_row + rows * V);
+        r->result.logits.insert(r->result.logits.end(), first_row, first_row + rows * V);
         r->result.rows += rows;
       } else if (!r->Prefilling()) {
         r->result.logits.assign(first_row, first_row + V);
@@ -381,8 +356,7 @@ void Scheduler::Step() {
       continue;
     }
     if (r->Prefilling()) continue;  // a chunk in the middle of the prompt
-    const int32_t token =
-        r->sampler->Sample({first_row, static_cast<size_t>(V)});
+    const int32_t token = r->sampler->Sample({first_row, static_cast<size_t>(V)});
     r->last_token = token;
     TokenEvent ev;
     ev.token = token;

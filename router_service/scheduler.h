@@ -50,29 +50,25 @@ namespace dmoe::router {
 
 struct SchedulerOptions {
   size_t kv_cache_bytes = size_t{1} << 30;  // KV cache budget
-  int64_t max_batch_tokens =
-      2048;                 // tokens per step (decodes + prefill chunks)
-  int64_t max_queue = 256;  // requests waiting for admission, at most
+  int64_t max_batch_tokens = 2048;          // tokens per step (decodes + prefill chunks)
+  int64_t max_queue = 256;                  // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
   std::function<void(absl::Duration)> on_step;
 };
 
 struct GenerateParams {
   std::vector<int32_t> prompt;  // at least one token, ids in [0, vocab)
-  int64_t max_tokens =
-      16;  // >= 1; prompt + max_tokens <= max_position_embeddings
+  int64_t max_tokens = 16;      // >= 1; prompt + max_tokens <= max_position_embeddings
   core::SamplingParams sampling;
-  std::vector<int32_t>
-      stop_token_ids;       // end generation (the stop token is emitted)
-  bool ignore_eos = false;  // else the config's eos_token_ids also stop
-  std::string request_id;   // for logs
+  std::vector<int32_t> stop_token_ids;  // end generation (the stop token is emitted)
+  bool ignore_eos = false;              // else the config's eos_token_ids also stop
+  std::string request_id;               // for logs
 };
 
 struct TokenEvent {
   int32_t token = 0;
-  int64_t index = 0;  // 0-based among the generated tokens
-  std::string_view
-      finish_reason;  // "" or, on the last token, "stop" / "length"
+  int64_t index = 0;               // 0-based among the generated tokens
+  std::string_view finish_reason;  // "" or, on the last token, "stop" / "length"
 };
 
 struct GenerateCallbacks {
@@ -105,8 +101,8 @@ class Scheduler {
  public:
   // Takes ownership of `model` and starts the scheduler thread. InvalidArgument
   // for a zero KV budget, max_batch_tokens < 1 or max_queue < 1.
-  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(
-      std::unique_ptr<core::Model> model, SchedulerOptions options);
+  static absl::StatusOr<std::unique_ptr<Scheduler>> Create(std::unique_ptr<core::Model> model,
+                                                           SchedulerOptions options);
   // Shutdown(absl::ZeroDuration()) when not yet shut down.
   ~Scheduler();
   Scheduler(const Scheduler&) = delete;
@@ -120,13 +116,11 @@ class Scheduler {
   // request needs more KV cache than the whole budget (names the bytes) or the
   // admission queue is full ("router overloaded: N requests queued");
   // UNAVAILABLE after Shutdown began.
-  absl::StatusOr<RequestId> SubmitGenerate(GenerateParams params,
-                                           GenerateCallbacks callbacks);
+  absl::StatusOr<RequestId> SubmitGenerate(GenerateParams params, GenerateCallbacks callbacks);
 
   // Queues a forward pass over `tokens`: logits of every position when
   // `all_positions`, else of the last one. Errors as SubmitGenerate.
-  absl::StatusOr<RequestId> SubmitForward(std::vector<int32_t> tokens,
-                                          bool all_positions,
+  absl::StatusOr<RequestId> SubmitForward(std::vector<int32_t> tokens, bool all_positions,
                                           ForwardCallback done);
 
   // Ends the request at the next step (queued: at once) with CANCELLED and
@@ -144,8 +138,7 @@ class Scheduler {
   struct Request;
   Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions options);
 
-  absl::Status ValidateTokens(std::span<const int32_t> tokens,
-                              const char* field) const;
+  absl::Status ValidateTokens(std::span<const int32_t> tokens, const char* field) const;
   absl::Status CheckFitsBudget(int64_t tokens, const std::string& what) const;
   absl::StatusOr<RequestId> Enqueue(std::unique_ptr<Request> r);
   void Loop();
@@ -171,8 +164,7 @@ class Scheduler {
 
   mutable absl::Mutex mu_;
   std::deque<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);
-  absl::flat_hash_map<RequestId, Request*> live_
-      ABSL_GUARDED_BY(mu_);  // queued + running
+  absl::flat_hash_map<RequestId, Request*> live_ ABSL_GUARDED_BY(mu_);  // queued + running
   RequestId next_id_ ABSL_GUARDED_BY(mu_) = 1;
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool stop_ ABSL_GUARDED_BY(mu_) = false;

@@ -58,9 +58,7 @@ class Timeline {
   // Waits (at most a minute) until `n` requests have ended.
   bool WaitDone(size_t n) {
     absl::MutexLock l(&mu_);
-    auto enough = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) {
-      return done_.size() >= n;
-    };
+    auto enough = [&]() ABSL_SHARED_LOCKS_REQUIRED(mu_) { return done_.size() >= n; };
     return mu_.AwaitWithTimeout(absl::Condition(&enough), absl::Minutes(1));
   }
   std::vector<std::string> tokens() const {
@@ -80,8 +78,7 @@ class Timeline {
   mutable absl::Mutex mu_;
   int steps_ ABSL_GUARDED_BY(mu_) = 0;
   std::vector<std::string> tokens_ ABSL_GUARDED_BY(mu_);
-  std::vector<std::pair<std::string, absl::StatusCode>> done_
-      ABSL_GUARDED_BY(mu_);
+  std::vector<std::pair<std::string, absl::StatusCode>> done_ ABSL_GUARDED_BY(mu_);
 };
 
 class SchedulerTest : public ::testing::Test {
@@ -125,9 +122,7 @@ class SchedulerTest : public ::testing::Test {
       timeline_.Token(name, ev);
       if (also_on_token) also_on_token(ev);
     };
-    cb.on_done = [this, name](const absl::Status& st) {
-      timeline_.Done(name, st);
-    };
+    cb.on_done = [this, name](const absl::Status& st) { timeline_.Done(name, st); };
     return scheduler_->SubmitGenerate(std::move(p), std::move(cb));
   }
 
@@ -139,8 +134,7 @@ class SchedulerTest : public ::testing::Test {
                            release_blocker_.WaitForNotification();
                          }),
                 IsOk());
-    ASSERT_TRUE(
-        blocker_entered_.WaitForNotificationWithTimeout(absl::Minutes(1)));
+    ASSERT_TRUE(blocker_entered_.WaitForNotificationWithTimeout(absl::Minutes(1)));
   }
   void ReleaseBlocker() { release_blocker_.Notify(); }
 
@@ -168,13 +162,11 @@ TEST_F(SchedulerTest, AdmissionIsStrictlyFifo) {
   ReleaseBlocker();
   ASSERT_TRUE(timeline_.WaitDone(4));
 
-  EXPECT_THAT(timeline_.tokens(), ElementsAre("1:blocker#0", "2:A#0", "3:A#1",
-                                              "4:B#0", "4:C#0", "5:B#1"));
+  EXPECT_THAT(timeline_.tokens(),
+              ElementsAre("1:blocker#0", "2:A#0", "3:A#1", "4:B#0", "4:C#0", "5:B#1"));
   EXPECT_THAT(timeline_.done(),
-              ElementsAre(Pair("blocker", absl::StatusCode::kOk),
-                          Pair("A", absl::StatusCode::kOk),
-                          Pair("C", absl::StatusCode::kOk),
-                          Pair("B", absl::StatusCode::kOk)));
+              ElementsAre(Pair("blocker", absl::StatusCode::kOk), Pair("A", absl::StatusCode::kOk),
+                          Pair("C", absl::StatusCode::kOk), Pair("B", absl::StatusCode::kOk)));
   const SchedulerLoad load = scheduler_->GetLoad();
   EXPECT_EQ(load.active_sequences, 0);
   EXPECT_EQ(load.queued_requests, 0);
@@ -192,9 +184,8 @@ TEST_F(SchedulerTest, EveryStepStaysWithinTheTokenBudget) {
   ReleaseBlocker();
   ASSERT_TRUE(timeline_.WaitDone(4));
 
-  EXPECT_THAT(timeline_.tokens(),
-              ElementsAre("1:blocker#0", "2:A#0", "2:B#0", "3:A#1", "3:B#1",
-                          "4:A#2", "4:B#2", "5:C#0", "6:C#1", "7:C#2"));
+  EXPECT_THAT(timeline_.tokens(), ElementsAre("1:blocker#0", "2:A#0", "2:B#0", "3:A#1", "3:B#1",
+                                              "4:A#2", "4:B#2", "5:C#0", "6:C#1", "7:C#2"));
   const SchedulerLoad load = scheduler_->GetLoad();
   EXPECT_EQ(load.steps, 7u);
   EXPECT_EQ(timeline_.steps(), 7);
@@ -210,13 +201,12 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksAlongsideDecoding) {
   Start(/*kv_tokens=*/64, /*max_batch_tokens=*/4);
   StartBlocker();
   ASSERT_THAT(Generate("D", {30}, 4), IsOk());
-  ASSERT_THAT(Generate("L", {40, 41, 42, 43, 44, 45, 46, 47, 48, 49}, 1),
-              IsOk());
+  ASSERT_THAT(Generate("L", {40, 41, 42, 43, 44, 45, 46, 47, 48, 49}, 1), IsOk());
   ReleaseBlocker();
   ASSERT_TRUE(timeline_.WaitDone(3));
 
-  EXPECT_THAT(timeline_.tokens(), ElementsAre("1:blocker#0", "2:D#0", "3:D#1",
-                                              "4:D#2", "5:D#3", "5:L#0"));
+  EXPECT_THAT(timeline_.tokens(),
+              ElementsAre("1:blocker#0", "2:D#0", "3:D#1", "4:D#2", "5:D#3", "5:L#0"));
   const SchedulerLoad load = scheduler_->GetLoad();
   EXPECT_EQ(load.steps, 5u);
   // 1 (blocker) + (1 + 3) + (1 + 3) + (1 + 3) + (1 + 1).
@@ -228,10 +218,8 @@ TEST_F(SchedulerTest, LongPromptIsPrefilledInChunksAlongsideDecoding) {
 TEST_F(SchedulerTest, ChunkedPrefillGivesTheLogitsOfAWholePrefill) {
   dir_ = testing::MakeModel("tiny-v3", 22);
   Timeline chunked_timeline, whole_timeline;
-  auto chunked =
-      Create(/*kv_tokens=*/64, /*max_batch_tokens=*/3, &chunked_timeline);
-  auto whole =
-      Create(/*kv_tokens=*/64, /*max_batch_tokens=*/64, &whole_timeline);
+  auto chunked = Create(/*kv_tokens=*/64, /*max_batch_tokens=*/3, &chunked_timeline);
+  auto whole = Create(/*kv_tokens=*/64, /*max_batch_tokens=*/64, &whole_timeline);
   ASSERT_NE(chunked, nullptr);
   ASSERT_NE(whole, nullptr);
   const std::vector<int32_t> prompt = {7, 100, 3, 250, 9, 9, 480, 1, 66, 12};
@@ -268,8 +256,7 @@ TEST_F(SchedulerTest, ChunkedPrefillGivesTheLogitsOfAWholePrefill) {
     for (int64_t v = 0; v < vocab; ++v)
       row_max = std::max(row_max, double(std::fabs(b->logits[r * vocab + v])));
     for (int64_t v = 0; v < vocab; ++v) {
-      ASSERT_NEAR(a->logits[r * vocab + v], b->logits[r * vocab + v],
-                  1e-4 * row_max)
+      ASSERT_NEAR(a->logits[r * vocab + v], b->logits[r * vocab + v], 1e-4 * row_max)
           << "position " << r << " token " << v;
     }
   }
@@ -296,15 +283,13 @@ TEST_F(SchedulerTest, CancelEndsQueuedAndRunningRequestsAndFreesTheirCache) {
   ReleaseBlocker();
   ASSERT_TRUE(timeline_.WaitDone(4));
 
+  EXPECT_THAT(timeline_.tokens(),
+              ElementsAre("1:blocker#0", "2:A#0", "3:A#1", "4:A#2", "5:C#0", "6:C#1", "7:C#2",
+                          "8:C#3", "9:C#4", "10:C#5", "11:C#6", "12:C#7"));
   EXPECT_THAT(
-      timeline_.tokens(),
-      ElementsAre("1:blocker#0", "2:A#0", "3:A#1", "4:A#2", "5:C#0", "6:C#1",
-                  "7:C#2", "8:C#3", "9:C#4", "10:C#5", "11:C#6", "12:C#7"));
-  EXPECT_THAT(timeline_.done(),
-              ElementsAre(Pair("blocker", absl::StatusCode::kOk),
-                          Pair("B", absl::StatusCode::kCancelled),
-                          Pair("A", absl::StatusCode::kCancelled),
-                          Pair("C", absl::StatusCode::kOk)));
+      timeline_.done(),
+      ElementsAre(Pair("blocker", absl::StatusCode::kOk), Pair("B", absl::StatusCode::kCancelled),
+                  Pair("A", absl::StatusCode::kCancelled), Pair("C", absl::StatusCode::kOk)));
   scheduler_->Cancel(*a);  // finished: nothing happens
   const SchedulerLoad load = scheduler_->GetLoad();
   EXPECT_EQ(load.active_sequences, 0);
@@ -318,33 +303,29 @@ TEST_F(SchedulerTest, RequestLargerThanTheKvBudgetIsRefusedAndOthersRun) {
   const size_t bpt = bytes_per_token_;
   ASSERT_GT(bpt, 0u);
 
-  EXPECT_THAT(
-      Generate("big", {60, 61, 62, 63}, 8),
-      StatusIs(
-          absl::StatusCode::kResourceExhausted,
-          HasSubstr(absl::StrCat(
-              "request needs ", 12 * bpt,
-              " bytes of KV cache (4 prompt + 8 max_tokens = 12 tokens x ", bpt,
-              " bytes), more than the router's whole KV cache "
-              "budget of ",
-              10 * bpt, " bytes"))));
-  EXPECT_THAT(
-      scheduler_->SubmitForward(std::vector<int32_t>(11, 3), false,
-                                [](absl::StatusOr<ForwardResult>) {
-                                  ADD_FAILURE() << "refused: no callback";
-                                }),
-      StatusIs(absl::StatusCode::kResourceExhausted,
-               HasSubstr(absl::StrCat("request needs ", 11 * bpt,
-                                      " bytes of KV cache (11 prompt tokens = "
-                                      "11 tokens x ",
-                                      bpt, " bytes)"))));
+  EXPECT_THAT(Generate("big", {60, 61, 62, 63}, 8),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr(absl::StrCat(
+                           "request needs ", 12 * bpt,
+                           " bytes of KV cache (4 prompt + 8 max_tokens = 12 tokens x ", bpt,
+                           " bytes), more than the router's whole KV cache "
+                           "budget of ",
+                           10 * bpt, " bytes"))));
+  EXPECT_THAT(scheduler_->SubmitForward(
+                  std::vector<int32_t>(11, 3), false,
+                  [](absl::StatusOr<ForwardResult>) { ADD_FAILURE() << "refused: no callback"; }),
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr(absl::StrCat("request needs ", 11 * bpt,
+                                              " bytes of KV cache (11 prompt tokens = "
+                                              "11 tokens x ",
+                                              bpt, " bytes)"))));
 
   // Exactly the budget: runs, one at a time.
   ASSERT_THAT(Generate("A", {60, 61}, 8), IsOk());
   ASSERT_THAT(Generate("B", {60, 61, 62, 63}, 6), IsOk());
   ASSERT_TRUE(timeline_.WaitDone(2));
-  EXPECT_THAT(timeline_.done(), ElementsAre(Pair("A", absl::StatusCode::kOk),
-                                            Pair("B", absl::StatusCode::kOk)));
+  EXPECT_THAT(timeline_.done(),
+              ElementsAre(Pair("A", absl::StatusCode::kOk), Pair("B", absl::StatusCode::kOk)));
   const std::vector<std::string> tokens = timeline_.tokens();
   ASSERT_EQ(tokens.size(), 14u);
   EXPECT_THAT(tokens.front(), HasSubstr(":A#0"));

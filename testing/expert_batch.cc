@@ -23,8 +23,7 @@ HostFfn RandomFfn(int64_t hidden, int64_t inter, uint32_t seed) {
   return f;
 }
 
-void HostBatch::AddToken(const std::vector<float>& xt,
-                         const std::vector<int32_t>& ffns,
+void HostBatch::AddToken(const std::vector<float>& xt, const std::vector<int32_t>& ffns,
                          const std::vector<float>& ws) {
   x.insert(x.end(), xt.begin(), xt.end());
   ids.insert(ids.end(), ffns.begin(), ffns.end());
@@ -32,18 +31,15 @@ void HostBatch::AddToken(const std::vector<float>& xt,
   offsets.push_back(static_cast<int32_t>(ids.size()));
 }
 
-HostBatch RandomBatch(const RandomBatchSpec& spec, int64_t tokens,
-                      uint32_t seed) {
+HostBatch RandomBatch(const RandomBatchSpec& spec, int64_t tokens, uint32_t seed) {
   std::mt19937 rng(seed);
-  std::uniform_real_distribution<float> weight(spec.min_weight,
-                                               spec.max_weight);
+  std::uniform_real_distribution<float> weight(spec.min_weight, spec.max_weight);
   HostBatch b;
   b.layer = spec.layer;
   b.hidden = spec.hidden;
   for (int64_t t = 0; t < tokens; ++t) {
     const int k =
-        std::min(spec.variable_k ? static_cast<int>(rng() % (spec.top_k + 1))
-                                 : spec.top_k,
+        std::min(spec.variable_k ? static_cast<int>(rng() % (spec.top_k + 1)) : spec.top_k,
                  spec.num_experts);
     std::vector<int32_t> ids;
     while (static_cast<int>(ids.size()) < k) {
@@ -57,8 +53,7 @@ HostBatch RandomBatch(const RandomBatchSpec& spec, int64_t tokens,
         ids.push_back(core::kSharedFfn);
         break;
       case SharedFfn::kMostly:
-        if (rng() % 8 != 0)
-          ids.insert(ids.begin() + rng() % (ids.size() + 1), core::kSharedFfn);
+        if (rng() % 8 != 0) ids.insert(ids.begin() + rng() % (ids.size() + 1), core::kSharedFfn);
         break;
     }
     std::vector<float> ws(ids.size());

@@ -41,11 +41,8 @@ std::vector<float> Uniform(size_t n, float scale, std::mt19937* rng);
 
 struct HostFfn {
   int64_t hidden = 0, inter = 0;
-  std::vector<float> gate{}, up{},
-      down{};  // [inter, hidden] x2, [hidden, inter]
-  core::FfnWeights View() const {
-    return core::FfnWeights{hidden, inter, gate, up, down};
-  }
+  std::vector<float> gate{}, up{}, down{};  // [inter, hidden] x2, [hidden, inter]
+  core::FfnWeights View() const { return core::FfnWeights{hidden, inter, gate, up, down}; }
 };
 
 HostFfn RandomFfn(int64_t hidden, int64_t inter, uint32_t seed);
@@ -64,8 +61,7 @@ struct HostBatch {
   core::ExpertBatch View() const { return View(layer); }
   // The same tokens as a batch of another layer.
   core::ExpertBatch View(int32_t other_layer) const {
-    return core::ExpertBatch{other_layer, tokens(), hidden, x.data(),
-                             offsets,     ids,      weights};
+    return core::ExpertBatch{other_layer, tokens(), hidden, x.data(), offsets, ids, weights};
   }
 };
 
@@ -86,8 +82,7 @@ struct RandomBatchSpec {
   float min_weight = -1.0f, max_weight = 1.0f;
 };
 
-HostBatch RandomBatch(const RandomBatchSpec& spec, int64_t tokens,
-                      uint32_t seed);
+HostBatch RandomBatch(const RandomBatchSpec& spec, int64_t tokens, uint32_t seed);
 
 }  // namespace dmoe::testing
 

@@ -22,8 +22,7 @@ bool WriteFile(const std::string& path, std::string_view bytes) {
 }
 
 std::string SourceDir() {
-  if (const char* d = std::getenv("DMOE_SOURCE_DIR"); d != nullptr && *d)
-    return d;
+  if (const char* d = std::getenv("DMOE_SOURCE_DIR"); d != nullptr && *d) return d;
   return DMOE_TESTING_SOURCE_DIR;  // set by testing/CMakeLists.txt
 }
 

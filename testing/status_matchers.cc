@@ -3,9 +3,8 @@
 namespace dmoe::testing {
 namespace internal_status {
 
-bool StatusCheck::MatchAndExplain(
-    const absl::Status& status,
-    ::testing::MatchResultListener* listener) const {
+bool StatusCheck::MatchAndExplain(const absl::Status& status,
+                                  ::testing::MatchResultListener* listener) const {
   *listener << "whose status is " << status;
   if (status.code() != code_) return false;
   const std::string message(status.message());
@@ -41,8 +40,7 @@ internal_status::StatusMatcher IsOk() {
 }
 
 internal_status::StatusMatcher StatusIs(absl::StatusCode code) {
-  return internal_status::StatusMatcher(
-      internal_status::StatusCheck(code, ::testing::_));
+  return internal_status::StatusMatcher(internal_status::StatusCheck(code, ::testing::_));
 }
 
 }  // namespace dmoe::testing

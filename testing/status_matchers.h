@@ -35,12 +35,10 @@ const absl::Status& GetStatus(const absl::StatusOr<T>& s) {
 // What every StatusIs / IsOk matcher checks, on the absl::Status itself.
 class StatusCheck {
  public:
-  StatusCheck(absl::StatusCode code,
-              ::testing::Matcher<const std::string&> message)
+  StatusCheck(absl::StatusCode code, ::testing::Matcher<const std::string&> message)
       : code_(code), message_(std::move(message)) {}
 
-  bool MatchAndExplain(const absl::Status& status,
-                       ::testing::MatchResultListener* listener) const;
+  bool MatchAndExplain(const absl::Status& status, ::testing::MatchResultListener* listener) const;
   void DescribeTo(std::ostream* os) const;
   void DescribeNegationTo(std::ostream* os) const;
 
@@ -53,15 +51,11 @@ template <typename StatusType>
 class MonoStatusMatcher : public ::testing::MatcherInterface<StatusType> {
  public:
   explicit MonoStatusMatcher(StatusCheck check) : check_(std::move(check)) {}
-  bool MatchAndExplain(
-      StatusType actual,
-      ::testing::MatchResultListener* listener) const override {
+  bool MatchAndExplain(StatusType actual, ::testing::MatchResultListener* listener) const override {
     return check_.MatchAndExplain(GetStatus(actual), listener);
   }
   void DescribeTo(std::ostream* os) const override { check_.DescribeTo(os); }
-  void DescribeNegationTo(std::ostream* os) const override {
-    check_.DescribeNegationTo(os);
-  }
+  void DescribeNegationTo(std::ostream* os) const override { check_.DescribeNegationTo(os); }
 
  private:
   StatusCheck check_;
@@ -73,8 +67,7 @@ class StatusMatcher {
   explicit StatusMatcher(StatusCheck check) : check_(std::move(check)) {}
   template <typename StatusType>
   operator ::testing::Matcher<StatusType>() const {  // NOLINT: implicit
-    return ::testing::Matcher<StatusType>(
-        new MonoStatusMatcher<const StatusType&>(check_));
+    return ::testing::Matcher<StatusType>(new MonoStatusMatcher<const StatusType&>(check_));
   }
 
  private:
@@ -88,11 +81,9 @@ internal_status::StatusMatcher IsOk();
 internal_status::StatusMatcher StatusIs(absl::StatusCode code);
 
 template <typename MessageMatcher>
-internal_status::StatusMatcher StatusIs(absl::StatusCode code,
-                                        MessageMatcher&& message) {
+internal_status::StatusMatcher StatusIs(absl::StatusCode code, MessageMatcher&& message) {
   return internal_status::StatusMatcher(internal_status::StatusCheck(
-      code, ::testing::MatcherCast<const std::string&>(
-                std::forward<MessageMatcher>(message))));
+      code, ::testing::MatcherCast<const std::string&>(std::forward<MessageMatcher>(message))));
 }
 
 }  // namespace dmoe::testing

@@ -22,8 +22,7 @@ using Clock = std::chrono::steady_clock;
 
 std::vector<char*> Argv(const std::vector<std::string>& argv) {
   std::vector<char*> args;
-  for (const std::string& a : argv)
-    args.push_back(const_cast<char*>(a.c_str()));
+  for (const std::string& a : argv) args.push_back(const_cast<char*>(a.c_str()));
   args.push_back(nullptr);
   return args;
 }
@@ -48,8 +47,7 @@ std::string BinDir() {
 
 ChildProcess::~ChildProcess() { Kill(SIGKILL); }
 
-bool ChildProcess::Start(const std::vector<std::string>& argv,
-                         const std::string& log_path) {
+bool ChildProcess::Start(const std::vector<std::string>& argv, const std::string& log_path) {
   log_path_ = log_path;
   std::vector<char*> args = Argv(argv);  // before fork: no allocation after it
   const pid_t parent = getpid();
@@ -120,8 +118,7 @@ int WaitForPortFile(const std::string& path, const ChildProcess& child,
 }
 
 std::string FindInPath(const std::string& name) {
-  if (name.find('/') != std::string::npos)
-    return access(name.c_str(), X_OK) == 0 ? name : "";
+  if (name.find('/') != std::string::npos) return access(name.c_str(), X_OK) == 0 ? name : "";
   const char* path = std::getenv("PATH");
   std::stringstream dirs(path != nullptr ? path : "/usr/bin:/bin");
   for (std::string dir; std::getline(dirs, dir, ':');) {
@@ -131,8 +128,7 @@ std::string FindInPath(const std::string& name) {
   return "";
 }
 
-RunResult RunCommand(const std::vector<std::string>& argv,
-                     const RunOptions& options) {
+RunResult RunCommand(const std::vector<std::string>& argv, const RunOptions& options) {
   RunResult r;
   const std::string dir = ScratchDir();
   if (dir.empty() || argv.empty()) return r;
@@ -143,8 +139,7 @@ RunResult RunCommand(const std::vector<std::string>& argv,
   if (pid < 0) return r;
   if (pid == 0) {
     if (!options.cwd.empty() && chdir(options.cwd.c_str()) != 0) _exit(126);
-    if (!freopen(in.c_str(), "r", stdin) ||
-        !freopen(out.c_str(), "w", stdout) ||
+    if (!freopen(in.c_str(), "r", stdin) || !freopen(out.c_str(), "w", stdout) ||
         !freopen(err.c_str(), "w", stderr)) {
       _exit(126);
     }
@@ -165,8 +160,7 @@ RunResult RunCommand(const std::vector<std::string>& argv,
   }
   r.code = !timed_out && WIFEXITED(status) ? WEXITSTATUS(status) : -1;
   if (timed_out) {
-    r.err =
-        "timed out after " + std::to_string(options.timeout.count()) + " s\n";
+    r.err = "timed out after " + std::to_string(options.timeout.count()) + " s\n";
   }
   r.out = ReadFile(out);
   r.err += ReadFile(err);

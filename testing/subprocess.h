@@ -66,9 +66,8 @@ class ChildProcess {
   std::string log_path_;
 };
 
-int WaitForPortFile(
-    const std::string& path, const ChildProcess& child,
-    std::chrono::milliseconds timeout = std::chrono::seconds(60));
+int WaitForPortFile(const std::string& path, const ChildProcess& child,
+                    std::chrono::milliseconds timeout = std::chrono::seconds(60));
 
 std::string FindInPath(const std::string& name);
 
@@ -83,8 +82,7 @@ struct RunResult {
   std::string out, err;
 };
 
-RunResult RunCommand(const std::vector<std::string>& argv,
-                     const RunOptions& options = {});
+RunResult RunCommand(const std::vector<std::string>& argv, const RunOptions& options = {});
 
 }  // namespace dmoe::testing
 

@@ -53,7 +53,8 @@ TEST(BadCheckpoint, MissingTensorIsNamed) {
 TEST(BadCheckpoint, WrongShapeIsNamed) {
   const std::string dir = Fresh();
   testing::PatchConfig(dir, {{"moe_intermediate_size", 48}});
-  ExpectError(LoadStatus(dir), absl::StatusCode::kInvalidArgument, "mlp.experts.0.gate_proj.weight");
+  ExpectError(LoadStatus(dir), absl::StatusCode::kInvalidArgument,
+              "mlp.experts.0.gate_proj.weight");
   ExpectError(LoadStatus(dir), absl::StatusCode::kInvalidArgument, "expected [48, 64]");
 }
 

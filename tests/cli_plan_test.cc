@@ -13,9 +13,9 @@
 #include <set>
 #include <sstream>
 
-#include "placement/planner.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "placement/planner.h"
 #include "tests/test_util.h"
 
 namespace dmoe {
@@ -31,8 +31,7 @@ struct RunResult {
 RunResult Dmoe(const std::string& args) {
   const char* d = std::getenv("DMOE_BIN_DIR");
   const std::string err_path = testing::FreshDir("stderr") + "/err.txt";
-  const std::string cmd =
-      std::string(d ? d : "build/bin") + "/dmoe " + args + " 2>" + err_path;
+  const std::string cmd = std::string(d ? d : "build/bin") + "/dmoe " + args + " 2>" + err_path;
   RunResult r;
   FILE* p = popen(cmd.c_str(), "r");
   if (!p) return r;
@@ -48,8 +47,7 @@ RunResult Dmoe(const std::string& args) {
   return r;
 }
 
-std::string Write(const std::string& dir, const std::string& name,
-                  const std::string& text) {
+std::string Write(const std::string& dir, const std::string& name, const std::string& text) {
   const std::string path = dir + "/" + name;
   std::ofstream(path) << text;
   return path;
@@ -64,17 +62,15 @@ std::vector<double> Zipf(int n, double s, uint64_t seed) {
 }
 
 // Checks the contract of `out` for `loads`; returns the plan's layers.
-std::vector<place::ServerSlots> CheckContract(
-    const std::string& out, const std::vector<std::vector<double>>& loads,
-    int n, int s, int groups = 0, int nodes = 0) {
+std::vector<place::ServerSlots> CheckContract(const std::string& out,
+                                              const std::vector<std::vector<double>>& loads, int n,
+                                              int s, int groups = 0, int nodes = 0) {
   std::vector<place::ServerSlots> layers;
-  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1)
-      << "one JSON object on one line";
+  EXPECT_EQ(std::count(out.begin(), out.end(), '\n'), 1) << "one JSON object on one line";
   const json j = json::parse(out, nullptr, false);
   EXPECT_TRUE(j.is_object()) << out;
   if (!j.is_object()) return layers;
-  EXPECT_EQ(j.size(), 2u)
-      << "exactly \"layers\" and \"predicted_max_over_mean\"";
+  EXPECT_EQ(j.size(), 2u) << "exactly \"layers\" and \"predicted_max_over_mean\"";
   EXPECT_TRUE(j["layers"].is_array());
   EXPECT_TRUE(j["predicted_max_over_mean"].is_array());
   EXPECT_EQ(j["layers"].size(), loads.size());
@@ -89,8 +85,7 @@ std::vector<place::ServerSlots> CheckContract(
     std::vector<std::set<int>> nodes_of_group(std::max(groups, 1));
     for (int sv = 0; sv < static_cast<int>(lj["servers"].size()); ++sv) {
       const json& sj = lj["servers"][sv];
-      EXPECT_EQ(sj.size(), static_cast<size_t>(s))
-          << "layer " << l << " server " << sv;
+      EXPECT_EQ(sj.size(), static_cast<size_t>(s)) << "layer " << l << " server " << sv;
       std::set<int> seen;
       servers.emplace_back();
       for (const json& e : sj) {
@@ -113,22 +108,17 @@ std::vector<place::ServerSlots> CheckContract(
     for (int e = 0; e < num_experts; ++e)
       EXPECT_GE(count[e], 1) << "layer " << l << " expert " << e;
     for (size_t g = 0; groups > 0 && g < nodes_of_group.size(); ++g) {
-      EXPECT_EQ(nodes_of_group[g].size(), 1u)
-          << "group " << g << " spans nodes";
+      EXPECT_EQ(nodes_of_group[g].size(), 1u) << "group " << g << " spans nodes";
     }
     // Predicted max/mean, recomputed in float64 from the definition.
     std::vector<double> server_load(n, 0.0);
     for (int sv = 0; sv < n; ++sv) {
       for (int32_t e : servers[sv]) server_load[sv] += loads[l][e] / count[e];
     }
-    const double mean =
-        std::accumulate(server_load.begin(), server_load.end(), 0.0) / n;
+    const double mean = std::accumulate(server_load.begin(), server_load.end(), 0.0) / n;
     const double expected =
-        mean > 0
-            ? *std::max_element(server_load.begin(), server_load.end()) / mean
-            : 1.0;
-    EXPECT_NEAR(j["predicted_max_over_mean"][l].get<double>(), expected, 1e-9)
-        << "layer " << l;
+        mean > 0 ? *std::max_element(server_load.begin(), server_load.end()) / mean : 1.0;
+    EXPECT_NEAR(j["predicted_max_over_mean"][l].get<double>(), expected, 1e-9) << "layer " << l;
     layers.push_back(servers);
   }
   return layers;
@@ -143,12 +133,10 @@ std::string Placement(const std::vector<place::ServerSlots>& layers, int n) {
 
 TEST(CliPlan, PrintsTheJsonContract) {
   const std::string dir = testing::FreshDir("files");
-  const std::vector<std::vector<double>> loads = {
-      Zipf(64, 1.2, 1), Zipf(64, 0.5, 2), std::vector<double>(64, 0.0)};
-  const std::string path =
-      Write(dir, "loads.json", json{{"loads", loads}}.dump());
-  RunResult r = Dmoe("plan --loads " + path +
-                     " --servers 8 --slots-per-server 10 --json");
+  const std::vector<std::vector<double>> loads = {Zipf(64, 1.2, 1), Zipf(64, 0.5, 2),
+                                                  std::vector<double>(64, 0.0)};
+  const std::string path = Write(dir, "loads.json", json{{"loads", loads}}.dump());
+  RunResult r = Dmoe("plan --loads " + path + " --servers 8 --slots-per-server 10 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   EXPECT_EQ(r.err, "");
   const auto layers = CheckContract(r.out, loads, 8, 10);
@@ -176,19 +164,15 @@ TEST(CliPlan, PrintsTheJsonContract) {
 
 TEST(CliPlan, HierarchicalKeepsGroupsOnNodes) {
   const std::string dir = testing::FreshDir("files");
-  const std::vector<std::vector<double>> loads = {Zipf(256, 0.8, 3),
-                                                  Zipf(256, 1.0, 4)};
-  const std::string path =
-      Write(dir, "loads.json", json{{"loads", loads}}.dump());
-  RunResult r =
-      Dmoe("plan --loads " + path +
-           " --servers 32 --slots-per-server 9 --groups 8 --nodes 4 --json");
+  const std::vector<std::vector<double>> loads = {Zipf(256, 0.8, 3), Zipf(256, 1.0, 4)};
+  const std::string path = Write(dir, "loads.json", json{{"loads", loads}}.dump());
+  RunResult r = Dmoe("plan --loads " + path +
+                     " --servers 32 --slots-per-server 9 --groups 8 --nodes 4 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   CheckContract(r.out, loads, 32, 9, 8, 4);
   // Indivisible shapes: 6 groups on 4 nodes of 2 or 3 servers (N = 10).
   const std::vector<std::vector<double>> small = {Zipf(48, 1.0, 5)};
-  const std::string small_path =
-      Write(dir, "small.json", json{{"loads", small}}.dump());
+  const std::string small_path = Write(dir, "small.json", json{{"loads", small}}.dump());
   r = Dmoe("plan --loads " + small_path +
            " --servers 10 --slots-per-server 8 --groups 6 --nodes 4 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
@@ -198,10 +182,8 @@ TEST(CliPlan, HierarchicalKeepsGroupsOnNodes) {
 TEST(CliPlan, CurrentPlacementMovesFewSlots) {
   const std::string dir = testing::FreshDir("files");
   std::vector<std::vector<double>> loads = {Zipf(64, 1.0, 6), Zipf(64, 0.8, 7)};
-  const std::string before_path =
-      Write(dir, "before.json", json{{"loads", loads}}.dump());
-  RunResult r = Dmoe("plan --loads " + before_path +
-                     " --servers 8 --slots-per-server 10 --json");
+  const std::string before_path = Write(dir, "before.json", json{{"loads", loads}}.dump());
+  RunResult r = Dmoe("plan --loads " + before_path + " --servers 8 --slots-per-server 10 --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto before = CheckContract(r.out, loads, 8, 10);
   const std::string current = Write(dir, "current.json", Placement(before, 8));
@@ -211,13 +193,11 @@ TEST(CliPlan, CurrentPlacementMovesFewSlots) {
     for (double& l : layer)
       l = std::round(l * std::uniform_real_distribution<double>(0.9, 1.1)(rng));
   }
-  const std::string after_path =
-      Write(dir, "after.json", json{{"loads", loads}}.dump());
-  RunResult fresh = Dmoe("plan --loads " + after_path +
-                         " --servers 8 --slots-per-server 10 --json");
-  r = Dmoe("plan --loads " + after_path +
-           " --servers 8 --slots-per-server 10 --current " + current +
-           " --expert-bytes 1000 --json");
+  const std::string after_path = Write(dir, "after.json", json{{"loads", loads}}.dump());
+  RunResult fresh =
+      Dmoe("plan --loads " + after_path + " --servers 8 --slots-per-server 10 --json");
+  r = Dmoe("plan --loads " + after_path + " --servers 8 --slots-per-server 10 --current " +
+           current + " --expert-bytes 1000 --json");
   ASSERT_EQ(fresh.exit_code, 0) << fresh.err;
   ASSERT_EQ(r.exit_code, 0) << r.err;
   const auto scratch = CheckContract(fresh.out, loads, 8, 10);
@@ -229,10 +209,8 @@ TEST(CliPlan, CurrentPlacementMovesFewSlots) {
     std::printf(
         "layer %zu: from scratch %.4f moving %lld slots, --current %.4f moving "
         "%lld slots\n",
-        l, fj["predicted_max_over_mean"][l].get<double>(),
-        static_cast<long long>(m_scratch),
-        ij["predicted_max_over_mean"][l].get<double>(),
-        static_cast<long long>(m_incr));
+        l, fj["predicted_max_over_mean"][l].get<double>(), static_cast<long long>(m_scratch),
+        ij["predicted_max_over_mean"][l].get<double>(), static_cast<long long>(m_incr));
     EXPECT_LT(m_incr, m_scratch);
     EXPECT_LE(ij["predicted_max_over_mean"][l].get<double>(),
               fj["predicted_max_over_mean"][l].get<double>() * 1.02 + 1e-9);
@@ -245,8 +223,7 @@ TEST(CliPlan, CurrentPlacementMovesFewSlots) {
   }
 
   // A server joins (N = 9): the current placement has 8.
-  r = Dmoe("plan --loads " + after_path +
-           " --servers 9 --slots-per-server 9 --current " + current +
+  r = Dmoe("plan --loads " + after_path + " --servers 9 --slots-per-server 9 --current " + current +
            " --json");
   ASSERT_EQ(r.exit_code, 0) << r.err;
   CheckContract(r.out, loads, 9, 9);
@@ -254,8 +231,8 @@ TEST(CliPlan, CurrentPlacementMovesFewSlots) {
 
 TEST(CliPlan, ErrorsAreClearWithExitCodes) {
   const std::string dir = testing::FreshDir("files");
-  const std::string ok = Write(
-      dir, "ok.json", json{{"loads", {std::vector<double>(16, 1.0)}}}.dump());
+  const std::string ok =
+      Write(dir, "ok.json", json{{"loads", {std::vector<double>(16, 1.0)}}}.dump());
   auto expect = [](const RunResult& r, int code, const std::string& message) {
     EXPECT_EQ(r.exit_code, code) << r.err;
     EXPECT_NE(r.err.find(message), std::string::npos)
@@ -263,97 +240,73 @@ TEST(CliPlan, ErrorsAreClearWithExitCodes) {
     EXPECT_EQ(r.out, "");
   };
   // Usage: exit 2.
-  expect(Dmoe("plan --servers 4 --slots-per-server 4"), 2,
-         "--loads is required");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --bogus 1"),
-         2, "unknown flag --bogus");
+  expect(Dmoe("plan --servers 4 --slots-per-server 4"), 2, "--loads is required");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --bogus 1"), 2,
+         "unknown flag --bogus");
   expect(Dmoe("plan --loads " + ok + " --servers 0 --slots-per-server 4"), 2,
          "--servers must be in [1, 65536], got 0");
-  expect(Dmoe("plan --loads " + ok + " --servers x --slots-per-server 4"), 2,
-         "--servers");
+  expect(Dmoe("plan --loads " + ok + " --servers x --slots-per-server 4"), 2, "--servers");
   expect(Dmoe("plan --loads " + ok + " --servers 2 --slots-per-server 3"), 2,
          "--servers 2 x --slots-per-server 3 = 6 slots < 16 experts (every "
          "expert needs a slot) (layer 0 of --loads "
          "has 16 experts)");
   expect(Dmoe("plan --loads " + ok + " --servers 2 --slots-per-server 17"), 2,
          "--slots-per-server 17 exceeds the 16 experts of the layer");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --groups 4"),
-         2, "--groups and --nodes go together");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --groups 3 --nodes 2"),
-         2, "--groups 3 does not divide the 16 experts");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --groups 4 --nodes 8"),
-         2, "--nodes 8 exceeds --servers 4");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --groups 2 --nodes 4"),
-         2,
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --groups 4"), 2,
+         "--groups and --nodes go together");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --groups 3 --nodes 2"), 2,
+         "--groups 3 does not divide the 16 experts");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --groups 4 --nodes 8"), 2,
+         "--nodes 8 exceeds --servers 4");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --groups 2 --nodes 4"), 2,
          "node 0 (1 servers x 4 slots) cannot hold whole groups of 8 experts");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --balance-slack -1"),
-         2, "--balance-slack must be finite and >= 0, got -1");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --balance-slack -1"), 2,
+         "--balance-slack must be finite and >= 0, got -1");
   expect(Dmoe("plan --loads " + ok +
               " --servers 4 --slots-per-server 4 --expert-bytes 10 "
               "--server-bytes 39"),
-         2,
-         "--slots-per-server 4 x --expert-bytes 10 exceeds --server-bytes 39");
+         2, "--slots-per-server 4 x --expert-bytes 10 exceeds --server-bytes 39");
 
   // Input files: exit 1, naming the flag, the file and the field.
   const std::string missing = dir + "/missing.json";
-  expect(Dmoe("plan --loads " + missing + " --servers 4 --slots-per-server 4"),
-         1, "--loads " + missing + ": cannot open");
+  expect(Dmoe("plan --loads " + missing + " --servers 4 --slots-per-server 4"), 1,
+         "--loads " + missing + ": cannot open");
   const std::string bad = Write(dir, "bad.json", "{\"loads\": [[1, 2,]]}");
   expect(Dmoe("plan --loads " + bad + " --servers 4 --slots-per-server 4"), 1,
          "--loads " + bad + ": not valid JSON");
   const std::string shape = Write(dir, "shape.json", "{\"load\": [[1, 2]]}");
   expect(Dmoe("plan --loads " + shape + " --servers 4 --slots-per-server 4"), 1,
          "expected {\"loads\": [[load of expert 0, 1, ...] per layer]}");
-  const std::string empty =
-      Write(dir, "empty.json", "{\"loads\": [[1, 2], []]}");
+  const std::string empty = Write(dir, "empty.json", "{\"loads\": [[1, 2], []]}");
   expect(Dmoe("plan --loads " + empty + " --servers 4 --slots-per-server 4"), 1,
          "loads[1] must be a non-empty array of expert loads");
-  const std::string negative =
-      Write(dir, "negative.json", "{\"loads\": [[1, 2], [1, 2, 3, -1]]}");
-  expect(Dmoe("plan --loads " + negative + " --servers 4 --slots-per-server 1"),
-         1, "loads[1][3] is -1; loads must be finite and >= 0");
+  const std::string negative = Write(dir, "negative.json", "{\"loads\": [[1, 2], [1, 2, 3, -1]]}");
+  expect(Dmoe("plan --loads " + negative + " --servers 4 --slots-per-server 1"), 1,
+         "loads[1][3] is -1; loads must be finite and >= 0");
   const std::string text = Write(dir, "text.json", "{\"loads\": [[1, \"2\"]]}");
   expect(Dmoe("plan --loads " + text + " --servers 4 --slots-per-server 1"), 1,
          "loads[0][1] is not a number");
   const std::string huge = Write(dir, "huge.json", "{\"loads\": [[1, 1e400]]}");
-  expect(Dmoe("plan --loads " + huge + " --servers 4 --slots-per-server 1"), 1,
-         "number overflow");
+  expect(Dmoe("plan --loads " + huge + " --servers 4 --slots-per-server 1"), 1, "number overflow");
 
-  const std::string two_layers =
-      Write(dir, "cur2.json", Placement({{{0, 1}}, {{0, 1}}}, 1));
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --current " + two_layers),
-         1,
-         "--current " + two_layers +
-             ": 2 layers, but --loads has 1 (layers are matched by position)");
-  const std::string range =
-      Write(dir, "range.json", Placement({{{0, 1}, {2, 99}}}, 2));
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --current " + range),
-         1,
+  const std::string two_layers = Write(dir, "cur2.json", Placement({{{0, 1}}, {{0, 1}}}, 1));
+  expect(
+      Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --current " + two_layers), 1,
+      "--current " + two_layers + ": 2 layers, but --loads has 1 (layers are matched by position)");
+  const std::string range = Write(dir, "range.json", Placement({{{0, 1}, {2, 99}}}, 2));
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --current " + range), 1,
          "--current " + range +
              ": layer 0: current placement: server 1: expert id 99 out of "
              "range [0, 16)");
-  const std::string twice =
-      Write(dir, "twice.json", Placement({{{0, 1, 0}}}, 1));
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --current " + twice),
-         1, "layer 0: current placement: server 0 holds expert 0 twice");
+  const std::string twice = Write(dir, "twice.json", Placement({{{0, 1, 0}}}, 1));
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --current " + twice), 1,
+         "layer 0: current placement: server 0 holds expert 0 twice");
   const std::string count = Write(dir, "count.json", Placement({{{0, 1}}}, 3));
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --current " + count),
-         1, "layers[0] lists 1 servers, \"num_servers\" is 3");
-  const std::string ids =
-      Write(dir, "ids.json", "{\"layers\": [{\"servers\": [[0, 1.5]]}]}");
-  expect(Dmoe("plan --loads " + ok +
-              " --servers 4 --slots-per-server 4 --current " + ids),
-         1, "layers[0].servers[0]: expert ids must be integers");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --current " + count), 1,
+         "layers[0] lists 1 servers, \"num_servers\" is 3");
+  const std::string ids = Write(dir, "ids.json", "{\"layers\": [{\"servers\": [[0, 1.5]]}]}");
+  expect(Dmoe("plan --loads " + ok + " --servers 4 --slots-per-server 4 --current " + ids), 1,
+         "layers[0].servers[0]: expert ids must be integers");
 }
 
 }  // namespace

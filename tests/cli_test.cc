@@ -61,7 +61,8 @@ TEST(Cli, ForwardDumpsLogitsAsNpyMatchingTheLibrary) {
   RunResult mk = Dmoe("make-model --preset tiny-v3 --out " + dir + " --seed 5");
   ASSERT_EQ(mk.exit_code, 0) << mk.err;
   const std::string npy = dir + "/logits.npy";
-  RunResult fw = Dmoe("forward --model " + dir + " --tokens 3,1,4,1,5 --dtype f32 --threads 1 --dump-logits " + npy);
+  RunResult fw = Dmoe("forward --model " + dir +
+                      " --tokens 3,1,4,1,5 --dtype f32 --threads 1 --dump-logits " + npy);
   ASSERT_EQ(fw.exit_code, 0) << fw.err;
   auto arr = core::ReadNpyF32(npy);
   ASSERT_TRUE(arr.ok()) << arr.status();
@@ -84,8 +85,9 @@ TEST(Cli, ForwardDumpsLogitsAsNpyMatchingTheLibrary) {
 TEST(Cli, GenerateJsonIsGreedyWithTheKvCache) {
   const std::string dir = testing::FreshDir("model");
   ASSERT_EQ(Dmoe("make-model --preset tiny-v2lite --out " + dir + " --seed 9").exit_code, 0);
-  RunResult g = Dmoe("generate --model " + dir +
-                    " --tokens 1,2,3 --max-tokens 6 --dtype f32 --temperature 0 --ignore-eos --json");
+  RunResult g =
+      Dmoe("generate --model " + dir +
+           " --tokens 1,2,3 --max-tokens 6 --dtype f32 --temperature 0 --ignore-eos --json");
   ASSERT_EQ(g.exit_code, 0) << g.err;
   auto j = nlohmann::json::parse(g.out);
   EXPECT_EQ(j["prompt_tokens"], nlohmann::json({1, 2, 3}));
@@ -112,8 +114,9 @@ TEST(Cli, GenerateJsonIsGreedyWithTheKvCache) {
 TEST(Cli, SampledGenerationIsReproducibleBySeed) {
   const std::string dir = testing::FreshDir("model");
   ASSERT_EQ(Dmoe("make-model --preset tiny-moe16b --out " + dir).exit_code, 0);
-  const std::string base = "generate --model " + dir +
-                           " --tokens 7,8 --max-tokens 8 --temperature 1.5 --top-k 50 --top-p 0.9 --ignore-eos --json";
+  const std::string base =
+      "generate --model " + dir +
+      " --tokens 7,8 --max-tokens 8 --temperature 1.5 --top-k 50 --top-p 0.9 --ignore-eos --json";
   RunResult a = Dmoe(base + " --seed 1"), b = Dmoe(base + " --seed 1");
   ASSERT_EQ(a.exit_code, 0) << a.err;
   EXPECT_EQ(a.out, b.out);

@@ -11,8 +11,8 @@
 
 #include "core/model.h"
 #include "core/sampler.h"
-#include "gtest/gtest.h"
 #include "dmoe/v1/expert.grpc.pb.h"
+#include "gtest/gtest.h"
 #include "tests/cluster_util.h"
 #include "tests/test_util.h"
 
@@ -71,7 +71,8 @@ class RouterControl {
 std::vector<double> ServerTokens(const std::vector<std::string>& addresses) {
   std::vector<double> out;
   for (const std::string& a : addresses) {
-    auto stub = v1::ExpertService::NewStub(grpc::CreateChannel(a, grpc::InsecureChannelCredentials()));
+    auto stub =
+        v1::ExpertService::NewStub(grpc::CreateChannel(a, grpc::InsecureChannelCredentials()));
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
     v1::ServerStatusResponse st;
@@ -119,11 +120,11 @@ TEST(ClusterBalance, SkewIsRebalancedLiveWithoutFailuresAndWithTheSameTokens) {
   }
 
   Cluster c;
-  ASSERT_TRUE(c.Start(model, 3, dir,
-                      {"--controller", "--slots-per-server", "7", "--rebalance-threshold", "1.3",
-                       "--rebalance-sustain-s", "2", "--rebalance-min-interval-s", "0",
-                       "--rebalance-min-tokens", "200", "--load-window-s", "30",
-                       "--gate-bias-for-testing", kBiasFlag}));
+  ASSERT_TRUE(c.Start(
+      model, 3, dir,
+      {"--controller", "--slots-per-server", "7", "--rebalance-threshold", "1.3",
+       "--rebalance-sustain-s", "2", "--rebalance-min-interval-s", "0", "--rebalance-min-tokens",
+       "200", "--load-window-s", "30", "--gate-bias-for-testing", kBiasFlag}));
   RouterControl ctl(ReadPort(dir + "/router.port"));
   v1::PlacementResponse start = ctl.Placement();
   ASSERT_EQ(start.version(), 1u);
@@ -183,7 +184,8 @@ TEST(ClusterBalance, SkewIsRebalancedLiveWithoutFailuresAndWithTheSameTokens) {
   for (auto& t : threads) t.join();
   std::vector<double> phase2(servers.size());
   for (size_t s = 0; s < servers.size(); ++s) phase2[s] = t2[s] - t1[s];
-  std::fprintf(stderr, "server max/mean: router-measured before %.3f; servers before %.3f, after %.3f\n",
+  std::fprintf(stderr,
+               "server max/mean: router-measured before %.3f; servers before %.3f, after %.3f\n",
                before, MaxOverMean(phase1), MaxOverMean(phase2));
   EXPECT_LE(MaxOverMean(phase2), 1.1) << "server-measured balance after";
   EXPECT_EQ(failed, 0);

@@ -127,16 +127,18 @@ void ExpectGatewayEqualsOneProcess(const std::string& preset,
       const HttpResponse r = c.HttpPost("/v1/completions", completion.dump());
       const std::string where = "completions " + p + mode;
       EXPECT_EQ(stream ? StreamedTokens(r, false, where) : WholeTokens(r, false, where), want)
-          << where << "\nrouter log:\n" << c.router().Log();
+          << where << "\nrouter log:\n"
+          << c.router().Log();
 
       // The chat contents are concatenated with nothing added: the prompt split
       // over two messages is the same sequence.
       json chat = GreedyRequest(stream);
       const size_t half = prompt.size() / 2;
-      chat["messages"] = json::array(
-          {{{"role", "system"},
-            {"content", std::vector<int32_t>(prompt.begin(), prompt.begin() + half)}},
-           {{"role", "user"}, {"content", std::vector<int32_t>(prompt.begin() + half, prompt.end())}}});
+      chat["messages"] =
+          json::array({{{"role", "system"},
+                        {"content", std::vector<int32_t>(prompt.begin(), prompt.begin() + half)}},
+                       {{"role", "user"},
+                        {"content", std::vector<int32_t>(prompt.begin() + half, prompt.end())}}});
       const HttpResponse rc = c.HttpPost("/v1/chat/completions", chat.dump());
       const std::string chat_where = "chat " + p + mode;
       EXPECT_EQ(stream ? StreamedTokens(rc, true, chat_where) : WholeTokens(rc, true, chat_where),
@@ -178,12 +180,11 @@ TEST(ClusterGateway, ExactModeEqualsOneProcess_WithReplicas) {
 // bits, so logits that depend on the batch or on timing fail this test.
 TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
   const std::string tokenizer = testing::FreshDir("tokenizer");
-  absl::StatusOr<tools::GeneratedTokenizer> g = tools::GenerateTokenizer(
-      {.vocab_size = 32768, .bos_id = 32766, .eos_id = 32767});
+  absl::StatusOr<tools::GeneratedTokenizer> g =
+      tools::GenerateTokenizer({.vocab_size = 32768, .bos_id = 32766, .eos_id = 32767});
   ASSERT_TRUE(g.ok()) << g.status();
   std::ofstream(tokenizer + "/tokenizer.json") << g->tokenizer_json;
-  std::ofstream(tokenizer + "/tokenizer_config.json")
-      << g->tokenizer_config_json;
+  std::ofstream(tokenizer + "/tokenizer_config.json") << g->tokenizer_config_json;
   tools::MakeModelOptions mo;
   mo.preset = "tiny-v3";
   mo.out_dir = testing::FreshDir("model");
@@ -195,14 +196,12 @@ TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
   Cluster c;
   c.set_expert_extra({"--dtype", "bf16"});
   ASSERT_TRUE(c.Start(model, 3, dir, {"--dtype", "bf16"}));
-  ASSERT_TRUE(c.StartGateway({"--tokenizer", model, "--grpc-port", "0",
-                              "--grpc-port-file", dir + "/gateway.grpc.port"}));
-  const int grpc_port =
-      testing::WaitForPortFile(dir + "/gateway.grpc.port", c.gateway());
+  ASSERT_TRUE(c.StartGateway(
+      {"--tokenizer", model, "--grpc-port", "0", "--grpc-port-file", dir + "/gateway.grpc.port"}));
+  const int grpc_port = testing::WaitForPortFile(dir + "/gateway.grpc.port", c.gateway());
   ASSERT_NE(grpc_port, 0) << c.gateway().Log();
-  auto stub = v1::RouterService::NewStub(
-      grpc::CreateChannel("127.0.0.1:" + std::to_string(grpc_port),
-                          grpc::InsecureChannelCredentials()));
+  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
+      "127.0.0.1:" + std::to_string(grpc_port), grpc::InsecureChannelCredentials()));
 
   // One request per path: `seed` < 0 sends none.
   const std::vector<int32_t> ids = {5, 17, 3, 99, 250, 7, 42, 11, 300, 2, 77};
@@ -212,19 +211,15 @@ TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
     json body;
   };
   auto user = [](json content) {
-    return json{{"messages",
-                 json::array({json{{"role", "user"}, {"content", content}}})}};
+    return json{{"messages", json::array({json{{"role", "user"}, {"content", content}}})}};
   };
   const std::vector<Path> paths = {
-      {"chat text", "/v1/chat/completions",
-       user("Tell me a story about the sea.")},
+      {"chat text", "/v1/chat/completions", user("Tell me a story about the sea.")},
       {"chat ids", "/v1/chat/completions", user(ids)},
-      {"completion text", "/v1/completions",
-       json{{"prompt", "Once upon a time there was"}}},
+      {"completion text", "/v1/completions", json{{"prompt", "Once upon a time there was"}}},
       {"completion ids", "/v1/completions", json{{"prompt", ids}}},
       {"grpc", "", json::object()}};
-  auto run = [&](const Path& p, int64_t seed,
-                 bool stream) -> std::vector<int32_t> {
+  auto run = [&](const Path& p, int64_t seed, bool stream) -> std::vector<int32_t> {
     const std::string where =
         p.name + (stream ? " (stream)" : "") + " seed " + std::to_string(seed);
     if (p.endpoint.empty()) {
@@ -233,11 +228,9 @@ TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
       req.set_max_tokens(kMaxTokens);
       req.set_ignore_eos(true);
       req.mutable_sampling()->set_temperature(1.0f);
-      if (seed >= 0)
-        req.mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
+      if (seed >= 0) req.mutable_sampling()->set_seed(static_cast<uint64_t>(seed));
       grpc::ClientContext ctx;
-      ctx.set_deadline(std::chrono::system_clock::now() +
-                       std::chrono::seconds(60));
+      ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(60));
       auto reader = stub->Generate(&ctx, req);
       v1::GenerateResponse m;
       std::vector<int32_t> out;
@@ -254,8 +247,7 @@ TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
     if (seed >= 0) body["seed"] = seed;
     const bool chat = p.endpoint == "/v1/chat/completions";
     const HttpResponse r = c.HttpPost(p.endpoint, body.dump());
-    return stream ? StreamedTokens(r, chat, where)
-                  : WholeTokens(r, chat, where);
+    return stream ? StreamedTokens(r, chat, where) : WholeTokens(r, chat, where);
   };
 
   // Alone, twice, whole and streamed: the same tokens.
@@ -300,14 +292,12 @@ TEST(ClusterGateway, SeedsGiveTheSameTokensOnEveryPath) {
     std::set<std::vector<int32_t>> seen = {want[i]};
     for (int64_t seed : {1, 2, 3}) seen.insert(run(paths[i], seed, false));
     EXPECT_EQ(seen.size(), 4u) << paths[i].name;
-    EXPECT_NE(run(paths[i], -1, false), run(paths[i], -1, false))
-        << paths[i].name << " unseeded";
+    EXPECT_NE(run(paths[i], -1, false), run(paths[i], -1, false)) << paths[i].name << " unseeded";
   }
 
   EXPECT_EQ(c.gateway().Kill(SIGTERM), 0) << c.gateway().Log();
   EXPECT_EQ(c.router().Kill(SIGTERM), 0) << c.router().Log();
-  for (int i = 0; i < 3; ++i)
-    EXPECT_EQ(c.expert(i).Kill(SIGTERM), 0) << c.expert(i).Log();
+  for (int i = 0; i < 3; ++i) EXPECT_EQ(c.expert(i).Kill(SIGTERM), 0) << c.expert(i).Log();
 }
 
 }  // namespace

@@ -41,13 +41,11 @@ std::string PlacementJson(int n) {
 }
 
 // Starts n expert servers (bf16 compute, bf16 on the wire) and a router.
-bool StartServing(Cluster& c, const std::string& model, int n,
-                  const std::string& dir) {
+bool StartServing(Cluster& c, const std::string& model, int n, const std::string& dir) {
   const std::string placement = dir + "/placement.json";
   std::ofstream(placement) << PlacementJson(n);
   c.set_expert_extra({"--dtype", "bf16"});
-  return c.Start(model, n, dir, {"--dtype", "bf16", "--threads", "2"},
-                 placement);
+  return c.Start(model, n, dir, {"--dtype", "bf16", "--threads", "2"}, placement);
 }
 
 TEST(ClusterInvariance, LogitsAndTokensAreBitwiseTheSameOnOneToFourServers) {
@@ -68,8 +66,7 @@ TEST(ClusterInvariance, LogitsAndTokensAreBitwiseTheSameOnOneToFourServers) {
     auto again = c.Forward(kPrompt);
     ASSERT_TRUE(again.ok()) << again.status();
     ASSERT_EQ(again->size(), logits->size());
-    EXPECT_EQ(0, std::memcmp(again->data(), logits->data(),
-                             logits->size() * sizeof(float)))
+    EXPECT_EQ(0, std::memcmp(again->data(), logits->data(), logits->size() * sizeof(float)))
         << "the same request twice";
     if (n == 1) {
       first_logits = *logits;
@@ -77,8 +74,7 @@ TEST(ClusterInvariance, LogitsAndTokensAreBitwiseTheSameOnOneToFourServers) {
       continue;
     }
     ASSERT_EQ(logits->size(), first_logits.size());
-    EXPECT_EQ(0, std::memcmp(logits->data(), first_logits.data(),
-                             logits->size() * sizeof(float)))
+    EXPECT_EQ(0, std::memcmp(logits->data(), first_logits.data(), logits->size() * sizeof(float)))
         << "logits differ from one server's";
     EXPECT_EQ(*tokens, first_tokens);
   }
@@ -92,10 +88,11 @@ TEST(ClusterInvariance, SameTokensAloneAndAmongFifteenConcurrentRequests) {
   Cluster c;
   ASSERT_TRUE(StartServing(c, model, 3, dir));
   ASSERT_TRUE(c.StartGateway());
-  auto body = [](const std::vector<int32_t>& prompt, int64_t seed,
-                 double temperature) {
-    return json{{"prompt", prompt},     {"max_tokens", 16},
-                {"temperature", temperature}, {"seed", seed},
+  auto body = [](const std::vector<int32_t>& prompt, int64_t seed, double temperature) {
+    return json{{"prompt", prompt},
+                {"max_tokens", 16},
+                {"temperature", temperature},
+                {"seed", seed},
                 {"ignore_eos", true}}
         .dump();
   };

@@ -62,12 +62,27 @@ class MetricsCluster {
     for (int i = 0; i < servers; ++i) {
       const std::string name = "expert" + std::to_string(i);
       experts_[i] = std::make_unique<ChildProcess>();
-      if (!experts_[i]->Start({testing::BinDir() + "/dmoe-expert", "--model", model, "--server-index",
-                               std::to_string(i), "--num-servers", std::to_string(servers), "--dtype",
-                               "f32", "--threads", "1", "--port", "0", "--port-file",
-                               dir + "/" + name + ".port", "--metrics-port", "0",
-                               "--metrics-port-file", dir + "/" + name + ".metrics.port",
-                               "--expert-metrics", expert_metrics},
+      if (!experts_[i]->Start({testing::BinDir() + "/dmoe-expert",
+                               "--model",
+                               model,
+                               "--server-index",
+                               std::to_string(i),
+                               "--num-servers",
+                               std::to_string(servers),
+                               "--dtype",
+                               "f32",
+                               "--threads",
+                               "1",
+                               "--port",
+                               "0",
+                               "--port-file",
+                               dir + "/" + name + ".port",
+                               "--metrics-port",
+                               "0",
+                               "--metrics-port-file",
+                               dir + "/" + name + ".metrics.port",
+                               "--expert-metrics",
+                               expert_metrics},
                               dir + "/" + name + ".log")) {
         return false;
       }
@@ -192,7 +207,8 @@ class MetricsCluster {
         "global:\n  scrape_interval: 1s\n  scrape_timeout: 1s\n"
         "scrape_configs:\n"
         "  - job_name: dmoe-router\n    static_configs:\n      - targets: ['127.0.0.1:" +
-        std::to_string(router_metrics_port_) + "']\n  - job_name: dmoe-expert\n    static_configs:\n";
+        std::to_string(router_metrics_port_) +
+        "']\n  - job_name: dmoe-expert\n    static_configs:\n";
     for (size_t i = 0; i < expert_metrics_ports_.size(); ++i) {
       config += "      - targets: ['127.0.0.1:" + std::to_string(expert_metrics_ports_[i]) +
                 "']\n        labels: {server: '" + std::to_string(i) + "'}\n";
@@ -202,11 +218,11 @@ class MetricsCluster {
     for (int attempt = 0; attempt < 3; ++attempt) {
       prometheus_port_ = FreePort();
       const std::string tsdb = dir_ + "/tsdb" + std::to_string(attempt);
-      if (!prometheus_.Start({binary, "--config.file=" + dir_ + "/prometheus.yml",
-                              "--storage.tsdb.path=" + tsdb,
-                              "--web.listen-address=127.0.0.1:" + std::to_string(prometheus_port_),
-                              "--log.level=warn"},
-                             dir_ + "/prometheus.log")) {
+      if (!prometheus_.Start(
+              {binary, "--config.file=" + dir_ + "/prometheus.yml", "--storage.tsdb.path=" + tsdb,
+               "--web.listen-address=127.0.0.1:" + std::to_string(prometheus_port_),
+               "--log.level=warn"},
+              dir_ + "/prometheus.log")) {
         return false;
       }
       const auto end = std::chrono::steady_clock::now() + std::chrono::seconds(60);
@@ -237,7 +253,8 @@ struct Load {
 // Two generations and a forward of mixed lengths.
 Load DriveLoad(MetricsCluster& c) {
   Load l;
-  const std::vector<int32_t> a = {5, 17, 3, 99, 250, 7, 42, 11}, b = {300, 2, 77}, f = {9, 8, 7, 6, 5};
+  const std::vector<int32_t> a = {5, 17, 3, 99, 250, 7, 42, 11}, b = {300, 2, 77},
+                             f = {9, 8, 7, 6, 5};
   if (c.Generate(a, 6)) l.tokens += static_cast<int64_t>(a.size()) + 6 - 1;
   if (c.Generate(b, 4)) l.tokens += static_cast<int64_t>(b.size()) + 4 - 1;
   if (c.Forward(f)) l.tokens += static_cast<int64_t>(f.size());

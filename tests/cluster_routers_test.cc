@@ -48,8 +48,8 @@ TEST(ClusterRouters, FollowerRouterSwitchesWithTheControllerAndNothingFails) {
     want.push_back(LocalGreedy(model, p, kTokens));
   }
   Cluster c;
-  ASSERT_TRUE(c.Start(model, 3, dir,
-                      {"--controller", "--rebalance", "manual", "--slots-per-server", "7"}));
+  ASSERT_TRUE(
+      c.Start(model, 3, dir, {"--controller", "--rebalance", "manual", "--slots-per-server", "7"}));
   const std::string router_a = "127.0.0.1:" + std::to_string(c.router_port());
   ChildProcess b;
   ASSERT_TRUE(b.Start({BinDir() + "/dmoe-router", "--model", model, "--controller-router", router_a,
@@ -71,7 +71,8 @@ TEST(ClusterRouters, FollowerRouterSwitchesWithTheControllerAndNothingFails) {
   for (int k = 0; k < 2; ++k) {
     threads.emplace_back([&, k] {
       for (int i = 0; !stop; i = (i + 1) % kPrompts) {
-        auto got = k == 0 ? c.Generate(prompts[i], kTokens) : Generate(*stub_b, prompts[i], kTokens);
+        auto got =
+            k == 0 ? c.Generate(prompts[i], kTokens) : Generate(*stub_b, prompts[i], kTokens);
         if (!got.ok()) {
           ADD_FAILURE() << "router " << (k == 0 ? "A" : "B") << ": " << got.status();
           ++failed;
@@ -83,7 +84,8 @@ TEST(ClusterRouters, FollowerRouterSwitchesWithTheControllerAndNothingFails) {
     });
   }
   auto wait_done = [&](int n) {
-    for (int i = 0; i < 6000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int i = 0; i < 6000 && done < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   };
   wait_done(4);
   const std::string cmd = BinDir() + "/dmoe ctl rebalance --json --router " + router_a + " 2>&1";

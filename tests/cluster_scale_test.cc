@@ -14,7 +14,6 @@
 #include <thread>
 
 #include "absl/synchronization/mutex.h"
-
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "grpcpp/generic/generic_stub.h"
 #include "gtest/gtest.h"
@@ -41,8 +40,8 @@ v1::PlacementResponse Placement(int router_port) {
 }
 
 v1::ServerStatusResponse Status(int port) {
-  auto stub = v1::ExpertService::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  auto stub = v1::ExpertService::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
   ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(10));
   v1::ServerStatusResponse r;
@@ -81,7 +80,8 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
   }
   Cluster c;
   c.set_expert_extra({"--leave-timeout-s", "30"});
-  ASSERT_TRUE(c.Start(model, 3, dir, {"--controller", "--rebalance", "manual", "--slots-per-server", "6"}));
+  ASSERT_TRUE(
+      c.Start(model, 3, dir, {"--controller", "--rebalance", "manual", "--slots-per-server", "6"}));
   const std::string router = "127.0.0.1:" + std::to_string(c.router_port());
 
   // dmoe ctl against the live router.
@@ -117,16 +117,16 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
     });
   }
   auto wait_done = [&](int n) {
-    for (int i = 0; i < 6000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int i = 0; i < 6000 && done < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   };
   wait_done(kThreads * 2);
 
   // Scale-out: a fourth server joins by itself.
   ChildProcess joiner;
-  ASSERT_TRUE(joiner.Start({BinDir() + "/dmoe-expert", "--model", model, "--join", router, "--dtype",
-                            "f32", "--threads", "1", "--port", "0", "--metrics-port", "0",
-                            "--leave-timeout-s", "2",
-                            "--port-file", dir + "/expert3.port"},
+  ASSERT_TRUE(joiner.Start({BinDir() + "/dmoe-expert", "--model", model, "--join", router,
+                            "--dtype", "f32", "--threads", "1", "--port", "0", "--metrics-port",
+                            "0", "--leave-timeout-s", "2", "--port-file", dir + "/expert3.port"},
                            dir + "/expert3.log"));
   const int joined_port = testing::WaitForPortFile(dir + "/expert3.port", joiner);
   ASSERT_NE(joined_port, 0) << joiner.Log();
@@ -159,7 +159,8 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
   EXPECT_GE(done, at_leave + kThreads * 2);
   p = Placement(c.router_port());
   nlohmann::json placement = nlohmann::json::parse(p.placement_json());
-  for (const auto& layer : placement["layers"]) EXPECT_TRUE(layer["servers"][1].empty()) << p.placement_json();
+  for (const auto& layer : placement["layers"])
+    EXPECT_TRUE(layer["servers"][1].empty()) << p.placement_json();
   const std::string log = c.router().Log();
   EXPECT_NE(log.find("applied (server-joined)"), std::string::npos) << log;
   EXPECT_NE(log.find("applied (server-leaving)"), std::string::npos) << log;
@@ -183,8 +184,8 @@ TEST(ClusterScale, ServerJoinsAndAnotherLeavesUnderLoadWithoutFailures) {
 // generated code (as deploy/docker/grpc_health_probe.cc): 1 SERVING,
 // 2 NOT_SERVING, -1 when the call fails.
 int HealthStatus(int port, const std::string& service) {
-  auto channel = grpc::CreateChannel("127.0.0.1:" + std::to_string(port),
-                                     grpc::InsecureChannelCredentials());
+  auto channel =
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials());
   grpc::GenericStub stub(channel);
   std::string req;
   if (!service.empty()) req = std::string("\x0a") + static_cast<char>(service.size()) + service;
@@ -203,7 +204,8 @@ int HealthStatus(int port, const std::string& service) {
   std::vector<grpc::Slice> slices;
   if (!response.Dump(&slices).ok()) return -1;
   std::string bytes;
-  for (const grpc::Slice& s : slices) bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
+  for (const grpc::Slice& s : slices)
+    bytes.append(reinterpret_cast<const char*>(s.begin()), s.size());
   return bytes.size() == 2 && bytes[0] == 0x08 ? bytes[1] : 0;
 }
 
@@ -232,7 +234,8 @@ struct Load {
     workers.clear();
   }
   void WaitDone(int n) {
-    for (int i = 0; i < 6000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int i = 0; i < 6000 && done < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   }
   std::atomic<bool> stop{false};
   std::atomic<int> done{0}, failed{0};
@@ -292,13 +295,14 @@ TEST(ClusterScale, LeaveThatCannotBeAbsorbedIsRefusedAndTheServerKeepsServing) {
   const std::string dir = testing::FreshDir("cluster_scale_refused");
   Cluster c;
   c.set_expert_extra({"--leave-timeout-s", "2"});
-  ASSERT_TRUE(c.Start(model, 3, dir,
-                      {"--controller", "--rebalance", "manual", "--slots-per-server", "6",
-                       "--metrics-port", "0", "--metrics-port-file", dir + "/router.metrics.port"}));
+  ASSERT_TRUE(
+      c.Start(model, 3, dir,
+              {"--controller", "--rebalance", "manual", "--slots-per-server", "6", "--metrics-port",
+               "0", "--metrics-port-file", dir + "/router.metrics.port"}));
   const int metrics_port = testing::WaitForPortFile(dir + "/router.metrics.port", c.router());
   ASSERT_NE(metrics_port, 0);
-  EXPECT_NE(testing::HttpRequest(metrics_port, "GET", "/metrics").body.find(
-                "\nmoe_router_leaves_refused_total 0"),
+  EXPECT_NE(testing::HttpRequest(metrics_port, "GET", "/metrics")
+                .body.find("\nmoe_router_leaves_refused_total 0"),
             std::string::npos);
   Load load(c, 2);
   load.WaitDone(4);

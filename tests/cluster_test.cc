@@ -49,9 +49,7 @@ void ExpectExactEquivalence(const std::string& preset, const std::vector<std::st
   for (int i = 0; i < 3; ++i) EXPECT_EQ(c.expert(i).Kill(SIGTERM), 0) << c.expert(i).Log();
 }
 
-TEST(Cluster, ExactModeEqualsOneProcess_SharedOnExperts) {
-  ExpectExactEquivalence("tiny-v3", {});
-}
+TEST(Cluster, ExactModeEqualsOneProcess_SharedOnExperts) { ExpectExactEquivalence("tiny-v3", {}); }
 
 TEST(Cluster, ExactModeEqualsOneProcess_SharedOnRouter) {
   ExpectExactEquivalence("tiny-v2lite", {"--shared-expert", "router"});
@@ -60,9 +58,10 @@ TEST(Cluster, ExactModeEqualsOneProcess_SharedOnRouter) {
 TEST(Cluster, ExactModeEqualsOneProcess_WithReplicas) {
   // tiny-v3: 16 experts, MoE layers 1 and 2; experts 0-3 replicated.
   const std::string layer = R"([[0,1,2,3,4,5], [0,1,2,3,6,7,8,9,10], [0,1,2,3,11,12,13,14,15]])";
-  ExpectExactEquivalence("tiny-v3", {},
-                         std::string(R"({"version": 1, "num_servers": 3, "layers": [{"layer": 1, "servers": )") +
-                             layer + R"(}, {"layer": 2, "servers": )" + layer + "}]}");
+  ExpectExactEquivalence(
+      "tiny-v3", {},
+      std::string(R"({"version": 1, "num_servers": 3, "layers": [{"layer": 1, "servers": )") +
+          layer + R"(}, {"layer": 2, "servers": )" + layer + "}]}");
 }
 
 // Narrower wire types trade accuracy for bytes: bf16 rounds each activation to
@@ -78,7 +77,8 @@ TEST(Cluster, NarrowWireDtypesStayCloseToExact) {
     auto remote = c.Forward(kPrompt);
     ASSERT_TRUE(remote.ok()) << wire << ": " << remote.status();
     const double err = RelL2(*remote, local);
-    std::fprintf(stderr, "wire %s: logits rel L2 error %.3g (tolerance %.2g)\n", wire.c_str(), err, tol);
+    std::fprintf(stderr, "wire %s: logits rel L2 error %.3g (tolerance %.2g)\n", wire.c_str(), err,
+                 tol);
     EXPECT_LT(err, tol) << wire;
     EXPECT_GT(err, 0.0) << wire;
   }
@@ -136,12 +136,13 @@ TEST(Cluster, KilledServerWithReplicasFailsNoRequest) {
   }
   nlohmann::json layer = servers;
   const std::string placement = dir + "/placement.json";
-  std::ofstream(placement) << nlohmann::json{{"version", 1},
-                                             {"num_servers", 3},
-                                             {"layers",
-                                              {{{"layer", 1}, {"servers", layer}},
-                                               {{"layer", 2}, {"servers", layer}}}}}
-                                  .dump();
+  std::ofstream(placement) << nlohmann::json{
+      {"version", 1},
+      {"num_servers", 3},
+      {"layers",
+       {{{"layer", 1}, {"servers", layer}},
+        {{"layer", 2},
+         {"servers", layer}}}}}.dump();
   constexpr int kThreads = 4, kPrompts = 3, kTokens = 12;
   std::vector<std::vector<int32_t>> prompts;
   std::vector<std::vector<int32_t>> want;
@@ -173,7 +174,8 @@ TEST(Cluster, KilledServerWithReplicasFailsNoRequest) {
     });
   }
   auto wait_done = [&](int n) {
-    for (int i = 0; i < 3000 && done < n; ++i) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    for (int i = 0; i < 3000 && done < n; ++i)
+      std::this_thread::sleep_for(std::chrono::milliseconds(10));
   };
   wait_done(kThreads * 2);
   c.expert(1).Kill(SIGKILL);
@@ -220,14 +222,14 @@ TEST(Cluster, RouterWithExpertsNoneComputesInProcess) {
   const std::string model = testing::MakeModel("tiny-v3", 35);
   const std::string dir = testing::FreshDir("router");
   testing::ChildProcess router;
-  ASSERT_TRUE(router.Start({testing::BinDir() + "/dmoe-router", "--model", model, "--experts",
-                            "none", "--dtype", "f32", "--threads", "1", "--port", "0",
-                            "--metrics-port", "0", "--port-file", dir + "/router.port"},
-                           dir + "/router.log"));
+  ASSERT_TRUE(router.Start(
+      {testing::BinDir() + "/dmoe-router", "--model", model, "--experts", "none", "--dtype", "f32",
+       "--threads", "1", "--port", "0", "--metrics-port", "0", "--port-file", dir + "/router.port"},
+      dir + "/router.log"));
   const int port = testing::WaitForPortFile(dir + "/router.port", router);
   ASSERT_NE(port, 0) << router.Log();
-  auto stub = v1::RouterService::NewStub(grpc::CreateChannel(
-      "127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
+  auto stub = v1::RouterService::NewStub(
+      grpc::CreateChannel("127.0.0.1:" + std::to_string(port), grpc::InsecureChannelCredentials()));
   v1::GenerateRequest req;
   for (int32_t t : kPrompt) req.add_prompt_tokens(t);
   req.set_max_tokens(8);

@@ -10,14 +10,14 @@
 #include <string>
 #include <vector>
 
-#include "text/chat_template.h"
-#include "text/tokenizer.h"
-#include "text/utf8.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/cluster_util.h"
 #include "tests/test_util.h"
 #include "tests/tokenizer_ref/ref_setup.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
+#include "text/utf8.h"
 #include "tools/make_model.h"
 
 namespace dmoe {

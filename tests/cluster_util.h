@@ -67,8 +67,8 @@ inline HttpResponse HttpRequest(int port, const std::string& method, const std::
   std::string req = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
                     "\r\nConnection: close\r\n";
   if (method == "POST") {
-    req += "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) +
-           "\r\n";
+    req +=
+        "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
   }
   req += "\r\n" + body;
   for (size_t sent = 0; sent < req.size();) {
@@ -86,7 +86,8 @@ inline HttpResponse HttpRequest(int port, const std::string& method, const std::
     if (n == 0) break;
     if (n < 0) {
       close(fd);
-      return {0, "recv failed or timed out after " + std::to_string(raw.size()) + " bytes:\n" + raw};
+      return {0,
+              "recv failed or timed out after " + std::to_string(raw.size()) + " bytes:\n" + raw};
     }
     raw.append(buf, static_cast<size_t>(n));
   }
@@ -132,9 +133,19 @@ class Cluster {
       if (i) addrs += ",";
       addrs += "127.0.0.1:" + std::to_string(ports_[i]);
     }
-    std::vector<std::string> argv = {BinDir() + "/dmoe-router", "--model", model, "--experts", addrs,
-                                     "--dtype", "f32", "--threads", "1", "--port", "0",
-                                     "--port-file", dir + "/router.port"};
+    std::vector<std::string> argv = {BinDir() + "/dmoe-router",
+                                     "--model",
+                                     model,
+                                     "--experts",
+                                     addrs,
+                                     "--dtype",
+                                     "f32",
+                                     "--threads",
+                                     "1",
+                                     "--port",
+                                     "0",
+                                     "--port-file",
+                                     dir + "/router.port"};
     if (!placement_.empty()) {
       argv.push_back("--placement");
       argv.push_back(placement_);
@@ -155,10 +166,20 @@ class Cluster {
     const std::string port_file = dir_ + "/expert" + std::to_string(i) + ".port";
     std::remove(port_file.c_str());
     experts_[i] = std::make_unique<ChildProcess>();
-    std::vector<std::string> argv = {BinDir() + "/dmoe-expert", "--model", model_, "--server-index",
-                                     std::to_string(i), "--dtype", "f32", "--threads", "1",
-                                     "--port", i < static_cast<int>(ports_.size()) ? std::to_string(ports_[i]) : "0",
-                                     "--port-file", port_file};
+    std::vector<std::string> argv = {
+        BinDir() + "/dmoe-expert",
+        "--model",
+        model_,
+        "--server-index",
+        std::to_string(i),
+        "--dtype",
+        "f32",
+        "--threads",
+        "1",
+        "--port",
+        i < static_cast<int>(ports_.size()) ? std::to_string(ports_[i]) : "0",
+        "--port-file",
+        port_file};
     if (placement_.empty()) {
       argv.push_back("--num-servers");
       argv.push_back(std::to_string(experts_.size()));
@@ -192,7 +213,8 @@ class Cluster {
     return out;
   }
 
-  absl::StatusOr<std::vector<int32_t>> Generate(const std::vector<int32_t>& prompt, int max_tokens) {
+  absl::StatusOr<std::vector<int32_t>> Generate(const std::vector<int32_t>& prompt,
+                                                int max_tokens) {
     v1::GenerateRequest req;
     for (int32_t t : prompt) req.add_prompt_tokens(t);
     req.set_max_tokens(max_tokens);
@@ -215,10 +237,17 @@ class Cluster {
   // flags, and waits until its /health answers 200 (the router was polled).
   bool StartGateway(const std::vector<std::string>& extra = {}) {
     const std::string port_file = dir_ + "/gateway.port";
-    std::vector<std::string> argv = {BinDir() + "/dmoe-gateway", "--routers",
-                                     "127.0.0.1:" + std::to_string(router_port_), "--http-port", "0",
-                                     "--port-file", port_file, "--poll-interval-ms", "50",
-                                     "--shutdown-grace-ms", "2000"};
+    std::vector<std::string> argv = {BinDir() + "/dmoe-gateway",
+                                     "--routers",
+                                     "127.0.0.1:" + std::to_string(router_port_),
+                                     "--http-port",
+                                     "0",
+                                     "--port-file",
+                                     port_file,
+                                     "--poll-interval-ms",
+                                     "50",
+                                     "--shutdown-grace-ms",
+                                     "2000"};
     argv.insert(argv.end(), extra.begin(), extra.end());
     if (!gateway_.Start(argv, dir_ + "/gateway.log")) return false;
     gateway_port_ = WaitForPortFile(port_file, gateway_);
@@ -263,7 +292,8 @@ class Cluster {
   std::unique_ptr<v1::RouterService::Stub> stub_;
 };
 
-inline std::vector<float> LocalLogits(const std::string& model, const std::vector<int32_t>& tokens) {
+inline std::vector<float> LocalLogits(const std::string& model,
+                                      const std::vector<int32_t>& tokens) {
   core::ModelOptions o;
   o.compute = core::ComputeType::kF32;
   auto m = core::Model::Load(model, std::move(o));

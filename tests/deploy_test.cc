@@ -73,18 +73,15 @@ using testing::SourceDir;
 
 // Runs argv (argv[0] looked up in PATH) with `input` on stdin; waits at most
 // `timeout_s` seconds.
-RunResult Exec(const std::vector<std::string>& argv,
-               const std::string& input = "", int timeout_s = 60,
-               const std::string& cwd = "") {
+RunResult Exec(const std::vector<std::string>& argv, const std::string& input = "",
+               int timeout_s = 60, const std::string& cwd = "") {
   return testing::RunCommand(
-      argv,
-      {.input = input, .timeout = std::chrono::seconds(timeout_s), .cwd = cwd});
+      argv, {.input = input, .timeout = std::chrono::seconds(timeout_s), .cwd = cwd});
 }
 
 // A Python 3 with PyYAML (Debian's python3-yaml), or "".
 std::string PythonWithYaml() {
-  for (const std::string& p :
-       std::vector<std::string>{"/usr/bin/python3", "python3"}) {
+  for (const std::string& p : std::vector<std::string>{"/usr/bin/python3", "python3"}) {
     const std::string bin = FindInPath(p);
     if (!bin.empty() && Exec({bin, "-c", "import yaml"}).code == 0) return bin;
   }
@@ -93,12 +90,11 @@ std::string PythonWithYaml() {
 
 // All YAML documents of `text` as a JSON array (nulls dropped).
 json YamlDocs(const std::string& python, const std::string& text) {
-  const RunResult r =
-      Exec({python, "-c",
-            "import sys, yaml, json\n"
-            "json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not "
-            "None], sys.stdout)"},
-           text);
+  const RunResult r = Exec({python, "-c",
+                            "import sys, yaml, json\n"
+                            "json.dump([d for d in yaml.safe_load_all(sys.stdin) if d is not "
+                            "None], sys.stdout)"},
+                           text);
   EXPECT_EQ(r.code, 0) << r.err;
   json j = json::parse(r.out, nullptr, false);
   EXPECT_FALSE(j.is_discarded()) << r.out;
@@ -114,8 +110,7 @@ std::string Kubectl(std::string* why) {
   }
   const RunResult v = Exec({k, "version", "--client"});
   std::smatch m;
-  if (!std::regex_search(v.out, m,
-                         std::regex(R"(Kustomize Version: v(\d+))")) ||
+  if (!std::regex_search(v.out, m, std::regex(R"(Kustomize Version: v(\d+))")) ||
       std::stoi(m[1]) < 4) {
     *why =
         "kubectl's kustomize is older than v4 (Debian's kubernetes-client 1.20 "
@@ -137,8 +132,7 @@ Help ParseHelp(const std::vector<std::string>& argv) {
   Help h;
   EXPECT_EQ(r.code, 0) << argv[0] << " --help: " << r.err;
   std::stringstream ss(r.out);
-  const std::regex flag(R"(^  --([a-z0-9-]+)\b(.*)$)"),
-      def(R"(\[default: ([^\]]*)\])");
+  const std::regex flag(R"(^  --([a-z0-9-]+)\b(.*)$)"), def(R"(\[default: ([^\]]*)\])");
   for (std::string line; std::getline(ss, line);) {
     std::smatch m;
     if (!std::regex_match(line, m, flag)) continue;
@@ -147,9 +141,7 @@ Help ParseHelp(const std::vector<std::string>& argv) {
     std::smatch d;
     if (std::regex_search(rest, d, def)) h.defaults[m[1]] = d[1];
   }
-  EXPECT_FALSE(h.flags.empty())
-      << "no flags in the --help of " << argv[0] << ":\n"
-      << r.out;
+  EXPECT_FALSE(h.flags.empty()) << "no flags in the --help of " << argv[0] << ":\n" << r.out;
   return h;
 }
 
@@ -185,8 +177,7 @@ class Helps {
 // One program started by a command line, and the flags it was given.
 struct Invocation {
   std::string program;  // dmoe-router, dmoe-expert, dmoe-gateway, "dmoe SUB"
-  std::vector<std::pair<std::string, std::string>>
-      flags;  // name, value ("" if none)
+  std::vector<std::pair<std::string, std::string>> flags;  // name, value ("" if none)
   std::string Flag(const std::string& name) const {
     for (const auto& [n, v] : flags) {
       if (n == name) return v;
@@ -194,14 +185,13 @@ struct Invocation {
     return "";
   }
   bool Has(const std::string& name) const {
-    return std::any_of(flags.begin(), flags.end(),
-                       [&](const auto& f) { return f.first == name; });
+    return std::any_of(flags.begin(), flags.end(), [&](const auto& f) { return f.first == name; });
   }
 };
 
 bool IsSeparator(const std::string& t) {
-  return t == "&&" || t == "||" || t == ";" || t == "|" || t == "{" ||
-         t == "}" || t == "(" || t == ")";
+  return t == "&&" || t == "||" || t == ";" || t == "|" || t == "{" || t == "}" || t == "(" ||
+         t == ")";
 }
 
 // Finds the dmoe programs in a command line (a container's command + args, a
@@ -217,10 +207,9 @@ std::vector<Invocation> FindInvocations(const std::vector<std::string>& words) {
       // The script's words, with shell punctuation split off.
       std::string s = words[i + 2];
       for (const char* p : {"&&", "||", ";", "{", "}", "(", ")"}) {
-        s = std::regex_replace(s,
-                               std::regex(std::regex_replace(
-                                   p, std::regex(R"([|{}()])"), R"(\$&)")),
-                               std::string(" ") + p + " ");
+        s = std::regex_replace(
+            s, std::regex(std::regex_replace(p, std::regex(R"([|{}()])"), R"(\$&)")),
+            std::string(" ") + p + " ");
       }
       std::stringstream ss(s);
       for (std::string t; ss >> t;) tokens.push_back(t);
@@ -236,10 +225,8 @@ std::vector<Invocation> FindInvocations(const std::vector<std::string>& words) {
       prog = "dmoe-expert";
     if (prog == "dmoe" && i + 1 < tokens.size()) {
       prog = "dmoe " + tokens[++i];
-      if (prog == "dmoe ctl" && i + 1 < tokens.size())
-        prog += " " + tokens[++i];
-    } else if (prog != "dmoe-router" && prog != "dmoe-expert" &&
-               prog != "dmoe-gateway") {
+      if (prog == "dmoe ctl" && i + 1 < tokens.size()) prog += " " + tokens[++i];
+    } else if (prog != "dmoe-router" && prog != "dmoe-expert" && prog != "dmoe-gateway") {
       continue;
     }
     Invocation inv{prog, {}};
@@ -264,13 +251,11 @@ std::vector<Invocation> FindInvocations(const std::vector<std::string>& words) {
   return out;
 }
 
-void ExpectFlagsExist(Helps& helps, const Invocation& inv,
-                      const std::string& where) {
+void ExpectFlagsExist(Helps& helps, const Invocation& inv, const std::string& where) {
   const Help& h = helps.Get(inv.program);
   for (const auto& [name, value] : inv.flags) {
     EXPECT_TRUE(h.flags.count(name))
-        << where << ": " << inv.program << " has no flag --" << name
-        << " (see its --help)";
+        << where << ": " << inv.program << " has no flag --" << name << " (see its --help)";
   }
 }
 
@@ -315,16 +300,13 @@ struct Rendered {
   }
   json Get(const std::string& kind, const std::string& name) const {
     for (const json& o : objects) {
-      if (o.value("kind", "") == kind &&
-          o["metadata"].value("name", "") == name)
-        return o;
+      if (o.value("kind", "") == kind && o["metadata"].value("name", "") == name) return o;
     }
     ADD_FAILURE() << "no " << kind << " " << name;
     return json::object();
   }
   // The pod templates of Deployments, StatefulSets and Jobs.
-  std::vector<std::pair<json, json>> Workloads()
-      const {  // (object, pod template)
+  std::vector<std::pair<json, json>> Workloads() const {  // (object, pod template)
     std::vector<std::pair<json, json>> out;
     for (const json& o : objects) {
       const std::string k = o.value("kind", "");
@@ -345,8 +327,7 @@ bool SelectorMatches(const json& match_labels, const json& labels) {
 
 // The container's environment: explicit env (fieldRef/resourceFieldRef get
 // stand-ins), then envFrom ConfigMaps of `r`.
-std::map<std::string, std::string> ContainerEnv(const Rendered& r,
-                                                const json& c,
+std::map<std::string, std::string> ContainerEnv(const Rendered& r, const json& c,
                                                 const std::string& pod_name) {
   std::map<std::string, std::string> env;
   for (const json& from : c.value("envFrom", json::array())) {
@@ -372,10 +353,8 @@ std::map<std::string, std::string> ContainerEnv(const Rendered& r,
       }
       v = expanded + v.substr(last);
     } else if (e.contains("valueFrom") && e["valueFrom"].contains("fieldRef")) {
-      v = e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" ? pod_name
-                                                                     : "field";
-    } else if (e.contains("valueFrom") &&
-               e["valueFrom"].contains("resourceFieldRef")) {
+      v = e["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.name" ? pod_name : "field";
+    } else if (e.contains("valueFrom") && e["valueFrom"].contains("resourceFieldRef")) {
       v = "2";
     }
     env[e["name"]] = v;
@@ -384,16 +363,15 @@ std::map<std::string, std::string> ContainerEnv(const Rendered& r,
 }
 
 // command + args with $(NAME) replaced from `env` (unknown names stay).
-std::vector<std::string> ContainerWords(
-    const json& c, const std::map<std::string, std::string>& env) {
+std::vector<std::string> ContainerWords(const json& c,
+                                        const std::map<std::string, std::string>& env) {
   std::vector<std::string> words;
   for (const char* key : {"command", "args"}) {
     for (const json& w : c.value(key, json::array())) {
       std::string s = w;
       for (const auto& [k, v] : env) {
         const std::string pat = "$(" + k + ")";
-        for (size_t p; (p = s.find(pat)) != std::string::npos;)
-          s.replace(p, pat.size(), v);
+        for (size_t p; (p = s.find(pat)) != std::string::npos;) s.replace(p, pat.size(), v);
       }
       words.push_back(s);
     }
@@ -405,8 +383,7 @@ std::vector<std::string> ContainerWords(
 int ResolvePort(const json& container, const json& port) {
   if (port.is_number_integer()) return port.get<int>();
   for (const json& p : container.value("ports", json::array())) {
-    if (p.value("name", "") == port.get<std::string>())
-      return p["containerPort"];
+    if (p.value("name", "") == port.get<std::string>()) return p["containerPort"];
   }
   return 0;
 }
@@ -422,15 +399,11 @@ class DeployTest : public ::testing::Test {
     const std::string kubectl = Kubectl(&why);
     python_ = PythonWithYaml();
     if (kubectl.empty() || python_.empty()) {
-      skip_ = kubectl.empty()
-                  ? why
-                  : "no python3 with PyYAML (apt-get install python3-yaml)";
+      skip_ = kubectl.empty() ? why : "no python3 with PyYAML (apt-get install python3-yaml)";
       return r;
     }
-    const RunResult out =
-        Exec({kubectl, "kustomize", src_ + "/deploy/k8s/" + dir});
-    EXPECT_EQ(out.code, 0) << "kubectl kustomize deploy/k8s/" << dir << ":\n"
-                           << out.err;
+    const RunResult out = Exec({kubectl, "kustomize", src_ + "/deploy/k8s/" + dir});
+    EXPECT_EQ(out.code, 0) << "kubectl kustomize deploy/k8s/" << dir << ":\n" << out.err;
     r.objects = YamlDocs(python_, out.out);
     return r;
   }
@@ -445,8 +418,7 @@ class DeployTest : public ::testing::Test {
   }
 
 TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
-  for (const std::string& dir :
-       std::vector<std::string>{"base", "overlays/cpu", "overlays/gpu"}) {
+  for (const std::string& dir : std::vector<std::string>{"base", "overlays/cpu", "overlays/gpu"}) {
     SCOPED_TRACE(dir);
     const Rendered r = Render(dir);
     SKIP_IF_NEEDED();
@@ -454,8 +426,7 @@ TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
     for (const json& o : r.objects) {
       ++kinds[o.value("kind", "")];
       if (o.value("kind", "") != "Namespace") {
-        EXPECT_EQ(o["metadata"].value("namespace", ""), "dmoe")
-            << o["metadata"]["name"];
+        EXPECT_EQ(o["metadata"].value("namespace", ""), "dmoe") << o["metadata"]["name"];
       }
     }
     EXPECT_EQ(kinds["Deployment"], 2);  // gateway, router
@@ -470,8 +441,7 @@ TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
     r.Get("Deployment", "dmoe-router");
     const json sts = r.Get("StatefulSet", "dmoe-expert");
     const json headless = r.Get("Service", sts["spec"]["serviceName"]);
-    EXPECT_EQ(headless["spec"].value("clusterIP", ""), "None")
-        << "the expert Service is headless";
+    EXPECT_EQ(headless["spec"].value("clusterIP", ""), "None") << "the expert Service is headless";
     EXPECT_TRUE(headless["spec"].value("publishNotReadyAddresses", false));
     // The dashboard ConfigMap for the Grafana sidecar, holding the dashboard
     // file.
@@ -480,16 +450,13 @@ TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
     EXPECT_EQ(dash["data"].value("dmoe.json", ""),
               ReadFile(src_ + "/deploy/grafana/dashboards/dmoe.json"));
     // Model weights come from the PVC, read-only, in router and expert servers.
-    for (const std::string& name :
-         std::vector<std::string>{"dmoe-router", "dmoe-expert"}) {
-      const json w =
-          r.Get(name == "dmoe-router" ? "Deployment" : "StatefulSet", name);
+    for (const std::string& name : std::vector<std::string>{"dmoe-router", "dmoe-expert"}) {
+      const json w = r.Get(name == "dmoe-router" ? "Deployment" : "StatefulSet", name);
       bool pvc = false;
       for (const json& v : w["spec"]["template"]["spec"]["volumes"]) {
         if (v.contains("persistentVolumeClaim")) {
           pvc = v["persistentVolumeClaim"]["claimName"] == "dmoe-models";
-          EXPECT_TRUE(v["persistentVolumeClaim"].value("readOnly", false))
-              << name;
+          EXPECT_TRUE(v["persistentVolumeClaim"].value("readOnly", false)) << name;
         }
       }
       EXPECT_TRUE(pvc) << name << " mounts the dmoe-models PVC";
@@ -498,19 +465,14 @@ TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
     // image.
     for (const auto& [obj, tmpl] : r.Workloads()) {
       for (const json& c : tmpl["spec"]["containers"]) {
-        const json limits = c.value("resources", json::object())
-                                .value("limits", json::object());
+        const json limits = c.value("resources", json::object()).value("limits", json::object());
         const bool gpu = limits.contains("nvidia.com/gpu");
         const bool expert = obj["metadata"]["name"] == "dmoe-expert";
-        EXPECT_EQ(gpu, dir == "overlays/gpu" && expert)
-            << obj["metadata"]["name"];
-        EXPECT_EQ(c.value("image", "").find("cuda") != std::string::npos, gpu)
-            << c["image"];
-        EXPECT_TRUE(c.contains("resources") &&
-                    c["resources"].contains("requests") &&
+        EXPECT_EQ(gpu, dir == "overlays/gpu" && expert) << obj["metadata"]["name"];
+        EXPECT_EQ(c.value("image", "").find("cuda") != std::string::npos, gpu) << c["image"];
+        EXPECT_TRUE(c.contains("resources") && c["resources"].contains("requests") &&
                     c["resources"].contains("limits"))
-            << obj["metadata"]["name"] << "/" << c["name"]
-            << ": requests and limits";
+            << obj["metadata"]["name"] << "/" << c["name"] << ": requests and limits";
       }
     }
   }
@@ -518,8 +480,7 @@ TEST_F(DeployTest, KustomizeRendersEveryOverlay) {
 
 // Every flag of every dmoe program a manifest starts exists in its --help.
 TEST_F(DeployTest, EveryManifestFlagExistsInTheBinarysHelp) {
-  for (const std::string& dir :
-       std::vector<std::string>{"overlays/cpu", "overlays/gpu"}) {
+  for (const std::string& dir : std::vector<std::string>{"overlays/cpu", "overlays/gpu"}) {
     SCOPED_TRACE(dir);
     const Rendered r = Render(dir);
     SKIP_IF_NEEDED();
@@ -529,10 +490,8 @@ TEST_F(DeployTest, EveryManifestFlagExistsInTheBinarysHelp) {
       for (const char* list : {"initContainers", "containers"}) {
         for (const json& c : tmpl["spec"].value(list, json::array())) {
           const auto env = ContainerEnv(r, c, name + "-0");
-          for (const Invocation& inv :
-               FindInvocations(ContainerWords(c, env))) {
-            ExpectFlagsExist(helps_, inv,
-                             dir + " " + name + "/" + std::string(c["name"]));
+          for (const Invocation& inv : FindInvocations(ContainerWords(c, env))) {
+            ExpectFlagsExist(helps_, inv, dir + " " + name + "/" + std::string(c["name"]));
             ++checked;
           }
         }
@@ -543,8 +502,7 @@ TEST_F(DeployTest, EveryManifestFlagExistsInTheBinarysHelp) {
 }
 
 TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
-  for (const std::string& dir :
-       std::vector<std::string>{"overlays/cpu", "overlays/gpu"}) {
+  for (const std::string& dir : std::vector<std::string>{"overlays/cpu", "overlays/gpu"}) {
     SCOPED_TRACE(dir);
     const Rendered r = Render(dir);
     SKIP_IF_NEEDED();
@@ -563,22 +521,14 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
       for (const json& c : tmpl["spec"]["containers"]) {
         const auto env = ContainerEnv(r, c, name + "-0");
         for (const Invocation& inv : FindInvocations(ContainerWords(c, env))) {
-          if (inv.program.rfind("dmoe ", 0) == 0)
-            continue;  // CLI jobs serve nothing
-          Server s{name,
-                   inv.program,
-                   tmpl["metadata"]["labels"],
-                   c,
-                   ServedPorts(helps_, inv),
-                   inv,
-                   env,
-                   tmpl["spec"]};
+          if (inv.program.rfind("dmoe ", 0) == 0) continue;  // CLI jobs serve nothing
+          Server s{name, inv.program, tmpl["metadata"]["labels"], c, ServedPorts(helps_, inv), inv,
+                   env,  tmpl["spec"]};
           servers[inv.program] = s;
         }
       }
     }
-    ASSERT_EQ(servers.size(), 3u)
-        << "dmoe-gateway, dmoe-router and dmoe-expert containers";
+    ASSERT_EQ(servers.size(), 3u) << "dmoe-gateway, dmoe-router and dmoe-expert containers";
     for (auto& [program, s] : servers) {
       SCOPED_TRACE(program);
       // Reachable from other pods.
@@ -595,20 +545,15 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
       // grpc.health.v1), HTTP GET on the gateway's HTTP port and one of its
       // routes.
       int probes = 0;
-      for (const char* kind :
-           {"startupProbe", "readinessProbe", "livenessProbe"}) {
+      for (const char* kind : {"startupProbe", "readinessProbe", "livenessProbe"}) {
         if (!s.container.contains(kind)) continue;
         ++probes;
         const json& p = s.container[kind];
         if (program == "dmoe-gateway") {
           ASSERT_TRUE(p.contains("httpGet")) << kind;
-          EXPECT_EQ(ResolvePort(s.container, p["httpGet"]["port"]),
-                    s.served["http"])
-              << kind;
+          EXPECT_EQ(ResolvePort(s.container, p["httpGet"]["port"]), s.served["http"]) << kind;
           const std::string path = p["httpGet"]["path"];
-          EXPECT_TRUE(path == "/health" || path == "/v1/models" ||
-                      path == "/metrics")
-              << path;
+          EXPECT_TRUE(path == "/health" || path == "/v1/models" || path == "/metrics") << path;
         } else {
           ASSERT_TRUE(p.contains("grpc")) << kind;
           EXPECT_EQ(p["grpc"]["port"].get<int>(), s.served["grpc"]) << kind;
@@ -624,40 +569,34 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
       int pre_stop = 0;
       if (s.container.contains("lifecycle")) {
         const json cmd = s.container["lifecycle"]["preStop"]["exec"]["command"];
-        if (cmd.size() == 2 && cmd[0] == "sleep")
-          pre_stop = std::stoi(cmd[1].get<std::string>());
+        if (cmd.size() == 2 && cmd[0] == "sleep") pre_stop = std::stoi(cmd[1].get<std::string>());
       }
       double shutdown_s = 0;
       if (program == "dmoe-expert") {
-        EXPECT_TRUE(s.inv.Has("leave-timeout-s") &&
-                    s.inv.Has("drain-timeout-s"));
+        EXPECT_TRUE(s.inv.Has("leave-timeout-s") && s.inv.Has("drain-timeout-s"));
         shutdown_s = std::atof(s.inv.Flag("leave-timeout-s").c_str()) +
                      std::atof(s.inv.Flag("drain-timeout-s").c_str());
       } else {
         std::string g = s.inv.Flag("shutdown-grace-ms");
         if (g.empty()) g = Default(helps_.Get(program), "shutdown-grace-ms");
         shutdown_s = std::stod(g) / 1000 + 2;  // + the gRPC server's last 2 s
-        EXPECT_GE(pre_stop, 1)
-            << "a preStop sleep lets the Service stop sending first";
+        EXPECT_GE(pre_stop, 1) << "a preStop sleep lets the Service stop sending first";
       }
-      EXPECT_GE(s.pod_spec.value("terminationGracePeriodSeconds", 30),
-                pre_stop + shutdown_s);
+      EXPECT_GE(s.pod_spec.value("terminationGracePeriodSeconds", 30), pre_stop + shutdown_s);
     }
 
     // Services target declared ports of the pods they select; ServiceMonitors
     // scrape /metrics on a Service port that reaches a metrics-serving port.
-    std::map<std::string, std::pair<json, const Server*>>
-        services;  // name -> (svc, server)
+    std::map<std::string, std::pair<json, const Server*>> services;  // name -> (svc, server)
     for (const json& svc : r.Of("Service")) {
       const Server* target = nullptr;
       for (const auto& [program, s] : servers) {
         if (SelectorMatches(svc["spec"]["selector"], s.labels)) target = &s;
       }
-      ASSERT_NE(target, nullptr)
-          << "Service " << svc["metadata"]["name"] << " selects no dmoe server";
+      ASSERT_NE(target, nullptr) << "Service " << svc["metadata"]["name"]
+                                 << " selects no dmoe server";
       for (const json& p : svc["spec"]["ports"]) {
-        EXPECT_NE(
-            ResolvePort(target->container, p.value("targetPort", p["port"])), 0)
+        EXPECT_NE(ResolvePort(target->container, p.value("targetPort", p["port"])), 0)
             << "Service " << svc["metadata"]["name"] << " port " << p["name"];
       }
       services[svc["metadata"]["name"]] = {svc, target};
@@ -665,8 +604,7 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
     for (const json& sm : r.Of("ServiceMonitor")) {
       bool any = false;
       for (const auto& [name, sv] : services) {
-        if (!SelectorMatches(sm["spec"]["selector"]["matchLabels"],
-                             sv.first["metadata"]["labels"]))
+        if (!SelectorMatches(sm["spec"]["selector"]["matchLabels"], sv.first["metadata"]["labels"]))
           continue;
         any = true;
         for (const json& ep : sm["spec"]["endpoints"]) {
@@ -674,56 +612,50 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
           int port = 0;
           for (const json& p : sv.first["spec"]["ports"]) {
             if (p["name"] == ep["port"])
-              port = ResolvePort(sv.second->container,
-                                 p.value("targetPort", p["port"]));
+              port = ResolvePort(sv.second->container, p.value("targetPort", p["port"]));
           }
           const auto& served = sv.second->served;
-          const int metrics = served.count("metrics") ? served.at("metrics")
-                                                      : served.at("http");
+          const int metrics = served.count("metrics") ? served.at("metrics") : served.at("http");
           EXPECT_EQ(port, metrics)
-              << "ServiceMonitor " << sm["metadata"]["name"] << " port "
-              << ep["port"];
+              << "ServiceMonitor " << sm["metadata"]["name"] << " port " << ep["port"];
         }
       }
-      EXPECT_TRUE(any) << "ServiceMonitor " << sm["metadata"]["name"]
-                       << " selects no Service";
+      EXPECT_TRUE(any) << "ServiceMonitor " << sm["metadata"]["name"] << " selects no Service";
     }
     // PDBs select a workload; NetworkPolicy ports are ports the selected pods
     // serve.
     for (const json& pdb : r.Of("PodDisruptionBudget")) {
       bool any = false;
       for (const auto& [program, s] : servers)
-        any |=
-            SelectorMatches(pdb["spec"]["selector"]["matchLabels"], s.labels);
+        any |= SelectorMatches(pdb["spec"]["selector"]["matchLabels"], s.labels);
       EXPECT_TRUE(any) << "PDB " << pdb["metadata"]["name"];
     }
     for (const json& np : r.Of("NetworkPolicy")) {
       for (const auto& [program, s] : servers) {
-        if (!SelectorMatches(
-                np["spec"]["podSelector"].value("matchLabels", json::object()),
-                s.labels))
+        if (!SelectorMatches(np["spec"]["podSelector"].value("matchLabels", json::object()),
+                             s.labels))
           continue;
         std::set<int> mine;
         for (const auto& [n, p] : s.served) mine.insert(p);
         for (const json& rule : np["spec"].value("ingress", json::array())) {
           for (const json& p : rule.value("ports", json::array())) {
             EXPECT_TRUE(mine.count(p["port"].get<int>()))
-                << "NetworkPolicy " << np["metadata"]["name"]
-                << " lets in port " << p["port"] << " of " << program;
+                << "NetworkPolicy " << np["metadata"]["name"] << " lets in port " << p["port"]
+                << " of " << program;
           }
         }
         for (const json& rule : np["spec"].value("egress", json::array())) {
           for (const json& to : rule.value("to", json::array())) {
             for (const auto& [peer_program, peer] : servers) {
-              if (!SelectorMatches(to.value("podSelector", json::object())
-                                       .value("matchLabels", json::object()),
-                                   peer.labels)) {
+              if (!SelectorMatches(
+                      to.value("podSelector", json::object()).value("matchLabels", json::object()),
+                      peer.labels)) {
                 continue;
               }
               for (const json& p : rule.value("ports", json::array())) {
                 EXPECT_EQ(p["port"].get<int>(), peer.served.at("grpc"))
-                    << "NetworkPolicy " << np["metadata"]["name"] << ": "
-                    << program << " -> " << peer_program;
+                    << "NetworkPolicy " << np["metadata"]["name"] << ": " << program << " -> "
+                    << peer_program;
               }
             }
           }
@@ -769,10 +701,8 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
     EXPECT_GT(hpa["spec"]["maxReplicas"].get<int>(), replicas);
     // The HPA's metrics are the ones the prometheus-adapter rules serve, per
     // pod.
-    const json adapter = YamlDocs(
-        python_,
-        ReadFile(src_ +
-                 "/deploy/prometheus/prometheus-adapter-values.yaml"))[0];
+    const json adapter =
+        YamlDocs(python_, ReadFile(src_ + "/deploy/prometheus/prometheus-adapter-values.yaml"))[0];
     std::set<std::string> served_metrics;
     for (const json& rule : adapter["rules"]["custom"]) {
       served_metrics.insert(rule["name"]["as"].get<std::string>());
@@ -780,8 +710,7 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
     }
     for (const json& m : hpa["spec"]["metrics"]) {
       EXPECT_EQ(m["type"], "Pods");
-      EXPECT_TRUE(served_metrics.count(m["pods"]["metric"]["name"]))
-          << m["pods"]["metric"]["name"];
+      EXPECT_TRUE(served_metrics.count(m["pods"]["metric"]["name"])) << m["pods"]["metric"]["name"];
     }
     // The expert ServiceMonitor labels targets with the address the router
     // uses.
@@ -791,31 +720,25 @@ TEST_F(DeployTest, ManifestPortsProbesAndNamesMatchTheBinaries) {
         for (const json& rl : ep.value("relabelings", json::array())) {
           if (rl.value("targetLabel", "") != "address") continue;
           relabelled = true;
-          EXPECT_EQ(rl["replacement"],
-                    "$1." + headless + ":" + std::to_string(grpc));
+          EXPECT_EQ(rl["replacement"], "$1." + headless + ":" + std::to_string(grpc));
         }
       }
     }
     EXPECT_TRUE(relabelled);
     // The alert rules are the rules file.
-    EXPECT_EQ(
-        r.Get("PrometheusRule", "dmoe")["spec"],
-        YamlDocs(python_,
-                 ReadFile(src_ + "/deploy/prometheus/dmoe-rules.yml"))[0]);
+    EXPECT_EQ(r.Get("PrometheusRule", "dmoe")["spec"],
+              YamlDocs(python_, ReadFile(src_ + "/deploy/prometheus/dmoe-rules.yml"))[0]);
   }
 }
 
 // The flags dmoe-expert-entrypoint adds itself (--server-index, --join, ...)
 // and its `dmoe ctl` call exist too.
 TEST_F(DeployTest, EntrypointFlagsExistInTheBinarysHelp) {
-  std::string script =
-      ReadFile(src_ + "/deploy/docker/dmoe-expert-entrypoint.sh");
+  std::string script = ReadFile(src_ + "/deploy/docker/dmoe-expert-entrypoint.sh");
   ASSERT_FALSE(script.empty());
-  script = std::regex_replace(script, std::regex(R"("\$expert_bin")"),
-                              "dmoe-expert");
+  script = std::regex_replace(script, std::regex(R"("\$expert_bin")"), "dmoe-expert");
   script = std::regex_replace(script, std::regex(R"("\$cli_bin")"), "dmoe");
-  script =
-      std::regex_replace(script, std::regex(R"(\$\()"), " ");  // x=$(cmd ...)
+  script = std::regex_replace(script, std::regex(R"(\$\()"), " ");  // x=$(cmd ...)
   std::set<std::string> programs;
   std::stringstream lines(script);
   for (std::string line; std::getline(lines, line);) {
@@ -828,8 +751,7 @@ TEST_F(DeployTest, EntrypointFlagsExistInTheBinarysHelp) {
       programs.insert(inv.program);
     }
   }
-  EXPECT_EQ(programs,
-            (std::set<std::string>{"dmoe-expert", "dmoe ctl placement"}));
+  EXPECT_EQ(programs, (std::set<std::string>{"dmoe-expert", "dmoe ctl placement"}));
 }
 
 // ------------------------------------------------------------------ compose
@@ -837,22 +759,19 @@ TEST_F(DeployTest, EntrypointFlagsExistInTheBinarysHelp) {
 TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
   const std::string compose = FindInPath("docker-compose");
   python_ = PythonWithYaml();
-  if (compose.empty())
-    GTEST_SKIP() << "no docker-compose (apt-get install docker-compose)";
-  if (python_.empty())
-    GTEST_SKIP() << "no python3 with PyYAML (apt-get install python3-yaml)";
+  if (compose.empty()) GTEST_SKIP() << "no docker-compose (apt-get install docker-compose)";
+  if (python_.empty()) GTEST_SKIP() << "no python3 with PyYAML (apt-get install python3-yaml)";
   const RunResult q =
-      Exec({compose, "-f", src_ + "/docker-compose.yml", "config", "-q"}, "",
-           60, src_);
+      Exec({compose, "-f", src_ + "/docker-compose.yml", "config", "-q"}, "", 60, src_);
   ASSERT_EQ(q.code, 0) << "docker-compose config -q:\n" << q.err;
-  const RunResult full = Exec(
-      {compose, "-f", src_ + "/docker-compose.yml", "config"}, "", 60, src_);
+  const RunResult full =
+      Exec({compose, "-f", src_ + "/docker-compose.yml", "config"}, "", 60, src_);
   ASSERT_EQ(full.code, 0) << full.err;
   const json cfg = YamlDocs(python_, full.out)[0];
   const json& services = cfg["services"];
   for (const std::string& s :
-       std::vector<std::string>{"model", "expert-0", "expert-1", "expert-2",
-                                "router", "gateway", "prometheus", "grafana"}) {
+       std::vector<std::string>{"model", "expert-0", "expert-1", "expert-2", "router", "gateway",
+                                "prometheus", "grafana"}) {
     EXPECT_TRUE(services.contains(s)) << s;
   }
 
@@ -860,8 +779,7 @@ TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
   std::map<std::string, std::map<std::string, int>> served;
   for (const auto& [name, svc] : services.items()) {
     std::vector<std::string> words;
-    for (const json& w : svc.value("command", json::array()))
-      words.push_back(w);
+    for (const json& w : svc.value("command", json::array())) words.push_back(w);
     for (const Invocation& inv : FindInvocations(words)) {
       ExpectFlagsExist(helps_, inv, "docker-compose.yml " + name);
       if (inv.program.rfind("dmoe ", 0) == 0) continue;
@@ -884,16 +802,14 @@ TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
     const std::string hc = env.value("DMOE_HEALTH_CHECK", "");
     if (inv.program == "dmoe-gateway") {
       EXPECT_EQ(hc, "http:" + std::to_string(served[name]["http"]) + "/health");
-      EXPECT_EQ(services[name]["ports"][0]["target"].get<int>(),
-                served[name]["http"]);
+      EXPECT_EQ(services[name]["ports"][0]["target"].get<int>(), served[name]["http"]);
     } else {
       EXPECT_EQ(hc, "grpc:" + std::to_string(served[name]["grpc"]));
     }
   }
   // Names: the router's --experts are the expert services, each advertising its
   // own entry; the gateway and the joiners reach the router's gRPC port.
-  const std::vector<std::string> experts = {addr("expert-0", "grpc"),
-                                            addr("expert-1", "grpc"),
+  const std::vector<std::string> experts = {addr("expert-0", "grpc"), addr("expert-1", "grpc"),
                                             addr("expert-2", "grpc")};
   EXPECT_EQ(Split(servers["router"].Flag("experts"), ','), experts);
   EXPECT_TRUE(servers["router"].Has("controller"));
@@ -906,14 +822,12 @@ TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
     EXPECT_EQ(env.value("DMOE_ROUTER", ""), addr("router", "grpc"));
     // stop_grace_period covers leave + drain.
     const std::string grace = services[name].value("stop_grace_period", "10s");
-    EXPECT_GE(std::stoi(grace),
-              std::stoi(servers[name].Flag("leave-timeout-s")) +
-                  std::stoi(servers[name].Flag("drain-timeout-s")));
+    EXPECT_GE(std::stoi(grace), std::stoi(servers[name].Flag("leave-timeout-s")) +
+                                    std::stoi(servers[name].Flag("drain-timeout-s")));
   }
   // Prometheus scrapes every server's metrics port, with the router's names for
   // the expert servers.
-  const json prom = YamlDocs(
-      python_, ReadFile(src_ + "/deploy/prometheus/prometheus.yml"))[0];
+  const json prom = YamlDocs(python_, ReadFile(src_ + "/deploy/prometheus/prometheus.yml"))[0];
   std::set<std::string> scraped;
   for (const json& job : prom["scrape_configs"]) {
     for (const json& sc : job["static_configs"]) {
@@ -922,9 +836,8 @@ TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
         scraped.insert(target);
         const std::string host = target.substr(0, target.find(':'));
         ASSERT_TRUE(served.count(host)) << target << " is not a dmoe service";
-        const int metrics = served[host].count("metrics")
-                                ? served[host]["metrics"]
-                                : served[host]["http"];
+        const int metrics =
+            served[host].count("metrics") ? served[host]["metrics"] : served[host]["http"];
         EXPECT_EQ(target, host + ":" + std::to_string(metrics));
         if (host.rfind("expert-", 0) == 0) {
           const int i = std::stoi(host.substr(7));
@@ -938,52 +851,46 @@ TEST_F(DeployTest, ComposeFileIsValidAndMatchesTheBinaries) {
   EXPECT_EQ(scraped.size(), 5u);
   // The files Prometheus and Grafana mount exist, where their configs expect
   // them.
-  for (const std::string& s :
-       std::vector<std::string>{"prometheus", "grafana"}) {
+  for (const std::string& s : std::vector<std::string>{"prometheus", "grafana"}) {
     for (const json& v : services[s]["volumes"]) {
       // Short syntax SOURCE:TARGET[:MODE], or the long one.
-      const std::string source = v.is_string()
-                                     ? Split(v.get<std::string>(), ':')[0]
-                                     : v.value("source", std::string());
+      const std::string source =
+          v.is_string() ? Split(v.get<std::string>(), ':')[0] : v.value("source", std::string());
       if (source.empty() || source[0] != '/') continue;  // a named volume
       EXPECT_TRUE(fs::exists(source)) << source;
     }
   }
   EXPECT_EQ(prom["rule_files"][0], "/etc/prometheus/rules/dmoe-rules.yml");
-  const json provider = YamlDocs(
-      python_,
-      ReadFile(src_ + "/deploy/grafana/provisioning/dashboards/dmoe.yml"))[0];
-  EXPECT_EQ(provider["providers"][0]["options"]["path"],
-            "/var/lib/grafana/dashboards");
+  const json provider =
+      YamlDocs(python_, ReadFile(src_ + "/deploy/grafana/provisioning/dashboards/dmoe.yml"))[0];
+  EXPECT_EQ(provider["providers"][0]["options"]["path"], "/var/lib/grafana/dashboards");
 }
 
 // ------------------------------------------------------------------ linters
 
 TEST_F(DeployTest, YamllintIsClean) {
   const std::string yamllint = FindInPath("yamllint");
-  if (yamllint.empty())
-    GTEST_SKIP() << "no yamllint (apt-get install yamllint)";
-  const RunResult r = Exec({yamllint, "-s", "-c", src_ + "/.yamllint", "deploy",
-                            "docker-compose.yml", ".yamllint"},
-                           "", 120, src_);
+  if (yamllint.empty()) GTEST_SKIP() << "no yamllint (apt-get install yamllint)";
+  const RunResult r =
+      Exec({yamllint, "-s", "-c", src_ + "/.yamllint", "deploy", "docker-compose.yml", ".yamllint"},
+           "", 120, src_);
   EXPECT_EQ(r.code, 0) << r.out << r.err;
 }
 
 TEST_F(DeployTest, PromtoolAcceptsRulesAndConfig) {
   std::string promtool = FindInPath("promtool");
-  if (promtool.empty())
-    GTEST_SKIP() << "no promtool (apt-get install prometheus)";
-  const RunResult rules = Exec(
-      {promtool, "check", "rules", src_ + "/deploy/prometheus/dmoe-rules.yml"});
+  if (promtool.empty()) GTEST_SKIP() << "no promtool (apt-get install prometheus)";
+  const RunResult rules =
+      Exec({promtool, "check", "rules", src_ + "/deploy/prometheus/dmoe-rules.yml"});
   EXPECT_EQ(rules.code, 0) << rules.out << rules.err;
-  const RunResult cfg = Exec({promtool, "check", "config", "--syntax-only",
-                              src_ + "/deploy/prometheus/prometheus.yml"});
+  const RunResult cfg = Exec(
+      {promtool, "check", "config", "--syntax-only", src_ + "/deploy/prometheus/prometheus.yml"});
   EXPECT_EQ(cfg.code, 0) << cfg.out << cfg.err;
 }
 
 TEST_F(DeployTest, DashboardQueriesUseTheDatasourceVariable) {
-  const json d = json::parse(
-      ReadFile(src_ + "/deploy/grafana/dashboards/dmoe.json"), nullptr, false);
+  const json d =
+      json::parse(ReadFile(src_ + "/deploy/grafana/dashboards/dmoe.json"), nullptr, false);
   ASSERT_FALSE(d.is_discarded());
   int exprs = 0;
   for (const json& p : d["panels"]) {
@@ -999,13 +906,11 @@ TEST_F(DeployTest, DashboardQueriesUseTheDatasourceVariable) {
 
 // The Debian packages of the shared libraries the four programs link:
 // package -> "BINARY links LIBRARY" (computed once: ldd, then one dpkg -S).
-const std::map<std::string, std::string>& LinkedPackages(
-    const std::string& dpkg) {
+const std::map<std::string, std::string>& LinkedPackages(const std::string& dpkg) {
   static const std::map<std::string, std::string> packages = [&] {
-    std::map<std::string, std::string>
-        libs;  // resolved path -> the binary linking it
-    for (const std::string& bin : std::vector<std::string>{
-             "dmoe", "dmoe-router", "dmoe-expert", "dmoe-gateway"}) {
+    std::map<std::string, std::string> libs;  // resolved path -> the binary linking it
+    for (const std::string& bin :
+         std::vector<std::string>{"dmoe", "dmoe-router", "dmoe-expert", "dmoe-gateway"}) {
       const RunResult ldd = Exec({"ldd", BinDir() + "/" + bin});
       EXPECT_EQ(ldd.code, 0) << ldd.err;
       std::stringstream ls(ldd.out);
@@ -1021,8 +926,7 @@ const std::map<std::string, std::string>& LinkedPackages(
     std::vector<std::string> argv = {dpkg, "-S"};
     for (const auto& [lib, bin] : libs) {
       argv.push_back(lib);
-      argv.push_back(
-          std::regex_replace(lib, std::regex("^/usr/lib/"), "/lib/"));
+      argv.push_back(std::regex_replace(lib, std::regex("^/usr/lib/"), "/lib/"));
     }
     std::map<std::string, std::string> owner;  // path -> package
     std::stringstream out(Exec(argv).out);
@@ -1035,12 +939,10 @@ const std::map<std::string, std::string>& LinkedPackages(
     }
     std::map<std::string, std::string> pkgs;
     for (const auto& [lib, bin] : libs) {
-      if (lib.find("libcuda") != std::string::npos ||
-          lib.find("libcublas") != std::string::npos)
+      if (lib.find("libcuda") != std::string::npos || lib.find("libcublas") != std::string::npos)
         continue;
       std::string pkg = owner[lib];
-      if (pkg.empty())
-        pkg = owner[std::regex_replace(lib, std::regex("^/usr/lib/"), "/lib/")];
+      if (pkg.empty()) pkg = owner[std::regex_replace(lib, std::regex("^/usr/lib/"), "/lib/")];
       EXPECT_FALSE(pkg.empty()) << lib << " belongs to no Debian package";
       if (!pkg.empty()) pkgs[pkg] = bin + " links " + lib;
     }
@@ -1054,14 +956,12 @@ const std::map<std::string, std::string>& LinkedPackages(
 // Debian package of every shared library the binaries link (checked with ldd
 // and dpkg on this Debian machine, the images' base).
 TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
-  for (const std::string& name :
-       std::vector<std::string>{"Dockerfile.cpu", "Dockerfile.cuda"}) {
+  for (const std::string& name : std::vector<std::string>{"Dockerfile.cpu", "Dockerfile.cuda"}) {
     SCOPED_TRACE(name);
     const std::string text = ReadFile(src_ + "/deploy/docker/" + name);
     ASSERT_FALSE(text.empty());
     // Join continuation lines.
-    const std::string joined =
-        std::regex_replace(text, std::regex(R"(\\\n)"), " ");
+    const std::string joined = std::regex_replace(text, std::regex(R"(\\\n)"), " ");
     std::set<std::string> installed_bins, runtime_pkgs;
     std::stringstream lines(joined);
     bool runtime_stage = false;
@@ -1073,8 +973,7 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
         std::vector<std::string> words;
         std::stringstream ws(m[1].str());
         for (std::string w; ws >> w;) words.push_back(w);
-        const bool from_stage =
-            !words.empty() && words[0].rfind("--from=", 0) == 0;
+        const bool from_stage = !words.empty() && words[0].rfind("--from=", 0) == 0;
         if (from_stage) words.erase(words.begin());
         const std::string dest = words.back();
         words.pop_back();
@@ -1082,8 +981,7 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
           if (!from_stage && w != ".") {
             EXPECT_TRUE(fs::exists(src_ + "/" + w)) << "COPY " << w;
           }
-          if (dest.back() == '/')
-            installed_bins.insert(fs::path(w).filename().string());
+          if (dest.back() == '/') installed_bins.insert(fs::path(w).filename().string());
         }
         if (dest.back() != '/' && words.size() == 1)
           installed_bins.insert(fs::path(dest).filename().string());
@@ -1097,24 +995,19 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
       }
     }
     for (const std::string& bin : std::vector<std::string>{
-             "dmoe", "dmoe-router", "dmoe-expert", "dmoe-gateway",
-             "dmoe-grpc-health-probe", "dmoe-expert-entrypoint",
-             "dmoe-healthcheck"}) {
-      EXPECT_TRUE(installed_bins.count(bin))
-          << bin << " is not installed in the image";
+             "dmoe", "dmoe-router", "dmoe-expert", "dmoe-gateway", "dmoe-grpc-health-probe",
+             "dmoe-expert-entrypoint", "dmoe-healthcheck"}) {
+      EXPECT_TRUE(installed_bins.count(bin)) << bin << " is not installed in the image";
     }
-    for (const std::string& tool :
-         std::vector<std::string>{"tini", "jq", "curl"})
+    for (const std::string& tool : std::vector<std::string>{"tini", "jq", "curl"})
       EXPECT_TRUE(runtime_pkgs.count(tool)) << tool;
     // Shared libraries -> Debian packages -> installed by the runtime stage or
     // pulled in by one that is (dpkg's Depends, recursively).
-    const std::string dpkg_query = FindInPath("dpkg-query"),
-                      dpkg = FindInPath("dpkg");
+    const std::string dpkg_query = FindInPath("dpkg-query"), dpkg = FindInPath("dpkg");
     if (dpkg_query.empty() || dpkg.empty()) continue;
     std::map<std::string, std::vector<std::string>>
         depends;  // installed package -> first alternatives
-    const RunResult all =
-        Exec({dpkg_query, "-W", "-f=${Package}\t${Depends}, ${Pre-Depends}\n"});
+    const RunResult all = Exec({dpkg_query, "-W", "-f=${Package}\t${Depends}, ${Pre-Depends}\n"});
     std::stringstream ps(all.out);
     for (std::string line; std::getline(ps, line);) {
       const size_t tab = line.find('\t');
@@ -1138,8 +1031,7 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
     }
     for (const auto& [pkg, what] : LinkedPackages(dpkg)) {
       EXPECT_TRUE(closure.count(pkg))
-          << what << " from " << pkg
-          << ", which the runtime stage does not install";
+          << what << " from " << pkg << ", which the runtime stage does not install";
     }
   }
 }
@@ -1158,13 +1050,10 @@ std::string HttpGet(int port, const std::string& path) {
   std::string raw;
   if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
     const std::string req =
-        "GET " + path +
-        " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) ==
-        static_cast<ssize_t>(req.size())) {
+        "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
+    if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
       char buf[16384];
-      for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;)
-        raw.append(buf, n);
+      for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) raw.append(buf, n);
     }
   }
   close(fd);
@@ -1175,8 +1064,7 @@ std::string HttpGet(int port, const std::string& path) {
 // The value of an unlabelled series in Prometheus text, or -1.
 double MetricValue(const std::string& text, const std::string& name) {
   std::smatch m;
-  if (std::regex_search(text, m, std::regex("\n" + name + " ([0-9.e+-]+)")))
-    return std::stod(m[1]);
+  if (std::regex_search(text, m, std::regex("\n" + name + " ([0-9.e+-]+)"))) return std::stod(m[1]);
   return -1;
 }
 
@@ -1187,9 +1075,8 @@ struct Placement {
 };
 
 absl::StatusOr<Placement> GetPlacement(int router_port) {
-  const RunResult r =
-      Exec({BinDir() + "/dmoe", "ctl", "placement", "--router",
-            "127.0.0.1:" + std::to_string(router_port), "--json"});
+  const RunResult r = Exec({BinDir() + "/dmoe", "ctl", "placement", "--router",
+                            "127.0.0.1:" + std::to_string(router_port), "--json"});
   if (r.code != 0) return absl::UnavailableError(r.err);
   const json j = json::parse(r.out, nullptr, false);
   if (j.is_discarded()) return absl::InternalError(r.out);
@@ -1212,8 +1099,7 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
   if (FindInPath("jq").empty())
     GTEST_SKIP() << "no jq (apt-get install jq): the entrypoint needs it";
   const std::string dir = testing::FreshDir("entrypoint");
-  const std::string model =
-      testing::MakeModel("tiny-v3", 7);  // 16 routed experts
+  const std::string model = testing::MakeModel("tiny-v3", 7);  // 16 routed experts
   const std::string script = src_ + "/deploy/docker/dmoe-expert-entrypoint.sh";
   const int router_port = FreePort();
   const std::vector<int> ports = {FreePort(), FreePort(), FreePort()};
@@ -1226,16 +1112,13 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
     const std::string log = dir + "/expert" + std::to_string(i) + ".log";
     std::remove((dir + "/expert" + std::to_string(i) + ".metrics").c_str());
     return experts[i]->Start(
-        {"/usr/bin/env", "DMOE_EXPERTS=" + initial,
-         "DMOE_ADVERTISE=" + address(i), "DMOE_ROUTER=" + router,
-         "DMOE_EXPERT_BIN=" + BinDir() + "/dmoe-expert",
-         "DMOE_CLI_BIN=" + BinDir() + "/dmoe", "DMOE_STATE_DIR=" + dir, "sh",
-         script, "--model=" + model, "--host=127.0.0.1",
-         "--port=" + std::to_string(ports[i]), "--metrics-port=0",
-         "--metrics-port-file=" + dir + "/expert" + std::to_string(i) +
-             ".metrics",
-         "--dtype=f32", "--threads=1", "--leave-timeout-s=10",
-         "--drain-timeout-s=5"},
+        {"/usr/bin/env", "DMOE_EXPERTS=" + initial, "DMOE_ADVERTISE=" + address(i),
+         "DMOE_ROUTER=" + router, "DMOE_EXPERT_BIN=" + BinDir() + "/dmoe-expert",
+         "DMOE_CLI_BIN=" + BinDir() + "/dmoe", "DMOE_STATE_DIR=" + dir, "sh", script,
+         "--model=" + model, "--host=127.0.0.1", "--port=" + std::to_string(ports[i]),
+         "--metrics-port=0",
+         "--metrics-port-file=" + dir + "/expert" + std::to_string(i) + ".metrics", "--dtype=f32",
+         "--threads=1", "--leave-timeout-s=10", "--drain-timeout-s=5"},
         log);
   };
   auto log_of = [&](int i) { return experts[i]->Log(); };
@@ -1243,12 +1126,9 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
   for (int i = 0; i < 2; ++i) {
     ASSERT_TRUE(start_expert(i));
     ASSERT_GT(
-        testing::WaitForPortFile(
-            dir + "/expert" + std::to_string(i) + ".metrics", *experts[i]),
-        0)
+        testing::WaitForPortFile(dir + "/expert" + std::to_string(i) + ".metrics", *experts[i]), 0)
         << log_of(i);
-    EXPECT_NE(log_of(i).find("initial server " + std::to_string(i) + " of 2"),
-              std::string::npos)
+    EXPECT_NE(log_of(i).find("initial server " + std::to_string(i) + " of 2"), std::string::npos)
         << log_of(i);
   }
   ChildProcess router_proc;
@@ -1273,13 +1153,11 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
                                  "--metrics-port",
                                  "0"},
                                 dir + "/router.log"));
-  ASSERT_GT(testing::WaitForPortFile(dir + "/router.port", router_proc), 0)
-      << router_proc.Log();
+  ASSERT_GT(testing::WaitForPortFile(dir + "/router.port", router_proc), 0) << router_proc.Log();
   // 2. A server beyond the initial ones joins.
   ASSERT_TRUE(start_expert(2));
   Placement p;
-  const auto deadline =
-      std::chrono::steady_clock::now() + std::chrono::seconds(60);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::seconds(60);
   while (std::chrono::steady_clock::now() < deadline) {
     auto got = GetPlacement(router_port);
     if (got.ok()) p = *got;
@@ -1296,26 +1174,20 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
   //    (--server-lost-after-s): it resumes its slots of the current placement.
   experts[1]->Kill(SIGKILL);
   ASSERT_TRUE(start_expert(1));
-  const int metrics_port =
-      testing::WaitForPortFile(dir + "/expert1.metrics", *experts[1]);
+  const int metrics_port = testing::WaitForPortFile(dir + "/expert1.metrics", *experts[1]);
   ASSERT_GT(metrics_port, 0) << log_of(1);
-  EXPECT_NE(
-      log_of(1).find("resuming placement version " + std::to_string(p.version)),
-      std::string::npos)
+  EXPECT_NE(log_of(1).find("resuming placement version " + std::to_string(p.version)),
+            std::string::npos)
       << log_of(1);
-  EXPECT_EQ(MetricValue(HttpGet(metrics_port, "/metrics"),
-                        "moe_expert_placement_version"),
+  EXPECT_EQ(MetricValue(HttpGet(metrics_port, "/metrics"), "moe_expert_placement_version"),
             p.version);
   auto after = GetPlacement(router_port);
   ASSERT_TRUE(after.ok()) << after.status();
-  EXPECT_EQ(after->version, p.version)
-      << "nothing re-placed: the server took its old place";
+  EXPECT_EQ(after->version, p.version) << "nothing re-placed: the server took its old place";
 
   // The images' health checks against the running servers.
-  const std::string gxx = FindInPath("g++"),
-                    pkg_config = FindInPath("pkg-config");
-  if (gxx.empty() || pkg_config.empty() ||
-      Exec({pkg_config, "--exists", "grpc++"}).code != 0) {
+  const std::string gxx = FindInPath("g++"), pkg_config = FindInPath("pkg-config");
+  if (gxx.empty() || pkg_config.empty() || Exec({pkg_config, "--exists", "grpc++"}).code != 0) {
     GTEST_SKIP() << "no g++ / pkg-config grpc++ to build "
                     "deploy/docker/grpc_health_probe.cc";
   }
@@ -1333,21 +1205,18 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
   const std::string path = "PATH=" + dir + ":" + std::getenv("PATH");
   const std::string healthcheck = src_ + "/deploy/docker/healthcheck.sh";
   for (const int port : {router_port, ports[0], ports[1], ports[2]}) {
-    const RunResult hc = Exec({"/usr/bin/env", path,
-                               "DMOE_HEALTH_CHECK=grpc:" + std::to_string(port),
-                               "sh", healthcheck});
+    const RunResult hc =
+        Exec({"/usr/bin/env", path, "DMOE_HEALTH_CHECK=grpc:" + std::to_string(port), "sh",
+              healthcheck});
     EXPECT_EQ(hc.code, 0) << port << ": " << hc.out << hc.err;
     EXPECT_NE(hc.out.find("SERVING"), std::string::npos) << hc.out;
   }
   const RunResult down =
-      Exec({"/usr/bin/env", path,
-            "DMOE_HEALTH_CHECK=grpc:" + std::to_string(FreePort()), "sh",
+      Exec({"/usr/bin/env", path, "DMOE_HEALTH_CHECK=grpc:" + std::to_string(FreePort()), "sh",
             healthcheck});
-  EXPECT_EQ(down.code, 1) << "nothing listens there: unhealthy\n"
-                          << down.out << down.err;
+  EXPECT_EQ(down.code, 1) << "nothing listens there: unhealthy\n" << down.out << down.err;
   const RunResult http = Exec(
-      {"/usr/bin/env", path,
-       "DMOE_HEALTH_CHECK=http:" + std::to_string(metrics_port) + "/metrics",
+      {"/usr/bin/env", path, "DMOE_HEALTH_CHECK=http:" + std::to_string(metrics_port) + "/metrics",
        "sh", healthcheck});
   if (!FindInPath("curl").empty()) {
     EXPECT_EQ(http.code, 0) << http.err;

@@ -141,8 +141,10 @@ TEST(ModelReference, F16AndF32Checkpoints) {
 }
 
 TEST(ModelReference, ShardedCheckpointGivesSameLogits) {
-  auto a = Load(testing::MakeModel("tiny-v3", 10, tools::WeightFormat::kBF16, 1), ComputeType::kF32);
-  auto b = Load(testing::MakeModel("tiny-v3", 10, tools::WeightFormat::kBF16, 3), ComputeType::kF32);
+  auto a =
+      Load(testing::MakeModel("tiny-v3", 10, tools::WeightFormat::kBF16, 1), ComputeType::kF32);
+  auto b =
+      Load(testing::MakeModel("tiny-v3", 10, tools::WeightFormat::kBF16, 3), ComputeType::kF32);
   ASSERT_TRUE(a && b);
   const auto prompt = Prompt(6, 512, 1);
   EXPECT_EQ(FullLogits(*a, prompt), FullLogits(*b, prompt));
@@ -179,9 +181,15 @@ void ExpectIncrementalMatchesPrefill(const std::string& preset) {
   EXPECT_LT(std::sqrt(num / den), 1e-5);
 }
 
-TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_Mla) { ExpectIncrementalMatchesPrefill("tiny-v2lite"); }
-TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_MlaQLora) { ExpectIncrementalMatchesPrefill("tiny-v3"); }
-TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_Mha) { ExpectIncrementalMatchesPrefill("tiny-moe16b"); }
+TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_Mla) {
+  ExpectIncrementalMatchesPrefill("tiny-v2lite");
+}
+TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_MlaQLora) {
+  ExpectIncrementalMatchesPrefill("tiny-v3");
+}
+TEST(ModelKvCache, IncrementalDecodeEqualsFullPrefill_Mha) {
+  ExpectIncrementalMatchesPrefill("tiny-moe16b");
+}
 
 TEST(ModelKvCache, BatchedSequencesMatchSeparateRuns) {
   auto m = Load(testing::MakeModel("tiny-v3", 12), ComputeType::kF32);
@@ -261,7 +269,9 @@ class RecordingBackend final : public core::ExpertBackend {
   absl::Status LoadFfn(int32_t layer, int32_t ffn, const core::FfnWeights& w) override {
     return inner_->LoadFfn(layer, ffn, w);
   }
-  absl::Status UnloadFfn(int32_t layer, int32_t ffn) override { return inner_->UnloadFfn(layer, ffn); }
+  absl::Status UnloadFfn(int32_t layer, int32_t ffn) override {
+    return inner_->UnloadFfn(layer, ffn);
+  }
   bool HasFfn(int32_t layer, int32_t ffn) const override { return inner_->HasFfn(layer, ffn); }
   size_t WeightBytes() const override { return inner_->WeightBytes(); }
   absl::Status Compute(const core::ExpertBatch& b, float* out) override {
@@ -333,7 +343,8 @@ TEST(ModelMicroBatches, SameLogitsAsOneBatchAndTwoBatchesInFlight) {
     all.insert(all.end(), logits.begin(), logits.end());
     results.push_back(all);
     int moe_layers = 0;
-    for (int64_t l = 0; l < m->config().num_hidden_layers; ++l) moe_layers += m->config().IsMoeLayer(l);
+    for (int64_t l = 0; l < m->config().num_hidden_layers; ++l)
+      moe_layers += m->config().IsMoeLayer(l);
     EXPECT_EQ(rec->submitted(), static_cast<size_t>(2 * moe_layers * mb)) << mb;
     EXPECT_EQ(rec->max_out(), static_cast<size_t>(mb)) << "all micro-batches out at once";
     EXPECT_EQ(rec->outstanding(), 0u);
@@ -341,8 +352,8 @@ TEST(ModelMicroBatches, SameLogitsAsOneBatchAndTwoBatchesInFlight) {
   for (size_t k = 1; k < results.size(); ++k) {
     ASSERT_EQ(results[k].size(), results[0].size());
     // Every kernel is batch-invariant: the same bits, not just close.
-    EXPECT_EQ(0, std::memcmp(results[k].data(), results[0].data(),
-                             results[0].size() * sizeof(float)))
+    EXPECT_EQ(0,
+              std::memcmp(results[k].data(), results[0].data(), results[0].size() * sizeof(float)))
         << k + 1 << " micro-batches";
   }
 }
@@ -415,7 +426,8 @@ TEST(ModelBatchInvariance, RandomCompositionsGiveBitwiseTheSameLogits) {
           if (rng() % 3 == 0) continue;  // sits this step out
           if (other.next < other.tokens.size()) {
             const size_t n = 1 + rng() % (other.tokens.size() - other.next);
-            batch.push_back({other.seq, std::span<const int32_t>(other.tokens.data() + other.next, n),
+            batch.push_back({other.seq,
+                             std::span<const int32_t>(other.tokens.data() + other.next, n),
                              rng() % 2 == 0});
             other.next += n;
           } else {

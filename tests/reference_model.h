@@ -46,13 +46,14 @@ class ReferenceModel {
       }
       for (int64_t t = 0; t < T; ++t) {
         Vec h = Norm(x[t], W(p + "post_attention_layernorm.weight"));
-        Vec y = cfg_.IsMoeLayer(l) ? Moe(h, p + "mlp.")
-                                   : Ffn(h, p + "mlp.", cfg_.intermediate_size);
+        Vec y =
+            cfg_.IsMoeLayer(l) ? Moe(h, p + "mlp.") : Ffn(h, p + "mlp.", cfg_.intermediate_size);
         for (int64_t i = 0; i < Hd; ++i) x[t][i] += y[i];
       }
     }
     std::vector<Vec> logits(T);
-    const std::string head = cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
+    const std::string head =
+        cfg_.tie_word_embeddings ? "model.embed_tokens.weight" : "lm_head.weight";
     for (int64_t t = 0; t < T; ++t) {
       logits[t] = MatVec(W(head), cfg_.vocab_size, Hd, Norm(x[t], W("model.norm.weight")));
     }
@@ -167,7 +168,9 @@ class ReferenceModel {
         const double ramp = std::min(1.0, std::max(0.0, (j - lo) / (hi - lo)));
         (*inv)[j] = (*inv)[j] / rs.factor * ramp + (*inv)[j] * (1 - ramp);
       }
-      auto ms = [&](double m) { return rs.factor <= 1 ? 1.0 : 0.1 * m * std::log(rs.factor) + 1.0; };
+      auto ms = [&](double m) {
+        return rs.factor <= 1 ? 1.0 : 0.1 * m * std::log(rs.factor) + 1.0;
+      };
       *mult = ms(rs.mscale) / ms(rs.mscale_all_dim);
     }
   }
@@ -191,8 +194,9 @@ class ReferenceModel {
   }
 
   double Scale() const {
-    double s = 1.0 / std::sqrt(static_cast<double>(
-                         cfg_.IsMla() ? cfg_.qk_nope_head_dim + cfg_.qk_rope_head_dim : cfg_.head_dim));
+    double s =
+        1.0 / std::sqrt(static_cast<double>(
+                  cfg_.IsMla() ? cfg_.qk_nope_head_dim + cfg_.qk_rope_head_dim : cfg_.head_dim));
     const auto& rs = cfg_.rope_scaling;
     if (rs.type == core::RopeScalingType::kYarn && rs.mscale_all_dim != 0 && rs.factor > 1) {
       const double m = 0.1 * rs.mscale_all_dim * std::log(rs.factor) + 1.0;

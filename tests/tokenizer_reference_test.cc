@@ -10,12 +10,12 @@
 #include <string>
 #include <vector>
 
-#include "text/chat_template.h"
-#include "text/tokenizer.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "tests/tokenizer_ref/ref_setup.h"
+#include "text/chat_template.h"
+#include "text/tokenizer.h"
 
 namespace dmoe {
 namespace {
@@ -100,11 +100,10 @@ std::vector<std::string> Corpus() {
   };
   std::string long_text;
   for (int i = 0; i < 200; ++i) {
-    long_text +=
-        "Paragraph " + std::to_string(i) +
-        ": Mixture-of-experts models route each token to a few experts. "
-        "专家混合模型。 x = " +
-        std::to_string(i * 7919) + ";\n";
+    long_text += "Paragraph " + std::to_string(i) +
+                 ": Mixture-of-experts models route each token to a few experts. "
+                 "专家混合模型。 x = " +
+                 std::to_string(i * 7919) + ";\n";
   }
   c.push_back(long_text);
   c.push_back(std::string(5000, ' ') + "x" + std::string(3000, '\n'));
@@ -112,12 +111,9 @@ std::vector<std::string> Corpus() {
   {
     std::mt19937 long_rng(99);
     std::string letters, cjk, punct;
-    for (int i = 0; i < 3000; ++i)
-      letters.push_back(static_cast<char>('a' + long_rng() % 26));
-    for (int i = 0; i < 600; ++i)
-      cjk = AppendUtf8(std::move(cjk), 0x4E00 + long_rng() % 0x51A6);
-    for (int i = 0; i < 1000; ++i)
-      punct.push_back("!?.,;:-_=+*&^%$#@~"[long_rng() % 18]);
+    for (int i = 0; i < 3000; ++i) letters.push_back(static_cast<char>('a' + long_rng() % 26));
+    for (int i = 0; i < 600; ++i) cjk = AppendUtf8(std::move(cjk), 0x4E00 + long_rng() % 0x51A6);
+    for (int i = 0; i < 1000; ++i) punct.push_back("!?.,;:-_=+*&^%$#@~"[long_rng() % 18]);
     c.push_back(letters);
     c.push_back("x " + cjk + " y");
     c.push_back(punct);
@@ -126,15 +122,13 @@ std::vector<std::string> Corpus() {
 
   // Random mixes.
   const std::vector<std::pair<char32_t, char32_t>> ranges = {
-      {0x20, 0x7E},     {0x20, 0x7E},       {0x20, 0x7E},     {0x30, 0x39},
-      {0x09, 0x0A},     {0x0D, 0x0D},       {0xA0, 0xFF},     {0x391, 0x3C9},
-      {0x410, 0x44F},   {0x4E00, 0x9FA5},   {0x9FA6, 0x9FEF}, {0x3040, 0x309F},
-      {0x30A0, 0x30FF}, {0xAC00, 0xD7A3},   {0x600, 0x6FF},   {0x900, 0x97F},
-      {0xE00, 0xE5B},   {0x2000, 0x2027},   {0x2030, 0x205E}, {0x3000, 0x303F},
+      {0x20, 0x7E},     {0x20, 0x7E},       {0x20, 0x7E},     {0x30, 0x39},     {0x09, 0x0A},
+      {0x0D, 0x0D},     {0xA0, 0xFF},       {0x391, 0x3C9},   {0x410, 0x44F},   {0x4E00, 0x9FA5},
+      {0x9FA6, 0x9FEF}, {0x3040, 0x309F},   {0x30A0, 0x30FF}, {0xAC00, 0xD7A3}, {0x600, 0x6FF},
+      {0x900, 0x97F},   {0xE00, 0xE5B},     {0x2000, 0x2027}, {0x2030, 0x205E}, {0x3000, 0x303F},
       {0xFF01, 0xFF5E}, {0x1F300, 0x1F64F}, {0x2460, 0x24FF}, {0x300, 0x36F}};
   std::mt19937 rng(20240601);
-  const char* n_env =
-      std::getenv("DMOE_TOKENIZER_RANDOM_ITEMS");  // more for a soak run
+  const char* n_env = std::getenv("DMOE_TOKENIZER_RANDOM_ITEMS");  // more for a soak run
   const int n_random = n_env != nullptr ? std::atoi(n_env) : 300;
   for (int k = 0; k < n_random; ++k) {
     std::string s;
@@ -170,13 +164,11 @@ class TokenizerReference : public ::testing::Test {
     const std::filesystem::path dir =
         std::filesystem::path(tmp ? tmp : "/tmp") / "tokenizer_reference";
     std::filesystem::create_directories(dir);
-    const std::string in = (dir / "in.json").string(),
-                      out = (dir / "out.json").string();
+    const std::string in = (dir / "in.json").string(), out = (dir / "out.json").string();
     std::ofstream(in, std::ios::binary) << input.dump();
     std::filesystem::remove(out);
     const int rc = testing::RunNodeReference(
-        ref_,
-        "corpus " + testing::ShellQuote(in) + " " + testing::ShellQuote(out),
+        ref_, "corpus " + testing::ShellQuote(in) + " " + testing::ShellQuote(out),
         (dir / "node.log").string());
     const std::string log = testing::ReadWholeFile((dir / "node.log").string());
     EXPECT_EQ(rc, 0) << log.substr(log.size() > 2000 ? log.size() - 2000 : 0);
@@ -202,13 +194,11 @@ TEST_F(TokenizerReference, IdsAndDecodingMatchTransformersJs) {
     auto ids = tokenizer_->Encode(corpus[k]);
     ASSERT_TRUE(ids.ok()) << ids.status();
     const auto want = out["ids"][k].get<std::vector<int32_t>>();
-    EXPECT_EQ(*ids, want) << "corpus item " << k << ": "
-                          << ojson(corpus[k]).dump();
+    EXPECT_EQ(*ids, want) << "corpus item " << k << ": " << ojson(corpus[k]).dump();
     auto text = tokenizer_->Decode(*ids);
     ASSERT_TRUE(text.ok());
     EXPECT_EQ(*text, corpus[k]) << "decode(encode(x)) != x for item " << k;
-    EXPECT_EQ(out["decoded"][k].get<std::string>(), corpus[k])
-        << "JS decode of item " << k;
+    EXPECT_EQ(out["decoded"][k].get<std::string>(), corpus[k]) << "JS decode of item " << k;
     same += *ids == want;
   }
   std::printf("ids identical on %d of %zu corpus items\n", same, corpus.size());
@@ -223,8 +213,7 @@ TEST_F(TokenizerReference, StreamingDecodeEqualsDecode) {
     for (int32_t id : *ids) {
       auto piece = stream.Push(id);
       ASSERT_TRUE(piece.ok());
-      ASSERT_TRUE(text::ValidateUtf8(*piece).ok())
-          << "half a character streamed";
+      ASSERT_TRUE(text::ValidateUtf8(*piece).ok()) << "half a character streamed";
       streamed += *piece;
     }
     streamed += stream.Finish();
@@ -243,8 +232,7 @@ TEST_F(TokenizerReference, SpecialTokensAndInvalidInput) {
   auto bad = tokenizer_->Encode("valid then \xF0\x9F\x98 broken");
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(),
-              ::testing::HasSubstr("invalid UTF-8 at byte 11 (0xf0)"));
+  EXPECT_THAT(bad.status().message(), ::testing::HasSubstr("invalid UTF-8 at byte 11 (0xf0)"));
 }
 
 TEST_F(TokenizerReference, ChatTemplatesMatchHuggingfaceJinja) {
@@ -276,33 +264,28 @@ TEST_F(TokenizerReference, ChatTemplatesMatchHuggingfaceJinja) {
   };
   const std::vector<ojson> conversations = {
       ojson::array({msg("user", "Hi")}),
-      ojson::array({msg("system", "You are a helpful assistant."),
-                    msg("user", "What is 2+2?"), msg("assistant", "4"),
-                    msg("user", "And 3+3?")}),
-      ojson::array({msg("system", "A"), msg("system", "B"),
-                    msg("user", "多语言 テキスト 😀\n\nline")}),
-      ojson::array({msg("user", "q"),
-                    msg("assistant", "<think>hmm</think>\n\nanswer"),
-                    msg("user", "  again  ")}),
+      ojson::array({msg("system", "You are a helpful assistant."), msg("user", "What is 2+2?"),
+                    msg("assistant", "4"), msg("user", "And 3+3?")}),
       ojson::array(
-          {msg("user", "Weather in Paris?"),
-           {{"role", "assistant"},
-            {"content", nullptr},
-            {"tool_calls",
-             ojson::array({{{"type", "function"},
-                            {"function",
-                             {{"name", "get_weather"},
-                              {"arguments", "{\"city\": \"Paris\"}"}}}}})}},
-           msg("tool", "{\"temp\": 21}"),
-           msg("tool", "sunny"),
-           msg("assistant", "21 degrees, sunny.")}),
+          {msg("system", "A"), msg("system", "B"), msg("user", "多语言 テキスト 😀\n\nline")}),
+      ojson::array({msg("user", "q"), msg("assistant", "<think>hmm</think>\n\nanswer"),
+                    msg("user", "  again  ")}),
+      ojson::array({msg("user", "Weather in Paris?"),
+                    {{"role", "assistant"},
+                     {"content", nullptr},
+                     {"tool_calls", ojson::array({{{"type", "function"},
+                                                   {"function",
+                                                    {{"name", "get_weather"},
+                                                     {"arguments", "{\"city\": \"Paris\"}"}}}}})}},
+                    msg("tool", "{\"temp\": 21}"),
+                    msg("tool", "sunny"),
+                    msg("assistant", "21 degrees, sunny.")}),
   };
   ojson chats = ojson::array();
   std::vector<std::string> expected;
   for (const std::string* tmpl : {&v3, &v2, &r1_style}) {
     for (const ojson& conv : conversations) {
-      if (tmpl != &v3 && conv.size() == 5)
-        continue;  // tool calls: V3's template only
+      if (tmpl != &v3 && conv.size() == 5) continue;  // tool calls: V3's template only
       for (bool agp : {true, false}) {
         ojson context = {{"messages", conv},
                          {"add_generation_prompt", agp},
@@ -321,12 +304,10 @@ TEST_F(TokenizerReference, ChatTemplatesMatchHuggingfaceJinja) {
   ASSERT_EQ(out["prompts"].size(), expected.size());
   int same = 0;
   for (size_t k = 0; k < expected.size(); ++k) {
-    EXPECT_EQ(out["prompts"][k], ojson(expected[k]))
-        << "chat " << k << ": " << chats[k].dump();
+    EXPECT_EQ(out["prompts"][k], ojson(expected[k])) << "chat " << k << ": " << chats[k].dump();
     same += out["prompts"][k] == ojson(expected[k]);
   }
-  std::printf("chat templates identical on %d of %zu renders\n", same,
-              expected.size());
+  std::printf("chat templates identical on %d of %zu renders\n", same, expected.size());
 }
 
 }  // namespace

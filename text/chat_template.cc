@@ -54,8 +54,7 @@ std::string NormalizeNewlines(std::string_view src) {
 
 ChatTemplate::~ChatTemplate() = default;
 
-absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(
-    std::string_view source) {
+absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(std::string_view source) {
   auto t = std::unique_ptr<ChatTemplate>(new ChatTemplate());
   auto holder = std::make_unique<Node>();
   holder->kind = Node::Kind::kText;  // holder->text keeps the normalized source
@@ -73,11 +72,9 @@ absl::StatusOr<std::unique_ptr<ChatTemplate>> ChatTemplate::Parse(
   return t;
 }
 
-absl::StatusOr<std::string> ChatTemplate::Render(
-    const nlohmann::ordered_json& context) const {
+absl::StatusOr<std::string> ChatTemplate::Render(const nlohmann::ordered_json& context) const {
   if (!context.is_object())
-    return absl::InvalidArgumentError(
-        "chat template context must be a JSON object");
+    return absl::InvalidArgumentError("chat template context must be a JSON object");
   Lexer lexer(root_->text);
   Renderer r(lexer, context);
   std::string out;
@@ -86,22 +83,21 @@ absl::StatusOr<std::string> ChatTemplate::Render(
   return out;
 }
 
-absl::StatusOr<std::string> ApplyChatTemplate(
-    const Tokenizer& tokenizer, const nlohmann::ordered_json& messages,
-    bool add_generation_prompt, const nlohmann::ordered_json& extra) {
+absl::StatusOr<std::string> ApplyChatTemplate(const Tokenizer& tokenizer,
+                                              const nlohmann::ordered_json& messages,
+                                              bool add_generation_prompt,
+                                              const nlohmann::ordered_json& extra) {
   if (tokenizer.chat_template().empty())
     return absl::FailedPreconditionError(
         "the tokenizer has no chat_template (tokenizer_config.json)");
-  DMOE_ASSIGN_OR_RETURN(auto tmpl,
-                        ChatTemplate::Parse(tokenizer.chat_template()));
+  DMOE_ASSIGN_OR_RETURN(auto tmpl, ChatTemplate::Parse(tokenizer.chat_template()));
   ojson context = ojson::object();
   context["messages"] = messages;
   context["add_generation_prompt"] = add_generation_prompt;
   context["bos_token"] = tokenizer.bos_token();
   context["eos_token"] = tokenizer.eos_token();
   if (extra.is_object())
-    for (auto it = extra.begin(); it != extra.end(); ++it)
-      context[it.key()] = it.value();
+    for (auto it = extra.begin(); it != extra.end(); ++it) context[it.key()] = it.value();
   return tmpl->Render(context);
 }
 

@@ -52,15 +52,13 @@ class ChatTemplate {
  public:
   // INVALID_ARGUMENT "chat template line L col C: ..." for syntax errors and
   // unsupported tags.
-  static absl::StatusOr<std::unique_ptr<ChatTemplate>> Parse(
-      std::string_view source);
+  static absl::StatusOr<std::unique_ptr<ChatTemplate>> Parse(std::string_view source);
   ~ChatTemplate();
 
   // Renders with the variables of `context` (a JSON object; objects keep their
   // key order). INVALID_ARGUMENT naming line and column for evaluation errors
   // and unsupported names; raise_exception(msg) is INVALID_ARGUMENT with msg.
-  absl::StatusOr<std::string> Render(
-      const nlohmann::ordered_json& context) const;
+  absl::StatusOr<std::string> Render(const nlohmann::ordered_json& context) const;
 
   struct Node;
 
@@ -73,9 +71,10 @@ class ChatTemplate {
 // add_generation_prompt=...) renders with `tokenizer`'s template: the context
 // is messages, add_generation_prompt, bos_token, eos_token, plus `extra` (e.g.
 // tools). FAILED_PRECONDITION when the tokenizer has no chat template.
-absl::StatusOr<std::string> ApplyChatTemplate(
-    const Tokenizer& tokenizer, const nlohmann::ordered_json& messages,
-    bool add_generation_prompt, const nlohmann::ordered_json& extra = {});
+absl::StatusOr<std::string> ApplyChatTemplate(const Tokenizer& tokenizer,
+                                              const nlohmann::ordered_json& messages,
+                                              bool add_generation_prompt,
+                                              const nlohmann::ordered_json& extra = {});
 
 }  // namespace dmoe::text
 

@@ -81,8 +81,7 @@ const char* const kDeepSeekV2 =
     "{{ message['content'] + '\n\n' }}{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}{{ 'Assistant:' }}{% endif %}";
 
-std::string Render(const std::string& tmpl,
-                   const json& context = json::object()) {
+std::string Render(const std::string& tmpl, const json& context = json::object()) {
   auto t = ChatTemplate::Parse(tmpl);
   if (!t.ok()) return "PARSE ERROR: " + std::string(t.status().message());
   auto out = (*t)->Render(context);
@@ -91,25 +90,22 @@ std::string Render(const std::string& tmpl,
 }
 
 json Chat(bool add_generation_prompt) {
-  return {{"messages",
-           json::array({{{"role", "system"}, {"content", "You are helpful."}},
-                        {{"role", "user"}, {"content", "Hi"}},
-                        {{"role", "assistant"}, {"content", "Hello!"}},
-                        {{"role", "user"}, {"content", "2+2?"}}})},
+  return {{"messages", json::array({{{"role", "system"}, {"content", "You are helpful."}},
+                                    {{"role", "user"}, {"content", "Hi"}},
+                                    {{"role", "assistant"}, {"content", "Hello!"}},
+                                    {{"role", "user"}, {"content", "2+2?"}}})},
           {"add_generation_prompt", add_generation_prompt},
           {"bos_token", "<｜begin▁of▁sentence｜>"},
           {"eos_token", "<｜end▁of▁sentence｜>"}};
 }
 
 TEST(ChatTemplate, DeepSeekV3Conversation) {
-  EXPECT_EQ(
-      Render(kDeepSeekV3, Chat(true)),
-      "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>Hi<｜Assistant｜>Hello!"
-      "<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>");
-  EXPECT_EQ(
-      Render(kDeepSeekV3, Chat(false)),
-      "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>Hi<｜Assistant｜>Hello!"
-      "<｜end▁of▁sentence｜><｜User｜>2+2?");
+  EXPECT_EQ(Render(kDeepSeekV3, Chat(true)),
+            "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>Hi<｜Assistant｜>Hello!"
+            "<｜end▁of▁sentence｜><｜User｜>2+2?<｜Assistant｜>");
+  EXPECT_EQ(Render(kDeepSeekV3, Chat(false)),
+            "<｜begin▁of▁sentence｜>You are helpful.<｜User｜>Hi<｜Assistant｜>Hello!"
+            "<｜end▁of▁sentence｜><｜User｜>2+2?");
 }
 
 TEST(ChatTemplate, DeepSeekV3ToolCallsAndOutputs) {
@@ -120,8 +116,7 @@ TEST(ChatTemplate, DeepSeekV3ToolCallsAndOutputs) {
         {"content", nullptr},
         {"tool_calls",
          json::array({{{"type", "function"},
-                       {"function",
-                        {{"name", "get"}, {"arguments", "{\"c\": 1}"}}}}})}},
+                       {"function", {{"name", "get"}, {"arguments", "{\"c\": 1}"}}}}})}},
        {{"role", "tool"}, {"content", "sunny"}},
        {{"role", "tool"}, {"content", "warm"}}});
   EXPECT_EQ(Render(kDeepSeekV3, c),
@@ -136,10 +131,9 @@ TEST(ChatTemplate, DeepSeekV3ToolCallsAndOutputs) {
 }
 
 TEST(ChatTemplate, DeepSeekV2Conversation) {
-  EXPECT_EQ(
-      Render(kDeepSeekV2, Chat(true)),
-      "<｜begin▁of▁sentence｜>You are helpful.\n\nUser: Hi\n\nAssistant: Hello!"
-      "<｜end▁of▁sentence｜>User: 2+2?\n\nAssistant:");
+  EXPECT_EQ(Render(kDeepSeekV2, Chat(true)),
+            "<｜begin▁of▁sentence｜>You are helpful.\n\nUser: Hi\n\nAssistant: Hello!"
+            "<｜end▁of▁sentence｜>User: 2+2?\n\nAssistant:");
 }
 
 TEST(ChatTemplate, ReasoningTemplateDropsThinking) {
@@ -153,11 +147,10 @@ TEST(ChatTemplate, ReasoningTemplateDropsThinking) {
       "{{ '<A>' + content }}{% else %}{{ '<U>' + m.content }}{% endif %}{% "
       "endfor %}"
       "{% if add_generation_prompt %}{{ '<A><think>\\n' }}{% endif %}";
-  json c = {
-      {"messages", json::array({{{"role", "user"}, {"content", "q"}},
-                                {{"role", "assistant"},
-                                 {"content", "<think>x</think>\n\nanswer"}}})},
-      {"add_generation_prompt", true}};
+  json c = {{"messages",
+             json::array({{{"role", "user"}, {"content", "q"}},
+                          {{"role", "assistant"}, {"content", "<think>x</think>\n\nanswer"}}})},
+            {"add_generation_prompt", true}};
   EXPECT_EQ(Render(r1, c), "<U>q<A>\n\nanswer<A><think>\n");
 }
 
@@ -218,8 +211,7 @@ TEST(ChatTemplate, TestsAndUndefined) {
                    "is eq 1 }}",
                    c),
             "True True True True");
-  EXPECT_EQ(Render("{{ x | default('d') }} {{ '' | default('e', true) }}", c),
-            "d e");
+  EXPECT_EQ(Render("{{ x | default('d') }} {{ '' | default('e', true) }}", c), "d e");
 }
 
 TEST(ChatTemplate, ValuesPrintAsPython) {
@@ -236,50 +228,41 @@ TEST(ChatTemplate, ValuesPrintAsPython) {
 }
 
 TEST(ChatTemplate, StringsMethodsAndFilters) {
-  EXPECT_EQ(
-      Render(
-          "{{ 'a</think>b'.split('</think>')[-1] }}|{{ '  x  '.strip() }}|{{ "
-          "'héllo'[1:3] }}|"
-          "{{ 'abc'[::-1] }}|{{ 'héllo' | length }}|{{ 'Ab'.lower() }}{{ 'Ab' "
-          "| upper }}|"
-          "{{ 'a b'.startswith('a') }}|{{ ' t ' | trim }}|{{ ['a', 'b'] | "
-          "join('-') }}|"
-          "{{ [3, 4] | first }}{{ [3, 4] | last }}|{{ 'a\\tb\\u00e9\\x41' }}"),
-      "b|x|él|cba|5|abAB|True|t|a-b|34|a\tbéA");
-  EXPECT_EQ(
-      Render("{{ d.get('k', 'none') }}{{ d.get('z', 'dflt') }}{{ d | length }}",
-             {{"d", {{"k", "v"}}}}),
-      "vdflt1");
+  EXPECT_EQ(Render("{{ 'a</think>b'.split('</think>')[-1] }}|{{ '  x  '.strip() }}|{{ "
+                   "'héllo'[1:3] }}|"
+                   "{{ 'abc'[::-1] }}|{{ 'héllo' | length }}|{{ 'Ab'.lower() }}{{ 'Ab' "
+                   "| upper }}|"
+                   "{{ 'a b'.startswith('a') }}|{{ ' t ' | trim }}|{{ ['a', 'b'] | "
+                   "join('-') }}|"
+                   "{{ [3, 4] | first }}{{ [3, 4] | last }}|{{ 'a\\tb\\u00e9\\x41' }}"),
+            "b|x|él|cba|5|abAB|True|t|a-b|34|a\tbéA");
+  EXPECT_EQ(Render("{{ d.get('k', 'none') }}{{ d.get('z', 'dflt') }}{{ d | length }}",
+                   {{"d", {{"k", "v"}}}}),
+            "vdflt1");
 }
 
 TEST(ChatTemplate, ToJsonIsTransformersJsonDumps) {
   EXPECT_EQ(Render("{{ {'name': 'f', 'args': [1, 2.0, none, true, 'é\"\\n']} | "
                    "tojson }}"),
             "{\"name\": \"f\", \"args\": [1, 2.0, null, true, \"é\\\"\\n\"]}");
-  EXPECT_EQ(
-      Render("{{ t | tojson(indent=2) }}", {{"t", {{"a", json::array({1})}}}}),
-      "{\n  \"a\": [\n    1\n  ]\n}");
+  EXPECT_EQ(Render("{{ t | tojson(indent=2) }}", {{"t", {{"a", json::array({1})}}}}),
+            "{\n  \"a\": [\n    1\n  ]\n}");
 }
 
 TEST(ChatTemplate, UnsupportedConstructsAreErrorsWithPositions) {
-  EXPECT_EQ(
-      Render("{{ x|foo }}"),
-      "RENDER ERROR: chat template line 1 col 5: unsupported filter 'foo'");
-  EXPECT_EQ(
-      Render("a\nb {{ x is sorted }}"),
-      "RENDER ERROR: chat template line 2 col 8: unsupported test 'sorted'");
+  EXPECT_EQ(Render("{{ x|foo }}"),
+            "RENDER ERROR: chat template line 1 col 5: unsupported filter 'foo'");
+  EXPECT_EQ(Render("a\nb {{ x is sorted }}"),
+            "RENDER ERROR: chat template line 2 col 8: unsupported test 'sorted'");
   EXPECT_EQ(Render("{% macro f() %}x{% endmacro %}"),
             "PARSE ERROR: chat template line 1 col 1: unsupported tag 'macro'");
-  EXPECT_EQ(
-      Render("{% include 'x' %}"),
-      "PARSE ERROR: chat template line 1 col 1: unsupported tag 'include'");
-  EXPECT_EQ(Render("{% if x %}"),
-            "PARSE ERROR: chat template line 1 col 11: missing {% endif %}");
+  EXPECT_EQ(Render("{% include 'x' %}"),
+            "PARSE ERROR: chat template line 1 col 1: unsupported tag 'include'");
+  EXPECT_EQ(Render("{% if x %}"), "PARSE ERROR: chat template line 1 col 11: missing {% endif %}");
   EXPECT_EQ(Render("{% endfor %}"),
             "PARSE ERROR: chat template line 1 col 1: unexpected {% endfor %}");
-  EXPECT_EQ(
-      Render("{% break %}"),
-      "PARSE ERROR: chat template line 1 col 1: 'break' outside a for loop");
+  EXPECT_EQ(Render("{% break %}"),
+            "PARSE ERROR: chat template line 1 col 1: 'break' outside a for loop");
   EXPECT_EQ(Render("{{ 'a'.zfill(3) }}"),
             "RENDER ERROR: chat template line 1 col 13: unsupported method "
             "'zfill' of a string");
@@ -292,8 +275,7 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrorsWithPositions) {
   EXPECT_EQ(Render("{{ 'a' + x }}"),
             "RENDER ERROR: chat template line 1 col 4: 'x' is undefined "
             "(operand of '+')");
-  EXPECT_EQ(Render("{{ 'a' }"),
-            "PARSE ERROR: chat template line 1 col 9: missing '}}'");
+  EXPECT_EQ(Render("{{ 'a' }"), "PARSE ERROR: chat template line 1 col 9: missing '}}'");
   EXPECT_EQ(Render("{% if m['role'] not in ['user'] %}{{ raise_exception('bad "
                    "role ' + m['role']) }}{% endif %}",
                    {{"m", {{"role", "robot"}}}}),
@@ -301,11 +283,9 @@ TEST(ChatTemplate, UnsupportedConstructsAreErrorsWithPositions) {
 }
 
 TEST(ChatTemplate, HostileTemplatesAreErrorsNotCrashes) {
-  EXPECT_THAT(Render("{{ " + std::string(5000, '(') + "1" +
-                     std::string(5000, ')') + " }}"),
+  EXPECT_THAT(Render("{{ " + std::string(5000, '(') + "1" + std::string(5000, ')') + " }}"),
               HasSubstr("nests too deep"));
-  EXPECT_THAT(Render("{{ " + std::string(5000, '-') + "1 }}"),
-              HasSubstr("nests too deep"));
+  EXPECT_THAT(Render("{{ " + std::string(5000, '-') + "1 }}"), HasSubstr("nests too deep"));
   EXPECT_THAT(Render([] {
                 std::string t;
                 for (int i = 0; i < 1000; ++i) t += "{% if true %}";
@@ -337,8 +317,7 @@ TEST(ChatTemplate, OutOfRangeLiteralsAreParseErrorsNotAborts) {
             "PARSE ERROR: chat template line 1 col 4: integer literal "
             "'99999999999999999999' is too large (at most "
             "9223372036854775807)");
-  EXPECT_EQ(Render("{{ 9223372036854775807 }}|{{ 1_000 }}"),
-            "9223372036854775807|1000");
+  EXPECT_EQ(Render("{{ 9223372036854775807 }}|{{ 1_000 }}"), "9223372036854775807|1000");
 }
 
 TEST(ChatTemplate, IntArithmeticIsExactOrAnErrorNeverOverflows) {
@@ -360,8 +339,7 @@ TEST(ChatTemplate, IntArithmeticIsExactOrAnErrorNeverOverflows) {
   EXPECT_THAT(Render("{{ -(-9223372036854775807 - 1) }}"),
               HasSubstr("integer overflow: -(-9223372036854775808) is beyond "
                         "the 64-bit range"));
-  EXPECT_THAT(Render("{{ 0 ** -1 }}"),
-              HasSubstr("0 cannot be raised to a negative power"));
+  EXPECT_THAT(Render("{{ 0 ** -1 }}"), HasSubstr("0 cannot be raised to a negative power"));
   EXPECT_THAT(Render("{{ 1 // 0 }}"), HasSubstr("division by zero"));
   // Exact where the result fits, also beyond 2^53 (no trip through double).
   EXPECT_EQ(Render("{{ 9223372036854775807 - 1 }}|{{ 9007199254740993 + 0 }}|"
@@ -376,18 +354,15 @@ TEST(ChatTemplate, IntArithmeticIsExactOrAnErrorNeverOverflows) {
 
 TEST(ChatTemplate, FloatArithmeticIsPythons) {
   // 1e300 was cast to int64 (undefined behaviour) before the sum was taken.
-  EXPECT_EQ(
-      Render("{{ 1e300 + 1 }}|{{ 1 + 0.5 }}|{{ 1e300 * 1e300 }}|{{ -1e300 "
-             "* 1e300 }}|{{ 2 ** 0.5 }}|{{ 7.5 // 2 }}|{{ -7.5 % 2 }}"),
-      "1e+300|1.5|inf|-inf|1.4142135623730951|3.0|0.5");
+  EXPECT_EQ(Render("{{ 1e300 + 1 }}|{{ 1 + 0.5 }}|{{ 1e300 * 1e300 }}|{{ -1e300 "
+                   "* 1e300 }}|{{ 2 ** 0.5 }}|{{ 7.5 // 2 }}|{{ -7.5 % 2 }}"),
+            "1e+300|1.5|inf|-inf|1.4142135623730951|3.0|0.5");
   // Where Python raises.
   EXPECT_EQ(Render("{{ 10.0 ** 400 }}"),
             "RENDER ERROR: chat template line 1 col 4: float overflow: 10.0 ** "
             "400.0");
-  EXPECT_THAT(Render("{{ 0.0 ** -1 }}"),
-              HasSubstr("0.0 cannot be raised to a negative power"));
-  EXPECT_THAT(Render("{{ (-8.0) ** 0.5 }}"),
-              HasSubstr("-8.0 ** 0.5 is complex (unsupported)"));
+  EXPECT_THAT(Render("{{ 0.0 ** -1 }}"), HasSubstr("0.0 cannot be raised to a negative power"));
+  EXPECT_THAT(Render("{{ (-8.0) ** 0.5 }}"), HasSubstr("-8.0 ** 0.5 is complex (unsupported)"));
   EXPECT_THAT(Render("{{ 1.0 % 0 }}"), HasSubstr("division by zero"));
 }
 
@@ -414,8 +389,7 @@ TEST(ChatTemplate, IntAndFloatFiltersAreJinjasNeverAnOverflowingCast) {
               HasSubstr("int: inf is beyond the 64-bit integer range"));
   EXPECT_THAT(Render("{{ 9223372036854775807.0 | int }}"),
               HasSubstr("int: 9.223372036854776e+18 is beyond"));
-  EXPECT_THAT(Render("{{ '1e300' | int }}"),
-              HasSubstr("int: 1e+300 is beyond"));
+  EXPECT_THAT(Render("{{ '1e300' | int }}"), HasSubstr("int: 1e+300 is beyond"));
   EXPECT_THAT(Render("{{ '99999999999999999999' | int }}"),
               HasSubstr("int: '99999999999999999999' is beyond the 64-bit "
                         "integer range"));
@@ -435,9 +409,8 @@ TEST(ChatTemplate, IntAndFloatFiltersAreJinjasNeverAnOverflowingCast) {
 
 TEST(ChatTemplate, HugeCountsAreBoundedNotOverflowed) {
   // k += step overflowed int64 in range() and slicing.
-  EXPECT_EQ(
-      Render("{{ range(9223372036854775806, 9223372036854775807, 5) | list }}"),
-      "[9223372036854775806]");
+  EXPECT_EQ(Render("{{ range(9223372036854775806, 9223372036854775807, 5) | list }}"),
+            "[9223372036854775806]");
   EXPECT_EQ(Render("{{ [1, 2, 3][2::9223372036854775807] }}|{{ 'abc'[1::"
                    "9223372036854775807] }}"),
             "[3]|b");
@@ -448,9 +421,9 @@ TEST(ChatTemplate, HugeCountsAreBoundedNotOverflowed) {
               HasSubstr("tojson: indent 2147483647 is too large (at most "
                         "1024)"));
   // Above int64 a JSON number is the nearest double, not a wrapped negative.
-  EXPECT_EQ(Render("{{ n }}|{{ m }}", {{"n", 18446744073709551615ULL},
-                                       {"m", 9223372036854775807ULL}}),
-            "1.8446744073709552e+19|9223372036854775807");
+  EXPECT_EQ(
+      Render("{{ n }}|{{ m }}", {{"n", 18446744073709551615ULL}, {"m", 9223372036854775807ULL}}),
+      "1.8446744073709552e+19|9223372036854775807");
 }
 
 TEST(ChatTemplate, MutatedTemplatesNeverCrash) {

@@ -27,9 +27,7 @@ namespace {
 using json = nlohmann::json;
 
 // Debian's Abseil is built with its own string_view type, not std::string_view.
-absl::string_view AV(std::string_view s) {
-  return absl::string_view(s.data(), s.size());
-}
+absl::string_view AV(std::string_view s) { return absl::string_view(s.data(), s.size()); }
 
 absl::Status Invalid(absl::string_view file, absl::string_view msg) {
   return absl::InvalidArgumentError(absl::StrCat(file, ": ", msg));
@@ -45,10 +43,8 @@ struct ByteAlphabet {
     char_to_byte.fill(-1);
     int extra = 0;
     for (int b = 0; b < 256; ++b) {
-      const bool printable =
-          (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
-      byte_to_char[b] = printable ? static_cast<char32_t>(b)
-                                  : static_cast<char32_t>(256 + extra++);
+      const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || (b >= 174);
+      byte_to_char[b] = printable ? static_cast<char32_t>(b) : static_cast<char32_t>(256 + extra++);
       char_to_byte[byte_to_char[b]] = static_cast<int16_t>(b);
     }
   }
@@ -75,8 +71,7 @@ char32_t NextCodePoint(std::string_view s, size_t* i) {
     return ((p[0] & 0x0F) << 12) | ((p[1] & 0x3F) << 6) | (p[2] & 0x3F);
   }
   *i += 4;
-  return ((p[0] & 0x07) << 18) | ((p[1] & 0x3F) << 12) | ((p[2] & 0x3F) << 6) |
-         (p[3] & 0x3F);
+  return ((p[0] & 0x07) << 18) | ((p[1] & 0x3F) << 12) | ((p[2] & 0x3F) << 6) | (p[3] & 0x3F);
 }
 
 // The bytes a byte-level token string stands for, or nullopt when it has a
@@ -88,8 +83,7 @@ std::optional<std::string> ByteLevelToBytes(std::string_view token) {
   size_t i = 0;
   while (i < token.size()) {
     const char32_t c = NextCodePoint(token, &i);
-    if (c >= Alphabet().char_to_byte.size() || Alphabet().char_to_byte[c] < 0)
-      return std::nullopt;
+    if (c >= Alphabet().char_to_byte.size() || Alphabet().char_to_byte[c] < 0) return std::nullopt;
     out.push_back(static_cast<char>(Alphabet().char_to_byte[c]));
   }
   return out;
@@ -113,13 +107,11 @@ absl::StatusOr<std::string> OnigToPcre2(std::string_view pattern) {
     if (c == '\\' && i + 1 < pattern.size()) {
       const char e = pattern[++i];
       if (e == 's') {
-        absl::StrAppend(&out, in_class ? "" : "[", kOnigSpaceSet,
-                        in_class ? "" : "]");
+        absl::StrAppend(&out, in_class ? "" : "[", kOnigSpaceSet, in_class ? "" : "]");
       } else if (e == 'S') {
         if (in_class) {
           return absl::InvalidArgumentError(
-              absl::StrCat("\\S inside a character class is not supported in /",
-                           AV(pattern), "/"));
+              absl::StrCat("\\S inside a character class is not supported in /", AV(pattern), "/"));
         }
         absl::StrAppend(&out, "[^", kOnigSpaceSet, "]");
       } else {
@@ -131,14 +123,11 @@ absl::StatusOr<std::string> OnigToPcre2(std::string_view pattern) {
     if (!in_class && c == '[') {
       in_class = true;
       out.push_back(c);
-      if (i + 1 < pattern.size() && pattern[i + 1] == '^')
-        out.push_back(pattern[++i]);
-      if (i + 1 < pattern.size() && pattern[i + 1] == ']')
-        out.push_back(pattern[++i]);
+      if (i + 1 < pattern.size() && pattern[i + 1] == '^') out.push_back(pattern[++i]);
+      if (i + 1 < pattern.size() && pattern[i + 1] == ']') out.push_back(pattern[++i]);
       continue;
     }
-    if (in_class && c == '[' && i + 1 < pattern.size() &&
-        pattern[i + 1] == ':') {
+    if (in_class && c == '[' && i + 1 < pattern.size() && pattern[i + 1] == ':') {
       const size_t end = pattern.find(":]", i + 2);
       if (end != std::string_view::npos) {
         out.append(pattern.substr(i, end + 2 - i));
@@ -158,8 +147,7 @@ absl::StatusOr<std::string> OnigToPcre2(std::string_view pattern) {
 struct Pcre2Scratch {
   pcre2_match_data* data = pcre2_match_data_create(8, nullptr);
   pcre2_match_context* context = pcre2_match_context_create(nullptr);
-  pcre2_jit_stack* stack =
-      pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, nullptr);
+  pcre2_jit_stack* stack = pcre2_jit_stack_create(32 * 1024, 4 * 1024 * 1024, nullptr);
   Pcre2Scratch() {
     pcre2_jit_stack_assign(context, nullptr, stack);
     // The pre-tokenizer patterns are linear; PCRE2's default match limit (10M)
@@ -182,25 +170,21 @@ Pcre2Scratch& Scratch() {
 
 class Regex {
  public:
-  static absl::StatusOr<std::unique_ptr<Regex>> Compile(
-      std::string_view pattern, bool literal) {
+  static absl::StatusOr<std::unique_ptr<Regex>> Compile(std::string_view pattern, bool literal) {
     std::string translated(pattern);
     if (!literal) {
       DMOE_ASSIGN_OR_RETURN(translated, OnigToPcre2(pattern));
     }
     int err = 0;
     PCRE2_SIZE offset = 0;
-    const uint32_t options =
-        PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
-    pcre2_code* code =
-        pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()),
-                      translated.size(), options, &err, &offset, nullptr);
+    const uint32_t options = PCRE2_UTF | PCRE2_UCP | (literal ? PCRE2_LITERAL : 0);
+    pcre2_code* code = pcre2_compile(reinterpret_cast<PCRE2_SPTR>(translated.data()),
+                                     translated.size(), options, &err, &offset, nullptr);
     if (code == nullptr) {
       PCRE2_UCHAR msg[256];
       pcre2_get_error_message(err, msg, sizeof(msg));
-      return absl::InvalidArgumentError(
-          absl::StrFormat("regex /%s/ at offset %d: %s", pattern, offset,
-                          reinterpret_cast<char*>(msg)));
+      return absl::InvalidArgumentError(absl::StrFormat("regex /%s/ at offset %d: %s", pattern,
+                                                        offset, reinterpret_cast<char*>(msg)));
     }
     auto r = std::unique_ptr<Regex>(new Regex(code));
     r->jit_ = pcre2_jit_compile(code, PCRE2_JIT_COMPLETE) == 0;
@@ -210,25 +194,22 @@ class Regex {
 
   // Calls on_match(start, end) for the non-overlapping matches in s, left to
   // right; after an empty match the search resumes one character later.
-  absl::Status ForEachMatch(
-      std::string_view s,
-      const std::function<void(size_t, size_t)>& on_match) const {
+  absl::Status ForEachMatch(std::string_view s,
+                            const std::function<void(size_t, size_t)>& on_match) const {
     Pcre2Scratch& scratch = Scratch();
     const auto* subject = reinterpret_cast<PCRE2_SPTR>(s.data());
     size_t start = 0;
     while (start <= s.size()) {
       const int rc =
-          jit_ ? pcre2_jit_match(code_, subject, s.size(), start, 0,
-                                 scratch.data, scratch.context)
-               : pcre2_match(code_, subject, s.size(), start,
-                             PCRE2_NO_UTF_CHECK, scratch.data, scratch.context);
+          jit_ ? pcre2_jit_match(code_, subject, s.size(), start, 0, scratch.data, scratch.context)
+               : pcre2_match(code_, subject, s.size(), start, PCRE2_NO_UTF_CHECK, scratch.data,
+                             scratch.context);
       if (rc == PCRE2_ERROR_NOMATCH) break;
       if (rc < 0) {
         PCRE2_UCHAR msg[256];
         pcre2_get_error_message(rc, msg, sizeof(msg));
-        return absl::ResourceExhaustedError(
-            absl::StrFormat("regex match failed at byte %d: %s", start,
-                            reinterpret_cast<char*>(msg)));
+        return absl::ResourceExhaustedError(absl::StrFormat("regex match failed at byte %d: %s",
+                                                            start, reinterpret_cast<char*>(msg)));
       }
       const PCRE2_SIZE* ov = pcre2_get_ovector_pointer(scratch.data);
       const size_t b = ov[0], e = ov[1];
@@ -254,13 +235,7 @@ class Regex {
 // ---------------------------------------------------------------------------
 // Pre-tokenization.
 
-enum class SplitBehavior {
-  kRemoved,
-  kIsolated,
-  kMergedWithPrevious,
-  kMergedWithNext,
-  kContiguous
-};
+enum class SplitBehavior { kRemoved, kIsolated, kMergedWithPrevious, kMergedWithNext, kContiguous };
 
 struct PreTokenizerStep {
   enum class Kind { kSplit, kByteLevelPrefix } kind = Kind::kSplit;
@@ -275,8 +250,7 @@ struct Span {
 };
 
 // HF tokenizers' SplitDelimiterBehavior, ported: `matches` covers the piece.
-void ApplyBehavior(SplitBehavior behavior, std::vector<Span>& m,
-                   std::vector<Span>* out) {
+void ApplyBehavior(SplitBehavior behavior, std::vector<Span>& m, std::vector<Span>* out) {
   out->clear();
   switch (behavior) {
     case SplitBehavior::kIsolated:
@@ -352,12 +326,9 @@ class WordCache {
   static constexpr size_t kShardCapacity = 4096;
   struct Shard {
     mutable absl::Mutex mu;
-    absl::flat_hash_map<std::string, std::vector<int32_t>> map
-        ABSL_GUARDED_BY(mu);
+    absl::flat_hash_map<std::string, std::vector<int32_t>> map ABSL_GUARDED_BY(mu);
   };
-  static size_t ShardOf(std::string_view w) {
-    return absl::Hash<std::string_view>()(w) % kShards;
-  }
+  static size_t ShardOf(std::string_view w) { return absl::Hash<std::string_view>()(w) % kShards; }
   mutable std::array<Shard, kShards> shards_;
 };
 
@@ -367,8 +338,7 @@ struct Merge {
 };
 
 constexpr uint64_t PairKey(int32_t a, int32_t b) {
-  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) |
-         static_cast<uint32_t>(b);
+  return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
 }
 
 // Reads the content of an AddedToken-or-string value of tokenizer_config.json.
@@ -388,9 +358,7 @@ class TokenTrie {
       auto it = nodes_[node].next.find(c);
       if (it == nodes_[node].next.end()) {
         nodes_.push_back({});
-        it = nodes_[node]
-                 .next.emplace(c, static_cast<int>(nodes_.size()) - 1)
-                 .first;
+        it = nodes_[node].next.emplace(c, static_cast<int>(nodes_.size()) - 1).first;
       }
       node = it->second;
     }
@@ -443,8 +411,7 @@ bool IsSpaceAt(std::string_view s, size_t pos, bool before) {
   const size_t i = before ? pos - 1 : pos;
   if (before ? pos == 0 : pos >= s.size()) return false;
   const char c = s[i];
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
-         c == '\f';
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
 }  // namespace
@@ -454,13 +421,10 @@ bool IsSpaceAt(std::string_view s, size_t pos, bool before) {
 struct Tokenizer::Impl {
   // Const after construction.
   std::vector<std::string> id_bytes;  // decoded bytes per id
-  std::vector<uint8_t>
-      id_kind;  // 0: none, 1: model token, 2: added, 3: special added
-  absl::flat_hash_map<std::string, int32_t>
-      token_to_id;  // as written in tokenizer.json
-  absl::flat_hash_map<std::string, int32_t>
-      bytes_to_id;                   // model tokens by their bytes
-  std::array<int32_t, 256> byte_id;  // single-byte tokens (-1: none)
+  std::vector<uint8_t> id_kind;       // 0: none, 1: model token, 2: added, 3: special added
+  absl::flat_hash_map<std::string, int32_t> token_to_id;  // as written in tokenizer.json
+  absl::flat_hash_map<std::string, int32_t> bytes_to_id;  // model tokens by their bytes
+  std::array<int32_t, 256> byte_id;                       // single-byte tokens (-1: none)
   absl::flat_hash_map<uint64_t, Merge> merges;
   bool ignore_merges = false;
   // Every merge ranks after every merge that makes one of its parts (true for
@@ -479,12 +443,10 @@ struct Tokenizer::Impl {
   absl::Status LoadTokenizerJson(const json& j);
   absl::Status LoadPreTokenizer(const json& p);
   absl::Status LoadConfig(const json& c, const json& tokenizer_json);
-  absl::Status EncodeText(std::string_view text,
+  absl::Status EncodeText(std::string_view text, std::vector<int32_t>* out) const;
+  absl::Status SplitAdded(const TokenTrie& trie, std::string_view text,
+                          const std::function<absl::Status(std::string_view)>& on_text,
                           std::vector<int32_t>* out) const;
-  absl::Status SplitAdded(
-      const TokenTrie& trie, std::string_view text,
-      const std::function<absl::Status(std::string_view)>& on_text,
-      std::vector<int32_t>* out) const;
   absl::Status Bpe(std::string_view word, std::vector<int32_t>* out) const;
   struct Symbol {
     int32_t id, prev, next;
@@ -503,10 +465,8 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const json& p) {
   const std::string type = p.value("type", "");
   if (type == "Sequence") {
     if (!p.contains("pretokenizers") || !p["pretokenizers"].is_array())
-      return Invalid(
-          kTokFile, "pre_tokenizer Sequence without a \"pretokenizers\" array");
-    for (const json& q : p["pretokenizers"])
-      DMOE_RETURN_IF_ERROR(LoadPreTokenizer(q));
+      return Invalid(kTokFile, "pre_tokenizer Sequence without a \"pretokenizers\" array");
+    for (const json& q : p["pretokenizers"]) DMOE_RETURN_IF_ERROR(LoadPreTokenizer(q));
     return absl::OkStatus();
   }
   PreTokenizerStep step;
@@ -517,8 +477,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const json& p) {
     if (pat.is_object() && pat.contains("Regex") && pat["Regex"].is_string()) {
       pattern = pat["Regex"].get<std::string>();
       literal = false;
-    } else if (pat.is_object() && pat.contains("String") &&
-               pat["String"].is_string()) {
+    } else if (pat.is_object() && pat.contains("String") && pat["String"].is_string()) {
       pattern = pat["String"].get<std::string>();
       literal = true;
     } else {
@@ -528,8 +487,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const json& p) {
     }
     auto regex = Regex::Compile(pattern, literal);
     if (!regex.ok())
-      return Invalid(kTokFile, absl::StrCat("Split pre_tokenizer: ",
-                                            regex.status().message()));
+      return Invalid(kTokFile, absl::StrCat("Split pre_tokenizer: ", regex.status().message()));
     step.regex = std::move(*regex);
     static const std::pair<std::string_view, SplitBehavior> kBehaviors[] = {
         {"Removed", SplitBehavior::kRemoved},
@@ -547,8 +505,7 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const json& p) {
     }
     if (!found)
       return Invalid(kTokFile,
-                     absl::StrCat("Split pre_tokenizer: unknown behavior '",
-                                  behavior, "'"));
+                     absl::StrCat("Split pre_tokenizer: unknown behavior '", behavior, "'"));
     step.invert = p.value("invert", false);
     steps.push_back(std::move(step));
     return absl::OkStatus();
@@ -573,15 +530,12 @@ absl::Status Tokenizer::Impl::LoadPreTokenizer(const json& p) {
   if (type == "Digits") {
     const bool individual = p.value("individual_digits", false);
     DMOE_ASSIGN_OR_RETURN(step.regex, Regex::Compile("\\p{N}", false));
-    step.behavior =
-        individual ? SplitBehavior::kIsolated : SplitBehavior::kContiguous;
+    step.behavior = individual ? SplitBehavior::kIsolated : SplitBehavior::kContiguous;
     steps.push_back(std::move(step));
     return absl::OkStatus();
   }
-  return Invalid(
-      kTokFile,
-      absl::StrCat("pre_tokenizer type '", type,
-                   "' is not supported (Sequence, Split, ByteLevel, Digits)"));
+  return Invalid(kTokFile, absl::StrCat("pre_tokenizer type '", type,
+                                        "' is not supported (Sequence, Split, ByteLevel, Digits)"));
 }
 
 absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
@@ -589,14 +543,11 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
   // Normalizer: none or an empty Sequence.
   if (j.contains("normalizer") && !j["normalizer"].is_null()) {
     const json& n = j["normalizer"];
-    const bool empty_sequence =
-        n.value("type", "") == "Sequence" && n.contains("normalizers") &&
-        n["normalizers"].is_array() && n["normalizers"].empty();
+    const bool empty_sequence = n.value("type", "") == "Sequence" && n.contains("normalizers") &&
+                                n["normalizers"].is_array() && n["normalizers"].empty();
     if (!empty_sequence) {
-      return Invalid(
-          kTokFile,
-          absl::StrCat("normalizer ", n.dump().substr(0, 80),
-                       " is not supported (only none or an empty Sequence)"));
+      return Invalid(kTokFile, absl::StrCat("normalizer ", n.dump().substr(0, 80),
+                                            " is not supported (only none or an empty Sequence)"));
     }
   }
   const json& model = j.value("model", json());
@@ -604,8 +555,8 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
     return Invalid(kTokFile, "model: only type \"BPE\" is supported");
   if (!model.contains("vocab") || !model["vocab"].is_object())
     return Invalid(kTokFile, "model.vocab: missing or not an object");
-  if (!model.value("dropout", json()).is_null() &&
-      model["dropout"].is_number() && model["dropout"].get<double>() != 0.0)
+  if (!model.value("dropout", json()).is_null() && model["dropout"].is_number() &&
+      model["dropout"].get<double>() != 0.0)
     return Invalid(kTokFile, "model.dropout: BPE dropout is not supported");
   ignore_merges = model.value("ignore_merges", false);
 
@@ -616,28 +567,24 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
                    "pre-tokenizer) is supported");
   const json& decoder = j.value("decoder", json());
   if (!decoder.is_null() && decoder.value("type", "") != "ByteLevel")
-    return Invalid(kTokFile,
-                   absl::StrCat("decoder type '", decoder.value("type", ""),
-                                "' is not supported (ByteLevel)"));
+    return Invalid(kTokFile, absl::StrCat("decoder type '", decoder.value("type", ""),
+                                          "' is not supported (ByteLevel)"));
 
   // Vocabulary.
   int32_t max_id = -1;
   std::vector<std::pair<std::string, int32_t>> vocab;
   vocab.reserve(model["vocab"].size());
   for (const auto& [token, idv] : model["vocab"].items()) {
-    if (!idv.is_number_integer() || idv.get<int64_t>() < 0 ||
-        idv.get<int64_t>() >= (1 << 30))
-      return Invalid(kTokFile,
-                     absl::StrCat("model.vocab[\"", token,
-                                  "\"]: id must be an integer in [0, 2^30)"));
+    if (!idv.is_number_integer() || idv.get<int64_t>() < 0 || idv.get<int64_t>() >= (1 << 30))
+      return Invalid(kTokFile, absl::StrCat("model.vocab[\"", token,
+                                            "\"]: id must be an integer in [0, 2^30)"));
     vocab.emplace_back(token, idv.get<int32_t>());
     max_id = std::max(max_id, idv.get<int32_t>());
   }
   const json& added_json = j.value("added_tokens", json::array());
   for (const json& a : added_json) {
-    if (!a.contains("id") || !a["id"].is_number_integer() ||
-        !a.contains("content") || !a["content"].is_string() ||
-        a["content"].get<std::string>().empty())
+    if (!a.contains("id") || !a["id"].is_number_integer() || !a.contains("content") ||
+        !a["content"].is_string() || a["content"].get<std::string>().empty())
       return Invalid(kTokFile,
                      "added_tokens: every entry needs an integer id and a "
                      "non-empty content");
@@ -653,8 +600,7 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
     id_bytes[id] = bytes ? *bytes : token;
     id_kind[id] = 1;
     if (bytes) {
-      if (bytes->size() == 1)
-        byte_id[static_cast<unsigned char>((*bytes)[0])] = id;
+      if (bytes->size() == 1) byte_id[static_cast<unsigned char>((*bytes)[0])] = id;
       bytes_to_id.emplace(std::move(*bytes), id);
     }
     token_to_id.emplace(std::move(token), id);
@@ -670,39 +616,30 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
       const std::string s = m.get<std::string>();
       const size_t sp = s.find(' ', 1);
       if (sp == std::string::npos)
-        return Invalid(kTokFile, absl::StrCat("model.merges[", rank, "]: '", s,
-                                              "' is not \"a b\""));
+        return Invalid(kTokFile,
+                       absl::StrCat("model.merges[", rank, "]: '", s, "' is not \"a b\""));
       a = s.substr(0, sp);
       b = s.substr(sp + 1);
-    } else if (m.is_array() && m.size() == 2 && m[0].is_string() &&
-               m[1].is_string()) {
+    } else if (m.is_array() && m.size() == 2 && m[0].is_string() && m[1].is_string()) {
       a = m[0].get<std::string>();
       b = m[1].get<std::string>();
     } else {
-      return Invalid(kTokFile, absl::StrCat("model.merges[", rank,
-                                            "]: not \"a b\" or [a, b]"));
+      return Invalid(kTokFile, absl::StrCat("model.merges[", rank, "]: not \"a b\" or [a, b]"));
     }
-    auto ia = token_to_id.find(a), ib = token_to_id.find(b),
-         im = token_to_id.find(a + b);
-    if (ia == token_to_id.end() || ib == token_to_id.end() ||
-        im == token_to_id.end())
-      return Invalid(
-          kTokFile,
-          absl::StrCat("model.merges[", rank, "]: '", a, " ", b,
-                       "' uses a token that is not in the vocabulary"));
-    merges.try_emplace(PairKey(ia->second, ib->second),
-                       Merge{rank, im->second});
+    auto ia = token_to_id.find(a), ib = token_to_id.find(b), im = token_to_id.find(a + b);
+    if (ia == token_to_id.end() || ib == token_to_id.end() || im == token_to_id.end())
+      return Invalid(kTokFile, absl::StrCat("model.merges[", rank, "]: '", a, " ", b,
+                                            "' uses a token that is not in the vocabulary"));
+    merges.try_emplace(PairKey(ia->second, ib->second), Merge{rank, im->second});
     ++rank;
   }
   {
     std::vector<int32_t> made_at(id_bytes.size(),
                                  -1);  // latest rank making each token
-    for (const auto& [pair, m] : merges)
-      made_at[m.merged] = std::max(made_at[m.merged], m.rank);
+    for (const auto& [pair, m] : merges) made_at[m.merged] = std::max(made_at[m.merged], m.rank);
     ranks_increase = true;
     for (const auto& [pair, m] : merges) {
-      const int32_t a = static_cast<int32_t>(pair >> 32),
-                    b = static_cast<int32_t>(pair);
+      const int32_t a = static_cast<int32_t>(pair >> 32), b = static_cast<int32_t>(pair);
       if (made_at[a] >= m.rank || made_at[b] >= m.rank) ranks_increase = false;
     }
   }
@@ -717,20 +654,17 @@ absl::Status Tokenizer::Impl::LoadTokenizerJson(const json& j) {
     t.lstrip = a.value("lstrip", false);
     t.rstrip = a.value("rstrip", false);
     t.normalized = a.value("normalized", !t.special);
-    DMOE_RETURN_IF_ERROR(ValidateUtf8(
-        t.content, absl::StrCat(kTokFile, ": added token ", t.id)));
+    DMOE_RETURN_IF_ERROR(ValidateUtf8(t.content, absl::StrCat(kTokFile, ": added token ", t.id)));
     id_bytes[t.id] = t.content;
     id_kind[t.id] = t.special ? 3 : 2;
     token_to_id[t.content] = t.id;
-    (t.normalized ? normalized_trie : plain_trie)
-        .Add(t.content, static_cast<int>(added.size()));
+    (t.normalized ? normalized_trie : plain_trie).Add(t.content, static_cast<int>(added.size()));
     added.push_back(std::move(t));
   }
   return absl::OkStatus();
 }
 
-absl::Status Tokenizer::Impl::LoadConfig(const json& c,
-                                         const json& tokenizer_json) {
+absl::Status Tokenizer::Impl::LoadConfig(const json& c, const json& tokenizer_json) {
   auto id_of = [&](const std::string& s) -> std::optional<int32_t> {
     auto it = token_to_id.find(s);
     if (it == token_to_id.end()) return std::nullopt;
@@ -742,42 +676,36 @@ absl::Status Tokenizer::Impl::LoadConfig(const json& c,
     if (!bos_token.empty()) {
       bos_id = id_of(bos_token);
       if (!bos_id)
-        return Invalid(kCfgFile, absl::StrCat("bos_token '", bos_token,
-                                              "' is not a token"));
+        return Invalid(kCfgFile, absl::StrCat("bos_token '", bos_token, "' is not a token"));
     }
     if (!eos_token.empty()) {
       eos_id = id_of(eos_token);
       if (!eos_id)
-        return Invalid(kCfgFile, absl::StrCat("eos_token '", eos_token,
-                                              "' is not a token"));
+        return Invalid(kCfgFile, absl::StrCat("eos_token '", eos_token, "' is not a token"));
     }
     const json& tmpl = c.value("chat_template", json());
     if (tmpl.is_string()) {
       chat_template = tmpl.get<std::string>();
     } else if (tmpl.is_array()) {
       for (const json& t : tmpl) {
-        if (t.is_object() && t.value("name", "") == "default" &&
-            t.contains("template") && t["template"].is_string())
+        if (t.is_object() && t.value("name", "") == "default" && t.contains("template") &&
+            t["template"].is_string())
           chat_template = t["template"].get<std::string>();
       }
     }
     if (c.contains("add_bos_token") || c.contains("add_eos_token")) {
       // transformers' LlamaTokenizerFast rebuilds the post-processor from
       // these.
-      if (c.value("add_bos_token", false) && bos_id)
-        prefix_ids.push_back(*bos_id);
-      if (c.value("add_eos_token", false) && eos_id)
-        suffix_ids.push_back(*eos_id);
+      if (c.value("add_bos_token", false) && bos_id) prefix_ids.push_back(*bos_id);
+      if (c.value("add_eos_token", false) && eos_id) suffix_ids.push_back(*eos_id);
       return absl::OkStatus();
     }
   }
   // TemplateProcessing (alone or in a Sequence): its "single" template.
-  std::function<absl::Status(const json&)> template_of =
-      [&](const json& p) -> absl::Status {
+  std::function<absl::Status(const json&)> template_of = [&](const json& p) -> absl::Status {
     if (!p.is_object()) return absl::OkStatus();
     if (p.value("type", "") == "Sequence" && p.contains("processors")) {
-      for (const json& q : p["processors"])
-        DMOE_RETURN_IF_ERROR(template_of(q));
+      for (const json& q : p["processors"]) DMOE_RETURN_IF_ERROR(template_of(q));
       return absl::OkStatus();
     }
     if (p.value("type", "") != "TemplateProcessing") return absl::OkStatus();
@@ -787,13 +715,11 @@ absl::Status Tokenizer::Impl::LoadConfig(const json& c,
         seen_sequence = true;
         continue;
       }
-      const std::string name =
-          piece.value("SpecialToken", json::object()).value("id", "");
-      const json& st =
-          p.value("special_tokens", json::object()).value(name, json());
+      const std::string name = piece.value("SpecialToken", json::object()).value("id", "");
+      const json& st = p.value("special_tokens", json::object()).value(name, json());
       if (!st.is_object() || !st.contains("ids") || !st["ids"].is_array())
-        return Invalid(kTokFile, absl::StrCat("post_processor: special token '",
-                                              name, "' has no ids"));
+        return Invalid(kTokFile,
+                       absl::StrCat("post_processor: special token '", name, "' has no ids"));
       for (const json& id : st["ids"])
         (seen_sequence ? suffix_ids : prefix_ids).push_back(id.get<int32_t>());
     }
@@ -811,25 +737,20 @@ void Tokenizer::Impl::MergeWithHeap(std::vector<Symbol>& sym) const {
       return rank != o.rank ? rank > o.rank : pos > o.pos;
     }
   };
-  std::priority_queue<Candidate, std::vector<Candidate>,
-                      std::greater<Candidate>>
-      heap;
+  std::priority_queue<Candidate, std::vector<Candidate>, std::greater<Candidate>> heap;
   auto consider = [&](int32_t pos) {
     const int32_t next = sym[pos].next;
     if (next < 0) return;
     auto it = merges.find(PairKey(sym[pos].id, sym[next].id));
     if (it != merges.end())
-      heap.push(
-          {it->second.rank, pos, sym[pos].id, sym[next].id, it->second.merged});
+      heap.push({it->second.rank, pos, sym[pos].id, sym[next].id, it->second.merged});
   };
-  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i)
-    consider(i);
+  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i) consider(i);
   while (!heap.empty()) {
     const Candidate c = heap.top();
     heap.pop();
     Symbol& left = sym[c.pos];
-    if (left.id != c.left || left.next < 0 || sym[left.next].id != c.right)
-      continue;
+    if (left.id != c.left || left.next < 0 || sym[left.next].id != c.right) continue;
     Symbol& right = sym[left.next];
     left.id = c.merged;
     left.next = right.next;
@@ -845,10 +766,8 @@ void Tokenizer::Impl::MergeWithHeap(std::vector<Symbol>& sym) const {
 // creates candidates of higher rank, so the candidates of the lowest pending
 // rank are final and can be applied left to right from one sorted bucket.
 void Tokenizer::Impl::MergeByRank(std::vector<Symbol>& sym) const {
-  absl::flat_hash_map<int32_t, std::vector<int32_t>>
-      buckets;  // rank -> positions
-  std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>>
-      ranks;
+  absl::flat_hash_map<int32_t, std::vector<int32_t>> buckets;  // rank -> positions
+  std::priority_queue<int32_t, std::vector<int32_t>, std::greater<int32_t>> ranks;
   auto consider = [&](int32_t pos) {
     const int32_t next = sym[pos].next;
     if (next < 0) return;
@@ -858,8 +777,7 @@ void Tokenizer::Impl::MergeByRank(std::vector<Symbol>& sym) const {
     if (inserted) ranks.push(it->second.rank);
     bucket->second.push_back(pos);
   };
-  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i)
-    consider(i);
+  for (int32_t i = 0; i + 1 < static_cast<int32_t>(sym.size()); ++i) consider(i);
   std::vector<int32_t> positions;
   while (!ranks.empty()) {
     const int32_t rank = ranks.top();
@@ -885,8 +803,7 @@ void Tokenizer::Impl::MergeByRank(std::vector<Symbol>& sym) const {
   }
 }
 
-absl::Status Tokenizer::Impl::Bpe(std::string_view word,
-                                  std::vector<int32_t>* out) const {
+absl::Status Tokenizer::Impl::Bpe(std::string_view word, std::vector<int32_t>* out) const {
   if (word.size() == 1) {
     const int32_t id = byte_id[static_cast<unsigned char>(word[0])];
     if (id < 0)
@@ -923,13 +840,11 @@ absl::Status Tokenizer::Impl::Bpe(std::string_view word,
   const size_t first = out->size();
   for (int32_t i = 0; i >= 0; i = sym[i].next) out->push_back(sym[i].id);
   if (cacheable)
-    cache.Put(word, std::span<const int32_t>(out->data() + first,
-                                             out->size() - first));
+    cache.Put(word, std::span<const int32_t>(out->data() + first, out->size() - first));
   return absl::OkStatus();
 }
 
-absl::Status Tokenizer::Impl::EncodeText(std::string_view text,
-                                         std::vector<int32_t>* out) const {
+absl::Status Tokenizer::Impl::EncodeText(std::string_view text, std::vector<int32_t>* out) const {
   if (text.empty()) return absl::OkStatus();
   // Pieces are views into `text` or into `owned` (prefix spaces).
   std::deque<std::string> owned;
@@ -970,8 +885,7 @@ absl::Status Tokenizer::Impl::EncodeText(std::string_view text,
 
 absl::Status Tokenizer::Impl::SplitAdded(
     const TokenTrie& trie, std::string_view text,
-    const std::function<absl::Status(std::string_view)>& on_text,
-    std::vector<int32_t>* out) const {
+    const std::function<absl::Status(std::string_view)>& on_text, std::vector<int32_t>* out) const {
   if (trie.empty()) return on_text(text);
   size_t emitted = 0;  // text[emitted, ...) not yet handed on
   size_t pos = 0;
@@ -983,8 +897,7 @@ absl::Status Tokenizer::Impl::SplitAdded(
       continue;
     }
     const AddedTokenInfo& t = added[index];
-    if (t.single_word &&
-        (IsWordChar(text, pos, true) || IsWordChar(text, pos + len, false))) {
+    if (t.single_word && (IsWordChar(text, pos, true) || IsWordChar(text, pos + len, false))) {
       ++pos;
       continue;
     }
@@ -993,13 +906,11 @@ absl::Status Tokenizer::Impl::SplitAdded(
       while (begin > emitted && IsSpaceAt(text, begin, true)) --begin;
     if (t.rstrip)
       while (IsSpaceAt(text, end, false)) ++end;
-    if (begin > emitted)
-      DMOE_RETURN_IF_ERROR(on_text(text.substr(emitted, begin - emitted)));
+    if (begin > emitted) DMOE_RETURN_IF_ERROR(on_text(text.substr(emitted, begin - emitted)));
     out->push_back(t.id);
     emitted = pos = end;
   }
-  if (emitted < text.size())
-    DMOE_RETURN_IF_ERROR(on_text(text.substr(emitted)));
+  if (emitted < text.size()) DMOE_RETURN_IF_ERROR(on_text(text.substr(emitted)));
   return absl::OkStatus();
 }
 
@@ -1015,8 +926,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   json c;
   if (!tokenizer_config_json.empty()) {
     c = json::parse(tokenizer_config_json, nullptr, /*allow_exceptions=*/false);
-    if (c.is_discarded() || !c.is_object())
-      return Invalid(kCfgFile, "not a JSON object");
+    if (c.is_discarded() || !c.is_object()) return Invalid(kCfgFile, "not a JSON object");
   }
   auto impl = std::make_unique<Impl>();
   try {
@@ -1029,8 +939,7 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::FromJson(
   return std::unique_ptr<Tokenizer>(new Tokenizer(std::move(impl)));
 }
 
-absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(
-    const std::string& dir) {
+absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(const std::string& dir) {
   auto read = [](const std::filesystem::path& path, std::string* out) -> bool {
     std::ifstream in(path, std::ios::binary);
     if (!in) return false;
@@ -1042,44 +951,35 @@ absl::StatusOr<std::unique_ptr<Tokenizer>> Tokenizer::Load(
   const std::filesystem::path d(dir);
   std::string tok, cfg;
   if (!read(d / kTokFile, &tok))
-    return absl::NotFoundError(
-        absl::StrCat((d / kTokFile).string(), ": cannot read"));
+    return absl::NotFoundError(absl::StrCat((d / kTokFile).string(), ": cannot read"));
   if (std::filesystem::exists(d / kCfgFile) && !read(d / kCfgFile, &cfg))
-    return absl::NotFoundError(
-        absl::StrCat((d / kCfgFile).string(), ": cannot read"));
+    return absl::NotFoundError(absl::StrCat((d / kCfgFile).string(), ": cannot read"));
   auto t = FromJson(tok, cfg);
-  if (!t.ok())
-    return absl::Status(t.status().code(),
-                        absl::StrCat(dir, "/", t.status().message()));
+  if (!t.ok()) return absl::Status(t.status().code(), absl::StrCat(dir, "/", t.status().message()));
   return t;
 }
 
-absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(
-    std::string_view text, bool add_special_tokens) const {
+absl::StatusOr<std::vector<int32_t>> Tokenizer::Encode(std::string_view text,
+                                                       bool add_special_tokens) const {
   DMOE_RETURN_IF_ERROR(ValidateUtf8(text, "text"));
   std::vector<int32_t> out;
   out.reserve(text.size() / 3 + 4);
   if (add_special_tokens) out = impl_->prefix_ids;
   const Impl& impl = *impl_;
-  auto encode_text = [&](std::string_view piece) {
-    return impl.EncodeText(piece, &out);
-  };
+  auto encode_text = [&](std::string_view piece) { return impl.EncodeText(piece, &out); };
   auto split_normalized = [&](std::string_view piece) {
     return impl.SplitAdded(impl.normalized_trie, piece, encode_text, &out);
   };
-  DMOE_RETURN_IF_ERROR(
-      impl.SplitAdded(impl.plain_trie, text, split_normalized, &out));
-  if (add_special_tokens)
-    out.insert(out.end(), impl_->suffix_ids.begin(), impl_->suffix_ids.end());
+  DMOE_RETURN_IF_ERROR(impl.SplitAdded(impl.plain_trie, text, split_normalized, &out));
+  if (add_special_tokens) out.insert(out.end(), impl_->suffix_ids.begin(), impl_->suffix_ids.end());
   return out;
 }
 
 absl::Status Tokenizer::AppendTokenBytes(int32_t id, bool skip_special_tokens,
                                          std::string* out) const {
-  if (id < 0 || id >= static_cast<int32_t>(impl_->id_kind.size()) ||
-      impl_->id_kind[id] == 0) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "token id %d is not in the vocabulary (size %d)", id, vocab_size()));
+  if (id < 0 || id >= static_cast<int32_t>(impl_->id_kind.size()) || impl_->id_kind[id] == 0) {
+    return absl::InvalidArgumentError(
+        absl::StrFormat("token id %d is not in the vocabulary (size %d)", id, vocab_size()));
   }
   if (skip_special_tokens && impl_->id_kind[id] == 3) return absl::OkStatus();
   out->append(impl_->id_bytes[id]);
@@ -1089,14 +989,11 @@ absl::Status Tokenizer::AppendTokenBytes(int32_t id, bool skip_special_tokens,
 absl::StatusOr<std::string> Tokenizer::Decode(std::span<const int32_t> ids,
                                               bool skip_special_tokens) const {
   std::string bytes;
-  for (int32_t id : ids)
-    DMOE_RETURN_IF_ERROR(AppendTokenBytes(id, skip_special_tokens, &bytes));
+  for (int32_t id : ids) DMOE_RETURN_IF_ERROR(AppendTokenBytes(id, skip_special_tokens, &bytes));
   return Utf8Lossy(bytes);
 }
 
-int32_t Tokenizer::vocab_size() const {
-  return static_cast<int32_t>(impl_->id_kind.size());
-}
+int32_t Tokenizer::vocab_size() const { return static_cast<int32_t>(impl_->id_kind.size()); }
 
 std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
   auto it = impl_->token_to_id.find(AV(token));
@@ -1107,21 +1004,16 @@ std::optional<int32_t> Tokenizer::TokenToId(std::string_view token) const {
 bool Tokenizer::IsSpecial(int32_t id) const {
   return id >= 0 && id < vocab_size() && impl_->id_kind[id] == 3;
 }
-const std::vector<AddedTokenInfo>& Tokenizer::added_tokens() const {
-  return impl_->added;
-}
+const std::vector<AddedTokenInfo>& Tokenizer::added_tokens() const { return impl_->added; }
 const std::string& Tokenizer::bos_token() const { return impl_->bos_token; }
 const std::string& Tokenizer::eos_token() const { return impl_->eos_token; }
 std::optional<int32_t> Tokenizer::bos_id() const { return impl_->bos_id; }
 std::optional<int32_t> Tokenizer::eos_id() const { return impl_->eos_id; }
-const std::string& Tokenizer::chat_template() const {
-  return impl_->chat_template;
-}
+const std::string& Tokenizer::chat_template() const { return impl_->chat_template; }
 
 absl::StatusOr<std::string> StreamingDetokenizer::Push(int32_t id) {
   scratch_.clear();
-  DMOE_RETURN_IF_ERROR(
-      tokenizer_.AppendTokenBytes(id, skip_special_tokens_, &scratch_));
+  DMOE_RETURN_IF_ERROR(tokenizer_.AppendTokenBytes(id, skip_special_tokens_, &scratch_));
   return utf8_.Push(scratch_);
 }
 

@@ -70,8 +70,7 @@ class Tokenizer {
   // `dir`/tokenizer.json, and `dir`/tokenizer_config.json when it exists.
   // NOT_FOUND when tokenizer.json is missing; INVALID_ARGUMENT (naming the file
   // and key) for malformed or unsupported content.
-  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(
-      const std::string& dir);
+  static absl::StatusOr<std::unique_ptr<Tokenizer>> Load(const std::string& dir);
   // From the two files' contents (`tokenizer_config_json` may be empty).
   static absl::StatusOr<std::unique_ptr<Tokenizer>> FromJson(
       std::string_view tokenizer_json, std::string_view tokenizer_config_json);
@@ -81,8 +80,8 @@ class Tokenizer {
 
   // The ids of `text` (see the header comment). INVALID_ARGUMENT for invalid
   // UTF-8.
-  absl::StatusOr<std::vector<int32_t>> Encode(
-      std::string_view text, bool add_special_tokens = false) const;
+  absl::StatusOr<std::vector<int32_t>> Encode(std::string_view text,
+                                              bool add_special_tokens = false) const;
 
   // The text of `ids`, ill-formed UTF-8 replaced by U+FFFD. INVALID_ARGUMENT
   // for an id that is not a token. skip_special_tokens drops special added
@@ -92,8 +91,7 @@ class Tokenizer {
   // Appends the raw bytes of token `id` (possibly part of a character) to *out;
   // nothing for a special token when skip_special_tokens. INVALID_ARGUMENT for
   // an id that is not a token.
-  absl::Status AppendTokenBytes(int32_t id, bool skip_special_tokens,
-                                std::string* out) const;
+  absl::Status AppendTokenBytes(int32_t id, bool skip_special_tokens, std::string* out) const;
 
   // Largest token id + 1 (model vocabulary and added tokens).
   int32_t vocab_size() const;
@@ -126,8 +124,7 @@ class Tokenizer {
 // the tokenizer must outlive it.
 class StreamingDetokenizer {
  public:
-  explicit StreamingDetokenizer(const Tokenizer& tokenizer,
-                                bool skip_special_tokens = false)
+  explicit StreamingDetokenizer(const Tokenizer& tokenizer, bool skip_special_tokens = false)
       : tokenizer_(tokenizer), skip_special_tokens_(skip_special_tokens) {}
 
   absl::StatusOr<std::string> Push(int32_t id);

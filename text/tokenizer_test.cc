@@ -5,10 +5,10 @@
 #include <thread>
 #include <vector>
 
-#include "text/utf8.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "text/utf8.h"
 
 namespace dmoe::text {
 namespace {
@@ -34,8 +34,7 @@ std::string ByteLevel(std::string_view bytes) {
     if (!((b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174)) {
       int extra = 0;
       for (int x = 0; x < b; ++x)
-        if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || x >= 174))
-          ++extra;
+        if (!((x >= 33 && x <= 126) || (x >= 161 && x <= 172) || x >= 174)) ++extra;
       cp = 256 + extra;
     }
     if (cp < 0x80) {
@@ -58,12 +57,11 @@ json Split(const std::string& regex, const std::string& behavior = "Isolated") {
 // A byte-level BPE tokenizer: ids 0..255 are the bytes (id == byte value), then
 // one token per merge (on raw bytes, in rank order) from id 256.
 struct Fixture {
-  json pre_tokenizers = json::array({Split(kDigits),
-                                     Split(kCjk),
-                                     Split(kWords),
-                                     {{"type", "ByteLevel"},
-                                      {"add_prefix_space", false},
-                                      {"use_regex", false}}});
+  json pre_tokenizers =
+      json::array({Split(kDigits),
+                   Split(kCjk),
+                   Split(kWords),
+                   {{"type", "ByteLevel"}, {"add_prefix_space", false}, {"use_regex", false}}});
   std::vector<std::pair<std::string, std::string>> merges;
   json added = json::array();
   json post_processor = nullptr;
@@ -72,42 +70,36 @@ struct Fixture {
 
   std::string TokenizerJson() const {
     json vocab = json::object();
-    for (int b = 0; b < 256; ++b)
-      vocab[ByteLevel(std::string(1, static_cast<char>(b)))] = b;
+    for (int b = 0; b < 256; ++b) vocab[ByteLevel(std::string(1, static_cast<char>(b)))] = b;
     json merges_json = json::array();
     int id = 256;
     for (const auto& [a, b] : merges) {
       merges_json.push_back(ByteLevel(a) + " " + ByteLevel(b));
       vocab[ByteLevel(a + b)] = id++;
     }
-    return json{
-        {"version", "1.0"},
-        {"added_tokens", added},
-        {"normalizer", normalizer},
-        {"pre_tokenizer",
-         {{"type", "Sequence"}, {"pretokenizers", pre_tokenizers}}},
-        {"post_processor", post_processor},
-        {"decoder", {{"type", "ByteLevel"}}},
-        {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_json}}}}
+    return json{{"version", "1.0"},
+                {"added_tokens", added},
+                {"normalizer", normalizer},
+                {"pre_tokenizer", {{"type", "Sequence"}, {"pretokenizers", pre_tokenizers}}},
+                {"post_processor", post_processor},
+                {"decoder", {{"type", "ByteLevel"}}},
+                {"model", {{"type", "BPE"}, {"vocab", vocab}, {"merges", merges_json}}}}
         .dump();
   }
   std::unique_ptr<Tokenizer> Make() const {
-    auto t = Tokenizer::FromJson(TokenizerJson(),
-                                 config.empty() ? "" : config.dump());
+    auto t = Tokenizer::FromJson(TokenizerJson(), config.empty() ? "" : config.dump());
     EXPECT_TRUE(t.ok()) << t.status();
     return t.ok() ? std::move(*t) : nullptr;
   }
 };
 
-json Added(int id, const std::string& content, bool special,
-           bool lstrip = false, bool rstrip = false) {
-  return {{"id", id},          {"content", content}, {"single_word", false},
-          {"lstrip", lstrip},  {"rstrip", rstrip},   {"normalized", false},
-          {"special", special}};
+json Added(int id, const std::string& content, bool special, bool lstrip = false,
+           bool rstrip = false) {
+  return {{"id", id},         {"content", content},  {"single_word", false}, {"lstrip", lstrip},
+          {"rstrip", rstrip}, {"normalized", false}, {"special", special}};
 }
 
-std::vector<int32_t> Enc(const Tokenizer& t, std::string_view s,
-                         bool special = false) {
+std::vector<int32_t> Enc(const Tokenizer& t, std::string_view s, bool special = false) {
   auto ids = t.Encode(s, special);
   EXPECT_TRUE(ids.ok()) << ids.status();
   return ids.ok() ? *ids : std::vector<int32_t>{};
@@ -125,8 +117,7 @@ TEST(Tokenizer, BytesWithoutMergesAreTheirOwnTokens) {
 
 TEST(Tokenizer, MergesApplyLowestRankFirst) {
   Fixture f;
-  f.merges = {{"b", "c"}, {"a", "b"},   {"h", "e"},
-              {"l", "l"}, {"he", "ll"}, {"hell", "o"}};
+  f.merges = {{"b", "c"}, {"a", "b"}, {"h", "e"}, {"l", "l"}, {"he", "ll"}, {"hell", "o"}};
   auto t = f.Make();
   // "a b" would be leftmost, but "b c" has the lower rank.
   EXPECT_THAT(Enc(*t, "abc"), ElementsAre('a', 256));
@@ -157,9 +148,8 @@ TEST(Tokenizer, LongWordsMergeRankByRankLikeTheHeap) {
   // merges that break the order ("qr s" before "q r") forces the heap
   // everywhere.
   Fixture ordered;
-  ordered.merges = {{"a", "b"},    {"b", "a"},  {"a", "a"},   {"ab", "a"},
-                    {"ba", "b"},   {"aa", "b"}, {"ab", "ab"}, {"ba", "ab"},
-                    {"aab", "aa"}, {"b", "b"}};
+  ordered.merges = {{"a", "b"},  {"b", "a"},   {"a", "a"},   {"ab", "a"},   {"ba", "b"},
+                    {"aa", "b"}, {"ab", "ab"}, {"ba", "ab"}, {"aab", "aa"}, {"b", "b"}};
   Fixture heap = ordered;
   heap.merges.push_back({"qr", "s"});
   heap.merges.push_back({"q", "r"});
@@ -175,9 +165,8 @@ TEST(Tokenizer, LongWordsMergeRankByRankLikeTheHeap) {
 
 TEST(Tokenizer, PreTokenizerSplitsDigitsCjkAndWhitespaceRuns) {
   Fixture f;
-  f.merges = {{"1", "2"},       {"12", "3"},         {"3", "4"},
-              {" ", " "},       {" ", "b"},          {"x", "\xE4"},
-              {"\xE4", "\xBD"}, {"\xE4\xBD", "\xA0"}};
+  f.merges = {{"1", "2"}, {"12", "3"},   {"3", "4"},       {" ", " "},
+              {" ", "b"}, {"x", "\xE4"}, {"\xE4", "\xBD"}, {"\xE4\xBD", "\xA0"}};
   auto t = f.Make();
   // Digits in threes: "123" "4": without the split, "34" would merge.
   EXPECT_THAT(Enc(*t, "1234"), ElementsAre(257, '4'));
@@ -191,8 +180,8 @@ TEST(Tokenizer, PreTokenizerSplitsDigitsCjkAndWhitespaceRuns) {
 
 TEST(Tokenizer, WhitespaceIsOnigurumasIncludingNel) {
   Fixture f;
-  f.pre_tokenizers = json::array(
-      {Split("\\s", "Removed"), {{"type", "ByteLevel"}, {"use_regex", false}}});
+  f.pre_tokenizers =
+      json::array({Split("\\s", "Removed"), {{"type", "ByteLevel"}, {"use_regex", false}}});
   auto t = f.Make();
   // U+0085 (NEL) is \s in Oniguruma (HF) but not in PCRE2's UCP \s.
   EXPECT_THAT(Enc(*t,
@@ -212,13 +201,11 @@ TEST(Tokenizer, SplitBehaviours) {
   // Merges make piece boundaries visible: "x-" and "-y" are tokens 256, 257.
   for (const Case& c :
        {Case{"Removed", {'x', 'y'}}, Case{"Isolated", {'x', '-', 'y'}},
-        Case{"MergedWithPrevious", {256, 'y'}},
-        Case{"MergedWithNext", {'x', 257}}}) {
+        Case{"MergedWithPrevious", {256, 'y'}}, Case{"MergedWithNext", {'x', 257}}}) {
     Fixture f;
     f.merges = {{"x", "-"}, {"-", "y"}};
     f.pre_tokenizers =
-        json::array({Split("-", c.behavior),
-                     {{"type", "ByteLevel"}, {"use_regex", false}}});
+        json::array({Split("-", c.behavior), {{"type", "ByteLevel"}, {"use_regex", false}}});
     auto t = f.Make();
     EXPECT_EQ(Enc(*t, "x-y"), c.ids) << c.behavior;
   }
@@ -227,17 +214,16 @@ TEST(Tokenizer, SplitBehaviours) {
 TEST(Tokenizer, ByteLevelWithRegexAndPrefixSpace) {
   Fixture f;
   f.merges = {{" ", "h"}, {" h", "i"}};
-  f.pre_tokenizers = json::array({{{"type", "ByteLevel"},
-                                   {"add_prefix_space", true},
-                                   {"use_regex", true}}});
+  f.pre_tokenizers =
+      json::array({{{"type", "ByteLevel"}, {"add_prefix_space", true}, {"use_regex", true}}});
   auto t = f.Make();
   EXPECT_THAT(Enc(*t, "hi hi"), ElementsAre(257, 257));
 }
 
 TEST(Tokenizer, AddedTokensAreSplitOutLongestFirst) {
   Fixture f;
-  f.added = json::array({Added(300, "<s>", true), Added(301, "<a>", false),
-                         Added(302, "<a>b", false)});
+  f.added =
+      json::array({Added(300, "<s>", true), Added(301, "<a>", false), Added(302, "<a>b", false)});
   auto t = f.Make();
   EXPECT_THAT(Enc(*t, "x<s>y"), ElementsAre('x', 300, 'y'));
   EXPECT_THAT(Enc(*t, "<a>b<a>c"), ElementsAre(302, 301, 'c'));
@@ -249,8 +235,7 @@ TEST(Tokenizer, AddedTokensAreSplitOutLongestFirst) {
 
 TEST(Tokenizer, AddedTokenStripsAbsorbWhitespace) {
   Fixture f;
-  f.added =
-      json::array({Added(300, "<m>", true, /*lstrip=*/true, /*rstrip=*/true)});
+  f.added = json::array({Added(300, "<m>", true, /*lstrip=*/true, /*rstrip=*/true)});
   auto t = f.Make();
   EXPECT_THAT(Enc(*t, "x  <m>  y"), ElementsAre('x', 300, 'y'));
 }
@@ -289,10 +274,9 @@ TEST(Tokenizer, TemplateProcessingWithoutConfig) {
   f.added = json::array({Added(300, "<s>", true), Added(301, "</s>", true)});
   f.post_processor = {
       {"type", "TemplateProcessing"},
-      {"single",
-       json::array({{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
-                    {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
-                    {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}})},
+      {"single", json::array({{{"SpecialToken", {{"id", "<s>"}, {"type_id", 0}}}},
+                              {{"Sequence", {{"id", "A"}, {"type_id", 0}}}},
+                              {{"SpecialToken", {{"id", "</s>"}, {"type_id", 0}}}}})},
       {"special_tokens",
        {{"<s>", {{"id", "<s>"}, {"ids", {300}}, {"tokens", {"<s>"}}}},
         {"</s>", {{"id", "</s>"}, {"ids", {301}}, {"tokens", {"</s>"}}}}}}};
@@ -305,8 +289,7 @@ TEST(Tokenizer, DecodeRoundTripsAndSkipsSpecialTokens) {
   f.merges = {{"h", "e"}, {" ", "w"}};
   f.added = json::array({Added(300, "<s>", true), Added(301, "<x>", false)});
   auto t = f.Make();
-  const std::string text =
-      "<s>he said \xE4\xBD\xA0\xE5\xA5\xBD \xF0\x9F\x98\x80<x>\n\t end";
+  const std::string text = "<s>he said \xE4\xBD\xA0\xE5\xA5\xBD \xF0\x9F\x98\x80<x>\n\t end";
   auto ids = Enc(*t, text);
   auto back = t->Decode(ids);
   ASSERT_TRUE(back.ok()) << back.status();
@@ -333,12 +316,10 @@ TEST(Tokenizer, InvalidInputsAreClearErrors) {
   auto bad = t->Encode("ok\xC3\x28");
   ASSERT_FALSE(bad.ok());
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(bad.status().message(),
-              HasSubstr("text: invalid UTF-8 at byte 2 (0xc3)"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("text: invalid UTF-8 at byte 2 (0xc3)"));
   auto bad_id = t->Decode(std::vector<int32_t>{5, 256});
   ASSERT_FALSE(bad_id.ok());
-  EXPECT_THAT(bad_id.status().message(),
-              HasSubstr("token id 256 is not in the vocabulary"));
+  EXPECT_THAT(bad_id.status().message(), HasSubstr("token id 256 is not in the vocabulary"));
 }
 
 TEST(Tokenizer, UnsupportedFeaturesFailAtLoad) {
@@ -354,13 +335,11 @@ TEST(Tokenizer, UnsupportedFeaturesFailAtLoad) {
     f.pre_tokenizers = json::array({{{"type", "Metaspace"}}});
     auto t = Tokenizer::FromJson(f.TokenizerJson(), "");
     ASSERT_FALSE(t.ok());
-    EXPECT_THAT(t.status().message(),
-                HasSubstr("pre_tokenizer type 'Metaspace' is not supported"));
+    EXPECT_THAT(t.status().message(), HasSubstr("pre_tokenizer type 'Metaspace' is not supported"));
   }
   {
     Fixture f;
-    f.pre_tokenizers =
-        json::array({Split("(unclosed"), {{"type", "ByteLevel"}}});
+    f.pre_tokenizers = json::array({Split("(unclosed"), {{"type", "ByteLevel"}}});
     auto t = Tokenizer::FromJson(f.TokenizerJson(), "");
     ASSERT_FALSE(t.ok());
     EXPECT_THAT(t.status().message(), HasSubstr("regex /(unclosed/"));
@@ -376,14 +355,12 @@ TEST(Tokenizer, StreamingNeverEmitsHalfACharacter) {
   // "é" = C3 A9 and "😀" = F0 9F 98 80, one byte-level token per byte.
   StreamingDetokenizer d(*t);
   std::vector<std::string> out;
-  for (int32_t id : std::vector<int32_t>{300, 'a', 0xC3, 0xA9, 0xF0, 0x9F, 0x98,
-                                         0x80, 'z'}) {
+  for (int32_t id : std::vector<int32_t>{300, 'a', 0xC3, 0xA9, 0xF0, 0x9F, 0x98, 0x80, 'z'}) {
     auto s = d.Push(id);
     ASSERT_TRUE(s.ok());
     out.push_back(*s);
   }
-  EXPECT_THAT(out, ElementsAre("<s>", "a", "", "\xC3\xA9", "", "", "",
-                               "\xF0\x9F\x98\x80", "z"));
+  EXPECT_THAT(out, ElementsAre("<s>", "a", "", "\xC3\xA9", "", "", "", "\xF0\x9F\x98\x80", "z"));
   // An unfinished character at the end is one U+FFFD.
   StreamingDetokenizer e(*t, /*skip_special_tokens=*/true);
   EXPECT_EQ(*e.Push(300), "");
@@ -397,8 +374,7 @@ TEST(Tokenizer, ConcurrentEncodersAgree) {
   f.merges = {{"t", "h"}, {"th", "e"}, {" ", "the"}};
   auto t = f.Make();
   std::string text;
-  for (int i = 0; i < 2000; ++i)
-    text += "the cat and the " + std::to_string(i) + " hats\n";
+  for (int i = 0; i < 2000; ++i) text += "the cat and the " + std::to_string(i) + " hats\n";
   const auto expected = Enc(*t, text);
   std::vector<std::thread> threads;
   std::vector<bool> same(4, false);
@@ -421,8 +397,7 @@ TEST(Utf8, LossyUsesMaximalSubparts) {
 }
 
 TEST(Utf8, StreamingEqualsLossyForEverySplit) {
-  const std::string s =
-      "a\xC3\xA9\xE0\x80\xF0\x9F\x98\x80\xF0\x9Fz\xFF\xE4\xBD\xA0";
+  const std::string s = "a\xC3\xA9\xE0\x80\xF0\x9F\x98\x80\xF0\x9Fz\xFF\xE4\xBD\xA0";
   for (size_t cut1 = 0; cut1 <= s.size(); ++cut1) {
     for (size_t cut2 = cut1; cut2 <= s.size(); ++cut2) {
       Utf8StreamDecoder d;

@@ -100,9 +100,8 @@ absl::Status ValidateUtf8(std::string_view s, std::string_view what) {
     }
     size_t len;
     if (Classify(p + i, s.size() - i, &len) != Seq::kValid) {
-      return absl::InvalidArgumentError(
-          absl::StrFormat("%s%sinvalid UTF-8 at byte %d (0x%02x)", what,
-                          what.empty() ? "" : ": ", i, p[i]));
+      return absl::InvalidArgumentError(absl::StrFormat("%s%sinvalid UTF-8 at byte %d (0x%02x)",
+                                                        what, what.empty() ? "" : ": ", i, p[i]));
     }
     i += len;
   }

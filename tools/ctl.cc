@@ -16,8 +16,8 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
-#include "nlohmann/json.hpp"
 #include "common/args.h"
+#include "nlohmann/json.hpp"
 #include "tools/commands.h"
 
 #ifdef DMOE_WITH_SERVICES
@@ -64,19 +64,19 @@ char Shade(double v, double max) {
 
 void PrintReport(const v1::RebalanceResponse& r, bool json) {
   if (json) {
-    nlohmann::json j = {{"applied", r.applied()},
-                        {"version", r.version()},
-                        {"trigger", r.trigger()},
-                        {"layers", std::vector<uint32_t>(r.layers().begin(), r.layers().end())},
-                        {"current_max_over_mean", std::vector<double>(r.current_max_over_mean().begin(),
-                                                                      r.current_max_over_mean().end())},
-                        {"predicted_max_over_mean",
-                         std::vector<double>(r.predicted_max_over_mean().begin(),
-                                             r.predicted_max_over_mean().end())},
-                        {"slots_moved", r.slots_moved()},
-                        {"bytes_moved", r.bytes_moved()},
-                        {"switch_seconds", r.switch_seconds()},
-                        {"placement", nlohmann::json::parse(r.placement_json(), nullptr, false)}};
+    nlohmann::json j = {
+        {"applied", r.applied()},
+        {"version", r.version()},
+        {"trigger", r.trigger()},
+        {"layers", std::vector<uint32_t>(r.layers().begin(), r.layers().end())},
+        {"current_max_over_mean",
+         std::vector<double>(r.current_max_over_mean().begin(), r.current_max_over_mean().end())},
+        {"predicted_max_over_mean", std::vector<double>(r.predicted_max_over_mean().begin(),
+                                                        r.predicted_max_over_mean().end())},
+        {"slots_moved", r.slots_moved()},
+        {"bytes_moved", r.bytes_moved()},
+        {"switch_seconds", r.switch_seconds()},
+        {"placement", nlohmann::json::parse(r.placement_json(), nullptr, false)}};
     std::printf("%s\n", j.dump().c_str());
     return;
   }
@@ -102,13 +102,13 @@ int Placement(const Args& args) {
   }
   nlohmann::json p = nlohmann::json::parse(r.placement_json(), nullptr, false);
   if (args.Bool("json")) {
-    std::printf("%s\n", nlohmann::json({{"version", r.version()},
-                                        {"servers", std::vector<std::string>(
-                                                        r.server_addresses().begin(),
-                                                        r.server_addresses().end())},
-                                        {"placement", p}})
-                            .dump()
-                            .c_str());
+    std::printf("%s\n",
+                nlohmann::json({{"version", r.version()},
+                                {"servers", std::vector<std::string>(r.server_addresses().begin(),
+                                                                     r.server_addresses().end())},
+                                {"placement", p}})
+                    .dump()
+                    .c_str());
     return 0;
   }
   std::printf("placement version %llu, %d expert servers\n",
@@ -120,7 +120,8 @@ int Placement(const Args& args) {
       std::vector<int> ids = layer["servers"][s].get<std::vector<int>>();
       std::string list;
       for (size_t i = 0; i < ids.size(); ++i) absl::StrAppend(&list, i ? " " : "", ids[i]);
-      std::printf("  layer %-4d %s\n", layer["layer"].get<int>(), list.empty() ? "-" : list.c_str());
+      std::printf("  layer %-4d %s\n", layer["layer"].get<int>(),
+                  list.empty() ? "-" : list.c_str());
     }
   }
   return 0;
@@ -137,14 +138,15 @@ int Load(const Args& args) {
   if (args.Bool("json")) {
     nlohmann::json layers = nlohmann::json::array();
     for (const v1::LayerLoad& l : r.layers()) {
-      layers.push_back({{"layer", l.layer()},
-                        {"tokens", l.tokens()},
-                        {"expert_load", std::vector<double>(l.expert_load().begin(), l.expert_load().end())},
-                        {"server_load", std::vector<double>(l.server_load().begin(), l.server_load().end())},
-                        {"server_max_over_mean", l.server_max_over_mean()},
-                        {"slot_max_over_mean", l.slot_max_over_mean()},
-                        {"expert_balance_stat", l.expert_balance_stat()},
-                        {"server_balance_stat", l.server_balance_stat()}});
+      layers.push_back(
+          {{"layer", l.layer()},
+           {"tokens", l.tokens()},
+           {"expert_load", std::vector<double>(l.expert_load().begin(), l.expert_load().end())},
+           {"server_load", std::vector<double>(l.server_load().begin(), l.server_load().end())},
+           {"server_max_over_mean", l.server_max_over_mean()},
+           {"slot_max_over_mean", l.slot_max_over_mean()},
+           {"expert_balance_stat", l.expert_balance_stat()},
+           {"server_balance_stat", l.server_balance_stat()}});
     }
     std::printf("%s\n", nlohmann::json({{"placement_version", r.placement_version()},
                                         {"window_seconds", r.window_seconds()},
@@ -201,8 +203,8 @@ int Membership(const Args& args, bool add) {
   v1::ExpertServerRequest req;
   req.set_address(address);
   v1::RebalanceResponse r;
-  grpc::Status st = add ? stub->AddExpertServer(&ctx, req, &r)
-                        : stub->RemoveExpertServer(&ctx, req, &r);
+  grpc::Status st =
+      add ? stub->AddExpertServer(&ctx, req, &r) : stub->RemoveExpertServer(&ctx, req, &r);
   if (!st.ok()) return Fail(add ? "add-server" : "remove-server", st);
   PrintReport(r, args.Bool("json"));
   return 0;
@@ -221,8 +223,10 @@ int RunCtl(int argc, char** argv) {
   Args args("ctl " + sub, "talk to the placement controller of a router (see `dmoe ctl --help`)");
   args.Flag("router", "HOST:PORT", "router running with --controller", "127.0.0.1:50051")
       .Flag("json", "", "print JSON");
-  if (sub == "rebalance") args.Flag("dry-run", "", "only plan: show the plan, its balance and the bytes it moves");
-  if (sub == "add-server" || sub == "remove-server") args.Flag("address", "HOST:PORT", "the expert server");
+  if (sub == "rebalance")
+    args.Flag("dry-run", "", "only plan: show the plan, its balance and the bytes it moves");
+  if (sub == "add-server" || sub == "remove-server")
+    args.Flag("address", "HOST:PORT", "the expert server");
   if (sub != "placement" && sub != "load" && sub != "rebalance" && sub != "add-server" &&
       sub != "remove-server") {
     std::fprintf(stderr, "dmoe ctl: unknown subcommand '%s'\n%s", sub.c_str(), kUsage);

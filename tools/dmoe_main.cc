@@ -16,18 +16,16 @@ int RunIsa(int argc, char** argv) {
   if (argc > 2 && std::strcmp(argv[2], "--levels") == 0) {
     const int host = static_cast<int>(dmoe::core::HostIsa());
     for (int l = 0; l <= host; ++l) {
-      std::printf("%s%s", l ? " " : "",
-                  dmoe::core::IsaName(static_cast<IsaLevel>(l)));
+      std::printf("%s%s", l ? " " : "", dmoe::core::IsaName(static_cast<IsaLevel>(l)));
     }
     std::printf("\n");
     return 0;
   }
   if (argc > 2) {
-    std::fprintf(
-        stderr,
-        "usage: dmoe isa [--levels]\n  prints the active instruction-set level "
-        "(DMOE_MAX_ISA caps it), or with --levels every level this host "
-        "supports\n");
+    std::fprintf(stderr,
+                 "usage: dmoe isa [--levels]\n  prints the active instruction-set level "
+                 "(DMOE_MAX_ISA caps it), or with --levels every level this host "
+                 "supports\n");
     return std::strcmp(argv[2], "--help") == 0 ? 0 : 2;
   }
   std::printf("%s\n", dmoe::core::IsaSummary().c_str());
@@ -44,31 +42,24 @@ constexpr Command kCommands[] = {
     {"make-model", dmoe::tools::RunMakeModel,
      "write a random checkpoint in Hugging Face layout (config.json + "
      "safetensors)"},
-    {"forward", dmoe::tools::RunForward,
-     "run a prompt through the model, dump logits (.npy)"},
+    {"forward", dmoe::tools::RunForward, "run a prompt through the model, dump logits (.npy)"},
     {"generate", dmoe::tools::RunGenerate, "generate tokens with the KV cache"},
-    {"up", dmoe::tools::RunUp,
-     "run gateway + router + expert servers locally (Ctrl-C stops)"},
-    {"plan", dmoe::tools::RunPlan,
-     "plan expert placement over servers from expert loads (JSON)"},
+    {"up", dmoe::tools::RunUp, "run gateway + router + expert servers locally (Ctrl-C stops)"},
+    {"plan", dmoe::tools::RunPlan, "plan expert placement over servers from expert loads (JSON)"},
     {"ctl", dmoe::tools::RunCtl,
      "placement controller of a running router: placement, load, rebalance, "
      "add/remove-server"},
-    {"tokenize", dmoe::tools::RunTokenize,
-     "text on stdin -> token ids with the model's tokenizer"},
+    {"tokenize", dmoe::tools::RunTokenize, "text on stdin -> token ids with the model's tokenizer"},
     {"detokenize", dmoe::tools::RunDetokenize, "token ids on stdin -> text"},
     {"chat-template", dmoe::tools::RunChatTemplate,
      "chat messages on stdin -> the prompt the model's chat template renders"},
-    {"isa", RunIsa,
-     "the CPU instruction-set level the kernels use (DMOE_MAX_ISA caps it)"},
+    {"isa", RunIsa, "the CPU instruction-set level the kernels use (DMOE_MAX_ISA caps it)"},
 };
 
 void PrintUsage(FILE* out) {
   std::fprintf(out, "usage: dmoe <command> [flags]\n\ncommands:\n");
-  for (const auto& c : kCommands)
-    std::fprintf(out, "  %-12s %s\n", c.name, c.summary);
-  std::fprintf(out,
-               "\n`dmoe <command> --help` lists the flags of a command.\n");
+  for (const auto& c : kCommands) std::fprintf(out, "  %-12s %s\n", c.name, c.summary);
+  std::fprintf(out, "\n`dmoe <command> --help` lists the flags of a command.\n");
 }
 
 }  // namespace

@@ -56,16 +56,12 @@ Explain why the sky is blue in simple words. Give me three ideas for a birthday 
 Thank you very much for your help! You're welcome. Have a nice day, and see you next time.
 )";
 
-constexpr std::string_view kContractions[] = {"s", "t",  "re", "ve",
-                                              "m", "ll", "d"};
+constexpr std::string_view kContractions[] = {"s", "t", "re", "ve", "m", "ll", "d"};
 
 bool IsSpace(char c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
-         c == '\f';
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
-bool IsLetter(char c) {
-  return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z');
-}
+bool IsLetter(char c) { return (c >= 'a' && c <= 'z') || (c >= 'A' && c <= 'Z'); }
 bool IsDigit(char c) { return c >= '0' && c <= '9'; }
 
 // 0: space, 1: letter, 2: digit, 3: other (ASCII classes of the GPT-2 regex;
@@ -82,10 +78,8 @@ std::array<std::string, 256> ByteLevelChars() {
   std::array<std::string, 256> out;
   int extra = 0;
   for (int b = 0; b < 256; ++b) {
-    const bool printable =
-        (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
-    const uint32_t cp = printable ? static_cast<uint32_t>(b)
-                                  : static_cast<uint32_t>(256 + extra++);
+    const bool printable = (b >= 33 && b <= 126) || (b >= 161 && b <= 172) || b >= 174;
+    const uint32_t cp = printable ? static_cast<uint32_t>(b) : static_cast<uint32_t>(256 + extra++);
     std::string s;
     if (cp < 0x80) {
       s.push_back(static_cast<char>(cp));
@@ -111,8 +105,7 @@ Trained Train(int64_t target) {
   t.bytes.reserve(target);
   for (int b = 0; b < 256; ++b) t.bytes.emplace_back(1, static_cast<char>(b));
   std::map<std::string, int64_t> counts;  // ordered: deterministic iteration
-  for (std::string_view p : internal::PreTokenize(kCorpus))
-    counts[std::string(p)]++;
+  for (std::string_view p : internal::PreTokenize(kCorpus)) counts[std::string(p)]++;
   struct Word {
     std::vector<int32_t> symbols;
     int64_t count;
@@ -128,8 +121,7 @@ Trained Train(int64_t target) {
 
   absl::flat_hash_map<uint64_t, int64_t> pairs;
   auto key = [](int32_t a, int32_t b) {
-    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) |
-           static_cast<uint32_t>(b);
+    return (static_cast<uint64_t>(static_cast<uint32_t>(a)) << 32) | static_cast<uint32_t>(b);
   };
   while (static_cast<int64_t>(t.bytes.size()) < target) {
     pairs.clear();
@@ -148,11 +140,9 @@ Trained Train(int64_t target) {
       }
     }
     if (best_count == 0) break;  // every piece is one token
-    const int32_t a = static_cast<int32_t>(best >> 32),
-                  b = static_cast<int32_t>(best);
+    const int32_t a = static_cast<int32_t>(best >> 32), b = static_cast<int32_t>(best);
     const std::string merged = t.bytes[a] + t.bytes[b];
-    auto [it, inserted] =
-        index.try_emplace(merged, static_cast<int32_t>(t.bytes.size()));
+    auto [it, inserted] = index.try_emplace(merged, static_cast<int32_t>(t.bytes.size()));
     // A string another merge already made stays one token (two merges make
     // it, as Hugging Face's trainer allows).
     if (inserted) t.bytes.push_back(merged);
@@ -161,8 +151,7 @@ Trained Train(int64_t target) {
     for (Word& w : words) {
       size_t out = 0;
       for (size_t i = 0; i < w.symbols.size(); ++i) {
-        if (i + 1 < w.symbols.size() && w.symbols[i] == a &&
-            w.symbols[i + 1] == b) {
+        if (i + 1 < w.symbols.size() && w.symbols[i] == a && w.symbols[i + 1] == b) {
           w.symbols[out++] = m;
           ++i;
         } else {
@@ -257,26 +246,23 @@ std::vector<std::string_view> PreTokenize(std::string_view s) {
 
 }  // namespace internal
 
-absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(
-    const GeneratedTokenizerOptions& o) {
+absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(const GeneratedTokenizerOptions& o) {
   if (o.vocab_size < 258) {
     return absl::InvalidArgumentError(
         absl::StrCat("generated tokenizer: vocab_size ", o.vocab_size,
                      " is too small for 256 byte tokens and 2 special tokens "
                      "(at least 258)"));
   }
-  for (const auto& [name, id] :
-       {std::pair{"bos", o.bos_id}, std::pair{"eos", o.eos_id}}) {
+  for (const auto& [name, id] : {std::pair{"bos", o.bos_id}, std::pair{"eos", o.eos_id}}) {
     if (id < 0 || id >= o.vocab_size) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("generated tokenizer: ", name, "_token_id ", id,
-                       " is outside the vocabulary [0, ", o.vocab_size, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("generated tokenizer: ", name, "_token_id ",
+                                                     id, " is outside the vocabulary [0, ",
+                                                     o.vocab_size, ")"));
     }
   }
   if (o.bos_id == o.eos_id) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "generated tokenizer: bos_token_id and eos_token_id are both ",
-        o.bos_id));
+    return absl::InvalidArgumentError(
+        absl::StrCat("generated tokenizer: bos_token_id and eos_token_id are both ", o.bos_id));
   }
   const Trained trained = Train(o.vocab_size - 2);
 
@@ -295,12 +281,10 @@ absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(
     return s;
   };
   ojson vocab = ojson::object();
-  for (size_t t = 0; t < trained.bytes.size(); ++t)
-    vocab[byte_level(trained.bytes[t])] = id_of[t];
+  for (size_t t = 0; t < trained.bytes.size(); ++t) vocab[byte_level(trained.bytes[t])] = id_of[t];
   ojson merges = ojson::array();
   for (const auto& [a, b] : trained.merges) {
-    merges.push_back(absl::StrCat(byte_level(trained.bytes[a]), " ",
-                                  byte_level(trained.bytes[b])));
+    merges.push_back(absl::StrCat(byte_level(trained.bytes[a]), " ", byte_level(trained.bytes[b])));
   }
 
   const std::string bos(kGeneratedBosToken), eos(kGeneratedEosToken);
@@ -308,8 +292,7 @@ absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(
   tok["version"] = "1.0";
   tok["truncation"] = nullptr;
   tok["padding"] = nullptr;
-  tok["added_tokens"] =
-      ojson::array({AddedToken(o.bos_id, bos), AddedToken(o.eos_id, eos)});
+  tok["added_tokens"] = ojson::array({AddedToken(o.bos_id, bos), AddedToken(o.eos_id, eos)});
   tok["normalizer"] = nullptr;
   tok["pre_tokenizer"] = ByteLevel(/*add_prefix_space=*/false);
   ojson post;
@@ -321,11 +304,9 @@ absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(
     return ojson{{"Sequence", {{"id", id}, {"type_id", type_id}}}};
   };
   post["single"] = ojson::array({special(0), sequence("A", 0)});
-  post["pair"] = ojson::array(
-      {special(0), sequence("A", 0), special(1), sequence("B", 1)});
-  post["special_tokens"][bos] = {{"id", bos},
-                                 {"ids", ojson::array({o.bos_id})},
-                                 {"tokens", ojson::array({bos})}};
+  post["pair"] = ojson::array({special(0), sequence("A", 0), special(1), sequence("B", 1)});
+  post["special_tokens"][bos] = {
+      {"id", bos}, {"ids", ojson::array({o.bos_id})}, {"tokens", ojson::array({bos})}};
   tok["post_processor"] = std::move(post);
   tok["decoder"] = ByteLevel(/*add_prefix_space=*/true);
   ojson model;

@@ -60,8 +60,7 @@ inline constexpr std::string_view kGeneratedEosToken =
 // options give byte-identical files. InvalidArgument when vocab_size < 258 (the
 // bytes and the two special tokens must fit), when bos_id or eos_id is outside
 // [0, vocab_size) or when they are equal.
-absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(
-    const GeneratedTokenizerOptions& options);
+absl::StatusOr<GeneratedTokenizer> GenerateTokenizer(const GeneratedTokenizerOptions& options);
 
 namespace internal {
 // The embedded training corpus (ASCII English).

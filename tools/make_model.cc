@@ -18,10 +18,10 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
+#include "common/args.h"
 #include "core/dtype.h"
 #include "core/status.h"
 #include "text/tokenizer.h"
-#include "common/args.h"
 #include "tools/commands.h"
 #include "tools/generated_tokenizer.h"
 
@@ -125,9 +125,7 @@ class Uniform {
   }
   float Next() {
     // 24 random bits -> [-1, 1) exactly representable in float.
-    const float u =
-        static_cast<float>(SplitMix64(state_) >> 40) * (2.0f / 16777216.0f) -
-        1.0f;
+    const float u = static_cast<float>(SplitMix64(state_) >> 40) * (2.0f / 16777216.0f) - 1.0f;
     return center_ + half_ * u;
   }
 
@@ -142,27 +140,21 @@ class Uniform {
 struct Spec {
   Decl decl;
   float center = 0.0f, half = 0.0f;  // value distribution
-  bool is_scale = false;  // FP8 "_scale_inv", computed with the previous tensor
+  bool is_scale = false;             // FP8 "_scale_inv", computed with the previous tensor
 };
 
-absl::StatusOr<int64_t> GetInt(const json& c, const char* key,
-                               bool allow_null = false) {
+absl::StatusOr<int64_t> GetInt(const json& c, const char* key, bool allow_null = false) {
   auto it = c.find(key);
-  if (it == c.end())
-    return absl::InvalidArgumentError(
-        absl::StrCat("config: missing '", key, "'"));
+  if (it == c.end()) return absl::InvalidArgumentError(absl::StrCat("config: missing '", key, "'"));
   if (allow_null && it->is_null()) return 0;
   if (!it->is_number_integer() || it->get<int64_t>() < 0) {
     return absl::InvalidArgumentError(
-        absl::StrCat("config: '", key, "' must be a non-negative integer, got ",
-                     it->dump()));
+        absl::StrCat("config: '", key, "' must be a non-negative integer, got ", it->dump()));
   }
   return it->get<int64_t>();
 }
 
-float UniformHalfWidth(double stddev) {
-  return static_cast<float>(stddev * std::sqrt(3.0));
-}
+float UniformHalfWidth(double stddev) { return static_cast<float>(stddev * std::sqrt(3.0)); }
 
 class SpecBuilder {
  public:
@@ -170,8 +162,8 @@ class SpecBuilder {
 
   // A matrix [rows, cols] with std 1/sqrt(cols) (or `stddev`), FP8-quantised in
   // layers.
-  void Matrix(const std::string& name, int64_t rows, int64_t cols,
-              bool quantizable, double stddev = 0.0) {
+  void Matrix(const std::string& name, int64_t rows, int64_t cols, bool quantizable,
+              double stddev = 0.0) {
     if (stddev == 0.0) stddev = 1.0 / std::sqrt(static_cast<double>(cols));
     const bool fp8 = quantizable && format_ == WeightFormat::kFP8;
     specs_.push_back({{name, fp8 ? DType::kF8E4M3 : PlainDType(), {rows, cols}},
@@ -181,8 +173,7 @@ class SpecBuilder {
     if (fp8) {
       specs_.push_back({{name + "_scale_inv",
                          DType::kF32,
-                         {(rows + kFp8Block - 1) / kFp8Block,
-                          (cols + kFp8Block - 1) / kFp8Block}},
+                         {(rows + kFp8Block - 1) / kFp8Block, (cols + kFp8Block - 1) / kFp8Block}},
                         0.0f,
                         0.0f,
                         true});
@@ -212,36 +203,28 @@ class SpecBuilder {
   std::vector<Spec> specs_;
 };
 
-absl::StatusOr<std::vector<Spec>> BuildSpecs(const json& c,
-                                             WeightFormat format) {
-  if (!c.is_object() || !c.contains("model_type") ||
-      !c["model_type"].is_string()) {
+absl::StatusOr<std::vector<Spec>> BuildSpecs(const json& c, WeightFormat format) {
+  if (!c.is_object() || !c.contains("model_type") || !c["model_type"].is_string()) {
     return absl::InvalidArgumentError("config: missing string 'model_type'");
   }
   const std::string type = c["model_type"].get<std::string>();
   if (type != "deepseek" && type != "deepseek_v2" && type != "deepseek_v3") {
-    return absl::InvalidArgumentError(
-        absl::StrCat("config: unsupported model_type '", type, "'"));
+    return absl::InvalidArgumentError(absl::StrCat("config: unsupported model_type '", type, "'"));
   }
   const bool mla = type != "deepseek";
   DMOE_ASSIGN_OR_RETURN(const int64_t vocab, GetInt(c, "vocab_size"));
   DMOE_ASSIGN_OR_RETURN(const int64_t hidden, GetInt(c, "hidden_size"));
   DMOE_ASSIGN_OR_RETURN(const int64_t inter, GetInt(c, "intermediate_size"));
-  DMOE_ASSIGN_OR_RETURN(const int64_t moe_inter,
-                        GetInt(c, "moe_intermediate_size"));
+  DMOE_ASSIGN_OR_RETURN(const int64_t moe_inter, GetInt(c, "moe_intermediate_size"));
   DMOE_ASSIGN_OR_RETURN(const int64_t layers, GetInt(c, "num_hidden_layers"));
   DMOE_ASSIGN_OR_RETURN(const int64_t heads, GetInt(c, "num_attention_heads"));
-  DMOE_ASSIGN_OR_RETURN(const int64_t kv_heads,
-                        GetInt(c, "num_key_value_heads"));
-  DMOE_ASSIGN_OR_RETURN(const int64_t n_routed,
-                        GetInt(c, "n_routed_experts", true));
-  DMOE_ASSIGN_OR_RETURN(const int64_t n_shared,
-                        GetInt(c, "n_shared_experts", true));
+  DMOE_ASSIGN_OR_RETURN(const int64_t kv_heads, GetInt(c, "num_key_value_heads"));
+  DMOE_ASSIGN_OR_RETURN(const int64_t n_routed, GetInt(c, "n_routed_experts", true));
+  DMOE_ASSIGN_OR_RETURN(const int64_t n_shared, GetInt(c, "n_shared_experts", true));
   DMOE_ASSIGN_OR_RETURN(const int64_t fkdr, GetInt(c, "first_k_dense_replace"));
   DMOE_ASSIGN_OR_RETURN(const int64_t freq, GetInt(c, "moe_layer_freq"));
   if (heads == 0 || freq == 0) {
-    return absl::InvalidArgumentError(
-        "config: num_attention_heads and moe_layer_freq must be > 0");
+    return absl::InvalidArgumentError("config: num_attention_heads and moe_layer_freq must be > 0");
   }
   const bool noaux = c.value("topk_method", std::string()) == "noaux_tc";
 
@@ -349,20 +332,17 @@ void Store(DType t, float v, uint8_t* dst, size_t i) {
 
 // Fills `out` with the tensor's bytes; for FP8 also fills `scales` (row-major
 // [ceil(rows/128), ceil(cols/128)]) with max|w|/448 per block.
-void Generate(const Spec& s, uint64_t seed, std::vector<uint8_t>& out,
-              std::vector<float>& scales) {
+void Generate(const Spec& s, uint64_t seed, std::vector<uint8_t>& out, std::vector<float>& scales) {
   out.resize(NumBytes(s.decl));
   Uniform rng(seed, s.decl.name, s.center, s.half);
   if (s.decl.dtype != DType::kF8E4M3) {
     const uint64_t n = NumElements(s.decl);
-    for (uint64_t i = 0; i < n; ++i)
-      Store(s.decl.dtype, rng.Next(), out.data(), i);
+    for (uint64_t i = 0; i < n; ++i) Store(s.decl.dtype, rng.Next(), out.data(), i);
     return;
   }
   const int64_t rows = s.decl.shape[0], cols = s.decl.shape[1];
   const int64_t scols = (cols + kFp8Block - 1) / kFp8Block;
-  scales.assign(static_cast<size_t>((rows + kFp8Block - 1) / kFp8Block * scols),
-                0.0f);
+  scales.assign(static_cast<size_t>((rows + kFp8Block - 1) / kFp8Block * scols), 0.0f);
   std::vector<float> strip;
   for (int64_t r0 = 0; r0 < rows; r0 += kFp8Block) {
     const int64_t nr = std::min(kFp8Block, rows - r0);
@@ -371,16 +351,14 @@ void Generate(const Spec& s, uint64_t seed, std::vector<uint8_t>& out,
     float* srow = scales.data() + (r0 / kFp8Block) * scols;
     for (int64_t r = 0; r < nr; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
-        srow[c / kFp8Block] =
-            std::max(srow[c / kFp8Block], std::fabs(strip[r * cols + c]));
+        srow[c / kFp8Block] = std::max(srow[c / kFp8Block], std::fabs(strip[r * cols + c]));
       }
     }
-    for (int64_t j = 0; j < scols; ++j)
-      srow[j] = srow[j] > 0.0f ? srow[j] / kE4M3Max : 1.0f;
+    for (int64_t j = 0; j < scols; ++j) srow[j] = srow[j] > 0.0f ? srow[j] / kE4M3Max : 1.0f;
     for (int64_t r = 0; r < nr; ++r) {
       for (int64_t c = 0; c < cols; ++c) {
-        out[(r0 + r) * cols + c] = internal::FastF32ToF8E4M3(
-            strip[r * cols + c] / srow[c / kFp8Block]);
+        out[(r0 + r) * cols + c] =
+            internal::FastF32ToF8E4M3(strip[r * cols + c] / srow[c / kFp8Block]);
       }
     }
   }
@@ -390,14 +368,12 @@ void Generate(const Spec& s, uint64_t seed, std::vector<uint8_t>& out,
 // Files
 
 absl::Status ErrnoError(int err, const std::string& what) {
-  return absl::Status(absl::ErrnoToStatusCode(err),
-                      absl::StrCat(what, ": ", std::strerror(err)));
+  return absl::Status(absl::ErrnoToStatusCode(err), absl::StrCat(what, ": ", std::strerror(err)));
 }
 
 absl::Status WriteTextFile(const std::string& path, const std::string& text) {
   std::FILE* f = std::fopen(path.c_str(), "wb");
-  if (f == nullptr)
-    return ErrnoError(errno, absl::StrCat("cannot create ", path));
+  if (f == nullptr) return ErrnoError(errno, absl::StrCat("cannot create ", path));
   const bool ok = std::fwrite(text.data(), 1, text.size(), f) == text.size();
   const int err = errno;
   if (std::fclose(f) != 0 || !ok)
@@ -412,8 +388,7 @@ std::string HumanBytes(double b) {
     b /= 1000.0;
     ++u;
   }
-  return u == 0 ? absl::StrFormat("%.0f B", b)
-                : absl::StrFormat("%.1f %s", b, units[u]);
+  return u == 0 ? absl::StrFormat("%.0f B", b) : absl::StrFormat("%.1f %s", b, units[u]);
 }
 
 std::string HumanCount(double n) {
@@ -439,10 +414,8 @@ std::vector<size_t> ShardStarts(const std::vector<Spec>& specs, int k) {
   for (size_t u = 0; u < units.size(); ++u) {
     const size_t shard = starts.size() - 1;
     const size_t shards_left = static_cast<size_t>(k) - 1 - shard;
-    const bool full = static_cast<double>(cum) >=
-                      static_cast<double>(total) * (shard + 1) / k;
-    if (in_shard > 0 && shards_left > 0 &&
-        (full || units.size() - u == shards_left)) {
+    const bool full = static_cast<double>(cum) >= static_cast<double>(total) * (shard + 1) / k;
+    if (in_shard > 0 && shards_left > 0 && (full || units.size() - u == shards_left)) {
       starts.push_back(units[u]);
       in_shard = 0;
     }
@@ -507,8 +480,8 @@ absl::StatusOr<WeightFormat> ParseWeightFormat(const std::string& s) {
   if (s == "f32") return WeightFormat::kF32;
   if (s == "f16") return WeightFormat::kF16;
   if (s == "fp8") return WeightFormat::kFP8;
-  return absl::InvalidArgumentError(absl::StrCat(
-      "unknown weight dtype '", s, "' (valid: bf16, f32, f16, fp8)"));
+  return absl::InvalidArgumentError(
+      absl::StrCat("unknown weight dtype '", s, "' (valid: bf16, f32, f16, fp8)"));
 }
 
 std::vector<std::string> PresetNames() {
@@ -517,20 +490,17 @@ std::vector<std::string> PresetNames() {
   return names;
 }
 
-absl::StatusOr<json> PresetConfig(const std::string& preset,
-                                  int layers_override) {
+absl::StatusOr<json> PresetConfig(const std::string& preset, int layers_override) {
   const Preset* p = nullptr;
   for (const Preset& q : kPresets) {
     if (preset == q.name) p = &q;
   }
   if (p == nullptr) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("unknown preset '", preset,
-                     "' (valid: ", absl::StrJoin(PresetNames(), ", "), ")"));
+    return absl::InvalidArgumentError(absl::StrCat(
+        "unknown preset '", preset, "' (valid: ", absl::StrJoin(PresetNames(), ", "), ")"));
   }
   if (layers_override < 0) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layers must be >= 1, got ", layers_override));
+    return absl::InvalidArgumentError(absl::StrCat("layers must be >= 1, got ", layers_override));
   }
   const int64_t layers = layers_override > 0 ? layers_override : p->layers;
   // first_k_dense_replace < layers, so that a cut-down model keeps a MoE layer.
@@ -582,8 +552,7 @@ absl::StatusOr<json> PresetConfig(const std::string& preset,
     c["rope_scaling"] = nullptr;
   }
   if (type != "deepseek") {
-    c["q_lora_rank"] =
-        p->q_lora_rank > 0 ? json(p->q_lora_rank) : json(nullptr);
+    c["q_lora_rank"] = p->q_lora_rank > 0 ? json(p->q_lora_rank) : json(nullptr);
     c["kv_lora_rank"] = p->kv_lora_rank;
     c["qk_nope_head_dim"] = p->qk_nope;
     c["qk_rope_head_dim"] = p->qk_rope;
@@ -598,8 +567,7 @@ absl::StatusOr<json> PresetConfig(const std::string& preset,
   return c;
 }
 
-absl::StatusOr<std::vector<Decl>> ModelTensors(const json& config,
-                                               WeightFormat format) {
+absl::StatusOr<std::vector<Decl>> ModelTensors(const json& config, WeightFormat format) {
   DMOE_ASSIGN_OR_RETURN(std::vector<Spec> specs, BuildSpecs(config, format));
   std::vector<Decl> decls;
   decls.reserve(specs.size());
@@ -607,22 +575,19 @@ absl::StatusOr<std::vector<Decl>> ModelTensors(const json& config,
   return decls;
 }
 
-absl::Status WriteRandomModel(const MakeModelOptions& o,
-                              MakeModelSummary* summary) {
+absl::Status WriteRandomModel(const MakeModelOptions& o, MakeModelSummary* summary) {
   namespace fs = std::filesystem;
   if (o.layers < 0)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--layers must be >= 1, got ", o.layers));
+    return absl::InvalidArgumentError(absl::StrCat("--layers must be >= 1, got ", o.layers));
   if (o.shards < 1)
-    return absl::InvalidArgumentError(
-        absl::StrCat("--shards must be >= 1, got ", o.shards));
+    return absl::InvalidArgumentError(absl::StrCat("--shards must be >= 1, got ", o.shards));
   DMOE_ASSIGN_OR_RETURN(json config, PresetConfig(o.preset, o.layers));
   std::unique_ptr<text::Tokenizer> tokenizer;
   std::optional<GeneratedTokenizer> generated;
   if (!o.tokenizer_dir.empty()) {
     DMOE_ASSIGN_OR_RETURN(tokenizer, text::Tokenizer::Load(o.tokenizer_dir));
-    config["vocab_size"] = std::max<int64_t>(
-        config["vocab_size"].get<int64_t>(), tokenizer->vocab_size());
+    config["vocab_size"] =
+        std::max<int64_t>(config["vocab_size"].get<int64_t>(), tokenizer->vocab_size());
     if (tokenizer->bos_id()) config["bos_token_id"] = *tokenizer->bos_id();
     if (tokenizer->eos_id()) config["eos_token_id"] = *tokenizer->eos_id();
   } else if (o.generate_tokenizer) {
@@ -634,11 +599,10 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     DMOE_ASSIGN_OR_RETURN(generated, GenerateTokenizer(g));
     // Never write a tokenizer the servers would refuse.
     absl::StatusOr<std::unique_ptr<text::Tokenizer>> check =
-        text::Tokenizer::FromJson(generated->tokenizer_json,
-                                  generated->tokenizer_config_json);
+        text::Tokenizer::FromJson(generated->tokenizer_json, generated->tokenizer_config_json);
     if (!check.ok()) {
-      return absl::InternalError(absl::StrCat(
-          "the generated tokenizer does not load: ", check.status().message()));
+      return absl::InternalError(
+          absl::StrCat("the generated tokenizer does not load: ", check.status().message()));
     }
   }
   switch (o.format) {
@@ -649,11 +613,10 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
       config["torch_dtype"] = "float16";
       break;
     case WeightFormat::kFP8:
-      config["quantization_config"] = {
-          {"activation_scheme", "dynamic"},
-          {"fmt", "e4m3"},
-          {"quant_method", "fp8"},
-          {"weight_block_size", {kFp8Block, kFp8Block}}};
+      config["quantization_config"] = {{"activation_scheme", "dynamic"},
+                                       {"fmt", "e4m3"},
+                                       {"quant_method", "fp8"},
+                                       {"weight_block_size", {kFp8Block, kFp8Block}}};
       break;
     case WeightFormat::kBF16:
       break;
@@ -662,23 +625,19 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
   size_t units = 0;
   for (const Spec& s : specs) units += s.is_scale ? 0 : 1;
   if (static_cast<size_t>(o.shards) > units) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("--shards ", o.shards, " exceeds the ", units,
-                     " weight tensors of the model"));
+    return absl::InvalidArgumentError(absl::StrCat("--shards ", o.shards, " exceeds the ", units,
+                                                   " weight tensors of the model"));
   }
 
   std::error_code ec;
   fs::create_directories(o.out_dir, ec);
   if (ec || !fs::is_directory(o.out_dir)) {
-    return absl::Status(
-        ec ? absl::ErrnoToStatusCode(ec.value())
-           : absl::StatusCode::kAlreadyExists,
-        absl::StrCat("cannot create output directory ", o.out_dir, ": ",
-                     ec ? ec.message() : "a file of that name exists"));
+    return absl::Status(ec ? absl::ErrnoToStatusCode(ec.value()) : absl::StatusCode::kAlreadyExists,
+                        absl::StrCat("cannot create output directory ", o.out_dir, ": ",
+                                     ec ? ec.message() : "a file of that name exists"));
   }
   const fs::path dir(o.out_dir);
-  DMOE_RETURN_IF_ERROR(
-      WriteTextFile((dir / "config.json").string(), config.dump(2) + "\n"));
+  DMOE_RETURN_IF_ERROR(WriteTextFile((dir / "config.json").string(), config.dump(2) + "\n"));
 
   MakeModelSummary sum;
   const std::vector<size_t> starts = ShardStarts(specs, o.shards);
@@ -692,24 +651,21 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
     const size_t end = k + 1 < starts.size() ? starts[k + 1] : specs.size();
     const std::string fname =
         o.shards == 1 ? "model.safetensors"
-                      : absl::StrFormat("model-%05d-of-%05d.safetensors", k + 1,
-                                        o.shards);
+                      : absl::StrFormat("model-%05d-of-%05d.safetensors", k + 1, o.shards);
     const std::string path = (dir / fname).string();
     std::vector<Decl> decls;
     for (size_t i = begin; i < end; ++i) decls.push_back(specs[i].decl);
     DMOE_ASSIGN_OR_RETURN(
-        auto writer, core::SafetensorsWriter::Create(path, std::move(decls),
-                                                     {{"format", "pt"}}));
+        auto writer, core::SafetensorsWriter::Create(path, std::move(decls), {{"format", "pt"}}));
     for (size_t i = begin; i < end; ++i) {
       const Spec& s = specs[i];
       if (s.is_scale) {
         // Block scales of the FP8 weight generated just before.
-        DMOE_RETURN_IF_ERROR(writer->Write(s.decl.name, scales.data(),
-                                           scales.size() * sizeof(float)));
+        DMOE_RETURN_IF_ERROR(
+            writer->Write(s.decl.name, scales.data(), scales.size() * sizeof(float)));
       } else {
         Generate(s, o.seed, bytes, scales);
-        DMOE_RETURN_IF_ERROR(
-            writer->Write(s.decl.name, bytes.data(), bytes.size()));
+        DMOE_RETURN_IF_ERROR(writer->Write(s.decl.name, bytes.data(), bytes.size()));
         sum.params += static_cast<int64_t>(NumElements(s.decl));
       }
       sum.data_bytes += NumBytes(s.decl);
@@ -724,10 +680,8 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
 
   const fs::path index_path = dir / "model.safetensors.index.json";
   if (o.shards > 1) {
-    json index = {{"metadata", {{"total_size", sum.data_bytes}}},
-                  {"weight_map", weight_map}};
-    DMOE_RETURN_IF_ERROR(
-        WriteTextFile(index_path.string(), index.dump(2) + "\n"));
+    json index = {{"metadata", {{"total_size", sum.data_bytes}}}, {"weight_map", weight_map}};
+    DMOE_RETURN_IF_ERROR(WriteTextFile(index_path.string(), index.dump(2) + "\n"));
     sum.files.push_back(index_path.filename().string());
   } else {
     // A stale index from an earlier sharded run would hide model.safetensors.
@@ -735,10 +689,10 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
   }
   sum.files.insert(sum.files.begin(), "config.json");
   if (generated.has_value()) {
-    DMOE_RETURN_IF_ERROR(WriteTextFile((dir / "tokenizer.json").string(),
-                                       generated->tokenizer_json));
-    DMOE_RETURN_IF_ERROR(WriteTextFile((dir / "tokenizer_config.json").string(),
-                                       generated->tokenizer_config_json));
+    DMOE_RETURN_IF_ERROR(
+        WriteTextFile((dir / "tokenizer.json").string(), generated->tokenizer_json));
+    DMOE_RETURN_IF_ERROR(
+        WriteTextFile((dir / "tokenizer_config.json").string(), generated->tokenizer_config_json));
     sum.files.push_back("tokenizer.json");
     sum.files.push_back("tokenizer_config.json");
   } else if (tokenizer == nullptr) {
@@ -755,11 +709,9 @@ absl::Status WriteRandomModel(const MakeModelOptions& o,
         fs::remove(to, ec);  // not one left by an earlier run
         continue;
       }
-      if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) ||
-          ec) {
-        return absl::InternalError(absl::StrCat("copying ", from.string(),
-                                                " to ", to.string(), ": ",
-                                                ec.message()));
+      if (!fs::copy_file(from, to, fs::copy_options::overwrite_existing, ec) || ec) {
+        return absl::InternalError(
+            absl::StrCat("copying ", from.string(), " to ", to.string(), ": ", ec.message()));
       }
       sum.files.push_back(name);
     }
@@ -776,26 +728,20 @@ int RunMakeModel(int argc, char** argv) {
   Args args("make-model",
             "write a random checkpoint in Hugging Face layout (config.json + "
             "safetensors)");
-  args.Flag("preset", "NAME",
-            absl::StrCat("model preset: ", absl::StrJoin(PresetNames(), ", ")),
+  args.Flag("preset", "NAME", absl::StrCat("model preset: ", absl::StrJoin(PresetNames(), ", ")),
             std::nullopt, /*required=*/true)
-      .Flag("out", "DIR", "output directory (created if missing)", std::nullopt,
-            true)
+      .Flag("out", "DIR", "output directory (created if missing)", std::nullopt, true)
       .Flag("layers", "N", "number of layers (default: the preset's)")
       .Flag("seed", "S", "random seed", "0")
-      .Flag("shards", "K",
-            "number of safetensors files (K > 1 adds an index json)", "1")
-      .Flag("weight-dtype", "T",
-            "bf16, f32, f16 or fp8 (e4m3 with 128x128 block scales)", "bf16")
-      .Flag(
-          "tokenizer", "DIR",
-          "copy DIR's tokenizer.json and tokenizer_config.json into the model "
-          "(vocab_size grows to the tokenizer's size); default: a generated "
-          "byte-level BPE tokenizer (256 bytes + merges learned from a small "
-          "English corpus, <｜begin▁of▁sentence｜>/<｜end▁of▁sentence｜> "
-          "at the preset's bos/eos ids, a DeepSeek-style chat template)")
-      .Flag("no-tokenizer", "",
-            "write no tokenizer: the model takes and gives token ids only");
+      .Flag("shards", "K", "number of safetensors files (K > 1 adds an index json)", "1")
+      .Flag("weight-dtype", "T", "bf16, f32, f16 or fp8 (e4m3 with 128x128 block scales)", "bf16")
+      .Flag("tokenizer", "DIR",
+            "copy DIR's tokenizer.json and tokenizer_config.json into the model "
+            "(vocab_size grows to the tokenizer's size); default: a generated "
+            "byte-level BPE tokenizer (256 bytes + merges learned from a small "
+            "English corpus, <｜begin▁of▁sentence｜>/<｜end▁of▁sentence｜> "
+            "at the preset's bos/eos ids, a DeepSeek-style chat template)")
+      .Flag("no-tokenizer", "", "write no tokenizer: the model takes and gives token ids only");
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) {
     std::fprintf(stderr, "dmoe %s\n", std::string(s.message()).c_str());
     return 2;
@@ -803,8 +749,7 @@ int RunMakeModel(int argc, char** argv) {
   if (args.help_requested()) return 0;
 
   auto fail = [](const absl::Status& s) {
-    std::fprintf(stderr, "dmoe make-model: %s\n",
-                 std::string(s.message()).c_str());
+    std::fprintf(stderr, "dmoe make-model: %s\n", std::string(s.message()).c_str());
     return 1;
   };
   MakeModelOptions o;
@@ -814,8 +759,7 @@ int RunMakeModel(int argc, char** argv) {
     absl::StatusOr<int64_t> layers = args.Int("layers");
     if (!layers.ok()) return fail(layers.status());
     if (*layers < 1 || *layers > 100000) {
-      return fail(absl::InvalidArgumentError(
-          absl::StrCat("--layers must be >= 1, got ", *layers)));
+      return fail(absl::InvalidArgumentError(absl::StrCat("--layers must be >= 1, got ", *layers)));
     }
     o.layers = static_cast<int>(*layers);
   }
@@ -825,12 +769,10 @@ int RunMakeModel(int argc, char** argv) {
   absl::StatusOr<int64_t> shards = args.Int("shards");
   if (!shards.ok()) return fail(shards.status());
   if (*shards < 1 || *shards > 99999) {
-    return fail(absl::InvalidArgumentError(
-        absl::StrCat("--shards must be >= 1, got ", *shards)));
+    return fail(absl::InvalidArgumentError(absl::StrCat("--shards must be >= 1, got ", *shards)));
   }
   o.shards = static_cast<int>(*shards);
-  absl::StatusOr<WeightFormat> format =
-      ParseWeightFormat(args.Str("weight-dtype"));
+  absl::StatusOr<WeightFormat> format = ParseWeightFormat(args.Str("weight-dtype"));
   if (!format.ok()) return fail(format.status());
   o.format = *format;
   if (args.Has("tokenizer")) o.tokenizer_dir = args.Str("tokenizer");
@@ -856,16 +798,15 @@ int RunMakeModel(int argc, char** argv) {
 
   MakeModelSummary sum;
   if (absl::Status s = WriteRandomModel(o, &sum); !s.ok()) return fail(s);
-  std::fprintf(
-      stderr,
-      "dmoe make-model: %s (%lld layers, %s) -> %s: %s params, %s in %zu files "
-      "(%s)\n",
-      o.preset.c_str(),
-      static_cast<long long>((*config)["num_hidden_layers"].get<int64_t>()),
-      args.Str("weight-dtype").c_str(), o.out_dir.c_str(),
-      HumanCount(static_cast<double>(sum.params)).c_str(),
-      HumanBytes(static_cast<double>(sum.data_bytes)).c_str(), sum.files.size(),
-      absl::StrJoin(sum.files, ", ").c_str());
+  std::fprintf(stderr,
+               "dmoe make-model: %s (%lld layers, %s) -> %s: %s params, %s in %zu files "
+               "(%s)\n",
+               o.preset.c_str(),
+               static_cast<long long>((*config)["num_hidden_layers"].get<int64_t>()),
+               args.Str("weight-dtype").c_str(), o.out_dir.c_str(),
+               HumanCount(static_cast<double>(sum.params)).c_str(),
+               HumanBytes(static_cast<double>(sum.data_bytes)).c_str(), sum.files.size(),
+               absl::StrJoin(sum.files, ", ").c_str());
   return 0;
 }
 

@@ -71,9 +71,9 @@ struct MakeModelOptions {
 
 // What WriteRandomModel wrote.
 struct MakeModelSummary {
-  int64_t params = 0;       // elements of all weights (FP8 scales excluded)
-  uint64_t data_bytes = 0;  // tensor bytes, as "total_size" in the index
-  int64_t tensors = 0;      // tensors written, FP8 scales included
+  int64_t params = 0;              // elements of all weights (FP8 scales excluded)
+  uint64_t data_bytes = 0;         // tensor bytes, as "total_size" in the index
+  int64_t tensors = 0;             // tensors written, FP8 scales included
   std::vector<std::string> files;  // file names written into out_dir
 };
 
@@ -86,8 +86,7 @@ std::vector<std::string> PresetNames();
 // preset's layer count. Errors: InvalidArgument for an unknown preset (the
 // message lists the valid ones) or a negative override. The config never
 // contains quantization_config; WriteRandomModel adds it for kFP8.
-absl::StatusOr<nlohmann::json> PresetConfig(const std::string& preset,
-                                            int layers_override);
+absl::StatusOr<nlohmann::json> PresetConfig(const std::string& preset, int layers_override);
 
 // Every tensor of the model described by `config` (as PresetConfig returns it)
 // in the order WriteRandomModel writes them, with the dtype `format` gives it;
@@ -101,8 +100,7 @@ absl::StatusOr<std::vector<core::SafetensorsWriter::Decl>> ModelTensors(
 // preset, shards < 1 or more shards than tensors, negative layers), an
 // errno-derived status naming the path when a directory or file cannot be
 // created or written.
-absl::Status WriteRandomModel(const MakeModelOptions& options,
-                              MakeModelSummary* summary = nullptr);
+absl::Status WriteRandomModel(const MakeModelOptions& options, MakeModelSummary* summary = nullptr);
 
 namespace internal {
 // core::F32ToF8E4M3Fast (bit arithmetic, so large FP8 presets are written at

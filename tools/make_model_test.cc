@@ -30,9 +30,7 @@ using ::testing::HasSubstr;
 using testing::ReadFile;
 
 // A fresh directory for the running test (and `sub`).
-std::string TestDir(const std::string& sub = "") {
-  return testing::FreshDir(sub);
-}
+std::string TestDir(const std::string& sub = "") { return testing::FreshDir(sub); }
 
 json ReadJson(const std::string& path) { return json::parse(ReadFile(path)); }
 
@@ -52,12 +50,10 @@ std::map<std::string, Expected> ExpectedTensors(const json& c, WeightFormat f) {
   auto add_proj = [&](const std::string& name, int64_t rows, int64_t cols) {
     t[name] = {proj, {rows, cols}};
     if (f == WeightFormat::kFP8) {
-      t[name + "_scale_inv"] = {DType::kF32,
-                                {(rows + 127) / 128, (cols + 127) / 128}};
+      t[name + "_scale_inv"] = {DType::kF32, {(rows + 127) / 128, (cols + 127) / 128}};
     }
   };
-  const int64_t V = c["vocab_size"], H = c["hidden_size"],
-                I = c["intermediate_size"];
+  const int64_t V = c["vocab_size"], H = c["hidden_size"], I = c["intermediate_size"];
   const int64_t MI = c["moe_intermediate_size"], L = c["num_hidden_layers"];
   const int64_t heads = c["num_attention_heads"], R = c["n_routed_experts"];
   const int64_t S = c["n_shared_experts"], fk = c["first_k_dense_replace"];
@@ -197,9 +193,8 @@ TEST(MakeModel, TinyV2LiteLayoutAndConfig) {
   const std::string dir = TestDir();
   MakeModelSummary sum;
   ASSERT_TRUE(WriteRandomModel(Options("tiny-v2lite", dir), &sum).ok());
-  EXPECT_EQ(sum.files, (std::vector<std::string>{
-                           "config.json", "model.safetensors", "tokenizer.json",
-                           "tokenizer_config.json"}));
+  EXPECT_EQ(sum.files, (std::vector<std::string>{"config.json", "model.safetensors",
+                                                 "tokenizer.json", "tokenizer_config.json"}));
   EXPECT_FALSE(fs::exists(dir + "/model.safetensors.index.json"));
   ExpectCheckpointMatches(dir, WeightFormat::kBF16);
   const json c = ReadJson(dir + "/config.json");
@@ -213,8 +208,7 @@ TEST(MakeModel, TinyV2LiteLayoutAndConfig) {
   EXPECT_EQ(c["rope_scaling"]["type"], "yarn");
   EXPECT_EQ(c["rope_scaling"]["mscale_all_dim"], 0.707);
   EXPECT_FALSE(c.contains("quantization_config"));
-  EXPECT_EQ(sum.tensors, static_cast<int64_t>(
-                             ExpectedTensors(c, WeightFormat::kBF16).size()));
+  EXPECT_EQ(sum.tensors, static_cast<int64_t>(ExpectedTensors(c, WeightFormat::kBF16).size()));
 }
 
 TEST(MakeModel, TinyV3LayoutAndConfig) {
@@ -268,19 +262,17 @@ TEST(MakeModel, ThreeShardsWithIndexHoldTheSameTensors) {
   o.shards = 3;
   MakeModelSummary sum;
   ASSERT_TRUE(WriteRandomModel(o, &sum).ok());
-  EXPECT_EQ(sum.files, (std::vector<std::string>{
-                           "config.json", "model-00001-of-00003.safetensors",
-                           "model-00002-of-00003.safetensors",
-                           "model-00003-of-00003.safetensors",
-                           "model.safetensors.index.json", "tokenizer.json",
-                           "tokenizer_config.json"}));
+  EXPECT_EQ(sum.files,
+            (std::vector<std::string>{
+                "config.json", "model-00001-of-00003.safetensors",
+                "model-00002-of-00003.safetensors", "model-00003-of-00003.safetensors",
+                "model.safetensors.index.json", "tokenizer.json", "tokenizer_config.json"}));
   ExpectCheckpointMatches(three, WeightFormat::kBF16);
 
   const json index = ReadJson(three + "/model.safetensors.index.json");
   EXPECT_EQ(index["metadata"]["total_size"].get<uint64_t>(), sum.data_bytes);
   std::map<std::string, int> per_shard;
-  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end();
-       ++it) {
+  for (auto it = index["weight_map"].begin(); it != index["weight_map"].end(); ++it) {
     per_shard[it.value().get<std::string>()]++;
   }
   EXPECT_EQ(per_shard.size(), 3u);
@@ -320,10 +312,9 @@ TEST(MakeModel, Fp8WeightsDequantiseCloseToF32) {
   ASSERT_TRUE(WriteRandomModel(o).ok());
   ExpectCheckpointMatches(fp8_dir, WeightFormat::kFP8);
   const json c = ReadJson(fp8_dir + "/config.json");
-  EXPECT_EQ(
-      c["quantization_config"],
-      json::parse(
-          R"({"activation_scheme":"dynamic","fmt":"e4m3","quant_method":"fp8",
+  EXPECT_EQ(c["quantization_config"],
+            json::parse(
+                R"({"activation_scheme":"dynamic","fmt":"e4m3","quant_method":"fp8",
                             "weight_block_size":[128,128]})"));
   EXPECT_EQ(c["torch_dtype"], "bfloat16");
 
@@ -334,10 +325,9 @@ TEST(MakeModel, Fp8WeightsDequantiseCloseToF32) {
   auto r = core::Checkpoint::Open(f32_dir);
   ASSERT_TRUE(q.ok() && r.ok());
   // o_proj is [64, 64]; kv_b_proj [4*32, 32] = [128, 32]; expert up [32, 64].
-  for (const char* name : {"model.layers.0.self_attn.o_proj.weight",
-                           "model.layers.1.self_attn.kv_b_proj.weight",
-                           "model.layers.2.mlp.experts.15.up_proj.weight",
-                           "model.layers.0.mlp.down_proj.weight"}) {
+  for (const char* name :
+       {"model.layers.0.self_attn.o_proj.weight", "model.layers.1.self_attn.kv_b_proj.weight",
+        "model.layers.2.mlp.experts.15.up_proj.weight", "model.layers.0.mlp.down_proj.weight"}) {
     auto t = (*r)->Get(name);
     ASSERT_TRUE(t.ok()) << t.status();
     auto want = (*r)->ReadF32(name, t->shape);
@@ -348,14 +338,12 @@ TEST(MakeModel, Fp8WeightsDequantiseCloseToF32) {
     const float s = reinterpret_cast<const float*>(scale->data)[0];
     float max_abs = 0.0f;
     for (float w : *want) max_abs = std::max(max_abs, std::fabs(w));
-    EXPECT_FLOAT_EQ(s, max_abs / 448.0f)
-        << name;  // one block: scale = max|w| / 448
+    EXPECT_FLOAT_EQ(s, max_abs / 448.0f) << name;  // one block: scale = max|w| / 448
     for (size_t i = 0; i < want->size(); ++i) {
       // E4M3 keeps 3 mantissa bits: relative error <= 2^-4, plus half the
       // subnormal step.
       const float w = (*want)[i];
-      ASSERT_NEAR((*got)[i], w, std::fabs(w) / 16 + s * 0x1p-10f + 1e-7f)
-          << name << " " << i;
+      ASSERT_NEAR((*got)[i], w, std::fabs(w) / 16 + s * 0x1p-10f + 1e-7f) << name << " " << i;
     }
   }
 }
@@ -380,8 +368,7 @@ TEST(MakeModel, SameSeedSameBytesDifferentSeedDifferent) {
 // The generated tokenizer
 
 std::unique_ptr<text::Tokenizer> LoadTokenizer(const std::string& dir) {
-  absl::StatusOr<std::unique_ptr<text::Tokenizer>> t =
-      text::Tokenizer::Load(dir);
+  absl::StatusOr<std::unique_ptr<text::Tokenizer>> t = text::Tokenizer::Load(dir);
   EXPECT_TRUE(t.ok()) << t.status();
   return t.ok() ? *std::move(t) : nullptr;
 }
@@ -411,23 +398,19 @@ TEST(GeneratedTokenizer, LoadsRoundTripsAndFillsTheTinyVocabulary) {
 
   for (const std::string text :
        {"Hello, world! The quick brown fox jumps over the lazy dog.",
-        "  leading spaces,\ttabs\nand new lines\n\n",
-        "I'm 42 years old; it's 3 o'clock.",
+        "  leading spaces,\ttabs\nand new lines\n\n", "I'm 42 years old; it's 3 o'clock.",
         "na\xC3\xAFve caf\xC3\xA9, \xE6\x9D\xB1\xE4\xBA\xAC, \xF0\x9F\x99\x82",
         "\xD0\x9F\xD1\x80\xD0\xB8\xD0\xB2\xD0\xB5\xD1\x82 "
         "\xE4\xB8\x96\xE7\x95\x8C",
         ""}) {
-    absl::StatusOr<std::vector<int32_t>> ids =
-        tok->Encode(text, /*add_special_tokens=*/true);
+    absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(text, /*add_special_tokens=*/true);
     ASSERT_TRUE(ids.ok()) << ids.status();
     ASSERT_FALSE(ids->empty());
     EXPECT_EQ((*ids)[0], 0) << "BOS first: add_bos_token";
-    absl::StatusOr<std::string> back =
-        tok->Decode(*ids, /*skip_special_tokens=*/true);
+    absl::StatusOr<std::string> back = tok->Decode(*ids, /*skip_special_tokens=*/true);
     ASSERT_TRUE(back.ok()) << back.status();
     EXPECT_EQ(*back, text);
-    absl::StatusOr<std::string> with_bos =
-        tok->Decode(*ids, /*skip_special_tokens=*/false);
+    absl::StatusOr<std::string> with_bos = tok->Decode(*ids, /*skip_special_tokens=*/false);
     ASSERT_TRUE(with_bos.ok());
     EXPECT_EQ(*with_bos, std::string(kGeneratedBosToken) + text);
   }
@@ -450,24 +433,18 @@ TEST(GeneratedTokenizer, MergesFire) {
     ASSERT_TRUE(ids.ok());
     EXPECT_EQ(ids->size(), 1u) << word;
   }
-  const std::string sentence =
-      "The woman and her son looked at the weather in the morning.";
+  const std::string sentence = "The woman and her son looked at the weather in the morning.";
   absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(sentence);
   ASSERT_TRUE(ids.ok());
-  EXPECT_LT(ids->size(), sentence.size() / 2)
-      << "merges should at least halve English text";
+  EXPECT_LT(ids->size(), sentence.size() / 2) << "merges should at least halve English text";
   // The full-size presets get every merge the corpus has (their vocabulary is
   // far larger), so English shrinks further; the ids stay below vocab_size.
-  absl::StatusOr<GeneratedTokenizer> big =
-      GenerateTokenizer({.vocab_size = 102400,
-                         .bos_id = 100000,
-                         .eos_id = 100001,
-                         .model_max_length = 163840});
+  absl::StatusOr<GeneratedTokenizer> big = GenerateTokenizer(
+      {.vocab_size = 102400, .bos_id = 100000, .eos_id = 100001, .model_max_length = 163840});
   ASSERT_TRUE(big.ok()) << big.status();
   EXPECT_GT(big->merges, 254);
   EXPECT_EQ(big->size, 100002);
-  auto big_tok = text::Tokenizer::FromJson(big->tokenizer_json,
-                                           big->tokenizer_config_json);
+  auto big_tok = text::Tokenizer::FromJson(big->tokenizer_json, big->tokenizer_config_json);
   ASSERT_TRUE(big_tok.ok()) << big_tok.status();
   EXPECT_EQ((*big_tok)->bos_id().value_or(-1), 100000);
   EXPECT_EQ((*big_tok)->eos_id().value_or(-1), 100001);
@@ -501,17 +478,16 @@ TEST(GeneratedTokenizer, ChatTemplateRendersDeepSeekStyle) {
   std::unique_ptr<text::Tokenizer> tok = LoadTokenizer(dir);
   ASSERT_NE(tok, nullptr);
   ASSERT_TRUE(text::ChatTemplate::Parse(tok->chat_template()).ok());
-  const nlohmann::ordered_json messages = nlohmann::ordered_json::array(
-      {{{"role", "system"}, {"content", "Be brief."}},
-       {{"role", "user"}, {"content", "Hi!"}},
-       {{"role", "assistant"}, {"content", "Hello."}},
-       {{"role", "user"}, {"content", "Bye."}}});
-  absl::StatusOr<std::string> prompt =
-      text::ApplyChatTemplate(*tok, messages, true);
+  const nlohmann::ordered_json messages =
+      nlohmann::ordered_json::array({{{"role", "system"}, {"content", "Be brief."}},
+                                     {{"role", "user"}, {"content", "Hi!"}},
+                                     {{"role", "assistant"}, {"content", "Hello."}},
+                                     {{"role", "user"}, {"content", "Bye."}}});
+  absl::StatusOr<std::string> prompt = text::ApplyChatTemplate(*tok, messages, true);
   ASSERT_TRUE(prompt.ok()) << prompt.status();
   const std::string bos(kGeneratedBosToken), eos(kGeneratedEosToken);
-  EXPECT_EQ(*prompt, bos + "Be brief.\n\nUser: Hi!\n\nAssistant: Hello." + eos +
-                         "User: Bye.\n\nAssistant:");
+  EXPECT_EQ(*prompt,
+            bos + "Be brief.\n\nUser: Hi!\n\nAssistant: Hello." + eos + "User: Bye.\n\nAssistant:");
   absl::StatusOr<std::vector<int32_t>> ids = tok->Encode(*prompt);
   ASSERT_TRUE(ids.ok());
   EXPECT_EQ(ids->front(), 0);
@@ -528,8 +504,7 @@ TEST(GeneratedTokenizer, NoTokenizerAndCopiedTokenizer) {
   o.generate_tokenizer = false;
   MakeModelSummary sum;
   ASSERT_TRUE(WriteRandomModel(o, &sum).ok());
-  EXPECT_EQ(sum.files,
-            (std::vector<std::string>{"config.json", "model.safetensors"}));
+  EXPECT_EQ(sum.files, (std::vector<std::string>{"config.json", "model.safetensors"}));
   EXPECT_FALSE(fs::exists(dir + "/tokenizer.json"));
   EXPECT_FALSE(fs::exists(dir + "/tokenizer_config.json"));
 
@@ -558,19 +533,16 @@ TEST(GeneratedTokenizer, BadOptions) {
   EXPECT_THAT(st.message(), HasSubstr("at least 258"));
   st = GenerateTokenizer({.vocab_size = 512, .bos_id = 512}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(st.message(),
-              HasSubstr("bos_token_id 512 is outside the vocabulary [0, 512)"));
-  st =
-      GenerateTokenizer({.vocab_size = 512, .bos_id = 3, .eos_id = 3}).status();
+  EXPECT_THAT(st.message(), HasSubstr("bos_token_id 512 is outside the vocabulary [0, 512)"));
+  st = GenerateTokenizer({.vocab_size = 512, .bos_id = 3, .eos_id = 3}).status();
   EXPECT_EQ(st.code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(st.message(), HasSubstr("both 3"));
 }
 
 TEST(GeneratedTokenizer, PreTokenizeSplitsLikeTheGpt2Regex) {
   EXPECT_EQ(internal::PreTokenize("Hello world, it's 2024!  Ok\n\nBye  "),
-            (std::vector<std::string_view>{"Hello", " world", ",", " it", "'s",
-                                           " 2024", "!", " ", " Ok", "\n", "\n",
-                                           "Bye", "  "}));
+            (std::vector<std::string_view>{"Hello", " world", ",", " it", "'s", " 2024", "!", " ",
+                                           " Ok", "\n", "\n", "Bye", "  "}));
   EXPECT_GT(internal::TrainingCorpus().size(), 2000u);
 }
 
@@ -592,8 +564,7 @@ TEST(PresetConfig, LayersOverrideKeepsAMoeLayer) {
   auto bad = PresetConfig("v4", 0);
   EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(bad.status().message(), HasSubstr("unknown preset 'v4'"));
-  EXPECT_THAT(bad.status().message(),
-              HasSubstr("tiny-v2lite, tiny-v3, tiny-moe16b, v2lite, v3"));
+  EXPECT_THAT(bad.status().message(), HasSubstr("tiny-v2lite, tiny-v3, tiny-moe16b, v2lite, v3"));
 }
 
 // The real presets have the published parameter counts (no weights written).
@@ -635,13 +606,10 @@ TEST(MakeModel, BadOptions) {
   o = Options("tiny-v3", file + "/sub");
   s = WriteRandomModel(o);
   EXPECT_FALSE(s.ok());
-  EXPECT_THAT(s.message(),
-              HasSubstr("cannot create output directory " + file + "/sub"));
+  EXPECT_THAT(s.message(), HasSubstr("cannot create output directory " + file + "/sub"));
 
-  EXPECT_EQ(ParseWeightFormat("int4").status().code(),
-            absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(ParseWeightFormat("int4").status().message(),
-              HasSubstr("bf16, f32, f16, fp8"));
+  EXPECT_EQ(ParseWeightFormat("int4").status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(ParseWeightFormat("int4").status().message(), HasSubstr("bf16, f32, f16, fp8"));
 }
 
 int RunCli(std::vector<std::string> args) {
@@ -653,16 +621,15 @@ int RunCli(std::vector<std::string> args) {
 
 TEST(MakeModelCli, ExitCodes) {
   const std::string dir = TestDir();
-  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--layers", "2",
-                    "--shards", "2", "--weight-dtype", "fp8", "--seed", "7"}),
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--layers", "2", "--shards", "2",
+                    "--weight-dtype", "fp8", "--seed", "7"}),
             0);
   EXPECT_TRUE(fs::exists(dir + "/model-00002-of-00002.safetensors"));
   EXPECT_EQ(ReadJson(dir + "/config.json")["num_hidden_layers"], 2);
   EXPECT_EQ(RunCli({"--preset", "nope", "--out", dir}), 1);
   EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--layers", "0"}), 1);
   EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--shards", "0"}), 1);
-  EXPECT_EQ(
-      RunCli({"--preset", "tiny-v3", "--out", dir, "--weight-dtype", "i8"}), 1);
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--weight-dtype", "i8"}), 1);
   EXPECT_EQ(RunCli({"--preset", "tiny-v3"}), 2);  // missing --out
   EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--bogus"}),
             2);  // unknown flag
@@ -671,9 +638,7 @@ TEST(MakeModelCli, ExitCodes) {
   EXPECT_FALSE(fs::exists(dir + "/tokenizer.json"));
   EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir}), 0);
   EXPECT_TRUE(fs::exists(dir + "/tokenizer.json"));
-  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--no-tokenizer",
-                    "--tokenizer", dir}),
-            2);
+  EXPECT_EQ(RunCli({"--preset", "tiny-v3", "--out", dir, "--no-tokenizer", "--tokenizer", dir}), 2);
 }
 
 // ---------------------------------------------------------------------------
@@ -681,16 +646,14 @@ TEST(MakeModelCli, ExitCodes) {
 
 TEST(Conversions, FastE4M3MatchesReference) {
   std::vector<float> xs;
-  for (uint32_t h = 0; h < 0x10000; ++h)
-    xs.push_back(core::BF16ToF32(static_cast<uint16_t>(h)));
+  for (uint32_t h = 0; h < 0x10000; ++h) xs.push_back(core::BF16ToF32(static_cast<uint16_t>(h)));
   // Midpoints between neighbouring codes (exact ties) and their float
   // neighbours.
   for (int c = 0; c < 0x7e; ++c) {
     const float lo = core::F8E4M3ToF32(static_cast<uint8_t>(c));
     const float hi = core::F8E4M3ToF32(static_cast<uint8_t>(c + 1));
     const float mid = (lo + hi) / 2;
-    for (float x : {mid, std::nextafter(mid, 0.0f),
-                    std::nextafter(mid, 1000.0f), lo, hi}) {
+    for (float x : {mid, std::nextafter(mid, 0.0f), std::nextafter(mid, 1000.0f), lo, hi}) {
       xs.push_back(x);
       xs.push_back(-x);
     }
@@ -718,9 +681,9 @@ TEST(Conversions, F32ToF16RoundTripsAndRoundsToEven) {
     ASSERT_EQ(internal::F32ToF16(f), v) << std::hex << h;
   }
   // Ties between neighbours go to the even mantissa.
-  EXPECT_EQ(internal::F32ToF16(1.0f + 0x1p-11f), 0x3c00);  // 1 + half ulp -> 1
+  EXPECT_EQ(internal::F32ToF16(1.0f + 0x1p-11f), 0x3c00);      // 1 + half ulp -> 1
   EXPECT_EQ(internal::F32ToF16(1.0f + 3 * 0x1p-11f), 0x3c02);  // -> 1 + 2 ulp
-  EXPECT_EQ(internal::F32ToF16(0x1p-25f), 0x0000);  // half the min subnormal
+  EXPECT_EQ(internal::F32ToF16(0x1p-25f), 0x0000);             // half the min subnormal
   EXPECT_EQ(internal::F32ToF16(3 * 0x1p-25f), 0x0002);
   EXPECT_EQ(internal::F32ToF16(65519.0f), 0x7bff);  // rounds down to 65504
   EXPECT_EQ(internal::F32ToF16(65520.0f), 0x7c00);  // ties to inf

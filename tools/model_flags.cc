@@ -14,7 +14,8 @@
 namespace dmoe::tools {
 
 void AddModelFlags(Args& args) {
-  args.Flag("model", "DIR", "checkpoint directory (config.json + *.safetensors)", std::nullopt, true)
+  args.Flag("model", "DIR", "checkpoint directory (config.json + *.safetensors)", std::nullopt,
+            true)
       .Flag("dtype", "f32|bf16",
             "compute type: f32 = exact mode (fp32 activations and weights), bf16 = serving mode",
             "bf16")
@@ -43,12 +44,14 @@ absl::StatusOr<LoadedModel> LoadModelFromFlags(const Args& args) {
   }
   DMOE_ASSIGN_OR_RETURN(int64_t threads, args.Int("threads"));
   if (threads < 0 || threads > 1024) {
-    return absl::InvalidArgumentError(absl::StrCat("--threads must be in [0, 1024], got ", threads));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--threads must be in [0, 1024], got ", threads));
   }
   core::SetComputeThreads(static_cast<int>(threads));
   DMOE_ASSIGN_OR_RETURN(int64_t kv_bytes, args.Int("kv-cache-bytes"));
   if (kv_bytes <= 0) {
-    return absl::InvalidArgumentError(absl::StrCat("--kv-cache-bytes must be positive, got ", kv_bytes));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-cache-bytes must be positive, got ", kv_bytes));
   }
   out.kv_cache_bytes = static_cast<size_t>(kv_bytes);
 
@@ -80,8 +83,7 @@ absl::StatusOr<LoadedModel> LoadModelFromFlags(const Args& args) {
   }
   const auto t0 = std::chrono::steady_clock::now();
   DMOE_ASSIGN_OR_RETURN(out.model, core::Model::Load(dir, std::move(opts)));
-  out.load_seconds =
-      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  out.load_seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   return out;
 }
 

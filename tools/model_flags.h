@@ -8,8 +8,8 @@
 #include <string>
 
 #include "absl/status/statusor.h"
-#include "core/model.h"
 #include "common/args.h"
+#include "core/model.h"
 
 namespace dmoe::tools {
 

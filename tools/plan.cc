@@ -29,10 +29,10 @@
 #include "absl/strings/str_format.h"
 #include "absl/strings/str_join.h"
 #include "absl/strings/str_replace.h"
-#include "placement/planner.h"
+#include "common/args.h"
 #include "core/status.h"
 #include "nlohmann/json.hpp"
-#include "common/args.h"
+#include "placement/planner.h"
 #include "tools/commands.h"
 
 namespace dmoe::tools {
@@ -49,12 +49,9 @@ int Fail(int code, const std::string& message) {
 }
 
 // Reads and parses `path`; errors name `flag` and the file.
-absl::StatusOr<json> ReadJson(const std::string& flag,
-                              const std::string& path) {
+absl::StatusOr<json> ReadJson(const std::string& flag, const std::string& path) {
   std::ifstream in(path);
-  if (!in)
-    return absl::NotFoundError(
-        absl::StrCat("--", flag, " ", path, ": cannot open"));
+  if (!in) return absl::NotFoundError(absl::StrCat("--", flag, " ", path, ": cannot open"));
   std::stringstream ss;
   ss << in.rdbuf();
   try {
@@ -66,22 +63,21 @@ absl::StatusOr<json> ReadJson(const std::string& flag,
 }
 
 // {"loads": [[...], ...]} -> [layer][expert].
-absl::StatusOr<std::vector<std::vector<double>>> ParseLoads(
-    const std::string& path, const json& j) {
+absl::StatusOr<std::vector<std::vector<double>>> ParseLoads(const std::string& path,
+                                                            const json& j) {
   const std::string where = absl::StrCat("--loads ", path, ": ");
   if (!j.is_object() || !j.contains("loads") || !j["loads"].is_array()) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        where, "expected {\"loads\": [[load of expert 0, 1, ...] per layer]}"));
+    return absl::InvalidArgumentError(
+        absl::StrCat(where, "expected {\"loads\": [[load of expert 0, 1, ...] per layer]}"));
   }
   const json& layers = j["loads"];
   if (layers.empty())
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, "\"loads\" has no layers"));
+    return absl::InvalidArgumentError(absl::StrCat(where, "\"loads\" has no layers"));
   std::vector<std::vector<double>> out;
   for (size_t l = 0; l < layers.size(); ++l) {
     if (!layers[l].is_array() || layers[l].empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, "loads[", l, "] must be a non-empty array of expert loads"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "loads[", l, "] must be a non-empty array of expert loads"));
     }
     out.emplace_back();
     for (size_t e = 0; e < layers[l].size(); ++e) {
@@ -92,9 +88,8 @@ absl::StatusOr<std::vector<std::vector<double>>> ParseLoads(
       }
       const double x = v.get<double>();
       if (!std::isfinite(x) || x < 0) {
-        return absl::InvalidArgumentError(
-            absl::StrCat(where, "loads[", l, "][", e, "] is ", x,
-                         "; loads must be finite and >= 0"));
+        return absl::InvalidArgumentError(absl::StrCat(where, "loads[", l, "][", e, "] is ", x,
+                                                       "; loads must be finite and >= 0"));
       }
       out.back().push_back(x);
     }
@@ -104,8 +99,8 @@ absl::StatusOr<std::vector<std::vector<double>>> ParseLoads(
 
 // A placement's layers by position -> [layer][server] -> expert ids. Ids are
 // checked by the planner (range, no duplicate on a server).
-absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(
-    const std::string& path, const json& j, size_t num_layers) {
+absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(const std::string& path, const json& j,
+                                                             size_t num_layers) {
   const std::string where = absl::StrCat("--current ", path, ": ");
   if (!j.is_object() || !j.contains("layers") || !j["layers"].is_array()) {
     return absl::InvalidArgumentError(
@@ -115,14 +110,13 @@ absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(
   }
   const json& layers = j["layers"];
   if (layers.size() != num_layers) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(where, layers.size(), " layers, but --loads has ",
-                     num_layers, " (layers are matched by position)"));
+    return absl::InvalidArgumentError(absl::StrCat(where, layers.size(),
+                                                   " layers, but --loads has ", num_layers,
+                                                   " (layers are matched by position)"));
   }
   int64_t num_servers = -1;
   if (j.contains("num_servers")) {
-    if (!j["num_servers"].is_number_integer() ||
-        j["num_servers"].get<int64_t>() < 1) {
+    if (!j["num_servers"].is_number_integer() || j["num_servers"].get<int64_t>() < 1) {
       return absl::InvalidArgumentError(
           absl::StrCat(where, "\"num_servers\" must be an integer >= 1"));
     }
@@ -131,31 +125,28 @@ absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(
   std::vector<place::ServerSlots> out;
   for (size_t l = 0; l < layers.size(); ++l) {
     const json& lj = layers[l];
-    if (!lj.is_object() || !lj.contains("servers") ||
-        !lj["servers"].is_array()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          where, "layers[", l, "] needs \"servers\": [[...], ...]"));
+    if (!lj.is_object() || !lj.contains("servers") || !lj["servers"].is_array()) {
+      return absl::InvalidArgumentError(
+          absl::StrCat(where, "layers[", l, "] needs \"servers\": [[...], ...]"));
     }
     const json& servers = lj["servers"];
-    if (num_servers >= 0 &&
-        static_cast<int64_t>(servers.size()) != num_servers) {
-      return absl::InvalidArgumentError(
-          absl::StrCat(where, "layers[", l, "] lists ", servers.size(),
-                       " servers, \"num_servers\" is ", num_servers));
+    if (num_servers >= 0 && static_cast<int64_t>(servers.size()) != num_servers) {
+      return absl::InvalidArgumentError(absl::StrCat(where, "layers[", l, "] lists ",
+                                                     servers.size(),
+                                                     " servers, \"num_servers\" is ", num_servers));
     }
     out.emplace_back();
     for (size_t s = 0; s < servers.size(); ++s) {
       if (!servers[s].is_array()) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            where, "layers[", l, "].servers[", s, "] must be an array"));
+        return absl::InvalidArgumentError(
+            absl::StrCat(where, "layers[", l, "].servers[", s, "] must be an array"));
       }
       out.back().emplace_back();
       for (const json& e : servers[s]) {
         if (!e.is_number_integer() || e.get<int64_t>() < INT32_MIN ||
             e.get<int64_t>() > INT32_MAX) {
           return absl::InvalidArgumentError(
-              absl::StrCat(where, "layers[", l, "].servers[", s,
-                           "]: expert ids must be integers"));
+              absl::StrCat(where, "layers[", l, "].servers[", s, "]: expert ids must be integers"));
         }
         out.back().back().push_back(static_cast<int32_t>(e.get<int64_t>()));
       }
@@ -166,19 +157,18 @@ absl::StatusOr<std::vector<place::ServerSlots>> ParseCurrent(
 
 // The planner names its options; the command's user knows the flags.
 std::string InFlags(absl::string_view message) {
-  return absl::StrReplaceAll(message,
-                             {{"num_servers", "--servers"},
-                              {"slots_per_server", "--slots-per-server"},
-                              {"num_groups", "--groups"},
-                              {"num_nodes", "--nodes"},
-                              {"balance_slack", "--balance-slack"},
-                              {"expert_bytes", "--expert-bytes"},
-                              {"server_bytes", "--server-bytes"}});
+  return absl::StrReplaceAll(message, {{"num_servers", "--servers"},
+                                       {"slots_per_server", "--slots-per-server"},
+                                       {"num_groups", "--groups"},
+                                       {"num_nodes", "--nodes"},
+                                       {"balance_slack", "--balance-slack"},
+                                       {"expert_bytes", "--expert-bytes"},
+                                       {"server_bytes", "--server-bytes"}});
 }
 
 // A flag that must be an integer in [lo, hi]; `out` untouched when absent.
-absl::Status IntFlag(const Args& args, const std::string& name, int64_t lo,
-                     int64_t hi, int64_t* out) {
+absl::Status IntFlag(const Args& args, const std::string& name, int64_t lo, int64_t hi,
+                     int64_t* out) {
   if (!args.Has(name)) return absl::OkStatus();
   absl::StatusOr<int64_t> v = args.Int(name);
   if (!v.ok()) return v.status();
@@ -198,12 +188,10 @@ int RunPlan(int argc, char** argv) {
             "expert loads "
             "(exit 2: bad flags, 1: bad input files)");
   args.Flag("loads", "FILE.json",
-            "expert loads: {\"loads\": [[load of expert 0, 1, ...] per layer]}",
-            std::nullopt, true)
+            "expert loads: {\"loads\": [[load of expert 0, 1, ...] per layer]}", std::nullopt, true)
       .Flag("servers", "N", "number of expert servers", std::nullopt, true)
-      .Flag("slots-per-server", "S",
-            "experts per server and layer (every slot is filled)", std::nullopt,
-            true)
+      .Flag("slots-per-server", "S", "experts per server and layer (every slot is filled)",
+            std::nullopt, true)
       .Flag("groups", "G",
             "hierarchical: experts [g*E/G, (g+1)*E/G) form group g (with "
             "--nodes)")
@@ -220,8 +208,7 @@ int RunPlan(int argc, char** argv) {
       .Flag("expert-bytes", "B",
             "bytes of one expert's weights: reports bytes moved, prices "
             "--server-bytes")
-      .Flag("server-bytes", "B",
-            "weight budget per server: S * --expert-bytes must fit")
+      .Flag("server-bytes", "B", "weight budget per server: S * --expert-bytes must fit")
       .Flag("json", "", "print only the plan as one JSON object");
   if (absl::Status s = args.Parse(argc, argv, 2); !s.ok()) {
     std::fprintf(stderr, "dmoe %s\n", std::string(s.message()).c_str());
@@ -234,19 +221,16 @@ int RunPlan(int argc, char** argv) {
   for (absl::Status s :
        {IntFlag(args, "servers", 1, 1 << 16, &servers),
         IntFlag(args, "slots-per-server", 1, 1 << 16, &slots),
-        IntFlag(args, "groups", 1, 1 << 16, &groups),
-        IntFlag(args, "nodes", 1, 1 << 16, &nodes),
+        IntFlag(args, "groups", 1, 1 << 16, &groups), IntFlag(args, "nodes", 1, 1 << 16, &nodes),
         IntFlag(args, "expert-bytes", 1, INT64_MAX, &o.expert_bytes),
         IntFlag(args, "server-bytes", 0, INT64_MAX, &o.server_bytes)}) {
     if (!s.ok()) return Fail(kUsageError, std::string(s.message()));
   }
   if (args.Has("groups") != args.Has("nodes")) {
-    return Fail(kUsageError,
-                "--groups and --nodes go together (hierarchical planning)");
+    return Fail(kUsageError, "--groups and --nodes go together (hierarchical planning)");
   }
   absl::StatusOr<double> slack = args.Double("balance-slack");
-  if (!slack.ok())
-    return Fail(kUsageError, std::string(slack.status().message()));
+  if (!slack.ok()) return Fail(kUsageError, std::string(slack.status().message()));
   o.num_servers = static_cast<int>(servers);
   o.slots_per_server = static_cast<int>(slots);
   o.num_groups = static_cast<int>(groups);
@@ -255,18 +239,13 @@ int RunPlan(int argc, char** argv) {
 
   const std::string loads_path = args.Str("loads");
   absl::StatusOr<json> loads_json = ReadJson("loads", loads_path);
-  if (!loads_json.ok())
-    return Fail(kInputError, std::string(loads_json.status().message()));
-  absl::StatusOr<std::vector<std::vector<double>>> loads =
-      ParseLoads(loads_path, *loads_json);
-  if (!loads.ok())
-    return Fail(kInputError, std::string(loads.status().message()));
+  if (!loads_json.ok()) return Fail(kInputError, std::string(loads_json.status().message()));
+  absl::StatusOr<std::vector<std::vector<double>>> loads = ParseLoads(loads_path, *loads_json);
+  if (!loads.ok()) return Fail(kInputError, std::string(loads.status().message()));
   for (size_t l = 0; l < loads->size(); ++l) {
-    if (absl::Status s = place::ValidatePlanOptions(
-            static_cast<int64_t>((*loads)[l].size()), o);
+    if (absl::Status s = place::ValidatePlanOptions(static_cast<int64_t>((*loads)[l].size()), o);
         !s.ok()) {
-      return Fail(kUsageError, absl::StrCat(InFlags(s.message()), " (layer ", l,
-                                            " of --loads has ",
+      return Fail(kUsageError, absl::StrCat(InFlags(s.message()), " (layer ", l, " of --loads has ",
                                             (*loads)[l].size(), " experts)"));
     }
   }
@@ -281,16 +260,14 @@ int RunPlan(int argc, char** argv) {
     current = std::move(*c);
   }
 
-  json out = {{"layers", json::array()},
-              {"predicted_max_over_mean", json::array()}};
+  json out = {{"layers", json::array()}, {"predicted_max_over_mean", json::array()}};
   std::string text;
   for (size_t l = 0; l < loads->size(); ++l) {
-    absl::StatusOr<place::LayerPlan> plan = place::PlanLayer(
-        (*loads)[l], o, current.empty() ? nullptr : &current[l]);
+    absl::StatusOr<place::LayerPlan> plan =
+        place::PlanLayer((*loads)[l], o, current.empty() ? nullptr : &current[l]);
     if (!plan.ok()) {
-      return Fail(kInputError,
-                  absl::StrCat("--current ", current_path, ": layer ", l, ": ",
-                               plan.status().message()));
+      return Fail(kInputError, absl::StrCat("--current ", current_path, ": layer ", l, ": ",
+                                            plan.status().message()));
     }
     out["layers"].push_back({{"servers", plan->servers}});
     out["predicted_max_over_mean"].push_back(plan->max_over_mean);
@@ -298,22 +275,17 @@ int RunPlan(int argc, char** argv) {
     if (!current.empty()) {
       moved = absl::StrFormat(", %d of %d slots moved", plan->slots_moved,
                               int64_t{o.num_servers} * o.slots_per_server);
-      if (args.Has("expert-bytes"))
-        absl::StrAppendFormat(&moved, " (%d bytes)", plan->bytes_moved);
+      if (args.Has("expert-bytes")) absl::StrAppendFormat(&moved, " (%d bytes)", plan->bytes_moved);
     }
     if (args.Bool("json")) {
       if (!current.empty())
-        std::fprintf(stderr, "layer %zu: max/mean %.4f%s\n", l,
-                     plan->max_over_mean, moved.c_str());
+        std::fprintf(stderr, "layer %zu: max/mean %.4f%s\n", l, plan->max_over_mean, moved.c_str());
       continue;
     }
-    absl::StrAppendFormat(&text, "layer %d: max/mean %.4f%s\n", l,
-                          plan->max_over_mean, moved);
-    const std::vector<double> server_loads =
-        place::ServerLoads((*loads)[l], plan->servers);
+    absl::StrAppendFormat(&text, "layer %d: max/mean %.4f%s\n", l, plan->max_over_mean, moved);
+    const std::vector<double> server_loads = place::ServerLoads((*loads)[l], plan->servers);
     for (int s = 0; s < o.num_servers; ++s) {
-      absl::StrAppendFormat(&text, "  server %d (load %.6g): %s\n", s,
-                            server_loads[s],
+      absl::StrAppendFormat(&text, "  server %d (load %.6g): %s\n", s, server_loads[s],
                             absl::StrJoin(plan->servers[s], " "));
     }
   }

@@ -7,11 +7,11 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "core/isa.h"
 #include "core/kernels/cpu/linear.h"
 #include "core/npy.h"
 #include "core/sampler.h"
 #include "core/status.h"
-#include "core/isa.h"
 #include "core/sys_stats.h"
 #include "nlohmann/json.hpp"
 #include "tools/commands.h"
@@ -26,7 +26,8 @@ absl::StatusOr<std::vector<int32_t>> PromptTokens(const Args& args) {
   std::vector<int32_t> out;
   for (int64_t id : ids) {
     if (id < 0 || id > INT32_MAX) {
-      return absl::InvalidArgumentError(absl::StrCat("--tokens: token id ", id, " is out of range"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("--tokens: token id ", id, " is out of range"));
     }
     out.push_back(static_cast<int32_t>(id));
   }
@@ -89,7 +90,8 @@ absl::Status Generate(const Args& args) {
   DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(args));
   DMOE_ASSIGN_OR_RETURN(int64_t max_tokens, args.Int("max-tokens"));
   if (max_tokens < 0 || max_tokens > (1 << 24)) {
-    return absl::InvalidArgumentError(absl::StrCat("--max-tokens must be in [0, 16777216], got ", max_tokens));
+    return absl::InvalidArgumentError(
+        absl::StrCat("--max-tokens must be in [0, 16777216], got ", max_tokens));
   }
   core::SamplingParams sp;
   DMOE_ASSIGN_OR_RETURN(sp.temperature, args.Double("temperature"));
@@ -107,8 +109,8 @@ absl::Status Generate(const Args& args) {
   if (!ignore_eos) stops.insert(stops.end(), cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
 
   core::KvCache cache(cfg, m.kv_cache_bytes);
-  DMOE_ASSIGN_OR_RETURN(int32_t seq,
-                        cache.Allocate(static_cast<int64_t>(prompt.size()) + std::max<int64_t>(max_tokens, 1)));
+  DMOE_ASSIGN_OR_RETURN(int32_t seq, cache.Allocate(static_cast<int64_t>(prompt.size()) +
+                                                    std::max<int64_t>(max_tokens, 1)));
   core::Sampler sampler(sp);
   std::vector<int32_t> generated;
   std::vector<float> logits;
@@ -130,7 +132,8 @@ absl::Status Generate(const Args& args) {
     }
     step.assign(1, next);
   }
-  const double total_s = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const double total_s =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
   if (args.Bool("json")) {
     nlohmann::json j;
     j["prompt_tokens"] = prompt;

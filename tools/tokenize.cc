@@ -25,10 +25,10 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/string_view.h"
+#include "common/args.h"
+#include "nlohmann/json.hpp"
 #include "text/chat_template.h"
 #include "text/tokenizer.h"
-#include "nlohmann/json.hpp"
-#include "common/args.h"
 #include "tools/commands.h"
 
 namespace dmoe::tools {
@@ -37,15 +37,14 @@ namespace {
 using ojson = nlohmann::ordered_json;
 
 int Fail(const char* command, int code, absl::string_view message) {
-  std::fprintf(stderr, "dmoe %s: %.*s\n", command,
-               static_cast<int>(message.size()), message.data());
+  std::fprintf(stderr, "dmoe %s: %.*s\n", command, static_cast<int>(message.size()),
+               message.data());
   return code;
 }
 
 std::string ReadStdin() {
   std::ios::sync_with_stdio(false);
-  return std::string(std::istreambuf_iterator<char>(std::cin),
-                     std::istreambuf_iterator<char>());
+  return std::string(std::istreambuf_iterator<char>(std::cin), std::istreambuf_iterator<char>());
 }
 
 void WriteStdout(const std::string& s) {
@@ -66,12 +65,9 @@ int ParseFlags(Args& args, int argc, char** argv) {
 }  // namespace
 
 int RunTokenize(int argc, char** argv) {
-  Args args("tokenize",
-            "text on stdin -> {\"ids\":[...]} with the model's tokenizer");
-  args.Flag("model", "DIR", "model directory with tokenizer.json", std::nullopt,
-            true)
-      .Flag("add-special-tokens", "",
-            "add BOS/EOS as the tokenizer config says");
+  Args args("tokenize", "text on stdin -> {\"ids\":[...]} with the model's tokenizer");
+  args.Flag("model", "DIR", "model directory with tokenizer.json", std::nullopt, true)
+      .Flag("add-special-tokens", "", "add BOS/EOS as the tokenizer config says");
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
   auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("tokenize", 1, tok.status().message());
@@ -79,34 +75,28 @@ int RunTokenize(int argc, char** argv) {
   auto ids = (*tok)->Encode(text, args.Bool("add-special-tokens"));
   if (!ids.ok()) return Fail("tokenize", 1, ids.status().message());
   std::string out = "{\"ids\":[";
-  for (size_t k = 0; k < ids->size(); ++k)
-    absl::StrAppend(&out, k ? "," : "", (*ids)[k]);
+  for (size_t k = 0; k < ids->size(); ++k) absl::StrAppend(&out, k ? "," : "", (*ids)[k]);
   out += "]}\n";
   WriteStdout(out);
   return 0;
 }
 
 int RunDetokenize(int argc, char** argv) {
-  Args args("detokenize",
-            "{\"ids\":[...]} on stdin -> text with the model's tokenizer");
-  args.Flag("model", "DIR", "model directory with tokenizer.json", std::nullopt,
-            true)
+  Args args("detokenize", "{\"ids\":[...]} on stdin -> text with the model's tokenizer");
+  args.Flag("model", "DIR", "model directory with tokenizer.json", std::nullopt, true)
       .Flag("skip-special-tokens", "", "leave special tokens out of the text");
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
   auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("detokenize", 1, tok.status().message());
-  const ojson in =
-      ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
+  const ojson in = ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
   if (!in.is_object() || !in.contains("ids") || !in["ids"].is_array())
     return Fail("detokenize", 1, "stdin: expected {\"ids\": [integers]}");
   std::vector<int32_t> ids;
   for (const ojson& id : in["ids"]) {
-    if (!id.is_number_integer())
-      return Fail("detokenize", 1, "stdin: \"ids\" must hold integers");
+    if (!id.is_number_integer()) return Fail("detokenize", 1, "stdin: \"ids\" must hold integers");
     const int64_t v = id.get<int64_t>();
     if (v < 0 || v > INT32_MAX)
-      return Fail("detokenize", 1,
-                  absl::StrCat("token id ", v, " is out of range"));
+      return Fail("detokenize", 1, absl::StrCat("token id ", v, " is out of range"));
     ids.push_back(static_cast<int32_t>(v));
   }
   auto text = (*tok)->Decode(ids, args.Bool("skip-special-tokens"));
@@ -120,29 +110,23 @@ int RunChatTemplate(int argc, char** argv) {
             "{\"messages\":[...],\"add_generation_prompt\":true} on stdin -> "
             "the prompt the "
             "model's chat template renders");
-  args.Flag("model", "DIR", "model directory with tokenizer_config.json",
-            std::nullopt, true);
+  args.Flag("model", "DIR", "model directory with tokenizer_config.json", std::nullopt, true);
   if (int rc = ParseFlags(args, argc, argv); rc >= 0) return rc;
   auto tok = text::Tokenizer::Load(args.Str("model"));
   if (!tok.ok()) return Fail("chat-template", 1, tok.status().message());
-  const ojson in =
-      ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
+  const ojson in = ojson::parse(ReadStdin(), nullptr, /*allow_exceptions=*/false);
   if (!in.is_object() || !in.contains("messages") || !in["messages"].is_array())
     return Fail("chat-template", 1,
                 "stdin: expected {\"messages\": [...], "
                 "\"add_generation_prompt\": bool}");
-  const ojson& agp = in.contains("add_generation_prompt")
-                         ? in["add_generation_prompt"]
-                         : ojson(false);
+  const ojson& agp =
+      in.contains("add_generation_prompt") ? in["add_generation_prompt"] : ojson(false);
   if (!agp.is_boolean())
-    return Fail("chat-template", 1,
-                "stdin: \"add_generation_prompt\" must be a boolean");
+    return Fail("chat-template", 1, "stdin: \"add_generation_prompt\" must be a boolean");
   ojson extra = ojson::object();
   for (auto it = in.begin(); it != in.end(); ++it)
-    if (it.key() != "messages" && it.key() != "add_generation_prompt")
-      extra[it.key()] = it.value();
-  auto prompt =
-      text::ApplyChatTemplate(**tok, in["messages"], agp.get<bool>(), extra);
+    if (it.key() != "messages" && it.key() != "add_generation_prompt") extra[it.key()] = it.value();
+  auto prompt = text::ApplyChatTemplate(**tok, in["messages"], agp.get<bool>(), extra);
   if (!prompt.ok()) return Fail("chat-template", 1, prompt.status().message());
   WriteStdout(*prompt);
   return 0;

@@ -21,9 +21,9 @@
 
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
+#include "common/args.h"
 #include "core/status.h"
 #include "nlohmann/json.hpp"
-#include "common/args.h"
 #include "tools/commands.h"
 #include "tools/make_model.h"
 #include "tools/model_flags.h"
@@ -90,8 +90,8 @@ absl::Status WaitForPort(Child& c, int timeout_s) {
     }
     std::this_thread::sleep_for(std::chrono::milliseconds(50));
   }
-  return absl::DeadlineExceededError(absl::StrCat(c.name, " did not report a port within ",
-                                                  timeout_s, " s; see ", c.log));
+  return absl::DeadlineExceededError(
+      absl::StrCat(c.name, " did not report a port within ", timeout_s, " s; see ", c.log));
 }
 
 // Waits up to `budget` for `c` to exit, then SIGKILLs it.
@@ -119,9 +119,7 @@ void Reap(Child& c, std::chrono::steady_clock::duration budget) {
 // leaves gracefully. `children` is in start order: experts, router, gateway.
 void StopAll(std::vector<Child>& children) {
   constexpr auto kStageBudget = std::chrono::seconds(15);
-  const auto is_expert = [](const Child& c) {
-    return c.name.rfind("expert-", 0) == 0;
-  };
+  const auto is_expert = [](const Child& c) { return c.name.rfind("expert-", 0) == 0; };
   for (auto it = children.rbegin(); it != children.rend(); ++it) {
     if (is_expert(*it)) continue;
     if (it->pid > 0) kill(it->pid, SIGTERM);
@@ -134,8 +132,8 @@ void StopAll(std::vector<Child>& children) {
 }
 
 // Minimal HTTP/1.1 request to 127.0.0.1:port (the demo needs nothing more).
-absl::StatusOr<std::string> HttpRequest(int port, const std::string& method, const std::string& path,
-                                        const std::string& body) {
+absl::StatusOr<std::string> HttpRequest(int port, const std::string& method,
+                                        const std::string& path, const std::string& body) {
   const int fd = socket(AF_INET, SOCK_STREAM, 0);
   if (fd < 0) return absl::InternalError("socket failed");
   sockaddr_in addr{};
@@ -148,9 +146,10 @@ absl::StatusOr<std::string> HttpRequest(int port, const std::string& method, con
     close(fd);
     return absl::UnavailableError(absl::StrCat("cannot connect to 127.0.0.1:", port));
   }
-  const std::string req = absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n",
-                                       "Content-Type: application/json\r\nContent-Length: ",
-                                       body.size(), "\r\nConnection: close\r\n\r\n", body);
+  const std::string req =
+      absl::StrCat(method, " ", path, " HTTP/1.1\r\nHost: 127.0.0.1\r\n",
+                   "Content-Type: application/json\r\nContent-Length: ", body.size(),
+                   "\r\nConnection: close\r\n\r\n", body);
   if (write(fd, req.data(), req.size()) != static_cast<ssize_t>(req.size())) {
     close(fd);
     return absl::UnavailableError("short write");
@@ -177,8 +176,8 @@ void PrintExpertTokens(const std::vector<Child>& experts) {
 #ifdef DMOE_WITH_SERVICES
   std::printf("tokens computed per expert server:\n");
   for (const auto& c : experts) {
-    auto stub = v1::ExpertService::NewStub(grpc::CreateChannel(
-        absl::StrCat("127.0.0.1:", c.port), grpc::InsecureChannelCredentials()));
+    auto stub = v1::ExpertService::NewStub(grpc::CreateChannel(absl::StrCat("127.0.0.1:", c.port),
+                                                               grpc::InsecureChannelCredentials()));
     grpc::ClientContext ctx;
     ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(5));
     v1::ServerStatusRequest req;
@@ -190,9 +189,10 @@ void PrintExpertTokens(const std::vector<Child>& experts) {
     }
     uint64_t total = 0;
     for (uint64_t t : resp.tokens_computed()) total += t;
-    std::printf("  %s (127.0.0.1:%d): %llu expert-token computations over %d slots, %.1f MiB resident\n",
-                c.name.c_str(), c.port, static_cast<unsigned long long>(total),
-                resp.tokens_computed_size(), resp.resident_weight_bytes() / 1048576.0);
+    std::printf(
+        "  %s (127.0.0.1:%d): %llu expert-token computations over %d slots, %.1f MiB resident\n",
+        c.name.c_str(), c.port, static_cast<unsigned long long>(total), resp.tokens_computed_size(),
+        resp.resident_weight_bytes() / 1048576.0);
   }
 #else
   std::printf("(built without services: no per-server status)\n");
@@ -212,9 +212,10 @@ void PrintExpertLoad(int router_port) {
     std::printf("per-expert load unavailable: %s\n", st.error_message().c_str());
     return;
   }
-  std::printf("tokens routed per expert (router's load window; `dmoe ctl load --router "
-              "127.0.0.1:%d` shows more):\n",
-              router_port);
+  std::printf(
+      "tokens routed per expert (router's load window; `dmoe ctl load --router "
+      "127.0.0.1:%d` shows more):\n",
+      router_port);
   for (const v1::LayerLoad& l : r.layers()) {
     std::printf("  layer %u:", l.layer());
     for (double x : l.expert_load()) std::printf(" %.0f", x);
@@ -258,7 +259,8 @@ absl::Status Up(const Args& args) {
     Child& ref = children.back();
     if (!ref.metrics_port_file.empty()) {
       std::remove(ref.metrics_port_file.c_str());
-      argv.insert(argv.end(), {"--metrics-port", "0", "--metrics-port-file", ref.metrics_port_file});
+      argv.insert(argv.end(),
+                  {"--metrics-port", "0", "--metrics-port-file", ref.metrics_port_file});
     }
     DMOE_RETURN_IF_ERROR(Spawn(ref, argv));
     DMOE_RETURN_IF_ERROR(WaitForPort(ref, 300));
@@ -271,24 +273,28 @@ absl::Status Up(const Args& args) {
     Child c{absl::StrCat("expert-", i), -1, absl::StrCat(work, "/expert-", i, ".port"),
             absl::StrCat(work, "/expert-", i, ".log")};
     c.metrics_port_file = absl::StrCat(work, "/expert-", i, ".metrics.port");
-    status = start(c, {bin + "/dmoe-expert", "--model", model, "--server-index", std::to_string(i),
-                       "--num-servers", std::to_string(servers), "--port", "0", "--port-file",
-                       c.port_file, "--dtype", dtype, "--threads", threads, "--leave-timeout-s",
-                       "10"});
+    status =
+        start(c, {bin + "/dmoe-expert", "--model", model, "--server-index", std::to_string(i),
+                  "--num-servers", std::to_string(servers), "--port", "0", "--port-file",
+                  c.port_file, "--dtype", dtype, "--threads", threads, "--leave-timeout-s", "10"});
     if (status.ok()) addrs.push_back(absl::StrCat("127.0.0.1:", children.back().port));
   }
   if (status.ok()) {
     Child c{"router", -1, work + "/router.port", work + "/router.log"};
     c.metrics_port_file = work + "/router.metrics.port";
-    status = start(c, {bin + "/dmoe-router", "--model", model, "--experts", absl::StrJoin(addrs, ","),
-                       "--port", "0", "--port-file", c.port_file, "--dtype", dtype, "--threads",
-                       threads, "--shared-expert", args.Str("shared-expert"), "--controller"});
+    status =
+        start(c, {bin + "/dmoe-router", "--model", model, "--experts", absl::StrJoin(addrs, ","),
+                  "--port", "0", "--port-file", c.port_file, "--dtype", dtype, "--threads", threads,
+                  "--shared-expert", args.Str("shared-expert"), "--controller"});
   }
   if (status.ok()) {
     Child c{"gateway", -1, work + "/gateway.port", work + "/gateway.log"};
-    std::vector<std::string> argv = {bin + "/dmoe-gateway", "--routers",
+    std::vector<std::string> argv = {bin + "/dmoe-gateway",
+                                     "--routers",
                                      absl::StrCat("127.0.0.1:", children.back().port),
-                                     "--http-port", args.Str("http-port"), "--port-file",
+                                     "--http-port",
+                                     args.Str("http-port"),
+                                     "--port-file",
                                      c.port_file};
     // Text in, text out when the checkpoint carries its tokenizer (generated
     // models do, unless made with --no-tokenizer).
@@ -308,8 +314,7 @@ absl::Status Up(const Args& args) {
     std::printf("\n");
   }
   // A text prompt needs the tokenizer; token ids work either way.
-  const std::string prompt =
-      has_tokenizer ? R"("The quick brown fox")" : "[1,2,3,4,5]";
+  const std::string prompt = has_tokenizer ? R"("The quick brown fox")" : "[1,2,3,4,5]";
   std::printf(
       "  try: curl -s 127.0.0.1:%d/v1/completions -d "
       "'{\"prompt\":%s,\"max_tokens\":8}'\n",
@@ -326,8 +331,8 @@ absl::Status Up(const Args& args) {
     }
     absl::Status demo = health.status();
     if (demo.ok()) {
-      const std::string body = absl::StrCat(
-          R"({"prompt":)", prompt, R"(,"max_tokens":16,"temperature":0})");
+      const std::string body =
+          absl::StrCat(R"({"prompt":)", prompt, R"(,"max_tokens":16,"temperature":0})");
       std::printf("\nPOST /v1/completions %s\n", body.c_str());
       auto resp = HttpRequest(http, "POST", "/v1/completions", body);
       if (resp.ok()) {
@@ -344,7 +349,8 @@ absl::Status Up(const Args& args) {
     for (auto& c : children) {
       if (c.pid > 0 && waitpid(c.pid, nullptr, WNOHANG) == c.pid) {
         c.pid = -1;
-        std::fprintf(stderr, "dmoe up: %s exited; see %s — stopping\n", c.name.c_str(), c.log.c_str());
+        std::fprintf(stderr, "dmoe up: %s exited; see %s — stopping\n", c.name.c_str(),
+                     c.log.c_str());
         g_stop = 1;
       }
     }
@@ -360,7 +366,8 @@ absl::Status Up(const Args& args) {
 int RunUp(int argc, char** argv) {
   Args args("up", "run gateway + router + N expert servers on this machine (Ctrl-C stops all)");
   args.Flag("model", "DIR", "checkpoint directory (default: generate a tiny model)", "")
-      .Flag("preset", "NAME", "preset for the generated model when --model is not given", "tiny-v2lite")
+      .Flag("preset", "NAME", "preset for the generated model when --model is not given",
+            "tiny-v2lite")
       .Flag("servers", "N", "number of expert servers", "3")
       .Flag("dtype", "f32|bf16", "compute type of router and expert servers", "bf16")
       .Flag("threads", "N", "compute threads per process", "1")

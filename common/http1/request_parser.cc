@@ -15,11 +15,13 @@ namespace {
 constexpr size_t kMaxChunkLine = 4096;  // chunk size + extensions
 
 bool IsTchar(char c) {
-  return absl::ascii_isalnum(static_cast<unsigned char>(c)) || std::strchr("!#$%&'*+-.^_`|~", c) != nullptr;
+  return absl::ascii_isalnum(static_cast<unsigned char>(c)) ||
+         std::strchr("!#$%&'*+-.^_`|~", c) != nullptr;
 }
 
 bool IsToken(std::string_view s) {
-  return !s.empty() && std::all_of(s.begin(), s.end(), [](char c) { return c != '\0' && IsTchar(c); });
+  return !s.empty() &&
+         std::all_of(s.begin(), s.end(), [](char c) { return c != '\0' && IsTchar(c); });
 }
 
 // A field value's characters (RFC 9110 §5.5): VCHAR, obs-text, SP, HTAB.
@@ -58,7 +60,8 @@ std::string Quote(std::string_view s) {
 // Comma-separated list elements, trimmed, lower-cased, empty ones dropped.
 std::vector<std::string> ListTokens(std::string_view value) {
   std::vector<std::string> out;
-  for (absl::string_view part : absl::StrSplit(absl::string_view(value.data(), value.size()), ',')) {
+  for (absl::string_view part :
+       absl::StrSplit(absl::string_view(value.data(), value.size()), ',')) {
     std::string_view t = TrimBlanks(std::string_view(part.data(), part.size()));
     if (!t.empty()) out.push_back(absl::AsciiStrToLower(absl::string_view(t.data(), t.size())));
   }
@@ -168,8 +171,8 @@ size_t RequestParser::ConsumeLine(std::string_view in, std::string* line, bool* 
   const size_t take = nl == std::string_view::npos ? in.size() : nl + 1;
   line->append(in.data(), nl == std::string_view::npos ? take : nl);
   if (line->size() > kMaxChunkLine) {
-    Fail(400, absl::StrCat("chunked body: a chunk-size or trailer line over ", kMaxChunkLine,
-                           " bytes"));
+    Fail(400,
+         absl::StrCat("chunked body: a chunk-size or trailer line over ", kMaxChunkLine, " bytes"));
     return take;
   }
   if (nl == std::string_view::npos) return take;
@@ -240,8 +243,8 @@ bool RequestParser::ParseHead() {
     return false;
   }
   if (lines.size() - 1 > limits_.max_headers) {
-    Fail(431, absl::StrCat(lines.size() - 1, " header lines, over the limit of ",
-                           limits_.max_headers));
+    Fail(431,
+         absl::StrCat(lines.size() - 1, " header lines, over the limit of ", limits_.max_headers));
     return false;
   }
   for (size_t k = 1; k < lines.size(); ++k) {
@@ -396,8 +399,8 @@ bool RequestParser::FinishHeaders() {
       }
     } else if (name == "expect") {
       if (absl::AsciiStrToLower(value) != "100-continue") {
-        Fail(417, absl::StrCat("unsupported expectation ", Quote(value),
-                               " (only 100-continue is)"));
+        Fail(417,
+             absl::StrCat("unsupported expectation ", Quote(value), " (only 100-continue is)"));
         return false;
       }
       request_.expect_continue = true;
@@ -405,8 +408,7 @@ bool RequestParser::FinishHeaders() {
   }
   if (request_.minor_version == 0) request_.keep_alive = false;
   if (request_.minor_version == 1 && hosts != 1) {
-    Fail(400, hosts == 0 ? "HTTP/1.1 request without a Host header"
-                         : "more than one Host header");
+    Fail(400, hosts == 0 ? "HTTP/1.1 request without a Host header" : "more than one Host header");
     return false;
   }
   if (hosts > 1) {
@@ -468,8 +470,8 @@ bool RequestParser::ParseChunkSize(std::string_view line) {
     return true;
   }
   if (size > limits_.max_body_bytes - std::min(limits_.max_body_bytes, request_.body.size())) {
-    Fail(413, absl::StrCat("chunked request body over the limit of ", limits_.max_body_bytes,
-                           " bytes"));
+    Fail(413,
+         absl::StrCat("chunked request body over the limit of ", limits_.max_body_bytes, " bytes"));
     return false;
   }
   remaining_ = size;
@@ -479,31 +481,56 @@ bool RequestParser::ParseChunkSize(std::string_view line) {
 
 const char* ReasonPhrase(int status) {
   switch (status) {
-    case 100: return "Continue";
-    case 200: return "OK";
-    case 204: return "No Content";
-    case 400: return "Bad Request";
-    case 401: return "Unauthorized";
-    case 403: return "Forbidden";
-    case 404: return "Not Found";
-    case 405: return "Method Not Allowed";
-    case 408: return "Request Timeout";
-    case 411: return "Length Required";
-    case 413: return "Content Too Large";
-    case 414: return "URI Too Long";
-    case 415: return "Unsupported Media Type";
-    case 417: return "Expectation Failed";
-    case 422: return "Unprocessable Content";
-    case 429: return "Too Many Requests";
-    case 431: return "Request Header Fields Too Large";
-    case 499: return "Client Closed Request";
-    case 500: return "Internal Server Error";
-    case 501: return "Not Implemented";
-    case 502: return "Bad Gateway";
-    case 503: return "Service Unavailable";
-    case 504: return "Gateway Timeout";
-    case 505: return "HTTP Version Not Supported";
-    default: return "Unknown";
+    case 100:
+      return "Continue";
+    case 200:
+      return "OK";
+    case 204:
+      return "No Content";
+    case 400:
+      return "Bad Request";
+    case 401:
+      return "Unauthorized";
+    case 403:
+      return "Forbidden";
+    case 404:
+      return "Not Found";
+    case 405:
+      return "Method Not Allowed";
+    case 408:
+      return "Request Timeout";
+    case 411:
+      return "Length Required";
+    case 413:
+      return "Content Too Large";
+    case 414:
+      return "URI Too Long";
+    case 415:
+      return "Unsupported Media Type";
+    case 417:
+      return "Expectation Failed";
+    case 422:
+      return "Unprocessable Content";
+    case 429:
+      return "Too Many Requests";
+    case 431:
+      return "Request Header Fields Too Large";
+    case 499:
+      return "Client Closed Request";
+    case 500:
+      return "Internal Server Error";
+    case 501:
+      return "Not Implemented";
+    case 502:
+      return "Bad Gateway";
+    case 503:
+      return "Service Unavailable";
+    case 504:
+      return "Gateway Timeout";
+    case 505:
+      return "HTTP Version Not Supported";
+    default:
+      return "Unknown";
   }
 }
 

@@ -42,15 +42,15 @@ struct Limits {
 };
 
 struct Request {
-  std::string method;  // as sent (methods are case-sensitive)
-  std::string target;  // as sent
-  std::string path;    // target's path, not percent-decoded ("*" for OPTIONS *)
-  std::string query;   // after '?', without it
+  std::string method;     // as sent (methods are case-sensitive)
+  std::string target;     // as sent
+  std::string path;       // target's path, not percent-decoded ("*" for OPTIONS *)
+  std::string query;      // after '?', without it
   int minor_version = 1;  // HTTP/1.<minor>
   // In arrival order; names lower-cased, values without surrounding blanks.
   std::vector<std::pair<std::string, std::string>> headers;
-  std::string body;  // decoded (chunked framing removed)
-  bool keep_alive = true;       // HTTP/1.1 without "Connection: close"
+  std::string body;              // decoded (chunked framing removed)
+  bool keep_alive = true;        // HTTP/1.1 without "Connection: close"
   bool expect_continue = false;  // "Expect: 100-continue"
 
   // The first header named `lower_name` (lower case), or nullptr.
@@ -113,9 +113,9 @@ class RequestParser {
   State state_ = State::kNeedMore;
   Phase phase_ = Phase::kHead;
   bool started_ = false;
-  std::string head_;  // the head's bytes so far (kHead)
+  std::string head_;      // the head's bytes so far (kHead)
   size_t head_scan_ = 0;  // head_ before this offset holds no blank line
-  std::string line_;  // a chunk-size or trailer line so far
+  std::string line_;      // a chunk-size or trailer line so far
   size_t trailer_bytes_ = 0;
   uint64_t remaining_ = 0;  // body or chunk bytes still to read
   Request request_;

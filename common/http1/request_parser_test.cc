@@ -192,8 +192,7 @@ TEST(RequestParser, Limits_AreCheckedAsBytesArrive) {
   Limits small_body;
   small_body.max_body_bytes = 10;
   const Parsed huge = ParseAll(
-      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n",
-      small_body);
+      "POST / HTTP/1.1\r\nHost: h\r\nContent-Length: 99999999999999999999999\r\n\r\n", small_body);
   EXPECT_EQ(huge.status, 413);
   const Parsed chunks = ParseAll(
       "POST / HTTP/1.1\r\nHost: h\r\nTransfer-Encoding: chunked\r\n\r\n8\r\n12345678\r\n8\r\n",

@@ -85,10 +85,9 @@ bool Responder::KeepAlive() const {
   return request_.keep_alive && !close_after_ && !stopping_.load() && !broken_;
 }
 
-std::string Responder::Head(int status, const Headers& headers,
-                            const std::string& framing) const {
-  std::string h = absl::StrCat("HTTP/1.1 ", status, " ", ReasonPhrase(status), "\r\nDate: ",
-                               HttpDate(), "\r\n");
+std::string Responder::Head(int status, const Headers& headers, const std::string& framing) const {
+  std::string h = absl::StrCat("HTTP/1.1 ", status, " ", ReasonPhrase(status),
+                               "\r\nDate: ", HttpDate(), "\r\n");
   for (const auto& [name, value] : headers) absl::StrAppend(&h, name, ": ", value, "\r\n");
   absl::StrAppend(&h, framing, KeepAlive() ? "" : "Connection: close\r\n", "\r\n");
   return h;
@@ -114,8 +113,8 @@ bool Responder::StartStream(int status, const Headers& headers) {
   streaming_ = true;
   // HTTP/1.0 has no chunked coding: the body ends when the connection does.
   if (request_.minor_version == 0) close_after_ = true;
-  return WriteRaw(Head(status, headers,
-                       request_.minor_version == 0 ? "" : "Transfer-Encoding: chunked\r\n"));
+  return WriteRaw(
+      Head(status, headers, request_.minor_version == 0 ? "" : "Transfer-Encoding: chunked\r\n"));
 }
 
 bool Responder::Write(std::string_view data) {
@@ -163,16 +162,16 @@ class Server::Impl {
     hints.ai_flags = AI_PASSIVE | AI_NUMERICSERV;
     addrinfo* res = nullptr;
     const std::string service = std::to_string(port);
-    if (const int rc = getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints,
-                                   &res);
+    if (const int rc =
+            getaddrinfo(host.empty() ? nullptr : host.c_str(), service.c_str(), &hints, &res);
         rc != 0) {
       return absl::InvalidArgumentError(
           absl::StrCat("cannot listen on ", host, ":", port, ": ", gai_strerror(rc)));
     }
     std::string why = "no address";
     for (addrinfo* a = res; a != nullptr && listen_fd_ < 0; a = a->ai_next) {
-      const int fd = socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC,
-                            a->ai_protocol);
+      const int fd =
+          socket(a->ai_family, a->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, a->ai_protocol);
       if (fd < 0) continue;
       const int one = 1;
       setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
@@ -370,8 +369,7 @@ class Server::Impl {
       CloseConn(c);
       return;
     }
-    if (p.head_complete() && p.expects_body() && p.request().expect_continue &&
-        !c->continue_sent) {
+    if (p.head_complete() && p.expects_body() && p.request().expect_continue && !c->continue_sent) {
       c->continue_sent = true;
       WriteAll(c->fd, "HTTP/1.1 100 Continue\r\n\r\n", absl::ZeroDuration());
     }
@@ -395,10 +393,10 @@ class Server::Impl {
 
   // Answers `status` with "Connection: close", then lingers.
   void Refuse(const std::shared_ptr<Connection>& c, int status, const std::string& message) {
-    const std::string path = c->parser.head_complete() || c->parser.state() ==
-                                                                RequestParser::State::kComplete
-                                 ? c->parser.request().path
-                                 : std::string();
+    const std::string path =
+        c->parser.head_complete() || c->parser.state() == RequestParser::State::kComplete
+            ? c->parser.request().path
+            : std::string();
     // Best effort without waiting: the reactor must not block, and a socket
     // that was only read from has room for a short answer.
     WriteAll(c->fd, ErrorText(status, message, path, /*head_only=*/false), absl::ZeroDuration());
@@ -590,8 +588,8 @@ class Server::Impl {
 };
 
 Server::Server(ServerOptions options, Handler handler, ErrorBody error_body)
-    : impl_(std::make_unique<Impl>(std::move(options), std::move(handler),
-                                   std::move(error_body))) {}
+    : impl_(std::make_unique<Impl>(std::move(options), std::move(handler), std::move(error_body))) {
+}
 
 Server::~Server() { Stop(); }
 

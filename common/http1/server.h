@@ -57,8 +57,8 @@ using Headers = std::vector<std::pair<std::string, std::string>>;
 
 struct ServerOptions {
   Limits limits;
-  int threads = 16;              // handler threads
-  size_t max_queued = 1024;      // complete requests waiting for a handler thread
+  int threads = 16;               // handler threads
+  size_t max_queued = 1024;       // complete requests waiting for a handler thread
   size_t max_connections = 4096;  // open connections; more get 503 and close
   absl::Duration keep_alive_timeout = absl::Seconds(5);
   absl::Duration read_timeout = absl::Seconds(30);

@@ -147,10 +147,10 @@ TEST_F(ServerTest, PipelinedRequests_AreAllAnsweredInOrder) {
   Start();
   RawClient c(port_);
   ASSERT_TRUE(c.connected());
-  ASSERT_TRUE(c.Send(
-      "GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
-      "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz"
-      "GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
+  ASSERT_TRUE(
+      c.Send("GET /a HTTP/1.1\r\nHost: x\r\n\r\n"
+             "POST /b HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nxyz"
+             "GET /c HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"));
   bool closed = false;
   const absl::Time t0 = absl::Now();
   const std::string got = c.ReadToClose(absl::Seconds(3), &closed);
@@ -269,9 +269,10 @@ TEST_F(ServerTest, SlowRequest_Gets408AfterTheReadTimeout) {
 TEST_F(ServerTest, ExpectContinue_Gets100ThenTheAnswer) {
   Start();
   RawClient c(port_);
-  ASSERT_TRUE(c.Send(
-      "POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
-  EXPECT_THAT(c.ReadUntil("\r\n\r\n", absl::Seconds(2)), HasSubstr("HTTP/1.1 100 Continue\r\n\r\n"));
+  ASSERT_TRUE(
+      c.Send("POST /e HTTP/1.1\r\nHost: x\r\nExpect: 100-continue\r\nContent-Length: 4\r\n\r\n"));
+  EXPECT_THAT(c.ReadUntil("\r\n\r\n", absl::Seconds(2)),
+              HasSubstr("HTTP/1.1 100 Continue\r\n\r\n"));
   ASSERT_TRUE(c.Send("body"));
   EXPECT_THAT(c.ReadUntil("body=body.", absl::Seconds(2)), HasSubstr("HTTP/1.1 200 OK"));
 }
@@ -379,10 +380,12 @@ TEST_F(ServerTest, SlowAndIdleClients_DoNotHoldTheHandlerThreads) {
 }
 
 TEST(ServerStart, PortInUse_IsUnavailableNamingTheAddress) {
-  Server a(ServerOptions(), [](const Request&, Responder& r) { r.Send(200, {}, ""); }, nullptr);
+  Server a(
+      ServerOptions(), [](const Request&, Responder& r) { r.Send(200, {}, ""); }, nullptr);
   absl::StatusOr<int> port = a.Start("127.0.0.1", 0);
   ASSERT_TRUE(port.ok());
-  Server b(ServerOptions(), [](const Request&, Responder& r) { r.Send(200, {}, ""); }, nullptr);
+  Server b(
+      ServerOptions(), [](const Request&, Responder& r) { r.Send(200, {}, ""); }, nullptr);
   absl::StatusOr<int> again = b.Start("127.0.0.1", *port);
   EXPECT_EQ(again.status().code(), absl::StatusCode::kUnavailable);
   EXPECT_THAT(std::string(again.status().message()),

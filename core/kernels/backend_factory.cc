@@ -11,8 +11,8 @@ absl::StatusOr<BackendKind> ParseBackendKind(std::string_view name) {
   if (name == "cpu") return BackendKind::kCpu;
   if (name == "cuda") return BackendKind::kCuda;
   if (name == "auto") return BackendKind::kAuto;
-  return absl::InvalidArgumentError(
-      absl::StrCat("backend must be cpu, cuda or auto, got '", absl::string_view(name.data(), name.size()), "'"));
+  return absl::InvalidArgumentError(absl::StrCat("backend must be cpu, cuda or auto, got '",
+                                                 absl::string_view(name.data(), name.size()), "'"));
 }
 
 std::string_view BackendKindName(BackendKind kind) {
@@ -35,8 +35,8 @@ bool CudaBuilt() {
 #endif
 }
 
-absl::StatusOr<std::unique_ptr<ExpertBackend>> MakeExpertBackend(
-    BackendKind kind, const BackendOptions& options) {
+absl::StatusOr<std::unique_ptr<ExpertBackend>> MakeExpertBackend(BackendKind kind,
+                                                                 const BackendOptions& options) {
   const bool cuda = kind == BackendKind::kCuda ||
                     (kind == BackendKind::kAuto && CudaBuilt() && cuda::DeviceCount() > 0);
   if (!cuda) return MakeCpuExpertBackend(options.compute);

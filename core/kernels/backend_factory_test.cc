@@ -3,7 +3,6 @@
 #include <memory>
 
 #include "absl/strings/match.h"
-
 #include "core/kernels/cuda/device_info.h"
 #include "gtest/gtest.h"
 

@@ -20,8 +20,8 @@ absl::Status NoCuda() {
 
 }  // namespace
 
-absl::StatusOr<std::unique_ptr<CudaExpertBackend>> MakeCudaExpertBackend(
-    ComputeType, CudaBackendOptions) {
+absl::StatusOr<std::unique_ptr<CudaExpertBackend>> MakeCudaExpertBackend(ComputeType,
+                                                                         CudaBackendOptions) {
   return NoCuda();
 }
 

@@ -41,17 +41,14 @@ std::string EncodeRequest(const std::string& service) {
 int DecodeStatus(const std::string& bytes) {
   for (size_t i = 0; i + 1 < bytes.size();) {
     const unsigned char tag = static_cast<unsigned char>(bytes[i++]);
-    if (tag == 0x08)
-      return static_cast<unsigned char>(bytes[i]) & 0x7f;  // field 1, varint
+    if (tag == 0x08) return static_cast<unsigned char>(bytes[i]) & 0x7f;  // field 1, varint
     return -1;  // the message has no other fields
   }
   return -1;
 }
 
 int Usage() {
-  std::fprintf(
-      stderr,
-      "usage: dmoe-grpc-health-probe HOST:PORT [SERVICE] [--timeout-s S]\n");
+  std::fprintf(stderr, "usage: dmoe-grpc-health-probe HOST:PORT [SERVICE] [--timeout-s S]\n");
   return 2;
 }
 
@@ -74,18 +71,15 @@ int main(int argc, char** argv) {
   const std::string target = pos[0];
   const std::string service = pos.size() > 1 ? pos[1] : "";
 
-  grpc::GenericStub stub(
-      grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
+  grpc::GenericStub stub(grpc::CreateChannel(target, grpc::InsecureChannelCredentials()));
   grpc::ClientContext ctx;
-  ctx.set_deadline(std::chrono::system_clock::now() +
-                   std::chrono::seconds(timeout_s));
+  ctx.set_deadline(std::chrono::system_clock::now() + std::chrono::seconds(timeout_s));
   const std::string req_bytes = EncodeRequest(service);
   grpc::Slice slice(req_bytes);
   grpc::ByteBuffer request(&slice, 1);
   grpc::ByteBuffer response;
   std::promise<grpc::Status> done;
-  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(),
-                 &request, &response,
+  stub.UnaryCall(&ctx, "/grpc.health.v1.Health/Check", grpc::StubOptions(), &request, &response,
                  [&done](grpc::Status st) { done.set_value(std::move(st)); });
   const grpc::Status st = done.get_future().get();
   if (!st.ok()) {
@@ -101,10 +95,8 @@ int main(int argc, char** argv) {
     }
   }
   const int status = DecodeStatus(bytes);
-  static const char* const kNames[] = {"UNKNOWN", "SERVING", "NOT_SERVING",
-                                       "SERVICE_UNKNOWN"};
-  const char* name =
-      status >= 0 && status <= 3 ? kNames[status] : "unparsable answer";
+  static const char* const kNames[] = {"UNKNOWN", "SERVING", "NOT_SERVING", "SERVICE_UNKNOWN"};
+  const char* name = status >= 0 && status <= 3 ? kNames[status] : "unparsable answer";
   std::printf("%s: %s\n", target.c_str(), name);
   return status == 1 ? 0 : 1;
 }

@@ -5,8 +5,8 @@
 #include <span>
 
 #include "absl/strings/str_cat.h"
-#include "core/status.h"
 #include "common/wire.h"
+#include "core/status.h"
 #include "expert_service/internal/request_validation.h"
 
 namespace dmoe::expert::internal {
@@ -20,22 +20,19 @@ uint64_t ItemRows(const WorkItem& item) {
 
 // The prefix of a chunk's error messages: "" for unchunked requests.
 std::string ChunkPrefix(const WorkItem& item, size_t i) {
-  return item.chunks.size() > 1 ? absl::StrCat("chunk ", i, ": ")
-                                : std::string();
+  return item.chunks.size() > 1 ? absl::StrCat("chunk ", i, ": ") : std::string();
 }
 
 }  // namespace
 
-void FillError(uint64_t request_id, const absl::Status& status,
-               v1::ExpertResponse* response) {
+void FillError(uint64_t request_id, const absl::Status& status, v1::ExpertResponse* response) {
   response->set_request_id(request_id);
   response->clear_y();
   response->set_error_code(static_cast<int32_t>(status.code()));
   response->set_error_message(std::string(status.message()));
 }
 
-ComputeWorker::ComputeWorker(const core::ModelConfig& cfg,
-                             core::ExpertBackend& backend,
+ComputeWorker::ComputeWorker(const core::ModelConfig& cfg, core::ExpertBackend& backend,
                              absl::Mutex& backend_mu, SlotTable& slots,
                              ComputeWorkerOptions options)
     : cfg_(cfg),
@@ -59,8 +56,7 @@ bool ComputeWorker::TryEnqueue(WorkItem& item) {
     }
     queue_.push_back(Entry{std::move(item), nullptr});
     ++queued_requests_;
-    if (options_.observer != nullptr)
-      options_.observer->OnQueueDepth(queued_requests_);
+    if (options_.observer != nullptr) options_.observer->OnQueueDepth(queued_requests_);
   }
   cv_.Signal();
   return true;
@@ -114,8 +110,7 @@ void ComputeWorker::Loop() {
           const uint64_t rows = ItemRows(it->item);
           if (it->item.chunks[0]->layer() == layer &&
               (batch.empty() ||
-               tokens + rows <=
-                   static_cast<uint64_t>(options_.max_batch_tokens))) {
+               tokens + rows <= static_cast<uint64_t>(options_.max_batch_tokens))) {
             tokens += rows;
             batch.push_back(std::move(it->item));
             it = queue_.erase(it);
@@ -124,8 +119,7 @@ void ComputeWorker::Loop() {
             ++it;
           }
         }
-        if (options_.observer != nullptr)
-          options_.observer->OnQueueDepth(queued_requests_);
+        if (options_.observer != nullptr) options_.observer->OnQueueDepth(queued_requests_);
       }
     }
     if (barrier) {
@@ -138,8 +132,7 @@ void ComputeWorker::Loop() {
 
 absl::Status ComputeWorker::Append(const WorkItem& item) {
   const v1::ExpertRequest& c0 = *item.chunks[0];
-  DMOE_ASSIGN_OR_RETURN(const common::WireDType in_type,
-                        ValidateExpertRequest(c0, cfg_));
+  DMOE_ASSIGN_OR_RETURN(const common::WireDType in_type, ValidateExpertRequest(c0, cfg_));
 
   // Roll the batch back to where it was when this request fails.
   const int64_t tokens0 = tokens_;
@@ -155,9 +148,7 @@ absl::Status ComputeWorker::Append(const WorkItem& item) {
   for (size_t i = 0; i < item.chunks.size(); ++i) {
     const v1::ExpertRequest& c = *item.chunks[i];
     const std::string where = ChunkPrefix(item, i);
-    if (absl::Status st =
-            ValidateExpertChunk(c0, c, cfg_, in_type, slots_, where);
-        !st.ok()) {
+    if (absl::Status st = ValidateExpertChunk(c0, c, cfg_, in_type, slots_, where); !st.ok()) {
       return fail(std::move(st));
     }
     const int64_t rows = c.x().rows();
@@ -165,11 +156,9 @@ absl::Status ComputeWorker::Append(const WorkItem& item) {
     const size_t need = static_cast<size_t>(tokens_ + rows) * hidden_;
     if (x_.size() < need) x_.resize(need);
     {
-      absl::Status st =
-          common::UnpackActivations(in_type, c.x().data(), c.x().row_scales(),
-                                  rows, hidden_, x_.data() + tokens_ * hidden_);
-      if (!st.ok())
-        return fail(absl::Status(st.code(), where + std::string(st.message())));
+      absl::Status st = common::UnpackActivations(in_type, c.x().data(), c.x().row_scales(), rows,
+                                                  hidden_, x_.data() + tokens_ * hidden_);
+      if (!st.ok()) return fail(absl::Status(st.code(), where + std::string(st.message())));
     }
     for (int64_t t = 0; t < rows; ++t) {
       for (int32_t a = off[t]; a < off[t + 1]; ++a) {
@@ -204,8 +193,7 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       v1::ExpertResponse* r = batch[i].sink->NewResponse();
       FillError(batch[i].chunks[0]->request_id(), st, r);
       batch[i].sink->Send(r);
-      if (options_.observer != nullptr)
-        options_.observer->OnAnswered(st.code());
+      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
     }
   }
   if (layer >= 0) {
@@ -217,8 +205,7 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
     bool per_assignment = false, per_token = false;
     for (size_t i = 0; i < batch.size(); ++i) {
       if (first_row_[i] < 0) continue;
-      (batch[i].chunks[0]->per_assignment_reply() ? per_assignment
-                                                  : per_token) = true;
+      (batch[i].chunks[0]->per_assignment_reply() ? per_assignment : per_token) = true;
     }
     per_assignment_ = per_assignment;
     if (tokens_ > 0) {
@@ -246,12 +233,10 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
       // Tokens computed per routed expert of this layer.
       expert_tokens_.assign(cfg_.n_routed_experts, 0);
       for (int32_t id : ffn_ids_) {
-        if (id != core::kSharedFfn)
-          ++expert_tokens_[id];  // ids were range-checked
+        if (id != core::kSharedFfn) ++expert_tokens_[id];  // ids were range-checked
       }
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
-        if (expert_tokens_[e] != 0)
-          counts_.push_back({LayerExpert{layer, e}, expert_tokens_[e]});
+        if (expert_tokens_[e] != 0) counts_.push_back({LayerExpert{layer, e}, expert_tokens_[e]});
       }
       slots_.CountTokens(counts_);
     }
@@ -266,15 +251,13 @@ void ComputeWorker::ProcessBatch(std::vector<WorkItem>& batch) {
         FillError(batch[i].chunks[0]->request_id(), st, r);
         batch[i].sink->Send(r);
       }
-      if (options_.observer != nullptr)
-        options_.observer->OnAnswered(st.code());
+      if (options_.observer != nullptr) options_.observer->OnAnswered(st.code());
     }
   }
   for (WorkItem& item : batch) item.sink->Done(std::move(item.chunks));
 }
 
-absl::Status ComputeWorker::ComputePerAssignment(const core::ExpertBatch& b,
-                                                 bool sum_tokens) {
+absl::Status ComputeWorker::ComputePerAssignment(const core::ExpertBatch& b, bool sum_tokens) {
   const int64_t assignments = static_cast<int64_t>(ffn_ids_.size());
   const size_t need = static_cast<size_t>(assignments) * hidden_;
   if (out_.size() < need) out_.resize(need);
@@ -288,8 +271,7 @@ absl::Status ComputeWorker::ComputePerAssignment(const core::ExpertBatch& b,
     ones_.resize(assignments + 1);
     for (int64_t t = 0; t < tokens_; ++t) {
       for (int32_t a = token_offsets_[t]; a < token_offsets_[t + 1]; ++a) {
-        std::memcpy(xa_.data() + a * hidden_, x_.data() + t * hidden_,
-                    hidden_ * sizeof(float));
+        std::memcpy(xa_.data() + a * hidden_, x_.data() + t * hidden_, hidden_ * sizeof(float));
       }
     }
     for (int64_t a = 0; a <= assignments; ++a) {
@@ -308,30 +290,25 @@ absl::Status ComputeWorker::ComputePerAssignment(const core::ExpertBatch& b,
     }
     const size_t summed = static_cast<size_t>(tokens_) * hidden_;
     if (summed_.size() < summed) summed_.resize(summed);
-    core::SumAssignmentRows(
-        std::span<const int32_t>(token_offsets_.data(), tokens_ + 1), rows_,
-        hidden_, summed_.data());
+    core::SumAssignmentRows(std::span<const int32_t>(token_offsets_.data(), tokens_ + 1), rows_,
+                            hidden_, summed_.data());
   }
   return absl::OkStatus();
 }
 
 void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
   const v1::ExpertRequest& c0 = *item.chunks[0];
-  const int reply_dtype = c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED
-                              ? c0.reply_dtype()
-                              : c0.x().dtype();
-  const common::WireDType type =
-      *WireType(reply_dtype, "reply");  // validated in Append
+  const int reply_dtype =
+      c0.reply_dtype() != v1::ACTIVATION_DTYPE_UNSPECIFIED ? c0.reply_dtype() : c0.x().dtype();
+  const common::WireDType type = *WireType(reply_dtype, "reply");  // validated in Append
   // Rows of out_ (per assignment) or of the per-token results.
   const bool by_assignment = c0.per_assignment_reply();
-  const float* source =
-      by_assignment || !per_assignment_ ? out_.data() : summed_.data();
+  const float* source = by_assignment || !per_assignment_ ? out_.data() : summed_.data();
   int64_t row = first_row;
   for (const auto& chunk : item.chunks) {
     const int64_t tokens = chunk->x().rows();
     const int64_t rows =
-        by_assignment ? token_offsets_[row + tokens] - token_offsets_[row]
-                      : tokens;
+        by_assignment ? token_offsets_[row + tokens] - token_offsets_[row] : tokens;
     const int64_t from = by_assignment ? token_offsets_[row] : row;
     v1::ExpertResponse* r = item.sink->NewResponse();
     r->set_request_id(chunk->request_id());
@@ -341,8 +318,8 @@ void ComputeWorker::Reply(const WorkItem& item, int64_t first_row) {
     y->set_dtype(static_cast<v1::ActivationDType>(reply_dtype));
     y->set_rows(static_cast<uint32_t>(rows));
     y->set_cols(static_cast<uint32_t>(hidden_));
-    common::PackActivations(source + from * hidden_, rows, hidden_, 0, type,
-                          y->mutable_data(), y->mutable_row_scales());
+    common::PackActivations(source + from * hidden_, rows, hidden_, 0, type, y->mutable_data(),
+                            y->mutable_row_scales());
     item.sink->Send(r);
     row += tokens;
   }

@@ -63,8 +63,7 @@ struct WorkItem {
 
 // The error reply for a request; `request_id` is echoed, the reply is
 // unchunked.
-void FillError(uint64_t request_id, const absl::Status& status,
-               v1::ExpertResponse* response);
+void FillError(uint64_t request_id, const absl::Status& status, v1::ExpertResponse* response);
 
 // Told what the worker does (the server's metrics). Methods must be quick and
 // must not call back into the worker: OnQueueDepth and the RESOURCE_EXHAUSTED
@@ -76,9 +75,8 @@ class ComputeObserver {
   // One backend Compute over `tokens` rows of `layer` took `compute`.
   // `expert_tokens`: tokens computed per (layer, routed expert), non-zero
   // entries only; empty when the Compute failed.
-  virtual void OnBatch(
-      int32_t layer, int64_t tokens, absl::Duration compute,
-      std::span<const std::pair<LayerExpert, uint64_t>> expert_tokens) = 0;
+  virtual void OnBatch(int32_t layer, int64_t tokens, absl::Duration compute,
+                       std::span<const std::pair<LayerExpert, uint64_t>> expert_tokens) = 0;
   // A request answered: OK, its in-band error, or RESOURCE_EXHAUSTED when
   // TryEnqueue refused it (the caller answers it so).
   virtual void OnAnswered(absl::StatusCode code) = 0;
@@ -87,18 +85,16 @@ class ComputeObserver {
 };
 
 struct ComputeWorkerOptions {
-  size_t max_queue = 256;  // queued requests; beyond: RESOURCE_EXHAUSTED
-  int64_t max_batch_tokens =
-      8192;  // tokens per Compute call (one request may exceed it)
+  size_t max_queue = 256;               // queued requests; beyond: RESOURCE_EXHAUSTED
+  int64_t max_batch_tokens = 8192;      // tokens per Compute call (one request may exceed it)
   ComputeObserver* observer = nullptr;  // not owned; null = none
 };
 
 class ComputeWorker {
  public:
   // `cfg`, `backend`, `backend_mu` and `slots` must outlive the worker.
-  ComputeWorker(const core::ModelConfig& cfg, core::ExpertBackend& backend,
-                absl::Mutex& backend_mu, SlotTable& slots,
-                ComputeWorkerOptions options);
+  ComputeWorker(const core::ModelConfig& cfg, core::ExpertBackend& backend, absl::Mutex& backend_mu,
+                SlotTable& slots, ComputeWorkerOptions options);
   ~ComputeWorker();  // Stop()
   ComputeWorker(const ComputeWorker&) = delete;
   ComputeWorker& operator=(const ComputeWorker&) = delete;
@@ -129,8 +125,7 @@ class ComputeWorker {
   // into out_ (ExpertBatch::per_assignment_out, or one single-assignment
   // "token" per assignment where the backend cannot), and, when
   // `sum_tokens`, the per-token sums of those rows into summed_.
-  absl::Status ComputePerAssignment(const core::ExpertBatch& b,
-                                    bool sum_tokens);
+  absl::Status ComputePerAssignment(const core::ExpertBatch& b, bool sum_tokens);
 
   // Const after construction.
   const core::ModelConfig& cfg_;
@@ -148,22 +143,20 @@ class ComputeWorker {
   std::thread thread_;
 
   // Batch buffers, used by the worker thread only; grown, never shrunk.
-  std::vector<float> x_;       // [tokens, hidden] inputs of the batch
-  std::vector<float> out_;     // [tokens or assignments, hidden] results
-  std::vector<float> summed_;  // [tokens, hidden] per-token sums of out_ rows
-  std::vector<float> xa_;      // [assignments, hidden] x row per assignment
-  std::vector<int32_t> ones_;  // [assignments + 1] 0, 1, 2, ...
-  std::vector<const float*> rows_;      // [assignments] into out_
-  bool per_assignment_ = false;         // out_ holds per-assignment rows
-  std::vector<int32_t> token_offsets_;  // [tokens + 1] into ffn_ids_ / weights_
-  std::vector<int32_t> ffn_ids_;        // [assignments] expert id or kSharedFfn
-  std::vector<float> weights_;          // [assignments]
-  int64_t tokens_ = 0;                  // rows of the batch so far
-  std::vector<uint64_t>
-      expert_tokens_;  // [n_routed] assignments per expert in the batch
+  std::vector<float> x_;                 // [tokens, hidden] inputs of the batch
+  std::vector<float> out_;               // [tokens or assignments, hidden] results
+  std::vector<float> summed_;            // [tokens, hidden] per-token sums of out_ rows
+  std::vector<float> xa_;                // [assignments, hidden] x row per assignment
+  std::vector<int32_t> ones_;            // [assignments + 1] 0, 1, 2, ...
+  std::vector<const float*> rows_;       // [assignments] into out_
+  bool per_assignment_ = false;          // out_ holds per-assignment rows
+  std::vector<int32_t> token_offsets_;   // [tokens + 1] into ffn_ids_ / weights_
+  std::vector<int32_t> ffn_ids_;         // [assignments] expert id or kSharedFfn
+  std::vector<float> weights_;           // [assignments]
+  int64_t tokens_ = 0;                   // rows of the batch so far
+  std::vector<uint64_t> expert_tokens_;  // [n_routed] assignments per expert in the batch
   std::vector<std::pair<LayerExpert, uint64_t>> counts_;  // the non-zero ones
-  std::vector<int64_t>
-      first_row_;  // [batch] first row of each request, -1 = failed
+  std::vector<int64_t> first_row_;  // [batch] first row of each request, -1 = failed
 };
 
 }  // namespace dmoe::expert::internal

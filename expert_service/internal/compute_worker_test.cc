@@ -22,19 +22,15 @@ constexpr int64_t kInter = 8;
 // Delegates to the CPU backend and records the token count of every Compute.
 class CountingBackend final : public core::ExpertBackend {
  public:
-  CountingBackend()
-      : inner_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {}
+  CountingBackend() : inner_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {}
   std::string Name() const override { return "counting"; }
-  absl::Status LoadFfn(int32_t layer, int32_t id,
-                       const core::FfnWeights& w) override {
+  absl::Status LoadFfn(int32_t layer, int32_t id, const core::FfnWeights& w) override {
     return inner_->LoadFfn(layer, id, w);
   }
   absl::Status UnloadFfn(int32_t layer, int32_t id) override {
     return inner_->UnloadFfn(layer, id);
   }
-  bool HasFfn(int32_t layer, int32_t id) const override {
-    return inner_->HasFfn(layer, id);
-  }
+  bool HasFfn(int32_t layer, int32_t id) const override { return inner_->HasFfn(layer, id); }
   absl::Status Compute(const core::ExpertBatch& b, float* out) override {
     calls.push_back(b.num_tokens);
     return inner_->Compute(b, out);
@@ -53,9 +49,7 @@ class CountingBackend final : public core::ExpertBackend {
 // Collects replies; counts Done calls.
 class Sink final : public ReplySink {
  public:
-  v1::ExpertResponse* NewResponse() override {
-    return new v1::ExpertResponse();
-  }
+  v1::ExpertResponse* NewResponse() override { return new v1::ExpertResponse(); }
   void Send(v1::ExpertResponse* r) override {
     absl::MutexLock lock(&mu);
     replies[r->request_id()].push_back(*r);
@@ -95,13 +89,11 @@ class ComputeWorkerTest : public ::testing::Test {
   }
 
   void StartWorker(size_t max_queue = 16) {
-    worker_ =
-        std::make_unique<ComputeWorker>(cfg_, backend_, backend_mu_, *slots_,
-                                        ComputeWorkerOptions{max_queue, 8192});
+    worker_ = std::make_unique<ComputeWorker>(cfg_, backend_, backend_mu_, *slots_,
+                                              ComputeWorkerOptions{max_queue, 8192});
   }
 
-  WorkItem Item(Sink& sink, uint64_t id, uint32_t layer, uint32_t tokens,
-                int32_t expert = 0) {
+  WorkItem Item(Sink& sink, uint64_t id, uint32_t layer, uint32_t tokens, int32_t expert = 0) {
     auto r = std::make_unique<v1::ExpertRequest>();
     r->set_request_id(id);
     r->set_layer(layer);
@@ -112,7 +104,7 @@ class ComputeWorkerTest : public ::testing::Test {
     r->mutable_x()->set_cols(kHidden);
     std::string scales;
     common::PackActivations(x.data(), tokens, kHidden, 0, common::WireDType::kF32,
-                          r->mutable_x()->mutable_data(), &scales);
+                            r->mutable_x()->mutable_data(), &scales);
     r->add_token_offsets(0);
     for (uint32_t t = 0; t < tokens; ++t) {
       r->add_expert_ids(expert);
@@ -148,8 +140,7 @@ TEST_F(ComputeWorkerTest, SameLayerRequestsFromTwoSinksShareOneCompute) {
     WorkItem first = Item(a, 1, 1, 2);
     ASSERT_TRUE(worker_->TryEnqueue(first));
     while (worker_->queued() != 0) absl::SleepFor(absl::Milliseconds(1));
-    WorkItem b1 = Item(b, 2, 1, 3), a2 = Item(a, 3, 2, 5),
-             b3 = Item(b, 4, 1, 4);
+    WorkItem b1 = Item(b, 2, 1, 3), a2 = Item(a, 3, 2, 5), b3 = Item(b, 4, 1, 4);
     ASSERT_TRUE(worker_->TryEnqueue(b1));
     ASSERT_TRUE(worker_->TryEnqueue(a2));
     ASSERT_TRUE(worker_->TryEnqueue(b3));
@@ -187,9 +178,8 @@ TEST_F(ComputeWorkerTest, PerAssignmentRowsAddUpToThePerTokenReplyBitwise) {
       std::vector<float> x(kTokens * kHidden);
       for (float& v : x) v = u(same);
       std::string scales;
-      common::PackActivations(x.data(), kTokens, kHidden, 0,
-                            common::WireDType::kF32,
-                            r.mutable_x()->mutable_data(), &scales);
+      common::PackActivations(x.data(), kTokens, kHidden, 0, common::WireDType::kF32,
+                              r.mutable_x()->mutable_data(), &scales);
       r.clear_token_offsets();
       r.clear_expert_ids();
       r.clear_weights();
@@ -227,13 +217,11 @@ TEST_F(ComputeWorkerTest, PerAssignmentRowsAddUpToThePerTokenReplyBitwise) {
     ASSERT_EQ(rows[0].y().rows(), 3u + 2u + 3u);  // 3, 2 and 3 rows
     ASSERT_EQ(sums[0].y().rows(), kTokens);
     std::vector<float> r(8 * kHidden), t(kTokens * kHidden);
-    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32,
-                                        rows[0].y().data(), "", 8, kHidden,
-                                        r.data())
+    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32, rows[0].y().data(), "", 8,
+                                          kHidden, r.data())
                     .ok());
-    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32,
-                                        sums[0].y().data(), "", kTokens,
-                                        kHidden, t.data())
+    ASSERT_TRUE(common::UnpackActivations(common::WireDType::kF32, sums[0].y().data(), "", kTokens,
+                                          kHidden, t.data())
                     .ok());
     const int32_t first_row[] = {0, 3, 5, 8};
     for (uint32_t k = 0; k < kTokens; ++k) {
@@ -265,10 +253,8 @@ TEST_F(ComputeWorkerTest, AnInvalidRequestDoesNotSpoilItsBatch) {
   }
   WaitIdle();
   EXPECT_THAT(backend_.calls, ElementsAre(1, 3));
-  EXPECT_EQ(s.replies[3][0].error_code(),
-            static_cast<int>(absl::StatusCode::kFailedPrecondition));
-  EXPECT_THAT(s.replies[3][0].error_message(),
-              HasSubstr("layer 1 expert 3 not held by server 0"));
+  EXPECT_EQ(s.replies[3][0].error_code(), static_cast<int>(absl::StatusCode::kFailedPrecondition));
+  EXPECT_THAT(s.replies[3][0].error_message(), HasSubstr("layer 1 expert 3 not held by server 0"));
   EXPECT_EQ(s.replies[2][0].error_code(), 0);
   EXPECT_EQ(s.replies[4][0].error_code(), 0);
   EXPECT_EQ(s.done, 4);

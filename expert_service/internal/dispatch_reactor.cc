@@ -75,8 +75,7 @@ size_t StreamRegistry::live() const {
 // ---- DispatchReactor
 // ---------------------------------------------------------
 
-DispatchReactor::DispatchReactor(ComputeWorker& worker,
-                                 StreamRegistry& registry)
+DispatchReactor::DispatchReactor(ComputeWorker& worker, StreamRegistry& registry)
     : worker_(worker), registry_(registry) {
   const bool accepted = registry_.Add(this);
   absl::MutexLock lock(&mu_);
@@ -119,8 +118,7 @@ void DispatchReactor::OnReadDone(bool ok) {
       for (auto& c : assembling_) RecycleRequest(std::move(c));
       assembling_.clear();
       ReplyError(id, absl::InvalidArgumentError(absl::StrCat(
-                         "request ", id, ": stream closed after chunk ",
-                         got - 1, " of ", count)));
+                         "request ", id, ": stream closed after chunk ", got - 1, " of ", count)));
     }
     PumpLocked();
     return;
@@ -144,8 +142,7 @@ void DispatchReactor::Handle(std::unique_ptr<v1::ExpertRequest> msg) {
   if (!assembling_.empty()) {
     const v1::ExpertRequest& first = *assembling_[0];
     const uint64_t first_id = first.request_id();
-    if (id == first_id && count == first.chunk_count() &&
-        index == assembling_.size()) {
+    if (id == first_id && count == first.chunk_count() && index == assembling_.size()) {
       assembling_.push_back(std::move(msg));
       if (assembling_.size() == count) {
         Enqueue(std::move(assembling_));
@@ -155,9 +152,8 @@ void DispatchReactor::Handle(std::unique_ptr<v1::ExpertRequest> msg) {
     }
     // The request being assembled is broken: answer it once, drop its chunks.
     const absl::Status st = absl::InvalidArgumentError(
-        absl::StrCat("request ", first_id, ": expected chunk ",
-                     assembling_.size(), " of ", first.chunk_count(),
-                     ", got request ", id, " chunk ", index, " of ", count));
+        absl::StrCat("request ", first_id, ": expected chunk ", assembling_.size(), " of ",
+                     first.chunk_count(), ", got request ", id, " chunk ", index, " of ", count));
     for (auto& c : assembling_) RecycleRequest(std::move(c));
     assembling_.clear();
     ReplyError(first_id, st);
@@ -169,9 +165,8 @@ void DispatchReactor::Handle(std::unique_ptr<v1::ExpertRequest> msg) {
   if (count <= 1) {
     if (index != 0) {
       RecycleRequest(std::move(msg));
-      ReplyError(id, absl::InvalidArgumentError(
-                         absl::StrCat("request ", id, ": chunk_index ", index,
-                                      " with chunk_count ", count)));
+      ReplyError(id, absl::InvalidArgumentError(absl::StrCat("request ", id, ": chunk_index ",
+                                                             index, " with chunk_count ", count)));
       return;
     }
     std::vector<std::unique_ptr<v1::ExpertRequest>> one;
@@ -181,20 +176,17 @@ void DispatchReactor::Handle(std::unique_ptr<v1::ExpertRequest> msg) {
   }
   if (index != 0 || count > kMaxChunks) {
     RecycleRequest(std::move(msg));
-    ReplyError(id,
-               absl::InvalidArgumentError(
-                   count > kMaxChunks
-                       ? absl::StrCat("request ", id, ": chunk_count ", count,
-                                      " exceeds ", kMaxChunks)
-                       : absl::StrCat("request ", id, ": chunk ", index, " of ",
-                                      count, " arrived without chunk 0")));
+    ReplyError(id, absl::InvalidArgumentError(
+                       count > kMaxChunks ? absl::StrCat("request ", id, ": chunk_count ", count,
+                                                         " exceeds ", kMaxChunks)
+                                          : absl::StrCat("request ", id, ": chunk ", index, " of ",
+                                                         count, " arrived without chunk 0")));
     return;
   }
   assembling_.push_back(std::move(msg));
 }
 
-void DispatchReactor::Enqueue(
-    std::vector<std::unique_ptr<v1::ExpertRequest>> chunks) {
+void DispatchReactor::Enqueue(std::vector<std::unique_ptr<v1::ExpertRequest>> chunks) {
   WorkItem item{this, std::move(chunks)};
   Ref();
   ++in_flight_;
@@ -204,13 +196,12 @@ void DispatchReactor::Enqueue(
                   std::memory_order_relaxed);  // gRPC still holds its reference
   const uint64_t id = item.chunks[0]->request_id();
   for (auto& c : item.chunks) RecycleRequest(std::move(c));
-  ReplyError(id, absl::ResourceExhaustedError(absl::StrCat(
-                     "request ", id, ": expert server queue is full (",
-                     worker_.max_queue(), " requests queued)")));
+  ReplyError(id, absl::ResourceExhaustedError(
+                     absl::StrCat("request ", id, ": expert server queue is full (",
+                                  worker_.max_queue(), " requests queued)")));
 }
 
-void DispatchReactor::ReplyError(uint64_t request_id,
-                                 const absl::Status& status) {
+void DispatchReactor::ReplyError(uint64_t request_id, const absl::Status& status) {
   std::unique_ptr<v1::ExpertResponse> r;
   if (free_responses_.empty()) {
     r = std::make_unique<v1::ExpertResponse>();
@@ -251,8 +242,7 @@ void DispatchReactor::Send(v1::ExpertResponse* response) {
   PumpLocked();
 }
 
-void DispatchReactor::Done(
-    std::vector<std::unique_ptr<v1::ExpertRequest>> chunks) {
+void DispatchReactor::Done(std::vector<std::unique_ptr<v1::ExpertRequest>> chunks) {
   {
     absl::MutexLock lock(&mu_);
     for (auto& c : chunks) RecycleRequest(std::move(c));

@@ -64,9 +64,8 @@ class StreamRegistry {
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
 };
 
-class DispatchReactor final
-    : public grpc::ServerBidiReactor<v1::ExpertRequest, v1::ExpertResponse>,
-      public ReplySink {
+class DispatchReactor final : public grpc::ServerBidiReactor<v1::ExpertRequest, v1::ExpertResponse>,
+                              public ReplySink {
  public:
   // Starts reading. `worker` and `registry` must outlive the reactor.
   DispatchReactor(ComputeWorker& worker, StreamRegistry& registry);
@@ -94,17 +93,14 @@ class DispatchReactor final
 
   // Handles one received message (reactor thread). Returns nothing; replies
   // and queueing happen inside.
-  void Handle(std::unique_ptr<v1::ExpertRequest> msg)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void Handle(std::unique_ptr<v1::ExpertRequest> msg) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Answers `request_id` with `status` in-band (from a reaction).
   void ReplyError(uint64_t request_id, const absl::Status& status)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Enqueue(std::vector<std::unique_ptr<v1::ExpertRequest>> chunks)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  std::unique_ptr<v1::ExpertRequest> TakeRequest()
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RecycleRequest(std::unique_ptr<v1::ExpertRequest> r)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  std::unique_ptr<v1::ExpertRequest> TakeRequest() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RecycleRequest(std::unique_ptr<v1::ExpertRequest> r) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Starts the next write or, when everything is answered and the stream may
   // end, Finish. gRPC operations are started under mu_ so that none follows
   // Finish; in gRPC 1.51 reads, writes and OnDone never run inline.
@@ -115,22 +111,15 @@ class DispatchReactor final
   std::atomic<int> refs_{1};
 
   absl::Mutex mu_;
-  std::unique_ptr<v1::ExpertRequest> reading_
-      ABSL_GUARDED_BY(mu_);  // target of the read
+  std::unique_ptr<v1::ExpertRequest> reading_ ABSL_GUARDED_BY(mu_);  // target of the read
   // Chunks 0..k of the request being assembled (same request_id).
-  std::vector<std::unique_ptr<v1::ExpertRequest>> assembling_
-      ABSL_GUARDED_BY(mu_);
-  std::vector<std::unique_ptr<v1::ExpertRequest>> free_requests_
-      ABSL_GUARDED_BY(mu_);
-  std::vector<std::unique_ptr<v1::ExpertResponse>> free_responses_
-      ABSL_GUARDED_BY(mu_);
-  std::deque<std::unique_ptr<v1::ExpertResponse>> outgoing_
-      ABSL_GUARDED_BY(mu_);
-  std::unique_ptr<v1::ExpertResponse> writing_
-      ABSL_GUARDED_BY(mu_);                 // in flight
-  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;  // requests queued at the worker
-  bool read_closed_ ABSL_GUARDED_BY(mu_) =
-      false;  // client half-closed or stream broken
+  std::vector<std::unique_ptr<v1::ExpertRequest>> assembling_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<v1::ExpertRequest>> free_requests_ ABSL_GUARDED_BY(mu_);
+  std::vector<std::unique_ptr<v1::ExpertResponse>> free_responses_ ABSL_GUARDED_BY(mu_);
+  std::deque<std::unique_ptr<v1::ExpertResponse>> outgoing_ ABSL_GUARDED_BY(mu_);
+  std::unique_ptr<v1::ExpertResponse> writing_ ABSL_GUARDED_BY(mu_);  // in flight
+  int in_flight_ ABSL_GUARDED_BY(mu_) = 0;         // requests queued at the worker
+  bool read_closed_ ABSL_GUARDED_BY(mu_) = false;  // client half-closed or stream broken
   bool draining_ ABSL_GUARDED_BY(mu_) = false;
   bool broken_ ABSL_GUARDED_BY(mu_) = false;  // cancelled or a write failed
   bool finished_ ABSL_GUARDED_BY(mu_) = false;

@@ -13,8 +13,8 @@
 
 #include "absl/status/status.h"
 #include "absl/status/statusor.h"
-#include "core/config.h"
 #include "common/wire.h"
+#include "core/config.h"
 #include "dmoe/v1/expert.pb.h"
 #include "expert_service/internal/slot_table.h"
 
@@ -26,8 +26,8 @@ absl::StatusOr<common::WireDType> WireType(int dtype, const char* what);
 
 // Checks what a request's chunk 0 fixes for all its chunks: a MoE layer of
 // `cfg`, a known x dtype and reply dtype. Returns x's codec type.
-absl::StatusOr<common::WireDType> ValidateExpertRequest(
-    const v1::ExpertRequest& c0, const core::ModelConfig& cfg);
+absl::StatusOr<common::WireDType> ValidateExpertRequest(const v1::ExpertRequest& c0,
+                                                        const core::ModelConfig& cfg);
 
 // Checks chunk `c` of a request whose chunk 0 is `c0` (which passed
 // ValidateExpertRequest; `c` may be `c0`): the fields chunk 0 fixes, x's
@@ -37,12 +37,9 @@ absl::StatusOr<common::WireDType> ValidateExpertRequest(
 // version, and x's payload size for `in_type`. It does not decode x
 // (common::UnpackActivations checks the values). Messages start with `where`
 // ("chunk 1: ", or "" for an unchunked request).
-absl::Status ValidateExpertChunk(const v1::ExpertRequest& c0,
-                                 const v1::ExpertRequest& c,
-                                 const core::ModelConfig& cfg,
-                                 common::WireDType in_type,
-                                 const SlotTable& slots,
-                                 const std::string& where);
+absl::Status ValidateExpertChunk(const v1::ExpertRequest& c0, const v1::ExpertRequest& c,
+                                 const core::ModelConfig& cfg, common::WireDType in_type,
+                                 const SlotTable& slots, const std::string& where);
 
 }  // namespace dmoe::expert::internal
 

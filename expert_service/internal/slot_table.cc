@@ -9,32 +9,32 @@
 
 namespace dmoe::expert::internal {
 
-absl::StatusOr<std::unique_ptr<SlotTable>> SlotTable::Create(
-    const core::ModelConfig& cfg, int server_index, uint64_t version,
-    LayerSlots slots) {
+absl::StatusOr<std::unique_ptr<SlotTable>> SlotTable::Create(const core::ModelConfig& cfg,
+                                                             int server_index, uint64_t version,
+                                                             LayerSlots slots) {
   std::unique_ptr<SlotTable> t(new SlotTable(cfg, server_index));
   if (static_cast<int64_t>(slots.size()) != cfg.num_hidden_layers) {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "slot table: ", slots.size(), " layers of slots for a model with ",
-        cfg.num_hidden_layers, " layers"));
+    return absl::InvalidArgumentError(absl::StrCat("slot table: ", slots.size(),
+                                                   " layers of slots for a model with ",
+                                                   cfg.num_hidden_layers, " layers"));
   }
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     t->moe_layer_[l] = cfg.IsMoeLayer(l);
     auto& s = slots[l];
     std::sort(s.begin(), s.end());
     if (!t->moe_layer_[l] && !s.empty()) {
-      return absl::InvalidArgumentError(absl::StrCat(
-          "slot table: layer ", l, " is dense but has expert slots"));
+      return absl::InvalidArgumentError(
+          absl::StrCat("slot table: layer ", l, " is dense but has expert slots"));
     }
     for (size_t i = 0; i < s.size(); ++i) {
       if (s[i] < 0 || s[i] >= cfg.n_routed_experts) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("slot table: layer ", l, " expert id ", s[i],
-                         " out of range [0, ", cfg.n_routed_experts, ")"));
+        return absl::InvalidArgumentError(absl::StrCat("slot table: layer ", l, " expert id ", s[i],
+                                                       " out of range [0, ", cfg.n_routed_experts,
+                                                       ")"));
       }
       if (i > 0 && s[i] == s[i - 1]) {
-        return absl::InvalidArgumentError(absl::StrCat(
-            "slot table: layer ", l, " expert ", s[i], " listed twice"));
+        return absl::InvalidArgumentError(
+            absl::StrCat("slot table: layer ", l, " expert ", s[i], " listed twice"));
       }
     }
   }
@@ -65,24 +65,22 @@ absl::Status SlotTable::CheckHeld(uint64_t version, int32_t layer,
   absl::ReaderMutexLock lock(&mu_);
   const Version* v = Find(version);
   if (v == nullptr) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "placement version ", version, " not held (holding ", HeldList(), ")"));
+    return absl::FailedPreconditionError(
+        absl::StrCat("placement version ", version, " not held (holding ", HeldList(), ")"));
   }
   if (layer < 0 || layer >= num_layers_ || !moe_layer_[layer]) {
-    return absl::InvalidArgumentError(
-        absl::StrCat("layer ", layer, " is not a MoE layer"));
+    return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
   }
   const auto& held = v->slots[layer];
   for (int32_t e : experts) {
     if (e < 0 || e >= num_experts_) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layer ", layer, ": expert id ", e, " out of range [0, ",
-                       num_experts_, ")"));
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": expert id ", e,
+                                                     " out of range [0, ", num_experts_, ")"));
     }
     if (!std::binary_search(held.begin(), held.end(), e)) {
-      return absl::FailedPreconditionError(
-          absl::StrCat("layer ", layer, " expert ", e, " not held by server ",
-                       server_index_, " in placement version ", version));
+      return absl::FailedPreconditionError(absl::StrCat("layer ", layer, " expert ", e,
+                                                        " not held by server ", server_index_,
+                                                        " in placement version ", version));
     }
   }
   return absl::OkStatus();
@@ -93,14 +91,12 @@ absl::StatusOr<std::vector<LayerExpert>> SlotTable::CheckSlotList(
   std::vector<LayerExpert> out;
   for (const auto& [layer, experts] : slots) {
     if (layer < 0 || layer >= num_layers_ || !moe_layer_[layer]) {
-      return absl::InvalidArgumentError(
-          absl::StrCat("layer ", layer, " is not a MoE layer"));
+      return absl::InvalidArgumentError(absl::StrCat("layer ", layer, " is not a MoE layer"));
     }
     for (int32_t e : experts) {
       if (e < 0 || e >= num_experts_) {
-        return absl::InvalidArgumentError(
-            absl::StrCat("layer ", layer, ": expert id ", e,
-                         " out of range [0, ", num_experts_, ")"));
+        return absl::InvalidArgumentError(absl::StrCat("layer ", layer, ": expert id ", e,
+                                                       " out of range [0, ", num_experts_, ")"));
       }
       LayerExpert le{static_cast<int32_t>(layer), e};
       if (std::find(out.begin(), out.end(), le) != out.end()) {
@@ -117,21 +113,18 @@ absl::Status SlotTable::CheckAddVersion(uint64_t version) const {
   absl::ReaderMutexLock lock(&mu_);
   const uint64_t newest = versions_.back().version;
   if (version < newest) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("placement version ", version,
-                     " is older than the newest held version ", newest));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement version ", version, " is older than the newest held version ", newest));
   }
   return absl::OkStatus();
 }
 
-absl::Status SlotTable::AddSlots(uint64_t version,
-                                 std::span<const LayerExpert> add) {
+absl::Status SlotTable::AddSlots(uint64_t version, std::span<const LayerExpert> add) {
   absl::MutexLock lock(&mu_);
   const uint64_t newest = versions_.back().version;
   if (version < newest) {
-    return absl::FailedPreconditionError(
-        absl::StrCat("placement version ", version,
-                     " is older than the newest held version ", newest));
+    return absl::FailedPreconditionError(absl::StrCat(
+        "placement version ", version, " is older than the newest held version ", newest));
   }
   if (version > newest) {
     Version next{version, versions_.back().slots};
@@ -152,18 +145,17 @@ absl::StatusOr<std::vector<LayerExpert>> SlotTable::RemoveSlots(
   absl::MutexLock lock(&mu_);
   const uint64_t newest = versions_.back().version;
   if (version != newest) {
-    return absl::FailedPreconditionError(absl::StrCat(
-        "placement version ", version,
-        " is not the newest held version (holding ", HeldList(), ")"));
+    return absl::FailedPreconditionError(absl::StrCat("placement version ", version,
+                                                      " is not the newest held version (holding ",
+                                                      HeldList(), ")"));
   }
   LayerSlots slots = versions_.back().slots;
   for (const LayerExpert& le : remove) {
     auto& s = slots[le.layer];
     auto it = std::lower_bound(s.begin(), s.end(), le.expert);
     if (it == s.end() || *it != le.expert) {
-      return absl::NotFoundError(
-          absl::StrCat("layer ", le.layer, " expert ", le.expert,
-                       " is not a slot of placement version ", version));
+      return absl::NotFoundError(absl::StrCat("layer ", le.layer, " expert ", le.expert,
+                                              " is not a slot of placement version ", version));
     }
     s.erase(it);
   }
@@ -196,8 +188,7 @@ bool SlotTable::Referenced(int32_t layer, int32_t expert) const {
   return false;
 }
 
-void SlotTable::CountTokens(
-    std::span<const std::pair<LayerExpert, uint64_t>> counts) {
+void SlotTable::CountTokens(std::span<const std::pair<LayerExpert, uint64_t>> counts) {
   absl::MutexLock lock(&mu_);
   for (const auto& [le, n] : counts) tokens_[le.layer][le.expert] += n;
 }

@@ -37,16 +37,15 @@ struct LayerExpert {
 class SlotTable {
  public:
   // `slots` has one entry per model layer; ids are checked against `cfg`.
-  static absl::StatusOr<std::unique_ptr<SlotTable>> Create(
-      const core::ModelConfig& cfg, int server_index, uint64_t version,
-      LayerSlots slots);
+  static absl::StatusOr<std::unique_ptr<SlotTable>> Create(const core::ModelConfig& cfg,
+                                                           int server_index, uint64_t version,
+                                                           LayerSlots slots);
 
   // OK when `version` is held and every id of `experts` (routed ids) is a slot
   // of `layer` in it. FAILED_PRECONDITION "placement version 3 not held
   // (holding 2)" or "layer 1 expert 5 not held by server 1 in placement
   // version 2"; INVALID_ARGUMENT for ids out of range.
-  absl::Status CheckHeld(uint64_t version, int32_t layer,
-                         std::span<const int32_t> experts) const;
+  absl::Status CheckHeld(uint64_t version, int32_t layer, std::span<const int32_t> experts) const;
 
   // Validates a slot list from a LoadSlots/UnloadSlots request: MoE layers, ids
   // in range, no duplicates within a layer. Returns it as (layer, expert)
@@ -65,8 +64,8 @@ class SlotTable {
   // (FAILED_PRECONDITION otherwise), and drops every older version. NOT_FOUND
   // when an entry is not a slot of `version` (nothing changes then). Returns
   // the (layer, expert) pairs no longer held by any version.
-  absl::StatusOr<std::vector<LayerExpert>> RemoveSlots(
-      uint64_t version, std::span<const LayerExpert> remove);
+  absl::StatusOr<std::vector<LayerExpert>> RemoveSlots(uint64_t version,
+                                                       std::span<const LayerExpert> remove);
 
   // True when some held version has (layer, expert).
   bool Referenced(int32_t layer, int32_t expert) const;
@@ -75,11 +74,10 @@ class SlotTable {
   void CountTokens(std::span<const std::pair<LayerExpert, uint64_t>> counts);
 
   struct Snapshot {
-    uint64_t version = 0;                 // newest held version
-    std::vector<uint64_t> held_versions;  // ascending
-    LayerSlots slots;                     // of the newest version
-    std::vector<uint64_t>
-        tokens_computed;  // per slot of `slots`, flattened in order
+    uint64_t version = 0;                   // newest held version
+    std::vector<uint64_t> held_versions;    // ascending
+    LayerSlots slots;                       // of the newest version
+    std::vector<uint64_t> tokens_computed;  // per slot of `slots`, flattened in order
     int64_t num_slots = 0;
   };
   Snapshot Get() const;
@@ -106,8 +104,7 @@ class SlotTable {
   std::vector<bool> moe_layer_;  // [layer]
 
   mutable absl::Mutex mu_;
-  std::vector<Version> versions_
-      ABSL_GUARDED_BY(mu_);  // ascending by version, 1 or 2
+  std::vector<Version> versions_ ABSL_GUARDED_BY(mu_);  // ascending by version, 1 or 2
   // [layer][expert] tokens computed (assignments), since start.
   std::vector<std::vector<uint64_t>> tokens_ ABSL_GUARDED_BY(mu_);
 };

@@ -50,9 +50,8 @@ class TaskThread {
       {
         absl::MutexLock lock(&mu_);
         mu_.Await(absl::Condition(
-            +[](TaskThread* t) ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->mu_) {
-              return t->stop_ || !t->tasks_.empty();
-            },
+            +[](TaskThread* t)
+                 ABSL_EXCLUSIVE_LOCKS_REQUIRED(t->mu_) { return t->stop_ || !t->tasks_.empty(); },
             this));
         if (tasks_.empty()) return;
         task = std::move(tasks_.front());

@@ -15,8 +15,8 @@
 #include <memory>
 #include <string>
 
-#include "text/tokenizer.h"
 #include "nlohmann/json.hpp"
+#include "text/tokenizer.h"
 
 namespace dmoe::gateway::testing {
 

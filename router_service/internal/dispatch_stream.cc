@@ -179,8 +179,8 @@ void DispatchStream::OnDone(const grpc::Status& s) {
   {
     absl::MutexLock lock(&hub_->mu);
     std::string why = s.ok() ? std::string("the server ended the stream")
-                             : absl::StrCat("gRPC status ", static_cast<int>(s.error_code()),
-                                            ": ", s.error_message());
+                             : absl::StrCat("gRPC status ", static_cast<int>(s.error_code()), ": ",
+                                            s.error_message());
     MarkBrokenLocked(why);
     broken_reason_ = std::move(why);  // the final status says more than "closed"
     done_ = true;

@@ -125,12 +125,11 @@ class DispatchStream final
 
   // Guarded by hub_->mu.
   std::vector<uint64_t> expected_ ABSL_GUARDED_BY(hub_->mu);  // ids whose replies are wanted
-  uint64_t max_expected_ ABSL_GUARDED_BY(hub_->mu) = 0;        // the highest id Expect()ed
+  uint64_t max_expected_ ABSL_GUARDED_BY(hub_->mu) = 0;       // the highest id Expect()ed
   std::deque<std::unique_ptr<dmoe::v1::ExpertResponse>> inbox_ ABSL_GUARDED_BY(hub_->mu);
   std::unique_ptr<dmoe::v1::ExpertRequest> writing_ ABSL_GUARDED_BY(hub_->mu);  // outstanding
   std::deque<std::unique_ptr<dmoe::v1::ExpertRequest>> write_queue_ ABSL_GUARDED_BY(hub_->mu);
-  std::vector<std::unique_ptr<dmoe::v1::ExpertRequest>> free_requests_
-      ABSL_GUARDED_BY(hub_->mu);
+  std::vector<std::unique_ptr<dmoe::v1::ExpertRequest>> free_requests_ ABSL_GUARDED_BY(hub_->mu);
   struct Outstanding {
     uint64_t id;
     int64_t tokens;  // not yet answered

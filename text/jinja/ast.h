@@ -44,28 +44,18 @@ struct Expr {
   Kind kind;
   size_t pos = 0;
   Value literal;
-  std::string name;      // kName, kAttr, kFilter, kTest, kBinary (operator)
-  bool negated = false;  // kTest: "is not"
+  std::string name;                         // kName, kAttr, kFilter, kTest, kBinary (operator)
+  bool negated = false;                     // kTest: "is not"
   std::vector<std::unique_ptr<Expr>> args;  // operands / call args / elements
   std::vector<std::pair<std::string, std::unique_ptr<Expr>>> kwargs;
 };
 
 struct Node {
-  enum class Kind {
-    kBody,
-    kText,
-    kOutput,
-    kIf,
-    kFor,
-    kSet,
-    kSetBlock,
-    kBreak,
-    kContinue
-  };
+  enum class Kind { kBody, kText, kOutput, kIf, kFor, kSet, kSetBlock, kBreak, kContinue };
   Kind kind = Kind::kBody;
   size_t pos = 0;
-  std::string text;            // kText
-  std::unique_ptr<Expr> expr;  // kOutput, kFor (iterable), kSet (value)
+  std::string text;                             // kText
+  std::unique_ptr<Expr> expr;                   // kOutput, kFor (iterable), kSet (value)
   std::vector<std::unique_ptr<Node>> children;  // kBody
   // kIf: conds[k] guards bodies[k]; a body without cond (the else) comes last.
   std::vector<std::unique_ptr<Expr>> conds;

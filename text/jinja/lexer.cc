@@ -96,16 +96,14 @@ absl::StatusOr<std::string> Lexer::LexString(size_t* pos) const {
       case 'u':
       case 'U': {
         auto v = hex(e == 'x' ? 2 : e == 'u' ? 4 : 8);
-        if (!v || *v > 0x10FFFF)
-          return Error(*pos - 2, "invalid escape in string literal");
+        if (!v || *v > 0x10FFFF) return Error(*pos - 2, "invalid escape in string literal");
         append_cp(*v);
         break;
       }
       default:
         if (e >= '0' && e <= '7') {
           uint32_t v = e - '0';
-          for (int k = 0; k < 2 && *pos < src_.size() && src_[*pos] >= '0' &&
-                          src_[*pos] <= '7';
+          for (int k = 0; k < 2 && *pos < src_.size() && src_[*pos] >= '0' && src_[*pos] <= '7';
                ++k)
             v = v * 8 + (src_[(*pos)++] - '0');
           append_cp(v);
@@ -120,63 +118,52 @@ absl::StatusOr<std::string> Lexer::LexString(size_t* pos) const {
   return out;
 }
 
-absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out,
-                           bool* strip_after) {
+absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out, bool* strip_after) {
   const char* end_tag = block ? "%}" : "}}";
   int depth = 0;
   while (true) {
     while (*pos < src_.size() && IsPySpace(src_[*pos])) ++*pos;
-    if (*pos >= src_.size())
-      return Error(*pos, absl::StrCat("missing '", end_tag, "'"));
+    if (*pos >= src_.size()) return Error(*pos, absl::StrCat("missing '", end_tag, "'"));
     const size_t p = *pos;
     if (depth == 0 && src_.compare(p, 3, std::string("-") + end_tag) == 0) {
       *strip_after = true;
       *pos += 3;
-      out->push_back(
-          {block ? Token::Kind::kBlockEnd : Token::Kind::kVarEnd, "", 0, 0, p});
+      out->push_back({block ? Token::Kind::kBlockEnd : Token::Kind::kVarEnd, "", 0, 0, p});
       return absl::OkStatus();
     }
     if (depth == 0 && src_.compare(p, 2, end_tag) == 0) {
       *strip_after = false;
       *pos += 2;
-      out->push_back(
-          {block ? Token::Kind::kBlockEnd : Token::Kind::kVarEnd, "", 0, 0, p});
+      out->push_back({block ? Token::Kind::kBlockEnd : Token::Kind::kVarEnd, "", 0, 0, p});
       return absl::OkStatus();
     }
     const char c = src_[p];
     if (std::isalpha(static_cast<unsigned char>(c)) || c == '_') {
       size_t e = p;
-      while (
-          e < src_.size() &&
-          (std::isalnum(static_cast<unsigned char>(src_[e])) || src_[e] == '_'))
+      while (e < src_.size() &&
+             (std::isalnum(static_cast<unsigned char>(src_[e])) || src_[e] == '_'))
         ++e;
       out->push_back({Token::Kind::kName, src_.substr(p, e - p), 0, 0, p});
       *pos = e;
     } else if (std::isdigit(static_cast<unsigned char>(c))) {
       size_t e = p;
       bool is_float = false;
-      while (
-          e < src_.size() &&
-          (std::isdigit(static_cast<unsigned char>(src_[e])) || src_[e] == '_'))
+      while (e < src_.size() &&
+             (std::isdigit(static_cast<unsigned char>(src_[e])) || src_[e] == '_'))
         ++e;
       if (e + 1 < src_.size() && src_[e] == '.' &&
           std::isdigit(static_cast<unsigned char>(src_[e + 1]))) {
         is_float = true;
         ++e;
-        while (e < src_.size() &&
-               std::isdigit(static_cast<unsigned char>(src_[e])))
-          ++e;
+        while (e < src_.size() && std::isdigit(static_cast<unsigned char>(src_[e]))) ++e;
       }
       if (e < src_.size() && (src_[e] == 'e' || src_[e] == 'E')) {
         size_t x = e + 1;
         if (x < src_.size() && (src_[x] == '+' || src_[x] == '-')) ++x;
-        if (x < src_.size() &&
-            std::isdigit(static_cast<unsigned char>(src_[x]))) {
+        if (x < src_.size() && std::isdigit(static_cast<unsigned char>(src_[x]))) {
           is_float = true;
           e = x;
-          while (e < src_.size() &&
-                 std::isdigit(static_cast<unsigned char>(src_[e])))
-            ++e;
+          while (e < src_.size() && std::isdigit(static_cast<unsigned char>(src_[e]))) ++e;
         }
       }
       std::string num;
@@ -188,15 +175,13 @@ absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out,
         // error here; 1e-999 is 0.0 as in Python.
         const std::optional<double> f = ParseDouble(num);
         if (!f || std::isinf(*f))
-          return Error(p, absl::StrCat("float literal ", Quoted(num),
-                                       " is beyond the range of a double"));
+          return Error(
+              p, absl::StrCat("float literal ", Quoted(num), " is beyond the range of a double"));
         t.f = *f;
-      } else if (std::from_chars(num.data(), num.data() + num.size(), t.i).ec !=
-                 std::errc()) {
+      } else if (std::from_chars(num.data(), num.data() + num.size(), t.i).ec != std::errc()) {
         // Python's ints are unbounded, ours are int64.
-        return Error(p,
-                     absl::StrCat("integer literal ", Quoted(num),
-                                  " is too large (at most ", INT64_MAX, ")"));
+        return Error(p, absl::StrCat("integer literal ", Quoted(num), " is too large (at most ",
+                                     INT64_MAX, ")"));
       }
       out->push_back(std::move(t));
       *pos = e;
@@ -204,9 +189,9 @@ absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out,
       DMOE_ASSIGN_OR_RETURN(std::string s, LexString(pos));
       out->push_back({Token::Kind::kString, std::move(s), 0, 0, p});
     } else {
-      static const char* kOps[] = {
-          "//", "**", "==", "!=", "<=", ">=", "+", "-", "*", "/", "%", "~", "<",
-          ">",  "(",  ")",  "[",  "]",  "{",  "}", ",", ".", ":", "|", "="};
+      static const char* kOps[] = {"//", "**", "==", "!=", "<=", ">=", "+", "-", "*",
+                                   "/",  "%",  "~",  "<",  ">",  "(",  ")", "[", "]",
+                                   "{",  "}",  ",",  ".",  ":",  "|",  "="};
       const char* op = nullptr;
       for (const char* o : kOps) {
         if (src_.compare(p, std::strlen(o), o) == 0) {
@@ -215,8 +200,7 @@ absl::Status Lexer::LexTag(size_t* pos, bool block, std::vector<Token>* out,
         }
       }
       if (op == nullptr)
-        return Error(
-            p, absl::StrCat("unexpected character '", std::string(1, c), "'"));
+        return Error(p, absl::StrCat("unexpected character '", std::string(1, c), "'"));
       if (*op == '(' || *op == '[' || *op == '{') ++depth;
       if ((*op == ')' || *op == ']' || *op == '}') && depth > 0) --depth;
       out->push_back({Token::Kind::kOp, op, 0, 0, p});
@@ -241,8 +225,7 @@ absl::Status Lexer::Run(std::vector<Token>* out) {
       if (n == '{' || n == '%' || n == '#') break;
       ++tag;
     }
-    std::string text = src_.substr(
-        pos, tag == std::string::npos ? std::string::npos : tag - pos);
+    std::string text = src_.substr(pos, tag == std::string::npos ? std::string::npos : tag - pos);
     if (strip_next) text = Strip(text, true, false, std::nullopt);
     if (tag == std::string::npos) {
       if (!text.empty()) out->push_back({Token::Kind::kText, text, 0, 0, pos});
@@ -256,11 +239,8 @@ absl::Status Lexer::Run(std::vector<Token>* out) {
       // lstrip_blocks: spaces and tabs between the line start and a block tag.
       const size_t nl = text.rfind('\n');
       const size_t from = nl == std::string::npos ? 0 : nl + 1;
-      const bool line_start =
-          nl != std::string::npos || pos == 0 || src_[pos - 1] == '\n';
-      if (line_start &&
-          text.find_first_not_of(" \t", from) == std::string::npos)
-        text.erase(from);
+      const bool line_start = nl != std::string::npos || pos == 0 || src_[pos - 1] == '\n';
+      if (line_start && text.find_first_not_of(" \t", from) == std::string::npos) text.erase(from);
     }
     if (!text.empty()) out->push_back({Token::Kind::kText, text, 0, 0, pos});
     pos = tag + 2 + ((modifier == '-' || modifier == '+') ? 1 : 0);
@@ -272,13 +252,11 @@ absl::Status Lexer::Run(std::vector<Token>* out) {
       pos = end + 2;
     } else {
       out->push_back(
-          {kind == '{' ? Token::Kind::kVarBegin : Token::Kind::kBlockBegin, "",
-           0, 0, tag});
+          {kind == '{' ? Token::Kind::kVarBegin : Token::Kind::kBlockBegin, "", 0, 0, tag});
       DMOE_RETURN_IF_ERROR(LexTag(&pos, kind == '%', out, &strip_after));
     }
     // trim_blocks: the first newline after a block or comment tag.
-    if (!strip_after && kind != '{' && pos < src_.size() && src_[pos] == '\n')
-      ++pos;
+    if (!strip_after && kind != '{' && pos < src_.size() && src_[pos] == '\n') ++pos;
     strip_next = strip_after;
   }
   out->push_back({Token::Kind::kEof, "", 0, 0, src_.size()});

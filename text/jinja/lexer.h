@@ -70,11 +70,10 @@ class Lexer {
 
  private:
   absl::Status Error(size_t pos, std::string_view msg) const {
-    return absl::InvalidArgumentError(absl::StrCat(
-        Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
   }
-  absl::Status LexTag(size_t* pos, bool block, std::vector<Token>* out,
-                      bool* strip_after);
+  absl::Status LexTag(size_t* pos, bool block, std::vector<Token>* out, bool* strip_after);
   absl::StatusOr<std::string> LexString(size_t* pos) const;
 
   const std::string& src_;

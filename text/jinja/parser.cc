@@ -16,16 +16,15 @@
 
 namespace dmoe::text::jinja {
 
-absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
-    const std::vector<std::string>& ends, std::string* end) {
+absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(const std::vector<std::string>& ends,
+                                                        std::string* end) {
   DepthGuard guard(this);
   if (depth_ > kMaxDepth) return Error(Peek().pos, "nesting too deep");
   auto body = std::make_unique<Node>();
   while (true) {
     const Token& tok = Peek();
     if (tok.kind == Token::Kind::kEof) {
-      if (!ends.empty())
-        return Error(tok.pos, absl::StrCat("missing {% ", ends.back(), " %}"));
+      if (!ends.empty()) return Error(tok.pos, absl::StrCat("missing {% ", ends.back(), " %}"));
       break;
     }
     if (tok.kind == Token::Kind::kText) {
@@ -39,8 +38,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
       n->kind = Node::Kind::kOutput;
       n->pos = tok.pos;
       DMOE_ASSIGN_OR_RETURN(n->expr, ParseExpr());
-      if (Peek().kind != Token::Kind::kVarEnd)
-        return Error(Peek().pos, "expected '}}'");
+      if (Peek().kind != Token::Kind::kVarEnd) return Error(Peek().pos, "expected '}}'");
       Next();
       body->children.push_back(std::move(n));
     } else if (tok.kind == Token::Kind::kBlockBegin) {
@@ -66,8 +64,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseBody(
   return body;
 }
 
-absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(
-    const std::string& tag, size_t pos) {
+absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(const std::string& tag, size_t pos) {
   auto n = std::make_unique<Node>();
   n->pos = pos;
   std::string end;
@@ -77,8 +74,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(
     n->conds.push_back(std::move(cond));
     DMOE_RETURN_IF_ERROR(ExpectBlockEnd());
     while (true) {
-      DMOE_ASSIGN_OR_RETURN(auto body,
-                            ParseBody({"elif", "else", "endif"}, &end));
+      DMOE_ASSIGN_OR_RETURN(auto body, ParseBody({"elif", "else", "endif"}, &end));
       n->bodies.push_back(std::move(body));
       if (end == "endif") break;
       if (end == "elif") {
@@ -111,8 +107,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(
       Next();
       DMOE_ASSIGN_OR_RETURN(n->filter, ParseOr());
     }
-    if (IsName("recursive"))
-      return Error(Peek().pos, "unsupported: recursive for loops");
+    if (IsName("recursive")) return Error(Peek().pos, "unsupported: recursive for loops");
     DMOE_RETURN_IF_ERROR(ExpectBlockEnd());
     ++loops_;
     DMOE_ASSIGN_OR_RETURN(auto body, ParseBody({"else", "endfor"}, &end));
@@ -133,8 +128,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(
       Next();
       DMOE_ASSIGN_OR_RETURN(n->attr, ExpectName());
     }
-    if (IsOp(","))
-      return Error(Peek().pos, "unsupported: tuple assignment in set");
+    if (IsOp(",")) return Error(Peek().pos, "unsupported: tuple assignment in set");
     if (IsOp("=")) {
       Next();
       n->kind = Node::Kind::kSet;
@@ -151,8 +145,7 @@ absl::StatusOr<std::unique_ptr<Node>> Parser::ParseStatement(
     return n;
   }
   if (tag == "break" || tag == "continue") {
-    if (loops_ == 0)
-      return Error(pos, absl::StrCat("'", tag, "' outside a for loop"));
+    if (loops_ == 0) return Error(pos, absl::StrCat("'", tag, "' outside a for loop"));
     n->kind = tag == "break" ? Node::Kind::kBreak : Node::Kind::kContinue;
     DMOE_RETURN_IF_ERROR(ExpectBlockEnd());
     return n;
@@ -233,8 +226,7 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseCompare() {
   DMOE_ASSIGN_OR_RETURN(auto e, ParseMath1());
   while (true) {
     std::string op;
-    if (IsOp("==") || IsOp("!=") || IsOp("<") || IsOp(">") || IsOp("<=") ||
-        IsOp(">=")) {
+    if (IsOp("==") || IsOp("!=") || IsOp("<") || IsOp(">") || IsOp("<=") || IsOp(">=")) {
       op = Next().text;
     } else if (IsName("in")) {
       Next();
@@ -248,8 +240,7 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseCompare() {
     }
     DMOE_ASSIGN_OR_RETURN(auto r, ParseMath1());
     // Chained comparisons (a < b < c) are rare in templates: refuse them.
-    if (IsOp("==") || IsOp("!=") || IsOp("<") || IsOp(">") || IsOp("<=") ||
-        IsOp(">="))
+    if (IsOp("==") || IsOp("!=") || IsOp("<") || IsOp(">") || IsOp("<=") || IsOp(">="))
       return Error(Peek().pos, "unsupported: chained comparison");
     e = Binary(op, std::move(e), std::move(r));
   }
@@ -316,8 +307,7 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePrimary() {
     case Token::Kind::kString: {
       auto e = Make(Expr::Kind::kLiteral, t.pos);
       std::string s = Next().text;
-      while (Peek().kind == Token::Kind::kString)
-        s += Next().text;  // adjacent literals
+      while (Peek().kind == Token::Kind::kString) s += Next().text;  // adjacent literals
       e->literal = Value::Str(std::move(s));
       return e;
     }
@@ -399,9 +389,8 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePrimary() {
     default:
       break;
   }
-  return Error(t.pos, t.kind == Token::Kind::kOp
-                          ? absl::StrCat("unexpected '", t.text, "'")
-                          : std::string("expected an expression"));
+  return Error(t.pos, t.kind == Token::Kind::kOp ? absl::StrCat("unexpected '", t.text, "'")
+                                                 : std::string("expected an expression"));
 }
 
 absl::Status Parser::ParseCallArgs(Expr* call) {
@@ -424,8 +413,7 @@ absl::Status Parser::ParseCallArgs(Expr* call) {
   return Expect(")");
 }
 
-absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePostfix(
-    std::unique_ptr<Expr> e) {
+absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePostfix(std::unique_ptr<Expr> e) {
   while (true) {
     if (IsOp(".")) {
       const size_t pos = Next().pos;
@@ -466,8 +454,7 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePostfix(
       } else {
         auto slice = Make(Expr::Kind::kSlice, pos);
         slice->args.push_back(std::move(e));
-        for (auto& part : parts)
-          slice->args.push_back(std::move(part));  // may be null
+        for (auto& part : parts) slice->args.push_back(std::move(part));  // may be null
         e = std::move(slice);
       }
     } else if (IsOp("(")) {
@@ -481,8 +468,7 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParsePostfix(
   }
 }
 
-absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseFilterAndTest(
-    std::unique_ptr<Expr> e) {
+absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseFilterAndTest(std::unique_ptr<Expr> e) {
   while (true) {
     if (IsOp("|")) {
       const size_t pos = Next().pos;
@@ -504,12 +490,11 @@ absl::StatusOr<std::unique_ptr<Expr>> Parser::ParseFilterAndTest(
       t->args.push_back(std::move(e));
       if (IsOp("(")) {
         DMOE_RETURN_IF_ERROR(ParseCallArgs(t.get()));
-      } else if (Peek().kind == Token::Kind::kString ||
-                 Peek().kind == Token::Kind::kInt ||
+      } else if (Peek().kind == Token::Kind::kString || Peek().kind == Token::Kind::kInt ||
                  Peek().kind == Token::Kind::kFloat ||
-                 (Peek().kind == Token::Kind::kName && !IsName("and") &&
-                  !IsName("or") && !IsName("if") && !IsName("else") &&
-                  !IsName("is") && !IsName("in") && !IsName("not"))) {
+                 (Peek().kind == Token::Kind::kName && !IsName("and") && !IsName("or") &&
+                  !IsName("if") && !IsName("else") && !IsName("is") && !IsName("in") &&
+                  !IsName("not"))) {
         DMOE_ASSIGN_OR_RETURN(auto arg,
                               ParsePrimary());  // "is sameas false", "is eq 3"
         t->args.push_back(std::move(arg));

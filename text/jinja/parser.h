@@ -31,18 +31,15 @@ namespace dmoe::text::jinja {
 
 class Parser {
  public:
-  Parser(const std::vector<Token>& tokens, const Lexer& lexer)
-      : t_(tokens), lexer_(lexer) {}
+  Parser(const std::vector<Token>& tokens, const Lexer& lexer) : t_(tokens), lexer_(lexer) {}
 
   // Parses until one of `ends` (a block tag name) or the end; *end gets its
   // name.
-  absl::StatusOr<std::unique_ptr<Node>> ParseBody(
-      const std::vector<std::string>& ends, std::string* end);
+  absl::StatusOr<std::unique_ptr<Node>> ParseBody(const std::vector<std::string>& ends,
+                                                  std::string* end);
 
  private:
-  const Token& Peek(int k = 0) const {
-    return t_[std::min(p_ + k, t_.size() - 1)];
-  }
+  const Token& Peek(int k = 0) const { return t_[std::min(p_ + k, t_.size() - 1)]; }
   const Token& Next() { return t_[std::min(p_++, t_.size() - 1)]; }
   bool IsOp(std::string_view op, int k = 0) const {
     return Peek(k).kind == Token::Kind::kOp && Peek(k).text == op;
@@ -51,33 +48,28 @@ class Parser {
     return Peek(k).kind == Token::Kind::kName && Peek(k).text == n;
   }
   absl::Status Error(size_t pos, std::string_view msg) const {
-    return absl::InvalidArgumentError(absl::StrCat(
-        lexer_.Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(lexer_.Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
   }
   absl::Status Expect(std::string_view op) {
     if (!IsOp(op))
       return Error(Peek().pos,
-                   absl::StrCat("expected '",
-                                absl::string_view(op.data(), op.size()), "'"));
+                   absl::StrCat("expected '", absl::string_view(op.data(), op.size()), "'"));
     Next();
     return absl::OkStatus();
   }
   absl::Status ExpectBlockEnd() {
-    if (Peek().kind != Token::Kind::kBlockEnd)
-      return Error(Peek().pos, "expected '%}'");
+    if (Peek().kind != Token::Kind::kBlockEnd) return Error(Peek().pos, "expected '%}'");
     Next();
     return absl::OkStatus();
   }
   absl::StatusOr<std::string> ExpectName() {
-    if (Peek().kind != Token::Kind::kName)
-      return Error(Peek().pos, "expected a name");
+    if (Peek().kind != Token::Kind::kName) return Error(Peek().pos, "expected a name");
     return Next().text;
   }
 
-  absl::StatusOr<std::unique_ptr<Node>> ParseStatement(const std::string& tag,
-                                                       size_t pos);
-  absl::StatusOr<std::unique_ptr<Expr>>
-  ParseExpr();  // with a trailing "if ... else ..."
+  absl::StatusOr<std::unique_ptr<Node>> ParseStatement(const std::string& tag, size_t pos);
+  absl::StatusOr<std::unique_ptr<Expr>> ParseExpr();  // with a trailing "if ... else ..."
   absl::StatusOr<std::unique_ptr<Expr>> ParseOr();
   absl::StatusOr<std::unique_ptr<Expr>> ParseAnd();
   absl::StatusOr<std::unique_ptr<Expr>> ParseNot();
@@ -89,8 +81,7 @@ class Parser {
   absl::StatusOr<std::unique_ptr<Expr>> ParseUnary();
   absl::StatusOr<std::unique_ptr<Expr>> ParsePrimary();
   absl::StatusOr<std::unique_ptr<Expr>> ParsePostfix(std::unique_ptr<Expr> e);
-  absl::StatusOr<std::unique_ptr<Expr>> ParseFilterAndTest(
-      std::unique_ptr<Expr> e);
+  absl::StatusOr<std::unique_ptr<Expr>> ParseFilterAndTest(std::unique_ptr<Expr> e);
   absl::Status ParseCallArgs(Expr* call);
 
   static std::unique_ptr<Expr> Make(Expr::Kind k, size_t pos) {

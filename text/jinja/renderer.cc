@@ -16,8 +16,7 @@
 
 namespace dmoe::text::jinja {
 
-absl::StatusOr<std::vector<Value>> Renderer::Iterate(const Expr& e,
-                                                     const Value& v) {
+absl::StatusOr<std::vector<Value>> Renderer::Iterate(const Expr& e, const Value& v) {
   switch (v.kind) {
     case Value::Kind::kUndefined:
       return std::vector<Value>{};  // Jinja: empty iteration
@@ -30,8 +29,7 @@ absl::StatusOr<std::vector<Value>> Renderer::Iterate(const Expr& e,
     }
     case Value::Kind::kString: {
       std::vector<Value> chars;
-      for (std::string& c : CodePoints(v.s))
-        chars.push_back(Value::Str(std::move(c)));
+      for (std::string& c : CodePoints(v.s)) chars.push_back(Value::Str(std::move(c)));
       return chars;
     }
     default:
@@ -75,13 +73,10 @@ absl::StatusOr<Flow> Renderer::Exec(const Node& n, std::string* out) {
         if (n.targets.size() == 1) {
           frame[n.targets[0]] = std::move(item);
         } else {
-          if (!item.is(Value::Kind::kList) ||
-              item.list->size() != n.targets.size())
-            return Error(n.pos, absl::StrCat("cannot unpack a ", KindName(item),
-                                             " into ", n.targets.size(),
-                                             " loop variables"));
-          for (size_t k = 0; k < n.targets.size(); ++k)
-            frame[n.targets[k]] = (*item.list)[k];
+          if (!item.is(Value::Kind::kList) || item.list->size() != n.targets.size())
+            return Error(n.pos, absl::StrCat("cannot unpack a ", KindName(item), " into ",
+                                             n.targets.size(), " loop variables"));
+          for (size_t k = 0; k < n.targets.size(); ++k) frame[n.targets[k]] = (*item.list)[k];
         }
         if (n.filter) {
           scopes_.push_back(frame);
@@ -95,13 +90,11 @@ absl::StatusOr<Flow> Renderer::Exec(const Node& n, std::string* out) {
       const int64_t len = static_cast<int64_t>(frames.size());
       for (int64_t k = 0; k < len; ++k) {
         Value loop = Value::NewDict();
-        loop.dict->items = {{"index", Value::Int(k + 1)},
-                            {"index0", Value::Int(k)},
-                            {"first", Value::Bool(k == 0)},
-                            {"last", Value::Bool(k == len - 1)},
-                            {"length", Value::Int(len)},
-                            {"revindex", Value::Int(len - k)},
-                            {"revindex0", Value::Int(len - k - 1)}};
+        loop.dict->items = {
+            {"index", Value::Int(k + 1)},          {"index0", Value::Int(k)},
+            {"first", Value::Bool(k == 0)},        {"last", Value::Bool(k == len - 1)},
+            {"length", Value::Int(len)},           {"revindex", Value::Int(len - k)},
+            {"revindex0", Value::Int(len - k - 1)}};
         frames[k]["loop"] = std::move(loop);
         scopes_.push_back(std::move(frames[k]));
         auto flow = Exec(*n.bodies[0], out);
@@ -129,10 +122,8 @@ absl::StatusOr<Flow> Renderer::Exec(const Node& n, std::string* out) {
       }
       Value ns = Lookup(n.targets[0]);
       if (!ns.is(Value::Kind::kNamespace))
-        return Error(
-            n.pos, absl::StrCat("cannot set attribute '", n.attr, "' of '",
-                                n.targets[0],
-                                "': only namespace() objects take attributes"));
+        return Error(n.pos, absl::StrCat("cannot set attribute '", n.attr, "' of '", n.targets[0],
+                                         "': only namespace() objects take attributes"));
       if (Value* slot = ns.dict->Find(n.attr))
         *slot = std::move(v);
       else
@@ -147,8 +138,7 @@ absl::StatusOr<Flow> Renderer::Exec(const Node& n, std::string* out) {
   return Flow::kNormal;
 }
 
-absl::StatusOr<Value> Renderer::Item(const Expr& e, const Value& obj,
-                                     const Value& key) {
+absl::StatusOr<Value> Renderer::Item(const Expr& e, const Value& obj, const Value& key) {
   DMOE_RETURN_IF_ERROR(NotUndefined(e, obj, "subscript"));
   std::string what = obj.is(Value::Kind::kUndefined) ? "" : Str(key);
   if (obj.is(Value::Kind::kDict) || obj.is(Value::Kind::kNamespace)) {
@@ -167,8 +157,7 @@ absl::StatusOr<Value> Renderer::Item(const Expr& e, const Value& obj,
       size = static_cast<int64_t>(obj.list->size());
     }
     int64_t k = key.i < 0 ? key.i + size : key.i;
-    if (k < 0 || k >= size)
-      return Value::Undefined(absl::StrCat("index ", key.i));
+    if (k < 0 || k >= size) return Value::Undefined(absl::StrCat("index ", key.i));
     return obj.is(Value::Kind::kString) ? Value::Str(chars[k]) : (*obj.list)[k];
   }
   return Error(e.pos, absl::StrCat("cannot subscript a ", KindName(obj)));
@@ -205,8 +194,7 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
     }
     case Expr::Kind::kAttr: {
       DMOE_ASSIGN_OR_RETURN(Value obj, Eval(*e.args[0]));
-      DMOE_RETURN_IF_ERROR(
-          NotUndefined(e, obj, absl::StrCat("attribute '", e.name, "'")));
+      DMOE_RETURN_IF_ERROR(NotUndefined(e, obj, absl::StrCat("attribute '", e.name, "'")));
       if (obj.is(Value::Kind::kDict) || obj.is(Value::Kind::kNamespace)) {
         if (Value* v = obj.dict->Find(e.name)) return *v;
       }
@@ -224,14 +212,12 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
         if (!e.args[k + 1]) continue;
         DMOE_ASSIGN_OR_RETURN(Value b, Eval(*e.args[k + 1]));
         if (b.is(Value::Kind::kNone)) continue;
-        if (!b.is(Value::Kind::kInt))
-          return Error(e.pos, "slice bounds must be integers");
+        if (!b.is(Value::Kind::kInt)) return Error(e.pos, "slice bounds must be integers");
         bounds[k] = b.i;
       }
       std::vector<Value> items;
       if (obj.is(Value::Kind::kString)) {
-        for (std::string& c : CodePoints(obj.s))
-          items.push_back(Value::Str(std::move(c)));
+        for (std::string& c : CodePoints(obj.s)) items.push_back(Value::Str(std::move(c)));
       } else if (obj.is(Value::Kind::kList)) {
         items = *obj.list;
       } else {
@@ -276,15 +262,12 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
       DMOE_ASSIGN_OR_RETURN(Value v, Eval(*e.args[0]));
       if (v.is(Value::Kind::kInt)) {
         if (e.kind == Expr::Kind::kNeg && v.i == INT64_MIN)
-          return Error(e.pos, absl::StrCat("integer overflow: -(", v.i,
-                                           ") is beyond the 64-bit range"));
+          return Error(e.pos,
+                       absl::StrCat("integer overflow: -(", v.i, ") is beyond the 64-bit range"));
         return Value::Int(e.kind == Expr::Kind::kNeg ? -v.i : v.i);
       }
-      if (v.is(Value::Kind::kFloat))
-        return Value::Float(e.kind == Expr::Kind::kNeg ? -v.f : v.f);
-      return Error(
-          e.pos,
-          absl::StrCat("bad operand type for unary minus/plus: ", KindName(v)));
+      if (v.is(Value::Kind::kFloat)) return Value::Float(e.kind == Expr::Kind::kNeg ? -v.f : v.f);
+      return Error(e.pos, absl::StrCat("bad operand type for unary minus/plus: ", KindName(v)));
     }
     case Expr::Kind::kAnd: {
       DMOE_ASSIGN_OR_RETURN(Value a, Eval(*e.args[0]));
@@ -312,12 +295,10 @@ absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
 // Python's int arithmetic on int64: an error where the exact result leaves
 // int64 (Python's ints are unbounded; a wrapped or undefined result never
 // comes out). The message has no position: the caller adds it.
-absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x,
-                                    int64_t y) {
+absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x, int64_t y) {
   auto overflow = [&] {
-    return absl::OutOfRangeError(absl::StrCat("integer overflow: ", x, " ", op,
-                                              " ", y,
-                                              " is beyond the 64-bit range"));
+    return absl::OutOfRangeError(
+        absl::StrCat("integer overflow: ", x, " ", op, " ", y, " is beyond the 64-bit range"));
   };
   int64_t r = 0;
   if (op == "+") {
@@ -334,11 +315,8 @@ absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x,
   }
   if (op == "**") {
     if (y < 0) {  // a float in Python
-      if (x == 0)
-        return absl::InvalidArgumentError(
-            "0 cannot be raised to a negative power");
-      return Value::Float(
-          std::pow(static_cast<double>(x), static_cast<double>(y)));
+      if (x == 0) return absl::InvalidArgumentError("0 cannot be raised to a negative power");
+      return Value::Float(std::pow(static_cast<double>(x), static_cast<double>(y)));
     }
     // Squaring: once base * base overflows with exponent bits left, the
     // result (at least base squared, as |base| >= 2 there) overflows too.
@@ -352,8 +330,7 @@ absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x,
   }
   if (op == "/" || op == "//" || op == "%") {
     if (y == 0) return absl::InvalidArgumentError("division by zero");
-    if (op == "/")
-      return Value::Float(static_cast<double>(x) / static_cast<double>(y));
+    if (op == "/") return Value::Float(static_cast<double>(x) / static_cast<double>(y));
     if (op == "//") {
       if (x == INT64_MIN && y == -1) return overflow();
       return Value::Int(x / y - ((x % y != 0) && ((x < 0) != (y < 0))));
@@ -363,25 +340,22 @@ absl::StatusOr<Value> IntArithmetic(const std::string& op, int64_t x,
     if (r != 0 && ((r < 0) != (y < 0))) r += y;
     return Value::Int(r);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unsupported operator '", op, "'"));
+  return absl::InvalidArgumentError(absl::StrCat("unsupported operator '", op, "'"));
 }
 
 // Python's float arithmetic: IEEE for + - * / (1e308 * 10 is inf in Python
 // too), errors where Python raises (a negative or fractional power that has
 // no real value, ** overflowing, division by zero).
-absl::StatusOr<Value> FloatArithmetic(const std::string& op, double x,
-                                      double y) {
+absl::StatusOr<Value> FloatArithmetic(const std::string& op, double x, double y) {
   if (op == "+") return Value::Float(x + y);
   if (op == "-") return Value::Float(x - y);
   if (op == "*") return Value::Float(x * y);
   if (op == "**") {
     if (x == 0 && y < 0)
-      return absl::InvalidArgumentError(
-          "0.0 cannot be raised to a negative power");
+      return absl::InvalidArgumentError("0.0 cannot be raised to a negative power");
     if (x < 0 && std::isfinite(y) && y != std::trunc(y))
-      return absl::InvalidArgumentError(absl::StrCat(
-          PyFloat(x), " ** ", PyFloat(y), " is complex (unsupported)"));
+      return absl::InvalidArgumentError(
+          absl::StrCat(PyFloat(x), " ** ", PyFloat(y), " is complex (unsupported)"));
     const double r = std::pow(x, y);
     if (std::isinf(r) && std::isfinite(x) && std::isfinite(y))
       return absl::OutOfRangeError(
@@ -396,12 +370,10 @@ absl::StatusOr<Value> FloatArithmetic(const std::string& op, double x,
     if (r != 0 && ((r < 0) != (y < 0))) r += y;
     return Value::Float(r);
   }
-  return absl::InvalidArgumentError(
-      absl::StrCat("unsupported operator '", op, "'"));
+  return absl::InvalidArgumentError(absl::StrCat("unsupported operator '", op, "'"));
 }
 
-absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
-                                           const Value& b) {
+absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a, const Value& b) {
   const std::string& op = e.name;
   if (op == "==") return Value::Bool(Equal(a, b));
   if (op == "!=") return Value::Bool(!Equal(a, b));
@@ -410,28 +382,23 @@ absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
     bool found = false;
     if (b.is(Value::Kind::kString)) {
       if (!a.is(Value::Kind::kString))
-        return Error(e.pos,
-                     absl::StrCat("'in <string>' requires a string, not a ",
-                                  KindName(a)));
+        return Error(e.pos, absl::StrCat("'in <string>' requires a string, not a ", KindName(a)));
       found = b.s.find(a.s) != std::string::npos;
     } else if (b.is(Value::Kind::kList)) {
       for (const Value& x : *b.list) found = found || Equal(a, x);
     } else if (b.is(Value::Kind::kDict) || b.is(Value::Kind::kNamespace)) {
       found = a.is(Value::Kind::kString) && b.dict->Find(a.s) != nullptr;
     } else if (b.is(Value::Kind::kUndefined)) {
-      return Error(e.pos,
-                   absl::StrCat("'", b.s, "' is undefined (operand of 'in')"));
+      return Error(e.pos, absl::StrCat("'", b.s, "' is undefined (operand of 'in')"));
     } else {
-      return Error(e.pos, absl::StrCat("argument of type ", KindName(b),
-                                       " is not iterable"));
+      return Error(e.pos, absl::StrCat("argument of type ", KindName(b), " is not iterable"));
     }
     return Value::Bool(op == "in" ? found : !found);
   }
   // Arithmetic and ordering: undefined operands fail as in Jinja.
   if (a.is(Value::Kind::kUndefined) || b.is(Value::Kind::kUndefined)) {
     const Value& u = a.is(Value::Kind::kUndefined) ? a : b;
-    return Error(e.pos, absl::StrCat("'", u.s, "' is undefined (operand of '",
-                                     op, "')"));
+    return Error(e.pos, absl::StrCat("'", u.s, "' is undefined (operand of '", op, "')"));
   }
   if (op == "<" || op == ">" || op == "<=" || op == ">=") {
     std::partial_ordering cmp = std::partial_ordering::unordered;
@@ -440,18 +407,14 @@ absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
     } else if (a.is(Value::Kind::kString) && b.is(Value::Kind::kString)) {
       cmp = a.s <=> b.s;
     } else {
-      return Error(e.pos, absl::StrCat("'", op, "' not supported between ",
-                                       KindName(a), " and ", KindName(b)));
+      return Error(e.pos, absl::StrCat("'", op, "' not supported between ", KindName(a), " and ",
+                                       KindName(b)));
     }
-    const bool r = op == "<"    ? cmp < 0
-                   : op == ">"  ? cmp > 0
-                   : op == "<=" ? cmp <= 0
-                                : cmp >= 0;
+    const bool r = op == "<" ? cmp < 0 : op == ">" ? cmp > 0 : op == "<=" ? cmp <= 0 : cmp >= 0;
     return Value::Bool(r);
   }
   if (op == "+") {
-    if (a.is(Value::Kind::kString) && b.is(Value::Kind::kString))
-      return Value::Str(a.s + b.s);
+    if (a.is(Value::Kind::kString) && b.is(Value::Kind::kString)) return Value::Str(a.s + b.s);
     if (a.is(Value::Kind::kList) && b.is(Value::Kind::kList)) {
       List l = *a.list;
       l.insert(l.end(), b.list->begin(), b.list->end());
@@ -469,15 +432,14 @@ absl::StatusOr<Value> Renderer::EvalBinary(const Expr& e, const Value& a,
   }
   if (a.IsNumber() && b.IsNumber()) {
     // int op int stays an int (exact or an error), any float makes it float.
-    absl::StatusOr<Value> r =
-        a.is(Value::Kind::kFloat) || b.is(Value::Kind::kFloat)
-            ? FloatArithmetic(op, a.AsDouble(), b.AsDouble())
-            : IntArithmetic(op, a.AsInt(), b.AsInt());
+    absl::StatusOr<Value> r = a.is(Value::Kind::kFloat) || b.is(Value::Kind::kFloat)
+                                  ? FloatArithmetic(op, a.AsDouble(), b.AsDouble())
+                                  : IntArithmetic(op, a.AsInt(), b.AsInt());
     if (!r.ok()) return Error(e.pos, std::string(r.status().message()));
     return r;
   }
-  return Error(e.pos, absl::StrCat("unsupported operand types for '", op,
-                                   "': ", KindName(a), " and ", KindName(b)));
+  return Error(e.pos, absl::StrCat("unsupported operand types for '", op, "': ", KindName(a),
+                                   " and ", KindName(b)));
 }
 
 absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
@@ -495,24 +457,20 @@ absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
   if (callee.kind == Expr::Kind::kAttr) {
     DMOE_ASSIGN_OR_RETURN(Value obj, Eval(*callee.args[0]));
     if (!kwargs.empty())
-      return Error(e.pos, absl::StrCat("method '", callee.name,
-                                       "' takes no keyword arguments"));
+      return Error(e.pos, absl::StrCat("method '", callee.name, "' takes no keyword arguments"));
     return EvalMethod(e, obj, callee.name, args);
   }
-  if (callee.kind != Expr::Kind::kName ||
-      !Lookup(callee.name).is(Value::Kind::kUndefined))
+  if (callee.kind != Expr::Kind::kName || !Lookup(callee.name).is(Value::Kind::kUndefined))
     return Error(e.pos,
                  "only namespace(), range(), dict() and raise_exception() can "
                  "be called");
   const std::string& fn = callee.name;
   if (fn == "namespace" || fn == "dict") {
-    Value ns = Value::NewDict(fn == "namespace" ? Value::Kind::kNamespace
-                                                : Value::Kind::kDict);
+    Value ns = Value::NewDict(fn == "namespace" ? Value::Kind::kNamespace : Value::Kind::kDict);
     if (ns.is(Value::Kind::kNamespace)) namespaces_.push_back(ns.dict);
     if (!args.empty()) {
       if (args.size() != 1 || !args[0].is(Value::Kind::kDict))
-        return Error(
-            e.pos, absl::StrCat(fn, "() takes keyword arguments or one dict"));
+        return Error(e.pos, absl::StrCat(fn, "() takes keyword arguments or one dict"));
       ns.dict->items = args[0].dict->items;
     }
     for (auto& [k, v] : kwargs) {
@@ -527,8 +485,7 @@ absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
     if (args.empty() || args.size() > 3 || !kwargs.empty())
       return Error(e.pos, "range() takes 1 to 3 integers");
     for (const Value& a : args)
-      if (!a.is(Value::Kind::kInt))
-        return Error(e.pos, "range() takes integers");
+      if (!a.is(Value::Kind::kInt)) return Error(e.pos, "range() takes integers");
     const int64_t start = args.size() > 1 ? args[0].i : 0;
     const int64_t stop = args.size() > 1 ? args[1].i : args[0].i;
     const int64_t step = args.size() > 2 ? args[2].i : 1;
@@ -543,17 +500,15 @@ absl::StatusOr<Value> Renderer::EvalCall(const Expr& e) {
     return l;
   }
   if (fn == "raise_exception") {
-    return absl::InvalidArgumentError(absl::StrCat(
-        "chat template raised: ", args.empty() ? std::string() : Str(args[0])));
+    return absl::InvalidArgumentError(
+        absl::StrCat("chat template raised: ", args.empty() ? std::string() : Str(args[0])));
   }
   return Error(e.pos, absl::StrCat("unsupported function '", fn, "'"));
 }
 
-absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
-                                           const std::string& name,
+absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj, const std::string& name,
                                            const std::vector<Value>& args) {
-  DMOE_RETURN_IF_ERROR(
-      NotUndefined(e, obj, absl::StrCat("method '", name, "'")));
+  DMOE_RETURN_IF_ERROR(NotUndefined(e, obj, absl::StrCat("method '", name, "'")));
   auto str_arg = [&](size_t k) -> std::optional<std::string> {
     if (k < args.size() && args[k].is(Value::Kind::kString)) return args[k].s;
     return std::nullopt;
@@ -561,8 +516,7 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
   if (obj.is(Value::Kind::kString)) {
     const std::string& s = obj.s;
     if (name == "strip" || name == "lstrip" || name == "rstrip")
-      return Value::Str(
-          Strip(s, name != "rstrip", name != "lstrip", str_arg(0)));
+      return Value::Str(Strip(s, name != "rstrip", name != "lstrip", str_arg(0)));
     if (name == "lower" || name == "upper") {
       std::string r = s;
       for (char& c : r)
@@ -575,8 +529,7 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
       if (!p) return Error(e.pos, absl::StrCat(name, "() takes a string"));
       const bool r = name == "startswith" ? s.compare(0, p->size(), *p) == 0
                                           : s.size() >= p->size() &&
-                                                s.compare(s.size() - p->size(),
-                                                          p->size(), *p) == 0;
+                                                s.compare(s.size() - p->size(), p->size(), *p) == 0;
       return Value::Bool(r);
     }
     if (name == "split") {
@@ -594,8 +547,7 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
       }
       if (sep->empty()) return Error(e.pos, "split(): empty separator");
       size_t b = 0;
-      for (size_t f; (f = s.find(*sep, b)) != std::string::npos;
-           b = f + sep->size())
+      for (size_t f; (f = s.find(*sep, b)) != std::string::npos; b = f + sep->size())
         l.list->push_back(Value::Str(s.substr(b, f - b)));
       l.list->push_back(Value::Str(s.substr(b)));
       return l;
@@ -604,11 +556,9 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
       auto from = str_arg(0), to = str_arg(1);
       if (!from || !to) return Error(e.pos, "replace() takes two strings");
       std::string r;
-      if (from->empty())
-        return Error(e.pos, "replace(): empty pattern is unsupported");
+      if (from->empty()) return Error(e.pos, "replace(): empty pattern is unsupported");
       size_t b = 0;
-      for (size_t f; (f = s.find(*from, b)) != std::string::npos;
-           b = f + from->size())
+      for (size_t f; (f = s.find(*from, b)) != std::string::npos; b = f + from->size())
         r += s.substr(b, f - b) + *to;
       r += s.substr(b);
       return Value::Str(std::move(r));
@@ -648,8 +598,7 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj,
       return args.size() > 1 ? args[1] : Value::None();
     }
   }
-  return Error(e.pos, absl::StrCat("unsupported method '", name, "' of a ",
-                                   KindName(obj)));
+  return Error(e.pos, absl::StrCat("unsupported method '", name, "' of a ", KindName(obj)));
 }
 
 absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
@@ -671,8 +620,7 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
       DMOE_ASSIGN_OR_RETURN(Value bv, Eval(*b));
       boolean = Truthy(bv);
     }
-    const bool use_default =
-        v.is(Value::Kind::kUndefined) || (boolean && !Truthy(v));
+    const bool use_default = v.is(Value::Kind::kUndefined) || (boolean && !Truthy(v));
     return use_default ? (args.empty() ? Value::Str("") : args[0]) : v;
   }
   if (f == "safe") return v;
@@ -688,22 +636,18 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     // asks for more memory than exists.
     constexpr int64_t kMaxIndent = 1024;
     if (indent > kMaxIndent)
-      return Error(e.pos,
-                   absl::StrCat("tojson: indent ", indent,
-                                " is too large (at most ", kMaxIndent, ")"));
+      return Error(e.pos, absl::StrCat("tojson: indent ", indent, " is too large (at most ",
+                                       kMaxIndent, ")"));
     for (const auto& [k, _] : e.kwargs)
       if (k != "indent")
-        return Error(e.pos,
-                     absl::StrCat("tojson: unsupported argument '", k, "'"));
-    if (HasNamespace(v))
-      return Error(e.pos, "tojson: a namespace is not JSON serializable");
+        return Error(e.pos, absl::StrCat("tojson: unsupported argument '", k, "'"));
+    if (HasNamespace(v)) return Error(e.pos, "tojson: a namespace is not JSON serializable");
     std::string out;
     ToJson(v, static_cast<int>(indent), 0, &out);
     return Value::Str(std::move(out));
   }
   if (!e.kwargs.empty())
-    return Error(e.pos,
-                 absl::StrCat("filter '", f, "' takes no keyword arguments"));
+    return Error(e.pos, absl::StrCat("filter '", f, "' takes no keyword arguments"));
   if (f == "length" || f == "count") {
     switch (v.kind) {
       case Value::Kind::kUndefined:
@@ -719,18 +663,16 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     }
   }
   if (f == "trim") {
-    const std::optional<std::string> chars =
-        !args.empty() && args[0].is(Value::Kind::kString)
-            ? std::optional<std::string>(args[0].s)
-            : std::nullopt;
+    const std::optional<std::string> chars = !args.empty() && args[0].is(Value::Kind::kString)
+                                                 ? std::optional<std::string>(args[0].s)
+                                                 : std::nullopt;
     return Value::Str(Strip(Str(v), true, true, chars));
   }
   if (f == "lower" || f == "upper" || f == "capitalize" || f == "title") {
     Value s = Value::Str(Str(v));
     if (f == "capitalize") {
       DMOE_ASSIGN_OR_RETURN(Value lowered, EvalMethod(e, s, "lower", {}));
-      DMOE_ASSIGN_OR_RETURN(Value cap,
-                            EvalMethod(e, lowered, "capitalize", {}));
+      DMOE_ASSIGN_OR_RETURN(Value cap, EvalMethod(e, lowered, "capitalize", {}));
       return cap;
     }
     return EvalMethod(e, s, f, {});
@@ -745,16 +687,14 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     // int64 (1e300, "1" followed by 30 zeros) it is an error here, as is
     // inf (OverflowError in Python); NaN gives the default, as in Jinja.
     const Value fallback = args.empty() ? Value::Int(0) : args[0];
-    if (v.is(Value::Kind::kInt) || v.is(Value::Kind::kBool))
-      return Value::Int(v.AsInt());
+    if (v.is(Value::Kind::kInt) || v.is(Value::Kind::kBool)) return Value::Int(v.AsInt());
     double x;
     if (v.is(Value::Kind::kFloat)) {
       x = v.f;
     } else if (v.is(Value::Kind::kString)) {
       const std::string s = Strip(v.s, true, true, std::nullopt);
       absl::StatusOr<std::optional<int64_t>> i = ParseInt(s);
-      if (!i.ok())
-        return Error(e.pos, absl::StrCat("int: ", i.status().message()));
+      if (!i.ok()) return Error(e.pos, absl::StrCat("int: ", i.status().message()));
       if (*i) return Value::Int(**i);
       const std::optional<double> d = ParseDouble(s);
       if (!d) return fallback;
@@ -764,22 +704,19 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     }
     if (std::isnan(x)) return fallback;
     if (!(x >= -0x1p63 && x < 0x1p63))
-      return Error(e.pos, absl::StrCat("int: ", PyFloat(x),
-                                       " is beyond the 64-bit integer range"));
+      return Error(e.pos, absl::StrCat("int: ", PyFloat(x), " is beyond the 64-bit integer range"));
     return Value::Int(static_cast<int64_t>(x));
   }
   if (f == "float") {
     // Jinja's do_float: float(value), else the default (0.0).
     if (v.IsNumber()) return Value::Float(v.AsDouble());
     if (v.is(Value::Kind::kString)) {
-      if (std::optional<double> d =
-              ParseDouble(Strip(v.s, true, true, std::nullopt)))
+      if (std::optional<double> d = ParseDouble(Strip(v.s, true, true, std::nullopt)))
         return Value::Float(*d);
     }
     return args.empty() ? Value::Float(0.0) : args[0];
   }
-  if (f == "list" || f == "reverse" || f == "first" || f == "last" ||
-      f == "join" || f == "items") {
+  if (f == "list" || f == "reverse" || f == "first" || f == "last" || f == "join" || f == "items") {
     if (f == "items") {
       if (!v.is(Value::Kind::kDict)) return Error(e.pos, "items needs a dict");
       return EvalMethod(e, v, "items", {});
@@ -792,16 +729,12 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     }
     DMOE_ASSIGN_OR_RETURN(std::vector<Value> items, Iterate(e, v));
     if (f == "list") return Value::NewList(std::move(items));
-    if (f == "reverse")
-      return Value::NewList(std::vector<Value>(items.rbegin(), items.rend()));
-    if (f == "first")
-      return items.empty() ? Value::Undefined("first") : items.front();
-    if (f == "last")
-      return items.empty() ? Value::Undefined("last") : items.back();
+    if (f == "reverse") return Value::NewList(std::vector<Value>(items.rbegin(), items.rend()));
+    if (f == "first") return items.empty() ? Value::Undefined("first") : items.front();
+    if (f == "last") return items.empty() ? Value::Undefined("last") : items.back();
     const std::string sep = args.empty() ? "" : Str(args[0]);
     std::string out;
-    for (size_t k = 0; k < items.size(); ++k)
-      absl::StrAppend(&out, k ? sep : "", Str(items[k]));
+    for (size_t k = 0; k < items.size(); ++k) absl::StrAppend(&out, k ? sep : "", Str(items[k]));
     return Value::Str(std::move(out));
   }
   return Error(e.pos, absl::StrCat("unsupported filter '", f, "'"));
@@ -844,12 +777,10 @@ absl::StatusOr<Value> Renderer::EvalTest(const Expr& e) {
   else if (t == "iterable")
     r = v.is(K::kList) || v.is(K::kString) || v.is(K::kDict);
   else if (t == "odd" || t == "even") {
-    if (!v.is(K::kInt))
-      return Error(e.pos, absl::StrCat("test '", t, "' needs an integer"));
+    if (!v.is(K::kInt)) return Error(e.pos, absl::StrCat("test '", t, "' needs an integer"));
     r = (v.i % 2 != 0) == (t == "odd");
   } else if (t == "eq" || t == "equalto" || t == "==" || t == "sameas") {
-    if (args.size() != 1)
-      return Error(e.pos, absl::StrCat("test '", t, "' takes one argument"));
+    if (args.size() != 1) return Error(e.pos, absl::StrCat("test '", t, "' takes one argument"));
     r = Equal(v, args[0]) && (t != "sameas" || v.kind == args[0].kind);
   } else {
     return Error(e.pos, absl::StrCat("unsupported test '", t, "'"));

@@ -49,8 +49,8 @@ class Renderer {
 
  private:
   absl::Status Error(size_t pos, std::string_view msg) const {
-    return absl::InvalidArgumentError(absl::StrCat(
-        lexer_.Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
+    return absl::InvalidArgumentError(
+        absl::StrCat(lexer_.Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
   }
   Value Lookup(const std::string& name) const {
     for (auto it = scopes_.rbegin(); it != scopes_.rend(); ++it) {
@@ -60,23 +60,19 @@ class Renderer {
     return Value::Undefined(name);
   }
   absl::StatusOr<Value> Eval(const Expr& e);
-  absl::StatusOr<Value> EvalBinary(const Expr& e, const Value& a,
-                                   const Value& b);
+  absl::StatusOr<Value> EvalBinary(const Expr& e, const Value& a, const Value& b);
   absl::StatusOr<Value> EvalCall(const Expr& e);
-  absl::StatusOr<Value> EvalMethod(const Expr& e, const Value& obj,
-                                   const std::string& name,
+  absl::StatusOr<Value> EvalMethod(const Expr& e, const Value& obj, const std::string& name,
                                    const std::vector<Value>& args);
   absl::StatusOr<Value> EvalFilter(const Expr& e);
   absl::StatusOr<Value> EvalTest(const Expr& e);
   absl::StatusOr<Value> Item(const Expr& e, const Value& obj, const Value& key);
   absl::StatusOr<std::vector<Value>> Iterate(const Expr& e, const Value& v);
-  absl::Status NotUndefined(const Expr& e, const Value& v,
-                            std::string_view what) const {
+  absl::Status NotUndefined(const Expr& e, const Value& v, std::string_view what) const {
     if (!v.is(Value::Kind::kUndefined)) return absl::OkStatus();
-    return Error(
-        e.pos, absl::StrCat("'", v.s.empty() ? std::string("value") : v.s,
-                            "' is undefined (",
-                            absl::string_view(what.data(), what.size()), ")"));
+    return Error(e.pos,
+                 absl::StrCat("'", v.s.empty() ? std::string("value") : v.s, "' is undefined (",
+                              absl::string_view(what.data(), what.size()), ")"));
   }
 
   const Lexer& lexer_;

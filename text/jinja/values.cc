@@ -94,15 +94,13 @@ std::string PyFloat(double x) {
   if (std::isnan(x)) return "nan";
   if (std::isinf(x)) return x > 0 ? "inf" : "-inf";
   char buf[64];
-  auto r =
-      std::to_chars(buf, buf + sizeof(buf), x, std::chars_format::scientific);
+  auto r = std::to_chars(buf, buf + sizeof(buf), x, std::chars_format::scientific);
   std::string sci(buf, r.ptr);  // "-1.2345e+05"
   const size_t e = sci.find('e');
   std::string mant = sci.substr(0, e);
   // to_chars wrote the exponent as [+-]digits; from_chars takes no '+'.
   int exp = 0;
-  std::from_chars(sci.data() + e + 1 + (sci[e + 1] == '+'),
-                  sci.data() + sci.size(), exp);
+  std::from_chars(sci.data() + e + 1 + (sci[e + 1] == '+'), sci.data() + sci.size(), exp);
   const bool neg = mant[0] == '-';
   if (neg) mant.erase(0, 1);
   std::string digits;
@@ -147,15 +145,14 @@ bool AboveDoubleRange(std::string_view s) {
     const bool neg = !x.empty() && x[0] == '-';
     if (!x.empty() && (x[0] == '+' || x[0] == '-')) x.remove_prefix(1);
     // Digits only (from_chars matched them): failure means beyond int64.
-    if (std::from_chars(x.data(), x.data() + x.size(), exp).ec != std::errc())
-      exp = INT64_MAX / 2;
+    if (std::from_chars(x.data(), x.data() + x.size(), exp).ec != std::errc()) exp = INT64_MAX / 2;
     if (neg) exp = -exp;
   }
   const size_t dot = std::min(mant.find('.'), mant.size());
   const size_t first = mant.find_first_not_of("0.");
   if (first == std::string_view::npos) return false;  // zero
-  const int64_t lead = first < dot ? static_cast<int64_t>(dot - first) - 1
-                                   : -static_cast<int64_t>(first - dot);
+  const int64_t lead =
+      first < dot ? static_cast<int64_t>(dot - first) - 1 : -static_cast<int64_t>(first - dot);
   return lead + exp > 0;
 }
 
@@ -192,8 +189,7 @@ absl::StatusOr<std::optional<int64_t>> ParseInt(std::string_view s) {
   const auto [ptr, ec] = std::from_chars(s.data(), s.data() + s.size(), x);
   if (ptr != s.data() + s.size()) return std::nullopt;
   if (ec == std::errc::result_out_of_range)
-    return absl::OutOfRangeError(
-        absl::StrCat(Quoted(s), " is beyond the 64-bit integer range"));
+    return absl::OutOfRangeError(absl::StrCat(Quoted(s), " is beyond the 64-bit integer range"));
   if (ec != std::errc()) return std::nullopt;
   return x;
 }
@@ -203,9 +199,7 @@ namespace {
 // Python's repr(str).
 std::string PyRepr(const std::string& s) {
   const char q =
-      (s.find('\'') != std::string::npos && s.find('"') == std::string::npos)
-          ? '"'
-          : '\'';
+      (s.find('\'') != std::string::npos && s.find('"') == std::string::npos) ? '"' : '\'';
   std::string out(1, q);
   for (unsigned char c : s) {
     if (c == '\\')
@@ -264,8 +258,8 @@ std::string Repr(const Value& v) {
     case Value::Kind::kDict: {
       std::string out = "{";
       for (size_t k = 0; k < v.dict->items.size(); ++k)
-        absl::StrAppend(&out, k ? ", " : "", PyRepr(v.dict->items[k].first),
-                        ": ", Repr(v.dict->items[k].second));
+        absl::StrAppend(&out, k ? ", " : "", PyRepr(v.dict->items[k].first), ": ",
+                        Repr(v.dict->items[k].second));
       return out + "}";
     }
     case Value::Kind::kNamespace:
@@ -293,9 +287,7 @@ bool HasNamespace(const Value& v) {
 // as transformers' tojson filter; `indent` > 0 pretty-prints as Python does.
 void ToJson(const Value& v, int indent, int depth, std::string* out) {
   auto newline = [&](int d) {
-    if (indent > 0)
-      absl::StrAppend(out, "\n",
-                      std::string(static_cast<size_t>(indent) * d, ' '));
+    if (indent > 0) absl::StrAppend(out, "\n", std::string(static_cast<size_t>(indent) * d, ' '));
   };
   switch (v.kind) {
     case Value::Kind::kUndefined:
@@ -428,8 +420,7 @@ std::partial_ordering CompareNumbers(const Value& a, const Value& b) {
   const bool af = a.is(Value::Kind::kFloat), bf = b.is(Value::Kind::kFloat);
   if (af && bf) return a.f <=> b.f;
   if (!af && !bf) return a.AsInt() <=> b.AsInt();
-  return af ? 0 <=> CompareIntFloat(b.AsInt(), a.f)
-            : CompareIntFloat(a.AsInt(), b.f);
+  return af ? 0 <=> CompareIntFloat(b.AsInt(), a.f) : CompareIntFloat(a.AsInt(), b.f);
 }
 
 bool Equal(const Value& a, const Value& b) {
@@ -472,8 +463,7 @@ std::vector<std::string> CodePoints(const std::string& s) {
 }
 
 bool IsPySpace(char c) {
-  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' ||
-         c == '\f';
+  return c == ' ' || c == '\t' || c == '\n' || c == '\r' || c == '\v' || c == '\f';
 }
 
 std::string Strip(const std::string& s, bool left, bool right,

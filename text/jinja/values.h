@@ -35,31 +35,19 @@ using ojson = nlohmann::ordered_json;
 struct Value;
 using List = std::vector<Value>;
 struct Dict {
-  std::vector<std::pair<std::string, Value>>
-      items;  // insertion order, as Python
+  std::vector<std::pair<std::string, Value>> items;  // insertion order, as Python
   Value* Find(std::string_view key);
 };
 
 struct Value {
-  enum class Kind {
-    kUndefined,
-    kNone,
-    kBool,
-    kInt,
-    kFloat,
-    kString,
-    kList,
-    kDict,
-    kNamespace
-  };
+  enum class Kind { kUndefined, kNone, kBool, kInt, kFloat, kString, kList, kDict, kNamespace };
   Kind kind = Kind::kUndefined;
   bool b = false;
   int64_t i = 0;
   double f = 0;
   std::string s;               // kString; for kUndefined the name, for messages
   std::shared_ptr<List> list;  // kList (tuples too)
-  std::shared_ptr<Dict>
-      dict;  // kDict, kNamespace (namespaces are mutable in place)
+  std::shared_ptr<Dict> dict;  // kDict, kNamespace (namespaces are mutable in place)
 
   static Value Undefined(std::string name) {
     Value v;
@@ -106,9 +94,7 @@ struct Value {
   bool IsNumber() const {
     return kind == Kind::kInt || kind == Kind::kFloat || kind == Kind::kBool;
   }
-  double AsDouble() const {
-    return kind == Kind::kFloat ? f : kind == Kind::kBool ? b : i;
-  }
+  double AsDouble() const { return kind == Kind::kFloat ? f : kind == Kind::kBool ? b : i; }
   // kInt or kBool (Python's bools are the ints 0 and 1).
   int64_t AsInt() const { return kind == Kind::kBool ? b : i; }
 };

@@ -67,10 +67,8 @@ namespace {
 // tail alike (no FMA), so the result is one fixed sequence of fp32 operations.
 constexpr int kCombineRows = 8;
 
-__attribute__((target("avx512f"))) void CombineAvx512(const float* const* y,
-                                                      const float* w, int count,
-                                                      bool init, float* o,
-                                                      int64_t n) {
+__attribute__((target("avx512f"))) void CombineAvx512(const float* const* y, const float* w,
+                                                      int count, bool init, float* o, int64_t n) {
   __m512 vw[kCombineRows];
   for (int a = 0; a < count; ++a) vw[a] = _mm512_set1_ps(w[a]);
   int64_t j = 0;
@@ -90,8 +88,7 @@ __attribute__((target("avx512f"))) void CombineAvx512(const float* const* y,
   }
 }
 
-void Combine(const float* const* y, const float* w, int count, bool init,
-             float* o, int64_t n) {
+void Combine(const float* const* y, const float* w, int count, bool init, float* o, int64_t n) {
   static const bool kAvx512 = IsaAtLeast(IsaLevel::kAvx512);
   if (kAvx512) {
     CombineAvx512(y, w, count, init, o, n);
@@ -109,8 +106,7 @@ void Combine(const float* const* y, const float* w, int count, bool init,
 // floats) pays for a parallel region.
 template <typename F>
 void ParallelFor(int64_t n, int64_t unit, const F& body) {
-  const bool par =
-      n > 1 && n * unit >= (int64_t{1} << 15) && !omp_in_parallel();
+  const bool par = n > 1 && n * unit >= (int64_t{1} << 15) && !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t i = 0; i < n; ++i) body(i);
 }
@@ -135,13 +131,10 @@ class CpuExpertBackend final : public ExpertBackend {
  public:
   explicit CpuExpertBackend(ComputeType type) : type_(type) {}
 
-  std::string Name() const override {
-    return type_ == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32";
-  }
+  std::string Name() const override { return type_ == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32"; }
   bool SupportsPerAssignmentOut() const override { return true; }
 
-  absl::Status LoadFfn(int32_t layer, int32_t ffn_id,
-                       const FfnWeights& w) override;
+  absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) override;
   absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) override;
   bool HasFfn(int32_t layer, int32_t ffn_id) const override;
   absl::Status Compute(const ExpertBatch& batch, float* out) override;
@@ -162,8 +155,7 @@ class CpuExpertBackend final : public ExpertBackend {
   // ffn_id + 1 -> FFN (slot 0 is the shared FFN); null where none is loaded.
   using Layer = std::vector<std::unique_ptr<Ffn>>;
 
-  Ffn* Find(int32_t layer, int32_t ffn_id) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  Ffn* Find(int32_t layer, int32_t ffn_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::Status Validate(const ExpertBatch& batch, const float* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Permute(const ExpertBatch& batch) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
@@ -186,8 +178,8 @@ class CpuExpertBackend final : public ExpertBackend {
   void MakeWorkItems() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // True when the pool is better used by giving threads whole work items.
   bool SpreadItems(int threads) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
-  void RunItem(const WorkItem& item, const ExpertBatch& batch, Workspace& ws,
-               float* yp) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void RunItem(const WorkItem& item, const ExpertBatch& batch, Workspace& ws, float* yp)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   void Unpermute(const ExpertBatch& batch, const float* yp, float* out)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
 
@@ -228,8 +220,7 @@ class CpuExpertBackend final : public ExpertBackend {
   FloatBuffer yp_ ABSL_GUARDED_BY(mu_);
 };
 
-CpuExpertBackend::Ffn* CpuExpertBackend::Find(int32_t layer,
-                                              int32_t ffn_id) const {
+CpuExpertBackend::Ffn* CpuExpertBackend::Find(int32_t layer, int32_t ffn_id) const {
   if (ffn_id < kSharedFfn) return nullptr;
   auto it = layers_.find(layer);
   if (it == layers_.end()) return nullptr;
@@ -237,8 +228,7 @@ CpuExpertBackend::Ffn* CpuExpertBackend::Find(int32_t layer,
   return slot < it->second.size() ? it->second[slot].get() : nullptr;
 }
 
-absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
-                                       const FfnWeights& w) {
+absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) {
   DMOE_RETURN_IF_ERROR(ValidateFfnWeights(layer, ffn_id, w));
   const std::string name = FfnName(layer, ffn_id);
   const size_t expect = static_cast<size_t>(w.hidden * w.intermediate);
@@ -252,27 +242,21 @@ absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
     // Large FFNs (dense layers) stage in a temporary so that the staging buffer
     // does not keep their size resident after loading.
     FloatBuffer own;
-    FloatBuffer& staging =
-        2 * expect * sizeof(float) > (size_t{64} << 20) ? own : fused_;
-    float* fused =
-        staging.Get(2 * expect);  // [2 * inter, hidden]: gate rows, up rows
+    FloatBuffer& staging = 2 * expect * sizeof(float) > (size_t{64} << 20) ? own : fused_;
+    float* fused = staging.Get(2 * expect);  // [2 * inter, hidden]: gate rows, up rows
     std::memcpy(fused, w.gate.data(), expect * sizeof(float));
     std::memcpy(fused + expect, w.up.data(), expect * sizeof(float));
-    auto gate_up =
-        PackedLinear::Create(fused, 2 * w.intermediate, w.hidden, type_);
+    auto gate_up = PackedLinear::Create(fused, 2 * w.intermediate, w.hidden, type_);
     if (!gate_up.ok()) {
-      return absl::Status(
-          gate_up.status().code(),
-          absl::StrFormat("%s: gate|up: %s", name, gate_up.status().message()));
+      return absl::Status(gate_up.status().code(),
+                          absl::StrFormat("%s: gate|up: %s", name, gate_up.status().message()));
     }
     ffn->gate_up = *std::move(gate_up);
   }
-  auto down =
-      PackedLinear::Create(w.down.data(), w.hidden, w.intermediate, type_);
+  auto down = PackedLinear::Create(w.down.data(), w.hidden, w.intermediate, type_);
   if (!down.ok()) {
-    return absl::Status(
-        down.status().code(),
-        absl::StrFormat("%s: down: %s", name, down.status().message()));
+    return absl::Status(down.status().code(),
+                        absl::StrFormat("%s: down: %s", name, down.status().message()));
   }
   ffn->down = *std::move(down);
 
@@ -281,8 +265,7 @@ absl::Status CpuExpertBackend::LoadFfn(int32_t layer, int32_t ffn_id,
   const size_t slot = static_cast<size_t>(ffn_id) + 1;
   if (slot >= slots.size()) slots.resize(slot + 1);
   if (slots[slot] != nullptr) {
-    weight_bytes_ -=
-        slots[slot]->gate_up.weight_bytes() + slots[slot]->down.weight_bytes();
+    weight_bytes_ -= slots[slot]->gate_up.weight_bytes() + slots[slot]->down.weight_bytes();
   }
   weight_bytes_ += ffn->gate_up.weight_bytes() + ffn->down.weight_bytes();
   slots[slot] = std::move(ffn);
@@ -294,8 +277,8 @@ absl::Status CpuExpertBackend::UnloadFfn(int32_t layer, int32_t ffn_id) {
   absl::MutexLock lock(&mu_);
   Ffn* f = Find(layer, ffn_id);
   if (f == nullptr) {
-    return absl::NotFoundError(absl::StrFormat(
-        "%s is not loaded on this backend", FfnName(layer, ffn_id)));
+    return absl::NotFoundError(
+        absl::StrFormat("%s is not loaded on this backend", FfnName(layer, ffn_id)));
   }
   weight_bytes_ -= f->gate_up.weight_bytes() + f->down.weight_bytes();
   gone = std::move(layers_[layer][static_cast<size_t>(ffn_id) + 1]);
@@ -312,8 +295,7 @@ size_t CpuExpertBackend::WeightBytes() const {
   return weight_bytes_;
 }
 
-absl::Status CpuExpertBackend::Validate(const ExpertBatch& b,
-                                        const float* out) {
+absl::Status CpuExpertBackend::Validate(const ExpertBatch& b, const float* out) {
   DMOE_RETURN_IF_ERROR(ValidateExpertBatch(b, out));
   if (b.num_tokens == 0) return absl::OkStatus();
   const int32_t layer = b.layer;
@@ -331,9 +313,8 @@ absl::Status CpuExpertBackend::Validate(const ExpertBatch& b,
     }
     if (f->seen_in_call != calls_) {
       if (f->hidden != b.hidden) {
-        return absl::InvalidArgumentError(
-            absl::StrFormat("%s: hidden %d != batch hidden %d",
-                            FfnName(layer, id), f->hidden, b.hidden));
+        return absl::InvalidArgumentError(absl::StrFormat("%s: hidden %d != batch hidden %d",
+                                                          FfnName(layer, id), f->hidden, b.hidden));
       }
       f->seen_in_call = calls_;
       f->group = static_cast<int32_t>(group_ffn_.size());
@@ -348,12 +329,9 @@ void CpuExpertBackend::Permute(const ExpertBatch& b) {
   const size_t num_groups = group_ffn_.size();
   const size_t num_assignments = b.ffn_ids.size();
   expert_first_offset_.assign(num_groups + 1, 0);
-  for (size_t a = 0; a < num_assignments; ++a)
-    ++expert_first_offset_[assignment_to_group_[a] + 1];
-  for (size_t g = 0; g < num_groups; ++g)
-    expert_first_offset_[g + 1] += expert_first_offset_[g];
-  group_cursor_.assign(expert_first_offset_.begin(),
-                       expert_first_offset_.end() - 1);
+  for (size_t a = 0; a < num_assignments; ++a) ++expert_first_offset_[assignment_to_group_[a] + 1];
+  for (size_t g = 0; g < num_groups; ++g) expert_first_offset_[g + 1] += expert_first_offset_[g];
+  group_cursor_.assign(expert_first_offset_.begin(), expert_first_offset_.end() - 1);
   permuted_to_token_.resize(num_assignments);
   assignment_to_permuted_.resize(num_assignments);
   for (int64_t t = 0; t < b.num_tokens; ++t) {
@@ -377,20 +355,17 @@ void CpuExpertBackend::MakeWorkItems() {
       // Time ~ 6 hidden inter (n / FLOP rate + 1 / weight byte rate); the
       // ceilings' ratio is ~12 FLOP per byte here (docs/performance.md), so the
       // cost is ~ inter (n + 12).
-      items_.push_back({group_ffn_[g], first + r, n,
-                        group_ffn_[g]->inter * (int64_t{n} + 12)});
+      items_.push_back({group_ffn_[g], first + r, n, group_ffn_[g]->inter * (int64_t{n} + 12)});
     }
   }
   // (std::sort: stable_sort would allocate a buffer per call.)
-  std::sort(items_.begin(), items_.end(),
-            [](const WorkItem& a, const WorkItem& b) {
-              return a.cost != b.cost ? a.cost > b.cost : a.first < b.first;
-            });
+  std::sort(items_.begin(), items_.end(), [](const WorkItem& a, const WorkItem& b) {
+    return a.cost != b.cost ? a.cost > b.cost : a.first < b.first;
+  });
 }
 
 bool CpuExpertBackend::SpreadItems(int threads) {
-  if (threads <= 1 || items_.size() < static_cast<size_t>(threads))
-    return false;
+  if (threads <= 1 || items_.size() < static_cast<size_t>(threads)) return false;
   // Greedy largest-first schedule (what the dynamic loop below does); spread
   // when its makespan is within 10% of a perfect split.
   std::vector<int64_t>& load = thread_load_;
@@ -404,8 +379,8 @@ bool CpuExpertBackend::SpreadItems(int threads) {
   return makespan * threads <= total + total / 10;
 }
 
-void CpuExpertBackend::RunItem(const WorkItem& item, const ExpertBatch& b,
-                               Workspace& ws, float* yp) {
+void CpuExpertBackend::RunItem(const WorkItem& item, const ExpertBatch& b, Workspace& ws,
+                               float* yp) {
   const Ffn& f = *item.ffn;
   const int64_t hidden = b.hidden;
   const int64_t inter = f.inter;
@@ -415,30 +390,24 @@ void CpuExpertBackend::RunItem(const WorkItem& item, const ExpertBatch& b,
   float* h = ws.h.Get(rows * inter);
   const int32_t* tokens = permuted_to_token_.data() + item.first;  // [rows]
   ParallelFor(rows, hidden, [&](int64_t r) {
-    std::memcpy(xg + r * hidden, b.x + int64_t{tokens[r]} * hidden,
-                hidden * sizeof(float));
+    std::memcpy(xg + r * hidden, b.x + int64_t{tokens[r]} * hidden, hidden * sizeof(float));
   });
   f.gate_up.Forward(xg, rows, gu);  // [rows, 2 * inter]
-  ParallelFor(rows, inter, [&](int64_t r) {
-    SwiGluRow(gu + r * 2 * inter, h + r * inter, inter);
-  });
+  ParallelFor(rows, inter, [&](int64_t r) { SwiGluRow(gu + r * 2 * inter, h + r * inter, inter); });
   f.down.Forward(h, rows, yp + int64_t{item.first} * hidden);  // [rows, hidden]
 }
 
-void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp,
-                                 float* out) {
+void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp, float* out) {
   const int64_t hidden = b.hidden;
   // Read by the pool's threads while this one holds mu_ (the lambdas below are
   // not analysed as holding it).
   const int32_t* to_permuted = assignment_to_permuted_.data();
   if (b.per_assignment_out) {
     // Row a = weight_a * y_a: the product Combine forms (one fp32 multiply).
-    ParallelFor(
-        static_cast<int64_t>(b.ffn_ids.size()), hidden * 2, [&](int64_t a) {
-          const float* row = yp + int64_t{to_permuted[a]} * hidden;
-          Combine(&row, &b.weights[a], 1, /*init=*/true, out + a * hidden,
-                  hidden);
-        });
+    ParallelFor(static_cast<int64_t>(b.ffn_ids.size()), hidden * 2, [&](int64_t a) {
+      const float* row = yp + int64_t{to_permuted[a]} * hidden;
+      Combine(&row, &b.weights[a], 1, /*init=*/true, out + a * hidden, hidden);
+    });
     return;
   }
   ParallelFor(b.num_tokens, hidden * 4, [&](int64_t t) {
@@ -456,8 +425,7 @@ void CpuExpertBackend::Unpermute(const ExpertBatch& b, const float* yp,
       for (int i = 0; i < count; ++i) {
         rows[i] = yp + int64_t{to_permuted[a0 + i]} * hidden;
       }
-      Combine(rows, b.weights.data() + a0, count, /*init=*/a0 == begin, o,
-              hidden);
+      Combine(rows, b.weights.data() + a0, count, /*init=*/a0 == begin, o, hidden);
     }
   });
 }
@@ -473,19 +441,16 @@ absl::Status CpuExpertBackend::Compute(const ExpertBatch& batch, float* out) {
   MakeWorkItems();
   float* yp = yp_.Get(num_assignments * hidden);
   const int threads = ComputeThreads();
-  if (workspaces_.size() < static_cast<size_t>(threads))
-    workspaces_.resize(threads);
+  if (workspaces_.size() < static_cast<size_t>(threads)) workspaces_.resize(threads);
   if (SpreadItems(threads)) {
 #pragma omp parallel num_threads(threads)
     {
       Workspace& ws = workspaces_[omp_get_thread_num()];
 #pragma omp for schedule(dynamic, 1)
-      for (size_t i = 0; i < items_.size(); ++i)
-        RunItem(items_[i], batch, ws, yp);
+      for (size_t i = 0; i < items_.size(); ++i) RunItem(items_[i], batch, ws, yp);
     }
   } else {
-    for (const WorkItem& item : items_)
-      RunItem(item, batch, workspaces_[0], yp);
+    for (const WorkItem& item : items_) RunItem(item, batch, workspaces_[0], yp);
   }
   Unpermute(batch, yp, out);
   return absl::OkStatus();

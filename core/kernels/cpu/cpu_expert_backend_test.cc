@@ -49,9 +49,9 @@ struct RefOut {
   std::vector<double> y, scale, flip;
 };
 
-RefOut Reference(const float* x, int64_t hidden,
-                 const std::vector<int32_t>& ids, const std::vector<float>& ws,
-                 const std::map<int32_t, HostFfn>& ffns, ComputeType type) {
+RefOut Reference(const float* x, int64_t hidden, const std::vector<int32_t>& ids,
+                 const std::vector<float>& ws, const std::map<int32_t, HostFfn>& ffns,
+                 ComputeType type) {
   const bool bf16 = type == ComputeType::kBF16;
   auto v = [&](float f) { return double{bf16 ? RoundBF16(f) : f}; };
   RefOut r;
@@ -94,22 +94,19 @@ RefOut Reference(const float* x, int64_t hidden,
 }
 
 void ExpectMatchesReference(const HostBatch& b, const std::vector<float>& out,
-                            const std::map<int32_t, HostFfn>& ffns,
-                            ComputeType type) {
+                            const std::map<int32_t, HostFfn>& ffns, ComputeType type) {
   int bad = 0;
   for (int64_t t = 0; t < b.tokens() && bad < 5; ++t) {
-    const std::vector<int32_t> ids(b.ids.begin() + b.offsets[t],
-                                   b.ids.begin() + b.offsets[t + 1]);
+    const std::vector<int32_t> ids(b.ids.begin() + b.offsets[t], b.ids.begin() + b.offsets[t + 1]);
     const std::vector<float> ws(b.weights.begin() + b.offsets[t],
                                 b.weights.begin() + b.offsets[t + 1]);
-    const RefOut ref =
-        Reference(b.x.data() + t * b.hidden, b.hidden, ids, ws, ffns, type);
+    const RefOut ref = Reference(b.x.data() + t * b.hidden, b.hidden, ids, ws, ffns, type);
     for (int64_t j = 0; j < b.hidden && bad < 5; ++j) {
       const double got = out[t * b.hidden + j];
       const double tol = 1e-5 * ref.scale[j] + ref.flip[j];
       if (!(std::fabs(got - ref.y[j]) <= tol)) {
-        ADD_FAILURE() << "token " << t << " out[" << j << "] = " << got
-                      << ", expected " << ref.y[j] << " +- " << tol;
+        ADD_FAILURE() << "token " << t << " out[" << j << "] = " << got << ", expected " << ref.y[j]
+                      << " +- " << tol;
         ++bad;
       }
     }
@@ -119,8 +116,7 @@ void ExpectMatchesReference(const HostBatch& b, const std::vector<float>& out,
 class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
  protected:
   // Loads `num_experts` routed experts (inter) and a shared FFN (shared_inter).
-  void LoadLayer(int64_t hidden, int64_t inter, int64_t shared_inter,
-                 int num_experts) {
+  void LoadLayer(int64_t hidden, int64_t inter, int64_t shared_inter, int num_experts) {
     hidden_ = hidden;
     backend_ = MakeCpuExpertBackend(GetParam());
     for (int e = 0; e < num_experts; ++e) {
@@ -128,13 +124,11 @@ class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
       ASSERT_THAT(backend_->LoadFfn(kLayer, e, ffns_[e].View()), IsOk());
     }
     ffns_[kSharedFfn] = RandomFfn(hidden, shared_inter, 99);
-    ASSERT_THAT(backend_->LoadFfn(kLayer, kSharedFfn, ffns_[kSharedFfn].View()),
-                IsOk());
+    ASSERT_THAT(backend_->LoadFfn(kLayer, kSharedFfn, ffns_[kSharedFfn].View()), IsOk());
   }
 
   // Random top-k distinct experts plus the shared FFN for every token.
-  HostBatch RandomBatch(int64_t tokens, int top_k, int num_experts,
-                        uint32_t seed) {
+  HostBatch RandomBatch(int64_t tokens, int top_k, int num_experts, uint32_t seed) {
     return testing::RandomBatch({.layer = kLayer,
                                  .hidden = hidden_,
                                  .num_experts = num_experts,
@@ -150,25 +144,22 @@ class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
   std::map<int32_t, HostFfn> ffns_;
 };
 
-TEST_P(CpuExpertBackendTest,
-       MatchesFloat64ReferenceWithSharedFfnAndEmptyTokens) {
+TEST_P(CpuExpertBackendTest, MatchesFloat64ReferenceWithSharedFfnAndEmptyTokens) {
   LoadLayer(/*hidden=*/64, /*inter=*/48, /*shared_inter=*/96,
             /*num_experts=*/8);
   std::mt19937 rng(7);
   HostBatch b{.layer = kLayer, .hidden = 64};
   b.AddToken(Uniform(64, 1, &rng), {kSharedFfn, 2, 5}, {1.0f, 0.7f, -0.3f});
-  b.AddToken(Uniform(64, 1, &rng), {}, {});  // no work: zeros
-  b.AddToken(Uniform(64, 1, &rng), {5, 2, kSharedFfn},
-             {0.25f, 0.5f, 1.0f});                         // same experts
-  b.AddToken(Uniform(64, 1, &rng), {kSharedFfn}, {1.0f});  // shared only
+  b.AddToken(Uniform(64, 1, &rng), {}, {});                                   // no work: zeros
+  b.AddToken(Uniform(64, 1, &rng), {5, 2, kSharedFfn}, {0.25f, 0.5f, 1.0f});  // same experts
+  b.AddToken(Uniform(64, 1, &rng), {kSharedFfn}, {1.0f});                     // shared only
   b.AddToken(Uniform(64, 1, &rng), {7}, {2.0f});  // one routed, no shared
   // More assignments than the combine takes per sweep (8), one expert twice.
   b.AddToken(Uniform(64, 1, &rng), {0, 1, 2, 3, 4, 5, 6, 7, kSharedFfn, 3},
              {0.1f, -0.2f, 0.3f, 0.4f, 0.5f, 0.6f, 0.7f, 0.8f, 1.0f, -0.9f});
   HostBatch more = RandomBatch(9, 3, 8, 11);
   for (int64_t t = 0; t < more.tokens(); ++t) {
-    b.AddToken(std::vector<float>(more.x.begin() + t * 64,
-                                  more.x.begin() + (t + 1) * 64),
+    b.AddToken(std::vector<float>(more.x.begin() + t * 64, more.x.begin() + (t + 1) * 64),
                std::vector<int32_t>(more.ids.begin() + more.offsets[t],
                                     more.ids.begin() + more.offsets[t + 1]),
                std::vector<float>(more.weights.begin() + more.offsets[t],
@@ -191,8 +182,7 @@ TEST_P(CpuExpertBackendTest, OddShapes) {
 
 // 600 tokens: the shared FFN's 600 rows are split into row chunks, and with two
 // threads whole chunks/experts run concurrently; with one they run in sequence.
-TEST_P(CpuExpertBackendTest,
-       TokenResultIsBitwiseTheSameAloneOrBatchedAndAcrossThreads) {
+TEST_P(CpuExpertBackendTest, TokenResultIsBitwiseTheSameAloneOrBatchedAndAcrossThreads) {
   const int64_t hidden = 128, inter = 96;
   LoadLayer(hidden, inter, 2 * inter, /*num_experts=*/16);
   const HostBatch b = RandomBatch(600, 4, 16, 21);
@@ -205,21 +195,18 @@ TEST_P(CpuExpertBackendTest,
     SetComputeThreads(threads);
     std::vector<float> again(batched.size());
     ASSERT_THAT(backend_->Compute(b.View(), again.data()), IsOk());
-    EXPECT_EQ(0, std::memcmp(again.data(), batched.data(),
-                             again.size() * sizeof(float)))
+    EXPECT_EQ(0, std::memcmp(again.data(), batched.data(), again.size() * sizeof(float)))
         << "threads " << threads;
     for (int64_t t : {0, 1, 77, 599}) {
       HostBatch alone{.layer = kLayer, .hidden = hidden};
-      alone.AddToken(std::vector<float>(b.x.begin() + t * hidden,
-                                        b.x.begin() + (t + 1) * hidden),
-                     std::vector<int32_t>(b.ids.begin() + b.offsets[t],
-                                          b.ids.begin() + b.offsets[t + 1]),
-                     std::vector<float>(b.weights.begin() + b.offsets[t],
-                                        b.weights.begin() + b.offsets[t + 1]));
+      alone.AddToken(
+          std::vector<float>(b.x.begin() + t * hidden, b.x.begin() + (t + 1) * hidden),
+          std::vector<int32_t>(b.ids.begin() + b.offsets[t], b.ids.begin() + b.offsets[t + 1]),
+          std::vector<float>(b.weights.begin() + b.offsets[t],
+                             b.weights.begin() + b.offsets[t + 1]));
       std::vector<float> one(hidden);
       ASSERT_THAT(backend_->Compute(alone.View(), one.data()), IsOk());
-      EXPECT_EQ(0, std::memcmp(one.data(), batched.data() + t * hidden,
-                               hidden * sizeof(float)))
+      EXPECT_EQ(0, std::memcmp(one.data(), batched.data() + t * hidden, hidden * sizeof(float)))
           << "token " << t << " threads " << threads;
     }
   }
@@ -231,29 +218,24 @@ TEST_P(CpuExpertBackendTest, UnloadedExpertIsAnErrorAndOutIsUntouched) {
   b.ids[4] = 7;  // token 1's second routed expert: never loaded
   std::vector<float> out(b.tokens() * 64, 42.0f);
   absl::Status s = backend_->Compute(b.View(), out.data());
-  EXPECT_THAT(
-      s,
-      StatusIs(absl::StatusCode::kFailedPrecondition,
-               HasSubstr("layer 3: expert 7 is not loaded on this backend")));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition,
+                          HasSubstr("layer 3: expert 7 is not loaded on this backend")));
   for (float f : out) ASSERT_EQ(f, 42.0f);
 
   s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(/*layer=*/4), out.data());
-  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition,
-                          HasSubstr("layer 4: expert")));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition, HasSubstr("layer 4: expert")));
   EXPECT_THAT(s.message(), HasSubstr("is not loaded on this backend"));
 
   ASSERT_THAT(backend_->UnloadFfn(kLayer, kSharedFfn), IsOk());
   s = backend_->Compute(RandomBatch(2, 2, 4, 4).View(), out.data());
-  EXPECT_THAT(
-      s,
-      StatusIs(absl::StatusCode::kFailedPrecondition,
-               HasSubstr("layer 3: shared FFN is not loaded on this backend")));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition,
+                          HasSubstr("layer 3: shared FFN is not loaded on this backend")));
 
   HostBatch bad_id = RandomBatch(1, 1, 4, 5);
   bad_id.ids[0] = -5;
   s = backend_->Compute(bad_id.View(), out.data());
-  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument,
-                          HasSubstr("layer 3: invalid FFN id -5")));
+  EXPECT_THAT(
+      s, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr("layer 3: invalid FFN id -5")));
 }
 
 TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
@@ -266,8 +248,7 @@ TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
     const char* message;
   };
   const std::vector<Case> cases = {
-      {"offsets too short",
-       [](HostBatch&, ExpertBatch& e) { e.num_tokens = 4; },
+      {"offsets too short", [](HostBatch&, ExpertBatch& e) { e.num_tokens = 4; },
        "layer 3: token_offsets has 4 entries, expected num_tokens + 1 = 5"},
       {"first offset", [](HostBatch& h, ExpertBatch&) { h.offsets[0] = 1; },
        "layer 3: token_offsets[0] is 1, expected 0"},
@@ -277,8 +258,7 @@ TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
        "layer 3: token_offsets end at 8 but there are 9 assignments"},
       {"weights", [](HostBatch& h, ExpertBatch&) { h.weights.pop_back(); },
        "layer 3: 8 weights for 9 assignments"},
-      {"hidden", [](HostBatch&, ExpertBatch& e) { e.hidden = 32; },
-       "hidden 64 != batch hidden 32"},
+      {"hidden", [](HostBatch&, ExpertBatch& e) { e.hidden = 32; }, "hidden 64 != batch hidden 32"},
       {"negative tokens", [](HostBatch&, ExpertBatch& e) { e.num_tokens = -1; },
        "num_tokens -1 is negative"},
   };
@@ -290,17 +270,15 @@ TEST_P(CpuExpertBackendTest, InconsistentOffsetsAndSizesAreErrors) {
     e.token_offsets = h.offsets;
     e.weights = h.weights;
     const absl::Status s = backend_->Compute(e, out.data());
-    EXPECT_THAT(
-        s, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.message)));
+    EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument, HasSubstr(c.message)));
     for (float f : out) ASSERT_EQ(f, 42.0f);
   }
   // The hidden mismatch names the expert.
   ExpertBatch e = good.View();
   e.hidden = 32;
   EXPECT_THAT(std::string(backend_->Compute(e, out.data()).message()),
-              ::testing::MatchesRegex(
-                  "layer 3 (expert [0-9]+|shared FFN): hidden 64 != batch "
-                  "hidden 32"));
+              ::testing::MatchesRegex("layer 3 (expert [0-9]+|shared FFN): hidden 64 != batch "
+                                      "hidden 32"));
 }
 
 TEST_P(CpuExpertBackendTest, UnloadThenComputeIsAnError) {
@@ -315,14 +293,12 @@ TEST_P(CpuExpertBackendTest, UnloadThenComputeIsAnError) {
   b.AddToken(std::vector<float>(64, 0.5f), {1, 2}, {0.5f, 0.5f});
   std::vector<float> out(64);
   const absl::Status s = backend_->Compute(b.View(), out.data());
-  EXPECT_THAT(
-      s,
-      StatusIs(absl::StatusCode::kFailedPrecondition,
-               HasSubstr("layer 3: expert 2 is not loaded on this backend")));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kFailedPrecondition,
+                          HasSubstr("layer 3: expert 2 is not loaded on this backend")));
 
   const absl::Status again = backend_->UnloadFfn(kLayer, 2);
-  EXPECT_THAT(again, StatusIs(absl::StatusCode::kNotFound,
-                              HasSubstr("layer 3 expert 2 is not loaded")));
+  EXPECT_THAT(again,
+              StatusIs(absl::StatusCode::kNotFound, HasSubstr("layer 3 expert 2 is not loaded")));
   for (int e : {0, 1, 3}) ASSERT_THAT(backend_->UnloadFfn(kLayer, e), IsOk());
   ASSERT_THAT(backend_->UnloadFfn(kLayer, kSharedFfn), IsOk());
   EXPECT_EQ(backend_->WeightBytes(), 0u);
@@ -333,15 +309,13 @@ TEST_P(CpuExpertBackendTest, LoadRejectsBadShapesAndReloadReplaces) {
   HostFfn bad = RandomFfn(64, 48, 1);
   bad.gate.pop_back();
   absl::Status s = backend_->LoadFfn(kLayer, 5, bad.View());
-  EXPECT_THAT(
-      s, StatusIs(absl::StatusCode::kInvalidArgument,
-                  HasSubstr("layer 3 expert 5: gate_proj has 3071 elements, "
-                            "expected [48,64]")));
+  EXPECT_THAT(s, StatusIs(absl::StatusCode::kInvalidArgument,
+                          HasSubstr("layer 3 expert 5: gate_proj has 3071 elements, "
+                                    "expected [48,64]")));
   EXPECT_FALSE(backend_->HasFfn(kLayer, 5));
   FfnWeights zero = RandomFfn(64, 48, 1).View();
   zero.intermediate = 0;
-  EXPECT_THAT(backend_->LoadFfn(kLayer, 5, zero),
-              StatusIs(absl::StatusCode::kInvalidArgument));
+  EXPECT_THAT(backend_->LoadFfn(kLayer, 5, zero), StatusIs(absl::StatusCode::kInvalidArgument));
 
   const size_t bytes = backend_->WeightBytes();
   ffns_[1] = RandomFfn(64, 48, 555);
@@ -359,16 +333,13 @@ TEST_P(CpuExpertBackendTest, EmptyBatchAndWeightBytesAndName) {
   EXPECT_THAT(backend_->Compute(empty.View(), nullptr), IsOk());
   const size_t elem = GetParam() == ComputeType::kBF16 ? 2 : 4;
   EXPECT_GE(backend_->WeightBytes(), (2 * 3 * 64 * 48 + 3 * 64 * 96) * elem);
-  EXPECT_EQ(backend_->Name(),
-            GetParam() == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32");
+  EXPECT_EQ(backend_->Name(), GetParam() == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32");
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, CpuExpertBackendTest,
-                         ::testing::Values(ComputeType::kF32,
-                                           ComputeType::kBF16),
+                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16),
                          [](const auto& info) {
-                           return info.param == ComputeType::kBF16 ? "BF16"
-                                                                   : "F32";
+                           return info.param == ComputeType::kBF16 ? "BF16" : "F32";
                          });
 
 }  // namespace

@@ -19,8 +19,7 @@ static void Pack(const float* w, int64_t n, int64_t k, T* out, F convert) {
       const int64_t row = p * kPanel + c;
       if (row < n) {
         const float* src = w + row * k;
-        for (int64_t kk = 0; kk < k; ++kk)
-          dst[kk * kPanel + c] = convert(src[kk]);
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + c] = convert(src[kk]);
       } else {
         for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + c] = T{};
       }
@@ -49,8 +48,7 @@ struct Isa {
   static V LoadB(const uint16_t* p) {
     // bf16 bits into the high half of each 32-bit lane.
     return _mm_castsi128_ps(_mm_unpacklo_epi16(
-        _mm_setzero_si128(),
-        _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+        _mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
   static V Bcast(const float* p) { return _mm_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }

@@ -53,9 +53,7 @@ std::vector<float> Random(size_t n, uint32_t seed, bool bf16) {
 struct Packed {
   std::vector<float> f32;
   std::vector<uint16_t> bf16;
-  const void* data(bool b) const {
-    return b ? static_cast<const void*>(bf16.data()) : f32.data();
-  }
+  const void* data(bool b) const { return b ? static_cast<const void*>(bf16.data()) : f32.data(); }
 };
 
 Packed Pack(const std::vector<float>& w, int64_t n, int64_t k) {
@@ -68,9 +66,8 @@ Packed Pack(const std::vector<float>& w, int64_t n, int64_t k) {
 }
 
 // y = x W^T over panels [pb, pe), rows [0, m), with the given strides.
-void RunGemm(Fn fn, const Packed& p, bool bf16, int64_t n, int64_t k,
-             const float* x, int64_t ldx, int64_t m, float* y, int64_t ldy,
-             int64_t pb, int64_t pe) {
+void RunGemm(Fn fn, const Packed& p, bool bf16, int64_t n, int64_t k, const float* x, int64_t ldx,
+             int64_t m, float* y, int64_t ldy, int64_t pb, int64_t pe) {
   Args a;
   a.w = p.data(bf16);
   a.bf16 = bf16;
@@ -90,23 +87,21 @@ class GemmTest : public ::testing::TestWithParam<bool> {};  // bf16?
 
 TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
   const bool bf16 = GetParam();
-  for (const auto& [m, n, k] :
-       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1},
-                                                          {1, 16, 8},
-                                                          {2, 17, 33},
-                                                          {5, 100, 64},
-                                                          {7, 48, 3},
-                                                          {13, 130, 257},
-                                                          {64, 64, 128},
-                                                          {70, 33, 1000}}) {
+  for (const auto& [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{{1, 1, 1},
+                                                                                  {1, 16, 8},
+                                                                                  {2, 17, 33},
+                                                                                  {5, 100, 64},
+                                                                                  {7, 48, 3},
+                                                                                  {13, 130, 257},
+                                                                                  {64, 64, 128},
+                                                                                  {70, 33, 1000}}) {
     const auto w = Random(n * k, 1 + m, bf16);
     const auto x = Random(m * k, 2 + n, bf16);
     const Packed p = Pack(w, n, k);
     for (const Level& level : HostLevels()) {
       SCOPED_TRACE(absl::StrFormat("%s m=%d n=%d k=%d", level.name, m, n, k));
       std::vector<float> y(m * n);
-      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0,
-              NumPanels(n));
+      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
       int bad = 0;
       for (int64_t i = 0; i < m && bad < 5; ++i) {
         for (int64_t j = 0; j < n && bad < 5; ++j) {
@@ -120,8 +115,8 @@ TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
           // pre-rounded, f32 ones used as they are).
           const double tol = 1e-5 * scale + 1e-30;
           if (!(std::fabs(y[i * n + j] - ref) <= tol)) {
-            ADD_FAILURE() << "y[" << i << "," << j << "] = " << y[i * n + j]
-                          << ", expected " << ref << " +- " << tol;
+            ADD_FAILURE() << "y[" << i << "," << j << "] = " << y[i * n + j] << ", expected " << ref
+                          << " +- " << tol;
             ++bad;
           }
         }
@@ -141,8 +136,7 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
   for (const Level& level : HostLevels()) {
     SCOPED_TRACE(level.name);
     std::vector<float> all(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0,
-            NumPanels(n));
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0, NumPanels(n));
     std::mt19937 rng(99);
     for (int trial = 0; trial < 40; ++trial) {
       const int64_t rows = 1 + rng() % 17;
@@ -150,15 +144,12 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
       const int64_t split = rng() % (NumPanels(n) + 1);
       const int64_t ldy = n + 5;  // canaries after every row
       std::vector<float> y(rows * ldy, -7.5f);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(),
-              ldy, 0, split);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(),
-              ldy, split, NumPanels(n));
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, 0, split);
+      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, split,
+              NumPanels(n));
       for (int64_t r = 0; r < rows; ++r) {
-        ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n,
-                                 n * sizeof(float)))
-            << "rows " << r0 << "+" << rows << " split at panel " << split
-            << ", row " << r;
+        ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n, n * sizeof(float)))
+            << "rows " << r0 << "+" << rows << " split at panel " << split << ", row " << r;
         for (int64_t c = n; c < ldy; ++c) {
           ASSERT_EQ(y[r * ldy + c], -7.5f) << "wrote past column n at " << c;
         }
@@ -178,13 +169,11 @@ TEST_P(GemmTest, LevelsGiveIdenticalBits) {
   const auto x = Random(m * k, 12, bf16);
   const Packed p = Pack(w, n, k);
   std::vector<float> ref(m * n);
-  RunGemm(levels.back().fn, p, bf16, n, k, x.data(), k, m, ref.data(), n, 0,
-          NumPanels(n));
+  RunGemm(levels.back().fn, p, bf16, n, k, x.data(), k, m, ref.data(), n, 0, NumPanels(n));
   for (const Level& level : levels) {
     if (!bf16 && level.needs == IsaLevel::kGeneric) continue;  // no FMA
     std::vector<float> y(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0,
-            NumPanels(n));
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
     EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
         << level.name << " vs " << levels.back().name;
   }
@@ -213,9 +202,7 @@ TEST(GemmPackTest, PanelLayoutZeroPadsAndRoundsToBf16) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, GemmTest, ::testing::Values(false, true),
-                         [](const auto& info) {
-                           return std::string(info.param ? "BF16" : "F32");
-                         });
+                         [](const auto& info) { return std::string(info.param ? "BF16" : "F32"); });
 
 }  // namespace
 }  // namespace dmoe::core::gemm

@@ -85,8 +85,7 @@ std::atomic<int> g_compute_threads{0};
 
 void ApplyComputeThreads() {
   const int n = g_compute_threads.load(std::memory_order_relaxed);
-  if (n > 0 && !omp_in_parallel() && omp_get_max_threads() != n)
-    omp_set_num_threads(n);
+  if (n > 0 && !omp_in_parallel() && omp_get_max_threads() != n) omp_set_num_threads(n);
 }
 
 // ---- Aligned buffers -------------------------------------------------------
@@ -113,8 +112,7 @@ class ThreadBuffer {
       capacity_ = (bytes + 4095) / 4096 * 4096;
       ptr_.reset(static_cast<char*>(std::aligned_alloc(64, capacity_)));
       if (ptr_ == nullptr) {
-        std::fprintf(stderr, "dmoe PackedLinear: out of memory (%zu bytes)\n",
-                     bytes);
+        std::fprintf(stderr, "dmoe PackedLinear: out of memory (%zu bytes)\n", bytes);
         std::abort();
       }
     }
@@ -128,28 +126,21 @@ class ThreadBuffer {
 
 // ---- f32 -> bf16: round to nearest even, NaN stays NaN (as F32ToBF16) ----
 
-__attribute__((target("avx512f,avx512bw"))) inline __m512i ToBF16Bits(
-    __m512i u) {
-  const __mmask16 nan = _mm512_cmpgt_epu32_mask(
-      _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
-      _mm512_set1_epi32(0x7f800000));
-  const __m512i lsb =
-      _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r =
-      _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
-  r = _mm512_mask_mov_epi32(r, nan,
-                            _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
+__attribute__((target("avx512f,avx512bw"))) inline __m512i ToBF16Bits(__m512i u) {
+  const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff)),
+                                                _mm512_set1_epi32(0x7f800000));
+  const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_add_epi32(u, _mm512_add_epi32(_mm512_set1_epi32(0x7fff), lsb));
+  r = _mm512_mask_mov_epi32(r, nan, _mm512_or_si512(u, _mm512_set1_epi32(0x400000)));
   return _mm512_srli_epi32(r, 16);
 }
 
-__attribute__((target("avx512f,avx512bw"))) void ToBF16Avx512(const float* src,
-                                                              int64_t n,
+__attribute__((target("avx512f,avx512bw"))) void ToBF16Avx512(const float* src, int64_t n,
                                                               uint16_t* dst) {
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) {
     const __m512i u = _mm512_loadu_si512(src + i);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
-                        _mm512_cvtepi32_epi16(ToBF16Bits(u)));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i), _mm512_cvtepi32_epi16(ToBF16Bits(u)));
   }
   if (i < n) {
     const __mmask16 m = static_cast<__mmask16>((1u << (n - i)) - 1);
@@ -175,8 +166,7 @@ void RoundToBF16(const float* src, int64_t n, float* dst) {
 // enough to pay for a parallel region and we are not already inside one.
 template <typename F>
 void ForRows(int64_t m, int64_t row_elems, const F& body) {
-  const bool par =
-      m > 1 && m * row_elems >= (int64_t{1} << 16) && !omp_in_parallel();
+  const bool par = m > 1 && m * row_elems >= (int64_t{1} << 16) && !omp_in_parallel();
 #pragma omp parallel for schedule(static) if (par)
   for (int64_t r = 0; r < m; ++r) body(r);
 }
@@ -192,8 +182,7 @@ struct PrimKey {
   int nthr;
   memory::desc weights;
   bool operator==(const PrimKey& o) const {
-    return dt == o.dt && m == o.m && n == o.n && k == o.k && nthr == o.nthr &&
-           weights == o.weights;
+    return dt == o.dt && m == o.m && n == o.n && k == o.k && nthr == o.nthr && weights == o.weights;
   }
 };
 
@@ -201,8 +190,7 @@ struct PrimKeyHash {
   size_t operator()(const PrimKey& key) const {
     size_t h = std::hash<int>()(static_cast<int>(key.dt));
     for (int64_t v : {key.m, key.n, key.k, static_cast<int64_t>(key.nthr)}) {
-      h ^=
-          std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
+      h ^= std::hash<int64_t>()(v) + 0x9e3779b97f4a7c15ull + (h << 6) + (h >> 2);
     }
     // The weight layout only disambiguates: it is a function of (dt, n, k).
     return h;
@@ -237,31 +225,27 @@ class PrimCache {
  private:
   static std::shared_ptr<const PrimEntry> Create(const PrimKey& key) {
     const memory::desc src({key.m, key.k}, key.dt, memory::format_tag::ab);
-    const memory::desc dst({key.m, key.n}, memory::data_type::f32,
-                           memory::format_tag::ab);
+    const memory::desc dst({key.m, key.n}, memory::data_type::f32, memory::format_tag::ab);
     dnnl::primitive_attr attr;
     attr.set_scratchpad_mode(dnnl::scratchpad_mode::user);
     try {
-      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, key.weights, dst),
-                                      attr, Engine());
+      dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, key.weights, dst), attr, Engine());
       return std::make_shared<const PrimEntry>(
           PrimEntry{dnnl::matmul(pd), src, dst, pd.scratchpad_desc()});
     } catch (const dnnl::error& e) {
       // The layout came from a matmul of the same problem, and oneDNN's
       // reference matmul takes any layout, so only a broken build or OOM gets
       // here. Forward has no error channel: die loudly.
-      std::fprintf(
-          stderr,
-          "dmoe PackedLinear: cannot create matmul m=%lld n=%lld k=%lld: %s\n",
-          static_cast<long long>(key.m), static_cast<long long>(key.n),
-          static_cast<long long>(key.k), e.what());
+      std::fprintf(stderr, "dmoe PackedLinear: cannot create matmul m=%lld n=%lld k=%lld: %s\n",
+                   static_cast<long long>(key.m), static_cast<long long>(key.n),
+                   static_cast<long long>(key.k), e.what());
       std::abort();
     }
   }
 
   absl::Mutex mu_;
-  std::unordered_map<PrimKey, std::shared_ptr<const PrimEntry>, PrimKeyHash>
-      map_ ABSL_GUARDED_BY(mu_);
+  std::unordered_map<PrimKey, std::shared_ptr<const PrimEntry>, PrimKeyHash> map_
+      ABSL_GUARDED_BY(mu_);
 };
 
 PrimCache& Cache() {
@@ -300,8 +284,7 @@ memory::desc ChooseWeightsLayout(memory::data_type dt, int64_t n, int64_t k) {
   constexpr int64_t kProbeM = 256;
   const memory::desc src({kProbeM, k}, dt, memory::format_tag::ab);
   const memory::desc wei({k, n}, dt, memory::format_tag::any);
-  const memory::desc dst({kProbeM, n}, memory::data_type::f32,
-                         memory::format_tag::ab);
+  const memory::desc dst({kProbeM, n}, memory::data_type::f32, memory::format_tag::ab);
   dnnl::matmul::primitive_desc pd(dnnl::matmul::desc(src, wei, dst), Engine());
   return pd.weights_desc();
 }
@@ -374,24 +357,22 @@ bool CpuHasAvx512Bf16() { return IsaAtLeast(IsaLevel::kAvx512Bf16); }
 bool IsBA16a64b2a(const memory::desc& md, int64_t n, int64_t k) {
   const dnnl_memory_desc_t& d = md.data;
   const int64_t kb = (k + 31) / 32;
-  if (d.ndims != 2 || d.data_type != dnnl_bf16 ||
-      d.format_kind != dnnl_blocked || d.offset0 != 0 ||
+  if (d.ndims != 2 || d.data_type != dnnl_bf16 || d.format_kind != dnnl_blocked || d.offset0 != 0 ||
       d.padded_dims[0] != kb * 32 || d.padded_dims[1] != (n + 63) / 64 * 64) {
     return false;
   }
   const dnnl_blocking_desc_t& b = d.format_desc.blocking;
   return b.inner_nblks == 3 && b.inner_blks[0] == 16 && b.inner_idxs[0] == 0 &&
-         b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 &&
-         b.inner_blks[2] == 2 && b.inner_idxs[2] == 0 &&
-         b.strides[0] == kTileElems && b.strides[1] == kb * kTileElems;
+         b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 && b.inner_blks[2] == 2 &&
+         b.inner_idxs[2] == 0 && b.strides[0] == kTileElems && b.strides[1] == kb * kTileElems;
 }
 
 // y[r, nb*64 ...] for rows r < M and N blocks [nb_begin, nb_end). x: M rows of
 // kb * 32 bf16 (zero-padded), row stride ldx; y row stride ldy.
 template <int M>
 __attribute__((target("avx512f,avx512bw,avx512bf16"))) void SmallMBf16(
-    const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx, float* y,
-    int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
+    const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
+    int64_t nb_begin, int64_t nb_end) {
   constexpr int64_t kPrefetch = 1024;  // elements (2 KiB) ahead of the loads
   const int64_t pairs = kb * 16;
   alignas(64) float sum[M][64];  // running sum over chunks (rarely touched)
@@ -410,12 +391,9 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void SmallMBf16(
         _mm_prefetch(pf + 128, _MM_HINT_T0);
         _mm_prefetch(pf + 192, _MM_HINT_T0);
         const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp));
-        const __m512bh w1 =
-            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 32));
-        const __m512bh w2 =
-            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 64));
-        const __m512bh w3 =
-            reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 96));
+        const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 32));
+        const __m512bh w2 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 64));
+        const __m512bh w3 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 96));
 #pragma GCC unroll 4
         for (int r = 0; r < M; ++r) {
           int32_t xp;
@@ -431,28 +409,24 @@ __attribute__((target("avx512f,avx512bw,avx512bf16"))) void SmallMBf16(
       for (int i = 0; i < M * 4; ++i) {
         float* s = &sum[i / 4][16 * (i % 4)];
         _mm512_store_ps(
-            s, p0 == 0 ? acc[i / 4][i % 4]
-                       : _mm512_add_ps(_mm512_load_ps(s), acc[i / 4][i % 4]));
+            s, p0 == 0 ? acc[i / 4][i % 4] : _mm512_add_ps(_mm512_load_ps(s), acc[i / 4][i % 4]));
       }
     }
     const int64_t n0 = nb * 64;
     for (int c = 0; c < 4; ++c) {
       const int64_t left = n - (n0 + 16 * c);
       if (left <= 0) break;
-      const __mmask16 mask = left >= 16
-                                 ? __mmask16(0xffff)
-                                 : static_cast<__mmask16>((1u << left) - 1);
+      const __mmask16 mask =
+          left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
       for (int r = 0; r < M; ++r) {
-        _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * c, mask,
-                              _mm512_load_ps(&sum[r][16 * c]));
+        _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * c, mask, _mm512_load_ps(&sum[r][16 * c]));
       }
     }
   }
 }
 
-void SmallMBf16Group(int64_t m, const uint16_t* w, int64_t kb,
-                     const uint16_t* x, int64_t ldx, float* y, int64_t ldy,
-                     int64_t n, int64_t nb_begin, int64_t nb_end) {
+void SmallMBf16Group(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx,
+                     float* y, int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
   switch (m) {
     case 1:
       return SmallMBf16<1>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
@@ -468,15 +442,13 @@ void SmallMBf16Group(int64_t m, const uint16_t* w, int64_t kb,
 // Up to 4 rows share one pass over the weights (registers); more rows go 4 at
 // a time over one N block, whose weights (K * 64 bf16, 256 KiB at K = 2048)
 // are then still in L2 for the next group.
-void SmallMBf16Rows(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x,
-                    int64_t ldx, float* y, int64_t ldy, int64_t n,
-                    int64_t nb_begin, int64_t nb_end) {
-  if (m <= 4)
-    return SmallMBf16Group(m, w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
+void SmallMBf16Rows(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx,
+                    float* y, int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
+  if (m <= 4) return SmallMBf16Group(m, w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
   for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
     for (int64_t r = 0; r < m; r += 4) {
-      SmallMBf16Group(std::min<int64_t>(4, m - r), w, kb, x + r * ldx, ldx,
-                      y + r * ldy, ldy, n, nb, nb + 1);
+      SmallMBf16Group(std::min<int64_t>(4, m - r), w, kb, x + r * ldx, ldx, y + r * ldy, ldy, n, nb,
+                      nb + 1);
     }
   }
 }
@@ -509,8 +481,8 @@ thread_local ThreadBuffer t_src_buf;      // converted / dense copy of x
 thread_local ThreadBuffer t_dst_buf;      // dense staging of a strided y
 thread_local ThreadBuffer t_scratch_buf;  // oneDNN scratchpad
 
-void ForwardSmallM(const PackedWeights& im, const float* x, int64_t m, float* y,
-                   int64_t ldx, int64_t ldy) {
+void ForwardSmallM(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
+                   int64_t ldy) {
   const int64_t k = im.k, n = im.n;
   const int64_t kb = (k + 31) / 32;
   const int64_t kp = kb * 32;  // padded row: the kernel reads whole K blocks
@@ -527,16 +499,15 @@ void ForwardSmallM(const PackedWeights& im, const float* x, int64_t m, float* y,
 #pragma omp parallel num_threads(threads)
     {
       const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-      SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, nbs * id / nt,
-                     nbs * (id + 1) / nt);
+      SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, nbs * id / nt, nbs * (id + 1) / nt);
     }
   } else {
     SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, 0, nbs);
   }
 }
 
-void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y,
-                   int64_t ldx, int64_t ldy) {
+void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
+                   int64_t ldy) {
   const int64_t k = im.k, n = im.n;
   // oneDNN 2.6 brgemm takes neither a strided source nor a strided destination
   // (it falls back to ref:any, ~100x slower): both are dense here, staged
@@ -553,46 +524,36 @@ void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y,
     src = xr;
   } else if (m > 1 && ldx != k) {
     auto* xd = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
-    ForRows(m, k, [&](int64_t r) {
-      std::memcpy(xd + r * k, x + r * ldx, k * sizeof(float));
-    });
+    ForRows(m, k, [&](int64_t r) { std::memcpy(xd + r * k, x + r * ldx, k * sizeof(float)); });
     src = xd;
   }
   const bool stage_dst = m > 1 && ldy != n;
-  float* dst =
-      stage_dst ? static_cast<float*>(t_dst_buf.Get(m * n * sizeof(float))) : y;
+  float* dst = stage_dst ? static_cast<float*>(t_dst_buf.Get(m * n * sizeof(float))) : y;
 
   const int nthr = omp_in_parallel() ? 1 : omp_get_max_threads();
   ThreadPrim& tp = GetThreadPrim(PrimKey{im.dt, m, n, k, nthr, im.weights_md});
   const size_t scratch_bytes = tp.entry->scratch_md.get_size();
-  dnnl_exec_arg_t args[4] = {
-      {DNNL_ARG_SRC, tp.src.get()},
-      {DNNL_ARG_WEIGHTS, im.weights.get()},
-      {DNNL_ARG_DST, tp.dst.get()},
-      {DNNL_ARG_SCRATCHPAD, tp.scratch ? tp.scratch.get() : nullptr}};
-  dnnl_status_t st =
-      dnnl_memory_set_data_handle(tp.src.get(), const_cast<void*>(src));
+  dnnl_exec_arg_t args[4] = {{DNNL_ARG_SRC, tp.src.get()},
+                             {DNNL_ARG_WEIGHTS, im.weights.get()},
+                             {DNNL_ARG_DST, tp.dst.get()},
+                             {DNNL_ARG_SCRATCHPAD, tp.scratch ? tp.scratch.get() : nullptr}};
+  dnnl_status_t st = dnnl_memory_set_data_handle(tp.src.get(), const_cast<void*>(src));
   if (st == dnnl_success) st = dnnl_memory_set_data_handle(tp.dst.get(), dst);
   if (st == dnnl_success && scratch_bytes > 0) {
-    st = dnnl_memory_set_data_handle(tp.scratch.get(),
-                                     t_scratch_buf.Get(scratch_bytes));
+    st = dnnl_memory_set_data_handle(tp.scratch.get(), t_scratch_buf.Get(scratch_bytes));
   }
   if (st == dnnl_success) {
-    st = dnnl_primitive_execute(tp.entry->prim.get(), Stream().get(),
-                                scratch_bytes > 0 ? 4 : 3, args);
+    st = dnnl_primitive_execute(tp.entry->prim.get(), Stream().get(), scratch_bytes > 0 ? 4 : 3,
+                                args);
   }
   if (st != dnnl_success) {
-    std::fprintf(
-        stderr,
-        "dmoe PackedLinear: matmul m=%lld n=%lld k=%lld failed: status %d\n",
-        static_cast<long long>(m), static_cast<long long>(n),
-        static_cast<long long>(k), static_cast<int>(st));
+    std::fprintf(stderr, "dmoe PackedLinear: matmul m=%lld n=%lld k=%lld failed: status %d\n",
+                 static_cast<long long>(m), static_cast<long long>(n), static_cast<long long>(k),
+                 static_cast<int>(st));
     std::abort();
   }
   if (stage_dst) {
-    ForRows(m, n, [&](int64_t r) {
-      std::memcpy(y + r * ldy, dst + r * n, n * sizeof(float));
-    });
+    ForRows(m, n, [&](int64_t r) { std::memcpy(y + r * ldy, dst + r * n, n * sizeof(float)); });
   }
 }
 
@@ -607,8 +568,7 @@ bool SmallMMatchesOneDnn(const PackedWeights& im) {
     std::vector<float> x = ProbeValues(m * k, 12345), ref(m * n), got(m * n);
     ForwardOneDnn(im, x.data(), m, ref.data(), k, n);
     ForwardSmallM(im, x.data(), kSmallM, got.data(), k, n);
-    ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k,
-                  n);
+    ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k, n);
     return std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0;
   });
 }
@@ -663,8 +623,8 @@ GemmFn Gemm() {
   return fn;
 }
 
-void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m,
-                      float* y, int64_t ldx, int64_t ldy) {
+void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
+                      int64_t ldy) {
   const int64_t k = im.k, n = im.n;
   gemm::Args args;
   args.w = im.weights_buf.get();
@@ -721,8 +681,7 @@ bool OneDnnIsBatchInvariant(const PackedWeights& im) {
       ForwardOneDnn(im, x.data() + row * k, rows, parts.data() + row * n, k, n);
       row += rows;
     }
-    const bool same =
-        std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
+    const bool same = std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
     if (!same) {
       std::fprintf(stderr,
                    "dmoe PackedLinear: oneDNN's matmul [%lld,%lld] is not "
@@ -738,24 +697,20 @@ std::atomic<bool> g_allow_variant_onednn{false};
 // Packs `w` for our kernels.
 absl::Status PackInvariant(const float* w, PackedWeights& im) {
   const size_t elems = gemm::PackedElems(im.n, im.k);
-  const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t)
-                                                              : sizeof(float));
+  const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t) : sizeof(float));
   im.weights_buf = AllocWeights(bytes);
   if (im.weights_buf == nullptr) {
-    return absl::ResourceExhaustedError(absl::StrFormat(
-        "PackedLinear: cannot allocate %d bytes of weights", bytes));
+    return absl::ResourceExhaustedError(
+        absl::StrFormat("PackedLinear: cannot allocate %d bytes of weights", bytes));
   }
   if (im.type == ComputeType::kBF16) {
-    gemm::PackBf16(w, im.n, im.k,
-                   reinterpret_cast<uint16_t*>(im.weights_buf.get()));
+    gemm::PackBf16(w, im.n, im.k, reinterpret_cast<uint16_t*>(im.weights_buf.get()));
   } else {
-    gemm::PackF32(w, im.n, im.k,
-                  reinterpret_cast<float*>(im.weights_buf.get()));
+    gemm::PackF32(w, im.n, im.k, reinterpret_cast<float*>(im.weights_buf.get()));
   }
   im.invariant = true;
   im.invariant_bytes = bytes;
-  im.dt = im.type == ComputeType::kBF16 ? memory::data_type::bf16
-                                        : memory::data_type::f32;
+  im.dt = im.type == ComputeType::kBF16 ? memory::data_type::bf16 : memory::data_type::f32;
   return absl::OkStatus();
 }
 
@@ -772,24 +727,21 @@ PackedLinear::~PackedLinear() = default;
 PackedLinear::PackedLinear(PackedLinear&&) noexcept = default;
 PackedLinear& PackedLinear::operator=(PackedLinear&&) noexcept = default;
 
-absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
-                                                  int64_t k, ComputeType type) {
+absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n, int64_t k,
+                                                  ComputeType type) {
   if (n <= 0 || k <= 0) {
     return absl::InvalidArgumentError(
         absl::StrFormat("PackedLinear: shape [%d,%d] must be positive", n, k));
   }
-  if (w == nullptr)
-    return absl::InvalidArgumentError("PackedLinear: null weights");
+  if (w == nullptr) return absl::InvalidArgumentError("PackedLinear: null weights");
   auto impl = std::make_unique<Impl>();
   impl->n = n;
   impl->k = k;
   impl->type = type;
   // oneDNN where it is fast and batch-invariant (bf16 brgemm with
   // AVX512_BF16 / AMX, verified per shape below); our kernels everywhere else.
-  const bool variant_ok =
-      g_allow_variant_onednn.load(std::memory_order_relaxed);
-  if (!variant_ok &&
-      !(type == ComputeType::kBF16 && IsaAtLeast(IsaLevel::kAvx512Bf16))) {
+  const bool variant_ok = g_allow_variant_onednn.load(std::memory_order_relaxed);
+  if (!variant_ok && !(type == ComputeType::kBF16 && IsaAtLeast(IsaLevel::kAvx512Bf16))) {
     DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
     PackedLinear out;
     out.impl_ = std::move(impl);
@@ -802,22 +754,19 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
     // own instead, so one of them does not pin its size for the process's life.
     thread_local ThreadBuffer pooled_buf;
     ThreadBuffer own_buf;
-    ThreadBuffer& convert_buf =
-        n * k * sizeof(float) > (size_t{64} << 20) ? own_buf : pooled_buf;
+    ThreadBuffer& convert_buf = n * k * sizeof(float) > (size_t{64} << 20) ? own_buf : pooled_buf;
     const void* plain = w;
     if (type == ComputeType::kBF16) {
       try {
         impl->weights_md = ChooseWeightsLayout(memory::data_type::bf16, n, k);
         impl->dt = memory::data_type::bf16;
-        auto* wb =
-            static_cast<uint16_t*>(convert_buf.Get(n * k * sizeof(uint16_t)));
+        auto* wb = static_cast<uint16_t*>(convert_buf.Get(n * k * sizeof(uint16_t)));
         ForRows(n, k, [&](int64_t r) { ToBF16(w + r * k, k, wb + r * k); });
         plain = wb;
       } catch (const dnnl::error&) {
         impl->emulate_bf16 = true;
         auto* wr = static_cast<float*>(convert_buf.Get(n * k * sizeof(float)));
-        ForRows(n, k,
-                [&](int64_t r) { RoundToBF16(w + r * k, k, wr + r * k); });
+        ForRows(n, k, [&](int64_t r) { RoundToBF16(w + r * k, k, wr + r * k); });
         plain = wr;
       }
     }
@@ -829,17 +778,14 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
     dnnl::memory src(plain_md, Engine(), const_cast<void*>(plain));
     impl->weights_buf = AllocWeights(impl->weights_md.get_size());
     if (impl->weights_buf == nullptr) {
-      return absl::ResourceExhaustedError(
-          absl::StrFormat("PackedLinear: cannot allocate %d bytes of weights",
-                          impl->weights_md.get_size()));
+      return absl::ResourceExhaustedError(absl::StrFormat(
+          "PackedLinear: cannot allocate %d bytes of weights", impl->weights_md.get_size()));
     }
-    impl->weights =
-        dnnl::memory(impl->weights_md, Engine(), impl->weights_buf.get());
+    impl->weights = dnnl::memory(impl->weights_md, Engine(), impl->weights_buf.get());
     dnnl::reorder(src, impl->weights).execute(Stream(), src, impl->weights);
     Stream().wait();
     impl->small_m = impl->dt == memory::data_type::bf16 && CpuHasAvx512Bf16() &&
-                    IsBA16a64b2a(impl->weights_md, n, k) &&
-                    SmallMMatchesOneDnn(*impl);
+                    IsBA16a64b2a(impl->weights_md, n, k) && SmallMMatchesOneDnn(*impl);
     impl->onednn_invariant = !variant_ok && OneDnnIsBatchInvariant(*impl);
     if (!variant_ok && !impl->onednn_invariant) {
       impl->weights = dnnl::memory();
@@ -847,16 +793,15 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n,
       DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
     }
   } catch (const dnnl::error& e) {
-    return absl::InternalError(absl::StrFormat(
-        "PackedLinear: oneDNN failed packing [%d,%d]: %s", n, k, e.what()));
+    return absl::InternalError(
+        absl::StrFormat("PackedLinear: oneDNN failed packing [%d,%d]: %s", n, k, e.what()));
   }
   PackedLinear out;
   out.impl_ = std::move(impl);
   return out;
 }
 
-void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx,
-                           int64_t ldy) const {
+void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx, int64_t ldy) const {
   if (m <= 0) return;
   if (ldx == 0) ldx = impl_->k;
   if (ldy == 0) ldy = impl_->n;
@@ -890,8 +835,7 @@ int64_t PackedLinear::k() const { return impl_->k; }
 ComputeType PackedLinear::type() const { return impl_->type; }
 size_t PackedLinear::weight_bytes() const {
   if (impl_ == nullptr) return 0;
-  return impl_->invariant ? impl_->invariant_bytes
-                          : impl_->weights_md.get_size();
+  return impl_->invariant ? impl_->invariant_bytes : impl_->weights_md.get_size();
 }
 
 void SetComputeThreads(int n) {

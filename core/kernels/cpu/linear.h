@@ -41,13 +41,12 @@ class PackedLinear {
   PackedLinear& operator=(PackedLinear&&) noexcept;
 
   // `w` is [n, k] row-major float32; it is copied, the caller keeps ownership.
-  static absl::StatusOr<PackedLinear> Create(const float* w, int64_t n,
-                                             int64_t k, ComputeType type);
+  static absl::StatusOr<PackedLinear> Create(const float* w, int64_t n, int64_t k,
+                                             ComputeType type);
 
   // y[m, n] = x[m, k] · W^T. `x` and `y` are row-major float32 with the given
   // row strides (in elements; 0 means dense: k and n). m == 0 is a no-op.
-  void Forward(const float* x, int64_t m, float* y, int64_t ldx = 0,
-               int64_t ldy = 0) const;
+  void Forward(const float* x, int64_t m, float* y, int64_t ldx = 0, int64_t ldy = 0) const;
 
   // The kernel that runs this layer: "dmoe-avx2", "dmoe-avx512",
   // "dmoe-generic", "onednn" or "onednn+small-m".

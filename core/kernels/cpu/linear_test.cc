@@ -32,13 +32,10 @@ float RoundBF16(float f) { return BF16ToF32(F32ToBF16(f)); }
 // Float64 reference y[m, n] = x[m, k] · W[n, k]^T on the values the kernel sees
 // (bf16-rounded for kBF16), and per output the scale sum_k |x_k w_k| that
 // bounds the accumulation error.
-void Reference(const std::vector<float>& x, int64_t ldx,
-               const std::vector<float>& w, int64_t m, int64_t n, int64_t k,
-               ComputeType type, std::vector<double>* y,
+void Reference(const std::vector<float>& x, int64_t ldx, const std::vector<float>& w, int64_t m,
+               int64_t n, int64_t k, ComputeType type, std::vector<double>* y,
                std::vector<double>* scale) {
-  auto val = [&](float f) {
-    return double{type == ComputeType::kBF16 ? RoundBF16(f) : f};
-  };
+  auto val = [&](float f) { return double{type == ComputeType::kBF16 ? RoundBF16(f) : f}; };
   y->assign(m * n, 0.0);
   scale->assign(m * n, 0.0);
   for (int64_t i = 0; i < m; ++i) {
@@ -59,9 +56,7 @@ struct Shape {
   int64_t m, n, k;
 };
 
-std::string TypeName(ComputeType t) {
-  return t == ComputeType::kBF16 ? "BF16" : "F32";
-}
+std::string TypeName(ComputeType t) { return t == ComputeType::kBF16 ? "BF16" : "F32"; }
 
 // Tolerance: |y - ref| <= 1e-5 * sum_k |x_k w_k|.
 // - kF32: inputs are used exactly; the only error is fp32 accumulation of k
@@ -77,8 +72,7 @@ class PackedLinearTest : public ::testing::TestWithParam<ComputeType> {
   void TearDown() override { SetComputeThreads(0); }
 };
 
-void ExpectClose(const std::vector<float>& y, int64_t ldy,
-                 const std::vector<double>& ref,
+void ExpectClose(const std::vector<float>& y, int64_t ldy, const std::vector<double>& ref,
                  const std::vector<double>& scale, int64_t m, int64_t n) {
   int bad = 0;
   for (int64_t i = 0; i < m && bad < 5; ++i) {
@@ -86,8 +80,8 @@ void ExpectClose(const std::vector<float>& y, int64_t ldy,
       const double r = ref[i * n + j];
       const double tol = kRelTol * scale[i * n + j] + 1e-30;
       if (!(std::fabs(y[i * ldy + j] - r) <= tol)) {
-        ADD_FAILURE() << "y[" << i << "," << j << "] = " << y[i * ldy + j]
-                      << ", expected " << r << " +- " << tol;
+        ADD_FAILURE() << "y[" << i << "," << j << "] = " << y[i * ldy + j] << ", expected " << r
+                      << " +- " << tol;
         ++bad;
       }
     }
@@ -96,10 +90,9 @@ void ExpectClose(const std::vector<float>& y, int64_t ldy,
 
 TEST_P(PackedLinearTest, MatchesFloat64ReferenceForManyShapes) {
   const ComputeType type = GetParam();
-  const std::vector<Shape> shapes = {
-      {1, 1, 1},       {1, 64, 64},    {1, 2816, 2048},
-      {3, 7, 13},      {5, 33, 17},    {37, 100, 129},
-      {64, 160, 1408}, {130, 65, 257}, {2, 2048, 1408}};
+  const std::vector<Shape> shapes = {{1, 1, 1},       {1, 64, 64},    {1, 2816, 2048},
+                                     {3, 7, 13},      {5, 33, 17},    {37, 100, 129},
+                                     {64, 160, 1408}, {130, 65, 257}, {2, 2048, 1408}};
   uint32_t seed = 1;
   for (const Shape& s : shapes) {
     SCOPED_TRACE(absl::StrFormat("m=%d n=%d k=%d", s.m, s.n, s.k));
@@ -156,8 +149,7 @@ TEST_P(PackedLinearTest, ZeroRowsIsANoOp) {
 // batch of 37 (oneDNN brgemm), with one and two threads, are bitwise equal;
 // (300, 257) has K and N tails.
 TEST_P(PackedLinearTest, RowResultIsBitwiseIndependentOfBatchAndThreads) {
-  for (const auto& [n, k] :
-       {std::pair<int64_t, int64_t>{2816, 2048}, {300, 257}}) {
+  for (const auto& [n, k] : {std::pair<int64_t, int64_t>{2816, 2048}, {300, 257}}) {
     SCOPED_TRACE(absl::StrFormat("n=%d k=%d", n, k));
     const int64_t m = 37;
     const auto w = RandomVector(n * k, 21);
@@ -173,15 +165,13 @@ TEST_P(PackedLinearTest, RowResultIsBitwiseIndependentOfBatchAndThreads) {
         for (int64_t i : {int64_t{0}, int64_t{11}, m - rows}) {
           std::vector<float> few(rows * n);
           lin->Forward(x.data() + i * k, rows, few.data());
-          EXPECT_EQ(0, std::memcmp(few.data(), batched.data() + i * n,
-                                   few.size() * sizeof(float)))
+          EXPECT_EQ(0, std::memcmp(few.data(), batched.data() + i * n, few.size() * sizeof(float)))
               << "rows " << i << ".." << i + rows - 1 << " threads " << threads;
         }
       }
       std::vector<float> again(m * n);
       lin->Forward(x.data(), m, again.data());
-      EXPECT_EQ(0, std::memcmp(again.data(), batched.data(),
-                               again.size() * sizeof(float)))
+      EXPECT_EQ(0, std::memcmp(again.data(), batched.data(), again.size() * sizeof(float)))
           << "threads " << threads;
     }
   }
@@ -221,8 +211,7 @@ TEST_P(PackedLinearTest, ConcurrentForwardFromSeveralThreads) {
     threads.emplace_back([&, t] {
       const int64_t m = 1 + 5 * t;
       got[t].resize(m * n);
-      for (int rep = 0; rep < 20; ++rep)
-        lin->Forward(xs[t].data(), m, got[t].data());
+      for (int rep = 0; rep < 20; ++rep) lin->Forward(xs[t].data(), m, got[t].data());
     });
   }
   for (auto& th : threads) th.join();
@@ -248,8 +237,7 @@ TEST_P(PackedLinearTest, WeightBytesCoverThePackedMatrixAndMoveLeavesEmpty) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, PackedLinearTest,
-                         ::testing::Values(ComputeType::kF32,
-                                           ComputeType::kBF16),
+                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16),
                          [](const auto& info) { return TypeName(info.param); });
 
 TEST(PackedLinearCreateTest, RejectsBadShapes) {

@@ -63,13 +63,11 @@ float ExpScalar(float x) {
 }
 
 __attribute__((target("avx2,fma"))) __m256 Pow2Avx2(__m256i e) {
-  return _mm256_castsi256_ps(
-      _mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_add_epi32(e, _mm256_set1_epi32(127)), 23));
 }
 
 __attribute__((target("avx2,fma"))) __m256 ExpAvx2(__m256 x) {
-  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kMinX)),
-                    _mm256_set1_ps(kMaxX));
+  x = _mm256_min_ps(_mm256_max_ps(x, _mm256_set1_ps(kMinX)), _mm256_set1_ps(kMaxX));
   __m256 n = _mm256_round_ps(_mm256_mul_ps(x, _mm256_set1_ps(kLog2e)),
                              _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m256 r = _mm256_fnmadd_ps(n, _mm256_set1_ps(kLn2Hi), x);
@@ -80,33 +78,27 @@ __attribute__((target("avx2,fma"))) __m256 ExpAvx2(__m256 x) {
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP3));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP4));
   p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(kP5));
-  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r),
-                      _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
+  p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
   // NaN n (NaN x): p is NaN already; clamp it to anything, the product stays
   // NaN. (vmaxps/vminps return the second operand for a NaN first one.)
-  n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(kMinN)),
-                    _mm256_set1_ps(kMaxN));
+  n = _mm256_min_ps(_mm256_max_ps(n, _mm256_set1_ps(kMinN)), _mm256_set1_ps(kMaxN));
   const __m256i e = _mm256_cvtps_epi32(n);
-  const __m256i a = _mm256_min_epi32(
-      _mm256_max_epi32(e, _mm256_set1_epi32(-125)), _mm256_set1_epi32(127));
-  return _mm256_mul_ps(_mm256_mul_ps(p, Pow2Avx2(a)),
-                       Pow2Avx2(_mm256_sub_epi32(e, a)));
+  const __m256i a =
+      _mm256_min_epi32(_mm256_max_epi32(e, _mm256_set1_epi32(-125)), _mm256_set1_epi32(127));
+  return _mm256_mul_ps(_mm256_mul_ps(p, Pow2Avx2(a)), Pow2Avx2(_mm256_sub_epi32(e, a)));
 }
 
 __attribute__((target("avx2,fma"))) __m256 SwiGlu8(__m256 g, __m256 u) {
   const __m256 e = ExpAvx2(_mm256_xor_ps(g, _mm256_set1_ps(-0.0f)));
-  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)),
-                       u);
+  return _mm256_mul_ps(_mm256_div_ps(g, _mm256_add_ps(_mm256_set1_ps(1.0f), e)), u);
 }
 
 // exp as above; vscalefps scales by 2^n with one rounding (and handles
 // overflow and underflow).
 __attribute__((target("avx512f"))) inline __m512 ExpAvx512(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kMinX)),
-                    _mm512_set1_ps(kMaxX));
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
-                           _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(kMinX)), _mm512_set1_ps(kMaxX));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(kLog2e)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
   __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Hi), x);
   r = _mm512_fnmadd_ps(n, _mm512_set1_ps(kLn2Lo), r);
   __m512 p = _mm512_set1_ps(kP0);
@@ -115,17 +107,14 @@ __attribute__((target("avx512f"))) inline __m512 ExpAvx512(__m512 x) {
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP3));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP4));
   p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(kP5));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r),
-                      _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
   return _mm512_scalef_ps(p, n);
 }
 
 __attribute__((target("avx512f"))) inline __m512 SwiGlu16(__m512 g, __m512 u) {
   const __m512i sign = _mm512_set1_epi32(static_cast<int32_t>(0x80000000u));
-  const __m512 e = ExpAvx512(
-      _mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
-  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)),
-                       u);
+  const __m512 e = ExpAvx512(_mm512_castsi512_ps(_mm512_xor_si512(_mm512_castps_si512(g), sign)));
+  return _mm512_mul_ps(_mm512_div_ps(g, _mm512_add_ps(_mm512_set1_ps(1.0f), e)), u);
 }
 
 float SwiGluScalar(float g, float u) { return g / (1.0f + ExpScalar(-g)) * u; }
@@ -136,30 +125,24 @@ void SwiGluRowGeneric(const float* gu, float* h, int64_t inter) {
   for (int64_t j = 0; j < inter; ++j) h[j] = SwiGluScalar(gu[j], gu[inter + j]);
 }
 
-__attribute__((target("avx2,fma"))) void SwiGluRowAvx2(const float* gu,
-                                                       float* h,
-                                                       int64_t inter) {
+__attribute__((target("avx2,fma"))) void SwiGluRowAvx2(const float* gu, float* h, int64_t inter) {
   int64_t j = 0;
   for (; j + 8 <= inter; j += 8) {
-    _mm256_storeu_ps(h + j, SwiGlu8(_mm256_loadu_ps(gu + j),
-                                    _mm256_loadu_ps(gu + inter + j)));
+    _mm256_storeu_ps(h + j, SwiGlu8(_mm256_loadu_ps(gu + j), _mm256_loadu_ps(gu + inter + j)));
   }
   for (; j < inter; ++j) h[j] = SwiGluScalar(gu[j], gu[inter + j]);
 }
 
-__attribute__((target("avx512f"))) void SwiGluRowAvx512(const float* gu,
-                                                        float* h,
-                                                        int64_t inter) {
+__attribute__((target("avx512f"))) void SwiGluRowAvx512(const float* gu, float* h, int64_t inter) {
   int64_t j = 0;
   for (; j + 16 <= inter; j += 16) {
-    _mm512_storeu_ps(h + j, SwiGlu16(_mm512_loadu_ps(gu + j),
-                                     _mm512_loadu_ps(gu + inter + j)));
+    _mm512_storeu_ps(h + j, SwiGlu16(_mm512_loadu_ps(gu + j), _mm512_loadu_ps(gu + inter + j)));
   }
   if (j < inter) {
     const __mmask16 m = static_cast<__mmask16>((1u << (inter - j)) - 1);
-    _mm512_mask_storeu_ps(h + j, m,
-                          SwiGlu16(_mm512_maskz_loadu_ps(m, gu + j),
-                                   _mm512_maskz_loadu_ps(m, gu + inter + j)));
+    _mm512_mask_storeu_ps(
+        h + j, m,
+        SwiGlu16(_mm512_maskz_loadu_ps(m, gu + j), _mm512_maskz_loadu_ps(m, gu + inter + j)));
   }
 }
 

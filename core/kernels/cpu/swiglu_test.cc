@@ -24,12 +24,10 @@ std::vector<float> GateUp(int64_t inter) {
     gu[j] = d(rng) * scales[j % 5];
     gu[inter + j] = d(rng);
   }
-  const float edges[] = {0.0f,   -0.0f,   87.3f,  88.7f,   -87.3f,
-                         -88.8f, -103.9f, 104.0f, -150.0f, 150.0f,
-                         1e-40f, -1e-40f, -89.5f, -95.0f,  -100.5f,
-                         20.0f,  -20.0f,  1e30f,  -1e30f,  -86.9f};
-  for (size_t i = 0; i < std::size(edges) && i < static_cast<size_t>(inter);
-       ++i)
+  const float edges[] = {0.0f,    -0.0f,   87.3f,  88.7f,  -87.3f,  -88.8f, -103.9f,
+                         104.0f,  -150.0f, 150.0f, 1e-40f, -1e-40f, -89.5f, -95.0f,
+                         -100.5f, 20.0f,   -20.0f, 1e30f,  -1e30f,  -86.9f};
+  for (size_t i = 0; i < std::size(edges) && i < static_cast<size_t>(inter); ++i)
     gu[i * 3 % inter] = edges[i];
   return gu;
 }
@@ -43,16 +41,16 @@ TEST(SwiGlu, LevelsGiveIdenticalBits) {
       SwiGluRowAvx2(gu.data(), avx2.data(), inter);
       for (int64_t j = 0; j < inter; ++j) {
         ASSERT_EQ(std::memcmp(&generic[j], &avx2[j], 4), 0)
-            << "inter " << inter << " j " << j << " g " << gu[j] << ": "
-            << generic[j] << " vs " << avx2[j];
+            << "inter " << inter << " j " << j << " g " << gu[j] << ": " << generic[j] << " vs "
+            << avx2[j];
       }
     }
     if (static_cast<int>(HostIsa()) >= static_cast<int>(IsaLevel::kAvx512)) {
       SwiGluRowAvx512(gu.data(), avx512.data(), inter);
       for (int64_t j = 0; j < inter; ++j) {
         ASSERT_EQ(std::memcmp(&generic[j], &avx512[j], 4), 0)
-            << "inter " << inter << " j " << j << " g " << gu[j] << ": "
-            << generic[j] << " vs " << avx512[j];
+            << "inter " << inter << " j " << j << " g " << gu[j] << ": " << generic[j] << " vs "
+            << avx512[j];
       }
     }
   }

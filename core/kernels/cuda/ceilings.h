@@ -14,9 +14,8 @@ namespace dmoe::core::cuda {
 // with fp32 accumulation: bf16 or fp32 inputs (`bf16_in`), bf16 or fp32
 // output (`bf16_out`), the types the expert backend uses. The best of `reps`
 // timed calls (CUDA events) after one warm-up. Random data.
-absl::StatusOr<double> DenseGemmSeconds(int device, bool bf16_in, bool bf16_out,
-                                        int64_t m, int64_t n, int64_t k,
-                                        int reps);
+absl::StatusOr<double> DenseGemmSeconds(int device, bool bf16_in, bool bf16_out, int64_t m,
+                                        int64_t n, int64_t k, int reps);
 
 // Device-to-device copy bandwidth on `device` (cudaMemcpyAsync of `bytes`),
 // counted as bytes read + bytes written per second, in GB/s; best of `reps`.

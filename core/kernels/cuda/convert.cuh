@@ -12,8 +12,7 @@ namespace dmoe::core::cuda {
 // out[i] = bf16(in[i]) for i in [0, n), round to nearest even (NaN stays NaN),
 // the rounding of core/dtype.h's F32ToBF16 and of the CPU backend's oneDNN
 // path.
-cudaError_t LaunchF32ToBF16(const float* in, __nv_bfloat16* out, int64_t n,
-                            cudaStream_t stream);
+cudaError_t LaunchF32ToBF16(const float* in, __nv_bfloat16* out, int64_t n, cudaStream_t stream);
 
 }  // namespace dmoe::core::cuda
 

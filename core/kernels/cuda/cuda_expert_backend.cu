@@ -124,16 +124,14 @@ class CudaExpertBackendImpl final : public CudaExpertBackend {
   absl::Status Init();
 
   std::string Name() const override { return bf16_ ? "cuda-bf16" : "cuda-f32"; }
-  absl::Status LoadFfn(int32_t layer, int32_t ffn_id,
-                       const FfnWeights& w) override;
+  absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) override;
   absl::Status UnloadFfn(int32_t layer, int32_t ffn_id) override;
   bool HasFfn(int32_t layer, int32_t ffn_id) const override;
   absl::Status Compute(const ExpertBatch& batch, float* out) override {
     DMOE_ASSIGN_OR_RETURN(const uint64_t ticket, Submit(batch, out));
     return Await(ticket);
   }
-  absl::StatusOr<uint64_t> Submit(const ExpertBatch& batch,
-                                  float* out) override;
+  absl::StatusOr<uint64_t> Submit(const ExpertBatch& batch, float* out) override;
   absl::Status Await(uint64_t ticket) override;
   void Cancel(uint64_t ticket) override;
   size_t WeightBytes() const override {
@@ -152,21 +150,17 @@ class CudaExpertBackendImpl final : public CudaExpertBackend {
     const int64_t n = num_shards();
     return static_cast<int>(((int64_t{layer} + ffn_id + 1) % n + n) % n);
   }
-  int num_shards() const override {
-    return static_cast<int>(options_.devices.size());
-  }
+  int num_shards() const override { return static_cast<int>(options_.devices.size()); }
 
  private:
   using Layer = std::vector<std::unique_ptr<Ffn>>;  // [slot = ffn_id + 1]
 
-  const Ffn* Find(int32_t layer, int32_t ffn_id) const
-      ABSL_SHARED_LOCKS_REQUIRED(mu_);
+  const Ffn* Find(int32_t layer, int32_t ffn_id) const ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::StatusOr<Context*> AcquireContext() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status CreateContext(Context& c);
   // Numbers the layer's FFNs into groups (shard by shard) and fills the slot
   // map the routing kernel reads. O(slots x shards).
-  void BuildGroups(int32_t layer, int64_t hidden)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
+  void BuildGroups(int32_t layer, int64_t hidden) ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   absl::Status BatchError(const ExpertBatch& b, const int32_t* summary)
       ABSL_SHARED_LOCKS_REQUIRED(mu_);
   absl::Status Launch(Context& c, const ExpertBatch& b, float* out)
@@ -180,8 +174,7 @@ class CudaExpertBackendImpl final : public CudaExpertBackend {
   static void Drain(Context& c);
   static void FreeSynchronized(std::unique_ptr<Ffn> f);
   // Copies (and converts) w into f's device buffers; under load_mu_.
-  absl::Status Upload(Ffn& f, const FfnWeights& w)
-      ABSL_EXCLUSIVE_LOCKS_REQUIRED(load_mu_);
+  absl::Status Upload(Ffn& f, const FfnWeights& w) ABSL_EXCLUSIVE_LOCKS_REQUIRED(load_mu_);
 
   const ComputeType type_;
   const CudaBackendOptions options_;
@@ -221,15 +214,13 @@ absl::Status CudaExpertBackendImpl::Init() {
   for (int a : options_.devices) {
     for (int b : options_.devices) {
       int can = 0;
-      if (a == b || cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess || !can)
-        continue;
+      if (a == b || cudaDeviceCanAccessPeer(&can, a, b) != cudaSuccess || !can) continue;
       DeviceGuard g(a);
       cudaDeviceEnablePeerAccess(b, 0);  // may say "already enabled"
       cudaGetLastError();
     }
   }
-  for (size_t s = 0; s < staging_.size(); ++s)
-    staging_[s].set_device(options_.devices[s]);
+  for (size_t s = 0; s < staging_.size(); ++s) staging_[s].set_device(options_.devices[s]);
   // One context up front: stream and cuBLAS errors surface at creation.
   absl::MutexLock lock(&mu_);
   contexts_.push_back(std::make_unique<Context>());
@@ -242,26 +233,23 @@ absl::Status CudaExpertBackendImpl::CreateContext(Context& c) {
   DMOE_RETURN_IF_ERROR(c.copy_stream.Create(dev0));
   for (cuda::Event* e : {&c.routed, &c.x_ready, &c.gathered})
     DMOE_RETURN_IF_ERROR(e->Create(dev0, false));
-  for (cuda::Event* e : {&c.begin, &c.end})
-    DMOE_RETURN_IF_ERROR(e->Create(dev0, timing));
+  for (cuda::Event* e : {&c.begin, &c.end}) DMOE_RETURN_IF_ERROR(e->Create(dev0, timing));
   for (int k = 0; k < kMaxChunks; ++k) {
     DMOE_RETURN_IF_ERROR(c.combined[k].Create(dev0, false));
     DMOE_RETURN_IF_ERROR(c.out_ready[k].Create(dev0, false));
   }
-  for (DeviceBuffer* b : {&c.in_dev, &c.x_dev, &c.out_dev, &c.routing})
-    b->set_device(dev0);
+  for (DeviceBuffer* b : {&c.in_dev, &c.x_dev, &c.out_dev, &c.routing}) b->set_device(dev0);
   for (int dev : options_.devices) {
     auto w = std::make_unique<ShardWork>();
     w->device = dev;
     DMOE_RETURN_IF_ERROR(w->stream.Create(dev));
     DMOE_RETURN_IF_ERROR(w->blas.Create(dev));
-    DMOE_RETURN_IF_ERROR(cuda::CublasStatus(
-        cublasSetStream(w->blas.get(), w->stream.get()), "cublasSetStream"));
+    DMOE_RETURN_IF_ERROR(
+        cuda::CublasStatus(cublasSetStream(w->blas.get(), w->stream.get()), "cublasSetStream"));
     DMOE_RETURN_IF_ERROR(w->gemm_begin.Create(dev, timing));
     DMOE_RETURN_IF_ERROR(w->gemm_end.Create(dev, timing));
     DMOE_RETURN_IF_ERROR(w->done.Create(dev, false));
-    for (DeviceBuffer* b : {&w->xp, &w->gu, &w->h, &w->yp, &w->params})
-      b->set_device(dev);
+    for (DeviceBuffer* b : {&w->xp, &w->gu, &w->h, &w->yp, &w->params}) b->set_device(dev);
     c.shards.push_back(std::move(w));
   }
   return absl::OkStatus();
@@ -290,20 +278,16 @@ absl::Status CudaExpertBackendImpl::Upload(Ffn& f, const FfnWeights& w) {
   if (bf16_) DMOE_RETURN_IF_ERROR(staging_[f.shard].Reserve(n * sizeof(float)));
   DeviceGuard g(f.gate_up.device());
   char* gate_up = f.gate_up.get<char>();
-  const std::pair<const float*, void*> parts[] = {
-      {w.gate.data(), gate_up},
-      {w.up.data(), gate_up + n * elem_bytes_},
-      {w.down.data(), f.down.get()}};
+  const std::pair<const float*, void*> parts[] = {{w.gate.data(), gate_up},
+                                                  {w.up.data(), gate_up + n * elem_bytes_},
+                                                  {w.down.data(), f.down.get()}};
   for (const auto& [src, dst] : parts) {
     // Pageable source: cudaMemcpy is synchronous and, on the legacy default
     // stream, ordered after the previous part's conversion.
     void* to = bf16_ ? staging_[f.shard].get() : dst;
-    DMOE_CUDA_TRY(
-        cudaMemcpy(to, src, n * sizeof(float), cudaMemcpyHostToDevice),
-        "cudaMemcpy");
+    DMOE_CUDA_TRY(cudaMemcpy(to, src, n * sizeof(float), cudaMemcpyHostToDevice), "cudaMemcpy");
     if (bf16_) {
-      DMOE_CUDA_TRY(cuda::LaunchF32ToBF16(staging_[f.shard].get<float>(),
-                                          static_cast<bf16*>(dst),
+      DMOE_CUDA_TRY(cuda::LaunchF32ToBF16(staging_[f.shard].get<float>(), static_cast<bf16*>(dst),
                                           static_cast<int64_t>(n), nullptr),
                     "f32 -> bf16");
     }
@@ -313,16 +297,14 @@ absl::Status CudaExpertBackendImpl::Upload(Ffn& f, const FfnWeights& w) {
   return absl::OkStatus();
 }
 
-absl::Status CudaExpertBackendImpl::LoadFfn(int32_t layer, int32_t ffn_id,
-                                            const FfnWeights& w) {
+absl::Status CudaExpertBackendImpl::LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) {
   DMOE_RETURN_IF_ERROR(ValidateFfnWeights(layer, ffn_id, w));
   const std::string name = FfnName(layer, ffn_id);
   const size_t expect = static_cast<size_t>(w.hidden * w.intermediate);
   if (2 * w.intermediate > std::numeric_limits<int32_t>::max() / 2 ||
       w.hidden > std::numeric_limits<int32_t>::max() / 2) {
-    return absl::InvalidArgumentError(
-        absl::StrFormat("%s: [%d,%d] is too large for 32-bit GEMM dimensions",
-                        name, w.intermediate, w.hidden));
+    return absl::InvalidArgumentError(absl::StrFormat(
+        "%s: [%d,%d] is too large for 32-bit GEMM dimensions", name, w.intermediate, w.hidden));
   }
 
   const int shard = ShardOf(layer, ffn_id);
@@ -338,9 +320,8 @@ absl::Status CudaExpertBackendImpl::LoadFfn(int32_t layer, int32_t ffn_id,
     // Upload outside mu_: batches are not held up by a load.
     absl::MutexLock load_lock(&load_mu_);
     if (absl::Status s = Upload(*ffn, w); !s.ok()) {
-      return absl::Status(
-          s.code(), absl::StrFormat("%s: upload to device %d: %s", name, dev,
-                                    s.message()));
+      return absl::Status(s.code(),
+                          absl::StrFormat("%s: upload to device %d: %s", name, dev, s.message()));
     }
   }
 
@@ -368,8 +349,8 @@ absl::Status CudaExpertBackendImpl::UnloadFfn(int32_t layer, int32_t ffn_id) {
   {
     absl::MutexLock lock(&mu_);
     if (Find(layer, ffn_id) == nullptr) {
-      return absl::NotFoundError(absl::StrFormat(
-          "%s is not loaded on this backend", FfnName(layer, ffn_id)));
+      return absl::NotFoundError(
+          absl::StrFormat("%s is not loaded on this backend", FfnName(layer, ffn_id)));
     }
     gone = std::move(layers_[layer][static_cast<size_t>(ffn_id) + 1]);
     weight_bytes_ -= gone->bytes;
@@ -384,8 +365,7 @@ bool CudaExpertBackendImpl::HasFfn(int32_t layer, int32_t ffn_id) const {
   return Find(layer, ffn_id) != nullptr;
 }
 
-std::vector<CudaExpertBackend::DeviceMemory>
-CudaExpertBackendImpl::MemoryPerDevice() const {
+std::vector<CudaExpertBackend::DeviceMemory> CudaExpertBackendImpl::MemoryPerDevice() const {
   absl::ReaderMutexLock lock(&mu_);
   std::vector<DeviceMemory> v(options_.devices.size());
   for (size_t s = 0; s < v.size(); ++s) {
@@ -396,8 +376,7 @@ CudaExpertBackendImpl::MemoryPerDevice() const {
       if (s == 0) v[s].workspace_bytes += c->WorkspaceBytes();
     }
     DeviceGuard g(v[s].device);
-    if (cudaMemGetInfo(&v[s].free_bytes, &v[s].total_bytes) != cudaSuccess)
-      cudaGetLastError();
+    if (cudaMemGetInfo(&v[s].free_bytes, &v[s].total_bytes) != cudaSuccess) cudaGetLastError();
   }
   return v;
 }
@@ -438,37 +417,34 @@ void CudaExpertBackendImpl::BuildGroups(int32_t layer, int64_t hidden) {
 }
 
 // The first problem the routing kernel found, in the CPU backend's words.
-absl::Status CudaExpertBackendImpl::BatchError(const ExpertBatch& b,
-                                               const int32_t* summary) {
+absl::Status CudaExpertBackendImpl::BatchError(const ExpertBatch& b, const int32_t* summary) {
   const int32_t layer = b.layer;
   if (const int32_t t = summary[cuda::kSummaryBadToken]; t != cuda::kNoError) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: token_offsets decrease at token %d (%d -> %d)", layer, t,
-        b.token_offsets[t], b.token_offsets[t + 1]));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layer %d: token_offsets decrease at token %d (%d -> %d)", layer, t,
+                        b.token_offsets[t], b.token_offsets[t + 1]));
   }
   const int32_t a = summary[cuda::kSummaryBadAssignment];
   if (a == cuda::kNoError) return absl::OkStatus();
   const int32_t id = b.ffn_ids[a];
   if (id < kSharedFfn) {
-    return absl::InvalidArgumentError(absl::StrFormat(
-        "layer %d: invalid FFN id %d at assignment %d", layer, id, a));
+    return absl::InvalidArgumentError(
+        absl::StrFormat("layer %d: invalid FFN id %d at assignment %d", layer, id, a));
   }
   const Ffn* f = Find(layer, id);
   if (f == nullptr) {
     return FfnNotLoadedError(layer, id);
   }
   return absl::InvalidArgumentError(
-      absl::StrFormat("%s: hidden %d != batch hidden %d", FfnName(layer, id),
-                      f->hidden, b.hidden));
+      absl::StrFormat("%s: hidden %d != batch hidden %d", FfnName(layer, id), f->hidden, b.hidden));
 }
 
-absl::StatusOr<uint64_t> CudaExpertBackendImpl::Submit(const ExpertBatch& b,
-                                                       float* out) {
+absl::StatusOr<uint64_t> CudaExpertBackendImpl::Submit(const ExpertBatch& b, float* out) {
   // O(1) checks here; offsets monotonicity and the FFN ids on the device.
   const int32_t layer = b.layer;
   if (b.per_assignment_out) {
-    return absl::UnimplementedError(absl::StrFormat(
-        "layer %d: the CUDA backend has no per-assignment output", layer));
+    return absl::UnimplementedError(
+        absl::StrFormat("layer %d: the CUDA backend has no per-assignment output", layer));
   }
   DMOE_RETURN_IF_ERROR(ValidateExpertBatchShape(b, out));
   absl::MutexLock lock(&mu_);
@@ -485,8 +461,7 @@ absl::StatusOr<uint64_t> CudaExpertBackendImpl::Submit(const ExpertBatch& b,
   return ticket;
 }
 
-absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
-                                           float* out) {
+absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b, float* out) {
   const int64_t n = b.num_tokens, hidden = b.hidden;
   const int32_t a_count = static_cast<int32_t>(b.ffn_ids.size());
   BuildGroups(b.layer, hidden);
@@ -504,10 +479,9 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
   // routing: a2g [A] | tile offsets [tiles, G + 1] | first offsets [G + 2] |
   // p2t [A] | a2p [A] | summary [2 + G]
   const size_t tgo_words = tiles * (groups + 1);
-  const size_t routing_words = 3 * size_t(a_count) + tgo_words + (groups + 2) +
-                               (cuda::kSummaryCounts + groups);
-  const size_t summary_bytes =
-      (cuda::kSummaryCounts + groups) * sizeof(int32_t);
+  const size_t routing_words =
+      3 * size_t(a_count) + tgo_words + (groups + 2) + (cuda::kSummaryCounts + groups);
+  const size_t summary_bytes = (cuda::kSummaryCounts + groups) * sizeof(int32_t);
   ShardWork& w0 = *c.shards[0];
   DMOE_RETURN_IF_ERROR(c.in_host.Reserve(in_words * 4));
   DMOE_RETURN_IF_ERROR(c.in_dev.Reserve(in_words * 4));
@@ -523,8 +497,7 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
   int32_t* in_host = c.in_host.get<int32_t>();
   const int32_t* in_dev = c.in_dev.get<int32_t>();
   const int32_t* offsets_dev = in_dev;
-  const float* weights_dev =
-      reinterpret_cast<const float*>(in_dev + (n + 1) + a_count);
+  const float* weights_dev = reinterpret_cast<const float*>(in_dev + (n + 1) + a_count);
   int32_t* r = c.routing.get<int32_t>();
   cuda::MoeRoutingBuffers rb;
   rb.token_offsets = offsets_dev;
@@ -541,34 +514,28 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
   DeviceGuard guard(dev0);
   cudaStream_t st = w0.stream.get();
   cudaStream_t cs = c.copy_stream.get();
-  if (options_.record_timings)
-    DMOE_CUDA_TRY(cudaEventRecord(c.begin.get(), st), "event");
+  if (options_.record_timings) DMOE_CUDA_TRY(cudaEventRecord(c.begin.get(), st), "event");
 
   // 1. Small inputs, then the routing, which only needs them.
   std::memcpy(in_host, b.token_offsets.data(), (n + 1) * 4);
   std::memcpy(in_host + (n + 1), b.ffn_ids.data(), size_t(a_count) * 4);
-  std::memcpy(in_host + (n + 1) + a_count, b.weights.data(),
-              size_t(a_count) * 4);
+  std::memcpy(in_host + (n + 1) + a_count, b.weights.data(), size_t(a_count) * 4);
   if (slots > 0) {
-    std::memcpy(in_host + (n + 1) + 2 * size_t(a_count), slot_to_group_.data(),
-                size_t(slots) * 4);
+    std::memcpy(in_host + (n + 1) + 2 * size_t(a_count), slot_to_group_.data(), size_t(slots) * 4);
   }
-  DMOE_CUDA_TRY(cudaMemcpyAsync(c.in_dev.get(), in_host, in_words * 4,
-                                cudaMemcpyHostToDevice, st),
+  DMOE_CUDA_TRY(cudaMemcpyAsync(c.in_dev.get(), in_host, in_words * 4, cudaMemcpyHostToDevice, st),
                 "upload of the assignments");
-  DMOE_CUDA_TRY(cuda::LaunchMoeRouting(rb, n, a_count, slots, groups, st),
-                "MoE routing");
-  DMOE_CUDA_TRY(cudaMemcpyAsync(c.summary_host.get(), rb.summary, summary_bytes,
-                                cudaMemcpyDeviceToHost, st),
-                "routing summary");
+  DMOE_CUDA_TRY(cuda::LaunchMoeRouting(rb, n, a_count, slots, groups, st), "MoE routing");
+  DMOE_CUDA_TRY(
+      cudaMemcpyAsync(c.summary_host.get(), rb.summary, summary_bytes, cudaMemcpyDeviceToHost, st),
+      "routing summary");
   DMOE_CUDA_TRY(cudaEventRecord(c.routed.get(), st), "event");
 
   // 2. x through pinned memory in chunks (host memcpy of one chunk overlaps
   // the DMA of the previous one and the routing), then the gather.
-  c.chunks =
-      n >= 2 * kMinChunkTokens
-          ? static_cast<int>(std::min<int64_t>(kMaxChunks, n / kMinChunkTokens))
-          : 1;
+  c.chunks = n >= 2 * kMinChunkTokens
+                 ? static_cast<int>(std::min<int64_t>(kMaxChunks, n / kMinChunkTokens))
+                 : 1;
   c.chunk_tokens = (n + c.chunks - 1) / c.chunks;
   for (int k = 0; k < c.chunks; ++k) {
     const int64_t t0 = k * c.chunk_tokens;
@@ -576,19 +543,16 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
     if (t1 <= t0) continue;
     const size_t off = t0 * hidden, bytes = (t1 - t0) * hidden * sizeof(float);
     std::memcpy(c.x_host.get<float>() + off, b.x + off, bytes);
-    DMOE_CUDA_TRY(
-        cudaMemcpyAsync(c.x_dev.get<float>() + off, c.x_host.get<float>() + off,
-                        bytes, cudaMemcpyHostToDevice, cs),
-        "upload of x");
+    DMOE_CUDA_TRY(cudaMemcpyAsync(c.x_dev.get<float>() + off, c.x_host.get<float>() + off, bytes,
+                                  cudaMemcpyHostToDevice, cs),
+                  "upload of x");
   }
   DMOE_CUDA_TRY(cudaEventRecord(c.x_ready.get(), cs), "event");
   DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.x_ready.get(), 0), "wait");
-  DMOE_CUDA_TRY(bf16_ ? cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
-                                              rb.permuted_to_token, a_count,
-                                              w0.xp.get<bf16>(), st)
-                      : cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden,
-                                              rb.permuted_to_token, a_count,
-                                              w0.xp.get<float>(), st),
+  DMOE_CUDA_TRY(bf16_ ? cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden, rb.permuted_to_token,
+                                              a_count, w0.xp.get<bf16>(), st)
+                      : cuda::LaunchMoeGather(c.x_dev.get<float>(), hidden, rb.permuted_to_token,
+                                              a_count, w0.xp.get<float>(), st),
                 "MoE gather");
   DMOE_CUDA_TRY(cudaEventRecord(c.gathered.get(), st), "event");
 
@@ -599,17 +563,14 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
   expert_first_offset_.resize(groups + 1);
   expert_first_offset_[0] = 0;
   for (int32_t g = 0; g < groups; ++g) {
-    expert_first_offset_[g + 1] =
-        expert_first_offset_[g] + summary[cuda::kSummaryCounts + g];
+    expert_first_offset_[g + 1] = expert_first_offset_[g] + summary[cuda::kSummaryCounts + g];
   }
 
   // 4. Per shard: GEMMs (shard 0 on `st`, the others on their streams).
-  for (int d = 0; d < num_shards(); ++d)
-    DMOE_RETURN_IF_ERROR(LaunchShard(c, d, hidden));
+  for (int d = 0; d < num_shards(); ++d) DMOE_RETURN_IF_ERROR(LaunchShard(c, d, hidden));
   for (int d = 1; d < num_shards(); ++d) {
     if (c.shards[d]->active)
-      DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.shards[d]->done.get(), 0),
-                    "wait");
+      DMOE_CUDA_TRY(cudaStreamWaitEvent(st, c.shards[d]->done.get(), 0), "wait");
   }
 
   // 5. Combine and download, chunk by chunk.
@@ -619,35 +580,28 @@ absl::Status CudaExpertBackendImpl::Launch(Context& c, const ExpertBatch& b,
     float* out_dev = c.out_dev.get<float>();
     DMOE_CUDA_TRY(
         gemm_out_bf16_
-            ? cuda::LaunchMoeCombine(w0.yp.get<bf16>(), offsets_dev,
-                                     rb.assignment_to_permuted, weights_dev, t0,
-                                     t1, hidden, out_dev, st)
-            : cuda::LaunchMoeCombine(w0.yp.get<float>(), offsets_dev,
-                                     rb.assignment_to_permuted, weights_dev, t0,
-                                     t1, hidden, out_dev, st),
+            ? cuda::LaunchMoeCombine(w0.yp.get<bf16>(), offsets_dev, rb.assignment_to_permuted,
+                                     weights_dev, t0, t1, hidden, out_dev, st)
+            : cuda::LaunchMoeCombine(w0.yp.get<float>(), offsets_dev, rb.assignment_to_permuted,
+                                     weights_dev, t0, t1, hidden, out_dev, st),
         "MoE combine");
     DMOE_CUDA_TRY(cudaEventRecord(c.combined[k].get(), st), "event");
     DMOE_CUDA_TRY(cudaStreamWaitEvent(cs, c.combined[k].get(), 0), "wait");
     if (t1 > t0) {
-      DMOE_CUDA_TRY(cudaMemcpyAsync(c.out_host.get<float>() + t0 * hidden,
-                                    out_dev + t0 * hidden,
-                                    (t1 - t0) * hidden * sizeof(float),
-                                    cudaMemcpyDeviceToHost, cs),
+      DMOE_CUDA_TRY(cudaMemcpyAsync(c.out_host.get<float>() + t0 * hidden, out_dev + t0 * hidden,
+                                    (t1 - t0) * hidden * sizeof(float), cudaMemcpyDeviceToHost, cs),
                     "download of the result");
     }
     DMOE_CUDA_TRY(cudaEventRecord(c.out_ready[k].get(), cs), "event");
   }
-  if (options_.record_timings)
-    DMOE_CUDA_TRY(cudaEventRecord(c.end.get(), cs), "event");
+  if (options_.record_timings) DMOE_CUDA_TRY(cudaEventRecord(c.end.get(), cs), "event");
   return absl::OkStatus();
 }
 
-absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
-                                                int64_t hidden) {
+absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard, int64_t hidden) {
   ShardWork& w = *c.shards[shard];
   ShardWork& w0 = *c.shards[0];
-  const int32_t gb = shard_group_begin_[shard],
-                ge = shard_group_begin_[shard + 1];
+  const int32_t gb = shard_group_begin_[shard], ge = shard_group_begin_[shard + 1];
   w.first_row = expert_first_offset_[gb];
   w.rows = expert_first_offset_[ge] - w.first_row;
   w.active = w.rows > 0;
@@ -684,11 +638,9 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
     const int32_t inter = static_cast<int32_t>(f.inter);
     const int32_t hid = static_cast<int32_t>(hidden);
     w.gate_up.push_back({f.gate_up.get(), xp + local * hidden * elem_bytes_,
-                         gu + local * ld_gu * out_bytes_, count, 2 * inter, hid,
-                         hid, ld_gu});
+                         gu + local * ld_gu * out_bytes_, count, 2 * inter, hid, hid, ld_gu});
     w.down.push_back({f.down.get(), h + local * ld_h * elem_bytes_,
-                      yp + local * hidden * out_bytes_, count, hid, inter, ld_h,
-                      hid});
+                      yp + local * hidden * out_bytes_, count, hid, inter, ld_h, hid});
     w.group_first_row.push_back(static_cast<int32_t>(local));
     w.group_inter.push_back(inter);
   }
@@ -701,10 +653,8 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
   DMOE_RETURN_IF_ERROR(w.params_host.Reserve(param_bytes));
   DMOE_RETURN_IF_ERROR(w.params.Reserve(param_bytes));
   char* ph = w.params_host.get<char>();
-  cuda::ExpertGemmRunner::FillPointerArray(w.gate_up,
-                                           reinterpret_cast<const void**>(ph));
-  cuda::ExpertGemmRunner::FillPointerArray(
-      w.down, reinterpret_cast<const void**>(ph + ptr_bytes));
+  cuda::ExpertGemmRunner::FillPointerArray(w.gate_up, reinterpret_cast<const void**>(ph));
+  cuda::ExpertGemmRunner::FillPointerArray(w.down, reinterpret_cast<const void**>(ph + ptr_bytes));
   std::memcpy(ph + 2 * ptr_bytes, w.group_first_row.data(), (np + 1) * 4);
   std::memcpy(ph + 2 * ptr_bytes + (np + 1) * 4, w.group_inter.data(), np * 4);
 
@@ -714,21 +664,18 @@ absl::Status CudaExpertBackendImpl::LaunchShard(Context& c, int shard,
   if (shard != 0) {
     DMOE_CUDA_TRY(cudaStreamWaitEvent(s, c.gathered.get(), 0), "wait");
     DMOE_CUDA_TRY(
-        cudaMemcpyPeerAsync(
-            w.xp.get(), w.device,
-            w0.xp.get<char>() + size_t(w.first_row) * hidden * elem_bytes_,
-            w0.device, xp_bytes, s),
+        cudaMemcpyPeerAsync(w.xp.get(), w.device,
+                            w0.xp.get<char>() + size_t(w.first_row) * hidden * elem_bytes_,
+                            w0.device, xp_bytes, s),
         absl::StrFormat("rows of x to device %d", w.device));
   }
-  DMOE_CUDA_TRY(cudaMemcpyAsync(w.params.get(), ph, param_bytes,
-                                cudaMemcpyHostToDevice, s),
+  DMOE_CUDA_TRY(cudaMemcpyAsync(w.params.get(), ph, param_bytes, cudaMemcpyHostToDevice, s),
                 "upload of the GEMM parameters");
   DMOE_RETURN_IF_ERROR(RunGemms(w));
   if (shard != 0) {
     DMOE_CUDA_TRY(
-        cudaMemcpyPeerAsync(
-            w0.yp.get<char>() + size_t(w.first_row) * hidden * out_bytes_,
-            w0.device, w.yp.get(), w.device, rows * hidden * out_bytes_, s),
+        cudaMemcpyPeerAsync(w0.yp.get<char>() + size_t(w.first_row) * hidden * out_bytes_,
+                            w0.device, w.yp.get(), w.device, rows * hidden * out_bytes_, s),
         absl::StrFormat("FFN outputs from device %d", w.device));
     DMOE_CUDA_TRY(cudaEventRecord(w.done.get(), s), "event");
   }
@@ -741,48 +688,43 @@ absl::Status CudaExpertBackendImpl::RunGemms(ShardWork& w) {
   const size_t ptr_bytes = cuda::ExpertGemmRunner::PointerArrayBytes(np);
   char* params = w.params.get<char>();
   const auto* gate_up_ptrs = reinterpret_cast<const void* const*>(params);
-  const auto* down_ptrs =
-      reinterpret_cast<const void* const*>(params + ptr_bytes);
-  const auto* first_row =
-      reinterpret_cast<const int32_t*>(params + 2 * ptr_bytes);
+  const auto* down_ptrs = reinterpret_cast<const void* const*>(params + ptr_bytes);
+  const auto* first_row = reinterpret_cast<const int32_t*>(params + 2 * ptr_bytes);
   const int32_t* inter = first_row + np + 1;
   const cuda::GemmTypes types{bf16_ ? CUDA_R_16BF : CUDA_R_32F,
                               gemm_out_bf16_ ? CUDA_R_16BF : CUDA_R_32F};
-  auto gemms = [&](const std::vector<cuda::ExpertGemm>& list,
-                   const void* const* ptrs, const char* what) {
+  auto gemms = [&](const std::vector<cuda::ExpertGemm>& list, const void* const* ptrs,
+                   const char* what) {
     cublasStatus_t st = w.runner.Run(w.blas.get(), grouped_, types, list, ptrs);
     if (st == CUBLAS_STATUS_NOT_SUPPORTED && grouped_) {
       // Not for these types on this GPU/cuBLAS: issue them one by one from now
       // on (same types, same results up to cuBLAS's kernel choice).
-      std::fprintf(
-          stderr,
-          "dmoe cuda backend: cublasGemmGroupedBatchedEx not supported "
-          "here; using one cublasGemmEx per expert\n");
+      std::fprintf(stderr,
+                   "dmoe cuda backend: cublasGemmGroupedBatchedEx not supported "
+                   "here; using one cublasGemmEx per expert\n");
       grouped_ = false;
       st = w.runner.Run(w.blas.get(), false, types, list, ptrs);
     }
     return cuda::CublasStatus(st, what);
   };
-  if (options_.record_timings)
-    DMOE_CUDA_TRY(cudaEventRecord(w.gemm_begin.get(), s), "event");
+  if (options_.record_timings) DMOE_CUDA_TRY(cudaEventRecord(w.gemm_begin.get(), s), "event");
   DMOE_RETURN_IF_ERROR(gemms(w.gate_up, gate_up_ptrs, "gate|up GEMMs"));
   const int64_t ld_gu = 2 * w.inter_max, ld_h = w.inter_max;
   const int32_t groups = static_cast<int32_t>(np);
   cudaError_t e;
   if (!bf16_) {
-    e = cuda::LaunchSwiGlu(w.gu.get<float>(), ld_gu, w.h.get<float>(), ld_h,
-                           w.rows, first_row, inter, groups, s);
+    e = cuda::LaunchSwiGlu(w.gu.get<float>(), ld_gu, w.h.get<float>(), ld_h, w.rows, first_row,
+                           inter, groups, s);
   } else if (gemm_out_bf16_) {
-    e = cuda::LaunchSwiGlu(w.gu.get<bf16>(), ld_gu, w.h.get<bf16>(), ld_h,
-                           w.rows, first_row, inter, groups, s);
+    e = cuda::LaunchSwiGlu(w.gu.get<bf16>(), ld_gu, w.h.get<bf16>(), ld_h, w.rows, first_row, inter,
+                           groups, s);
   } else {
-    e = cuda::LaunchSwiGlu(w.gu.get<float>(), ld_gu, w.h.get<bf16>(), ld_h,
-                           w.rows, first_row, inter, groups, s);
+    e = cuda::LaunchSwiGlu(w.gu.get<float>(), ld_gu, w.h.get<bf16>(), ld_h, w.rows, first_row,
+                           inter, groups, s);
   }
   DMOE_CUDA_TRY(e, "SwiGLU");
   DMOE_RETURN_IF_ERROR(gemms(w.down, down_ptrs, "down GEMMs"));
-  if (options_.record_timings)
-    DMOE_CUDA_TRY(cudaEventRecord(w.gemm_end.get(), s), "event");
+  if (options_.record_timings) DMOE_CUDA_TRY(cudaEventRecord(w.gemm_end.get(), s), "event");
   return absl::OkStatus();
 }
 
@@ -799,13 +741,11 @@ void CudaExpertBackendImpl::Drain(Context& c) {
 absl::Status CudaExpertBackendImpl::CopyOut(Context& c) {
   DeviceGuard g(c.copy_stream.device());
   for (int k = 0; k < c.chunks; ++k) {
-    DMOE_CUDA_TRY(cudaEventSynchronize(c.out_ready[k].get()),
-                  "expert batch on the GPU");
+    DMOE_CUDA_TRY(cudaEventSynchronize(c.out_ready[k].get()), "expert batch on the GPU");
     const int64_t t0 = std::min(c.num_tokens, k * c.chunk_tokens);
     const int64_t t1 = std::min(c.num_tokens, t0 + c.chunk_tokens);
     if (t1 > t0) {
-      std::memcpy(c.out + t0 * c.hidden,
-                  c.out_host.get<float>() + t0 * c.hidden,
+      std::memcpy(c.out + t0 * c.hidden, c.out_host.get<float>() + t0 * c.hidden,
                   (t1 - t0) * c.hidden * sizeof(float));
     }
   }
@@ -822,8 +762,7 @@ absl::Status CudaExpertBackendImpl::Await(uint64_t ticket) {
     }
   }
   if (c == nullptr) {
-    return absl::NotFoundError(
-        absl::StrFormat("ticket %d is not outstanding", ticket));
+    return absl::NotFoundError(absl::StrFormat("ticket %d is not outstanding", ticket));
   }
   // The context is ours until marked free: copy out without holding mu_.
   const absl::Status status = CopyOut(*c);
@@ -832,15 +771,12 @@ absl::Status CudaExpertBackendImpl::Await(uint64_t ticket) {
     float ms = 0;
     {
       DeviceGuard g(c->copy_stream.device());
-      if (cudaEventElapsedTime(&ms, c->begin.get(), c->end.get()) ==
-          cudaSuccess)
-        t.batch_ms = ms;
+      if (cudaEventElapsedTime(&ms, c->begin.get(), c->end.get()) == cudaSuccess) t.batch_ms = ms;
     }
     for (auto& w : c->shards) {
       if (!w->active) continue;
       DeviceGuard g(w->device);
-      if (cudaEventElapsedTime(&ms, w->gemm_begin.get(), w->gemm_end.get()) ==
-          cudaSuccess) {
+      if (cudaEventElapsedTime(&ms, w->gemm_begin.get(), w->gemm_end.get()) == cudaSuccess) {
         t.gemm_ms = std::max<double>(t.gemm_ms, ms);
       }
     }
@@ -871,20 +807,18 @@ absl::StatusOr<std::unique_ptr<CudaExpertBackend>> MakeCudaExpertBackend(
     ComputeType type, CudaBackendOptions options) {
   const int count = cuda::DeviceCount();
   if (count == 0) {
-    return absl::FailedPreconditionError(
-        "no CUDA device (none visible, or no CUDA driver)");
+    return absl::FailedPreconditionError("no CUDA device (none visible, or no CUDA driver)");
   }
   if (options.devices.empty()) {
     for (int d = 0; d < count; ++d) options.devices.push_back(d);
   }
   for (int d : options.devices) {
     if (d < 0 || d >= count) {
-      return absl::InvalidArgumentError(absl::StrFormat(
-          "CUDA device %d does not exist (%d visible)", d, count));
+      return absl::InvalidArgumentError(
+          absl::StrFormat("CUDA device %d does not exist (%d visible)", d, count));
     }
   }
-  auto backend =
-      std::make_unique<CudaExpertBackendImpl>(type, std::move(options));
+  auto backend = std::make_unique<CudaExpertBackendImpl>(type, std::move(options));
   DMOE_RETURN_IF_ERROR(backend->Init());
   return std::unique_ptr<CudaExpertBackend>(std::move(backend));
 }

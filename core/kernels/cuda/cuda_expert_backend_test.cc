@@ -58,8 +58,7 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
   static constexpr int kExperts = 8;
 
   void SetUp() override {
-    if (cuda::DeviceCount() == 0)
-      GTEST_SKIP() << "no CUDA device on this machine";
+    if (cuda::DeviceCount() == 0) GTEST_SKIP() << "no CUDA device on this machine";
   }
 
   double Tolerance() const {
@@ -67,12 +66,9 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
     return GetParam().gemm == CudaGemmMode::kGrouped ? 2e-2 : 1e-2;
   }
 
-  std::unique_ptr<CudaExpertBackend> MakeGpu(std::vector<int> devices = {},
-                                             bool timings = false) {
-    auto b =
-        MakeCudaExpertBackend(GetParam().type, {.devices = devices,
-                                                .gemm = GetParam().gemm,
-                                                .record_timings = timings});
+  std::unique_ptr<CudaExpertBackend> MakeGpu(std::vector<int> devices = {}, bool timings = false) {
+    auto b = MakeCudaExpertBackend(
+        GetParam().type, {.devices = devices, .gemm = GetParam().gemm, .record_timings = timings});
     EXPECT_TRUE(b.ok()) << b.status();
     return b.ok() ? *std::move(b) : nullptr;
   }
@@ -81,11 +77,9 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
   void LoadLayer(ExpertBackend& gpu) {
     if (cpu_ == nullptr) {
       cpu_ = MakeCpuExpertBackend(GetParam().type);
-      for (int e = 0; e < kExperts; ++e)
-        ffns_[e] = RandomFfn(kHidden, kInter, 100 + e);
+      for (int e = 0; e < kExperts; ++e) ffns_[e] = RandomFfn(kHidden, kInter, 100 + e);
       ffns_[kSharedFfn] = RandomFfn(kHidden, kSharedInter, 99);
-      for (const auto& [id, f] : ffns_)
-        ASSERT_TRUE(cpu_->LoadFfn(kLayer, id, f.View()).ok());
+      for (const auto& [id, f] : ffns_) ASSERT_TRUE(cpu_->LoadFfn(kLayer, id, f.View()).ok());
     }
     for (const auto& [id, f] : ffns_) {
       const absl::Status s = gpu.LoadFfn(kLayer, id, f.View());
@@ -122,10 +116,9 @@ class CudaExpertBackendTest : public ::testing::TestWithParam<Param> {
       }
       if (b.offsets[t] == b.offsets[t + 1]) scale = 0;  // must be exact zeros
       if (!(err <= Tolerance() * scale)) {
-        ADD_FAILURE() << "token " << t << " out[" << worst
-                      << "] = " << got[t * kHidden + worst] << ", CPU "
-                      << want[t * kHidden + worst] << ", max error " << err
-                      << " > " << Tolerance() << " x row max " << scale;
+        ADD_FAILURE() << "token " << t << " out[" << worst << "] = " << got[t * kHidden + worst]
+                      << ", CPU " << want[t * kHidden + worst] << ", max error " << err << " > "
+                      << Tolerance() << " x row max " << scale;
         ++bad;
       }
     }
@@ -179,8 +172,7 @@ TEST_P(CudaExpertBackendTest, EmptyBatchesAndNoAssignments) {
   HostBatch none{.layer = kLayer, .hidden = kHidden};
   EXPECT_TRUE(gpu->Compute(none.View(), nullptr).ok());
   HostBatch idle{.layer = kLayer, .hidden = kHidden};
-  for (int t = 0; t < 3; ++t)
-    idle.AddToken(std::vector<float>(kHidden, 1.0f), {}, {});
+  for (int t = 0; t < 3; ++t) idle.AddToken(std::vector<float>(kHidden, 1.0f), {}, {});
   std::vector<float> out(3 * kHidden, 5.0f);
   ASSERT_TRUE(gpu->Compute(idle.View(), out.data()).ok());
   EXPECT_THAT(out, ::testing::Each(0.0f));
@@ -194,8 +186,7 @@ TEST_P(CudaExpertBackendTest, BitwiseReproducibleRunToRun) {
   std::vector<float> first(b.tokens() * kHidden), again(first.size());
   ASSERT_TRUE(gpu->Compute(b.View(), first.data()).ok());
   ASSERT_TRUE(gpu->Compute(b.View(), again.data()).ok());
-  EXPECT_EQ(
-      0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
+  EXPECT_EQ(0, std::memcmp(first.data(), again.data(), first.size() * sizeof(float)));
 }
 
 TEST_P(CudaExpertBackendTest, SeveralTicketsOutstanding) {
@@ -218,9 +209,7 @@ TEST_P(CudaExpertBackendTest, SeveralTicketsOutstanding) {
   for (int i = 0; i < 3; ++i) {
     std::vector<float> alone(outs[i].size());
     ASSERT_TRUE(gpu->Compute(batches[i].View(), alone.data()).ok());
-    EXPECT_EQ(0, std::memcmp(alone.data(), outs[i].data(),
-                             alone.size() * sizeof(float)))
-        << i;
+    EXPECT_EQ(0, std::memcmp(alone.data(), outs[i].data(), alone.size() * sizeof(float))) << i;
   }
   EXPECT_EQ(gpu->Await(tickets[0]).code(), absl::StatusCode::kNotFound);
   auto t = gpu->Submit(batches[0].View(), outs[0].data());
@@ -239,13 +228,11 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
   // ids [0, S, 1, 2, S, 3], offsets [0, 2, 5, 5, 6]
   HostBatch good{.layer = kLayer, .hidden = kHidden};
   good.AddToken(Uniform(kHidden, 1, &rng), {0, kSharedFfn}, {0.5f, 1.0f});
-  good.AddToken(Uniform(kHidden, 1, &rng), {1, 2, kSharedFfn},
-                {0.2f, 0.3f, 1.0f});
+  good.AddToken(Uniform(kHidden, 1, &rng), {1, 2, kSharedFfn}, {0.2f, 0.3f, 1.0f});
   good.AddToken(Uniform(kHidden, 1, &rng), {}, {});
   good.AddToken(Uniform(kHidden, 1, &rng), {3}, {0.9f});
   std::vector<float> out(good.tokens() * kHidden, 42.0f);
-  auto expect_error = [&](HostBatch b, absl::StatusCode code,
-                          const std::string& msg) {
+  auto expect_error = [&](HostBatch b, absl::StatusCode code, const std::string& msg) {
     const absl::Status s = gpu->Compute(b.View(), out.data());
     EXPECT_EQ(s.code(), code) << s;
     EXPECT_THAT(std::string(s.message()), HasSubstr(msg));
@@ -257,8 +244,7 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
                "layer 3: expert 9 is not loaded on this backend");
   b = good;
   b.ids[2] = -2;
-  expect_error(b, absl::StatusCode::kInvalidArgument,
-               "invalid FFN id -2 at assignment 2");
+  expect_error(b, absl::StatusCode::kInvalidArgument, "invalid FFN id -2 at assignment 2");
   b = good;
   b.ids[0] = 20;
   expect_error(b, absl::StatusCode::kInvalidArgument,
@@ -273,10 +259,8 @@ TEST_P(CudaExpertBackendTest, ErrorsNameTheProblemAndLeaveOutUntouched) {
   b = good;
   b.weights.pop_back();
   expect_error(b, absl::StatusCode::kInvalidArgument, "weights for");
-  const absl::Status other_layer =
-      gpu->Compute(good.View(kLayer + 1), out.data());
-  EXPECT_EQ(other_layer.code(), absl::StatusCode::kFailedPrecondition)
-      << other_layer;
+  const absl::Status other_layer = gpu->Compute(good.View(kLayer + 1), out.data());
+  EXPECT_EQ(other_layer.code(), absl::StatusCode::kFailedPrecondition) << other_layer;
   // And the backend still works.
   ASSERT_TRUE(gpu->Compute(good.View(), out.data()).ok());
   ExpectMatchesCpu(good, out);
@@ -303,8 +287,7 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
   HostBatch b = RandomBatch(16, kExperts, 9);
   b.ids[0] = 4;
   std::vector<float> out(b.tokens() * kHidden);
-  EXPECT_EQ(gpu->Compute(b.View(), out.data()).code(),
-            absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(gpu->Compute(b.View(), out.data()).code(), absl::StatusCode::kFailedPrecondition);
 
   // Reload with other weights, in the CPU reference too: replaced, not added.
   ffns_[4] = RandomFfn(kHidden, kInter, 555);
@@ -319,10 +302,8 @@ TEST_P(CudaExpertBackendTest, UnloadReloadAndMemoryAccounting) {
   bad.gate.pop_back();
   const absl::Status s = gpu->LoadFfn(kLayer, 1, bad.View());
   EXPECT_EQ(s.code(), absl::StatusCode::kInvalidArgument);
-  EXPECT_THAT(std::string(s.message()),
-              HasSubstr("layer 3 expert 1: gate_proj has"));
-  EXPECT_EQ(gpu->LoadFfn(kLayer, -2, ffns_[1].View()).code(),
-            absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(std::string(s.message()), HasSubstr("layer 3 expert 1: gate_proj has"));
+  EXPECT_EQ(gpu->LoadFfn(kLayer, -2, ffns_[1].View()).code(), absl::StatusCode::kInvalidArgument);
 }
 
 TEST_P(CudaExpertBackendTest, LoadsAndUnloadsWhileComputing) {
@@ -351,9 +332,8 @@ TEST_P(CudaExpertBackendTest, LoadsAndUnloadsWhileComputing) {
 // Two shards: on two GPUs when there are, else both on device 0 (the same
 // peer copies and cross-stream waits, through one device).
 TEST_P(CudaExpertBackendTest, SplitsWorkAcrossShards) {
-  const std::vector<int> devices = cuda::DeviceCount() >= 2
-                                       ? std::vector<int>{0, 1}
-                                       : std::vector<int>{0, 0};
+  const std::vector<int> devices =
+      cuda::DeviceCount() >= 2 ? std::vector<int>{0, 1} : std::vector<int>{0, 0};
   auto gpu = MakeGpu(devices);
   ASSERT_NE(gpu, nullptr);
   EXPECT_EQ(gpu->num_shards(), 2);
@@ -385,13 +365,12 @@ TEST_P(CudaExpertBackendTest, RecordsTimings) {
   EXPECT_EQ(t.rows, static_cast<int64_t>(b.ids.size()));
 }
 
-INSTANTIATE_TEST_SUITE_P(
-    Types, CudaExpertBackendTest,
-    ::testing::Values(Param{ComputeType::kF32, CudaGemmMode::kGrouped},
-                      Param{ComputeType::kF32, CudaGemmMode::kPerExpert},
-                      Param{ComputeType::kBF16, CudaGemmMode::kGrouped},
-                      Param{ComputeType::kBF16, CudaGemmMode::kPerExpert}),
-    ParamName);
+INSTANTIATE_TEST_SUITE_P(Types, CudaExpertBackendTest,
+                         ::testing::Values(Param{ComputeType::kF32, CudaGemmMode::kGrouped},
+                                           Param{ComputeType::kF32, CudaGemmMode::kPerExpert},
+                                           Param{ComputeType::kBF16, CudaGemmMode::kGrouped},
+                                           Param{ComputeType::kBF16, CudaGemmMode::kPerExpert}),
+                         ParamName);
 
 // Runs everywhere: the factory's answer without a GPU is the one the expert
 // server and the benchmark report.

@@ -25,8 +25,8 @@ namespace dmoe::core::cuda {
 // device or driver FailedPrecondition, anything else Internal.
 inline absl::Status CudaStatus(cudaError_t e, absl::string_view what) {
   if (e == cudaSuccess) return absl::OkStatus();
-  const std::string msg = absl::StrCat(what, ": ", cudaGetErrorName(e), " (",
-                                       cudaGetErrorString(e), ")");
+  const std::string msg =
+      absl::StrCat(what, ": ", cudaGetErrorName(e), " (", cudaGetErrorString(e), ")");
   switch (e) {
     case cudaErrorMemoryAllocation:
       return absl::ResourceExhaustedError(msg);
@@ -41,19 +41,18 @@ inline absl::Status CudaStatus(cudaError_t e, absl::string_view what) {
 
 inline absl::Status CublasStatus(cublasStatus_t s, absl::string_view what) {
   if (s == CUBLAS_STATUS_SUCCESS) return absl::OkStatus();
-  const std::string msg = absl::StrCat(what, ": ", cublasGetStatusName(s), " (",
-                                       cublasGetStatusString(s), ")");
+  const std::string msg =
+      absl::StrCat(what, ": ", cublasGetStatusName(s), " (", cublasGetStatusString(s), ")");
   if (s == CUBLAS_STATUS_ALLOC_FAILED) return absl::ResourceExhaustedError(msg);
   if (s == CUBLAS_STATUS_NOT_SUPPORTED || s == CUBLAS_STATUS_ARCH_MISMATCH)
     return absl::UnimplementedError(msg);
   return absl::InternalError(msg);
 }
 
-#define DMOE_CUDA_RETURN_IF_ERROR(expr, what)                      \
-  do {                                                             \
-    const cudaError_t dmoe_cuda_e_ = (expr);                       \
-    if (dmoe_cuda_e_ != cudaSuccess)                               \
-      return ::dmoe::core::cuda::CudaStatus(dmoe_cuda_e_, (what)); \
+#define DMOE_CUDA_RETURN_IF_ERROR(expr, what)                                                     \
+  do {                                                                                            \
+    const cudaError_t dmoe_cuda_e_ = (expr);                                                      \
+    if (dmoe_cuda_e_ != cudaSuccess) return ::dmoe::core::cuda::CudaStatus(dmoe_cuda_e_, (what)); \
   } while (0)
 
 // Makes `device` current for its lifetime, then restores the previous one.
@@ -104,9 +103,8 @@ class DeviceBuffer {
     Free();
     bytes = (bytes + 255) & ~size_t{255};
     DeviceGuard g(device_);
-    DMOE_CUDA_RETURN_IF_ERROR(
-        cudaMalloc(&data_, bytes),
-        absl::StrCat("cudaMalloc of ", bytes, " bytes on device ", device_));
+    DMOE_CUDA_RETURN_IF_ERROR(cudaMalloc(&data_, bytes),
+                              absl::StrCat("cudaMalloc of ", bytes, " bytes on device ", device_));
     bytes_ = bytes;
     return absl::OkStatus();
   }
@@ -143,9 +141,8 @@ class PinnedBuffer {
     if (bytes <= bytes_) return absl::OkStatus();
     Free();
     bytes = (bytes + 4095) & ~size_t{4095};
-    DMOE_CUDA_RETURN_IF_ERROR(
-        cudaMallocHost(&data_, bytes),
-        absl::StrCat("cudaMallocHost of ", bytes, " bytes"));
+    DMOE_CUDA_RETURN_IF_ERROR(cudaMallocHost(&data_, bytes),
+                              absl::StrCat("cudaMallocHost of ", bytes, " bytes"));
     bytes_ = bytes;
     return absl::OkStatus();
   }
@@ -181,9 +178,8 @@ class Stream {
   absl::Status Create(int device) {
     device_ = device;
     DeviceGuard g(device);
-    DMOE_CUDA_RETURN_IF_ERROR(
-        cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking),
-        absl::StrCat("cudaStreamCreate on device ", device));
+    DMOE_CUDA_RETURN_IF_ERROR(cudaStreamCreateWithFlags(&s_, cudaStreamNonBlocking),
+                              absl::StrCat("cudaStreamCreate on device ", device));
     return absl::OkStatus();
   }
   cudaStream_t get() const { return s_; }
@@ -211,8 +207,7 @@ class Event {
     device_ = device;
     DeviceGuard g(device);
     DMOE_CUDA_RETURN_IF_ERROR(
-        cudaEventCreateWithFlags(
-            &e_, timing ? cudaEventDefault : cudaEventDisableTiming),
+        cudaEventCreateWithFlags(&e_, timing ? cudaEventDefault : cudaEventDisableTiming),
         absl::StrCat("cudaEventCreate on device ", device));
     return absl::OkStatus();
   }
@@ -238,8 +233,8 @@ class CublasHandle {
   absl::Status Create(int device) {
     device_ = device;
     DeviceGuard g(device);
-    if (absl::Status s = CublasStatus(
-            cublasCreate(&h_), absl::StrCat("cublasCreate on device ", device));
+    if (absl::Status s =
+            CublasStatus(cublasCreate(&h_), absl::StrCat("cublasCreate on device ", device));
         !s.ok()) {
       h_ = nullptr;
       return s;

@@ -1,8 +1,8 @@
-#include "core/kernels/cuda/device_info.h"
-
 #include <cuda_runtime.h>
 
 #include <cstdio>
+
+#include "core/kernels/cuda/device_info.h"
 
 namespace dmoe::core::cuda {
 

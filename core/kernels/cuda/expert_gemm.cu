@@ -6,8 +6,7 @@
 
 namespace dmoe::core::cuda {
 
-void ExpertGemmRunner::FillPointerArray(std::span<const ExpertGemm> problems,
-                                        const void** image) {
+void ExpertGemmRunner::FillPointerArray(std::span<const ExpertGemm> problems, const void** image) {
   const size_t n = problems.size();
   for (size_t i = 0; i < n; ++i) {
     image[i] = problems[i].w;
@@ -16,8 +15,7 @@ void ExpertGemmRunner::FillPointerArray(std::span<const ExpertGemm> problems,
   }
 }
 
-cublasStatus_t ExpertGemmRunner::Run(cublasHandle_t handle, bool grouped,
-                                     GemmTypes types,
+cublasStatus_t ExpertGemmRunner::Run(cublasHandle_t handle, bool grouped, GemmTypes types,
                                      std::span<const ExpertGemm> problems,
                                      const void* const* device_pointers) {
   const size_t n = problems.size();
@@ -27,9 +25,8 @@ cublasStatus_t ExpertGemmRunner::Run(cublasHandle_t handle, bool grouped,
     for (const ExpertGemm& p : problems) {
       if (p.rows == 0) continue;
       const cublasStatus_t s = cublasGemmEx(
-          handle, CUBLAS_OP_T, CUBLAS_OP_N, p.out, p.rows, p.in, &one, p.w,
-          types.in, p.in, p.x, types.in, p.ldx, &zero, p.y, types.out, p.ldy,
-          CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
+          handle, CUBLAS_OP_T, CUBLAS_OP_N, p.out, p.rows, p.in, &one, p.w, types.in, p.in, p.x,
+          types.in, p.ldx, &zero, p.y, types.out, p.ldy, CUBLAS_COMPUTE_32F, CUBLAS_GEMM_DEFAULT);
       if (s != CUBLAS_STATUS_SUCCESS) return s;
     }
     return CUBLAS_STATUS_SUCCESS;
@@ -58,11 +55,10 @@ cublasStatus_t ExpertGemmRunner::Run(cublasHandle_t handle, bool grouped,
   const void* const* a = device_pointers;
   const void* const* b = device_pointers + n;
   void* const* c = const_cast<void* const*>(device_pointers + 2 * n);
-  return cublasGemmGroupedBatchedEx(
-      handle, trans_a_.data(), trans_b_.data(), m_.data(), n_.data(), k_.data(),
-      alpha_.data(), a, types.in, lda_.data(), b, types.in, ldb_.data(),
-      beta_.data(), c, types.out, ldc_.data(), static_cast<int>(n),
-      group_size_.data(), CUBLAS_COMPUTE_32F);
+  return cublasGemmGroupedBatchedEx(handle, trans_a_.data(), trans_b_.data(), m_.data(), n_.data(),
+                                    k_.data(), alpha_.data(), a, types.in, lda_.data(), b, types.in,
+                                    ldb_.data(), beta_.data(), c, types.out, ldc_.data(),
+                                    static_cast<int>(n), group_size_.data(), CUBLAS_COMPUTE_32F);
 }
 
 }  // namespace dmoe::core::cuda

@@ -39,15 +39,13 @@ class ExpertGemmRunner {
   // The grouped call reads the problems' pointers from device memory laid out
   // as [w_0 .. w_{n-1}, x_0 .., y_0 ..]; this writes that image (3n entries).
   static size_t PointerArrayBytes(size_t n) { return 3 * n * sizeof(void*); }
-  static void FillPointerArray(std::span<const ExpertGemm> problems,
-                               const void** image);
+  static void FillPointerArray(std::span<const ExpertGemm> problems, const void** image);
 
   // Enqueues the problems on the handle's stream (cublasSetStream is the
   // caller's). For grouped = true, `device_pointers` is the device copy of
   // FillPointerArray's image; it is unused otherwise.
   cublasStatus_t Run(cublasHandle_t handle, bool grouped, GemmTypes types,
-                     std::span<const ExpertGemm> problems,
-                     const void* const* device_pointers);
+                     std::span<const ExpertGemm> problems, const void* const* device_pointers);
 
  private:
   std::vector<cublasOperation_t> trans_a_, trans_b_;

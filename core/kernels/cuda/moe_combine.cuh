@@ -21,9 +21,8 @@ namespace dmoe::core::cuda {
 // weights [A], all on the device.
 template <typename T>
 cudaError_t LaunchMoeCombine(const T* yp, const int32_t* token_offsets,
-                             const int32_t* assignment_to_permuted,
-                             const float* weights, int64_t token_begin,
-                             int64_t token_end, int64_t hidden, float* out,
+                             const int32_t* assignment_to_permuted, const float* weights,
+                             int64_t token_begin, int64_t token_end, int64_t hidden, float* out,
                              cudaStream_t stream);
 
 }  // namespace dmoe::core::cuda

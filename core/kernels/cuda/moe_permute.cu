@@ -18,8 +18,7 @@ namespace {
 constexpr int kTile = 1024;  // assignments per tile = threads per block
 constexpr int kWarps = kTile / 32;
 
-__device__ int32_t GroupOf(int32_t id, const int32_t* slot_to_group,
-                           int32_t num_slots) {
+__device__ int32_t GroupOf(int32_t id, const int32_t* slot_to_group, int32_t num_slots) {
   const int64_t slot = int64_t{id} + 1;
   if (slot < 0 || slot >= num_slots) return -1;
   return slot_to_group[slot];
@@ -39,14 +38,13 @@ __device__ int32_t TokenOf(const int32_t* off, int32_t num_tokens, int32_t a) {
   return lo;
 }
 
-__global__ void HistogramKernel(MoeRoutingBuffers b, int32_t num_tokens,
-                                int32_t num_assignments, int32_t num_slots,
-                                int32_t num_groups) {
+__global__ void HistogramKernel(MoeRoutingBuffers b, int32_t num_tokens, int32_t num_assignments,
+                                int32_t num_slots, int32_t num_groups) {
   extern __shared__ int32_t counts[];  // [G + 1]
   for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) counts[i] = 0;
   __syncthreads();
-  for (int64_t t = int64_t{blockIdx.x} * blockDim.x + threadIdx.x;
-       t < num_tokens; t += int64_t{gridDim.x} * blockDim.x) {
+  for (int64_t t = int64_t{blockIdx.x} * blockDim.x + threadIdx.x; t < num_tokens;
+       t += int64_t{gridDim.x} * blockDim.x) {
     if (b.token_offsets[t + 1] < b.token_offsets[t])
       atomicMin(&b.summary[kSummaryBadToken], static_cast<int32_t>(t));
   }
@@ -62,13 +60,12 @@ __global__ void HistogramKernel(MoeRoutingBuffers b, int32_t num_tokens,
   }
   __syncthreads();
   int32_t* mine = b.tile_group_offset + int64_t{blockIdx.x} * (num_groups + 1);
-  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x)
-    mine[i] = counts[i];
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) mine[i] = counts[i];
 }
 
 // One block of kTile threads.
-__global__ void ScanKernel(MoeRoutingBuffers b, int32_t tiles,
-                           int32_t num_assignments, int32_t num_groups) {
+__global__ void ScanKernel(MoeRoutingBuffers b, int32_t tiles, int32_t num_assignments,
+                           int32_t num_groups) {
   __shared__ int32_t part[kTile];
   __shared__ int32_t carry;
   const int32_t width = num_groups + 1;
@@ -108,24 +105,20 @@ __global__ void ScanKernel(MoeRoutingBuffers b, int32_t tiles,
   // First permuted row of each (tile, group).
   for (int32_t g = threadIdx.x; g < width; g += blockDim.x) {
     const int32_t first = b.expert_first_offset[g];
-    for (int32_t t = 0; t < tiles; ++t)
-      b.tile_group_offset[int64_t{t} * width + g] += first;
+    for (int32_t t = 0; t < tiles; ++t) b.tile_group_offset[int64_t{t} * width + g] += first;
   }
 }
 
-__global__ void ScatterKernel(MoeRoutingBuffers b, int32_t num_tokens,
-                              int32_t num_assignments, int32_t num_groups) {
+__global__ void ScatterKernel(MoeRoutingBuffers b, int32_t num_tokens, int32_t num_assignments,
+                              int32_t num_groups) {
   extern __shared__ int32_t cursor[];  // [G + 1]
-  const int32_t* mine =
-      b.tile_group_offset + int64_t{blockIdx.x} * (num_groups + 1);
-  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x)
-    cursor[i] = mine[i];
+  const int32_t* mine = b.tile_group_offset + int64_t{blockIdx.x} * (num_groups + 1);
+  for (int i = threadIdx.x; i <= num_groups; i += blockDim.x) cursor[i] = mine[i];
   __syncthreads();
   const int64_t a = int64_t{blockIdx.x} * kTile + threadIdx.x;
   const bool valid = a < num_assignments;
   const int32_t g = valid ? b.assignment_to_group[a] : -1;
-  const int32_t token =
-      valid ? TokenOf(b.token_offsets, num_tokens, static_cast<int32_t>(a)) : 0;
+  const int32_t token = valid ? TokenOf(b.token_offsets, num_tokens, static_cast<int32_t>(a)) : 0;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   for (int w = 0; w < kWarps; ++w) {
     if (warp == w) {
@@ -156,13 +149,12 @@ __device__ __nv_bfloat16 Convert<__nv_bfloat16>(float f) {
 }
 
 template <typename T>
-__global__ void GatherKernel(const float* x, int64_t hidden,
-                             const int32_t* permuted_to_token, T* xp) {
+__global__ void GatherKernel(const float* x, int64_t hidden, const int32_t* permuted_to_token,
+                             T* xp) {
   const int64_t p = blockIdx.x;
   const float* src = x + int64_t{permuted_to_token[p]} * hidden;
   T* dst = xp + p * hidden;
-  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x)
-    dst[j] = Convert<T>(src[j]);
+  for (int64_t j = threadIdx.x; j < hidden; j += blockDim.x) dst[j] = Convert<T>(src[j]);
 }
 
 }  // namespace
@@ -172,41 +164,33 @@ int64_t MoeRoutingTiles(int64_t num_assignments) {
 }
 
 cudaError_t LaunchMoeRouting(const MoeRoutingBuffers& b, int64_t num_tokens,
-                             int32_t num_assignments, int32_t num_slots,
-                             int32_t num_groups, cudaStream_t stream) {
+                             int32_t num_assignments, int32_t num_slots, int32_t num_groups,
+                             cudaStream_t stream) {
   const int32_t tiles = static_cast<int32_t>(MoeRoutingTiles(num_assignments));
   const size_t smem = sizeof(int32_t) * (num_groups + 1);
   if (smem > 48 * 1024) return cudaErrorInvalidValue;  // > ~12k FFNs per layer
   // Error fields to kNoError (byte 0x7f); counts are written by the scan.
-  cudaError_t e = cudaMemsetAsync(b.summary, 0x7f,
-                                  sizeof(int32_t) * kSummaryCounts, stream);
+  cudaError_t e = cudaMemsetAsync(b.summary, 0x7f, sizeof(int32_t) * kSummaryCounts, stream);
   if (e != cudaSuccess) return e;
   const int32_t n = static_cast<int32_t>(num_tokens);
-  HistogramKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments,
-                                                  num_slots, num_groups);
+  HistogramKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments, num_slots, num_groups);
   ScanKernel<<<1, kTile, 0, stream>>>(b, tiles, num_assignments, num_groups);
-  ScatterKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments,
-                                                num_groups);
+  ScatterKernel<<<tiles, kTile, smem, stream>>>(b, n, num_assignments, num_groups);
   return cudaGetLastError();
 }
 
 template <typename T>
-cudaError_t LaunchMoeGather(const float* x, int64_t hidden,
-                            const int32_t* permuted_to_token, int32_t rows,
-                            T* xp, cudaStream_t stream) {
+cudaError_t LaunchMoeGather(const float* x, int64_t hidden, const int32_t* permuted_to_token,
+                            int32_t rows, T* xp, cudaStream_t stream) {
   if (rows <= 0) return cudaSuccess;
   const int threads = hidden >= 1024 ? 256 : 128;
-  GatherKernel<T>
-      <<<rows, threads, 0, stream>>>(x, hidden, permuted_to_token, xp);
+  GatherKernel<T><<<rows, threads, 0, stream>>>(x, hidden, permuted_to_token, xp);
   return cudaGetLastError();
 }
 
-template cudaError_t LaunchMoeGather<float>(const float*, int64_t,
-                                            const int32_t*, int32_t, float*,
+template cudaError_t LaunchMoeGather<float>(const float*, int64_t, const int32_t*, int32_t, float*,
                                             cudaStream_t);
-template cudaError_t LaunchMoeGather<__nv_bfloat16>(const float*, int64_t,
-                                                    const int32_t*, int32_t,
-                                                    __nv_bfloat16*,
-                                                    cudaStream_t);
+template cudaError_t LaunchMoeGather<__nv_bfloat16>(const float*, int64_t, const int32_t*, int32_t,
+                                                    __nv_bfloat16*, cudaStream_t);
 
 }  // namespace dmoe::core::cuda

@@ -27,10 +27,9 @@ namespace dmoe::core::cuda {
 inline constexpr int32_t kNoError = 0x7f7f7f7f;
 
 // Summary layout, [kSummaryCounts + G] int32, copied to the host after routing:
-inline constexpr int kSummaryBadToken = 0;  // first t with off[t+1] < off[t]
-inline constexpr int kSummaryBadAssignment =
-    1;                                    // first a in the invalid bucket
-inline constexpr int kSummaryCounts = 2;  // then rows of each group [G]
+inline constexpr int kSummaryBadToken = 0;       // first t with off[t+1] < off[t]
+inline constexpr int kSummaryBadAssignment = 1;  // first a in the invalid bucket
+inline constexpr int kSummaryCounts = 2;         // then rows of each group [G]
 
 struct MoeRoutingBuffers {
   const int32_t* token_offsets = nullptr;  // [N + 1]
@@ -53,16 +52,15 @@ int64_t MoeRoutingTiles(int64_t num_assignments);
 // N >= 1 and 0 <= A < 2^31 - 1; token_offsets[0] == 0 and token_offsets[N] == A
 // are the host's to check (they are O(1)); monotonicity is checked here.
 cudaError_t LaunchMoeRouting(const MoeRoutingBuffers& b, int64_t num_tokens,
-                             int32_t num_assignments, int32_t num_slots,
-                             int32_t num_groups, cudaStream_t stream);
+                             int32_t num_assignments, int32_t num_slots, int32_t num_groups,
+                             cudaStream_t stream);
 
 // xp[p, :] = T(x[permuted_to_token[p], :]) for p in [0, rows): x [N, hidden]
 // float32, xp [rows, hidden]. T is float or __nv_bfloat16 (round to nearest
 // even).
 template <typename T>
-cudaError_t LaunchMoeGather(const float* x, int64_t hidden,
-                            const int32_t* permuted_to_token, int32_t rows,
-                            T* xp, cudaStream_t stream);
+cudaError_t LaunchMoeGather(const float* x, int64_t hidden, const int32_t* permuted_to_token,
+                            int32_t rows, T* xp, cudaStream_t stream);
 
 }  // namespace dmoe::core::cuda
 

@@ -20,8 +20,8 @@ __device__ __nv_bfloat16 FromFloat<__nv_bfloat16>(float f) {
 // One block per row; the row's group by binary search over group_first_row.
 template <typename In, typename Out>
 __global__ void SwiGluKernel(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h,
-                             const int32_t* group_first_row,
-                             const int32_t* group_inter, int32_t groups) {
+                             const int32_t* group_first_row, const int32_t* group_inter,
+                             int32_t groups) {
   const int32_t r = blockIdx.x;
   int32_t lo = 0, hi = groups - 1;  // last group with first row <= r
   while (lo < hi) {
@@ -46,20 +46,19 @@ __global__ void SwiGluKernel(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h,
 }  // namespace
 
 template <typename In, typename Out>
-cudaError_t LaunchSwiGlu(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h,
-                         int32_t rows, const int32_t* group_first_row,
-                         const int32_t* group_inter, int32_t groups,
+cudaError_t LaunchSwiGlu(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h, int32_t rows,
+                         const int32_t* group_first_row, const int32_t* group_inter, int32_t groups,
                          cudaStream_t stream) {
   if (rows <= 0 || groups <= 0) return cudaSuccess;
-  SwiGluKernel<In, Out><<<rows, 256, 0, stream>>>(
-      gu, ld_gu, h, ld_h, group_first_row, group_inter, groups);
+  SwiGluKernel<In, Out>
+      <<<rows, 256, 0, stream>>>(gu, ld_gu, h, ld_h, group_first_row, group_inter, groups);
   return cudaGetLastError();
 }
 
-#define DMOE_INSTANTIATE_SWIGLU(In, Out)                          \
-  template cudaError_t LaunchSwiGlu<In, Out>(                     \
-      const In*, int64_t, Out*, int64_t, int32_t, const int32_t*, \
-      const int32_t*, int32_t, cudaStream_t);
+#define DMOE_INSTANTIATE_SWIGLU(In, Out)                                                 \
+  template cudaError_t LaunchSwiGlu<In, Out>(const In*, int64_t, Out*, int64_t, int32_t, \
+                                             const int32_t*, const int32_t*, int32_t,    \
+                                             cudaStream_t);
 DMOE_INSTANTIATE_SWIGLU(float, float)
 DMOE_INSTANTIATE_SWIGLU(float, __nv_bfloat16)
 DMOE_INSTANTIATE_SWIGLU(__nv_bfloat16, __nv_bfloat16)

@@ -17,9 +17,8 @@ namespace dmoe::core::cuda {
 // [groups] = rows; group_inter: [groups] device. In and Out are float or
 // __nv_bfloat16 (Out rounds to nearest even).
 template <typename In, typename Out>
-cudaError_t LaunchSwiGlu(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h,
-                         int32_t rows, const int32_t* group_first_row,
-                         const int32_t* group_inter, int32_t groups,
+cudaError_t LaunchSwiGlu(const In* gu, int64_t ld_gu, Out* h, int64_t ld_h, int32_t rows,
+                         const int32_t* group_first_row, const int32_t* group_inter, int32_t groups,
                          cudaStream_t stream);
 
 }  // namespace dmoe::core::cuda
