@@ -373,11 +373,25 @@ TEST_F(GatewayTest, Metrics_CountRequestsByEndpointAndCodeAndTokens) {
   ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":3})")->status, 200);
   ASSERT_EQ(Post("/v1/completions", R"({"prompt":[1],"max_tokens":2,"stream":true})")->status, 200);
   ASSERT_EQ(Post("/v1/completions", "{")->status, 400);
-  auto r = Get("/metrics");
-  ASSERT_TRUE(r);
-  ASSERT_EQ(r->status, 200);
-  EXPECT_THAT(r->get_header_value("Content-Type"), HasSubstr("text/plain"));
-  const std::string& m = r->body;
+  // A handler records its request after the last byte went out, so a client
+  // can see the response a moment before the counters move: scrape until the
+  // last request is counted and nothing is in flight.
+  std::string m, content_type;
+  int status = 0;
+  ASSERT_TRUE(WaitFor(
+      [&] {
+        auto r = Get("/metrics");
+        if (!r) return false;
+        status = r->status;
+        content_type = r->get_header_value("Content-Type");
+        m = r->body;
+        return m.find("moe_gateway_inflight_requests 0") != std::string::npos &&
+               m.find(R"(code="400",endpoint="/v1/completions"})") != std::string::npos;
+      },
+      absl::Seconds(10)))
+      << m;
+  ASSERT_EQ(status, 200);
+  EXPECT_THAT(content_type, HasSubstr("text/plain"));
   EXPECT_THAT(
       m, HasSubstr(R"(moe_gateway_http_requests_total{code="200",endpoint="/v1/completions"} 2)"));
   EXPECT_THAT(

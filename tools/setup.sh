@@ -14,8 +14,9 @@ PKGS=(
   prometheus-cpp-dev libcpp-httplib-dev libgoogle-perftools-dev
   libgtest-dev libgmock-dev libbenchmark-dev
   # fuzz targets (tools/fuzz.sh): clang 14 with libFuzzer and the sanitizer runtimes,
-  # its OpenMP (find_package(OpenMP) under clang), llvm-symbolizer for the reports
-  clang-14 libclang-rt-14-dev libomp-14-dev llvm-14
+  # its OpenMP (find_package(OpenMP) under clang), llvm-symbolizer for the reports;
+  # clang 14 also runs tools/thread_safety_check.sh, clang-format-14 tools/format_check.sh
+  clang-14 clang-format-14 libclang-rt-14-dev libomp-14-dev llvm-14
   # programs the tests run: prometheus + promtool (observability, alert rules),
   # docker-compose, yamllint, python3 + PyYAML, jq and curl (deploy/ scripts)
   prometheus docker-compose yamllint python3 python3-yaml jq curl ca-certificates

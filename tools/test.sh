@@ -5,6 +5,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+
+echo "== format (clang-format-14, .clang-format)"
+bash tools/format_check.sh
+
 bash tools/build.sh
 
 echo "== parsers (checkpoints, config, tokenizer, chat template) under ASan/UBSan"
