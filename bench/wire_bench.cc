@@ -336,10 +336,9 @@ absl::Status WriteWireOnlyModel(const std::string& full_dir, const std::string& 
   for (int64_t l = 0; l < cfg.num_hidden_layers; ++l) {
     if (!cfg.IsMoeLayer(l)) continue;
     for (int64_t e = 0; e < cfg.n_routed_experts; ++e)
-      add_ffn(absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."), kWireOnlyInter);
+      add_ffn(core::FfnPrefix(l, e), kWireOnlyInter);
     if (cfg.n_shared_experts > 0)
-      add_ffn(absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-              cfg.n_shared_experts * kWireOnlyInter);
+      add_ffn(core::FfnPrefix(l, core::kSharedFfn), cfg.n_shared_experts * kWireOnlyInter);
   }
   DMOE_ASSIGN_OR_RETURN(auto writer, core::SafetensorsWriter::Create(out_dir + "/model.safetensors",
                                                                      decls, {{"format", "pt"}}));
@@ -664,14 +663,13 @@ Layer LoadLayer(const std::string& dir, bool with_gate) {
   layer.local = core::MakeCpuExpertBackend(core::ComputeType::kBF16);
   const core::ModelConfig& c = layer.cfg;
   for (int32_t e = 0; e < c.n_routed_experts; ++e) {
-    const absl::Status s = core::LoadFfnInto(
-        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.experts.", e, "."), c.hidden_size,
-        c.moe_intermediate_size, layer.index, e, *layer.local);
+    const absl::Status s = core::LoadFfnInto(**ckpt, core::FfnPrefix(layer.index, e), c.hidden_size,
+                                             c.moe_intermediate_size, layer.index, e, *layer.local);
     if (!s.ok()) Die(s, "load expert");
   }
   if (c.n_shared_experts > 0) {
     const absl::Status s = core::LoadFfnInto(
-        **ckpt, absl::StrCat("model.layers.", layer.index, ".mlp.shared_experts."), c.hidden_size,
+        **ckpt, core::FfnPrefix(layer.index, core::kSharedFfn), c.hidden_size,
         c.n_shared_experts * c.moe_intermediate_size, layer.index, core::kSharedFfn, *layer.local);
     if (!s.ok()) Die(s, "load shared expert");
   }

@@ -101,13 +101,13 @@ absl::Status Model::LoadWeights(const Checkpoint& ckpt, ModelOptions& opts) {
       tick();
       for (int64_t e = 0; e < c.n_routed_experts; ++e) {
         if (opts.load_routed_experts) {
-          DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, absl::StrCat(p, "mlp.experts.", e, "."), hidden,
+          DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, FfnPrefix(l, static_cast<int32_t>(e)), hidden,
                                            c.moe_intermediate_size, l, e, *experts_));
         }
         tick();
       }
       if (c.n_shared_experts > 0 && opts.load_shared_experts) {
-        DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, p + "mlp.shared_experts.", hidden,
+        DMOE_RETURN_IF_ERROR(LoadFfnInto(ckpt, FfnPrefix(l, kSharedFfn), hidden,
                                          c.n_shared_experts * c.moe_intermediate_size, l,
                                          kSharedFfn, *experts_));
       }

@@ -67,6 +67,11 @@ GateResult MoeGate::Route(const float* x, int64_t num_tokens) {
   return SelectExperts(params_, logits_, num_tokens, bias_);
 }
 
+std::string FfnPrefix(int64_t layer, int32_t ffn_id) {
+  return ffn_id == kSharedFfn ? absl::StrCat("model.layers.", layer, ".mlp.shared_experts.")
+                              : absl::StrCat("model.layers.", layer, ".mlp.experts.", ffn_id, ".");
+}
+
 absl::Status LoadFfnInto(const Checkpoint& ckpt, const std::string& prefix, int64_t hidden,
                          int64_t intermediate, int32_t layer, int32_t ffn_id,
                          ExpertBackend& backend) {

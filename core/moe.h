@@ -10,6 +10,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -53,7 +54,11 @@ class MoeGate {
   std::vector<float> test_bias_;
 };
 
-// Reads the SwiGLU FFN at `prefix` ("model.layers.3.mlp.experts.7.") with width
+// The checkpoint name prefix of an FFN: "model.layers.3.mlp.experts.7." for a
+// routed expert, "model.layers.3.mlp.shared_experts." for kSharedFfn.
+std::string FfnPrefix(int64_t layer, int32_t ffn_id);
+
+// Reads the SwiGLU FFN at `prefix` (FfnPrefix) with width
 // `intermediate` and hands it to `backend` as (layer, ffn_id).
 absl::Status LoadFfnInto(const Checkpoint& ckpt, const std::string& prefix, int64_t hidden,
                          int64_t intermediate, int32_t layer, int32_t ffn_id,

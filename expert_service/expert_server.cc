@@ -41,12 +41,6 @@ std::vector<std::pair<int64_t, std::vector<int32_t>>> SlotList(
   return out;
 }
 
-std::string ExpertPrefix(int64_t layer, int32_t expert) {
-  return expert == core::kSharedFfn
-             ? absl::StrCat("model.layers.", layer, ".mlp.shared_experts.")
-             : absl::StrCat("model.layers.", layer, ".mlp.experts.", expert, ".");
-}
-
 }  // namespace
 
 class ExpertServer::Impl final : public v1::ExpertService::CallbackService {
@@ -131,11 +125,11 @@ absl::Status ExpertServer::Impl::LoadFfn(int64_t layer, int32_t expert) {
                             ? cfg.n_shared_experts * cfg.moe_intermediate_size
                             : cfg.moe_intermediate_size;
   if (backend->LoadsConcurrently()) {
-    return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size, inter,
+    return core::LoadFfnInto(*ckpt, core::FfnPrefix(layer, expert), cfg.hidden_size, inter,
                              static_cast<int32_t>(layer), expert, *backend);
   }
   absl::MutexLock lock(&backend_mu);
-  return core::LoadFfnInto(*ckpt, ExpertPrefix(layer, expert), cfg.hidden_size, inter,
+  return core::LoadFfnInto(*ckpt, core::FfnPrefix(layer, expert), cfg.hidden_size, inter,
                            static_cast<int32_t>(layer), expert, *backend);
 }
 

@@ -146,14 +146,12 @@ class ExpertServerTest : public ::testing::TestWithParam<std::string> {
       if (!cfg_.IsMoeLayer(l)) continue;
       moe_layers_.push_back(static_cast<int32_t>(l));
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
-        ASSERT_TRUE(core::LoadFfnInto(**ckpt,
-                                      absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-                                      hidden_, cfg_.moe_intermediate_size, l, e, *ref_)
+        ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, e), hidden_,
+                                      cfg_.moe_intermediate_size, l, e, *ref_)
                         .ok());
       }
-      ASSERT_TRUE(core::LoadFfnInto(**ckpt,
-                                    absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-                                    hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
+      ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, core::kSharedFfn), hidden_,
+                                    cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
                                     core::kSharedFfn, *ref_)
                       .ok());
     }
@@ -511,14 +509,13 @@ TEST_P(ExpertServerTest, GetStatus_DescribesSlotsWeightsAndCounters) {
     const auto& want = placement_.Slots(l, 1);
     EXPECT_EQ(std::vector<int32_t>(s.slots(i).experts().begin(), s.slots(i).experts().end()), want);
     for (int32_t e : want) {
-      ASSERT_TRUE(core::LoadFfnInto(**ckpt,
-                                    absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-                                    hidden_, cfg_.moe_intermediate_size, l, e, *mine)
+      ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, e), hidden_,
+                                    cfg_.moe_intermediate_size, l, e, *mine)
                       .ok());
       expected_tokens.push_back(l == w.layer ? expected_counts[e] : 0);
     }
-    ASSERT_TRUE(core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-                                  hidden_, cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
+    ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, core::kSharedFfn), hidden_,
+                                  cfg_.n_shared_experts * cfg_.moe_intermediate_size, l,
                                   core::kSharedFfn, *mine)
                     .ok());
   }
@@ -738,8 +735,8 @@ TEST(ExpertBinaryTest, ServesHealthAndRequestsThenExitsCleanlyOnSigterm) {
   const int32_t layer = 1;
   const std::vector<int32_t> held = place::Placement::Contiguous(cfg, 2)->Slots(layer, 1);
   for (int32_t e : held) {
-    ASSERT_TRUE(core::LoadFfnInto(*ckpt, absl::StrCat("model.layers.1.mlp.experts.", e, "."),
-                                  cfg.hidden_size, cfg.moe_intermediate_size, layer, e, *ref)
+    ASSERT_TRUE(core::LoadFfnInto(*ckpt, core::FfnPrefix(1, e), cfg.hidden_size,
+                                  cfg.moe_intermediate_size, layer, e, *ref)
                     .ok());
   }
   Work w = RandomWork(layer, 5, cfg.hidden_size, held, 1, false);

@@ -38,17 +38,15 @@ class ControllerTest : public ::testing::Test {
       if (!cfg_.IsMoeLayer(l)) continue;
       moe_layers_.push_back(static_cast<int32_t>(l));
       for (int32_t e = 0; e < cfg_.n_routed_experts; ++e) {
-        ASSERT_TRUE(core::LoadFfnInto(**ckpt,
-                                      absl::StrCat("model.layers.", l, ".mlp.experts.", e, "."),
-                                      cfg_.hidden_size, cfg_.moe_intermediate_size,
-                                      static_cast<int32_t>(l), e, *reference_)
+        ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, e), cfg_.hidden_size,
+                                      cfg_.moe_intermediate_size, static_cast<int32_t>(l), e,
+                                      *reference_)
                         .ok());
       }
-      ASSERT_TRUE(
-          core::LoadFfnInto(**ckpt, absl::StrCat("model.layers.", l, ".mlp.shared_experts."),
-                            cfg_.hidden_size, cfg_.n_shared_experts * cfg_.moe_intermediate_size,
-                            static_cast<int32_t>(l), core::kSharedFfn, *reference_)
-              .ok());
+      ASSERT_TRUE(core::LoadFfnInto(**ckpt, core::FfnPrefix(l, core::kSharedFfn), cfg_.hidden_size,
+                                    cfg_.n_shared_experts * cfg_.moe_intermediate_size,
+                                    static_cast<int32_t>(l), core::kSharedFfn, *reference_)
+                      .ok());
     }
   }
 
