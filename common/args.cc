@@ -151,4 +151,16 @@ absl::StatusOr<std::vector<int64_t>> Args::IntList(const std::string& name) cons
   return out;
 }
 
+absl::StatusOr<int64_t> Args::IntIn(const std::string& name, int64_t lo, int64_t hi,
+                                    std::string_view prefix) const {
+  absl::StatusOr<int64_t> v = Int(name);
+  if (!v.ok()) return v.status();
+  if (*v < lo || *v > hi) {
+    return absl::InvalidArgumentError(absl::StrCat(absl::string_view(prefix.data(), prefix.size()),
+                                                   ": --", name, " must be in [", lo, ", ", hi,
+                                                   "], got ", *v));
+  }
+  return *v;
+}
+
 }  // namespace dmoe::common

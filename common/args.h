@@ -11,6 +11,7 @@
 #include <map>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/statusor.h"
@@ -41,6 +42,10 @@ class Args {
   bool Has(const std::string& name) const;
   std::string Str(const std::string& name) const;
   absl::StatusOr<int64_t> Int(const std::string& name) const;
+  // Int(name) within [lo, hi]; outside it InvalidArgument
+  // "<prefix>: --<name> must be in [lo, hi], got v".
+  absl::StatusOr<int64_t> IntIn(const std::string& name, int64_t lo, int64_t hi,
+                                std::string_view prefix) const;
   absl::StatusOr<double> Double(const std::string& name) const;
   bool Bool(const std::string& name) const;
   // Comma-separated integers ("1,2,3").

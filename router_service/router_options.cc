@@ -17,12 +17,7 @@ namespace {
 constexpr const char* kName = kRouterProgram;
 
 absl::StatusOr<int64_t> IntIn(const common::Args& args, const char* name, int64_t lo, int64_t hi) {
-  DMOE_ASSIGN_OR_RETURN(int64_t v, args.Int(name));
-  if (v < lo || v > hi) {
-    return absl::InvalidArgumentError(
-        absl::StrCat(kName, ": --", name, " must be in [", lo, ", ", hi, "], got ", v));
-  }
-  return v;
+  return args.IntIn(name, lo, hi, kName);
 }
 
 absl::Status PlacementNeedsExperts(const RouterOptions& c) {
