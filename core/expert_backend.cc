@@ -130,24 +130,6 @@ absl::Status ValidateExpertBatch(const ExpertBatch& b, const float* out) {
   return CheckExpertBatch(b, out, /*full=*/true);
 }
 
-void SumAssignmentRows(std::span<const int32_t> token_offsets, std::span<const float* const> rows,
-                       int64_t hidden, float* out) {
-  const int64_t tokens = static_cast<int64_t>(token_offsets.size()) - 1;
-  for (int64_t t = 0; t < tokens; ++t) {
-    float* o = out + t * hidden;
-    const int32_t begin = token_offsets[t], end = token_offsets[t + 1];
-    if (begin == end) {
-      std::fill(o, o + hidden, 0.0f);
-      continue;
-    }
-    std::copy(rows[begin], rows[begin] + hidden, o);
-    for (int32_t a = begin + 1; a < end; ++a) {
-      const float* c = rows[a];
-      for (int64_t j = 0; j < hidden; ++j) o[j] = o[j] + c[j];
-    }
-  }
-}
-
 absl::Status WithFailedTokens(absl::Status status, std::span<const int32_t> tokens) {
   return WithInt32Payload(std::move(status), kFailedTokensUrl, tokens);
 }

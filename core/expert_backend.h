@@ -14,8 +14,8 @@
 // multiply then add (no FMA):
 //   c_a = weight_a * FFN_{ffn_a}(x[t]);  out[t] = ((c_0 + c_1) + c_2) + ...
 // so a caller that receives the c_a rows (per_assignment_out) and adds them in
-// the same order gets the same bits, however the assignments were split over
-// backends or servers.
+// the same order (SumAssignmentRows, core/combine.h) gets the same bits, however the assignments
+// were split over backends or servers.
 #ifndef DMOE_CORE_EXPERT_BACKEND_H_
 #define DMOE_CORE_EXPERT_BACKEND_H_
 
@@ -56,13 +56,6 @@ struct ExpertBatch {
   // Backends that cannot do this answer Unimplemented.
   bool per_assignment_out = false;
 };
-
-// Adds per-assignment rows (ExpertBatch::per_assignment_out) of each token in
-// order into out[t] = ((c_0 + c_1) + ...), the sum a backend computes itself:
-// rows[a] for a in [token_offsets[t], token_offsets[t+1]); a token with none
-// gets zeros. `rows` may point anywhere (null only for tokens without rows).
-void SumAssignmentRows(std::span<const int32_t> token_offsets, std::span<const float* const> rows,
-                       int64_t hidden, float* out);
 
 class ExpertBackend {
  public:

@@ -7,6 +7,8 @@
 #include <set>
 
 #include "absl/strings/str_cat.h"
+#include "core/combine.h"
+#include "core/ffn_loader.h"
 #include "core/layers.h"
 #include "core/status.h"
 
@@ -300,11 +302,10 @@ absl::Status Model::AwaitLayer(MicroBatch& mb) {
   mb.backend = nullptr;
   DMOE_RETURN_IF_ERROR(Annotate(backend->Await(mb.ticket), mb));
   const int64_t H = cfg_.hidden_size;
-  float* x = x_.data() + mb.t0 * H;
-  const float* y = tmp_.data() + mb.t0 * H;
-  for (int64_t i = 0; i < mb.n * H; ++i) x[i] += y[i];
+  AddToResidual(std::span<float>(x_).subspan(mb.t0 * H, mb.n * H),
+                std::span<const float>(tmp_).subspan(mb.t0 * H, mb.n * H));
   if (gates_[mb.layer]) {
-    for (int32_t e : mb.routing.experts) ++expert_load_[mb.layer][e];
+    CountExpertLoad(mb.routing, expert_load_[mb.layer]);
     if (on_route_) on_route_(mb.layer, mb.routing);
   }
   return absl::OkStatus();

@@ -22,9 +22,11 @@
 #include "absl/status/statusor.h"
 #include "core/attention.h"
 #include "core/config.h"
+#include "core/dispatch_plan.h"
 #include "core/expert_backend.h"
+#include "core/gating.h"
 #include "core/kv_cache.h"
-#include "core/moe.h"
+#include "core/moe_gate.h"
 #include "core/rope.h"
 
 namespace dmoe::core {

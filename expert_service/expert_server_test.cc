@@ -22,7 +22,7 @@
 #include "common/wire.h"
 #include "core/config.h"
 #include "core/expert_backend.h"
-#include "core/moe.h"
+#include "core/ffn_loader.h"
 #include "core/safetensors.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "gmock/gmock.h"

@@ -2,12 +2,6 @@
 // driven over real HTTP (httplib::Client, raw sockets) and gRPC on loopback.
 #include "gateway/gateway.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/time.h>
-#include <unistd.h>
-
 #include <memory>
 #include <optional>
 #include <string>
@@ -24,6 +18,7 @@
 #include "gtest/gtest.h"
 #include "httplib.h"
 #include "nlohmann/json.hpp"
+#include "testing/http.h"
 #include "text/chat_template.h"
 
 namespace dmoe::gateway {
@@ -475,29 +470,14 @@ TEST_F(GatewayTest, WrongMethodUnknownRouteAndOversizedBody) {
   ExpectError(Post("/v1/completions", big), 413, "");
 }
 
-// Sends `request` on a raw socket and returns everything the gateway writes
-// back until it closes the connection (the request asks it to).
-// Sends `request` on a new loopback connection to `port` (reads time out after
-// `read_timeout_s`), shuts the sending side when `half_close`, and returns
-// everything the gateway writes back until it closes the connection.
+// Sends `request` on a new loopback connection to `port`, shuts the sending
+// side when `half_close`, and returns everything the gateway writes back until
+// it closes the connection (or `read_timeout_s` passes).
 std::string RawSend(int port, const std::string& request, bool half_close, int read_timeout_s) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return "";
-  timeval tv{read_timeout_s, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string got;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0 &&
-      write(fd, request.data(), request.size()) == static_cast<ssize_t>(request.size())) {
-    if (half_close) shutdown(fd, SHUT_WR);
-    char buf[4096];
-    for (ssize_t n; (n = read(fd, buf, sizeof(buf))) > 0;) got.append(buf, n);
-  }
-  close(fd);
-  return got;
+  dmoe::testing::LoopbackClient c(port);
+  if (!c.connected() || !c.Send(request)) return "";
+  if (half_close) c.ShutdownWrite();
+  return c.ReadToClose(absl::Seconds(read_timeout_s));
 }
 
 std::string RawExchange(int port, const std::string& request) {
@@ -716,27 +696,15 @@ TEST_F(GatewayTest, GatewayAtCapacity_Is429) {
 // Sends a streaming request on a raw socket, reads until the first token's
 // event, then closes the connection mid-stream.
 void OpenStreamAndHangUp(int port, const std::string& body) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  ASSERT_GE(fd, 0);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  ASSERT_EQ(connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
-  const std::string req = absl::StrCat(
-      "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-      "Content-Length: ",
-      body.size(), "\r\n\r\n", body);
-  ASSERT_EQ(write(fd, req.data(), req.size()), static_cast<ssize_t>(req.size()));
-  std::string got;
-  char buf[4096];
-  while (got.find("data: ") == std::string::npos) {
-    const ssize_t n = read(fd, buf, sizeof(buf));
-    ASSERT_GT(n, 0) << got;
-    got.append(buf, n);
-  }
+  dmoe::testing::LoopbackClient c(port);
+  ASSERT_TRUE(c.connected());
+  ASSERT_TRUE(c.Send(
+      absl::StrCat("POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                   "Content-Length: ",
+                   body.size(), "\r\n\r\n", body)));
+  const std::string got = c.ReadUntil("data: ", absl::Seconds(30));
+  ASSERT_THAT(got, HasSubstr("data: "));
   EXPECT_THAT(got, HasSubstr("200 OK"));
-  close(fd);
 }
 
 TEST_F(GatewayTest, ClientDisconnectMidStream_CancelsTheRouterCallWithinASecond) {

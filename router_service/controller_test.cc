@@ -10,8 +10,8 @@
 #include <thread>
 
 #include "absl/strings/str_cat.h"
+#include "core/ffn_loader.h"
 #include "core/model.h"
-#include "core/moe.h"
 #include "expert_service/expert_server.h"
 #include "gmock/gmock.h"
 #include "grpcpp/grpcpp.h"

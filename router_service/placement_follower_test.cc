@@ -87,6 +87,7 @@ class Control final : public RemoteExpertControl {
     absl::MutexLock lock(&mu_);
     return servers_;
   }
+  size_t PooledBufferBytes() const override { return 0; }
   std::atomic<int> switches{0};
 
  private:

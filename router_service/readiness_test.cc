@@ -25,6 +25,7 @@ class FixedControl : public RemoteExpertControl {
   }
   place::Placement placement() const override { return p_; }
   std::vector<std::string> servers() const override { return servers_; }
+  size_t PooledBufferBytes() const override { return 0; }
 
  private:
   place::Placement p_;

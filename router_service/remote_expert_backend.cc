@@ -24,6 +24,7 @@
 #include "absl/time/clock.h"
 #include "absl/time/time.h"
 #include "common/grpc_status.h"
+#include "core/combine.h"
 #include "core/status.h"
 #include "dmoe/v1/expert.grpc.pb.h"
 #include "grpcpp/grpcpp.h"
@@ -34,6 +35,15 @@ namespace {
 
 using internal::DispatchHub;
 using internal::DispatchStream;
+
+// Pending requests kept for reuse: a few per server for the micro-batches of a
+// step and replicas; more only after a burst of failovers.
+constexpr size_t kMaxPooledPending = 64;
+
+template <typename T>
+size_t CapacityBytes(const std::vector<T>& v) {
+  return v.capacity() * sizeof(T);
+}
 
 v1::ActivationDType ToProto(common::WireDType t) {
   switch (t) {
@@ -85,6 +95,7 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
     for (const Server& s : servers_) out.push_back(s.address);
     return out;
   }
+  size_t PooledBufferBytes() const override;
 
  private:
   struct Server {
@@ -167,6 +178,9 @@ class RemoteExpertBackend final : public core::ExpertBackend, public RemoteExper
   void Forget(Pending& p);
   // Releases the ticket (forgets its waiting requests).
   void Retire(uint64_t ticket);
+  // Capacity of the buffers a pooled request / ticket keeps for its next use.
+  static size_t BufferBytes(const Pending& p);
+  static size_t BufferBytes(const Ticket& t);
   absl::Status ComputeLocalShared(Ticket& t);
   absl::Status Combine(const Ticket& t);
 
@@ -628,6 +642,29 @@ void RemoteExpertBackend::Forget(Pending& p) {
   p.stream->Forget(p.id);
 }
 
+size_t RemoteExpertBackend::BufferBytes(const Pending& p) {
+  return CapacityBytes(p.partial) + CapacityBytes(p.row_assignment) +
+         CapacityBytes(p.share.tokens) + CapacityBytes(p.share.token_offsets) +
+         CapacityBytes(p.share.ffn_ids) + CapacityBytes(p.share.weights) +
+         CapacityBytes(p.share.assignment_index);
+}
+
+size_t RemoteExpertBackend::BufferBytes(const Ticket& t) {
+  return CapacityBytes(t.has_shared) + CapacityBytes(t.shared_out) + CapacityBytes(t.states) +
+         CapacityBytes(t.stranded) + t.pending.capacity() * sizeof(t.pending[0]);
+}
+
+size_t RemoteExpertBackend::PooledBufferBytes() const {
+  absl::MutexLock lock(&mu_);
+  size_t bytes = 0;
+  for (const auto& p : free_pending_) bytes += BufferBytes(*p);
+  for (const auto& t : free_tickets_) bytes += BufferBytes(*t);
+  for (const Server& sv : servers_) {
+    if (sv.stream) bytes += sv.stream->PooledBytes();
+  }
+  return bytes;
+}
+
 void RemoteExpertBackend::Retire(uint64_t ticket) {
   auto it = std::find_if(tickets_.begin(), tickets_.end(),
                          [ticket](const auto& t) { return t->id == ticket; });
@@ -637,10 +674,14 @@ void RemoteExpertBackend::Retire(uint64_t ticket) {
   for (auto& p : t->pending) {
     if (p->state == Pending::State::kWaiting) Forget(*p);
     p->stream.reset();
-    free_pending_.push_back(std::move(p));
+    // Pooled for the next batch, but not with a prefill's buffers.
+    if (free_pending_.size() < kMaxPooledPending &&
+        BufferBytes(*p) <= internal::kPooledBufferMaxBytes) {
+      free_pending_.push_back(std::move(p));
+    }
   }
   t->pending.clear();
-  free_tickets_.push_back(std::move(t));
+  if (BufferBytes(*t) <= internal::kPooledBufferMaxBytes) free_tickets_.push_back(std::move(t));
   ReapRetired();
 }
 

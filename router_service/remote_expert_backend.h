@@ -132,6 +132,10 @@ class RemoteExpertControl {
                                        absl::Duration timeout) = 0;
   virtual place::Placement placement() const = 0;
   virtual std::vector<std::string> servers() const = 0;
+  // Bytes the backend keeps pooled between batches for reuse (request
+  // messages, reply buffers): bounded by the decode working set, whatever
+  // the largest batch so far (internal::kPooledBufferMaxBytes per object).
+  virtual size_t PooledBufferBytes() const = 0;
 };
 
 inline constexpr int kMaxExpertServers = 1024;

@@ -35,12 +35,14 @@
 #include "grpcpp/grpcpp.h"
 #include "gtest/gtest.h"
 #include "placement/placement.h"
+#include "testing/expert_backend_conformance.h"
 #include "testing/expert_batch.h"
 
 namespace dmoe::router {
 namespace {
 
 using core::kSharedFfn;
+using testing::ExpertBackendConformance;
 using ::testing::HasSubstr;
 using testing::HostBatch;
 using testing::HostFfn;
@@ -150,11 +152,18 @@ common::WireDType FromProto(v1::ActivationDType t) {
 
 class FakeExpertServer {
  public:
+  // Loads (layer, ffn) into the server's backend.
+  using FfnLoader = std::function<absl::Status(core::ExpertBackend&, int32_t, int32_t)>;
+
   FakeExpertServer(int index, const place::Placement& placement, const Weights& w)
+      : FakeExpertServer(index, placement, [&w](core::ExpertBackend& b, int32_t l, int32_t f) {
+          return w.LoadInto(b, l, f);
+        }) {}
+  FakeExpertServer(int index, const place::Placement& placement, const FfnLoader& load)
       : backend_(core::MakeCpuExpertBackend(core::ComputeType::kF32)) {
     for (int32_t l : kMoeLayers) {
-      for (int32_t e : placement.Slots(l, index)) EXPECT_TRUE(w.LoadInto(*backend_, l, e).ok());
-      EXPECT_TRUE(w.LoadInto(*backend_, l, kSharedFfn).ok());
+      for (int32_t e : placement.Slots(l, index)) EXPECT_TRUE(load(*backend_, l, e).ok());
+      EXPECT_TRUE(load(*backend_, l, kSharedFfn).ok());
     }
   }
   ~FakeExpertServer() { Stop(); }
@@ -246,7 +255,8 @@ class FakeExpertServer {
         chunks.push_back(std::move(rec));
         if (req.chunk_index() + 1 < std::max(req.chunk_count(), 1u)) continue;
         std::vector<float> y = owner_->ComputeChunks(chunks, behavior == Behavior::kLegacy);
-        const int64_t rows = static_cast<int64_t>(y.size()) / kHidden;
+        const int64_t hidden = req.x().cols();
+        const int64_t rows = static_cast<int64_t>(y.size()) / hidden;
         const v1::ActivationDType dtype = req.reply_dtype() == v1::ACTIVATION_DTYPE_UNSPECIFIED
                                               ? req.x().dtype()
                                               : req.reply_dtype();
@@ -264,8 +274,8 @@ class FakeExpertServer {
           v1::Activations* a = resp.mutable_y();
           a->set_dtype(dtype);
           a->set_rows(static_cast<uint32_t>(r1 - r0));
-          a->set_cols(kHidden);
-          common::PackActivations(y.data() + r0 * kHidden, r1 - r0, kHidden, 0, FromProto(dtype),
+          a->set_cols(static_cast<uint32_t>(hidden));
+          common::PackActivations(y.data() + r0 * hidden, r1 - r0, hidden, 0, FromProto(dtype),
                                   a->mutable_data(), a->mutable_row_scales());
           if (!stream->Write(resp)) return grpc::Status::OK;
         }
@@ -303,10 +313,11 @@ class FakeExpertServer {
     const int64_t tokens = static_cast<int64_t>(offsets.size()) - 1;
     // One row per token, or per assignment (experts, then shared duty).
     const bool per_assignment = chunks[0].msg.per_assignment_reply() && !legacy;
-    std::vector<float> y((per_assignment ? static_cast<int64_t>(ids.size()) : tokens) * kHidden);
+    const int64_t hidden = chunks[0].msg.x().cols();
+    std::vector<float> y((per_assignment ? static_cast<int64_t>(ids.size()) : tokens) * hidden);
     core::ExpertBatch b{static_cast<int32_t>(chunks[0].msg.layer()),
                         tokens,
-                        kHidden,
+                        hidden,
                         x.data(),
                         offsets,
                         ids,
@@ -1305,6 +1316,88 @@ TEST_F(RemoteExpertBackendTest, SwitchPlacementTakesEffectBetweenBatches) {
   ASSERT_TRUE(backend.Await(*held).ok());
   EXPECT_EQ(control.placement().version(), 11u) << "a timed-out switch does not happen later";
 }
+
+// Pooled request messages and reply buffers keep a decode step's capacity,
+// not a prefill's: after a batch whose requests and replies are each over
+// 256 KiB per server, the pools hold no more than after a 4-token batch plus
+// one buffer (issue 13: the router's RSS grew in steps as each pooled object
+// reached the largest message it ever held; here that would be ~4 MB).
+TEST_F(RemoteExpertBackendTest, PoolsDoNotKeepTheLargestBatchesBuffers) {
+  StartServers(Contiguous(2));
+  auto made = MakeRemoteExperts(Options());
+  ASSERT_TRUE(made.ok()) << made.status();
+  core::ExpertBackend& backend = *made->backend;
+  const HostBatch small = RandomBatch(1, 4, true, 91);
+  std::vector<float> out(small.tokens() * kHidden);
+  ASSERT_TRUE(backend.Compute(small.View(), out.data()).ok());
+  const size_t after_small = made->control->PooledBufferBytes();
+  EXPECT_GT(after_small, 0u) << "a decode-sized batch's buffers are pooled for the next one";
+
+  // 12000 tokens: ~6000 per server, 384 KB of activations and 1.5 MB of
+  // reply rows (4 per token) each.
+  const HostBatch large = RandomBatch(2, 12000, true, 92);
+  out.assign(large.tokens() * kHidden, 0.0f);
+  ASSERT_TRUE(backend.Compute(large.View(), out.data()).ok());
+  ExpectRowsNear(out, Reference(large), kF32Rel);
+  EXPECT_LT(made->control->PooledBufferBytes(), after_small + (size_t{256} << 10));
+
+  // And the pools still serve: the same small batch, the same bits.
+  std::vector<float> again(small.tokens() * kHidden);
+  ASSERT_TRUE(backend.Compute(small.View(), again.data()).ok());
+  ExpectRowsNear(again, Reference(small), kF32Rel);
+}
+
+// ---- the conformance suite every ExpertBackend runs ----------------------------
+
+// Three test-double servers, every expert on two of them, f32 on the wire: a
+// token's result is the in-process CPU backend's bits, whatever the split.
+absl::StatusOr<testing::BackendUnderTest> RemoteOverThreeServers(const testing::ConformanceModel& m,
+                                                                 place::SharedDuty duty) {
+  auto servers = std::make_shared<std::vector<std::unique_ptr<FakeExpertServer>>>();
+  const place::Placement p = FullyReplicated();
+  for (int s = 0; s < p.num_servers(); ++s) {
+    servers->push_back(std::make_unique<FakeExpertServer>(
+        s, p, [&m](core::ExpertBackend& b, int32_t l, int32_t f) {
+          return b.LoadFfn(l, f, m.Ffn(l, f).View());
+        }));
+    servers->back()->Start();
+  }
+  RemoteExpertOptions o;
+  for (const auto& s : *servers) o.servers.push_back(s->address());
+  o.placement = p;
+  o.wire_dtype = common::WireDType::kF32;
+  o.shared_duty = duty;
+  o.local_compute = core::ComputeType::kF32;
+  o.deadline = std::chrono::milliseconds(10000);
+  absl::StatusOr<std::unique_ptr<core::ExpertBackend>> b = MakeRemoteExpertBackend(o);
+  if (!b.ok()) return b.status();
+  if (duty == place::SharedDuty::kRouter) {
+    for (int32_t l : kMoeLayers) {
+      const absl::Status st = (*b)->LoadFfn(l, kSharedFfn, m.Ffn(l, kSharedFfn).View());
+      if (!st.ok()) return st;
+    }
+  }
+  testing::BackendUnderTest out;
+  out.keep_alive = servers;
+  out.backend = *std::move(b);
+  return out;
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Remote, ExpertBackendConformance,
+    ::testing::Values(testing::ConformanceParam{.name = "SharedOnServers",
+                                                .make =
+                                                    [](const testing::ConformanceModel& m) {
+                                                      return RemoteOverThreeServers(
+                                                          m, place::SharedDuty::kExpertServers);
+                                                    }},
+                      testing::ConformanceParam{.name = "SharedOnRouter",
+                                                .make =
+                                                    [](const testing::ConformanceModel& m) {
+                                                      return RemoteOverThreeServers(
+                                                          m, place::SharedDuty::kRouter);
+                                                    }}),
+    testing::ConformanceName);
 
 }  // namespace
 }  // namespace dmoe::router

@@ -5,19 +5,14 @@
 // Cluster owns its child processes (killed with SIGKILL on destruction if still
 // running) and is not thread-safe, except Forward, Generate and HttpPost/HttpGet,
 // which may be called concurrently once Start (and StartGateway) have returned.
-// A dmoe-gateway in front of the router is optional (StartGateway); HttpRequest
-// is a minimal HTTP/1.1 client for it, so that the tests need no HTTP library.
+// A dmoe-gateway in front of the router is optional (StartGateway); the tests
+// speak HTTP to it with testing/http.h, so that they need no HTTP library.
 #ifndef DMOE_TESTS_CLUSTER_UTIL_H_
 #define DMOE_TESTS_CLUSTER_UTIL_H_
 
-#include <arpa/inet.h>
 #include <grpcpp/grpcpp.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <unistd.h>
 
-#include <cctype>
 #include <chrono>
 #include <cmath>
 #include <cstdio>
@@ -35,87 +30,10 @@
 #include "core/sampler.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "gtest/gtest.h"
+#include "testing/http.h"
 #include "testing/subprocess.h"
 
 namespace dmoe::testing {
-
-struct HttpResponse {
-  int status = 0;    // 0: no (valid) answer; `body` then says why
-  std::string body;  // de-chunked
-};
-
-// Sends one request to 127.0.0.1:`port` on a fresh connection (HTTP/1.1,
-// "Connection: close") and reads the answer to EOF, decoding a chunked body
-// (SSE streams arrive chunked). Socket reads and writes time out after
-// `timeout_s` seconds each.
-inline HttpResponse HttpRequest(int port, const std::string& method, const std::string& path,
-                                const std::string& body = "", int timeout_s = 60) {
-  HttpResponse res;
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  if (fd < 0) return {0, "socket() failed"};
-  timeval tv{timeout_s, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) != 0) {
-    close(fd);
-    return {0, "connect to port " + std::to_string(port) + " failed"};
-  }
-  std::string req = method + " " + path + " HTTP/1.1\r\nHost: 127.0.0.1:" + std::to_string(port) +
-                    "\r\nConnection: close\r\n";
-  if (method == "POST") {
-    req +=
-        "Content-Type: application/json\r\nContent-Length: " + std::to_string(body.size()) + "\r\n";
-  }
-  req += "\r\n" + body;
-  for (size_t sent = 0; sent < req.size();) {
-    const ssize_t n = send(fd, req.data() + sent, req.size() - sent, MSG_NOSIGNAL);
-    if (n <= 0) {
-      close(fd);
-      return {0, "send failed"};
-    }
-    sent += static_cast<size_t>(n);
-  }
-  std::string raw;
-  char buf[16384];
-  while (true) {
-    const ssize_t n = recv(fd, buf, sizeof buf, 0);
-    if (n == 0) break;
-    if (n < 0) {
-      close(fd);
-      return {0,
-              "recv failed or timed out after " + std::to_string(raw.size()) + " bytes:\n" + raw};
-    }
-    raw.append(buf, static_cast<size_t>(n));
-  }
-  close(fd);
-  const size_t head_end = raw.find("\r\n\r\n");
-  if (raw.compare(0, 9, "HTTP/1.1 ") != 0 || head_end == std::string::npos) {
-    return {0, "not an HTTP answer:\n" + raw};
-  }
-  res.status = std::atoi(raw.c_str() + 9);
-  std::string head = raw.substr(0, head_end);
-  for (char& ch : head) ch = static_cast<char>(std::tolower(static_cast<unsigned char>(ch)));
-  std::string rest = raw.substr(head_end + 4);
-  if (head.find("\r\ntransfer-encoding: chunked") == std::string::npos) {
-    res.body = std::move(rest);
-    return res;
-  }
-  // Chunked: HEX-SIZE[;ext]\r\nDATA\r\n ... 0\r\n\r\n
-  for (size_t pos = 0;;) {
-    const size_t eol = rest.find("\r\n", pos);
-    if (eol == std::string::npos) return {0, "truncated chunked body:\n" + rest};
-    const size_t size = std::strtoul(rest.c_str() + pos, nullptr, 16);
-    if (size == 0) break;
-    if (eol + 2 + size > rest.size()) return {0, "truncated chunk:\n" + rest};
-    res.body.append(rest, eol + 2, size);
-    pos = eol + 2 + size + 2;
-  }
-  return res;
-}
 
 class Cluster {
  public:

@@ -24,12 +24,8 @@
 // A check whose tool is missing (kubectl with kustomize >= v4, docker-compose,
 // yamllint, promtool, python3 with PyYAML, jq, g++) is skipped with a message;
 // tools/setup.sh installs them.
-#include <arpa/inet.h>
-#include <netinet/in.h>
 #include <signal.h>
 #include <spawn.h>
-#include <sys/socket.h>
-#include <sys/time.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
@@ -50,6 +46,7 @@
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
 #include "testing/files.h"
+#include "testing/http.h"
 #include "testing/ports.h"
 #include "testing/subprocess.h"
 #include "tests/test_util.h"
@@ -1038,29 +1035,6 @@ TEST_F(DeployTest, DockerfilesCopyWhatExistsAndInstallEveryLinkedLibrary) {
 
 // ------------------------------------------------------------------ entrypoint
 
-// GET http://127.0.0.1:port/path; the body, or "" on failure.
-std::string HttpGet(int port, const std::string& path) {
-  const int fd = socket(AF_INET, SOCK_STREAM, 0);
-  timeval tv{10, 0};
-  setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
-  sockaddr_in addr{};
-  addr.sin_family = AF_INET;
-  addr.sin_port = htons(static_cast<uint16_t>(port));
-  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-  std::string raw;
-  if (connect(fd, reinterpret_cast<sockaddr*>(&addr), sizeof addr) == 0) {
-    const std::string req =
-        "GET " + path + " HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n";
-    if (send(fd, req.data(), req.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(req.size())) {
-      char buf[16384];
-      for (ssize_t n; (n = recv(fd, buf, sizeof buf, 0)) > 0;) raw.append(buf, n);
-    }
-  }
-  close(fd);
-  const size_t body = raw.find("\r\n\r\n");
-  return body == std::string::npos ? "" : raw.substr(body + 4);
-}
-
 // The value of an unlabelled series in Prometheus text, or -1.
 double MetricValue(const std::string& text, const std::string& name) {
   std::smatch m;
@@ -1179,8 +1153,9 @@ TEST_F(DeployTest, ExpertEntrypointStartsJoinsAndResumes) {
   EXPECT_NE(log_of(1).find("resuming placement version " + std::to_string(p.version)),
             std::string::npos)
       << log_of(1);
-  EXPECT_EQ(MetricValue(HttpGet(metrics_port, "/metrics"), "moe_expert_placement_version"),
-            p.version);
+  EXPECT_EQ(
+      MetricValue(testing::HttpGetBody(metrics_port, "/metrics"), "moe_expert_placement_version"),
+      p.version);
   auto after = GetPlacement(router_port);
   ASSERT_TRUE(after.ok()) << after.status();
   EXPECT_EQ(after->version, p.version) << "nothing re-placed: the server took its old place";

@@ -2,11 +2,6 @@
 // cpp-httplib got wrong (issue 13 items 1, 2, 4, 6) and the framing rules.
 #include "common/http1/server.h"
 
-#include <arpa/inet.h>
-#include <netinet/in.h>
-#include <sys/socket.h>
-#include <unistd.h>
-
 #include <atomic>
 #include <string>
 #include <thread>
@@ -18,6 +13,7 @@
 #include "absl/time/clock.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/http.h"
 
 namespace dmoe::http1 {
 namespace {
@@ -32,65 +28,7 @@ int CountOf(const std::string& s, const std::string& what) {
 }
 
 // A client socket on the server's port.
-class RawClient {
- public:
-  explicit RawClient(int port) {
-    fd_ = socket(AF_INET, SOCK_STREAM, 0);
-    sockaddr_in addr{};
-    addr.sin_family = AF_INET;
-    addr.sin_port = htons(static_cast<uint16_t>(port));
-    addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
-    connected_ = connect(fd_, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)) == 0;
-  }
-  ~RawClient() { Close(); }
-  bool connected() const { return connected_; }
-  bool Send(const std::string& bytes) {
-    return write(fd_, bytes.data(), bytes.size()) == static_cast<ssize_t>(bytes.size());
-  }
-  void ShutdownWrite() { shutdown(fd_, SHUT_WR); }
-  void Close() {
-    if (fd_ >= 0) close(fd_);
-    fd_ = -1;
-  }
-  // Everything until the server closes, or `timeout` passes (then
-  // *closed = false).
-  std::string ReadToClose(absl::Duration timeout, bool* closed = nullptr) {
-    timeval tv{0, 50000};
-    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    std::string got;
-    const absl::Time deadline = absl::Now() + timeout;
-    char buf[4096];
-    while (absl::Now() < deadline) {
-      const ssize_t n = read(fd_, buf, sizeof(buf));
-      if (n > 0) {
-        got.append(buf, static_cast<size_t>(n));
-      } else if (n == 0 || (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR)) {
-        if (closed != nullptr) *closed = true;
-        return got;
-      }
-    }
-    if (closed != nullptr) *closed = false;
-    return got;
-  }
-  // Reads until `what` appears (or timeout).
-  std::string ReadUntil(const std::string& what, absl::Duration timeout) {
-    timeval tv{0, 50000};
-    setsockopt(fd_, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
-    const absl::Time deadline = absl::Now() + timeout;
-    char buf[4096];
-    while (absl::Now() < deadline && !absl::StrContains(got_, what)) {
-      const ssize_t n = read(fd_, buf, sizeof(buf));
-      if (n > 0) got_.append(buf, static_cast<size_t>(n));
-      if (n == 0) break;
-    }
-    return got_;
-  }
-
- private:
-  int fd_ = -1;
-  bool connected_ = false;
-  std::string got_;
-};
+using RawClient = ::dmoe::testing::LoopbackClient;
 
 class ServerTest : public ::testing::Test {
  protected:

@@ -6,6 +6,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/wire.h"
+#include "core/combine.h"
 #include "core/status.h"
 #include "expert_service/internal/request_validation.h"
 

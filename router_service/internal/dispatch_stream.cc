@@ -38,6 +38,20 @@ std::unique_ptr<ExpertRequest> DispatchStream::TakeRequest() {
   return r;
 }
 
+size_t DispatchStream::PooledBytes() const {
+  absl::MutexLock lock(&hub_->mu);
+  size_t bytes = 0;
+  for (const auto& r : free_requests_) bytes += r->SpaceUsedLong();
+  return bytes;
+}
+
+void DispatchStream::RecycleLocked(std::unique_ptr<ExpertRequest> req) {
+  if (req == nullptr) return;
+  if (free_requests_.size() < kMaxPooledRequests && req->SpaceUsedLong() <= kPooledBufferMaxBytes) {
+    free_requests_.push_back(std::move(req));
+  }
+}
+
 void DispatchStream::Expect(uint64_t id, int64_t tokens) {
   absl::MutexLock lock(&hub_->mu);
   expected_.push_back(id);
@@ -58,7 +72,7 @@ void DispatchStream::Send(std::unique_ptr<ExpertRequest> req) {
   {
     absl::MutexLock lock(&hub_->mu);
     if (broken_) {
-      free_requests_.push_back(std::move(req));
+      RecycleLocked(std::move(req));
       return;
     }
     if (writing_ == nullptr) {
@@ -118,7 +132,7 @@ void DispatchStream::MarkBrokenLocked(const std::string& why) {
   if (broken_) return;
   broken_ = true;
   broken_reason_ = why;
-  for (auto& r : write_queue_) free_requests_.push_back(std::move(r));
+  for (auto& r : write_queue_) RecycleLocked(std::move(r));
   write_queue_.clear();
 }
 
@@ -162,7 +176,7 @@ void DispatchStream::OnWriteDone(bool ok) {
   const ExpertRequest* next = nullptr;
   {
     absl::MutexLock lock(&hub_->mu);
-    free_requests_.push_back(std::move(writing_));
+    RecycleLocked(std::move(writing_));
     if (!ok) {
       MarkBrokenLocked("a write failed (the stream was closed)");
     } else if (!write_queue_.empty()) {

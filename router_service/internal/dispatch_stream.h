@@ -66,6 +66,14 @@ struct DispatchHub {
   std::vector<std::atomic<int64_t>> in_flight;
 };
 
+// Buffers a dispatch pool keeps between batches (requests here, reply buffers
+// in RemoteExpertBackend) are at most this large; bigger ones (prefill) are
+// freed when done, so that the router's memory is its working set rather than
+// the high-water mark of every pooled object (issue 13: the router's RSS grew
+// in steps over a 30-minute soak).
+inline constexpr size_t kPooledBufferMaxBytes = size_t{256} << 10;
+inline constexpr size_t kMaxPooledRequests = 8;
+
 class DispatchStream final
     : public grpc::ClientBidiReactor<dmoe::v1::ExpertRequest, dmoe::v1::ExpertResponse> {
  public:
@@ -77,7 +85,12 @@ class DispatchStream final
 
   // A request message to fill: a recycled one keeps the capacity of its
   // buffers. Every field must be set by the caller (nothing is cleared).
+  // Sent requests return to a pool of at most kMaxPooledRequests, and only
+  // when they use at most kPooledBufferMaxBytes: the pool holds the decode
+  // working set, not every request's largest prefill chunk ever.
   std::unique_ptr<dmoe::v1::ExpertRequest> TakeRequest();
+  // Bytes held by pooled requests.
+  size_t PooledBytes() const;
   // Announces request `id` carrying `tokens` rows in total. Ids must increase.
   void Expect(uint64_t id, int64_t tokens);
   // Stops expecting request `id`: its queued and future replies are dropped.
@@ -111,6 +124,9 @@ class DispatchStream final
  private:
   DispatchStream(std::shared_ptr<DispatchHub> hub, int server);
   void MarkBrokenLocked(const std::string& why) ABSL_EXCLUSIVE_LOCKS_REQUIRED(hub_->mu);
+  // Pools `req` for TakeRequest when it is small and the pool has room, else frees it.
+  void RecycleLocked(std::unique_ptr<dmoe::v1::ExpertRequest> req)
+      ABSL_EXCLUSIVE_LOCKS_REQUIRED(hub_->mu);
   // In-flight accounting: `rows` of request `id` came back (`last`: all of it).
   void AccountReplyLocked(uint64_t id, int64_t rows, bool last)
       ABSL_EXCLUSIVE_LOCKS_REQUIRED(hub_->mu);

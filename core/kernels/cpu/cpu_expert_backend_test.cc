@@ -14,12 +14,16 @@
 #include "core/kernels/cpu/linear.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/expert_backend_conformance.h"
 #include "testing/expert_batch.h"
+#include "testing/expert_reference.h"
 #include "testing/status_matchers.h"
 
 namespace dmoe::core {
 namespace {
 
+using testing::ExpectMatchesReference;
+using testing::ExpertBackendConformance;
 using ::testing::HasSubstr;
 using testing::HostBatch;
 using testing::HostFfn;
@@ -29,89 +33,6 @@ using testing::StatusIs;
 using testing::Uniform;
 
 constexpr int32_t kLayer = 3;
-
-float RoundBF16(float f) { return BF16ToF32(F32ToBF16(f)); }
-
-// Float64 reference for one token: y = sum_a w_a * down(silu(gate x) * up x),
-// on the values the backend sees (bf16-rounded inputs, weights and h for
-// kBF16), with the error bound of each output:
-// - `scale`: sum_a |w_a| sum_i |down_ji| (|h_i| + 1.1 |u_i| sum_k |x_k g_ik|
-//   + |silu(g_i)| sum_k |x_k up_ik|): the sums that fp32 accumulation errors
-//   (~sqrt(n) 2^-24 of them, < 1e-6 here) and the ~1 ulp exp scale with,
-//   propagated to the output. 1e-5 of it leaves a 10x margin yet fails on any
-//   bf16-sized (2^-9) error;
-// - `flip`: kBF16 rounds h to bf16 from fp32, the reference from float64;
-//   where the two straddle a rounding boundary h_i moves by one bf16 ulp
-//   (2^-8 relative).
-//   This allows two such flips per assignment: sum_a |w_a| * 2 * 2^-8 * max_i
-//   |down_ji h_i|.
-struct RefOut {
-  std::vector<double> y, scale, flip;
-};
-
-RefOut Reference(const float* x, int64_t hidden, const std::vector<int32_t>& ids,
-                 const std::vector<float>& ws, const std::map<int32_t, HostFfn>& ffns,
-                 ComputeType type) {
-  const bool bf16 = type == ComputeType::kBF16;
-  auto v = [&](float f) { return double{bf16 ? RoundBF16(f) : f}; };
-  RefOut r;
-  r.y.assign(hidden, 0.0);
-  r.scale.assign(hidden, 0.0);
-  r.flip.assign(hidden, 0.0);
-  for (size_t a = 0; a < ids.size(); ++a) {
-    const HostFfn& f = ffns.at(ids[a]);
-    const double w = ws[a];
-    std::vector<double> h(f.inter), hs(f.inter);
-    for (int64_t i = 0; i < f.inter; ++i) {
-      double g = 0, u = 0, sg = 0, su = 0;
-      for (int64_t k = 0; k < hidden; ++k) {
-        const double xk = v(x[k]);
-        g += xk * v(f.gate[i * hidden + k]);
-        u += xk * v(f.up[i * hidden + k]);
-        sg += std::fabs(xk * v(f.gate[i * hidden + k]));
-        su += std::fabs(xk * v(f.up[i * hidden + k]));
-      }
-      const double silu = g / (1.0 + std::exp(-g));
-      h[i] = silu * u;
-      if (bf16) h[i] = RoundBF16(static_cast<float>(h[i]));
-      // |d silu / dg| <= 1.1: errors in g and u reach h scaled like this.
-      hs[i] = std::fabs(h[i]) + 1.1 * std::fabs(u) * sg + std::fabs(silu) * su;
-    }
-    for (int64_t j = 0; j < hidden; ++j) {
-      double acc = 0, sc = 0, mx = 0;
-      for (int64_t i = 0; i < f.inter; ++i) {
-        const double d = v(f.down[j * f.inter + i]);
-        acc += d * h[i];
-        sc += std::fabs(d) * hs[i];
-        mx = std::max(mx, std::fabs(d * h[i]));
-      }
-      r.y[j] += w * acc;
-      r.scale[j] += std::fabs(w) * sc;
-      r.flip[j] += bf16 ? std::fabs(w) * 2.0 * std::ldexp(mx, -8) : 0.0;
-    }
-  }
-  return r;
-}
-
-void ExpectMatchesReference(const HostBatch& b, const std::vector<float>& out,
-                            const std::map<int32_t, HostFfn>& ffns, ComputeType type) {
-  int bad = 0;
-  for (int64_t t = 0; t < b.tokens() && bad < 5; ++t) {
-    const std::vector<int32_t> ids(b.ids.begin() + b.offsets[t], b.ids.begin() + b.offsets[t + 1]);
-    const std::vector<float> ws(b.weights.begin() + b.offsets[t],
-                                b.weights.begin() + b.offsets[t + 1]);
-    const RefOut ref = Reference(b.x.data() + t * b.hidden, b.hidden, ids, ws, ffns, type);
-    for (int64_t j = 0; j < b.hidden && bad < 5; ++j) {
-      const double got = out[t * b.hidden + j];
-      const double tol = 1e-5 * ref.scale[j] + ref.flip[j];
-      if (!(std::fabs(got - ref.y[j]) <= tol)) {
-        ADD_FAILURE() << "token " << t << " out[" << j << "] = " << got << ", expected " << ref.y[j]
-                      << " +- " << tol;
-        ++bad;
-      }
-    }
-  }
-}
 
 class CpuExpertBackendTest : public ::testing::TestWithParam<ComputeType> {
  protected:
@@ -341,6 +262,27 @@ INSTANTIATE_TEST_SUITE_P(Types, CpuExpertBackendTest,
                          [](const auto& info) {
                            return info.param == ComputeType::kBF16 ? "BF16" : "F32";
                          });
+
+// ---- the conformance suite every ExpertBackend runs ----------------------------
+
+testing::ConformanceParam CpuConformance(ComputeType type) {
+  return {
+      .name = type == ComputeType::kF32 ? "F32" : "BF16",
+      .make =
+          [type](const testing::ConformanceModel& m) -> absl::StatusOr<testing::BackendUnderTest> {
+        testing::BackendUnderTest out;
+        out.backend = MakeCpuExpertBackend(type);
+        const absl::Status st = m.LoadInto(*out.backend);
+        if (!st.ok()) return st;
+        return out;
+      },
+      .reference_type = type};
+}
+
+INSTANTIATE_TEST_SUITE_P(Cpu, ExpertBackendConformance,
+                         ::testing::Values(CpuConformance(ComputeType::kF32),
+                                           CpuConformance(ComputeType::kBF16)),
+                         testing::ConformanceName);
 
 }  // namespace
 }  // namespace dmoe::core

@@ -29,11 +29,13 @@
 #include "core/kernels/cuda/device_info.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
+#include "testing/expert_backend_conformance.h"
 #include "testing/expert_batch.h"
 
 namespace dmoe::core {
 namespace {
 
+using testing::ExpertBackendConformance;
 using ::testing::HasSubstr;
 using testing::HostBatch;
 using testing::HostFfn;
@@ -390,6 +392,43 @@ TEST(CudaExpertBackendFactory, NoDeviceIsFailedPreconditionElseBadOrdinal) {
   EXPECT_EQ((*ok)->Name(), "cuda-f32");
   EXPECT_EQ((*ok)->num_shards(), n);
 }
+
+// ---- the conformance suite every ExpertBackend runs ----------------------------
+
+// Against the float64 reference, with the extra rounding each mode has over
+// the CPU backend (the tolerances above); cuBLAS picks kernels by shape, so a
+// token's result is checked per batch against the reference, not across
+// batches bit for bit.
+testing::ConformanceParam CudaConformance(ComputeType type, CudaGemmMode gemm) {
+  const Param p{type, gemm};
+  return {
+      .name = ParamName(::testing::TestParamInfo<Param>(p, 0)),
+      .make = [p](const testing::ConformanceModel& m) -> absl::StatusOr<testing::BackendUnderTest> {
+        if (cuda::DeviceCount() == 0) {
+          return absl::UnavailableError("no CUDA device on this machine");
+        }
+        auto b = MakeCudaExpertBackend(p.type, {.devices = {}, .gemm = p.gemm});
+        if (!b.ok()) return b.status();
+        testing::BackendUnderTest out;
+        out.backend = *std::move(b);
+        const absl::Status st = m.LoadInto(*out.backend);
+        if (!st.ok()) return st;
+        return out;
+      },
+      .reference_type = type,
+      .extra_rel_error = type == ComputeType::kF32        ? 5e-5
+                         : gemm == CudaGemmMode::kGrouped ? 2e-2
+                                                          : 1e-2,
+      .batch_invariant = false};
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Cuda, ExpertBackendConformance,
+    ::testing::Values(CudaConformance(ComputeType::kF32, CudaGemmMode::kPerExpert),
+                      CudaConformance(ComputeType::kF32, CudaGemmMode::kGrouped),
+                      CudaConformance(ComputeType::kBF16, CudaGemmMode::kPerExpert),
+                      CudaConformance(ComputeType::kBF16, CudaGemmMode::kGrouped)),
+    testing::ConformanceName);
 
 }  // namespace
 }  // namespace dmoe::core
