@@ -40,13 +40,6 @@
 // FLOPs. --json writes the rows for bench/torch_moe_baseline.py --ours.
 // Without CUDA in the build or without a GPU it says so and exits 1.
 
-// GCC 12 flags its own _mm512_undefined_*() temporaries in the intrinsics
-// headers as uninitialized once inlined.
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
-#pragma GCC diagnostic ignored "-Wuninitialized"
-#include <immintrin.h>
-#include <omp.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <unistd.h>
 
@@ -63,6 +56,7 @@
 #include <string_view>
 #include <vector>
 
+#include "bench/ceilings.h"
 #include "core/expert_backend.h"
 #include "core/isa.h"
 #include "core/kernels/backend_factory.h"
@@ -296,127 +290,6 @@ Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
   return MakeShapeBatch(kV2Lite, tokens, seed, elem_bytes);
 }
 
-// ---- Ceilings ---------------------------------------------------------------
-
-__attribute__((target("avx512f"))) float SumAvx512(const float* p, size_t n) {
-  __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  size_t i = 0;
-  for (; i + 64 <= n; i += 64) {
-    a0 = _mm512_add_ps(a0, _mm512_load_ps(p + i));
-    a1 = _mm512_add_ps(a1, _mm512_load_ps(p + i + 16));
-    a2 = _mm512_add_ps(a2, _mm512_load_ps(p + i + 32));
-    a3 = _mm512_add_ps(a3, _mm512_load_ps(p + i + 48));
-  }
-  float s = _mm512_reduce_add_ps(_mm512_add_ps(_mm512_add_ps(a0, a1), _mm512_add_ps(a2, a3)));
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
-__attribute__((target("avx2"))) float SumAvx2(const float* p, size_t n) {
-  __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-  size_t i = 0;
-  for (; i + 32 <= n; i += 32) {
-    a0 = _mm256_add_ps(a0, _mm256_load_ps(p + i));
-    a1 = _mm256_add_ps(a1, _mm256_load_ps(p + i + 8));
-    a2 = _mm256_add_ps(a2, _mm256_load_ps(p + i + 16));
-    a3 = _mm256_add_ps(a3, _mm256_load_ps(p + i + 24));
-  }
-  alignas(32) float lanes[8];
-  _mm256_store_ps(lanes, _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
-  float s = 0;
-  for (float l : lanes) s += l;
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
-float SumPortable(const float* p, size_t n) {
-  float acc[16] = {};
-  size_t i = 0;
-  for (; i + 16 <= n; i += 16) {
-    for (int j = 0; j < 16; ++j) acc[j] += p[i + j];
-  }
-  float s = 0;
-  for (float a : acc) s += a;
-  for (; i < n; ++i) s += p[i];
-  return s;
-}
-
-// The two ceilings at a thread count: a 2048^3 GEMM through PackedLinear and a
-// read of a 1 GiB buffer (2 MiB-aligned, advised for huge pages as the packed
-// weights are) by `threads` readers. Each is the best of `reps`.
-class Ceilings {
- public:
-  explicit Ceilings(ComputeType type) {
-    const size_t n = kProbeBytes / sizeof(float);
-    probe_ = static_cast<float*>(std::aligned_alloc(size_t{2} << 20, kProbeBytes));
-    madvise(probe_, kProbeBytes, MADV_HUGEPAGE);
-    for (size_t i = 0; i < n; ++i) probe_[i] = static_cast<float>(i & 1023);
-    std::vector<float> w(kGemmN * kGemmN);
-    Rng rng(7);
-    Fill(&w, 0.05f, &rng);
-    x_.resize(kGemmN * kGemmN);
-    y_.resize(kGemmN * kGemmN);
-    Fill(&x_, 1.0f, &rng);
-    // The ceiling is the best dense GEMM oneDNN has here, batch-invariant or
-    // not (on AVX2: gemm:jit in f32 on bf16-rounded values).
-    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(true);
-    auto lin = dmoe::core::PackedLinear::Create(w.data(), kGemmN, kGemmN, type);
-    dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
-    if (!lin.ok()) {
-      std::fprintf(stderr, "GEMM ceiling: %s\n", std::string(lin.status().message()).c_str());
-      std::exit(1);
-    }
-    gemm_ = *std::move(lin);
-  }
-  ~Ceilings() { FreeProbe(); }
-
-  void FreeProbe() {
-    std::free(probe_);
-    probe_ = nullptr;
-  }
-
-  double ReadGBs(int threads, int reps) {
-    static const bool kAvx512 = dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512);
-    static const bool kAvx2 = dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2);
-    const size_t n = kProbeBytes / sizeof(float);
-    double best = 0;
-    volatile float sink = 0;
-    for (int r = 0; r < reps; ++r) {
-      const auto t0 = Clock::now();
-      float total = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : total)
-      {
-        const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-        const size_t chunk = (n / nt) & ~size_t{63};
-        const size_t begin = id * chunk, len = id == nt - 1 ? n - begin : chunk;
-        total += kAvx512 ? SumAvx512(probe_ + begin, len)
-                 : kAvx2 ? SumAvx2(probe_ + begin, len)
-                         : SumPortable(probe_ + begin, len);
-      }
-      best = std::max(best, kProbeBytes / Seconds(t0, Clock::now()) / 1e9);
-      sink = sink + total;
-    }
-    return best;
-  }
-
-  double GemmGflops(int reps) {
-    double best = 0;
-    for (int r = 0; r < reps; ++r) {
-      const auto t0 = Clock::now();
-      gemm_.Forward(x_.data(), kGemmN, y_.data());
-      best = std::max(best, 2.0 * kGemmN * kGemmN * kGemmN / Seconds(t0, Clock::now()) / 1e9);
-    }
-    return best;
-  }
-
- private:
-  static constexpr size_t kProbeBytes = size_t{1} << 30;
-  static constexpr int64_t kGemmN = 2048;
-  float* probe_ = nullptr;
-  dmoe::core::PackedLinear gemm_;
-  std::vector<float> x_, y_;
-};
-
 // ---- MoE layer --------------------------------------------------------------
 
 struct Result {
@@ -425,8 +298,8 @@ struct Result {
   double gemm_ceiling = 0, read_ceiling = 0;  // measured around this run
 };
 
-Result RunMoe(dmoe::core::ExpertBackend& backend, Ceilings& ceilings, int tokens, int threads,
-              const Options& o, size_t elem_bytes) {
+Result RunMoe(dmoe::core::ExpertBackend& backend, dmoe::bench::HostCeilings& ceilings, int tokens,
+              int threads, const Options& o, size_t elem_bytes) {
   dmoe::core::SetComputeThreads(threads);
   // Ceilings right before and right after the timed calls (best of both): the
   // host is shared, and a ratio is only meaningful against what the machine
@@ -758,7 +631,7 @@ int main(int argc, char** argv) {
     dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
   }
 
-  Ceilings ceilings(o.type);
+  dmoe::bench::HostCeilings ceilings(o.type);
   std::vector<Result> results, variant_results;
   for (int threads : o.threads) {
     for (int tokens : o.tokens) {

@@ -20,6 +20,8 @@ PKGS=(
   # programs the tests run: prometheus + promtool (observability, alert rules),
   # docker-compose, yamllint, python3 + PyYAML, jq and curl (deploy/ scripts)
   prometheus docker-compose yamllint python3 python3-yaml jq curl ca-certificates
+  # serve_bench --plot draws its latency/throughput curves with gnuplot (png terminal)
+  gnuplot-nox
 )
 # node + npm run the tokenizer reference (tests/tokenizer_ref, `npm ci` from the npm
 # registry). Debian's nodejs and npm unless both commands exist already: NodeSource's

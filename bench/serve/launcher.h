@@ -1,0 +1,67 @@
+// serve_bench's side-by-side configurations: a whole dmoe deployment started
+// on loopback (dmoe-expert x N, dmoe-router, dmoe-gateway), one after another,
+// so that the same workload runs against each.
+//
+// Contract:
+//   ParseClusterConfig("NAME:key=value,...")
+//     keys: servers (0 = one process: the router computes the experts), shared
+//     (expert|router), wire (auto|f32|bf16|fp8), micro (micro-batches),
+//     threads (router compute threads; 0 = all cores), expert-threads (per
+//     expert server), dtype (f32|bf16). InvalidArgument naming the key for an
+//     unknown key or a bad value.
+//   EnsureModel(preset, layers, dir)
+//     `dir` when it holds config.json, else runs dmoe make-model --preset
+//     --layers --out dir (with the generated tokenizer) and returns it.
+//   LocalCluster::Start(config, model_dir, work_dir)
+//     starts the processes with logs and port files in work_dir, waits until
+//     the gateway listens (5 min at most) and returns its HTTP port; an error
+//     names the process that did not come up and the end of its log. Stop()
+//     (and the destructor) sends SIGTERM and waits, then SIGKILLs.
+#ifndef DMOE_BENCH_SERVE_LAUNCHER_H_
+#define DMOE_BENCH_SERVE_LAUNCHER_H_
+
+#include <memory>
+#include <string>
+#include <vector>
+
+#include "absl/status/statusor.h"
+#include "testing/subprocess.h"
+
+namespace dmoe::bench::serve {
+
+struct ClusterConfig {
+  std::string name;
+  int servers = 0;
+  std::string shared_expert = "expert";
+  std::string wire_dtype = "auto";
+  int micro_batches = 2;
+  int router_threads = 0;
+  int expert_threads = 1;
+  std::string dtype = "bf16";
+  std::string Describe() const;
+};
+
+absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec);
+
+absl::StatusOr<std::string> EnsureModel(const std::string& bin_dir, const std::string& preset,
+                                        int layers, const std::string& dir);
+
+class LocalCluster {
+ public:
+  explicit LocalCluster(std::string bin_dir) : bin_dir_(std::move(bin_dir)) {}
+  ~LocalCluster() { Stop(); }
+  absl::StatusOr<int> Start(const ClusterConfig& c, const std::string& model_dir,
+                            const std::string& work_dir);
+  void Stop();
+
+ private:
+  absl::StatusOr<int> WaitPort(const std::string& what, const std::string& port_file,
+                               const testing::ChildProcess& child, const std::string& log);
+  std::string bin_dir_;
+  std::vector<std::unique_ptr<testing::ChildProcess>> experts_;
+  std::unique_ptr<testing::ChildProcess> router_, gateway_;
+};
+
+}  // namespace dmoe::bench::serve
+
+#endif  // DMOE_BENCH_SERVE_LAUNCHER_H_
