@@ -33,6 +33,7 @@
 #include "bench/serve/launcher.h"
 #include "bench/serve/load.h"
 #include "bench/serve/model_bytes.h"
+#include "bench/serve/stage_profile.h"
 #include "bench/serve/stats.h"
 #include "bench/serve/workload.h"
 #include "common/args.h"
@@ -47,7 +48,8 @@ namespace {
 using json = nlohmann::json;
 
 struct Options {
-  std::string url;  // host:port of a running gateway ("" = launch configurations)
+  std::string url;             // host:port of a running gateway ("" = launch configurations)
+  std::string router_metrics;  // host:port of the router's /metrics with --url
   std::string model, preset = "tiny-v2lite", work_dir = "/tmp/serve_bench";
   int layers = 0;
   std::vector<ClusterConfig> configs;
@@ -56,7 +58,7 @@ struct Options {
   std::vector<double> sweep;  // concurrency or rate values
   bool sweep_rate = false;
   Slo slo;
-  std::string json_path, plot_path;
+  std::string json_path, plot_path, dump_path;
   bool ceilings = true;
   int ceiling_threads = 0;
   uint64_t seed = 1;
@@ -66,7 +68,24 @@ struct Point {
   std::string config;
   LoadSpec load;
   Summary summary;
+  StageCounters stages;  // the router's step breakdown over the run (empty: unknown)
 };
+
+// Splits "HOST:PORT"; false when it is not one.
+bool SplitHostPort(const std::string& s, std::string* host, int* port) {
+  const size_t colon = s.rfind(':');
+  if (colon == std::string::npos || colon == 0) return false;
+  *host = s.substr(0, colon);
+  return absl::SimpleAtoi(s.substr(colon + 1), port) && *port > 0 && *port < 65536;
+}
+
+// The router's stage counters now ({} when there is no /metrics to ask).
+StageCounters ScrapeStages(const std::string& host, int port) {
+  if (port <= 0) return {};
+  HttpStreamClient c(host, port, 10);
+  const HttpResult r = c.Get("/metrics");
+  return r.status == 200 ? ParseStageCounters(r.body) : StageCounters{};
+}
 
 [[noreturn]] void Die(const absl::Status& s) {
   std::fprintf(stderr, "serve_bench: %s\n", std::string(s.message()).c_str());
@@ -93,6 +112,8 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
       "drive the gateway's OpenAI API like a user population and report TTFT, TPOT, ITL, "
       "latency, throughput and goodput");
   a.Flag("url", "HOST:PORT", "a running gateway; default: start each --compare configuration")
+      .Flag("router-metrics", "HOST:PORT",
+            "with --url: the router's /metrics, for the step breakdown")
       .Flag("model", "DIR", "checkpoint (the model served, or to serve); default: --preset")
       .Flag("preset", "NAME", "dmoe make-model preset when --model is not given", "tiny-v2lite")
       .Flag("layers", "N", "layers of the generated model (0: the preset's)", "0")
@@ -124,6 +145,9 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
       .Flag("timeout-s", "S", "a request fails after S seconds without a byte", "600")
       .Flag("json", "FILE", "write every run, the ceilings and the ratios as JSON")
       .Flag("plot", "FILE.png", "draw TPOT and TTFT against throughput (gnuplot)")
+      .Flag("dump-requests", "FILE",
+            "write the requests of the first run as JSON lines "
+            "{path, body} (for tools/serve_check.py, an independent client)")
       .Flag("no-ceilings", "", "skip measuring the host's read bandwidth and GEMM ceilings")
       .Flag("ceiling-threads", "N", "threads of the ceilings (0: all cores)", "0")
       .Flag("seed", "S", "workload seed", "1")
@@ -133,6 +157,7 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
   if (a.help_requested()) std::exit(0);
   Options o;
   o.url = a.Str("url");
+  o.router_metrics = a.Str("router-metrics");
   o.model = a.Str("model");
   o.preset = a.Str("preset");
   o.work_dir = a.Str("work-dir");
@@ -201,6 +226,7 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
   DMOE_ASSIGN_OR_RETURN(o.slo.tpot_ms, a.Double("slo-tpot-ms"));
   o.json_path = a.Str("json");
   o.plot_path = a.Str("plot");
+  o.dump_path = a.Str("dump-requests");
   o.ceilings = !a.Bool("no-ceilings");
   DMOE_ASSIGN_OR_RETURN(int64_t ct, a.IntIn("ceiling-threads", 0, 1024, "serve_bench"));
   o.ceiling_threads = static_cast<int>(ct);
@@ -386,6 +412,22 @@ int Main(int argc, char** argv) {
       Generate(o.workload, max_requests / 16, o.seed);
   if (!requests.ok()) Die(requests.status());
 
+  if (!o.dump_path.empty()) {
+    const LoadSpec& first = loads.front();
+    const size_t n = first.num_requests > 0
+                         ? static_cast<size_t>(first.warmup_requests + first.num_requests)
+                         : requests->size();
+    std::ofstream dump(o.dump_path);
+    for (size_t i = 0; i < n; ++i) {
+      const RequestSpec& r = (*requests)[i % requests->size()];
+      dump << json{{"path", r.path},
+                   {"body", r.body},
+                   {"warmup", i < static_cast<size_t>(first.warmup_requests)}}
+                  .dump()
+           << "\n";
+    }
+  }
+
   std::vector<Point> points;
   const std::vector<ClusterConfig> configs =
       o.url.empty() ? o.configs : std::vector<ClusterConfig>{ClusterConfig{.name = "url"}};
@@ -393,27 +435,39 @@ int Main(int argc, char** argv) {
   for (const ClusterConfig& c : configs) {
     LocalCluster cluster(bin_dir);
     Target target;
+    std::string metrics_host = "127.0.0.1";
+    int metrics_port = 0;
     if (o.url.empty()) {
       std::fprintf(stderr, "serve_bench: starting %s\n", c.Describe().c_str());
       absl::StatusOr<int> port = cluster.Start(c, model, o.work_dir);
       if (!port.ok()) Die(port.status());
       target.port = *port;
+      metrics_port = cluster.router_metrics_port();
     } else {
-      const size_t colon = o.url.rfind(':');
-      target.host = o.url.substr(0, colon);
-      if (colon == std::string::npos || !absl::SimpleAtoi(o.url.substr(colon + 1), &target.port)) {
+      if (!SplitHostPort(o.url, &target.host, &target.port)) {
         Die(absl::InvalidArgumentError("--url: expected HOST:PORT, got " + o.url));
+      }
+      if (!o.router_metrics.empty() &&
+          !SplitHostPort(o.router_metrics, &metrics_host, &metrics_port)) {
+        Die(absl::InvalidArgumentError("--router-metrics: expected HOST:PORT, got " +
+                                       o.router_metrics));
       }
     }
     for (const LoadSpec& l : loads) {
       LoadSpec run = l;
       run.progress = true;
       std::fprintf(stderr, "serve_bench: %s: %s\n", c.name.c_str(), run.Describe().c_str());
+      const StageCounters before = ScrapeStages(metrics_host, metrics_port);
       std::vector<RequestRecord> records = RunLoad(target, *requests, run);
+      const StageCounters after = ScrapeStages(metrics_host, metrics_port);
       const std::vector<RequestRecord> measured(
           records.begin() + std::min<size_t>(records.size(), run.warmup_requests), records.end());
-      Point p{c.name, l, Summarize(measured, o.slo)};
+      Point p{c.name, l, Summarize(measured, o.slo), Delta(after, before)};
       PrintPoint(p, header);
+      // (Warm-up included: the counters cannot tell its steps apart.)
+      const std::string breakdown = Format(p.stages);
+      if (!breakdown.empty()) std::printf("  router steps of this run:\n%s", breakdown.c_str());
+      std::fflush(stdout);
       header = false;
       points.push_back(std::move(p));
     }
@@ -427,7 +481,8 @@ int Main(int argc, char** argv) {
                     {"mode", p.load.mode == LoadSpec::Mode::kClosed ? "closed" : "open"},
                     {"concurrency", p.load.concurrency},
                     {"rate", p.load.rate},
-                    {"summary", ToJson(p.summary)}});
+                    {"summary", ToJson(p.summary)},
+                    {"router_steps", ToJson(p.stages)}});
   }
   out["runs"] = runs;
   json ratios = json::array();

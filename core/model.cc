@@ -178,6 +178,8 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
       ++tokens.num_tokens;
     }
   }
+  stages_.Clear();
+  StageClock clock(&stages_);
   const int64_t T = tokens.num_tokens;
   int64_t max_pos = 0;
   for (int64_t p : tokens.position) max_pos = std::max(max_pos, p);
@@ -201,6 +203,8 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
       }
     }
   }
+
+  clock.Lap(Stage::kEmbed);
 
   if (static_cast<int64_t>(dense_offsets_.size()) < T + 1) {
     dense_offsets_.resize(T + 1);
@@ -249,6 +253,7 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
     cache.SetLength(in.seq, cache.Length(in.seq) + static_cast<int64_t>(in.tokens.size()));
   }
 
+  StageClock head_clock(&stages_);
   const int64_t R = static_cast<int64_t>(logit_rows.size());
   last_.resize(R * H);
   for (int64_t r = 0; r < R; ++r) {
@@ -257,6 +262,7 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
   }
   logits->resize(R * V);
   lm_head_.Forward(last_.data(), R, logits->data());
+  head_clock.Lap(Stage::kLmHead);
   return absl::OkStatus();
 }
 
@@ -266,10 +272,14 @@ absl::Status Model::SubmitLayer(int64_t l, MicroBatch& mb, KvCache& cache) {
   float* x = x_.data() + mb.t0 * H;
   float* xn = xn_.data() + mb.t0 * H;
   float* tmp = tmp_.data() + mb.t0 * H;
+  StageClock clock(&stages_);
   RmsNormRows(x, H, input_norm_[l].data(), n, H, c.rms_norm_eps, xn, H);
+  clock.Lap(Stage::kNorm);
   attn_[l]->Forward(xn, mb.tokens, cache, tmp);
   for (int64_t i = 0; i < n * H; ++i) x[i] += tmp[i];
+  clock.Lap(Stage::kAttention);
   RmsNormRows(x, H, post_norm_[l].data(), n, H, c.rms_norm_eps, xn, H);
+  clock.Lap(Stage::kNorm);
   ExpertBatch b;
   ExpertBackend* backend;
   if (gates_[l]) {
@@ -278,6 +288,7 @@ absl::Status Model::SubmitLayer(int64_t l, MicroBatch& mb, KvCache& cache) {
     mb.plan = MakeDispatchPlan(mb.routing, c.n_shared_experts > 0);
     b = mb.plan.AsBatch(static_cast<int32_t>(l), xn, n, H);
     backend = experts_.get();
+    clock.Lap(Stage::kGate);
   } else {
     b.layer = static_cast<int32_t>(l);
     b.num_tokens = n;
@@ -289,6 +300,7 @@ absl::Status Model::SubmitLayer(int64_t l, MicroBatch& mb, KvCache& cache) {
     backend = dense_.get();
   }
   absl::StatusOr<uint64_t> ticket = backend->Submit(b, tmp);
+  clock.Lap(gates_[l] ? Stage::kExperts : Stage::kDenseFfn);
   if (!ticket.ok()) return Annotate(ticket.status(), mb);
   mb.backend = backend;
   mb.ticket = *ticket;
@@ -300,7 +312,10 @@ absl::Status Model::AwaitLayer(MicroBatch& mb) {
   if (mb.backend == nullptr) return absl::OkStatus();
   ExpertBackend* backend = mb.backend;
   mb.backend = nullptr;
-  DMOE_RETURN_IF_ERROR(Annotate(backend->Await(mb.ticket), mb));
+  StageClock clock(&stages_);
+  const absl::Status awaited = backend->Await(mb.ticket);
+  clock.Lap(gates_[mb.layer] ? Stage::kExperts : Stage::kDenseFfn);
+  DMOE_RETURN_IF_ERROR(Annotate(awaited, mb));
   const int64_t H = cfg_.hidden_size;
   AddToResidual(std::span<float>(x_).subspan(mb.t0 * H, mb.n * H),
                 std::span<const float>(tmp_).subspan(mb.t0 * H, mb.n * H));
@@ -308,6 +323,7 @@ absl::Status Model::AwaitLayer(MicroBatch& mb) {
     CountExpertLoad(mb.routing, expert_load_[mb.layer]);
     if (on_route_) on_route_(mb.layer, mb.routing);
   }
+  clock.Lap(Stage::kCombine);
   return absl::OkStatus();
 }
 

@@ -28,6 +28,7 @@
 #include "core/kv_cache.h"
 #include "core/moe_gate.h"
 #include "core/rope.h"
+#include "core/stage_times.h"
 
 namespace dmoe::core {
 
@@ -85,6 +86,8 @@ class Model {
   ExpertBackend& experts() { return *experts_; }
   // Routed assignments counted per (layer, expert) since load: [layers][n_routed].
   const std::vector<std::vector<int64_t>>& expert_load() const { return expert_load_; }
+  // The stages of the last Forward call (embed .. lm_head; core/stage_times.h).
+  const StageTimes& last_stage_times() const { return stages_; }
 
  private:
   Model() = default;
@@ -124,6 +127,7 @@ class Model {
   int micro_batches_ = 1;
   std::function<void(int64_t, const GateResult&)> on_route_;
   std::vector<float> x_, xn_, tmp_, last_;
+  StageTimes stages_;
   std::vector<MicroBatch> mbs_;
   std::vector<int32_t> dense_offsets_, dense_ids_;
   std::vector<float> dense_weights_;

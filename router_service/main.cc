@@ -64,10 +64,8 @@ int Main(int argc, char** argv) {
   absl::StatusOr<std::unique_ptr<core::Model>> model =
       LoadModel(*cfg, *placement, &metrics, &control);
   if (!model.ok()) return Fail(model.status(), 1);
-  SchedulerOptions sched = cfg->sched;
-  sched.on_step = [&metrics](absl::Duration d) { metrics.OnStep(d); };
   absl::StatusOr<std::unique_ptr<Scheduler>> scheduler =
-      Scheduler::Create(*std::move(model), sched);
+      Scheduler::Create(*std::move(model), WithStepMetrics(cfg->sched, &metrics));
   if (!scheduler.ok()) return Fail(scheduler.status(), 1);
   metrics.SetLoadSource([s = scheduler->get()] { return s->GetLoad(); });
   std::unique_ptr<PlacementController> controller;

@@ -172,6 +172,34 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
     server_load_.Add({{"server", std::to_string(s)}});
   }
   placement_version_.Set(static_cast<double>(placement.version()));
+  auto& stage_family = prometheus::BuildCounter()
+                           .Name("moe_router_step_stage_seconds_total")
+                           .Help(
+                               "Seconds scheduler steps spent per stage (embed, norm, attention, "
+                               "gate, experts, dense_ffn, combine, lm_head, sample, schedule); "
+                               "phase prefill = steps carrying prompt tokens, else decode")
+                           .Register(registry);
+  auto& phase_family = prometheus::BuildCounter()
+                           .Name("moe_router_phase_steps_total")
+                           .Help("Scheduler steps by phase (prefill: carrying prompt tokens)")
+                           .Register(registry);
+  for (const char* phase : {"decode", "prefill"}) {
+    std::vector<prometheus::Counter*> per_stage;
+    for (int st = 0; st < core::kNumStages; ++st) {
+      per_stage.push_back(&stage_family.Add(
+          {{"stage", core::StageName(static_cast<core::Stage>(st))}, {"phase", phase}}));
+    }
+    stage_seconds_.push_back(std::move(per_stage));
+    phase_steps_.push_back(&phase_family.Add({{"phase", phase}}));
+  }
+}
+
+void RouterMetrics::OnStepStages(const core::StageTimes& stages, bool prefill) {
+  const int phase = prefill ? 1 : 0;
+  for (int st = 0; st < core::kNumStages; ++st) {
+    stage_seconds_[phase][st]->Increment(stages.seconds[st]);
+  }
+  phase_steps_[phase]->Increment();
 }
 
 RouterMetrics::ServerSeries& RouterMetrics::Server(int server) {

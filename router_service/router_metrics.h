@@ -28,7 +28,8 @@
 //   routed expert has a live server moe_router_active_sequences, moe_router_queued_requests,
 //   moe_router_kv_cache_{free,budget}_bytes, moe_router_steps_total, moe_router_failed_steps_total,
 //   moe_router_step_tokens_total moe_router_step_seconds (histogram: one model step, e.g. through a
-//   re-placement)
+//   re-placement) moe_router_step_stage_seconds_total{stage,phase},
+//   moe_router_phase_steps_total{phase}   where steps spend their time
 //
 // Cardinality: per-expert mode has (MoE layers x routed experts) routed-token
 // series (DeepSeek-V3: 58 x 256 = 14,848), created up front; per-layer mode
@@ -51,6 +52,7 @@
 #include "absl/time/time.h"
 #include "core/config.h"
 #include "core/gating.h"
+#include "core/stage_times.h"
 #include "placement/placement.h"
 #include "prometheus/counter.h"
 #include "prometheus/family.h"
@@ -113,6 +115,11 @@ class RouterMetrics final : public RemoteExpertObserver {
   void SetLoadSource(std::function<SchedulerLoad()> source);
   // One scheduler step (SchedulerOptions::on_step).
   void OnStep(absl::Duration duration) { step_seconds_.Observe(absl::ToDoubleSeconds(duration)); }
+  // Where one step's time went (SchedulerOptions::on_step_stages):
+  // moe_router_step_stage_seconds_total{stage, phase} and
+  // moe_router_phase_steps_total{phase}; phase "prefill" when the step carried
+  // prompt tokens (with or without decodes), else "decode".
+  void OnStepStages(const core::StageTimes& stages, bool prefill);
 
   // Recomputes the balance gauges (window at `now`, current placement) and
   // the scheduler gauges/counters.
@@ -155,6 +162,9 @@ class RouterMetrics final : public RemoteExpertObserver {
   prometheus::Counter& steps_;
   prometheus::Counter& failed_steps_;
   prometheus::Counter& step_tokens_;
+  // [phase][stage] (phase 0 = decode, 1 = prefill) and steps per phase.
+  std::vector<std::vector<prometheus::Counter*>> stage_seconds_;
+  std::vector<prometheus::Counter*> phase_steps_;
 
   // Per server (index), the series of its traffic.
   struct ServerSeries {

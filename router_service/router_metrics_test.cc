@@ -83,6 +83,33 @@ struct Fixture {
   RouterMetrics metrics;
 };
 
+TEST(RouterMetrics, StepStagesAddUpPerStageAndPhase) {
+  Fixture f;
+  auto fams = f.registry.Collect();
+  // Every (stage, phase) series exists from the start.
+  EXPECT_EQ(SeriesCount(fams, "moe_router_step_stage_seconds_total"),
+            static_cast<size_t>(2 * core::kNumStages));
+  EXPECT_EQ(Value(fams, "moe_router_phase_steps_total", {{"phase", "prefill"}}), 0);
+  core::StageTimes t;
+  t.Add(core::Stage::kAttention, 0.25);
+  t.Add(core::Stage::kExperts, 0.5);
+  f.metrics.OnStepStages(t, /*prefill=*/true);
+  f.metrics.OnStepStages(t, /*prefill=*/false);
+  f.metrics.OnStepStages(t, /*prefill=*/false);
+  fams = f.registry.Collect();
+  EXPECT_EQ(Value(fams, "moe_router_step_stage_seconds_total",
+                  {{"stage", "attention"}, {"phase", "decode"}}),
+            0.5);
+  EXPECT_EQ(Value(fams, "moe_router_step_stage_seconds_total",
+                  {{"stage", "experts"}, {"phase", "prefill"}}),
+            0.5);
+  EXPECT_EQ(Value(fams, "moe_router_step_stage_seconds_total",
+                  {{"stage", "lm_head"}, {"phase", "decode"}}),
+            0);
+  EXPECT_EQ(Value(fams, "moe_router_phase_steps_total", {{"phase", "decode"}}), 2);
+  EXPECT_EQ(Value(fams, "moe_router_phase_steps_total", {{"phase", "prefill"}}), 1);
+}
+
 TEST(RouterMetrics, RoutedTokensCountEveryAssignmentPerLayerAndExpert) {
   Fixture f;
   auto fams = f.registry.Collect();

@@ -155,4 +155,12 @@ std::string AdvertiseAddress(const RouterOptions& o, int port) {
   return common::AdvertiseAddress(o.advertise, o.host, port);
 }
 
+SchedulerOptions WithStepMetrics(SchedulerOptions options, RouterMetrics* metrics) {
+  options.on_step = [metrics](absl::Duration d) { metrics->OnStep(d); };
+  options.on_step_stages = [metrics](const core::StageTimes& stages, bool prefill) {
+    metrics->OnStepStages(stages, prefill);
+  };
+  return options;
+}
+
 }  // namespace dmoe::router

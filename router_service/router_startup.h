@@ -80,6 +80,10 @@ RouterServer::PlacementSetter PlacementSetter(const core::ModelConfig& cfg,
 // --advertise, or --host (the hostname when it is a wildcard) and `port`.
 std::string AdvertiseAddress(const RouterOptions& o, int port);
 
+// `options` with its step callbacks feeding `metrics` (moe_router_step_seconds,
+// moe_router_step_stage_seconds_total); `metrics` must outlive the scheduler.
+SchedulerOptions WithStepMetrics(SchedulerOptions options, RouterMetrics* metrics);
+
 }  // namespace dmoe::router
 
 #endif  // DMOE_ROUTER_SERVICE_ROUTER_STARTUP_H_

@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <utility>
 
@@ -259,6 +260,7 @@ bool Scheduler::Admit() {
 }
 
 void Scheduler::Step() {
+  const auto step_begin = std::chrono::steady_clock::now();
   // Cancelled sequences leave before the batch is built.
   for (auto& r : running_) {
     if (r->cancelled.load(std::memory_order_relaxed)) {
@@ -334,13 +336,18 @@ void Scheduler::Step() {
   const int64_t V = config().vocab_size;
   int64_t row = 0;
   bool any_done = false;
+  bool prefill = false;
+  double sample_s = 0;
   for (size_t i = 0; i < members_.size(); ++i) {
     Request* r = members_[i];
     const int64_t n = static_cast<int64_t>(batch_[i].tokens.size());
     const int64_t rows = batch_[i].all_logits ? n : 1;
     const float* first_row = logits_.data() + row * V;
     row += rows;
-    if (r->Prefilling()) r->prefilled += n;
+    if (r->Prefilling()) {
+      r->prefilled += n;
+      prefill = true;
+    }
     if (r->is_forward) {
       if (r->all_positions) {
         r->result.logits.insert(r->result.logits.end(), first_row, first_row + rows * V);
@@ -356,7 +363,10 @@ void Scheduler::Step() {
       continue;
     }
     if (r->Prefilling()) continue;  // a chunk in the middle of the prompt
+    const auto sample_begin = std::chrono::steady_clock::now();
     const int32_t token = r->sampler->Sample({first_row, static_cast<size_t>(V)});
+    sample_s +=
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - sample_begin).count();
     r->last_token = token;
     TokenEvent ev;
     ev.token = token;
@@ -383,6 +393,14 @@ void Scheduler::Step() {
   }
   for (auto& r : running_) r->in_step = false;
   PublishLoad();
+  if (options_.on_step_stages) {
+    core::StageTimes stages = model_->last_stage_times();
+    stages.Add(core::Stage::kSample, sample_s);
+    const double step_s =
+        std::chrono::duration<double>(std::chrono::steady_clock::now() - step_begin).count();
+    stages.Add(core::Stage::kSchedule, std::max(0.0, step_s - stages.Total()));
+    options_.on_step_stages(stages, prefill);
+  }
 }
 
 void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {

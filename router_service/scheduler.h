@@ -54,6 +54,10 @@ struct SchedulerOptions {
   int64_t max_queue = 256;                  // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
   std::function<void(absl::Duration)> on_step;
+  // Called on the scheduler thread after each successful step with where its
+  // time went (Model::Forward's stages, sampling, and the scheduler's own work
+  // from the start of Step to the end) and whether it carried prompt tokens.
+  std::function<void(const core::StageTimes&, bool prefill)> on_step_stages;
 };
 
 struct GenerateParams {

@@ -102,6 +102,10 @@ class SchedulerTest : public ::testing::Test {
     o.kv_cache_bytes = static_cast<size_t>(kv_tokens) * bytes_per_token_;
     o.max_batch_tokens = max_batch_tokens;
     o.on_step = [timeline](absl::Duration) { timeline->Step(); };
+    o.on_step_stages = [this](const core::StageTimes& t, bool prefill) {
+      absl::MutexLock l(&stages_mu_);
+      stages_.push_back({t, prefill});
+    };
     auto s = Scheduler::Create(*std::move(model), o);
     EXPECT_THAT(s, IsOk());
     return s.ok() ? *std::move(s) : nullptr;
@@ -145,10 +149,35 @@ class SchedulerTest : public ::testing::Test {
 
   std::string dir_;
   size_t bytes_per_token_ = 0;
+  absl::Mutex stages_mu_;
+  std::vector<std::pair<core::StageTimes, bool>> stages_ ABSL_GUARDED_BY(stages_mu_);
   Timeline timeline_;
   std::unique_ptr<Scheduler> scheduler_;
   absl::Notification blocker_entered_, release_blocker_;
 };
+
+// Every step reports where its time went: the model's stages, sampling and
+// the scheduler's own share; the prompt's step is a prefill step, the rest
+// decode steps.
+TEST_F(SchedulerTest, EveryStepReportsItsStagesAndPhase) {
+  Start(/*kv_tokens=*/64, /*max_batch_tokens=*/64);
+  ASSERT_THAT(Generate("a", {5, 6, 7, 8, 9, 10}, 4), IsOk());
+  ASSERT_TRUE(timeline_.WaitDone(1));
+  scheduler_->Shutdown(absl::ZeroDuration());
+  absl::MutexLock l(&stages_mu_);
+  ASSERT_EQ(stages_.size(), 4u);  // prefill + first token, then 3 decode steps
+  EXPECT_TRUE(stages_[0].second);
+  for (size_t i = 1; i < stages_.size(); ++i) EXPECT_FALSE(stages_[i].second) << i;
+  for (const auto& [t, prefill] : stages_) {
+    for (core::Stage st : {core::Stage::kEmbed, core::Stage::kNorm, core::Stage::kAttention,
+                           core::Stage::kGate, core::Stage::kExperts, core::Stage::kDenseFfn,
+                           core::Stage::kCombine, core::Stage::kLmHead, core::Stage::kSample}) {
+      EXPECT_GT(t.Get(st), 0.0) << core::StageName(st);
+    }
+    EXPECT_GE(t.Get(core::Stage::kSchedule), 0.0);
+    EXPECT_LT(t.Total(), 60.0);
+  }
+}
 
 // A (4 tokens of cache) is admitted; B (4) does not fit next to it, and C (2),
 // which would, waits behind B: nothing overtakes the head of the queue.

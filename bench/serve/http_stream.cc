@@ -317,6 +317,15 @@ HttpResult HttpStreamClient::Post(const std::string& path, const std::string& js
                               "\r\nContent-Type: application/json\r\nAccept: text/event-stream, "
                               "application/json\r\nContent-Length: " +
                               std::to_string(json_body.size()) + "\r\n\r\n" + json_body;
+  return Request(request);
+}
+
+HttpResult HttpStreamClient::Get(const std::string& path) {
+  return Request("GET " + path + " HTTP/1.1\r\nHost: " + host_ + ":" + std::to_string(port_) +
+                 "\r\n\r\n");
+}
+
+HttpResult HttpStreamClient::Request(const std::string& request) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     const bool reused = fd_ >= 0;
     if (!reused) {

@@ -13,7 +13,8 @@
 //                      false once the response is malformed (error() says how:
 //                      status line, header, chunk size, a body over 64 MiB);
 //                      done() is true once the whole response arrived.
-//   HttpStreamClient   Post(path, body) sends one POST (JSON) on its connection,
+//   HttpStreamClient   Post(path, body) sends one POST (JSON), Get(path) one GET, on its
+//   connection,
 //                      opening it (again) as needed, and reads the response to its
 //                      end; a reused connection the server closed meanwhile is
 //                      reopened and the request sent once more. Every read and
@@ -86,12 +87,14 @@ class HttpStreamClient {
   HttpStreamClient& operator=(const HttpStreamClient&) = delete;
 
   HttpResult Post(const std::string& path, const std::string& json_body);
+  HttpResult Get(const std::string& path);
   // Times are relative to this point (the send), also returned.
   std::chrono::steady_clock::time_point last_send() const { return last_send_; }
 
  private:
   bool Connect(std::string* error);
   void Close();
+  HttpResult Request(const std::string& request);
   // One attempt on the current connection; *retry when the connection was
   // stale (closed before any byte of the answer).
   HttpResult Attempt(const std::string& request, bool reused, bool* retry);

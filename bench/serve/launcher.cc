@@ -153,6 +153,8 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
                                    dir + "/router.port",
                                    "--metrics-port",
                                    "0",
+                                   "--metrics-port-file",
+                                   dir + "/router.metrics.port",
                                    "--dtype",
                                    c.dtype,
                                    "--threads",
@@ -172,6 +174,8 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
   absl::StatusOr<int> router_port =
       WaitPort("dmoe-router", dir + "/router.port", *router_, dir + "/router.log");
   if (!router_port.ok()) return router_port.status();
+  router_metrics_port_ =
+      testing::WaitForPortFile(dir + "/router.metrics.port", *router_, std::chrono::seconds(10));
   gateway_ = std::make_unique<testing::ChildProcess>();
   std::vector<std::string> gw = {bin_dir_ + "/dmoe-gateway",
                                  "--routers",

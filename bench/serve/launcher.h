@@ -14,7 +14,8 @@
 //     --layers --out dir (with the generated tokenizer) and returns it.
 //   LocalCluster::Start(config, model_dir, work_dir)
 //     starts the processes with logs and port files in work_dir, waits until
-//     the gateway listens (5 min at most) and returns its HTTP port; an error
+//     the gateway listens (5 min at most) and returns its HTTP port (the
+//     router's /metrics port: router_metrics_port()); an error
 //     names the process that did not come up and the end of its log. Stop()
 //     (and the destructor) sends SIGTERM and waits, then SIGKILLs.
 #ifndef DMOE_BENCH_SERVE_LAUNCHER_H_
@@ -52,6 +53,8 @@ class LocalCluster {
   ~LocalCluster() { Stop(); }
   absl::StatusOr<int> Start(const ClusterConfig& c, const std::string& model_dir,
                             const std::string& work_dir);
+  // The router's /metrics port (after Start), 0 if it has none.
+  int router_metrics_port() const { return router_metrics_port_; }
   void Stop();
 
  private:
@@ -60,6 +63,7 @@ class LocalCluster {
   std::string bin_dir_;
   std::vector<std::unique_ptr<testing::ChildProcess>> experts_;
   std::unique_ptr<testing::ChildProcess> router_, gateway_;
+  int router_metrics_port_ = 0;
 };
 
 }  // namespace dmoe::bench::serve

@@ -9,6 +9,7 @@
 
 #include "bench/serve/http_stream.h"
 #include "bench/serve/launcher.h"
+#include "bench/serve/stage_profile.h"
 #include "bench/serve/stats.h"
 #include "bench/serve/workload.h"
 #include "gmock/gmock.h"
@@ -271,6 +272,35 @@ TEST(ClusterConfig, ParsesKeysAndNamesBadOnes) {
   EXPECT_THAT(ParseClusterConfig("x:servers=-1").status().message(), HasSubstr("servers=-1"));
   EXPECT_THAT(ParseClusterConfig("x:colour=red").status().message(), HasSubstr("unknown key"));
   EXPECT_THAT(ParseClusterConfig(":servers=1").status().message(), HasSubstr("NAME:"));
+}
+
+TEST(StageProfile, ParsesTheRoutersCountersAndDiffsThem) {
+  const std::string before =
+      "# HELP moe_router_step_stage_seconds_total x\n"
+      "moe_router_step_stage_seconds_total{phase=\"decode\",stage=\"attention\"} 1.5\n"
+      "moe_router_step_stage_seconds_total{phase=\"decode\",stage=\"experts\"} 2\n"
+      "moe_router_phase_steps_total{phase=\"decode\"} 10\n"
+      "moe_router_steps_total 10\n";
+  const std::string after =
+      "moe_router_step_stage_seconds_total{phase=\"decode\",stage=\"attention\"} 2.5\n"
+      "moe_router_step_stage_seconds_total{phase=\"decode\",stage=\"experts\"} 5\n"
+      "moe_router_step_stage_seconds_total{phase=\"prefill\",stage=\"attention\"} 0.5\n"
+      "moe_router_phase_steps_total{phase=\"decode\"} 30\n"
+      "moe_router_phase_steps_total{phase=\"prefill\"} 1\n";
+  const StageCounters b = ParseStageCounters(before);
+  EXPECT_EQ(b.seconds.at("decode").at("attention"), 1.5);
+  EXPECT_EQ(b.steps.at("decode"), 10);
+  const StageCounters d = Delta(ParseStageCounters(after), b);
+  EXPECT_EQ(d.seconds.at("decode").at("attention"), 1.0);
+  EXPECT_EQ(d.seconds.at("decode").at("experts"), 3.0);
+  EXPECT_EQ(d.seconds.at("prefill").at("attention"), 0.5);
+  EXPECT_EQ(d.steps.at("decode"), 20);
+  // 20 decode steps: attention 50 ms per step (25%), experts 150 ms (75%).
+  const std::string text = Format(d);
+  EXPECT_THAT(text, HasSubstr("decode      20 steps, 200.00 ms/step: attention 50.00 (25%)"));
+  EXPECT_THAT(text, HasSubstr("experts 150.00 (75%)"));
+  EXPECT_EQ(ToJson(d)["decode"]["ms_per_step"]["experts"].get<double>(), 150.0);
+  EXPECT_TRUE(Format(StageCounters{}).empty());
 }
 
 }  // namespace
