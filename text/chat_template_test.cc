@@ -305,6 +305,11 @@ TEST(ChatTemplate, OutOfRangeLiteralsAreParseErrorsNotAborts) {
   EXPECT_THAT(Render("{{ 1.5e+99999999999999999999 }}"),
               HasSubstr("col 4: float literal '1.5e+99999999999999999999' is "
                         "beyond the range of a double"));
+  // An exponent of INT64_MAX: lead digit + exponent overflowed int64 (UBSan,
+  // found by chat_template_fuzz).
+  EXPECT_THAT(Render("{{ 5e9223372036854775807 }}|{{ 55.5e009223372036854775807 }}"),
+              HasSubstr("col 4: float literal '5e9223372036854775807' is beyond the range"));
+  EXPECT_EQ(Render("{{ 0.5e-9223372036854775807 }}"), "0.0");
   EXPECT_THAT(Render("{{ " + std::string(400, '9') + ".0 }}"),
               HasSubstr("float literal '9999999999999999999999999999999999999"
                         "999...' (402 characters) is beyond"));

@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+import sse  # tools/sse.py, next to this script
+
 
 def tokens_in(chunk):
     n = 0
@@ -40,15 +42,8 @@ def run_one(host, port, path, body, timeout):
     if resp.status != 200:
         raise RuntimeError(f"HTTP {resp.status}: {resp.read()[:200]!r}")
     token_times, usage_out, done = [], None, False
-    while True:
-        line = resp.fp.readline()
-        if not line:
-            break
+    for data in sse.data_lines(resp):
         now = time.perf_counter() - t0
-        line = line.strip()
-        if not line.startswith(b"data:"):
-            continue
-        data = line[5:].strip()
         if data == b"[DONE]":
             done = True
             break

@@ -50,6 +50,8 @@ import tempfile
 import threading
 import time
 
+import sse  # tools/sse.py, next to this script
+
 WORDS = ("the quick brown fox jumps over a lazy dog while seven engineers measure "
          "expert load across servers and write notes about tokens latency memory "
          "placement routing replicas gateway router streams of text in the night "
@@ -439,14 +441,7 @@ def run_one(client, rng, rec_gaps):
         events, tokens, finish, usage_ct, done, last = 0, 0, None, None, False, None
         text = []
         gaps = []
-        while True:
-            line = resp.readline()
-            if not line:
-                break
-            line = line.strip()
-            if not line.startswith(b"data:"):
-                continue
-            data = line[5:].strip()
+        for data in sse.data_lines(resp):
             if data == b"[DONE]":
                 done = True
                 break

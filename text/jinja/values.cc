@@ -146,6 +146,9 @@ bool AboveDoubleRange(std::string_view s) {
     if (!x.empty() && (x[0] == '+' || x[0] == '-')) x.remove_prefix(1);
     // Digits only (from_chars matched them): failure means beyond int64.
     if (std::from_chars(x.data(), x.data() + x.size(), exp).ec != std::errc()) exp = INT64_MAX / 2;
+    // Far beyond any double either way, and lead + exp below cannot overflow
+    // (lead is bounded by the literal's length).
+    exp = std::min<int64_t>(exp, INT64_MAX / 2);
     if (neg) exp = -exp;
   }
   const size_t dot = std::min(mant.find('.'), mant.size());
