@@ -297,6 +297,29 @@ TEST(ChatTemplate, HostileTemplatesAreErrorsNotCrashes) {
               HasSubstr("not JSON serializable"));
 }
 
+// A template that builds strings or lists geometrically gets an error naming
+// the limit, not an exhausted memory (chat_template_fuzz found chained
+// split/join with a long separator reaching gigabytes).
+TEST(ChatTemplate, GeometricGrowthHitsALimitNotTheMemory) {
+  const std::string sep(1000, ',');
+  // Each join multiplies the length by ~1000.
+  EXPECT_THAT(Render("{{ 'a,b,c,d,e,f,g,h'.split(',') | join('" + sep + "') | list | join('" + sep +
+                     "') | list | join('" + sep + "') }}"),
+              HasSubstr("over the limit of"));
+  EXPECT_THAT(Render("{% set ns = namespace(s='ab') %}{% for i in range(40) %}"
+                     "{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}"),
+              HasSubstr("a string of 33554432 bytes is over the limit of 16777216 bytes"));
+  EXPECT_THAT(Render("{% set ns = namespace(l=[1]) %}{% for i in range(40) %}"
+                     "{% set ns.l = ns.l + ns.l %}{% endfor %}{{ ns.l | length }}"),
+              HasSubstr("a list of 2097152 items is over the limit of 1048576 items"));
+  EXPECT_THAT(Render("{{ ('x' * 1000000).replace('x', '" + sep + "') }}"),
+              HasSubstr("over the limit of 16777216 bytes"));
+  EXPECT_THAT(Render("{% for i in range(100) %}{{ 'y' * 1000000 }}{% endfor %}"),
+              HasSubstr("the rendered text reached"));
+  // Below the limits nothing changes.
+  EXPECT_EQ(Render("{{ ('x' * 1000) | length }}|{{ 'a,b'.split(',') | join('-') }}"), "1000|a-b");
+}
+
 TEST(ChatTemplate, OutOfRangeLiteralsAreParseErrorsNotAborts) {
   // std::stod threw std::out_of_range on 1e999 and terminated the process.
   EXPECT_EQ(Render("{{ 1e999 }}"),

@@ -28,6 +28,10 @@ absl::StatusOr<std::vector<Value>> Renderer::Iterate(const Expr& e, const Value&
       return keys;
     }
     case Value::Kind::kString: {
+      if (v.s.size() > kMaxListItems) {
+        return Error(e.pos, absl::StrCat("iterating over a string of ", v.s.size(),
+                                         " bytes: over the limit of ", kMaxListItems, " items"));
+      }
       std::vector<Value> chars;
       for (std::string& c : CodePoints(v.s)) chars.push_back(Value::Str(std::move(c)));
       return chars;
@@ -47,10 +51,12 @@ absl::StatusOr<Flow> Renderer::Exec(const Node& n, std::string* out) {
       return Flow::kNormal;
     case Node::Kind::kText:
       out->append(n.text);
+      if (out->size() > kMaxOutputBytes) return OutputTooLong(n.pos, out->size());
       return Flow::kNormal;
     case Node::Kind::kOutput: {
       DMOE_ASSIGN_OR_RETURN(Value v, Eval(*n.expr));
       out->append(Str(v));
+      if (out->size() > kMaxOutputBytes) return OutputTooLong(n.expr->pos, out->size());
       return Flow::kNormal;
     }
     case Node::Kind::kIf:
@@ -164,6 +170,19 @@ absl::StatusOr<Value> Renderer::Item(const Expr& e, const Value& obj, const Valu
 }
 
 absl::StatusOr<Value> Renderer::Eval(const Expr& e) {
+  DMOE_ASSIGN_OR_RETURN(Value v, EvalUnchecked(e));
+  if (v.is(Value::Kind::kString) && v.s.size() > kMaxStringBytes) {
+    return Error(e.pos, absl::StrCat("a string of ", v.s.size(), " bytes is over the limit of ",
+                                     kMaxStringBytes, " bytes"));
+  }
+  if (v.is(Value::Kind::kList) && v.list->size() > kMaxListItems) {
+    return Error(e.pos, absl::StrCat("a list of ", v.list->size(), " items is over the limit of ",
+                                     kMaxListItems, " items"));
+  }
+  return v;
+}
+
+absl::StatusOr<Value> Renderer::EvalUnchecked(const Expr& e) {
   switch (e.kind) {
     case Expr::Kind::kLiteral:
       return e.literal;
@@ -542,13 +561,16 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj, cons
           size_t b = k;
           while (k < s.size() && !IsPySpace(s[k])) ++k;
           if (k > b) l.list->push_back(Value::Str(s.substr(b, k - b)));
+          if (l.list->size() > kMaxListItems) break;  // Eval reports it
         }
         return l;
       }
       if (sep->empty()) return Error(e.pos, "split(): empty separator");
       size_t b = 0;
-      for (size_t f; (f = s.find(*sep, b)) != std::string::npos; b = f + sep->size())
+      for (size_t f; (f = s.find(*sep, b)) != std::string::npos; b = f + sep->size()) {
         l.list->push_back(Value::Str(s.substr(b, f - b)));
+        if (l.list->size() > kMaxListItems) return l;  // Eval reports it
+      }
       l.list->push_back(Value::Str(s.substr(b)));
       return l;
     }
@@ -558,8 +580,10 @@ absl::StatusOr<Value> Renderer::EvalMethod(const Expr& e, const Value& obj, cons
       std::string r;
       if (from->empty()) return Error(e.pos, "replace(): empty pattern is unsupported");
       size_t b = 0;
-      for (size_t f; (f = s.find(*from, b)) != std::string::npos; b = f + from->size())
+      for (size_t f; (f = s.find(*from, b)) != std::string::npos; b = f + from->size()) {
         r += s.substr(b, f - b) + *to;
+        if (r.size() > kMaxStringBytes) return Value::Str(std::move(r));  // Eval reports it
+      }
       r += s.substr(b);
       return Value::Str(std::move(r));
     }
@@ -734,7 +758,9 @@ absl::StatusOr<Value> Renderer::EvalFilter(const Expr& e) {
     if (f == "last") return items.empty() ? Value::Undefined("last") : items.back();
     const std::string sep = args.empty() ? "" : Str(args[0]);
     std::string out;
-    for (size_t k = 0; k < items.size(); ++k) absl::StrAppend(&out, k ? sep : "", Str(items[k]));
+    for (size_t k = 0; k < items.size() && out.size() <= kMaxStringBytes; ++k) {
+      absl::StrAppend(&out, k ? sep : "", Str(items[k]));  // over the limit: Eval reports it
+    }
     return Value::Str(std::move(out));
   }
   return Error(e.pos, absl::StrCat("unsupported filter '", f, "'"));

@@ -11,7 +11,9 @@
 // flow that left the node (kBreak / kContinue out of a loop body; kNormal for
 // a whole template). Errors are INVALID_ARGUMENT "chat template line L col C:
 // <what>" for evaluation errors and names outside the subset;
-// raise_exception(msg) is INVALID_ARGUMENT with msg alone. One Renderer
+// raise_exception(msg) is INVALID_ARGUMENT with msg alone. A string over
+// kMaxStringBytes, a list over kMaxListItems or an output over
+// kMaxOutputBytes is INVALID_ARGUMENT naming the limit. One Renderer
 // renders once, on one thread; a tree may render on several at once.
 #ifndef DMOE_TEXT_JINJA_RENDERER_H_
 #define DMOE_TEXT_JINJA_RENDERER_H_
@@ -34,6 +36,13 @@ namespace dmoe::text::jinja {
 
 enum class Flow { kNormal, kBreak, kContinue };
 
+// Bounds on what a template can build, so that a hostile or broken template
+// (a checkpoint's tokenizer_config.json) gets an error instead of exhausting
+// memory: chained split / join / concatenation grows strings geometrically.
+inline constexpr size_t kMaxStringBytes = size_t{16} << 20;  // one value
+inline constexpr size_t kMaxListItems = size_t{1} << 20;     // one list
+inline constexpr size_t kMaxOutputBytes = size_t{64} << 20;  // the rendered text
+
 class Renderer {
  public:
   ~Renderer() {
@@ -48,6 +57,10 @@ class Renderer {
   absl::StatusOr<Flow> Exec(const Node& n, std::string* out);
 
  private:
+  absl::Status OutputTooLong(size_t pos, size_t bytes) const {
+    return Error(pos, absl::StrCat("the rendered text reached ", bytes,
+                                   " bytes, over the limit of ", kMaxOutputBytes, " bytes"));
+  }
   absl::Status Error(size_t pos, std::string_view msg) const {
     return absl::InvalidArgumentError(
         absl::StrCat(lexer_.Where(pos), ": ", absl::string_view(msg.data(), msg.size())));
@@ -59,7 +72,10 @@ class Renderer {
     }
     return Value::Undefined(name);
   }
+  // Eval checks every value it returns against the limits below;
+  // EvalUnchecked is the evaluation itself.
   absl::StatusOr<Value> Eval(const Expr& e);
+  absl::StatusOr<Value> EvalUnchecked(const Expr& e);
   absl::StatusOr<Value> EvalBinary(const Expr& e, const Value& a, const Value& b);
   absl::StatusOr<Value> EvalCall(const Expr& e);
   absl::StatusOr<Value> EvalMethod(const Expr& e, const Value& obj, const std::string& name,
