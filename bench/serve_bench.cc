@@ -515,11 +515,14 @@ int Main(int argc, char** argv) {
       if (p.load.mode != LoadSpec::Mode::kClosed || p.load.concurrency != 1) continue;
       if (p.summary.tpot_ms.n == 0) continue;
       const double frac = bound_ms / p.summary.tpot_ms.p50;
-      // Prefill: prompt tokens over TTFT at c=1, each 2 x active weights FLOPs.
+      // Prefill: prompt tokens over TTFT at c=1, each 2 x (active weights but
+      // the output head, which runs for the last row only) FLOPs.
       const double prefill_tok_s =
           p.summary.ttft_ms.p50 > 0 ? o.workload.input.mean / (p.summary.ttft_ms.p50 / 1e3) : 0;
       const double prefill_frac =
-          gemm_gflops > 0 ? prefill_tok_s * 2 * cost->active_weights / (gemm_gflops * 1e9) : 0;
+          gemm_gflops > 0 ? prefill_tok_s * 2 * (cost->active_weights - cost->head_weights) /
+                                (gemm_gflops * 1e9)
+                          : 0;
       std::printf(
           "%s at c=1: TPOT p50 %.1f ms = %.2f x the bandwidth bound (%.0f%% of it); "
           "prefill %.0f tok/s = %.0f%% of the GEMM ceiling\n",

@@ -38,6 +38,7 @@ absl::StatusOr<TokenCostInfo> TokenCost(const std::string& model_dir, int elem_b
     }
     info.decode_bytes += used * bytes;
     info.active_weights += used;
+    if (name == "lm_head.weight" || name == "model.embed_tokens.weight") info.head_weights += used;
   }
   info.summary = absl::StrCat(cfg.num_hidden_layers, " layers, hidden ", cfg.hidden_size, ", ",
                               cfg.n_routed_experts, " routed experts (top ",

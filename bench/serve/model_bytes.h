@@ -11,7 +11,9 @@
 //     the embedding table (one row, unless tied to the output head) and FP8
 //     scale tensors (folded into the weights at load). Weights are held in the
 //     compute type (`elem_bytes` each: 2 for bf16, 4 for f32) except the gates
-//     and norms (fp32).
+//     and norms (fp32). head_weights: the output head's part of active_weights
+//     (lm_head, or the embedding table when tied), which a prefill multiplies
+//     only for the rows it samples.
 #ifndef DMOE_BENCH_SERVE_MODEL_BYTES_H_
 #define DMOE_BENCH_SERVE_MODEL_BYTES_H_
 
@@ -24,6 +26,7 @@ namespace dmoe::bench::serve {
 struct TokenCostInfo {
   double decode_bytes = 0;    // read by one decode step of one token
   double active_weights = 0;  // weights one token multiplies
+  double head_weights = 0;    // of which the output head (prefill: only sampled rows)
   double total_weights = 0;   // every weight of the checkpoint
   int64_t vocab = 0;
   std::string summary;  // "V2-Lite-like, 4 layers, ..."
