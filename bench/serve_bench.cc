@@ -407,9 +407,10 @@ int Main(int argc, char** argv) {
     if (l.warmup_requests < 0) l.warmup_requests = std::max(1, std::min(l.concurrency, 32));
     l.seed = o.seed;
   }
-  const int max_requests = 1 << 16;
+  // Distinct requests; longer runs send them again in order.
+  constexpr int kDistinctRequests = 4096;
   absl::StatusOr<std::vector<RequestSpec>> requests =
-      Generate(o.workload, max_requests / 16, o.seed);
+      Generate(o.workload, kDistinctRequests, o.seed);
   if (!requests.ok()) Die(requests.status());
 
   if (!o.dump_path.empty()) {

@@ -14,24 +14,13 @@
 #include <cstdlib>
 #include <cstring>
 
+#include "absl/strings/ascii.h"
+
 namespace dmoe::bench::serve {
 namespace {
 
 constexpr size_t kMaxHead = 64 << 10;
 constexpr size_t kMaxBody = size_t{64} << 20;
-
-std::string Lower(std::string_view s) {
-  std::string out(s);
-  for (char& c : out) c = static_cast<char>(std::tolower(static_cast<unsigned char>(c)));
-  return out;
-}
-
-std::string_view Trim(std::string_view s) {
-  while (!s.empty() && (s.front() == ' ' || s.front() == '\t')) s.remove_prefix(1);
-  while (!s.empty() && (s.back() == ' ' || s.back() == '\t' || s.back() == '\r'))
-    s.remove_suffix(1);
-  return s;
-}
 
 double Since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
@@ -68,8 +57,11 @@ bool ResponseParser::ParseHead(std::string_view head) {
     if (colon == std::string_view::npos || colon == 0) {
       return Fail("bad header line: " + std::string(h.substr(0, 80)));
     }
-    const std::string name = Lower(Trim(h.substr(0, colon)));
-    const std::string value = Lower(Trim(h.substr(colon + 1)));
+    const absl::string_view line_view(h.data(), h.size());
+    const std::string name =
+        absl::AsciiStrToLower(absl::StripAsciiWhitespace(line_view.substr(0, colon)));
+    const std::string value =
+        absl::AsciiStrToLower(absl::StripAsciiWhitespace(line_view.substr(colon + 1)));
     if (name == "content-length") {
       char* endp = nullptr;
       const long long n = std::strtoll(value.c_str(), &endp, 10);
@@ -162,7 +154,9 @@ bool ResponseParser::Feed(std::string_view bytes, double t) {
       if (const size_t semi = size.find(';'); semi != std::string_view::npos) {
         size = size.substr(0, semi);
       }
-      size = Trim(size);
+      const absl::string_view stripped =
+          absl::StripAsciiWhitespace(absl::string_view(size.data(), size.size()));
+      size = std::string_view(stripped.data(), stripped.size());
       if (size.empty() || size.size() > 15) return Fail("bad chunk size: " + std::string(size));
       int64_t n = 0;
       for (char c : size) {

@@ -38,16 +38,31 @@ std::unique_ptr<ExpertRequest> DispatchStream::TakeRequest() {
   return r;
 }
 
+namespace {
+
+// The capacity of a request's buffers that a recycled message keeps: its
+// activations and per-token / per-assignment arrays (no reflection walk: this
+// runs for every request sent).
+size_t BufferBytes(const ExpertRequest& r) {
+  return r.x().data().capacity() + r.x().row_scales().capacity() +
+         static_cast<size_t>(r.token_offsets().Capacity()) * sizeof(uint32_t) +
+         static_cast<size_t>(r.expert_ids().Capacity()) * sizeof(int32_t) +
+         static_cast<size_t>(r.weights().Capacity()) * sizeof(float) +
+         static_cast<size_t>(r.shared_duty().Capacity()) * sizeof(bool);
+}
+
+}  // namespace
+
 size_t DispatchStream::PooledBytes() const {
   absl::MutexLock lock(&hub_->mu);
   size_t bytes = 0;
-  for (const auto& r : free_requests_) bytes += r->SpaceUsedLong();
+  for (const auto& r : free_requests_) bytes += BufferBytes(*r);
   return bytes;
 }
 
 void DispatchStream::RecycleLocked(std::unique_ptr<ExpertRequest> req) {
   if (req == nullptr) return;
-  if (free_requests_.size() < kMaxPooledRequests && req->SpaceUsedLong() <= kPooledBufferMaxBytes) {
+  if (free_requests_.size() < kMaxPooledRequests && BufferBytes(*req) <= kPooledBufferMaxBytes) {
     free_requests_.push_back(std::move(req));
   }
 }
