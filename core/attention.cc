@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/kernels/cpu/mla_attend.h"
 #include "core/status.h"
 
 #ifdef _OPENMP
@@ -52,6 +53,23 @@ int ThreadId() {
 #else
   return 0;
 #endif
+}
+
+// Work (multiply-adds) below which a PackedLinear runs on one thread, and
+// from which the attention core of one token splits over the team.
+constexpr int64_t kParallelWork = int64_t{1} << 18;
+
+// Runs body(h) for every head: heads in parallel while one head's projection
+// (`head_work` multiply-adds) is too small for PackedLinear to thread itself
+// (decode), each head threaded inside otherwise. The bits are the same.
+template <typename F>
+void ForEachHeadImpl(int64_t heads, int64_t head_work, const F& body) {
+  if (head_work < kParallelWork) {
+#pragma omp parallel for schedule(static) if (heads > 1)
+    for (int64_t h = 0; h < heads; ++h) body(h);
+  } else {
+    for (int64_t h = 0; h < heads; ++h) body(h);
+  }
 }
 
 }  // namespace
@@ -130,6 +148,9 @@ void Attention::Forward(const float* x, const TokenLayout& tokens, KvCache& cach
 
 void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& cache, float* out) {
   const int64_t T = tokens.num_tokens, H = cfg_.num_attention_heads;
+  auto ForEachHead = [H](int64_t head_work, const auto& body) {
+    ForEachHeadImpl(H, head_work, body);
+  };
   const int64_t nope = cfg_.qk_nope_head_dim, rdim = cfg_.qk_rope_head_dim;
   const int64_t vdim = cfg_.v_head_dim, rank = cfg_.kv_lora_rank;
   const int64_t qhd = nope + rdim, width = rank + rdim;
@@ -161,38 +182,38 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
     float* dst = cache.LayerData(tokens.seq[t], layer_) + tokens.position[t] * width;
     std::memcpy(dst, kv + t * width, width * sizeof(float));
   }
-  // q_c = q_nope · W_uk per head: [T, H, rank].
-  float* qc = qc_.Get(T * H * rank);
-  for (int64_t h = 0; h < H; ++h) {
-    w_uk_t_[h].Forward(q + h * qhd, T, qc + h * rank, H * qhd, H * rank);
-  }
-  // Scores and the attention-weighted c_kv: ctx [T, H, rank].
-  int64_t max_len = 0;
-  for (int64_t t = 0; t < T; ++t) max_len = std::max(max_len, tokens.position[t] + 1);
-  float* ctx = ctx_.Get(T * H * rank);
-  float* probs_all = probs_.Get(static_cast<size_t>(MaxThreads()) * max_len);
-#pragma omp parallel for schedule(dynamic, 1) if (T * H > 1)
-  for (int64_t th = 0; th < T * H; ++th) {
-    const int64_t t = th / H, h = th % H;
-    const int64_t len = tokens.position[t] + 1;
-    const float* c = cache.LayerData(tokens.seq[t], layer_);
-    const float* qct = qc + (t * H + h) * rank;
-    const float* qpe = q + (t * H + h) * qhd + nope;
-    float* s = probs_all + static_cast<int64_t>(ThreadId()) * max_len;
-    for (int64_t j = 0; j < len; ++j) {
-      const float* e = c + j * width;
-      s[j] = (Dot(qct, e, rank) + Dot(qpe, e + rank, rdim)) * scale;
+  // Per-head queries in the cache's space: qcat [T, H, width] = [q_nope · W_uk | q_pe].
+  float* qcat = qc_.Get(T * H * width);
+  ForEachHead(T * rank * nope, [&](int64_t h) {
+    w_uk_t_[h].Forward(q + h * qhd, T, qcat + h * width, H * qhd, H * width);
+    for (int64_t t = 0; t < T; ++t) {
+      std::memcpy(qcat + (t * H + h) * width + rank, q + (t * H + h) * qhd + nope,
+                  rdim * sizeof(float));
     }
-    SoftmaxInPlace(s, len);
-    float* o = ctx + (t * H + h) * rank;
-    std::fill(o, o + rank, 0.0f);
-    for (int64_t j = 0; j < len; ++j) Axpy(s[j], c + j * width, o, rank);
+  });
+  // Scores and the attention-weighted c_kv: ctx [T, H, rank].
+  float* ctx = ctx_.Get(T * H * rank);
+  const MlaAttendShape shape{.heads = H, .rank = rank, .width = width, .scale = scale};
+  const int threads = MaxThreads();
+  if (T >= threads) {
+#pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
+    for (int64_t t = 0; t < T; ++t) {
+      MlaAttendToken(shape, qcat + t * H * width, cache.LayerData(tokens.seq[t], layer_),
+                     tokens.position[t] + 1, ctx + t * H * rank, rank, /*parallel=*/false);
+    }
+  } else {
+    for (int64_t t = 0; t < T; ++t) {
+      const int64_t len = tokens.position[t] + 1;
+      MlaAttendToken(shape, qcat + t * H * width, cache.LayerData(tokens.seq[t], layer_), len,
+                     ctx + t * H * rank, rank,
+                     /*parallel=*/H * len * width >= kParallelWork);
+    }
   }
   // Per-head values: attn [T, H*v] = ctx_h · W_uv_h^T, then o_proj.
   float* attn = attn_.Get(T * H * vdim);
-  for (int64_t h = 0; h < H; ++h) {
+  ForEachHead(T * rank * vdim, [&](int64_t h) {
     w_uv_[h].Forward(ctx + h * rank, T, attn + h * vdim, H * rank, H * vdim);
-  }
+  });
   o_proj_.Forward(attn, T, out);
 }
 

@@ -31,7 +31,7 @@ build/bin/balance_bench --quick
 # Numerics at every instruction-set level this host has below its best (the
 # main run below covers the best): DMOE_MAX_ISA caps every kernel, oneDNN and
 # the wire codec, so an AVX-512 machine also proves the AVX2 and generic paths.
-ISA_TESTS=(gemm_test linear_test cpu_expert_backend_test compute_worker_test wire_test
+ISA_TESTS=(gemm_test linear_test mla_attend_test cpu_expert_backend_test compute_worker_test wire_test
            model_test remote_expert_backend_test cluster_test cluster_invariance_test)
 read -r -a ISA_LEVELS <<<"$(build/bin/dmoe isa --levels)"
 echo "== $(build/bin/dmoe isa); levels: ${ISA_LEVELS[*]}"

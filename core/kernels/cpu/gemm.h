@@ -48,7 +48,19 @@ struct Args {
   int64_t m = 0;
   // Column panels [panel_begin, panel_end) of NumPanels(n) to compute.
   int64_t panel_begin = 0, panel_end = 0;
+  // Where W[p*16 + c, k] lives: w + p * pstride + k * kstride + c (elements).
+  // 0 means the packed layout above (pstride = k*16, kstride = 16). Any other
+  // layout must still hold 16 readable columns per panel (the columns past n
+  // of the last panel are read and computed, never stored); e.g. W^T stored
+  // row-major as [k, ld] with n % 16 == 0 runs in place with pstride = 16,
+  // kstride = ld.
+  int64_t pstride = 0, kstride = 0;
 };
+
+using Fn = void (*)(const Args&);
+// The widest level the active ISA cap allows (core/isa.h), after a probe
+// shows the AVX-512 level gives the AVX2 level's bits (defined in linear.cc).
+Fn Best();
 
 // One per ISA level; each is compiled for its own target and must only be
 // called where the CPU has it (RunAvx512: AVX-512F; RunAvx2: AVX2 + FMA).

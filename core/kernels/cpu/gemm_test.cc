@@ -18,8 +18,6 @@
 namespace dmoe::core::gemm {
 namespace {
 
-using Fn = void (*)(const Args&);
-
 struct Level {
   const char* name;
   Fn fn;
@@ -176,6 +174,57 @@ TEST_P(GemmTest, LevelsGiveIdenticalBits) {
     RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
     EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
         << level.name << " vs " << levels.back().name;
+  }
+}
+
+// W^T stored row-major as [k, ld] (e.g. the c_kv columns of an attention
+// cache read in place): pstride = 16, kstride = ld runs the same chains as the
+// packed layout, so the bits are identical, and nothing past column n or past
+// the caller's row is written.
+TEST_P(GemmTest, StridedInPlaceLayoutGivesThePackedBits) {
+  const bool bf16 = GetParam();
+  const int64_t n = 64, k = 77, ld = 72, m = 9;  // 4 panels; 8 extra columns per W^T row
+  const auto w = Random(n * k, 21, bf16);
+  const auto x = Random(m * k, 22, bf16);
+  const Packed p = Pack(w, n, k);
+  std::vector<float> wt_f(k * ld, 1e30f);
+  std::vector<uint16_t> wt_b(k * ld, 0x7f80);  // +inf past column n: must never reach y
+  for (int64_t c = 0; c < n; ++c) {
+    for (int64_t q = 0; q < k; ++q) {
+      wt_f[q * ld + c] = w[c * k + q];
+      wt_b[q * ld + c] = F32ToBF16(w[c * k + q]);
+    }
+  }
+  for (const Level& level : HostLevels()) {
+    SCOPED_TRACE(level.name);
+    std::vector<float> want(m * n);
+    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
+    for (int64_t split = 0; split <= NumPanels(n); ++split) {
+      const int64_t ldy = n + 3;
+      std::vector<float> y(m * ldy, -7.5f);
+      for (const auto& [pb, pe] : {std::pair{int64_t{0}, split}, std::pair{split, NumPanels(n)}}) {
+        Args a;
+        a.w = bf16 ? static_cast<const void*>(wt_b.data()) : wt_f.data();
+        a.bf16 = bf16;
+        a.n = n;
+        a.k = k;
+        a.pstride = kPanel;
+        a.kstride = ld;
+        a.x = x.data();
+        a.ldx = k;
+        a.y = y.data();
+        a.ldy = ldy;
+        a.m = m;
+        a.panel_begin = pb;
+        a.panel_end = pe;
+        level.fn(a);
+      }
+      for (int64_t r = 0; r < m; ++r) {
+        ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, want.data() + r * n, n * sizeof(float)))
+            << "row " << r << ", split at panel " << split;
+        for (int64_t c = n; c < ldy; ++c) ASSERT_EQ(y[r * ldy + c], -7.5f) << c;
+      }
+    }
   }
 }
 

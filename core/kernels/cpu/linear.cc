@@ -623,6 +623,12 @@ GemmFn Gemm() {
   return fn;
 }
 
+}  // namespace
+
+gemm::Fn gemm::Best() { return Gemm(); }
+
+namespace {
+
 void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
                       int64_t ldy) {
   const int64_t k = im.k, n = im.n;

@@ -1,0 +1,142 @@
+#include "core/kernels/cpu/mla_attend.h"
+
+#include <omp.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <vector>
+
+#include "core/kernels/cpu/gemm.h"
+
+namespace dmoe::core {
+namespace {
+
+struct Scratch {
+  std::vector<float> packed_q, scores, probs, tail;
+  float* Get(std::vector<float>& v, size_t n) {
+    if (v.size() < n) v.resize(n);
+    return v.data();
+  }
+};
+thread_local Scratch t_scratch;
+
+// Splits [0, n) into `parts` near-equal ranges; range i.
+inline void Range(int64_t n, int parts, int i, int64_t* b, int64_t* e) {
+  *b = n * i / parts;
+  *e = n * (i + 1) / parts;
+}
+
+// Runs body(i, parts) for i < parts on the OpenMP team, or once on this thread.
+template <typename F>
+void Split(bool parallel, const F& body) {
+  if (parallel && !omp_in_parallel() && omp_get_max_threads() > 1) {
+#pragma omp parallel
+    body(omp_get_thread_num(), omp_get_num_threads());
+  } else {
+    body(0, 1);
+  }
+}
+
+}  // namespace
+
+void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* cache, int64_t len,
+                    float* ctx, int64_t ldctx, bool parallel) {
+  const int64_t H = shape.heads, rank = shape.rank, width = shape.width;
+  if (H <= 0 || len <= 0) return;
+  const gemm::Fn run = gemm::Best();
+  Scratch& s = t_scratch;
+  // Queries as the GEMM's packed "weights": scores^T [len, H] = cache · q^T.
+  float* packed_q = s.Get(s.packed_q, gemm::PackedElems(H, width));
+  gemm::PackF32(q, H, width, packed_q);
+  float* st = s.Get(s.scores, static_cast<size_t>(len * H));
+  float* probs = s.Get(s.probs, static_cast<size_t>(H * len));
+  // c_kv columns past the last whole panel, copied into one zero-padded panel.
+  const int64_t full = rank / gemm::kPanel * gemm::kPanel, tail = rank - full;
+  float* tail_panel = nullptr;
+  if (tail > 0) {
+    tail_panel = s.Get(s.tail, static_cast<size_t>(len * gemm::kPanel));
+    for (int64_t j = 0; j < len; ++j) {
+      float* dst = tail_panel + j * gemm::kPanel;
+      std::memcpy(dst, cache + j * width + full, tail * sizeof(float));
+      std::fill(dst + tail, dst + gemm::kPanel, 0.0f);
+    }
+  }
+  const int64_t full_panels = full / gemm::kPanel;
+  const int64_t ctx_parts = full_panels + (tail > 0 ? 1 : 0);
+  Split(parallel, [&](int id, int nt) {
+    int64_t b, e;
+    // Scores: rows (cache positions) split over threads.
+    Range(len, nt, id, &b, &e);
+    if (e > b) {
+      gemm::Args a;
+      a.w = packed_q;
+      a.n = H;
+      a.k = width;
+      a.x = cache + b * width;
+      a.ldx = width;
+      a.y = st + b * H;
+      a.ldy = H;
+      a.m = e - b;
+      a.panel_end = gemm::NumPanels(H);
+      run(a);
+    }
+    if (nt > 1) {
+#pragma omp barrier
+    }
+    // Softmax per head into probs [H, len].
+    Range(H, nt, id, &b, &e);
+    for (int64_t h = b; h < e; ++h) {
+      float* p = probs + h * len;
+      float mx = -INFINITY;
+      for (int64_t j = 0; j < len; ++j) {
+        p[j] = st[j * H + h] * shape.scale;
+        mx = std::max(mx, p[j]);
+      }
+      double sum = 0;
+      for (int64_t j = 0; j < len; ++j) {
+        p[j] = std::exp(p[j] - mx);
+        sum += p[j];
+      }
+      const float inv = static_cast<float>(1.0 / sum);
+      for (int64_t j = 0; j < len; ++j) p[j] *= inv;
+    }
+    if (nt > 1) {
+#pragma omp barrier
+    }
+    // Context: ctx [H, rank] = probs · c_kv, c_kv read in place as W^T.
+    Range(ctx_parts, nt, id, &b, &e);
+    const int64_t fe = std::min(e, full_panels);
+    if (fe > b) {
+      gemm::Args a;
+      a.w = cache;
+      a.n = full;
+      a.k = len;
+      a.pstride = gemm::kPanel;
+      a.kstride = width;
+      a.x = probs;
+      a.ldx = len;
+      a.y = ctx;
+      a.ldy = ldctx;
+      a.m = H;
+      a.panel_begin = b;
+      a.panel_end = fe;
+      run(a);
+    }
+    if (tail > 0 && e == ctx_parts && e > b) {
+      gemm::Args a;
+      a.w = tail_panel;
+      a.n = tail;
+      a.k = len;
+      a.x = probs;
+      a.ldx = len;
+      a.y = ctx + full;
+      a.ldy = ldctx;
+      a.m = H;
+      a.panel_end = 1;
+      run(a);
+    }
+  });
+}
+
+}  // namespace dmoe::core
