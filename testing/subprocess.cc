@@ -11,6 +11,7 @@
 #include <filesystem>
 #include <fstream>
 #include <sstream>
+#include <string_view>
 #include <thread>
 
 #include "testing/files.h"
@@ -47,9 +48,21 @@ std::string BinDir() {
 
 ChildProcess::~ChildProcess() { Kill(SIGKILL); }
 
-bool ChildProcess::Start(const std::vector<std::string>& argv, const std::string& log_path) {
+bool ChildProcess::Start(const std::vector<std::string>& argv, const std::string& log_path,
+                         const std::vector<std::string>& env) {
   log_path_ = log_path;
   std::vector<char*> args = Argv(argv);  // before fork: no allocation after it
+  // The child's environment: ours, with `env`'s names replaced or added.
+  std::vector<char*> envp;
+  for (char** e = environ; *e != nullptr; ++e) {
+    const std::string_view entry(*e);
+    const std::string_view name = entry.substr(0, entry.find('='));
+    bool replaced = false;
+    for (const std::string& o : env) replaced |= o.substr(0, o.find('=')) == name;
+    if (!replaced) envp.push_back(*e);
+  }
+  for (const std::string& o : env) envp.push_back(const_cast<char*>(o.c_str()));
+  envp.push_back(nullptr);
   const pid_t parent = getpid();
   pid_ = fork();
   if (pid_ < 0) return false;
@@ -61,7 +74,7 @@ bool ChildProcess::Start(const std::vector<std::string>& argv, const std::string
       dup2(fd, 1);
       dup2(fd, 2);
     }
-    execv(args[0], args.data());
+    execve(args[0], args.data(), envp.data());
     _exit(127);
   }
   return true;

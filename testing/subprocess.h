@@ -4,8 +4,10 @@
 //   BinDir()          $DMOE_BIN_DIR (ctest sets it to build/bin), else
 //                     "build/bin".
 //   ChildProcess      one long-running child (a server):
-//     Start(argv, log)  forks and execv()s argv[0] (a path; PATH is not
-//                       searched) with stdout and stderr appended to `log`.
+//     Start(argv, log, env)  forks and execs argv[0] (a path; PATH is not
+//                       searched) with stdout and stderr appended to `log`,
+//                       in this process's environment plus `env`
+//                       ("NAME=VALUE" entries, replacing NAME if set).
 //                       The child is SIGKILLed when the test process dies
 //                       (PR_SET_PDEATHSIG), so a crashed test leaves no server
 //                       behind. False only when fork fails; a failed exec shows
@@ -50,7 +52,8 @@ class ChildProcess {
   ChildProcess& operator=(const ChildProcess&) = delete;
   ~ChildProcess();
 
-  bool Start(const std::vector<std::string>& argv, const std::string& log_path);
+  bool Start(const std::vector<std::string>& argv, const std::string& log_path,
+             const std::vector<std::string>& env = {});
   int Kill(int sig, std::chrono::milliseconds wait = std::chrono::seconds(20));
   int Wait(std::chrono::milliseconds wait);
   bool Running() const;

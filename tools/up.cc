@@ -22,6 +22,7 @@
 #include "absl/strings/str_cat.h"
 #include "absl/strings/str_join.h"
 #include "common/args.h"
+#include "common/colocation.h"
 #include "core/status.h"
 #include "nlohmann/json.hpp"
 #include "tools/commands.h"
@@ -251,6 +252,13 @@ absl::Status Up(const Args& args) {
   }
   signal(SIGINT, OnSignal);
   signal(SIGTERM, OnSignal);
+  // Every process shares this machine's cores: a short OpenMP spin for all
+  // of them (inherited), unless the user's environment chooses (colocation.h).
+  if (const std::string spin = ColocatedSpinEnv(); !spin.empty()) {
+    const size_t eq = spin.find('=');
+    setenv(spin.substr(0, eq).c_str(), spin.substr(eq + 1).c_str(), /*overwrite=*/0);
+    std::printf("%s for the cluster's processes (they share this machine's cores)\n", spin.c_str());
+  }
 
   std::vector<Child> children;
   absl::Status status;

@@ -25,14 +25,31 @@ std::string ReadAll(const std::string& path) {
 
 }  // namespace
 
+std::string ClusterConfig::SpinNote() const {
+  const std::vector<std::string> env = SpinEnv();
+  return env.empty() ? "" : absl::StrCat(", ", absl::StrJoin(env, " "));
+}
+
 std::string ClusterConfig::Describe() const {
   if (servers == 0) {
     return absl::StrCat(name, ": one process (router computes the experts, ", dtype, ", threads ",
-                        router_threads == 0 ? "all" : std::to_string(router_threads), ")");
+                        router_threads == 0 ? "all" : std::to_string(router_threads), SpinNote(),
+                        ")");
   }
   return absl::StrCat(name, ": router + ", servers, " expert servers (", expert_threads,
                       " thread(s) each), shared expert on ", shared_expert, ", wire ", wire_dtype,
-                      ", micro-batches ", micro_batches, ", ", dtype);
+                      ", micro-batches ", micro_batches, ", ", dtype, SpinNote());
+}
+
+std::vector<std::string> ClusterConfig::SpinEnv() const {
+  if (spin == "default" || (spin == "auto" && servers == 0)) return {};
+  if (spin == "passive") return {"OMP_WAIT_POLICY=passive"};
+  if (spin == "auto") {
+    const std::string env = ColocatedSpinEnv();
+    if (env.empty()) return {};
+    return {env};
+  }
+  return {absl::StrCat("GOMP_SPINCOUNT=", spin)};
 }
 
 absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
@@ -77,10 +94,15 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
     } else if (key == "dtype") {
       if (value != "f32" && value != "bf16") return bad("f32 or bf16");
       c.dtype = value;
+    } else if (key == "spin") {
+      if (value != "auto" && value != "default" && value != "passive" && (!is_int || n < 0)) {
+        return bad("auto, default, passive or a spin count >= 0");
+      }
+      c.spin = value;
     } else {
       return absl::InvalidArgumentError(
           absl::StrCat("configuration ", c.name, ": unknown key \"", key,
-                       "\" (servers, shared, wire, micro, threads, expert-threads, dtype)"));
+                       "\" (servers, shared, wire, micro, threads, expert-threads, dtype, spin)"));
     }
   }
   return c;
@@ -135,7 +157,7 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
                        std::to_string(s), "--num-servers", std::to_string(c.servers), "--port", "0",
                        "--port-file", port_file, "--dtype", c.dtype, "--threads",
                        std::to_string(c.expert_threads), "--metrics-port", "0"},
-                      log)) {
+                      log, c.SpinEnv())) {
       return absl::InternalError("cannot start dmoe-expert");
     }
     experts_.push_back(std::move(child));
@@ -168,7 +190,7 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
     }
   }
   router_ = std::make_unique<testing::ChildProcess>();
-  if (!router_->Start(argv, dir + "/router.log")) {
+  if (!router_->Start(argv, dir + "/router.log", c.SpinEnv())) {
     return absl::InternalError("cannot start dmoe-router");
   }
   absl::StatusOr<int> router_port =
@@ -190,7 +212,7 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
     gw.push_back("--tokenizer");
     gw.push_back(model_dir);
   }
-  if (!gateway_->Start(gw, dir + "/gateway.log")) {
+  if (!gateway_->Start(gw, dir + "/gateway.log", c.SpinEnv())) {
     return absl::InternalError("cannot start dmoe-gateway");
   }
   return WaitPort("dmoe-gateway", dir + "/gateway.port", *gateway_, dir + "/gateway.log");

@@ -7,8 +7,9 @@
 //     keys: servers (0 = one process: the router computes the experts), shared
 //     (expert|router), wire (auto|f32|bf16|fp8), micro (micro-batches),
 //     threads (router compute threads; 0 = all cores), expert-threads (per
-//     expert server), dtype (f32|bf16). InvalidArgument naming the key for an
-//     unknown key or a bad value.
+//     expert server), dtype (f32|bf16), spin (auto|default|passive|N: how
+//     long idle OpenMP threads spin, see ClusterConfig::SpinEnv). InvalidArgument
+//     naming the key for an unknown key or a bad value.
 //   EnsureModel(preset, layers, dir)
 //     `dir` when it holds config.json, else runs dmoe make-model --preset
 //     --layers --out dir (with the generated tokenizer) and returns it.
@@ -26,6 +27,7 @@
 #include <vector>
 
 #include "absl/status/statusor.h"
+#include "common/colocation.h"
 #include "testing/subprocess.h"
 
 namespace dmoe::bench::serve {
@@ -39,7 +41,18 @@ struct ClusterConfig {
   int router_threads = 0;
   int expert_threads = 1;
   std::string dtype = "bf16";
+  // "auto": processes that share the host's cores with others (servers > 0)
+  // get common/colocation.h's short spin (none when serve_bench's own
+  // environment sets GOMP_SPINCOUNT or OMP_WAIT_POLICY: the children inherit
+  // it), a lone process keeps libgomp's default; "default": libgomp's default
+  // everywhere; "passive": OMP_WAIT_POLICY=passive; N: GOMP_SPINCOUNT=N.
+  std::string spin = "auto";
   std::string Describe() const;
+  // The environment entries for every process of this configuration.
+  std::vector<std::string> SpinEnv() const;
+
+ private:
+  std::string SpinNote() const;
 };
 
 absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec);

@@ -1,12 +1,15 @@
 // serve_bench's parts without a server: the HTTP/SSE response parser on every
 // split of the bytes, the per-request record and the run summary (percentiles,
 // TPOT, goodput, failures), and the workload generator.
+#include <chrono>
 #include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <random>
 #include <string>
 #include <vector>
 
+#include "absl/strings/str_cat.h"
 #include "bench/serve/http_stream.h"
 #include "bench/serve/launcher.h"
 #include "bench/serve/stage_profile.h"
@@ -15,6 +18,7 @@
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 #include "nlohmann/json.hpp"
+#include "testing/subprocess.h"
 
 namespace dmoe::bench::serve {
 namespace {
@@ -272,6 +276,44 @@ TEST(ClusterConfig, ParsesKeysAndNamesBadOnes) {
   EXPECT_THAT(ParseClusterConfig("x:servers=-1").status().message(), HasSubstr("servers=-1"));
   EXPECT_THAT(ParseClusterConfig("x:colour=red").status().message(), HasSubstr("unknown key"));
   EXPECT_THAT(ParseClusterConfig(":servers=1").status().message(), HasSubstr("NAME:"));
+}
+
+TEST(ClusterConfig, SpinSettingsBecomeTheProcessesEnvironment) {
+  using ::testing::IsEmpty;
+  // auto: only processes that share the cores with others stop spinning early.
+  unsetenv("GOMP_SPINCOUNT");
+  unsetenv("OMP_WAIT_POLICY");
+  EXPECT_THAT(ParseClusterConfig("one:servers=0")->SpinEnv(), IsEmpty());
+  EXPECT_THAT(ParseClusterConfig("d:servers=2")->SpinEnv(),
+              ElementsAre(absl::StrCat("GOMP_SPINCOUNT=", kColocatedSpinCount)));
+  EXPECT_THAT(ParseClusterConfig("d:servers=2,spin=default")->SpinEnv(), IsEmpty());
+  EXPECT_THAT(ParseClusterConfig("d:servers=0,spin=passive")->SpinEnv(),
+              ElementsAre("OMP_WAIT_POLICY=passive"));
+  EXPECT_THAT(ParseClusterConfig("d:servers=0,spin=500")->SpinEnv(),
+              ElementsAre("GOMP_SPINCOUNT=500"));
+  EXPECT_THAT(ParseClusterConfig("d:servers=2")->Describe(), HasSubstr("GOMP_SPINCOUNT="));
+  // The user's own setting (inherited by the children) wins over auto.
+  ASSERT_EQ(setenv("OMP_WAIT_POLICY", "active", 1), 0);
+  EXPECT_THAT(ParseClusterConfig("d:servers=2")->SpinEnv(), IsEmpty());
+  unsetenv("OMP_WAIT_POLICY");
+  EXPECT_THAT(ParseClusterConfig("d:spin=sometimes").status().message(),
+              HasSubstr("spin=sometimes"));
+  EXPECT_THAT(ParseClusterConfig("d:spin=-1").status().message(), HasSubstr("spin count"));
+}
+
+// The launcher's processes get the configuration's environment on top of ours.
+TEST(ChildProcessEnv, OverridesAndAddsNamesKeepsTheRest) {
+  ASSERT_EQ(setenv("DMOE_TEST_KEEP", "kept", 1), 0);
+  ASSERT_EQ(setenv("DMOE_TEST_REPLACE", "old", 1), 0);
+  const std::string sh = testing::FindInPath("sh");
+  ASSERT_FALSE(sh.empty());
+  const std::string log = ::testing::TempDir() + "/child_env.log";
+  std::remove(log.c_str());
+  testing::ChildProcess child;
+  ASSERT_TRUE(child.Start({sh, "-c", "echo \"$DMOE_TEST_KEEP/$DMOE_TEST_REPLACE/$DMOE_TEST_NEW\""},
+                          log, {"DMOE_TEST_REPLACE=new", "DMOE_TEST_NEW=added"}));
+  EXPECT_EQ(child.Wait(std::chrono::seconds(20)), 0);
+  EXPECT_EQ(child.Log(), "kept/new/added\n");
 }
 
 TEST(StageProfile, ParsesTheRoutersCountersAndDiffsThem) {
