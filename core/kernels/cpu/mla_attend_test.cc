@@ -34,7 +34,8 @@ std::vector<double> Reference(const MlaAttendShape& s, const float* q, const flo
     double mx = -INFINITY;
     for (int64_t j = 0; j < len; ++j) {
       double d = 0;
-      for (int64_t i = 0; i < s.width; ++i) d += double{q[h * s.width + i]} * cache[j * s.width + i];
+      for (int64_t i = 0; i < s.width; ++i)
+        d += double{q[h * s.width + i]} * cache[j * s.width + i];
       p[j] = d * s.scale;
       mx = std::max(mx, p[j]);
     }
@@ -57,7 +58,9 @@ class MlaAttendTest : public ::testing::TestWithParam<Case> {};
 
 TEST_P(MlaAttendTest, MatchesFloat64Reference) {
   const Case c = GetParam();
-  const MlaAttendShape s{.heads = c.heads, .rank = c.rank, .width = c.rank + c.rope,
+  const MlaAttendShape s{.heads = c.heads,
+                         .rank = c.rank,
+                         .width = c.rank + c.rope,
                          .scale = 1.0f / std::sqrt(static_cast<float>(c.rank))};
   const auto q = Random(s.heads * s.width, 1);
   const auto cache = Random(c.len * s.width, 2);
@@ -80,8 +83,8 @@ TEST_P(MlaAttendTest, MatchesFloat64Reference) {
 
 TEST_P(MlaAttendTest, BitsDoNotDependOnThreadsRowsBeyondLenOrAddress) {
   const Case c = GetParam();
-  const MlaAttendShape s{.heads = c.heads, .rank = c.rank, .width = c.rank + c.rope,
-                         .scale = 0.125f};
+  const MlaAttendShape s{
+      .heads = c.heads, .rank = c.rank, .width = c.rank + c.rope, .scale = 0.125f};
   const auto q = Random(s.heads * s.width, 3);
   // The cache of a longer sequence: rows past len must not matter.
   auto cache = Random((c.len + 9) * s.width, 4);
@@ -121,8 +124,8 @@ TEST(MlaAttendEdgeTest, DominantScoreSelectsItsRow) {
   for (int64_t j = 0; j < 5; ++j) {
     for (int64_t i = 0; i < s.width; ++i) cache[j * s.width + i] = static_cast<float>(j + 1);
   }
-  q[0] = 100.0f;                 // head 0 prefers the largest row (j = 4)
-  q[s.width + 0] = -100.0f;      // head 1 the smallest (j = 0)
+  q[0] = 100.0f;             // head 0 prefers the largest row (j = 4)
+  q[s.width + 0] = -100.0f;  // head 1 the smallest (j = 0)
   std::vector<float> ctx(s.heads * s.rank);
   MlaAttendToken(s, q.data(), cache.data(), 5, ctx.data(), s.rank, true);
   for (int64_t i = 0; i < s.rank; ++i) {
@@ -133,7 +136,7 @@ TEST(MlaAttendEdgeTest, DominantScoreSelectsItsRow) {
 
 INSTANTIATE_TEST_SUITE_P(Shapes, MlaAttendTest,
                          ::testing::Values(Case{16, 32, 8, 1}, Case{16, 32, 8, 5},
-                                           Case{3, 40, 8, 23},   // a partial c_kv panel
+                                           Case{3, 40, 8, 23},     // a partial c_kv panel
                                            Case{17, 512, 64, 70},  // V2-Lite's row
                                            Case{16, 32, 8, 300}),
                          [](const auto& info) {
