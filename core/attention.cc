@@ -179,7 +179,7 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
     for (int64_t h = 0; h < H; ++h) rope_->Apply(q + (t * H + h) * qhd + nope, tokens.position[t]);
   }
   for (int64_t t = 0; t < T; ++t) {
-    float* dst = cache.LayerData(tokens.seq[t], layer_) + tokens.position[t] * width;
+    float* dst = cache.Row(tokens.seq[t], layer_, tokens.position[t]);
     std::memcpy(dst, kv + t * width, width * sizeof(float));
   }
   // Per-head queries in the cache's space: qcat [T, H, width] = [q_nope · W_uk | q_pe].
@@ -194,18 +194,32 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
   // Scores and the attention-weighted c_kv: ctx [T, H, rank].
   float* ctx = ctx_.Get(T * H * rank);
   const MlaAttendShape shape{.heads = H, .rank = rank, .width = width, .scale = scale};
+  // Each token's cache blocks in this layer, read where they lie.
+  const int64_t B = cache.block_tokens();
+  block_begin_.resize(T + 1);
+  block_ptrs_.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    block_begin_[t] = static_cast<int64_t>(block_ptrs_.size());
+    const std::vector<int32_t>& table = cache.BlockTable(tokens.seq[t]);
+    const int64_t nblocks = (tokens.position[t] + B) / B;  // covers positions [0, position]
+    for (int64_t i = 0; i < nblocks; ++i) block_ptrs_.push_back(cache.BlockRows(table[i], layer_));
+  }
+  block_begin_[T] = static_cast<int64_t>(block_ptrs_.size());
+  auto blocks_of = [&](int64_t t) {
+    return std::span<const float* const>(block_ptrs_.data() + block_begin_[t],
+                                         block_begin_[t + 1] - block_begin_[t]);
+  };
   const int threads = MaxThreads();
   if (T >= threads) {
 #pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
     for (int64_t t = 0; t < T; ++t) {
-      MlaAttendToken(shape, qcat + t * H * width, cache.LayerData(tokens.seq[t], layer_),
-                     tokens.position[t] + 1, ctx + t * H * rank, rank, /*parallel=*/false);
+      MlaAttendToken(shape, qcat + t * H * width, blocks_of(t), B, tokens.position[t] + 1,
+                     ctx + t * H * rank, rank, /*parallel=*/false);
     }
   } else {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t len = tokens.position[t] + 1;
-      MlaAttendToken(shape, qcat + t * H * width, cache.LayerData(tokens.seq[t], layer_), len,
-                     ctx + t * H * rank, rank,
+      MlaAttendToken(shape, qcat + t * H * width, blocks_of(t), B, len, ctx + t * H * rank, rank,
                      /*parallel=*/H * len * width >= kParallelWork);
     }
   }
@@ -234,7 +248,7 @@ void Attention::ForwardMha(const float* x, const TokenLayout& tokens, KvCache& c
     for (int64_t g = 0; g < kvh; ++g) rope_->Apply(kv + t * width + g * hd, tokens.position[t]);
   }
   for (int64_t t = 0; t < T; ++t) {
-    float* dst = cache.LayerData(tokens.seq[t], layer_) + tokens.position[t] * width;
+    float* dst = cache.Row(tokens.seq[t], layer_, tokens.position[t]);
     std::memcpy(dst, kv + t * width, width * sizeof(float));
   }
   int64_t max_len = 0;
@@ -245,14 +259,16 @@ void Attention::ForwardMha(const float* x, const TokenLayout& tokens, KvCache& c
   for (int64_t th = 0; th < T * H; ++th) {
     const int64_t t = th / H, h = th % H, g = h / group;
     const int64_t len = tokens.position[t] + 1;
-    const float* c = cache.LayerData(tokens.seq[t], layer_);
+    const int32_t seq = tokens.seq[t];
     const float* qh = q + (t * H + h) * hd;
     float* s = probs_all + static_cast<int64_t>(ThreadId()) * max_len;
-    for (int64_t j = 0; j < len; ++j) s[j] = Dot(qh, c + j * width + g * hd, hd) * scale;
+    for (int64_t j = 0; j < len; ++j) {
+      s[j] = Dot(qh, cache.Row(seq, layer_, j) + g * hd, hd) * scale;
+    }
     SoftmaxInPlace(s, len);
     float* o = attn + (t * H + h) * hd;
     std::fill(o, o + hd, 0.0f);
-    for (int64_t j = 0; j < len; ++j) Axpy(s[j], c + j * width + (kvh + g) * hd, o, hd);
+    for (int64_t j = 0; j < len; ++j) Axpy(s[j], cache.Row(seq, layer_, j) + (kvh + g) * hd, o, hd);
   }
   o_proj_.Forward(attn, T, out);
 }

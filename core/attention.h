@@ -61,6 +61,8 @@ class Attention {
   PackedLinear o_proj_;  // [hidden, H*v] (MLA) or [hidden, H*head_dim]
 
   Scratch q_, qa_, kv_, qc_, ctx_, attn_, probs_;
+  std::vector<const float*> block_ptrs_;  // per token: its cache blocks in this layer
+  std::vector<int64_t> block_begin_;      // [T + 1] offsets into block_ptrs_
 };
 
 }  // namespace dmoe::core

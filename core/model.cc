@@ -178,6 +178,11 @@ absl::Status Model::Forward(std::span<const SeqInput> batch, KvCache& cache,
       ++tokens.num_tokens;
     }
   }
+  // Blocks for the new positions (within each sequence's reservation, checked above).
+  for (const SeqInput& in : batch) {
+    DMOE_RETURN_IF_ERROR(
+        cache.Grow(in.seq, cache.Length(in.seq) + static_cast<int64_t>(in.tokens.size())));
+  }
   stages_.Clear();
   StageClock clock(&stages_);
   const int64_t T = tokens.num_tokens;

@@ -133,8 +133,9 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
           Gauge(registry, "moe_router_queued_requests", "Requests waiting for admission").Add({})),
       kv_free_(
           Gauge(registry, "moe_router_kv_cache_free_bytes", "KV cache bytes not reserved").Add({})),
-      kv_budget_(
-          Gauge(registry, "moe_router_kv_cache_budget_bytes", "KV cache budget in bytes").Add({})),
+      kv_budget_(Gauge(registry, "moe_router_kv_cache_budget_bytes",
+                       "KV cache bytes usable: the whole blocks of the --kv-cache-bytes budget")
+                     .Add({})),
       steps_(Counter(registry, "moe_router_steps_total", "Scheduler steps (model forwards) run")
                  .Add({})),
       failed_steps_(Counter(registry, "moe_router_failed_steps_total",

@@ -87,6 +87,8 @@ void DeclareRouterFlags(common::Args& args) {
             "auto")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
+      .Flag("kv-block-tokens", "N",
+            "tokens per KV cache block (sequences take whole blocks as they grow), 1..4096", "16")
       .Flag("max-batch-tokens", "N", "tokens per scheduler step (decodes + prefill chunks)", "2048")
       .Flag("max-queue", "N", "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
       .Flag("micro-batches", "N",
@@ -244,6 +246,7 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
   c.threads = static_cast<int>(threads);
   DMOE_ASSIGN_OR_RETURN(int64_t kv, IntIn(args, "kv-cache-bytes", 1, INT64_MAX));
   c.sched.kv_cache_bytes = static_cast<size_t>(kv);
+  DMOE_ASSIGN_OR_RETURN(c.sched.kv_block_tokens, IntIn(args, "kv-block-tokens", 1, 4096));
   DMOE_ASSIGN_OR_RETURN(c.sched.max_batch_tokens, IntIn(args, "max-batch-tokens", 1, 1 << 24));
   DMOE_ASSIGN_OR_RETURN(c.sched.max_queue, IntIn(args, "max-queue", 1, 1 << 24));
   DMOE_ASSIGN_OR_RETURN(int64_t micro, IntIn(args, "micro-batches", 1, 64));

@@ -256,6 +256,15 @@ bool WaitForLoad(v1::RouterService::Stub& stub,
 
 size_t BytesPerToken(const core::ModelConfig& cfg) { return core::KvCache(cfg, 0).BytesPerToken(); }
 
+// The KV bytes a router with `o` can hand out: the whole blocks of its budget.
+size_t UsableKvBytes(const std::string& model_dir, const SchedulerOptions& o) {
+  auto cfg = core::ModelConfig::FromFile(model_dir + "/config.json");
+  EXPECT_TRUE(cfg.ok()) << cfg.status();
+  if (!cfg.ok()) return 0;
+  const core::KvCache cache(*cfg, o.kv_cache_bytes, o.kv_block_tokens);
+  return static_cast<size_t>(cache.total_blocks()) * cache.BlockBytes();
+}
+
 TEST(RouterServer, ForwardLogitsEqualDirectModel) {
   const std::string dir = testing::MakeModel("tiny-v3", 3);
   auto router = StartRouter(dir, {});
@@ -295,7 +304,10 @@ TEST(RouterServer, ForwardLogitsEqualDirectModel) {
   }
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.active_sequences(), 0u);
-  EXPECT_EQ(load.kv_cache_free_bytes(), SchedulerOptions{}.kv_cache_bytes);
+  // Idle: every whole block of --kv-cache-bytes is free.
+  const size_t block_bytes = BytesPerToken(direct->config()) * core::KvCache::kDefaultBlockTokens;
+  EXPECT_EQ(load.kv_cache_free_bytes(),
+            SchedulerOptions{}.kv_cache_bytes / block_bytes * block_bytes);
 }
 
 TEST(RouterServer, GenerateGreedyEqualsDirectLoop) {
@@ -417,7 +429,7 @@ TEST(RouterServer, SixteenConcurrentStreamsEachEqualRunningAlone) {
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.active_sequences(), 0u);
   EXPECT_EQ(load.queued_requests(), 0u);
-  EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
+  EXPECT_EQ(load.kv_cache_free_bytes(), UsableKvBytes(dir, opts));
 }
 
 TEST(RouterServer, ClientCancelFreesTheSequence) {
@@ -437,8 +449,9 @@ TEST(RouterServer, ClientCancelFreesTheSequence) {
   EXPECT_EQ(got.status.error_code(), grpc::StatusCode::CANCELLED);
   EXPECT_GE(got.tokens.size(), 3u);
   EXPECT_LT(got.tokens.size(), 1000u);
+  const size_t usable = UsableKvBytes(dir, opts);
   EXPECT_TRUE(WaitForLoad(*router->stub, [&](const v1::RouterLoadResponse& l) {
-    return l.active_sequences() == 0 && l.kv_cache_free_bytes() == opts.kv_cache_bytes;
+    return l.active_sequences() == 0 && l.kv_cache_free_bytes() == usable;
   })) << "the cancelled sequence still holds its KV cache";
 
   // The router still serves.
@@ -500,6 +513,7 @@ TEST(RouterServer, OverloadAndOversizedRequestsAreResourceExhausted) {
   auto control = std::make_shared<FaultControl>();
   SchedulerOptions opts;
   opts.kv_cache_bytes = 40 * bpt;  // one request of 34 tokens at a time
+  opts.kv_block_tokens = 1;        // token-exact sizes in the messages below
   opts.max_queue = 1;
   auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);
@@ -538,7 +552,7 @@ TEST(RouterServer, OverloadAndOversizedRequestsAreResourceExhausted) {
   EXPECT_EQ(got_a.tokens, DirectGenerate(*direct, prompt_a, 30, {}, true).tokens);
   EXPECT_EQ(got_b.tokens, DirectGenerate(*direct, prompt_b, 30, {}, true).tokens);
   auto load = GetLoad(*router->stub);
-  EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
+  EXPECT_EQ(load.kv_cache_free_bytes(), UsableKvBytes(dir, opts));
 }
 
 TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
@@ -601,7 +615,7 @@ TEST(RouterServer, ExpertFailureFailsOnlyTheSequencesOfThatStep) {
   EXPECT_EQ(got_d.tokens, DirectGenerate(*direct, prompt_d, 8).tokens);
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.active_sequences(), 0u);
-  EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
+  EXPECT_EQ(load.kv_cache_free_bytes(), UsableKvBytes(dir, opts));
 }
 
 // An expert failure that names its tokens ends only their sequences; the
@@ -647,7 +661,7 @@ TEST(RouterServer, ExpertFailureOfSomeTokensFailsOnlyTheirSequences) {
   EXPECT_EQ(ok.tokens, DirectGenerate(*direct, a_failed ? prompt_b : prompt_a, 30).tokens);
   auto load = GetLoad(*router->stub);
   EXPECT_EQ(load.active_sequences(), 0u);
-  EXPECT_EQ(load.kv_cache_free_bytes(), opts.kv_cache_bytes);
+  EXPECT_EQ(load.kv_cache_free_bytes(), UsableKvBytes(dir, opts));
 }
 
 TEST(RouterServer, ShutdownEndsStreamsWithUnavailable) {

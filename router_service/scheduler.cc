@@ -64,8 +64,8 @@ Scheduler::Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions option
     : options_(options),
       model_(std::move(model)),
       bytes_per_token_(core::KvCache(model_->config(), 0).BytesPerToken()),
-      cache_(model_->config(), options.kv_cache_bytes) {
-  kv_free_ = options.kv_cache_bytes;
+      cache_(model_->config(), options.kv_cache_bytes, options.kv_block_tokens) {
+  kv_free_ = FreeKvBytes();
 }
 
 Scheduler::~Scheduler() { Shutdown(absl::ZeroDuration()); }
@@ -85,12 +85,17 @@ absl::Status Scheduler::ValidateTokens(std::span<const int32_t> tokens, const ch
 }
 
 absl::Status Scheduler::CheckFitsBudget(int64_t tokens, const std::string& what) const {
-  const size_t need = static_cast<size_t>(tokens) * bytes_per_token_;
-  if (need > options_.kv_cache_bytes) {
-    return absl::ResourceExhaustedError(absl::StrCat(
-        "request needs ", need, " bytes of KV cache (", what, " = ", tokens, " tokens x ",
-        bytes_per_token_, " bytes), more than the router's whole KV cache budget of ",
-        options_.kv_cache_bytes, " bytes (--kv-cache-bytes)"));
+  // Whole blocks: the bytes a sequence of `tokens` reserves, against the
+  // blocks the budget holds.
+  const size_t need = cache_.ReserveBytes(tokens);
+  const size_t usable = static_cast<size_t>(cache_.total_blocks()) * cache_.BlockBytes();
+  if (need > usable) {
+    return absl::ResourceExhaustedError(
+        absl::StrCat("request needs ", need, " bytes of KV cache (", what, " = ", tokens,
+                     " tokens x ", bytes_per_token_, " bytes, in blocks of ", cache_.block_tokens(),
+                     " tokens), more than the router's whole KV cache of ", usable, " bytes (",
+                     cache_.total_blocks(), " blocks in the --kv-cache-bytes budget of ",
+                     options_.kv_cache_bytes, " bytes)"));
   }
   return absl::OkStatus();
 }
@@ -178,7 +183,7 @@ SchedulerLoad Scheduler::GetLoad() const {
   load.active_sequences = active_;
   load.queued_requests = static_cast<int64_t>(queue_.size());
   load.kv_cache_free_bytes = kv_free_;
-  load.kv_cache_budget_bytes = options_.kv_cache_bytes;
+  load.kv_cache_budget_bytes = static_cast<size_t>(cache_.total_blocks()) * cache_.BlockBytes();
   load.steps = steps_;
   load.step_tokens = step_tokens_;
   load.failed_steps = failed_steps_;
@@ -224,9 +229,9 @@ bool Scheduler::Admit() {
       }
     }
     // Strict FIFO: the head waits for room, and everything behind it waits too.
-    size_t free = cache_.budget_bytes() - cache_.used_bytes();
+    size_t free = FreeKvBytes();
     while (!stop && !queue_.empty()) {
-      const size_t need = static_cast<size_t>(queue_.front()->Capacity()) * bytes_per_token_;
+      const size_t need = cache_.ReserveBytes(queue_.front()->Capacity());
       if (need > free) break;
       free -= need;
       admitted.push_back(std::move(queue_.front()));
@@ -412,7 +417,7 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
     absl::MutexLock l(&mu_);
     live_.erase(r->id);
     if (admitted) --active_;
-    kv_free_ = cache_.budget_bytes() - cache_.used_bytes();
+    kv_free_ = FreeKvBytes();
   }
   if (r->is_forward) {
     if (!r->forward_done) return;
@@ -428,7 +433,11 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
 
 void Scheduler::PublishLoad() {
   absl::MutexLock l(&mu_);
-  kv_free_ = cache_.budget_bytes() - cache_.used_bytes();
+  kv_free_ = FreeKvBytes();
+}
+
+size_t Scheduler::FreeKvBytes() const {
+  return static_cast<size_t>(cache_.free_blocks()) * cache_.BlockBytes();
 }
 
 }  // namespace dmoe::router

@@ -49,9 +49,10 @@
 namespace dmoe::router {
 
 struct SchedulerOptions {
-  size_t kv_cache_bytes = size_t{1} << 30;  // KV cache budget
-  int64_t max_batch_tokens = 2048;          // tokens per step (decodes + prefill chunks)
-  int64_t max_queue = 256;                  // requests waiting for admission, at most
+  size_t kv_cache_bytes = size_t{1} << 30;                       // KV cache budget
+  int64_t kv_block_tokens = core::KvCache::kDefaultBlockTokens;  // tokens per KV block
+  int64_t max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks)
+  int64_t max_queue = 256;          // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
   std::function<void(absl::Duration)> on_step;
   // Called on the scheduler thread after each successful step with where its
@@ -153,13 +154,17 @@ class Scheduler {
   // Frees `r`'s cache, unregisters it and makes its terminal callback.
   void Finish(std::unique_ptr<Request> r, const absl::Status& status);
   void PublishLoad();
+  // Bytes of the blocks no sequence has reserved.
+  size_t FreeKvBytes() const;
 
   // Const after construction.
   const SchedulerOptions options_;
   const std::unique_ptr<core::Model> model_;
   const size_t bytes_per_token_;
 
-  // Scheduler thread only.
+  // Scheduler thread only, except the cache's geometry (block_tokens,
+  // total_blocks, BlockBytes, ReserveBytes), which is const after construction
+  // and read by Submit* on any thread.
   core::KvCache cache_;
   std::vector<std::unique_ptr<Request>> running_;  // admission order
   std::vector<core::SeqInput> batch_;              // per-step scratch

@@ -83,9 +83,11 @@ class Timeline {
 
 class SchedulerTest : public ::testing::Test {
  protected:
-  // A scheduler over the real model with a KV budget of `kv_tokens` tokens.
-  void Start(int64_t kv_tokens, int64_t max_batch_tokens) {
+  // A scheduler over the real model with a KV budget of `kv_tokens` tokens,
+  // in blocks of `block_tokens` (1: admission is token-exact).
+  void Start(int64_t kv_tokens, int64_t max_batch_tokens, int64_t block_tokens = 1) {
     if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
+    block_tokens_ = block_tokens;
     scheduler_ = Create(kv_tokens, max_batch_tokens, &timeline_);
     ASSERT_NE(scheduler_, nullptr);
   }
@@ -101,6 +103,7 @@ class SchedulerTest : public ::testing::Test {
     SchedulerOptions o;
     o.kv_cache_bytes = static_cast<size_t>(kv_tokens) * bytes_per_token_;
     o.max_batch_tokens = max_batch_tokens;
+    o.kv_block_tokens = block_tokens_;
     o.on_step = [timeline](absl::Duration) { timeline->Step(); };
     o.on_step_stages = [this](const core::StageTimes& t, bool prefill) {
       absl::MutexLock l(&stages_mu_);
@@ -148,6 +151,7 @@ class SchedulerTest : public ::testing::Test {
   }
 
   std::string dir_;
+  int64_t block_tokens_ = 1;
   size_t bytes_per_token_ = 0;
   absl::Mutex stages_mu_;
   std::vector<std::pair<core::StageTimes, bool>> stages_ ABSL_GUARDED_BY(stages_mu_);
@@ -337,8 +341,8 @@ TEST_F(SchedulerTest, RequestLargerThanTheKvBudgetIsRefusedAndOthersRun) {
                        HasSubstr(absl::StrCat(
                            "request needs ", 12 * bpt,
                            " bytes of KV cache (4 prompt + 8 max_tokens = 12 tokens x ", bpt,
-                           " bytes), more than the router's whole KV cache "
-                           "budget of ",
+                           " bytes, in blocks of 1 tokens), more than the router's whole KV "
+                           "cache of ",
                            10 * bpt, " bytes"))));
   EXPECT_THAT(scheduler_->SubmitForward(
                   std::vector<int32_t>(11, 3), false,
@@ -347,7 +351,7 @@ TEST_F(SchedulerTest, RequestLargerThanTheKvBudgetIsRefusedAndOthersRun) {
                        HasSubstr(absl::StrCat("request needs ", 11 * bpt,
                                               " bytes of KV cache (11 prompt tokens = "
                                               "11 tokens x ",
-                                              bpt, " bytes)"))));
+                                              bpt, " bytes, in blocks of 1 tokens)"))));
 
   // Exactly the budget: runs, one at a time.
   ASSERT_THAT(Generate("A", {60, 61}, 8), IsOk());
@@ -362,6 +366,34 @@ TEST_F(SchedulerTest, RequestLargerThanTheKvBudgetIsRefusedAndOthersRun) {
   EXPECT_THAT(tokens[8], HasSubstr(":B#0"));
   EXPECT_THAT(tokens.back(), HasSubstr(":B#5"));
   EXPECT_EQ(scheduler_->GetLoad().kv_cache_free_bytes, 10 * bpt);
+}
+
+// With blocks of 16 tokens a sequence reserves whole blocks: 17 tokens take
+// two, so two such requests cannot share a 3-block cache, and a request over
+// the blocks the budget holds is refused naming them.
+TEST_F(SchedulerTest, ReservationsAreWholeBlocks) {
+  Start(/*kv_tokens=*/50, /*max_batch_tokens=*/64,
+        /*block_tokens=*/16);  // 3 blocks, 2 tokens' bytes over
+  const size_t bpt = bytes_per_token_;
+  EXPECT_EQ(scheduler_->GetLoad().kv_cache_budget_bytes, 48 * bpt);
+  EXPECT_EQ(scheduler_->GetLoad().kv_cache_free_bytes, 48 * bpt);
+  EXPECT_THAT(Generate("big", {1, 2, 3}, 46),  // 49 tokens: 4 blocks
+              StatusIs(absl::StatusCode::kResourceExhausted,
+                       HasSubstr(absl::StrCat("request needs ", 64 * bpt,
+                                              " bytes of KV cache (3 prompt + 46 max_tokens = 49 "
+                                              "tokens x ",
+                                              bpt,
+                                              " bytes, in blocks of 16 tokens), more than "
+                                              "the router's whole KV cache of ",
+                                              48 * bpt, " bytes (3 blocks"))));
+  ASSERT_THAT(Generate("A", {60, 61}, 15), IsOk());  // 17 tokens: 2 blocks
+  ASSERT_THAT(Generate("B", {60, 61}, 15), IsOk());  // waits for A's blocks
+  ASSERT_TRUE(timeline_.WaitDone(2));
+  const std::vector<std::string> tokens = timeline_.tokens();
+  ASSERT_EQ(tokens.size(), 30u);
+  EXPECT_THAT(tokens[14], HasSubstr(":A#14"));  // A ran alone to its end
+  EXPECT_THAT(tokens[15], HasSubstr(":B#0"));
+  EXPECT_EQ(scheduler_->GetLoad().kv_cache_free_bytes, 48 * bpt);
 }
 
 }  // namespace

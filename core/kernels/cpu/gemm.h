@@ -55,6 +55,9 @@ struct Args {
   // row-major as [k, ld] with n % 16 == 0 runs in place with pstride = 16,
   // kstride = ld.
   int64_t pstride = 0, kstride = 0;
+  // Each output's chain starts from its value in y instead of 0: running K in
+  // parts, one after another, gives the bits of one run over the whole K.
+  bool accumulate = false;
 };
 
 using Fn = void (*)(const Args&);

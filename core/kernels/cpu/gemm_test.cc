@@ -3,6 +3,7 @@
 // splits and levels, and never writing past column n.
 #include "core/kernels/cpu/gemm.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <random>
@@ -223,6 +224,56 @@ TEST_P(GemmTest, StridedInPlaceLayoutGivesThePackedBits) {
         ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, want.data() + r * n, n * sizeof(float)))
             << "row " << r << ", split at panel " << split;
         for (int64_t c = n; c < ldy; ++c) ASSERT_EQ(y[r * ldy + c], -7.5f) << c;
+      }
+    }
+  }
+}
+
+// K run in parts one after another, each continuing from y (accumulate),
+// gives the bits of one run over the whole K, at any split, with N tails.
+TEST_P(GemmTest, KInPartsWithAccumulateGivesOneRunsBits) {
+  const bool bf16 = GetParam();
+  const int64_t n = 45, k = 130;  // a partial last panel
+  const auto w = Random(n * k, 31, bf16);
+  const Packed p = Pack(w, n, k);
+  std::mt19937 rng(5);
+  for (const Level& level : HostLevels()) {
+    SCOPED_TRACE(level.name);
+    for (int64_t m : {1, 4, 7, 19}) {
+      const auto x = Random(m * k, 32 + m, bf16);
+      std::vector<float> want(m * n);
+      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
+      for (int trial = 0; trial < 6; ++trial) {
+        std::vector<int64_t> cuts = {0, k};
+        for (int c = 0; c < trial; ++c) cuts.push_back(1 + rng() % (k - 1));
+        std::sort(cuts.begin(), cuts.end());
+        const int64_t ldy = n + 2;
+        std::vector<float> y(m * ldy, 123.0f);  // overwritten by the first part
+        for (size_t c = 0; c + 1 < cuts.size(); ++c) {
+          const int64_t k0 = cuts[c], k1 = cuts[c + 1];
+          if (k1 == k0) continue;
+          Args a;
+          a.bf16 = bf16;
+          a.w = bf16 ? static_cast<const void*>(p.bf16.data() + k0 * kPanel)
+                     : static_cast<const void*>(p.f32.data() + k0 * kPanel);
+          a.pstride = k * kPanel;
+          a.kstride = kPanel;
+          a.n = n;
+          a.k = k1 - k0;
+          a.x = x.data() + k0;
+          a.ldx = k;
+          a.y = y.data();
+          a.ldy = ldy;
+          a.m = m;
+          a.panel_end = NumPanels(n);
+          a.accumulate = k0 > 0;
+          level.fn(a);
+        }
+        for (int64_t r = 0; r < m; ++r) {
+          ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, want.data() + r * n, n * sizeof(float)))
+              << "m=" << m << " row " << r << " with " << cuts.size() - 1 << " parts";
+          for (int64_t c = n; c < ldy; ++c) ASSERT_EQ(y[r * ldy + c], 123.0f);
+        }
       }
     }
   }

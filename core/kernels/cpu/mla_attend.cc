@@ -40,10 +40,12 @@ void Split(bool parallel, const F& body) {
 
 }  // namespace
 
-void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* cache, int64_t len,
+void MlaAttendToken(const MlaAttendShape& shape, const float* q,
+                    std::span<const float* const> blocks, int64_t block_tokens, int64_t len,
                     float* ctx, int64_t ldctx, bool parallel) {
-  const int64_t H = shape.heads, rank = shape.rank, width = shape.width;
-  if (H <= 0 || len <= 0) return;
+  const int64_t H = shape.heads, rank = shape.rank, width = shape.width, B = block_tokens;
+  if (H <= 0 || len <= 0 || B <= 0) return;
+  const int64_t nblocks = (len + B - 1) / B;
   const gemm::Fn run = gemm::Best();
   Scratch& s = t_scratch;
   // Queries as the GEMM's packed "weights": scores^T [len, H] = cache · q^T.
@@ -51,14 +53,16 @@ void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* ca
   gemm::PackF32(q, H, width, packed_q);
   float* st = s.Get(s.scores, static_cast<size_t>(len * H));
   float* probs = s.Get(s.probs, static_cast<size_t>(H * len));
-  // c_kv columns past the last whole panel, copied into one zero-padded panel.
+  auto rows_of = [&](int64_t i) { return std::min(B, len - i * B); };
+  // c_kv columns past the last whole panel, copied into one zero-padded panel
+  // (only for a rank that is not a multiple of 16).
   const int64_t full = rank / gemm::kPanel * gemm::kPanel, tail = rank - full;
   float* tail_panel = nullptr;
   if (tail > 0) {
     tail_panel = s.Get(s.tail, static_cast<size_t>(len * gemm::kPanel));
     for (int64_t j = 0; j < len; ++j) {
       float* dst = tail_panel + j * gemm::kPanel;
-      std::memcpy(dst, cache + j * width + full, tail * sizeof(float));
+      std::memcpy(dst, blocks[j / B] + (j % B) * width + full, tail * sizeof(float));
       std::fill(dst + tail, dst + gemm::kPanel, 0.0f);
     }
   }
@@ -66,18 +70,18 @@ void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* ca
   const int64_t ctx_parts = full_panels + (tail > 0 ? 1 : 0);
   Split(parallel, [&](int id, int nt) {
     int64_t b, e;
-    // Scores: rows (cache positions) split over threads.
-    Range(len, nt, id, &b, &e);
-    if (e > b) {
+    // Scores: blocks of cache rows split over threads.
+    Range(nblocks, nt, id, &b, &e);
+    for (int64_t i = b; i < e; ++i) {
       gemm::Args a;
       a.w = packed_q;
       a.n = H;
       a.k = width;
-      a.x = cache + b * width;
+      a.x = blocks[i];
       a.ldx = width;
-      a.y = st + b * H;
+      a.y = st + i * B * H;
       a.ldy = H;
-      a.m = e - b;
+      a.m = rows_of(i);
       a.panel_end = gemm::NumPanels(H);
       run(a);
     }
@@ -104,26 +108,30 @@ void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* ca
     if (nt > 1) {
 #pragma omp barrier
     }
-    // Context: ctx [H, rank] = probs · c_kv, c_kv read in place as W^T.
+    // Context: ctx [H, rank] = probs · c_kv, c_kv read in place as W^T, one
+    // block after another (each output's chain continues across blocks).
     Range(ctx_parts, nt, id, &b, &e);
     const int64_t fe = std::min(e, full_panels);
     if (fe > b) {
-      gemm::Args a;
-      a.w = cache;
-      a.n = full;
-      a.k = len;
-      a.pstride = gemm::kPanel;
-      a.kstride = width;
-      a.x = probs;
-      a.ldx = len;
-      a.y = ctx;
-      a.ldy = ldctx;
-      a.m = H;
-      a.panel_begin = b;
-      a.panel_end = fe;
-      run(a);
+      for (int64_t i = 0; i < nblocks; ++i) {
+        gemm::Args a;
+        a.w = blocks[i];
+        a.n = full;
+        a.k = rows_of(i);
+        a.pstride = gemm::kPanel;
+        a.kstride = width;
+        a.x = probs + i * B;
+        a.ldx = len;
+        a.y = ctx;
+        a.ldy = ldctx;
+        a.m = H;
+        a.panel_begin = b;
+        a.panel_end = fe;
+        a.accumulate = i > 0;
+        run(a);
+      }
     }
-    if (tail > 0 && e == ctx_parts && e > b) {
+    if (tail > 0 && b <= full_panels && full_panels < e) {
       gemm::Args a;
       a.w = tail_panel;
       a.n = tail;

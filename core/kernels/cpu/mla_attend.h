@@ -17,6 +17,7 @@
 #define DMOE_CORE_KERNELS_CPU_MLA_ATTEND_H_
 
 #include <cstdint>
+#include <span>
 
 namespace dmoe::core {
 
@@ -27,11 +28,16 @@ struct MlaAttendShape {
   float scale = 1.0f;
 };
 
-// q: [heads, width] dense; cache: [len, width] dense (len >= 1); ctx: [heads,
-// rank] with row stride ldctx. `parallel` splits the work over the process's
-// OpenMP team (call it from outside a parallel region); otherwise it runs on
-// the calling thread. Both give the same bits.
-void MlaAttendToken(const MlaAttendShape& shape, const float* q, const float* cache, int64_t len,
+// q: [heads, width] dense. The cache is read where it lies, in blocks of
+// `block_tokens` rows: blocks[i] holds positions [i * block_tokens, (i + 1) *
+// block_tokens) as dense [block_tokens, width] rows (the last block may be
+// partly filled); len >= 1 positions are attended to, so blocks must hold at
+// least ceil(len / block_tokens) pointers. The bits do not depend on
+// block_tokens. ctx: [heads, rank] with row stride ldctx. `parallel` splits the
+// work over the process's OpenMP team (call it from outside a parallel
+// region); otherwise it runs on the calling thread. Both give the same bits.
+void MlaAttendToken(const MlaAttendShape& shape, const float* q,
+                    std::span<const float* const> blocks, int64_t block_tokens, int64_t len,
                     float* ctx, int64_t ldctx, bool parallel);
 
 }  // namespace dmoe::core
