@@ -36,7 +36,7 @@ namespace dmoe::core {
 
 class KvCache {
  public:
-  static constexpr int64_t kDefaultBlockTokens = 16;
+  static constexpr int64_t kDefaultBlockTokens = 32;
 
   // block_tokens in [1, 4096].
   KvCache(const ModelConfig& cfg, size_t budget_bytes, int64_t block_tokens = kDefaultBlockTokens);

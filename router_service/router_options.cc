@@ -88,7 +88,7 @@ void DeclareRouterFlags(common::Args& args) {
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
       .Flag("kv-block-tokens", "N",
-            "tokens per KV cache block (sequences take whole blocks as they grow), 1..4096", "16")
+            "tokens per KV cache block (sequences take whole blocks as they grow), 1..4096", "32")
       .Flag("max-batch-tokens", "N", "tokens per scheduler step (decodes + prefill chunks)", "2048")
       .Flag("max-queue", "N", "requests waiting for admission before RESOURCE_EXHAUSTED", "256")
       .Flag("micro-batches", "N",

@@ -94,15 +94,18 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
     } else if (key == "dtype") {
       if (value != "f32" && value != "bf16") return bad("f32 or bf16");
       c.dtype = value;
+    } else if (key == "kv-block") {
+      if (!is_int || n < 0 || n > 4096) return bad("0..4096");
+      c.kv_block_tokens = n;
     } else if (key == "spin") {
       if (value != "auto" && value != "default" && value != "passive" && (!is_int || n < 0)) {
         return bad("auto, default, passive or a spin count >= 0");
       }
       c.spin = value;
     } else {
-      return absl::InvalidArgumentError(
-          absl::StrCat("configuration ", c.name, ": unknown key \"", key,
-                       "\" (servers, shared, wire, micro, threads, expert-threads, dtype, spin)"));
+      return absl::InvalidArgumentError(absl::StrCat(
+          "configuration ", c.name, ": unknown key \"", key,
+          "\" (servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, spin)"));
     }
   }
   return c;
@@ -181,6 +184,10 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
                                    c.dtype,
                                    "--threads",
                                    std::to_string(c.router_threads)};
+  if (c.kv_block_tokens > 0) {
+    argv.push_back("--kv-block-tokens");
+    argv.push_back(std::to_string(c.kv_block_tokens));
+  }
   if (c.servers > 0) {
     for (const std::string& a :
          {std::string("--experts"), absl::StrJoin(addresses, ","), std::string("--shared-expert"),

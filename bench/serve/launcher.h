@@ -7,7 +7,8 @@
 //     keys: servers (0 = one process: the router computes the experts), shared
 //     (expert|router), wire (auto|f32|bf16|fp8), micro (micro-batches),
 //     threads (router compute threads; 0 = all cores), expert-threads (per
-//     expert server), dtype (f32|bf16), spin (auto|default|passive|N: how
+//     expert server), dtype (f32|bf16), kv-block (router --kv-block-tokens;
+//     0 = its default), spin (auto|default|passive|N: how
 //     long idle OpenMP threads spin, see ClusterConfig::SpinEnv). InvalidArgument
 //     naming the key for an unknown key or a bad value.
 //   EnsureModel(preset, layers, dir)
@@ -47,6 +48,7 @@ struct ClusterConfig {
   // it), a lone process keeps libgomp's default; "default": libgomp's default
   // everywhere; "passive": OMP_WAIT_POLICY=passive; N: GOMP_SPINCOUNT=N.
   std::string spin = "auto";
+  int kv_block_tokens = 0;  // 0: the router's default
   std::string Describe() const;
   // The environment entries for every process of this configuration.
   std::vector<std::string> SpinEnv() const;

@@ -273,6 +273,8 @@ TEST(ClusterConfig, ParsesKeysAndNamesBadOnes) {
   EXPECT_EQ(c->shared_expert, "router");
   EXPECT_EQ(c->wire_dtype, "fp8");
   EXPECT_EQ(c->micro_batches, 1);
+  EXPECT_EQ(ParseClusterConfig("x:kv-block=64")->kv_block_tokens, 64);
+  EXPECT_THAT(ParseClusterConfig("x:kv-block=5000").status().message(), HasSubstr("kv-block=5000"));
   EXPECT_THAT(ParseClusterConfig("x:servers=-1").status().message(), HasSubstr("servers=-1"));
   EXPECT_THAT(ParseClusterConfig("x:colour=red").status().message(), HasSubstr("unknown key"));
   EXPECT_THAT(ParseClusterConfig(":servers=1").status().message(), HasSubstr("NAME:"));
