@@ -77,6 +77,23 @@ absl::StatusOr<int32_t> KvCache::Allocate(int64_t capacity_tokens) {
   return id;
 }
 
+absl::StatusOr<int32_t> KvCache::AllocateUnreserved(int64_t capacity_tokens) {
+  if (capacity_tokens <= 0) {
+    return absl::InvalidArgumentError(
+        absl::StrCat("KV cache: sequence capacity must be positive, got ", capacity_tokens));
+  }
+  Seq s;
+  s.capacity = capacity_tokens;
+  const int32_t id = next_id_++;
+  seqs_.emplace(id, std::move(s));
+  return id;
+}
+
+int64_t KvCache::BlocksToGrow(int32_t seq, int64_t tokens) const {
+  const Seq& s = seqs_.at(seq);
+  return std::max<int64_t>(0, BlocksFor(tokens) - static_cast<int64_t>(s.blocks.size()));
+}
+
 absl::Status KvCache::Grow(int32_t seq, int64_t tokens) {
   auto it = seqs_.find(seq);
   if (it == seqs_.end()) return absl::InvalidArgumentError(absl::StrCat("unknown sequence ", seq));
@@ -86,13 +103,21 @@ absl::Status KvCache::Grow(int32_t seq, int64_t tokens) {
                                                      tokens, " tokens, over its reservation of ",
                                                      s.capacity));
   }
-  const int64_t need = (tokens + block_tokens_ - 1) / block_tokens_;
-  while (static_cast<int64_t>(s.blocks.size()) < need) {
-    // Reserved blocks are always on the free list: reservations never exceed
-    // the pool, and only reserved sequences take blocks.
+  const int64_t need = BlocksFor(tokens);
+  const int64_t more = need - static_cast<int64_t>(s.blocks.size());
+  if (more <= 0) return absl::OkStatus();
+  // A reserving sequence's blocks are always there (reservations never exceed
+  // the pool, and unreserved growth never takes promised blocks).
+  if (s.reserved_blocks == 0 && more > free_blocks()) {
+    return absl::ResourceExhaustedError(absl::StrCat(
+        "KV cache: sequence ", seq, " needs ", more, " more blocks to reach ", tokens,
+        " tokens, but only ", free_blocks(), " of the ", total_blocks_, " blocks are free"));
+  }
+  for (int64_t i = 0; i < more; ++i) {
     s.blocks.push_back(free_list_.back());
     free_list_.pop_back();
   }
+  if (s.reserved_blocks > 0) reserved_attached_ += more;
   return absl::OkStatus();
 }
 
@@ -103,6 +128,9 @@ void KvCache::Free(int32_t seq) {
     free_list_.push_back(*b);
   }
   reserved_blocks_ -= it->second.reserved_blocks;
+  if (it->second.reserved_blocks > 0) {
+    reserved_attached_ -= static_cast<int64_t>(it->second.blocks.size());
+  }
   seqs_.erase(it);
 }
 

@@ -17,7 +17,10 @@
 // Reservation: Allocate(capacity) reserves ceil(capacity / block_tokens)
 // blocks, so a sequence can always grow to its capacity; a request that does
 // not fit the unreserved blocks gets ResourceExhausted naming the sizes,
-// never an out-of-memory kill.
+// never an out-of-memory kill. AllocateUnreserved(capacity) reserves nothing:
+// its Grow takes free blocks (never ones promised to a reservation) and fails
+// with ResourceExhausted when there are too few; the caller (the scheduler)
+// makes room first, by preempting, using BlocksToGrow and free_blocks.
 //
 // Thread safety: Allocate/Free/Grow/SetLength must be externally serialised
 // with model steps that use the same sequences (the model's caller owns
@@ -50,7 +53,10 @@ class KvCache {
   int64_t block_tokens() const { return block_tokens_; }
   size_t BlockBytes() const { return BytesPerToken() * static_cast<size_t>(block_tokens_); }
   int64_t total_blocks() const { return total_blocks_; }
-  int64_t free_blocks() const { return total_blocks_ - reserved_blocks_; }
+  // Blocks neither attached to a sequence nor promised to a reservation.
+  int64_t free_blocks() const {
+    return static_cast<int64_t>(free_list_.size()) - (reserved_blocks_ - reserved_attached_);
+  }
   // Blocks attached to sequences (holding or about to hold entries).
   int64_t used_blocks() const { return total_blocks_ - static_cast<int64_t>(free_list_.size()); }
   size_t budget_bytes() const { return budget_; }
@@ -62,6 +68,14 @@ class KvCache {
 
   // Reserves room for `capacity_tokens` tokens. Returns the sequence id.
   absl::StatusOr<int32_t> Allocate(int64_t capacity_tokens);
+  // A sequence of at most `capacity_tokens` tokens that reserves nothing.
+  absl::StatusOr<int32_t> AllocateUnreserved(int64_t capacity_tokens);
+  // Blocks Grow(seq, tokens) would attach.
+  int64_t BlocksToGrow(int32_t seq, int64_t tokens) const;
+  // Blocks needed for `tokens` tokens.
+  int64_t BlocksFor(int64_t tokens) const {
+    return tokens <= 0 ? 0 : (tokens + block_tokens_ - 1) / block_tokens_;
+  }
   void Free(int32_t seq);
   bool Contains(int32_t seq) const { return seqs_.count(seq) > 0; }
 
@@ -97,6 +111,7 @@ class KvCache {
   size_t budget_;
   int64_t total_blocks_ = 0;
   int64_t reserved_blocks_ = 0;
+  int64_t reserved_attached_ = 0;  // blocks attached to reserving sequences
   float* pool_ = nullptr;
   size_t pool_bytes_ = 0;
   std::vector<int32_t> free_list_;  // LIFO: a freed block is reused first

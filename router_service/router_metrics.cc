@@ -131,8 +131,21 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
               .Add({})),
       queued_requests_(
           Gauge(registry, "moe_router_queued_requests", "Requests waiting for admission").Add({})),
-      kv_free_(
-          Gauge(registry, "moe_router_kv_cache_free_bytes", "KV cache bytes not reserved").Add({})),
+      kv_free_(Gauge(registry, "moe_router_kv_cache_free_bytes",
+                     "KV cache bytes in blocks neither attached to a sequence nor reserved")
+                   .Add({})),
+      kv_blocks_used_(Gauge(registry, "moe_router_kv_cache_blocks",
+                            "KV cache blocks: used (attached to sequences) and total")
+                          .Add({{"state", "used"}})),
+      kv_blocks_total_(Gauge(registry, "moe_router_kv_cache_blocks",
+                             "KV cache blocks: used (attached to sequences) and total")
+                           .Add({{"state", "total"}})),
+      preemptions_(Counter(registry, "moe_router_preemptions_total",
+                           "Sequences preempted for KV blocks (recomputed when they resume)")
+                       .Add({})),
+      recomputed_tokens_(Counter(registry, "moe_router_recomputed_tokens_total",
+                                 "Cached tokens of preempted sequences, computed again on resume")
+                             .Add({})),
       kv_budget_(Gauge(registry, "moe_router_kv_cache_budget_bytes",
                        "KV cache bytes usable: the whole blocks of the --kv-cache-bytes budget")
                      .Add({})),
@@ -343,6 +356,8 @@ void RouterMetrics::Refresh(absl::Time now) {
     queued_requests_.Set(static_cast<double>(load.queued_requests));
     kv_free_.Set(static_cast<double>(load.kv_cache_free_bytes));
     kv_budget_.Set(static_cast<double>(load.kv_cache_budget_bytes));
+    kv_blocks_used_.Set(static_cast<double>(load.kv_blocks_used));
+    kv_blocks_total_.Set(static_cast<double>(load.kv_blocks_total));
     // The scheduler counts since start; the counters advance by the difference.
     auto advance = [](prometheus::Counter& c, uint64_t now_value, uint64_t& last) {
       if (now_value > last) c.Increment(static_cast<double>(now_value - last));
@@ -351,6 +366,8 @@ void RouterMetrics::Refresh(absl::Time now) {
     advance(steps_, load.steps, last_load_.steps);
     advance(failed_steps_, load.failed_steps, last_load_.failed_steps);
     advance(step_tokens_, load.step_tokens, last_load_.step_tokens);
+    advance(preemptions_, load.preemptions, last_load_.preemptions);
+    advance(recomputed_tokens_, load.recomputed_tokens, last_load_.recomputed_tokens);
   }
 }
 

@@ -87,6 +87,10 @@ void DeclareRouterFlags(common::Args& args) {
             "auto")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "B", "KV cache budget in bytes", "1073741824")
+      .Flag("kv-admission", "paged|reserve",
+            "paged: admit on free blocks, preempt (and later recompute) the newest sequence "
+            "when blocks run out; reserve: reserve prompt + max_tokens at admission",
+            "paged")
       .Flag("kv-block-tokens", "N",
             "tokens per KV cache block (sequences take whole blocks as they grow), 1..4096", "32")
       .Flag("max-batch-tokens", "N", "tokens per scheduler step (decodes + prefill chunks)", "2048")
@@ -242,6 +246,12 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
         absl::StrCat(kName, ": --combine must be invariant or per-server, got '", combine, "'"));
   }
   c.per_assignment = combine == "invariant";
+  const std::string admission = args.Str("kv-admission");
+  if (admission != "paged" && admission != "reserve") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --kv-admission must be paged or reserve, got '", admission, "'"));
+  }
+  c.sched.kv_admission = admission == "paged" ? KvAdmission::kPaged : KvAdmission::kReserve;
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
   c.threads = static_cast<int>(threads);
   DMOE_ASSIGN_OR_RETURN(int64_t kv, IntIn(args, "kv-cache-bytes", 1, INT64_MAX));

@@ -512,8 +512,9 @@ TEST(RouterServer, OverloadAndOversizedRequestsAreResourceExhausted) {
   const size_t bpt = BytesPerToken(direct->config());
   auto control = std::make_shared<FaultControl>();
   SchedulerOptions opts;
-  opts.kv_cache_bytes = 40 * bpt;  // one request of 34 tokens at a time
-  opts.kv_block_tokens = 1;        // token-exact sizes in the messages below
+  opts.kv_cache_bytes = 40 * bpt;             // one request of 34 tokens at a time
+  opts.kv_block_tokens = 1;                   // token-exact sizes in the messages below
+  opts.kv_admission = KvAdmission::kReserve;  // a request waits for the one before it
   opts.max_queue = 1;
   auto router = StartRouter(dir, opts, std::make_unique<FaultyExpertBackend>(control));
   ASSERT_NE(router, nullptr);

@@ -15,9 +15,10 @@ struct Scheduler::Request {
   // Set before the request is queued, then read-only.
   RequestId id = 0;
   bool is_forward = false;
-  std::vector<int32_t> prompt;
-  int64_t max_tokens = 0;      // generate only
-  std::vector<int32_t> stops;  // stop ids + eos ids (unless ignore_eos)
+  std::vector<int32_t> prompt;  // after a preemption: + the tokens generated so far
+  int64_t prompt_len = 0;       // the client's prompt
+  int64_t max_tokens = 0;       // generate only
+  std::vector<int32_t> stops;   // stop ids + eos ids (unless ignore_eos)
   std::string request_id;
   GenerateCallbacks gen;         // generate only
   bool all_positions = false;    // forward only
@@ -29,15 +30,15 @@ struct Scheduler::Request {
   int32_t seq = -1;  // KV cache sequence, -1 before admission
   int64_t prefilled = 0;
   int64_t generated = 0;
-  int32_t last_token = 0;  // the decode input of the next step
-  bool in_step = false;    // part of the batch being run
-  bool done = false;       // finished by the step just run
+  int32_t last_token = 0;        // the decode input of the next step
+  std::vector<int32_t> history;  // generated tokens (recomputed after a preemption)
+  uint64_t admitted_at = 0;      // admission order; the latest is preempted first
+  bool in_step = false;          // part of the batch being run
+  bool done = false;             // finished by the step just run
   std::unique_ptr<core::Sampler> sampler;
   ForwardResult result;
 
-  int64_t Capacity() const {
-    return static_cast<int64_t>(prompt.size()) + (is_forward ? 0 : max_tokens);
-  }
+  int64_t Capacity() const { return prompt_len + (is_forward ? 0 : max_tokens); }
   bool Prefilling() const { return prefilled < static_cast<int64_t>(prompt.size()); }
 };
 
@@ -123,6 +124,7 @@ absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p, GenerateCa
   }
   auto r = std::make_unique<Request>();
   r->prompt = std::move(p.prompt);
+  r->prompt_len = prompt_len;
   r->max_tokens = p.max_tokens;
   r->stops = std::move(p.stop_token_ids);
   if (!p.ignore_eos) {
@@ -148,6 +150,7 @@ absl::StatusOr<RequestId> Scheduler::SubmitForward(std::vector<int32_t> tokens, 
   auto r = std::make_unique<Request>();
   r->is_forward = true;
   r->prompt = std::move(tokens);
+  r->prompt_len = n;
   r->all_positions = all_positions;
   r->forward_done = std::move(done);
   return Enqueue(std::move(r));
@@ -187,6 +190,10 @@ SchedulerLoad Scheduler::GetLoad() const {
   load.steps = steps_;
   load.step_tokens = step_tokens_;
   load.failed_steps = failed_steps_;
+  load.preemptions = preemptions_;
+  load.recomputed_tokens = recomputed_tokens_;
+  load.kv_blocks_total = cache_.total_blocks();
+  load.kv_blocks_used = kv_blocks_used_;
   return load;
 }
 
@@ -229,11 +236,21 @@ bool Scheduler::Admit() {
       }
     }
     // Strict FIFO: the head waits for room, and everything behind it waits too.
+    // Reserve: room for prompt + max_tokens. Paged: free blocks for the
+    // prompt (+ recomputed tokens) above the watermark that running
+    // sequences grow into.
     size_t free = FreeKvBytes();
+    int64_t free_blocks = cache_.free_blocks() - WatermarkBlocks();
     while (!stop && !queue_.empty()) {
-      const size_t need = cache_.ReserveBytes(queue_.front()->Capacity());
-      if (need > free) break;
-      free -= need;
+      if (options_.kv_admission == KvAdmission::kReserve) {
+        const size_t need = cache_.ReserveBytes(queue_.front()->Capacity());
+        if (need > free) break;
+        free -= need;
+      } else {
+        const int64_t need = cache_.BlocksFor(static_cast<int64_t>(queue_.front()->prompt.size()));
+        if (need > free_blocks && !(running_.empty() && admitted.empty())) break;
+        free_blocks -= need;
+      }
       admitted.push_back(std::move(queue_.front()));
       queue_.pop_front();
       ++active_;  // counted from here so that queued + active never dips
@@ -244,7 +261,9 @@ bool Scheduler::Admit() {
     Finish(std::move(r), stop ? shutting_down : absl::CancelledError("request cancelled"));
   }
   for (auto& r : admitted) {
-    absl::StatusOr<int32_t> seq = cache_.Allocate(r->Capacity());
+    absl::StatusOr<int32_t> seq = options_.kv_admission == KvAdmission::kReserve
+                                      ? cache_.Allocate(r->Capacity())
+                                      : cache_.AllocateUnreserved(r->Capacity());
     if (!seq.ok()) {
       {
         absl::MutexLock l(&mu_);
@@ -254,6 +273,7 @@ bool Scheduler::Admit() {
       continue;
     }
     r->seq = *seq;
+    r->admitted_at = ++admissions_;
     running_.push_back(std::move(r));
   }
   if (stop) {
@@ -264,28 +284,20 @@ bool Scheduler::Admit() {
   return !stop;
 }
 
-void Scheduler::Step() {
-  const auto step_begin = std::chrono::steady_clock::now();
-  // Cancelled sequences leave before the batch is built.
-  for (auto& r : running_) {
-    if (r->cancelled.load(std::memory_order_relaxed)) {
-      Finish(std::move(r), absl::CancelledError("request cancelled"));
-    }
-  }
-  std::erase(running_, nullptr);
-  if (running_.empty()) {
-    PublishLoad();
-    return;
-  }
+int64_t Scheduler::WatermarkBlocks() const {
+  return std::max<int64_t>(1, cache_.total_blocks() / 100);
+}
 
+int64_t Scheduler::BuildBatch(bool* decode_skipped) {
+  for (auto& r : running_) r->in_step = false;
   batch_.clear();
   members_.clear();
+  *decode_skipped = false;
   int64_t budget = options_.max_batch_tokens;
-  bool decode_skipped = false;
   for (auto& r : running_) {
     if (r->Prefilling()) continue;
     if (budget == 0) {
-      decode_skipped = true;
+      *decode_skipped = true;
       continue;
     }
     batch_.push_back({r->seq, {&r->last_token, 1}, false});
@@ -304,9 +316,69 @@ void Scheduler::Step() {
     r->in_step = true;
     budget -= n;
   }
+  return budget;
+}
+
+bool Scheduler::MakeRoom() {
+  int64_t need = 0;
+  for (const core::SeqInput& in : batch_) {
+    need +=
+        cache_.BlocksToGrow(in.seq, cache_.Length(in.seq) + static_cast<int64_t>(in.tokens.size()));
+  }
+  if (need <= cache_.free_blocks() || running_.size() <= 1) return true;
+  // Preempt the most recently admitted sequence: its blocks go back, its
+  // tokens are kept and recomputed when it is admitted again, from the front
+  // of the queue. Its sampler is kept, so its tokens are those it would
+  // have produced without the preemption (the recompute gives the same bits).
+  auto victim = std::max_element(
+      running_.begin(), running_.end(),
+      [](const auto& a, const auto& b) { return a->admitted_at < b->admitted_at; });
+  std::unique_ptr<Request> r = std::move(*victim);
+  running_.erase(victim);
+  const int64_t cached = cache_.Length(r->seq);
+  cache_.Free(r->seq);
+  r->seq = -1;
+  r->in_step = false;
+  r->prompt.resize(static_cast<size_t>(r->prompt_len));
+  r->prompt.insert(r->prompt.end(), r->history.begin(), r->history.end());
+  r->prefilled = 0;
+  r->result = ForwardResult();
+  {
+    absl::MutexLock l(&mu_);
+    --active_;
+    ++preemptions_;
+    recomputed_tokens_ += static_cast<uint64_t>(cached);
+    queue_.push_front(std::move(r));
+    kv_free_ = FreeKvBytes();
+    kv_blocks_used_ = cache_.used_blocks();
+  }
+  return false;
+}
+
+void Scheduler::Step() {
+  const auto step_begin = std::chrono::steady_clock::now();
+  // Cancelled sequences leave before the batch is built.
+  for (auto& r : running_) {
+    if (r->cancelled.load(std::memory_order_relaxed)) {
+      Finish(std::move(r), absl::CancelledError("request cancelled"));
+    }
+  }
+  std::erase(running_, nullptr);
+  if (running_.empty()) {
+    PublishLoad();
+    return;
+  }
+
+  int64_t budget = 0;
+  bool decode_skipped = false;
+  for (;;) {
+    budget = BuildBatch(&decode_skipped);
+    if (options_.kv_admission == KvAdmission::kReserve || MakeRoom()) break;
+  }
 
   const absl::Time step_start = absl::Now();
   const absl::Status st = model_->Forward(batch_, cache_, &logits_);
+
   if (options_.on_step) options_.on_step(absl::Now() - step_start);
   {
     absl::MutexLock l(&mu_);
@@ -373,6 +445,7 @@ void Scheduler::Step() {
     sample_s +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - sample_begin).count();
     r->last_token = token;
+    r->history.push_back(token);
     TokenEvent ev;
     ev.token = token;
     ev.index = r->generated++;
@@ -418,6 +491,7 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
     live_.erase(r->id);
     if (admitted) --active_;
     kv_free_ = FreeKvBytes();
+    kv_blocks_used_ = cache_.used_blocks();
   }
   if (r->is_forward) {
     if (!r->forward_done) return;
@@ -434,6 +508,7 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
 void Scheduler::PublishLoad() {
   absl::MutexLock l(&mu_);
   kv_free_ = FreeKvBytes();
+  kv_blocks_used_ = cache_.used_blocks();
 }
 
 size_t Scheduler::FreeKvBytes() const {

@@ -48,9 +48,20 @@
 
 namespace dmoe::router {
 
+// How admission uses the KV cache. kReserve: a request reserves prompt +
+// max_tokens (in whole blocks) when admitted and never waits for memory
+// afterwards. kPaged: a request is admitted when the free blocks hold its
+// prompt above a watermark (1% of the blocks, at least 1); sequences take
+// blocks as they grow, and when a step's blocks are not free the most
+// recently admitted sequence is preempted: its blocks are freed, its tokens
+// kept, and it goes back to the front of the queue to be recomputed (same
+// tokens as without the preemption). No request fails for lack of memory.
+enum class KvAdmission { kReserve, kPaged };
+
 struct SchedulerOptions {
   size_t kv_cache_bytes = size_t{1} << 30;                       // KV cache budget
   int64_t kv_block_tokens = core::KvCache::kDefaultBlockTokens;  // tokens per KV block
+  KvAdmission kv_admission = KvAdmission::kPaged;
   int64_t max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks)
   int64_t max_queue = 256;          // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
@@ -98,6 +109,13 @@ struct SchedulerLoad {
   uint64_t steps = 0;
   uint64_t step_tokens = 0;
   uint64_t failed_steps = 0;
+  // Since start: sequences preempted for KV blocks, and the cached tokens
+  // they had (recomputed when they resume).
+  uint64_t preemptions = 0;
+  uint64_t recomputed_tokens = 0;
+  // KV blocks: all of them, and those attached to sequences.
+  int64_t kv_blocks_total = 0;
+  int64_t kv_blocks_used = 0;
 };
 
 using RequestId = uint64_t;
@@ -156,6 +174,14 @@ class Scheduler {
   void PublishLoad();
   // Bytes of the blocks no sequence has reserved.
   size_t FreeKvBytes() const;
+  // Paged admission keeps this many blocks free for running sequences.
+  int64_t WatermarkBlocks() const;
+  // Fills batch_/members_ from running_ (decodes first, then prefill chunks in
+  // admission order) and returns the unused token budget.
+  int64_t BuildBatch(bool* decode_skipped);
+  // Paged: true when the batch's new blocks are free; otherwise preempts the
+  // most recently admitted sequence and returns false (rebuild the batch).
+  bool MakeRoom();
 
   // Const after construction.
   const SchedulerOptions options_;
@@ -170,6 +196,7 @@ class Scheduler {
   std::vector<core::SeqInput> batch_;              // per-step scratch
   std::vector<Request*> members_;                  // [batch_.size()]
   std::vector<float> logits_;                      // [rows, vocab]
+  uint64_t admissions_ = 0;
 
   mutable absl::Mutex mu_;
   std::deque<std::unique_ptr<Request>> queue_ ABSL_GUARDED_BY(mu_);
@@ -182,6 +209,9 @@ class Scheduler {
   uint64_t steps_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t step_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t failed_steps_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t recomputed_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t kv_blocks_used_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;  // started in Create, joined by Shutdown
   absl::Mutex shutdown_mu_;
 };

@@ -85,9 +85,11 @@ class SchedulerTest : public ::testing::Test {
  protected:
   // A scheduler over the real model with a KV budget of `kv_tokens` tokens,
   // in blocks of `block_tokens` (1: admission is token-exact).
-  void Start(int64_t kv_tokens, int64_t max_batch_tokens, int64_t block_tokens = 1) {
+  void Start(int64_t kv_tokens, int64_t max_batch_tokens, int64_t block_tokens = 1,
+             KvAdmission admission = KvAdmission::kReserve) {
     if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
     block_tokens_ = block_tokens;
+    admission_ = admission;
     scheduler_ = Create(kv_tokens, max_batch_tokens, &timeline_);
     ASSERT_NE(scheduler_, nullptr);
   }
@@ -104,6 +106,7 @@ class SchedulerTest : public ::testing::Test {
     o.kv_cache_bytes = static_cast<size_t>(kv_tokens) * bytes_per_token_;
     o.max_batch_tokens = max_batch_tokens;
     o.kv_block_tokens = block_tokens_;
+    o.kv_admission = admission_;
     o.on_step = [timeline](absl::Duration) { timeline->Step(); };
     o.on_step_stages = [this](const core::StageTimes& t, bool prefill) {
       absl::MutexLock l(&stages_mu_);
@@ -152,6 +155,7 @@ class SchedulerTest : public ::testing::Test {
 
   std::string dir_;
   int64_t block_tokens_ = 1;
+  KvAdmission admission_ = KvAdmission::kReserve;
   size_t bytes_per_token_ = 0;
   absl::Mutex stages_mu_;
   std::vector<std::pair<core::StageTimes, bool>> stages_ ABSL_GUARDED_BY(stages_mu_);
@@ -394,6 +398,99 @@ TEST_F(SchedulerTest, ReservationsAreWholeBlocks) {
   EXPECT_THAT(tokens[14], HasSubstr(":A#14"));  // A ran alone to its end
   EXPECT_THAT(tokens[15], HasSubstr(":B#0"));
   EXPECT_EQ(scheduler_->GetLoad().kv_cache_free_bytes, 48 * bpt);
+}
+
+// Paged admission under a cache far too small for everyone at once: sequences
+// are preempted and recomputed instead of failing, and every request's tokens
+// (seeded sampling, so the sampler's state matters) equal those it gets alone.
+TEST_F(SchedulerTest, PreemptionRecomputesAndChangesNoToken) {
+  if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
+  struct Req {
+    std::vector<int32_t> prompt;
+    int64_t max_tokens;
+    uint64_t seed;
+  };
+  std::vector<Req> reqs;
+  for (int i = 0; i < 6; ++i) {
+    std::vector<int32_t> prompt;
+    for (int j = 0; j < 5 + i; ++j) prompt.push_back((37 * i + 11 * j + 3) % 500);
+    reqs.push_back({prompt, 24 + 3 * i, 100 + static_cast<uint64_t>(i)});
+  }
+  struct Out {
+    absl::Mutex mu;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<absl::StatusCode> codes;
+    int done = 0;
+  };
+  auto run = [&](Scheduler& s, const std::vector<size_t>& which, Out& out, bool one_at_a_time) {
+    out.tokens.assign(reqs.size(), {});
+    out.codes.assign(reqs.size(), absl::StatusCode::kUnknown);
+    for (size_t i : which) {
+      GenerateParams p;
+      p.prompt = reqs[i].prompt;
+      p.max_tokens = reqs[i].max_tokens;
+      p.ignore_eos = true;
+      p.sampling.temperature = 0.9;
+      p.sampling.seed = reqs[i].seed;
+      GenerateCallbacks cb;
+      cb.on_token = [&out, i](const TokenEvent& ev) {
+        absl::MutexLock l(&out.mu);
+        out.tokens[i].push_back(ev.token);
+      };
+      cb.on_done = [&out, i](const absl::Status& st) {
+        absl::MutexLock l(&out.mu);
+        out.codes[i] = st.code();
+        ++out.done;
+      };
+      const int before = [&] {
+        absl::MutexLock l(&out.mu);
+        return out.done;
+      }();
+      ASSERT_THAT(s.SubmitGenerate(std::move(p), std::move(cb)), IsOk());
+      if (one_at_a_time) {
+        absl::MutexLock l(&out.mu);
+        auto next = [&]() ABSL_SHARED_LOCKS_REQUIRED(out.mu) { return out.done > before; };
+        ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&next), absl::Minutes(1)));
+      }
+    }
+    absl::MutexLock l(&out.mu);
+    auto all = [&]() ABSL_SHARED_LOCKS_REQUIRED(out.mu) {
+      return out.done == static_cast<int>(which.size());
+    };
+    ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&all), absl::Minutes(2)));
+  };
+  std::vector<size_t> all(reqs.size());
+  for (size_t i = 0; i < all.size(); ++i) all[i] = i;
+
+  // Alone, with room for everything.
+  block_tokens_ = 16;
+  admission_ = KvAdmission::kReserve;
+  Timeline alone_timeline;
+  auto alone = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &alone_timeline);
+  ASSERT_NE(alone, nullptr);
+  Out want;
+  run(*alone, all, want, /*one_at_a_time=*/true);
+
+  // Together, paged, in 4 blocks of 16 tokens: one request alone needs up to 3.
+  admission_ = KvAdmission::kPaged;
+  Timeline paged_timeline;
+  auto paged = Create(/*kv_tokens=*/64, /*max_batch_tokens=*/64, &paged_timeline);
+  ASSERT_NE(paged, nullptr);
+  Out got;
+  run(*paged, all, got, /*one_at_a_time=*/false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    EXPECT_EQ(got.codes[i], absl::StatusCode::kOk) << "request " << i;
+    EXPECT_EQ(static_cast<int64_t>(got.tokens[i].size()), reqs[i].max_tokens) << i;
+    EXPECT_EQ(got.tokens[i], want.tokens[i]) << "request " << i << " changed by preemption";
+  }
+  const SchedulerLoad load = paged->GetLoad();
+  EXPECT_GT(load.preemptions, 0u);
+  EXPECT_GT(load.recomputed_tokens, 0u);
+  EXPECT_EQ(load.kv_blocks_total, 4);
+  EXPECT_EQ(load.kv_blocks_used, 0);
+  EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
+  EXPECT_EQ(load.active_sequences, 0);
+  EXPECT_EQ(alone->GetLoad().preemptions, 0u);
 }
 
 }  // namespace
