@@ -27,19 +27,6 @@ void Axpy(float alpha, const float* x, float* y, int64_t n) {
   for (int64_t i = 0; i < n; ++i) y[i] += alpha * x[i];
 }
 
-// Softmax over s[0..n) in place; max-subtracted, sum in double.
-void SoftmaxInPlace(float* s, int64_t n) {
-  float mx = s[0];
-  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, s[i]);
-  double sum = 0;
-  for (int64_t i = 0; i < n; ++i) {
-    s[i] = std::exp(s[i] - mx);
-    sum += s[i];
-  }
-  const float inv = static_cast<float>(1.0 / sum);
-  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
-}
-
 int MaxThreads() {
 #ifdef _OPENMP
   return omp_get_max_threads();
@@ -201,7 +188,7 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
   for (int64_t t = 0; t < T; ++t) {
     block_begin_[t] = static_cast<int64_t>(block_ptrs_.size());
     const std::vector<int32_t>& table = cache.BlockTable(tokens.seq[t]);
-    const int64_t nblocks = (tokens.position[t] + B) / B;  // covers positions [0, position]
+    const int64_t nblocks = cache.BlocksFor(tokens.position[t] + 1);  // positions [0, position]
     for (int64_t i = 0; i < nblocks; ++i) block_ptrs_.push_back(cache.BlockRows(table[i], layer_));
   }
   block_begin_[T] = static_cast<int64_t>(block_ptrs_.size());

@@ -46,7 +46,7 @@ KvCache::~KvCache() {
 
 size_t KvCache::ReserveBytes(int64_t tokens) const {
   if (tokens <= 0) return 0;
-  const size_t blocks = static_cast<size_t>((tokens + block_tokens_ - 1) / block_tokens_);
+  const size_t blocks = static_cast<size_t>(BlocksFor(tokens));
   const size_t bb = BlockBytes();
   if (bb != 0 && blocks > std::numeric_limits<size_t>::max() / bb) {
     return std::numeric_limits<size_t>::max();
@@ -59,7 +59,7 @@ absl::StatusOr<int32_t> KvCache::Allocate(int64_t capacity_tokens) {
     return absl::InvalidArgumentError(
         absl::StrCat("KV cache: sequence capacity must be positive, got ", capacity_tokens));
   }
-  const int64_t blocks = (capacity_tokens + block_tokens_ - 1) / block_tokens_;
+  const int64_t blocks = BlocksFor(capacity_tokens);
   if (blocks > free_blocks()) {
     return absl::ResourceExhaustedError(
         absl::StrCat("KV cache: a sequence of ", capacity_tokens, " tokens needs ", blocks,

@@ -40,6 +40,18 @@ void Split(bool parallel, const F& body) {
 
 }  // namespace
 
+void SoftmaxInPlace(float* s, int64_t n) {
+  float mx = s[0];
+  for (int64_t i = 1; i < n; ++i) mx = std::max(mx, s[i]);
+  double sum = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    s[i] = std::exp(s[i] - mx);
+    sum += s[i];
+  }
+  const float inv = static_cast<float>(1.0 / sum);
+  for (int64_t i = 0; i < n; ++i) s[i] *= inv;
+}
+
 void MlaAttendToken(const MlaAttendShape& shape, const float* q,
                     std::span<const float* const> blocks, int64_t block_tokens, int64_t len,
                     float* ctx, int64_t ldctx, bool parallel) {
@@ -92,18 +104,8 @@ void MlaAttendToken(const MlaAttendShape& shape, const float* q,
     Range(H, nt, id, &b, &e);
     for (int64_t h = b; h < e; ++h) {
       float* p = probs + h * len;
-      float mx = -INFINITY;
-      for (int64_t j = 0; j < len; ++j) {
-        p[j] = st[j * H + h] * shape.scale;
-        mx = std::max(mx, p[j]);
-      }
-      double sum = 0;
-      for (int64_t j = 0; j < len; ++j) {
-        p[j] = std::exp(p[j] - mx);
-        sum += p[j];
-      }
-      const float inv = static_cast<float>(1.0 / sum);
-      for (int64_t j = 0; j < len; ++j) p[j] *= inv;
+      for (int64_t j = 0; j < len; ++j) p[j] = st[j * H + h] * shape.scale;
+      SoftmaxInPlace(p, len);
     }
     if (nt > 1) {
 #pragma omp barrier

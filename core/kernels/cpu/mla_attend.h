@@ -21,6 +21,10 @@
 
 namespace dmoe::core {
 
+// Softmax over s[0..n) in place (n >= 1): max-subtracted, the sum in double,
+// then one multiply by its f32 inverse. Shared by MLA and MHA attention.
+void SoftmaxInPlace(float* s, int64_t n);
+
 struct MlaAttendShape {
   int64_t heads = 0;
   int64_t rank = 0;   // c_kv width (kv_lora_rank)
