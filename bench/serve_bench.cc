@@ -120,7 +120,8 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
       .Flag("work-dir", "DIR", "generated model, logs and port files", "/tmp/serve_bench")
       .Flag("compare", "CFG;CFG",
             "configurations to start and compare, NAME:key=value,... "
-            "(servers, shared, wire, micro, threads, expert-threads, dtype)",
+            "(servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, "
+            "kv-bytes, kv-admission, prefix-cache, spin)",
             "one:servers=0")
       .Flag("api", "completions|chat", "endpoint", "completions")
       .Flag("prompt", "ids|text", "token-id prompts (completions) or text", "ids")
@@ -133,6 +134,11 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
       .Flag("shared-prefixes", "K", "K system prompts shared by the requests (0: none)", "0")
       .Flag("prefix-len", "L", "tokens of each shared prefix", "256")
       .Flag("no-ignore-eos", "", "let the model stop at EOS (default: exactly --output-len)")
+      .Flag("max-tokens", "N",
+            "send max_tokens N and end each stream after its drawn output length (the "
+            "client closes the connection, as a user who stops reading); 0: max_tokens = "
+            "the drawn length",
+            "0")
       .Flag("concurrency", "C", "closed loop: users; with --rate: most requests in flight", "1")
       .Flag("rate", "R", "open loop: Poisson arrivals per second (0: closed loop)", "0")
       .Flag("num-requests", "N", "measured requests per run (0: by --duration-s)", "0")
@@ -195,6 +201,8 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
   w.num_prefixes = static_cast<int>(prefixes);
   w.prefix_len = static_cast<int>(prefix_len);
   w.ignore_eos = !a.Bool("no-ignore-eos");
+  DMOE_ASSIGN_OR_RETURN(int64_t cap, a.IntIn("max-tokens", 0, 1 << 20, "serve_bench"));
+  w.max_tokens_cap = static_cast<int>(cap);
   LoadSpec& l = o.load;
   DMOE_ASSIGN_OR_RETURN(int64_t c, a.IntIn("concurrency", 1, 4096, "serve_bench"));
   DMOE_ASSIGN_OR_RETURN(double rate, a.Double("rate"));
@@ -432,8 +440,11 @@ int Main(int argc, char** argv) {
   }
 
   std::vector<Point> points;
-  const std::vector<ClusterConfig> configs =
-      o.url.empty() ? o.configs : std::vector<ClusterConfig>{ClusterConfig{.name = "url"}};
+  std::vector<ClusterConfig> configs = o.configs;
+  if (!o.url.empty()) {
+    configs.assign(1, ClusterConfig());
+    configs[0].name = "url";
+  }
   bool header = true;
   for (const ClusterConfig& c : configs) {
     LocalCluster cluster(bin_dir);

@@ -3,6 +3,9 @@
 // never alias between sequences, and errors that name the sizes.
 #include "core/kv_cache.h"
 
+#include <cstring>
+#include <map>
+#include <random>
 #include <set>
 #include <vector>
 
@@ -112,6 +115,206 @@ TEST(KvCache, RowsNeverAliasAndFreedBlocksAreReused) {
   ASSERT_TRUE(cache.Grow(d, 1).ok());
   EXPECT_EQ(cache.BlockTable(d)[0], a_blocks[0]) << "the most recently freed block first";
   EXPECT_FALSE(cache.Contains(a));
+}
+
+// Writes the rows of positions [Length, n) of `seq` as a function of the
+// tokens up to each position (what a model's KV entry depends on), then
+// makes them part of the sequence.
+float EntryOf(std::span<const int32_t> tokens, int64_t pos, int64_t layer) {
+  uint32_t h = 2166136261u + static_cast<uint32_t>(layer);
+  for (int64_t i = 0; i <= pos; ++i) h = (h ^ static_cast<uint32_t>(tokens[i])) * 16777619u;
+  return static_cast<float>(h % 100003);
+}
+void Compute(KvCache& cache, int32_t seq, std::span<const int32_t> tokens, int64_t n) {
+  ASSERT_TRUE(cache.Grow(seq, n).ok());
+  for (int64_t p = cache.Length(seq); p < n; ++p) {
+    for (int64_t l = 0; l < 3; ++l) {
+      float* r = cache.Row(seq, l, p);
+      for (int64_t i = 0; i < cache.entry_width(); ++i) r[i] = EntryOf(tokens, p, l) + i;
+    }
+  }
+  cache.SetLength(seq, n);
+}
+// Every computed row of `seq` holds what its own tokens give.
+void ExpectRows(const KvCache& cache, int32_t seq, std::span<const int32_t> tokens) {
+  for (int64_t p = 0; p < cache.Length(seq); ++p) {
+    for (int64_t l = 0; l < 3; ++l) {
+      const float* r = cache.Row(seq, l, p);
+      for (int64_t i = 0; i < cache.entry_width(); ++i) {
+        ASSERT_EQ(r[i], EntryOf(tokens, p, l) + i)
+            << "seq " << seq << " pos " << p << " layer " << l;
+      }
+    }
+  }
+}
+
+TEST(KvCachePrefix, FullBlocksOfACommittedSequenceAreReusedByTheNextOne) {
+  KvCache cache(SmallMla(), 576 * 8, 4, /*prefix_cache=*/true);
+  const std::vector<int32_t> a = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10};
+  const int32_t s = *cache.AllocateUnreserved(20, a, 9);
+  EXPECT_EQ(cache.Length(s), 0) << "nothing cached yet";
+  Compute(cache, s, a, 10);
+  cache.Commit(s, a);
+  EXPECT_EQ(cache.addressed_blocks(), 2) << "two full blocks; the third is partial";
+  cache.Free(s);
+  EXPECT_EQ(cache.cached_blocks(), 2);
+  EXPECT_EQ(cache.used_blocks(), 0);
+  EXPECT_EQ(cache.free_blocks(), 8) << "cached blocks no one holds count as free";
+
+  // Same first 6 tokens: one block; same 9: two (capped by the limit).
+  std::vector<int32_t> b = {1, 2, 3, 4, 5, 6, 70, 80, 90};
+  EXPECT_EQ(cache.MatchPrefix(b, 8).blocks, 1);
+  EXPECT_EQ(cache.MatchPrefix(b, 8).unheld, 1);
+  EXPECT_EQ(cache.MatchPrefix(a, 9).blocks, 2);
+  EXPECT_EQ(cache.MatchPrefix(a, 7).blocks, 1) << "never past the limit";
+  std::vector<int32_t> c = {9, 2, 3, 4, 5, 6, 7, 8};
+  EXPECT_EQ(cache.MatchPrefix(c, 7).blocks, 0) << "a block is addressed with all before it";
+  const int32_t t = *cache.AllocateUnreserved(20, b, 8);
+  EXPECT_EQ(cache.Length(t), 4);
+  EXPECT_EQ(cache.cached_blocks(), 1);
+  ExpectRows(cache, t, b);
+  Compute(cache, t, b, 9);
+  ExpectRows(cache, t, b);
+  cache.Commit(t, b);
+  const int32_t u = *cache.AllocateUnreserved(20, a, 9);
+  EXPECT_EQ(cache.Length(u), 8);
+  EXPECT_EQ(cache.RefCount(cache.BlockTable(u)[0]), 2) << "held by t and u";
+  ExpectRows(cache, u, a);
+}
+
+TEST(KvCachePrefix, EvictsTheLeastRecentlyReleasedBlocksAndOnlyUnheldOnes) {
+  KvCache cache(SmallMla(), 576 * 4, 4, /*prefix_cache=*/true);
+  const std::vector<int32_t> a = {1, 1, 1, 1, 2, 2, 2, 2}, b = {3, 3, 3, 3, 4, 4, 4, 4};
+  for (const auto* toks : {&a, &b}) {
+    const int32_t s = *cache.AllocateUnreserved(8, *toks, 7);
+    Compute(cache, s, *toks, 8);
+    cache.Commit(s, *toks);
+    cache.Free(s);
+  }
+  EXPECT_EQ(cache.cached_blocks(), 4);
+  // a is released first, and a sequence's last block before its first.
+  const std::vector<int32_t> x = {9, 9, 9, 9, 9};
+  const int32_t s = *cache.AllocateUnreserved(8, x, 4);
+  Compute(cache, s, x, 5);  // takes 2 blocks: a's second block, then a's first
+  EXPECT_EQ(cache.evictions(), 2u);
+  EXPECT_EQ(cache.MatchPrefix(a, 8).blocks, 0);
+  EXPECT_EQ(cache.MatchPrefix(b, 8).blocks, 2);
+  const int32_t t = *cache.AllocateUnreserved(8, b, 8);  // holds b's blocks
+  EXPECT_EQ(cache.free_blocks(), 0);
+  EXPECT_FALSE(cache.Grow(s, 9).ok()) << "held cached blocks are never evicted";
+  ExpectRows(cache, t, b);
+  ExpectRows(cache, s, x);
+}
+
+TEST(KvCachePrefix, CommitSharesABlockComputedTwice) {
+  KvCache cache(SmallMla(), 576 * 8, 4, /*prefix_cache=*/true);
+  const std::vector<int32_t> a = {5, 6, 7, 8, 9};
+  const int32_t s = *cache.AllocateUnreserved(8, a, 4), t = *cache.AllocateUnreserved(8, a, 4);
+  Compute(cache, s, a, 5);
+  Compute(cache, t, a, 5);
+  EXPECT_EQ(cache.used_blocks(), 4);
+  cache.Commit(s, a);
+  cache.Commit(t, a);
+  EXPECT_EQ(cache.used_blocks(), 3) << "t's first block is s's now";
+  EXPECT_EQ(cache.BlockTable(s)[0], cache.BlockTable(t)[0]);
+  ExpectRows(cache, t, a);
+}
+
+TEST(KvCacheFork, ForksShareBlocksAndCopyTheSharedPartialBlockOnWrite) {
+  KvCache cache(SmallMla(), 576 * 8, 4);
+  std::vector<int32_t> a = {1, 2, 3, 4, 5, 6};
+  const int32_t s = *cache.AllocateUnreserved(12);
+  Compute(cache, s, a, 6);
+  const int32_t f = *cache.Fork(s);
+  EXPECT_EQ(cache.Length(f), 6);
+  EXPECT_EQ(cache.BlockTable(f), cache.BlockTable(s));
+  EXPECT_EQ(cache.used_blocks(), 2);
+  EXPECT_EQ(cache.BlocksToGrow(f, 7), 1) << "a copy of the shared partial block";
+  EXPECT_EQ(cache.BlocksToGrow(f, 9), 2);
+  std::vector<int32_t> b = a;
+  a.push_back(7);
+  b.push_back(70);
+  Compute(cache, s, a, 7);
+  Compute(cache, f, b, 7);
+  EXPECT_EQ(cache.BlockTable(s)[0], cache.BlockTable(f)[0]) << "full blocks stay shared";
+  EXPECT_NE(cache.BlockTable(s)[1], cache.BlockTable(f)[1]);
+  EXPECT_EQ(cache.used_blocks(), 3);
+  ExpectRows(cache, s, a);
+  ExpectRows(cache, f, b);
+  cache.Free(s);
+  ExpectRows(cache, f, b);
+  EXPECT_EQ(cache.used_blocks(), 2);
+  cache.Free(f);
+  EXPECT_EQ(cache.free_blocks(), 8);
+  const int32_t r = *cache.Allocate(4);
+  EXPECT_EQ(cache.Fork(r).status().code(), absl::StatusCode::kFailedPrecondition);
+  EXPECT_EQ(cache.Fork(999).status().code(), absl::StatusCode::kInvalidArgument);
+}
+
+// Random allocations (with cached prefixes), growth, commits, forks and frees
+// over a small pool: every sequence always reads the entries of its own
+// tokens, and the block accounting always adds up.
+TEST(KvCachePrefix, RandomOperationsKeepEveryRowAndTheAccounting) {
+  for (bool prefix : {false, true}) {
+    KvCache cache(SmallMla(), 576 * 12, 4, prefix);
+    std::mt19937 rng(7);
+    std::map<int32_t, std::vector<int32_t>> seqs;  // seq -> its tokens (>= its length)
+    auto pick = [&]() { return std::next(seqs.begin(), rng() % seqs.size())->first; };
+    for (int op = 0; op < 3000; ++op) {
+      const int kind = static_cast<int>(rng() % 6);
+      if (kind == 0 || seqs.empty()) {
+        std::vector<int32_t> toks;
+        const int n = 1 + static_cast<int>(rng() % 14);
+        for (int i = 0; i < n; ++i) toks.push_back(static_cast<int32_t>(rng() % 3));  // collisions
+        if (cache.free_blocks() < cache.BlocksFor(n)) continue;
+        const int32_t s = *cache.AllocateUnreserved(24, toks, n - 1);
+        ASSERT_LE(cache.Length(s), n - 1);
+        ExpectRows(cache, s, toks);
+        Compute(cache, s, toks, n);
+        seqs[s] = toks;
+      } else if (kind == 1 || kind == 2) {
+        const int32_t s = pick();
+        std::vector<int32_t>& toks = seqs[s];
+        if (cache.Length(s) >= 24) continue;
+        const int64_t n = cache.Length(s) + 1;
+        if (cache.BlocksToGrow(s, n) > cache.free_blocks()) continue;
+        toks.resize(static_cast<size_t>(cache.Length(s)));
+        toks.push_back(static_cast<int32_t>(rng() % 3));
+        Compute(cache, s, toks, n);
+      } else if (kind == 3) {
+        const int32_t s = pick();
+        cache.Commit(s, seqs[s]);
+      } else if (kind == 4) {
+        const int32_t s = pick();
+        const int32_t f = *cache.Fork(s);
+        seqs[f] = seqs[s];
+      } else {
+        const int32_t s = pick();
+        cache.Free(s);
+        seqs.erase(s);
+      }
+      int64_t held = 0;
+      std::set<int32_t> distinct;
+      for (const auto& [s, toks] : seqs) {
+        for (int32_t b : cache.BlockTable(s)) distinct.insert(b);
+      }
+      for (int32_t b : distinct) held += cache.RefCount(b) > 0 ? 1 : 0;
+      ASSERT_EQ(cache.used_blocks(), held) << "op " << op;
+      ASSERT_EQ(cache.used_blocks() + cache.free_blocks(), cache.total_blocks()) << "op " << op;
+      if (!prefix) {
+        ASSERT_EQ(cache.cached_blocks(), 0);
+      }
+      for (const auto& [s, toks] : seqs) {
+        int64_t refs = 0;
+        for (int32_t b : cache.BlockTable(s)) refs += cache.RefCount(b) > 0 ? 1 : 0;
+        ASSERT_EQ(refs, static_cast<int64_t>(cache.BlockTable(s).size()));
+        ExpectRows(cache, s, toks);
+      }
+    }
+    for (const auto& [s, toks] : seqs) cache.Free(s);
+    EXPECT_EQ(cache.used_blocks(), 0);
+    EXPECT_EQ(cache.free_blocks(), cache.total_blocks());
+  }
 }
 
 }  // namespace

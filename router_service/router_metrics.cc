@@ -9,6 +9,10 @@
 namespace dmoe::router {
 namespace {
 
+constexpr char kKvBlocksHelp[] =
+    "KV cache blocks: used (attached to sequences), cached (prefix-cached, held by no "
+    "sequence, reusable and evicted on demand) and total";
+
 // One request's round trip: from a loopback hop of a few tokens (~50 us) to
 // the default 10 s deadline.
 prometheus::Histogram::BucketBoundaries RoundTripBuckets() {
@@ -134,12 +138,23 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
       kv_free_(Gauge(registry, "moe_router_kv_cache_free_bytes",
                      "KV cache bytes in blocks neither attached to a sequence nor reserved")
                    .Add({})),
-      kv_blocks_used_(Gauge(registry, "moe_router_kv_cache_blocks",
-                            "KV cache blocks: used (attached to sequences) and total")
-                          .Add({{"state", "used"}})),
-      kv_blocks_total_(Gauge(registry, "moe_router_kv_cache_blocks",
-                             "KV cache blocks: used (attached to sequences) and total")
-                           .Add({{"state", "total"}})),
+      kv_blocks_used_(
+          Gauge(registry, "moe_router_kv_cache_blocks", kKvBlocksHelp).Add({{"state", "used"}})),
+      kv_blocks_total_(
+          Gauge(registry, "moe_router_kv_cache_blocks", kKvBlocksHelp).Add({{"state", "total"}})),
+      kv_blocks_cached_(
+          Gauge(registry, "moe_router_kv_cache_blocks", kKvBlocksHelp).Add({{"state", "cached"}})),
+      prefix_queried_(Counter(registry, "moe_router_prefix_cache_queried_tokens_total",
+                              "Prompt tokens looked up in the prefix cache at admission "
+                              "(recomputations after preemption included)")
+                          .Add({})),
+      prefix_hit_(Counter(registry, "moe_router_prefix_cache_hit_tokens_total",
+                          "Prompt tokens whose KV entries came from the prefix cache; hit rate = "
+                          "rate(hit) / rate(queried)")
+                      .Add({})),
+      prefix_evicted_(Counter(registry, "moe_router_prefix_cache_evicted_blocks_total",
+                              "Prefix-cached KV blocks evicted to make room")
+                          .Add({})),
       preemptions_(Counter(registry, "moe_router_preemptions_total",
                            "Sequences preempted for KV blocks (recomputed when they resume)")
                        .Add({})),
@@ -358,6 +373,7 @@ void RouterMetrics::Refresh(absl::Time now) {
     kv_budget_.Set(static_cast<double>(load.kv_cache_budget_bytes));
     kv_blocks_used_.Set(static_cast<double>(load.kv_blocks_used));
     kv_blocks_total_.Set(static_cast<double>(load.kv_blocks_total));
+    kv_blocks_cached_.Set(static_cast<double>(load.kv_blocks_cached));
     // The scheduler counts since start; the counters advance by the difference.
     auto advance = [](prometheus::Counter& c, uint64_t now_value, uint64_t& last) {
       if (now_value > last) c.Increment(static_cast<double>(now_value - last));
@@ -368,6 +384,9 @@ void RouterMetrics::Refresh(absl::Time now) {
     advance(step_tokens_, load.step_tokens, last_load_.step_tokens);
     advance(preemptions_, load.preemptions, last_load_.preemptions);
     advance(recomputed_tokens_, load.recomputed_tokens, last_load_.recomputed_tokens);
+    advance(prefix_queried_, load.prefix_queried_tokens, last_load_.prefix_queried_tokens);
+    advance(prefix_hit_, load.prefix_hit_tokens, last_load_.prefix_hit_tokens);
+    advance(prefix_evicted_, load.prefix_evicted_blocks, last_load_.prefix_evicted_blocks);
   }
 }
 

@@ -26,10 +26,12 @@
 //   moe_router_replacement_switch_seconds moe_router_leaves_refused_total                 scale-in
 //   leaves the controller refused moe_router_ready                                1 when every
 //   routed expert has a live server moe_router_active_sequences, moe_router_queued_requests,
-//   moe_router_kv_cache_{free,budget}_bytes, moe_router_kv_cache_blocks{state=used|total},
-//   moe_router_preemptions_total, moe_router_recomputed_tokens_total, moe_router_steps_total,
-//   moe_router_failed_steps_total, moe_router_step_tokens_total moe_router_step_seconds (histogram:
-//   one model step, e.g. through a re-placement) moe_router_step_stage_seconds_total{stage,phase},
+//   moe_router_kv_cache_{free,budget}_bytes, moe_router_kv_cache_blocks{state=used|cached|total},
+//   moe_router_prefix_cache_{queried,hit}_tokens_total,
+//   moe_router_prefix_cache_evicted_blocks_total, moe_router_preemptions_total,
+//   moe_router_recomputed_tokens_total, moe_router_steps_total, moe_router_failed_steps_total,
+//   moe_router_step_tokens_total moe_router_step_seconds (histogram: one model step, e.g. through a
+//   re-placement) moe_router_step_stage_seconds_total{stage,phase},
 //   moe_router_phase_steps_total{phase}   where steps spend their time
 //
 // Cardinality: per-expert mode has (MoE layers x routed experts) routed-token
@@ -161,6 +163,10 @@ class RouterMetrics final : public RemoteExpertObserver {
   prometheus::Gauge& kv_free_;
   prometheus::Gauge& kv_blocks_used_;
   prometheus::Gauge& kv_blocks_total_;
+  prometheus::Gauge& kv_blocks_cached_;
+  prometheus::Counter& prefix_queried_;
+  prometheus::Counter& prefix_hit_;
+  prometheus::Counter& prefix_evicted_;
   prometheus::Counter& preemptions_;
   prometheus::Counter& recomputed_tokens_;
   prometheus::Gauge& kv_budget_;

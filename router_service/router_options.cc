@@ -91,6 +91,11 @@ void DeclareRouterFlags(common::Args& args) {
             "paged: admit on free blocks, preempt (and later recompute) the newest sequence "
             "when blocks run out; reserve: reserve prompt + max_tokens at admission",
             "paged")
+      .Flag("prefix-cache", "on|off",
+            "with --kv-admission paged: keep full KV blocks, addressed by the tokens up to "
+            "their end, and start new sequences from their longest cached prefix "
+            "(same bits as off)",
+            "on")
       .Flag("kv-block-tokens", "N",
             "tokens per KV cache block (sequences take whole blocks as they grow), 1..4096", "32")
       .Flag("max-batch-tokens", "N", "tokens per scheduler step (decodes + prefill chunks)", "2048")
@@ -252,6 +257,12 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
         absl::StrCat(kName, ": --kv-admission must be paged or reserve, got '", admission, "'"));
   }
   c.sched.kv_admission = admission == "paged" ? KvAdmission::kPaged : KvAdmission::kReserve;
+  const std::string prefix = args.Str("prefix-cache");
+  if (prefix != "on" && prefix != "off") {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --prefix-cache must be on or off, got '", prefix, "'"));
+  }
+  c.sched.prefix_cache = prefix == "on";
   DMOE_ASSIGN_OR_RETURN(int64_t threads, IntIn(args, "threads", 0, 1024));
   c.threads = static_cast<int>(threads);
   DMOE_ASSIGN_OR_RETURN(int64_t kv, IntIn(args, "kv-cache-bytes", 1, INT64_MAX));

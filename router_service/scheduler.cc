@@ -32,6 +32,8 @@ struct Scheduler::Request {
   int64_t generated = 0;
   int32_t last_token = 0;        // the decode input of the next step
   std::vector<int32_t> history;  // generated tokens (recomputed after a preemption)
+  std::vector<int32_t> tokens;   // the client's prompt + history: position p's token
+  int64_t preempted_cached = 0;  // tokens cached when last preempted
   uint64_t admitted_at = 0;      // admission order; the latest is preempted first
   bool in_step = false;          // part of the batch being run
   bool done = false;             // finished by the step just run
@@ -65,7 +67,8 @@ Scheduler::Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions option
     : options_(options),
       model_(std::move(model)),
       bytes_per_token_(core::KvCache(model_->config(), 0).BytesPerToken()),
-      cache_(model_->config(), options.kv_cache_bytes, options.kv_block_tokens) {
+      cache_(model_->config(), options.kv_cache_bytes, options.kv_block_tokens,
+             options.prefix_cache && options.kv_admission == KvAdmission::kPaged) {
   kv_free_ = FreeKvBytes();
 }
 
@@ -124,6 +127,7 @@ absl::StatusOr<RequestId> Scheduler::SubmitGenerate(GenerateParams p, GenerateCa
   }
   auto r = std::make_unique<Request>();
   r->prompt = std::move(p.prompt);
+  r->tokens = r->prompt;
   r->prompt_len = prompt_len;
   r->max_tokens = p.max_tokens;
   r->stops = std::move(p.stop_token_ids);
@@ -150,6 +154,7 @@ absl::StatusOr<RequestId> Scheduler::SubmitForward(std::vector<int32_t> tokens, 
   auto r = std::make_unique<Request>();
   r->is_forward = true;
   r->prompt = std::move(tokens);
+  r->tokens = r->prompt;
   r->prompt_len = n;
   r->all_positions = all_positions;
   r->forward_done = std::move(done);
@@ -194,6 +199,10 @@ SchedulerLoad Scheduler::GetLoad() const {
   load.recomputed_tokens = recomputed_tokens_;
   load.kv_blocks_total = cache_.total_blocks();
   load.kv_blocks_used = kv_blocks_used_;
+  load.kv_blocks_cached = kv_blocks_cached_;
+  load.prefix_queried_tokens = prefix_queried_tokens_;
+  load.prefix_hit_tokens = prefix_hit_tokens_;
+  load.prefix_evicted_blocks = prefix_evicted_blocks_;
   return load;
 }
 
@@ -247,7 +256,12 @@ bool Scheduler::Admit() {
         if (need > free) break;
         free -= need;
       } else {
-        const int64_t need = cache_.BlocksFor(static_cast<int64_t>(queue_.front()->prompt.size()));
+        // Cached prefix blocks are not taken, but those no one holds stop
+        // counting as free once held.
+        const Request& q = *queue_.front();
+        const core::KvCache::PrefixMatch m = cache_.MatchPrefix(q.prompt, MaxPrefix(q));
+        const int64_t need =
+            cache_.BlocksFor(static_cast<int64_t>(q.prompt.size())) - m.blocks + m.unheld;
         if (need > free_blocks && !(running_.empty() && admitted.empty())) break;
         free_blocks -= need;
       }
@@ -261,9 +275,10 @@ bool Scheduler::Admit() {
     Finish(std::move(r), stop ? shutting_down : absl::CancelledError("request cancelled"));
   }
   for (auto& r : admitted) {
-    absl::StatusOr<int32_t> seq = options_.kv_admission == KvAdmission::kReserve
-                                      ? cache_.Allocate(r->Capacity())
-                                      : cache_.AllocateUnreserved(r->Capacity());
+    absl::StatusOr<int32_t> seq =
+        options_.kv_admission == KvAdmission::kReserve
+            ? cache_.Allocate(r->Capacity())
+            : cache_.AllocateUnreserved(r->Capacity(), r->prompt, MaxPrefix(*r));
     if (!seq.ok()) {
       {
         absl::MutexLock l(&mu_);
@@ -274,6 +289,18 @@ bool Scheduler::Admit() {
     }
     r->seq = *seq;
     r->admitted_at = ++admissions_;
+    const int64_t hit = cache_.Length(r->seq);
+    r->prefilled = hit;
+    if (cache_.prefix_cache()) {
+      absl::MutexLock l(&mu_);
+      prefix_queried_tokens_ += r->prompt.size();
+      prefix_hit_tokens_ += static_cast<uint64_t>(hit);
+      recomputed_tokens_ += static_cast<uint64_t>(std::max<int64_t>(0, r->preempted_cached - hit));
+    } else if (r->preempted_cached > 0) {
+      absl::MutexLock l(&mu_);
+      recomputed_tokens_ += static_cast<uint64_t>(r->preempted_cached);
+    }
+    r->preempted_cached = 0;
     running_.push_back(std::move(r));
   }
   if (stop) {
@@ -282,6 +309,18 @@ bool Scheduler::Admit() {
   }
   PublishLoad();
   return !stop;
+}
+
+int64_t Scheduler::MaxPrefix(const Request& r) {
+  if (r.is_forward && r.all_positions) return 0;
+  return static_cast<int64_t>(r.prompt.size()) - 1;
+}
+
+void Scheduler::PublishBlocks() {
+  kv_free_ = FreeKvBytes();
+  kv_blocks_used_ = cache_.used_blocks();
+  kv_blocks_cached_ = cache_.cached_blocks();
+  prefix_evicted_blocks_ = cache_.evictions();
 }
 
 int64_t Scheduler::WatermarkBlocks() const {
@@ -335,7 +374,7 @@ bool Scheduler::MakeRoom() {
       [](const auto& a, const auto& b) { return a->admitted_at < b->admitted_at; });
   std::unique_ptr<Request> r = std::move(*victim);
   running_.erase(victim);
-  const int64_t cached = cache_.Length(r->seq);
+  r->preempted_cached = cache_.Length(r->seq);
   cache_.Free(r->seq);
   r->seq = -1;
   r->in_step = false;
@@ -347,10 +386,8 @@ bool Scheduler::MakeRoom() {
     absl::MutexLock l(&mu_);
     --active_;
     ++preemptions_;
-    recomputed_tokens_ += static_cast<uint64_t>(cached);
     queue_.push_front(std::move(r));
-    kv_free_ = FreeKvBytes();
-    kv_blocks_used_ = cache_.used_blocks();
+    PublishBlocks();
   }
   return false;
 }
@@ -446,6 +483,7 @@ void Scheduler::Step() {
         std::chrono::duration<double>(std::chrono::steady_clock::now() - sample_begin).count();
     r->last_token = token;
     r->history.push_back(token);
+    r->tokens.push_back(token);
     TokenEvent ev;
     ev.token = token;
     ev.index = r->generated++;
@@ -456,6 +494,11 @@ void Scheduler::Step() {
     }
     if (r->gen.on_token) r->gen.on_token(ev);
     if (!ev.finish_reason.empty()) r->done = any_done = true;
+  }
+  // The step's full blocks become cacheable (before finished sequences free
+  // theirs, so those stay cached too).
+  if (cache_.prefix_cache()) {
+    for (Request* r : members_) cache_.Commit(r->seq, r->tokens);
   }
   if (any_done) {
     for (auto& r : running_) {
@@ -490,8 +533,7 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
     absl::MutexLock l(&mu_);
     live_.erase(r->id);
     if (admitted) --active_;
-    kv_free_ = FreeKvBytes();
-    kv_blocks_used_ = cache_.used_blocks();
+    PublishBlocks();
   }
   if (r->is_forward) {
     if (!r->forward_done) return;
@@ -507,8 +549,7 @@ void Scheduler::Finish(std::unique_ptr<Request> r, const absl::Status& status) {
 
 void Scheduler::PublishLoad() {
   absl::MutexLock l(&mu_);
-  kv_free_ = FreeKvBytes();
-  kv_blocks_used_ = cache_.used_blocks();
+  PublishBlocks();
 }
 
 size_t Scheduler::FreeKvBytes() const {

@@ -62,6 +62,11 @@ struct SchedulerOptions {
   size_t kv_cache_bytes = size_t{1} << 30;                       // KV cache budget
   int64_t kv_block_tokens = core::KvCache::kDefaultBlockTokens;  // tokens per KV block
   KvAdmission kv_admission = KvAdmission::kPaged;
+  // Prefix caching (paged admission only): full KV blocks are kept, content-
+  // addressed by the tokens up to their end, and a new sequence starts from
+  // the cached blocks of its longest cached prefix (core::KvCache). Tokens
+  // and logits are bitwise those without it.
+  bool prefix_cache = true;
   int64_t max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks)
   int64_t max_queue = 256;          // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
@@ -113,9 +118,16 @@ struct SchedulerLoad {
   // they had (recomputed when they resume).
   uint64_t preemptions = 0;
   uint64_t recomputed_tokens = 0;
-  // KV blocks: all of them, and those attached to sequences.
+  // KV blocks: all of them, those attached to sequences, and prefix-cached
+  // ones no sequence holds (reusable, evicted when blocks are needed).
   int64_t kv_blocks_total = 0;
   int64_t kv_blocks_used = 0;
+  int64_t kv_blocks_cached = 0;
+  // Since start: prompt tokens looked up in the prefix cache at admission
+  // (recomputations included) and those found there; cached blocks evicted.
+  uint64_t prefix_queried_tokens = 0;
+  uint64_t prefix_hit_tokens = 0;
+  uint64_t prefix_evicted_blocks = 0;
 };
 
 using RequestId = uint64_t;
@@ -179,6 +191,11 @@ class Scheduler {
   // Fills batch_/members_ from running_ (decodes first, then prefill chunks in
   // admission order) and returns the unused token budget.
   int64_t BuildBatch(bool* decode_skipped);
+  // Tokens of `r`'s prompt the prefix cache may provide (all but the last,
+  // whose logits are needed; none when every position's logits are).
+  static int64_t MaxPrefix(const Request& r);
+  // Publishes the cache's block counts (mu_ held).
+  void PublishBlocks() ABSL_EXCLUSIVE_LOCKS_REQUIRED(mu_);
   // Paged: true when the batch's new blocks are free; otherwise preempts the
   // most recently admitted sequence and returns false (rebuild the batch).
   bool MakeRoom();
@@ -212,6 +229,10 @@ class Scheduler {
   uint64_t preemptions_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t recomputed_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   int64_t kv_blocks_used_ ABSL_GUARDED_BY(mu_) = 0;
+  int64_t kv_blocks_cached_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t prefix_queried_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t prefix_hit_tokens_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t prefix_evicted_blocks_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;  // started in Create, joined by Shutdown
   absl::Mutex shutdown_mu_;
 };

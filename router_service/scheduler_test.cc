@@ -107,6 +107,7 @@ class SchedulerTest : public ::testing::Test {
     o.max_batch_tokens = max_batch_tokens;
     o.kv_block_tokens = block_tokens_;
     o.kv_admission = admission_;
+    o.prefix_cache = prefix_cache_;
     o.on_step = [timeline](absl::Duration) { timeline->Step(); };
     o.on_step_stages = [this](const core::StageTimes& t, bool prefill) {
       absl::MutexLock l(&stages_mu_);
@@ -156,6 +157,7 @@ class SchedulerTest : public ::testing::Test {
   std::string dir_;
   int64_t block_tokens_ = 1;
   KvAdmission admission_ = KvAdmission::kReserve;
+  bool prefix_cache_ = true;
   size_t bytes_per_token_ = 0;
   absl::Mutex stages_mu_;
   std::vector<std::pair<core::StageTimes, bool>> stages_ ABSL_GUARDED_BY(stages_mu_);
@@ -491,6 +493,124 @@ TEST_F(SchedulerTest, PreemptionRecomputesAndChangesNoToken) {
   EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
   EXPECT_EQ(load.active_sequences, 0);
   EXPECT_EQ(alone->GetLoad().preemptions, 0u);
+}
+
+// The prefix cache changes no bit: generations (seeded sampling) and the
+// logits of forward requests over long shared prefixes, prefixes ending inside
+// a block, a repeated prompt (wholly cached but for its last token) and a
+// cache small enough to evict are equal with it on and off, alone or together.
+TEST_F(SchedulerTest, PrefixCacheChangesNoTokenAndNoLogit) {
+  if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
+  std::vector<int32_t> system;
+  for (int j = 0; j < 40; ++j) system.push_back((13 * j + 7) % 500);
+  std::vector<std::vector<int32_t>> prompts;
+  for (int i = 0; i < 5; ++i) {
+    std::vector<int32_t> p(system.begin(), system.begin() + (i == 3 ? 21 : 40));
+    for (int j = 0; j < 3 + i; ++j) p.push_back((29 * i + 5 * j + 1) % 500);
+    prompts.push_back(p);
+  }
+  prompts.push_back(prompts[1]);  // the same prompt again
+  prompts.push_back(system);      // the shared part alone: 2 full blocks of 16 and 8 tokens
+  struct Out {
+    absl::Mutex mu;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<std::vector<float>> logits;  // forward requests: every position
+    std::vector<std::vector<float>> last;    // forward requests: the last position
+    int done = 0;
+    int failed = 0;
+  };
+  // Each prompt as a seeded generation, then as two forward requests.
+  auto run = [&](Scheduler& s, Out& out, bool one_at_a_time) {
+    const size_t n = prompts.size();
+    out.tokens.assign(n, {});
+    out.logits.assign(n, {});
+    out.last.assign(n, {});
+    int submitted = 0;
+    auto wait = [&](int count) {
+      absl::MutexLock l(&out.mu);
+      auto enough = [&]() ABSL_SHARED_LOCKS_REQUIRED(out.mu) { return out.done >= count; };
+      ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&enough), absl::Minutes(2)));
+    };
+    for (size_t i = 0; i < n; ++i) {
+      GenerateParams p;
+      p.prompt = prompts[i];
+      p.max_tokens = 12;
+      p.ignore_eos = true;
+      p.sampling.temperature = 0.8;
+      p.sampling.seed = 40 + i;
+      GenerateCallbacks cb;
+      cb.on_token = [&out, i](const TokenEvent& ev) {
+        absl::MutexLock l(&out.mu);
+        out.tokens[i].push_back(ev.token);
+      };
+      cb.on_done = [&out](const absl::Status& st) {
+        absl::MutexLock l(&out.mu);
+        ++out.done;
+        if (!st.ok()) ++out.failed;
+      };
+      ASSERT_THAT(s.SubmitGenerate(std::move(p), std::move(cb)), IsOk());
+      ++submitted;
+      if (one_at_a_time) wait(submitted);
+      for (bool all : {true, false}) {
+        ASSERT_THAT(s.SubmitForward(prompts[i], all,
+                                    [&out, i, all](absl::StatusOr<ForwardResult> r) {
+                                      absl::MutexLock l(&out.mu);
+                                      ++out.done;
+                                      if (!r.ok()) {
+                                        ++out.failed;
+                                        return;
+                                      }
+                                      (all ? out.logits : out.last)[i] = std::move(r->logits);
+                                    }),
+                    IsOk());
+        ++submitted;
+        if (one_at_a_time) wait(submitted);
+      }
+    }
+    wait(submitted);
+  };
+  block_tokens_ = 16;
+  admission_ = KvAdmission::kPaged;
+  prefix_cache_ = false;
+  Timeline off_timeline;
+  auto off = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &off_timeline);
+  ASSERT_NE(off, nullptr);
+  Out want;
+  run(*off, want, /*one_at_a_time=*/true);
+  ASSERT_EQ(want.failed, 0);
+  EXPECT_EQ(off->GetLoad().prefix_hit_tokens, 0u);
+
+  prefix_cache_ = true;
+  for (int64_t kv_tokens : {4096, 96}) {  // 96: 6 blocks, evicting
+    for (bool one_at_a_time : {true, false}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "kv_tokens " << kv_tokens << " one at a time " << one_at_a_time);
+      Timeline on_timeline;
+      auto on = Create(kv_tokens, /*max_batch_tokens=*/64, &on_timeline);
+      ASSERT_NE(on, nullptr);
+      Out got;
+      run(*on, got, one_at_a_time);
+      EXPECT_EQ(got.failed, 0);
+      for (size_t i = 0; i < prompts.size(); ++i) {
+        EXPECT_EQ(got.tokens[i], want.tokens[i]) << "prompt " << i;
+        EXPECT_EQ(got.logits[i], want.logits[i]) << "prompt " << i << ": every position";
+        EXPECT_EQ(got.last[i], want.last[i]) << "prompt " << i << ": last position";
+      }
+      const SchedulerLoad load = on->GetLoad();
+      EXPECT_LT(load.prefix_hit_tokens, load.prefix_queried_tokens);
+      // Submitted together, the requests are admitted before any block is
+      // cached (their equal blocks are shared once computed).
+      if (one_at_a_time) EXPECT_GT(load.prefix_hit_tokens, 0u);
+      if (one_at_a_time && kv_tokens == 4096) {
+        // Later prompts find the system prompt's two full blocks (32 tokens).
+        EXPECT_GE(load.prefix_hit_tokens, 32u * 4);
+      }
+      if (kv_tokens == 96) EXPECT_GT(load.prefix_evicted_blocks, 0u);
+      EXPECT_EQ(load.kv_blocks_used, 0);
+      EXPECT_GT(load.kv_blocks_cached, 0);
+      EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
+    }
+  }
 }
 
 }  // namespace

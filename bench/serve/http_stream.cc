@@ -253,7 +253,8 @@ bool HttpStreamClient::Connect(std::string* error) {
   return fd_ >= 0;
 }
 
-HttpResult HttpStreamClient::Attempt(const std::string& request, bool reused, bool* retry) {
+HttpResult HttpStreamClient::Attempt(const std::string& request, bool reused, const StopFn& stop,
+                                     bool* retry) {
   HttpResult r;
   *retry = false;
   last_send_ = std::chrono::steady_clock::now();
@@ -269,6 +270,7 @@ HttpResult HttpStreamClient::Attempt(const std::string& request, bool reused, bo
   }
   ResponseParser p;
   char buf[16384];
+  size_t seen = 0;  // events passed to `stop`
   while (!p.done()) {
     const ssize_t n = recv(fd_, buf, sizeof(buf), 0);
     const double t = Since(last_send_);
@@ -295,6 +297,20 @@ HttpResult HttpStreamClient::Attempt(const std::string& request, bool reused, bo
       Close();
       return r;
     }
+    if (stop) {
+      bool enough = false;
+      for (; seen < p.events().size() && !enough; ++seen) enough = stop(p.events()[seen]);
+      if (enough && !p.done()) {
+        // The user stops reading: the server sees the connection close.
+        Close();
+        r.status = p.status();
+        r.events.assign(p.events().begin(), p.events().begin() + static_cast<ptrdiff_t>(seen));
+        r.first_byte_t = p.first_byte_t();
+        r.done_t = r.events.empty() ? t : r.events.back().t;
+        r.client_closed = true;
+        return r;
+      }
+    }
   }
   if (!p.keep_alive()) Close();
   r.status = p.status();
@@ -305,13 +321,14 @@ HttpResult HttpStreamClient::Attempt(const std::string& request, bool reused, bo
   return r;
 }
 
-HttpResult HttpStreamClient::Post(const std::string& path, const std::string& json_body) {
+HttpResult HttpStreamClient::Post(const std::string& path, const std::string& json_body,
+                                  StopFn stop) {
   const std::string request = "POST " + path + " HTTP/1.1\r\nHost: " + host_ + ":" +
                               std::to_string(port_) +
                               "\r\nContent-Type: application/json\r\nAccept: text/event-stream, "
                               "application/json\r\nContent-Length: " +
                               std::to_string(json_body.size()) + "\r\n\r\n" + json_body;
-  return Request(request);
+  return Request(request, stop);
 }
 
 HttpResult HttpStreamClient::Get(const std::string& path) {
@@ -319,7 +336,7 @@ HttpResult HttpStreamClient::Get(const std::string& path) {
                  "\r\n\r\n");
 }
 
-HttpResult HttpStreamClient::Request(const std::string& request) {
+HttpResult HttpStreamClient::Request(const std::string& request, const StopFn& stop) {
   for (int attempt = 0; attempt < 2; ++attempt) {
     const bool reused = fd_ >= 0;
     if (!reused) {
@@ -331,7 +348,7 @@ HttpResult HttpStreamClient::Request(const std::string& request) {
       }
     }
     bool retry = false;
-    HttpResult r = Attempt(request, reused, &retry);
+    HttpResult r = Attempt(request, reused, stop, &retry);
     if (!retry) return r;
   }
   HttpResult r;

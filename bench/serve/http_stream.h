@@ -13,18 +13,22 @@
 //                      false once the response is malformed (error() says how:
 //                      status line, header, chunk size, a body over 64 MiB);
 //                      done() is true once the whole response arrived.
-//   HttpStreamClient   Post(path, body) sends one POST (JSON), Get(path) one GET, on its
-//   connection,
-//                      opening it (again) as needed, and reads the response to its
-//                      end; a reused connection the server closed meanwhile is
-//                      reopened and the request sent once more. Every read and
-//                      the connect time out after `timeout_s`. Not thread-safe:
-//                      one client per thread.
+//   HttpStreamClient   Post(path, body) sends one POST (JSON), Get(path) one
+//                      GET, on its connection, opening it (again) as needed,
+//                      and reads the response to its end; Post with `stop`
+//                      reads until stop(event) is true for an event, then
+//                      closes the connection, as a user who stops reading (the
+//                      result says client_closed). A reused connection the
+//                      server closed meanwhile is reopened and the request
+//                      sent once more. Every read and the connect time out
+//                      after `timeout_s`. Not thread-safe: one client per
+//                      thread.
 #ifndef DMOE_BENCH_SERVE_HTTP_STREAM_H_
 #define DMOE_BENCH_SERVE_HTTP_STREAM_H_
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -77,6 +81,7 @@ struct HttpResult {
   std::string body;   // a non-SSE body (error answers)
   std::vector<SseEvent> events;
   double first_byte_t = -1, done_t = -1;  // seconds since sent
+  bool client_closed = false;             // ended by Post's `stop`
 };
 
 class HttpStreamClient {
@@ -86,7 +91,8 @@ class HttpStreamClient {
   HttpStreamClient(const HttpStreamClient&) = delete;
   HttpStreamClient& operator=(const HttpStreamClient&) = delete;
 
-  HttpResult Post(const std::string& path, const std::string& json_body);
+  using StopFn = std::function<bool(const SseEvent&)>;
+  HttpResult Post(const std::string& path, const std::string& json_body, StopFn stop = nullptr);
   HttpResult Get(const std::string& path);
   // Times are relative to this point (the send), also returned.
   std::chrono::steady_clock::time_point last_send() const { return last_send_; }
@@ -94,10 +100,10 @@ class HttpStreamClient {
  private:
   bool Connect(std::string* error);
   void Close();
-  HttpResult Request(const std::string& request);
+  HttpResult Request(const std::string& request, const StopFn& stop = nullptr);
   // One attempt on the current connection; *retry when the connection was
   // stale (closed before any byte of the answer).
-  HttpResult Attempt(const std::string& request, bool reused, bool* retry);
+  HttpResult Attempt(const std::string& request, bool reused, const StopFn& stop, bool* retry);
 
   std::string host_;
   int port_;

@@ -31,14 +31,19 @@ std::string ClusterConfig::SpinNote() const {
 }
 
 std::string ClusterConfig::Describe() const {
+  std::string kv;
+  if (kv_cache_bytes > 0) absl::StrAppend(&kv, ", KV cache ", kv_cache_bytes, " bytes");
+  if (!kv_admission.empty()) absl::StrAppend(&kv, ", KV admission ", kv_admission);
+  if (!prefix_cache.empty()) absl::StrAppend(&kv, ", prefix cache ", prefix_cache);
+  if (kv_block_tokens > 0) absl::StrAppend(&kv, ", KV blocks of ", kv_block_tokens, " tokens");
   if (servers == 0) {
     return absl::StrCat(name, ": one process (router computes the experts, ", dtype, ", threads ",
                         router_threads == 0 ? "all" : std::to_string(router_threads), SpinNote(),
-                        ")");
+                        kv, ")");
   }
   return absl::StrCat(name, ": router + ", servers, " expert servers (", expert_threads,
                       " thread(s) each), shared expert on ", shared_expert, ", wire ", wire_dtype,
-                      ", micro-batches ", micro_batches, ", ", dtype, SpinNote());
+                      ", micro-batches ", micro_batches, ", ", dtype, SpinNote(), kv);
 }
 
 std::vector<std::string> ClusterConfig::SpinEnv() const {
@@ -97,6 +102,25 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
     } else if (key == "kv-block") {
       if (!is_int || n < 0 || n > 4096) return bad("0..4096");
       c.kv_block_tokens = n;
+    } else if (key == "kv-bytes") {
+      int64_t scale = 1;
+      std::string digits = value;
+      if (!digits.empty() &&
+          (digits.back() == 'K' || digits.back() == 'M' || digits.back() == 'G')) {
+        scale = digits.back() == 'K' ? 1 << 10 : digits.back() == 'M' ? 1 << 20 : 1 << 30;
+        digits.pop_back();
+      }
+      int64_t v = 0;
+      if (!absl::SimpleAtoi(digits, &v) || v < 1 || v > (int64_t{1} << 50) / scale) {
+        return bad("a byte count >= 1, with an optional K, M or G suffix");
+      }
+      c.kv_cache_bytes = v * scale;
+    } else if (key == "kv-admission") {
+      if (value != "paged" && value != "reserve") return bad("paged or reserve");
+      c.kv_admission = value;
+    } else if (key == "prefix-cache") {
+      if (value != "on" && value != "off") return bad("on or off");
+      c.prefix_cache = value;
     } else if (key == "spin") {
       if (value != "auto" && value != "default" && value != "passive" && (!is_int || n < 0)) {
         return bad("auto, default, passive or a spin count >= 0");
@@ -105,7 +129,8 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
     } else {
       return absl::InvalidArgumentError(absl::StrCat(
           "configuration ", c.name, ": unknown key \"", key,
-          "\" (servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, spin)"));
+          "\" (servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, "
+          "kv-bytes, kv-admission, prefix-cache, spin)"));
     }
   }
   return c;
@@ -184,6 +209,18 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
                                    c.dtype,
                                    "--threads",
                                    std::to_string(c.router_threads)};
+  if (c.kv_cache_bytes > 0) {
+    argv.push_back("--kv-cache-bytes");
+    argv.push_back(std::to_string(c.kv_cache_bytes));
+  }
+  if (!c.kv_admission.empty()) {
+    argv.push_back("--kv-admission");
+    argv.push_back(c.kv_admission);
+  }
+  if (!c.prefix_cache.empty()) {
+    argv.push_back("--prefix-cache");
+    argv.push_back(c.prefix_cache);
+  }
   if (c.kv_block_tokens > 0) {
     argv.push_back("--kv-block-tokens");
     argv.push_back(std::to_string(c.kv_block_tokens));

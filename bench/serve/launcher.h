@@ -8,7 +8,8 @@
 //     (expert|router), wire (auto|f32|bf16|fp8), micro (micro-batches),
 //     threads (router compute threads; 0 = all cores), expert-threads (per
 //     expert server), dtype (f32|bf16), kv-block (router --kv-block-tokens;
-//     0 = its default), spin (auto|default|passive|N: how
+//     0 = its default), kv-bytes (router --kv-cache-bytes; K/M/G suffixes of
+//     1024), kv-admission (paged|reserve), prefix-cache (on|off), spin (auto|default|passive|N: how
 //     long idle OpenMP threads spin, see ClusterConfig::SpinEnv). InvalidArgument
 //     naming the key for an unknown key or a bad value.
 //   EnsureModel(preset, layers, dir)
@@ -23,6 +24,7 @@
 #ifndef DMOE_BENCH_SERVE_LAUNCHER_H_
 #define DMOE_BENCH_SERVE_LAUNCHER_H_
 
+#include <cstdint>
 #include <memory>
 #include <string>
 #include <vector>
@@ -48,7 +50,10 @@ struct ClusterConfig {
   // it), a lone process keeps libgomp's default; "default": libgomp's default
   // everywhere; "passive": OMP_WAIT_POLICY=passive; N: GOMP_SPINCOUNT=N.
   std::string spin = "auto";
-  int kv_block_tokens = 0;  // 0: the router's default
+  int kv_block_tokens = 0;     // 0: the router's default
+  int64_t kv_cache_bytes = 0;  // 0: the router's default
+  std::string kv_admission;    // "": the router's default
+  std::string prefix_cache;    // "": the router's default
   std::string Describe() const;
   // The environment entries for every process of this configuration.
   std::vector<std::string> SpinEnv() const;

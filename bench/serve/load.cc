@@ -85,7 +85,14 @@ class Records {
 
 RequestRecord Send(HttpStreamClient& client, const RequestSpec& req, Clock::time_point t0) {
   const double start = Since(t0);
-  const HttpResult r = client.Post(req.path, req.body);
+  HttpStreamClient::StopFn stop;
+  if (req.stop_after > 0) {
+    stop = [left = req.stop_after](const SseEvent& e) mutable {
+      left -= TokensInEvent(e);
+      return left <= 0;
+    };
+  }
+  const HttpResult r = client.Post(req.path, req.body, std::move(stop));
   return RecordFromHttp(r, start, req.prompt_tokens);
 }
 

@@ -1,12 +1,20 @@
 // serve_bench's parts without a server: the HTTP/SSE response parser on every
 // split of the bytes, the per-request record and the run summary (percentiles,
-// TPOT, goodput, failures), and the workload generator.
+// TPOT, goodput, failures), and the workload generator; and the client's early
+// end of a stream against a real socket.
+#include <arpa/inet.h>
+#include <netinet/in.h>
+#include <sys/socket.h>
+#include <unistd.h>
+
 #include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
+#include <set>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "absl/strings/str_cat.h"
@@ -128,6 +136,54 @@ TEST(RequestRecord, TokensComeFromTokenIdsAndUsageWins) {
   EXPECT_EQ(rec.start_s, 2.0);
 }
 
+// A client that stops reading after 3 tokens closes the connection while the
+// server still streams; the record is a success with 3 tokens.
+TEST(HttpStreamClient, StopEndsTheStreamByClosingTheConnection) {
+  const int listener = socket(AF_INET, SOCK_STREAM, 0);
+  ASSERT_GE(listener, 0);
+  sockaddr_in addr{};
+  addr.sin_family = AF_INET;
+  addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  ASSERT_EQ(bind(listener, reinterpret_cast<sockaddr*>(&addr), sizeof(addr)), 0);
+  ASSERT_EQ(listen(listener, 1), 0);
+  socklen_t len = sizeof(addr);
+  ASSERT_EQ(getsockname(listener, reinterpret_cast<sockaddr*>(&addr), &len), 0);
+  bool saw_close = false;
+  std::thread server([&] {
+    const int fd = accept(listener, nullptr, nullptr);
+    if (fd < 0) return;
+    char buf[4096];
+    (void)recv(fd, buf, sizeof(buf), 0);  // the request (small: one read)
+    std::string out =
+        "HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n";
+    for (int i = 0; i < 5; ++i) {
+      out +=
+          Chunk(absl::StrCat("data: {\"choices\":[{\"text\":\"t\",\"token_ids\":[", i, "]}]}\n\n"));
+    }
+    (void)send(fd, out.data(), out.size(), MSG_NOSIGNAL);
+    // More would follow; the client closes first.
+    timeval tv{10, 0};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof(tv));
+    saw_close = recv(fd, buf, sizeof(buf), 0) == 0;
+    close(fd);
+  });
+  HttpStreamClient client("127.0.0.1", ntohs(addr.sin_port), 10);
+  int left = 3;
+  const HttpResult r = client.Post("/v1/completions", "{}", [&left](const SseEvent& e) {
+    left -= TokensInEvent(e);
+    return left <= 0;
+  });
+  server.join();
+  close(listener);
+  EXPECT_TRUE(saw_close) << "the server saw the client close the connection";
+  EXPECT_TRUE(r.client_closed);
+  EXPECT_EQ(r.status, 200);
+  EXPECT_EQ(r.events.size(), 3u);
+  const RequestRecord rec = RecordFromHttp(r, 0, 4);
+  EXPECT_TRUE(rec.ok) << rec.error;
+  EXPECT_EQ(rec.output_tokens, 3);
+}
+
 TEST(RequestRecord, FailuresSayWhy) {
   HttpResult refused;
   refused.status = 429;
@@ -222,6 +278,33 @@ TEST(Workload, SameSeedSameRequestsAndExactTokenIdPrompts) {
   EXPECT_NE((*a)[0].body, (*c)[0].body);
 }
 
+TEST(Workload, MaxTokensCapSendsTheCapAndStopsAtTheDrawnLength) {
+  Workload w;
+  w.vocab = 1000;
+  w.input.mean = 8;
+  w.output.kind = LengthDist::Kind::kLogNormal;
+  w.output.mean = 50;
+  w.max_tokens_cap = 400;
+  auto reqs = Generate(w, 50, 3);
+  ASSERT_TRUE(reqs.ok());
+  std::set<int> lengths;
+  for (const RequestSpec& r : *reqs) {
+    EXPECT_EQ(nlohmann::json::parse(r.body)["max_tokens"].get<int>(), 400);
+    EXPECT_EQ(r.stop_after, r.max_tokens);
+    EXPECT_GE(r.stop_after, 1);
+    EXPECT_LE(r.stop_after, 400);
+    lengths.insert(r.stop_after);
+  }
+  EXPECT_GT(lengths.size(), 10u) << "drawn, not fixed";
+  w.max_tokens_cap = 0;
+  auto uncapped = Generate(w, 5, 3);
+  ASSERT_TRUE(uncapped.ok());
+  for (const RequestSpec& r : *uncapped) {
+    EXPECT_EQ(r.stop_after, 0);
+    EXPECT_EQ(nlohmann::json::parse(r.body)["max_tokens"].get<int>(), r.max_tokens);
+  }
+}
+
 TEST(Workload, LengthDistributionsHaveTheirMeans) {
   std::mt19937_64 rng(3);
   for (auto kind : {LengthDist::Kind::kUniform, LengthDist::Kind::kLogNormal}) {
@@ -275,6 +358,18 @@ TEST(ClusterConfig, ParsesKeysAndNamesBadOnes) {
   EXPECT_EQ(c->micro_batches, 1);
   EXPECT_EQ(ParseClusterConfig("x:kv-block=64")->kv_block_tokens, 64);
   EXPECT_THAT(ParseClusterConfig("x:kv-block=5000").status().message(), HasSubstr("kv-block=5000"));
+  const auto kv = ParseClusterConfig("x:kv-bytes=64M,kv-admission=reserve,prefix-cache=off");
+  ASSERT_TRUE(kv.ok()) << kv.status();
+  EXPECT_EQ(kv->kv_cache_bytes, int64_t{64} << 20);
+  EXPECT_EQ(kv->kv_admission, "reserve");
+  EXPECT_EQ(kv->prefix_cache, "off");
+  EXPECT_THAT(kv->Describe(), HasSubstr("KV cache 67108864 bytes, KV admission reserve"));
+  EXPECT_EQ(ParseClusterConfig("x:kv-bytes=1000")->kv_cache_bytes, 1000);
+  EXPECT_THAT(ParseClusterConfig("x:kv-bytes=0").status().message(), HasSubstr("kv-bytes=0"));
+  EXPECT_THAT(ParseClusterConfig("x:kv-bytes=3T").status().message(), HasSubstr("suffix"));
+  EXPECT_THAT(ParseClusterConfig("x:kv-admission=lazy").status().message(),
+              HasSubstr("paged or reserve"));
+  EXPECT_THAT(ParseClusterConfig("x:prefix-cache=yes").status().message(), HasSubstr("on or off"));
   EXPECT_THAT(ParseClusterConfig("x:servers=-1").status().message(), HasSubstr("servers=-1"));
   EXPECT_THAT(ParseClusterConfig("x:colour=red").status().message(), HasSubstr("unknown key"));
   EXPECT_THAT(ParseClusterConfig(":servers=1").status().message(), HasSubstr("NAME:"));

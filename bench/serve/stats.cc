@@ -48,6 +48,12 @@ std::string ErrorMessage(const std::string& body) {
 
 }  // namespace
 
+int TokensInEvent(const SseEvent& e) {
+  if (e.data == "[DONE]") return 0;
+  const json j = json::parse(e.data, nullptr, /*allow_exceptions=*/false);
+  return j.is_object() ? TokensIn(j) : 0;
+}
+
 RequestRecord RecordFromHttp(const HttpResult& r, double start_s, int intended_prompt_tokens) {
   RequestRecord rec;
   rec.start_s = start_s;
@@ -62,7 +68,7 @@ RequestRecord RecordFromHttp(const HttpResult& r, double start_s, int intended_p
     rec.error = ErrorMessage(r.body);
     return rec;
   }
-  bool done = false;
+  bool done = r.client_closed;
   int usage_out = -1;
   for (const SseEvent& e : r.events) {
     if (e.data == "[DONE]") {

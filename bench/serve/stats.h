@@ -9,7 +9,8 @@
 //     = the end of the response, output tokens = usage.completion_tokens when
 //     the stream reported usage (else the token events), prompt tokens =
 //     usage.prompt_tokens (else the intended count). A request succeeded when
-//     the status was 200, the stream ended with [DONE] and had a token; else
+//     the status was 200, the stream ended with [DONE] (or the client closed
+//     it: HttpResult::client_closed) and had a token; else
 //     `error` names why (the server's error message, a transport error, "no
 //     [DONE]").
 //   Summarize(records, slo)
@@ -44,6 +45,8 @@ struct RequestRecord {
 };
 
 RequestRecord RecordFromHttp(const HttpResult& r, double start_s, int intended_prompt_tokens);
+// Tokens one stream event carries, as RecordFromHttp counts them.
+int TokensInEvent(const SseEvent& e);
 
 struct Dist {
   int n = 0;

@@ -86,6 +86,10 @@ std::string Workload::Describe() const {
                                LengthKindName(input.kind), " mean ", input.mean, ", output ",
                                LengthKindName(output.kind), " mean ", output.mean,
                                ignore_eos ? " (ignore_eos)" : "");
+  if (max_tokens_cap > 0) {
+    absl::StrAppend(&s, ", max_tokens ", max_tokens_cap,
+                    " sent, the client ends each stream at its output length");
+  }
   if (num_prefixes > 0) {
     absl::StrAppend(&s, ", ", num_prefixes, " shared prefixes of ", prefix_len, " tokens");
   }
@@ -124,10 +128,14 @@ absl::StatusOr<std::vector<RequestSpec>> Generate(const Workload& w, int n, uint
     RequestSpec r;
     const int in = w.input.Draw(rng);
     r.max_tokens = w.output.Draw(rng);
+    if (w.max_tokens_cap > 0) {
+      r.max_tokens = std::min(r.max_tokens, w.max_tokens_cap);
+      r.stop_after = r.max_tokens;
+    }
     const int k = w.num_prefixes > 0 ? i % w.num_prefixes : -1;
     r.prompt_tokens = in + (k >= 0 ? w.prefix_len : 0);
     json body = {{"model", w.model},
-                 {"max_tokens", r.max_tokens},
+                 {"max_tokens", w.max_tokens_cap > 0 ? w.max_tokens_cap : r.max_tokens},
                  {"temperature", w.temperature},
                  {"stream", true},
                  {"stream_options", {{"include_usage", true}}},

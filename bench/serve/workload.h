@@ -10,8 +10,11 @@
 //                 before every prompt (request i gets prefix i mod K), then a
 //                 random part of input length; output length = max_tokens with
 //                 ignore_eos (so the server generates exactly that many unless
-//                 ignore_eos is off). Prompts are token ids drawn uniformly from
-//                 [id_low, vocab) (completions only) or text of random words
+//                 ignore_eos is off), or with max_tokens_cap > 0: max_tokens =
+//                 the cap, and the client ends the stream after the drawn
+//                 length (RequestSpec::stop_after), as a chat whose answer
+//                 stops early (the server cannot know the length in advance). Prompts are token ids
+//                 drawn uniformly from [id_low, vocab) (completions only) or text of random words
 //                 from a fixed list, about one token per word with the
 //                 generated tokenizer (needs a gateway with --tokenizer).
 //                 Chat sends the prefix as the system message and the rest as
@@ -57,6 +60,7 @@ struct Workload {
   bool ignore_eos = true;
   std::string model = "dmoe";  // the "model" field
   double temperature = 0.0;
+  int max_tokens_cap = 0;  // > 0: max_tokens sent; outputs end at the drawn length
   std::string Describe() const;
 };
 
@@ -64,7 +68,8 @@ struct RequestSpec {
   std::string path;       // /v1/completions or /v1/chat/completions
   std::string body;       // JSON
   int prompt_tokens = 0;  // intended (exact for token ids, about for text)
-  int max_tokens = 0;
+  int max_tokens = 0;     // the drawn output length
+  int stop_after = 0;     // > 0: the client ends the stream after this many tokens
 };
 
 absl::StatusOr<std::vector<RequestSpec>> Generate(const Workload& w, int n, uint64_t seed);
