@@ -33,6 +33,7 @@
 #include "bench/serve/launcher.h"
 #include "bench/serve/load.h"
 #include "bench/serve/model_bytes.h"
+#include "bench/serve/router_sampler.h"
 #include "bench/serve/stage_profile.h"
 #include "bench/serve/stats.h"
 #include "bench/serve/workload.h"
@@ -69,6 +70,7 @@ struct Point {
   LoadSpec load;
   Summary summary;
   StageCounters stages;  // the router's step breakdown over the run (empty: unknown)
+  RouterSample router;   // the router's concurrency and KV counters (n = 0: unknown)
 };
 
 // Splits "HOST:PORT"; false when it is not one.
@@ -121,7 +123,7 @@ absl::StatusOr<Options> ParseOptions(int argc, char** argv) {
       .Flag("compare", "CFG;CFG",
             "configurations to start and compare, NAME:key=value,... "
             "(servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, "
-            "kv-bytes, kv-admission, prefix-cache, spin)",
+            "kv-bytes, kv-admission, prefix-cache, kv-dtype, spin)",
             "one:servers=0")
       .Flag("api", "completions|chat", "endpoint", "completions")
       .Flag("prompt", "ids|text", "token-id prompts (completions) or text", "ids")
@@ -472,12 +474,16 @@ int Main(int argc, char** argv) {
       run.progress = true;
       std::fprintf(stderr, "serve_bench: %s: %s\n", c.name.c_str(), run.Describe().c_str());
       const StageCounters before = ScrapeStages(metrics_host, metrics_port);
+      RouterSampler sampler;
+      sampler.Start(metrics_host, metrics_port, std::chrono::milliseconds(250));
       std::vector<RequestRecord> records = RunLoad(target, *requests, run);
+      RouterSample router = sampler.Stop();
       const StageCounters after = ScrapeStages(metrics_host, metrics_port);
       const std::vector<RequestRecord> measured(
           records.begin() + std::min<size_t>(records.size(), run.warmup_requests), records.end());
-      Point p{c.name, l, Summarize(measured, o.slo), Delta(after, before)};
+      Point p{c.name, l, Summarize(measured, o.slo), Delta(after, before), std::move(router)};
       PrintPoint(p, header);
+      std::printf("%s", p.router.Format().c_str());
       // (Warm-up included: the counters cannot tell its steps apart.)
       const std::string breakdown = Format(p.stages);
       if (!breakdown.empty()) std::printf("  router steps of this run:\n%s", breakdown.c_str());
@@ -496,13 +502,16 @@ int Main(int argc, char** argv) {
                     {"concurrency", p.load.concurrency},
                     {"rate", p.load.rate},
                     {"summary", ToJson(p.summary)},
-                    {"router_steps", ToJson(p.stages)}});
+                    {"router_steps", ToJson(p.stages)},
+                    {"router", p.router.ToJson()}});
   }
   out["runs"] = runs;
   json ratios = json::array();
   if (configs.size() > 1) {
-    std::printf("\nratios to %s (same load point): output tok/s, TPOT p50, TTFT p50\n",
-                configs[0].name.c_str());
+    std::printf(
+        "\nratios to %s (same load point): output tok/s, TPOT p50, TTFT p50, mean active "
+        "sequences\n",
+        configs[0].name.c_str());
     for (size_t i = loads.size(); i < points.size(); ++i) {
       const Point& p = points[i];
       const Point& base = points[i % loads.size()];
@@ -510,15 +519,21 @@ int Main(int argc, char** argv) {
       const double thr = ratio(p.summary.output_tok_per_s, base.summary.output_tok_per_s);
       const double tpot = ratio(p.summary.tpot_ms.p50, base.summary.tpot_ms.p50);
       const double ttft = ratio(p.summary.ttft_ms.p50, base.summary.ttft_ms.p50);
-      std::printf("  %-10s c=%-4d  %.3f  %.3f  %.3f\n", p.config.c_str(), p.load.concurrency, thr,
-                  tpot, ttft);
+      auto active = [](const Point& q) {
+        auto it = q.router.mean.find("moe_router_active_sequences");
+        return it == q.router.mean.end() ? 0.0 : it->second;
+      };
+      const double seqs = ratio(active(p), active(base));
+      std::printf("  %-10s c=%-4d  %.3f  %.3f  %.3f  %.3f\n", p.config.c_str(), p.load.concurrency,
+                  thr, tpot, ttft, seqs);
       ratios.push_back({{"config", p.config},
                         {"baseline", base.config},
                         {"concurrency", p.load.concurrency},
                         {"rate", p.load.rate},
                         {"output_tok_s", thr},
                         {"tpot_p50", tpot},
-                        {"ttft_p50", ttft}});
+                        {"ttft_p50", ttft},
+                        {"active_sequences", seqs}});
     }
   }
   out["ratios"] = ratios;

@@ -5,6 +5,7 @@
 #include <cstring>
 
 #include "absl/strings/str_cat.h"
+#include "core/dtype.h"
 #include "core/kernels/cpu/mla_attend.h"
 #include "core/status.h"
 
@@ -166,8 +167,7 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
     for (int64_t h = 0; h < H; ++h) rope_->Apply(q + (t * H + h) * qhd + nope, tokens.position[t]);
   }
   for (int64_t t = 0; t < T; ++t) {
-    float* dst = cache.Row(tokens.seq[t], layer_, tokens.position[t]);
-    std::memcpy(dst, kv + t * width, width * sizeof(float));
+    cache.WriteRow(tokens.seq[t], layer_, tokens.position[t], kv + t * width);
   }
   // Per-head queries in the cache's space: qcat [T, H, width] = [q_nope · W_uk | q_pe].
   float* qcat = qc_.Get(T * H * width);
@@ -181,33 +181,83 @@ void Attention::ForwardMla(const float* x, const TokenLayout& tokens, KvCache& c
   // Scores and the attention-weighted c_kv: ctx [T, H, rank].
   float* ctx = ctx_.Get(T * H * rank);
   const MlaAttendShape shape{.heads = H, .rank = rank, .width = width, .scale = scale};
-  // Each token's cache blocks in this layer, read where they lie.
+  // Each token's cache blocks in this layer. An f32 cache is read where it
+  // lies. A 16-bit (bf16 or fp16) cache is converted to f32 block by block first: once per
+  // step for a sequence with several tokens in it (a prefill chunk), and by
+  // the attending thread, into its own scratch, for a lone (decode) token, so
+  // that its blocks are read once, in 16 bits, and attended to from the cache.
   const int64_t B = cache.block_tokens();
+  const bool half = cache.dtype() != KvDtype::kF32;  // 16-bit storage, converted
+  const int64_t block_floats = B * width;
   block_begin_.resize(T + 1);
   block_ptrs_.clear();
-  for (int64_t t = 0; t < T; ++t) {
-    block_begin_[t] = static_cast<int64_t>(block_ptrs_.size());
-    const std::vector<int32_t>& table = cache.BlockTable(tokens.seq[t]);
-    const int64_t nblocks = cache.BlocksFor(tokens.position[t] + 1);  // positions [0, position]
-    for (int64_t i = 0; i < nblocks; ++i) block_ptrs_.push_back(cache.BlockRows(table[i], layer_));
+  convert_alone_.assign(T, 0);
+  float* converted = nullptr;
+  if (half) {
+    int64_t floats = 0;
+    for (int64_t t0 = 0, t1 = 0; t0 < T; t0 = t1) {
+      for (t1 = t0 + 1; t1 < T && tokens.seq[t1] == tokens.seq[t0]; ++t1) {
+      }
+      if (t1 - t0 > 1) floats += cache.BlocksFor(tokens.position[t1 - 1] + 1) * block_floats;
+    }
+    converted = conv_.Get(floats);
+  }
+  for (int64_t t0 = 0, t1 = 0; t0 < T; t0 = t1) {
+    for (t1 = t0 + 1; t1 < T && tokens.seq[t1] == tokens.seq[t0]; ++t1) {
+    }
+    const std::vector<int32_t>& table = cache.BlockTable(tokens.seq[t0]);
+    if (half && t1 - t0 == 1) {
+      convert_alone_[t0] = 1;
+      block_begin_[t0] = static_cast<int64_t>(block_ptrs_.size());
+      continue;
+    }
+    // Positions grow within a sequence's run of tokens: the last needs the most.
+    const int64_t len = tokens.position[t1 - 1] + 1;
+    const int64_t group_begin = static_cast<int64_t>(block_ptrs_.size());
+    for (int64_t i = 0; i < cache.BlocksFor(len); ++i) {
+      if (half) {
+        cache.ReadRows(table[i], layer_, std::min(B, len - i * B), converted);
+        block_ptrs_.push_back(converted);
+        converted += block_floats;
+      } else {
+        block_ptrs_.push_back(cache.BlockRows(table[i], layer_));
+      }
+    }
+    for (int64_t t = t0; t < t1; ++t) block_begin_[t] = group_begin;
   }
   block_begin_[T] = static_cast<int64_t>(block_ptrs_.size());
-  auto blocks_of = [&](int64_t t) {
-    return std::span<const float* const>(block_ptrs_.data() + block_begin_[t],
-                                         block_begin_[t + 1] - block_begin_[t]);
-  };
   const int threads = MaxThreads();
+  if (half && static_cast<int>(alone_.size()) < threads) alone_.resize(threads);
+  // Attends for token t; `alone` is the calling thread's conversion scratch.
+  auto attend = [&](int64_t t, AloneScratch& alone, bool parallel) {
+    const int64_t len = tokens.position[t] + 1;
+    const int64_t nblocks = cache.BlocksFor(len);
+    std::span<const float* const> blocks;
+    if (!convert_alone_[t]) {
+      blocks = {block_ptrs_.data() + block_begin_[t], static_cast<size_t>(nblocks)};
+    } else {
+      const std::vector<int32_t>& table = cache.BlockTable(tokens.seq[t]);
+      alone.rows.resize(static_cast<size_t>(nblocks * block_floats));
+      alone.ptrs.resize(static_cast<size_t>(nblocks));
+      for (int64_t i = 0; i < nblocks; ++i) {
+        float* dst = alone.rows.data() + i * block_floats;
+        cache.ReadRows(table[i], layer_, std::min(B, len - i * B), dst);
+        alone.ptrs[i] = dst;
+      }
+      blocks = alone.ptrs;
+    }
+    MlaAttendToken(shape, qcat + t * H * width, blocks, B, len, ctx + t * H * rank, rank, parallel);
+  };
+  AloneScratch unused;
   if (T >= threads) {
 #pragma omp parallel for schedule(dynamic, 1) if (threads > 1)
     for (int64_t t = 0; t < T; ++t) {
-      MlaAttendToken(shape, qcat + t * H * width, blocks_of(t), B, tokens.position[t] + 1,
-                     ctx + t * H * rank, rank, /*parallel=*/false);
+      attend(t, half ? alone_[ThreadId()] : unused, /*parallel=*/false);
     }
   } else {
     for (int64_t t = 0; t < T; ++t) {
       const int64_t len = tokens.position[t] + 1;
-      MlaAttendToken(shape, qcat + t * H * width, blocks_of(t), B, len, ctx + t * H * rank, rank,
-                     /*parallel=*/H * len * width >= kParallelWork);
+      attend(t, half ? alone_[0] : unused, /*parallel=*/H * len * width >= kParallelWork);
     }
   }
   // Per-head values: attn [T, H*v] = ctx_h · W_uv_h^T, then o_proj.
@@ -235,9 +285,12 @@ void Attention::ForwardMha(const float* x, const TokenLayout& tokens, KvCache& c
     for (int64_t g = 0; g < kvh; ++g) rope_->Apply(kv + t * width + g * hd, tokens.position[t]);
   }
   for (int64_t t = 0; t < T; ++t) {
-    float* dst = cache.Row(tokens.seq[t], layer_, tokens.position[t]);
-    std::memcpy(dst, kv + t * width, width * sizeof(float));
+    cache.WriteRow(tokens.seq[t], layer_, tokens.position[t], kv + t * width);
   }
+  // A 16-bit cache: each k or v slice is converted as it is read.
+  const bool half = cache.dtype() != KvDtype::kF32;
+  const DType stored = cache.StorageDType();
+  float* slices = half ? kv_slice_.Get(static_cast<size_t>(MaxThreads()) * hd) : nullptr;
   int64_t max_len = 0;
   for (int64_t t = 0; t < T; ++t) max_len = std::max(max_len, tokens.position[t] + 1);
   float* attn = attn_.Get(T * H * hd);
@@ -249,13 +302,19 @@ void Attention::ForwardMha(const float* x, const TokenLayout& tokens, KvCache& c
     const int32_t seq = tokens.seq[t];
     const float* qh = q + (t * H + h) * hd;
     float* s = probs_all + static_cast<int64_t>(ThreadId()) * max_len;
-    for (int64_t j = 0; j < len; ++j) {
-      s[j] = Dot(qh, cache.Row(seq, layer_, j) + g * hd, hd) * scale;
-    }
+    float* slice = half ? slices + static_cast<int64_t>(ThreadId()) * hd : nullptr;
+    // The k (offset g * hd) or v (offset (kvh + g) * hd) slice of position j.
+    auto part = [&](int64_t j, int64_t offset) -> const float* {
+      if (!half) return cache.Row(seq, layer_, j) + offset;
+      ConvertToF32(stored, static_cast<const uint16_t*>(cache.RowData(seq, layer_, j)) + offset,
+                   static_cast<size_t>(hd), slice);
+      return slice;
+    };
+    for (int64_t j = 0; j < len; ++j) s[j] = Dot(qh, part(j, g * hd), hd) * scale;
     SoftmaxInPlace(s, len);
     float* o = attn + (t * H + h) * hd;
     std::fill(o, o + hd, 0.0f);
-    for (int64_t j = 0; j < len; ++j) Axpy(s[j], cache.Row(seq, layer_, j) + (kvh + g) * hd, o, hd);
+    for (int64_t j = 0; j < len; ++j) Axpy(s[j], part(j, (kvh + g) * hd), o, hd);
   }
   o_proj_.Forward(attn, T, out);
 }

@@ -63,6 +63,16 @@ class Attention {
   Scratch q_, qa_, kv_, qc_, ctx_, attn_, probs_;
   std::vector<const float*> block_ptrs_;  // per token: its cache blocks in this layer
   std::vector<int64_t> block_begin_;      // [T + 1] offsets into block_ptrs_
+  // A 16-bit cache: blocks converted to f32 for this step (sequences with
+  // several tokens), tokens whose thread converts their blocks itself, that
+  // scratch per thread, and MHA's per-thread slice.
+  Scratch conv_, kv_slice_;
+  std::vector<char> convert_alone_;
+  struct AloneScratch {
+    std::vector<float> rows;
+    std::vector<const float*> ptrs;
+  };
+  std::vector<AloneScratch> alone_;
 };
 
 }  // namespace dmoe::core

@@ -1,5 +1,6 @@
 #include "core/dtype.h"
 
+#include <cmath>
 #include <cstring>
 
 namespace dmoe::core {
@@ -104,6 +105,15 @@ void ConvertToF32(DType t, const void* src, size_t n, float* dst) {
 
 void ConvertF32ToBF16(const float* src, size_t n, uint16_t* dst) {
   for (size_t i = 0; i < n; ++i) dst[i] = F32ToBF16(src[i]);
+}
+
+size_t ConvertF32ToF16Sat(const float* src, size_t n, uint16_t* dst) {
+  size_t saturated = 0;
+  for (size_t i = 0; i < n; ++i) {
+    dst[i] = F32ToF16Sat(src[i]);
+    saturated += std::fabs(src[i]) > 65504.0f ? 1 : 0;
+  }
+  return saturated;
 }
 
 }  // namespace dmoe::core

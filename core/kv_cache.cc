@@ -13,12 +13,13 @@
 namespace dmoe::core {
 
 KvCache::KvCache(const ModelConfig& cfg, size_t budget_bytes, int64_t block_tokens,
-                 bool prefix_cache)
+                 bool prefix_cache, KvDtype dtype)
     : width_(cfg.IsMla() ? cfg.kv_lora_rank + cfg.qk_rope_head_dim
                          : 2 * cfg.num_key_value_heads * cfg.head_dim),
       num_layers_(cfg.num_hidden_layers),
       block_tokens_(std::clamp<int64_t>(block_tokens, 1, 4096)),
       budget_(budget_bytes),
+      dtype_(dtype),
       prefix_cache_(prefix_cache) {
   const size_t block_bytes = BlockBytes();
   if (block_bytes == 0) return;
@@ -37,7 +38,7 @@ KvCache::KvCache(const ModelConfig& cfg, size_t budget_bytes, int64_t block_toke
     pool_bytes_ = 0;
     return;
   }
-  pool_ = static_cast<float*>(p);
+  pool_ = static_cast<char*>(p);
   const size_t n = static_cast<size_t>(total_blocks_);
   ref_.assign(n, 0);
   if (prefix_cache_) {
@@ -53,6 +54,40 @@ KvCache::KvCache(const ModelConfig& cfg, size_t budget_bytes, int64_t block_toke
 
 KvCache::~KvCache() {
   if (pool_ != nullptr) munmap(pool_, pool_bytes_);
+}
+
+const char* KvDtypeName(KvDtype d) {
+  switch (d) {
+    case KvDtype::kF32:
+      return "f32";
+    case KvDtype::kF16:
+      return "f16";
+    case KvDtype::kBF16:
+      return "bf16";
+  }
+  return "?";
+}
+
+void KvCache::WriteRow(int32_t seq, int64_t layer, int64_t pos, const float* entry) {
+  const Seq& s = seqs_.at(seq);
+  char* block = static_cast<char*>(BlockData(s.blocks[pos / block_tokens_], layer));
+  char* row = block + (pos % block_tokens_) * width_ * ElemBytes();
+  const size_t n = static_cast<size_t>(width_);
+  switch (dtype_) {
+    case KvDtype::kF32:
+      std::memcpy(row, entry, n * sizeof(float));
+      return;
+    case KvDtype::kF16:
+      saturated_ += ConvertF32ToF16Sat(entry, n, reinterpret_cast<uint16_t*>(row));
+      return;
+    case KvDtype::kBF16:
+      ConvertF32ToBF16(entry, n, reinterpret_cast<uint16_t*>(row));
+      return;
+  }
+}
+
+void KvCache::ReadRows(int32_t block, int64_t layer, int64_t rows, float* dst) const {
+  ConvertToF32(StorageDType(), BlockData(block, layer), static_cast<size_t>(rows * width_), dst);
 }
 
 size_t KvCache::ReserveBytes(int64_t tokens) const {

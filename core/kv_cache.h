@@ -4,7 +4,12 @@
 // For MLA models a token's entry in a layer is the compressed form
 // [c_kv (kv_lora_rank) | k_pe (qk_rope_head_dim)], with c_kv already normalised
 // and k_pe already rotated. For multi-head attention (model_type "deepseek") it is
-// [k (kv_heads * head_dim) | v (kv_heads * head_dim)] with k rotated. fp32.
+// [k (kv_heads * head_dim) | v (kv_heads * head_dim)] with k rotated. Stored
+// as fp32 (KvDtype::kF32, exact), fp16 (kF16) or bf16 (kBF16). The 16-bit
+// forms take half the bytes: each value is rounded to nearest even once, when
+// written (fp16 saturates at +-65504 and counts those values), and read back
+// exactly as stored, so the bits still do not depend on the batch. fp16 keeps
+// 3 more mantissa bits than bf16 (docs/model.md has the accuracy of each).
 //
 // Storage: the budget is divided into blocks of `block_tokens` tokens, each
 // holding those tokens' entries for every layer ([layers][block_tokens][width]
@@ -57,8 +62,12 @@
 #include "absl/container/flat_hash_map.h"
 #include "absl/status/statusor.h"
 #include "core/config.h"
+#include "core/dtype.h"
 
 namespace dmoe::core {
+
+enum class KvDtype { kF32, kF16, kBF16 };
+const char* KvDtypeName(KvDtype d);
 
 class KvCache {
  public:
@@ -66,14 +75,24 @@ class KvCache {
 
   // block_tokens in [1, 4096].
   KvCache(const ModelConfig& cfg, size_t budget_bytes, int64_t block_tokens = kDefaultBlockTokens,
-          bool prefix_cache = false);
+          bool prefix_cache = false, KvDtype dtype = KvDtype::kF32);
   ~KvCache();
   KvCache(const KvCache&) = delete;
   KvCache& operator=(const KvCache&) = delete;
 
-  // Floats per token per layer.
+  // Values per token per layer.
   int64_t entry_width() const { return width_; }
-  size_t BytesPerToken() const { return static_cast<size_t>(width_) * num_layers_ * sizeof(float); }
+  KvDtype dtype() const { return dtype_; }
+  size_t ElemBytes() const { return dtype_ == KvDtype::kF32 ? 4 : 2; }
+  // The storage type as a tensor dtype (kF32, kF16 or kBF16).
+  DType StorageDType() const {
+    return dtype_ == KvDtype::kF32   ? DType::kF32
+           : dtype_ == KvDtype::kF16 ? DType::kF16
+                                     : DType::kBF16;
+  }
+  // fp16 values written out of range and saturated, since construction.
+  uint64_t saturated_values() const { return saturated_; }
+  size_t BytesPerToken() const { return static_cast<size_t>(width_) * num_layers_ * ElemBytes(); }
   int64_t block_tokens() const { return block_tokens_; }
   size_t BlockBytes() const { return BytesPerToken() * static_cast<size_t>(block_tokens_); }
   int64_t total_blocks() const { return total_blocks_; }
@@ -149,15 +168,32 @@ class KvCache {
 
   // Blocks attached to `seq`, in position order.
   const std::vector<int32_t>& BlockTable(int32_t seq) const { return seqs_.at(seq).blocks; }
-  // Rows [block_tokens, entry_width] of `block` (a pool index) in `layer`.
-  float* BlockRows(int32_t block, int64_t layer) const {
-    return pool_ + (static_cast<size_t>(block) * num_layers_ + layer) * block_tokens_ * width_;
+  // Rows [block_tokens, entry_width] of `block` (a pool index) in `layer`,
+  // as stored (StorageDType()).
+  void* BlockData(int32_t block, int64_t layer) const {
+    return pool_ + ((static_cast<size_t>(block) * num_layers_ + layer) * block_tokens_ * width_) *
+                       ElemBytes();
   }
-  // The row of position `pos` (< attached blocks * block_tokens) in `layer`.
+  // The same for an f32 cache.
+  float* BlockRows(int32_t block, int64_t layer) const {
+    return static_cast<float*>(BlockData(block, layer));
+  }
+  // The row of position `pos` (< attached blocks * block_tokens) in `layer`,
+  // of an f32 cache.
   float* Row(int32_t seq, int64_t layer, int64_t pos) const {
     const Seq& s = seqs_.at(seq);
     return BlockRows(s.blocks[pos / block_tokens_], layer) + (pos % block_tokens_) * width_;
   }
+  // The row of position `pos` in `layer` as stored (StorageDType()).
+  const void* RowData(int32_t seq, int64_t layer, int64_t pos) const {
+    const Seq& s = seqs_.at(seq);
+    return static_cast<const char*>(BlockData(s.blocks[pos / block_tokens_], layer)) +
+           (pos % block_tokens_) * width_ * ElemBytes();
+  }
+  // Stores `entry` (entry_width floats) as the row of `pos`, in the cache's dtype.
+  void WriteRow(int32_t seq, int64_t layer, int64_t pos, const float* entry);
+  // Rows [0, rows) of `block` in `layer` as floats into dst [rows, entry_width].
+  void ReadRows(int32_t block, int64_t layer, int64_t rows, float* dst) const;
 
  private:
   struct Seq {
@@ -192,7 +228,9 @@ class KvCache {
   int64_t total_blocks_ = 0;
   int64_t reserved_blocks_ = 0;
   int64_t reserved_attached_ = 0;  // blocks attached to reserving sequences
-  float* pool_ = nullptr;
+  KvDtype dtype_ = KvDtype::kF32;
+  uint64_t saturated_ = 0;
+  char* pool_ = nullptr;
   size_t pool_bytes_ = 0;
   std::vector<int32_t> free_list_;  // LIFO: a freed block is reused first
   std::vector<int32_t> ref_;        // [total_blocks]: sequences holding each block

@@ -3,12 +3,14 @@
 // never alias between sequences, and errors that name the sizes.
 #include "core/kv_cache.h"
 
+#include <cmath>
 #include <cstring>
 #include <map>
 #include <random>
 #include <set>
 #include <vector>
 
+#include "core/dtype.h"
 #include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
@@ -42,6 +44,90 @@ TEST(KvCache, GeometryAndBudgetInWholeBlocks) {
   EXPECT_EQ(cache.ReserveBytes(5), 1152u);
   EXPECT_EQ(KvCache(c, 575, 4).total_blocks(), 0);  // under one block: nothing to serve
   EXPECT_THAT(KvCache(c, 575, 4).Allocate(1).status().message(), HasSubstr("0 of the 0 blocks"));
+}
+
+// The f16 KV conversion: every f16 value round-trips, the midpoint between
+// two neighbours goes to the even one and anything nearer to its neighbour,
+// subnormals included; out of range saturates (and is counted); NaN stays NaN.
+TEST(F32ToF16Sat, RoundsToNearestEvenAndSaturates) {
+  for (uint32_t h = 0; h < 0x10000u; ++h) {
+    const uint16_t v = static_cast<uint16_t>(h);
+    const float f = F16ToF32(v);
+    if (std::isnan(f)) {
+      EXPECT_TRUE(std::isnan(F16ToF32(F32ToF16Sat(f))));
+      continue;
+    }
+    if (std::isinf(f)) {
+      EXPECT_EQ(F32ToF16Sat(f), (h & 0x8000u) | 0x7bffu);
+      continue;
+    }
+    ASSERT_EQ(F32ToF16Sat(f), v) << std::hex << h;
+    const uint16_t next = static_cast<uint16_t>(h + 1);
+    if ((h & 0x7fffu) >= 0x7bffu) continue;  // the largest finite value has no finite neighbour
+    const float g = F16ToF32(next);
+    const float mid = static_cast<float>((static_cast<double>(f) + g) / 2);  // exact in f32
+    const uint16_t even = (h & 1u) == 0 ? v : next;
+    ASSERT_EQ(F32ToF16Sat(mid), even) << std::hex << h;
+    ASSERT_EQ(F32ToF16Sat(std::nextafter(mid, f)), v) << std::hex << h;
+    ASSERT_EQ(F32ToF16Sat(std::nextafter(mid, g)), next) << std::hex << h;
+  }
+  EXPECT_EQ(F32ToF16Sat(65504.0f), 0x7bffu);
+  EXPECT_EQ(F32ToF16Sat(65519.0f), 0x7bffu);
+  EXPECT_EQ(F32ToF16Sat(1e10f), 0x7bffu);
+  EXPECT_EQ(F32ToF16Sat(-1e10f), 0xfbffu);
+  EXPECT_EQ(F32ToF16Sat(std::ldexp(1.0f, -26)), 0u) << "under half the smallest subnormal";
+  EXPECT_EQ(F32ToF16Sat(std::ldexp(1.0f, -25)), 0u) << "half the smallest subnormal: ties to 0";
+  EXPECT_EQ(F32ToF16Sat(std::ldexp(1.5f, -25)), 1u);
+  const float in[5] = {1.0f, 70000.0f, -65504.0f, -1e30f, 0.5f};
+  uint16_t out[5];
+  EXPECT_EQ(ConvertF32ToF16Sat(in, 5, out), 2u);
+  EXPECT_EQ(F16ToF32(out[1]), 65504.0f);
+  EXPECT_EQ(F16ToF32(out[3]), -65504.0f);
+}
+
+// bf16 storage: half the bytes per token, twice the blocks in a budget, rows
+// written rounded to nearest even and read back as exactly those values.
+TEST(KvCache, Bf16RowsTakeHalfTheBytesAndRoundOnce) {
+  const ModelConfig c = SmallMla();
+  KvCache f32(c, 576 * 10, 4), bf16(c, 576 * 10, 4, false, KvDtype::kBF16);
+  EXPECT_EQ(bf16.BytesPerToken(), 72u);
+  EXPECT_EQ(bf16.BlockBytes(), 288u);
+  EXPECT_EQ(bf16.total_blocks(), 2 * f32.total_blocks());
+  const int32_t s = *bf16.Allocate(8);
+  ASSERT_TRUE(bf16.Grow(s, 8).ok());
+  std::vector<float> entry(12);
+  for (int i = 0; i < 12; ++i) entry[i] = 1.0f + static_cast<float>(i) / 3.0f + 1e-3f * i;
+  for (int64_t p = 0; p < 8; ++p) bf16.WriteRow(s, 1, p, entry.data());
+  entry[0] = 1.00390625f;  // halfway between two bf16 values: rounds to even (1.0)
+  bf16.WriteRow(s, 2, 5, entry.data());
+  std::vector<float> back(4 * 12);
+  bf16.ReadRows(bf16.BlockTable(s)[1], 2, 4, back.data());
+  EXPECT_EQ(back[12], 1.0f) << "position 5 is row 1 of the second block";
+  for (int i = 1; i < 12; ++i) {
+    EXPECT_EQ(back[12 + i], BF16ToF32(F32ToBF16(entry[i])));
+    EXPECT_NE(back[12 + i], entry[i]) << "rounded";
+  }
+  EXPECT_EQ(*static_cast<const uint16_t*>(bf16.RowData(s, 2, 5)), F32ToBF16(1.0f));
+  // f16 storage: rounded to f16, saturation counted.
+  KvCache f16(c, 576 * 10, 4, false, KvDtype::kF16);
+  EXPECT_EQ(f16.BytesPerToken(), 72u);
+  EXPECT_EQ(f16.StorageDType(), DType::kF16);
+  const int32_t h = *f16.Allocate(4);
+  ASSERT_TRUE(f16.Grow(h, 1).ok());
+  std::vector<float> big = entry;
+  big[3] = 1e6f;
+  f16.WriteRow(h, 0, 0, big.data());
+  f16.ReadRows(f16.BlockTable(h)[0], 0, 1, back.data());
+  EXPECT_EQ(back[3], 65504.0f);
+  EXPECT_EQ(back[1], F16ToF32(F32ToF16Sat(big[1])));
+  EXPECT_NE(back[1], big[1]);
+  EXPECT_EQ(f16.saturated_values(), 1u);
+  // f32 storage keeps the values.
+  const int32_t t = *f32.Allocate(4);
+  ASSERT_TRUE(f32.Grow(t, 1).ok());
+  f32.WriteRow(t, 0, 0, entry.data());
+  f32.ReadRows(f32.BlockTable(t)[0], 0, 1, back.data());
+  EXPECT_TRUE(std::equal(entry.begin(), entry.end(), back.begin()));
 }
 
 TEST(KvCache, ReservesWholeBlocksAndRefusesOverTheFreeOnes) {

@@ -111,6 +111,20 @@ int Main(int argc, char** argv) {
   }
   std::fprintf(stderr, "%s: serving on %s:%d (%zu expert servers)\n", kName, cfg->host.c_str(),
                server->port, cfg->experts.size());
+  {
+    const core::KvCache kv(*model_cfg, 0, 1, false, cfg->sched.kv_dtype);  // geometry only
+    const int64_t block = cfg->sched.kv_block_tokens;
+    const size_t blocks = cfg->sched.kv_cache_bytes / (kv.BytesPerToken() * block);
+    std::fprintf(
+        stderr,
+        "%s: KV cache %s, %zu bytes per token: %zu blocks of %lld tokens (%zu tokens) in "
+        "%zu bytes; admission %s, prefix cache %s\n",
+        kName, core::KvDtypeName(cfg->sched.kv_dtype), kv.BytesPerToken(), blocks,
+        static_cast<long long>(block), blocks * static_cast<size_t>(block),
+        cfg->sched.kv_cache_bytes,
+        cfg->sched.kv_admission == KvAdmission::kPaged ? "paged" : "reserve",
+        cfg->sched.prefix_cache && cfg->sched.kv_admission == KvAdmission::kPaged ? "on" : "off");
+  }
   std::unique_ptr<PlacementFollower> follower;
   if (!cfg->controller_router.empty()) {
     follower = MakePlacementFollower(*cfg, *model_cfg, control, &metrics, server->port);

@@ -144,6 +144,10 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
           Gauge(registry, "moe_router_kv_cache_blocks", kKvBlocksHelp).Add({{"state", "total"}})),
       kv_blocks_cached_(
           Gauge(registry, "moe_router_kv_cache_blocks", kKvBlocksHelp).Add({{"state", "cached"}})),
+      kv_bytes_per_token_(Gauge(registry, "moe_router_kv_cache_bytes_per_token",
+                                "KV cache bytes one token takes over all layers (the loaded "
+                                "model's entry width x layers x the --kv-dtype size)")
+                              .Add({})),
       prefix_queried_(Counter(registry, "moe_router_prefix_cache_queried_tokens_total",
                               "Prompt tokens looked up in the prefix cache at admission "
                               "(recomputations after preemption included)")
@@ -155,6 +159,10 @@ RouterMetrics::RouterMetrics(prometheus::Registry& registry, const core::ModelCo
       prefix_evicted_(Counter(registry, "moe_router_prefix_cache_evicted_blocks_total",
                               "Prefix-cached KV blocks evicted to make room")
                           .Add({})),
+      kv_saturated_(Counter(registry, "moe_router_kv_cache_saturated_values_total",
+                            "Values an f16 KV cache stored saturated at +-65504 (should stay 0; "
+                            "else use --kv-dtype bf16 or f32)")
+                        .Add({})),
       preemptions_(Counter(registry, "moe_router_preemptions_total",
                            "Sequences preempted for KV blocks (recomputed when they resume)")
                        .Add({})),
@@ -374,6 +382,7 @@ void RouterMetrics::Refresh(absl::Time now) {
     kv_blocks_used_.Set(static_cast<double>(load.kv_blocks_used));
     kv_blocks_total_.Set(static_cast<double>(load.kv_blocks_total));
     kv_blocks_cached_.Set(static_cast<double>(load.kv_blocks_cached));
+    kv_bytes_per_token_.Set(static_cast<double>(load.kv_bytes_per_token));
     // The scheduler counts since start; the counters advance by the difference.
     auto advance = [](prometheus::Counter& c, uint64_t now_value, uint64_t& last) {
       if (now_value > last) c.Increment(static_cast<double>(now_value - last));
@@ -387,6 +396,7 @@ void RouterMetrics::Refresh(absl::Time now) {
     advance(prefix_queried_, load.prefix_queried_tokens, last_load_.prefix_queried_tokens);
     advance(prefix_hit_, load.prefix_hit_tokens, last_load_.prefix_hit_tokens);
     advance(prefix_evicted_, load.prefix_evicted_blocks, last_load_.prefix_evicted_blocks);
+    advance(kv_saturated_, load.kv_saturated_values, last_load_.kv_saturated_values);
   }
 }
 

@@ -27,6 +27,7 @@
 //   leaves the controller refused moe_router_ready                                1 when every
 //   routed expert has a live server moe_router_active_sequences, moe_router_queued_requests,
 //   moe_router_kv_cache_{free,budget}_bytes, moe_router_kv_cache_blocks{state=used|cached|total},
+//   moe_router_kv_cache_bytes_per_token, moe_router_kv_cache_saturated_values_total,
 //   moe_router_prefix_cache_{queried,hit}_tokens_total,
 //   moe_router_prefix_cache_evicted_blocks_total, moe_router_preemptions_total,
 //   moe_router_recomputed_tokens_total, moe_router_steps_total, moe_router_failed_steps_total,
@@ -164,9 +165,11 @@ class RouterMetrics final : public RemoteExpertObserver {
   prometheus::Gauge& kv_blocks_used_;
   prometheus::Gauge& kv_blocks_total_;
   prometheus::Gauge& kv_blocks_cached_;
+  prometheus::Gauge& kv_bytes_per_token_;
   prometheus::Counter& prefix_queried_;
   prometheus::Counter& prefix_hit_;
   prometheus::Counter& prefix_evicted_;
+  prometheus::Counter& kv_saturated_;
   prometheus::Counter& preemptions_;
   prometheus::Counter& recomputed_tokens_;
   prometheus::Gauge& kv_budget_;

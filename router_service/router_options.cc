@@ -91,6 +91,11 @@ void DeclareRouterFlags(common::Args& args) {
             "paged: admit on free blocks, preempt (and later recompute) the newest sequence "
             "when blocks run out; reserve: reserve prompt + max_tokens at admission",
             "paged")
+      .Flag("kv-dtype", "auto|f32|f16|bf16",
+            "KV cache storage: f16 and bf16 hold twice the tokens in the same bytes (values "
+            "rounded once, when written; f16 is the more accurate, saturating at +-65504); "
+            "auto = f32 with --dtype f32 (exact mode), else f16",
+            "auto")
       .Flag("prefix-cache", "on|off",
             "with --kv-admission paged: keep full KV blocks, addressed by the tokens up to "
             "their end, and start new sequences from their longest cached prefix "
@@ -239,6 +244,20 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
   } else if (dtype != "bf16") {
     return absl::InvalidArgumentError(
         absl::StrCat(kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
+  }
+  const std::string kv_dtype = args.Str("kv-dtype");
+  if (kv_dtype == "auto") {
+    c.sched.kv_dtype =
+        c.compute == core::ComputeType::kBF16 ? core::KvDtype::kF16 : core::KvDtype::kF32;
+  } else if (kv_dtype == "f32") {
+    c.sched.kv_dtype = core::KvDtype::kF32;
+  } else if (kv_dtype == "f16") {
+    c.sched.kv_dtype = core::KvDtype::kF16;
+  } else if (kv_dtype == "bf16") {
+    c.sched.kv_dtype = core::KvDtype::kBF16;
+  } else {
+    return absl::InvalidArgumentError(
+        absl::StrCat(kName, ": --kv-dtype must be auto, f32, f16 or bf16, got '", kv_dtype, "'"));
   }
   c.wire = args.Str("wire-dtype");
   if (c.wire != "auto" && c.wire != "f32" && c.wire != "bf16" && c.wire != "fp8") {

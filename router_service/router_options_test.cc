@@ -58,6 +58,7 @@ TEST(RouterOptionsTest, Defaults) {
   EXPECT_EQ(o->sched.kv_block_tokens, 32);
   EXPECT_EQ(o->sched.kv_admission, KvAdmission::kPaged);
   EXPECT_TRUE(o->sched.prefix_cache);
+  EXPECT_EQ(o->sched.kv_dtype, core::KvDtype::kF16) << "auto with --dtype bf16";
   EXPECT_EQ(o->sched.max_batch_tokens, 2048);
   EXPECT_EQ(o->sched.max_queue, 256);
   EXPECT_EQ(o->micro_batches, 2);
@@ -171,6 +172,8 @@ TEST(RouterOptionsTest, BadValues) {
   EXPECT_EQ(Error({"--threads", "1025"}), "dmoe-router: --threads must be in [0, 1024], got 1025");
   EXPECT_EQ(Error({"--kv-admission", "greedy"}),
             "dmoe-router: --kv-admission must be paged or reserve, got 'greedy'");
+  EXPECT_EQ(Error({"--kv-dtype", "fp16"}),
+            "dmoe-router: --kv-dtype must be auto, f32, f16 or bf16, got 'fp16'");
   EXPECT_EQ(Error({"--prefix-cache", "maybe"}),
             "dmoe-router: --prefix-cache must be on or off, got 'maybe'");
   EXPECT_EQ(Error({"--kv-block-tokens", "0"}),

@@ -66,9 +66,9 @@ absl::StatusOr<std::unique_ptr<Scheduler>> Scheduler::Create(std::unique_ptr<cor
 Scheduler::Scheduler(std::unique_ptr<core::Model> model, SchedulerOptions options)
     : options_(options),
       model_(std::move(model)),
-      bytes_per_token_(core::KvCache(model_->config(), 0).BytesPerToken()),
       cache_(model_->config(), options.kv_cache_bytes, options.kv_block_tokens,
-             options.prefix_cache && options.kv_admission == KvAdmission::kPaged) {
+             options.prefix_cache && options.kv_admission == KvAdmission::kPaged, options.kv_dtype),
+      bytes_per_token_(cache_.BytesPerToken()) {
   kv_free_ = FreeKvBytes();
 }
 
@@ -198,11 +198,13 @@ SchedulerLoad Scheduler::GetLoad() const {
   load.preemptions = preemptions_;
   load.recomputed_tokens = recomputed_tokens_;
   load.kv_blocks_total = cache_.total_blocks();
+  load.kv_bytes_per_token = bytes_per_token_;
   load.kv_blocks_used = kv_blocks_used_;
   load.kv_blocks_cached = kv_blocks_cached_;
   load.prefix_queried_tokens = prefix_queried_tokens_;
   load.prefix_hit_tokens = prefix_hit_tokens_;
   load.prefix_evicted_blocks = prefix_evicted_blocks_;
+  load.kv_saturated_values = kv_saturated_;
   return load;
 }
 
@@ -321,6 +323,7 @@ void Scheduler::PublishBlocks() {
   kv_blocks_used_ = cache_.used_blocks();
   kv_blocks_cached_ = cache_.cached_blocks();
   prefix_evicted_blocks_ = cache_.evictions();
+  kv_saturated_ = cache_.saturated_values();
 }
 
 int64_t Scheduler::WatermarkBlocks() const {

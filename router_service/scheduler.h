@@ -67,6 +67,8 @@ struct SchedulerOptions {
   // the cached blocks of its longest cached prefix (core::KvCache). Tokens
   // and logits are bitwise those without it.
   bool prefix_cache = true;
+  // KV cache storage (core::KvDtype): f32 is exact; f16 / bf16 hold twice the tokens.
+  core::KvDtype kv_dtype = core::KvDtype::kF32;
   int64_t max_batch_tokens = 2048;  // tokens per step (decodes + prefill chunks)
   int64_t max_queue = 256;          // requests waiting for admission, at most
   // Called on the scheduler thread after each step with its duration.
@@ -120,6 +122,7 @@ struct SchedulerLoad {
   uint64_t recomputed_tokens = 0;
   // KV blocks: all of them, those attached to sequences, and prefix-cached
   // ones no sequence holds (reusable, evicted when blocks are needed).
+  size_t kv_bytes_per_token = 0;  // of the loaded model in the cache's dtype
   int64_t kv_blocks_total = 0;
   int64_t kv_blocks_used = 0;
   int64_t kv_blocks_cached = 0;
@@ -128,6 +131,8 @@ struct SchedulerLoad {
   uint64_t prefix_queried_tokens = 0;
   uint64_t prefix_hit_tokens = 0;
   uint64_t prefix_evicted_blocks = 0;
+  // Since start: values an f16 cache stored saturated at +-65504.
+  uint64_t kv_saturated_values = 0;
 };
 
 using RequestId = uint64_t;
@@ -203,12 +208,11 @@ class Scheduler {
   // Const after construction.
   const SchedulerOptions options_;
   const std::unique_ptr<core::Model> model_;
-  const size_t bytes_per_token_;
-
   // Scheduler thread only, except the cache's geometry (block_tokens,
   // total_blocks, BlockBytes, ReserveBytes), which is const after construction
   // and read by Submit* on any thread.
   core::KvCache cache_;
+  const size_t bytes_per_token_;
   std::vector<std::unique_ptr<Request>> running_;  // admission order
   std::vector<core::SeqInput> batch_;              // per-step scratch
   std::vector<Request*> members_;                  // [batch_.size()]
@@ -233,6 +237,7 @@ class Scheduler {
   uint64_t prefix_queried_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t prefix_hit_tokens_ ABSL_GUARDED_BY(mu_) = 0;
   uint64_t prefix_evicted_blocks_ ABSL_GUARDED_BY(mu_) = 0;
+  uint64_t kv_saturated_ ABSL_GUARDED_BY(mu_) = 0;
   std::thread thread_;  // started in Create, joined by Shutdown
   absl::Mutex shutdown_mu_;
 };

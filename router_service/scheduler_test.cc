@@ -15,6 +15,7 @@
 #include <cmath>
 #include <functional>
 #include <memory>
+#include <random>
 #include <string>
 #include <utility>
 #include <vector>
@@ -101,13 +102,14 @@ class SchedulerTest : public ::testing::Test {
     auto model = core::Model::Load(dir_, std::move(mo));
     EXPECT_THAT(model, IsOk());
     if (!model.ok()) return nullptr;
-    bytes_per_token_ = core::KvCache((*model)->config(), 0).BytesPerToken();
+    bytes_per_token_ = core::KvCache((*model)->config(), 0, 1, false, kv_dtype_).BytesPerToken();
     SchedulerOptions o;
     o.kv_cache_bytes = static_cast<size_t>(kv_tokens) * bytes_per_token_;
     o.max_batch_tokens = max_batch_tokens;
     o.kv_block_tokens = block_tokens_;
     o.kv_admission = admission_;
     o.prefix_cache = prefix_cache_;
+    o.kv_dtype = kv_dtype_;
     o.on_step = [timeline](absl::Duration) { timeline->Step(); };
     o.on_step_stages = [this](const core::StageTimes& t, bool prefill) {
       absl::MutexLock l(&stages_mu_);
@@ -158,6 +160,7 @@ class SchedulerTest : public ::testing::Test {
   int64_t block_tokens_ = 1;
   KvAdmission admission_ = KvAdmission::kReserve;
   bool prefix_cache_ = true;
+  core::KvDtype kv_dtype_ = core::KvDtype::kF32;
   size_t bytes_per_token_ = 0;
   absl::Mutex stages_mu_;
   std::vector<std::pair<core::StageTimes, bool>> stages_ ABSL_GUARDED_BY(stages_mu_);
@@ -569,48 +572,200 @@ TEST_F(SchedulerTest, PrefixCacheChangesNoTokenAndNoLogit) {
     }
     wait(submitted);
   };
-  block_tokens_ = 16;
-  admission_ = KvAdmission::kPaged;
-  prefix_cache_ = false;
-  Timeline off_timeline;
-  auto off = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &off_timeline);
-  ASSERT_NE(off, nullptr);
-  Out want;
-  run(*off, want, /*one_at_a_time=*/true);
-  ASSERT_EQ(want.failed, 0);
-  EXPECT_EQ(off->GetLoad().prefix_hit_tokens, 0u);
+  for (core::KvDtype kv_dtype : {core::KvDtype::kF32, core::KvDtype::kBF16}) {
+    SCOPED_TRACE(kv_dtype == core::KvDtype::kF32 ? "f32 KV cache" : "bf16 KV cache");
+    kv_dtype_ = kv_dtype;
+    block_tokens_ = 16;
+    admission_ = KvAdmission::kPaged;
+    prefix_cache_ = false;
+    Timeline off_timeline;
+    auto off = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &off_timeline);
+    ASSERT_NE(off, nullptr);
+    Out want;
+    run(*off, want, /*one_at_a_time=*/true);
+    ASSERT_EQ(want.failed, 0);
+    EXPECT_EQ(off->GetLoad().prefix_hit_tokens, 0u);
 
-  prefix_cache_ = true;
-  for (int64_t kv_tokens : {4096, 96}) {  // 96: 6 blocks, evicting
-    for (bool one_at_a_time : {true, false}) {
-      SCOPED_TRACE(::testing::Message()
-                   << "kv_tokens " << kv_tokens << " one at a time " << one_at_a_time);
-      Timeline on_timeline;
-      auto on = Create(kv_tokens, /*max_batch_tokens=*/64, &on_timeline);
-      ASSERT_NE(on, nullptr);
-      Out got;
-      run(*on, got, one_at_a_time);
-      EXPECT_EQ(got.failed, 0);
-      for (size_t i = 0; i < prompts.size(); ++i) {
-        EXPECT_EQ(got.tokens[i], want.tokens[i]) << "prompt " << i;
-        EXPECT_EQ(got.logits[i], want.logits[i]) << "prompt " << i << ": every position";
-        EXPECT_EQ(got.last[i], want.last[i]) << "prompt " << i << ": last position";
+    prefix_cache_ = true;
+    for (int64_t kv_tokens : {4096, 96}) {  // 96: 6 blocks, evicting
+      for (bool one_at_a_time : {true, false}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "kv_tokens " << kv_tokens << " one at a time " << one_at_a_time);
+        Timeline on_timeline;
+        auto on = Create(kv_tokens, /*max_batch_tokens=*/64, &on_timeline);
+        ASSERT_NE(on, nullptr);
+        Out got;
+        run(*on, got, one_at_a_time);
+        EXPECT_EQ(got.failed, 0);
+        for (size_t i = 0; i < prompts.size(); ++i) {
+          EXPECT_EQ(got.tokens[i], want.tokens[i]) << "prompt " << i;
+          EXPECT_EQ(got.logits[i], want.logits[i]) << "prompt " << i << ": every position";
+          EXPECT_EQ(got.last[i], want.last[i]) << "prompt " << i << ": last position";
+        }
+        const SchedulerLoad load = on->GetLoad();
+        EXPECT_LT(load.prefix_hit_tokens, load.prefix_queried_tokens);
+        // Submitted together, the requests are admitted before any block is
+        // cached (their equal blocks are shared once computed).
+        if (one_at_a_time) {
+          EXPECT_GT(load.prefix_hit_tokens, 0u);
+        }
+        if (one_at_a_time && kv_tokens == 4096) {
+          // Later prompts find the system prompt's two full blocks (32 tokens).
+          EXPECT_GE(load.prefix_hit_tokens, 32u * 4);
+        }
+        if (kv_tokens == 96) {
+          EXPECT_GT(load.prefix_evicted_blocks, 0u);
+        }
+        EXPECT_EQ(load.kv_blocks_used, 0);
+        EXPECT_GT(load.kv_blocks_cached, 0);
+        EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
       }
-      const SchedulerLoad load = on->GetLoad();
-      EXPECT_LT(load.prefix_hit_tokens, load.prefix_queried_tokens);
-      // Submitted together, the requests are admitted before any block is
-      // cached (their equal blocks are shared once computed).
-      if (one_at_a_time) EXPECT_GT(load.prefix_hit_tokens, 0u);
-      if (one_at_a_time && kv_tokens == 4096) {
-        // Later prompts find the system prompt's two full blocks (32 tokens).
-        EXPECT_GE(load.prefix_hit_tokens, 32u * 4);
-      }
-      if (kv_tokens == 96) EXPECT_GT(load.prefix_evicted_blocks, 0u);
-      EXPECT_EQ(load.kv_blocks_used, 0);
-      EXPECT_GT(load.kv_blocks_cached, 0);
-      EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
     }
   }
+}
+
+// Property: random arrivals, random cancellations, a cache far too small
+// (preemptions), chunked prefills, shared prefixes (prefix cache) and several
+// block sizes: every request that is not cancelled streams exactly the tokens
+// it streams alone, a cancelled one a prefix of them, nothing fails, and every
+// block is back at the end.
+TEST_F(SchedulerTest, RandomArrivalsAndCancellationsChangeNoToken) {
+  if (dir_.empty()) dir_ = testing::MakeModel("tiny-v3", 21);
+  std::mt19937 rng(20261207);
+  struct Req {
+    std::vector<int32_t> prompt;
+    int64_t max_tokens;
+    uint64_t seed;
+    int64_t cancel_at;  // -1: never; else Cancel from the callback of this token index
+  };
+  const std::vector<int32_t> shared = {7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18};
+  std::vector<Req> reqs;
+  for (int i = 0; i < 12; ++i) {
+    Req r;
+    if (rng() % 2 == 0) r.prompt = shared;  // a shared prefix
+    const int n = 1 + static_cast<int>(rng() % 10);
+    for (int j = 0; j < n; ++j) r.prompt.push_back(static_cast<int32_t>(rng() % 500));
+    r.max_tokens = 4 + static_cast<int64_t>(rng() % 16);
+    r.seed = 1000 + static_cast<uint64_t>(i);
+    r.cancel_at = rng() % 4 == 0 ? static_cast<int64_t>(rng() % r.max_tokens) : -1;
+    reqs.push_back(r);
+  }
+  struct Out {
+    absl::Mutex mu;
+    std::vector<std::vector<int32_t>> tokens;
+    std::vector<absl::StatusCode> codes;
+    int done = 0;
+  };
+  // Submits every request (with `cancels`, from the token callbacks), waiting
+  // `gap_us[i]` before request i (-1: until the previous one ended).
+  auto run = [&](Scheduler& s, Out& out, const std::vector<int>& gap_us, bool cancels) {
+    out.tokens.assign(reqs.size(), {});
+    out.codes.assign(reqs.size(), absl::StatusCode::kUnknown);
+    std::vector<absl::StatusOr<RequestId>> ids(reqs.size(), absl::UnknownError("not yet"));
+    absl::Mutex ids_mu;
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      if (gap_us[i] < 0) {
+        absl::MutexLock l(&out.mu);
+        auto prev = [&]() ABSL_SHARED_LOCKS_REQUIRED(out.mu) {
+          return out.done == static_cast<int>(i);
+        };
+        ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&prev), absl::Minutes(1)));
+      } else {
+        absl::SleepFor(absl::Microseconds(gap_us[i]));
+      }
+      GenerateParams p;
+      p.prompt = reqs[i].prompt;
+      p.max_tokens = reqs[i].max_tokens;
+      p.ignore_eos = true;
+      p.sampling.temperature = 0.9;
+      p.sampling.seed = reqs[i].seed;
+      GenerateCallbacks cb;
+      const int64_t cancel_at = cancels ? reqs[i].cancel_at : -1;
+      cb.on_token = [&, i, cancel_at](const TokenEvent& ev) {
+        {
+          absl::MutexLock l(&out.mu);
+          out.tokens[i].push_back(ev.token);
+        }
+        if (ev.index == cancel_at) {
+          absl::MutexLock l(&ids_mu);
+          if (ids[i].ok()) s.Cancel(*ids[i]);
+        }
+      };
+      cb.on_done = [&out, i](const absl::Status& st) {
+        absl::MutexLock l(&out.mu);
+        out.codes[i] = st.code();
+        ++out.done;
+      };
+      absl::MutexLock l(&ids_mu);  // the id is known before its first callback asks
+      ids[i] = s.SubmitGenerate(std::move(p), std::move(cb));
+      ASSERT_THAT(ids[i], IsOk());
+    }
+    absl::MutexLock l(&out.mu);
+    auto all = [&]() ABSL_SHARED_LOCKS_REQUIRED(out.mu) {
+      return out.done == static_cast<int>(reqs.size());
+    };
+    ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&all), absl::Minutes(2)));
+  };
+
+  block_tokens_ = 8;
+  admission_ = KvAdmission::kReserve;
+  prefix_cache_ = false;
+  Timeline alone_timeline;
+  auto alone = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &alone_timeline);
+  ASSERT_NE(alone, nullptr);
+  Out want;
+  run(*alone, want, std::vector<int>(reqs.size(), -1), /*cancels=*/false);
+  for (size_t i = 0; i < reqs.size(); ++i) {
+    ASSERT_EQ(want.codes[i], absl::StatusCode::kOk);
+    ASSERT_EQ(static_cast<int64_t>(want.tokens[i].size()), reqs[i].max_tokens);
+  }
+
+  admission_ = KvAdmission::kPaged;
+  uint64_t preemptions = 0, hits = 0;
+  for (int trial = 0; trial < 6; ++trial) {
+    block_tokens_ = std::vector<int64_t>{4, 8, 16}[trial % 3];
+    prefix_cache_ = trial % 2 == 0;
+    const int64_t max_batch = 8 + static_cast<int64_t>(rng() % 40);
+    // 3 to 4 sequences' worth of blocks (the longest needs 37 tokens).
+    const int64_t kv_tokens = block_tokens_ * (48 / block_tokens_ + 1 + rng() % 2);
+    std::vector<int> gaps;
+    for (size_t i = 0; i < reqs.size(); ++i) gaps.push_back(static_cast<int>(rng() % 3000));
+    SCOPED_TRACE(::testing::Message()
+                 << "trial " << trial << ": blocks of " << block_tokens_ << ", prefix cache "
+                 << prefix_cache_ << ", KV tokens " << kv_tokens << ", max batch " << max_batch);
+    Timeline t;
+    auto s = Create(kv_tokens, max_batch, &t);
+    ASSERT_NE(s, nullptr);
+    Out got;
+    run(*s, got, gaps, /*cancels=*/true);
+    for (size_t i = 0; i < reqs.size(); ++i) {
+      const std::vector<int32_t>& w = want.tokens[i];
+      const std::vector<int32_t>& g = got.tokens[i];
+      if (reqs[i].cancel_at < 0) {
+        EXPECT_EQ(got.codes[i], absl::StatusCode::kOk) << "request " << i;
+        EXPECT_EQ(g, w) << "request " << i;
+      } else {
+        EXPECT_TRUE(got.codes[i] == absl::StatusCode::kCancelled ||
+                    got.codes[i] == absl::StatusCode::kOk)
+            << "request " << i << ": " << absl::StatusCodeToString(got.codes[i]);
+        EXPECT_GE(static_cast<int64_t>(g.size()), reqs[i].cancel_at + 1) << "request " << i;
+        ASSERT_LE(g.size(), w.size()) << "request " << i;
+        EXPECT_TRUE(std::equal(g.begin(), g.end(), w.begin())) << "request " << i;
+      }
+    }
+    const SchedulerLoad load = s->GetLoad();
+    EXPECT_EQ(load.active_sequences, 0);
+    EXPECT_EQ(load.queued_requests, 0);
+    EXPECT_EQ(load.kv_blocks_used, 0);
+    EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
+    if (!prefix_cache_) {
+      EXPECT_EQ(load.kv_blocks_cached, 0);
+    }
+    preemptions += load.preemptions;
+    hits += load.prefix_hit_tokens;
+  }
+  EXPECT_GT(preemptions, 0u) << "the cache was meant to be too small";
+  EXPECT_GT(hits, 0u) << "shared prefixes were meant to be found";
 }
 
 }  // namespace

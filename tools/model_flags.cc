@@ -21,6 +21,8 @@ void AddModelFlags(Args& args) {
             "bf16")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "BYTES", "KV cache budget in bytes", "1073741824")
+      .Flag("kv-dtype", "f32|f16|bf16",
+            "KV cache storage (f16 / bf16: half the bytes, values rounded once when stored)", "f32")
       .Flag("stats", "", "print load time, weight bytes, peak RSS and speed to stderr")
       .Flag("quiet", "", "no progress bar");
 }
@@ -54,6 +56,14 @@ absl::StatusOr<LoadedModel> LoadModelFromFlags(const Args& args) {
         absl::StrCat("--kv-cache-bytes must be positive, got ", kv_bytes));
   }
   out.kv_cache_bytes = static_cast<size_t>(kv_bytes);
+  const std::string kv_dtype = args.Str("kv-dtype");
+  if (kv_dtype != "f32" && kv_dtype != "f16" && kv_dtype != "bf16") {
+    return absl::InvalidArgumentError(
+        absl::StrCat("--kv-dtype must be f32, f16 or bf16, got '", kv_dtype, "'"));
+  }
+  out.kv_dtype = kv_dtype == "bf16"  ? core::KvDtype::kBF16
+                 : kv_dtype == "f16" ? core::KvDtype::kF16
+                                     : core::KvDtype::kF32;
 
   const std::string dir = args.Str("model");
   std::error_code ec;

@@ -15,13 +15,14 @@ namespace dmoe::tools {
 
 using ::dmoe::common::Args;
 
-// Declares --model, --dtype, --threads, --kv-cache-bytes, --stats, --quiet.
+// Declares --model, --dtype, --threads, --kv-cache-bytes, --kv-dtype, --stats, --quiet.
 void AddModelFlags(Args& args);
 
 struct LoadedModel {
   std::unique_ptr<core::Model> model;
   double load_seconds = 0;
   size_t kv_cache_bytes = 0;
+  core::KvDtype kv_dtype = core::KvDtype::kF32;
 };
 
 // Validates the model flags, sets the compute thread pool and loads the model,

@@ -57,7 +57,8 @@ absl::Status Forward(const Args& args) {
   DMOE_ASSIGN_OR_RETURN(std::vector<int32_t> prompt, PromptTokens(args));
   const std::string out_path = args.Str("dump-logits");
   DMOE_ASSIGN_OR_RETURN(LoadedModel m, LoadModelFromFlags(args));
-  core::KvCache cache(m.model->config(), m.kv_cache_bytes);
+  core::KvCache cache(m.model->config(), m.kv_cache_bytes, core::KvCache::kDefaultBlockTokens,
+                      false, m.kv_dtype);
   DMOE_ASSIGN_OR_RETURN(int32_t seq, cache.Allocate(static_cast<int64_t>(prompt.size())));
   core::SeqInput in{seq, prompt, /*all_logits=*/true};
   std::vector<float> logits;
@@ -108,7 +109,7 @@ absl::Status Generate(const Args& args) {
   std::vector<int64_t> stops = stop_ids;
   if (!ignore_eos) stops.insert(stops.end(), cfg.eos_token_ids.begin(), cfg.eos_token_ids.end());
 
-  core::KvCache cache(cfg, m.kv_cache_bytes);
+  core::KvCache cache(cfg, m.kv_cache_bytes, core::KvCache::kDefaultBlockTokens, false, m.kv_dtype);
   DMOE_ASSIGN_OR_RETURN(int32_t seq, cache.Allocate(static_cast<int64_t>(prompt.size()) +
                                                     std::max<int64_t>(max_tokens, 1)));
   core::Sampler sampler(sp);

@@ -35,6 +35,7 @@ std::string ClusterConfig::Describe() const {
   if (kv_cache_bytes > 0) absl::StrAppend(&kv, ", KV cache ", kv_cache_bytes, " bytes");
   if (!kv_admission.empty()) absl::StrAppend(&kv, ", KV admission ", kv_admission);
   if (!prefix_cache.empty()) absl::StrAppend(&kv, ", prefix cache ", prefix_cache);
+  if (!kv_dtype.empty()) absl::StrAppend(&kv, ", KV dtype ", kv_dtype);
   if (kv_block_tokens > 0) absl::StrAppend(&kv, ", KV blocks of ", kv_block_tokens, " tokens");
   if (servers == 0) {
     return absl::StrCat(name, ": one process (router computes the experts, ", dtype, ", threads ",
@@ -118,6 +119,11 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
     } else if (key == "kv-admission") {
       if (value != "paged" && value != "reserve") return bad("paged or reserve");
       c.kv_admission = value;
+    } else if (key == "kv-dtype") {
+      if (value != "auto" && value != "f32" && value != "f16" && value != "bf16") {
+        return bad("auto, f32, f16 or bf16");
+      }
+      c.kv_dtype = value;
     } else if (key == "prefix-cache") {
       if (value != "on" && value != "off") return bad("on or off");
       c.prefix_cache = value;
@@ -130,7 +136,7 @@ absl::StatusOr<ClusterConfig> ParseClusterConfig(const std::string& spec) {
       return absl::InvalidArgumentError(absl::StrCat(
           "configuration ", c.name, ": unknown key \"", key,
           "\" (servers, shared, wire, micro, threads, expert-threads, dtype, kv-block, "
-          "kv-bytes, kv-admission, prefix-cache, spin)"));
+          "kv-bytes, kv-admission, prefix-cache, kv-dtype, spin)"));
     }
   }
   return c;
@@ -220,6 +226,10 @@ absl::StatusOr<int> LocalCluster::Start(const ClusterConfig& c, const std::strin
   if (!c.prefix_cache.empty()) {
     argv.push_back("--prefix-cache");
     argv.push_back(c.prefix_cache);
+  }
+  if (!c.kv_dtype.empty()) {
+    argv.push_back("--kv-dtype");
+    argv.push_back(c.kv_dtype);
   }
   if (c.kv_block_tokens > 0) {
     argv.push_back("--kv-block-tokens");

@@ -9,7 +9,8 @@
 //     threads (router compute threads; 0 = all cores), expert-threads (per
 //     expert server), dtype (f32|bf16), kv-block (router --kv-block-tokens;
 //     0 = its default), kv-bytes (router --kv-cache-bytes; K/M/G suffixes of
-//     1024), kv-admission (paged|reserve), prefix-cache (on|off), spin (auto|default|passive|N: how
+//     1024), kv-admission (paged|reserve), prefix-cache (on|off), kv-dtype
+//     (auto|f32|f16|bf16), spin (auto|default|passive|N: how
 //     long idle OpenMP threads spin, see ClusterConfig::SpinEnv). InvalidArgument
 //     naming the key for an unknown key or a bad value.
 //   EnsureModel(preset, layers, dir)
@@ -54,6 +55,7 @@ struct ClusterConfig {
   int64_t kv_cache_bytes = 0;  // 0: the router's default
   std::string kv_admission;    // "": the router's default
   std::string prefix_cache;    // "": the router's default
+  std::string kv_dtype;        // "": the router's default
   std::string Describe() const;
   // The environment entries for every process of this configuration.
   std::vector<std::string> SpinEnv() const;

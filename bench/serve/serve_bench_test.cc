@@ -20,6 +20,7 @@
 #include "absl/strings/str_cat.h"
 #include "bench/serve/http_stream.h"
 #include "bench/serve/launcher.h"
+#include "bench/serve/router_sampler.h"
 #include "bench/serve/stage_profile.h"
 #include "bench/serve/stats.h"
 #include "bench/serve/workload.h"
@@ -182,6 +183,31 @@ TEST(HttpStreamClient, StopEndsTheStreamByClosingTheConnection) {
   const RequestRecord rec = RecordFromHttp(r, 0, 4);
   EXPECT_TRUE(rec.ok) << rec.error;
   EXPECT_EQ(rec.output_tokens, 3);
+}
+
+TEST(RouterSampler, ParsesTheRoutersGaugesAndCountersOnly) {
+  const auto v = ParseRouterValues(
+      "# HELP moe_router_active_sequences x\n"
+      "# TYPE moe_router_active_sequences gauge\n"
+      "moe_router_active_sequences 12\n"
+      "moe_router_queued_requests 3\n"
+      "moe_router_preemptions_total 4.5e+01\n"
+      "moe_router_prefix_cache_hit_tokens_total 96\n"
+      "moe_router_kv_cache_blocks{state=\"used\"} 7\n"
+      "moe_router_steps_total 100\n"
+      "moe_router_recomputed_tokens_total nonsense\n");
+  EXPECT_EQ(v.size(), 4u);
+  EXPECT_EQ(v.at("moe_router_active_sequences"), 12);
+  EXPECT_EQ(v.at("moe_router_queued_requests"), 3);
+  EXPECT_EQ(v.at("moe_router_preemptions_total"), 45);
+  EXPECT_EQ(v.at("moe_router_prefix_cache_hit_tokens_total"), 96);
+  RouterSample s;
+  s.n = 2;
+  s.growth["moe_router_prefix_cache_queried_tokens_total"] = 200;
+  s.growth["moe_router_prefix_cache_hit_tokens_total"] = 150;
+  EXPECT_DOUBLE_EQ(s.PrefixHitRate(), 0.75);
+  EXPECT_THAT(s.Format(), HasSubstr("prefix cache hit 75.0% of 200 prompt tokens"));
+  EXPECT_EQ(RouterSample().Format(), "");
 }
 
 TEST(RequestRecord, FailuresSayWhy) {
@@ -370,6 +396,8 @@ TEST(ClusterConfig, ParsesKeysAndNamesBadOnes) {
   EXPECT_THAT(ParseClusterConfig("x:kv-admission=lazy").status().message(),
               HasSubstr("paged or reserve"));
   EXPECT_THAT(ParseClusterConfig("x:prefix-cache=yes").status().message(), HasSubstr("on or off"));
+  EXPECT_EQ(ParseClusterConfig("x:kv-dtype=bf16")->kv_dtype, "bf16");
+  EXPECT_THAT(ParseClusterConfig("x:kv-dtype=fp8").status().message(), HasSubstr("auto, f32"));
   EXPECT_THAT(ParseClusterConfig("x:servers=-1").status().message(), HasSubstr("servers=-1"));
   EXPECT_THAT(ParseClusterConfig("x:colour=red").status().message(), HasSubstr("unknown key"));
   EXPECT_THAT(ParseClusterConfig(":servers=1").status().message(), HasSubstr("NAME:"));
