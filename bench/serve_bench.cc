@@ -71,6 +71,7 @@ struct Point {
   Summary summary;
   StageCounters stages;  // the router's step breakdown over the run (empty: unknown)
   RouterSample router;   // the router's concurrency and KV counters (n = 0: unknown)
+  SteadyRate steady;     // closed loop: output tok/s while every user was busy
 };
 
 // Splits "HOST:PORT"; false when it is not one.
@@ -481,8 +482,21 @@ int Main(int argc, char** argv) {
       const StageCounters after = ScrapeStages(metrics_host, metrics_port);
       const std::vector<RequestRecord> measured(
           records.begin() + std::min<size_t>(records.size(), run.warmup_requests), records.end());
-      Point p{c.name, l, Summarize(measured, o.slo), Delta(after, before), std::move(router)};
+      Point p{c.name,
+              l,
+              Summarize(measured, o.slo),
+              Delta(after, before),
+              std::move(router),
+              run.mode == LoadSpec::Mode::kClosed
+                  ? SteadyOutputRate(records, static_cast<size_t>(run.warmup_requests))
+                  : SteadyRate()};
       PrintPoint(p, header);
+      if (p.steady.window_s > 0) {
+        std::printf(
+            "  steady state (from the %d-th completion to the last request's start, %.0f s): "
+            "%.1f output tok/s\n",
+            run.warmup_requests, p.steady.window_s, p.steady.output_tok_per_s);
+      }
       std::printf("%s", p.router.Format().c_str());
       // (Warm-up included: the counters cannot tell its steps apart.)
       const std::string breakdown = Format(p.stages);
@@ -503,14 +517,19 @@ int Main(int argc, char** argv) {
                     {"rate", p.load.rate},
                     {"summary", ToJson(p.summary)},
                     {"router_steps", ToJson(p.stages)},
-                    {"router", p.router.ToJson()}});
+                    {"router", p.router.ToJson()},
+                    {"steady",
+                     {{"begin_s", p.steady.begin_s},
+                      {"window_s", p.steady.window_s},
+                      {"tokens", p.steady.tokens},
+                      {"output_tok_s", p.steady.output_tok_per_s}}}});
   }
   out["runs"] = runs;
   json ratios = json::array();
   if (configs.size() > 1) {
     std::printf(
         "\nratios to %s (same load point): output tok/s, TPOT p50, TTFT p50, mean active "
-        "sequences\n",
+        "sequences, steady-state output tok/s\n",
         configs[0].name.c_str());
     for (size_t i = loads.size(); i < points.size(); ++i) {
       const Point& p = points[i];
@@ -524,8 +543,9 @@ int Main(int argc, char** argv) {
         return it == q.router.mean.end() ? 0.0 : it->second;
       };
       const double seqs = ratio(active(p), active(base));
-      std::printf("  %-10s c=%-4d  %.3f  %.3f  %.3f  %.3f\n", p.config.c_str(), p.load.concurrency,
-                  thr, tpot, ttft, seqs);
+      const double steady = ratio(p.steady.output_tok_per_s, base.steady.output_tok_per_s);
+      std::printf("  %-10s c=%-4d  %.3f  %.3f  %.3f  %.3f  %.3f\n", p.config.c_str(),
+                  p.load.concurrency, thr, tpot, ttft, seqs, steady);
       ratios.push_back({{"config", p.config},
                         {"baseline", base.config},
                         {"concurrency", p.load.concurrency},
@@ -533,7 +553,8 @@ int Main(int argc, char** argv) {
                         {"output_tok_s", thr},
                         {"tpot_p50", tpot},
                         {"ttft_p50", ttft},
-                        {"active_sequences", seqs}});
+                        {"active_sequences", seqs},
+                        {"steady_output_tok_s", steady}});
     }
   }
   out["ratios"] = ratios;

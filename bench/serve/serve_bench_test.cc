@@ -331,6 +331,34 @@ TEST(Workload, MaxTokensCapSendsTheCapAndStopsAtTheDrawnLength) {
   }
 }
 
+// The steady window runs from the warm-up-th completion to the last start;
+// tokens of any request inside it count, those outside do not.
+TEST(Summary, SteadyRateCountsTokensWhileEveryUserIsBusy) {
+  auto rec = [](double start, double e2e, std::vector<double> tokens) {
+    RequestRecord r;
+    r.start_s = start;
+    r.e2e_s = e2e;
+    r.token_t = std::move(tokens);
+    return r;
+  };
+  const std::vector<RequestRecord> all = {
+      rec(0, 2, {0.5, 1, 1.5, 2}),  // ends at 2 (the first completion)
+      rec(0, 5, {1, 3, 4, 5}),      // ends at 5
+      rec(2, 4, {1, 2, 3, 4}),      // tokens at 3, 4, 5, 6
+      rec(5, 3, {1, 2, 3}),         // the last start: 5; tokens at 6, 7, 8
+  };
+  const SteadyRate r = SteadyOutputRate(all, 1);
+  EXPECT_EQ(r.begin_s, 2);
+  EXPECT_EQ(r.window_s, 3);
+  // In [2, 5): 2 (first), 3, 4 (second), 3, 4 (third).
+  EXPECT_EQ(r.tokens, 5);
+  EXPECT_DOUBLE_EQ(r.output_tok_per_s, 5.0 / 3);
+  EXPECT_EQ(SteadyOutputRate(all, 0).begin_s, 0);
+  EXPECT_EQ(SteadyOutputRate(all, 3).window_s, 0)
+      << "the 3rd completion (6) is after the last start";
+  EXPECT_EQ(SteadyOutputRate({}, 0).window_s, 0);
+}
+
 TEST(Workload, LengthDistributionsHaveTheirMeans) {
   std::mt19937_64 rng(3);
   for (auto kind : {LengthDist::Kind::kUniform, LengthDist::Kind::kLogNormal}) {

@@ -107,6 +107,36 @@ RequestRecord RecordFromHttp(const HttpResult& r, double start_s, int intended_p
   return rec;
 }
 
+SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup) {
+  SteadyRate r;
+  if (all.empty()) return r;
+  std::vector<double> ends;
+  double first_start = all.front().start_s, last_start = all.front().start_s;
+  for (const RequestRecord& rec : all) {
+    first_start = std::min(first_start, rec.start_s);
+    last_start = std::max(last_start, rec.start_s);
+    if (rec.e2e_s >= 0) ends.push_back(rec.start_s + rec.e2e_s);
+  }
+  std::sort(ends.begin(), ends.end());
+  if (warmup == 0) {
+    r.begin_s = first_start;
+  } else if (warmup <= ends.size()) {
+    r.begin_s = ends[warmup - 1];
+  } else {
+    return r;
+  }
+  if (last_start <= r.begin_s) return r;
+  r.window_s = last_start - r.begin_s;
+  for (const RequestRecord& rec : all) {
+    for (double t : rec.token_t) {
+      const double at = rec.start_s + t;
+      if (at >= r.begin_s && at < last_start) ++r.tokens;
+    }
+  }
+  r.output_tok_per_s = static_cast<double>(r.tokens) / r.window_s;
+  return r;
+}
+
 Dist MakeDist(std::vector<double> v) {
   Dist d;
   d.n = static_cast<int>(v.size());

@@ -71,6 +71,20 @@ struct Summary {
 };
 
 Summary Summarize(const std::vector<RequestRecord>& records, const Slo& slo);
+
+// Output tokens per second in the steady state of a closed loop, where the
+// drain at the end (fewer and fewer users with work) and the start are left
+// out: every token event of every request (warm-up included; records in issue
+// order, as RunLoad returns them) that arrived between the moment the
+// `warmup`-th request completed (the first start when warmup = 0) and the
+// start of the last request, over that window. window_s = 0 (and no rate)
+// when the window is empty: more requests are needed.
+struct SteadyRate {
+  double begin_s = 0, window_s = 0;
+  long long tokens = 0;
+  double output_tok_per_s = 0;
+};
+SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup);
 nlohmann::json ToJson(const Summary& s);
 
 }  // namespace dmoe::bench::serve
