@@ -491,7 +491,12 @@ int Main(int argc, char** argv) {
                   ? SteadyOutputRate(records, static_cast<size_t>(run.warmup_requests))
                   : SteadyRate()};
       PrintPoint(p, header);
-      if (p.steady.window_s > 0) {
+      if (run.mode == LoadSpec::Mode::kClosed && p.steady.window_s == 0) {
+        std::printf(
+            "  steady state: under 10 s between the %d-th completion and the last request's "
+            "start; more requests measure it\n",
+            run.warmup_requests);
+      } else if (p.steady.window_s > 0) {
         std::printf(
             "  steady state (from the %d-th completion to the last request's start, %.0f s): "
             "%.1f output tok/s\n",

@@ -347,14 +347,15 @@ TEST(Summary, SteadyRateCountsTokensWhileEveryUserIsBusy) {
       rec(2, 4, {1, 2, 3, 4}),      // tokens at 3, 4, 5, 6
       rec(5, 3, {1, 2, 3}),         // the last start: 5; tokens at 6, 7, 8
   };
-  const SteadyRate r = SteadyOutputRate(all, 1);
+  const SteadyRate r = SteadyOutputRate(all, 1, /*min_window_s=*/0);
   EXPECT_EQ(r.begin_s, 2);
   EXPECT_EQ(r.window_s, 3);
   // In [2, 5): 2 (first), 3, 4 (second), 3, 4 (third).
   EXPECT_EQ(r.tokens, 5);
   EXPECT_DOUBLE_EQ(r.output_tok_per_s, 5.0 / 3);
-  EXPECT_EQ(SteadyOutputRate(all, 0).begin_s, 0);
-  EXPECT_EQ(SteadyOutputRate(all, 3).window_s, 0)
+  EXPECT_EQ(SteadyOutputRate(all, 0, 0).begin_s, 0);
+  EXPECT_EQ(SteadyOutputRate(all, 1).window_s, 0) << "3 s is under the 10 s minimum";
+  EXPECT_EQ(SteadyOutputRate(all, 3, 0).window_s, 0)
       << "the 3rd completion (6) is after the last start";
   EXPECT_EQ(SteadyOutputRate({}, 0).window_s, 0);
 }

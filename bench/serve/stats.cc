@@ -107,7 +107,8 @@ RequestRecord RecordFromHttp(const HttpResult& r, double start_s, int intended_p
   return rec;
 }
 
-SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup) {
+SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup,
+                            double min_window_s) {
   SteadyRate r;
   if (all.empty()) return r;
   std::vector<double> ends;
@@ -125,7 +126,7 @@ SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup
   } else {
     return r;
   }
-  if (last_start <= r.begin_s) return r;
+  if (last_start - r.begin_s < std::max(min_window_s, 1e-9)) return r;
   r.window_s = last_start - r.begin_s;
   for (const RequestRecord& rec : all) {
     for (double t : rec.token_t) {

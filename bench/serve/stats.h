@@ -78,13 +78,14 @@ Summary Summarize(const std::vector<RequestRecord>& records, const Slo& slo);
 // order, as RunLoad returns them) that arrived between the moment the
 // `warmup`-th request completed (the first start when warmup = 0) and the
 // start of the last request, over that window. window_s = 0 (and no rate)
-// when the window is empty: more requests are needed.
+// when the window is shorter than `min_window_s`: more requests are needed.
 struct SteadyRate {
   double begin_s = 0, window_s = 0;
   long long tokens = 0;
   double output_tok_per_s = 0;
 };
-SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup);
+SteadyRate SteadyOutputRate(const std::vector<RequestRecord>& all, size_t warmup,
+                            double min_window_s = 10);
 nlohmann::json ToJson(const Summary& s);
 
 }  // namespace dmoe::bench::serve
