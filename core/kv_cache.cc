@@ -133,34 +133,21 @@ absl::StatusOr<int32_t> KvCache::AllocateUnreserved(int64_t capacity_tokens,
   Seq s;
   s.capacity = capacity_tokens;
   s.last_uid = kRootUid;
-  if (prefix_cache_) {
-    const int64_t limit =
-        std::min({max_prefix_tokens, capacity_tokens, static_cast<int64_t>(tokens.size())});
-    Key key;
-    key.first = kRootUid;
-    for (int64_t i = 0; (i + 1) * block_tokens_ <= limit; ++i) {
-      const std::span<const int32_t> t = KeyTokens(tokens, i);
-      key.second.assign(t.begin(), t.end());
-      auto it = index_.find(key);
-      if (it == index_.end()) break;
-      const int32_t b = it->second;
-      Hold(b);
-      s.blocks.push_back(b);
-      s.addressed = i + 1;
-      s.last_uid = key.first = uid_[static_cast<size_t>(b)];
-    }
-    s.length = s.addressed * block_tokens_;
-  }
+  s.blocks = CachedPrefix(tokens, std::min(max_prefix_tokens, capacity_tokens));
+  for (int32_t b : s.blocks) Hold(b);
+  s.addressed = static_cast<int64_t>(s.blocks.size());
+  if (!s.blocks.empty()) s.last_uid = uid_[static_cast<size_t>(s.blocks.back())];
+  s.length = s.addressed * block_tokens_;
   const int32_t id = next_id_++;
   seqs_.emplace(id, std::move(s));
   return id;
 }
 
-KvCache::PrefixMatch KvCache::MatchPrefix(std::span<const int32_t> tokens,
-                                          int64_t max_prefix_tokens) const {
-  PrefixMatch m;
-  if (!prefix_cache_) return m;
-  const int64_t limit = std::min(max_prefix_tokens, static_cast<int64_t>(tokens.size()));
+std::vector<int32_t> KvCache::CachedPrefix(std::span<const int32_t> tokens,
+                                           int64_t max_tokens) const {
+  std::vector<int32_t> blocks;
+  if (!prefix_cache_) return blocks;
+  const int64_t limit = std::min(max_tokens, static_cast<int64_t>(tokens.size()));
   Key key;
   key.first = kRootUid;
   for (int64_t i = 0; (i + 1) * block_tokens_ <= limit; ++i) {
@@ -168,9 +155,18 @@ KvCache::PrefixMatch KvCache::MatchPrefix(std::span<const int32_t> tokens,
     key.second.assign(t.begin(), t.end());
     auto it = index_.find(key);
     if (it == index_.end()) break;
-    ++m.blocks;
-    if (ref_[static_cast<size_t>(it->second)] == 0) ++m.unheld;
+    blocks.push_back(it->second);
     key.first = uid_[static_cast<size_t>(it->second)];
+  }
+  return blocks;
+}
+
+KvCache::PrefixMatch KvCache::MatchPrefix(std::span<const int32_t> tokens,
+                                          int64_t max_prefix_tokens) const {
+  PrefixMatch m;
+  for (int32_t b : CachedPrefix(tokens, max_prefix_tokens)) {
+    ++m.blocks;
+    if (ref_[static_cast<size_t>(b)] == 0) ++m.unheld;
   }
   return m;
 }

@@ -208,6 +208,9 @@ class KvCache {
   using Key = std::pair<uint64_t, std::vector<int32_t>>;
   static constexpr uint64_t kRootUid = 1;  // parent of every first block
 
+  // The cached blocks of the longest cached prefix of `tokens` of at most
+  // `max_tokens` tokens, in position order (none without the prefix cache).
+  std::vector<int32_t> CachedPrefix(std::span<const int32_t> tokens, int64_t max_tokens) const;
   // A block for a new entry: from the free list, else the least recently
   // released cached block (its address is dropped).
   int32_t TakeBlock();

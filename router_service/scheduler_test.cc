@@ -572,8 +572,8 @@ TEST_F(SchedulerTest, PrefixCacheChangesNoTokenAndNoLogit) {
     }
     wait(submitted);
   };
-  for (core::KvDtype kv_dtype : {core::KvDtype::kF32, core::KvDtype::kBF16}) {
-    SCOPED_TRACE(kv_dtype == core::KvDtype::kF32 ? "f32 KV cache" : "bf16 KV cache");
+  for (core::KvDtype kv_dtype : {core::KvDtype::kF32, core::KvDtype::kF16, core::KvDtype::kBF16}) {
+    SCOPED_TRACE(absl::StrCat(core::KvDtypeName(kv_dtype), " KV cache"));
     kv_dtype_ = kv_dtype;
     block_tokens_ = 16;
     admission_ = KvAdmission::kPaged;
@@ -707,65 +707,70 @@ TEST_F(SchedulerTest, RandomArrivalsAndCancellationsChangeNoToken) {
     ASSERT_TRUE(out.mu.AwaitWithTimeout(absl::Condition(&all), absl::Minutes(2)));
   };
 
-  block_tokens_ = 8;
-  admission_ = KvAdmission::kReserve;
-  prefix_cache_ = false;
-  Timeline alone_timeline;
-  auto alone = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &alone_timeline);
-  ASSERT_NE(alone, nullptr);
-  Out want;
-  run(*alone, want, std::vector<int>(reqs.size(), -1), /*cancels=*/false);
-  for (size_t i = 0; i < reqs.size(); ++i) {
-    ASSERT_EQ(want.codes[i], absl::StatusCode::kOk);
-    ASSERT_EQ(static_cast<int64_t>(want.tokens[i].size()), reqs[i].max_tokens);
-  }
-
-  admission_ = KvAdmission::kPaged;
-  uint64_t preemptions = 0, hits = 0;
-  for (int trial = 0; trial < 6; ++trial) {
-    block_tokens_ = std::vector<int64_t>{4, 8, 16}[trial % 3];
-    prefix_cache_ = trial % 2 == 0;
-    const int64_t max_batch = 8 + static_cast<int64_t>(rng() % 40);
-    // 3 to 4 sequences' worth of blocks (the longest needs 37 tokens).
-    const int64_t kv_tokens = block_tokens_ * (48 / block_tokens_ + 1 + rng() % 2);
-    std::vector<int> gaps;
-    for (size_t i = 0; i < reqs.size(); ++i) gaps.push_back(static_cast<int>(rng() % 3000));
-    SCOPED_TRACE(::testing::Message()
-                 << "trial " << trial << ": blocks of " << block_tokens_ << ", prefix cache "
-                 << prefix_cache_ << ", KV tokens " << kv_tokens << ", max batch " << max_batch);
-    Timeline t;
-    auto s = Create(kv_tokens, max_batch, &t);
-    ASSERT_NE(s, nullptr);
-    Out got;
-    run(*s, got, gaps, /*cancels=*/true);
+  // Each KV dtype against its own reference (16-bit entries change the bits).
+  for (core::KvDtype kv_dtype : {core::KvDtype::kF32, core::KvDtype::kF16}) {
+    SCOPED_TRACE(absl::StrCat(core::KvDtypeName(kv_dtype), " KV cache"));
+    kv_dtype_ = kv_dtype;
+    block_tokens_ = 8;
+    admission_ = KvAdmission::kReserve;
+    prefix_cache_ = false;
+    Timeline alone_timeline;
+    auto alone = Create(/*kv_tokens=*/4096, /*max_batch_tokens=*/64, &alone_timeline);
+    ASSERT_NE(alone, nullptr);
+    Out want;
+    run(*alone, want, std::vector<int>(reqs.size(), -1), /*cancels=*/false);
     for (size_t i = 0; i < reqs.size(); ++i) {
-      const std::vector<int32_t>& w = want.tokens[i];
-      const std::vector<int32_t>& g = got.tokens[i];
-      if (reqs[i].cancel_at < 0) {
-        EXPECT_EQ(got.codes[i], absl::StatusCode::kOk) << "request " << i;
-        EXPECT_EQ(g, w) << "request " << i;
-      } else {
-        EXPECT_TRUE(got.codes[i] == absl::StatusCode::kCancelled ||
-                    got.codes[i] == absl::StatusCode::kOk)
-            << "request " << i << ": " << absl::StatusCodeToString(got.codes[i]);
-        EXPECT_GE(static_cast<int64_t>(g.size()), reqs[i].cancel_at + 1) << "request " << i;
-        ASSERT_LE(g.size(), w.size()) << "request " << i;
-        EXPECT_TRUE(std::equal(g.begin(), g.end(), w.begin())) << "request " << i;
+      ASSERT_EQ(want.codes[i], absl::StatusCode::kOk);
+      ASSERT_EQ(static_cast<int64_t>(want.tokens[i].size()), reqs[i].max_tokens);
+    }
+
+    admission_ = KvAdmission::kPaged;
+    uint64_t preemptions = 0, hits = 0;
+    for (int trial = 0; trial < 6; ++trial) {
+      block_tokens_ = std::vector<int64_t>{4, 8, 16}[trial % 3];
+      prefix_cache_ = trial % 2 == 0;
+      const int64_t max_batch = 8 + static_cast<int64_t>(rng() % 40);
+      // 3 to 4 sequences' worth of blocks (the longest needs 37 tokens).
+      const int64_t kv_tokens = block_tokens_ * (48 / block_tokens_ + 1 + rng() % 2);
+      std::vector<int> gaps;
+      for (size_t i = 0; i < reqs.size(); ++i) gaps.push_back(static_cast<int>(rng() % 3000));
+      SCOPED_TRACE(::testing::Message()
+                   << "trial " << trial << ": blocks of " << block_tokens_ << ", prefix cache "
+                   << prefix_cache_ << ", KV tokens " << kv_tokens << ", max batch " << max_batch);
+      Timeline t;
+      auto s = Create(kv_tokens, max_batch, &t);
+      ASSERT_NE(s, nullptr);
+      Out got;
+      run(*s, got, gaps, /*cancels=*/true);
+      for (size_t i = 0; i < reqs.size(); ++i) {
+        const std::vector<int32_t>& w = want.tokens[i];
+        const std::vector<int32_t>& g = got.tokens[i];
+        if (reqs[i].cancel_at < 0) {
+          EXPECT_EQ(got.codes[i], absl::StatusCode::kOk) << "request " << i;
+          EXPECT_EQ(g, w) << "request " << i;
+        } else {
+          EXPECT_TRUE(got.codes[i] == absl::StatusCode::kCancelled ||
+                      got.codes[i] == absl::StatusCode::kOk)
+              << "request " << i << ": " << absl::StatusCodeToString(got.codes[i]);
+          EXPECT_GE(static_cast<int64_t>(g.size()), reqs[i].cancel_at + 1) << "request " << i;
+          ASSERT_LE(g.size(), w.size()) << "request " << i;
+          EXPECT_TRUE(std::equal(g.begin(), g.end(), w.begin())) << "request " << i;
+        }
       }
+      const SchedulerLoad load = s->GetLoad();
+      EXPECT_EQ(load.active_sequences, 0);
+      EXPECT_EQ(load.queued_requests, 0);
+      EXPECT_EQ(load.kv_blocks_used, 0);
+      EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
+      if (!prefix_cache_) {
+        EXPECT_EQ(load.kv_blocks_cached, 0);
+      }
+      preemptions += load.preemptions;
+      hits += load.prefix_hit_tokens;
     }
-    const SchedulerLoad load = s->GetLoad();
-    EXPECT_EQ(load.active_sequences, 0);
-    EXPECT_EQ(load.queued_requests, 0);
-    EXPECT_EQ(load.kv_blocks_used, 0);
-    EXPECT_EQ(load.kv_cache_free_bytes, load.kv_cache_budget_bytes);
-    if (!prefix_cache_) {
-      EXPECT_EQ(load.kv_blocks_cached, 0);
-    }
-    preemptions += load.preemptions;
-    hits += load.prefix_hit_tokens;
+    EXPECT_GT(preemptions, 0u) << "the cache was meant to be too small";
+    EXPECT_GT(hits, 0u) << "shared prefixes were meant to be found";
   }
-  EXPECT_GT(preemptions, 0u) << "the cache was meant to be too small";
-  EXPECT_GT(hits, 0u) << "shared prefixes were meant to be found";
 }
 
 }  // namespace

@@ -278,8 +278,10 @@ absl::Status Up(const Args& args) {
   };
   std::vector<std::string> addrs;
   for (int64_t i = 0; i < servers && status.ok(); ++i) {
-    Child c{absl::StrCat("expert-", i), -1, absl::StrCat(work, "/expert-", i, ".port"),
-            absl::StrCat(work, "/expert-", i, ".log")};
+    Child c;
+    c.name = absl::StrCat("expert-", i);
+    c.port_file = absl::StrCat(work, "/expert-", i, ".port");
+    c.log = absl::StrCat(work, "/expert-", i, ".log");
     c.metrics_port_file = absl::StrCat(work, "/expert-", i, ".metrics.port");
     status =
         start(c, {bin + "/dmoe-expert", "--model", model, "--server-index", std::to_string(i),
@@ -288,7 +290,10 @@ absl::Status Up(const Args& args) {
     if (status.ok()) addrs.push_back(absl::StrCat("127.0.0.1:", children.back().port));
   }
   if (status.ok()) {
-    Child c{"router", -1, work + "/router.port", work + "/router.log"};
+    Child c;
+    c.name = "router";
+    c.port_file = work + "/router.port";
+    c.log = work + "/router.log";
     c.metrics_port_file = work + "/router.metrics.port";
     status =
         start(c, {bin + "/dmoe-router", "--model", model, "--experts", absl::StrJoin(addrs, ","),
@@ -296,7 +301,10 @@ absl::Status Up(const Args& args) {
                   "--shared-expert", args.Str("shared-expert"), "--controller"});
   }
   if (status.ok()) {
-    Child c{"gateway", -1, work + "/gateway.port", work + "/gateway.log"};
+    Child c;
+    c.name = "gateway";
+    c.port_file = work + "/gateway.port";
+    c.log = work + "/gateway.log";
     std::vector<std::string> argv = {bin + "/dmoe-gateway",
                                      "--routers",
                                      absl::StrCat("127.0.0.1:", children.back().port),
