@@ -31,8 +31,7 @@ struct Scheduler::Request {
   int64_t prefilled = 0;
   int64_t generated = 0;
   int32_t last_token = 0;        // the decode input of the next step
-  std::vector<int32_t> history;  // generated tokens (recomputed after a preemption)
-  std::vector<int32_t> tokens;   // the client's prompt + history: position p's token
+  std::vector<int32_t> tokens;   // the client's prompt + the tokens generated: one per position
   int64_t preempted_cached = 0;  // tokens cached when last preempted
   uint64_t admitted_at = 0;      // admission order; the latest is preempted first
   bool in_step = false;          // part of the batch being run
@@ -381,8 +380,7 @@ bool Scheduler::MakeRoom() {
   cache_.Free(r->seq);
   r->seq = -1;
   r->in_step = false;
-  r->prompt.resize(static_cast<size_t>(r->prompt_len));
-  r->prompt.insert(r->prompt.end(), r->history.begin(), r->history.end());
+  r->prompt = r->tokens;  // recomputed from the start, generated tokens included
   r->prefilled = 0;
   r->result = ForwardResult();
   {
@@ -485,7 +483,6 @@ void Scheduler::Step() {
     sample_s +=
         std::chrono::duration<double>(std::chrono::steady_clock::now() - sample_begin).count();
     r->last_token = token;
-    r->history.push_back(token);
     r->tokens.push_back(token);
     TokenEvent ev;
     ev.token = token;
