@@ -69,6 +69,58 @@ float SumPortable(const float* p, size_t n) {
   return s;
 }
 
+// Peak f32 multiply-add rate of one thread: 12 independent chains (enough to
+// cover the FMA latency on every x86 core) of `iters` steps, kept in
+// registers. Returns the FLOPs done (2 per lane per step); `out` keeps the
+// result alive. The chains converge to y / (1 - x), so nothing overflows or
+// turns subnormal.
+constexpr int kChains = 12;
+
+__attribute__((target("avx512f"))) double FmaAvx512(int64_t iters, float* out) {
+  __m512 a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = _mm512_set1_ps(0.001f * i);
+  const __m512 x = _mm512_set1_ps(0.999999f), y = _mm512_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kChains; ++j) a[j] = _mm512_fmadd_ps(a[j], x, y);
+  }
+  __m512 s = a[0];
+  for (int i = 1; i < kChains; ++i) s = _mm512_add_ps(s, a[i]);
+  *out = _mm512_reduce_add_ps(s);
+  return 2.0 * 16 * kChains * static_cast<double>(iters);
+}
+
+__attribute__((target("avx2,fma"))) double FmaAvx2(int64_t iters, float* out) {
+  __m256 a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = _mm256_set1_ps(0.001f * i);
+  const __m256 x = _mm256_set1_ps(0.999999f), y = _mm256_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kChains; ++j) a[j] = _mm256_fmadd_ps(a[j], x, y);
+  }
+  __m256 s = a[0];
+  for (int i = 1; i < kChains; ++i) s = _mm256_add_ps(s, a[i]);
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, s);
+  *out = lanes[0];
+  return 2.0 * 8 * kChains * static_cast<double>(iters);
+}
+
+// SSE2 has no FMA: a multiply and an add per step (what the generic kernels do).
+double MulAddSse2(int64_t iters, float* out) {
+  __m128 a[kChains];
+  for (int i = 0; i < kChains; ++i) a[i] = _mm_set1_ps(0.001f * i);
+  const __m128 x = _mm_set1_ps(0.999999f), y = _mm_set1_ps(1e-7f);
+  for (int64_t i = 0; i < iters; ++i) {
+#pragma GCC unroll 12
+    for (int j = 0; j < kChains; ++j) a[j] = _mm_add_ps(_mm_mul_ps(a[j], x), y);
+  }
+  __m128 s = a[0];
+  for (int i = 1; i < kChains; ++i) s = _mm_add_ps(s, a[i]);
+  *out = _mm_cvtss_f32(s);
+  return 2.0 * 4 * kChains * static_cast<double>(iters);
+}
+
 void FillUniform(std::vector<float>* v, float scale, std::mt19937* rng) {
   std::uniform_real_distribution<float> d(-scale, scale);
   for (float& f : *v) f = d(*rng);
@@ -123,6 +175,30 @@ double HostCeilings::ReadGBs(int threads, int reps) {
                        : SumPortable(probe_ + begin, len);
     }
     best = std::max(best, kProbeBytes / SecondsSince(t0) / 1e9);
+    sink = sink + total;
+  }
+  return best;
+}
+
+double HostCeilings::FmaGflops(int threads, int reps) {
+  static const bool kAvx512 = core::IsaAtLeast(core::IsaLevel::kAvx512);
+  static const bool kAvx2 = core::IsaAtLeast(core::IsaLevel::kAvx2);
+  constexpr int64_t kIters = int64_t{1} << 22;  // ~10-40 ms per thread
+  double best = 0;
+  volatile float sink = 0;
+  for (int r = 0; r < reps; ++r) {
+    const auto t0 = Clock::now();
+    double flops = 0;
+    float total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : flops, total)
+    {
+      float out = 0;
+      flops += kAvx512 ? FmaAvx512(kIters, &out)
+               : kAvx2 ? FmaAvx2(kIters, &out)
+                       : MulAddSse2(kIters, &out);
+      total += out;
+    }
+    best = std::max(best, flops / SecondsSince(t0) / 1e9);
     sink = sink + total;
   }
   return best;

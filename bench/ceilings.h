@@ -10,6 +10,11 @@
 //                        (AVX-512, AVX2 or portable loads), best of `reps`.
 //   GemmGflops(reps)     GFLOP/s of a 2048^3 GEMM through the PackedLinear,
 //                        best of `reps` (threads: the process's OpenMP setting).
+//   FmaGflops(threads, reps)   peak f32 multiply-add GFLOP/s of `threads`
+//                        OpenMP threads at the active ISA level (register-only
+//                        FMA chains; SSE2: multiply + add), best of `reps`: the
+//                        compute ceiling of kernels whose arithmetic is f32 FMA
+//                        (bf16 weights below AVX512_BF16 are widened to f32).
 //   FreeProbe()          gives the 1 GiB back (ReadGBs must not be called after).
 #ifndef DMOE_BENCH_CEILINGS_H_
 #define DMOE_BENCH_CEILINGS_H_
@@ -31,6 +36,7 @@ class HostCeilings {
   void FreeProbe();
   double ReadGBs(int threads, int reps);
   double GemmGflops(int reps);
+  double FmaGflops(int threads, int reps);
 
  private:
   static constexpr size_t kProbeBytes = size_t{1} << 30;

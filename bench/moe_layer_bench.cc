@@ -2,7 +2,8 @@
 // (the product path), with the machine's ceilings measured in the same run.
 //
 //   moe_layer_bench [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048]
-//                   [--dtype=bf16|f32] [--min_time=1.0]
+//                   [--dtype=bf16|f32] [--min_time=1.0] [--json=FILE]
+//                   [--isa=all|LEVEL,...]
 //
 // Shapes: hidden 2048, 64 routed experts (moe_intermediate 1408), top-6, 2
 // shared experts fused into one shared FFN (intermediate 2816). Random weights;
@@ -20,7 +21,20 @@
 // bound is the roofline's: bandwidth when the call's arithmetic intensity (FLOP
 // per weight byte) is below the ceilings' ratio, else compute; "%roof" is
 // achieved GFLOP/s over min(GEMM ceiling, intensity x bandwidth ceiling).
-// Activations (a few MB) are not counted as bytes.
+// Activations (a few MB) are not counted as bytes. The compute ceiling is the
+// f32 FMA peak measured in the same run (register-only FMA chains at the
+// active ISA level) wherever the kernels' arithmetic is f32 FMA - f32 weights,
+// and bf16 weights below AVX512_BF16, which are widened to f32 - and the bf16
+// GEMM where the CPU multiplies bf16 natively (vdpbf16ps, AMX).
+//
+// Goals (issue 17, docs/performance.md): T <= 8 at >= 90% of the read ceiling;
+// 8 < T < 512 at >= 85% of the roofline; T >= 512 at >= 85% of the compute
+// ceiling; at every ISA level, 1 and 2 threads.
+//
+// --isa=all (or a list of levels) runs the whole benchmark once per level the
+// host has (each in a child process with DMOE_MAX_ISA set, so every kernel,
+// oneDNN and the ceilings run at that level) and ends with one table of %roof
+// per level. --json=FILE writes the rows (and the ceilings) as JSON.
 //
 //   moe_layer_bench --backend=cuda [--shapes=v2lite,v3]
 //   [--gemm=grouped,per-expert]
@@ -41,6 +55,7 @@
 // Without CUDA in the build or without a GPU it says so and exits 1.
 
 #include <sys/resource.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <algorithm>
@@ -50,6 +65,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <fstream>
 #include <memory>
 #include <numeric>
 #include <string>
@@ -64,6 +80,7 @@
 #include "core/kernels/cuda/ceilings.h"
 #include "core/kernels/cuda/cuda_expert_backend.h"
 #include "core/kernels/cuda/device_info.h"
+#include "nlohmann/json.hpp"
 
 namespace {
 
@@ -102,6 +119,8 @@ struct Options {
   // --invariance-cost: also run every row on a backend whose layers may use
   // oneDNN's batch-variant kernels, and print the ratio.
   bool invariance_cost = false;
+  // --isa: the levels to run, each in a child process; empty: this process.
+  std::vector<std::string> isa_levels;
 };
 
 std::vector<std::string> ParseNames(std::string_view s) {
@@ -168,6 +187,12 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->device = std::atoi(v);
     } else if (const char* v = value("--json=")) {
       o->json = v;
+    } else if (const char* v = value("--isa=")) {
+      o->isa_levels = ParseNames(v);
+      if (o->isa_levels.empty()) {
+        std::fprintf(stderr, "--isa takes all or a list of levels\n");
+        return false;
+      }
     } else if (const char* v = value("--dtype=")) {
       if (std::string_view(v) == "f32") {
         o->type = ComputeType::kF32;
@@ -183,7 +208,8 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
-                   "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost]\n"
+                   "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost] "
+                   "[--json=FILE] [--isa=all|LEVEL,...]\n"
                    "       %s --backend=cuda [--shapes=v2lite,v3] "
                    "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
                    "[--device=0] [--min_time=SECONDS] [--json=FILE]\n",
@@ -296,7 +322,17 @@ struct Result {
   int threads = 0, tokens = 0, calls = 0;
   double ms = 0, tok_s = 0, gflops = 0, weight_mb = 0, gbs = 0, intensity = 0;
   double gemm_ceiling = 0, read_ceiling = 0;  // measured around this run
+  double fma_ceiling = 0;
+  // The ceiling of this row's arithmetic: fma_ceiling, or gemm_ceiling where
+  // the CPU multiplies bf16 natively.
+  double compute_ceiling = 0;
 };
+
+// Whether the kernels multiply bf16 natively here (else they widen to f32 and
+// the f32 FMA peak bounds them).
+bool NativeBf16(ComputeType type) {
+  return type == ComputeType::kBF16 && dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512Bf16);
+}
 
 Result RunMoe(dmoe::core::ExpertBackend& backend, dmoe::bench::HostCeilings& ceilings, int tokens,
               int threads, const Options& o, size_t elem_bytes) {
@@ -307,6 +343,7 @@ Result RunMoe(dmoe::core::ExpertBackend& backend, dmoe::bench::HostCeilings& cei
   const int ceiling_reps = o.quick ? 1 : 3;
   double gemm_ceiling = ceilings.GemmGflops(ceiling_reps + 1);  // +1: warm-up
   double read_ceiling = ceilings.ReadGBs(threads, ceiling_reps + 1);
+  double fma_ceiling = ceilings.FmaGflops(threads, ceiling_reps + 1);
   const int num_batches = o.quick ? 2 : (tokens >= 512 ? 5 : 16);
   std::vector<Batch> batches;
   for (int i = 0; i < num_batches; ++i)
@@ -337,8 +374,11 @@ Result RunMoe(dmoe::core::ExpertBackend& backend, dmoe::bench::HostCeilings& cei
   }
   gemm_ceiling = std::max(gemm_ceiling, ceilings.GemmGflops(ceiling_reps));
   read_ceiling = std::max(read_ceiling, ceilings.ReadGBs(threads, ceiling_reps));
+  fma_ceiling = std::max(fma_ceiling, ceilings.FmaGflops(threads, ceiling_reps));
   Result r;
   r.gemm_ceiling = gemm_ceiling;
+  r.fma_ceiling = fma_ceiling;
+  r.compute_ceiling = NativeBf16(o.type) ? gemm_ceiling : fma_ceiling;
   r.read_ceiling = read_ceiling;
   r.threads = threads;
   r.tokens = tokens;
@@ -573,7 +613,9 @@ int RunCudaBench(const Options& o) {
 // The layer's 64 experts and its shared FFN, seeded (the same weights on every
 // call).
 std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
-  auto made = dmoe::core::MakeExpertBackend(dmoe::core::BackendKind::kCpu, {.compute = type});
+  dmoe::core::BackendOptions options;
+  options.compute = type;
+  auto made = dmoe::core::MakeExpertBackend(dmoe::core::BackendKind::kCpu, options);
   if (!made.ok()) {
     std::fprintf(stderr, "moe_layer_bench: %s\n", std::string(made.status().message()).c_str());
     std::exit(1);
@@ -599,12 +641,202 @@ std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
   return backend;
 }
 
+// What a row achieved against its ceilings, and the goal that applies.
+struct Judged {
+  double pct_compute = 0, pct_bw = 0, pct_roof = 0;
+  bool bw_bound = false;
+  bool met = false;
+  std::string goal;
+};
+
+Judged Judge(const Result& r) {
+  Judged j;
+  j.pct_compute = 100 * r.gflops / r.compute_ceiling;
+  j.pct_bw = 100 * r.gbs / r.read_ceiling;
+  j.bw_bound = r.intensity < r.compute_ceiling / r.read_ceiling;
+  j.pct_roof = 100 * r.gflops / std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
+  std::string target;
+  if (r.tokens <= 8) {
+    j.met = j.pct_bw >= 90;
+    target = ">=90% BW";
+  } else if (r.tokens >= 512) {
+    j.met = j.pct_compute >= 85;
+    target = ">=85% compute";
+  } else {
+    j.met = j.pct_roof >= 85;
+    target = ">=85% roofline";
+  }
+  j.goal = (j.met ? "met: " : "MISSED: ") + target;
+  return j;
+}
+
+const char* IsaWord() {
+  using dmoe::core::IsaAtLeast;
+  using dmoe::core::IsaLevel;
+  return IsaAtLeast(IsaLevel::kAvx512) ? "AVX-512" : IsaAtLeast(IsaLevel::kAvx2) ? "AVX2" : "SSE2";
+}
+
+bool WriteCpuJson(const Options& o, const std::vector<Result>& results) {
+  nlohmann::json rows = nlohmann::json::array();
+  for (const Result& r : results) {
+    const Judged j = Judge(r);
+    rows.push_back({{"threads", r.threads},
+                    {"tokens", r.tokens},
+                    {"calls", r.calls},
+                    {"ms", r.ms},
+                    {"tok_s", r.tok_s},
+                    {"gflops", r.gflops},
+                    {"weight_gbs", r.gbs},
+                    {"flop_per_byte", r.intensity},
+                    {"gemm_ceiling_gflops", r.gemm_ceiling},
+                    {"fma_ceiling_gflops", r.fma_ceiling},
+                    {"compute_ceiling_gflops", r.compute_ceiling},
+                    {"read_ceiling_gbs", r.read_ceiling},
+                    {"pct_compute", j.pct_compute},
+                    {"pct_bw", j.pct_bw},
+                    {"pct_roof", j.pct_roof},
+                    {"bound", j.bw_bound ? "BW" : "FLOP"},
+                    {"goal", j.goal},
+                    {"goal_met", j.met}});
+  }
+  const nlohmann::json doc = {{"benchmark", "moe_layer_bench"},
+                              {"shape", "V2-Lite"},
+                              {"dtype", o.type == ComputeType::kBF16 ? "bf16" : "f32"},
+                              {"isa", dmoe::core::IsaName(dmoe::core::ActiveIsa())},
+                              {"host_isa", dmoe::core::IsaName(dmoe::core::HostIsa())},
+                              {"isa_summary", dmoe::core::IsaSummary()},
+                              {"quick", o.quick},
+                              {"rows", rows}};
+  std::ofstream f(o.json);
+  f << doc.dump(1) << "\n";
+  if (!f) {
+    std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
+    return false;
+  }
+  std::printf("\nrows written to %s\n", o.json.c_str());
+  return true;
+}
+
+// --isa: this benchmark once per level, each in a child process whose kernels,
+// oneDNN and ceilings are capped by DMOE_MAX_ISA, then one %roof table.
+int RunPerIsa(const Options& o, int argc, char** argv) {
+  using dmoe::core::IsaLevel;
+  const int host = static_cast<int>(dmoe::core::HostIsa());
+  std::vector<std::string> levels;
+  for (const std::string& name : o.isa_levels) {
+    if (name == "all") {
+      for (int l = 0; l <= host; ++l) levels.push_back(IsaName(static_cast<IsaLevel>(l)));
+      continue;
+    }
+    int found = -1;
+    for (int l = 0; l <= static_cast<int>(IsaLevel::kAmx); ++l) {
+      if (name == IsaName(static_cast<IsaLevel>(l))) found = l;
+    }
+    if (found < 0) {
+      std::fprintf(stderr,
+                   "--isa: unknown level '%s' (all, generic, avx2, avx512, avx512_bf16, amx)\n",
+                   name.c_str());
+      return 2;
+    }
+    if (found > host) {
+      std::fprintf(stderr, "--isa: this host has no %s (its best level is %s)\n", name.c_str(),
+                   IsaName(static_cast<IsaLevel>(host)));
+      return 2;
+    }
+    levels.push_back(name);
+  }
+  char dir_template[] = "/tmp/moe_layer_bench.XXXXXX";
+  const char* dir = mkdtemp(dir_template);
+  if (dir == nullptr) {
+    std::perror("moe_layer_bench: mkdtemp");
+    return 1;
+  }
+  nlohmann::json all = nlohmann::json::array();
+  int status_all = 0;
+  for (const std::string& level : levels) {
+    const std::string json = std::string(dir) + "/" + level + ".json";
+    std::vector<std::string> args = {argv[0]};
+    for (int i = 1; i < argc; ++i) {
+      const std::string_view a = argv[i];
+      if (a.substr(0, 6) != "--isa=" && a.substr(0, 7) != "--json=") args.emplace_back(a);
+    }
+    args.push_back("--json=" + json);
+    std::printf("\n==== DMOE_MAX_ISA=%s ====\n", level.c_str());
+    std::fflush(stdout);
+    const pid_t pid = fork();
+    if (pid == 0) {
+      setenv("DMOE_MAX_ISA", level.c_str(), 1);
+      std::vector<char*> cargs;
+      for (std::string& a : args) cargs.push_back(a.data());
+      cargs.push_back(nullptr);
+      execv("/proc/self/exe", cargs.data());
+      std::perror("moe_layer_bench: execv");
+      _exit(127);
+    }
+    int status = 0;
+    if (pid < 0 || waitpid(pid, &status, 0) != pid || !WIFEXITED(status) ||
+        WEXITSTATUS(status) != 0) {
+      std::fprintf(stderr, "moe_layer_bench: the run at DMOE_MAX_ISA=%s failed\n", level.c_str());
+      status_all = 1;
+      continue;
+    }
+    std::ifstream f(json);
+    nlohmann::json doc = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+    std::remove(json.c_str());
+    if (doc.is_discarded()) {
+      std::fprintf(stderr, "moe_layer_bench: unreadable results from DMOE_MAX_ISA=%s\n",
+                   level.c_str());
+      status_all = 1;
+      continue;
+    }
+    all.push_back(std::move(doc));
+  }
+  rmdir(dir);
+
+  std::printf(
+      "\n==== %% of the roofline per ISA level (goal met: *; the goal per column: "
+      "T<=8 %%BW >= 90, 8<T<512 %%roof >= 85, T>=512 %%compute >= 85) ====\n");
+  std::printf("%-12s %3s", "isa", "thr");
+  for (int t : o.tokens) std::printf(" %8s", ("T=" + std::to_string(t)).c_str());
+  std::printf("\n");
+  for (const nlohmann::json& doc : all) {
+    for (int threads : o.threads) {
+      std::printf("%-12s %3d", doc["isa"].get<std::string>().c_str(), threads);
+      for (int t : o.tokens) {
+        std::string cell = "-";
+        for (const nlohmann::json& r : doc["rows"]) {
+          if (r["threads"] != threads || r["tokens"] != t) continue;
+          const double pct = t <= 8     ? r["pct_bw"].get<double>()
+                             : t >= 512 ? r["pct_compute"].get<double>()
+                                        : r["pct_roof"].get<double>();
+          char buf[32];
+          std::snprintf(buf, sizeof buf, "%.0f%%%s", pct, r["goal_met"].get<bool>() ? "*" : "");
+          cell = buf;
+        }
+        std::printf(" %8s", cell.c_str());
+      }
+      std::printf("\n");
+    }
+  }
+  if (!o.json.empty()) {
+    std::ofstream f(o.json);
+    f << nlohmann::json{{"benchmark", "moe_layer_bench"}, {"levels", all}}.dump(1) << "\n";
+    if (!f) {
+      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
+      return 1;
+    }
+    std::printf("\nall levels written to %s\n", o.json.c_str());
+  }
+  return status_all;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   Options o;
   if (!ParseOptions(argc, argv, &o)) return 2;
   if (o.cuda) return RunCudaBench(o);
+  if (!o.isa_levels.empty()) return RunPerIsa(o, argc, argv);
   const bool bf16 = o.type == ComputeType::kBF16;
   const size_t elem_bytes = bf16 ? 2 : 4;
 
@@ -646,49 +878,42 @@ int main(int argc, char** argv) {
   std::printf(
       "\nCeilings, measured around each row (best of %d before + %d after): "
       "%s GEMM 2048^3 through oneDNN (the fastest dense GEMM it has here, "
-      "batch-invariant or not); read of 1 GiB (%s sum, huge pages). Best per "
+      "batch-invariant or not); f32 FMA peak (register-only chains, %s); read of "
+      "1 GiB (%s sum, huge pages). The compute ceiling is the %s. Best per "
       "thread count:\n",
-      o.quick ? 2 : 4, o.quick ? 1 : 3, bf16 ? "bf16" : "f32",
-      dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx512) ? "AVX-512"
-      : dmoe::core::IsaAtLeast(dmoe::core::IsaLevel::kAvx2) ? "AVX2"
-                                                            : "SSE2");
-  std::printf("%7s %14s %10s %18s\n", "threads", "GEMM GFLOP/s", "read GB/s", "balance FLOP/B");
+      o.quick ? 2 : 4, o.quick ? 1 : 3, bf16 ? "bf16" : "f32", IsaWord(), IsaWord(),
+      NativeBf16(o.type) ? "bf16 GEMM (native bf16 here)"
+                         : "FMA peak (the kernels widen bf16 to f32 here)");
+  std::printf("%7s %14s %13s %10s %18s\n", "threads", "GEMM GFLOP/s", "FMA GFLOP/s", "read GB/s",
+              "balance FLOP/B");
   for (int threads : o.threads) {
-    double gemm = 0, read = 0;
+    double gemm = 0, fma = 0, compute = 0, read = 0;
     for (const Result& r : results) {
       if (r.threads != threads) continue;
       gemm = std::max(gemm, r.gemm_ceiling);
+      fma = std::max(fma, r.fma_ceiling);
+      compute = std::max(compute, r.compute_ceiling);
       read = std::max(read, r.read_ceiling);
     }
-    std::printf("%7d %14.1f %10.1f %18.1f\n", threads, gemm, read, gemm / read);
+    std::printf("%7d %14.1f %13.1f %10.1f %18.1f\n", threads, gemm, fma, read, compute / read);
   }
 
   std::printf(
       "\nMoE layer through CpuExpertBackend (median over `calls`; the routing "
       "changes from call to call)\n");
   std::printf("%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr", "tokens",
-              "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%GEMM", "weight MB", "GB/s", "ceil",
+              "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%comp", "weight MB", "GB/s", "ceil",
               "%BW", "FLOP/B", "bnd", "%roof", "goal (docs/performance.md)");
   for (const Result& r : results) {
-    const double pct_gemm = 100 * r.gflops / r.gemm_ceiling;
-    const double pct_bw = 100 * r.gbs / r.read_ceiling;
-    const bool bw_bound = r.intensity < r.gemm_ceiling / r.read_ceiling;
-    const double roof = std::min(r.gemm_ceiling, r.intensity * r.read_ceiling);
-    std::string goal = "-";
-    if (r.tokens <= 8) {
-      const double target = r.threads == 1 ? 90 : 85;
-      goal = (pct_bw >= target ? "met: " : "MISSED: ") + std::string(">=") +
-             std::to_string(static_cast<int>(target)) + "% BW";
-    } else if (r.tokens >= 512) {
-      goal = (pct_gemm >= 85 ? "met: " : "MISSED: ") + std::string(">=85% GEMM");
-    }
+    const Judged j = Judge(r);
     std::printf(
         "%3d %6d %5d %9.2f %9.1f %8.1f %6.0f %5.0f%% %9.0f %7.1f %5.1f %4.0f%% "
         "%7.1f %4s %5.0f%% %s\n",
-        r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.gemm_ceiling, pct_gemm,
-        r.weight_mb, r.gbs, r.read_ceiling, pct_bw, r.intensity, bw_bound ? "BW" : "FLOP",
-        100 * r.gflops / roof, goal.c_str());
+        r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.compute_ceiling, j.pct_compute,
+        r.weight_mb, r.gbs, r.read_ceiling, j.pct_bw, r.intensity, j.bw_bound ? "BW" : "FLOP",
+        j.pct_roof, j.goal.c_str());
   }
+  if (!o.json.empty() && !WriteCpuJson(o, results)) return 1;
   std::printf(
       "\nRSS: %ld MiB at the end (packed weights %.0f MiB + workspaces + GEMM "
       "ceiling buffers); peak %ld MiB (includes the 1 GiB bandwidth probe)\n",

@@ -16,10 +16,11 @@ Two times per row, medians:
 
     python3 bench/torch_moe_baseline.py [--shapes v2lite,v3] [--tokens 1,8,...]
         [--dtype bf16|f32] [--device cuda:0] [--min-time 0.3]
-        [--ours build/moe_cuda.json]
+        [--ours build/moe_cuda.json] [--json FILE]
 
 --ours reads `moe_layer_bench --backend=cuda --json=FILE` and prints, per row
 and GEMM mode, the speedup of dmoe over this baseline (torch ms / dmoe ms).
+--json writes the baseline's rows (and the speedups, with --ours) as JSON.
 Exits 1 without torch or without a CUDA device.
 """
 
@@ -47,6 +48,7 @@ def parse_args():
     p.add_argument("--device", default="cuda:0")
     p.add_argument("--min-time", type=float, default=0.3)
     p.add_argument("--ours", help="JSON from moe_layer_bench --backend=cuda --json")
+    p.add_argument("--json", help="write the rows (and speedups with --ours) here")
     return p.parse_args()
 
 
@@ -150,6 +152,7 @@ def main():
         del experts, shared
         torch.cuda.empty_cache()
 
+    speedups = []
     if args.ours:
         with open(args.ours) as f:
             ours = json.load(f)
@@ -166,6 +169,17 @@ def main():
                       f"{r['wall_ms']:10.3f} {wall / r['wall_ms']:7.2f}x "
                       f"{devt:10.3f} {r['device_ms']:10.3f} "
                       f"{devt / r['device_ms']:7.2f}x")
+                speedups.append({"shape": name, "tokens": n, "gemm": r["gemm"],
+                                 "wall_speedup": wall / r["wall_ms"],
+                                 "device_speedup": devt / r["device_ms"]})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"torch": torch.__version__, "dtype": args.dtype,
+                       "device": torch.cuda.get_device_name(args.device),
+                       "rows": [{"shape": name, "tokens": n, "wall_ms": wall,
+                                 "device_ms": devt}
+                                for name, n, wall, devt in results],
+                       "speedups": speedups}, f, indent=1)
     return 0
 
 

@@ -50,6 +50,10 @@ struct Isa {
     return _mm_castsi128_ps(_mm_unpacklo_epi16(
         _mm_setzero_si128(), _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
   }
+  static constexpr bool kSplitBf16 = false;
+  static void LoadB2(const uint16_t*, V*, V*) {}
+  static void LoadEvenOdd(const float*, V*, V*) {}
+  static void StoreEvenOdd(float*, V, V) {}
   static V Bcast(const float* p) { return _mm_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
   static void Store(float* p, V v) { _mm_storeu_ps(p, v); }

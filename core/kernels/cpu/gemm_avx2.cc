@@ -22,6 +22,28 @@ struct Isa {
     return _mm256_castsi256_ps(_mm256_slli_epi32(
         _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))), 16));
   }
+  // One 32-byte load of 16 bf16 weights: the even columns by a shift, the odd
+  // ones by a mask (see kSplit in the kernel body).
+  static constexpr bool kSplitBf16 = true;
+  static void LoadB2(const uint16_t* p, V* even, V* odd) {
+    const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+    *even = _mm256_castsi256_ps(_mm256_slli_epi32(v, 16));
+    *odd = _mm256_castsi256_ps(_mm256_and_si256(v, _mm256_set1_epi32(-65536)));
+  }
+  // 16 floats in column order <-> even and odd columns.
+  static void LoadEvenOdd(const float* p, V* even, V* odd) {
+    const V a = _mm256_loadu_ps(p), b = _mm256_loadu_ps(p + 8);
+    const V lo = _mm256_permute2f128_ps(a, b, 0x20);  // columns 0-3 | 8-11
+    const V hi = _mm256_permute2f128_ps(a, b, 0x31);  // columns 4-7 | 12-15
+    *even = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(2, 0, 2, 0));
+    *odd = _mm256_shuffle_ps(lo, hi, _MM_SHUFFLE(3, 1, 3, 1));
+  }
+  static void StoreEvenOdd(float* p, V even, V odd) {
+    const V lo = _mm256_unpacklo_ps(even, odd);  // columns 0-3 | 8-11
+    const V hi = _mm256_unpackhi_ps(even, odd);  // columns 4-7 | 12-15
+    _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
+    _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
+  }
   static V Bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }

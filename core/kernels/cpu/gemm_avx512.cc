@@ -25,6 +25,10 @@ struct Isa {
     return _mm512_castsi512_ps(_mm512_slli_epi32(
         _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
   }
+  static constexpr bool kSplitBf16 = false;
+  static void LoadB2(const uint16_t*, V*, V*) {}
+  static void LoadEvenOdd(const float*, V*, V*) {}
+  static void StoreEvenOdd(float*, V, V) {}
   static V Bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }

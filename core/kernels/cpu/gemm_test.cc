@@ -128,29 +128,34 @@ TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
 // the same bits; and columns past n (and past the caller's row) are untouched.
 TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
   const bool bf16 = GetParam();
-  const int64_t n = 83, k = 301, m = 40;  // N and K tails, 6 panels
-  const auto w = Random(n * k, 7, bf16);
-  const auto x = Random(m * k, 8, bf16);
-  const Packed p = Pack(w, n, k);
-  for (const Level& level : HostLevels()) {
-    SCOPED_TRACE(level.name);
-    std::vector<float> all(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0, NumPanels(n));
-    std::mt19937 rng(99);
-    for (int trial = 0; trial < 40; ++trial) {
-      const int64_t rows = 1 + rng() % 17;
-      const int64_t r0 = rng() % (m - rows + 1);
-      const int64_t split = rng() % (NumPanels(n) + 1);
-      const int64_t ldy = n + 5;  // canaries after every row
-      std::vector<float> y(rows * ldy, -7.5f);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, 0, split);
-      RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, split,
-              NumPanels(n));
-      for (int64_t r = 0; r < rows; ++r) {
-        ASSERT_EQ(0, std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n, n * sizeof(float)))
-            << "rows " << r0 << "+" << rows << " split at panel " << split << ", row " << r;
-        for (int64_t c = n; c < ldy; ++c) {
-          ASSERT_EQ(y[r * ldy + c], -7.5f) << "wrote past column n at " << c;
+  // N and K tails, 6 panels; then a K long enough that the large-M path
+  // splits the 7 panels into several panel groups (kGroupBytes of weights).
+  for (const auto& [n, k, m] :
+       std::vector<std::tuple<int64_t, int64_t, int64_t>>{{83, 301, 40}, {100, 1500, 40}}) {
+    const auto w = Random(n * k, 7, bf16);
+    const auto x = Random(m * k, 8, bf16);
+    const Packed p = Pack(w, n, k);
+    for (const Level& level : HostLevels()) {
+      SCOPED_TRACE(absl::StrFormat("%s n=%d k=%d", level.name, n, k));
+      std::vector<float> all(m * n);
+      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0, NumPanels(n));
+      std::mt19937 rng(99);
+      for (int trial = 0; trial < 40; ++trial) {
+        const int64_t rows = 1 + rng() % 31;
+        const int64_t r0 = rng() % (m - rows + 1);
+        const int64_t split = rng() % (NumPanels(n) + 1);
+        const int64_t ldy = n + 5;  // canaries after every row
+        std::vector<float> y(rows * ldy, -7.5f);
+        RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, 0, split);
+        RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, split,
+                NumPanels(n));
+        for (int64_t r = 0; r < rows; ++r) {
+          ASSERT_EQ(0,
+                    std::memcmp(y.data() + r * ldy, all.data() + (r0 + r) * n, n * sizeof(float)))
+              << "rows " << r0 << "+" << rows << " split at panel " << split << ", row " << r;
+          for (int64_t c = n; c < ldy; ++c) {
+            ASSERT_EQ(y[r * ldy + c], -7.5f) << "wrote past column n at " << c;
+          }
         }
       }
     }
