@@ -321,6 +321,9 @@ Batch MakeBatch(int64_t tokens, uint64_t seed, size_t elem_bytes) {
 struct Result {
   int threads = 0, tokens = 0, calls = 0;
   double ms = 0, tok_s = 0, gflops = 0, weight_mb = 0, gbs = 0, intensity = 0;
+  // The fastest call's rates: what the kernels reach when the shared host
+  // leaves them alone (the ceilings are best-of too).
+  double gflops_best = 0, gbs_best = 0;
   double gemm_ceiling = 0, read_ceiling = 0;  // measured around this run
   double fma_ceiling = 0;
   // The ceiling of this row's arithmetic: fma_ceiling, or gemm_ceiling where
@@ -387,6 +390,8 @@ Result RunMoe(dmoe::core::ExpertBackend& backend, dmoe::bench::HostCeilings& cei
   r.tok_s = tokens / Median(secs);
   r.gflops = Median(gflops);
   r.gbs = Median(gbs);
+  r.gflops_best = *std::max_element(gflops.begin(), gflops.end());
+  r.gbs_best = *std::max_element(gbs.begin(), gbs.end());
   double bytes = 0, flops = 0;
   for (const Batch& b : batches) {
     bytes += b.weight_bytes;
@@ -644,6 +649,8 @@ std::unique_ptr<dmoe::core::ExpertBackend> LoadBackend(ComputeType type) {
 // What a row achieved against its ceilings, and the goal that applies.
 struct Judged {
   double pct_compute = 0, pct_bw = 0, pct_roof = 0;
+  // The goal's percentage for the median call (judged) and the fastest one.
+  double pct_goal = 0, pct_goal_best = 0;
   bool bw_bound = false;
   bool met = false;
   std::string goal;
@@ -655,17 +662,26 @@ Judged Judge(const Result& r) {
   j.pct_bw = 100 * r.gbs / r.read_ceiling;
   j.bw_bound = r.intensity < r.compute_ceiling / r.read_ceiling;
   j.pct_roof = 100 * r.gflops / std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
+  const double roof_best = std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
   std::string target;
+  double need = 0;
   if (r.tokens <= 8) {
-    j.met = j.pct_bw >= 90;
+    j.pct_goal = j.pct_bw;
+    j.pct_goal_best = 100 * r.gbs_best / r.read_ceiling;
+    need = 90;
     target = ">=90% BW";
   } else if (r.tokens >= 512) {
-    j.met = j.pct_compute >= 85;
+    j.pct_goal = j.pct_compute;
+    j.pct_goal_best = 100 * r.gflops_best / r.compute_ceiling;
+    need = 85;
     target = ">=85% compute";
   } else {
-    j.met = j.pct_roof >= 85;
+    j.pct_goal = j.pct_roof;
+    j.pct_goal_best = 100 * r.gflops_best / roof_best;
+    need = 85;
     target = ">=85% roofline";
   }
+  j.met = j.pct_goal >= need;
   j.goal = (j.met ? "met: " : "MISSED: ") + target;
   return j;
 }
@@ -695,6 +711,8 @@ bool WriteCpuJson(const Options& o, const std::vector<Result>& results) {
                     {"pct_compute", j.pct_compute},
                     {"pct_bw", j.pct_bw},
                     {"pct_roof", j.pct_roof},
+                    {"pct_goal", j.pct_goal},
+                    {"pct_goal_fastest_call", j.pct_goal_best},
                     {"bound", j.bw_bound ? "BW" : "FLOP"},
                     {"goal", j.goal},
                     {"goal_met", j.met}});
@@ -794,10 +812,10 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
   rmdir(dir);
 
   std::printf(
-      "\n==== %% of the roofline per ISA level (goal met: *; the goal per column: "
-      "T<=8 %%BW >= 90, 8<T<512 %%roof >= 85, T>=512 %%compute >= 85) ====\n");
+      "\n==== %% of the goal's ceiling per ISA level, median call (fastest call), * where the "
+      "goal is met: T<=8 %%BW >= 90, 8<T<512 %%roofline >= 85, T>=512 %%compute >= 85 ====\n");
   std::printf("%-12s %3s", "isa", "thr");
-  for (int t : o.tokens) std::printf(" %8s", ("T=" + std::to_string(t)).c_str());
+  for (int t : o.tokens) std::printf(" %12s", ("T=" + std::to_string(t)).c_str());
   std::printf("\n");
   for (const nlohmann::json& doc : all) {
     for (int threads : o.threads) {
@@ -806,14 +824,13 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
         std::string cell = "-";
         for (const nlohmann::json& r : doc["rows"]) {
           if (r["threads"] != threads || r["tokens"] != t) continue;
-          const double pct = t <= 8     ? r["pct_bw"].get<double>()
-                             : t >= 512 ? r["pct_compute"].get<double>()
-                                        : r["pct_roof"].get<double>();
-          char buf[32];
-          std::snprintf(buf, sizeof buf, "%.0f%%%s", pct, r["goal_met"].get<bool>() ? "*" : "");
+          char buf[48];
+          std::snprintf(buf, sizeof buf, "%.0f%s (%.0f)", r["pct_goal"].get<double>(),
+                        r["goal_met"].get<bool>() ? "*" : "",
+                        r["pct_goal_fastest_call"].get<double>());
           cell = buf;
         }
-        std::printf(" %8s", cell.c_str());
+        std::printf(" %12s", cell.c_str());
       }
       std::printf("\n");
     }
@@ -903,15 +920,16 @@ int main(int argc, char** argv) {
       "changes from call to call)\n");
   std::printf("%3s %6s %5s %9s %9s %8s %6s %6s %9s %7s %5s %5s %7s %4s %6s %s\n", "thr", "tokens",
               "calls", "ms/call", "tok/s", "GFLOP/s", "ceil", "%comp", "weight MB", "GB/s", "ceil",
-              "%BW", "FLOP/B", "bnd", "%roof", "goal (docs/performance.md)");
+              "%BW", "FLOP/B", "bnd", "%roof",
+              "goal on the median call (docs/performance.md); the fastest call's %");
   for (const Result& r : results) {
     const Judged j = Judge(r);
     std::printf(
         "%3d %6d %5d %9.2f %9.1f %8.1f %6.0f %5.0f%% %9.0f %7.1f %5.1f %4.0f%% "
-        "%7.1f %4s %5.0f%% %s\n",
+        "%7.1f %4s %5.0f%% %s; fastest %.0f%%\n",
         r.threads, r.tokens, r.calls, r.ms, r.tok_s, r.gflops, r.compute_ceiling, j.pct_compute,
         r.weight_mb, r.gbs, r.read_ceiling, j.pct_bw, r.intensity, j.bw_bound ? "BW" : "FLOP",
-        j.pct_roof, j.goal.c_str());
+        j.pct_roof, j.goal.c_str(), j.pct_goal_best);
   }
   if (!o.json.empty() && !WriteCpuJson(o, results)) return 1;
   std::printf(
