@@ -68,6 +68,7 @@
 #include <fstream>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -661,8 +662,8 @@ Judged Judge(const Result& r) {
   j.pct_compute = 100 * r.gflops / r.compute_ceiling;
   j.pct_bw = 100 * r.gbs / r.read_ceiling;
   j.bw_bound = r.intensity < r.compute_ceiling / r.read_ceiling;
-  j.pct_roof = 100 * r.gflops / std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
-  const double roof_best = std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
+  const double roof = std::min(r.compute_ceiling, r.intensity * r.read_ceiling);
+  j.pct_roof = 100 * r.gflops / roof;
   std::string target;
   double need = 0;
   if (r.tokens <= 8) {
@@ -677,7 +678,7 @@ Judged Judge(const Result& r) {
     target = ">=85% compute";
   } else {
     j.pct_goal = j.pct_roof;
-    j.pct_goal_best = 100 * r.gflops_best / roof_best;
+    j.pct_goal_best = 100 * r.gflops_best / roof;
     need = 85;
     target = ">=85% roofline";
   }
@@ -690,6 +691,18 @@ const char* IsaWord() {
   using dmoe::core::IsaAtLeast;
   using dmoe::core::IsaLevel;
   return IsaAtLeast(IsaLevel::kAvx512) ? "AVX-512" : IsaAtLeast(IsaLevel::kAvx2) ? "AVX2" : "SSE2";
+}
+
+// Writes `doc` to `path` and says so; false (with the reason) when it cannot.
+bool WriteJson(const std::string& path, const nlohmann::json& doc, const char* what) {
+  std::ofstream f(path);
+  f << doc.dump(1) << "\n";
+  if (!f) {
+    std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", path.c_str());
+    return false;
+  }
+  std::printf("\n%s written to %s\n", what, path.c_str());
+  return true;
 }
 
 bool WriteCpuJson(const Options& o, const std::vector<Result>& results) {
@@ -725,14 +738,7 @@ bool WriteCpuJson(const Options& o, const std::vector<Result>& results) {
                               {"isa_summary", dmoe::core::IsaSummary()},
                               {"quick", o.quick},
                               {"rows", rows}};
-  std::ofstream f(o.json);
-  f << doc.dump(1) << "\n";
-  if (!f) {
-    std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
-    return false;
-  }
-  std::printf("\nrows written to %s\n", o.json.c_str());
-  return true;
+  return WriteJson(o.json, doc, "rows");
 }
 
 // --isa: this benchmark once per level, each in a child process whose kernels,
@@ -746,17 +752,14 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
       for (int l = 0; l <= host; ++l) levels.push_back(IsaName(static_cast<IsaLevel>(l)));
       continue;
     }
-    int found = -1;
-    for (int l = 0; l <= static_cast<int>(IsaLevel::kAmx); ++l) {
-      if (name == IsaName(static_cast<IsaLevel>(l))) found = l;
-    }
-    if (found < 0) {
+    const std::optional<IsaLevel> found = dmoe::core::ParseIsaLevel(name);
+    if (!found) {
       std::fprintf(stderr,
                    "--isa: unknown level '%s' (all, generic, avx2, avx512, avx512_bf16, amx)\n",
                    name.c_str());
       return 2;
     }
-    if (found > host) {
+    if (static_cast<int>(*found) > host) {
       std::fprintf(stderr, "--isa: this host has no %s (its best level is %s)\n", name.c_str(),
                    IsaName(static_cast<IsaLevel>(host)));
       return 2;
@@ -835,14 +838,9 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
       std::printf("\n");
     }
   }
-  if (!o.json.empty()) {
-    std::ofstream f(o.json);
-    f << nlohmann::json{{"benchmark", "moe_layer_bench"}, {"levels", all}}.dump(1) << "\n";
-    if (!f) {
-      std::fprintf(stderr, "moe_layer_bench: cannot write %s\n", o.json.c_str());
-      return 1;
-    }
-    std::printf("\nall levels written to %s\n", o.json.c_str());
+  if (!o.json.empty() &&
+      !WriteJson(o.json, {{"benchmark", "moe_layer_bench"}, {"levels", all}}, "all levels")) {
+    return 1;
   }
   return status_all;
 }

@@ -72,11 +72,8 @@ IsaState MakeState() {
   const char* env = std::getenv("DMOE_MAX_ISA");
   if (env != nullptr && *env != '\0') {
     s.env = env;
-    int found = -1;
-    for (int i = 0; i < 5; ++i) {
-      if (s.env == kNames[i]) found = i;
-    }
-    if (found < 0) {
+    const std::optional<IsaLevel> found = ParseIsaLevel(s.env);
+    if (!found) {
       s.config = absl::InvalidArgumentError(
           absl::StrFormat("DMOE_MAX_ISA=%s is not an instruction-set level; "
                           "use one of generic, "
@@ -84,8 +81,8 @@ IsaState MakeState() {
                           s.env));
       std::fprintf(stderr, "dmoe: %s (running at the host's level, %s)\n",
                    std::string(s.config.message()).c_str(), kNames[static_cast<int>(s.host)]);
-    } else if (found < static_cast<int>(s.host)) {
-      s.active = static_cast<IsaLevel>(found);
+    } else if (static_cast<int>(*found) < static_cast<int>(s.host)) {
+      s.active = *found;
     }
   }
   // Before any primitive exists (this runs before the first PackedLinear).
@@ -110,6 +107,13 @@ const IsaState& State() {
 }
 
 }  // namespace
+
+std::optional<IsaLevel> ParseIsaLevel(std::string_view name) {
+  for (int i = 0; i < 5; ++i) {
+    if (name == kNames[i]) return static_cast<IsaLevel>(i);
+  }
+  return std::nullopt;
+}
 
 const char* IsaName(IsaLevel level) {
   const int i = static_cast<int>(level);

@@ -20,7 +20,9 @@
 #ifndef DMOE_CORE_ISA_H_
 #define DMOE_CORE_ISA_H_
 
+#include <optional>
 #include <string>
+#include <string_view>
 
 #include "absl/status/status.h"
 
@@ -36,6 +38,9 @@ enum class IsaLevel : int {
 
 // "generic", "avx2", "avx512", "avx512_bf16", "amx".
 const char* IsaName(IsaLevel level);
+
+// The level named `name` (as IsaName spells it), or nullopt.
+std::optional<IsaLevel> ParseIsaLevel(std::string_view name);
 
 // The best level this CPU (and OS: AVX state enabled) supports.
 IsaLevel HostIsa();
