@@ -3,7 +3,7 @@
 //
 //   moe_layer_bench [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048]
 //                   [--dtype=bf16|f32] [--min_time=1.0] [--json=FILE]
-//                   [--isa=all|LEVEL,...]
+//                   [--isa=all|LEVEL,...]   (also --isa all)
 //
 // Shapes: hidden 2048, 64 routed experts (moe_intermediate 1408), top-6, 2
 // shared experts fused into one shared FFN (intermediate 2816). Random weights;
@@ -188,7 +188,7 @@ bool ParseOptions(int argc, char** argv, Options* o) {
       o->device = std::atoi(v);
     } else if (const char* v = value("--json=")) {
       o->json = v;
-    } else if (const char* v = value("--isa=")) {
+    } else if (const char* v = a == "--isa" && i + 1 < argc ? argv[++i] : value("--isa=")) {
       o->isa_levels = ParseNames(v);
       if (o->isa_levels.empty()) {
         std::fprintf(stderr, "--isa takes all or a list of levels\n");
@@ -779,7 +779,11 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
     std::vector<std::string> args = {argv[0]};
     for (int i = 1; i < argc; ++i) {
       const std::string_view a = argv[i];
-      if (a.substr(0, 6) != "--isa=" && a.substr(0, 7) != "--json=") args.emplace_back(a);
+      if (a == "--isa") {
+        ++i;  // and its value
+      } else if (a.substr(0, 6) != "--isa=" && a.substr(0, 7) != "--json=") {
+        args.emplace_back(a);
+      }
     }
     args.push_back("--json=" + json);
     std::printf("\n==== DMOE_MAX_ISA=%s ====\n", level.c_str());
