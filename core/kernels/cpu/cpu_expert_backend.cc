@@ -27,7 +27,7 @@
 // reused item after item, so they stay in cache between the two GEMMs.
 //
 // Determinism: a GEMM row does not depend on the other rows of its call or on
-// the thread count (oneDNN brgemm; checked in linear_test.cc), SwiGLU is
+// the thread count (gemm.h's kernels; checked in linear_test.cc), SwiGLU is
 // elementwise and the combine order is fixed by the batch, so a token's output
 // is bitwise the same alone or batched, whatever the thread count or schedule.
 

@@ -35,6 +35,36 @@ void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out) {
   Pack(w, n, k, out, [](float v) { return F32ToBF16(v); });
 }
 
+void PackBf16Pairs(const float* w, int64_t n, int64_t k, uint16_t* out) {
+  const int64_t panels = NumPanels(n), pairs = NumPairs(k);
+  constexpr uint16_t kMinusZero = 0x8000;
+  for (int64_t p = 0; p < panels; ++p) {
+    uint16_t* dst = out + p * pairs * 2 * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t row = p * kPanel + c;
+      const float* src = w + row * k;
+      for (int64_t j = 0; j < pairs; ++j) {
+        uint16_t* word = dst + (j * kPanel + c) * 2;  // [0] low half, [1] high
+        if (row >= n) {
+          word[0] = word[1] = 0;
+          continue;
+        }
+        word[1] = F32ToBF16(src[2 * j]);
+        word[0] = 2 * j + 1 < k ? F32ToBF16(src[2 * j + 1]) : kMinusZero;
+      }
+    }
+  }
+}
+
+void PackXPairs(const float* x, int64_t k, uint32_t* out) {
+  const int64_t pairs = NumPairs(k);
+  for (int64_t j = 0; j < pairs; ++j) {
+    const uint32_t hi = F32ToBF16(x[2 * j]);
+    const uint32_t lo = 2 * j + 1 < k ? F32ToBF16(x[2 * j + 1]) : 0;
+    out[j] = hi << 16 | lo;
+  }
+}
+
 namespace {
 
 // SSE2: no FMA, so the product is rounded before the add.

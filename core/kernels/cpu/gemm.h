@@ -35,6 +35,24 @@ void PackF32(const float* w, int64_t n, int64_t k, float* out);
 // Rounds to bf16 (nearest even, NaN kept).
 void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out);
 
+// The layout of RunAvx512Bf16 (vdpbf16ps multiplies pairs of bf16 along k):
+// panel p holds, for each pair j of k (KP = ceil(k / 2) pairs), one 32-bit
+// word per column c at ((p * KP) + j) * 32 + 2 * c: W[c, 2j] in its high half
+// and W[c, 2j + 1] in its low half. vdpbf16ps adds the high product first and
+// then the low one, each rounded to f32 (measured bitwise on Zen 5; Intel's
+// definition), so this order makes its chain the FMA chain above: k = 2j
+// before 2j + 1. The odd k past an odd K is -0 (adding -0 changes no value,
+// not even a -0). Columns past n are zero.
+inline int64_t NumPairs(int64_t k) { return (k + 1) / 2; }
+inline size_t PackedPairElems(int64_t n, int64_t k) {
+  return static_cast<size_t>(NumPanels(n) * kPanel * 2 * NumPairs(k));
+}
+void PackBf16Pairs(const float* w, int64_t n, int64_t k, uint16_t* out);
+// One row of x for RunAvx512Bf16: out[j] = bf16(x[2j]) << 16 | bf16(x[2j+1])
+// (rounded to nearest even; the odd element past an odd k is +0).
+// NumPairs(k) words.
+void PackXPairs(const float* x, int64_t k, uint32_t* out);
+
 struct Args {
   const void* w = nullptr;  // packed, float or uint16_t (bf16) per `bf16`
   bool bf16 = false;
@@ -58,6 +76,11 @@ struct Args {
   // Each output's chain starts from its value in y instead of 0: running K in
   // parts, one after another, gives the bits of one run over the whole K.
   bool accumulate = false;
+  // RunAvx512Bf16 only (bf16 weights in PackBf16Pairs' layout, pstride and
+  // kstride 0): x as rows of PackXPairs words, row stride ldxp words; `x`
+  // and `ldx` are unused there.
+  const uint32_t* xpairs = nullptr;
+  int64_t ldxp = 0;
 };
 
 using Fn = void (*)(const Args&);
@@ -69,6 +92,13 @@ Fn Best();
 // called where the CPU has it (RunAvx512: AVX-512F; RunAvx2: AVX2 + FMA).
 void RunAvx512(const Args& a);
 void RunAvx2(const Args& a);
+// AVX512_BF16 (vdpbf16ps), bf16 weights in the pair layout above. Where its
+// add is the sequential one described there (PackedLinear probes it), the
+// bits are the other levels' bits, except that vdpbf16ps reads subnormal
+// inputs (|v| < 2^-126, the running sum included) as zero and flushes
+// subnormal results to zero (Intel's definition; measured so on Zen 5), which
+// no real layer's weights, activations or partial sums come near.
+void RunAvx512Bf16(const Args& a);
 void RunGeneric(const Args& a);
 
 }  // namespace dmoe::core::gemm

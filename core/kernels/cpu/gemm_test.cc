@@ -23,17 +23,19 @@ struct Level {
   const char* name;
   Fn fn;
   IsaLevel needs;
+  bool pairs = false;  // RunAvx512Bf16: pair-packed weights and x
 };
 
-// The levels this host can run (HostIsa, not the DMOE_MAX_ISA cap: the
-// kernels are called directly here).
-std::vector<Level> HostLevels() {
+bool HostHas(IsaLevel level) { return static_cast<int>(HostIsa()) >= static_cast<int>(level); }
+
+// The levels this host can run for f32 or bf16 weights (HostIsa, not the
+// DMOE_MAX_ISA cap: the kernels are called directly here).
+std::vector<Level> HostLevels(bool bf16) {
   std::vector<Level> out = {{"generic", RunGeneric, IsaLevel::kGeneric}};
-  if (static_cast<int>(HostIsa()) >= static_cast<int>(IsaLevel::kAvx2)) {
-    out.push_back({"avx2", RunAvx2, IsaLevel::kAvx2});
-  }
-  if (static_cast<int>(HostIsa()) >= static_cast<int>(IsaLevel::kAvx512)) {
-    out.push_back({"avx512", RunAvx512, IsaLevel::kAvx512});
+  if (HostHas(IsaLevel::kAvx2)) out.push_back({"avx2", RunAvx2, IsaLevel::kAvx2});
+  if (HostHas(IsaLevel::kAvx512)) out.push_back({"avx512", RunAvx512, IsaLevel::kAvx512});
+  if (bf16 && HostHas(IsaLevel::kAvx512Bf16)) {
+    out.push_back({"avx512_bf16", RunAvx512Bf16, IsaLevel::kAvx512Bf16, true});
   }
   return out;
 }
@@ -52,34 +54,49 @@ std::vector<float> Random(size_t n, uint32_t seed, bool bf16) {
 struct Packed {
   std::vector<float> f32;
   std::vector<uint16_t> bf16;
-  const void* data(bool b) const { return b ? static_cast<const void*>(bf16.data()) : f32.data(); }
+  std::vector<uint16_t> pairs;  // PackBf16Pairs
 };
 
 Packed Pack(const std::vector<float>& w, int64_t n, int64_t k) {
   Packed p;
   p.f32.resize(PackedElems(n, k));
   p.bf16.resize(PackedElems(n, k));
+  p.pairs.resize(PackedPairElems(n, k));
   PackF32(w.data(), n, k, p.f32.data());
   PackBf16(w.data(), n, k, p.bf16.data());
+  PackBf16Pairs(w.data(), n, k, p.pairs.data());
   return p;
 }
 
-// y = x W^T over panels [pb, pe), rows [0, m), with the given strides.
-void RunGemm(Fn fn, const Packed& p, bool bf16, int64_t n, int64_t k, const float* x, int64_t ldx,
-             int64_t m, float* y, int64_t ldy, int64_t pb, int64_t pe) {
+// y = x W^T over panels [pb, pe), rows [0, m), with the given strides, at
+// `level` (the pair level gets its own packing of w and of x).
+void RunGemm(const Level& level, const Packed& p, bool bf16, int64_t n, int64_t k, const float* x,
+             int64_t ldx, int64_t m, float* y, int64_t ldy, int64_t pb, int64_t pe,
+             bool accumulate = false) {
   Args a;
-  a.w = p.data(bf16);
+  a.w = level.pairs ? static_cast<const void*>(p.pairs.data())
+        : bf16      ? static_cast<const void*>(p.bf16.data())
+                    : p.f32.data();
   a.bf16 = bf16;
   a.n = n;
   a.k = k;
   a.x = x;
   a.ldx = ldx;
+  std::vector<uint32_t> xp;
+  if (level.pairs) {
+    const int64_t ldxp = NumPairs(k) + 3;  // a row stride of its own
+    xp.assign(m * ldxp, 0xdeadbeef);
+    for (int64_t r = 0; r < m; ++r) PackXPairs(x + r * ldx, k, xp.data() + r * ldxp);
+    a.xpairs = xp.data();
+    a.ldxp = ldxp;
+  }
   a.y = y;
   a.ldy = ldy;
   a.m = m;
   a.panel_begin = pb;
   a.panel_end = pe;
-  fn(a);
+  a.accumulate = accumulate;
+  level.fn(a);
 }
 
 class GemmTest : public ::testing::TestWithParam<bool> {};  // bf16?
@@ -97,10 +114,10 @@ TEST_P(GemmTest, MatchesFloat64ReferenceAtEveryLevel) {
     const auto w = Random(n * k, 1 + m, bf16);
     const auto x = Random(m * k, 2 + n, bf16);
     const Packed p = Pack(w, n, k);
-    for (const Level& level : HostLevels()) {
+    for (const Level& level : HostLevels(bf16)) {
       SCOPED_TRACE(absl::StrFormat("%s m=%d n=%d k=%d", level.name, m, n, k));
       std::vector<float> y(m * n);
-      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
+      RunGemm(level, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
       int bad = 0;
       for (int64_t i = 0; i < m && bad < 5; ++i) {
         for (int64_t j = 0; j < n && bad < 5; ++j) {
@@ -135,10 +152,10 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
     const auto w = Random(n * k, 7, bf16);
     const auto x = Random(m * k, 8, bf16);
     const Packed p = Pack(w, n, k);
-    for (const Level& level : HostLevels()) {
+    for (const Level& level : HostLevels(bf16)) {
       SCOPED_TRACE(absl::StrFormat("%s n=%d k=%d", level.name, n, k));
       std::vector<float> all(m * n);
-      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, all.data(), n, 0, NumPanels(n));
+      RunGemm(level, p, bf16, n, k, x.data(), k, m, all.data(), n, 0, NumPanels(n));
       std::mt19937 rng(99);
       for (int trial = 0; trial < 40; ++trial) {
         const int64_t rows = 1 + rng() % 31;
@@ -146,8 +163,8 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
         const int64_t split = rng() % (NumPanels(n) + 1);
         const int64_t ldy = n + 5;  // canaries after every row
         std::vector<float> y(rows * ldy, -7.5f);
-        RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, 0, split);
-        RunGemm(level.fn, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, split,
+        RunGemm(level, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, 0, split);
+        RunGemm(level, p, bf16, n, k, x.data() + r0 * k, k, rows, y.data(), ldy, split,
                 NumPanels(n));
         for (int64_t r = 0; r < rows; ++r) {
           ASSERT_EQ(0,
@@ -166,18 +183,18 @@ TEST_P(GemmTest, RowsAreBitwiseIndependentOfBatchSplitAndStride) {
 // exact, so the generic level (multiply, then add) gives those bits too.
 TEST_P(GemmTest, LevelsGiveIdenticalBits) {
   const bool bf16 = GetParam();
-  const auto levels = HostLevels();
+  const auto levels = HostLevels(bf16);
   if (levels.size() < 2) GTEST_SKIP() << "only the generic level on this host";
   const int64_t n = 200, k = 515, m = 23;
   const auto w = Random(n * k, 11, bf16);
   const auto x = Random(m * k, 12, bf16);
   const Packed p = Pack(w, n, k);
   std::vector<float> ref(m * n);
-  RunGemm(levels.back().fn, p, bf16, n, k, x.data(), k, m, ref.data(), n, 0, NumPanels(n));
+  RunGemm(levels.back(), p, bf16, n, k, x.data(), k, m, ref.data(), n, 0, NumPanels(n));
   for (const Level& level : levels) {
     if (!bf16 && level.needs == IsaLevel::kGeneric) continue;  // no FMA
     std::vector<float> y(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
+    RunGemm(level, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n));
     EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)))
         << level.name << " vs " << levels.back().name;
   }
@@ -201,10 +218,11 @@ TEST_P(GemmTest, StridedInPlaceLayoutGivesThePackedBits) {
       wt_b[q * ld + c] = F32ToBF16(w[c * k + q]);
     }
   }
-  for (const Level& level : HostLevels()) {
+  for (const Level& level : HostLevels(bf16)) {
+    if (level.pairs) continue;  // the pair level runs its packed layout only
     SCOPED_TRACE(level.name);
     std::vector<float> want(m * n);
-    RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
+    RunGemm(level, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
     for (int64_t split = 0; split <= NumPanels(n); ++split) {
       const int64_t ldy = n + 3;
       std::vector<float> y(m * ldy, -7.5f);
@@ -242,12 +260,13 @@ TEST_P(GemmTest, KInPartsWithAccumulateGivesOneRunsBits) {
   const auto w = Random(n * k, 31, bf16);
   const Packed p = Pack(w, n, k);
   std::mt19937 rng(5);
-  for (const Level& level : HostLevels()) {
+  for (const Level& level : HostLevels(bf16)) {
+    if (level.pairs) continue;  // K windows of the pair layout: see the next test
     SCOPED_TRACE(level.name);
     for (int64_t m : {1, 4, 7, 19}) {
       const auto x = Random(m * k, 32 + m, bf16);
       std::vector<float> want(m * n);
-      RunGemm(level.fn, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
+      RunGemm(level, p, bf16, n, k, x.data(), k, m, want.data(), n, 0, NumPanels(n));
       for (int trial = 0; trial < 6; ++trial) {
         std::vector<int64_t> cuts = {0, k};
         for (int c = 0; c < trial; ++c) cuts.push_back(1 + rng() % (k - 1));
@@ -282,6 +301,69 @@ TEST_P(GemmTest, KInPartsWithAccumulateGivesOneRunsBits) {
       }
     }
   }
+}
+
+// accumulate continues every chain from y: at every level (the pair level
+// included) the bits are the same, for decode and large-M shapes with tails.
+TEST_P(GemmTest, AccumulateContinuesFromYAtEveryLevel) {
+  const bool bf16 = GetParam();
+  const auto levels = HostLevels(bf16);
+  for (const auto& [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 45, 33}, {5, 130, 64}, {19, 45, 131}}) {
+    const auto w = Random(n * k, 41, bf16);
+    const auto x = Random(m * k, 42, bf16);
+    const auto y0 = Random(m * n, 43, true);
+    const Packed p = Pack(w, n, k);
+    std::vector<float> ref;
+    for (const Level& level : levels) {
+      if (!bf16 && level.needs == IsaLevel::kGeneric) continue;  // no FMA
+      SCOPED_TRACE(absl::StrFormat("%s m=%d n=%d k=%d", level.name, m, n, k));
+      std::vector<float> y = y0;
+      RunGemm(level, p, bf16, n, k, x.data(), k, m, y.data(), n, 0, NumPanels(n), true);
+      if (ref.empty()) {
+        ref = y;
+        // A chain from y is y + the chain's products: not what a run from 0 gives.
+        std::vector<float> from0(m * n);
+        RunGemm(level, p, bf16, n, k, x.data(), k, m, from0.data(), n, 0, NumPanels(n));
+        EXPECT_NE(0, std::memcmp(from0.data(), y.data(), y.size() * sizeof(float)));
+        double err = 0, norm = 0;
+        for (size_t i = 0; i < y.size(); ++i) {
+          err += std::fabs(double{y[i]} - (double{from0[i]} + y0[i]));
+          norm += std::fabs(double{y[i]});
+        }
+        EXPECT_LT(err, 1e-5 * norm);
+      }
+      EXPECT_EQ(0, std::memcmp(y.data(), ref.data(), y.size() * sizeof(float)));
+    }
+  }
+}
+
+TEST(GemmPackTest, PairLayoutHoldsEvenKHighOddKLowAndPads) {
+  const int64_t n = 18, k = 5;  // a partial panel and an odd K
+  std::vector<float> w(n * k);
+  for (int64_t i = 0; i < n * k; ++i) w[i] = 1.0f + i * 0.001f;
+  std::vector<uint16_t> b(PackedPairElems(n, k), 0x1234);
+  ASSERT_EQ(b.size(), 2u * 16 * 2 * 3);
+  PackBf16Pairs(w.data(), n, k, b.data());
+  for (int64_t p = 0; p < 2; ++p) {
+    for (int64_t j = 0; j < 3; ++j) {
+      for (int64_t c = 0; c < 16; ++c) {
+        const int64_t row = p * 16 + c;
+        const size_t at = ((p * 3 + j) * 16 + c) * 2;
+        const uint16_t hi = row < n ? F32ToBF16(w[row * k + 2 * j]) : 0;
+        const uint16_t lo = row >= n        ? 0
+                            : 2 * j + 1 < k ? F32ToBF16(w[row * k + 2 * j + 1])
+                                            : 0x8000;
+        EXPECT_EQ(b[at + 1], hi) << row << "," << j;
+        EXPECT_EQ(b[at], lo) << row << "," << j;
+      }
+    }
+  }
+  const float x[3] = {1.5f, -2.0f, 3.0f};
+  uint32_t xp[2];
+  PackXPairs(x, 3, xp);
+  EXPECT_EQ(xp[0], uint32_t{F32ToBF16(1.5f)} << 16 | F32ToBF16(-2.0f));
+  EXPECT_EQ(xp[1], uint32_t{F32ToBF16(3.0f)} << 16);
 }
 
 TEST(GemmPackTest, PanelLayoutZeroPadsAndRoundsToBf16) {

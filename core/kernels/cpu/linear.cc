@@ -1,34 +1,35 @@
-// PackedLinear on oneDNN 2.6 matmul.
+// PackedLinear: dmoe's batch-invariant kernels (gemm.h), with oneDNN 2.6's
+// matmul kept only as the batch-variant comparison of the benchmarks.
 //
-// Layout and M handling (measured on the 2-core Zen 5 host, oneDNN 2.6.3):
-// - With `format_tag::any` weights, brgemm matmul (`brg:avx512_core_bf16`
-//   for bf16, `brg:avx512_core` for f32) picks the same packed weight layout
-//   for every M from 1 to 2048 (bf16: BA16a64b2a, f32: BA16a64b). So the
-//   weights are packed once at Create and every M gets its own primitive
-//   built against that explicit layout.
-// - A runtime M (DNNL_RUNTIME_DIM_VAL) is not an option: it falls back to
-//   `gemm:jit` with plain weights, which repacks per call.
+// Which kernel runs (chosen once per process, capped by DMOE_MAX_ISA):
+// - bf16 on AVX512_BF16: RunAvx512Bf16 (vdpbf16ps) on weights packed in k
+//   pairs, after a load-time probe shows it gives the FMA levels' bits. It
+//   replaced oneDNN's brgemm (+ a small-M kernel of ours on brgemm's layout):
+//   on the 2-core Zen 5 host, moe_layer_bench at T = 1..2048 ran 1-20% faster
+//   per call (T = 64: 49 vs 57 ms on one thread, 23 vs 29 ms on two), is
+//   invariant by construction instead of by a per-shape probe, and gives the
+//   same bits as every other level.
+// - otherwise the AVX-512 / AVX2 FMA kernels or the generic one (gemm.h).
+// - x for bf16 layers is rounded to bf16 (or packed into bf16 pairs) once per
+//   call into a per-thread buffer; threads own whole column panels.
+//
+// oneDNN (AllowBatchVariantOneDnnForBenchmarks), measured on Zen 5 with 2.6.3:
+// - With `format_tag::any` weights, brgemm matmul picks the same packed
+//   weight layout for every M from 1 to 2048 (bf16: BA16a64b2a, f32:
+//   BA16a64b), so the weights are packed once and every M gets its own
+//   primitive built against that layout. A runtime M (DNNL_RUNTIME_DIM_VAL)
+//   falls back to `gemm:jit`, which repacks per call.
 // - Creating a primitive for a new M costs ~40-80 us (descriptor) plus
 //   0.2-1 ms (JIT); a hit in oneDNN's own cache still costs ~5 us per call.
 //   Primitives therefore sit in a process-wide, bounded cache keyed by shape
-//   (M, N, K, thread count, weight layout): every expert of one shape shares
-//   them; each thread also keeps its own small map of them with ready memory
-//   objects (no lock, no object creation per call).
+//   (M, N, K, thread count, weight layout), and each thread keeps its own
+//   small map of them with ready memory objects.
 // - brgemm takes neither a strided source nor a strided destination (it
-//   silently falls back to `ref:any`, ~100x slower): strided x (f32) and y go
-//   through dense per-thread buffers. bf16 x is converted into one anyway.
-// - Row results of the brgemm kernels are bitwise independent of M and of the
-//   thread count (no split-K reduction); the expert backend's determinism
-//   relies on it and linear_test.cc checks it. The fallbacks on CPUs without
-//   AVX-512 (f32: `gemm:jit`) or without AVX512_BF16 (bf16: `gemm:jit`, or f32
-//   math on bf16-rounded values where oneDNN has no bf16 matmul at all) give
-//   the same numbers within rounding, but not bitwise across batch sizes.
-// - Packed weights live in 2 MiB-aligned memory advised for transparent huge
-//   pages: 512x fewer first-touch faults (~11 us each here), so loading the
-//   bench's 1.14 GB takes 2.8-3.9 s instead of 4.0-4.4 s. No measurable effect
-//   on the streaming rate with random weights (host noise is +-20%).
-// - M <= 8 in bf16 runs a small kernel of ours on the same packed weights,
-//   bitwise equal to brgemm and 10-20% faster there (see SmallMBf16 below).
+//   silently falls back to `ref:any`, ~100x slower): strided x and y go
+//   through dense per-thread buffers.
+// Packed weights live in 2 MiB-aligned memory advised for transparent huge
+// pages: 512x fewer first-touch faults (~11 us each here), so loading the
+// bench's 1.14 GB takes 2.8-3.9 s instead of 4.0-4.4 s.
 #include "core/kernels/cpu/linear.h"
 
 // GCC 12 reports its own _mm512_undefined_*() temporaries inside the intrinsics
@@ -303,156 +304,6 @@ std::vector<float> ProbeValues(int64_t count, uint32_t seed) {
   return v;
 }
 
-// A yes/no verdict per (n, k), computed once per process (a probe's answer
-// depends on the shape, not on the weight values). Thread-safe; two threads
-// may both compute a verdict the first time, with the same answer.
-class ShapeVerdicts {
- public:
-  template <typename F>
-  bool Get(int64_t n, int64_t k, const F& compute) {
-    const auto key = std::make_pair(n, k);
-    {
-      absl::MutexLock lock(&mu_);
-      auto it = verdicts_.find(key);
-      if (it != verdicts_.end()) return it->second;
-    }
-    const bool verdict = compute();  // outside the lock: it runs GEMMs
-    absl::MutexLock lock(&mu_);
-    return verdicts_.emplace(key, verdict).first->second;
-  }
-
- private:
-  absl::Mutex mu_;
-  std::map<std::pair<int64_t, int64_t>, bool> verdicts_ ABSL_GUARDED_BY(mu_);
-};
-
-// ---- Small-M bf16 kernel on oneDNN's packed layout -------------------------
-//
-// At M <= kSmallM a call streams the weights once and does ~M FLOP per byte,
-// so the read rate is all that matters. Over the same packed weights this loop
-// (with software prefetch) reads 10-20% faster than oneDNN 2.6's brgemm on
-// this host: one thread, M = 1, random weights, same process, interleaved:
-// 29-35 GB/s vs 24-30 GB/s; at M = 6-8 +0-22%; at M = 16 no better, hence
-// kSmallM = 8. (Constant-valued weights make brgemm look faster: the host
-// seems to merge identical pages, so never benchmark with them.)
-//
-// It reproduces brgemm's arithmetic exactly, so results do not depend on which
-// of the two ran (the expert backend's determinism needs that): per output, one
-// vdpbf16ps per K pair in order into a zero accumulator, restarted every
-// kChunkPairs pairs (1024 K elements, brgemm's K block x batch for bf16 here)
-// and added to the running sum (sum = sum + chunk). Create verifies the match
-// bitwise against brgemm on the actual weights and keeps oneDNN otherwise.
-//
-// Layout (oneDNN tag BA16a64b2a for the logical [K, N] weights, a = K, b = N):
-// N blocks of 64 columns, each holding KB = ceil(K / 32) tiles of 32 x 64; in a
-// tile the element (k, n) sits at ((k / 2) * 64 + n) * 2 + k % 2. Both K and N
-// are zero-padded to whole blocks.
-constexpr int64_t kSmallM = 8;
-constexpr int64_t kTileElems = 32 * 64;
-constexpr int64_t kChunkPairs = 512;
-
-bool CpuHasAvx512Bf16() { return IsaAtLeast(IsaLevel::kAvx512Bf16); }
-
-// Whether `md` is exactly the layout the kernel reads.
-bool IsBA16a64b2a(const memory::desc& md, int64_t n, int64_t k) {
-  const dnnl_memory_desc_t& d = md.data;
-  const int64_t kb = (k + 31) / 32;
-  if (d.ndims != 2 || d.data_type != dnnl_bf16 || d.format_kind != dnnl_blocked || d.offset0 != 0 ||
-      d.padded_dims[0] != kb * 32 || d.padded_dims[1] != (n + 63) / 64 * 64) {
-    return false;
-  }
-  const dnnl_blocking_desc_t& b = d.format_desc.blocking;
-  return b.inner_nblks == 3 && b.inner_blks[0] == 16 && b.inner_idxs[0] == 0 &&
-         b.inner_blks[1] == 64 && b.inner_idxs[1] == 1 && b.inner_blks[2] == 2 &&
-         b.inner_idxs[2] == 0 && b.strides[0] == kTileElems && b.strides[1] == kb * kTileElems;
-}
-
-// y[r, nb*64 ...] for rows r < M and N blocks [nb_begin, nb_end). x: M rows of
-// kb * 32 bf16 (zero-padded), row stride ldx; y row stride ldy.
-template <int M>
-__attribute__((target("avx512f,avx512bw,avx512bf16"))) void SmallMBf16(
-    const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx, float* y, int64_t ldy, int64_t n,
-    int64_t nb_begin, int64_t nb_end) {
-  constexpr int64_t kPrefetch = 1024;  // elements (2 KiB) ahead of the loads
-  const int64_t pairs = kb * 16;
-  alignas(64) float sum[M][64];  // running sum over chunks (rarely touched)
-  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    const uint16_t* t = w + nb * kb * kTileElems;
-    for (int64_t p0 = 0; p0 < pairs; p0 += kChunkPairs) {
-      __m512 acc[M][4];
-#pragma GCC unroll 16
-      for (int i = 0; i < M * 4; ++i) acc[i / 4][i % 4] = _mm512_setzero_ps();
-      const int64_t p1 = std::min(pairs, p0 + kChunkPairs);
-      for (int64_t p = p0; p < p1; ++p) {
-        const uint16_t* wp = t + p * 128;
-        const char* pf = reinterpret_cast<const char*>(wp + kPrefetch);
-        _mm_prefetch(pf, _MM_HINT_T0);
-        _mm_prefetch(pf + 64, _MM_HINT_T0);
-        _mm_prefetch(pf + 128, _MM_HINT_T0);
-        _mm_prefetch(pf + 192, _MM_HINT_T0);
-        const __m512bh w0 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp));
-        const __m512bh w1 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 32));
-        const __m512bh w2 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 64));
-        const __m512bh w3 = reinterpret_cast<__m512bh>(_mm512_loadu_si512(wp + 96));
-#pragma GCC unroll 4
-        for (int r = 0; r < M; ++r) {
-          int32_t xp;
-          std::memcpy(&xp, x + r * ldx + 2 * p, sizeof(xp));
-          const __m512bh xv = reinterpret_cast<__m512bh>(_mm512_set1_epi32(xp));
-          acc[r][0] = _mm512_dpbf16_ps(acc[r][0], w0, xv);
-          acc[r][1] = _mm512_dpbf16_ps(acc[r][1], w1, xv);
-          acc[r][2] = _mm512_dpbf16_ps(acc[r][2], w2, xv);
-          acc[r][3] = _mm512_dpbf16_ps(acc[r][3], w3, xv);
-        }
-      }
-#pragma GCC unroll 16
-      for (int i = 0; i < M * 4; ++i) {
-        float* s = &sum[i / 4][16 * (i % 4)];
-        _mm512_store_ps(
-            s, p0 == 0 ? acc[i / 4][i % 4] : _mm512_add_ps(_mm512_load_ps(s), acc[i / 4][i % 4]));
-      }
-    }
-    const int64_t n0 = nb * 64;
-    for (int c = 0; c < 4; ++c) {
-      const int64_t left = n - (n0 + 16 * c);
-      if (left <= 0) break;
-      const __mmask16 mask =
-          left >= 16 ? __mmask16(0xffff) : static_cast<__mmask16>((1u << left) - 1);
-      for (int r = 0; r < M; ++r) {
-        _mm512_mask_storeu_ps(y + r * ldy + n0 + 16 * c, mask, _mm512_load_ps(&sum[r][16 * c]));
-      }
-    }
-  }
-}
-
-void SmallMBf16Group(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx,
-                     float* y, int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
-  switch (m) {
-    case 1:
-      return SmallMBf16<1>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
-    case 2:
-      return SmallMBf16<2>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
-    case 3:
-      return SmallMBf16<3>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
-    default:
-      return SmallMBf16<4>(w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
-  }
-}
-
-// Up to 4 rows share one pass over the weights (registers); more rows go 4 at
-// a time over one N block, whose weights (K * 64 bf16, 256 KiB at K = 2048)
-// are then still in L2 for the next group.
-void SmallMBf16Rows(int64_t m, const uint16_t* w, int64_t kb, const uint16_t* x, int64_t ldx,
-                    float* y, int64_t ldy, int64_t n, int64_t nb_begin, int64_t nb_end) {
-  if (m <= 4) return SmallMBf16Group(m, w, kb, x, ldx, y, ldy, n, nb_begin, nb_end);
-  for (int64_t nb = nb_begin; nb < nb_end; ++nb) {
-    for (int64_t r = 0; r < m; r += 4) {
-      SmallMBf16Group(std::min<int64_t>(4, m - r), w, kb, x + r * ldx, ldx, y + r * ldy, ldy, n, nb,
-                      nb + 1);
-    }
-  }
-}
-
 // Everything a PackedLinear holds (PackedLinear::Impl is this; the helpers
 // below take it by its public name).
 struct PackedWeights {
@@ -466,45 +317,17 @@ struct PackedWeights {
   memory::desc weights_md;
   AlignedPtr weights_buf;  // [packed layout of weights_md]
   dnnl::memory weights;    // view of weights_buf
-  // bf16 weights in BA16a64b2a on a CPU with AVX512_BF16: m <= kSmallM runs
-  // SmallMBf16 instead of oneDNN (same results, faster streaming).
-  bool small_m = false;
   // The weights are in gemm.h's panel layout (weights_buf, invariant_bytes
   // long) and every call runs our batch-invariant kernels; oneDNN is unused.
   bool invariant = false;
   size_t invariant_bytes = 0;
-  // oneDNN's matmul passed OneDnnIsBatchInvariant for this shape.
-  bool onednn_invariant = false;
+  // bf16 weights in gemm.h's pair layout, run by RunAvx512Bf16 (vdpbf16ps).
+  bool pairs = false;
 };
 
 thread_local ThreadBuffer t_src_buf;      // converted / dense copy of x
 thread_local ThreadBuffer t_dst_buf;      // dense staging of a strided y
 thread_local ThreadBuffer t_scratch_buf;  // oneDNN scratchpad
-
-void ForwardSmallM(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
-                   int64_t ldy) {
-  const int64_t k = im.k, n = im.n;
-  const int64_t kb = (k + 31) / 32;
-  const int64_t kp = kb * 32;  // padded row: the kernel reads whole K blocks
-  auto* xb = static_cast<uint16_t*>(t_src_buf.Get(m * kp * sizeof(uint16_t)));
-  for (int64_t r = 0; r < m; ++r) {
-    ToBF16(x + r * ldx, k, xb + r * kp);
-    std::memset(xb + r * kp + k, 0, (kp - k) * sizeof(uint16_t));
-  }
-  const auto* w = reinterpret_cast<const uint16_t*>(im.weights_buf.get());
-  const int64_t nbs = (n + 63) / 64;
-  // Each output is computed whole by one thread: the split does not change it.
-  const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
-  if (threads > 1 && nbs > 1) {
-#pragma omp parallel num_threads(threads)
-    {
-      const int nt = omp_get_num_threads(), id = omp_get_thread_num();
-      SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, nbs * id / nt, nbs * (id + 1) / nt);
-    }
-  } else {
-    SmallMBf16Rows(m, w, kb, xb, kp, y, ldy, n, 0, nbs);
-  }
-}
 
 void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y, int64_t ldx,
                    int64_t ldy) {
@@ -557,22 +380,6 @@ void ForwardOneDnn(const PackedWeights& im, const float* x, int64_t m, float* y,
   }
 }
 
-// Whether the small-M kernel gives bitwise oneDNN's results for this shape:
-// rows of a seeded probe through oneDNN at M = kSmallM + 1 and through the
-// kernel at M = kSmallM and M = 1. Checked once per (n, k) per process (the
-// arithmetic depends on the shape, not on the weight values).
-bool SmallMMatchesOneDnn(const PackedWeights& im) {
-  static ShapeVerdicts* verdicts = new ShapeVerdicts();
-  return verdicts->Get(im.n, im.k, [&im] {
-    const int64_t m = kSmallM + 1, n = im.n, k = im.k;
-    std::vector<float> x = ProbeValues(m * k, 12345), ref(m * n), got(m * n);
-    ForwardOneDnn(im, x.data(), m, ref.data(), k, n);
-    ForwardSmallM(im, x.data(), kSmallM, got.data(), k, n);
-    ForwardSmallM(im, x.data() + kSmallM * k, 1, got.data() + kSmallM * n, k, n);
-    return std::memcmp(ref.data(), got.data(), ref.size() * 4) == 0;
-  });
-}
-
 // ---- Our batch-invariant kernels (gemm.h) -----------------------------------
 
 using GemmFn = void (*)(const gemm::Args&);
@@ -623,6 +430,54 @@ GemmFn Gemm() {
   return fn;
 }
 
+// Whether bf16 layers run RunAvx512Bf16: the active level has AVX512_BF16 and
+// a seeded probe (odd K, a partial panel, several row blocks) gives the bits
+// of the FMA levels, i.e. this CPU's vdpbf16ps adds its two products one after
+// the other as gemm.h assumes. Decided once per process.
+bool ChoosePairs() {
+  if (!IsaAtLeast(IsaLevel::kAvx512Bf16)) return false;
+  constexpr int64_t m = 9, n = 37, k = 45;
+  std::vector<float> w = ProbeValues(n * k, 2026), x = ProbeValues(m * k, 2027);
+  RoundToBF16(w.data(), n * k, w.data());
+  RoundToBF16(x.data(), m * k, x.data());
+  std::vector<uint16_t> pb(gemm::PackedElems(n, k)), pp(gemm::PackedPairElems(n, k));
+  gemm::PackBf16(w.data(), n, k, pb.data());
+  gemm::PackBf16Pairs(w.data(), n, k, pp.data());
+  const int64_t pairs = gemm::NumPairs(k);
+  std::vector<uint32_t> xp(m * pairs);
+  for (int64_t r = 0; r < m; ++r) gemm::PackXPairs(x.data() + r * k, k, xp.data() + r * pairs);
+  std::vector<float> a(m * n), b(m * n);
+  gemm::Args args;
+  args.bf16 = true;
+  args.n = n;
+  args.k = k;
+  args.ldy = n;
+  args.m = m;
+  args.panel_end = gemm::NumPanels(n);
+  args.w = pp.data();
+  args.xpairs = xp.data();
+  args.ldxp = pairs;
+  args.y = a.data();
+  gemm::RunAvx512Bf16(args);
+  args.w = pb.data();
+  args.x = x.data();
+  args.ldx = k;
+  args.y = b.data();
+  Gemm()(args);
+  if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0) {
+    std::fprintf(stderr,
+                 "dmoe PackedLinear: vdpbf16ps does not give the FMA chain's bits on this "
+                 "CPU; bf16 layers use the AVX-512 FMA kernel\n");
+    return false;
+  }
+  return true;
+}
+
+bool Pairs() {
+  static const bool pairs = ChoosePairs();
+  return pairs;
+}
+
 }  // namespace
 
 gemm::Fn gemm::Best() { return Gemm(); }
@@ -639,7 +494,7 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
   args.k = k;
   args.x = x;
   args.ldx = ldx;
-  if (args.bf16) {
+  if (args.bf16 && !im.pairs) {
     // The kernel multiplies bf16 weights by bf16-rounded activations (exact
     // products in f32), as oneDNN's bf16 matmul does.
     auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
@@ -651,7 +506,16 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
   args.ldy = ldy;
   args.m = m;
   const int64_t panels = gemm::NumPanels(n);
-  const GemmFn run = Gemm();
+  GemmFn run = Gemm();
+  if (im.pairs) {
+    // x as bf16 pairs, converted once per call (m * k of the 2 * m * n * k).
+    const int64_t pairs = gemm::NumPairs(k);
+    auto* xp = static_cast<uint32_t*>(t_src_buf.Get(m * pairs * sizeof(uint32_t)));
+    ForRows(m, k, [&](int64_t r) { gemm::PackXPairs(x + r * ldx, k, xp + r * pairs); });
+    args.xpairs = xp;
+    args.ldxp = pairs;
+    run = gemm::RunAvx512Bf16;
+  }
   // Threads own whole column panels: the split never changes an output.
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
   if (threads > 1 && panels > 1 && m * n * k >= (int64_t{1} << 18)) {
@@ -670,46 +534,21 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
   }
 }
 
-// Whether oneDNN's matmul gives each row the same bits at every M for this
-// shape: rows of a seeded probe at M = 1, 3 and 40 against one call of all of
-// them (the expert backend and the router batch rows freely). Checked once
-// per (n, k) per process.
-bool OneDnnIsBatchInvariant(const PackedWeights& im) {
-  static ShapeVerdicts* verdicts = new ShapeVerdicts();
-  return verdicts->Get(im.n, im.k, [&im] {
-    const int64_t n = im.n, k = im.k;
-    constexpr int64_t kParts[] = {1, 3, 40};
-    constexpr int64_t m = 1 + 3 + 40;
-    std::vector<float> x = ProbeValues(m * k, 777), all(m * n), parts(m * n);
-    ForwardOneDnn(im, x.data(), m, all.data(), k, n);
-    int64_t row = 0;
-    for (int64_t rows : kParts) {
-      ForwardOneDnn(im, x.data() + row * k, rows, parts.data() + row * n, k, n);
-      row += rows;
-    }
-    const bool same = std::memcmp(all.data(), parts.data(), all.size() * 4) == 0;
-    if (!same) {
-      std::fprintf(stderr,
-                   "dmoe PackedLinear: oneDNN's matmul [%lld,%lld] is not "
-                   "batch-invariant here; using dmoe's kernels\n",
-                   static_cast<long long>(n), static_cast<long long>(k));
-    }
-    return same;
-  });
-}
-
 std::atomic<bool> g_allow_variant_onednn{false};
 
 // Packs `w` for our kernels.
 absl::Status PackInvariant(const float* w, PackedWeights& im) {
-  const size_t elems = gemm::PackedElems(im.n, im.k);
+  im.pairs = im.type == ComputeType::kBF16 && Pairs();
+  const size_t elems = im.pairs ? gemm::PackedPairElems(im.n, im.k) : gemm::PackedElems(im.n, im.k);
   const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t) : sizeof(float));
   im.weights_buf = AllocWeights(bytes);
   if (im.weights_buf == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("PackedLinear: cannot allocate %d bytes of weights", bytes));
   }
-  if (im.type == ComputeType::kBF16) {
+  if (im.pairs) {
+    gemm::PackBf16Pairs(w, im.n, im.k, reinterpret_cast<uint16_t*>(im.weights_buf.get()));
+  } else if (im.type == ComputeType::kBF16) {
     gemm::PackBf16(w, im.n, im.k, reinterpret_cast<uint16_t*>(im.weights_buf.get()));
   } else {
     gemm::PackF32(w, im.n, im.k, reinterpret_cast<float*>(im.weights_buf.get()));
@@ -744,10 +583,9 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n, int
   impl->n = n;
   impl->k = k;
   impl->type = type;
-  // oneDNN where it is fast and batch-invariant (bf16 brgemm with
-  // AVX512_BF16 / AMX, verified per shape below); our kernels everywhere else.
-  const bool variant_ok = g_allow_variant_onednn.load(std::memory_order_relaxed);
-  if (!variant_ok && !(type == ComputeType::kBF16 && IsaAtLeast(IsaLevel::kAvx512Bf16))) {
+  // Our batch-invariant kernels; oneDNN only where a benchmark asked for its
+  // batch-variant matmul (AllowBatchVariantOneDnnForBenchmarks).
+  if (!g_allow_variant_onednn.load(std::memory_order_relaxed)) {
     DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
     PackedLinear out;
     out.impl_ = std::move(impl);
@@ -790,14 +628,6 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n, int
     impl->weights = dnnl::memory(impl->weights_md, Engine(), impl->weights_buf.get());
     dnnl::reorder(src, impl->weights).execute(Stream(), src, impl->weights);
     Stream().wait();
-    impl->small_m = impl->dt == memory::data_type::bf16 && CpuHasAvx512Bf16() &&
-                    IsBA16a64b2a(impl->weights_md, n, k) && SmallMMatchesOneDnn(*impl);
-    impl->onednn_invariant = !variant_ok && OneDnnIsBatchInvariant(*impl);
-    if (!variant_ok && !impl->onednn_invariant) {
-      impl->weights = dnnl::memory();
-      impl->small_m = false;
-      DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
-    }
   } catch (const dnnl::error& e) {
     return absl::InternalError(
         absl::StrFormat("PackedLinear: oneDNN failed packing [%d,%d]: %s", n, k, e.what()));
@@ -814,8 +644,6 @@ void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx, int
   ApplyComputeThreads();
   if (impl_->invariant) {
     ForwardInvariant(*impl_, x, m, y, ldx, ldy);
-  } else if (impl_->small_m && m <= kSmallM) {
-    ForwardSmallM(*impl_, x, m, y, ldx, ldy);
   } else {
     ForwardOneDnn(*impl_, x, m, y, ldx, ldy);
   }
@@ -824,17 +652,16 @@ void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx, int
 std::string PackedLinear::KernelName() const {
   if (impl_ == nullptr) return "empty";
   if (impl_->invariant) {
+    if (impl_->pairs) return "dmoe-avx512-bf16";
     const GemmFn fn = Gemm();
     return fn == gemm::RunAvx512 ? "dmoe-avx512"
            : fn == gemm::RunAvx2 ? "dmoe-avx2"
                                  : "dmoe-generic";
   }
-  return impl_->small_m ? "onednn+small-m" : "onednn";
+  return "onednn";
 }
 
-bool PackedLinear::batch_invariant() const {
-  return impl_ != nullptr && (impl_->invariant || impl_->onednn_invariant);
-}
+bool PackedLinear::batch_invariant() const { return impl_ != nullptr && impl_->invariant; }
 
 int64_t PackedLinear::n() const { return impl_->n; }
 int64_t PackedLinear::k() const { return impl_->k; }

@@ -6,11 +6,11 @@
 // call ever repacks.
 //
 // Batch invariance: the bits of a row of y depend only on that row of x, never
-// on M, on the other rows, on the thread count or on the caller's strides. bf16
-// on CPUs with AVX512_BF16 (or AMX) runs oneDNN's brgemm, kept only after a
-// per-shape probe confirms that property; everything else runs dmoe's own
-// kernels (gemm.h), which have it by construction and give the same bits at
-// the AVX2 and AVX-512 levels (core/isa.h caps the level). Compute types:
+// on M, on the other rows, on the thread count or on the caller's strides:
+// every layer runs dmoe's own kernels (gemm.h), which have that property by
+// construction and give the same bits at every ISA level - generic, AVX2,
+// AVX-512 and, for bf16, AVX512_BF16's vdpbf16ps (core/isa.h caps the level;
+// the generic level's f32 products round separately). Compute types:
 //   kF32  - f32 weights and activations (the exact mode of docs/model.md);
 //   kBF16 - bf16 weights, activations rounded to bf16 on the way in, f32
 //           accumulation and f32 output (uses AVX512_BF16 where the CPU has
@@ -49,7 +49,8 @@ class PackedLinear {
   void Forward(const float* x, int64_t m, float* y, int64_t ldx = 0, int64_t ldy = 0) const;
 
   // The kernel that runs this layer: "dmoe-avx2", "dmoe-avx512",
-  // "dmoe-generic", "onednn" or "onednn+small-m".
+  // "dmoe-generic", "dmoe-avx512-bf16" (bf16 layers on AVX512_BF16) or
+  // "onednn" (only after AllowBatchVariantOneDnnForBenchmarks).
   std::string KernelName() const;
   // False only for layers created after AllowBatchVariantOneDnnForBenchmarks.
   bool batch_invariant() const;
