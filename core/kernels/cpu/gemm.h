@@ -12,8 +12,10 @@
 // same, while for f32 weights they differ in the last place.
 //
 // Weights are packed once into panels of kPanel columns: panel p holds
-// W[p*16 + c, k] at ((p * K) + k) * 16 + c, columns past n zero-padded. The
-// layout is the same at every ISA level.
+// W[p*16 + c, k] at ((p * K) + k) * 16 + c, columns past n zero-padded; the
+// generic, AVX2 and AVX-512 levels run it. bf16 weights on AVX-512 hosts are
+// packed in k pairs instead (PackBf16Pairs below, RunAvx512Pairs and
+// RunAvx512Bf16), which the same chain runs with fewer instructions.
 #ifndef DMOE_CORE_KERNELS_CPU_GEMM_H_
 #define DMOE_CORE_KERNELS_CPU_GEMM_H_
 
@@ -35,7 +37,9 @@ void PackF32(const float* w, int64_t n, int64_t k, float* out);
 // Rounds to bf16 (nearest even, NaN kept).
 void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out);
 
-// The layout of RunAvx512Bf16 (vdpbf16ps multiplies pairs of bf16 along k):
+// The layout of RunAvx512Bf16 and RunAvx512Pairs (vdpbf16ps multiplies pairs
+// of bf16 along k; one 64-byte load widens to 2 k x 16 columns by a mask and
+// a shift):
 // panel p holds, for each pair j of k (KP = ceil(k / 2) pairs), one 32-bit
 // word per column c at ((p * KP) + j) * 32 + 2 * c: W[c, 2j] in its high half
 // and W[c, 2j + 1] in its low half. vdpbf16ps adds the high product first and
@@ -78,7 +82,7 @@ struct Args {
   bool accumulate = false;
   // RunAvx512Bf16 only (bf16 weights in PackBf16Pairs' layout, pstride and
   // kstride 0): x as rows of PackXPairs words, row stride ldxp words; `x`
-  // and `ldx` are unused there.
+  // and `ldx` are unused there. (RunAvx512Pairs reads x and ldx.)
   const uint32_t* xpairs = nullptr;
   int64_t ldxp = 0;
 };
@@ -92,6 +96,10 @@ Fn Best();
 // called where the CPU has it (RunAvx512: AVX-512F; RunAvx2: AVX2 + FMA).
 void RunAvx512(const Args& a);
 void RunAvx2(const Args& a);
+// AVX-512F + FMA, bf16 weights in the pair layout above, x as floats (x/ldx,
+// bf16-representable): a mask and a shift widen 32 weights, then one FMA per
+// k in order - the FMA chain, so the other levels' bits.
+void RunAvx512Pairs(const Args& a);
 // AVX512_BF16 (vdpbf16ps), bf16 weights in the pair layout above. Where its
 // add is the sequential one described there (PackedLinear probes it), the
 // bits are the other levels' bits, except that vdpbf16ps reads subnormal

@@ -23,7 +23,7 @@ struct Level {
   const char* name;
   Fn fn;
   IsaLevel needs;
-  bool pairs = false;  // RunAvx512Bf16: pair-packed weights and x
+  bool pairs = false;  // RunAvx512Pairs / RunAvx512Bf16: pair-packed weights
 };
 
 bool HostHas(IsaLevel level) { return static_cast<int>(HostIsa()) >= static_cast<int>(level); }
@@ -34,6 +34,9 @@ std::vector<Level> HostLevels(bool bf16) {
   std::vector<Level> out = {{"generic", RunGeneric, IsaLevel::kGeneric}};
   if (HostHas(IsaLevel::kAvx2)) out.push_back({"avx2", RunAvx2, IsaLevel::kAvx2});
   if (HostHas(IsaLevel::kAvx512)) out.push_back({"avx512", RunAvx512, IsaLevel::kAvx512});
+  if (bf16 && HostHas(IsaLevel::kAvx512)) {
+    out.push_back({"avx512_pairs", RunAvx512Pairs, IsaLevel::kAvx512, true});
+  }
   if (bf16 && HostHas(IsaLevel::kAvx512Bf16)) {
     out.push_back({"avx512_bf16", RunAvx512Bf16, IsaLevel::kAvx512Bf16, true});
   }

@@ -430,12 +430,16 @@ GemmFn Gemm() {
   return fn;
 }
 
-// Whether bf16 layers run RunAvx512Bf16: the active level has AVX512_BF16 and
-// a seeded probe (odd K, a partial panel, several row blocks) gives the bits
-// of the FMA levels, i.e. this CPU's vdpbf16ps adds its two products one after
-// the other as gemm.h assumes. Decided once per process.
-bool ChoosePairs() {
-  if (!IsaAtLeast(IsaLevel::kAvx512Bf16)) return false;
+// The kernel of bf16 layers on the pair layout, or null (the panel layout and
+// Gemm()): RunAvx512Bf16 where the active level has AVX512_BF16, else
+// RunAvx512Pairs where it has AVX-512 - each kept only if a seeded probe (odd
+// K, a partial panel, several row blocks) gives the bits of Gemm() (for
+// vdpbf16ps: this CPU adds its two products one after the other as gemm.h
+// assumes). Decided once per process.
+GemmFn ChoosePairs() {
+  if (!IsaAtLeast(IsaLevel::kAvx512) || Gemm() != gemm::RunAvx512) return nullptr;
+  const bool dp = IsaAtLeast(IsaLevel::kAvx512Bf16);
+  const GemmFn fn = dp ? gemm::RunAvx512Bf16 : gemm::RunAvx512Pairs;
   constexpr int64_t m = 9, n = 37, k = 45;
   std::vector<float> w = ProbeValues(n * k, 2026), x = ProbeValues(m * k, 2027);
   RoundToBF16(w.data(), n * k, w.data());
@@ -457,25 +461,26 @@ bool ChoosePairs() {
   args.w = pp.data();
   args.xpairs = xp.data();
   args.ldxp = pairs;
-  args.y = a.data();
-  gemm::RunAvx512Bf16(args);
-  args.w = pb.data();
   args.x = x.data();
   args.ldx = k;
+  args.y = a.data();
+  fn(args);
+  args.w = pb.data();
   args.y = b.data();
   Gemm()(args);
   if (std::memcmp(a.data(), b.data(), a.size() * sizeof(float)) != 0) {
     std::fprintf(stderr,
-                 "dmoe PackedLinear: vdpbf16ps does not give the FMA chain's bits on this "
-                 "CPU; bf16 layers use the AVX-512 FMA kernel\n");
-    return false;
+                 "dmoe PackedLinear: the %s kernel does not give the FMA chain's bits on this "
+                 "CPU; bf16 layers use the AVX-512 panel kernel\n",
+                 dp ? "vdpbf16ps" : "AVX-512 pair");
+    return nullptr;
   }
-  return true;
+  return fn;
 }
 
-bool Pairs() {
-  static const bool pairs = ChoosePairs();
-  return pairs;
+GemmFn PairGemm() {
+  static const GemmFn fn = ChoosePairs();
+  return fn;
 }
 
 }  // namespace
@@ -494,27 +499,25 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
   args.k = k;
   args.x = x;
   args.ldx = ldx;
-  if (args.bf16 && !im.pairs) {
-    // The kernel multiplies bf16 weights by bf16-rounded activations (exact
-    // products in f32), as oneDNN's bf16 matmul does.
-    auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
-    ForRows(m, k, [&](int64_t r) { RoundToBF16(x + r * ldx, k, xr + r * k); });
-    args.x = xr;
-    args.ldx = k;
-  }
   args.y = y;
   args.ldy = ldy;
   args.m = m;
   const int64_t panels = gemm::NumPanels(n);
-  GemmFn run = Gemm();
-  if (im.pairs) {
+  const GemmFn run = im.pairs ? PairGemm() : Gemm();
+  if (run == gemm::RunAvx512Bf16) {
     // x as bf16 pairs, converted once per call (m * k of the 2 * m * n * k).
     const int64_t pairs = gemm::NumPairs(k);
     auto* xp = static_cast<uint32_t*>(t_src_buf.Get(m * pairs * sizeof(uint32_t)));
     ForRows(m, k, [&](int64_t r) { gemm::PackXPairs(x + r * ldx, k, xp + r * pairs); });
     args.xpairs = xp;
     args.ldxp = pairs;
-    run = gemm::RunAvx512Bf16;
+  } else if (args.bf16) {
+    // The kernels multiply bf16 weights by bf16-rounded activations (exact
+    // products in f32).
+    auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
+    ForRows(m, k, [&](int64_t r) { RoundToBF16(x + r * ldx, k, xr + r * k); });
+    args.x = xr;
+    args.ldx = k;
   }
   // Threads own whole column panels: the split never changes an output.
   const int threads = omp_in_parallel() ? 1 : omp_get_max_threads();
@@ -538,7 +541,7 @@ std::atomic<bool> g_allow_variant_onednn{false};
 
 // Packs `w` for our kernels.
 absl::Status PackInvariant(const float* w, PackedWeights& im) {
-  im.pairs = im.type == ComputeType::kBF16 && Pairs();
+  im.pairs = im.type == ComputeType::kBF16 && PairGemm() != nullptr;
   const size_t elems = im.pairs ? gemm::PackedPairElems(im.n, im.k) : gemm::PackedElems(im.n, im.k);
   const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t) : sizeof(float));
   im.weights_buf = AllocWeights(bytes);
@@ -652,7 +655,7 @@ void PackedLinear::Forward(const float* x, int64_t m, float* y, int64_t ldx, int
 std::string PackedLinear::KernelName() const {
   if (impl_ == nullptr) return "empty";
   if (impl_->invariant) {
-    if (impl_->pairs) return "dmoe-avx512-bf16";
+    if (impl_->pairs && PairGemm() == gemm::RunAvx512Bf16) return "dmoe-avx512-bf16";
     const GemmFn fn = Gemm();
     return fn == gemm::RunAvx512 ? "dmoe-avx512"
            : fn == gemm::RunAvx2 ? "dmoe-avx2"
