@@ -15,6 +15,9 @@
 //                        FMA chains; SSE2: multiply + add), best of `reps`: the
 //                        compute ceiling of kernels whose arithmetic is f32 FMA
 //                        (bf16 weights below AVX512_BF16 are widened to f32).
+//   Bf16DotGflops(threads, reps)   peak vdpbf16ps GFLOP/s (register-only
+//                        chains) where the active level has AVX512_BF16, else
+//                        0: the compute ceiling of the native bf16 kernel.
 //   FreeProbe()          gives the 1 GiB back (ReadGBs must not be called after).
 #ifndef DMOE_BENCH_CEILINGS_H_
 #define DMOE_BENCH_CEILINGS_H_
@@ -37,6 +40,7 @@ class HostCeilings {
   double ReadGBs(int threads, int reps);
   double GemmGflops(int reps);
   double FmaGflops(int threads, int reps);
+  double Bf16DotGflops(int threads, int reps);
 
  private:
   static constexpr size_t kProbeBytes = size_t{1} << 30;
