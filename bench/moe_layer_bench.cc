@@ -2,7 +2,7 @@
 // (the product path), with the machine's ceilings measured in the same run.
 //
 //   moe_layer_bench [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048]
-//                   [--dtype=bf16|f32] [--min_time=1.0] [--json=FILE]
+//                   [--dtype=bf16|int8|f32] [--min_time=1.0] [--json=FILE]
 //                   [--isa=all|LEVEL,...]   (also --isa all)
 //
 // Shapes: hidden 2048, 64 routed experts (moe_intermediate 1408), top-6, 2
@@ -199,8 +199,10 @@ bool ParseOptions(int argc, char** argv, Options* o) {
         o->type = ComputeType::kF32;
       } else if (std::string_view(v) == "bf16") {
         o->type = ComputeType::kBF16;
+      } else if (std::string_view(v) == "int8") {
+        o->type = ComputeType::kInt8;
       } else {
-        std::fprintf(stderr, "--dtype must be bf16 or f32\n");
+        std::fprintf(stderr, "--dtype must be bf16, int8 or f32\n");
         return false;
       }
     } else if (const char* v = value("--min_time=")) {
@@ -209,7 +211,7 @@ bool ParseOptions(int argc, char** argv, Options* o) {
     } else {
       std::fprintf(stderr,
                    "usage: %s [--quick] [--threads=1,2] [--tokens=1,8,64,512,2048] "
-                   "[--dtype=bf16|f32] [--min_time=SECONDS] [--invariance-cost] "
+                   "[--dtype=bf16|int8|f32] [--min_time=SECONDS] [--invariance-cost] "
                    "[--json=FILE] [--isa=all|LEVEL,...]\n"
                    "       %s --backend=cuda [--shapes=v2lite,v3] "
                    "[--gemm=grouped,per-expert] [--tokens=...] [--dtype=bf16|f32] "
@@ -738,7 +740,9 @@ bool WriteCpuJson(const Options& o, const std::vector<Result>& results) {
   }
   const nlohmann::json doc = {{"benchmark", "moe_layer_bench"},
                               {"shape", "V2-Lite"},
-                              {"dtype", o.type == ComputeType::kBF16 ? "bf16" : "f32"},
+                              {"dtype", o.type == ComputeType::kBF16   ? "bf16"
+                                        : o.type == ComputeType::kInt8 ? "int8"
+                                                                       : "f32"},
                               {"isa", dmoe::core::IsaName(dmoe::core::ActiveIsa())},
                               {"host_isa", dmoe::core::IsaName(dmoe::core::HostIsa())},
                               {"isa_summary", dmoe::core::IsaSummary()},
@@ -860,17 +864,25 @@ int RunPerIsa(const Options& o, int argc, char** argv) {
 int main(int argc, char** argv) {
   Options o;
   if (!ParseOptions(argc, argv, &o)) return 2;
+  if (o.cuda && o.type == ComputeType::kInt8) {
+    std::fprintf(stderr, "--dtype=int8 runs on the CPU backend only (for now)\n");
+    return 2;
+  }
   if (o.cuda) return RunCudaBench(o);
   if (!o.isa_levels.empty()) return RunPerIsa(o, argc, argv);
-  const bool bf16 = o.type == ComputeType::kBF16;
-  const size_t elem_bytes = bf16 ? 2 : 4;
+  const bool int8 = o.type == ComputeType::kInt8;
+  // int8 weights are widened to f32 like bf16 ones: the GEMM ceiling is
+  // oneDNN's bf16 GEMM, the compute ceiling the FMA peak.
+  const bool bf16 = o.type == ComputeType::kBF16 || int8;
+  const size_t elem_bytes = int8 ? 1 : bf16 ? 2 : 4;
+  const char* dtype = int8 ? "int8" : bf16 ? "bf16" : "f32";
 
   std::printf(
       "MoE layer bench: DeepSeek-V2-Lite shapes (hidden %lld, %d experts x "
       "inter %lld, "
       "top-%d, shared inter %lld), %s weights, backend cpu-%s%s\n",
       static_cast<long long>(kHidden), kExperts, static_cast<long long>(kInter), kTopK,
-      static_cast<long long>(kSharedInter), bf16 ? "bf16" : "f32", bf16 ? "bf16" : "f32",
+      static_cast<long long>(kSharedInter), dtype, dtype,
       o.quick ? " [--quick: smoke only, numbers not meaningful]" : "");
 
   const auto load_start = Clock::now();
@@ -888,7 +900,7 @@ int main(int argc, char** argv) {
     dmoe::core::AllowBatchVariantOneDnnForBenchmarks(false);
   }
 
-  dmoe::bench::HostCeilings ceilings(o.type);
+  dmoe::bench::HostCeilings ceilings(int8 ? ComputeType::kBF16 : o.type);
   std::vector<Result> results, variant_results;
   for (int threads : o.threads) {
     for (int tokens : o.tokens) {

@@ -40,6 +40,10 @@ absl::StatusOr<std::unique_ptr<ExpertBackend>> MakeExpertBackend(BackendKind kin
   const bool cuda = kind == BackendKind::kCuda ||
                     (kind == BackendKind::kAuto && CudaBuilt() && cuda::DeviceCount() > 0);
   if (!cuda) return MakeCpuExpertBackend(options.compute);
+  if (options.compute == ComputeType::kInt8) {
+    return absl::UnimplementedError(
+        "CUDA expert backend: int8 expert weights run on the CPU backend only (for now)");
+  }
   // Without CUDA this is the stub of cuda_stubs.cc (FailedPrecondition naming
   // the build flag).
   auto gpu = MakeCudaExpertBackend(options.compute, options.cuda);

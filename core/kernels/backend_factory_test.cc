@@ -20,7 +20,7 @@ TEST(BackendFactoryTest, ParsesKindNames) {
 }
 
 TEST(BackendFactoryTest, CpuBackendWorks) {
-  for (ComputeType type : {ComputeType::kBF16, ComputeType::kF32}) {
+  for (ComputeType type : {ComputeType::kBF16, ComputeType::kF32, ComputeType::kInt8}) {
     auto b = MakeExpertBackend(BackendKind::kCpu, {.compute = type});
     ASSERT_TRUE(b.ok()) << b.status();
     ASSERT_NE(*b, nullptr);
@@ -28,6 +28,13 @@ TEST(BackendFactoryTest, CpuBackendWorks) {
     EXPECT_FALSE((*b)->HasFfn(0, 0));
     EXPECT_EQ((*b)->Name(), MakeCpuExpertBackend(type)->Name());
   }
+}
+
+TEST(BackendFactoryTest, Int8IsCpuOnlyForNow) {
+  EXPECT_EQ(MakeCpuExpertBackend(ComputeType::kInt8)->Name(), "cpu-int8");
+  auto b = MakeExpertBackend(BackendKind::kCuda, {.compute = ComputeType::kInt8});
+  ASSERT_FALSE(b.ok());
+  EXPECT_TRUE(absl::StrContains(b.status().message(), "int8")) << b.status();
 }
 
 TEST(BackendFactoryTest, CudaAnswersPerBuildAndMachine) {

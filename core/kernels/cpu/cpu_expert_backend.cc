@@ -131,7 +131,11 @@ class CpuExpertBackend final : public ExpertBackend {
  public:
   explicit CpuExpertBackend(ComputeType type) : type_(type) {}
 
-  std::string Name() const override { return type_ == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32"; }
+  std::string Name() const override {
+    return type_ == ComputeType::kBF16   ? "cpu-bf16"
+           : type_ == ComputeType::kInt8 ? "cpu-int8"
+                                         : "cpu-f32";
+  }
   bool SupportsPerAssignmentOut() const override { return true; }
 
   absl::Status LoadFfn(int32_t layer, int32_t ffn_id, const FfnWeights& w) override;

@@ -252,22 +252,29 @@ TEST_P(CpuExpertBackendTest, EmptyBatchAndWeightBytesAndName) {
   LoadLayer(64, 48, 96, 2);
   HostBatch empty{.layer = kLayer, .hidden = 64};
   EXPECT_THAT(backend_->Compute(empty.View(), nullptr), IsOk());
-  const size_t elem = GetParam() == ComputeType::kBF16 ? 2 : 4;
+  const bool bf16 = GetParam() == ComputeType::kBF16, int8 = GetParam() == ComputeType::kInt8;
+  const size_t elem = bf16 ? 2 : int8 ? 1 : 4;
   EXPECT_GE(backend_->WeightBytes(), (2 * 3 * 64 * 48 + 3 * 64 * 96) * elem);
-  EXPECT_EQ(backend_->Name(), GetParam() == ComputeType::kBF16 ? "cpu-bf16" : "cpu-f32");
+  EXPECT_LE(backend_->WeightBytes(), 2 * (2 * 3 * 64 * 48 + 3 * 64 * 96) * elem);
+  EXPECT_EQ(backend_->Name(), bf16 ? "cpu-bf16" : int8 ? "cpu-int8" : "cpu-f32");
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, CpuExpertBackendTest,
-                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16),
+                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16,
+                                           ComputeType::kInt8),
                          [](const auto& info) {
-                           return info.param == ComputeType::kBF16 ? "BF16" : "F32";
+                           return info.param == ComputeType::kBF16   ? "BF16"
+                                  : info.param == ComputeType::kInt8 ? "INT8"
+                                                                     : "F32";
                          });
 
 // ---- the conformance suite every ExpertBackend runs ----------------------------
 
 testing::ConformanceParam CpuConformance(ComputeType type) {
   return {
-      .name = type == ComputeType::kF32 ? "F32" : "BF16",
+      .name = type == ComputeType::kF32    ? "F32"
+              : type == ComputeType::kBF16 ? "BF16"
+                                           : "INT8",
       .make =
           [type](const testing::ConformanceModel& m) -> absl::StatusOr<testing::BackendUnderTest> {
         testing::BackendUnderTest out;
@@ -281,7 +288,8 @@ testing::ConformanceParam CpuConformance(ComputeType type) {
 
 INSTANTIATE_TEST_SUITE_P(Cpu, ExpertBackendConformance,
                          ::testing::Values(CpuConformance(ComputeType::kF32),
-                                           CpuConformance(ComputeType::kBF16)),
+                                           CpuConformance(ComputeType::kBF16),
+                                           CpuConformance(ComputeType::kInt8)),
                          testing::ConformanceName);
 
 }  // namespace

@@ -6,6 +6,11 @@
 
 #include <emmintrin.h>
 
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <type_traits>
+
 #include "core/dtype.h"
 
 namespace dmoe::core::gemm {
@@ -56,6 +61,36 @@ void PackBf16Pairs(const float* w, int64_t n, int64_t k, uint16_t* out) {
   }
 }
 
+bool PackInt8(const float* w, int64_t n, int64_t k, int8_t* out, float* scales) {
+  const int64_t panels = NumPanels(n);
+  for (int64_t row = 0; row < n; ++row) {
+    for (int64_t kk = 0; kk < k; ++kk) {
+      if (!std::isfinite(w[row * k + kk])) return false;
+    }
+  }
+  for (int64_t p = 0; p < panels; ++p) {
+    int8_t* dst = out + p * k * kPanel;
+    for (int64_t c = 0; c < kPanel; ++c) {
+      const int64_t row = p * kPanel + c;
+      if (row >= n) {
+        scales[row] = 0.0f;
+        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kPanel + c] = 0;
+        continue;
+      }
+      const float* src = w + row * k;
+      float amax = 0.0f;
+      for (int64_t kk = 0; kk < k; ++kk) amax = std::max(amax, std::fabs(src[kk]));
+      const float scale = amax > 0.0f ? amax / 127.0f : 1.0f;
+      scales[row] = scale;
+      for (int64_t kk = 0; kk < k; ++kk) {
+        const float q = std::round(src[kk] / scale);
+        dst[kk * kPanel + c] = static_cast<int8_t>(std::clamp(q, -127.0f, 127.0f));
+      }
+    }
+  }
+  return true;
+}
+
 void PackXPairs(const float* x, int64_t k, uint32_t* out) {
   const int64_t pairs = NumPairs(k);
   for (int64_t j = 0; j < pairs; ++j) {
@@ -84,8 +119,17 @@ struct Isa {
   static void LoadB2(const uint16_t*, V*, V*) {}
   static void LoadEvenOdd(const float*, V*, V*) {}
   static void StoreEvenOdd(float*, V, V) {}
+  static V LoadI8(const int8_t* p) {
+    int32_t four;
+    std::memcpy(&four, p, sizeof(four));
+    __m128i v = _mm_cvtsi32_si128(four);
+    v = _mm_unpacklo_epi8(v, v);   // each byte twice
+    v = _mm_unpacklo_epi16(v, v);  // each byte four times: the top byte of a lane
+    return _mm_cvtepi32_ps(_mm_srai_epi32(v, 24));
+  }
   static V Bcast(const float* p) { return _mm_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static V Mul(V a, V b) { return _mm_mul_ps(a, b); }
   static void Store(float* p, V v) { _mm_storeu_ps(p, v); }
 };
 

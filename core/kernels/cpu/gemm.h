@@ -34,6 +34,15 @@ inline size_t PackedElems(int64_t n, int64_t k) {
 
 // w: [n, k] row-major. out: PackedElems(n, k) elements.
 void PackF32(const float* w, int64_t n, int64_t k, float* out);
+// int8 weights, symmetric per output channel: scale[c] = max_k |W[c, k]| / 127
+// (1 where the row is all zero), q[c, k] = W[c, k] / scale[c] rounded to
+// nearest (ties away from zero) - so |q| <= 127 - in the panel layout above
+// (int8_t, columns past n zero). scales: NumPanels(n) * kPanel floats, zero
+// past n. The kernels compute y[r, c] = (the chain over k of x[r, k] *
+// q[c, k]) * scale[c]: the products of bf16 x and int8 q are exact in f32, so
+// the chain rounds as the bf16 one does, and the scale is one more rounding.
+// Returns false (out and scales untouched) if a weight is not finite.
+bool PackInt8(const float* w, int64_t n, int64_t k, int8_t* out, float* scales);
 // Rounds to bf16 (nearest even, NaN kept).
 void PackBf16(const float* w, int64_t n, int64_t k, uint16_t* out);
 
@@ -79,7 +88,12 @@ struct Args {
   int64_t pstride = 0, kstride = 0;
   // Each output's chain starts from its value in y instead of 0: running K in
   // parts, one after another, gives the bits of one run over the whole K.
+  // Not for int8 weights (their scale multiplies the finished chain).
   bool accumulate = false;
+  // int8 weights (PackInt8's layout; `bf16` false) with their per-column
+  // scales; x must be bf16-representable as for bf16 weights.
+  bool int8 = false;
+  const float* scales = nullptr;
   // RunAvx512Bf16 only (bf16 weights in PackBf16Pairs' layout, pstride and
   // kstride 0): x as rows of PackXPairs words, row stride ldxp words; `x`
   // and `ldx` are unused there. (RunAvx512Pairs reads x and ldx.)

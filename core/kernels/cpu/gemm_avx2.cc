@@ -1,6 +1,8 @@
 // The AVX2 + FMA level of the batch-invariant GEMM (see gemm.h).
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "core/kernels/cpu/gemm.h"
 
 #pragma GCC push_options
@@ -44,8 +46,13 @@ struct Isa {
     _mm256_storeu_ps(p, _mm256_permute2f128_ps(lo, hi, 0x20));
     _mm256_storeu_ps(p + 8, _mm256_permute2f128_ps(lo, hi, 0x31));
   }
+  static V LoadI8(const int8_t* p) {
+    return _mm256_cvtepi32_ps(
+        _mm256_cvtepi8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p))));
+  }
   static V Bcast(const float* p) { return _mm256_broadcast_ss(p); }
   static V Fma(V a, V b, V c) { return _mm256_fmadd_ps(a, b, c); }
+  static V Mul(V a, V b) { return _mm256_mul_ps(a, b); }
   static void Store(float* p, V v) { _mm256_storeu_ps(p, v); }
 };
 

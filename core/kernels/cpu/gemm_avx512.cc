@@ -2,6 +2,8 @@
 // as the AVX2 level, 16 lanes wide, so the same bits.
 #include <immintrin.h>
 
+#include <type_traits>
+
 #include "core/kernels/cpu/gemm.h"
 
 // GCC 12 reports its own _mm512_undefined_*() temporaries inside the
@@ -29,8 +31,13 @@ struct Isa {
   static void LoadB2(const uint16_t*, V*, V*) {}
   static void LoadEvenOdd(const float*, V*, V*) {}
   static void StoreEvenOdd(float*, V, V) {}
+  static V LoadI8(const int8_t* p) {
+    return _mm512_cvtepi32_ps(
+        _mm512_cvtepi8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))));
+  }
   static V Bcast(const float* p) { return _mm512_set1_ps(*p); }
   static V Fma(V a, V b, V c) { return _mm512_fmadd_ps(a, b, c); }
+  static V Mul(V a, V b) { return _mm512_mul_ps(a, b); }
   static void Store(float* p, V v) { _mm512_storeu_ps(p, v); }
 };
 

@@ -369,6 +369,112 @@ TEST(GemmPackTest, PairLayoutHoldsEvenKHighOddKLowAndPads) {
   EXPECT_EQ(xp[1], uint32_t{F32ToBF16(3.0f)} << 16);
 }
 
+// int8 weights (PackInt8): y = (chain of x * q) * scale at every level, within
+// fp32 accumulation error of a float64 reference on the same q and scales;
+// every level gives the same bits (exact products, the same chains); a row's
+// bits do not depend on the batch or the panel split.
+TEST(GemmInt8Test, MatchesReferenceAndIsBitwiseAcrossLevelsBatchesAndSplits) {
+  for (const auto& [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+           {1, 16, 8}, {5, 100, 64}, {7, 48, 3}, {13, 130, 257}, {40, 100, 1500}}) {
+    SCOPED_TRACE(absl::StrFormat("m=%d n=%d k=%d", m, n, k));
+    const auto w = Random(n * k, 51 + n, false);
+    const auto x = Random(m * k, 52 + k, true);
+    std::vector<int8_t> q(PackedElems(n, k));
+    std::vector<float> scales(NumPanels(n) * kPanel);
+    ASSERT_TRUE(PackInt8(w.data(), n, k, q.data(), scales.data()));
+    auto run = [&](Fn fn, const float* xr, int64_t rows, float* y, int64_t ldy, int64_t pb,
+                   int64_t pe) {
+      Args a;
+      a.w = q.data();
+      a.int8 = true;
+      a.scales = scales.data();
+      a.n = n;
+      a.k = k;
+      a.x = xr;
+      a.ldx = k;
+      a.y = y;
+      a.ldy = ldy;
+      a.m = rows;
+      a.panel_begin = pb;
+      a.panel_end = pe;
+      fn(a);
+    };
+    std::vector<float> ref_bits;
+    for (const Level& level : HostLevels(false)) {
+      SCOPED_TRACE(level.name);
+      std::vector<float> y(m * n);
+      run(level.fn, x.data(), m, y.data(), n, 0, NumPanels(n));
+      for (int64_t i = 0; i < m; ++i) {
+        for (int64_t j = 0; j < n; ++j) {
+          double ref = 0, mag = 0;
+          for (int64_t c = 0; c < k; ++c) {
+            const double prod =
+                double{x[i * k + c]} * q[(j / kPanel * k + c) * kPanel + j % kPanel];
+            ref += prod;
+            mag += std::fabs(prod);
+          }
+          ref *= scales[j];
+          mag *= scales[j];
+          ASSERT_LE(std::fabs(y[i * n + j] - ref), 1e-5 * mag + 1e-30) << i << "," << j;
+        }
+      }
+      if (ref_bits.empty()) {
+        ref_bits = y;
+      } else {
+        EXPECT_EQ(0, std::memcmp(y.data(), ref_bits.data(), y.size() * sizeof(float)));
+      }
+      std::mt19937 rng(7);
+      for (int trial = 0; trial < 10; ++trial) {
+        const int64_t rows = 1 + rng() % m, r0 = rng() % (m - rows + 1);
+        const int64_t split = rng() % (NumPanels(n) + 1);
+        const int64_t ldy = n + 3;
+        std::vector<float> part(rows * ldy, -7.5f);
+        run(level.fn, x.data() + r0 * k, rows, part.data(), ldy, 0, split);
+        run(level.fn, x.data() + r0 * k, rows, part.data(), ldy, split, NumPanels(n));
+        for (int64_t r = 0; r < rows; ++r) {
+          ASSERT_EQ(0, std::memcmp(part.data() + r * ldy, ref_bits.data() + (r0 + r) * n,
+                                   n * sizeof(float)))
+              << "rows " << r0 << "+" << rows << " split " << split;
+          for (int64_t c = n; c < ldy; ++c) ASSERT_EQ(part[r * ldy + c], -7.5f);
+        }
+      }
+    }
+  }
+}
+
+TEST(GemmPackTest, Int8IsSymmetricPerRowAndRejectsNonFinite) {
+  const int64_t n = 18, k = 4;  // a partial second panel
+  std::vector<float> w(n * k, 0.0f);
+  for (int64_t r = 0; r < n; ++r) {
+    if (r == 3) continue;  // an all-zero row: scale 1, q 0
+    for (int64_t c = 0; c < k; ++c) w[r * k + c] = (c - 1.5f) * (r + 1) * 0.01f;
+  }
+  std::vector<int8_t> q(PackedElems(n, k), 99);
+  std::vector<float> scales(NumPanels(n) * kPanel, -1.0f);
+  ASSERT_TRUE(PackInt8(w.data(), n, k, q.data(), scales.data()));
+  for (int64_t r = 0; r < 2 * kPanel; ++r) {
+    if (r >= n) {
+      EXPECT_EQ(scales[r], 0.0f);
+      for (int64_t c = 0; c < k; ++c) EXPECT_EQ(q[(r / kPanel * k + c) * kPanel + r % kPanel], 0);
+      continue;
+    }
+    const float amax = 1.5f * (r + 1) * 0.01f;
+    EXPECT_FLOAT_EQ(scales[r], r == 3 ? 1.0f : amax / 127.0f) << r;
+    for (int64_t c = 0; c < k; ++c) {
+      const int want = r == 3 ? 0 : static_cast<int>(std::round(w[r * k + c] / scales[r]));
+      EXPECT_EQ(q[(r / kPanel * k + c) * kPanel + r % kPanel], want) << r << "," << c;
+    }
+    if (r != 3) {  // the largest magnitude maps to +-127
+      EXPECT_EQ(q[(r / kPanel * k + 0) * kPanel + r % kPanel], -127);
+      EXPECT_EQ(q[(r / kPanel * k + 3) * kPanel + r % kPanel], 127);
+    }
+  }
+  w[5] = std::nanf("");
+  std::vector<int8_t> q2(q);
+  EXPECT_FALSE(PackInt8(w.data(), n, k, q.data(), scales.data()));
+  EXPECT_EQ(q, q2);  // untouched
+}
+
 TEST(GemmPackTest, PanelLayoutZeroPadsAndRoundsToBf16) {
   const int64_t n = 18, k = 3;
   std::vector<float> w(n * k);

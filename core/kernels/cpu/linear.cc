@@ -321,6 +321,8 @@ struct PackedWeights {
   // long) and every call runs our batch-invariant kernels; oneDNN is unused.
   bool invariant = false;
   size_t invariant_bytes = 0;
+  // kInt8: the per-column scales (gemm.h PackInt8), NumPanels(n) * 16.
+  std::vector<float> scales;
   // bf16 weights in gemm.h's pair layout, run by RunAvx512Bf16 (vdpbf16ps).
   bool pairs = false;
 };
@@ -495,6 +497,8 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
   gemm::Args args;
   args.w = im.weights_buf.get();
   args.bf16 = im.type == ComputeType::kBF16;
+  args.int8 = im.type == ComputeType::kInt8;
+  args.scales = args.int8 ? im.scales.data() : nullptr;
   args.n = n;
   args.k = k;
   args.x = x;
@@ -511,9 +515,9 @@ void ForwardInvariant(const PackedWeights& im, const float* x, int64_t m, float*
     ForRows(m, k, [&](int64_t r) { gemm::PackXPairs(x + r * ldx, k, xp + r * pairs); });
     args.xpairs = xp;
     args.ldxp = pairs;
-  } else if (args.bf16) {
-    // The kernels multiply bf16 weights by bf16-rounded activations (exact
-    // products in f32).
+  } else if (args.bf16 || args.int8) {
+    // The kernels multiply bf16 or int8 weights by bf16-rounded activations
+    // (exact products in f32).
     auto* xr = static_cast<float*>(t_src_buf.Get(m * k * sizeof(float)));
     ForRows(m, k, [&](int64_t r) { RoundToBF16(x + r * ldx, k, xr + r * k); });
     args.x = xr;
@@ -543,13 +547,22 @@ std::atomic<bool> g_allow_variant_onednn{false};
 absl::Status PackInvariant(const float* w, PackedWeights& im) {
   im.pairs = im.type == ComputeType::kBF16 && PairGemm() != nullptr;
   const size_t elems = im.pairs ? gemm::PackedPairElems(im.n, im.k) : gemm::PackedElems(im.n, im.k);
-  const size_t bytes = elems * (im.type == ComputeType::kBF16 ? sizeof(uint16_t) : sizeof(float));
+  const size_t bytes = elems * (im.type == ComputeType::kBF16   ? sizeof(uint16_t)
+                                : im.type == ComputeType::kInt8 ? sizeof(int8_t)
+                                                                : sizeof(float));
   im.weights_buf = AllocWeights(bytes);
   if (im.weights_buf == nullptr) {
     return absl::ResourceExhaustedError(
         absl::StrFormat("PackedLinear: cannot allocate %d bytes of weights", bytes));
   }
-  if (im.pairs) {
+  if (im.type == ComputeType::kInt8) {
+    im.scales.resize(gemm::NumPanels(im.n) * gemm::kPanel);
+    if (!gemm::PackInt8(w, im.n, im.k, reinterpret_cast<int8_t*>(im.weights_buf.get()),
+                        im.scales.data())) {
+      return absl::InvalidArgumentError(absl::StrFormat(
+          "PackedLinear: [%d,%d] has a non-finite weight; int8 needs finite ones", im.n, im.k));
+    }
+  } else if (im.pairs) {
     gemm::PackBf16Pairs(w, im.n, im.k, reinterpret_cast<uint16_t*>(im.weights_buf.get()));
   } else if (im.type == ComputeType::kBF16) {
     gemm::PackBf16(w, im.n, im.k, reinterpret_cast<uint16_t*>(im.weights_buf.get()));
@@ -557,7 +570,7 @@ absl::Status PackInvariant(const float* w, PackedWeights& im) {
     gemm::PackF32(w, im.n, im.k, reinterpret_cast<float*>(im.weights_buf.get()));
   }
   im.invariant = true;
-  im.invariant_bytes = bytes;
+  im.invariant_bytes = bytes + im.scales.size() * sizeof(float);
   im.dt = im.type == ComputeType::kBF16 ? memory::data_type::bf16 : memory::data_type::f32;
   return absl::OkStatus();
 }
@@ -587,8 +600,9 @@ absl::StatusOr<PackedLinear> PackedLinear::Create(const float* w, int64_t n, int
   impl->k = k;
   impl->type = type;
   // Our batch-invariant kernels; oneDNN only where a benchmark asked for its
-  // batch-variant matmul (AllowBatchVariantOneDnnForBenchmarks).
-  if (!g_allow_variant_onednn.load(std::memory_order_relaxed)) {
+  // batch-variant matmul (AllowBatchVariantOneDnnForBenchmarks) - never for
+  // int8 weights, which only our kernels take.
+  if (!g_allow_variant_onednn.load(std::memory_order_relaxed) || type == ComputeType::kInt8) {
     DMOE_RETURN_IF_ERROR(PackInvariant(w, *impl));
     PackedLinear out;
     out.impl_ = std::move(impl);

@@ -15,6 +15,10 @@
 //   kBF16 - bf16 weights, activations rounded to bf16 on the way in, f32
 //           accumulation and f32 output (uses AVX512_BF16 where the CPU has
 //           it).
+//   kInt8 - int8 weights quantised at Create, symmetric per output channel
+//           (gemm.h PackInt8: half the bytes of bf16), activations rounded
+//           to bf16, f32 accumulation, each output times its channel's scale.
+//           Create fails with InvalidArgument on a non-finite weight.
 //
 // Thread safety: Forward is const and safe to call from several threads at
 // once; it parallelises internally over the process's single OpenMP pool (call
@@ -31,7 +35,7 @@
 
 namespace dmoe::core {
 
-enum class ComputeType { kF32, kBF16 };
+enum class ComputeType { kF32, kBF16, kInt8 };
 
 class PackedLinear {
  public:

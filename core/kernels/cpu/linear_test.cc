@@ -1,7 +1,9 @@
 #include "core/kernels/cpu/linear.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
+#include <limits>
 #include <random>
 #include <string>
 #include <thread>
@@ -29,20 +31,41 @@ std::vector<float> RandomVector(size_t n, uint32_t seed) {
 
 float RoundBF16(float f) { return BF16ToF32(F32ToBF16(f)); }
 
+// The weights an int8 layer computes with, quantised independently of the
+// kernels' code: per row scale = max |w| / 127, q = round(w / scale).
+std::vector<double> DequantInt8(const std::vector<float>& w, int64_t n, int64_t k) {
+  std::vector<double> out(n * k);
+  for (int64_t r = 0; r < n; ++r) {
+    float amax = 0;
+    for (int64_t c = 0; c < k; ++c) amax = std::max(amax, std::fabs(w[r * k + c]));
+    const float s = amax > 0 ? amax / 127.0f : 1.0f;
+    for (int64_t c = 0; c < k; ++c) out[r * k + c] = double{std::round(w[r * k + c] / s)} * s;
+  }
+  return out;
+}
+
 // Float64 reference y[m, n] = x[m, k] · W[n, k]^T on the values the kernel sees
-// (bf16-rounded for kBF16), and per output the scale sum_k |x_k w_k| that
-// bounds the accumulation error.
+// (x bf16-rounded for kBF16 and kInt8; W bf16-rounded for kBF16, dequantised
+// for kInt8), and per output the scale sum_k |x_k w_k| that bounds the
+// accumulation error.
 void Reference(const std::vector<float>& x, int64_t ldx, const std::vector<float>& w, int64_t m,
                int64_t n, int64_t k, ComputeType type, std::vector<double>* y,
                std::vector<double>* scale) {
-  auto val = [&](float f) { return double{type == ComputeType::kBF16 ? RoundBF16(f) : f}; };
+  const std::vector<double> wq =
+      type == ComputeType::kInt8 ? DequantInt8(w, n, k) : std::vector<double>();
+  auto xval = [&](float f) { return double{type == ComputeType::kF32 ? f : RoundBF16(f)}; };
+  auto wval = [&](int64_t i) {
+    return type == ComputeType::kInt8   ? wq[i]
+           : type == ComputeType::kBF16 ? double{RoundBF16(w[i])}
+                                        : double{w[i]};
+  };
   y->assign(m * n, 0.0);
   scale->assign(m * n, 0.0);
   for (int64_t i = 0; i < m; ++i) {
     for (int64_t j = 0; j < n; ++j) {
       double acc = 0, abs_acc = 0;
       for (int64_t p = 0; p < k; ++p) {
-        const double prod = val(x[i * ldx + p]) * val(w[j * k + p]);
+        const double prod = xval(x[i * ldx + p]) * wval(j * k + p);
         acc += prod;
         abs_acc += std::fabs(prod);
       }
@@ -56,7 +79,9 @@ struct Shape {
   int64_t m, n, k;
 };
 
-std::string TypeName(ComputeType t) { return t == ComputeType::kBF16 ? "BF16" : "F32"; }
+std::string TypeName(ComputeType t) {
+  return t == ComputeType::kBF16 ? "BF16" : t == ComputeType::kInt8 ? "INT8" : "F32";
+}
 
 // Tolerance: |y - ref| <= 1e-5 * sum_k |x_k w_k|.
 // - kF32: inputs are used exactly; the only error is fp32 accumulation of k
@@ -65,6 +90,8 @@ std::string TypeName(ComputeType t) { return t == ComputeType::kBF16 ? "BF16" : 
 //   bf16 values (8-bit significands) is exact in fp32, so again only the fp32
 //   accumulation differs and the same bound holds. (Without rounding the
 //   reference's inputs the error would be ~2^-9, which this bound would catch.)
+// - kInt8: bf16 x times int8 q is exact too; the scale multiplies the finished
+//   chain (one more rounding, 2^-24 of |y| <= sum |x w|).
 constexpr double kRelTol = 1e-5;
 
 class PackedLinearTest : public ::testing::TestWithParam<ComputeType> {
@@ -225,7 +252,7 @@ TEST_P(PackedLinearTest, WeightBytesCoverThePackedMatrixAndMoveLeavesEmpty) {
   const auto w = RandomVector(n * k, 5);
   auto lin = PackedLinear::Create(w.data(), n, k, type);
   ASSERT_TRUE(lin.ok());
-  const size_t elem = type == ComputeType::kBF16 ? 2 : 4;
+  const size_t elem = type == ComputeType::kBF16 ? 2 : type == ComputeType::kInt8 ? 1 : 4;
   EXPECT_GE(lin->weight_bytes(), n * k * elem);
   EXPECT_LE(lin->weight_bytes(),
             2 * n * k * 4);  // padding, or f32 emulation of bf16
@@ -238,7 +265,8 @@ TEST_P(PackedLinearTest, WeightBytesCoverThePackedMatrixAndMoveLeavesEmpty) {
 }
 
 INSTANTIATE_TEST_SUITE_P(Types, PackedLinearTest,
-                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16),
+                         ::testing::Values(ComputeType::kF32, ComputeType::kBF16,
+                                           ComputeType::kInt8),
                          [](const auto& info) { return TypeName(info.param); });
 
 TEST(PackedLinearCreateTest, RejectsBadShapes) {
@@ -249,6 +277,36 @@ TEST(PackedLinearCreateTest, RejectsBadShapes) {
   auto null = PackedLinear::Create(nullptr, 2, 2, ComputeType::kBF16);
   EXPECT_EQ(null.status().code(), absl::StatusCode::kInvalidArgument);
   EXPECT_THAT(null.status().message(), HasSubstr("null weights"));
+}
+
+TEST(PackedLinearCreateTest, Int8RejectsNonFiniteWeightsAndStaysCloseToF32) {
+  std::vector<float> w = RandomVector(40 * 64, 3);
+  w[7 * 64 + 5] = std::numeric_limits<float>::infinity();
+  auto bad = PackedLinear::Create(w.data(), 40, 64, ComputeType::kInt8);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_THAT(bad.status().message(), HasSubstr("non-finite"));
+
+  // Quantisation error, not a broken kernel: int8 within ~1% (relative L2) of
+  // f32 on random weights, and an all-zero row gives zeros.
+  const int64_t n = 300, k = 1024, m = 5;
+  w = RandomVector(n * k, 4);
+  for (int64_t c = 0; c < k; ++c) w[17 * k + c] = 0.0f;
+  const auto x = RandomVector(m * k, 5);
+  auto f32 = PackedLinear::Create(w.data(), n, k, ComputeType::kF32);
+  auto i8 = PackedLinear::Create(w.data(), n, k, ComputeType::kInt8);
+  ASSERT_TRUE(f32.ok() && i8.ok());
+  EXPECT_LT(i8->weight_bytes(), f32->weight_bytes() / 3);
+  std::vector<float> a(m * n), b(m * n);
+  f32->Forward(x.data(), m, a.data());
+  i8->Forward(x.data(), m, b.data());
+  double err = 0, norm = 0;
+  for (int64_t i = 0; i < m * n; ++i) {
+    err += (double{a[i]} - b[i]) * (double{a[i]} - b[i]);
+    norm += double{a[i]} * a[i];
+  }
+  EXPECT_LT(std::sqrt(err / norm), 0.01);
+  EXPECT_GT(std::sqrt(err / norm), 1e-5);  // it did quantise
+  for (int64_t r = 0; r < m; ++r) EXPECT_EQ(b[r * n + 17], 0.0f);
 }
 
 TEST(ComputeThreadsTest, SetAndRestore) {
