@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <limits>
 
+#include "absl/strings/str_cat.h"
 #include "absl/strings/str_format.h"
 #include "core/status.h"
 
@@ -136,6 +137,21 @@ absl::Status WithFailedTokens(absl::Status status, std::span<const int32_t> toke
 
 std::vector<int32_t> FailedTokens(const absl::Status& status) {
   return Int32Payload(status, kFailedTokensUrl);
+}
+
+absl::StatusOr<ComputeType> ParseExpertWeights(std::string_view name, ComputeType dtype) {
+  if (name == "auto") return dtype;
+  if (name == "f32") return ComputeType::kF32;
+  if (name == "bf16") return ComputeType::kBF16;
+  if (name == "int8") return ComputeType::kInt8;
+  if (name == "fp8") {
+    return absl::UnimplementedError(
+        "expert-weights fp8: FP8 expert weights are not kept as FP8 yet (they load as bf16 "
+        "with auto or bf16)");
+  }
+  return absl::InvalidArgumentError(
+      absl::StrCat("expert-weights must be auto, f32, bf16 or int8, got '",
+                   absl::string_view(name.data(), name.size()), "'"));
 }
 
 }  // namespace dmoe::core

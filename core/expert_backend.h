@@ -23,6 +23,7 @@
 #include <memory>
 #include <span>
 #include <string>
+#include <string_view>
 #include <vector>
 
 #include "absl/status/status.h"
@@ -129,6 +130,13 @@ std::vector<int32_t> FailedTokens(const absl::Status& status);
 // run concurrently with it (LoadsConcurrently: packing happens outside the
 // backend's lock, so a Compute waits at most for the insertion).
 std::unique_ptr<ExpertBackend> MakeCpuExpertBackend(ComputeType type);
+
+// The format routed and shared expert weights are held in, from an
+// `--expert-weights` flag: "auto" (the compute type `dtype`, today's default),
+// "f32", "bf16" or "int8" (per-channel symmetric, quantised at load; CPU
+// backend only). "fp8" is Unimplemented (not yet kept as FP8); anything else
+// is InvalidArgument naming the accepted values.
+absl::StatusOr<ComputeType> ParseExpertWeights(std::string_view name, ComputeType dtype);
 
 }  // namespace dmoe::core
 

@@ -60,9 +60,10 @@ ExpertMetrics::ExpertMetrics(prometheus::Registry& registry, const core::ModelCo
       resident_bytes_(prometheus::BuildGauge()
                           .Name("moe_expert_resident_weight_bytes")
                           .Help("Bytes of expert weights resident in the "
-                                "backend (routed slots + shared experts)")
+                                "backend (routed slots + shared experts), by device "
+                                "and weight format")
                           .Register(registry)
-                          .Add({{"device", options.device}})),
+                          .Add({{"device", options.device}, {"format", options.format}})),
       placement_version_(prometheus::BuildGauge()
                              .Name("moe_expert_placement_version")
                              .Help("Newest placement version the server holds")

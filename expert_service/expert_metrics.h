@@ -45,6 +45,8 @@ struct ExpertMetricsOptions {
   bool per_expert = true;
   // The device label of resident_weight_bytes ("cpu" for the CPU backend).
   std::string device = "cpu";
+  // Its format label: the expert weights' format ("f32", "bf16", "int8").
+  std::string format = "bf16";
 };
 
 class ExpertMetrics final : public internal::ComputeObserver {

@@ -90,7 +90,9 @@ TEST(ExpertMetrics, BatchesCountTokensPerSlotAndTime) {
   EXPECT_EQ(Value(fams, "moe_expert_requests_total", {{"code", "OK"}}), 2);
   EXPECT_EQ(Value(fams, "moe_expert_requests_total", {{"code", "FAILED_PRECONDITION"}}), 1);
   EXPECT_EQ(Value(fams, "moe_expert_queue_depth"), 4);
-  EXPECT_EQ(Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}}), 12345);
+  EXPECT_EQ(
+      Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}, {"format", "bf16"}}),
+      12345);
   EXPECT_EQ(Value(fams, "moe_expert_placement_version"), 3);
 }
 
@@ -131,8 +133,9 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   const std::vector<int32_t>& held = placement.Slots(layer, 1);
   ASSERT_GE(held.size(), 2u);
   auto fams = registry.Collect();
-  EXPECT_EQ(Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}}),
-            static_cast<double>((*server)->resident_weight_bytes()));
+  EXPECT_EQ(
+      Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}, {"format", "bf16"}}),
+      static_cast<double>((*server)->resident_weight_bytes()));
   EXPECT_EQ(Value(fams, "moe_expert_placement_version"), 1);
   EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total",
                   {{"layer", std::to_string(layer)}, {"expert", std::to_string(held[0])}}),
@@ -201,8 +204,9 @@ TEST(ExpertMetrics, ServerReportsItsSlotsWeightsVersionAndRequests) {
   ASSERT_TRUE(stub->LoadSlots(&ctx, load, &slots_resp).ok());
   fams = registry.Collect();
   EXPECT_EQ(Value(fams, "moe_expert_placement_version"), 2);
-  EXPECT_EQ(Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}}),
-            static_cast<double>(slots_resp.resident_weight_bytes()));
+  EXPECT_EQ(
+      Value(fams, "moe_expert_resident_weight_bytes", {{"device", "cpu"}, {"format", "bf16"}}),
+      static_cast<double>(slots_resp.resident_weight_bytes()));
   EXPECT_EQ(Value(fams, "moe_expert_slot_tokens_total", {{"layer", l}, {"expert", "0"}}), 0);
   (*server)->Shutdown(absl::ZeroDuration());
 }

@@ -12,6 +12,7 @@
 #include "absl/time/time.h"
 #include "common/metrics_endpoint.h"
 #include "common/service_main.h"
+#include "core/expert_backend.h"
 #include "core/status.h"
 
 namespace dmoe::expert {
@@ -31,6 +32,10 @@ void DeclareExpertFlags(common::Args& a) {
       .Flag("host", "HOST", "address to listen on", "127.0.0.1")
       .Flag("port", "P", "port to listen on; 0 = any free port", "50061")
       .Flag("dtype", "f32|bf16", "expert compute type", "bf16")
+      .Flag("expert-weights", "auto|f32|bf16|int8",
+            "format the experts' weights are held in (auto = --dtype; int8 = per-channel "
+            "symmetric, quantised at load, half of bf16's bytes, CPU backend only)",
+            "auto")
       .Flag("threads", "N", "compute threads; 0 = all cores", "0")
       .Flag("backend", "cpu|cuda|auto",
             "expert compute backend: cpu; cuda (every visible GPU; exit 1 "
@@ -192,6 +197,10 @@ absl::StatusOr<ExpertMainOptions> ExpertOptionsFromFlags(const common::Args& arg
   } else {
     return Bad(absl::StrCat("--dtype must be f32 or bf16, got '", dtype, "'"));
   }
+  absl::StatusOr<core::ComputeType> weights =
+      core::ParseExpertWeights(args.Str("expert-weights"), o.compute);
+  if (!weights.ok()) return Bad(absl::StrCat("--", weights.status().message()));
+  o.compute = *weights;
   absl::StatusOr<core::BackendKind> backend = core::ParseBackendKind(args.Str("backend"));
   if (!backend.ok()) return Bad(absl::StrCat("--", backend.status().message()));
   o.backend = *backend;

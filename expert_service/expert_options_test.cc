@@ -3,6 +3,7 @@
 #include <string>
 #include <vector>
 
+#include "gmock/gmock.h"
 #include "gtest/gtest.h"
 
 namespace dmoe::expert {
@@ -76,6 +77,13 @@ TEST(ExpertOptionsTest, Defaults) {
   EXPECT_EQ(s.backend, core::BackendKind::kCpu);
 }
 
+TEST(ExpertOptionsTest, ExpertWeightsInt8) {
+  absl::StatusOr<ExpertMainOptions> o = Parse(Fixed({"--expert-weights", "int8"}));
+  ASSERT_TRUE(o.ok()) << o.status();
+  EXPECT_EQ(o->compute, core::ComputeType::kInt8);
+  EXPECT_EQ(ToServerOptions(*o, place::Placement()).compute, core::ComputeType::kInt8);
+}
+
 TEST(ExpertOptionsTest, JoinDefaultsAndValues) {
   absl::StatusOr<ExpertMainOptions> o = Parse(
       {"--model", "m", "--join", "r:1", "--dtype", "f32", "--backend", "auto", "--expert-metrics",
@@ -85,7 +93,7 @@ TEST(ExpertOptionsTest, JoinDefaultsAndValues) {
   EXPECT_EQ(*o->join, "r:1");
   EXPECT_EQ(o->leave_s, 60);  // default with --join
   EXPECT_TRUE(o->force_leave);
-  EXPECT_EQ(o->compute, core::ComputeType::kF32);
+  EXPECT_EQ(o->compute, core::ComputeType::kF32);  // --expert-weights auto: --dtype
   EXPECT_EQ(o->backend, core::BackendKind::kAuto);
   EXPECT_FALSE(o->per_expert_metrics);
   EXPECT_TRUE(o->metrics_port_given);
@@ -136,6 +144,10 @@ TEST(ExpertOptionsTest, BadValues) {
   EXPECT_EQ(Error(Fixed({"--expert-metrics", "all"})),
             "--expert-metrics must be per-expert or per-layer, got 'all'");
   EXPECT_EQ(Error(Fixed({"--dtype", "fp8"})), "--dtype must be f32 or bf16, got 'fp8'");
+  EXPECT_EQ(Error(Fixed({"--expert-weights", "int4"})),
+            "--expert-weights must be auto, f32, bf16 or int8, got 'int4'");
+  EXPECT_THAT(Error(Fixed({"--expert-weights", "fp8"})),
+              ::testing::HasSubstr("not kept as FP8 yet"));
   EXPECT_EQ(Error(Fixed({"--backend", "gpu"})), "--backend must be cpu, cuda or auto, got 'gpu'");
 }
 

@@ -75,7 +75,12 @@ int main(int argc, char** argv) {
   expert::ExpertServerOptions options = expert::ToServerOptions(*o, *std::move(placement));
   // Outlive the server, which reports to them.
   auto registry = std::make_shared<prometheus::Registry>();
-  expert::ExpertMetrics metrics(*registry, *cfg, {.per_expert = o->per_expert_metrics});
+  expert::ExpertMetricsOptions metrics_options;
+  metrics_options.per_expert = o->per_expert_metrics;
+  metrics_options.format = o->compute == core::ComputeType::kF32    ? "f32"
+                           : o->compute == core::ComputeType::kInt8 ? "int8"
+                                                                    : "bf16";
+  expert::ExpertMetrics metrics(*registry, *cfg, metrics_options);
   options.metrics = &metrics;
 
   auto server = expert::ExpertServer::Create(std::move(options));

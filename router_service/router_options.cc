@@ -9,6 +9,7 @@
 #include "absl/strings/str_split.h"
 #include "absl/time/time.h"
 #include "common/metrics_endpoint.h"
+#include "core/expert_backend.h"
 #include "core/status.h"
 
 namespace dmoe::router {
@@ -74,6 +75,11 @@ void DeclareRouterFlags(common::Args& args) {
             "compute type (f32 = exact mode, also f32 activations on the wire; "
             "bf16 = serving)",
             "bf16")
+      .Flag("expert-weights", "auto|f32|bf16|int8",
+            "format of the weights of the experts this process computes (all without "
+            "--experts, the shared one with --shared-expert router); auto = --dtype, int8 = "
+            "per-channel symmetric, quantised at load",
+            "auto")
       .Flag("combine", "invariant|per-server",
             "how expert results come back: invariant = one row per (token, "
             "expert), added in a fixed order here, so a token's result does "
@@ -245,6 +251,13 @@ absl::StatusOr<RouterOptions> RouterOptionsFromFlags(const common::Args& args) {
     return absl::InvalidArgumentError(
         absl::StrCat(kName, ": --dtype must be f32 or bf16, got '", dtype, "'"));
   }
+  absl::StatusOr<core::ComputeType> weights =
+      core::ParseExpertWeights(args.Str("expert-weights"), c.compute);
+  if (!weights.ok()) {
+    return absl::Status(weights.status().code(),
+                        absl::StrCat(kName, ": --", weights.status().message()));
+  }
+  c.expert_weights = *weights;
   const std::string kv_dtype = args.Str("kv-dtype");
   if (kv_dtype == "auto") {
     c.sched.kv_dtype =

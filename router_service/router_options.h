@@ -33,6 +33,9 @@ struct RouterOptions {
   int port = 50051;
   std::string port_file;
   core::ComputeType compute = core::ComputeType::kBF16;
+  // The experts this process computes itself (all without --experts; the
+  // shared one with --shared-expert router): --expert-weights, auto = compute.
+  core::ComputeType expert_weights = core::ComputeType::kBF16;
   std::string wire = "auto";   // --wire-dtype: activations to expert servers
   bool per_assignment = true;  // --combine=invariant
   int threads = 0;

@@ -117,6 +117,7 @@ TEST(RouterOptionsTest, Values) {
   EXPECT_TRUE(o->controller);
   EXPECT_FALSE(o->control.auto_rebalance);
   EXPECT_EQ(o->compute, core::ComputeType::kF32);
+  EXPECT_EQ(o->expert_weights, core::ComputeType::kF32);  // auto = --dtype
   EXPECT_FALSE(o->per_assignment);
   EXPECT_EQ(o->wire, "fp8");
   EXPECT_EQ(o->shared, place::SharedDuty::kRouter);
@@ -165,6 +166,8 @@ TEST(RouterOptionsTest, BadValues) {
   EXPECT_EQ(Error({"--shared-expert", "gpu"}),
             "dmoe-router: --shared-expert must be expert or router, got 'gpu'");
   EXPECT_EQ(Error({"--dtype", "f16"}), "dmoe-router: --dtype must be f32 or bf16, got 'f16'");
+  EXPECT_EQ(Error({"--expert-weights", "q4"}),
+            "dmoe-router: --expert-weights must be auto, f32, bf16 or int8, got 'q4'");
   EXPECT_EQ(Error({"--wire-dtype", "int8"}),
             "dmoe-router: --wire-dtype must be auto, f32, bf16 or fp8, got 'int8'");
   EXPECT_EQ(Error({"--combine", "sum"}),

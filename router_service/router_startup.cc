@@ -11,6 +11,7 @@
 
 #include "absl/strings/str_cat.h"
 #include "common/service_main.h"
+#include "core/expert_backend.h"
 #include "core/status.h"
 #include "dmoe/v1/router.grpc.pb.h"
 #include "nlohmann/json.hpp"
@@ -85,7 +86,7 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const RouterOptions& o,
     ro.wire_dtype = WireDType(o);
     ro.shared_duty = o.shared;
     ro.per_assignment_replies = o.per_assignment;
-    ro.local_compute = o.compute;
+    ro.local_compute = o.expert_weights;
     ro.deadline = std::chrono::milliseconds(o.expert_deadline_ms);
     DMOE_ASSIGN_OR_RETURN(RemoteExperts remote, MakeRemoteExperts(std::move(ro)));
     opts.experts = std::move(remote.backend);
@@ -93,6 +94,8 @@ absl::StatusOr<std::unique_ptr<core::Model>> LoadModel(const RouterOptions& o,
     opts.load_routed_experts = false;
     opts.load_shared_experts = o.shared == place::SharedDuty::kRouter;
     opts.micro_batches = o.micro_batches;
+  } else if (o.expert_weights != o.compute) {
+    opts.experts = core::MakeCpuExpertBackend(o.expert_weights);
   }
   return core::Model::Load(o.model, std::move(opts));
 }

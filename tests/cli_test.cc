@@ -2,11 +2,14 @@
 // --help everywhere, and clear errors with exit codes for bad flags and inputs.
 #include <sys/wait.h>
 
+#include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
 #include <fstream>
 #include <sstream>
 
+#include "core/expert_backend.h"
 #include "core/model.h"
 #include "core/npy.h"
 #include "core/sampler.h"
@@ -80,6 +83,48 @@ TEST(Cli, ForwardDumpsLogitsAsNpyMatchingTheLibrary) {
   ASSERT_TRUE((*m)->Forward({&in, 1}, cache, &logits).ok());
   ASSERT_EQ(logits.size(), arr->data.size());
   for (size_t i = 0; i < logits.size(); ++i) ASSERT_NEAR(arr->data[i], logits[i], 1e-5) << i;
+}
+
+// --expert-weights int8: the experts' weights quantised at load. The CLI's
+// logits are the library's with an int8 CPU backend, bit for bit, and close
+// to (but not the same as) the bf16 ones.
+TEST(Cli, ForwardWithInt8ExpertWeights) {
+  const std::string dir = testing::FreshDir("model");
+  ASSERT_EQ(Dmoe("make-model --preset tiny-v2lite --out " + dir + " --seed 3").exit_code, 0);
+  const std::string base = "forward --model " + dir + " --tokens 3,1,4,1,5,9,2,6 --threads 1";
+  RunResult i8 = Dmoe(base + " --expert-weights int8 --dump-logits " + dir + "/i8.npy");
+  ASSERT_EQ(i8.exit_code, 0) << i8.err;
+  RunResult bf = Dmoe(base + " --dump-logits " + dir + "/bf.npy");
+  ASSERT_EQ(bf.exit_code, 0) << bf.err;
+  auto a = core::ReadNpyF32(dir + "/i8.npy"), b = core::ReadNpyF32(dir + "/bf.npy");
+  ASSERT_TRUE(a.ok() && b.ok());
+  ASSERT_EQ(a->data.size(), b->data.size());
+
+  core::ModelOptions o;
+  o.compute = core::ComputeType::kBF16;
+  o.experts = core::MakeCpuExpertBackend(core::ComputeType::kInt8);
+  auto m = core::Model::Load(dir, std::move(o));
+  ASSERT_TRUE(m.ok()) << m.status();
+  core::KvCache cache((*m)->config(), 1 << 24);
+  std::vector<int32_t> toks = {3, 1, 4, 1, 5, 9, 2, 6};
+  const int32_t s = *cache.Allocate(static_cast<int64_t>(toks.size()));
+  core::SeqInput in{s, toks, true};
+  std::vector<float> logits;
+  ASSERT_TRUE((*m)->Forward({&in, 1}, cache, &logits).ok());
+  ASSERT_EQ(logits.size(), a->data.size());
+  EXPECT_EQ(0, std::memcmp(logits.data(), a->data.data(), logits.size() * sizeof(float)));
+
+  double err = 0, norm = 0;
+  for (size_t i = 0; i < a->data.size(); ++i) {
+    err += (double{a->data[i]} - b->data[i]) * (double{a->data[i]} - b->data[i]);
+    norm += double{b->data[i]} * b->data[i];
+  }
+  EXPECT_GT(err, 0.0) << "int8 gave bf16's logits: not quantised";
+  EXPECT_LT(std::sqrt(err / norm), 0.05);
+
+  RunResult fp8 = Dmoe(base + " --expert-weights fp8");
+  EXPECT_NE(fp8.exit_code, 0);
+  EXPECT_NE(fp8.err.find("not kept as FP8 yet"), std::string::npos) << fp8.err;
 }
 
 TEST(Cli, GenerateJsonIsGreedyWithTheKvCache) {

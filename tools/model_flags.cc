@@ -8,6 +8,7 @@
 #include <filesystem>
 
 #include "absl/strings/str_cat.h"
+#include "core/expert_backend.h"
 #include "core/kernels/cpu/linear.h"
 #include "core/status.h"
 
@@ -19,6 +20,10 @@ void AddModelFlags(Args& args) {
       .Flag("dtype", "f32|bf16",
             "compute type: f32 = exact mode (fp32 activations and weights), bf16 = serving mode",
             "bf16")
+      .Flag("expert-weights", "auto|f32|bf16|int8",
+            "format of the routed and shared experts' weights (auto = --dtype; int8 = "
+            "per-channel symmetric, quantised at load)",
+            "auto")
       .Flag("threads", "N", "compute threads (0 = all cores)", "0")
       .Flag("kv-cache-bytes", "BYTES", "KV cache budget in bytes", "1073741824")
       .Flag("kv-dtype", "f32|f16|bf16",
@@ -44,6 +49,12 @@ absl::StatusOr<LoadedModel> LoadModelFromFlags(const Args& args) {
     return absl::InvalidArgumentError(
         absl::StrCat("--dtype must be f32 or bf16, got '", dtype, "'"));
   }
+  absl::StatusOr<core::ComputeType> weights =
+      core::ParseExpertWeights(args.Str("expert-weights"), opts.compute);
+  if (!weights.ok()) {
+    return absl::Status(weights.status().code(), absl::StrCat("--", weights.status().message()));
+  }
+  if (*weights != opts.compute) opts.experts = core::MakeCpuExpertBackend(*weights);
   DMOE_ASSIGN_OR_RETURN(int64_t threads, args.Int("threads"));
   if (threads < 0 || threads > 1024) {
     return absl::InvalidArgumentError(

@@ -30,6 +30,19 @@ TEST(BackendFactoryTest, CpuBackendWorks) {
   }
 }
 
+TEST(BackendFactoryTest, ParsesExpertWeights) {
+  EXPECT_EQ(*ParseExpertWeights("auto", ComputeType::kF32), ComputeType::kF32);
+  EXPECT_EQ(*ParseExpertWeights("auto", ComputeType::kBF16), ComputeType::kBF16);
+  EXPECT_EQ(*ParseExpertWeights("int8", ComputeType::kBF16), ComputeType::kInt8);
+  EXPECT_EQ(*ParseExpertWeights("bf16", ComputeType::kF32), ComputeType::kBF16);
+  EXPECT_EQ(*ParseExpertWeights("f32", ComputeType::kBF16), ComputeType::kF32);
+  EXPECT_EQ(ParseExpertWeights("fp8", ComputeType::kBF16).status().code(),
+            absl::StatusCode::kUnimplemented);
+  const auto bad = ParseExpertWeights("int4", ComputeType::kBF16);
+  EXPECT_EQ(bad.status().code(), absl::StatusCode::kInvalidArgument);
+  EXPECT_EQ(bad.status().message(), "expert-weights must be auto, f32, bf16 or int8, got 'int4'");
+}
+
 TEST(BackendFactoryTest, Int8IsCpuOnlyForNow) {
   EXPECT_EQ(MakeCpuExpertBackend(ComputeType::kInt8)->Name(), "cpu-int8");
   auto b = MakeExpertBackend(BackendKind::kCuda, {.compute = ComputeType::kInt8});
