@@ -374,8 +374,10 @@ TEST(GemmPackTest, PairLayoutHoldsEvenKHighOddKLowAndPads) {
 // every level gives the same bits (exact products, the same chains); a row's
 // bits do not depend on the batch or the panel split.
 TEST(GemmInt8Test, MatchesReferenceAndIsBitwiseAcrossLevelsBatchesAndSplits) {
-  for (const auto& [m, n, k] : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
+  for (const auto& shape : std::vector<std::tuple<int64_t, int64_t, int64_t>>{
            {1, 16, 8}, {5, 100, 64}, {7, 48, 3}, {13, 130, 257}, {40, 100, 1500}}) {
+    // Plain variables: clang 14 does not let the lambda below capture bindings.
+    const int64_t m = std::get<0>(shape), n = std::get<1>(shape), k = std::get<2>(shape);
     SCOPED_TRACE(absl::StrFormat("m=%d n=%d k=%d", m, n, k));
     const auto w = Random(n * k, 51 + n, false);
     const auto x = Random(m * k, 52 + k, true);
