@@ -199,9 +199,11 @@ double HostCeilings::ReadGBs(int threads, int reps) {
   return best;
 }
 
-double HostCeilings::FmaGflops(int threads, int reps) {
-  static const bool kAvx512 = core::IsaAtLeast(core::IsaLevel::kAvx512);
-  static const bool kAvx2 = core::IsaAtLeast(core::IsaLevel::kAvx2);
+namespace {
+
+// Best-of-`reps` GFLOP/s of `threads` OpenMP threads each running
+// chains(iters, &out), a register-only peak probe returning the FLOPs it did.
+double PeakGflops(int threads, int reps, double (*chains)(int64_t, float*)) {
   constexpr int64_t kIters = int64_t{1} << 22;  // ~10-40 ms per thread
   double best = 0;
   volatile float sink = 0;
@@ -212,9 +214,7 @@ double HostCeilings::FmaGflops(int threads, int reps) {
 #pragma omp parallel num_threads(threads) reduction(+ : flops, total)
     {
       float out = 0;
-      flops += kAvx512 ? FmaAvx512(kIters, &out)
-               : kAvx2 ? FmaAvx2(kIters, &out)
-                       : MulAddSse2(kIters, &out);
+      flops += chains(kIters, &out);
       total += out;
     }
     best = std::max(best, flops / SecondsSince(t0) / 1e9);
@@ -223,25 +223,17 @@ double HostCeilings::FmaGflops(int threads, int reps) {
   return best;
 }
 
+}  // namespace
+
+double HostCeilings::FmaGflops(int threads, int reps) {
+  static const bool kAvx512 = core::IsaAtLeast(core::IsaLevel::kAvx512);
+  static const bool kAvx2 = core::IsaAtLeast(core::IsaLevel::kAvx2);
+  return PeakGflops(threads, reps, kAvx512 ? FmaAvx512 : kAvx2 ? FmaAvx2 : MulAddSse2);
+}
+
 double HostCeilings::Bf16DotGflops(int threads, int reps) {
   if (!core::IsaAtLeast(core::IsaLevel::kAvx512Bf16)) return 0;
-  constexpr int64_t kIters = int64_t{1} << 22;
-  double best = 0;
-  volatile float sink = 0;
-  for (int r = 0; r < reps; ++r) {
-    const auto t0 = Clock::now();
-    double flops = 0;
-    float total = 0;
-#pragma omp parallel num_threads(threads) reduction(+ : flops, total)
-    {
-      float out = 0;
-      flops += DotBf16Avx512(kIters, &out);
-      total += out;
-    }
-    best = std::max(best, flops / SecondsSince(t0) / 1e9);
-    sink = sink + total;
-  }
-  return best;
+  return PeakGflops(threads, reps, DotBf16Avx512);
 }
 
 double HostCeilings::GemmGflops(int reps) {
